@@ -1,0 +1,77 @@
+"""qmpnet: change the network of running QEMU guests over QMP, without a reboot.
+
+Direct use::
+
+    async with qmpnet.connect("/run/vm1.qmp") as guest:
+        nic = await guest.add_nic({"model": "virtio", "backend": {"type": "user"}})
+        await guest.set_link(nic.id, up=False)
+        await guest.remove_nic(nic.id)
+"""
+
+import logging
+
+from qmpnet.api import connect
+from qmpnet.errors import (
+    Busy,
+    Conflict,
+    Forbidden,
+    GuestUnavailable,
+    InvalidRequest,
+    NoFreeSlot,
+    NotFound,
+    OutcomeUnknown,
+    QmpCommandError,
+    QmpnetError,
+    RemovalPending,
+    Timeout,
+    Unsupported,
+)
+from qmpnet.guest import Guest
+from qmpnet.model import (
+    DgramBackend,
+    GuestEvent,
+    HubportBackend,
+    ModelInfo,
+    Nic,
+    NicSpec,
+    RemoveResult,
+    StreamBackend,
+    UserBackend,
+)
+from qmpnet.policy import Policy
+from qmpnet.settings import Settings, load_settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Busy",
+    "Conflict",
+    "DgramBackend",
+    "Forbidden",
+    "Guest",
+    "GuestEvent",
+    "GuestUnavailable",
+    "HubportBackend",
+    "InvalidRequest",
+    "ModelInfo",
+    "Nic",
+    "NicSpec",
+    "NoFreeSlot",
+    "NotFound",
+    "OutcomeUnknown",
+    "Policy",
+    "QmpCommandError",
+    "QmpnetError",
+    "RemovalPending",
+    "RemoveResult",
+    "Settings",
+    "StreamBackend",
+    "Timeout",
+    "Unsupported",
+    "UserBackend",
+    "__version__",
+    "connect",
+    "load_settings",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,162 @@
+"""The one error tree of qmpnet.
+
+Every error a caller can see derives from :class:`QmpnetError` and carries a stable machine ``code``: the same
+closed list of codes the MQTT API returns (``docs/errors.md``). Errors are split by *what went wrong*, not by
+which layer noticed it, so a caller can act on the class alone::
+
+    QmpnetError (internal)
+     +-- InvalidRequest (invalid_request)      bad input; names the offending field; nothing was sent
+     +-- NotFound (not_found)                  no such NIC / guest / bridge / network
+     +-- Conflict (conflict)                   id or MAC already in the guest
+     +-- Busy (busy)                           the guest lane is full
+     +-- Timeout (timeout)                     a wait we control ran out (no command left in flight)
+     +-- RemovalPending (removal_pending)      the NIC is being unplugged and the guest has not acked
+     +-- GuestUnavailable (guest_unavailable)  the QMP monitor cannot be reached; nothing was sent
+     +-- NoFreeSlot (no_free_slot)             PCI placement found no place; says what to add to the command line
+     +-- Unsupported (unsupported)             this QEMU or machine cannot do what was asked
+     +-- Forbidden (forbidden)                 the operator's policy refuses the request
+     +-- QmpCommandError (qmp_error)           QEMU answered a command with an error (carries ``qmp_class``)
+     +-- OutcomeUnknown (outcome_unknown)      a command was sent and no answer came (timeout or disconnect)
+
+Adapters translate library errors into this tree with ``raise ... from err`` so the cause is kept.
+``asyncio.CancelledError`` is never wrapped.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+ErrorCode = Literal[
+    "invalid_request",
+    "not_found",
+    "conflict",
+    "busy",
+    "timeout",
+    "removal_pending",
+    "guest_unavailable",
+    "no_free_slot",
+    "unsupported",
+    "forbidden",
+    "qmp_error",
+    "outcome_unknown",
+    "internal",
+]
+
+__all__ = [
+    "Busy",
+    "Conflict",
+    "ErrorCode",
+    "Forbidden",
+    "GuestUnavailable",
+    "InvalidRequest",
+    "NoFreeSlot",
+    "NotFound",
+    "OutcomeUnknown",
+    "QmpCommandError",
+    "QmpnetError",
+    "RemovalPending",
+    "Timeout",
+    "Unsupported",
+]
+
+
+class QmpnetError(Exception):
+    """Root of every qmpnet error.
+
+    Args:
+        message: A human sentence saying what went wrong.
+        field: JSON path of the offending input field, when the error is about one.
+    """
+
+    code: ClassVar[ErrorCode] = "internal"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequest(QmpnetError):
+    """The request is malformed or a field is invalid; nothing was sent to QEMU."""
+
+    code = "invalid_request"
+
+
+class NotFound(QmpnetError):
+    """The named NIC, guest, bridge or network does not exist."""
+
+    code = "not_found"
+
+
+class Conflict(QmpnetError):
+    """The id or MAC asked for is already used in the guest."""
+
+    code = "conflict"
+
+
+class Busy(QmpnetError):
+    """The guest has too many requests waiting."""
+
+    code = "busy"
+
+
+class Timeout(QmpnetError):
+    """A wait ran out before the awaited thing happened; no command is left in flight."""
+
+    code = "timeout"
+
+
+class RemovalPending(QmpnetError):
+    """The NIC is being unplugged; the guest has not acknowledged yet."""
+
+    code = "removal_pending"
+
+
+class GuestUnavailable(QmpnetError):
+    """The guest's QMP monitor cannot be reached; no command was sent."""
+
+    code = "guest_unavailable"
+
+
+class NoFreeSlot(QmpnetError):
+    """No PCI place is free for the NIC; the message says what to add to the QEMU command line."""
+
+    code = "no_free_slot"
+
+
+class Unsupported(QmpnetError):
+    """This QEMU, machine or model cannot do what was asked."""
+
+    code = "unsupported"
+
+
+class Forbidden(QmpnetError):
+    """The operator's policy refuses the request."""
+
+    code = "forbidden"
+
+
+class QmpCommandError(QmpnetError):
+    """QEMU answered a command with an error.
+
+    Args:
+        message: QEMU's description, prefixed with the command.
+        qmp_class: QEMU's error class, e.g. ``GenericError`` or ``DeviceNotFound``.
+        command: The QMP command that failed.
+    """
+
+    code = "qmp_error"
+
+    def __init__(self, message: str, *, qmp_class: str, command: str) -> None:
+        super().__init__(message)
+        self.qmp_class = qmp_class
+        self.command = command
+
+
+class OutcomeUnknown(QmpnetError):
+    """A command was sent but no answer came: QEMU may or may not have applied it."""
+
+    code = "outcome_unknown"

@@ -1,0 +1,371 @@
+"""One guest: its serial lane, its NICs' lifecycles, and the execution of plans with rollback.
+
+Every public call runs in the guest's *lane*: an ``asyncio.Lock`` taken in arrival order, so the QMP steps of two
+calls on one guest never interleave, while different guests (different ``Guest`` objects) run in parallel. A
+bounded number of calls may wait for the lane; more get ``busy`` at once rather than queueing without limit.
+
+A NIC moves through ``adding -> active -> removal_pending -> removed``. Removal is QEMU's two-phase unplug:
+``device_del`` only *asks* the guest OS; the ``DEVICE_DELETED`` event (matched on ``data.device``: virtio sends
+a first one for its backend without it) is the answer, and only then is the netdev deleted (QEMU would delete a
+netdev still attached to a NIC). If the guest does not answer within the timeout the call returns
+``removal_pending`` rather than failing; the event pump finishes the removal whenever the answer comes.
+
+A hot-add runs the plan's steps in order; on a QEMU error it runs the undo of the steps already done in reverse,
+so the guest is exactly as before. On an *unknown* outcome (timeout, lost connection) it does not guess: undoing
+``netdev_add`` while a ``device_add`` may have succeeded would leave a NIC without a backend, so the caller gets
+``outcome_unknown`` and the lane re-reads the guest before its next change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Literal, Self
+
+from qmpnet.errors import (
+    Busy,
+    GuestUnavailable,
+    InvalidRequest,
+    NotFound,
+    OutcomeUnknown,
+    QmpCommandError,
+    QmpnetError,
+)
+from qmpnet.inventory import Inventory
+from qmpnet.model import GuestEvent, GuestEventName, ModelInfo, Nic, NicSpec, RemoveResult, parse_nic_spec
+from qmpnet.names import check_qemu_id
+from qmpnet.plan import QmpCall, Step, plan_add
+from qmpnet.policy import check_spec
+from qmpnet.settings import Settings
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+
+    from qmpnet.ports import Monitor, QmpEvent
+
+__all__ = ["Guest"]
+
+log = logging.getLogger(__name__)
+
+
+class Guest:
+    """The network of one running QEMU guest, changed through its QMP monitor.
+
+    Use as an async context manager (``qmpnet.connect`` does this for you): the context owns the background task
+    that finishes late unplugs.
+
+    Args:
+        monitor: The guest's connected monitor.
+        name: The guest's name, for logs and events.
+        settings: Timeouts, lane limits and the caller policy.
+    """
+
+    def __init__(self, monitor: Monitor, *, name: str = "guest", settings: Settings | None = None) -> None:
+        self.name = name
+        self._monitor = monitor
+        self._settings = settings or Settings()
+        self._lane = asyncio.Lock()
+        self._waiting = 0
+        self._inventory: Inventory | None = None
+        self._links: dict[str, str] = {}
+        self._pending: dict[str, str | None] = {}  # NIC id -> netdev id, while removal is pending
+        self._removing: set[str] = set()
+        self._removed: dict[str, asyncio.Event] = {}
+        self._subscribers: list[Callable[[GuestEvent], None]] = []
+        self._tasks: asyncio.TaskGroup | None = None
+        monitor.on_event(self._on_event)
+
+    async def __aenter__(self) -> Self:
+        self._tasks = asyncio.TaskGroup()
+        await self._tasks.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        tasks, self._tasks = self._tasks, None
+        if tasks is not None:
+            for task in list(tasks._tasks):  # noqa: SLF001 - TaskGroup has no public way to cancel its children
+                task.cancel()
+            await tasks.__aexit__(None, None, None)
+
+    # ----------------------------------------------------------------------------------------------- public API
+
+    def subscribe(self, callback: Callable[[GuestEvent], None]) -> None:
+        """Call ``callback`` with every :class:`GuestEvent` (NIC added, removed, link changed, ...)."""
+        self._subscribers.append(callback)
+
+    async def add_nic(self, spec: NicSpec | Mapping[str, Any]) -> Nic:
+        """Hot-add a NIC described by ``spec``; atomic: on failure the guest is left as before.
+
+        Waits for the guest's lane, then runs ``netdev_add``, ``device_add`` and (for ``link: down``) ``set_link``.
+
+        Raises:
+            InvalidRequest: A field of ``spec`` is invalid (nothing was sent).
+            Forbidden: The policy refuses an option (nothing was sent).
+            Conflict: The id or MAC is already in the guest.
+            NoFreeSlot: No PCI place is free.
+            QmpCommandError: QEMU refused a step (the earlier steps were undone).
+            OutcomeUnknown: A step got no answer; the guest may hold part of the NIC.
+            GuestUnavailable, Busy: The guest cannot be reached or has too many waiting requests.
+        """
+        nic_spec = parse_nic_spec(spec)
+        check_spec(nic_spec, self._settings.policy)
+        async with self._lane_turn():
+            inventory = await self._fresh_inventory()
+            plan = plan_add(nic_spec, inventory.view())
+            await self._run(plan.steps)
+            nic = inventory.added(plan, nic_spec)
+            self._links[nic.id] = nic.link
+        log.info("guest %s: added NIC %s (%s, %s) at %s", self.name, nic.id, nic.model, nic.mac, nic.pci)
+        self._emit("nic_added", nic=nic)
+        return nic
+
+    async def remove_nic(self, nic_id: str, timeout: float | None = None) -> RemoveResult:
+        """Hot-remove NIC ``nic_id``: ``device_del``, wait for the guest's ack, then ``netdev_del``.
+
+        Waits at most ``timeout`` seconds (default: the ``qmp.unplug_timeout`` setting) for ``DEVICE_DELETED``.
+
+        Returns:
+            ``removed``, or ``removal_pending`` if the guest has not acked in time; the removal then completes in
+            the background when it does.
+
+        Raises:
+            InvalidRequest: ``nic_id`` or ``timeout`` is malformed.
+            NotFound: No NIC with that id.
+            QmpCommandError: QEMU refused ``device_del``, or the guest refused the unplug.
+            OutcomeUnknown, GuestUnavailable, Busy: As for :meth:`add_nic`.
+        """
+        _check_id(nic_id)
+        wait = self._settings.qmp.unplug_timeout if timeout is None else timeout
+        if wait < 0:
+            raise InvalidRequest("timeout: must be zero or more seconds", field="timeout")
+        async with self._lane_turn():
+            if nic_id in self._pending:
+                return await self._wait_pending(nic_id, wait)
+            inventory = await self._fresh_inventory()
+            nic = inventory.nics.get(nic_id)
+            if nic is None:
+                raise NotFound(f"id: no NIC {nic_id!r} in guest {self.name}", field="id")
+            return await self._unplug(inventory, nic, wait)
+
+    async def set_link(self, nic_id: str, up: bool) -> Nic:
+        """Set the link of NIC ``nic_id`` up or down (the guest sees carrier change).
+
+        Raises:
+            InvalidRequest: ``nic_id`` is malformed.
+            NotFound: No NIC with that id.
+            QmpCommandError, OutcomeUnknown, GuestUnavailable, Busy: As for :meth:`add_nic`.
+        """
+        _check_id(nic_id)
+        async with self._lane_turn():
+            inventory = await self._fresh_inventory()
+            if nic_id not in inventory.nics:
+                raise NotFound(f"id: no NIC {nic_id!r} in guest {self.name}", field="id")
+            await self._execute(QmpCall("set_link", {"name": nic_id, "up": up}))
+            link: Literal["up", "down"] = "up" if up else "down"
+            self._links[nic_id] = link
+            nic = inventory.update(nic_id, link=link)
+        self._emit("link_changed", nic=nic)
+        return nic
+
+    async def list_nics(self) -> list[Nic]:
+        """Read the guest afresh and list its NICs, cold-plugged ones included, with virtio rx-filters.
+
+        Raises:
+            OutcomeUnknown, GuestUnavailable, Busy: As for :meth:`add_nic`.
+        """
+        async with self._lane_turn():
+            self._inventory = None
+            inventory = await self._fresh_inventory()
+            nics = []
+            for nic in inventory.nics.values():
+                if nic.model.startswith("virtio-net") and nic.state == "active":
+                    nic = nic.model_copy(update={"rx_filter": await self._monitor.rx_filter(nic.id)})  # noqa: PLW2901
+                nics.append(nic)
+            return nics
+
+    async def models(self) -> list[ModelInfo]:
+        """The NIC models this QEMU offers, with bus kind, nominal speed and whether qmpnet hot-plugs them.
+
+        Raises:
+            OutcomeUnknown, GuestUnavailable, Busy: As for :meth:`add_nic`.
+        """
+        async with self._lane_turn():
+            return await self._monitor.models()
+
+    # ------------------------------------------------------------------------------------------------ the lane
+
+    @asynccontextmanager
+    async def _lane_turn(self) -> AsyncIterator[None]:
+        if self._waiting >= self._settings.lane.max_waiting:
+            raise Busy(f"guest {self.name}: {self._waiting} requests are already waiting")
+        self._waiting += 1
+        try:
+            await self._lane.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._lane.release()
+
+    async def _fresh_inventory(self) -> Inventory:
+        if self._inventory is None:
+            observation = await self._monitor.observe()
+            self._inventory = Inventory.from_observation(observation, self._links, set(self._pending))
+        return self._inventory
+
+    async def _execute(self, call: QmpCall) -> object:
+        try:
+            return await self._monitor.execute(call.command, call.arguments)
+        except QmpnetError:
+            self._inventory = None
+            raise
+
+    async def _run(self, steps: tuple[Step, ...]) -> None:
+        done: list[Step] = []
+        for step in steps:
+            try:
+                await self._execute(step.call)
+            except OutcomeUnknown as err:
+                err.add_note("qmpnet did not roll back: QEMU may have applied the step; list the NICs to see")
+                raise
+            except QmpnetError as err:
+                await _shielded(self._rollback(done, err))
+                raise
+            done.append(step)
+
+    async def _rollback(self, done: list[Step], cause: QmpnetError) -> None:
+        for step in reversed(done):
+            if step.undo is None:
+                continue
+            try:
+                if step.undo_waits_for is not None:
+                    await self._undo_device(step.undo_waits_for, step.undo)
+                else:
+                    await self._execute(step.undo)
+            except QmpnetError as err:
+                log.warning("guest %s: rollback step %s failed: %s", self.name, step.undo.command, err)
+                cause.add_note(f"rollback of {step.call.command} failed: {err}")
+
+    async def _undo_device(self, device_id: str, call: QmpCall) -> None:
+        async with self._monitor.listen({"DEVICE_DELETED"}, lambda e: e.device == device_id) as stream:
+            await self._execute(call)
+            try:
+                async with asyncio.timeout(self._settings.qmp.rollback_unplug_timeout):
+                    await stream.get()
+            except TimeoutError as err:
+                raise OutcomeUnknown(f"device {device_id} was not unplugged in time during rollback") from err
+
+    # ------------------------------------------------------------------------------------------------- removal
+
+    async def _unplug(self, inventory: Inventory, nic: Nic, wait: float) -> RemoveResult:
+        events = {"DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR"}
+        self._removing.add(nic.id)
+        try:
+            async with self._monitor.listen(events, lambda e: e.device == nic.id) as stream:
+                try:
+                    await self._execute(QmpCall("device_del", {"id": nic.id}))
+                except QmpCommandError as err:
+                    if "in the process of unplug" not in err.message:
+                        raise
+                event = await _next_within(stream.get, stream.get_nowait, wait)
+        finally:
+            self._removing.discard(nic.id)
+        if event is None:
+            self._pending[nic.id] = nic.netdev
+            self._removed[nic.id] = asyncio.Event()
+            inventory.update(nic.id, state="removal_pending")
+            log.info("guest %s: NIC %s removal pending (no ack within %g s)", self.name, nic.id, wait)
+            self._emit("nic_removal_pending", nic_id=nic.id)
+            return RemoveResult(id=nic.id, state="removal_pending")
+        if event.name == "DEVICE_UNPLUG_GUEST_ERROR":
+            self._emit("unplug_rejected", nic_id=nic.id)
+            raise QmpCommandError(
+                f"device_del: the guest refused to unplug {nic.id}",
+                qmp_class="DEVICE_UNPLUG_GUEST_ERROR",
+                command="device_del",
+            )
+        await self._delete_backend(nic.id, nic.netdev)
+        return RemoveResult(id=nic.id, state="removed")
+
+    async def _delete_backend(self, nic_id: str, netdev: str | None) -> None:
+        if netdev is not None:
+            try:
+                await self._execute(QmpCall("netdev_del", {"id": netdev}))
+            except QmpCommandError as err:
+                log.warning("guest %s: netdev_del %s after unplug of %s: %s", self.name, netdev, nic_id, err)
+        if self._inventory is not None:
+            self._inventory.removed(nic_id)
+        self._links.pop(nic_id, None)
+        log.info("guest %s: removed NIC %s", self.name, nic_id)
+        self._emit("nic_removed", nic_id=nic_id)
+
+    async def _wait_pending(self, nic_id: str, wait: float) -> RemoveResult:
+        done = self._removed[nic_id]
+        self._lane.release()  # the late completion needs the lane; give it up while we wait
+        try:
+            async with asyncio.timeout(wait):
+                await done.wait()
+        except TimeoutError:
+            pass
+        finally:
+            await self._lane.acquire()
+        return RemoveResult(id=nic_id, state="removed" if done.is_set() else "removal_pending")
+
+    def _on_event(self, event: QmpEvent) -> None:
+        if event.name != "DEVICE_DELETED" or event.device is None:
+            return
+        if event.device in self._pending and self._tasks is not None:
+            self._tasks.create_task(
+                self._finish_removal(event.device), name=f"qmpnet[guest={self.name}].finish-removal"
+            )
+        elif event.device not in self._removing:
+            self._inventory = None  # somebody else unplugged a device: re-read before the next change
+
+    async def _finish_removal(self, nic_id: str) -> None:
+        try:
+            async with self._lane_turn():
+                netdev = self._pending.pop(nic_id, None)
+                await self._delete_backend(nic_id, netdev)
+        except (GuestUnavailable, OutcomeUnknown, Busy) as err:
+            log.warning("guest %s: could not finish the removal of %s: %s", self.name, nic_id, err)
+        finally:
+            self._removed.pop(nic_id, asyncio.Event()).set()
+
+    def _emit(self, name: GuestEventName, *, nic: Nic | None = None, nic_id: str | None = None) -> None:
+        event = GuestEvent(name=name, ts=time.time(), guest=self.name, nic=nic, id=nic.id if nic else nic_id)
+        for callback in self._subscribers:
+            try:
+                callback(event)
+            except Exception:
+                log.exception("guest %s: event subscriber failed on %s", self.name, name)
+
+
+def _check_id(nic_id: str) -> None:
+    try:
+        check_qemu_id(nic_id)
+    except ValueError as err:
+        raise InvalidRequest(f"id: {err}", field="id") from err
+
+
+async def _next_within(
+    get: Callable[[], Awaitable[QmpEvent]], get_nowait: Callable[[], QmpEvent | None], wait: float
+) -> QmpEvent | None:
+    """The next event within ``wait`` seconds, or ``None``; one queued at the deadline still counts."""
+    try:
+        async with asyncio.timeout(wait):
+            return await get()
+    except TimeoutError:
+        return get_nowait()
+
+
+async def _shielded(work: Awaitable[None]) -> None:
+    """Run ``work`` to the end even if the caller is cancelled meanwhile (a rollback must not stop half-way)."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise

@@ -1,0 +1,136 @@
+"""The inventory: what a guest lane believes the guest's NICs and PCI places are, between observations.
+
+Observing a guest costs two HMP round trips and a parse (``info qtree`` + ``info network``); a hot-add is two
+QMP commands. Re-reading the guest before every change would double the cost of the operation users care about,
+so the lane observes once, keeps this inventory, and updates it from the outcome of its own steps. That is sound
+because QEMU serves one QMP client per monitor socket: nobody else changes devices through our connection. The
+lane throws the inventory away whenever it may be stale: after any failed or unknown-outcome step, on a
+``DEVICE_DELETED`` it did not cause, and on reconnect. ``list_nics`` always observes afresh.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from qmpnet.model import Nic, NicSpec, NicState, ObservedBackend, PciAddress
+from qmpnet.plan import AddPlan, GuestView
+from qmpnet.ports import Observation
+
+if TYPE_CHECKING:
+    from qmpnet.placement import PciBus, PciTopology
+
+__all__ = ["Inventory", "nics_from"]
+
+
+def nics_from(obs: Observation, links: dict[str, str], pending: set[str]) -> dict[str, Nic]:
+    """Build the NIC list from an observation, our record of link states and the ids pending removal."""
+    by_mac = {c.backend.options.get("macaddr"): c for c in obs.netclients.values() if c.backend.type == "nic"}
+    nics: dict[str, Nic] = {}
+    for dev in obs.devices:
+        if dev.netdev is None and dev.mac is None:
+            continue
+        client = by_mac.get(dev.mac)
+        nic_id = dev.id or (client.name if client else f"{dev.bus}:{dev.slot:02x}.{dev.function}")
+        backend_client = obs.netclients.get(dev.netdev) if dev.netdev else None
+        state: NicState = "removal_pending" if nic_id in pending else "active"
+        nics[nic_id] = Nic(
+            id=nic_id,
+            model=dev.driver,
+            mac=dev.mac,
+            netdev=dev.netdev,
+            backend=backend_client.backend if backend_client else None,
+            pci=PciAddress(bus=dev.bus, slot=dev.slot, function=dev.function),
+            link="down" if links.get(nic_id) == "down" else "up",
+            state=state,
+        )
+    return nics
+
+
+@dataclass
+class Inventory:
+    """Mutable view of the guest kept by its lane (see the module docstring)."""
+
+    machine: str
+    topology: PciTopology
+    device_ids: set[str]
+    netdev_ids: set[str]
+    nics: dict[str, Nic] = field(default_factory=dict)
+
+    @classmethod
+    def from_observation(cls, obs: Observation, links: dict[str, str], pending: set[str]) -> Inventory:
+        """Build from a fresh observation."""
+        nics = nics_from(obs, links, pending)
+        netdevs = {name for name, c in obs.netclients.items() if c.backend.type != "nic"}
+        return cls(obs.machine, obs.topology, set(obs.device_ids), netdevs, nics)
+
+    def view(self) -> GuestView:
+        """What planning needs."""
+        macs = {nic.mac for nic in self.nics.values() if nic.mac}
+        return GuestView(frozenset(self.device_ids), frozenset(self.netdev_ids), frozenset(macs), self.topology)
+
+    def added(self, plan: AddPlan, spec: NicSpec) -> Nic:
+        """Record a successful hot-add and return the new NIC."""
+        nic = Nic(
+            id=plan.nic_id,
+            model=spec.model,
+            mac=plan.mac,
+            netdev=plan.netdev_id,
+            backend=backend_of(spec),
+            pci=PciAddress(bus=plan.placement.bus, slot=plan.placement.slot, function=plan.placement.function),
+            link=spec.link,
+            state="active",
+        )
+        self.device_ids.add(plan.nic_id)
+        self.netdev_ids.add(plan.netdev_id)
+        self.nics[plan.nic_id] = nic
+        self._occupy(plan.placement.bus, (plan.placement.slot, plan.placement.function), plan.nic_id)
+        return nic
+
+    def removed(self, nic_id: str) -> None:
+        """Record that NIC ``nic_id`` and its netdev are gone."""
+        nic = self.nics.pop(nic_id, None)
+        self.device_ids.discard(nic_id)
+        if nic is None:
+            return
+        if nic.netdev:
+            self.netdev_ids.discard(nic.netdev)
+        if nic.pci:
+            self._occupy(nic.pci.bus, (nic.pci.slot, nic.pci.function), None)
+
+    def update(self, nic_id: str, **changes: object) -> Nic:
+        """Change fields of a known NIC (``link``, ``state``) and return it."""
+        nic = self.nics[nic_id].model_copy(update=changes)
+        self.nics[nic_id] = nic
+        return nic
+
+    def _occupy(self, bus_name: str, place: tuple[int, int], holder: str | None) -> None:
+        buses: list[PciBus] = []
+        for bus in self.topology.buses:
+            if bus.name != bus_name:
+                buses.append(bus)
+                continue
+            used = dict(bus.used)
+            if holder is None:
+                used.pop(place, None)
+            else:
+                used[place] = holder
+            buses.append(replace(bus, used=used))
+        self.topology = replace(self.topology, buses=tuple(buses))
+
+
+def backend_of(spec: NicSpec) -> ObservedBackend:
+    """Describe ``spec``'s backend the way :class:`ObservedBackend` does (strings, options that were set)."""
+    fields = spec.backend.model_dump(mode="json", exclude_defaults=True, exclude={"type"})
+    return ObservedBackend(type=spec.backend.type, options={k: _text(v) for k, v in fields.items()})
+
+
+def _text(value: object) -> str:
+    if isinstance(value, list):
+        return ";".join(_text(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}={_text(v)}" for k, v in value.items())
+    return str(value)
+

@@ -1,0 +1,100 @@
+"""Syntax rules for the names qmpnet hands to QEMU and the host: QEMU ids, MAC addresses, PCI addresses.
+
+These are pure functions with no I/O so the rules can be tested with tables and property-based tests. They raise
+plain ``ValueError`` with a sentence; the pydantic models at the edge turn that into an ``invalid_request`` that
+names the field.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Collection
+
+__all__ = [
+    "QEMU_ID_MAX",
+    "check_qemu_id",
+    "format_pci_addr",
+    "generate_mac",
+    "normalize_mac",
+    "parse_pci_addr",
+]
+
+#: QEMU itself has no length limit; we keep ids short enough to appear in topics, logs and tap names.
+QEMU_ID_MAX = 64
+_QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+_MAC = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}")
+_PCI_ADDR = re.compile(r"(?:0x)?([0-9A-Fa-f]{1,2})(?:\.([0-7]))?")
+#: The locally administered prefix QEMU and libvirt use for generated MACs.
+QEMU_OUI = (0x52, 0x54, 0x00)
+
+
+def check_qemu_id(value: str) -> str:
+    """Return ``value`` if QEMU accepts it as a device or netdev id.
+
+    QEMU's rule (``id_wellformed``): a letter, then letters, digits, ``-``, ``.`` or ``_``.
+
+    Raises:
+        ValueError: The id is empty, too long or has a character QEMU refuses.
+    """
+    if not value:
+        raise ValueError("must not be empty")
+    if len(value) > QEMU_ID_MAX:
+        raise ValueError(f"must be at most {QEMU_ID_MAX} characters")
+    if not _QEMU_ID.fullmatch(value):
+        raise ValueError("must start with a letter and contain only letters, digits, '-', '.' and '_'")
+    return value
+
+
+def normalize_mac(value: str) -> str:
+    """Return ``value`` as a lower-case ``xx:xx:xx:xx:xx:xx`` unicast MAC.
+
+    Raises:
+        ValueError: Not six colon-separated hex octets, multicast, or all zero.
+    """
+    if not _MAC.fullmatch(value):
+        raise ValueError("must be six colon-separated hex octets such as 52:54:00:12:34:56")
+    octets = bytes(int(part, 16) for part in value.split(":"))
+    if octets[0] & 0x01:
+        raise ValueError("must be a unicast address (the low bit of the first octet is set)")
+    if not any(octets):
+        raise ValueError("must not be all zero")
+    return value.lower()
+
+
+def generate_mac(taken: Collection[str]) -> str:
+    """Return a random ``52:54:00:xx:xx:xx`` MAC that is not in ``taken`` (lower-case MACs).
+
+    Raises:
+        ValueError: Could not find a free MAC (only if nearly all 16 million are taken).
+    """
+    for _ in range(1000):
+        tail = secrets.token_bytes(3)
+        mac = ":".join(f"{octet:02x}" for octet in (*QEMU_OUI, *tail))
+        if mac not in taken and any(tail):
+            return mac
+    raise ValueError("no free MAC address could be generated")
+
+
+def parse_pci_addr(value: str) -> tuple[int, int]:
+    """Parse QEMU's ``slot[.function]`` address (slot in hex, as QEMU reads it) into ``(slot, function)``.
+
+    Raises:
+        ValueError: Not of that form, or the slot is above 0x1f.
+    """
+    match = _PCI_ADDR.fullmatch(value.strip())
+    if not match:
+        raise ValueError("must be 'slot[.function]' with a hex slot (0-1f) and a function 0-7, e.g. '5' or '0x1f.0'")
+    slot = int(match.group(1), 16)
+    if slot > 0x1F:
+        raise ValueError("slot must be at most 0x1f")
+    function = int(match.group(2) or "0")
+    return slot, function
+
+
+def format_pci_addr(slot: int, function: int) -> str:
+    """Format ``(slot, function)`` the way QEMU's ``addr`` property reads it."""
+    return f"{slot:02x}.{function}"

@@ -1,0 +1,127 @@
+"""Ports: what the guest lane needs from a QEMU monitor, as ``typing.Protocol``s.
+
+The lane (``qmpnet.guest``) never sees ``qemu.qmp``; it sees a :class:`Monitor`. The real one lives in
+``qmpnet.qmp``; unit tests pass an in-memory fake. The data shapes a monitor returns are plain frozen dataclasses
+already parsed from QEMU's answers, so no raw QMP dictionary reaches the core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection, Mapping
+    from contextlib import AbstractAsyncContextManager
+
+    from qmpnet.model import ModelInfo, ObservedBackend, RxFilter
+    from qmpnet.placement import PciTopology
+
+__all__ = ["EventStream", "Monitor", "NetClient", "Observation", "PciDevice", "QmpEvent"]
+
+
+@dataclass(frozen=True)
+class QmpEvent:
+    """An asynchronous QMP event."""
+
+    name: str
+    data: Mapping[str, object]
+    timestamp: float
+
+    @property
+    def device(self) -> str | None:
+        """The ``data.device`` member (device id) if the event has one."""
+        value = self.data.get("device")
+        return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class PciDevice:
+    """A PCI device as QEMU's device tree shows it."""
+
+    id: str | None
+    driver: str
+    bus: str
+    slot: int
+    function: int
+    mac: str | None = None
+    netdev: str | None = None
+
+
+@dataclass(frozen=True)
+class NetClient:
+    """A QEMU net client (a NIC's front end or a backend) from ``info network``."""
+
+    name: str
+    backend: ObservedBackend
+    peer: str | None = None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The guest's network-relevant state, read in one go."""
+
+    machine: str
+    topology: PciTopology
+    devices: tuple[PciDevice, ...]
+    device_ids: frozenset[str]
+    netclients: Mapping[str, NetClient] = field(default_factory=dict)
+
+    def device(self, device_id: str) -> PciDevice | None:
+        """The PCI device with id ``device_id``, if any."""
+        return next((d for d in self.devices if d.id == device_id), None)
+
+
+class EventStream(Protocol):
+    """Events accepted by one listener, in arrival order."""
+
+    async def get(self) -> QmpEvent:
+        """Wait for the next event."""
+        ...
+
+    def get_nowait(self) -> QmpEvent | None:
+        """The next event if one is already queued."""
+        ...
+
+
+class Monitor(Protocol):
+    """A connected QMP monitor of one guest."""
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
+        """Run one command and return QEMU's ``return`` value.
+
+        Raises:
+            QmpCommandError: QEMU answered with an error.
+            OutcomeUnknown: The command was sent and no answer came in time, or the connection dropped.
+            GuestUnavailable: The monitor is not connected; nothing was sent.
+        """
+        ...
+
+    def listen(
+        self, names: Collection[str], where: Callable[[QmpEvent], bool] | None = None
+    ) -> AbstractAsyncContextManager[EventStream]:
+        """Listen for events named ``names`` (and matching ``where``) while the context is open.
+
+        Enter it *before* sending the command that causes the event, so the event cannot be missed.
+        """
+        ...
+
+    def on_event(self, handler: Callable[[QmpEvent], None]) -> None:
+        """Call ``handler`` for every event, from the monitor's own event pump."""
+        ...
+
+    async def observe(self) -> Observation:
+        """Read the guest's PCI devices, buses and net clients.
+
+        Raises:
+            QmpCommandError, OutcomeUnknown, GuestUnavailable: As :meth:`execute`.
+        """
+        ...
+
+    async def models(self) -> list[ModelInfo]:
+        """The NIC models this QEMU offers."""
+        ...
+
+    async def rx_filter(self, name: str) -> RxFilter | None:
+        """The virtio rx-filter of NIC ``name``, or ``None`` when the model cannot report one."""
+        ...

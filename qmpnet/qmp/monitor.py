@@ -1,0 +1,293 @@
+"""The QMP adapter: one guest's monitor over ``qemu.qmp``, behind the :class:`qmpnet.ports.Monitor` port.
+
+Three habits from qemu.qmp's own design are kept here and nowhere else:
+
+* **Errors are translated at the border.** ``qemu.qmp`` raises ``ExecuteError``, ``ExecInterruptedError``,
+  ``StateError`` and ``ConnectError``; callers see the qmpnet tree. A command that was sent and got no answer
+  (per-command timeout, or the connection dropped while waiting) is ``OutcomeUnknown``: QEMU may have applied it.
+* **Listeners are registered before the command that causes their event** (:meth:`QmpMonitor.listen` is a
+  context manager entered around the command), so a fast ``DEVICE_DELETED`` cannot slip past.
+* **Memory stays flat.** ``qemu.qmp`` keeps every event in each listener's history and queues every event on its
+  always-on default listener. We install history-free listeners and drain the default one in a pump task that
+  hands events to the registered handlers, so a guest that emits events for months costs nothing.
+
+A fresh ``QMPClient`` is made per connection; a ``QmpMonitor`` is not reusable after :meth:`close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager, suppress
+from typing import TYPE_CHECKING, Final, cast
+
+from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+from qemu.qmp.protocol import Runstate
+
+from qmpnet.errors import GuestUnavailable, OutcomeUnknown, QmpCommandError, QmpnetError
+from qmpnet.model import ModelInfo, RxFilter
+from qmpnet.ports import EventStream, Observation, QmpEvent
+from qmpnet.qmp.parse import machine_kind, parse_device_help, parse_network, parse_qtree
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Collection, Mapping
+
+    from qemu.qmp.message import Message
+
+__all__ = ["QmpMonitor", "parse_address"]
+
+log = logging.getLogger(__name__)
+
+Address = str | tuple[str, int]
+_RX_FILTER_UNSUPPORTED: Final = "doesn't support rx-filter"
+
+
+def parse_address(address: str) -> Address:
+    """Turn ``/path/to.sock`` or ``host:port`` into what ``qemu.qmp`` connects to.
+
+    Raises:
+        ValueError: ``host:port`` with a port that is not a number in 1-65535.
+    """
+    if "/" in address or ":" not in address:
+        return address
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r}: port must be a number in 1-65535")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class _FlatListener(EventListener):
+    """An ``EventListener`` that keeps no history (qemu.qmp's grows without bound)."""
+
+    async def put(self, event: Message) -> None:
+        if self.accept(event):
+            await self._queue.put(event)
+
+
+class _Client(QMPClient):
+    """``QMPClient`` with a history-free default listener."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._listeners.remove(self.events)
+        self.events = _FlatListener()
+        self.register_listener(self.events)
+
+
+class _Stream:
+    """An :class:`EventStream` over one registered listener."""
+
+    def __init__(self, listener: EventListener) -> None:
+        self._listener = listener
+
+    async def get(self) -> QmpEvent:
+        return _event(await self._listener.get())
+
+    def get_nowait(self) -> QmpEvent | None:
+        if self._listener.empty():
+            return None
+        return _event(self._listener._queue.get_nowait())  # noqa: SLF001 - EventListener has no public get_nowait
+
+
+def _event(message: Message) -> QmpEvent:
+    stamp = message.get("timestamp")
+    seconds = time.time()
+    if isinstance(stamp, dict):
+        seconds = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+    data = message.get("data")
+    return QmpEvent(str(message["event"]), dict(data) if isinstance(data, dict) else {}, seconds)
+
+
+class QmpMonitor:
+    """A connected QMP monitor of one guest.
+
+    Use :meth:`connect`; the monitor is live until :meth:`close` or until QEMU goes away (then
+    :attr:`closed` is set and every call raises :class:`GuestUnavailable`).
+
+    Args:
+        name: A name for logs (the guest's name).
+        command_timeout: Seconds to wait for a command's answer before reporting ``outcome_unknown``.
+    """
+
+    def __init__(self, name: str, *, command_timeout: float) -> None:
+        self.name = name
+        self._client = _Client(name)
+        self._command_timeout = command_timeout
+        self._handlers: list[Callable[[QmpEvent], None]] = []
+        self._pump: asyncio.Task[None] | None = None
+        self._machine: tuple[str, str] | None = None
+        self.closed = asyncio.Event()
+
+    @classmethod
+    async def connect(cls, address: str, *, name: str, connect_timeout: float, command_timeout: float) -> QmpMonitor:
+        """Connect to the QMP monitor at ``address`` (unix path or ``host:port``) and negotiate.
+
+        Waits for the greeting and capabilities negotiation, at most ``connect_timeout`` seconds.
+
+        Raises:
+            GuestUnavailable: Nothing listens there, QEMU refused the session, or the timeout ran out.
+        """
+        monitor = cls(name, command_timeout=command_timeout)
+        try:
+            target = parse_address(address)
+            async with asyncio.timeout(connect_timeout):
+                await monitor._client.connect(target)
+        except ValueError as err:
+            raise GuestUnavailable(f"bad QMP address {address!r}: {err}") from err
+        except TimeoutError as err:
+            await monitor._client.disconnect()
+            raise GuestUnavailable(f"QMP monitor {address} did not answer within {connect_timeout:g} s") from err
+        except ConnectError as err:
+            raise GuestUnavailable(f"cannot connect to QMP monitor {address}: {err.exc}") from err
+        monitor._pump = asyncio.create_task(monitor._run_pump(), name=f"qmpnet[guest={name}].qmp-events")
+        return monitor
+
+    @property
+    def greeting_version(self) -> str | None:
+        """QEMU's version from the greeting, e.g. ``7.2.22``."""
+        greeting = self._client.greeting
+        if greeting is None:
+            return None
+        qemu = greeting.QMP.version.get("qemu")
+        if not isinstance(qemu, dict):
+            return None
+        return f"{qemu.get('major')}.{qemu.get('minor')}.{qemu.get('micro')}"
+
+    async def close(self) -> None:
+        """Disconnect and stop the event pump. Safe to call twice."""
+        if self._pump is not None:
+            self._pump.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._pump
+        with suppress(QMPError, OSError, EOFError):
+            await self._client.disconnect()
+        self.closed.set()
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
+        """Run ``command`` and return QEMU's ``return`` value; waits at most the command timeout.
+
+        Raises:
+            QmpCommandError: QEMU answered with an error.
+            OutcomeUnknown: The command was sent and no answer came (timeout or connection lost).
+            GuestUnavailable: The monitor is not connected; nothing was sent.
+        """
+        if self._client.runstate != Runstate.RUNNING:
+            raise GuestUnavailable(f"guest {self.name}: QMP monitor is not connected")
+        log.debug("guest %s: -> %s %s", self.name, command, arguments)
+        try:
+            async with asyncio.timeout(self._command_timeout):
+                return await self._client.execute(command, arguments)
+        except ExecuteError as err:
+            desc = err.error.error.desc
+            raise QmpCommandError(f"{command}: {desc}", qmp_class=err.error_class, command=command) from err
+        except TimeoutError as err:
+            raise OutcomeUnknown(
+                f"{command}: no answer from QEMU within {self._command_timeout:g} s; it may or may not have been "
+                "applied"
+            ) from err
+        except ExecInterruptedError as err:
+            raise OutcomeUnknown(
+                f"{command}: the connection to QEMU was lost before it answered; it may or may not have been applied"
+            ) from err
+        except QMPError as err:
+            raise GuestUnavailable(f"guest {self.name}: {command}: {err}") from err
+
+    @asynccontextmanager
+    async def listen(
+        self, names: Collection[str], where: Callable[[QmpEvent], bool] | None = None
+    ) -> AsyncIterator[EventStream]:
+        """Listen for events named ``names`` (and matching ``where``) while the context is open."""
+
+        def accept(message: Message) -> bool:
+            return where is None or where(_event(message))
+
+        listener = _FlatListener(names, accept)
+        self._client.register_listener(listener)
+        try:
+            yield _Stream(listener)
+        finally:
+            self._client.remove_listener(listener)
+
+    def on_event(self, handler: Callable[[QmpEvent], None]) -> None:
+        """Call ``handler`` for every event, from the event pump."""
+        self._handlers.append(handler)
+
+    async def _run_pump(self) -> None:
+        events = self._client.events
+        disconnected = asyncio.create_task(self._wait_disconnect())
+        try:
+            while True:
+                getter = asyncio.create_task(events.get())
+                done, _ = await asyncio.wait({getter, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    break
+                self._dispatch(_event(getter.result()))
+        finally:
+            disconnected.cancel()
+            self.closed.set()
+
+    def _dispatch(self, event: QmpEvent) -> None:
+        for handler in self._handlers:
+            try:
+                handler(event)
+            except Exception:
+                log.exception("guest %s: event handler failed on %s", self.name, event.name)
+
+    async def _wait_disconnect(self) -> None:
+        while self._client.runstate == Runstate.RUNNING:
+            await self._client.runstate_changed()
+        log.info("guest %s: QMP connection closed", self.name)
+
+    async def machine(self) -> tuple[str, str]:
+        """The machine type name and kind (``pc`` or ``q35``), read once per connection."""
+        if self._machine is None:
+            qom_type = await self.execute("qom-get", {"path": "/machine", "property": "type"})
+            self._machine = machine_kind(str(qom_type))
+        return self._machine
+
+    async def hmp(self, command_line: str) -> str:
+        """Run a human monitor command and return its text."""
+        return str(await self.execute("human-monitor-command", {"command-line": command_line}))
+
+    async def observe(self) -> Observation:
+        """Read PCI devices, buses and net clients (``info qtree`` and ``info network``).
+
+        Raises:
+            QmpCommandError, OutcomeUnknown, GuestUnavailable: As :meth:`execute`.
+        """
+        machine, kind = await self.machine()
+        tree = parse_qtree(await self.hmp("info qtree"), kind)
+        clients = parse_network(await self.hmp("info network"))
+        return Observation(machine, tree.topology, tree.devices, tree.device_ids, clients)
+
+    async def models(self) -> list[ModelInfo]:
+        """The PCI NIC models this QEMU offers (``device_add help``)."""
+        return parse_device_help(await self.hmp("device_add help"))
+
+    async def rx_filter(self, name: str) -> RxFilter | None:
+        """The rx-filter of virtio NIC ``name``; ``None`` for models that cannot report one."""
+        try:
+            answer = await self.execute("query-rx-filter", {"name": name})
+        except QmpCommandError as err:
+            if _RX_FILTER_UNSUPPORTED in err.message:
+                return None
+            raise
+        entries = cast("list[dict[str, object]]", answer)
+        if not entries:
+            return None
+        raw = entries[0]
+        return RxFilter(
+            promiscuous=bool(raw.get("promiscuous")),
+            multicast=str(raw.get("multicast")),
+            unicast=str(raw.get("unicast")),
+            main_mac=str(raw.get("main-mac")),
+            multicast_table=[str(m) for m in cast("list[object]", raw.get("multicast-table", []))],
+            unicast_table=[str(m) for m in cast("list[object]", raw.get("unicast-table", []))],
+        )
+
+
+def is_unplug_in_progress(err: QmpnetError) -> bool:
+    """Whether ``err`` is QEMU's "already in the process of unplug" answer to a second ``device_del``."""
+    return isinstance(err, QmpCommandError) and "in the process of unplug" in err.message

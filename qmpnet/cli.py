@@ -1,0 +1,265 @@
+"""The ``qmpnet`` command line.
+
+Direct mode talks to one guest's QMP socket (``--qmp``). Every command prints the same objects as the MQTT API
+with ``--json`` (one JSON document on stdout), or a readable table without it. Exit status: 0 on success; 1 on
+an error, with one line ``error: <code>: <message>`` on stderr; 2 on a usage error (from the argument parser).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+from pydantic import BaseModel
+
+from qmpnet.api import connect
+from qmpnet.errors import InvalidRequest, QmpnetError
+from qmpnet.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+    from qmpnet.guest import Guest
+    from qmpnet.model import Nic
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="qmpnet",
+    help="Change the network of running QEMU guests over QMP, without a reboot.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+nic_app = typer.Typer(help="Hot-add, remove, link and list a guest's NICs.", no_args_is_help=True)
+app.add_typer(nic_app, name="nic")
+
+
+class BackendType(StrEnum):
+    """Backends the CLI can build from flags."""
+
+    user = "user"
+    hubport = "hubport"
+    stream = "stream"
+    dgram = "dgram"
+
+
+class LinkArg(StrEnum):
+    """Link states."""
+
+    up = "up"
+    down = "down"
+
+
+QmpOpt = Annotated[str, typer.Option("--qmp", help="The guest's QMP socket: a unix path or host:port.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the MQTT API's JSON object instead of a table.")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="TOML settings file (timeouts, policy).", show_default=False)
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log what is sent to QEMU on stderr.")]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``qmpnet`` console script."""
+    app(args=list(argv) if argv is not None else None, prog_name="qmpnet")
+
+
+def fail(err: QmpnetError) -> typer.Exit:
+    """Print ``error: <code>: <message>`` on stderr and return the exit to raise."""
+    print(f"error: {err.code}: {err.message}", file=sys.stderr)
+    return typer.Exit(1)
+
+
+def run_on_guest(qmp: str, config: Path | None, verbose: bool, op: Callable[[Guest], Awaitable[T]]) -> T:
+    """Connect to the guest at ``qmp``, run ``op`` and return its result; errors become exit status 1."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+
+    async def session(settings: Settings) -> T:
+        async with connect(qmp, settings=settings) as guest:
+            return await op(guest)
+
+    try:
+        return asyncio.run(session(load_settings(config)))
+    except QmpnetError as err:
+        raise fail(err) from None
+
+
+def emit(value: BaseModel | dict[str, Any], as_json: bool, table: Callable[[], str]) -> None:
+    """Print ``value`` as JSON or as the readable ``table``."""
+    if as_json:
+        data = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        print(json.dumps(data, indent=2))
+    else:
+        print(table())
+
+
+def nic_table(nics: Sequence[Nic]) -> str:
+    """Format NICs as a table."""
+    rows = [("ID", "MODEL", "MAC", "NETDEV", "BACKEND", "PCI", "LINK", "STATE")]
+    for nic in nics:
+        pci = f"{nic.pci.bus}:{nic.pci.slot:02x}.{nic.pci.function}" if nic.pci else "-"
+        backend = nic.backend.type if nic.backend else "-"
+        rows.append((nic.id, nic.model, nic.mac or "-", nic.netdev or "-", backend, pci, nic.link, nic.state))
+    return format_rows(rows)
+
+
+def format_rows(rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def socket_address(value: str, flag: str) -> dict[str, object]:
+    """``/path`` → unix address, ``host:port`` → inet address (for stream/dgram flags)."""
+    if value.startswith("/"):
+        return {"type": "unix", "path": value}
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise fail(InvalidRequest(f"{flag}: {value!r} is neither /unix/path nor host:port", field=flag))
+    return {"type": "inet", "host": host, "port": int(port)}
+
+
+def build_backend(
+    backend: BackendType,
+    *,
+    hub: int | None,
+    hostfwd: list[str],
+    net: str | None,
+    restrict: bool,
+    connect_to: str | None,
+    listen: str | None,
+    local: str | None,
+    remote: str | None,
+) -> dict[str, object]:
+    """Turn the backend flags into the MQTT API's backend object."""
+    spec: dict[str, object] = {"type": backend.value}
+    if backend is BackendType.user:
+        spec |= {"hostfwd": hostfwd, "restrict": restrict} | ({"net": net} if net else {})
+    elif backend is BackendType.hubport:
+        spec["hub"] = 0 if hub is None else hub
+    elif backend is BackendType.stream:
+        if (listen is None) == (connect_to is None):
+            raise fail(InvalidRequest("--listen or --connect: give exactly one for a stream backend", field="--listen"))
+        spec |= {"server": listen is not None}
+        spec["addr"] = socket_address(listen or connect_to or "", "--listen" if listen else "--connect")
+    else:
+        if local is None and remote is None:
+            raise fail(InvalidRequest("--local/--remote: a dgram backend needs at least one", field="--local"))
+        if local is not None:
+            spec["local"] = socket_address(local, "--local")
+        if remote is not None:
+            spec["remote"] = socket_address(remote, "--remote")
+    return spec
+
+
+@nic_app.command("add")
+def nic_add(
+    qmp: QmpOpt,
+    model: Annotated[str, typer.Option(help="rtl8139, e1000, e1000e, virtio-net-pci (or virtio).")] = "virtio-net-pci",
+    nic_id: Annotated[str | None, typer.Option("--id", help="Device id (generated when absent).")] = None,
+    mac: Annotated[str | None, typer.Option(help="MAC address (a free 52:54:00:xx:xx:xx when absent).")] = None,
+    backend: Annotated[BackendType, typer.Option(help="Backend type.")] = BackendType.user,
+    hub: Annotated[int | None, typer.Option(help="Hub number for --backend hubport (the old vlan=n).")] = None,
+    hostfwd: Annotated[list[str] | None, typer.Option(help="user: port forward, e.g. tcp:127.0.0.1:2222-:22.")] = None,
+    net: Annotated[str | None, typer.Option(help="user: guest network, e.g. 10.0.3.0/24.")] = None,
+    restrict: Annotated[bool, typer.Option(help="user: isolate the guest from the host.")] = False,
+    listen: Annotated[str | None, typer.Option(help="stream: listen on /path or host:port.")] = None,
+    connect_to: Annotated[str | None, typer.Option("--connect", help="stream: connect to /path or host:port.")] = None,
+    local: Annotated[str | None, typer.Option(help="dgram: local /path or host:port.")] = None,
+    remote: Annotated[str | None, typer.Option(help="dgram: remote /path or host:port.")] = None,
+    addr: Annotated[str | None, typer.Option(help="PCI slot[.function], hex as QEMU reads it.")] = None,
+    bus: Annotated[str | None, typer.Option(help="PCI bus id (pci.0, a pcie-root-port, a bridge).")] = None,
+    vectors: Annotated[int | None, typer.Option(help="MSI-X vectors (virtio).")] = None,
+    queues: Annotated[int | None, typer.Option(help="Queue pairs (virtio, tap backends).")] = None,
+    link: Annotated[LinkArg, typer.Option(help="Initial link state.")] = LinkArg.up,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Hot-add a NIC (atomic: on failure the guest is left as it was)."""
+    spec: dict[str, object] = {
+        "model": model,
+        "link": link.value,
+        "backend": build_backend(
+            backend, hub=hub, hostfwd=hostfwd or [], net=net, restrict=restrict,
+            connect_to=connect_to, listen=listen, local=local, remote=remote,
+        ),
+    }
+    optional = {"id": nic_id, "mac": mac, "addr": addr, "bus": bus, "vectors": vectors, "queues": queues}
+    spec |= {k: v for k, v in optional.items() if v is not None}
+    nic = run_on_guest(qmp, config, verbose, lambda guest: guest.add_nic(spec))
+    emit(nic, as_json, lambda: nic_table([nic]))
+
+
+@nic_app.command("del")
+def nic_del(
+    qmp: QmpOpt,
+    nic_id: Annotated[str, typer.Argument(metavar="ID", help="The NIC's id.")],
+    timeout: Annotated[
+        float | None, typer.Option(help="Seconds to wait for the guest's ack (default: setting).", show_default=False)
+    ] = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Hot-remove a NIC; prints 'removed', or 'removal_pending' if the guest has not acked in time."""
+    result = run_on_guest(qmp, config, verbose, lambda guest: guest.remove_nic(nic_id, timeout=timeout))
+    emit(result, as_json, lambda: f"{result.id}: {result.state}")
+
+
+@nic_app.command("link")
+def nic_link(
+    qmp: QmpOpt,
+    nic_id: Annotated[str, typer.Argument(metavar="ID", help="The NIC's id.")],
+    state: Annotated[LinkArg, typer.Argument(metavar="up|down", help="The new link state.")],
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Set a NIC's link up or down."""
+    nic = run_on_guest(qmp, config, verbose, lambda guest: guest.set_link(nic_id, state is LinkArg.up))
+    emit(nic, as_json, lambda: nic_table([nic]))
+
+
+@nic_app.command("list")
+def nic_list(qmp: QmpOpt, as_json: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = False) -> None:
+    """List the guest's NICs, cold-plugged ones included."""
+    nics = run_on_guest(qmp, config, verbose, lambda guest: guest.list_nics())
+    emit({"nics": [n.model_dump(mode="json") for n in nics]}, as_json, lambda: nic_table(nics))
+
+
+@app.command("models")
+def models(qmp: QmpOpt, as_json: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = False) -> None:
+    """List the NIC models this QEMU offers (the old -net nic,model=?)."""
+    found = run_on_guest(qmp, config, verbose, lambda guest: guest.models())
+
+    def table() -> str:
+        rows = [("MODEL", "BUS", "SPEED", "HOTPLUG", "DESCRIPTION")]
+        rows += [(m.name, m.bus, m.speed or "-", "yes" if m.hotplug else "no", m.description) for m in found]
+        return format_rows(rows)
+
+    emit({"models": [m.model_dump(mode="json") for m in found]}, as_json, table)
+
+
+@app.command("demo")
+def demo(
+    machine: Annotated[str, typer.Option(help="pc or q35.")] = "pc",
+    verbose: VerboseOpt = False,
+) -> None:
+    """Boot the test guest, hot-plug each NIC model and show what the guest saw."""
+    from qmpnet.demo import run_demo  # noqa: PLC0415 - the demo pulls in the guest builder only when asked for
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if machine not in ("pc", "q35"):
+        raise typer.BadParameter("must be pc or q35", param_hint="--machine")
+    try:
+        ok = asyncio.run(run_demo(machine))
+    except QmpnetError as err:
+        raise fail(err) from None
+    raise typer.Exit(0 if ok else 1)

@@ -214,19 +214,13 @@ class QmpMonitor:
         self._handlers.append(handler)
 
     async def _run_pump(self) -> None:
-        events = self._client.events
-        disconnected = asyncio.create_task(self._wait_disconnect())
+        # qemu.qmp's listeners never end; a watcher task marks the monitor closed when the connection goes.
+        watcher = asyncio.create_task(self._wait_disconnect(), name=f"qmpnet[guest={self.name}].qmp-watch")
         try:
-            while True:
-                getter = asyncio.create_task(events.get())
-                done, _ = await asyncio.wait({getter, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    break
-                self._dispatch(_event(getter.result()))
+            async for message in self._client.events:
+                self._dispatch(_event(message))
         finally:
-            disconnected.cancel()
-            self.closed.set()
+            watcher.cancel()
 
     def _dispatch(self, event: QmpEvent) -> None:
         for handler in self._handlers:
@@ -239,6 +233,7 @@ class QmpMonitor:
         while self._client.runstate == Runstate.RUNNING:
             await self._client.runstate_changed()
         log.info("guest %s: QMP connection closed", self.name)
+        self.closed.set()
 
     async def machine(self) -> tuple[str, str]:
         """The machine type name and kind (``pc`` or ``q35``), read once per connection."""

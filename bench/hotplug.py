@@ -1,0 +1,145 @@
+"""Hot-add latency: raw QMP socket vs the qmpnet Python API vs the ``qmpnet nic add`` CLI, in one run.
+
+Each round starts a fresh ``qemu-system-x86_64 -S -nodefaults -machine pc`` (no guest OS, so unplugs never
+complete and each QEMU has ~30 free slots), then interleaves raw and API hot-adds of a ``user`` netdev plus a
+``virtio-net-pci`` device, and a few CLI calls. The API is measured warm (a long-lived connection, as the
+controller uses it); the first add of each connection, which also reads the guest, is reported separately.
+
+Run: ``python bench/hotplug.py [--rounds 6]``. Prints medians, p99 and the ratio to raw. Target: API median
+<= 1.3x raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import qmpnet
+
+QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
+
+
+class RawQmp:
+    """The baseline: a bare asyncio socket speaking QMP, no library."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, path: str) -> RawQmp:
+        reader, writer = await asyncio.open_unix_connection(path)
+        raw = cls(reader, writer)
+        await reader.readline()  # greeting
+        await raw.call("qmp_capabilities")
+        return raw
+
+    async def call(self, command: str, arguments: dict[str, object] | None = None) -> object:
+        message: dict[str, object] = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        self.writer.write(json.dumps(message).encode() + b"\n")
+        while True:
+            reply = json.loads(await self.reader.readline())
+            if "event" in reply:
+                continue
+            if "error" in reply:
+                raise RuntimeError(reply["error"])
+            return reply["return"]
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+async def start_qemu(workdir: Path, n: int) -> tuple[asyncio.subprocess.Process, str]:
+    path = str(workdir / f"q{n}.qmp")
+    proc = await asyncio.create_subprocess_exec(
+        QEMU, "-S", "-nodefaults", "-display", "none", "-machine", "pc", "-m", "64",
+        "-qmp", f"unix:{path},server=on,wait=off", stdin=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise RuntimeError("QEMU did not create its QMP socket")
+        await asyncio.sleep(0.01)
+    return proc, path
+
+
+async def raw_add(raw: RawQmp, n: int) -> float:
+    start = time.perf_counter()
+    await raw.call("netdev_add", {"type": "user", "id": f"raw{n}.net"})
+    await raw.call("device_add", {"driver": "virtio-net-pci", "id": f"raw{n}", "netdev": f"raw{n}.net"})
+    return time.perf_counter() - start
+
+
+async def api_add(guest: qmpnet.Guest) -> float:
+    start = time.perf_counter()
+    await guest.add_nic({"model": "virtio-net-pci"})
+    return time.perf_counter() - start
+
+
+def cli_add(path: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "qmpnet", "nic", "add", "--qmp", path, "--json"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+async def round_(workdir: Path, n: int, samples: dict[str, list[float]]) -> None:
+    proc, path = await start_qemu(workdir, n)
+    try:
+        raw = await RawQmp.open(path)
+        await raw.call("netdev_add", {"type": "user", "id": "warm.net"})  # warm QEMU's slirp path
+        raw_n = 0
+        # QEMU serves one client per monitor socket: the raw client goes first, then qmpnet.
+        for _ in range(12):
+            samples["raw"].append(await raw_add(raw, raw_n))
+            raw_n += 1
+        await raw.close()
+        async with qmpnet.connect(path) as guest:
+            samples["api_first"].append(await api_add(guest))
+            samples["api"].extend([await api_add(guest) for _ in range(12)])
+        samples["cli"].extend(await asyncio.to_thread(lambda: [cli_add(path) for _ in range(3)]))
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+def summary(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return statistics.median(ordered) * 1000, p99 * 1000
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args()
+    samples: dict[str, list[float]] = {"raw": [], "api_first": [], "api": [], "cli": []}
+    with tempfile.TemporaryDirectory(prefix="qmpnet-bench-") as tmp:
+        for n in range(args.rounds):
+            await round_(Path(tmp), n, samples)
+    raw_median, _ = summary(samples["raw"])
+    print(f"{'path':<28}{'n':>5}{'median ms':>12}{'p99 ms':>10}{'x raw':>8}")
+    labels = {"raw": "raw QMP socket", "api": "qmpnet API (warm)", "api_first": "qmpnet API (first add)",
+              "cli": "qmpnet nic add (CLI)"}
+    for key, label in labels.items():
+        median, p99 = summary(samples[key])
+        print(f"{label:<28}{len(samples[key]):>5}{median:>12.2f}{p99:>10.2f}{median / raw_median:>8.2f}")
+    api_ratio = summary(samples["api"])[0] / raw_median
+    print(f"target API median <= 1.3x raw: {'met' if api_ratio <= 1.3 else 'NOT met'} ({api_ratio:.2f}x)")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())

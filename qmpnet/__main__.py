@@ -1,0 +1,5 @@
+"""``python -m qmpnet``: the command line."""
+
+from qmpnet.cli import main
+
+main()

@@ -11,6 +11,8 @@ import asyncio
 import json
 import logging
 import sys
+import time
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -25,7 +27,8 @@ from qmpnet.settings import Settings, load_settings
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
 
-    from qmpnet.guest import Guest
+    from qmpnet.bus.envelopes import GuestInfo
+    from qmpnet.client import GuestOps
     from qmpnet.model import Nic
 
 T = TypeVar("T")
@@ -50,6 +53,13 @@ class BackendType(StrEnum):
     dgram = "dgram"
 
 
+class MachineArg(StrEnum):
+    """Machine types of the demo guest."""
+
+    pc = "pc"
+    q35 = "q35"
+
+
 class LinkArg(StrEnum):
     """Link states."""
 
@@ -57,7 +67,16 @@ class LinkArg(StrEnum):
     down = "down"
 
 
-QmpOpt = Annotated[str, typer.Option("--qmp", help="The guest's QMP socket: a unix path or host:port.")]
+QmpOpt = Annotated[
+    str | None, typer.Option("--qmp", help="Direct mode: the guest's QMP socket (unix path or host:port).")
+]
+BrokerOpt = Annotated[
+    str | None, typer.Option("--broker", help="Broker mode: mqtt[s]://host:port where `qmpnet serve` listens.")
+]
+GuestOpt = Annotated[str | None, typer.Option("--guest", help="Broker mode: the guest's name.")]
+ControllerOpt = Annotated[
+    str | None, typer.Option("--controller", help="Broker mode: the controller id (default: this host's name).")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the MQTT API's JSON object instead of a table.")]
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="TOML settings file (timeouts, policy).", show_default=False)
@@ -76,13 +95,30 @@ def fail(err: QmpnetError) -> typer.Exit:
     return typer.Exit(1)
 
 
-def run_on_guest(qmp: str, config: Path | None, verbose: bool, op: Callable[[Guest], Awaitable[T]]) -> T:
-    """Connect to the guest at ``qmp``, run ``op`` and return its result; errors become exit status 1."""
+@dataclass(frozen=True)
+class Where:
+    """The guest a command acts on: directly (``--qmp``) or through a controller (``--broker`` and ``--guest``)."""
+
+    qmp: str | None
+    broker: str | None = None
+    guest: str | None = None
+    controller: str | None = None
+
+
+def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[[GuestOps], Awaitable[T]]) -> T:
+    """Reach the guest ``where`` says, run ``op`` and return its result; errors become exit status 1."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if (where.qmp is None) == (where.broker is None) or (where.broker is None) != (where.guest is None):
+        raise typer.BadParameter("give --qmp SOCKET, or --broker URL and --guest NAME", param_hint="--qmp/--broker")
 
     async def session(settings: Settings) -> T:
-        async with connect(qmp, settings=settings) as guest:
-            return await op(guest)
+        if where.qmp is not None:
+            async with connect(where.qmp, settings=settings) as guest:
+                return await op(guest)
+        from qmpnet.client import Client  # noqa: PLC0415 - the MQTT stack is loaded only in broker mode
+
+        async with Client(where.broker, settings=settings.mqtt) as client:
+            return await op(client.guest(where.controller or settings.mqtt.controller_id, where.guest or ""))
 
     try:
         return asyncio.run(session(load_settings(config)))
@@ -160,7 +196,6 @@ def build_backend(
 
 @nic_app.command("add")
 def nic_add(
-    qmp: QmpOpt,
     model: Annotated[str, typer.Option(help="rtl8139, e1000, e1000e, virtio-net-pci (or virtio).")] = "virtio-net-pci",
     nic_id: Annotated[str | None, typer.Option("--id", help="Device id (generated when absent).")] = None,
     mac: Annotated[str | None, typer.Option(help="MAC address (a free 52:54:00:xx:xx:xx when absent).")] = None,
@@ -178,6 +213,10 @@ def nic_add(
     vectors: Annotated[int | None, typer.Option(help="MSI-X vectors (virtio).")] = None,
     queues: Annotated[int | None, typer.Option(help="Queue pairs (virtio, tap backends).")] = None,
     link: Annotated[LinkArg, typer.Option(help="Initial link state.")] = LinkArg.up,
+    qmp: QmpOpt = None,
+    broker: BrokerOpt = None,
+    guest: GuestOpt = None,
+    controller: ControllerOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
@@ -193,51 +232,75 @@ def nic_add(
     }
     optional = {"id": nic_id, "mac": mac, "addr": addr, "bus": bus, "vectors": vectors, "queues": queues}
     spec |= {k: v for k, v in optional.items() if v is not None}
-    nic = run_on_guest(qmp, config, verbose, lambda guest: guest.add_nic(spec))
+    nic = run_on_guest(Where(qmp, broker, guest, controller), config, verbose, lambda guest: guest.add_nic(spec))
     emit(nic, as_json, lambda: nic_table([nic]))
 
 
 @nic_app.command("del")
 def nic_del(
-    qmp: QmpOpt,
     nic_id: Annotated[str, typer.Argument(metavar="ID", help="The NIC's id.")],
     timeout: Annotated[
         float | None, typer.Option(help="Seconds to wait for the guest's ack (default: setting).", show_default=False)
     ] = None,
+    qmp: QmpOpt = None,
+    broker: BrokerOpt = None,
+    guest: GuestOpt = None,
+    controller: ControllerOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Hot-remove a NIC; prints 'removed', or 'removal_pending' if the guest has not acked in time."""
-    result = run_on_guest(qmp, config, verbose, lambda guest: guest.remove_nic(nic_id, timeout=timeout))
+    where = Where(qmp, broker, guest, controller)
+    result = run_on_guest(where, config, verbose, lambda guest: guest.remove_nic(nic_id, timeout=timeout))
     emit(result, as_json, lambda: f"{result.id}: {result.state}")
 
 
 @nic_app.command("link")
 def nic_link(
-    qmp: QmpOpt,
     nic_id: Annotated[str, typer.Argument(metavar="ID", help="The NIC's id.")],
     state: Annotated[LinkArg, typer.Argument(metavar="up|down", help="The new link state.")],
+    qmp: QmpOpt = None,
+    broker: BrokerOpt = None,
+    guest: GuestOpt = None,
+    controller: ControllerOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Set a NIC's link up or down."""
-    nic = run_on_guest(qmp, config, verbose, lambda guest: guest.set_link(nic_id, state is LinkArg.up))
+    where = Where(qmp, broker, guest, controller)
+    nic = run_on_guest(where, config, verbose, lambda guest: guest.set_link(nic_id, state is LinkArg.up))
     emit(nic, as_json, lambda: nic_table([nic]))
 
 
 @nic_app.command("list")
-def nic_list(qmp: QmpOpt, as_json: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = False) -> None:
+def nic_list(
+    qmp: QmpOpt = None,
+    broker: BrokerOpt = None,
+    guest: GuestOpt = None,
+    controller: ControllerOpt = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
     """List the guest's NICs, cold-plugged ones included."""
-    nics = run_on_guest(qmp, config, verbose, lambda guest: guest.list_nics())
+    nics = run_on_guest(Where(qmp, broker, guest, controller), config, verbose, lambda guest: guest.list_nics())
     emit({"nics": [n.model_dump(mode="json") for n in nics]}, as_json, lambda: nic_table(nics))
 
 
 @app.command("models")
-def models(qmp: QmpOpt, as_json: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = False) -> None:
+def models(
+    qmp: QmpOpt = None,
+    broker: BrokerOpt = None,
+    guest: GuestOpt = None,
+    controller: ControllerOpt = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
     """List the NIC models this QEMU offers (the old -net nic,model=?)."""
-    found = run_on_guest(qmp, config, verbose, lambda guest: guest.models())
+    found = run_on_guest(Where(qmp, broker, guest, controller), config, verbose, lambda guest: guest.models())
 
     def table() -> str:
         rows = [("MODEL", "BUS", "SPEED", "HOTPLUG", "DESCRIPTION")]
@@ -247,19 +310,81 @@ def models(qmp: QmpOpt, as_json: JsonOpt = False, config: ConfigOpt = None, verb
     emit({"models": [m.model_dump(mode="json") for m in found]}, as_json, table)
 
 
+@app.command("guests")
+def guests(
+    broker: Annotated[str, typer.Option("--broker", help="mqtt[s]://host:port where `qmpnet serve` listens.")],
+    controller: ControllerOpt = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """List the guests a controller serves, with their connection state."""
+    from qmpnet.client import Client  # noqa: PLC0415 - the MQTT stack is loaded only in broker mode
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+
+    async def session(settings: Settings) -> list[GuestInfo]:
+        async with Client(broker, settings=settings.mqtt) as client:
+            return await client.guests(controller or settings.mqtt.controller_id)
+
+    try:
+        found = asyncio.run(session(load_settings(config)))
+    except QmpnetError as err:
+        raise fail(err) from None
+
+    def table() -> str:
+        rows = [("NAME", "STATE", "QEMU", "MACHINE", "SINCE")]
+        for g in found:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(g.since))
+            rows.append((g.name, g.state, g.qemu or "-", g.machine or "-", since))
+        return format_rows(rows)
+
+    emit({"guests": [g.model_dump(mode="json") for g in found]}, as_json, table)
+
+
+@app.command("schema")
+def schema(
+    markdown: Annotated[bool, typer.Option(help="Print the field reference of docs/mqtt-api.md instead.")] = False,
+) -> None:
+    """Print the JSON Schema of every MQTT request, response, retained state and event."""
+    from qmpnet.schema import api_schema, render_reference  # noqa: PLC0415 - only this command needs it
+
+    print(render_reference() if markdown else json.dumps(api_schema(), indent=2), end="" if markdown else "\n")
+
+
+@app.command("serve")
+def serve(
+    config: ConfigOpt = None,
+    broker: Annotated[str | None, typer.Option(help="mqtt://host:port, or mqtts://host:port for TLS.")] = None,
+    controller_id: Annotated[str | None, typer.Option(help="This controller's id (default: host name).")] = None,
+    guest: Annotated[list[str] | None, typer.Option(help="NAME=QMP_SOCKET; repeatable.")] = None,
+    guest_dir: Annotated[Path | None, typer.Option(help="Serve every *.qmp socket in DIR, named by its stem.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
+    log_format: Annotated[str | None, typer.Option(help="text or json.")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run the MQTT-driven controller for a fleet of guests (see docs/mqtt-api.md)."""
+    from qmpnet.app import main as serve_main  # noqa: PLC0415 - the MQTT stack is loaded only for serve
+
+    raise typer.Exit(
+        serve_main(
+            config, broker=broker, controller_id=controller_id, guests=guest, guest_dir=guest_dir,
+            metrics_port=metrics_port, log_format=log_format, log_level="debug" if verbose else None,
+        )
+    )
+
+
 @app.command("demo")
 def demo(
-    machine: Annotated[str, typer.Option(help="pc or q35.")] = "pc",
+    machine: Annotated[MachineArg, typer.Option(help="Machine type of the demo guest.")] = MachineArg.pc,
     verbose: VerboseOpt = False,
 ) -> None:
     """Boot the test guest, hot-plug each NIC model and show what the guest saw."""
     from qmpnet.demo import run_demo  # noqa: PLC0415 - the demo pulls in the guest builder only when asked for
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if machine not in ("pc", "q35"):
-        raise typer.BadParameter("must be pc or q35", param_hint="--machine")
     try:
-        ok = asyncio.run(run_demo(machine))
+        ok = asyncio.run(run_demo("q35" if machine is MachineArg.q35 else "pc"))
     except QmpnetError as err:
         raise fail(err) from None
     raise typer.Exit(0 if ok else 1)

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Literal, Self
+from contextlib import asynccontextmanager, suppress
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 from qmpnet.errors import (
     Busy,
@@ -34,20 +35,31 @@ from qmpnet.errors import (
     QmpnetError,
 )
 from qmpnet.inventory import Inventory
-from qmpnet.model import GuestEvent, GuestEventName, ModelInfo, Nic, NicSpec, RemoveResult, parse_nic_spec
+from qmpnet.model import (
+    GuestEvent,
+    GuestEventName,
+    ModelInfo,
+    Nic,
+    NicSpec,
+    ObservedBackend,
+    RemoveResult,
+    parse_nic_spec,
+)
 from qmpnet.names import check_qemu_id
-from qmpnet.plan import QmpCall, Step, plan_add
+from qmpnet.plan import QmpCall, needs_tap_fds, plan_add
 from qmpnet.policy import check_spec
 from qmpnet.settings import Settings
+from qmpnet.steps import Attachment, UndoStack, prepare_host, run_steps
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
-    from qmpnet.ports import Monitor, QmpEvent
+    from qmpnet.ports import HostNetwork, Monitor, QmpEvent
 
 __all__ = ["Guest"]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class Guest:
@@ -60,11 +72,21 @@ class Guest:
         monitor: The guest's connected monitor.
         name: The guest's name, for logs and events.
         settings: Timeouts, lane limits and the caller policy.
+        host: The host side for bridge, NAT, tap and VFIO backends (``None``: those backends are unsupported).
     """
 
-    def __init__(self, monitor: Monitor, *, name: str = "guest", settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        monitor: Monitor,
+        *,
+        name: str = "guest",
+        settings: Settings | None = None,
+        host: HostNetwork | None = None,
+    ) -> None:
         self.name = name
         self._monitor = monitor
+        self._host = host
+        self._attachments: dict[str, Attachment] = {}
         self._settings = settings or Settings()
         self._lane = asyncio.Lock()
         self._waiting = 0
@@ -112,13 +134,37 @@ class Guest:
         nic_spec = parse_nic_spec(spec)
         check_spec(nic_spec, self._settings.policy)
         async with self._lane_turn():
-            inventory = await self._fresh_inventory()
-            plan = plan_add(nic_spec, inventory.view())
-            await self._run(plan.steps)
-            nic = inventory.added(plan, nic_spec)
-            self._links[nic.id] = nic.link
+            # Once started, a hot-add runs to its end (or its rollback) even if the caller goes away.
+            nic = await _shielded(self._add(nic_spec))
         log.info("guest %s: added NIC %s (%s, %s) at %s", self.name, nic.id, nic.model, nic.mac, nic.pci)
         self._emit("nic_added", nic=nic)
+        return nic
+
+    async def _add(self, spec: NicSpec) -> Nic:
+        inventory = await self._fresh_inventory()
+        vhost = self._host is not None and needs_tap_fds(spec) and self._host.vhost()
+        plan = plan_add(spec, inventory.view(), vhost=vhost)
+        undo = UndoStack()
+        attachment = Attachment()
+        try:
+            attachment = await prepare_host(self._host, self._monitor, spec, plan, f"{self.name}/{plan.nic_id}", undo)
+            await run_steps(self._monitor, plan.steps, undo, unplug_timeout=self._settings.qmp.rollback_unplug_timeout)
+        except OutcomeUnknown as err:
+            self._inventory = None
+            err.add_note("qmpnet did not roll back: QEMU may have applied the step; list the NICs to see")
+            raise
+        except QmpnetError as err:
+            self._inventory = None
+            if not await undo.unwind(err):
+                # The NIC is still plugged: finish its removal (netdev, host side) when the guest lets go.
+                self._attachments[plan.nic_id] = attachment
+                self._mark_pending(plan.nic_id, plan.netdev_id)
+            raise
+        self._attachments[plan.nic_id] = attachment
+        nic = inventory.added(plan, spec)
+        if attachment.bridge is not None:
+            nic = inventory.update(nic.id, backend=_bridge_backend(spec, attachment))
+        self._links[nic.id] = nic.link
         return nic
 
     async def remove_nic(self, nic_id: str, timeout: float | None = None) -> RemoveResult:
@@ -138,11 +184,14 @@ class Guest:
         """
         _check_id(nic_id)
         wait = self._settings.qmp.unplug_timeout if timeout is None else timeout
-        if wait < 0:
-            raise InvalidRequest("timeout: must be zero or more seconds", field="timeout")
+        if not (math.isfinite(wait) and wait >= 0):
+            raise InvalidRequest("timeout: must be a finite number of seconds, zero or more", field="timeout")
+        if nic_id in self._pending:
+            # Waiting for the guest's ack needs no QMP command, so it happens outside the lane.
+            return await self._wait_pending(nic_id, wait)
         async with self._lane_turn():
             if nic_id in self._pending:
-                return await self._wait_pending(nic_id, wait)
+                return RemoveResult(id=nic_id, state="removal_pending")
             inventory = await self._fresh_inventory()
             nic = inventory.nics.get(nic_id)
             if nic is None:
@@ -180,9 +229,14 @@ class Guest:
             inventory = await self._fresh_inventory()
             nics = []
             for nic in inventory.nics.values():
+                update: dict[str, object] = {}
+                attachment = self._attachments.get(nic.id)
+                if attachment is not None and attachment.bridge is not None:
+                    update["backend"] = ObservedBackend(type="bridge", options={"bridge": attachment.bridge,
+                                                                                 "tap": attachment.tap or ""})
                 if nic.model.startswith("virtio-net") and nic.state == "active":
-                    nic = nic.model_copy(update={"rx_filter": await self._monitor.rx_filter(nic.id)})  # noqa: PLW2901
-                nics.append(nic)
+                    update["rx_filter"] = await self._monitor.rx_filter(nic.id)
+                nics.append(nic.model_copy(update=update))
             return nics
 
     async def models(self) -> list[ModelInfo]:
@@ -197,8 +251,8 @@ class Guest:
     # ------------------------------------------------------------------------------------------------ the lane
 
     @asynccontextmanager
-    async def _lane_turn(self) -> AsyncIterator[None]:
-        if self._waiting >= self._settings.lane.max_waiting:
+    async def _lane_turn(self, *, bounded: bool = True) -> AsyncIterator[None]:
+        if bounded and self._waiting >= self._settings.lane.max_waiting:
             raise Busy(f"guest {self.name}: {self._waiting} requests are already waiting")
         self._waiting += 1
         try:
@@ -223,41 +277,6 @@ class Guest:
             self._inventory = None
             raise
 
-    async def _run(self, steps: tuple[Step, ...]) -> None:
-        done: list[Step] = []
-        for step in steps:
-            try:
-                await self._execute(step.call)
-            except OutcomeUnknown as err:
-                err.add_note("qmpnet did not roll back: QEMU may have applied the step; list the NICs to see")
-                raise
-            except QmpnetError as err:
-                await _shielded(self._rollback(done, err))
-                raise
-            done.append(step)
-
-    async def _rollback(self, done: list[Step], cause: QmpnetError) -> None:
-        for step in reversed(done):
-            if step.undo is None:
-                continue
-            try:
-                if step.undo_waits_for is not None:
-                    await self._undo_device(step.undo_waits_for, step.undo)
-                else:
-                    await self._execute(step.undo)
-            except QmpnetError as err:
-                log.warning("guest %s: rollback step %s failed: %s", self.name, step.undo.command, err)
-                cause.add_note(f"rollback of {step.call.command} failed: {err}")
-
-    async def _undo_device(self, device_id: str, call: QmpCall) -> None:
-        async with self._monitor.listen({"DEVICE_DELETED"}, lambda e: e.device == device_id) as stream:
-            await self._execute(call)
-            try:
-                async with asyncio.timeout(self._settings.qmp.rollback_unplug_timeout):
-                    await stream.get()
-            except TimeoutError as err:
-                raise OutcomeUnknown(f"device {device_id} was not unplugged in time during rollback") from err
-
     # ------------------------------------------------------------------------------------------------- removal
 
     async def _unplug(self, inventory: Inventory, nic: Nic, wait: float) -> RemoveResult:
@@ -274,8 +293,7 @@ class Guest:
         finally:
             self._removing.discard(nic.id)
         if event is None:
-            self._pending[nic.id] = nic.netdev
-            self._removed[nic.id] = asyncio.Event()
+            self._mark_pending(nic.id, nic.netdev)
             inventory.update(nic.id, state="removal_pending")
             log.info("guest %s: NIC %s removal pending (no ack within %g s)", self.name, nic.id, wait)
             self._emit("nic_removal_pending", nic_id=nic.id)
@@ -290,29 +308,41 @@ class Guest:
         await self._delete_backend(nic.id, nic.netdev)
         return RemoveResult(id=nic.id, state="removed")
 
+    def _mark_pending(self, nic_id: str, netdev: str | None) -> None:
+        self._pending[nic_id] = netdev
+        self._removed[nic_id] = asyncio.Event()
+
     async def _delete_backend(self, nic_id: str, netdev: str | None) -> None:
         if netdev is not None:
             try:
                 await self._execute(QmpCall("netdev_del", {"id": netdev}))
             except QmpCommandError as err:
                 log.warning("guest %s: netdev_del %s after unplug of %s: %s", self.name, netdev, nic_id, err)
+        await self._release_host(nic_id)
         if self._inventory is not None:
             self._inventory.removed(nic_id)
         self._links.pop(nic_id, None)
         log.info("guest %s: removed NIC %s", self.name, nic_id)
         self._emit("nic_removed", nic_id=nic_id)
 
-    async def _wait_pending(self, nic_id: str, wait: float) -> RemoveResult:
-        done = self._removed[nic_id]
-        self._lane.release()  # the late completion needs the lane; give it up while we wait
+    async def _release_host(self, nic_id: str) -> None:
+        attachment = self._attachments.pop(nic_id, None)
+        if attachment is None or self._host is None:
+            return
         try:
+            if attachment.tap is not None:
+                await self._host.delete_tap(attachment.tap)
+            if attachment.vfio_host is not None and attachment.vfio_driver is not None:
+                await self._host.restore_vfio(attachment.vfio_host, attachment.vfio_driver)
+        except QmpnetError as err:
+            log.warning("guest %s: releasing the host side of %s: %s", self.name, nic_id, err)
+
+    async def _wait_pending(self, nic_id: str, wait: float) -> RemoveResult:
+        with suppress(TimeoutError):
             async with asyncio.timeout(wait):
-                await done.wait()
-        except TimeoutError:
-            pass
-        finally:
-            await self._lane.acquire()
-        return RemoveResult(id=nic_id, state="removed" if done.is_set() else "removal_pending")
+                await self._removed[nic_id].wait()
+        state: Literal["removed", "removal_pending"] = "removal_pending" if nic_id in self._pending else "removed"
+        return RemoveResult(id=nic_id, state=state)
 
     def _on_event(self, event: QmpEvent) -> None:
         if event.name != "DEVICE_DELETED" or event.device is None:
@@ -326,13 +356,18 @@ class Guest:
 
     async def _finish_removal(self, nic_id: str) -> None:
         try:
-            async with self._lane_turn():
-                netdev = self._pending.pop(nic_id, None)
-                await self._delete_backend(nic_id, netdev)
-        except (GuestUnavailable, OutcomeUnknown, Busy) as err:
+            # Internal work is not subject to the lane's limit: a late ack must always be completed.
+            async with self._lane_turn(bounded=False):
+                await self._delete_backend(nic_id, self._pending[nic_id])
+                del self._pending[nic_id]
+        except (GuestUnavailable, OutcomeUnknown) as err:
             log.warning("guest %s: could not finish the removal of %s: %s", self.name, nic_id, err)
         finally:
-            self._removed.pop(nic_id, asyncio.Event()).set()
+            done = self._removed.pop(nic_id, None) if nic_id not in self._pending else self._removed.get(nic_id)
+            if done is not None:
+                done.set()
+            if nic_id in self._pending:
+                self._removed[nic_id] = asyncio.Event()
 
     def _emit(self, name: GuestEventName, *, nic: Nic | None = None, nic_id: str | None = None) -> None:
         event = GuestEvent(name=name, ts=time.time(), guest=self.name, nic=nic, id=nic.id if nic else nic_id)
@@ -341,6 +376,13 @@ class Guest:
                 callback(event)
             except Exception:
                 log.exception("guest %s: event subscriber failed on %s", self.name, name)
+
+
+def _bridge_backend(spec: NicSpec, attachment: Attachment) -> ObservedBackend:
+    options = {"bridge": attachment.bridge or "", "tap": attachment.tap or ""}
+    if spec.backend.type == "nat":
+        options["network"] = getattr(spec.backend, "network", "")
+    return ObservedBackend(type=spec.backend.type, options=options)
 
 
 def _check_id(nic_id: str) -> None:
@@ -361,11 +403,11 @@ async def _next_within(
         return get_nowait()
 
 
-async def _shielded(work: Awaitable[None]) -> None:
-    """Run ``work`` to the end even if the caller is cancelled meanwhile (a rollback must not stop half-way)."""
+async def _shielded(work: Awaitable[_T]) -> _T:
+    """Run ``work`` to its end even if the caller is cancelled meanwhile (a change must not stop half-way)."""
     task = asyncio.ensure_future(work)
     try:
-        await asyncio.shield(task)
+        return await asyncio.shield(task)
     except asyncio.CancelledError:
         await task
         raise

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 from qmpnet.model import Nic, NicSpec, NicState, ObservedBackend, PciAddress
 from qmpnet.plan import AddPlan, GuestView
-from qmpnet.ports import Observation
 
 if TYPE_CHECKING:
     from qmpnet.placement import PciBus, PciTopology
+    from qmpnet.ports import Observation
 
 __all__ = ["Inventory", "nics_from"]
 
@@ -30,18 +30,21 @@ def nics_from(obs: Observation, links: dict[str, str], pending: set[str]) -> dic
     by_mac = {c.backend.options.get("macaddr"): c for c in obs.netclients.values() if c.backend.type == "nic"}
     nics: dict[str, Nic] = {}
     for dev in obs.devices:
-        if dev.netdev is None and dev.mac is None:
+        if not dev.is_nic:
             continue
         client = by_mac.get(dev.mac)
         nic_id = dev.id or (client.name if client else f"{dev.bus}:{dev.slot:02x}.{dev.function}")
         backend_client = obs.netclients.get(dev.netdev) if dev.netdev else None
+        backend = backend_client.backend if backend_client else None
+        if dev.host is not None:
+            backend = ObservedBackend(type="vfio", options={"host": dev.host})
         state: NicState = "removal_pending" if nic_id in pending else "active"
         nics[nic_id] = Nic(
             id=nic_id,
             model=dev.driver,
             mac=dev.mac,
             netdev=dev.netdev,
-            backend=backend_client.backend if backend_client else None,
+            backend=backend,
             pci=PciAddress(bus=dev.bus, slot=dev.slot, function=dev.function),
             link="down" if links.get(nic_id) == "down" else "up",
             state=state,
@@ -75,7 +78,7 @@ class Inventory:
         """Record a successful hot-add and return the new NIC."""
         nic = Nic(
             id=plan.nic_id,
-            model=spec.model,
+            model=spec.driver,
             mac=plan.mac,
             netdev=plan.netdev_id,
             backend=backend_of(spec),
@@ -84,7 +87,8 @@ class Inventory:
             state="active",
         )
         self.device_ids.add(plan.nic_id)
-        self.netdev_ids.add(plan.netdev_id)
+        if plan.netdev_id is not None:
+            self.netdev_ids.add(plan.netdev_id)
         self.nics[plan.nic_id] = nic
         self._occupy(plan.placement.bus, (plan.placement.slot, plan.placement.function), plan.nic_id)
         return nic

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from qmpnet.errors import InvalidRequest
+from qmpnet.ifnames import check_ifname
 from qmpnet.names import check_qemu_id, normalize_mac, parse_pci_addr
 
 if TYPE_CHECKING:
@@ -35,12 +36,14 @@ if TYPE_CHECKING:
 __all__ = [
     "SUPPORTED_MODELS",
     "Backend",
+    "BridgeBackend",
     "DgramBackend",
     "GuestEvent",
     "GuestEventName",
     "HubportBackend",
     "InetAddress",
     "ModelInfo",
+    "NatBackend",
     "Nic",
     "NicModel",
     "NicSpec",
@@ -51,8 +54,10 @@ __all__ = [
     "RxFilter",
     "SocketAddress",
     "StreamBackend",
+    "TapBackend",
     "UnixAddress",
     "UserBackend",
+    "VfioBackend",
     "parse_nic_spec",
 ]
 
@@ -65,8 +70,9 @@ LinkState = Literal["up", "down"]
 QemuId = Annotated[str, AfterValidator(check_qemu_id)]
 Mac = Annotated[str, AfterValidator(normalize_mac)]
 
-_HOSTFWD = re.compile(r"(?:tcp|udp)?:(?:[0-9.]*):\d{1,5}-(?:[0-9.]*):\d{1,5}")
-_HOSTNAME = re.compile(r"[A-Za-z0-9.:-]{1,253}")
+_PCI_HOST = re.compile(r"(?:([0-9a-f]{4}):)?([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])")
+_HOSTFWD = re.compile(r"(?:tcp|udp)?:(?:[0-9.]*):[0-9]{1,5}-(?:[0-9.]*):[0-9]{1,5}")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9.:-]{1,253}$")
 
 
 class _Frozen(BaseModel):
@@ -76,10 +82,10 @@ class _Frozen(BaseModel):
 def _check_hostfwd(rule: str) -> str:
     if not _HOSTFWD.fullmatch(rule):
         raise ValueError(f"{rule!r} is not of the form [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport")
-    for port in re.findall(r":(\d+)(?:-|$)", rule):
+    for port in re.findall(r":([0-9]+)(?:-|$)", rule):
         if not 0 < int(port) < 65536:
             raise ValueError(f"{rule!r}: port {port} is not in 1-65535")
-    for addr in re.findall(r"([0-9.]+):\d", rule):
+    for addr in re.findall(r"([0-9.]+):[0-9]", rule):
         ipaddress.IPv4Address(addr)
     return rule
 
@@ -164,10 +170,67 @@ class DgramBackend(_Frozen):
         return self
 
 
+def _ifname(field: str) -> AfterValidator:
+    def check(value: str) -> str:
+        try:
+            return check_ifname(value, field=field)
+        except InvalidRequest as err:
+            raise ValueError(err.message.removeprefix(f"{field}: ")) from err
+
+    return AfterValidator(check)
+
+
+def _pci_host(value: str) -> str:
+    match = _PCI_HOST.fullmatch(value.lower())
+    if not match:
+        raise ValueError("must be a PCI address such as 0000:03:00.0 (domain optional)")
+    domain, bus, slot, function = match.groups()
+    if int(slot, 16) > 0x1F:
+        raise ValueError("slot must be at most 1f")
+    return f"{domain or '0000'}:{bus}:{slot}.{function}"
+
+
+class BridgeBackend(_Frozen):
+    """Bridge mode: a tap ``vnetN`` made by qmpnet, enslaved to a host bridge, handed to QEMU as an open fd."""
+
+    type: Literal["bridge"] = "bridge"
+    bridge: Annotated[str, _ifname("nic.backend.bridge")] = Field(description="The host bridge, e.g. br0.")
+    helper: bool = Field(
+        default=False,
+        description="Let QEMU's setuid bridge helper make the tap (for TCP QMP, where fds cannot be passed; policy).",
+    )
+
+
+class NatBackend(_Frozen):
+    """NAT mode: a tap on a NAT network qmpnet manages (bridge, masquerade, DHCP), like libvirt's default."""
+
+    type: Literal["nat"] = "nat"
+    network: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")] = "default"
+
+
+class TapBackend(_Frozen):
+    """An existing tap device, opened by name (never with a script)."""
+
+    type: Literal["tap"] = "tap"
+    ifname: Annotated[str, _ifname("nic.backend.ifname")]
+
+
+class VfioBackend(_Frozen):
+    """Direct assignment: a host PCI network function handed to the guest with vfio-pci."""
+
+    type: Literal["vfio"] = "vfio"
+    host: Annotated[str, AfterValidator(_pci_host)] = Field(description="Host PCI address, e.g. 0000:03:00.0.")
+    rebind: bool = Field(default=False, description="Bind the device to vfio-pci first; restore after removal.")
+
+
 Backend = Annotated[
-    UserBackend | HubportBackend | StreamBackend | DgramBackend,
+    UserBackend | HubportBackend | StreamBackend | DgramBackend | BridgeBackend | NatBackend | TapBackend | VfioBackend,
     Field(discriminator="type"),
 ]
+_UNION_FIELDS = frozenset({"backend", "addr", "local", "remote"})
+_UNION_TAGS = frozenset({"user", "hubport", "stream", "dgram", "bridge", "nat", "tap", "vfio", "unix", "inet"})
+#: Backends whose netdev is a tap and so can have several queues.
+TAP_BASED = frozenset({"bridge", "nat", "tap"})
 
 
 def _model_alias(value: object) -> object:
@@ -196,15 +259,32 @@ class NicSpec(_Frozen):
 
     @model_validator(mode="after")
     def _check_model_options(self) -> NicSpec:
+        if self.backend.type == "vfio":
+            return self._check_vfio()
         if self.model != "virtio-net-pci":
             for name in ("vectors", "queues"):
                 if getattr(self, name) is not None:
-                    raise InvalidRequest(f"{name} is only supported by virtio-net-pci", field=f"nic.{name}")
-        if (self.queues or 1) > 1 and self.backend.type in ("user", "hubport", "stream", "dgram"):
+                    raise InvalidRequest(f"nic.{name}: only virtio-net-pci supports it", field=f"nic.{name}")
+        if (self.queues or 1) > 1 and self.backend.type not in TAP_BASED:
             raise InvalidRequest(
-                f"queues > 1 needs a multiqueue (tap-based) backend, not {self.backend.type}", field="nic.queues"
+                f"nic.queues: queues > 1 needs a tap-based backend (bridge, nat, tap), not {self.backend.type}",
+                field="nic.queues",
             )
         return self
+
+    def _check_vfio(self) -> NicSpec:
+        # The assigned function is the NIC: QEMU emulates nothing, so there is no model, MAC, queue or link to set.
+        for name in ("model", "mac", "vectors", "queues", "link"):
+            if name in self.model_fields_set:
+                raise InvalidRequest(
+                    f"nic.{name}: a vfio NIC is the host device itself; {name} cannot be set", field=f"nic.{name}"
+                )
+        return self
+
+    @property
+    def driver(self) -> str:
+        """The QEMU device driver: the model, or ``vfio-pci`` for direct assignment."""
+        return "vfio-pci" if self.backend.type == "vfio" else self.model
 
     @property
     def pci_addr(self) -> tuple[int, int] | None:
@@ -232,9 +312,14 @@ def parse_nic_spec(data: Mapping[str, Any] | NicSpec, *, prefix: str = "nic") ->
 def invalid_request_from(err: ValidationError, prefix: str) -> InvalidRequest:
     """Turn pydantic's first error into an :class:`InvalidRequest` naming the field."""
     first = err.errors(include_url=False)[0]
-    path = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "")
-    # Discriminated unions put the tag name in the location; it is noise for a caller.
-    path = re.sub(r"\.(user|hubport|stream|dgram|unix|inet)(?=\.|$)", "", path)
+    parts: list[str] = [prefix] if prefix else []
+    previous: object = None
+    for part in first["loc"]:
+        # A discriminated union puts the tag right after the union's field; it is noise for a caller.
+        if not (previous in _UNION_FIELDS and part in _UNION_TAGS):
+            parts.append(str(part))
+        previous = part
+    path = ".".join(parts)
     message = first["msg"].removeprefix("Value error, ")
     return InvalidRequest(f"{path}: {message}", field=path)
 

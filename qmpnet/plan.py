@@ -13,14 +13,36 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from qmpnet.errors import Conflict
-from qmpnet.model import DgramBackend, HubportBackend, InetAddress, NicSpec, StreamBackend, UnixAddress, UserBackend
+from qmpnet.model import (
+    BridgeBackend,
+    DgramBackend,
+    HubportBackend,
+    InetAddress,
+    NatBackend,
+    NicSpec,
+    StreamBackend,
+    TapBackend,
+    UnixAddress,
+    UserBackend,
+    VfioBackend,
+)
 from qmpnet.names import format_pci_addr, generate_mac
 from qmpnet.placement import PciTopology, Placement, place
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping
 
-__all__ = ["AddPlan", "GuestView", "QmpCall", "Step", "netdev_arguments", "plan_add"]
+__all__ = [
+    "AddPlan",
+    "GuestView",
+    "QmpCall",
+    "Step",
+    "fd_names",
+    "needs_tap_fds",
+    "netdev_arguments",
+    "netdev_id_for",
+    "plan_add",
+]
 
 
 @dataclass(frozen=True)
@@ -61,14 +83,17 @@ class AddPlan:
     """The outcome of planning a hot-add."""
 
     nic_id: str
-    netdev_id: str
-    mac: str
+    netdev_id: str | None
+    mac: str | None
     placement: Placement
     steps: tuple[Step, ...]
 
 
-def plan_add(spec: NicSpec, guest: GuestView) -> AddPlan:
+def plan_add(spec: NicSpec, guest: GuestView, *, vhost: bool = False) -> AddPlan:
     """Plan the hot-add of ``spec`` into ``guest``.
+
+    For bridge and NAT backends the plan expects the tap's fds to have been passed to QEMU already under the
+    names :func:`fd_names` gives (the host side is the lane's job); ``vhost`` says whether to ask for vhost-net.
 
     Raises:
         Conflict: The id, its netdev id or the MAC is already in the guest.
@@ -82,11 +107,15 @@ def plan_add(spec: NicSpec, guest: GuestView) -> AddPlan:
         raise Conflict(f"nic.id: netdev {netdev_id!r} (for NIC {nic_id!r}) already exists", field="nic.id")
     if spec.mac is not None and spec.mac in guest.macs:
         raise Conflict(f"nic.mac: MAC {spec.mac} is already used by a NIC in the guest", field="nic.mac")
+    placement = place(spec.driver, guest.topology, bus=spec.bus, addr=spec.pci_addr)
+    if isinstance(spec.backend, VfioBackend):
+        device = {"driver": "vfio-pci", "id": nic_id, "host": spec.backend.host, **_placement_arguments(placement)}
+        step = Step(QmpCall("device_add", device), undo=QmpCall("device_del", {"id": nic_id}), undo_waits_for=nic_id)
+        return AddPlan(nic_id, None, None, placement, (step,))
     mac = spec.mac or generate_mac(guest.macs)
-    placement = place(spec.model, guest.topology, bus=spec.bus, addr=spec.pci_addr)
     steps = [
         Step(
-            QmpCall("netdev_add", netdev_arguments(netdev_id, spec)),
+            QmpCall("netdev_add", netdev_arguments(netdev_id, spec, vhost=vhost)),
             undo=QmpCall("netdev_del", {"id": netdev_id}),
         ),
         Step(
@@ -114,24 +143,47 @@ def _free_id(model: str, guest: GuestView) -> str:
     return f"{stem}{n}"
 
 
-def netdev_arguments(netdev_id: str, spec: NicSpec) -> dict[str, object]:
-    """The ``netdev_add`` arguments for ``spec``'s backend."""
+def needs_tap_fds(spec: NicSpec) -> bool:
+    """Whether the lane must make a tap and pass its fds before the plan runs (bridge and NAT backends)."""
     backend = spec.backend
-    args: dict[str, object] = {"id": netdev_id, "type": backend.type}
+    return isinstance(backend, NatBackend) or (isinstance(backend, BridgeBackend) and not backend.helper)
+
+
+def fd_names(netdev_id: str, queues: int) -> tuple[str, ...]:
+    """The names the tap fds of ``netdev_id`` are passed to QEMU under (``getfd``), one per queue."""
+    return tuple(f"{netdev_id}.fd{i}" for i in range(queues))
+
+
+def netdev_arguments(netdev_id: str, spec: NicSpec, *, vhost: bool = False) -> dict[str, object]:
+    """The ``netdev_add`` arguments for ``spec``'s backend."""
+    args: dict[str, object] = {"id": netdev_id, "type": spec.backend.type}
+    return args | _backend_arguments(spec.backend, netdev_id, spec.queues or 1, vhost)
+
+
+def _backend_arguments(  # noqa: PLR0911 - one return per backend type reads as the table it is
+    backend: object, netdev_id: str, queues: int, vhost: bool
+) -> dict[str, object]:
     match backend:
         case UserBackend():
-            args.update(_user_arguments(backend))
+            return _user_arguments(backend)
         case HubportBackend():
-            args["hubid"] = backend.hub
+            return {"hubid": backend.hub}
         case StreamBackend():
-            args["server"] = backend.server
-            args["addr"] = _socket_address(backend.addr)
+            return {"server": backend.server, "addr": _socket_address(backend.addr)}
         case DgramBackend():
-            if backend.local is not None:
-                args["local"] = _socket_address(backend.local)
-            if backend.remote is not None:
-                args["remote"] = _socket_address(backend.remote)
-    return args
+            ends = {"local": backend.local, "remote": backend.remote}
+            return {name: _socket_address(addr) for name, addr in ends.items() if addr is not None}
+        case BridgeBackend(helper=True):
+            return {"br": backend.bridge}
+        case BridgeBackend() | NatBackend():
+            names = fd_names(netdev_id, queues)
+            fds: dict[str, object] = {"fd": names[0]} if queues == 1 else {"fds": ":".join(names)}
+            return {"type": "tap", "vhost": vhost, **fds}
+        case TapBackend():
+            return {"ifname": backend.ifname, "script": "no", "downscript": "no"} | (
+                {"queues": queues} if queues > 1 else {}
+            )
+    return {}
 
 
 def _user_arguments(backend: UserBackend) -> dict[str, object]:
@@ -157,6 +209,10 @@ def _socket_address(addr: UnixAddress | InetAddress) -> dict[str, object]:
     return {"type": "inet", "host": addr.host, "port": str(addr.port)}
 
 
+def _placement_arguments(placement: Placement) -> dict[str, object]:
+    return {"bus": placement.bus, "addr": format_pci_addr(placement.slot, placement.function)}
+
+
 def _device_arguments(
     spec: NicSpec, nic_id: str, netdev_id: str, mac: str, placement: Placement
 ) -> dict[str, object]:
@@ -165,8 +221,7 @@ def _device_arguments(
         "id": nic_id,
         "netdev": netdev_id,
         "mac": mac,
-        "bus": placement.bus,
-        "addr": format_pci_addr(placement.slot, placement.function),
+        **_placement_arguments(placement),
     }
     queues = spec.queues or 1
     if queues > 1:

@@ -2,7 +2,8 @@
 
 Anyone who can send QMP commands has QEMU's privileges, and a few backend options turn that into running
 commands or touching files on the host: user-mode ``guestfwd`` with ``cmd:`` and ``smb`` start host programs,
-and a listening unix socket makes QEMU unlink and create a file at a path of the caller's choosing. qmpnet
+a listening unix socket makes QEMU unlink and create a file at a path of the caller's choosing, QEMU's bridge
+helper is a setuid program, and bridges, taps and PCI functions are host resources the operator hands out. qmpnet
 refuses these with ``forbidden`` unless the operator's policy allows them, so an MQTT caller can never do more
 than the operator meant. The checks are pure and run before any QMP command is sent.
 """
@@ -14,7 +15,16 @@ from pathlib import PurePosixPath
 from pydantic import BaseModel, ConfigDict, Field
 
 from qmpnet.errors import Forbidden
-from qmpnet.model import DgramBackend, NicSpec, StreamBackend, UnixAddress, UserBackend
+from qmpnet.model import (
+    BridgeBackend,
+    DgramBackend,
+    NicSpec,
+    StreamBackend,
+    TapBackend,
+    UnixAddress,
+    UserBackend,
+    VfioBackend,
+)
 
 __all__ = ["Policy", "check_spec"]
 
@@ -30,6 +40,20 @@ class Policy(BaseModel):
     allowed_socket_dirs: list[str] | None = Field(
         default=None,
         description="Directories under which stream/dgram unix sockets may live; null allows any path.",
+    )
+    allowed_bridges: list[str] | None = Field(
+        default=None,
+        description="Host bridges bridge-mode NICs may join; null allows any existing bridge ('qmpnet serve' "
+        "defaults to none).",
+    )
+    allow_bridge_helper: bool = Field(
+        default=False, description="Allow bridge NICs made by QEMU's setuid bridge helper (runs a host program)."
+    )
+    allowed_taps: list[str] | None = Field(
+        default=None, description="Existing taps callers may attach to; null allows any."
+    )
+    allowed_vfio_hosts: list[str] | None = Field(
+        default=None, description="Host PCI functions callers may assign (0000:03:00.0); null allows any."
     )
 
 
@@ -56,6 +80,29 @@ def check_spec(spec: NicSpec, policy: Policy) -> None:
             )
     for name, addr in _unix_addresses(backend):
         _check_socket_dir(f"nic.backend.{name}.path", addr.path, policy)
+    _check_host_backend(backend, policy)
+
+
+def _check_host_backend(backend: object, policy: Policy) -> None:
+    match backend:
+        case BridgeBackend(helper=True) if not policy.allow_bridge_helper:
+            _refuse("nic.backend.helper", "QEMU's bridge helper runs a host program", "policy.allow_bridge_helper")
+        case BridgeBackend(bridge=bridge):
+            _check_listed("nic.backend.bridge", bridge, policy.allowed_bridges, "policy.allowed_bridges")
+        case TapBackend(ifname=ifname):
+            _check_listed("nic.backend.ifname", ifname, policy.allowed_taps, "policy.allowed_taps")
+        case VfioBackend(host=host):
+            _check_listed("nic.backend.host", host, policy.allowed_vfio_hosts, "policy.allowed_vfio_hosts")
+
+
+def _check_listed(field: str, value: str, allowed: list[str] | None, setting: str) -> None:
+    if allowed is not None and value not in allowed:
+        listed = ", ".join(allowed) or "none"
+        _refuse(field, f"{value!r} is not allowed by the policy (allowed: {listed})", setting)
+
+
+def _refuse(field: str, why: str, setting: str) -> None:
+    raise Forbidden(f"{field}: {why} ({setting})", field=field)
 
 
 def _unix_addresses(backend: object) -> list[tuple[str, UnixAddress]]:

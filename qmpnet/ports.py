@@ -11,13 +11,22 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Mapping
+    from collections.abc import Callable, Collection, Mapping, Sequence
     from contextlib import AbstractAsyncContextManager
 
     from qmpnet.model import ModelInfo, ObservedBackend, RxFilter
     from qmpnet.placement import PciTopology
 
-__all__ = ["EventStream", "Monitor", "NetClient", "Observation", "PciDevice", "QmpEvent"]
+__all__ = [
+    "EventStream",
+    "HostNetwork",
+    "Monitor",
+    "NetClient",
+    "Observation",
+    "PciDevice",
+    "QmpEvent",
+    "TapHandle",
+]
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,12 @@ class PciDevice:
     function: int
     mac: str | None = None
     netdev: str | None = None
+    host: str | None = None
+
+    @property
+    def is_nic(self) -> bool:
+        """Whether this is a network device: an emulated NIC (it has a MAC) or an assigned vfio-pci function."""
+        return self.mac is not None or self.netdev is not None or self.driver == "vfio-pci"
 
 
 @dataclass(frozen=True)
@@ -124,4 +139,80 @@ class Monitor(Protocol):
 
     async def rx_filter(self, name: str) -> RxFilter | None:
         """The virtio rx-filter of NIC ``name``, or ``None`` when the model cannot report one."""
+        ...
+
+    async def pass_fds(self, fds: Sequence[tuple[str, int]]) -> None:
+        """Hand each open fd to QEMU under its name (``getfd`` with the fd attached); all or none.
+
+        Raises:
+            Unsupported: The monitor is not a unix socket, so fds cannot be passed.
+            QmpCommandError, OutcomeUnknown, GuestUnavailable: As :meth:`execute`.
+        """
+        ...
+
+
+class TapHandle(Protocol):
+    """A tap the host side made, with qmpnet's open fds to it (one per queue)."""
+
+    @property
+    def name(self) -> str:
+        """The interface name, e.g. ``vnet3``."""
+        ...
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        """The open queue fds."""
+        ...
+
+    def close_fds(self) -> None:
+        """Close qmpnet's copies of the fds (QEMU keeps its own)."""
+        ...
+
+
+class HostNetwork(Protocol):
+    """The host side of bridge, NAT, tap and VFIO backends."""
+
+    async def create_tap(self, bridge: str, *, queues: int, owner: str) -> TapHandle:
+        """Make a tap enslaved to ``bridge`` and open its queues.
+
+        Raises:
+            NotFound: No such bridge.
+            InvalidRequest: ``bridge`` is not a bridge.
+        """
+        ...
+
+    async def delete_tap(self, name: str) -> None:
+        """Delete tap ``name`` if it still exists and is qmpnet's."""
+        ...
+
+    async def nat_bridge(self, network: str) -> str:
+        """Bring NAT network ``network`` up if needed and return its bridge.
+
+        Raises:
+            NotFound: No such network in the settings.
+        """
+        ...
+
+    async def check_tap(self, ifname: str) -> None:
+        """Check that ``ifname`` is an existing tap nobody holds.
+
+        Raises:
+            NotFound, InvalidRequest, Conflict: It is missing, not a tap, or in use.
+        """
+        ...
+
+    def vhost(self) -> bool:
+        """Whether vhost-net can be used."""
+        ...
+
+    async def prepare_vfio(self, host: str, *, rebind: bool) -> str | None:
+        """Check ``host`` can be assigned; with ``rebind`` bind it to vfio-pci and return its original driver.
+
+        Raises:
+            NotFound, InvalidRequest, Unsupported: The device, its class or its IOMMU group do not allow it.
+        """
+        ...
+
+    async def restore_vfio(self, host: str, driver: str) -> None:
+        """Give ``host`` back to ``driver`` after removal."""
         ...

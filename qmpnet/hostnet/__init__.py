@@ -22,13 +22,6 @@ The tap is not persistent: once QEMU holds the only fds, ``netdev_del`` (or QEMU
 """
 
 from qmpnet.hostnet.config import HostnetSettings, NatNetwork, parse_nat_network
-from qmpnet.hostnet.ifnames import (
-    IFNAME_MAX,
-    TAP_PATTERN_DEFAULT,
-    check_ifname,
-    check_netns,
-    check_tap_pattern,
-)
 from qmpnet.hostnet.nat import Lease, NatStatus, net_down, net_list, net_status, net_up
 from qmpnet.hostnet.taps import (
     Tap,
@@ -48,6 +41,13 @@ from qmpnet.hostnet.vfio import (
     check_vfio,
     parse_pci_host,
     restore_driver,
+)
+from qmpnet.ifnames import (
+    IFNAME_MAX,
+    TAP_PATTERN_DEFAULT,
+    check_ifname,
+    check_netns,
+    check_tap_pattern,
 )
 
 __all__ = [

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qmpnet.errors import InvalidRequest, NotFound
-from qmpnet.hostnet.ifnames import TAP_PATTERN_DEFAULT, check_ifname, check_tap_pattern
+from qmpnet.ifnames import TAP_PATTERN_DEFAULT, check_ifname, check_tap_pattern
 from qmpnet.model import invalid_request_from
 
 __all__ = ["HostnetSettings", "NatNetwork", "parse_nat_network"]
@@ -147,6 +147,11 @@ class HostnetSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    netns: str | None = Field(
+        default=None,
+        description="Network namespace (name under /run/netns or a path) holding the bridges, taps and NAT "
+        "networks; null means the controller's own.",
+    )
     tap_pattern: Annotated[str, AfterValidator(_check_pattern)] = Field(
         default=TAP_PATTERN_DEFAULT, description="Name pattern of the taps qmpnet creates; {n} is the number."
     )

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from qmpnet.errors import NotFound, QmpnetError
-from qmpnet.hostnet.ifnames import check_netns
+from qmpnet.ifnames import check_netns
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -29,14 +29,14 @@ from pyroute2 import NetlinkError
 
 from qmpnet.errors import Conflict, InvalidRequest, NotFound, QmpnetError, Unsupported
 from qmpnet.hostnet.failures import host_error
-from qmpnet.hostnet.ifnames import (
+from qmpnet.hostnet.links import LinkInfo, dump_links, find_link, route, tap_mark
+from qmpnet.hostnet.netns import run_in_netns
+from qmpnet.ifnames import (
     TAP_PATTERN_DEFAULT,
     check_ifname,
     tap_pattern_kernel,
     tap_pattern_regex,
 )
-from qmpnet.hostnet.links import LinkInfo, dump_links, find_link, route, tap_mark
-from qmpnet.hostnet.netns import run_in_netns
 
 if TYPE_CHECKING:
     from collections.abc import Collection

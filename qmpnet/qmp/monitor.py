@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Final, cast
 from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
 from qemu.qmp.protocol import Runstate
 
-from qmpnet.errors import GuestUnavailable, OutcomeUnknown, QmpCommandError, QmpnetError
+from qmpnet.errors import GuestUnavailable, OutcomeUnknown, QmpCommandError, QmpnetError, Unsupported
 from qmpnet.model import ModelInfo, RxFilter
 from qmpnet.ports import EventStream, Observation, QmpEvent
 from qmpnet.qmp.parse import machine_kind, parse_device_help, parse_network, parse_qtree
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Collection, Mapping
+    from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 
     from qemu.qmp.message import Message
 
@@ -260,6 +260,31 @@ class QmpMonitor:
     async def models(self) -> list[ModelInfo]:
         """The PCI NIC models this QEMU offers (``device_add help``)."""
         return parse_device_help(await self.hmp("device_add help"))
+
+    async def pass_fds(self, fds: Sequence[tuple[str, int]]) -> None:
+        """Hand each open fd to QEMU under its name (``getfd`` with the fd attached by SCM_RIGHTS); all or none.
+
+        Raises:
+            Unsupported: The monitor is a TCP socket: fds can only travel over a unix socket.
+            QmpCommandError, OutcomeUnknown, GuestUnavailable: As :meth:`execute`.
+        """
+        passed: list[str] = []
+        try:
+            for name, fd in fds:
+                try:
+                    self._client.send_fd_scm(fd)
+                except (QMPError, OSError) as err:
+                    raise Unsupported(
+                        f"guest {self.name}: cannot pass a tap fd over this QMP connection ({err}); bridge and NAT "
+                        "NICs need a unix-socket monitor (or a bridge backend with helper: true)"
+                    ) from err
+                await self.execute("getfd", {"fdname": name})
+                passed.append(name)
+        except QmpnetError:
+            for name in passed:
+                with suppress(QmpnetError):
+                    await self.execute("closefd", {"fdname": name})
+            raise
 
     async def rx_filter(self, name: str) -> RxFilter | None:
         """The rx-filter of virtio NIC ``name``; ``None`` for models that cannot report one."""

@@ -76,7 +76,8 @@ def parse_qtree(text: str, kind: str) -> DeviceTree:
                 continue
             used[(slot, function)] = dev.id or dev.driver
             mac, netdev = _nic_props(dev)
-            devices.append(PciDevice(dev.id or None, dev.driver, bus.name, slot, function, mac, netdev))
+            host = _unquote(dev.props.get("host")) if dev.driver == "vfio-pci" else None
+            devices.append(PciDevice(dev.id or None, dev.driver, bus.name, slot, function, mac, netdev, host))
         bus_kind = _bus_kind(bus)
         hotplug = bus_kind in ("root_port", "pci_bridge") or (bus_kind == "root" and kind == "pc")
         topo.append(PciBus(bus.name, bus_kind, hotplug, used))

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from qmpnet.guest import Guest
+from qmpnet.hostnet.host import HostNet
 from qmpnet.qmp import QmpMonitor
 from qmpnet.settings import Settings
 
@@ -40,7 +41,8 @@ async def connect(address: str, *, name: str | None = None, settings: Settings |
         command_timeout=settings.qmp.command_timeout,
     )
     try:
-        async with Guest(monitor, name=guest_name, settings=settings) as guest:
+        host = HostNet(settings.hostnet)
+        async with Guest(monitor, name=guest_name, settings=settings, host=host) as guest:
             yield guest
     finally:
         await monitor.close()

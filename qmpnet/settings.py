@@ -6,19 +6,34 @@ e.g. ``QMPNET_QMP__COMMAND_TIMEOUT=5``) and a TOML file. Nothing in the code har
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import platform
+import re
+from pathlib import Path  # noqa: TC003 - pydantic resolves the annotations at runtime
+from typing import Annotated, Any, Literal, NamedTuple
+from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from qmpnet.errors import InvalidRequest
 from qmpnet.model import invalid_request_from
+from qmpnet.hostnet.config import HostnetSettings
 from qmpnet.policy import Policy
 
-if TYPE_CHECKING:
-    from pathlib import Path
-
-__all__ = ["LaneSettings", "QmpSettings", "Settings", "load_settings"]
+__all__ = [
+    "BUS_NAME_PATTERN",
+    "BrokerUrl",
+    "ControllerSettings",
+    "LaneSettings",
+    "LogSettings",
+    "MetricsSettings",
+    "MqttSettings",
+    "QmpSettings",
+    "Settings",
+    "default_controller_id",
+    "load_settings",
+    "parse_broker_url",
+]
 
 
 class QmpSettings(BaseModel):
@@ -46,6 +61,118 @@ class LaneSettings(BaseModel):
     max_waiting: int = Field(default=256, ge=1, description="Requests that may wait for a guest before 'busy'.")
 
 
+#: Controller ids and guest names as they appear in MQTT topics.
+BUS_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+BusName = Annotated[str, Field(pattern=BUS_NAME_PATTERN)]
+
+
+class BrokerUrl(NamedTuple):
+    """A parsed ``mqtt://`` or ``mqtts://`` broker URL."""
+
+    tls: bool
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+
+
+def parse_broker_url(url: str) -> BrokerUrl:
+    """Split ``mqtt[s]://[user[:password]@]host[:port]`` (ports default to 1883 and 8883).
+
+    Raises:
+        ValueError: Another scheme, no host, or a bad port.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"{url!r}: the scheme must be mqtt:// or mqtts://")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"{url!r}: only mqtt[s]://[user[:password]@]host[:port] is understood")
+    try:
+        port = parts.port
+    except ValueError as err:
+        raise ValueError(f"{url!r}: {err}") from err
+    if not parts.hostname:
+        raise ValueError(f"{url!r}: no host")
+    tls = parts.scheme == "mqtts"
+    username = unquote(parts.username) if parts.username is not None else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return BrokerUrl(tls, parts.hostname, port or (8883 if tls else 1883), username, password)
+
+
+def _check_broker_url(url: str) -> str:
+    parse_broker_url(url)
+    return url
+
+
+def default_controller_id() -> str:
+    """The host name, shortened and cleaned to fit the topic alphabet ``[A-Za-z0-9_.-]{1,64}``."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", platform.node())[:64]
+    return name or "qmpnet"
+
+
+class MqttSettings(BaseModel):
+    """The broker connection and the MQTT API's limits (docs/mqtt-api.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    broker: Annotated[str, AfterValidator(_check_broker_url)] = Field(
+        default="mqtt://127.0.0.1:1883", description="mqtt://host:port, or mqtts://host:port for TLS."
+    )
+    controller_id: BusName = Field(
+        default_factory=default_controller_id, description="This controller's id in topics (default: host name)."
+    )
+    topic_root: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")] = Field(
+        default="qmpnet", description="First topic level(s)."
+    )
+    protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT protocol version of our connection.")
+    username: str | None = Field(default=None, description="Broker user name.")
+    password: SecretStr | None = Field(default=None, description="Broker password.")
+    ca_file: Path | None = Field(default=None, description="CA bundle to verify the broker (mqtts).")
+    cert_file: Path | None = Field(default=None, description="Client certificate (mqtts).")
+    key_file: Path | None = Field(default=None, description="Client certificate's key (mqtts).")
+    keepalive: int = Field(default=30, ge=5, le=3600, description="Seconds between MQTT keepalive pings.")
+    connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to connect to the broker.")
+    reconnect_min: float = Field(default=0.5, gt=0, description="First delay before reconnecting to the broker.")
+    reconnect_max: float = Field(default=10.0, gt=0, description="Longest delay between broker reconnects.")
+    dedup_window: float = Field(
+        default=60.0, ge=0, description="Seconds a request's transaction id is remembered per guest."
+    )
+    max_payload: int = Field(default=64 * 1024, ge=256, description="Largest request payload, in bytes.")
+    request_timeout: float = Field(default=30.0, gt=0, description="Seconds a client waits for an answer.")
+
+
+class ControllerSettings(BaseModel):
+    """The fleet of guests one controller serves."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    guests: dict[BusName, str] = Field(
+        default_factory=dict, description="Guest name -> QMP socket (unix path or host:port)."
+    )
+    guest_dir: Path | None = Field(default=None, description="Every *.qmp socket in it is a guest named by its stem.")
+    discovery_interval: float = Field(default=1.0, gt=0, description="Seconds between scans of guest_dir.")
+    backoff_min: float = Field(default=0.2, gt=0, description="First delay before reconnecting to a QEMU.")
+    backoff_max: float = Field(default=10.0, gt=0, description="Longest delay between QEMU reconnects.")
+
+
+class MetricsSettings(BaseModel):
+    """Prometheus metrics (off unless a port is given)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    port: int | None = Field(default=None, ge=0, le=65535, description="Serve /metrics on this port (opt-in).")
+    host: str = Field(default="127.0.0.1", description="Address the metrics endpoint binds to.")
+
+
+class LogSettings(BaseModel):
+    """Logging of ``qmpnet serve``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line.")
+
+
 class Settings(BaseSettings):
     """All of qmpnet's settings."""
 
@@ -56,6 +183,11 @@ class Settings(BaseSettings):
     qmp: QmpSettings = Field(default_factory=QmpSettings)
     lane: LaneSettings = Field(default_factory=LaneSettings)
     policy: Policy = Field(default_factory=Policy)
+    hostnet: HostnetSettings = Field(default_factory=HostnetSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    controller: ControllerSettings = Field(default_factory=ControllerSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
 
     @classmethod
     def settings_customise_sources(

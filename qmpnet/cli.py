@@ -25,10 +25,11 @@ from qmpnet.errors import InvalidRequest, QmpnetError
 from qmpnet.settings import Settings, load_settings
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Awaitable, Callable, Coroutine, Sequence
 
     from qmpnet.bus.envelopes import GuestInfo
     from qmpnet.client import GuestOps
+    from qmpnet.hostnet.nat import NatStatus
     from qmpnet.model import Nic
 
 T = TypeVar("T")
@@ -51,6 +52,10 @@ class BackendType(StrEnum):
     hubport = "hubport"
     stream = "stream"
     dgram = "dgram"
+    bridge = "bridge"
+    nat = "nat"
+    tap = "tap"
+    vfio = "vfio"
 
 
 class MachineArg(StrEnum):
@@ -151,6 +156,36 @@ def format_rows(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
+@dataclass(frozen=True)
+class HostFlags:
+    """The flags of the host-side backends (bridge, nat, tap, vfio)."""
+
+    bridge: str | None = None
+    helper: bool = False
+    network: str | None = None
+    ifname: str | None = None
+    pci_host: str | None = None
+    rebind: bool = False
+
+    def backend_options(self, backend: BackendType) -> dict[str, object]:
+        """The backend object's options; a missing required flag is an ``invalid_request``."""
+        if backend is BackendType.nat:
+            return {"network": self.network or "default"}
+        required = {BackendType.bridge: ("--bridge", self.bridge), BackendType.tap: ("--ifname", self.ifname),
+                    BackendType.vfio: ("--host", self.pci_host)}[backend]
+        flag, value = required
+        if value is None:
+            raise fail(InvalidRequest(f"{flag}: --backend {backend.value} needs {flag}", field=flag))
+        if backend is BackendType.bridge:
+            return {"bridge": value, "helper": self.helper}
+        if backend is BackendType.tap:
+            return {"ifname": value}
+        return {"host": value, "rebind": self.rebind}
+
+
+HOST_BACKENDS = frozenset({BackendType.bridge, BackendType.nat, BackendType.tap, BackendType.vfio})
+
+
 def socket_address(value: str, flag: str) -> dict[str, object]:
     """``/path`` → unix address, ``host:port`` → inet address (for stream/dgram flags)."""
     if value.startswith("/"):
@@ -172,9 +207,12 @@ def build_backend(
     listen: str | None,
     local: str | None,
     remote: str | None,
+    host: HostFlags,
 ) -> dict[str, object]:
     """Turn the backend flags into the MQTT API's backend object."""
     spec: dict[str, object] = {"type": backend.value}
+    if backend in HOST_BACKENDS:
+        return spec | host.backend_options(backend)
     if backend is BackendType.user:
         spec |= {"hostfwd": hostfwd, "restrict": restrict} | ({"net": net} if net else {})
     elif backend is BackendType.hubport:
@@ -208,6 +246,12 @@ def nic_add(
     connect_to: Annotated[str | None, typer.Option("--connect", help="stream: connect to /path or host:port.")] = None,
     local: Annotated[str | None, typer.Option(help="dgram: local /path or host:port.")] = None,
     remote: Annotated[str | None, typer.Option(help="dgram: remote /path or host:port.")] = None,
+    bridge: Annotated[str | None, typer.Option(help="bridge: the host bridge (e.g. br0).")] = None,
+    helper: Annotated[bool, typer.Option(help="bridge: let QEMU's bridge helper make the tap (policy).")] = False,
+    network: Annotated[str | None, typer.Option(help="nat: the NAT network (default: default).")] = None,
+    ifname: Annotated[str | None, typer.Option(help="tap: an existing tap device.")] = None,
+    pci_host: Annotated[str | None, typer.Option("--host", help="vfio: host PCI address, e.g. 0000:03:00.0.")] = None,
+    rebind: Annotated[bool, typer.Option(help="vfio: bind the device to vfio-pci first, restore after.")] = False,
     addr: Annotated[str | None, typer.Option(help="PCI slot[.function], hex as QEMU reads it.")] = None,
     bus: Annotated[str | None, typer.Option(help="PCI bus id (pci.0, a pcie-root-port, a bridge).")] = None,
     vectors: Annotated[int | None, typer.Option(help="MSI-X vectors (virtio).")] = None,
@@ -228,6 +272,7 @@ def nic_add(
         "backend": build_backend(
             backend, hub=hub, hostfwd=hostfwd or [], net=net, restrict=restrict,
             connect_to=connect_to, listen=listen, local=local, remote=remote,
+            host=HostFlags(bridge, helper, network, ifname, pci_host, rebind),
         ),
     }
     optional = {"id": nic_id, "mac": mac, "addr": addr, "bus": bus, "vectors": vectors, "queues": queues}
@@ -388,3 +433,67 @@ def demo(
     except QmpnetError as err:
         raise fail(err) from None
     raise typer.Exit(0 if ok else 1)
+
+
+net_app = typer.Typer(help="Bring the NAT networks of the settings up and down.", no_args_is_help=True)
+app.add_typer(net_app, name="net")
+NetNameArg = Annotated[str, typer.Argument(metavar="NAME", help="A NAT network from the settings (e.g. default).")]
+
+
+def run_on_host(config: Path | None, verbose: bool, op: Callable[[Settings], Coroutine[Any, Any, T]]) -> T:
+    """Run host-side ``op`` with the settings; errors become exit status 1."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return asyncio.run(op(load_settings(config)))
+    except QmpnetError as err:
+        raise fail(err) from None
+
+
+@net_app.command("up")
+def net_up_cmd(
+    name: NetNameArg, as_json: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = False
+) -> None:
+    """Bring a NAT network up: bridge with the gateway address, masquerade, DHCP/DNS (idempotent)."""
+    from qmpnet.hostnet import net_up  # noqa: PLC0415 - host tooling only when asked for
+
+    async def up(settings: Settings) -> NatStatus:
+        hostnet = settings.hostnet
+        return await net_up(hostnet.network(name, field="name"), netns=hostnet.netns, settings=hostnet)
+
+    status = run_on_host(config, verbose, up)
+    emit(status, as_json, lambda: nat_table([status]))
+
+
+@net_app.command("down")
+def net_down_cmd(name: NetNameArg, config: ConfigOpt = None, verbose: VerboseOpt = False) -> None:
+    """Take a NAT network down: its dnsmasq, nftables table and bridge are removed."""
+    from qmpnet.hostnet import net_down  # noqa: PLC0415 - host tooling only when asked for
+
+    async def down(settings: Settings) -> bool:
+        hostnet = settings.hostnet
+        return await net_down(hostnet.network(name, field="name"), netns=hostnet.netns, settings=hostnet)
+
+    removed = run_on_host(config, verbose, down)
+    print(f"{name}: {'down' if removed else 'was not up'}")
+
+
+@net_app.command("list")
+def net_list_cmd(as_json: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = False) -> None:
+    """List the NAT networks of the settings and whether each is up."""
+    from qmpnet.hostnet import net_list  # noqa: PLC0415 - host tooling only when asked for
+
+    async def listing(settings: Settings) -> list[NatStatus]:
+        return await net_list(netns=settings.hostnet.netns, settings=settings.hostnet)
+
+    found = run_on_host(config, verbose, listing)
+    emit({"networks": [s.model_dump(mode="json") for s in found]}, as_json, lambda: nat_table(found))
+
+
+def nat_table(found: Sequence[NatStatus]) -> str:
+    """Format NAT network states as a table."""
+    rows = [("NAME", "BRIDGE", "SUBNET", "UP", "DNSMASQ", "LEASES")]
+    rows += [
+        (s.name, s.bridge, str(s.subnet), "yes" if s.up else "no", str(s.dnsmasq_pid or "-"), str(len(s.leases)))
+        for s in found
+    ]
+    return format_rows(rows)

@@ -1,0 +1,85 @@
+"""Command line of the test guest: `python -m qmpnet.testguest build|boot`.
+
+`build` builds (or finds in the cache) the kernel and initramfs and prints their paths as shell assignments,
+so `eval "$(python3 -m qmpnet.testguest build)"` sets `kernel` and `initrd`. `boot` runs the guest in the
+foreground with its console on the terminal (leave QEMU with Ctrl-A X), for poking at the guest by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from .build import BuildError, GuestImage, ensure_image
+from .machine import KERNEL_ARGS, QEMU_BINARY, detect_accel
+
+
+def _progress(line: str) -> None:
+    sys.stderr.write(f"testguest: {line}\n")
+
+
+def _build(args: argparse.Namespace) -> int:
+    image = ensure_image(args.cache_dir, progress=_progress)
+    sys.stdout.write(f"kernel={shlex.quote(str(image.kernel))}\ninitrd={shlex.quote(str(image.initrd))}\n")
+    return 0
+
+
+def boot_command_line(image: GuestImage, machine: str, extra_args: list[str]) -> list[str]:
+    """Return an interactive QEMU command line: a shell and the monitor on stdio, the agent port unused."""
+    return [
+        QEMU_BINARY,
+        "-nodefaults",
+        "-nographic",
+        "-no-reboot",
+        "-machine",
+        machine,
+        "-accel",
+        detect_accel(),
+        "-m",
+        "256",
+        "-serial",
+        "mon:stdio",
+        "-serial",
+        "null",
+        "-kernel",
+        str(image.kernel),
+        "-initrd",
+        str(image.initrd),
+        "-append",
+        f"{KERNEL_ARGS} testguest.shell",
+        *extra_args,
+    ]
+
+
+def _boot(args: argparse.Namespace) -> int:
+    image = ensure_image(args.cache_dir, progress=_progress)
+    qemu_args = args.qemu_args[1:] if args.qemu_args[:1] == ["--"] else args.qemu_args
+    command = boot_command_line(image, args.machine, qemu_args)
+    _progress(shlex.join(command))
+    os.execvp(command[0], command)  # noqa: S606 - replacing this process with QEMU is the point
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m qmpnet.testguest", description=__doc__.splitlines()[0])
+    parser.add_argument("--cache-dir", type=Path, default=None, help="default: $QMPNET_TESTGUEST_CACHE or ~/.cache")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("build", help="build or find the cached image and print its paths").set_defaults(run=_build)
+    boot = commands.add_parser("boot", help="boot the guest with its console on this terminal")
+    boot.add_argument("--machine", choices=("pc", "q35"), default="pc")
+    boot.add_argument("qemu_args", nargs=argparse.REMAINDER, help="extra QEMU arguments (after --)")
+    boot.set_defaults(run=_boot)
+    args = parser.parse_args(argv)
+    try:
+        status: int = args.run(args)
+    except BuildError as err:
+        _progress(f"build failed: {err}")
+        return 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,469 @@
+"""Boot the test guest in QEMU from asyncio: the harness integration tests use.
+
+A :class:`TestMachine` is an async context manager around one QEMU process with a QMP socket for the code under
+test, a console log file (ttyS0) and, when it boots Linux, the agent (ttyS1, see :mod:`.agent`).
+
+Design decisions:
+
+- **The harness listens, QEMU connects.** The agent's chardev is a unix socket *client*: the harness binds the
+  socket before spawning QEMU, so there is no polling for the guest side and QEMU fails at once if the socket
+  is missing. QMP is the other way round (`server=on,wait=off`), because that is how qmpnet meets real guests.
+- **Every wait races QEMU's exit and has a deadline.** A start that fails raises :class:`MachineError` with the
+  command line, QEMU's stderr and the console tail, the text :meth:`TestMachine.describe` gives for any test
+  failure report (the way `qemu.machine` reports launch errors).
+- **No QEMU outlives its test.** :meth:`TestMachine.stop` sends SIGTERM, then SIGKILL after a deadline, and a
+  cancelled stop still sends SIGKILL synchronously. As a best effort against a SIGKILL'd pytest, QEMU runs under
+  `setpriv --pdeathsig KILL` (util-linux, always on Debian). Some sandboxes clear that signal at exec (seen on
+  a Firecracker development VM); QEMU also stays in pytest's process group, so a CI runner that kills the
+  group, or a Ctrl-C, takes QEMU with it.
+- **TCG unless told otherwise.** Nested /dev/kvm devices on CI machines barely run Linux; real KVM is used only
+  where the kvm_intel or kvm_amd module is loaded, and `QMPNET_ACCEL=tcg|kvm` overrides the guess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shlex
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Self, TypeVar
+
+from qemu.qmp import QMPClient, QMPError
+
+from .agent import LINE_LIMIT, Agent, AgentError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Sequence
+    from types import TracebackType
+
+    from .build import GuestImage
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MachineType = Literal["pc", "q35"]
+Accel = Literal["tcg", "kvm"]
+
+QEMU_BINARY = "qemu-system-x86_64"
+ACCEL_ENV = "QMPNET_ACCEL"
+#: quiet: the serial console is slow under TCG. mitigations/tsc/timer/i8042: about 0.4 s less boot time.
+KERNEL_ARGS = "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable no_timer_check i8042.noaux i8042.nokbd"
+BOOT_TIMEOUT = 60.0
+QMP_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+CONSOLE_TAIL_LINES = 40
+#: The id of the pcie-pci-bridge and of the root port it sits in (not counted in `root_ports`).
+BRIDGE_ID = "pcibr0"
+BRIDGE_PORT_ID = "rp_br"
+#: Root ports take pcie.0 slots from here up; lower slots stay free for devices given in `extra_args`.
+FIRST_ROOT_PORT_SLOT = 0x08
+LAST_ROOT_PORT_SLOT = 0x1E  # 0x1f is the ICH9 LPC/SATA/SMBus function group
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_SUN_PATH_MAX = 107
+
+
+class MachineError(RuntimeError):
+    """QEMU could not be started, or the guest did not come up; the message describes the machine."""
+
+
+def detect_accel() -> Accel:
+    """Return the accelerator to use: `$QMPNET_ACCEL`, else kvm only where a real KVM module is loaded.
+
+    Raises:
+        MachineError: `$QMPNET_ACCEL` is set to something other than tcg or kvm.
+    """
+    configured = os.environ.get(ACCEL_ENV, "").strip().lower()
+    if configured in ("tcg", "kvm"):
+        return "kvm" if configured == "kvm" else "tcg"
+    if configured:
+        raise MachineError(f"{ACCEL_ENV} must be tcg or kvm, not {configured!r}")
+    real_kvm = any(Path("/sys/module", module).exists() for module in ("kvm_intel", "kvm_amd"))
+    return "kvm" if real_kvm and os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
+
+
+@dataclass(frozen=True)
+class MachineFiles:
+    """Where a machine keeps its sockets and logs."""
+
+    qmp: Path
+    agent: Path
+    console: Path
+    stderr: Path
+
+    @classmethod
+    def in_dir(cls, workdir: Path) -> MachineFiles:
+        """Return the standard file names inside `workdir`."""
+        return cls(
+            qmp=workdir / "qmp.sock",
+            agent=workdir / "agent.sock",
+            console=workdir / "console.log",
+            stderr=workdir / "qemu-stderr.log",
+        )
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """Everything that shapes a test machine's command line."""
+
+    machine: MachineType = "pc"
+    root_ports: int = 0
+    pcie_pci_bridge: bool = False
+    memory_mb: int = 256
+    boot: bool = True
+    extra_args: tuple[str, ...] = ()
+    name: str = "guest"
+
+    def __post_init__(self) -> None:
+        if self.machine not in ("pc", "q35"):
+            raise ValueError(f"machine must be pc or q35, not {self.machine!r}")
+        if self.machine == "pc" and (self.root_ports or self.pcie_pci_bridge):
+            raise ValueError("root ports and the pcie-pci-bridge need machine='q35'")
+        slots = LAST_ROOT_PORT_SLOT - FIRST_ROOT_PORT_SLOT + 1
+        if not 0 <= self.root_ports + int(self.pcie_pci_bridge) <= slots:
+            raise ValueError(f"at most {slots} root ports (the bridge takes one of them)")
+        if not _NAME.match(self.name):
+            raise ValueError(f"machine names are 1-64 of [A-Za-z0-9_.-], not {self.name!r}")
+
+    @property
+    def root_port_ids(self) -> list[str]:
+        """The ids of the free root ports: rp1 … rpN."""
+        return [f"rp{number}" for number in range(1, self.root_ports + 1)]
+
+
+def build_command_line(image: GuestImage | None, config: MachineConfig, files: MachineFiles, accel: Accel) -> list[str]:
+    """Return the QEMU command line for a test machine.
+
+    Args:
+        image: The guest to boot; ignored when `config.boot` is false (QEMU then waits in `-S` with no kernel).
+        config: Machine shape.
+        files: Sockets and logs.
+        accel: tcg or kvm.
+    """
+    args = [QEMU_BINARY, "-name", config.name, "-nodefaults", "-display", "none", "-no-reboot"]
+    args += ["-machine", config.machine, "-accel", accel, "-m", str(config.memory_mb), "-smp", "1"]
+    args += ["-qmp", f"unix:{files.qmp},server=on,wait=off"]
+    args += ["-chardev", f"file,id=console,path={files.console}", "-serial", "chardev:console"]
+    if config.boot and image is not None:
+        args += ["-chardev", f"socket,id=agent,path={files.agent}", "-serial", "chardev:agent"]
+        args += ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", KERNEL_ARGS]
+    else:
+        args.append("-S")
+    return [*args, *_pcie_topology(config), *config.extra_args]
+
+
+def _pcie_topology(config: MachineConfig) -> list[str]:
+    """Root ports rp1..rpN, then the bridge in its own root port, each in its own pcie.0 slot."""
+    ports = list(config.root_port_ids)
+    if config.pcie_pci_bridge:
+        ports.append(BRIDGE_PORT_ID)
+    args: list[str] = []
+    for index, port in enumerate(ports):
+        chassis = index + 1
+        slot = FIRST_ROOT_PORT_SLOT + index
+        args += ["-device", f"pcie-root-port,id={port},chassis={chassis},bus=pcie.0,addr={slot:#x}"]
+    if config.pcie_pci_bridge:
+        args += ["-device", f"pcie-pci-bridge,id={BRIDGE_ID},bus={BRIDGE_PORT_ID}"]
+    return args
+
+
+def _orphan_guard() -> list[str]:
+    """A prefix that makes the kernel SIGKILL QEMU when the harness process dies."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(not available)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+
+
+class TestMachine:
+    """One QEMU process running the test guest (or just waiting, with `boot=False`).
+
+    Usage::
+
+        async with TestMachine(image, machine="q35", root_ports=2) as vm:
+            report = vm.agent.latest
+            # connect to vm.qmp_path ...
+
+    A machine can be started once. `boot=False` starts QEMU paused (`-S`) without a kernel: a guest that can
+    never acknowledge an unplug, and has no agent.
+    """
+
+    # pytest would otherwise try to collect this class wherever a test module imports it.
+    __test__ = False
+
+    def __init__(  # noqa: PLR0913 - keyword-only knobs mirroring the QEMU options they set
+        self,
+        image: GuestImage | None,
+        *,
+        machine: MachineType = "pc",
+        root_ports: int = 0,
+        pcie_pci_bridge: bool = False,
+        memory_mb: int = 256,
+        boot: bool = True,
+        extra_args: Sequence[str] = (),
+        workdir: Path | None = None,
+        name: str = "guest",
+    ) -> None:
+        if boot and image is None:
+            raise ValueError("a booting machine needs an image")
+        self.image = image
+        self.config = MachineConfig(machine, root_ports, pcie_pci_bridge, memory_mb, boot, tuple(extra_args), name)
+        self._owns_workdir = workdir is None
+        self.workdir = workdir if workdir is not None else Path(tempfile.mkdtemp(prefix=f"qmpnet-{name}-"))
+        self.files = MachineFiles.in_dir(self.workdir)
+        self.command_line = build_command_line(image, self.config, self.files, detect_accel())
+        self._process: asyncio.subprocess.Process | None = None
+        self._exited: asyncio.Task[int] | None = None
+        self._agent: Agent | None = None
+        self._server: asyncio.Server | None = None
+        self._agent_connected: asyncio.Future[Agent] | None = None
+        self._started = False
+        self._final_description: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The machine's name (QEMU's `-name`)."""
+        return self.config.name
+
+    @property
+    def qmp_path(self) -> Path:
+        """The QMP unix socket (QEMU is the server)."""
+        return self.files.qmp
+
+    @property
+    def console_path(self) -> Path:
+        """The guest console log (ttyS0)."""
+        return self.files.console
+
+    @property
+    def root_port_ids(self) -> list[str]:
+        """The ids of the free pcie-root-ports (q35)."""
+        return self.config.root_port_ids
+
+    @property
+    def pid(self) -> int | None:
+        """QEMU's process id, once started."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """QEMU's exit status once it has exited (negative: killed by that signal)."""
+        return self._process.returncode if self._process is not None else None
+
+    @property
+    def agent(self) -> Agent:
+        """The connected agent.
+
+        Raises:
+            MachineError: The machine was not started, or does not boot a guest.
+        """
+        if self._agent is None:
+            raise MachineError(f"{self.name}: no agent (boot={self.config.boot}, started={self._started})")
+        return self._agent
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self, timeout: float = BOOT_TIMEOUT) -> None:
+        """Start QEMU, wait for QMP to accept connections and, when booting, for the agent to report.
+
+        Args:
+            timeout: Seconds for the whole start, boot included.
+
+        Raises:
+            MachineError: QEMU exited, or a step did not finish in time; the message describes the machine.
+        """
+        if self._started:
+            raise MachineError(f"{self.name}: a TestMachine can be started only once")
+        self._started = True
+        step = "starting QEMU"
+        try:
+            async with asyncio.timeout(timeout):
+                step = "spawning QEMU"
+                await self._spawn()
+                step = "waiting for QMP"
+                await self._until_exit(self._wait_qmp())
+                if self.config.boot:
+                    step = "waiting for QEMU to connect the agent port"
+                    await self._until_exit(self._accept_agent())
+                    step = "waiting for the agent's hello and first report"
+                    await self._until_exit(self.agent.wait_ready(timeout))
+        except (TimeoutError, OSError, AgentError, MachineError) as err:
+            reason = f"timed out after {timeout} s" if isinstance(err, TimeoutError) else str(err)
+            message = self.describe(f"{step}: {reason}")
+            await self.stop()
+            raise MachineError(message) from err
+        except BaseException:
+            await self.stop()
+            raise
+        logger.info("%s: started (pid %s)", self.name, self.pid)
+
+    async def _spawn(self) -> None:
+        if self.config.boot:
+            self._agent_connected = asyncio.get_running_loop().create_future()
+            self._server = await asyncio.start_unix_server(
+                self._on_agent_connected, path=self._socket_path(self.files.agent), limit=LINE_LIMIT
+            )
+        self._socket_path(self.files.qmp)
+        logger.debug("%s: %s", self.name, shlex.join(self.command_line))
+        with self.files.stderr.open("wb") as stderr:
+            self._process = await asyncio.create_subprocess_exec(
+                *_orphan_guard(), *self.command_line, stdin=asyncio.subprocess.DEVNULL, stdout=stderr, stderr=stderr
+            )
+        self._exited = asyncio.create_task(self._process.wait(), name=f"testguest[{self.name}].exit")
+
+    def _socket_path(self, path: Path) -> str:
+        if len(os.fsencode(path)) > _SUN_PATH_MAX:
+            raise MachineError(f"socket path too long for AF_UNIX ({_SUN_PATH_MAX} bytes): {path}")
+        return str(path)
+
+    def _on_agent_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._agent_connected is None or self._agent_connected.done():
+            logger.warning("%s: refusing a second connection to the agent socket", self.name)
+            writer.close()
+            return
+        self._agent_connected.set_result(Agent(reader, writer, name=self.name))
+
+    async def _accept_agent(self) -> None:
+        if self._agent_connected is None:
+            raise MachineError("the agent socket is not listening")
+        self._agent = await self._agent_connected
+        self._agent.start()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    async def _wait_qmp(self) -> None:
+        """Poll until QMP answers a command.
+
+        A connection or even the greeting is not enough: QEMU greets from its monitor thread before it has
+        created the devices, so a bad `-device` would fail only after that. Commands run in the main loop.
+        """
+        # QEMU offers nothing to wait on but the socket itself; start() bounds this loop with its deadline.
+        while not await self._qmp_answers():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+    async def _qmp_answers(self) -> bool:
+        if not self.files.qmp.exists():
+            return False  # not listening yet; checked first because qemu.qmp logs every failed connect
+        client = QMPClient(f"testguest[{self.name}].probe")
+        try:
+            await client.connect(str(self.files.qmp))
+            await client.execute("query-status")
+        except (QMPError, OSError, EOFError):
+            return False  # QEMU is still starting, or exiting: _until_exit notices the latter
+        finally:
+            with contextlib.suppress(QMPError, OSError, EOFError):
+                await client.disconnect()
+        return True
+
+    async def _until_exit(self, awaitable: Awaitable[T]) -> T:
+        """Await `awaitable`, but fail as soon as QEMU exits."""
+        if self._exited is None:
+            raise MachineError("QEMU is not running")
+        task = asyncio.ensure_future(awaitable)
+        try:
+            await asyncio.wait({task, self._exited}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            raise MachineError(f"QEMU exited with status {self._exited.result()}")
+        finally:
+            task.cancel()
+
+    async def stop(self) -> None:
+        """Stop QEMU (SIGTERM, then SIGKILL after a deadline), close the sockets, remove an owned workdir.
+
+        Safe to call more than once, and on a machine that failed to start.
+        """
+        try:
+            await self._close_agent()
+            await self._terminate()
+        finally:
+            # Even when cancelled above: never leave QEMU running.
+            if self._process is not None and self._process.returncode is None:
+                self._process.kill()
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+            if self._exited is not None and not self._exited.done():
+                self._exited.cancel()
+            self._forget_workdir()
+
+    async def _close_agent(self) -> None:
+        connected = self._agent_connected
+        if self._agent is None and connected is not None and connected.done() and not connected.cancelled():
+            self._agent = connected.result()  # QEMU connected, but start() gave up before taking it
+        if self._agent is not None:
+            await self._agent.close()
+
+    async def _terminate(self) -> None:
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await process.wait()
+        except TimeoutError:
+            logger.warning("%s: QEMU ignored SIGTERM for %s s, killing it", self.name, STOP_TIMEOUT)
+            process.kill()
+            await process.wait()
+
+    def _forget_workdir(self) -> None:
+        if self._owns_workdir and self.workdir.exists():
+            self._final_description = self.describe()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """Send QEMU SIGKILL (for fault tests); :meth:`wait_exit` reaps it."""
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+
+    async def wait_exit(self, timeout: float | None = None) -> int:
+        """Wait until QEMU exits and return its status (negative: the signal that killed it).
+
+        Raises:
+            MachineError: QEMU was never started.
+            TimeoutError: It did not exit within `timeout` seconds.
+        """
+        if self._process is None:
+            raise MachineError(f"{self.name}: QEMU was never started")
+        async with asyncio.timeout(timeout):
+            return await self._process.wait()
+
+    def describe(self, headline: str | None = None) -> str:
+        """Return what a failure report needs: state, command line, QEMU's stderr, console tail, agent state.
+
+        After :meth:`stop` removed the working directory this is the description taken just before.
+        """
+        if self._final_description is not None and not self.workdir.exists():
+            return self._final_description if headline is None else f"{headline}\n{self._final_description}"
+        state = "not started" if self._process is None else f"pid {self.pid}, exit status {self.returncode}"
+        parts = [
+            f"{self.name}: {headline}" if headline else f"test machine {self.name}",
+            f"state: {state}",
+            f"command line: {shlex.join(self.command_line)}",
+            f"QEMU stderr:\n{_tail(self.files.stderr, CONSOLE_TAIL_LINES)}",
+            f"console (last {CONSOLE_TAIL_LINES} lines):\n{_tail(self.files.console, CONSOLE_TAIL_LINES)}",
+        ]
+        if self._agent is not None:
+            parts.append(f"agent: {self._agent.describe()}")
+        return "\n".join(parts)

@@ -163,7 +163,7 @@ class Guest:
         self._attachments[plan.nic_id] = attachment
         nic = inventory.added(plan, spec)
         if attachment.bridge is not None:
-            nic = inventory.update(nic.id, backend=_bridge_backend(spec, attachment))
+            nic = inventory.update(nic.id, backend=_bridge_backend(attachment))
         self._links[nic.id] = nic.link
         return nic
 
@@ -232,8 +232,7 @@ class Guest:
                 update: dict[str, object] = {}
                 attachment = self._attachments.get(nic.id)
                 if attachment is not None and attachment.bridge is not None:
-                    update["backend"] = ObservedBackend(type="bridge", options={"bridge": attachment.bridge,
-                                                                                 "tap": attachment.tap or ""})
+                    update["backend"] = _bridge_backend(attachment)
                 if nic.model.startswith("virtio-net") and nic.state == "active":
                     update["rx_filter"] = await self._monitor.rx_filter(nic.id)
                 nics.append(nic.model_copy(update=update))
@@ -378,11 +377,11 @@ class Guest:
                 log.exception("guest %s: event subscriber failed on %s", self.name, name)
 
 
-def _bridge_backend(spec: NicSpec, attachment: Attachment) -> ObservedBackend:
+def _bridge_backend(attachment: Attachment) -> ObservedBackend:
     options = {"bridge": attachment.bridge or "", "tap": attachment.tap or ""}
-    if spec.backend.type == "nat":
-        options["network"] = getattr(spec.backend, "network", "")
-    return ObservedBackend(type=spec.backend.type, options=options)
+    if attachment.network is not None:
+        return ObservedBackend(type="nat", options={"network": attachment.network, **options})
+    return ObservedBackend(type="bridge", options=options)
 
 
 def _check_id(nic_id: str) -> None:

@@ -135,7 +135,7 @@ def netdev_id_for(nic_id: str) -> str:
 
 
 def _free_id(model: str, guest: GuestView) -> str:
-    stem = {"virtio-net-pci": "virtio", "rtl8139": "rtl"}.get(model, model)
+    stem = {"virtio-net-pci": "virtio", "rtl8139": "rtl", "e1000": "e1000-", "e1000e": "e1000e-"}.get(model, model)
     taken = set(guest.device_ids) | {i.removesuffix(".net") for i in guest.netdev_ids}
     n = 0
     while f"{stem}{n}" in taken:

@@ -16,8 +16,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, Va
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from qmpnet.errors import InvalidRequest
-from qmpnet.model import invalid_request_from
 from qmpnet.hostnet.config import HostnetSettings
+from qmpnet.model import invalid_request_from
 from qmpnet.policy import Policy
 
 __all__ = [

@@ -40,6 +40,7 @@ class Attachment:
 
     tap: str | None = None
     bridge: str | None = None
+    network: str | None = None
     vfio_host: str | None = None
     vfio_driver: str | None = None
 
@@ -108,7 +109,8 @@ async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, pa
     finally:
         tap.close_fds()  # QEMU holds its own copies now (or none, on failure)
     undo.push("getfd", lambda: _close_fds(monitor, names))
-    return Attachment(tap=tap.name, bridge=bridge)
+    network = backend.network if isinstance(backend, NatBackend) else None
+    return Attachment(tap=tap.name, bridge=bridge, network=network)
 
 
 def _bridge(backend: object) -> str:

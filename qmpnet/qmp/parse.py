@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from qmpnet.errors import Unsupported
 from qmpnet.model import ModelInfo, ObservedBackend
 from qmpnet.placement import BusKind, PciBus, PciTopology
 from qmpnet.ports import NetClient, PciDevice
@@ -82,6 +83,8 @@ def parse_qtree(text: str, kind: str) -> DeviceTree:
         hotplug = bus_kind in ("root_port", "pci_bridge") or (bus_kind == "root" and kind == "pc")
         topo.append(PciBus(bus.name, bus_kind, hotplug, used))
     topo.sort(key=lambda b: (b.kind != "root", _natural(b.name)))
+    if not topo or topo[0].kind != "root":
+        raise Unsupported(f"the guest has no PCI root bus (pci.0 or pcie.0): machine kind {kind} cannot hot-plug NICs")
     ids = frozenset(dev.id for bus in buses for dev in bus.devs if dev.id)
     machine: Literal["pc", "q35"] = "q35" if kind == "q35" else "pc"
     return DeviceTree(PciTopology(machine, tuple(topo)), tuple(devices), ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qmpnet.errors import InvalidRequest
-from qmpnet.hostnet.ifnames import (
+from qmpnet.ifnames import (
     check_ifname,
     check_netns,
     check_tap_pattern,

@@ -1,0 +1,173 @@
+"""``qmpnet serve``: the composition root of the MQTT-driven controller.
+
+Settings become adapters (the QMP connector, the MQTT bus, the metrics endpoint), the adapters are handed to the
+controller, and everything runs in one ``TaskGroup`` until SIGTERM or SIGINT. Shutdown is ordered: the controller
+stops first (guest connections closed), then the bus publishes ``offline`` and disconnects cleanly, so the broker
+does not send the will. Nothing else in qmpnet wires concrete adapters together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from typing import TYPE_CHECKING, Final
+
+from qmpnet.bus.mqtt import MqttBus
+from qmpnet.controller import Connection, Controller
+from qmpnet.errors import InvalidRequest
+from qmpnet.hostnet.host import HostNet
+from qmpnet.qmp import QmpMonitor
+from qmpnet.settings import load_settings
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from qmpnet.settings import LogSettings, Settings
+
+__all__ = ["JsonFormatter", "configure_logging", "main", "serve"]
+
+log = logging.getLogger(__name__)
+
+_CONTEXT: Final = ("guest", "transaction")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the guest and transaction when known."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Format ``record`` as a JSON line."""
+        entry: dict[str, object] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in _CONTEXT:
+            value = getattr(record, key, None)
+            if value is not None:
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(settings: LogSettings) -> None:
+    """Log to stderr at the configured level, as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.level)
+    logging.getLogger("qmpnet.bus.paho").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("qemu").setLevel(max(logging.WARNING, root.level))
+
+
+async def serve(settings: Settings, *, version: str) -> None:
+    """Run the controller until SIGTERM or SIGINT (or cancellation), then shut down cleanly.
+
+    Waits for the stop signal; connects guests and the broker meanwhile, retrying both for ever.
+    """
+
+    async def connect(name: str, address: str) -> Connection:
+        return await QmpMonitor.connect(
+            address,
+            name=name,
+            connect_timeout=settings.qmp.connect_timeout,
+            command_timeout=settings.qmp.command_timeout,
+        )
+
+    metrics = None
+    if settings.metrics.port is not None:
+        from qmpnet.metrics import Metrics  # noqa: PLC0415 - prometheus-client is loaded only when asked for
+
+        metrics = Metrics()
+    bus = MqttBus(settings.mqtt)
+    controller = Controller(settings, bus, connect, version=version, observer=metrics, host=HostNet(settings.hostnet))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info(
+        "qmpnet %s serving as %s on %s (%d configured guests, guest directory %s)",
+        version,
+        settings.mqtt.controller_id,
+        settings.mqtt.broker,
+        len(settings.controller.guests),
+        settings.controller.guest_dir,
+    )
+    endpoint = None
+    if metrics is not None and settings.metrics.port is not None:
+        endpoint = metrics.serve(settings.metrics.host, settings.metrics.port)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            bus_task = tasks.create_task(bus.run(controller), name="qmpnet.bus")
+            controller_task = tasks.create_task(controller.run(), name="qmpnet.controller")
+            await stop.wait()
+            started = time.monotonic()
+            log.info("stopping")
+            controller_task.cancel()
+            await asyncio.gather(controller_task, return_exceptions=True)
+            bus_task.cancel()
+        log.info("stopped in %.2f s", time.monotonic() - started)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        if endpoint is not None:
+            endpoint.shutdown()
+
+
+def main(  # noqa: PLR0913 - one keyword per command-line flag
+    config: Path | None = None,
+    *,
+    broker: str | None = None,
+    controller_id: str | None = None,
+    guests: list[str] | None = None,
+    guest_dir: Path | None = None,
+    metrics_port: int | None = None,
+    log_format: str | None = None,
+    log_level: str | None = None,
+) -> int:
+    """``qmpnet serve``: load the settings (file, environment, these flags) and serve; returns the exit status.
+
+    A bad configuration prints one line ``error: invalid_request: <setting>: <why>`` and returns 2.
+    """
+    from qmpnet import __version__  # noqa: PLC0415 - the package imports this module's neighbours
+
+    mqtt: dict[str, object] = {"broker": broker, "controller_id": controller_id}
+    fleet: dict[str, object] = {"guest_dir": guest_dir}
+    log_settings: dict[str, object] = {"format": log_format, "level": log_level.upper() if log_level else None}
+    try:
+        pairs = [_guest_pair(item) for item in guests or []]
+        if pairs:
+            fleet["guests"] = dict(pairs)
+        overrides = {
+            "mqtt": _given(mqtt),
+            "controller": _given(fleet),
+            "metrics": _given({"port": metrics_port}),
+            "log": _given(log_settings),
+        }
+        settings = load_settings(config, **{key: value for key, value in overrides.items() if value})
+    except InvalidRequest as err:
+        print(f"error: {err.code}: {err.message}", file=sys.stderr)  # noqa: T201 - the command's one-line verdict
+        return 2
+    configure_logging(settings.log)
+    asyncio.run(serve(settings, version=__version__))
+    return 0
+
+
+def _guest_pair(item: str) -> tuple[str, str]:
+    name, sep, address = item.partition("=")
+    if not sep or not name or not address:
+        raise InvalidRequest(f"--guest: {item!r} is not NAME=QMP_SOCKET", field="--guest")
+    return name, address
+
+
+def _given(values: dict[str, object]) -> dict[str, object]:
+    return {key: value for key, value in values.items() if value is not None}

@@ -1,0 +1,228 @@
+"""The Python client for orchestrators: drive ``qmpnet serve`` controllers over MQTT.
+
+::
+
+    async with qmpnet.client.Client("mqtt://broker:1883") as client:
+        nic = await client.add_nic("h1", "vm1", {"model": "virtio", "backend": {"type": "user"}})
+        await client.set_link("h1", "vm1", nic.id, up=False)
+        print(await client.guests("h1"))
+
+Every call is one MQTT 5 request with a Response Topic and Correlation Data, waits for its answer at most the
+timeout, and returns the same objects as the direct API (:class:`~qmpnet.model.Nic`, ...). An error answer is
+raised as the :class:`~qmpnet.errors.QmpnetError` subclass of its code, so code written against
+``qmpnet.connect`` handles errors the same way. No answer in time is ``OutcomeUnknown``; every request carries a
+``transaction`` (random unless given), so repeating it with the same transaction is safe.
+
+:meth:`Client.guest` gives an object with the methods of :class:`qmpnet.Guest` bound to one remote guest.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any, Protocol, Self
+
+from qmpnet.bus.envelopes import GuestInfo, GuestList, ModelList, NicList
+from qmpnet.bus.requester import Requester
+from qmpnet.errors import (
+    Busy,
+    Conflict,
+    Forbidden,
+    GuestUnavailable,
+    InvalidRequest,
+    NoFreeSlot,
+    NotFound,
+    OutcomeUnknown,
+    QmpCommandError,
+    QmpnetError,
+    RemovalPending,
+    Timeout,
+    Unsupported,
+)
+from qmpnet.model import ModelInfo, Nic, NicSpec, RemoveResult, parse_nic_spec
+from qmpnet.settings import MqttSettings
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from types import TracebackType
+
+__all__ = ["Client", "GuestOps", "RemoteGuest", "error_from"]
+
+_ERRORS: dict[str, type[QmpnetError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequest, NotFound, Conflict, Busy, Timeout, RemovalPending, GuestUnavailable, NoFreeSlot,
+        Unsupported, Forbidden, OutcomeUnknown,
+    )
+}  # fmt: skip
+#: Seconds added to a removal's own timeout when waiting for its answer.
+_REMOVE_MARGIN = 5.0
+
+
+class GuestOps(Protocol):
+    """The operations on one guest, direct (:class:`qmpnet.Guest`) or through a controller (:class:`RemoteGuest`)."""
+
+    async def add_nic(self, spec: NicSpec | Mapping[str, Any]) -> Nic:
+        """Hot-add a NIC."""
+        ...
+
+    async def remove_nic(self, nic_id: str, timeout: float | None = None) -> RemoveResult:
+        """Hot-remove a NIC."""
+        ...
+
+    async def set_link(self, nic_id: str, up: bool) -> Nic:
+        """Set a NIC's link."""
+        ...
+
+    async def list_nics(self) -> list[Nic]:
+        """List the NICs."""
+        ...
+
+    async def models(self) -> list[ModelInfo]:
+        """List the NIC models."""
+        ...
+
+
+def error_from(body: Mapping[str, Any]) -> QmpnetError:
+    """The exception for an answer's ``error`` object."""
+    code = str(body.get("code", "internal"))
+    message = str(body.get("message", "no message"))
+    field = body.get("field")
+    if code == "qmp_error":
+        return QmpCommandError(message, qmp_class=str(body.get("qmp_class", "")), command="")
+    error = _ERRORS.get(code, QmpnetError)(message, field=field if isinstance(field, str) else None)
+    if error.code != code:
+        error.add_note(f"the controller's error code was {code!r}")
+    return error
+
+
+class Client:
+    """A connection to the broker through which any controller and guest can be driven.
+
+    Args:
+        broker: ``mqtt://host:port`` or ``mqtts://host:port``; overrides ``settings.broker``.
+        settings: Broker credentials, TLS files, topic root and the default timeout (``request_timeout``).
+        timeout: Seconds to wait for each answer (default: ``settings.request_timeout``).
+        client_id: The MQTT client id (random when absent).
+    """
+
+    def __init__(
+        self,
+        broker: str | None = None,
+        *,
+        settings: MqttSettings | None = None,
+        timeout: float | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        settings = settings or MqttSettings()
+        if broker is not None:
+            settings = MqttSettings.model_validate({**settings.model_dump(), "broker": broker})
+        self.settings = settings
+        self.timeout = timeout if timeout is not None else settings.request_timeout
+        self._requester = Requester(settings, client_id=client_id)
+
+    async def __aenter__(self) -> Self:
+        """Connect to the broker.
+
+        Raises:
+            GuestUnavailable: The broker cannot be reached.
+        """
+        await self._requester.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._requester.__aexit__(exc_type, exc, tb)
+
+    async def call(  # noqa: PLR0913 - the request's coordinates, then keyword-only knobs
+        self,
+        controller: str,
+        guest: str | None,
+        op: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        transaction: str | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Send one request and return its ``data``.
+
+        Raises:
+            QmpnetError: The subclass of the error code the controller answered with.
+            OutcomeUnknown: No answer in time.
+            GuestUnavailable: The broker connection is lost or the controller is offline.
+        """
+        payload = {"transaction": transaction or uuid.uuid4().hex, **(arguments or {})}
+        answer = await self._requester.request(controller, guest, op, payload, timeout=timeout or self.timeout)
+        if answer.get("status") == "ok" and isinstance(answer.get("data"), dict):
+            data: dict[str, Any] = answer["data"]
+            return data
+        error = answer.get("error")
+        raise error_from(error if isinstance(error, dict) else {"message": f"malformed answer: {answer}"})
+
+    async def add_nic(
+        self, controller: str, guest: str, spec: NicSpec | Mapping[str, Any], *, transaction: str | None = None
+    ) -> Nic:
+        """Hot-add a NIC to ``guest`` (the spec is checked here first, then by the controller)."""
+        nic = parse_nic_spec(spec).model_dump(mode="json", exclude_none=True)
+        return Nic.model_validate(await self.call(controller, guest, "nic/add", {"nic": nic}, transaction=transaction))
+
+    async def remove_nic(
+        self, controller: str, guest: str, nic_id: str, timeout: float | None = None, *, transaction: str | None = None
+    ) -> RemoveResult:
+        """Hot-remove NIC ``nic_id``: ``removed``, or ``removal_pending`` without the guest's ack in ``timeout``."""
+        arguments: dict[str, Any] = {"id": nic_id} | ({"timeout": timeout} if timeout is not None else {})
+        wait = max(self.timeout, (timeout or 0) + _REMOVE_MARGIN)
+        data = await self.call(controller, guest, "nic/del", arguments, transaction=transaction, timeout=wait)
+        return RemoveResult.model_validate(data)
+
+    async def set_link(
+        self, controller: str, guest: str, nic_id: str, up: bool, *, transaction: str | None = None
+    ) -> Nic:
+        """Set NIC ``nic_id``'s link up or down."""
+        data = await self.call(controller, guest, "nic/link", {"id": nic_id, "up": up}, transaction=transaction)
+        return Nic.model_validate(data)
+
+    async def list_nics(self, controller: str, guest: str) -> list[Nic]:
+        """The guest's NICs, read afresh by the controller."""
+        return NicList.model_validate(await self.call(controller, guest, "nic/list")).nics
+
+    async def models(self, controller: str, guest: str) -> list[ModelInfo]:
+        """The NIC models the guest's QEMU offers."""
+        return ModelList.model_validate(await self.call(controller, guest, "models")).models
+
+    async def guests(self, controller: str) -> list[GuestInfo]:
+        """The guests ``controller`` serves, with their connection state."""
+        return GuestList.model_validate(await self.call(controller, None, "guests")).guests
+
+    def guest(self, controller: str, name: str) -> RemoteGuest:
+        """The guest ``name`` of ``controller``, with the methods of :class:`qmpnet.Guest`."""
+        return RemoteGuest(self, controller, name)
+
+
+class RemoteGuest:
+    """One guest behind a controller, with the same methods as :class:`qmpnet.Guest` (a :class:`GuestOps`)."""
+
+    def __init__(self, client: Client, controller: str, name: str) -> None:
+        self.client = client
+        self.controller = controller
+        self.name = name
+
+    async def add_nic(self, spec: NicSpec | Mapping[str, Any]) -> Nic:
+        """Hot-add a NIC (see :meth:`Client.add_nic`)."""
+        return await self.client.add_nic(self.controller, self.name, spec)
+
+    async def remove_nic(self, nic_id: str, timeout: float | None = None) -> RemoveResult:
+        """Hot-remove a NIC (see :meth:`Client.remove_nic`)."""
+        return await self.client.remove_nic(self.controller, self.name, nic_id, timeout)
+
+    async def set_link(self, nic_id: str, up: bool) -> Nic:
+        """Set a NIC's link (see :meth:`Client.set_link`)."""
+        return await self.client.set_link(self.controller, self.name, nic_id, up)
+
+    async def list_nics(self) -> list[Nic]:
+        """List the NICs (see :meth:`Client.list_nics`)."""
+        return await self.client.list_nics(self.controller, self.name)
+
+    async def models(self) -> list[ModelInfo]:
+        """List the NIC models (see :meth:`Client.models`)."""
+        return await self.client.models(self.controller, self.name)

@@ -1,0 +1,467 @@
+"""The controller: a fleet of guests, each kept connected, each serving requests in its own serial lane.
+
+Design decisions:
+
+- **One supervisor task per guest** (``qmpnet[guest=vm1].supervisor``) owns the guest's QMP connection: it
+  connects, builds a :class:`~qmpnet.guest.Guest` on the monitor, publishes ``connected``, waits for the monitor
+  to close, publishes ``disconnected`` and reconnects with capped exponential backoff and jitter. A QEMU restarted
+  on the same socket path is simply the next successful attempt. All guests connect concurrently.
+- **Requests never wait for a connection.** A request for a guest that is not connected is answered
+  ``guest_unavailable`` at once; one for a connected guest goes straight into the guest's lane, with no ``await``
+  before the lane is entered, so requests for one guest run in arrival order and different guests in parallel.
+- **De-duplication by transaction, per guest.** MQTT QoS 1 is at-least-once: a repeated ``transaction`` within
+  the window is answered with the first answer (awaited if still running), never applied twice.
+- **State is derived from events, not re-read.** The retained NIC list is kept from the lane's events
+  (``nic_added``, ``link_changed``, ...) plus the full read at connect and on ``nic/list``, so publishing state
+  costs no QMP round trip.
+- **Ports, not libraries.** The controller sees a :class:`StateSink` (the MQTT bus) and a :data:`Connector`
+  (the QMP adapter); tests pass in-memory fakes. It never imports ``aiomqtt`` or ``qemu.qmp``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+
+from qmpnet.bus.envelopes import (
+    API_VERSION,
+    OPS,
+    ControllerOnline,
+    EventMessage,
+    GuestInfo,
+    GuestList,
+    GuestState,
+    GuestStatus,
+    ModelList,
+    NicAddRequest,
+    NicDelRequest,
+    NicLinkRequest,
+    NicList,
+    NicListRequest,
+    Response,
+    error_response,
+    ok_response,
+    parse_request,
+    transaction_of,
+)
+from qmpnet.bus.topics import is_bus_name
+from qmpnet.errors import GuestUnavailable, NotFound, QmpnetError
+from qmpnet.guest import Guest
+from qmpnet.ports import Monitor
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
+
+    from pydantic import BaseModel
+
+    from qmpnet.model import GuestEvent, Nic
+    from qmpnet.ports import HostNetwork, QmpEvent
+    from qmpnet.settings import Settings
+
+__all__ = ["Connection", "Connector", "Controller", "Observer", "StateSink"]
+
+log = logging.getLogger(__name__)
+
+
+class Connection(Monitor, Protocol):
+    """A connected QMP monitor, as the controller needs it (``qmpnet.qmp.QmpMonitor`` is one)."""
+
+    closed: asyncio.Event
+
+    @property
+    def greeting_version(self) -> str | None:
+        """QEMU's version from the greeting."""
+        ...
+
+    async def machine(self) -> tuple[str, str]:
+        """The machine type and kind."""
+        ...
+
+    async def close(self) -> None:
+        """Disconnect."""
+        ...
+
+
+#: ``await connector(name, address)`` opens the QMP monitor at ``address``, or raises ``GuestUnavailable``.
+Connector: TypeAlias = Callable[[str, str], Awaitable[Connection]]
+
+
+class StateSink(Protocol):
+    """Where retained state and events go (the MQTT bus). Calls return at once; delivery is the sink's job."""
+
+    def controller_status(self, status: ControllerOnline) -> None:
+        """The controller's availability and guest names changed."""
+
+    def guest_status(self, guest: str, status: GuestStatus) -> None:
+        """A guest's connection state changed."""
+
+    def guest_nics(self, guest: str, nics: NicList) -> None:
+        """A guest's NIC list changed."""
+
+    def guest_gone(self, guest: str) -> None:
+        """A guest is no longer served: forget its retained state."""
+
+    def event(self, guest: str, name: str, event: EventMessage) -> None:
+        """Something happened to a guest."""
+
+
+class Observer(Protocol):
+    """Metrics hooks."""
+
+    def request_done(self, op: str, outcome: str, seconds: float) -> None:
+        """A request finished: ``outcome`` is ``ok`` or the error code."""
+
+    def guests_changed(self, states: Mapping[str, int]) -> None:
+        """The number of guests in each state."""
+
+
+class _NoObserver:
+    def request_done(self, op: str, outcome: str, seconds: float) -> None:
+        pass
+
+    def guests_changed(self, states: Mapping[str, int]) -> None:
+        pass
+
+
+class _Dedup:
+    """First answers by transaction id, kept ``window`` seconds after their request arrived."""
+
+    def __init__(self, window: float) -> None:
+        self._window = window
+        self._answers: OrderedDict[str, tuple[float, asyncio.Future[Response]]] = OrderedDict()
+
+    def get(self, transaction: str) -> asyncio.Future[Response] | None:
+        now = time.monotonic()
+        while self._answers:
+            arrived, answer = next(iter(self._answers.values()))
+            if now - arrived <= self._window or not answer.done():
+                break
+            self._answers.popitem(last=False)
+        entry = self._answers.get(transaction)
+        if entry is None or entry[1].cancelled():  # the first request was cancelled (shutdown): nothing to repeat
+            return None
+        return entry[1]
+
+    def remember(self, transaction: str) -> asyncio.Future[Response]:
+        answer: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._answers[transaction] = (time.monotonic(), answer)
+        return answer
+
+
+class _Member:
+    """One guest of the fleet: its address, connection state, lane (a ``Guest`` while connected) and NICs."""
+
+    def __init__(self, controller: Controller, name: str, address: str, *, discovered: bool) -> None:
+        self.controller = controller
+        self.name = name
+        self.address = address
+        self.discovered = discovered
+        self.state: GuestState = "connecting"
+        self.since = time.time()
+        self.qemu: str | None = None
+        self.machine: str | None = None
+        self.guest: Guest | None = None
+        self.problem = "not connected yet"
+        self.nics: dict[str, Nic] = {}
+        self.dedup = _Dedup(controller.settings.mqtt.dedup_window)
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def log_extra(self) -> dict[str, str]:
+        return {"guest": self.name}
+
+    def status(self) -> GuestStatus:
+        return GuestStatus(state=self.state, qemu=self.qemu, machine=self.machine, since=self.since)
+
+    def info(self) -> GuestInfo:
+        return GuestInfo(name=self.name, **self.status().model_dump())
+
+    async def supervise(self) -> None:
+        """Keep the guest connected until cancelled."""
+        self.controller.publish_guest(self)
+        failures = 0  # attempts since the guest was last connected
+        while True:
+            try:
+                connection = await self.controller.connector(self.name, self.address)
+            except GuestUnavailable as err:
+                if failures == 0:
+                    log.info("guest %s: cannot connect: %s", self.name, err, extra=self.log_extra)
+                self.problem = err.message
+                self.set_state("disconnected")
+            else:
+                try:
+                    await self._serve(connection)
+                except Exception:
+                    log.exception("guest %s: connection failed", self.name, extra=self.log_extra)
+                finally:
+                    self.guest = None
+                    await connection.close()
+                if self.state == "connected":
+                    failures = 0
+                    self.problem = "QEMU closed the QMP connection"
+                    self.set_state("disconnected")
+                    self.controller.emit(self, "guest_disconnected")
+            await asyncio.sleep(self.controller.backoff(failures))
+            failures += 1
+
+    async def _serve(self, connection: Connection) -> None:
+        controller = self.controller
+        async with Guest(connection, name=self.name, settings=controller.settings, host=controller.host) as guest:
+            guest.subscribe(self._on_event)
+            connection.on_event(self._on_qmp_event)
+            try:
+                self.machine = (await connection.machine())[0]
+                self.qemu = connection.greeting_version
+                nics = await guest.list_nics()
+            except QmpnetError as err:
+                log.info("guest %s: lost while reading it: %s", self.name, err, extra=self.log_extra)
+                return
+            self.guest = guest
+            self.set_nics(nics)
+            self.set_state("connected")
+            log.info("guest %s: connected (QEMU %s, %s)", self.name, self.qemu, self.machine, extra=self.log_extra)
+            self.controller.emit(self, "guest_connected")
+            await connection.closed.wait()
+            log.info("guest %s: disconnected", self.name, extra=self.log_extra)
+
+    def set_state(self, state: GuestState) -> None:
+        if state != self.state:
+            self.state = state
+            self.since = time.time()
+            self.controller.publish_guest(self)
+
+    def set_nics(self, nics: list[Nic]) -> None:
+        self.nics = {nic.id: nic for nic in nics}
+        self.controller.sink.guest_nics(self.name, NicList(nics=nics))
+
+    def _on_event(self, event: GuestEvent) -> None:
+        if event.nic is not None:
+            self.nics[event.nic.id] = event.nic.model_copy(update={"rx_filter": None})
+        elif event.name == "nic_removed" and event.id is not None:
+            self.nics.pop(event.id, None)
+        elif event.name == "nic_removal_pending" and event.id in self.nics:
+            self.nics[event.id] = self.nics[event.id].model_copy(update={"state": "removal_pending"})
+        if event.name in ("nic_added", "nic_removed", "nic_removal_pending", "link_changed"):
+            self.controller.sink.guest_nics(self.name, NicList(nics=list(self.nics.values())))
+        message = EventMessage(ts=event.ts, guest=self.name, id=event.id, nic=event.nic)
+        self.controller.sink.event(self.name, event.name, message)
+
+    def _on_qmp_event(self, event: QmpEvent) -> None:
+        if event.name == "NIC_RX_FILTER_CHANGED":
+            nic_id = event.data.get("name")
+            message = EventMessage(ts=event.timestamp, guest=self.name, id=nic_id if isinstance(nic_id, str) else None)
+            self.controller.sink.event(self.name, "rx_filter_changed", message)
+
+    async def handle(self, op: str, payload: Mapping[str, Any]) -> Response:
+        """Answer one request for this guest (de-duplicated by transaction)."""
+        transaction = transaction_of(payload)
+        if transaction is None:
+            return await self._answer(op, payload, transaction)
+        first = self.dedup.get(transaction)
+        if first is not None:
+            log.info(
+                "guest %s: transaction %s repeated: first answer again",
+                self.name,
+                transaction,
+                extra={"guest": self.name, "transaction": transaction},
+            )
+            return await asyncio.shield(first)
+        answer = self.dedup.remember(transaction)
+        try:
+            response = await self._answer(op, payload, transaction)
+        except BaseException:
+            answer.cancel()
+            raise
+        answer.set_result(response)
+        return response
+
+    async def _answer(self, op: str, payload: Mapping[str, Any], transaction: str | None) -> Response:
+        try:
+            request = parse_request(op, "guest", payload)
+            guest = self.guest
+            if guest is None:
+                raise GuestUnavailable(f"guest {self.name} is {self.state}: {self.problem}")
+            data = await self._run(guest, request)
+        except QmpnetError as err:
+            return error_response(transaction, err)
+        return ok_response(transaction, data)
+
+    async def _run(self, guest: Guest, request: BaseModel) -> BaseModel:
+        match request:
+            case NicAddRequest(nic=spec):
+                return await guest.add_nic(spec)
+            case NicDelRequest(id=nic_id, timeout=timeout):
+                return await guest.remove_nic(nic_id, timeout=timeout)
+            case NicLinkRequest(id=nic_id, up=up):
+                return await guest.set_link(nic_id, up=up)
+            case NicListRequest():
+                nics = await guest.list_nics()
+                self.set_nics(nics)
+                return NicList(nics=nics)
+            case _:
+                return ModelList(models=await guest.models())
+
+
+class Controller:
+    """The guests one host serves, and the answers to their requests.
+
+    Args:
+        settings: All settings (``controller`` for the fleet, ``mqtt.dedup_window``, and what the lanes need).
+        sink: Where retained state and events go.
+        connector: Opens a guest's QMP monitor: ``await connector(name, address)``.
+        version: qmpnet's version, for the controller's status.
+        observer: Metrics hooks.
+        host: The host side (taps, NAT networks, VFIO) shared by every guest's lane; without it only backends
+            that need nothing on the host (user, hubport, stream, dgram) can be added.
+    """
+
+    def __init__(  # noqa: PLR0913 - three ports and the settings, then keyword-only extras
+        self,
+        settings: Settings,
+        sink: StateSink,
+        connector: Connector,
+        *,
+        version: str,
+        observer: Observer | None = None,
+        host: HostNetwork | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.connector = connector
+        self.version = version
+        self.observer: Observer = observer or _NoObserver()
+        self.host = host
+        self._members: dict[str, _Member] = {}
+        self._tasks: asyncio.TaskGroup | None = None
+
+    async def run(self) -> None:
+        """Connect every configured guest, watch the guest directory, and serve until cancelled."""
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            for name, address in self.settings.controller.guests.items():
+                self._add(name, address, discovered=False)
+            self._publish_controller()
+            guest_dir = self.settings.controller.guest_dir
+            if guest_dir is not None:
+                tasks.create_task(self._discover(guest_dir), name="qmpnet.discovery")
+            await asyncio.get_running_loop().create_future()  # until cancelled
+
+    async def handle(self, guest: str | None, op: str, payload: Mapping[str, Any]) -> Response:
+        """Answer one request: ``guest`` is ``None`` for controller-level ops. Never raises but ``CancelledError``."""
+        started = time.perf_counter()
+        try:
+            response = await self._dispatch(guest, op, payload)
+        except Exception as err:  # a bug: answer 'internal' rather than leave the caller hanging
+            log.exception("request %s for guest %s failed", op, guest, extra={"guest": guest})
+            response = error_response(transaction_of(payload), QmpnetError(f"internal error: {type(err).__name__}"))
+        outcome = "ok" if response.status == "ok" else response.error.code
+        self.observer.request_done(op if op in OPS else "unknown", outcome, time.perf_counter() - started)
+        log.debug(
+            "guest %s: %s transaction=%s -> %s",
+            guest,
+            op,
+            response.transaction,
+            outcome,
+            extra={"guest": guest, "transaction": response.transaction},
+        )
+        return response
+
+    async def _dispatch(self, guest: str | None, op: str, payload: Mapping[str, Any]) -> Response:
+        transaction = transaction_of(payload)
+        if guest is None:
+            try:
+                parse_request(op, "controller", payload)
+            except QmpnetError as err:
+                return error_response(transaction, err)
+            infos = [member.info() for _, member in sorted(self._members.items())]
+            return ok_response(transaction, GuestList(guests=infos))
+        member = self._members.get(guest)
+        if member is None:
+            return error_response(transaction, NotFound(f"guest: no guest {guest!r} on this controller", field="guest"))
+        return await member.handle(op, payload)
+
+    # ------------------------------------------------------------------------------------------ fleet plumbing
+
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait after ``failures`` failed attempts: capped exponential, with jitter in [50 %, 100 %]."""
+        fleet = self.settings.controller
+        ceiling = min(fleet.backoff_max, fleet.backoff_min * 2.0 ** min(failures, 32))
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not cryptography
+
+    def emit(self, member: _Member, name: str) -> None:
+        """Publish a guest-level event (``guest_connected``, ``guest_disconnected``)."""
+        self.sink.event(member.name, name, EventMessage(ts=time.time(), guest=member.name))
+
+    def publish_guest(self, member: _Member) -> None:
+        """Publish ``member``'s connection state and update the guests-by-state metric."""
+        self.sink.guest_status(member.name, member.status())
+        states: dict[str, int] = dict.fromkeys(("connecting", "connected", "disconnected"), 0)
+        for each in self._members.values():
+            states[each.state] += 1
+        self.observer.guests_changed(states)
+
+    def _publish_controller(self) -> None:
+        self.sink.controller_status(
+            ControllerOnline(state="online", version=self.version, api=API_VERSION, guests=sorted(self._members))
+        )
+
+    def _add(self, name: str, address: str, *, discovered: bool) -> None:
+        if self._tasks is None:
+            raise RuntimeError("the controller is not running")
+        member = _Member(self, name, address, discovered=discovered)
+        self._members[name] = member
+        member.task = self._tasks.create_task(member.supervise(), name=f"qmpnet[guest={name}].supervisor")
+
+    async def _remove(self, name: str) -> None:
+        member = self._members.pop(name)
+        if member.task is not None:
+            member.task.cancel()
+            await asyncio.gather(member.task, return_exceptions=True)
+        self.sink.guest_gone(name)
+        log.info("guest %s: socket gone, no longer served", name, extra={"guest": name})
+
+    async def _discover(self, directory: Path) -> None:
+        """Poll ``directory`` for ``*.qmp`` sockets: new ones become guests, vanished ones are dropped."""
+        unfit: set[str] = set()
+        while True:
+            found, skipped = await asyncio.to_thread(_scan, directory)
+            for path in skipped - unfit:
+                log.warning("ignoring %s: the name is not a valid guest name ([A-Za-z0-9_.-]{1,64})", path)
+            unfit = skipped
+            changed = False
+            for name, address in found.items():
+                if name not in self._members:
+                    log.info("guest %s: discovered at %s", name, address, extra={"guest": name})
+                    self._add(name, address, discovered=True)
+                    changed = True
+            for name in [n for n, m in self._members.items() if m.discovered and n not in found]:
+                await self._remove(name)
+                changed = True
+            if changed:
+                self._publish_controller()
+            await asyncio.sleep(self.settings.controller.discovery_interval)
+
+
+def _scan(directory: Path) -> tuple[dict[str, str], set[str]]:
+    """The ``*.qmp`` sockets in ``directory`` by stem, and the paths skipped because their names cannot be topics."""
+    found: dict[str, str] = {}
+    skipped: set[str] = set()
+    try:
+        paths = sorted(directory.glob("*.qmp"))
+    except OSError as err:
+        log.warning("cannot read the guest directory %s: %s", directory, err)
+        return found, skipped
+    for path in paths:
+        if not path.is_socket():
+            continue
+        if is_bus_name(path.stem):
+            found[path.stem] = str(path)
+        else:
+            skipped.add(str(path))
+    return found, skipped

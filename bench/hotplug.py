@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -62,13 +61,14 @@ class RawQmp:
 
 
 async def start_qemu(workdir: Path, n: int) -> tuple[asyncio.subprocess.Process, str]:
-    path = str(workdir / f"q{n}.qmp")
+    sock = workdir / f"q{n}.qmp"
+    path = str(sock)
     proc = await asyncio.create_subprocess_exec(
         QEMU, "-S", "-nodefaults", "-display", "none", "-machine", "pc", "-m", "64",
         "-qmp", f"unix:{path},server=on,wait=off", stdin=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
-    while not os.path.exists(path):
+    while not await asyncio.to_thread(sock.exists):
         if time.monotonic() > deadline:
             raise RuntimeError("QEMU did not create its QMP socket")
         await asyncio.sleep(0.01)
@@ -100,11 +100,9 @@ async def round_(workdir: Path, n: int, samples: dict[str, list[float]]) -> None
     try:
         raw = await RawQmp.open(path)
         await raw.call("netdev_add", {"type": "user", "id": "warm.net"})  # warm QEMU's slirp path
-        raw_n = 0
         # QEMU serves one client per monitor socket: the raw client goes first, then qmpnet.
-        for _ in range(12):
+        for raw_n in range(12):
             samples["raw"].append(await raw_add(raw, raw_n))
-            raw_n += 1
         await raw.close()
         async with qmpnet.connect(path) as guest:
             samples["api_first"].append(await api_add(guest))

@@ -28,15 +28,19 @@ from qmpnet.errors import (
 )
 from qmpnet.guest import Guest
 from qmpnet.model import (
+    BridgeBackend,
     DgramBackend,
     GuestEvent,
     HubportBackend,
     ModelInfo,
+    NatBackend,
     Nic,
     NicSpec,
     RemoveResult,
     StreamBackend,
+    TapBackend,
     UserBackend,
+    VfioBackend,
 )
 from qmpnet.policy import Policy
 from qmpnet.settings import Settings, load_settings
@@ -44,6 +48,7 @@ from qmpnet.settings import Settings, load_settings
 __version__ = "0.1.0"
 
 __all__ = [
+    "BridgeBackend",
     "Busy",
     "Conflict",
     "DgramBackend",
@@ -54,6 +59,7 @@ __all__ = [
     "HubportBackend",
     "InvalidRequest",
     "ModelInfo",
+    "NatBackend",
     "Nic",
     "NicSpec",
     "NoFreeSlot",
@@ -66,9 +72,11 @@ __all__ = [
     "RemoveResult",
     "Settings",
     "StreamBackend",
+    "TapBackend",
     "Timeout",
     "Unsupported",
     "UserBackend",
+    "VfioBackend",
     "__version__",
     "connect",
     "load_settings",

@@ -48,15 +48,19 @@ class HostNet:
         return vhost_usable()
 
     async def prepare_vfio(self, host: str, *, rebind: bool) -> str | None:
-        """Check ``host`` for assignment; with ``rebind`` bind it to vfio-pci and return the original driver."""
+        """Check ``host`` for assignment; with ``rebind`` bind it to vfio-pci and return the original driver.
+
+        Returns ``None`` when nothing was changed, ``""`` when the function had no driver before.
+        """
         device = await asyncio.to_thread(check_vfio, host, rebind=rebind, sysfs=self.settings.sysfs_root)
         if not device.needs_rebind:
             return None
-        return await asyncio.to_thread(bind_vfio, host, sysfs=self.settings.sysfs_root)
+        original = await asyncio.to_thread(bind_vfio, host, sysfs=self.settings.sysfs_root)
+        return original or ""  # "" = it had no driver: still undo the rebind (driver_override) afterwards
 
     async def restore_vfio(self, host: str, driver: str) -> None:
-        """Give ``host`` back to ``driver``."""
-        await asyncio.to_thread(restore_driver, host, driver, sysfs=self.settings.sysfs_root)
+        """Give ``host`` back to ``driver`` (``""``: leave it unbound, without the vfio-pci override)."""
+        await asyncio.to_thread(restore_driver, host, driver or None, sysfs=self.settings.sysfs_root)
 
     async def sweep(self, in_use: set[str]) -> list[str]:
         """Delete qmpnet's taps not in ``in_use``; return their names."""

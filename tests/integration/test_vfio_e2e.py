@@ -1,0 +1,277 @@
+"""Direct assignment (VFIO) end to end: qmpnet's host checks on a fake sysfs tree, then a real QEMU.
+
+There is no IOMMU on CI machines, so no PCI function can really be handed to a guest. What can be exercised for
+real is everything around it: qmpnet reads the sysfs tree named by ``settings.hostnet.sysfs_root`` (a fake one
+built here under ``tmp_path``, laid out like the kernel's), decides, and then sends ``device_add vfio-pci
+host=...`` to a real QEMU (``-S``, no guest OS). The address used does not exist on the real host, so QEMU answers
+with a clean error, and qmpnet must leave QEMU and the (fake) host exactly as before.
+
+Binding to ``vfio-pci`` (``rebind: true``) needs the kernel's reaction to sysfs writes. A plain file tree cannot
+give it: the write lands and nothing binds, which qmpnet must treat as a failed bind and undo. To follow the
+successful path too, :class:`FakeKernel` stands in for the kernel behind the writes, swapped in for the sysfs
+root qmpnet was configured with (the lane, ``HostNet`` and the VFIO functions are the real ones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from typing import TYPE_CHECKING, Any, cast
+
+import pytest
+import pytest_asyncio
+from qemu.qmp import QMPClient
+
+import qmpnet
+from qmpnet.errors import Forbidden, InvalidRequest, NotFound, QmpCommandError, Unsupported
+from qmpnet.hostnet import HostnetSettings, Sysfs
+from qmpnet.hostnet import host as host_module
+from qmpnet.settings import Settings
+from qmpnet.testguest import TestMachine
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from pathlib import Path
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64"),
+]
+
+AUX_QMP = "aux.qmp"
+#: A PCI address that exists in the fake tree and not on the real host, so QEMU itself cannot open it.
+NIC = "0000:42:00.0"
+SIBLING = "0000:42:00.1"
+ETHERNET, STORAGE, PCI_BRIDGE = 0x020000, 0x010802, 0x060400
+
+
+class FakeTree:
+    """The parts of sysfs ``check_vfio`` reads: devices with class, driver and iommu_group links, drivers, groups."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "bus/pci/devices").mkdir(parents=True)
+        (root / "bus/pci/drivers").mkdir(parents=True)
+        (root / "bus/pci/drivers_probe").write_text("")
+        self.probe_finds: dict[str, str | None] = {}
+
+    def device(self, address: str) -> Path:
+        return self.root / "devices/pci0000:42" / address
+
+    def add_driver(self, name: str) -> None:
+        path = self.root / "bus/pci/drivers" / name
+        path.mkdir(exist_ok=True)
+        for attr in ("bind", "unbind"):
+            (path / attr).touch()
+
+    def add_device(self, address: str, pci_class: int, driver: str | None, group: str | None) -> None:
+        real = self.device(address)
+        real.mkdir(parents=True)
+        (real / "class").write_text(f"{pci_class:#08x}\n")
+        (real / "driver_override").write_text("(null)\n")
+        (self.root / "bus/pci/devices" / address).symlink_to(real)
+        self.probe_finds[address] = driver
+        if driver is not None:
+            self.bind(address, driver)
+        if group is not None:
+            members = self.root / "kernel/iommu_groups" / group / "devices"
+            members.mkdir(parents=True, exist_ok=True)
+            (real / "iommu_group").symlink_to(members.parent)
+            (members / address).symlink_to(real)
+
+    def bind(self, address: str, driver: str) -> None:
+        self.add_driver(driver)
+        (self.device(address) / "driver").symlink_to(self.root / "bus/pci/drivers" / driver)
+
+    def driver(self, address: str) -> str | None:
+        link = self.device(address) / "driver"
+        return link.readlink().name if link.is_symlink() else None
+
+    def override(self, address: str) -> str:
+        return (self.device(address) / "driver_override").read_text().strip()
+
+
+class FakeKernel(Sysfs):
+    """Sysfs whose writes act as the kernel's do: unbind, probe (honouring ``driver_override``), bind."""
+
+    def __init__(self, tree: FakeTree) -> None:
+        super().__init__(tree.root)
+        self.tree = tree
+        self.writes: list[tuple[str, str]] = []
+
+    def write(self, path: Path, text: str) -> None:
+        rel = str(path.relative_to(self.root))
+        self.writes.append((rel, text))
+        if rel.endswith("/driver_override"):
+            (path.resolve()).write_text(text.strip() or "(null)")
+        elif rel.endswith("/unbind"):
+            assert self.tree.driver(text) == path.parent.name, f"unbind {text} from {path.parent.name}"
+            (self.tree.device(text) / "driver").unlink()
+        elif rel == "bus/pci/drivers_probe":
+            override = self.tree.override(text)
+            wanted = override if override != "(null)" else self.tree.probe_finds[text]
+            if self.tree.driver(text) is None and wanted is not None:
+                self.tree.bind(text, wanted)
+        elif rel.endswith("/bind"):
+            self.tree.bind(text, path.parent.name)
+        else:
+            raise AssertionError(f"unexpected sysfs write to {rel}")
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> FakeTree:
+    tree = FakeTree(tmp_path / "sys")
+    tree.add_driver("vfio-pci")
+    return tree
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def vm(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TestMachine]:
+    """QEMU paused (``-S``) without a guest: device_add and its errors need no OS."""
+    workdir = tmp_path_factory.mktemp("vfio-e2e")
+    extra = ["-qmp", f"unix:{workdir / AUX_QMP},server=on,wait=off"]
+    async with TestMachine(None, name="vfio-e2e", boot=False, workdir=workdir, extra_args=extra) as machine:
+        yield machine
+
+
+@contextlib.asynccontextmanager
+async def aux_monitor(vm: TestMachine) -> AsyncIterator[QMPClient]:
+    client = QMPClient("aux")
+    await client.connect(str(vm.workdir / AUX_QMP))
+    try:
+        yield client
+    finally:
+        await client.disconnect()
+
+
+async def qemu_state(vm: TestMachine) -> tuple[object, object, str]:
+    """What must not change: the PCI devices, the peripherals and the net clients, read over the aux monitor."""
+    async with aux_monitor(vm) as aux:
+        pci = await aux.execute("query-pci")
+        peripherals = await aux.execute("qom-list", {"path": "/machine/peripheral"})
+        network = await aux.execute("human-monitor-command", {"command-line": "info network"})
+    return pci, peripherals, str(network)
+
+
+def settings_for(tree: FakeTree, policy: qmpnet.Policy | None = None) -> Settings:
+    return Settings(hostnet=HostnetSettings(sysfs_root=tree.root), policy=policy or qmpnet.Policy())
+
+
+@pytest.fixture
+def kernel(tree: FakeTree, monkeypatch: pytest.MonkeyPatch) -> FakeKernel:
+    """Let the fake kernel answer the VFIO functions' sysfs writes wherever qmpnet's host side uses the fake tree."""
+    fake = FakeKernel(tree)
+    for name in ("check_vfio", "bind_vfio", "restore_driver"):
+        real = cast("Callable[..., Any]", getattr(host_module, name))
+
+        def with_kernel(*args: Any, sysfs: Path, _real: Callable[..., Any] = real, **kwargs: Any) -> Any:
+            assert sysfs == tree.root, "qmpnet did not use the configured sysfs_root"
+            return _real(*args, sysfs=fake, **kwargs)
+
+        monkeypatch.setattr(host_module, name, with_kernel)
+    return fake
+
+
+# ------------------------------------------------------------------------------------------- QEMU answers
+
+
+async def test_ready_function_passes_the_checks_and_qemus_error_leaves_nothing(vm: TestMachine, tree: FakeTree) -> None:
+    tree.add_device(NIC, ETHERNET, "vfio-pci", "12")
+    tree.add_device("0000:40:1c.0", PCI_BRIDGE, "pcieport", "12")  # a bridge in the group is harmless
+    before = await qemu_state(vm)
+    async with qmpnet.connect(str(vm.qmp_path), name=vm.name, settings=settings_for(tree)) as guest:
+        nics_before = await guest.list_nics()
+        with pytest.raises(QmpCommandError) as caught:
+            await guest.add_nic({"id": "hostnic0", "backend": {"type": "vfio", "host": "42:00.0"}})
+        assert await guest.list_nics() == nics_before
+    err = caught.value
+    assert (err.code, err.command, err.qmp_class) == ("qmp_error", "device_add", "GenericError")
+    assert NIC in err.message
+    print(f"\nQEMU answers device_add vfio-pci host={NIC}: {err.message}")  # noqa: T201 - for the record
+    assert await qemu_state(vm) == before
+    assert (tree.driver(NIC), tree.override(NIC)) == ("vfio-pci", "(null)")
+
+
+@pytest.mark.parametrize(
+    ("setup", "error", "says"),
+    [
+        (lambda t: t.add_device(NIC, STORAGE, "vfio-pci", "12"), InvalidRequest, "0x010802"),
+        (lambda t: t.add_device(NIC, ETHERNET, "vfio-pci", None), Unsupported, "no IOMMU group"),
+        (lambda t: (t.add_device(NIC, ETHERNET, "vfio-pci", "12"), t.add_device(SIBLING, ETHERNET, "igb", "12")),
+         Unsupported, f"{SIBLING}, bound to host driver igb"),
+        (lambda t: t.add_device(NIC, ETHERNET, "e1000e", "12"), InvalidRequest, "rebind: true"),
+        (lambda t: t.add_device(SIBLING, ETHERNET, "vfio-pci", "12"), NotFound, NIC),
+    ],
+    ids=["wrong-class", "no-iommu-group", "member-bound-elsewhere", "on-a-host-driver", "missing"],
+)
+async def test_refused_by_the_host_checks_nothing_reaches_qemu(
+    vm: TestMachine, tree: FakeTree, setup: Callable[[FakeTree], object], error: type[Exception], says: str
+) -> None:
+    setup(tree)
+    before = await qemu_state(vm)
+    async with qmpnet.connect(str(vm.qmp_path), name=vm.name, settings=settings_for(tree)) as guest:
+        with pytest.raises(error) as caught:
+            await guest.add_nic({"backend": {"type": "vfio", "host": NIC}})
+    assert isinstance(caught.value, qmpnet.QmpnetError)
+    assert caught.value.field == "nic.backend.host"
+    assert says in caught.value.message
+    assert await qemu_state(vm) == before
+
+
+async def test_a_host_the_policy_does_not_list_is_forbidden(vm: TestMachine, tree: FakeTree) -> None:
+    tree.add_device(NIC, ETHERNET, "vfio-pci", "12")
+    before = await qemu_state(vm)
+    settings = settings_for(tree, qmpnet.Policy(allowed_vfio_hosts=["0000:43:00.0"]))
+    async with qmpnet.connect(str(vm.qmp_path), name=vm.name, settings=settings) as guest:
+        with pytest.raises(Forbidden) as caught:
+            await guest.add_nic({"backend": {"type": "vfio", "host": NIC}})
+    assert caught.value.field == "nic.backend.host"
+    assert await qemu_state(vm) == before
+
+
+# ------------------------------------------------------------------------------------------- rebind
+
+
+async def test_rebind_that_the_kernel_does_not_carry_out_gives_the_device_back(vm: TestMachine, tree: FakeTree) -> None:
+    """Plain files: the writes land but nothing binds, so qmpnet must see a failed bind and restore e1000e."""
+    tree.add_device(NIC, ETHERNET, "e1000e", "12")
+    before = await qemu_state(vm)
+    async with qmpnet.connect(str(vm.qmp_path), name=vm.name, settings=settings_for(tree)) as guest:
+        with pytest.raises(Unsupported) as caught:
+            await guest.add_nic({"backend": {"type": "vfio", "host": NIC, "rebind": True}})
+    assert "did not bind to vfio-pci" in caught.value.message
+    assert tree.driver(NIC) == "e1000e"
+    assert tree.override(NIC) in {"", "(null)"}  # cleared (a real kernel shows "(null)")
+    assert await qemu_state(vm) == before
+
+
+async def test_rebind_then_qemu_error_restores_the_original_driver(
+    vm: TestMachine, tree: FakeTree, kernel: FakeKernel
+) -> None:
+    tree.add_device(NIC, ETHERNET, "e1000e", "12")
+    before = await qemu_state(vm)
+    async with qmpnet.connect(str(vm.qmp_path), name=vm.name, settings=settings_for(tree)) as guest:
+        with pytest.raises(QmpCommandError) as caught:
+            await guest.add_nic({"backend": {"type": "vfio", "host": NIC, "rebind": True}})
+    assert caught.value.command == "device_add"
+    # Bound to vfio-pci before device_add (QEMU got that far), then given back when device_add failed.
+    assert kernel.writes == [
+        (f"bus/pci/devices/{NIC}/driver_override", "vfio-pci"),
+        ("bus/pci/drivers/e1000e/unbind", NIC),
+        ("bus/pci/drivers_probe", NIC),
+        (f"bus/pci/devices/{NIC}/driver_override", "\n"),
+        ("bus/pci/drivers/vfio-pci/unbind", NIC),
+        ("bus/pci/drivers_probe", NIC),
+    ]
+    assert (tree.driver(NIC), tree.override(NIC)) == ("e1000e", "(null)")
+    assert await qemu_state(vm) == before
+
+
+async def test_rebind_of_an_unbound_function_is_undone_too(vm: TestMachine, tree: FakeTree, kernel: FakeKernel) -> None:
+    tree.add_device(NIC, ETHERNET, None, "12")
+    async with qmpnet.connect(str(vm.qmp_path), name=vm.name, settings=settings_for(tree)) as guest:
+        with pytest.raises(QmpCommandError):
+            await guest.add_nic({"backend": {"type": "vfio", "host": NIC, "rebind": True}})
+    assert ("bus/pci/drivers_probe", NIC) in kernel.writes  # it was bound to vfio-pci first
+    assert (tree.driver(NIC), tree.override(NIC)) == (None, "(null)")

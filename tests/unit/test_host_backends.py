@@ -1,0 +1,615 @@
+"""Bridge, NAT, tap and VFIO backends in the guest lane, with a fake monitor and a fake host side.
+
+The lane's host work (a tap on a bridge, a NAT network brought up, a PCI function checked or rebound) happens
+through the :class:`qmpnet.ports.HostNetwork` port; here a recording fake stands in for it, so every test can say
+exactly which QMP commands were sent, in which order, with which arguments, and which host actions ran and were
+undone. The pure argument shapes (``netdev_arguments``, ``plan_add``) and the policy checks are tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from fakemonitor import RecordingMonitor, pc_observation
+
+from qmpnet.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    QmpCommandError,
+    QmpnetError,
+    Unsupported,
+)
+from qmpnet.guest import Guest
+from qmpnet.inventory import Inventory
+from qmpnet.model import NicSpec, ObservedBackend, parse_nic_spec
+from qmpnet.plan import GuestView, fd_names, netdev_arguments, plan_add
+from qmpnet.policy import Policy, check_spec
+from qmpnet.ports import NetClient, Observation, PciDevice
+from qmpnet.settings import QmpSettings, Settings
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+HOSTILE_NAMES = [
+    "br/0",  # a path
+    "../br0",
+    "..",
+    ".",
+    "a23456789012345x",  # 16 bytes: one over IFNAMSIZ-1
+    "br0;reboot",
+    "$(x)",
+    "`id`",
+    "br 0",
+    "br0|cat",
+    "br0&",
+    "br0\n",
+    "",
+]
+# The captured pc guest: pci.0 slots 0-3 and 6 are taken (host bridge, PIIX, v1, e1...), slot 4 is the first free.
+FIRST_FREE = "04.0"
+
+
+@dataclass
+class FakeTap:
+    """A tap as the host side hands it over: a name and one (pretend) fd per queue."""
+
+    name: str
+    queue_fds: list[int]
+    closed: bool = False
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return () if self.closed else tuple(self.queue_fds)
+
+    def close_fds(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class FakeHost:
+    """A :class:`qmpnet.ports.HostNetwork` that records every call and fails the ones listed in ``errors``."""
+
+    use_vhost: bool = False
+    original_driver: str | None = "e1000e"
+    errors: dict[str, QmpnetError] = field(default_factory=dict)
+    calls: list[tuple[Any, ...]] = field(default_factory=list)
+    taps: list[FakeTap] = field(default_factory=list)
+
+    def _call(self, *call: Any) -> None:
+        self.calls.append(call)
+        if call[0] in self.errors:
+            raise self.errors[call[0]]
+
+    @property
+    def actions(self) -> list[str]:
+        return [call[0] for call in self.calls]
+
+    async def create_tap(self, bridge: str, *, queues: int, owner: str) -> FakeTap:
+        self._call("create_tap", bridge, queues, owner)
+        tap = FakeTap(f"vnet{len(self.taps)}", [100 + i for i in range(queues)])
+        self.taps.append(tap)
+        return tap
+
+    async def delete_tap(self, name: str) -> None:
+        self._call("delete_tap", name)
+
+    async def nat_bridge(self, network: str) -> str:
+        self._call("nat_bridge", network)
+        return f"qmpnat-{network}"
+
+    async def check_tap(self, ifname: str) -> None:
+        self._call("check_tap", ifname)
+
+    def vhost(self) -> bool:
+        return self.use_vhost
+
+    async def prepare_vfio(self, host: str, *, rebind: bool) -> str | None:
+        self._call("prepare_vfio", host, rebind)
+        return self.original_driver if rebind else None
+
+    async def restore_vfio(self, host: str, driver: str) -> None:
+        self._call("restore_vfio", host, driver)
+
+
+class AckingMonitor(RecordingMonitor):
+    """A recording monitor whose guest acknowledges every ``device_del`` the way virtio-net does (two events)."""
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
+        answer = await super().execute(command, arguments)
+        if command == "device_del":
+            device = str((arguments or {})["id"])
+            self.emit("DEVICE_DELETED", {"path": f"/machine/peripheral/{device}/virtio-backend"})
+            self.emit("DEVICE_DELETED", {"device": device, "path": f"/machine/peripheral/{device}"})
+        return answer
+
+
+def with_tap_nic(obs: Observation, nic_id: str, mac: str | None) -> Observation:
+    """``obs`` plus a virtio NIC ``nic_id`` whose netdev is a tap QEMU got as an fd (as ``info network`` shows it)."""
+    device = PciDevice(nic_id, "virtio-net-pci", "pci.0", 4, 0, mac=mac, netdev=f"{nic_id}.net")
+    client = NetClient(f"{nic_id}.net", ObservedBackend(type="tap", options={"fd": "23"}))
+    return replace(obs, devices=(*obs.devices, device), device_ids=obs.device_ids | {nic_id},
+                   netclients={**obs.netclients, client.name: client})
+
+
+def lane(
+    host: FakeHost | None, policy: Policy | None = None, monitor: RecordingMonitor | None = None
+) -> tuple[Guest, RecordingMonitor]:
+    monitor = monitor or RecordingMonitor()
+    settings = Settings(policy=policy or Policy(), qmp=QmpSettings(unplug_timeout=1.0, rollback_unplug_timeout=1.0))
+    return Guest(monitor, name="vm1", settings=settings, host=host), monitor
+
+
+def failing(command: str, message: str = "boom") -> QmpCommandError:
+    return QmpCommandError(f"{command}: {message}", qmp_class="GenericError", command=command)
+
+
+def arguments(monitor: RecordingMonitor, command: str) -> dict[str, object]:
+    [found] = [args for name, args in monitor.executed if name == command]
+    return found
+
+
+# ----------------------------------------------------------------------------------------- argument shapes
+
+
+def _netdev(spec: Mapping[str, Any], *, vhost: bool = False) -> dict[str, object]:
+    return netdev_arguments("n.net", parse_nic_spec(spec), vhost=vhost)
+
+
+@pytest.mark.parametrize(
+    ("spec", "vhost", "expected"),
+    [
+        ({"backend": {"type": "bridge", "bridge": "br0"}}, False,
+         {"id": "n.net", "type": "tap", "fd": "n.net.fd0", "vhost": False}),
+        ({"backend": {"type": "bridge", "bridge": "br0"}}, True,
+         {"id": "n.net", "type": "tap", "fd": "n.net.fd0", "vhost": True}),
+        ({"queues": 3, "backend": {"type": "bridge", "bridge": "br0"}}, True,
+         {"id": "n.net", "type": "tap", "fds": "n.net.fd0:n.net.fd1:n.net.fd2", "vhost": True}),
+        ({"backend": {"type": "nat", "network": "lab"}}, False,
+         {"id": "n.net", "type": "tap", "fd": "n.net.fd0", "vhost": False}),
+        ({"backend": {"type": "bridge", "bridge": "br0", "helper": True}}, False,
+         {"id": "n.net", "type": "bridge", "br": "br0"}),
+        ({"backend": {"type": "tap", "ifname": "mytap"}}, False,
+         {"id": "n.net", "type": "tap", "ifname": "mytap", "script": "no", "downscript": "no"}),
+        ({"queues": 4, "backend": {"type": "tap", "ifname": "mytap"}}, True,
+         {"id": "n.net", "type": "tap", "ifname": "mytap", "script": "no", "downscript": "no", "queues": 4}),
+    ],
+    ids=["bridge", "bridge-vhost", "bridge-mq", "nat", "bridge-helper", "tap", "tap-mq"],
+)
+def test_netdev_arguments_of_host_backends(spec: dict[str, Any], vhost: bool, expected: dict[str, object]) -> None:
+    assert _netdev(spec, vhost=vhost) == expected
+
+
+def test_tap_backend_never_has_a_script_or_an_fd() -> None:
+    args = _netdev({"backend": {"type": "tap", "ifname": "mytap"}}, vhost=True)
+    assert (args["script"], args["downscript"]) == ("no", "no")
+    assert not {"fd", "fds", "vhost", "helper", "br"} & set(args)
+
+
+def test_fd_names_are_one_per_queue() -> None:
+    assert fd_names("virtio0.net", 1) == ("virtio0.net.fd0",)
+    assert fd_names("x.net", 3) == ("x.net.fd0", "x.net.fd1", "x.net.fd2")
+
+
+def _view() -> GuestView:
+    return Inventory.from_observation(pc_observation(), {}, set()).view()
+
+
+def test_multiqueue_bridge_plan_has_mq_and_vectors() -> None:
+    plan = plan_add(parse_nic_spec({"id": "m", "queues": 4, "backend": {"type": "bridge", "bridge": "br0"}}), _view())
+    netdev, device = (step.call for step in plan.steps)
+    assert netdev.arguments["fds"] == "m.net.fd0:m.net.fd1:m.net.fd2:m.net.fd3"
+    assert "fd" not in netdev.arguments
+    assert device.arguments["mq"] is True
+    assert device.arguments["vectors"] == 2 * 4 + 2
+
+
+def test_explicit_vectors_win_over_the_multiqueue_default() -> None:
+    spec = parse_nic_spec({"id": "m", "queues": 2, "vectors": 16, "backend": {"type": "bridge", "bridge": "br0"}})
+    device = plan_add(spec, _view()).steps[1].call
+    assert (device.arguments["mq"], device.arguments["vectors"]) == (True, 16)
+
+
+def test_vfio_plan_is_one_device_add_without_netdev() -> None:
+    plan = plan_add(parse_nic_spec({"id": "h0", "backend": {"type": "vfio", "host": "03:00.0"}}), _view())
+    [step] = plan.steps
+    assert step.call.command == "device_add"
+    assert step.call.arguments == {"driver": "vfio-pci", "id": "h0", "host": "0000:03:00.0", "bus": "pci.0",
+                                   "addr": FIRST_FREE}
+    assert (plan.netdev_id, plan.mac) == (None, None)
+    assert step.undo is not None
+    assert step.undo.command == "device_del"
+
+
+@pytest.mark.parametrize("option", [{"model": "e1000"}, {"mac": "52:54:00:00:00:99"}, {"queues": 2}, {"link": "down"}])
+def test_vfio_refuses_emulation_options(option: dict[str, object]) -> None:
+    name = next(iter(option))
+    with pytest.raises(InvalidRequest) as caught:
+        parse_nic_spec({"backend": {"type": "vfio", "host": "03:00.0"}, **option})
+    assert caught.value.field == f"nic.{name}"
+
+
+# ----------------------------------------------------------------------------------------- policy, pure checks
+
+BRIDGE = NicSpec.model_validate({"backend": {"type": "bridge", "bridge": "br0"}})
+HELPER = NicSpec.model_validate({"backend": {"type": "bridge", "bridge": "br0", "helper": True}})
+TAP = NicSpec.model_validate({"backend": {"type": "tap", "ifname": "mytap"}})
+VFIO = NicSpec.model_validate({"backend": {"type": "vfio", "host": "03:00.0"}})
+NAT = NicSpec.model_validate({"backend": {"type": "nat", "network": "default"}})
+
+
+@pytest.mark.parametrize(
+    ("spec", "policy", "field_name"),
+    [
+        (BRIDGE, Policy(allowed_bridges=["br9"]), "nic.backend.bridge"),
+        (BRIDGE, Policy(allowed_bridges=[]), "nic.backend.bridge"),
+        (HELPER, Policy(), "nic.backend.helper"),
+        (HELPER, Policy(allowed_bridges=["br0"]), "nic.backend.helper"),
+        (TAP, Policy(allowed_taps=["other"]), "nic.backend.ifname"),
+        (VFIO, Policy(allowed_vfio_hosts=["0000:04:00.0"]), "nic.backend.host"),
+    ],
+    ids=["bridge-unlisted", "bridge-none", "helper-default", "helper-not-allowed", "tap", "vfio"],
+)
+def test_policy_refuses(spec: NicSpec, policy: Policy, field_name: str) -> None:
+    with pytest.raises(Forbidden) as caught:
+        check_spec(spec, policy)
+    assert caught.value.code == "forbidden"
+    assert caught.value.field == field_name
+    assert "policy." in caught.value.message  # says which setting refuses it
+
+
+@pytest.mark.parametrize(
+    ("spec", "policy"),
+    [
+        (BRIDGE, Policy()),
+        (BRIDGE, Policy(allowed_bridges=["br0", "br1"])),
+        (HELPER, Policy(allow_bridge_helper=True)),
+        (TAP, Policy()),
+        (TAP, Policy(allowed_taps=["mytap"])),
+        (VFIO, Policy()),
+        (VFIO, Policy(allowed_vfio_hosts=["0000:03:00.0"])),  # the spec's short form is normalized first
+        (NAT, Policy(allowed_bridges=[])),  # a NAT network is the operator's own: not a bridge a caller picks
+    ],
+    ids=["bridge-any", "bridge-listed", "helper-allowed", "tap-any", "tap-listed", "vfio-any", "vfio-listed", "nat"],
+)
+def test_policy_allows(spec: NicSpec, policy: Policy) -> None:
+    check_spec(spec, policy)
+
+
+# ----------------------------------------------------------------------------------------- hostile names
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+@pytest.mark.parametrize(("backend", "key"), [("bridge", "bridge"), ("tap", "ifname")])
+async def test_hostile_names_are_refused_before_anything_happens(backend: str, key: str, name: str) -> None:
+    host = FakeHost()
+    guest, monitor = lane(host)
+    with pytest.raises(InvalidRequest) as caught:
+        await guest.add_nic({"backend": {"type": backend, key: name}})
+    assert caught.value.code == "invalid_request"
+    assert caught.value.field == f"nic.backend.{key}"
+    assert caught.value.message.startswith(f"nic.backend.{key}: ")
+    assert monitor.executed == []
+    assert monitor.observed == 0
+    assert host.calls == []
+
+
+@pytest.mark.parametrize("name", ["../x", "a b", "x;y", "$(x)", "n" * 33])
+async def test_hostile_network_names_are_refused(name: str) -> None:
+    host = FakeHost()
+    guest, monitor = lane(host)
+    with pytest.raises(InvalidRequest) as caught:
+        await guest.add_nic({"backend": {"type": "nat", "network": name}})
+    assert caught.value.field == "nic.backend.network"
+    assert (monitor.executed, host.calls) == ([], [])
+
+
+# ----------------------------------------------------------------------------------------- bridge in the lane
+
+
+async def test_bridge_nic_passes_the_tap_fd_then_adds_netdev_and_device() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host)
+    nic = await guest.add_nic({"id": "b0", "mac": "52:54:00:bb:00:01", "backend": {"type": "bridge", "bridge": "br0"}})
+    assert host.calls == [("create_tap", "br0", 1, "vm1/b0")]
+    assert monitor.executed == [
+        ("getfd", {"fdname": "b0.net.fd0"}),
+        ("netdev_add", {"id": "b0.net", "type": "tap", "fd": "b0.net.fd0", "vhost": False}),
+        ("device_add", {"driver": "virtio-net-pci", "id": "b0", "netdev": "b0.net", "mac": "52:54:00:bb:00:01",
+                        "bus": "pci.0", "addr": FIRST_FREE}),
+    ]
+    assert host.taps[0].closed  # qmpnet's copies are closed once QEMU has its own
+    assert nic.backend is not None
+    assert nic.backend.type == "bridge"
+    assert nic.backend.options == {"bridge": "br0", "tap": "vnet0"}
+
+
+async def test_vhost_is_asked_for_when_the_host_has_it() -> None:
+    guest, monitor = lane(FakeHost(use_vhost=True))
+    await guest.add_nic({"id": "b0", "backend": {"type": "bridge", "bridge": "br0"}})
+    assert arguments(monitor, "netdev_add")["vhost"] is True
+
+
+async def test_multiqueue_bridge_passes_one_fd_per_queue() -> None:
+    host = FakeHost(use_vhost=True)
+    guest, monitor = lane(host)
+    await guest.add_nic({"id": "mq", "queues": 3, "backend": {"type": "bridge", "bridge": "br0"}})
+    assert host.calls == [("create_tap", "br0", 3, "vm1/mq")]
+    assert [args for name, args in monitor.executed if name == "getfd"] == [
+        {"fdname": "mq.net.fd0"}, {"fdname": "mq.net.fd1"}, {"fdname": "mq.net.fd2"}
+    ]
+    assert arguments(monitor, "netdev_add") == {
+        "id": "mq.net", "type": "tap", "fds": "mq.net.fd0:mq.net.fd1:mq.net.fd2", "vhost": True
+    }
+    device = arguments(monitor, "device_add")
+    assert (device["mq"], device["vectors"]) == (True, 8)
+
+
+async def test_bridge_helper_makes_no_tap_and_passes_no_fd() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host, Policy(allow_bridge_helper=True))
+    await guest.add_nic({"id": "h", "backend": {"type": "bridge", "bridge": "br0", "helper": True}})
+    assert host.calls == []
+    assert monitor.commands == ["netdev_add", "device_add"]
+    assert arguments(monitor, "netdev_add") == {"id": "h.net", "type": "bridge", "br": "br0"}
+
+
+async def test_bridge_not_allowed_by_policy_is_forbidden_and_nothing_happens() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host, Policy(allowed_bridges=["br9"]))
+    with pytest.raises(Forbidden) as caught:
+        await guest.add_nic({"backend": {"type": "bridge", "bridge": "br0"}})
+    assert caught.value.field == "nic.backend.bridge"
+    assert "br9" in caught.value.message
+    assert (monitor.executed, monitor.observed, host.calls) == ([], 0, [])
+
+
+async def test_bridge_helper_is_forbidden_by_default() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host)
+    with pytest.raises(Forbidden) as caught:
+        await guest.add_nic({"backend": {"type": "bridge", "bridge": "br0", "helper": True}})
+    assert caught.value.field == "nic.backend.helper"
+    assert (monitor.executed, host.calls) == ([], [])
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        NotFound("nic.backend.bridge: no bridge 'br7'", field="nic.backend.bridge"),
+        InvalidRequest("nic.backend.bridge: eth0 is not a bridge", field="nic.backend.bridge"),
+    ],
+    ids=["unknown", "not-a-bridge"],
+)
+async def test_host_refusing_the_bridge_sends_nothing(error: QmpnetError) -> None:
+    host = FakeHost(errors={"create_tap": error})
+    guest, monitor = lane(host)
+    with pytest.raises(type(error)) as caught:
+        await guest.add_nic({"backend": {"type": "bridge", "bridge": "br7"}})
+    assert caught.value.field == "nic.backend.bridge"
+    assert monitor.commands == []  # the guest was read (to plan), but nothing was changed
+    assert host.actions == ["create_tap"]
+
+
+async def test_failed_device_add_deletes_netdev_closes_fds_and_deletes_the_tap() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host)
+    monitor.errors["device_add"] = failing("device_add", "PCI: slot 4 function 0 not available")
+    with pytest.raises(QmpCommandError) as caught:
+        await guest.add_nic({"id": "b0", "backend": {"type": "bridge", "bridge": "br0"}})
+    assert caught.value.code == "qmp_error"
+    assert monitor.executed == [
+        ("getfd", {"fdname": "b0.net.fd0"}),
+        ("netdev_add", {"id": "b0.net", "type": "tap", "fd": "b0.net.fd0", "vhost": False}),
+        ("device_add", arguments(monitor, "device_add")),
+        ("netdev_del", {"id": "b0.net"}),  # the netdev consumed the fd: deleting it closes QEMU's copy
+        ("closefd", {"fdname": "b0.net.fd0"}),  # harmless if consumed; needed if netdev_add never ran
+    ]
+    assert host.actions == ["create_tap", "delete_tap"]
+    assert host.calls[-1] == ("delete_tap", "vnet0")
+    assert host.taps[0].closed
+    assert "b0" not in {n.id for n in await guest.list_nics()}
+
+
+async def test_failed_netdev_add_closes_the_passed_fds_and_deletes_the_tap() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host)
+    monitor.errors["netdev_add"] = failing("netdev_add")
+    with pytest.raises(QmpCommandError):
+        await guest.add_nic({"id": "b0", "queues": 2, "backend": {"type": "bridge", "bridge": "br0"}})
+    assert monitor.commands == ["getfd", "getfd", "netdev_add", "closefd", "closefd"]
+    assert [args for name, args in monitor.executed if name == "closefd"] == [
+        {"fdname": "b0.net.fd0"}, {"fdname": "b0.net.fd1"}
+    ]
+    assert host.actions == ["create_tap", "delete_tap"]
+
+
+async def test_failed_getfd_closes_our_fds_and_deletes_the_tap() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host)
+    monitor.errors["getfd"] = failing("getfd", "No file descriptor supplied via SCM_RIGHTS")
+    with pytest.raises(QmpCommandError):
+        await guest.add_nic({"backend": {"type": "bridge", "bridge": "br0"}})
+    assert "netdev_add" not in monitor.commands
+    assert host.actions == ["create_tap", "delete_tap"]
+    assert host.taps[0].closed
+
+
+async def test_removal_deletes_netdev_after_device_deleted_then_the_tap() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host, monitor=AckingMonitor())
+    async with guest:
+        await guest.add_nic({"id": "b0", "backend": {"type": "bridge", "bridge": "br0"}})
+        monitor.executed.clear()
+        result = await guest.remove_nic("b0")
+    assert result.state == "removed"
+    assert monitor.executed == [("device_del", {"id": "b0"}), ("netdev_del", {"id": "b0.net"})]
+    assert host.calls[-1] == ("delete_tap", "vnet0")
+
+
+async def test_list_nics_shows_the_bridge_and_tap_of_a_bridge_nic() -> None:
+    guest, monitor = lane(FakeHost())
+    nic = await guest.add_nic({"id": "b0", "backend": {"type": "bridge", "bridge": "br0"}})
+    monitor.observation = with_tap_nic(monitor.observation, nic.id, nic.mac)
+    listed = {n.id: n for n in await guest.list_nics()}
+    backend = listed["b0"].backend
+    assert backend is not None
+    assert (backend.type, backend.options) == ("bridge", {"bridge": "br0", "tap": "vnet0"})
+
+
+async def test_without_a_host_side_bridge_is_unsupported() -> None:
+    guest, monitor = lane(None)
+    with pytest.raises(Unsupported) as caught:
+        await guest.add_nic({"backend": {"type": "bridge", "bridge": "br0"}})
+    assert caught.value.field == "nic.backend.type"
+    assert monitor.commands == []
+
+
+# ----------------------------------------------------------------------------------------- NAT in the lane
+
+
+async def test_nat_nic_brings_the_network_up_and_uses_its_bridge() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host)
+    nic = await guest.add_nic({"id": "n0", "backend": {"type": "nat", "network": "lab"}})
+    assert host.calls == [("nat_bridge", "lab"), ("create_tap", "qmpnat-lab", 1, "vm1/n0")]
+    assert monitor.commands == ["getfd", "netdev_add", "device_add"]
+    assert nic.backend is not None
+    assert nic.backend.type == "nat"
+    assert nic.backend.options == {"bridge": "qmpnat-lab", "tap": "vnet0", "network": "lab"}
+
+
+async def test_unknown_nat_network_is_not_found_and_nothing_is_sent() -> None:
+    host = FakeHost(errors={"nat_bridge": NotFound("nic.backend.network: no NAT network 'x'",
+                                                   field="nic.backend.network")})
+    guest, monitor = lane(host)
+    with pytest.raises(NotFound) as caught:
+        await guest.add_nic({"backend": {"type": "nat", "network": "x"}})
+    assert caught.value.field == "nic.backend.network"
+    assert monitor.commands == []
+    assert host.actions == ["nat_bridge"]
+
+
+async def test_list_nics_reports_a_nat_nic_as_nat() -> None:
+    guest, monitor = lane(FakeHost())
+    nic = await guest.add_nic({"id": "n0", "backend": {"type": "nat", "network": "lab"}})
+    monitor.observation = with_tap_nic(monitor.observation, nic.id, nic.mac)
+    listed = {n.id: n for n in await guest.list_nics()}
+    backend = listed["n0"].backend
+    assert backend is not None
+    assert (backend.type, backend.options) == ("nat", {"network": "lab", "bridge": "qmpnat-lab", "tap": "vnet0"})
+
+
+# ----------------------------------------------------------------------------------------- tap in the lane
+
+
+async def test_tap_backend_checks_the_tap_and_opens_it_by_name() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host)
+    await guest.add_nic({"id": "t0", "queues": 2, "backend": {"type": "tap", "ifname": "mytap"}})
+    assert host.calls == [("check_tap", "mytap")]
+    assert monitor.commands == ["netdev_add", "device_add"]
+    assert arguments(monitor, "netdev_add") == {"id": "t0.net", "type": "tap", "ifname": "mytap", "script": "no",
+                                                "downscript": "no", "queues": 2}
+    assert arguments(monitor, "device_add")["mq"] is True
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        NotFound("nic.backend.ifname: no tap 'mytap'", field="nic.backend.ifname"),
+        Conflict("nic.backend.ifname: mytap is already held", field="nic.backend.ifname"),
+        InvalidRequest("nic.backend.ifname: mytap is not a tap", field="nic.backend.ifname"),
+    ],
+    ids=["missing", "held", "not-a-tap"],
+)
+async def test_a_tap_the_host_refuses_sends_nothing(error: QmpnetError) -> None:
+    guest, monitor = lane(FakeHost(errors={"check_tap": error}))
+    with pytest.raises(type(error)):
+        await guest.add_nic({"backend": {"type": "tap", "ifname": "mytap"}})
+    assert monitor.commands == []
+
+
+async def test_tap_not_allowed_by_policy_is_forbidden() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host, Policy(allowed_taps=["tap9"]))
+    with pytest.raises(Forbidden) as caught:
+        await guest.add_nic({"backend": {"type": "tap", "ifname": "mytap"}})
+    assert caught.value.field == "nic.backend.ifname"
+    assert (monitor.executed, host.calls) == ([], [])
+
+
+# ----------------------------------------------------------------------------------------- VFIO in the lane
+
+
+async def test_vfio_nic_is_one_device_add_after_the_host_checks() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host)
+    nic = await guest.add_nic({"id": "h0", "backend": {"type": "vfio", "host": "03:00.0"}})
+    assert host.calls == [("prepare_vfio", "0000:03:00.0", False)]
+    assert monitor.executed == [
+        ("device_add", {"driver": "vfio-pci", "id": "h0", "host": "0000:03:00.0", "bus": "pci.0", "addr": FIRST_FREE})
+    ]
+    assert nic.model == "vfio-pci"
+    assert nic.netdev is None
+
+
+async def test_vfio_rebind_is_undone_when_device_add_fails() -> None:
+    host = FakeHost(original_driver="e1000e")
+    guest, monitor = lane(host)
+    monitor.errors["device_add"] = failing("device_add", "vfio 0000:03:00.0: no such host device")
+    with pytest.raises(QmpCommandError):
+        await guest.add_nic({"backend": {"type": "vfio", "host": "0000:03:00.0", "rebind": True}})
+    assert monitor.commands == ["device_add"]
+    assert host.calls == [("prepare_vfio", "0000:03:00.0", True), ("restore_vfio", "0000:03:00.0", "e1000e")]
+
+
+async def test_vfio_rebind_is_given_back_after_removal() -> None:
+    host = FakeHost(original_driver="ixgbe")
+    guest, monitor = lane(host, monitor=AckingMonitor())
+    async with guest:
+        await guest.add_nic({"id": "h0", "backend": {"type": "vfio", "host": "0000:03:00.0", "rebind": True}})
+        assert (await guest.remove_nic("h0")).state == "removed"
+    assert "netdev_del" not in monitor.commands
+    assert host.calls[-1] == ("restore_vfio", "0000:03:00.0", "ixgbe")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        InvalidRequest("nic.backend.host: 0000:03:00.0 is not a network controller", field="nic.backend.host"),
+        NotFound("nic.backend.host: no PCI function 0000:03:00.0", field="nic.backend.host"),
+        Unsupported("nic.backend.host: 0000:03:00.0 has no IOMMU group", field="nic.backend.host"),
+    ],
+    ids=["class", "missing", "no-iommu"],
+)
+async def test_vfio_host_check_failure_sends_nothing(error: QmpnetError) -> None:
+    host = FakeHost(errors={"prepare_vfio": error})
+    guest, monitor = lane(host)
+    with pytest.raises(type(error)) as caught:
+        await guest.add_nic({"backend": {"type": "vfio", "host": "0000:03:00.0"}})
+    assert caught.value.field == "nic.backend.host"
+    assert monitor.commands == []
+    assert host.actions == ["prepare_vfio"]
+
+
+async def test_vfio_host_not_allowed_by_policy_is_forbidden() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host, Policy(allowed_vfio_hosts=["0000:04:00.0"]))
+    with pytest.raises(Forbidden) as caught:
+        await guest.add_nic({"backend": {"type": "vfio", "host": "0000:03:00.0"}})
+    assert caught.value.field == "nic.backend.host"
+    assert (monitor.executed, host.calls) == ([], [])
+
+
+@pytest.mark.parametrize("host", ["0000:03:00.8", "0000:03:20.0", "03:00", "../03:00.0", "0000:03:00.0;x"])
+async def test_malformed_vfio_host_is_an_invalid_request(host: str) -> None:
+    fake = FakeHost()
+    guest, monitor = lane(fake)
+    with pytest.raises(InvalidRequest) as caught:
+        await guest.add_nic({"backend": {"type": "vfio", "host": host}})
+    assert caught.value.field == "nic.backend.host"
+    assert (monitor.executed, fake.calls) == ([], [])

@@ -196,7 +196,8 @@ class Guest:
             nic = inventory.nics.get(nic_id)
             if nic is None:
                 raise NotFound(f"id: no NIC {nic_id!r} in guest {self.name}", field="id")
-            return await self._unplug(inventory, nic, wait)
+            # Once device_del is sent the outcome must be recorded (pending or removed), caller or not.
+            return await _shielded(self._unplug(inventory, nic, wait))
 
     async def set_link(self, nic_id: str, up: bool) -> Nic:
         """Set the link of NIC ``nic_id`` up or down (the guest sees carrier change).

@@ -11,4 +11,4 @@ COPY qmpnet /src/qmpnet
 RUN python3 -m venv /opt/qmpnet && /opt/qmpnet/bin/pip install --no-cache-dir /src && rm -rf /src
 USER root
 ENTRYPOINT ["/opt/qmpnet/bin/qmpnet"]
-CMD ["serve", "--config", "/etc/qmpnet/qmpnet.toml"]
+CMD ["serve", "--config", "/etc/qmpnet/serve.toml"]

@@ -12,7 +12,7 @@ from pathlib import Path  # noqa: TC003 - pydantic resolves the annotations at r
 from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import unquote, urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FilePath, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from qmpnet.errors import InvalidRequest
@@ -127,9 +127,9 @@ class MqttSettings(BaseModel):
     protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT protocol version of our connection.")
     username: str | None = Field(default=None, description="Broker user name.")
     password: SecretStr | None = Field(default=None, description="Broker password.")
-    ca_file: Path | None = Field(default=None, description="CA bundle to verify the broker (mqtts).")
-    cert_file: Path | None = Field(default=None, description="Client certificate (mqtts).")
-    key_file: Path | None = Field(default=None, description="Client certificate's key (mqtts).")
+    ca_file: FilePath | None = Field(default=None, description="CA bundle to verify the broker (mqtts).")
+    cert_file: FilePath | None = Field(default=None, description="Client certificate (mqtts).")
+    key_file: FilePath | None = Field(default=None, description="Client certificate's key (mqtts).")
     keepalive: int = Field(default=30, ge=5, le=3600, description="Seconds between MQTT keepalive pings.")
     connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to connect to the broker.")
     reconnect_min: float = Field(default=0.5, gt=0, description="First delay before reconnecting to the broker.")

@@ -1,0 +1,321 @@
+"""The controller with in-memory ports: a recording state sink and fake QMP connections (no broker, no QEMU)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from fakemonitor import RecordingMonitor
+
+from qmpnet.controller import Controller
+from qmpnet.errors import GuestUnavailable
+from qmpnet.metrics import Metrics
+from qmpnet.settings import ControllerSettings, MqttSettings, QmpSettings, Settings
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from pathlib import Path
+
+    from qmpnet.bus.envelopes import ControllerOnline, EventMessage, GuestStatus, NicList, Response
+
+
+class FakeConnection(RecordingMonitor):
+    """A recording monitor with what the controller needs of a connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = asyncio.Event()
+        self.greeting_version: str | None = "7.2.22"
+
+    async def machine(self) -> tuple[str, str]:
+        return "pc-i440fx-7.2", "pc"
+
+    async def close(self) -> None:
+        self.closed.set()
+
+
+class Sink:
+    """Records what the controller publishes."""
+
+    def __init__(self) -> None:
+        self.controller: list[ControllerOnline] = []
+        self.status: list[tuple[str, GuestStatus]] = []
+        self.nics: list[tuple[str, NicList]] = []
+        self.events: list[tuple[str, str, EventMessage]] = []
+        self.gone: list[str] = []
+        self.changed = asyncio.Event()
+
+    def controller_status(self, status: ControllerOnline) -> None:
+        self.controller.append(status)
+        self.changed.set()
+
+    def guest_status(self, guest: str, status: GuestStatus) -> None:
+        self.status.append((guest, status))
+        self.changed.set()
+
+    def guest_nics(self, guest: str, nics: NicList) -> None:
+        self.nics.append((guest, nics))
+        self.changed.set()
+
+    def guest_gone(self, guest: str) -> None:
+        self.gone.append(guest)
+        self.changed.set()
+
+    def event(self, guest: str, name: str, event: EventMessage) -> None:
+        self.events.append((guest, name, event))
+        self.changed.set()
+
+    def states(self, guest: str) -> list[str]:
+        return [status.state for name, status in self.status if name == guest]
+
+    def event_names(self, guest: str) -> list[str]:
+        return [name for g, name, _ in self.events if g == guest]
+
+    async def until(self, check: Callable[[], bool], timeout: float = 2.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not check():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+class Fleet:
+    """Fake connections per guest; ``refuse`` makes the next connects fail."""
+
+    def __init__(self) -> None:
+        self.connections: dict[str, list[FakeConnection]] = {}
+        self.refuse: set[str] = set()
+        self.attempts: dict[str, int] = {}
+
+    async def connect(self, name: str, address: str) -> FakeConnection:
+        self.attempts[name] = self.attempts.get(name, 0) + 1
+        if name in self.refuse:
+            raise GuestUnavailable(f"cannot connect to QMP monitor {address}: refused")
+        connection = FakeConnection()
+        self.connections.setdefault(name, []).append(connection)
+        return connection
+
+    def current(self, name: str) -> FakeConnection:
+        return self.connections[name][-1]
+
+
+def settings(guests: dict[str, str] | None = None, **fleet: Any) -> Settings:
+    return Settings(
+        qmp=QmpSettings(connect_timeout=1, command_timeout=1, unplug_timeout=0.05),
+        mqtt=MqttSettings(controller_id="t1", dedup_window=60),
+        controller=ControllerSettings(
+            guests={"vm1": "/x/vm1.qmp"} if guests is None else guests, backoff_min=0.01, backoff_max=0.05, **fleet
+        ),
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(controller: Controller) -> AsyncIterator[Controller]:
+    task = asyncio.create_task(controller.run())
+    try:
+        yield controller
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.fixture
+def sink() -> Sink:
+    return Sink()
+
+
+@pytest.fixture
+def fleet() -> Fleet:
+    return Fleet()
+
+
+def ok(response: Response) -> Any:
+    assert response.status == "ok", response
+    return response.data
+
+
+def error_code(response: Response) -> str:
+    assert response.status == "error", response
+    return response.error.code
+
+
+async def connected(sink: Sink, guest: str = "vm1") -> None:
+    await sink.until(lambda: "connected" in sink.states(guest))
+
+
+async def test_a_connected_guest_serves_requests_and_publishes_state(sink: Sink, fleet: Fleet) -> None:
+    async with running(Controller(settings(), sink, fleet.connect, version="9.9")) as controller:
+        await connected(sink)
+        assert sink.controller[-1].guests == ["vm1"]
+        assert sink.controller[-1].version == "9.9"
+        assert sink.states("vm1") == ["connecting", "connected"]
+        assert sink.event_names("vm1") == ["guest_connected"]
+        nic = ok(await controller.handle("vm1", "nic/add", {"transaction": "a", "nic": {"id": "n1"}}))
+        assert nic.id == "n1"
+        assert [n.id for n in sink.nics[-1][1].nics if n.id == "n1"] == ["n1"]
+        assert sink.event_names("vm1")[-1] == "nic_added"
+        nic = ok(await controller.handle("vm1", "nic/link", {"id": "n1", "up": False}))
+        assert nic.link == "down"
+        assert next(n for n in sink.nics[-1][1].nics if n.id == "n1").link == "down"
+        guests = ok(await controller.handle(None, "guests", {})).guests
+        assert [(g.name, g.state, g.qemu, g.machine) for g in guests] == [
+            ("vm1", "connected", "7.2.22", "pc-i440fx-7.2")
+        ]
+
+
+async def test_a_duplicate_transaction_gets_the_first_answer_and_is_applied_once(sink: Sink, fleet: Fleet) -> None:
+    async with running(Controller(settings(), sink, fleet.connect, version="0")) as controller:
+        await connected(sink)
+        monitor = fleet.current("vm1")
+        monitor.gates["device_add"] = asyncio.Event()
+        request = {"transaction": "t-1", "nic": {"model": "e1000"}}
+        first = asyncio.create_task(controller.handle("vm1", "nic/add", request))
+        second = asyncio.create_task(controller.handle("vm1", "nic/add", {**request, "nic": {"model": "rtl8139"}}))
+        await asyncio.sleep(0.01)
+        monitor.gates["device_add"].set()
+        answers = await asyncio.gather(first, second)
+        third = await controller.handle("vm1", "nic/add", request)
+        assert answers[0] == answers[1] == third
+        assert monitor.commands.count("device_add") == 1
+        assert ok(third).model == "e1000"
+        other = await controller.handle("vm1", "nic/add", {"transaction": "t-2", "nic": {}})
+        assert ok(other).id != ok(third).id
+        assert monitor.commands.count("device_add") == 2
+
+
+async def test_the_dedup_window_ends(sink: Sink, fleet: Fleet) -> None:
+    fast = settings().model_copy(update={"mqtt": MqttSettings(controller_id="t1", dedup_window=0)})
+    async with running(Controller(fast, sink, fleet.connect, version="0")) as controller:
+        await connected(sink)
+        request = {"transaction": "again", "nic": {}}
+        ok(await controller.handle("vm1", "nic/add", request))
+        ok(await controller.handle("vm1", "nic/add", request))
+        assert fleet.current("vm1").commands.count("device_add") == 2
+
+
+async def test_unknown_guest_unknown_op_and_bad_fields(sink: Sink, fleet: Fleet) -> None:
+    async with running(Controller(settings(), sink, fleet.connect, version="0")) as controller:
+        await connected(sink)
+        missing = await controller.handle("nosuch", "nic/list", {"transaction": "x"})
+        assert error_code(missing) == "not_found"
+        assert missing.transaction == "x"
+        unknown = await controller.handle("vm1", "nic/explode", {})
+        assert error_code(unknown) == "invalid_request"
+        assert unknown.status == "error"
+        assert unknown.error.field == "op"
+        assert error_code(await controller.handle(None, "nic/add", {})) == "invalid_request"
+        bad = await controller.handle("vm1", "nic/add", {"transaction": "b", "nic": {"vectors": -1}})
+        assert bad.status == "error"
+        assert (bad.error.code, bad.error.field, bad.transaction) == ("invalid_request", "nic.vectors", "b")
+        assert "device_add" not in fleet.current("vm1").commands
+
+
+async def test_a_guest_that_cannot_be_reached_fails_fast_and_is_retried(sink: Sink, fleet: Fleet) -> None:
+    fleet.refuse.add("vm1")
+    async with running(Controller(settings(), sink, fleet.connect, version="0")) as controller:
+        await sink.until(lambda: "disconnected" in sink.states("vm1"))
+        answer = await controller.handle("vm1", "nic/list", {"transaction": "down"})
+        assert error_code(answer) == "guest_unavailable"
+        assert answer.status == "error"
+        assert "refused" in answer.error.message
+        await asyncio.sleep(0.1)
+        assert fleet.attempts["vm1"] >= 3  # retried with backoff
+        fleet.refuse.clear()
+        await connected(sink)
+        ok(await controller.handle("vm1", "nic/list", {}))
+
+
+async def test_a_closed_connection_is_reported_and_reconnected(sink: Sink, fleet: Fleet) -> None:
+    async with running(Controller(settings(), sink, fleet.connect, version="0")) as controller:
+        await connected(sink)
+        fleet.current("vm1").closed.set()
+        await sink.until(lambda: sink.states("vm1")[-1:] == ["disconnected"])
+        assert "guest_disconnected" in sink.event_names("vm1")
+        await sink.until(lambda: sink.states("vm1")[-1:] == ["connected"])
+        assert sink.event_names("vm1") == ["guest_connected", "guest_disconnected", "guest_connected"]
+        assert len(fleet.connections["vm1"]) == 2
+        ok(await controller.handle("vm1", "nic/list", {}))
+
+
+async def test_a_late_unplug_ack_publishes_nic_removed(sink: Sink, fleet: Fleet) -> None:
+    async with running(Controller(settings(), sink, fleet.connect, version="0")) as controller:
+        await connected(sink)
+        ok(await controller.handle("vm1", "nic/add", {"nic": {"id": "late"}}))
+        pending = ok(await controller.handle("vm1", "nic/del", {"id": "late", "timeout": 0}))
+        assert pending.state == "removal_pending"
+        assert next(n for n in sink.nics[-1][1].nics if n.id == "late").state == "removal_pending"
+        fleet.current("vm1").emit("DEVICE_DELETED", {"device": "late", "path": "/machine/peripheral/late"})
+        await sink.until(lambda: "nic_removed" in sink.event_names("vm1"))
+        assert "late" not in {n.id for n in sink.nics[-1][1].nics}
+
+
+async def test_rx_filter_changes_become_events(sink: Sink, fleet: Fleet) -> None:
+    async with running(Controller(settings(), sink, fleet.connect, version="0")):
+        await connected(sink)
+        fleet.current("vm1").emit("NIC_RX_FILTER_CHANGED", {"name": "net0", "path": "/x"})
+        (event,) = [e for g, name, e in sink.events if name == "rx_filter_changed"]
+        assert (event.guest, event.id) == ("vm1", "net0")
+
+
+async def test_a_bug_is_answered_internal(sink: Sink, fleet: Fleet) -> None:
+    async with running(Controller(settings(), sink, fleet.connect, version="0")) as controller:
+        await connected(sink)
+
+        fleet.current("vm1").errors["netdev_add"] = RuntimeError("boom")  # type: ignore[assignment]
+        answer = await controller.handle("vm1", "nic/add", {"transaction": "bug", "nic": {}})
+        assert error_code(answer) == "internal"
+        assert answer.transaction == "bug"
+
+
+def test_backoff_is_capped_exponential_with_jitter(sink: Sink, fleet: Fleet) -> None:
+    fleet_settings = ControllerSettings(backoff_min=0.1, backoff_max=2.0)
+    controller = Controller(Settings(controller=fleet_settings), sink, fleet.connect, version="0")
+    for failures, ceiling in [(0, 0.1), (1, 0.2), (3, 0.8), (5, 2.0), (60, 2.0)]:
+        delays = [controller.backoff(failures) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len(set(delays)) > 1
+
+
+async def test_metrics_count_requests_and_guest_states(sink: Sink, fleet: Fleet) -> None:
+    metrics = Metrics()
+    async with running(Controller(settings(), sink, fleet.connect, version="0", observer=metrics)) as controller:
+        await connected(sink)
+        ok(await controller.handle("vm1", "nic/list", {}))
+        await controller.handle("vm1", "nic/bogus", {})
+        value = metrics.registry.get_sample_value
+        assert value("qmpnet_requests_total", {"op": "nic/list", "status": "ok"}) == 1
+        assert value("qmpnet_requests_total", {"op": "unknown", "status": "invalid_request"}) == 1
+        assert value("qmpnet_request_seconds_count", {"op": "nic/list"}) == 1
+        assert value("qmpnet_guests", {"state": "connected"}) == 1
+        assert value("qmpnet_guests", {"state": "disconnected"}) == 0
+
+
+def _socket_file(path: Path) -> socket.socket:
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    return server
+
+
+async def test_guest_directory_discovery(sink: Sink, fleet: Fleet, sockdir: Path) -> None:
+    fast = settings(guests={}, guest_dir=sockdir, discovery_interval=0.01)
+    first = _socket_file(sockdir / "alpha.qmp")
+    (sockdir / "plain.qmp").write_text("not a socket")
+    bad = _socket_file(sockdir / "bad name!.qmp")
+    try:
+        async with running(Controller(fast, sink, fleet.connect, version="0")) as controller:
+            await connected(sink, "alpha")
+            assert sink.controller[-1].guests == ["alpha"]
+            second = _socket_file(sockdir / "beta.qmp")
+            await sink.until(lambda: sink.controller[-1].guests == ["alpha", "beta"])
+            first.close()
+            (sockdir / "alpha.qmp").unlink()
+            await sink.until(lambda: sink.controller[-1].guests == ["beta"])
+            assert sink.gone == ["alpha"]
+            assert error_code(await controller.handle("alpha", "nic/list", {})) == "not_found"
+            second.close()
+    finally:
+        first.close()
+        bad.close()

@@ -1,0 +1,126 @@
+"""Wire messages: request validation naming the field, answer serialisation, and client-side error mapping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import qmpnet
+from qmpnet.bus.envelopes import (
+    EVENT_NAMES,
+    OPS,
+    ErrorBody,
+    EventMessage,
+    NicAddRequest,
+    NicDelRequest,
+    error_response,
+    ok_response,
+    parse_request,
+    to_wire,
+    transaction_of,
+)
+from qmpnet.client import error_from
+from qmpnet.errors import InvalidRequest, QmpCommandError, QmpnetError
+from qmpnet.model import RemoveResult
+
+
+def test_every_op_has_a_scope_request_and_data_model() -> None:
+    assert set(OPS) == {"nic/add", "nic/del", "nic/link", "nic/list", "models", "guests"}
+    assert {name for name, spec in OPS.items() if spec.scope == "controller"} == {"guests"}
+    assert EVENT_NAMES == (
+        "nic_added", "nic_removed", "nic_removal_pending", "unplug_rejected", "link_changed", "rx_filter_changed",
+        "guest_connected", "guest_disconnected",
+    )  # fmt: skip
+
+
+def test_parse_request_builds_the_op_model() -> None:
+    request = parse_request("nic/add", "guest", {"transaction": "t", "nic": {"model": "virtio"}})
+    assert isinstance(request, NicAddRequest)
+    assert request.nic.model == "virtio-net-pci"
+    assert request.transaction == "t"
+    removal = parse_request("nic/del", "guest", {"id": "n1", "timeout": 2})
+    assert removal == NicDelRequest(id="n1", timeout=2.0)
+
+
+@pytest.mark.parametrize(
+    ("op", "payload", "field"),
+    [
+        ("nic/add", {}, "nic"),
+        ("nic/add", {"nic": {"mac": "zz"}}, "nic.mac"),
+        ("nic/add", {"nic": {"backend": {"type": "user", "dns": "x"}}}, "nic.backend.dns"),
+        ("nic/add", {"nic": {"backend": {"type": "hubport"}}}, "nic.backend.hub"),
+        ("nic/add", {"nic": {"model": "rtl8139", "vectors": 4}}, "nic.vectors"),
+        ("nic/add", {"nic": {}, "extra": 1}, "extra"),
+        ("nic/add", {"transaction": ["x"], "nic": {}}, "transaction"),
+        ("nic/add", {"transaction": "x" * 257, "nic": {}}, "transaction"),
+        ("nic/del", {}, "id"),
+        ("nic/del", {"id": "a", "timeout": -1}, "timeout"),
+        ("nic/link", {"id": "a", "up": 1}, "up"),
+        ("nic/link", {"id": "a"}, "up"),
+        ("nic/list", {"all": True}, "all"),
+        ("nic/nope", {}, "op"),
+        ("guests", {}, "op"),
+    ],
+)
+def test_invalid_requests_name_the_field(op: str, payload: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request(op, "guest", payload)
+    assert caught.value.field == field
+    assert caught.value.code == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    ("payload", "transaction"), [({"transaction": "a"}, "a"), ({"transaction": 5}, None), ({}, None), ([1], None)]
+)
+def test_transaction_of(payload: object, transaction: str | None) -> None:
+    assert transaction_of(payload) == transaction
+
+
+def test_answers_on_the_wire() -> None:
+    ok = json.loads(to_wire(ok_response("t", RemoveResult(id="n1", state="removed"))))
+    assert ok == {"transaction": "t", "status": "ok", "data": {"id": "n1", "state": "removed"}}
+    failed = json.loads(to_wire(error_response(None, InvalidRequest("nic.mac: bad", field="nic.mac"))))
+    assert failed == {
+        "transaction": None,
+        "status": "error",
+        "error": {"code": "invalid_request", "message": "nic.mac: bad", "field": "nic.mac"},
+    }
+    qmp = json.loads(
+        to_wire(error_response("q", QmpCommandError("device_add: no", qmp_class="GenericError", command="x")))
+    )
+    assert qmp["error"] == {"code": "qmp_error", "message": "device_add: no", "qmp_class": "GenericError"}
+    event = json.loads(to_wire(EventMessage(ts=1.5, guest="vm1", id="n1")))
+    assert event == {"ts": 1.5, "guest": "vm1", "id": "n1"}
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        qmpnet.InvalidRequest("a: b", field="a"),
+        qmpnet.NotFound("no guest", field="guest"),
+        qmpnet.Conflict("taken"),
+        qmpnet.Busy("full"),
+        qmpnet.Timeout("late"),
+        qmpnet.RemovalPending("wait"),
+        qmpnet.GuestUnavailable("down"),
+        qmpnet.NoFreeSlot("full"),
+        qmpnet.Unsupported("no"),
+        qmpnet.Forbidden("nope", field="nic.backend.smb"),
+        qmpnet.OutcomeUnknown("?"),
+        QmpnetError("internal error: KeyError"),
+    ],
+)
+def test_client_raises_the_class_of_each_code(error: QmpnetError) -> None:
+    body = json.loads(to_wire(error_response(None, error)))["error"]
+    raised = error_from(body)
+    assert type(raised) is type(error)
+    assert (raised.code, raised.message, raised.field) == (error.code, error.message, error.field)
+
+
+def test_client_maps_qmp_errors_and_unknown_codes() -> None:
+    raised = error_from(ErrorBody(code="qmp_error", message="m", qmp_class="DeviceNotFound").model_dump())
+    assert isinstance(raised, QmpCommandError)
+    assert raised.qmp_class == "DeviceNotFound"
+    future = error_from({"code": "from_the_future", "message": "m"})
+    assert future.code == "internal"

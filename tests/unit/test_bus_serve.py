@@ -1,0 +1,153 @@
+"""``qmpnet serve`` without a broker: settings, the bad-config exit, log format, request refusals, metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from qmpnet.app import JsonFormatter, main
+from qmpnet.bus.mqtt import MqttBus
+from qmpnet.errors import InvalidRequest
+from qmpnet.metrics import Metrics
+from qmpnet.settings import BrokerUrl, MqttSettings, Settings, default_controller_id, load_settings, parse_broker_url
+
+
+@pytest.mark.parametrize(
+    ("url", "parsed"),
+    [
+        ("mqtt://broker", BrokerUrl(tls=False, host="broker", port=1883, username=None, password=None)),
+        ("mqtts://broker", BrokerUrl(tls=True, host="broker", port=8883, username=None, password=None)),
+        ("mqtt://127.0.0.1:18830", BrokerUrl(tls=False, host="127.0.0.1", port=18830, username=None, password=None)),
+        ("mqtts://u:p%40ss@b:1", BrokerUrl(tls=True, host="b", port=1, username="u", password="p@ss")),  # noqa: S106
+        ("mqtt://[::1]:1883/", BrokerUrl(tls=False, host="::1", port=1883, username=None, password=None)),
+    ],
+)
+def test_broker_urls(url: str, parsed: BrokerUrl) -> None:
+    assert parse_broker_url(url) == parsed
+
+
+@pytest.mark.parametrize("url", ["http://b", "broker:1883", "mqtt://", "mqtt://b:99999", "mqtt://b/x", "mqtt://b?q"])
+def test_bad_broker_urls(url: str) -> None:
+    with pytest.raises(ValueError, match=r"mqtt|port|host|understood"):
+        parse_broker_url(url)
+
+
+def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert MqttSettings().controller_id == default_controller_id()
+    assert MqttSettings().max_payload == 65536
+    monkeypatch.setenv("QMPNET_MQTT__BROKER", "mqtts://b:8884")
+    monkeypatch.setenv("QMPNET_MQTT__PASSWORD", "s3cret")
+    monkeypatch.setenv("QMPNET_CONTROLLER__GUESTS", '{"vm1": "/run/vm1.qmp"}')
+    settings = load_settings()
+    assert settings.mqtt.broker == "mqtts://b:8884"
+    assert settings.mqtt.password is not None
+    assert settings.mqtt.password.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(settings)
+    assert settings.controller.guests == {"vm1": "/run/vm1.qmp"}
+
+
+def test_toml_file_and_flags_merge(tmp_path: Path) -> None:
+    config = tmp_path / "serve.toml"
+    config.write_text('[mqtt]\ncontroller_id = "h7"\n[controller.guests]\nvm1 = "/run/vm1.qmp"\n')
+    settings = load_settings(config, controller={"guests": {"vm2": "/run/vm2.qmp"}})
+    assert settings.mqtt.controller_id == "h7"
+    assert settings.controller.guests == {"vm1": "/run/vm1.qmp", "vm2": "/run/vm2.qmp"}
+
+
+@pytest.mark.parametrize(
+    ("config", "flags", "message"),
+    [
+        ('[mqtt]\nbroker = "http://x"\n', {}, "settings.mqtt.broker"),
+        ('[mqtt]\ncontroller_id = "a/b"\n', {}, "settings.mqtt.controller_id"),
+        ("[mqtt]\nbrokr = 1\n", {}, "settings.mqtt.brokr"),
+        ("[mqtt\n", {}, "config"),
+        ("", {"guests": ["vm1"]}, "--guest"),
+        ("", {"guests": ["bad name=/x"]}, "settings.controller.guests"),
+        ("", {"broker": "tcp://x"}, "settings.mqtt.broker"),
+        ('[mqtt]\nca_file = "/nonexistent/ca.crt"\n', {}, "settings.mqtt.ca_file"),
+    ],
+)
+def test_a_bad_config_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], config: str, flags: dict[str, object], message: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(config)
+    assert main(path, **flags) == 2  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: invalid_request: {message}")
+    assert err.count("\n") == 1
+
+
+def test_a_missing_config_file_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(tmp_path / "nope.toml") == 2
+    assert "is not a readable file" in capsys.readouterr().err
+
+
+def test_json_log_lines_carry_guest_and_transaction() -> None:
+    record = logging.LogRecord("qmpnet.controller", logging.INFO, __file__, 1, "guest %s: %s", ("vm1", "ok"), None)
+    record.guest = "vm1"
+    record.transaction = "t-9"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "guest vm1: ok"
+    assert (line["level"], line["logger"], line["guest"], line["transaction"]) == (
+        "INFO",
+        "qmpnet.controller",
+        "vm1",
+        "t-9",
+    )
+
+
+@pytest.mark.parametrize(
+    ("payload", "retained", "words"),
+    [
+        (b"x" * 70_000, False, "limit"),
+        (b"{oops", False, "not JSON"),
+        (b'{"a": Infinity}', False, "not JSON"),
+        (b'"text"', False, "JSON object"),
+        (b'{"transaction": "r"}', True, "retained"),
+    ],
+)
+def test_the_bus_refuses_before_the_controller_sees_it(payload: bytes, retained: bool, words: str) -> None:
+    bus = MqttBus(MqttSettings(controller_id="h1"))
+    refusal, _ = bus._check(payload, retained=retained)
+    assert isinstance(refusal, InvalidRequest)
+    assert words in refusal.message
+
+
+def test_the_bus_passes_a_json_object() -> None:
+    bus = MqttBus(MqttSettings(controller_id="h1"))
+    assert bus._check(b'{"transaction": "t"}', retained=False) == (None, {"transaction": "t"})
+
+
+def test_metrics_endpoint_on_loopback() -> None:
+    metrics = Metrics()
+    metrics.request_done("nic/add", "ok", 0.004)
+    server = metrics.serve("127.0.0.1", 0)
+    try:
+        port = server.server_address[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert 'qmpnet_requests_total{op="nic/add",status="ok"} 1.0' in text
+    assert 'qmpnet_request_seconds_bucket{le="0.005",op="nic/add"} 1.0' in text
+
+
+def test_settings_keep_existing_sections() -> None:
+    settings = Settings()
+    assert settings.qmp.command_timeout > 0
+    assert settings.metrics.port is None
+    assert settings.metrics.host == "127.0.0.1"
+
+
+def test_the_example_config_is_valid() -> None:
+    example = Path(__file__).parents[2] / "contrib" / "examples" / "serve.toml"
+    settings = load_settings(example, mqtt={"ca_file": None})  # the example's CA file is not on this machine
+    assert settings.mqtt.broker.startswith("mqtts://")
+    assert settings.controller.guest_dir is not None
+    assert settings.log.format == "json"

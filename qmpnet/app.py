@@ -69,6 +69,17 @@ def configure_logging(settings: LogSettings) -> None:
     logging.getLogger("qemu").setLevel(max(logging.WARNING, root.level))
 
 
+def serve_settings(settings: Settings) -> Settings:
+    """The settings as the controller applies them to remote callers.
+
+    Direct mode lets whoever holds the QMP socket use any existing bridge; over MQTT a caller gets only the
+    bridges the operator lists (``[policy] allowed_bridges``), so an unset list means none.
+    """
+    if settings.policy.allowed_bridges is not None:
+        return settings
+    return settings.model_copy(update={"policy": settings.policy.model_copy(update={"allowed_bridges": []})})
+
+
 async def serve(settings: Settings, *, version: str) -> None:
     """Run the controller until SIGTERM or SIGINT (or cancellation), then shut down cleanly.
 
@@ -88,6 +99,7 @@ async def serve(settings: Settings, *, version: str) -> None:
         from qmpnet.metrics import Metrics  # noqa: PLC0415 - prometheus-client is loaded only when asked for
 
         metrics = Metrics()
+    settings = serve_settings(settings)
     bus = MqttBus(settings.mqtt)
     controller = Controller(settings, bus, connect, version=version, observer=metrics, host=HostNet(settings.hostnet))
     stop = asyncio.Event()

@@ -224,11 +224,21 @@ class _Member:
                 return
             self.guest = guest
             self.set_nics(nics)
+            await self._sweep_taps(nics)
             self.set_state("connected")
             log.info("guest %s: connected (QEMU %s, %s)", self.name, self.qemu, self.machine, extra=self.log_extra)
             self.controller.emit(self, "guest_connected")
             await connection.closed.wait()
             log.info("guest %s: disconnected", self.name, extra=self.log_extra)
+
+    async def _sweep_taps(self, nics: list[Nic]) -> None:
+        host = self.controller.host
+        if host is None:
+            return
+        try:
+            await host.sweep_orphans(f"{self.name}/", {f"{self.name}/{nic.id}" for nic in nics})
+        except QmpnetError as err:
+            log.warning("guest %s: sweeping stale taps failed: %s", self.name, err, extra=self.log_extra)
 
     def set_state(self, state: GuestState) -> None:
         if state != self.state:

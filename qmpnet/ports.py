@@ -216,3 +216,7 @@ class HostNetwork(Protocol):
     async def restore_vfio(self, host: str, driver: str) -> None:
         """Give ``host`` back to ``driver`` after removal."""
         ...
+
+    async def sweep_orphans(self, owner_prefix: str, keep: set[str]) -> list[str]:
+        """Delete taps made for NICs (owners ``<guest>/<nic>``) under ``owner_prefix`` that are not in ``keep``."""
+        ...

@@ -8,13 +8,16 @@ Blocking sysfs work runs in a thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from qmpnet.hostnet.config import HostnetSettings
 from qmpnet.hostnet.nat import net_up
-from qmpnet.hostnet.taps import Tap, check_existing_tap, create_tap, delete_tap, sweep_taps, vhost_usable
+from qmpnet.hostnet.taps import Tap, check_existing_tap, create_tap, delete_tap, list_taps, vhost_usable
 from qmpnet.hostnet.vfio import bind_vfio, check_vfio, restore_driver
 
 __all__ = ["HostNet"]
+
+log = logging.getLogger(__name__)
 
 
 class HostNet:
@@ -62,6 +65,16 @@ class HostNet:
         """Give ``host`` back to ``driver`` (``""``: leave it unbound, without the vfio-pci override)."""
         await asyncio.to_thread(restore_driver, host, driver or None, sysfs=self.settings.sysfs_root)
 
-    async def sweep(self, in_use: set[str]) -> list[str]:
-        """Delete qmpnet's taps not in ``in_use``; return their names."""
-        return await sweep_taps(in_use, pattern=self.settings.tap_pattern, netns=self.settings.netns)
+    async def sweep_orphans(self, owner_prefix: str, keep: set[str]) -> list[str]:
+        """Delete qmpnet's taps whose owner starts with ``owner_prefix`` and is not in ``keep``.
+
+        The controller calls this when a guest (re)connects, with the owners of the NICs the guest has: a tap made
+        for a NIC that no longer exists (a controller that died between ``getfd`` and ``netdev_add`` leaves one
+        held by QEMU's fd table) is removed; taps of other guests are never touched.
+        """
+        taps = await list_taps(pattern=self.settings.tap_pattern, netns=self.settings.netns)
+        stale = [t.name for t in taps if (t.owner or "").startswith(owner_prefix) and t.owner not in keep]
+        deleted = [name for name in stale if await delete_tap(name, netns=self.settings.netns)]
+        if deleted:
+            log.info("swept taps of NICs that no longer exist: %s", ", ".join(deleted))
+        return deleted

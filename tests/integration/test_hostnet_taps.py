@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from qmpnet.errors import Conflict, InvalidRequest, NotFound
-from qmpnet.hostnet import check_existing_tap, create_tap, delete_tap, list_taps, sweep_taps
+from qmpnet.hostnet import HostnetSettings, check_existing_tap, create_tap, delete_tap, list_taps, sweep_taps
+from qmpnet.hostnet.host import HostNet
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -243,3 +244,17 @@ async def test_existing_taps_are_checked_before_qemu_is_given_their_name(hv: str
     tap = await create_tap("br0", netns=hv)
     with tap, pytest.raises(Conflict, match="already held"):
         await check_existing_tap(tap.name, netns=hv)
+
+
+async def test_sweep_orphans_removes_only_the_guests_taps_of_vanished_nics(hv: str) -> None:
+    host = HostNet(HostnetSettings(netns=hv))
+    gone = await host.create_tap("br0", queues=1, owner="vm1/gone0")
+    kept = await host.create_tap("br0", queues=1, owner="vm1/kept0")
+    other = await host.create_tap("br0", queues=1, owner="vm2/gone0")
+    try:
+        swept = await host.sweep_orphans("vm1/", {"vm1/kept0"})
+        assert swept == [gone.name]
+        assert {t.name for t in await list_taps(netns=hv)} == {kept.name, other.name}
+    finally:
+        for tap in (gone, kept, other):
+            tap.close_fds()

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from qmpnet.app import JsonFormatter, main
+from qmpnet.app import JsonFormatter, main, serve_settings
 from qmpnet.bus.mqtt import MqttBus
-from qmpnet.errors import InvalidRequest
+from qmpnet.errors import Forbidden, InvalidRequest
 from qmpnet.metrics import Metrics
+from qmpnet.model import parse_nic_spec
+from qmpnet.policy import Policy, check_spec
 from qmpnet.settings import BrokerUrl, MqttSettings, Settings, default_controller_id, load_settings, parse_broker_url
 
 
@@ -151,3 +153,13 @@ def test_the_example_config_is_valid() -> None:
     assert settings.mqtt.broker.startswith("mqtts://")
     assert settings.controller.guest_dir is not None
     assert settings.log.format == "json"
+
+
+def test_serve_gives_remote_callers_no_bridge_unless_listed() -> None:
+    spec = parse_nic_spec({"backend": {"type": "bridge", "bridge": "br0"}})
+    check_spec(spec, Settings().policy)  # direct mode: any existing bridge
+    with pytest.raises(Forbidden) as caught:
+        check_spec(spec, serve_settings(Settings()).policy)
+    assert caught.value.field == "nic.backend.bridge"
+    listed = serve_settings(Settings(policy=Policy(allowed_bridges=["br0"])))
+    check_spec(spec, listed.policy)

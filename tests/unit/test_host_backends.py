@@ -114,6 +114,10 @@ class FakeHost:
     async def restore_vfio(self, host: str, driver: str) -> None:
         self._call("restore_vfio", host, driver)
 
+    async def sweep_orphans(self, owner_prefix: str, keep: set[str]) -> list[str]:
+        self._call("sweep_orphans", owner_prefix, sorted(keep))
+        return []
+
 
 class AckingMonitor(RecordingMonitor):
     """A recording monitor whose guest acknowledges every ``device_del`` the way virtio-net does (two events)."""

@@ -1,8 +1,9 @@
 """Hot-add latency: raw QMP socket vs the qmpnet Python API vs the ``qmpnet nic add`` CLI, in one run.
 
-Each round starts a fresh ``qemu-system-x86_64 -S -nodefaults -machine pc`` (no guest OS, so unplugs never
-complete and each QEMU has ~30 free slots), then interleaves raw and API hot-adds of a ``user`` netdev plus a
-``virtio-net-pci`` device, and a few CLI calls. The API is measured warm (a long-lived connection, as the
+Each round starts two fresh ``qemu-system-x86_64 -S -nodefaults -machine pc`` (no guest OS, so unplugs never
+complete and each QEMU has ~30 free slots), one for the raw client and one for qmpnet, and interleaves their
+hot-adds of a ``user`` netdev plus a ``virtio-net-pci`` device (so both plug into equally full guests under the
+same load), then a few CLI calls. The API is measured warm (a long-lived connection, as the
 controller uses it); the first add of each connection, which also reads the guest, is reported separately.
 
 Run: ``python bench/hotplug.py [--rounds 6]``. Prints medians, p99 and the ratio to raw. Target: API median
@@ -96,21 +97,23 @@ def cli_add(path: str) -> float:
 
 
 async def round_(workdir: Path, n: int, samples: dict[str, list[float]]) -> None:
-    proc, path = await start_qemu(workdir, n)
+    # Two fresh QEMUs per round, one per client (QEMU serves one client per monitor socket), and the adds
+    # interleaved, so both paths plug into equally full guests under the same machine load.
+    (proc_raw, path_raw), (proc_api, path_api) = await start_qemu(workdir, 2 * n), await start_qemu(workdir, 2 * n + 1)
     try:
-        raw = await RawQmp.open(path)
-        await raw.call("netdev_add", {"type": "user", "id": "warm.net"})  # warm QEMU's slirp path
-        # QEMU serves one client per monitor socket: the raw client goes first, then qmpnet.
-        for raw_n in range(12):
-            samples["raw"].append(await raw_add(raw, raw_n))
-        await raw.close()
-        async with qmpnet.connect(path) as guest:
+        raw = await RawQmp.open(path_raw)
+        async with qmpnet.connect(path_api) as guest:
+            samples["raw_first"].append(await raw_add(raw, 0))
             samples["api_first"].append(await api_add(guest))
-            samples["api"].extend([await api_add(guest) for _ in range(12)])
-        samples["cli"].extend(await asyncio.to_thread(lambda: [cli_add(path) for _ in range(3)]))
+            for i in range(1, 13):
+                samples["raw"].append(await raw_add(raw, i))
+                samples["api"].append(await api_add(guest))
+        await raw.close()
+        samples["cli"].extend(await asyncio.to_thread(lambda: [cli_add(path_api) for _ in range(3)]))
     finally:
-        proc.terminate()
-        await proc.wait()
+        for proc in (proc_raw, proc_api):
+            proc.terminate()
+            await proc.wait()
 
 
 def summary(values: list[float]) -> tuple[float, float]:
@@ -123,14 +126,14 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
-    samples: dict[str, list[float]] = {"raw": [], "api_first": [], "api": [], "cli": []}
+    samples: dict[str, list[float]] = {"raw_first": [], "raw": [], "api_first": [], "api": [], "cli": []}
     with tempfile.TemporaryDirectory(prefix="qmpnet-bench-") as tmp:
         for n in range(args.rounds):
             await round_(Path(tmp), n, samples)
     raw_median, _ = summary(samples["raw"])
     print(f"{'path':<28}{'n':>5}{'median ms':>12}{'p99 ms':>10}{'x raw':>8}")
-    labels = {"raw": "raw QMP socket", "api": "qmpnet API (warm)", "api_first": "qmpnet API (first add)",
-              "cli": "qmpnet nic add (CLI)"}
+    labels = {"raw": "raw QMP socket", "api": "qmpnet API (warm)", "raw_first": "raw QMP (first add)",
+              "api_first": "qmpnet API (first add)", "cli": "qmpnet nic add (CLI)"}
     for key, label in labels.items():
         median, p99 = summary(samples[key])
         print(f"{label:<28}{len(samples[key]):>5}{median:>12.2f}{p99:>10.2f}{median / raw_median:>8.2f}")

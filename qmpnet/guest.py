@@ -370,6 +370,8 @@ class Guest:
                 self._removed[nic_id] = asyncio.Event()
 
     def _emit(self, name: GuestEventName, *, nic: Nic | None = None, nic_id: str | None = None) -> None:
+        if not self._subscribers:
+            return
         event = GuestEvent(name=name, ts=time.time(), guest=self.name, nic=nic, id=nic.id if nic else nic_id)
         for callback in self._subscribers:
             try:

@@ -70,9 +70,9 @@ class Inventory:
         return cls(obs.machine, obs.topology, set(obs.device_ids), netdevs, nics)
 
     def view(self) -> GuestView:
-        """What planning needs."""
+        """What planning needs (live views of the inventory's sets: plan before the next change)."""
         macs = {nic.mac for nic in self.nics.values() if nic.mac}
-        return GuestView(frozenset(self.device_ids), frozenset(self.netdev_ids), frozenset(macs), self.topology)
+        return GuestView(self.device_ids, self.netdev_ids, macs, self.topology)
 
     def added(self, plan: AddPlan, spec: NicSpec) -> Nic:
         """Record a successful hot-add and return the new NIC."""

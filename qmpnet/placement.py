@@ -49,9 +49,13 @@ class PciBus:
     hotplug: bool
     used: Mapping[tuple[int, int], str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Placement asks "is slot N free?" up to 32 times per bus; answer from a set, not a scan of ``used``.
+        object.__setattr__(self, "_used_slots", frozenset(slot for slot, _ in self.used))
+
     def slot_free(self, slot: int) -> bool:
         """Whether no function of ``slot`` is in use."""
-        return not any(s == slot for s, _ in self.used)
+        return slot not in self._used_slots  # type: ignore[attr-defined]
 
     def candidate_slots(self) -> range:
         """The slots a device may be placed in on this bus."""

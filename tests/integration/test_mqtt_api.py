@@ -255,6 +255,12 @@ class Bad(NamedTuple):
         Bad(ADD, b'{"nic": {"model": "e1000", "queues": 2}}', "invalid_request", "nic.queues"),
         Bad(ADD, b'{"nic": {"backend": {"type": "user", "guestfwd": ["tcp:10.0.2.9:1-cmd:id"]}}}',
          "forbidden", "nic.backend.guestfwd.0"),
+        # serve lists no bridge by default: remote callers may not use any
+        Bad(ADD, b'{"nic": {"backend": {"type": "bridge", "bridge": "br0"}}}', "forbidden", "nic.backend.bridge"),
+        Bad(ADD, b'{"nic": {"backend": {"type": "bridge", "bridge": "br0;reboot"}}}',
+         "invalid_request", "nic.backend.bridge"),
+        Bad(ADD, b'{"nic": {"backend": {"type": "nat", "network": "nosuch"}}}', "not_found", "nic.backend.network"),
+        Bad(ADD, b'{"nic": {"backend": {"type": "vfio", "host": "0000:99:00.0"}}}', "not_found", "nic.backend.host"),
     ],
 )  # fmt: skip
 async def test_bad_requests_get_the_right_error(world: World, probe: Probe, bad: Bad) -> None:

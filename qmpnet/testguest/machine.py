@@ -36,12 +36,13 @@ from typing import TYPE_CHECKING, Literal, Self, TypeVar
 
 from qemu.qmp import QMPClient, QMPError
 
-from .agent import LINE_LIMIT, Agent, AgentError
+from .agent import LINE_LIMIT, Agent, AgentError, AgentTimeoutError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Sequence
     from types import TracebackType
 
+    from .agent import GuestInterface
     from .build import GuestImage
 
 logger = logging.getLogger(__name__)
@@ -448,6 +449,37 @@ class TestMachine:
             raise MachineError(f"{self.name}: QEMU was never started")
         async with asyncio.timeout(timeout):
             return await self._process.wait()
+
+    async def wait_nic(self, mac: str, timeout: float = 20.0, **want: object) -> GuestInterface:
+        """Wait until the guest reports an interface with ``mac`` whose attributes equal ``want``.
+
+        Example: ``await vm.wait_nic(mac, driver="e1000", carrier=True)``.
+
+        Raises:
+            AgentTimeoutError: Not within ``timeout``; the message describes the machine.
+        """
+
+        def match(interfaces: list[GuestInterface]) -> GuestInterface | None:
+            found = next((i for i in interfaces if i.mac == mac), None)
+            if found is not None and all(getattr(found, k) == v for k, v in want.items()):
+                return found
+            return None
+
+        try:
+            return await self.agent.wait_for(match, timeout=timeout)
+        except AgentTimeoutError as err:
+            raise AgentTimeoutError(self.describe(f"the guest never reported {mac} with {want}")) from err
+
+    async def wait_nic_gone(self, mac: str, timeout: float = 20.0) -> None:
+        """Wait until the guest no longer reports an interface with ``mac``.
+
+        Raises:
+            AgentTimeoutError: Not within ``timeout``; the message describes the machine.
+        """
+        try:
+            await self.agent.wait_for(lambda interfaces: all(i.mac != mac for i in interfaces), timeout=timeout)
+        except AgentTimeoutError as err:
+            raise AgentTimeoutError(self.describe(f"the guest still reports {mac}")) from err
 
     def describe(self, headline: str | None = None) -> str:
         """Return what a failure report needs: state, command line, QEMU's stderr, console tail, agent state.

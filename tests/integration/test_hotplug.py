@@ -24,14 +24,13 @@ from qmpnet.testguest import TestMachine
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from qmpnet.testguest import GuestImage, GuestInterface
+    from qmpnet.testguest import GuestImage
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 DRIVERS = {"virtio-net-pci": "virtio_net", "e1000": "e1000", "e1000e": "e1000e", "rtl8139": "8139cp"}
 # e1000's watchdog notices carrier changes only every ~2 s.
 CARRIER_TIMEOUT = 15.0
-SEE_TIMEOUT = 20.0
 AUX_QMP = "aux.qmp"
 MACHINES: dict[str, dict[str, Any]] = {
     "pc": {"machine": "pc"},
@@ -58,26 +57,6 @@ async def guest(vm: TestMachine) -> AsyncIterator[qmpnet.Guest]:
         yield connected
 
 
-async def seen(vm: TestMachine, mac: str, timeout: float = SEE_TIMEOUT, **want: object) -> GuestInterface:
-    """Wait until the guest reports an interface with ``mac`` whose attributes equal ``want``."""
-
-    def match(interfaces: list[GuestInterface]) -> GuestInterface | None:
-        found = next((i for i in interfaces if i.mac == mac), None)
-        if found is not None and all(getattr(found, k) == v for k, v in want.items()):
-            return found
-        return None
-
-    try:
-        return await vm.agent.wait_for(match, timeout=timeout)
-    except Exception as err:
-        raise AssertionError(f"guest never reported {mac} with {want}\n{vm.describe()}") from err
-
-
-async def gone(vm: TestMachine, mac: str, timeout: float = SEE_TIMEOUT) -> None:
-    """Wait until the guest no longer reports an interface with ``mac``."""
-    await vm.agent.wait_for(lambda interfaces: all(i.mac != mac for i in interfaces), timeout=timeout)
-
-
 @pytest.mark.parametrize("model", sorted(DRIVERS))
 async def test_model_lifecycle_seen_by_guest(vm: TestMachine, guest: qmpnet.Guest, model: str) -> None:
     mac = {"virtio-net-pci": "52:54:00:aa:00:01", "e1000": "52:54:00:aa:00:02",
@@ -87,38 +66,38 @@ async def test_model_lifecycle_seen_by_guest(vm: TestMachine, guest: qmpnet.Gues
 
     start = time.monotonic()
     nic = await guest.add_nic({"model": model, "id": nic_id, "mac": mac})
-    iface = await seen(vm, mac, driver=DRIVERS[model])
+    iface = await vm.wait_nic(mac, driver=DRIVERS[model])
     timings["visible"] = time.monotonic() - start
     assert nic.id == nic_id
     assert nic.mac == mac
     assert iface.pci is not None
     # Carrier must be seen up before "down" can mean anything (e1000 reports it only after its watchdog).
-    await seen(vm, mac, timeout=CARRIER_TIMEOUT, carrier=1)
+    await vm.wait_nic(mac, CARRIER_TIMEOUT, carrier=True)
     timings["carrier_initial"] = time.monotonic() - start
 
     start = time.monotonic()
     await guest.set_link(nic_id, up=False)
-    await seen(vm, mac, timeout=CARRIER_TIMEOUT, carrier=0)
+    await vm.wait_nic(mac, CARRIER_TIMEOUT, carrier=False)
     timings["carrier_down"] = time.monotonic() - start
     start = time.monotonic()
     await guest.set_link(nic_id, up=True)
-    await seen(vm, mac, timeout=CARRIER_TIMEOUT, carrier=1)
+    await vm.wait_nic(mac, CARRIER_TIMEOUT, carrier=True)
     timings["carrier_up"] = time.monotonic() - start
 
     start = time.monotonic()
     result = await guest.remove_nic(nic_id, timeout=15)
     timings["removed"] = time.monotonic() - start
     assert result.state == "removed"
-    await gone(vm, mac)
+    await vm.wait_nic_gone(mac)
     assert nic_id not in {n.id for n in await guest.list_nics()}
     network = await _info_network(vm)
     assert f"{nic_id}.net" not in network, network
 
     # The same id and MAC can be used again at once.
     again = await guest.add_nic({"model": model, "id": nic_id, "mac": mac})
-    await seen(vm, mac, driver=DRIVERS[model])
+    await vm.wait_nic(mac, driver=DRIVERS[model])
     assert (await guest.remove_nic(again.id, timeout=15)).state == "removed"
-    await gone(vm, mac)
+    await vm.wait_nic_gone(mac)
     print(f"\n{vm.name} {model}: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))  # noqa: T201 - the in-guest timings for the record
 
 
@@ -140,10 +119,10 @@ async def test_user_backend_dhcp_and_hostfwd(vm: TestMachine, guest: qmpnet.Gues
          "backend": {"type": "user", "hostfwd": [f"tcp:127.0.0.1:{port}-:7777"]}}
     )
     try:
-        iface = await seen(vm, mac, carrier=1)
+        iface = await vm.wait_nic(mac, carrier=True)
         result = await vm.agent.dhcp(iface.name)
         assert result.rc == 0, result.output
-        await seen(vm, mac, ipv4=["10.0.2.15/24"])
+        await vm.wait_nic(mac, ipv4=["10.0.2.15/24"])
         # A listener in the guest answers through the host forward.
         listener = asyncio.create_task(vm.agent.run("echo hello-from-guest | nc -l -p 7777", timeout=30))
         try:
@@ -154,7 +133,7 @@ async def test_user_backend_dhcp_and_hostfwd(vm: TestMachine, guest: qmpnet.Gues
                 await listener
     finally:
         assert (await guest.remove_nic(nic.id, timeout=15)).state == "removed"
-    await gone(vm, mac)
+    await vm.wait_nic_gone(mac)
 
 
 async def _read_forwarded(port: int, deadline: float) -> str:

@@ -16,20 +16,13 @@ from qmpnet.testguest import TestMachine
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from qmpnet.testguest import GuestImage, GuestInterface
+    from qmpnet.testguest import GuestImage
 
 pytestmark = [pytest.mark.integration]
 
 
-async def _iface(vm: TestMachine, mac: str) -> GuestInterface:
-    def find(interfaces: list[GuestInterface]) -> GuestInterface | None:
-        return next((i for i in interfaces if i.mac == mac and i.carrier == 1), None)
-
-    return await vm.agent.wait_for(find, timeout=20)
-
-
 async def _address(vm: TestMachine, mac: str, cidr: str) -> None:
-    iface = await _iface(vm, mac)
+    iface = await vm.wait_nic(mac, carrier=True)
     result = await vm.agent.run(f"ip addr add {cidr} dev {iface.name} && ip link set {iface.name} up")
     assert result.rc == 0, result.output
 

@@ -20,7 +20,7 @@ from qmpnet.testguest import TestMachine
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from qmpnet.testguest import GuestImage, GuestInterface
+    from qmpnet.testguest import GuestImage
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -62,23 +62,6 @@ async def probe(booted: Booted) -> AsyncIterator[Probe]:
         yield client
 
 
-async def seen(vm: TestMachine, mac: str, timeout: float = SEE_TIMEOUT, **want: object) -> GuestInterface:
-    def match(interfaces: list[GuestInterface]) -> GuestInterface | None:
-        found = next((i for i in interfaces if i.mac == mac), None)
-        if found is not None and all(getattr(found, k) == v for k, v in want.items()):
-            return found
-        return None
-
-    try:
-        return await vm.agent.wait_for(match, timeout=timeout)
-    except Exception as err:
-        raise AssertionError(f"guest never reported {mac} with {want}\n{vm.describe()}") from err
-
-
-async def gone(vm: TestMachine, mac: str) -> None:
-    await vm.agent.wait_for(lambda interfaces: all(i.mac != mac for i in interfaces), timeout=SEE_TIMEOUT)
-
-
 def ok(answer: dict[str, Any]) -> Any:
     assert answer["status"] == "ok", answer
     return answer["data"]
@@ -94,22 +77,22 @@ async def test_each_model_over_mqtt_is_seen_by_the_guest(booted: Booted, probe: 
     nic = ok(await probe.call(f"{BASE}/request/nic/add", {"nic": {"model": model, "id": nic_id, "mac": mac}}))
     answered = time.monotonic() - started
     assert (nic["id"], nic["mac"]) == (nic_id, mac)
-    iface = await seen(vm, mac, driver=DRIVERS[model])
+    iface = await vm.wait_nic(mac, driver=DRIVERS[model])
     visible = time.monotonic() - started
     assert iface.pci is not None
-    await seen(vm, mac, timeout=CARRIER_TIMEOUT, carrier=1)
+    await vm.wait_nic(mac, CARRIER_TIMEOUT, carrier=True)
 
     assert ok(await probe.call(f"{BASE}/request/nic/link", {"id": nic_id, "up": False}))["link"] == "down"
-    await seen(vm, mac, timeout=CARRIER_TIMEOUT, carrier=0)
+    await vm.wait_nic(mac, CARRIER_TIMEOUT, carrier=False)
     assert ok(await probe.call(f"{BASE}/request/nic/link", {"id": nic_id, "up": True}))["link"] == "up"
-    await seen(vm, mac, timeout=CARRIER_TIMEOUT, carrier=1)
+    await vm.wait_nic(mac, CARRIER_TIMEOUT, carrier=True)
 
     since = probe.mark()
     removed = ok(await probe.call(f"{BASE}/request/nic/del", {"id": nic_id, "timeout": 15}, timeout=20))
     assert removed == {"id": nic_id, "state": "removed"}
     event = await probe.one(f"{BASE}/event/nic_removed", since=since)
     assert event.json["id"] == nic_id
-    await gone(vm, mac)
+    await vm.wait_nic_gone(mac)
     state = await retained(booted.broker.url, f"{BASE}/nics")
     assert nic_id not in {n["id"] for n in state["nics"]}
     print(f"\nmqtt {model}: answered {answered * 1000:.1f} ms, seen by the guest {visible:.2f} s")  # noqa: T201
@@ -119,7 +102,7 @@ async def test_late_unplug_ack_finishes_the_removal_in_the_background(booted: Bo
     vm = booted.vm
     mac = "52:54:00:bb:01:01"
     ok(await probe.call(f"{BASE}/request/nic/add", {"nic": {"model": "virtio", "id": "late", "mac": mac}}))
-    await seen(vm, mac)
+    await vm.wait_nic(mac)
     since = probe.mark()
     pending = ok(await probe.call(f"{BASE}/request/nic/del", {"id": "late", "timeout": 0}))
     assert pending == {"id": "late", "state": "removal_pending"}
@@ -127,6 +110,6 @@ async def test_late_unplug_ack_finishes_the_removal_in_the_background(booted: Bo
     removed = await probe.one(f"{BASE}/event/nic_removed", since=since, timeout=SEE_TIMEOUT)
     assert removed.json["id"] == "late"
     await probe.one(f"{BASE}/nics", lambda m: "late" not in {n["id"] for n in m.json["nics"]}, since=since)
-    await gone(vm, mac)
+    await vm.wait_nic_gone(mac)
     listed = ok(await probe.call(f"{BASE}/request/nic/list", {}))
     assert "late" not in {n["id"] for n in listed["nics"]}

@@ -24,7 +24,6 @@ import ipaddress
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import pytest_asyncio
+from netns_tools import connect_and_read, ip, kill_namespace, links, listen, namespace_pids, nft_tables, serve_once
 from qemu.qmp import QMPClient
 
 import qmpnet
@@ -73,45 +73,8 @@ OUT_PORT, IN_PORT = 8080, 8081
 # ------------------------------------------------------------------------------------------- host plumbing
 
 
-def ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
-
-
-def links(netns: str | None) -> dict[str, dict[str, Any]]:
-    """The links of ``netns`` (``None``: the root namespace) as ``ip -d -j link show`` describes them."""
-    where = ["-n", netns] if netns else []
-    return {link["ifname"]: link for link in json.loads(ip(*where, "-d", "-j", "link", "show"))}
-
-
 def taps(netns: str) -> dict[str, dict[str, Any]]:
     return {name: link for name, link in links(netns).items() if name.startswith("vnet")}
-
-
-def nft_tables(netns: str | None) -> str:
-    argv = ["ip", "netns", "exec", netns, "nft", "list", "tables"] if netns else ["nft", "list", "tables"]
-    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
-
-
-def namespace_pids(name: str) -> list[int]:
-    """Live processes whose network namespace is ``name``."""
-    inode = (Path("/run/netns") / name).stat().st_ino
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            with contextlib.suppress(OSError):
-                stat = (proc / "stat").read_text()
-                if (proc / "ns/net").stat().st_ino == inode and stat[stat.rindex(")") + 2] != "Z":
-                    pids.append(int(proc.name))
-    return pids
-
-
-def kill_namespace(name: str) -> None:
-    if not (Path("/run/netns") / name).exists():
-        return
-    for pid in namespace_pids(name):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, 9)
-    subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def root_state() -> tuple[set[str], str, str, str]:
@@ -192,22 +155,6 @@ async def info_network(vm: TestMachine) -> str:
         return str(await aux.execute("human-monitor-command", {"command-line": "info network"}))
 
 
-async def seen(vm: TestMachine, mac: str | None, timeout: float = SEE_TIMEOUT, **want: object) -> GuestInterface:
-    """Wait until the guest reports an interface with ``mac`` whose attributes equal ``want``."""
-
-    def match(interfaces: list[GuestInterface]) -> GuestInterface | None:
-        found = next((i for i in interfaces if i.mac == mac), None)
-        if found is not None and all(getattr(found, k) == v for k, v in want.items()):
-            return found
-        return None
-
-    return await vm.agent.wait_for(match, timeout=timeout)
-
-
-async def gone(vm: TestMachine, mac: str | None) -> None:
-    await vm.agent.wait_for(lambda interfaces: all(i.mac != mac for i in interfaces), timeout=SEE_TIMEOUT)
-
-
 async def no_taps(netns: str, polls: int = 100) -> dict[str, dict[str, Any]]:
     """Wait (up to ``polls`` x 50 ms) until ``netns`` has no vnet tap; return what is left.
 
@@ -243,32 +190,6 @@ async def cli(*args: str) -> tuple[int, str, str]:
     return process.returncode, out.decode(), err.decode()
 
 
-def listen(host: str, port: int) -> socket.socket:
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((host, port))
-    server.listen()
-    server.settimeout(20)
-    return server
-
-
-def serve_once(server: socket.socket) -> str:
-    """Accept one connection, say hi, and return the peer address the server saw."""
-    with server:
-        conn, (peer, _) = server.accept()
-        with conn:
-            conn.sendall(b"hi\n")
-        return str(peer)
-
-
-def connect_and_read(host: str, port: int, timeout: float) -> bytes:
-    with socket.create_connection((host, port), timeout=timeout) as conn:
-        data = b""
-        while chunk := conn.recv(100):
-            data += chunk
-        return data
-
-
 def report(name: str, values: dict[str, object]) -> None:
     print(f"\n{name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))  # noqa: T201 - the in-guest results
 
@@ -295,11 +216,11 @@ async def test_bridge_nic_reaches_the_outside_and_the_outside_reaches_it(vm: Tes
             assert shown["ifalias"] == f"qmpnet:tap:{vm.name}/{nic.id}"
             assert tap not in links(None)
 
-            iface = await seen(vm, nic.mac, driver="virtio_net", carrier=True)
+            iface = await vm.wait_nic(nic.mac or "", driver="virtio_net", carrier=True)
             seen_results["visible_s"] = f"{time.monotonic() - start:.2f}"
             seen_results["guest_if"] = f"{iface.name} {iface.mac} {iface.driver} {iface.pci}"
             (await vm.agent.run(f"ip addr add {GUEST_LAN}/24 dev {iface.name}")).check()
-            await seen(vm, nic.mac, ipv4=[f"{GUEST_LAN}/24"])
+            await vm.wait_nic(nic.mac or "", ipv4=[f"{GUEST_LAN}/24"])
 
             out = await vm.agent.run(f"ping -c 2 -W 5 {EXT_LAN}", timeout=30)
             assert out.rc == 0, out.output
@@ -315,7 +236,7 @@ async def test_bridge_nic_reaches_the_outside_and_the_outside_reaches_it(vm: Tes
         finally:
             result = await guest.remove_nic(nic.id, timeout=UNPLUG_TIMEOUT)
         assert result.state == "removed"
-    await gone(vm, nic.mac)
+    await vm.wait_nic_gone(nic.mac or "")
     assert await no_taps(lab.hv) == {}
     assert set(links(lab.hv)) == {"lo", "br0", "ext0", "up0"}
     assert f"{nic.id}.net" not in await info_network(vm)
@@ -334,14 +255,14 @@ async def test_bridge_nic_through_the_cli(vm: TestMachine, lab: Lab, tmp_path: P
     try:
         # The CLI process has exited: QEMU's fd alone keeps the tap, still on br0.
         assert taps(lab.hv)[tap]["master"] == "br0"
-        await seen(vm, "52:54:00:cc:00:01", driver="virtio_net")
+        await vm.wait_nic("52:54:00:cc:00:01", driver="virtio_net")
         rc, out, err = await cli("nic", "list", "--json", *qmp)
         assert rc == 0, err
         assert nic["id"] in {n["id"] for n in json.loads(out)["nics"]}
     finally:
         rc, out, err = await cli("nic", "del", nic["id"], "--timeout", str(UNPLUG_TIMEOUT), *qmp)
     assert (rc, out.strip()) == (0, f"{nic['id']}: removed"), err
-    await gone(vm, "52:54:00:cc:00:01")
+    await vm.wait_nic_gone("52:54:00:cc:00:01")
     assert await no_taps(lab.hv) == {}
 
     # A hostile bridge name is refused with the field named, and nothing reaches QEMU or the host.
@@ -381,7 +302,7 @@ async def test_nat_nic_gets_a_lease_goes_out_masqueraded_and_cannot_be_reached(
             [listed] = json.loads(out)["networks"]
             assert (listed["name"], listed["up"], listed["bridge"]) == (NAT_NAME, True, NAT_BRIDGE)
 
-            iface = await seen(vm, nic.mac, carrier=True)
+            iface = await vm.wait_nic(nic.mac or "", carrier=True)
             start = time.monotonic()
             dhcp = await vm.agent.dhcp(iface.name)
             assert dhcp.rc == 0, dhcp.output
@@ -398,7 +319,7 @@ async def test_nat_nic_gets_a_lease_goes_out_masqueraded_and_cannot_be_reached(
                 await vm.agent.run("killall nc", timeout=5)
             result = await guest.remove_nic(nic.id, timeout=UNPLUG_TIMEOUT)
         assert result.state == "removed"
-    await gone(vm, nic.mac)
+    await vm.wait_nic_gone(nic.mac or "")
     assert await no_taps(lab.hv) == {}
 
     rc, out, err = await cli("net", "down", NAT_NAME, "--config", str(config))
@@ -498,14 +419,14 @@ async def test_failed_device_add_leaves_no_tap_and_no_netdev(vm: TestMachine, la
             assert "doomed" not in str(network_after)
             assert network_after == network_before
             assert vm.agent.interface_by_mac(doomed_mac) is None
-            await seen(vm, aux_mac, driver="e1000")
+            await vm.wait_nic(aux_mac, driver="e1000")
             report("device_add failure", {"qmp_error": caught.value.message})
         finally:
             # qmpnet re-read the guest after the failure, so it knows aux0 and removes it with its netdev.
             assert (await guest.remove_nic("aux0", timeout=UNPLUG_TIMEOUT)).state == "removed"
         assert {n.id for n in await guest.list_nics()} == before_nics
         assert "aux0" not in str(await aux.execute("human-monitor-command", {"command-line": "info network"}))
-    await gone(vm, aux_mac)
+    await vm.wait_nic_gone(aux_mac)
     assert macs(vm) == before_macs
 
 

@@ -8,7 +8,6 @@ afterwards with any process left in it (dnsmasq, udhcpc) killed first, even when
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from netns_tools import ip, kill_namespace, listen, namespace_pids, serve_once
 
 from qmpnet.errors import Conflict, InvalidRequest
 from qmpnet.hostnet import HostnetSettings, NatNetwork, net_down, net_list, net_status, net_up
@@ -40,40 +40,9 @@ NET = NatNetwork(name="test")
 UPLINK_HV, UPLINK_EXT = "10.99.0.1", "10.99.0.2"
 
 
-def ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
-
-
 def in_ns(netns: str, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, timeout=timeout,
                           check=False)
-
-
-def namespace_pids(name: str) -> list[int]:
-    inode = (Path("/run/netns") / name).stat().st_ino
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if (proc / "ns/net").stat().st_ino == inode and "Z" not in _state(proc):
-                    pids.append(int(proc.name))
-            except OSError:
-                pass
-    return pids
-
-
-def _state(proc: Path) -> str:
-    stat = (proc / "stat").read_text()
-    return stat[stat.rindex(")") + 2]
-
-
-def kill_namespace(name: str) -> None:
-    if not (Path("/run/netns") / name).exists():
-        return
-    for pid in namespace_pids(name):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, 9)
-    subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def root_firewall() -> tuple[str, str]:
@@ -112,23 +81,6 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         for name in names:
             kill_namespace(name)
     assert root_firewall() == before, "the root namespace's nftables tables or ip_forward changed"
-
-
-def listen(host: str, port: int) -> socket.socket:
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((host, port))
-    server.listen()
-    server.settimeout(10)
-    return server
-
-
-def serve_once(server: socket.socket) -> str:
-    with server:
-        conn, (peer, _) = server.accept()
-        with conn:
-            conn.sendall(b"hi")
-        return str(peer)
 
 
 def connect(host: str, port: int, timeout: float) -> bytes:

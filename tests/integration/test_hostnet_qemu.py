@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from netns_tools import ip, kill_namespace, link_names
 from qemu.qmp import ConnectError, ExecuteError, QMPClient
 
 from qmpnet.errors import NotFound, QmpnetError
@@ -36,27 +37,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which(QEMU) is None, reason=f"needs {QEMU}"),
     pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 to set up the test namespace"),
 ]
-
-
-def ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
-
-
-def link_names(netns: str) -> set[str]:
-    return {item["ifname"] for item in json.loads(ip("-n", netns, "-j", "link", "show"))}
-
-
-def kill_namespace(name: str) -> None:
-    path = Path("/run/netns") / name
-    if not path.exists():
-        return
-    inode = path.stat().st_ino
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (proc / "ns/net").stat().st_ino == inode:
-                    os.kill(int(proc.name), 9)
-    subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from netns_tools import ip, kill_namespace, link_names
 
 from qmpnet.errors import Conflict, InvalidRequest, NotFound
 from qmpnet.hostnet import HostnetSettings, check_existing_tap, create_tap, delete_tap, list_taps, sweep_taps
@@ -38,26 +39,6 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 IFF_MULTI_QUEUE = 0x0100
-
-
-def ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
-
-
-def kill_namespace(name: str) -> None:
-    """Kill every process left in namespace ``name``, then delete it."""
-    path = Path("/run/netns") / name
-    if not path.exists():
-        return
-    inode = path.stat().st_ino
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if (proc / "ns/net").stat().st_ino == inode:
-                    os.kill(int(proc.name), 9)
-            except (OSError, ProcessLookupError):
-                pass
-    subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @pytest.fixture
@@ -83,10 +64,6 @@ def link(netns: str, name: str) -> dict[str, Any] | None:
         return None
     result: dict[str, Any] = json.loads(found.stdout)[0]
     return result
-
-
-def link_names(netns: str) -> set[str]:
-    return {item["ifname"] for item in json.loads(ip("-n", netns, "-j", "link", "show"))}
 
 
 def tun_info(fd: int) -> tuple[str, int]:

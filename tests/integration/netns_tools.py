@@ -1,0 +1,93 @@
+"""Network-namespace plumbing shared by the host-networking tests.
+
+Every test host lives in a namespace the test creates (``hv-<random>``, ``ext-<random>``...); these helpers run
+``ip`` and friends there, list what is left, and tear a namespace down with everything still running in it, so a
+failing test leaves nothing behind. Test modules import them as ``from netns_tools import ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+__all__ = ["connect_and_read", "ip", "kill_namespace", "link_names", "links", "listen", "namespace_pids",
+           "nft_tables", "serve_once"]  # fmt: skip
+
+
+def ip(*args: str) -> str:
+    """Run ``ip ARGS`` and return its output (raises on failure)."""
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+def links(netns: str | None) -> dict[str, dict[str, Any]]:
+    """The links of ``netns`` (``None``: the root namespace) as ``ip -d -j link show`` describes them."""
+    where = ["-n", netns] if netns else []
+    return {link["ifname"]: link for link in json.loads(ip(*where, "-d", "-j", "link", "show"))}
+
+
+def link_names(netns: str) -> set[str]:
+    """The names of the links in ``netns``."""
+    return set(links(netns))
+
+
+def nft_tables(netns: str | None) -> str:
+    """``nft list tables`` in ``netns`` (``None``: the root namespace)."""
+    argv = ["ip", "netns", "exec", netns, "nft", "list", "tables"] if netns else ["nft", "list", "tables"]
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def namespace_pids(name: str) -> list[int]:
+    """Live (not zombie) processes whose network namespace is ``name``."""
+    inode = (Path("/run/netns") / name).stat().st_ino
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (proc / "stat").read_text()
+                if (proc / "ns/net").stat().st_ino == inode and stat[stat.rindex(")") + 2] != "Z":
+                    pids.append(int(proc.name))
+    return pids
+
+
+def kill_namespace(name: str) -> None:
+    """Kill every process left in namespace ``name``, then delete it (no-op if it is gone)."""
+    if not (Path("/run/netns") / name).exists():
+        return
+    for pid in namespace_pids(name):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def listen(host: str, port: int, timeout: float = 20) -> socket.socket:
+    """A listening TCP socket that gives up accepting after ``timeout`` seconds."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((host, port))
+    server.listen()
+    server.settimeout(timeout)
+    return server
+
+
+def serve_once(server: socket.socket, greeting: bytes = b"hi\n") -> str:
+    """Accept one connection, send ``greeting``, and return the peer address the server saw."""
+    with server:
+        conn, (peer, _) = server.accept()
+        with conn:
+            conn.sendall(greeting)
+        return str(peer)
+
+
+def connect_and_read(host: str, port: int, timeout: float) -> bytes:
+    """Connect and read until the peer closes."""
+    with socket.create_connection((host, port), timeout=timeout) as conn:
+        data = b""
+        while chunk := conn.recv(100):
+            data += chunk
+        return data

@@ -12,8 +12,12 @@ Design decisions:
   per-guest order is the order the broker delivered the requests in.
 - **Refuse before executing.** Retained requests (seen through MQTT 5's *retain as published*), oversized payloads
   and non-objects are answered ``invalid_request`` here; everything else is the controller's job.
-- **Publishing never blocks the caller.** State, events and answers are queued on the MQTT connection in call
-  order (:func:`publish_nowait`); the MQTT library keeps each in flight until the broker acknowledges it.
+- **Publishing never blocks the caller.** State, events and answers are queued on the MQTT connection
+  (:func:`publish_nowait`); the MQTT library keeps each in flight until the broker acknowledges it.
+- **The answer first, then the state.** Retained state and events are built, serialised and queued just after
+  the current step of the event loop (in call order, one callback for all of them), so a request's answer, sent
+  in the same step as the change it caused, goes out before the ``nics`` state and the event it produced: the
+  requester's latency does not include them.
 - **``aiomqtt`` stays in here.** Its errors are logged and turned into reconnects; none escapes ``run``. Nagle is
   off on the socket (TCP_NODELAY): with delayed ACKs a request/response round trip otherwise costs ~88 ms.
 """
@@ -40,7 +44,7 @@ from qmpnet.errors import InvalidRequest
 from qmpnet.settings import parse_broker_url
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from pydantic import BaseModel
 
@@ -111,6 +115,7 @@ class MqttBus:
         self._tasks: set[asyncio.Task[None]] = set()
         self._handler: RequestHandler | None = None
         self._session_started = False
+        self._deferred: list[tuple[Callable[..., None], tuple[object, ...]]] = []
 
     # ------------------------------------------------------------------------------------------ the session loop
 
@@ -167,6 +172,7 @@ class MqttBus:
                 await client.subscribe(topic_filter, qos=1)
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
+        self._flush()  # what the controller published before shutting down goes out before "offline"
         self._retained[self.topics.status] = _OFFLINE
         try:
             await client.publish(self.topics.status, _OFFLINE, qos=1, retain=True, timeout=_SHUTDOWN_PUBLISH_TIMEOUT)
@@ -239,25 +245,50 @@ class MqttBus:
 
     def controller_status(self, status: ControllerOnline) -> None:
         """Publish the controller's availability (retained)."""
-        self._keep(self.topics.status, status)
+        self._defer(self._keep, self.topics.status, status)
 
     def guest_status(self, guest: str, status: GuestStatus) -> None:
         """Publish a guest's connection state (retained)."""
-        self._keep(self.topics.guest_status(guest), status)
+        self._defer(self._keep, self.topics.guest_status(guest), status)
 
     def guest_nics(self, guest: str, nics: NicList) -> None:
         """Publish a guest's NIC list (retained)."""
-        self._keep(self.topics.guest_nics(guest), nics)
+        self._defer(self._keep, self.topics.guest_nics(guest), nics)
 
     def guest_gone(self, guest: str) -> None:
         """Delete a guest's retained topics."""
+        self._defer(self._forget, guest)
+
+    def event(self, guest: str, name: str, event: EventMessage) -> None:
+        """Publish an event (not retained; dropped while the broker is away)."""
+        self._defer(self._emit, self.topics.event(guest, name), event)
+
+    def _defer(self, publish: Callable[..., None], *args: object) -> None:
+        """Run ``publish(*args)`` after the current step of the event loop (at once if no loop runs)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            publish(*args)
+            return
+        if not self._deferred:
+            loop.call_soon(self._flush)
+        self._deferred.append((publish, args))
+
+    def _flush(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for publish, args in deferred:
+            try:
+                publish(*args)
+            except Exception:
+                log.exception("publishing state or an event failed")
+
+    def _forget(self, guest: str) -> None:
         for topic in (self.topics.guest_status(guest), self.topics.guest_nics(guest)):
             self._retained.pop(topic, None)
             self._send(topic, b"", retain=True)
 
-    def event(self, guest: str, name: str, event: EventMessage) -> None:
-        """Publish an event (not retained; dropped while the broker is away)."""
-        self._send(self.topics.event(guest, name), to_wire(event), retain=False)
+    def _emit(self, topic: str, event: EventMessage) -> None:
+        self._send(topic, to_wire(event), retain=False)
 
     def _keep(self, topic: str, message: BaseModel) -> None:
         payload = to_wire(message)

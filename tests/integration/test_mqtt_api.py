@@ -313,7 +313,8 @@ async def test_fifty_concurrent_requests_to_one_guest_run_in_order(world: World,
     assert [r.json["transaction"] for r in replies] == [f"seq-{n:02d}" for n in range(50)]
     assert [r.correlation for r in replies] == [f"{n}".encode() for n in range(50)]
     assert [ok(r.json)["link"] for r in replies] == ["up" if n % 2 == 0 else "down" for n in range(50)]
-    changes = probe.received(f"{BASE}/guest/vm2/event/link_changed", since)
+    # Each event follows its answer (the controller publishes the answer first): wait for the last ones.
+    changes = await probe.wait(f"{BASE}/guest/vm2/event/link_changed", since=since, count=50)
     assert [m.json["nic"]["link"] for m in changes] == ["up" if n % 2 == 0 else "down" for n in range(50)]
     print(f"50 link requests to one guest answered in {elapsed * 1000:.0f} ms")  # noqa: T201
 

@@ -60,6 +60,8 @@ __all__ = ["Guest"]
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+#: Options `info network` shows that mean nothing outside QEMU (its own fd numbers for a passed tap).
+_QEMU_INTERNAL_OPTIONS = frozenset({"fd", "fds"})
 
 
 class Guest:
@@ -87,6 +89,7 @@ class Guest:
         self._monitor = monitor
         self._host = host
         self._attachments: dict[str, Attachment] = {}
+        self._backends: dict[str, ObservedBackend] = {}  # as asked for, for NICs added on this connection
         self._settings = settings or Settings()
         self._lane = asyncio.Lock()
         self._waiting = 0
@@ -164,6 +167,8 @@ class Guest:
         nic = inventory.added(plan, spec)
         if attachment.bridge is not None:
             nic = inventory.update(nic.id, backend=_bridge_backend(attachment))
+        if nic.backend is not None:
+            self._backends[nic.id] = nic.backend
         self._links[nic.id] = nic.link
         return nic
 
@@ -231,9 +236,13 @@ class Guest:
             nics = []
             for nic in inventory.nics.values():
                 update: dict[str, object] = {}
-                attachment = self._attachments.get(nic.id)
-                if attachment is not None and attachment.bridge is not None:
-                    update["backend"] = _bridge_backend(attachment)
+                asked = self._backends.get(nic.id)
+                if asked is not None:
+                    # QEMU's view (defaults such as net=10.0.2.0) completed with what was asked for (hostfwd,
+                    # the bridge and tap behind an fd, which `info network` cannot show).
+                    seen = nic.backend.options if nic.backend is not None else {}
+                    seen = {k: v for k, v in seen.items() if k not in _QEMU_INTERNAL_OPTIONS}
+                    update["backend"] = ObservedBackend(type=asked.type, options={**seen, **asked.options})
                 if nic.model.startswith("virtio-net") and nic.state == "active":
                     update["rx_filter"] = await self._monitor.rx_filter(nic.id)
                 nics.append(nic.model_copy(update=update))
@@ -326,6 +335,7 @@ class Guest:
         self._emit("nic_removed", nic_id=nic_id)
 
     async def _release_host(self, nic_id: str) -> None:
+        self._backends.pop(nic_id, None)
         attachment = self._attachments.pop(nic_id, None)
         if attachment is None or self._host is None:
             return

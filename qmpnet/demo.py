@@ -65,13 +65,13 @@ async def run_demo(machine: Literal["pc", "q35"] = "pc") -> bool:
     extra: dict[str, Any] = {"root_ports": 4, "pcie_pci_bridge": True} if machine == "q35" else {}
     _say(f"qmpnet demo: booting a {machine} guest (TCG, a few seconds)")
     start = time.monotonic()
-    async with TestMachine(image, machine=machine, name=f"demo-{machine}", **extra) as vm:
-        _say(f"  guest agent up after {time.monotonic() - start:.1f} s")
-        async with connect(str(vm.qmp_path), name=vm.name) as guest:
-            rows = []
-            for n, (model, driver) in enumerate(MODELS):
-                _say(f"qmpnet demo: {model}")
-                rows.append(await _exercise(vm, guest, model, driver, n))
+    ticker = asyncio.create_task(_tick(start, "booting"))
+    try:
+        async with TestMachine(image, machine=machine, name=f"demo-{machine}", **extra) as vm:
+            ticker.cancel()
+            rows = await _run_models(vm, start)
+    finally:
+        ticker.cancel()
     print(_table(rows, machine))
     for row in rows:
         for problem in row.problems:
@@ -79,6 +79,23 @@ async def run_demo(machine: Literal["pc", "q35"] = "pc") -> bool:
     ok = all(row.ok for row in rows)
     print("all checks passed" if ok else "some checks FAILED")
     return ok
+
+
+async def _run_models(vm: TestMachine, start: float) -> list[Row]:
+    _say(f"  guest agent up after {time.monotonic() - start:.1f} s")
+    rows = []
+    async with connect(str(vm.qmp_path), name=vm.name) as guest:
+        for n, (model, driver) in enumerate(MODELS):
+            _say(f"qmpnet demo: {model}")
+            rows.append(await _exercise(vm, guest, model, driver, n))
+    return rows
+
+
+async def _tick(start: float, what: str) -> None:
+    """Say every two seconds that ``what`` is still going on (a TCG boot takes a few seconds)."""
+    while True:
+        await asyncio.sleep(2)  # a progress ticker, not synchronisation
+        _say(f"  ... {what} ({time.monotonic() - start:.0f} s)")
 
 
 async def _exercise(vm: TestMachine, guest: Guest, model: str, driver: str, n: int) -> Row:

@@ -15,50 +15,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from baseline import RawQmp, summary
+
 import qmpnet
 
 QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
-
-
-class RawQmp:
-    """The baseline: a bare asyncio socket speaking QMP, no library."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, path: str) -> RawQmp:
-        reader, writer = await asyncio.open_unix_connection(path)
-        raw = cls(reader, writer)
-        await reader.readline()  # greeting
-        await raw.call("qmp_capabilities")
-        return raw
-
-    async def call(self, command: str, arguments: dict[str, object] | None = None) -> object:
-        message: dict[str, object] = {"execute": command}
-        if arguments:
-            message["arguments"] = arguments
-        self.writer.write(json.dumps(message).encode() + b"\n")
-        while True:
-            reply = json.loads(await self.reader.readline())
-            if "event" in reply:
-                continue
-            if "error" in reply:
-                raise RuntimeError(reply["error"])
-            return reply["return"]
-
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
 
 
 async def start_qemu(workdir: Path, n: int) -> tuple[asyncio.subprocess.Process, str]:
@@ -74,13 +42,6 @@ async def start_qemu(workdir: Path, n: int) -> tuple[asyncio.subprocess.Process,
             raise RuntimeError("QEMU did not create its QMP socket")
         await asyncio.sleep(0.01)
     return proc, path
-
-
-async def raw_add(raw: RawQmp, n: int) -> float:
-    start = time.perf_counter()
-    await raw.call("netdev_add", {"type": "user", "id": f"raw{n}.net"})
-    await raw.call("device_add", {"driver": "virtio-net-pci", "id": f"raw{n}", "netdev": f"raw{n}.net"})
-    return time.perf_counter() - start
 
 
 async def api_add(guest: qmpnet.Guest) -> float:
@@ -103,10 +64,10 @@ async def round_(workdir: Path, n: int, samples: dict[str, list[float]]) -> None
     try:
         raw = await RawQmp.open(path_raw)
         async with qmpnet.connect(path_api) as guest:
-            samples["raw_first"].append(await raw_add(raw, 0))
+            samples["raw_first"].append(await raw.add(0))
             samples["api_first"].append(await api_add(guest))
             for i in range(1, 13):
-                samples["raw"].append(await raw_add(raw, i))
+                samples["raw"].append(await raw.add(i))
                 samples["api"].append(await api_add(guest))
         await raw.close()
         samples["cli"].extend(await asyncio.to_thread(lambda: [cli_add(path_api) for _ in range(3)]))
@@ -114,12 +75,6 @@ async def round_(workdir: Path, n: int, samples: dict[str, list[float]]) -> None
         for proc in (proc_raw, proc_api):
             proc.terminate()
             await proc.wait()
-
-
-def summary(values: list[float]) -> tuple[float, float]:
-    ordered = sorted(values)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return statistics.median(ordered) * 1000, p99 * 1000
 
 
 async def main() -> None:

@@ -37,15 +37,22 @@ class Booted:
     serve: Serve
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def booted(guest_image: GuestImage) -> AsyncIterator[Booted]:
+MACHINES: dict[str, dict[str, Any]] = {
+    "pc": {"machine": "pc"},
+    "q35": {"machine": "q35", "root_ports": 4, "pcie_pci_bridge": True},
+}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=sorted(MACHINES))
+async def booted(request: pytest.FixtureRequest, guest_image: GuestImage) -> AsyncIterator[Booted]:
     with scratch("qmpnet-mqtt-guest-") as work:
         broker = Mosquitto(work)
         serve = Serve(work, "", "g1")
         try:
             broker.start()
             (work / "vm").mkdir()
-            async with TestMachine(guest_image, name="mqtt-vm", machine="pc", workdir=work / "vm") as vm:
+            machine = MACHINES[request.param]
+            async with TestMachine(guest_image, name=f"mqtt-{request.param}", workdir=work / "vm", **machine) as vm:
                 serve = Serve(work, broker.url, "g1", {"vm": vm.qmp_path}).start()
                 await wait_online(serve, broker.url, guests_connected=["vm"])
                 yield Booted(vm, broker, serve)

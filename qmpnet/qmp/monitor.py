@@ -329,7 +329,3 @@ class QmpMonitor:
             unicast_table=[str(m) for m in cast("list[object]", raw.get("unicast-table", []))],
         )
 
-
-def is_unplug_in_progress(err: QmpnetError) -> bool:
-    """Whether ``err`` is QEMU's "already in the process of unplug" answer to a second ``device_del``."""
-    return isinstance(err, QmpCommandError) and "in the process of unplug" in err.message

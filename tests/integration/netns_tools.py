@@ -13,11 +13,25 @@ import os
 import signal
 import socket
 import subprocess
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["connect_and_read", "ip", "kill_namespace", "link_names", "links", "listen", "namespace_pids",
-           "nft_tables", "serve_once"]  # fmt: skip
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+__all__ = [
+    "bridged_namespace",
+    "connect_and_read",
+    "ip",
+    "kill_namespace",
+    "link_names",
+    "links",
+    "listen",
+    "namespace_pids",
+    "nft_tables",
+    "serve_once",
+]
 
 
 def ip(*args: str) -> str:
@@ -63,6 +77,19 @@ def kill_namespace(name: str) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@contextlib.contextmanager
+def bridged_namespace(prefix: str = "hv") -> Iterator[str]:
+    """A namespace ``<prefix>-<random>`` with an up bridge ``br0``, torn down with everything in it on exit."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    ip("netns", "add", name)
+    try:
+        ip("-n", name, "link", "add", "br0", "type", "bridge")
+        ip("-n", name, "link", "set", "br0", "up")
+        yield name
+    finally:
+        kill_namespace(name)
 
 
 def listen(host: str, port: int, timeout: float = 20) -> socket.socket:

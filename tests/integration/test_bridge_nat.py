@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import pytest_asyncio
+from aux_qmp import aux_args, aux_monitor, hmp
 from netns_tools import connect_and_read, ip, kill_namespace, links, listen, namespace_pids, nft_tables, serve_once
-from qemu.qmp import QMPClient
 
 import qmpnet
 from qmpnet.errors import Forbidden, InvalidRequest, NotFound, QmpCommandError
@@ -60,7 +60,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("busybox") is None, reason="needs busybox (ping from the outside host)"),
 ]
 
-AUX_QMP = "aux.qmp"
 SEE_TIMEOUT = 20.0
 UNPLUG_TIMEOUT = 15.0
 EXT_LAN, GUEST_LAN = "10.77.0.1", "10.77.0.2"
@@ -134,25 +133,9 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def vm(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TestMachine]:
     workdir = tmp_path_factory.mktemp("bridge-nat")
-    extra = ["-qmp", f"unix:{workdir / AUX_QMP},server=on,wait=off"]
+    extra = aux_args(workdir)
     async with TestMachine(guest_image, name="bridge-nat", machine="pc", workdir=workdir, extra_args=extra) as machine:
         yield machine
-
-
-@contextlib.asynccontextmanager
-async def aux_monitor(vm: TestMachine) -> AsyncIterator[QMPClient]:
-    """The guest's second QMP monitor, to look at (and change) QEMU independently of qmpnet."""
-    client = QMPClient("aux")
-    await client.connect(str(vm.workdir / AUX_QMP))
-    try:
-        yield client
-    finally:
-        await client.disconnect()
-
-
-async def info_network(vm: TestMachine) -> str:
-    async with aux_monitor(vm) as aux:
-        return str(await aux.execute("human-monitor-command", {"command-line": "info network"}))
 
 
 async def no_taps(netns: str, polls: int = 100) -> dict[str, dict[str, Any]]:
@@ -239,7 +222,7 @@ async def test_bridge_nic_reaches_the_outside_and_the_outside_reaches_it(vm: Tes
     await vm.wait_nic_gone(nic.mac or "")
     assert await no_taps(lab.hv) == {}
     assert set(links(lab.hv)) == {"lo", "br0", "ext0", "up0"}
-    assert f"{nic.id}.net" not in await info_network(vm)
+    assert f"{nic.id}.net" not in await hmp(vm.workdir, "info network")
     report("bridge", seen_results)
 
 
@@ -266,11 +249,11 @@ async def test_bridge_nic_through_the_cli(vm: TestMachine, lab: Lab, tmp_path: P
     assert await no_taps(lab.hv) == {}
 
     # A hostile bridge name is refused with the field named, and nothing reaches QEMU or the host.
-    before = await info_network(vm)
+    before = await hmp(vm.workdir, "info network")
     rc, out, err = await cli("nic", "add", "--backend", "bridge", "--bridge", "br0;reboot", *qmp)
     assert rc == 1
     assert err.startswith("error: invalid_request: nic.backend.bridge: ")
-    assert await info_network(vm) == before
+    assert await hmp(vm.workdir, "info network") == before
     assert taps(lab.hv) == {}
 
 
@@ -397,7 +380,10 @@ def first_free_slot(pci: list[dict[str, Any]]) -> int:
 async def test_failed_device_add_leaves_no_tap_and_no_netdev(vm: TestMachine, lab: Lab) -> None:
     aux_mac, doomed_mac = "52:54:00:a0:00:01", "52:54:00:dd:00:01"
     settings = Settings(hostnet=lab.hostnet())
-    async with qmpnet.connect(str(vm.qmp_path), name=vm.name, settings=settings) as guest, aux_monitor(vm) as aux:
+    async with (
+        qmpnet.connect(str(vm.qmp_path), name=vm.name, settings=settings) as guest,
+        aux_monitor(vm.workdir) as aux,
+    ):
         before_nics = {n.id for n in await guest.list_nics()}  # qmpnet now holds this view of the guest
         before_macs = macs(vm)
         # Behind qmpnet's back, occupy the slot it will choose, so its device_add fails after the fd was passed.
@@ -431,7 +417,7 @@ async def test_failed_device_add_leaves_no_tap_and_no_netdev(vm: TestMachine, la
 
 
 async def test_forbidden_unknown_and_hostile_bridges_change_nothing(vm: TestMachine, lab: Lab) -> None:
-    network_before, links_before = await info_network(vm), set(links(lab.hv))
+    network_before, links_before = await hmp(vm.workdir, "info network"), set(links(lab.hv))
     forbid = Settings(policy=qmpnet.Policy(allowed_bridges=["br9"]), hostnet=lab.hostnet())
     async with qmpnet.connect(str(vm.qmp_path), name=vm.name, settings=forbid) as guest:
         with pytest.raises(Forbidden) as forbidden:
@@ -451,7 +437,7 @@ async def test_forbidden_unknown_and_hostile_bridges_change_nothing(vm: TestMach
         with pytest.raises(InvalidRequest) as bad_tap:
             await guest.add_nic({"backend": {"type": "tap", "ifname": "$(reboot)"}})
         assert bad_tap.value.field == "nic.backend.ifname"
-    assert await info_network(vm) == network_before
+    assert await hmp(vm.workdir, "info network") == network_before
     assert set(links(lab.hv)) == links_before
     report("refused", {"forbidden": forbidden.value.message, "not_found": unknown.value.message,
                        "not_a_bridge": not_bridge.value.message})

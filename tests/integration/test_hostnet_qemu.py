@@ -14,13 +14,12 @@ import json
 import os
 import shutil
 import subprocess
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from netns_tools import ip, kill_namespace, link_names
+from netns_tools import bridged_namespace, ip, link_names
 from qemu.qmp import ConnectError, ExecuteError, QMPClient
 
 from qmpnet.errors import NotFound, QmpnetError
@@ -41,14 +40,8 @@ pytestmark = [
 
 @pytest.fixture
 def hv() -> Iterator[str]:
-    name = f"hv-{uuid.uuid4().hex[:8]}"
-    ip("netns", "add", name)
-    try:
-        ip("-n", name, "link", "add", "br0", "type", "bridge")
-        ip("-n", name, "link", "set", "br0", "up")
+    with bridged_namespace() as name:
         yield name
-    finally:
-        kill_namespace(name)
 
 
 @dataclass

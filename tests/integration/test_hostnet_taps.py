@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from netns_tools import ip, kill_namespace, link_names
+from netns_tools import bridged_namespace, ip, link_names
 
 from qmpnet.errors import Conflict, InvalidRequest, NotFound
 from qmpnet.hostnet import HostnetSettings, check_existing_tap, create_tap, delete_tap, list_taps, sweep_taps
@@ -45,14 +45,8 @@ IFF_MULTI_QUEUE = 0x0100
 def hv() -> Iterator[str]:
     """Namespace ``hv-<random>`` with an up bridge ``br0``; root-namespace links are checked to be unchanged."""
     before = {link["ifname"] for link in json.loads(ip("-j", "link", "show"))}
-    name = f"hv-{uuid.uuid4().hex[:8]}"
-    ip("netns", "add", name)
-    try:
-        ip("-n", name, "link", "add", "br0", "type", "bridge")
-        ip("-n", name, "link", "set", "br0", "up")
+    with bridged_namespace() as name:
         yield name
-    finally:
-        kill_namespace(name)
     after = {link["ifname"] for link in json.loads(ip("-j", "link", "show"))}
     assert not {n for n in after - before if n.startswith(("vnet", "br0", "qt"))}, "a link leaked into the root ns"
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import pytest_asyncio
-from qemu.qmp import QMPClient
+from aux_qmp import aux_args, hmp
 
 import qmpnet
 from qmpnet.testguest import TestMachine
@@ -31,7 +31,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 DRIVERS = {"virtio-net-pci": "virtio_net", "e1000": "e1000", "e1000e": "e1000e", "rtl8139": "8139cp"}
 # e1000's watchdog notices carrier changes only every ~2 s.
 CARRIER_TIMEOUT = 15.0
-AUX_QMP = "aux.qmp"
 MACHINES: dict[str, dict[str, Any]] = {
     "pc": {"machine": "pc"},
     "q35": {"machine": "q35", "root_ports": 6, "pcie_pci_bridge": True},
@@ -44,7 +43,7 @@ async def vm(
 ) -> AsyncIterator[TestMachine]:
     # A second QMP monitor lets the tests look at QEMU independently of the connection qmpnet holds.
     workdir = tmp_path_factory.mktemp(f"hotplug-{request.param}")
-    extra = ["-qmp", f"unix:{workdir / AUX_QMP},server=on,wait=off"]
+    extra = aux_args(workdir)
     async with TestMachine(
         guest_image, name=f"hotplug-{request.param}", workdir=workdir, extra_args=extra, **MACHINES[request.param]
     ) as machine:
@@ -90,7 +89,7 @@ async def test_model_lifecycle_seen_by_guest(vm: TestMachine, guest: qmpnet.Gues
     assert result.state == "removed"
     await vm.wait_nic_gone(mac)
     assert nic_id not in {n.id for n in await guest.list_nics()}
-    network = await _info_network(vm)
+    network = await hmp(vm.workdir, "info network")
     assert f"{nic_id}.net" not in network, network
 
     # The same id and MAC can be used again at once.
@@ -99,16 +98,6 @@ async def test_model_lifecycle_seen_by_guest(vm: TestMachine, guest: qmpnet.Gues
     assert (await guest.remove_nic(again.id, timeout=15)).state == "removed"
     await vm.wait_nic_gone(mac)
     print(f"\n{vm.name} {model}: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))  # noqa: T201 - the in-guest timings for the record
-
-
-async def _info_network(vm: TestMachine) -> str:
-    """HMP ``info network`` read over the guest's second QMP monitor."""
-    client = QMPClient("aux")
-    await client.connect(str(vm.workdir / AUX_QMP))
-    try:
-        return str(await client.execute("human-monitor-command", {"command-line": "info network"}))
-    finally:
-        await client.disconnect()
 
 
 async def test_user_backend_dhcp_and_hostfwd(vm: TestMachine, guest: qmpnet.Guest) -> None:

@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
-from qemu.qmp import QMPClient
+from aux_qmp import aux_args, hmp
 
 import qmpnet
 from qmpnet.testguest import TestMachine
@@ -24,24 +24,10 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.integration]
 
 
-def _aux(tmp_path: Path) -> tuple[Path, list[str]]:
-    aux = tmp_path / "aux.qmp"
-    return aux, ["-qmp", f"unix:{aux},server=on,wait=off"]
-
-
-async def _hmp(path: Path, command: str) -> str:
-    client = QMPClient("aux")
-    await client.connect(str(path))
-    try:
-        return str(await client.execute("human-monitor-command", {"command-line": command}))
-    finally:
-        await client.disconnect()
-
-
 async def test_pc_slot_exhaustion_is_a_clear_error_and_leaves_nothing(
     guest_image: GuestImage, tmp_path: Path
 ) -> None:
-    aux, extra = _aux(tmp_path)
+    extra = aux_args(tmp_path)
     async with (
         TestMachine(guest_image, machine="pc", boot=False, extra_args=extra) as vm,
         qmpnet.connect(str(vm.qmp_path)) as guest,
@@ -59,7 +45,7 @@ async def test_pc_slot_exhaustion_is_a_clear_error_and_leaves_nothing(
         assert caught.code == "no_free_slot"
         assert "pci.0" in caught.message
         assert 25 <= added <= 31
-        network = await _hmp(aux, "info network")
+        network = await hmp(tmp_path, "info network")
         assert f"n{added}.net" not in network
         assert f"n{added - 1}.net" in network
 
@@ -74,7 +60,7 @@ async def test_pc_explicit_slot_in_use_is_a_conflict(guest_image: GuestImage) ->
 
 
 async def test_q35_legacy_model_without_bridge_says_what_to_add(guest_image: GuestImage, tmp_path: Path) -> None:
-    aux, extra = _aux(tmp_path)
+    extra = aux_args(tmp_path)
     async with (
         TestMachine(guest_image, machine="q35", root_ports=2, boot=False, extra_args=extra) as vm,
         qmpnet.connect(str(vm.qmp_path)) as guest,
@@ -82,7 +68,7 @@ async def test_q35_legacy_model_without_bridge_says_what_to_add(guest_image: Gue
         with pytest.raises(qmpnet.NoFreeSlot) as caught:
             await guest.add_nic({"model": "rtl8139", "id": "legacy"})
         assert "pcie-pci-bridge" in caught.value.message
-        assert "legacy.net" not in await _hmp(aux, "info network")
+        assert "legacy.net" not in await hmp(tmp_path, "info network")
         # virtio goes into a root port; the caller may also force rtl8139 into one.
         nic = await guest.add_nic({"model": "virtio"})
         assert nic.pci is not None

@@ -14,13 +14,12 @@ root qmpnet was configured with (the lane, ``HostNet`` and the VFIO functions ar
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import pytest_asyncio
-from qemu.qmp import QMPClient
+from aux_qmp import aux_args, aux_monitor
 
 import qmpnet
 from qmpnet.errors import Forbidden, InvalidRequest, NotFound, QmpCommandError, Unsupported
@@ -39,7 +38,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64"),
 ]
 
-AUX_QMP = "aux.qmp"
 #: A PCI address that exists in the fake tree and not on the real host, so QEMU itself cannot open it.
 NIC = "0000:42:00.0"
 SIBLING = "0000:42:00.1"
@@ -130,24 +128,14 @@ def tree(tmp_path: Path) -> FakeTree:
 async def vm(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TestMachine]:
     """QEMU paused (``-S``) without a guest: device_add and its errors need no OS."""
     workdir = tmp_path_factory.mktemp("vfio-e2e")
-    extra = ["-qmp", f"unix:{workdir / AUX_QMP},server=on,wait=off"]
+    extra = aux_args(workdir)
     async with TestMachine(None, name="vfio-e2e", boot=False, workdir=workdir, extra_args=extra) as machine:
         yield machine
 
 
-@contextlib.asynccontextmanager
-async def aux_monitor(vm: TestMachine) -> AsyncIterator[QMPClient]:
-    client = QMPClient("aux")
-    await client.connect(str(vm.workdir / AUX_QMP))
-    try:
-        yield client
-    finally:
-        await client.disconnect()
-
-
 async def qemu_state(vm: TestMachine) -> tuple[object, object, str]:
     """What must not change: the PCI devices, the peripherals and the net clients, read over the aux monitor."""
-    async with aux_monitor(vm) as aux:
+    async with aux_monitor(vm.workdir) as aux:
         pci = await aux.execute("query-pci")
         peripherals = await aux.execute("qom-list", {"path": "/machine/peripheral"})
         network = await aux.execute("human-monitor-command", {"command-line": "info network"})

@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from qmpnet.bus.mqtt import MqttBus
-from qmpnet.controller import Connection, Controller
+from qmpnet.controller import Controller
 from qmpnet.errors import InvalidRequest
 from qmpnet.hostnet.host import HostNet
 from qmpnet.qmp import QmpMonitor
@@ -26,6 +26,7 @@ from qmpnet.settings import load_settings
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from qmpnet.ports import Connection
     from qmpnet.settings import LogSettings, Settings
 
 __all__ = ["JsonFormatter", "configure_logging", "main", "serve"]

@@ -27,10 +27,10 @@ from qmpnet.settings import Settings, load_settings
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Sequence
 
-    from qmpnet.bus.envelopes import GuestInfo
     from qmpnet.client import GuestOps
     from qmpnet.hostnet.nat import NatStatus
     from qmpnet.model import Nic
+    from qmpnet.wire.envelopes import GuestInfo
 
 T = TypeVar("T")
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
-from qmpnet.bus.envelopes import GuestInfo, GuestList, ModelList, NicList
 from qmpnet.bus.requester import Requester
 from qmpnet.errors import (
     Busy,
@@ -40,6 +39,7 @@ from qmpnet.errors import (
 )
 from qmpnet.model import ModelInfo, Nic, NicSpec, RemoveResult, parse_nic_spec
 from qmpnet.settings import MqttSettings
+from qmpnet.wire.envelopes import GuestInfo, GuestList, ModelList, NicList
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
-from qmpnet.bus.envelopes import (
+from qmpnet.backoff import backoff
+from qmpnet.errors import GuestUnavailable, NotFound, QmpnetError
+from qmpnet.guest import Guest
+from qmpnet.ports import Connection
+from qmpnet.wire.envelopes import (
     API_VERSION,
     OPS,
     ControllerOnline,
@@ -49,10 +52,7 @@ from qmpnet.bus.envelopes import (
     parse_request,
     transaction_of,
 )
-from qmpnet.bus.topics import is_bus_name
-from qmpnet.errors import GuestUnavailable, NotFound, QmpnetError
-from qmpnet.guest import Guest
-from qmpnet.ports import Monitor
+from qmpnet.wire.topics import is_bus_name
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -64,28 +64,9 @@ if TYPE_CHECKING:
     from qmpnet.ports import HostNetwork, QmpEvent
     from qmpnet.settings import Settings
 
-__all__ = ["Connection", "Connector", "Controller", "Observer", "StateSink"]
+__all__ = ["Connector", "Controller", "Observer", "StateSink"]
 
 log = logging.getLogger(__name__)
-
-
-class Connection(Monitor, Protocol):
-    """A connected QMP monitor, as the controller needs it (``qmpnet.qmp.QmpMonitor`` is one)."""
-
-    closed: asyncio.Event
-
-    @property
-    def greeting_version(self) -> str | None:
-        """QEMU's version from the greeting."""
-        ...
-
-    async def machine(self) -> tuple[str, str]:
-        """The machine type and kind."""
-        ...
-
-    async def close(self) -> None:
-        """Disconnect."""
-        ...
 
 
 #: ``await connector(name, address)`` opens the QMP monitor at ``address``, or raises ``GuestUnavailable``.
@@ -401,8 +382,7 @@ class Controller:
     def backoff(self, failures: int) -> float:
         """Seconds to wait after ``failures`` failed attempts: capped exponential, with jitter in [50 %, 100 %]."""
         fleet = self.settings.controller
-        ceiling = min(fleet.backoff_max, fleet.backoff_min * 2.0 ** min(failures, 32))
-        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not cryptography
+        return backoff(fleet.backoff_min, fleet.backoff_max, failures)
 
     def emit(self, member: _Member, name: str) -> None:
         """Publish a guest-level event (``guest_connected``, ``guest_disconnected``)."""

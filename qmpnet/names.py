@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from collections.abc import Collection
 
 __all__ = [
+    "BUS_NAME_PATTERN",
     "QEMU_ID_MAX",
     "check_qemu_id",
     "format_pci_addr",
@@ -23,6 +24,8 @@ __all__ = [
     "parse_pci_addr",
 ]
 
+#: Controller ids and guest names as they appear in MQTT topics.
+BUS_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 #: QEMU itself has no length limit; we keep ids short enough to appear in topics, logs and tap names.
 QEMU_ID_MAX = 64
 _QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")

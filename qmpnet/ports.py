@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from qmpnet.placement import PciTopology
 
 __all__ = [
+    "Connection",
     "EventStream",
+    "Flag",
     "HostNetwork",
     "Monitor",
     "NetClient",
@@ -148,6 +150,40 @@ class Monitor(Protocol):
             Unsupported: The monitor is not a unix socket, so fds cannot be passed.
             QmpCommandError, OutcomeUnknown, GuestUnavailable: As :meth:`execute`.
         """
+        ...
+
+
+class Flag(Protocol):
+    """A one-way flag that can be awaited (``asyncio.Event`` is one)."""
+
+    def is_set(self) -> bool:
+        """Whether the flag is set."""
+        ...
+
+    async def wait(self) -> bool:
+        """Wait until the flag is set."""
+        ...
+
+
+class Connection(Monitor, Protocol):
+    """A connected QMP monitor as a long-lived owner needs it (``qmpnet.qmp.QmpMonitor`` is one)."""
+
+    @property
+    def closed(self) -> Flag:
+        """Set once the connection is gone."""
+        ...
+
+    @property
+    def greeting_version(self) -> str | None:
+        """QEMU's version from the greeting."""
+        ...
+
+    async def machine(self) -> tuple[str, str]:
+        """The machine type and kind."""
+        ...
+
+    async def close(self) -> None:
+        """Disconnect."""
         ...
 
 

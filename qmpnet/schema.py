@@ -1,4 +1,4 @@
-"""The JSON Schema of the MQTT API, generated from the pydantic models of :mod:`qmpnet.bus.envelopes`.
+"""The JSON Schema of the MQTT API, generated from the pydantic models of :mod:`qmpnet.wire.envelopes`.
 
 ``qmpnet schema`` prints :func:`api_schema`; ``docs/mqtt-api.schema.json`` is that output, checked in, and the
 field reference in ``docs/mqtt-api.md`` is :func:`render_reference` between two marker comments. A test compares
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pydantic.json_schema import models_json_schema
 
-from qmpnet.bus.envelopes import (
+from qmpnet.wire.envelopes import (
     API_VERSION,
     EVENT_NAMES,
     OPS,

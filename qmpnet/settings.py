@@ -16,8 +16,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FilePath, Sec
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from qmpnet.errors import InvalidRequest
-from qmpnet.hostnet.config import HostnetSettings
+from qmpnet.hostconfig import HostnetSettings
 from qmpnet.model import invalid_request_from
+from qmpnet.names import BUS_NAME_PATTERN
 from qmpnet.policy import Policy
 
 __all__ = [
@@ -61,8 +62,6 @@ class LaneSettings(BaseModel):
     max_waiting: int = Field(default=256, ge=1, description="Requests that may wait for a guest before 'busy'.")
 
 
-#: Controller ids and guest names as they appear in MQTT topics.
-BUS_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 BusName = Annotated[str, Field(pattern=BUS_NAME_PATTERN)]
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import socket
 import ssl
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -38,18 +37,19 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from qmpnet.bus.envelopes import ControllerOffline, error_response, to_wire, transaction_of
-from qmpnet.bus.topics import RequestTopic, Topics
+from qmpnet.backoff import backoff
 from qmpnet.errors import InvalidRequest
 from qmpnet.settings import parse_broker_url
+from qmpnet.wire.envelopes import ControllerOffline, error_response, to_wire, transaction_of
+from qmpnet.wire.topics import RequestTopic, Topics
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
     from pydantic import BaseModel
 
-    from qmpnet.bus.envelopes import ControllerOnline, EventMessage, GuestStatus, NicList, Response
     from qmpnet.settings import MqttSettings
+    from qmpnet.wire.envelopes import ControllerOnline, EventMessage, GuestStatus, NicList, Response
 
 __all__ = ["MqttBus", "RequestHandler", "make_client", "publish_nowait"]
 
@@ -133,7 +133,7 @@ class MqttBus:
                     await self._session()
                 except aiomqtt.MqttError as err:
                     failures = 0 if self._session_started else failures + 1
-                    delay = _backoff(self.settings.reconnect_min, self.settings.reconnect_max, failures)
+                    delay = backoff(self.settings.reconnect_min, self.settings.reconnect_max, failures)
                     log.warning("broker %s: %s; reconnecting in %.1f s", self.settings.broker, err, delay)
                     await asyncio.sleep(delay)
         finally:
@@ -320,8 +320,3 @@ def publish_nowait(
 
 def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
-
-
-def _backoff(low: float, high: float, failures: int) -> float:
-    ceiling = min(high, low * 2.0 ** min(failures, 32))
-    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not cryptography

@@ -21,8 +21,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from qmpnet.bus.mqtt import make_client, publish_nowait
-from qmpnet.bus.topics import Topics, is_bus_name
 from qmpnet.errors import GuestUnavailable, InvalidRequest, OutcomeUnknown
+from qmpnet.wire.topics import Topics, is_bus_name
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

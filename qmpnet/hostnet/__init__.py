@@ -21,7 +21,7 @@ The bridge-mode flow the guest lane runs (docs/host-networking.md has the whole 
 The tap is not persistent: once QEMU holds the only fds, ``netdev_del`` (or QEMU exiting) removes it.
 """
 
-from qmpnet.hostnet.config import HostnetSettings, NatNetwork, parse_nat_network
+from qmpnet.hostconfig import HostnetSettings, NatNetwork, parse_nat_network
 from qmpnet.hostnet.nat import Lease, NatStatus, net_down, net_list, net_status, net_up
 from qmpnet.hostnet.taps import (
     Tap,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from qmpnet.errors import QmpnetError, Unsupported
 
 if TYPE_CHECKING:
-    from qmpnet.hostnet.config import NatNetwork
+    from qmpnet.hostconfig import NatNetwork
 
 __all__ = ["argv", "find", "lease_file", "pid_file", "start", "stop"]
 

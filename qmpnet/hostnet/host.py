@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from qmpnet.hostnet.config import HostnetSettings
+from qmpnet.hostconfig import HostnetSettings
 from qmpnet.hostnet.nat import net_up
 from qmpnet.hostnet.taps import Tap, check_existing_tap, create_tap, delete_tap, list_taps, vhost_usable
 from qmpnet.hostnet.vfio import bind_vfio, check_vfio, restore_driver

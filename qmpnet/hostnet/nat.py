@@ -29,8 +29,8 @@ from pydantic import BaseModel, ConfigDict
 from pyroute2 import NetlinkError
 
 from qmpnet.errors import Conflict, QmpnetError
+from qmpnet.hostconfig import HostnetSettings, NatNetwork, parse_nat_network
 from qmpnet.hostnet import dnsmasq, nftables
-from qmpnet.hostnet.config import HostnetSettings, NatNetwork, parse_nat_network
 from qmpnet.hostnet.failures import host_error
 from qmpnet.hostnet.links import LinkInfo, dump_links, find_link, nat_mark, route
 from qmpnet.hostnet.netns import run_in_netns

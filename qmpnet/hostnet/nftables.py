@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from qmpnet.errors import QmpnetError, Unsupported
 
 if TYPE_CHECKING:
-    from qmpnet.hostnet.config import NatNetwork
+    from qmpnet.hostconfig import NatNetwork
 
 __all__ = ["apply", "list_tables", "remove_script", "render_table"]
 

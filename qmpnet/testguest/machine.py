@@ -23,7 +23,6 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
@@ -34,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Self, TypeVar
 
-from qemu.qmp import QMPClient, QMPError
+from qmpnet.errors import QmpnetError
+from qmpnet.qmp import QmpMonitor
 
 from .agent import LINE_LIMIT, Agent, AgentError, AgentTimeoutError
 
@@ -365,15 +365,19 @@ class TestMachine:
     async def _qmp_answers(self) -> bool:
         if not self.files.qmp.exists():
             return False  # not listening yet; checked first because qemu.qmp logs every failed connect
-        client = QMPClient(f"testguest[{self.name}].probe")
         try:
-            await client.connect(str(self.files.qmp))
-            await client.execute("query-status")
-        except (QMPError, OSError, EOFError):
+            monitor = await QmpMonitor.connect(
+                str(self.files.qmp), name=f"testguest[{self.name}].probe", connect_timeout=QMP_TIMEOUT,
+                command_timeout=QMP_TIMEOUT,
+            )
+        except QmpnetError:
             return False  # QEMU is still starting, or exiting: _until_exit notices the latter
+        try:
+            await monitor.execute("query-status")
+        except QmpnetError:
+            return False
         finally:
-            with contextlib.suppress(QMPError, OSError, EOFError):
-                await client.disconnect()
+            await monitor.close()
         return True
 
     async def _until_exit(self, awaitable: Awaitable[T]) -> T:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
-    from qmpnet.bus.envelopes import ControllerOnline, EventMessage, GuestStatus, NicList, Response
+    from qmpnet.wire.envelopes import ControllerOnline, EventMessage, GuestStatus, NicList, Response
 
 
 class FakeConnection(RecordingMonitor):

@@ -7,7 +7,10 @@ import json
 import pytest
 
 import qmpnet
-from qmpnet.bus.envelopes import (
+from qmpnet.client import error_from
+from qmpnet.errors import InvalidRequest, QmpCommandError, QmpnetError
+from qmpnet.model import RemoveResult
+from qmpnet.wire.envelopes import (
     EVENT_NAMES,
     OPS,
     ErrorBody,
@@ -20,9 +23,6 @@ from qmpnet.bus.envelopes import (
     to_wire,
     transaction_of,
 )
-from qmpnet.client import error_from
-from qmpnet.errors import InvalidRequest, QmpCommandError, QmpnetError
-from qmpnet.model import RemoveResult
 
 
 def test_every_op_has_a_scope_request_and_data_model() -> None:

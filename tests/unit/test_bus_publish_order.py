@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, cast
 
-from qmpnet.bus.envelopes import ControllerOnline, EventMessage, NicList, to_wire
 from qmpnet.bus.mqtt import MqttBus
 from qmpnet.settings import MqttSettings
+from qmpnet.wire.envelopes import ControllerOnline, EventMessage, NicList, to_wire
 
 if TYPE_CHECKING:
     import aiomqtt

@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from qmpnet.errors import InvalidRequest, NotFound
+from qmpnet.hostconfig import HostnetSettings, NatNetwork, parse_nat_network
 from qmpnet.hostnet import dnsmasq, nftables
-from qmpnet.hostnet.config import HostnetSettings, NatNetwork, parse_nat_network
 from qmpnet.hostnet.nat import _leases
 
 if TYPE_CHECKING:

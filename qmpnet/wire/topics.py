@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from qmpnet.settings import BUS_NAME_PATTERN
+from qmpnet.names import BUS_NAME_PATTERN
 
 __all__ = ["RequestTopic", "Topics", "is_bus_name"]
 

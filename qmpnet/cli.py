@@ -21,8 +21,10 @@ import typer
 from pydantic import BaseModel
 
 from qmpnet.api import connect
+from qmpnet.control import ControlGuest, controller_serves
 from qmpnet.errors import InvalidRequest, QmpnetError
 from qmpnet.settings import Settings, load_settings
+from qmpnet.store import StateDir
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -87,6 +89,11 @@ ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="TOML settings file (timeouts, policy).", show_default=False)
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log what is sent to QEMU on stderr.")]
+StateDirOpt = Annotated[
+    Path | None,
+    typer.Option("--state-dir", help="Where qmpnet keeps what it knows of each guest (default: /var/lib/qmpnet, "
+                 "or $QMPNET_STATE_DIR).", show_default=False),
+]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -108,6 +115,7 @@ class Where:
     broker: str | None = None
     guest: str | None = None
     controller: str | None = None
+    state_dir: Path | None = None
 
 
 def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[[GuestOps], Awaitable[T]]) -> T:
@@ -118,6 +126,10 @@ def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[
 
     async def session(settings: Settings) -> T:
         if where.qmp is not None:
+            # A `qmpnet serve` on this host may hold the monitor (QEMU serves one client): then ask it instead.
+            control = StateDir(settings.state_dir).control_socket
+            if await controller_serves(control, where.qmp, settings.qmp.connect_timeout):
+                return await op(ControlGuest(control, where.qmp, timeout=settings.mqtt.request_timeout))
             async with connect(where.qmp, settings=settings) as guest:
                 return await op(guest)
         from qmpnet.client import Client  # noqa: PLC0415 - the MQTT stack is loaded only in broker mode
@@ -125,8 +137,9 @@ def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[
         async with Client(where.broker, settings=settings.mqtt) as client:
             return await op(client.guest(where.controller or settings.mqtt.controller_id, where.guest or ""))
 
+    overrides: dict[str, Any] = {"state_dir": where.state_dir} if where.state_dir is not None else {}
     try:
-        return asyncio.run(session(load_settings(config)))
+        return asyncio.run(session(load_settings(config, **overrides)))
     except QmpnetError as err:
         raise fail(err) from None
 
@@ -264,6 +277,7 @@ def nic_add(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """Hot-add a NIC (atomic: on failure the guest is left as it was)."""
     spec: dict[str, object] = {
@@ -277,7 +291,8 @@ def nic_add(
     }
     optional = {"id": nic_id, "mac": mac, "addr": addr, "bus": bus, "vectors": vectors, "queues": queues}
     spec |= {k: v for k, v in optional.items() if v is not None}
-    nic = run_on_guest(Where(qmp, broker, guest, controller), config, verbose, lambda guest: guest.add_nic(spec))
+    where = Where(qmp, broker, guest, controller, state_dir)
+    nic = run_on_guest(where, config, verbose, lambda guest: guest.add_nic(spec))
     emit(nic, as_json, lambda: nic_table([nic]))
 
 
@@ -294,9 +309,10 @@ def nic_del(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """Hot-remove a NIC; prints 'removed', or 'removal_pending' if the guest has not acked in time."""
-    where = Where(qmp, broker, guest, controller)
+    where = Where(qmp, broker, guest, controller, state_dir)
     result = run_on_guest(where, config, verbose, lambda guest: guest.remove_nic(nic_id, timeout=timeout))
     emit(result, as_json, lambda: f"{result.id}: {result.state}")
 
@@ -312,9 +328,10 @@ def nic_link(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """Set a NIC's link up or down."""
-    where = Where(qmp, broker, guest, controller)
+    where = Where(qmp, broker, guest, controller, state_dir)
     nic = run_on_guest(where, config, verbose, lambda guest: guest.set_link(nic_id, state is LinkArg.up))
     emit(nic, as_json, lambda: nic_table([nic]))
 
@@ -328,9 +345,11 @@ def nic_list(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """List the guest's NICs, cold-plugged ones included."""
-    nics = run_on_guest(Where(qmp, broker, guest, controller), config, verbose, lambda guest: guest.list_nics())
+    where = Where(qmp, broker, guest, controller, state_dir)
+    nics = run_on_guest(where, config, verbose, lambda guest: guest.list_nics())
     emit({"nics": [n.model_dump(mode="json") for n in nics]}, as_json, lambda: nic_table(nics))
 
 
@@ -343,9 +362,11 @@ def models(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """List the NIC models this QEMU offers (the old -net nic,model=?)."""
-    found = run_on_guest(Where(qmp, broker, guest, controller), config, verbose, lambda guest: guest.models())
+    where = Where(qmp, broker, guest, controller, state_dir)
+    found = run_on_guest(where, config, verbose, lambda guest: guest.models())
 
     def table() -> str:
         rows = [("MODEL", "BUS", "SPEED", "HOTPLUG", "DESCRIPTION")]
@@ -407,6 +428,7 @@ def serve(
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
     log_format: Annotated[str | None, typer.Option(help="text or json.")] = None,
     verbose: VerboseOpt = False,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """Run the MQTT-driven controller for a fleet of guests (see docs/mqtt-api.md)."""
     from qmpnet.app import main as serve_main  # noqa: PLC0415 - the MQTT stack is loaded only for serve
@@ -415,6 +437,7 @@ def serve(
         serve_main(
             config, broker=broker, controller_id=controller_id, guests=guest, guest_dir=guest_dir,
             metrics_port=metrics_port, log_format=log_format, log_level="debug" if verbose else None,
+            state_dir=state_dir,
         )
     )
 

@@ -42,6 +42,7 @@ __all__ = [
     "GuestEventName",
     "HubportBackend",
     "InetAddress",
+    "LinkState",
     "ModelInfo",
     "NatBackend",
     "Nic",
@@ -64,7 +65,7 @@ __all__ = [
 NicModel = Literal["virtio-net-pci", "e1000", "e1000e", "rtl8139"]
 SUPPORTED_MODELS: tuple[NicModel, ...] = ("virtio-net-pci", "e1000", "e1000e", "rtl8139")
 _MODEL_ALIASES = {"virtio": "virtio-net-pci"}
-NicState = Literal["active", "removal_pending"]
+NicState = Literal["adding", "active", "removal_pending"]
 LinkState = Literal["up", "down"]
 
 QemuId = Annotated[str, AfterValidator(check_qemu_id)]

@@ -16,11 +16,13 @@ if TYPE_CHECKING:
 
     from qmpnet.model import ModelInfo, ObservedBackend, RxFilter
     from qmpnet.placement import PciTopology
+    from qmpnet.records import GuestRecord
 
 __all__ = [
     "Connection",
     "EventStream",
     "Flag",
+    "GuestStore",
     "HostNetwork",
     "Monitor",
     "NetClient",
@@ -255,4 +257,30 @@ class HostNetwork(Protocol):
 
     async def sweep_orphans(self, owner_prefix: str, keep: set[str]) -> list[str]:
         """Delete taps made for NICs (owners ``<guest>/<nic>``) under ``owner_prefix`` that are not in ``keep``."""
+        ...
+
+
+class GuestStore(Protocol):
+    """One guest's record in the state store, held by this process (``qmpnet.store`` has the real one)."""
+
+    @property
+    def key(self) -> str:
+        """A stable name of the guest, the same for every qmpnet process (marks its taps' owners)."""
+        ...
+
+    @property
+    def record(self) -> GuestRecord:
+        """The record as last saved."""
+        ...
+
+    def save(self, record: GuestRecord) -> None:
+        """Write ``record`` durably before returning; it becomes :attr:`record`.
+
+        Raises:
+            InvalidRequest: The state directory cannot be written (nothing was changed).
+        """
+        ...
+
+    def close(self) -> None:
+        """Let other processes have the guest."""
         ...

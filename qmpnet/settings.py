@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import platform
 import re
-from pathlib import Path  # noqa: TC003 - pydantic resolves the annotations at runtime
+from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import unquote, urlsplit
 
@@ -30,6 +30,7 @@ __all__ = [
     "MetricsSettings",
     "MqttSettings",
     "QmpSettings",
+    "ReconcileSettings",
     "Settings",
     "default_controller_id",
     "load_settings",
@@ -60,6 +61,10 @@ class LaneSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_waiting: int = Field(default=256, ge=1, description="Requests that may wait for a guest before 'busy'.")
+    max_wait: float = Field(default=60.0, gt=0, description="Seconds a request may wait for a guest before 'busy'.")
+    stop_grace: float = Field(
+        default=10.0, ge=0, description="Seconds operations in flight may take to finish when qmpnet stops."
+    )
 
 
 BusName = Annotated[str, Field(pattern=BUS_NAME_PATTERN)]
@@ -154,6 +159,19 @@ class ControllerSettings(BaseModel):
     backoff_max: float = Field(default=10.0, gt=0, description="Longest delay between QEMU reconnects.")
 
 
+class ReconcileSettings(BaseModel):
+    """Desired state: how the controller converges each guest to its desired NIC set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    repair: bool = Field(
+        default=True, description="Add back a desired NIC that disappeared (false: only report the drift)."
+    )
+    resync_interval: float = Field(
+        default=60.0, gt=0, description="Seconds between full re-reads of each guest (catches what events miss)."
+    )
+
+
 class MetricsSettings(BaseModel):
     """Prometheus metrics (off unless a port is given)."""
 
@@ -179,12 +197,17 @@ class Settings(BaseSettings):
         env_prefix="QMPNET_", env_nested_delimiter="__", extra="forbid", frozen=True, toml_file=None
     )
 
+    state_dir: Path = Field(
+        default=Path("/var/lib/qmpnet"),
+        description="The state store: what qmpnet created, intends and holds per guest (env QMPNET_STATE_DIR).",
+    )
     qmp: QmpSettings = Field(default_factory=QmpSettings)
     lane: LaneSettings = Field(default_factory=LaneSettings)
     policy: Policy = Field(default_factory=Policy)
     hostnet: HostnetSettings = Field(default_factory=HostnetSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
+    reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 

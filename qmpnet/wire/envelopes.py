@@ -14,7 +14,22 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, get_arg
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from qmpnet.errors import ErrorCode, InvalidRequest, QmpCommandError, QmpnetError
+from qmpnet.errors import (
+    Busy,
+    Conflict,
+    ErrorCode,
+    Forbidden,
+    GuestUnavailable,
+    InvalidRequest,
+    NoFreeSlot,
+    NotFound,
+    OutcomeUnknown,
+    QmpCommandError,
+    QmpnetError,
+    RemovalPending,
+    Timeout,
+    Unsupported,
+)
 from qmpnet.model import GuestEventName, ModelInfo, Nic, NicSpec, RemoveResult, invalid_request_from
 
 if TYPE_CHECKING:
@@ -44,6 +59,8 @@ __all__ = [
     "OkResponse",
     "OpSpec",
     "Response",
+    "data_of",
+    "error_from",
     "error_response",
     "ok_response",
     "parse_request",
@@ -199,6 +216,41 @@ class ErrorResponse(_Message):
 
 
 Response = OkResponse[Any] | ErrorResponse
+
+
+_ERRORS: dict[str, type[QmpnetError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequest, NotFound, Conflict, Busy, Timeout, RemovalPending, GuestUnavailable, NoFreeSlot,
+        Unsupported, Forbidden, OutcomeUnknown,
+    )
+}  # fmt: skip
+
+
+def error_from(body: Mapping[str, Any]) -> QmpnetError:
+    """The exception for an answer's ``error`` object (the inverse of :meth:`ErrorBody.of`)."""
+    code = str(body.get("code", "internal"))
+    message = str(body.get("message", "no message"))
+    field = body.get("field")
+    if code == "qmp_error":
+        return QmpCommandError(message, qmp_class=str(body.get("qmp_class", "")), command="")
+    error = _ERRORS.get(code, QmpnetError)(message, field=field if isinstance(field, str) else None)
+    if error.code != code:
+        error.add_note(f"the controller's error code was {code!r}")
+    return error
+
+
+def data_of(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``data`` of an answer, or raise the error it carries.
+
+    Raises:
+        QmpnetError: The subclass of the answer's error code (``internal`` for a malformed answer).
+    """
+    if answer.get("status") == "ok" and isinstance(answer.get("data"), dict):
+        data: dict[str, Any] = answer["data"]
+        return data
+    error = answer.get("error")
+    raise error_from(error if isinstance(error, dict) else {"message": f"malformed answer: {answer}"})
 
 
 def error_response(transaction: str | None, err: QmpnetError) -> ErrorResponse:

@@ -7,6 +7,7 @@ last report, so a CI log explains the failure on its own.
 
 from __future__ import annotations
 
+import os
 import shutil
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from qmpnet.testguest import GuestImage, TestMachine, ensure_image
 
 if TYPE_CHECKING:
     from collections.abc import Generator, Iterable, Iterator
+    from pathlib import Path
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +26,19 @@ def guest_image() -> GuestImage:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86 busybox-static)")
     return ensure_image()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A state directory of the session's own (never /var/lib/qmpnet); subprocesses inherit it."""
+    path = tmp_path_factory.mktemp("state")
+    previous = os.environ.get("QMPNET_STATE_DIR")
+    os.environ["QMPNET_STATE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("QMPNET_STATE_DIR", None)
+    else:
+        os.environ["QMPNET_STATE_DIR"] = previous
 
 
 def _machines(values: Iterable[object]) -> Iterator[TestMachine]:

@@ -29,9 +29,9 @@ from qmpnet.store import StateDir
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Sequence
 
-    from qmpnet.client import GuestOps
     from qmpnet.hostnet.nat import NatStatus
     from qmpnet.model import Nic
+    from qmpnet.ports import GuestOps
     from qmpnet.wire.envelopes import GuestInfo
 
 T = TypeVar("T")
@@ -374,6 +374,77 @@ def models(
         return format_rows(rows)
 
     emit({"models": [m.model_dump(mode="json") for m in found]}, as_json, table)
+
+
+@app.command("apply")
+def apply_cmd(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="TOML or JSON: `nics` = NICs in the NicSpec shape, "
+                                         "each with an id; optional `generation`, `prune`.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and change nothing.")] = False,
+    prune: Annotated[bool, typer.Option("--prune", help="Also remove NICs qmpnet created, not in FILE.")] = False,
+    qmp: QmpOpt = None,
+    broker: BrokerOpt = None,
+    guest: GuestOpt = None,
+    controller: ControllerOpt = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Converge a guest to the NICs FILE declares: add what is missing, set links, keep the rest (idempotent)."""
+    from qmpnet.apply import apply_desired  # noqa: PLC0415 - only this command needs it
+    from qmpnet.reconcile import parse_desired  # noqa: PLC0415 - only this command needs it
+
+    try:
+        desired = parse_desired(read_document(file), source="apply")
+    except QmpnetError as err:
+        raise fail(err) from None
+    if prune:
+        desired = desired.model_copy(update={"prune": True})
+    where = Where(qmp, broker, guest, controller, state_dir)
+    report = run_on_guest(where, config, verbose, lambda target: apply_desired(target, desired, dry_run=dry_run))
+
+    def table() -> str:
+        rows = [("ACTION", "ID", "DETAIL")]
+        failed = {e.id: e for e in report.errors}
+        for change in report.plan:
+            detail = change.link or change.reason or ""
+            if change.id in failed and change.action != "conflict":
+                detail = f"failed: {failed[change.id].code}: {failed[change.id].message}"
+            elif change.id in report.pending:
+                detail = "removal pending: the guest has not acked yet"
+            rows.append((change.action, change.id, detail))
+        verdict = "dry run: nothing was changed" if dry_run else ("converged" if report.converged else "not converged")
+        return f"{format_rows(rows)}\n{verdict}"
+
+    emit(report.model_dump(mode="json") | {"converged": report.converged}, as_json, table)
+    if report.errors:
+        first = report.errors[0]
+        print(f"error: {first.code}: {len(report.errors)} of {len(report.plan)} NICs did not converge "
+              f"(first: {first.id}: {first.message})", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def read_document(path: Path) -> dict[str, Any]:
+    """A desired-state file as a dict: TOML (``.toml``) or JSON.
+
+    Raises:
+        InvalidRequest: The file cannot be read or parsed, or is not a table/object.
+    """
+    import tomllib  # noqa: PLC0415 - only apply reads TOML documents
+
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise InvalidRequest(f"FILE: cannot read {path}: {err.strerror or err}", field="FILE") from err
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as err:
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise InvalidRequest(f"FILE: {path} is not valid {kind}: {err}", field="FILE") from err
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"FILE: {path} must hold an object with `nics`", field="FILE")
+    return data
 
 
 @app.command("guests")

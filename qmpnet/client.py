@@ -19,10 +19,11 @@ raised as the :class:`~qmpnet.errors.QmpnetError` subclass of its code, so code 
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from qmpnet.bus.requester import Requester
 from qmpnet.model import ModelInfo, Nic, NicSpec, RemoveResult, parse_nic_spec
+from qmpnet.ports import GuestOps
 from qmpnet.settings import MqttSettings
 from qmpnet.wire.envelopes import GuestInfo, GuestList, ModelList, NicList, data_of, error_from
 
@@ -34,30 +35,6 @@ __all__ = ["Client", "GuestOps", "RemoteGuest", "error_from"]
 
 #: Seconds added to a removal's own timeout when waiting for its answer.
 _REMOVE_MARGIN = 5.0
-
-
-class GuestOps(Protocol):
-    """The operations on one guest, direct (:class:`qmpnet.Guest`) or through a controller (:class:`RemoteGuest`)."""
-
-    async def add_nic(self, spec: NicSpec | Mapping[str, Any]) -> Nic:
-        """Hot-add a NIC."""
-        ...
-
-    async def remove_nic(self, nic_id: str, timeout: float | None = None) -> RemoveResult:
-        """Hot-remove a NIC."""
-        ...
-
-    async def set_link(self, nic_id: str, up: bool) -> Nic:
-        """Set a NIC's link."""
-        ...
-
-    async def list_nics(self) -> list[Nic]:
-        """List the NICs."""
-        ...
-
-    async def models(self) -> list[ModelInfo]:
-        """List the NIC models."""
-        ...
 
 
 class Client:

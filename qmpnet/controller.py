@@ -32,12 +32,16 @@ from qmpnet.backoff import backoff
 from qmpnet.errors import Busy, GuestUnavailable, InvalidRequest, NotFound, OutcomeUnknown, QmpnetError
 from qmpnet.guest import Guest
 from qmpnet.ports import Connection
+from qmpnet.reconcile import parse_desired
+from qmpnet.reconciler import Reconciler
 from qmpnet.records import GuestRecord
 from qmpnet.store import MemoryGuestStore, canonical_address
 from qmpnet.wire.envelopes import (
     API_VERSION,
     OPS,
     ControllerOnline,
+    DesiredError,
+    DesiredStatus,
     ErrorResponse,
     EventMessage,
     GuestInfo,
@@ -163,6 +167,9 @@ class _Member:
         self.nics: dict[str, Nic] = {}
         self.dedup = _Dedup(controller.settings.mqtt.dedup_window)
         self.store: GuestStore | None = None
+        self.reconciler: Reconciler | None = None
+        self.early_desired: tuple[Mapping[str, Any] | None] | None = None
+        self.desired_status: DesiredStatus | None = None
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -170,7 +177,9 @@ class _Member:
         return {"guest": self.name}
 
     def status(self) -> GuestStatus:
-        return GuestStatus(state=self.state, qemu=self.qemu, machine=self.machine, since=self.since)
+        return GuestStatus(
+            state=self.state, qemu=self.qemu, machine=self.machine, since=self.since, desired=self.desired_status
+        )
 
     def info(self) -> GuestInfo:
         return GuestInfo(name=self.name, **self.status().model_dump())
@@ -184,6 +193,9 @@ class _Member:
                 try:
                     if self.store is None:
                         self.store = await self.controller.open_store(self.name, self.address)
+                        if self.early_desired is not None:
+                            self.set_desired(self.early_desired[0])
+                            self.early_desired = None
                     connection = await self.controller.connector(self.name, self.address)
                 except (GuestUnavailable, Busy, InvalidRequest) as err:
                     if failures == 0:
@@ -226,7 +238,18 @@ class _Member:
                 log.info("guest %s: connected (QEMU %s, %s)", self.name, self.qemu, self.machine,
                          extra=self.log_extra)
                 self.controller.emit(self, "guest_connected")
-                await self._watch(connection, guest)
+                self.reconciler = Reconciler(
+                    self.name, guest, desired=lambda: store.record.desired, settings=controller.settings.reconcile,
+                    publish=self._desired_changed, event=self._reconcile_event,
+                )
+                reconciling = asyncio.create_task(self.reconciler.run(), name=f"qmpnet[guest={self.name}].reconcile")
+                self.reconciler.poke()  # a QEMU restarted on the same socket gets its desired NICs back
+                try:
+                    await self._watch(connection, guest)
+                finally:
+                    self.reconciler = None
+                    reconciling.cancel()
+                    await asyncio.gather(reconciling, return_exceptions=True)
                 log.info("guest %s: disconnected", self.name, extra=self.log_extra)
         except QmpnetError as err:
             log.info("guest %s: lost while reading it: %s", self.name, err, extra=self.log_extra)
@@ -244,6 +267,8 @@ class _Member:
                 self.resynced(await guest.resync())
             except (Busy, OutcomeUnknown) as err:
                 log.info("guest %s: resync skipped: %s", self.name, err, extra=self.log_extra)
+            if self.reconciler is not None:
+                self.reconciler.poke()
 
     def resynced(self, nics: list[Nic]) -> None:
         """Publish what a re-read found changed behind the lane's back (another QMP client), with events."""
@@ -267,6 +292,43 @@ class _Member:
             self.since = time.time()
             self.controller.publish_guest(self)
 
+    def set_desired(self, payload: Mapping[str, Any] | None) -> None:
+        """Take a desired document (``None``: clear the set), store it and converge to it."""
+        if self.store is None:
+            self.early_desired = (payload,)  # taken once the store is open
+            return
+        record = self.store.record
+        if payload is None:
+            self.store.save(record.model_copy(update={"desired": None}))
+            self._desired_changed(None)
+            return
+        try:
+            desired = parse_desired(payload, source="mqtt")
+        except InvalidRequest as err:
+            log.warning("guest %s: desired document refused: %s", self.name, err, extra=self.log_extra)
+            generation = record.desired.generation if record.desired is not None else 0
+            refused = DesiredError(id=None, code=err.code, message=err.message, field=err.field)
+            self._desired_changed(DesiredStatus(generation=generation, converged=False, errors=[refused]))
+            return
+        current = record.desired
+        if current is not None and current.source == "mqtt" and desired.generation < current.generation:
+            log.info("guest %s: desired generation %d is older than %d: ignored", self.name, desired.generation,
+                     current.generation, extra=self.log_extra)
+            return
+        news = current is None or current.generation != desired.generation or current.source != "mqtt"
+        if news:
+            self.store.save(record.model_copy(update={"desired": desired}))
+        if self.reconciler is not None:
+            self.reconciler.poke(explicit=news)
+
+    def _desired_changed(self, status: DesiredStatus | None) -> None:
+        if status != self.desired_status:
+            self.desired_status = status
+            self.controller.publish_guest(self)
+
+    def _reconcile_event(self, name: str, message: EventMessage) -> None:
+        self.controller.sink.event(self.name, name, message)
+
     def set_nics(self, nics: list[Nic]) -> None:
         self.nics = {nic.id: nic for nic in nics}
         self.controller.sink.guest_nics(self.name, NicList(nics=nics))
@@ -282,6 +344,8 @@ class _Member:
             self.controller.sink.guest_nics(self.name, NicList(nics=list(self.nics.values())))
         message = EventMessage(ts=event.ts, guest=self.name, id=event.id, nic=event.nic)
         self.controller.sink.event(self.name, event.name, message)
+        if event.name == "nic_removed" and self.reconciler is not None:
+            self.reconciler.poke()  # a desired NIC may have vanished behind qmpnet's back
 
     def _on_qmp_event(self, event: QmpEvent) -> None:
         if event.name == "NIC_RX_FILTER_CHANGED":
@@ -393,6 +457,7 @@ class Controller:
         self.host = host
         self.open_store: StoreOpener = open_store or _memory_store
         self._members: dict[str, _Member] = {}
+        self._early_desired: dict[str, Mapping[str, Any] | None] = {}
         self._tasks: asyncio.TaskGroup | None = None
 
     async def run(self) -> None:
@@ -411,6 +476,14 @@ class Controller:
         """The name of the guest whose QMP socket is ``address``, if this controller serves it."""
         wanted = canonical_address(address)
         return next((m.name for m in self._members.values() if canonical_address(m.address) == wanted), None)
+
+    def set_desired(self, guest: str, payload: Mapping[str, Any] | None) -> None:
+        """A desired document for ``guest`` arrived (``None``: it was cleared); unknown guests are ignored."""
+        member = self._members.get(guest)
+        if member is None:
+            self._early_desired[guest] = payload  # a guest not discovered yet: taken when it is
+            return
+        member.set_desired(payload)
 
     async def handle(self, guest: str | None, op: str, payload: Mapping[str, Any]) -> Response:
         """Answer one request: ``guest`` is ``None`` for controller-level ops. Never raises but ``CancelledError``."""
@@ -474,6 +547,8 @@ class Controller:
         if self._tasks is None:
             raise RuntimeError("the controller is not running")
         member = _Member(self, name, address, discovered=discovered)
+        if name in self._early_desired:
+            member.set_desired(self._early_desired.pop(name))
         self._members[name] = member
         member.task = self._tasks.create_task(member.supervise(), name=f"qmpnet[guest={name}].supervisor")
 

@@ -63,6 +63,7 @@ from qmpnet.model import (
 from qmpnet.names import check_qemu_id, format_pci_addr
 from qmpnet.plan import AddPlan, QmpCall, needs_tap_fds, plan_add
 from qmpnet.policy import check_spec
+from qmpnet.reconcile import with_added, with_link, without
 from qmpnet.records import GuestRecord, HostHold, NicRecord, OperationRecord
 from qmpnet.recovery import RecoveryStep, plan_recovery
 from qmpnet.settings import Settings
@@ -496,7 +497,8 @@ class Guest:
         asked = _asked_backend(record.spec, record)
         seen = nic.backend.options if nic.backend is not None else {}
         seen = {k: v for k, v in seen.items() if k not in _QEMU_INTERNAL_OPTIONS}
-        return nic.model_copy(update={"backend": ObservedBackend(type=asked.type, options={**seen, **asked.options})})
+        backend = ObservedBackend(type=asked.type, options={**seen, **asked.options})
+        return nic.model_copy(update={"backend": backend, "managed": True})
 
     # ------------------------------------------------------------------------------------------------- hot-add
 
@@ -523,11 +525,12 @@ class Guest:
         except QmpnetError as err:
             self._finish_operation(operation, error=err)
             raise
-        nic = inventory.added(plan, spec)
-        nic = self._described(nic)
-        self._save(self._store.record.with_nic(record).with_operation(_finished(
-            self._store.record.operations[operation], data=nic.model_dump(mode="json")
-        )))
+        done = self._store.record.with_nic(record)
+        nic = self._described(inventory.added(plan, spec))
+        assert record.spec is not None  # noqa: S101 - a NIC qmpnet adds always has its planned spec
+        self._save(done.model_copy(update={"desired": with_added(done.desired, record.spec)}).with_operation(
+            _finished(self._store.record.operations[operation], data=nic.model_dump(mode="json"))
+        ))
         return nic
 
     async def _run_add(self, spec: NicSpec, inventory: Inventory, operation: str) -> tuple[AddPlan, NicRecord]:
@@ -582,13 +585,15 @@ class Guest:
     async def _relink(self, inventory: Inventory, nic_id: str, link: Literal["up", "down"], operation: str) -> Nic:
         before: Literal["up", "down"] = "down" if self._links().get(nic_id) == "down" else "up"
         started = OperationRecord(id=operation, op="nic/link", nic=nic_id, started=time.time())
-        self._save(self._store.record.with_operation(started).with_link(nic_id, link))
+        intent = self._store.record.with_operation(started).with_link(nic_id, link)
+        self._save(intent.model_copy(update={"desired": with_link(intent.desired, nic_id, link)}))
         try:
             await self._execute(QmpCall("set_link", {"name": nic_id, "up": link == "up"}))
         except OutcomeUnknown:
             raise  # the intent stays recorded: recovery re-applies it
         except QmpnetError as err:
-            self._save(self._store.record.with_operation(_finished(started, error=err)).with_link(nic_id, before))
+            undone = self._store.record.with_operation(_finished(started, error=err)).with_link(nic_id, before)
+            self._save(undone.model_copy(update={"desired": with_link(undone.desired, nic_id, before)}))
             raise
         nic = self._described(inventory.update(nic_id, link=link))
         self._save(self._store.record.with_operation(_finished(started, data=nic.model_dump(mode="json"))))
@@ -598,10 +603,12 @@ class Guest:
 
     async def _unplug(self, nic: Nic, wait: float, operation: str) -> RemoveResult:
         record = self._store.record.nics.get(nic.id) or _foreign_record(nic)
+        desired = self._store.record.desired
         started = OperationRecord(id=operation, op="nic/del", nic=nic.id, started=time.time())
-        self._save(self._store.record.with_operation(started).with_nic(
+        asked = self._store.record.with_operation(started).with_nic(
             record.model_copy(update={"state": "removal_pending", "operation": operation})
-        ))
+        )
+        self._save(asked.model_copy(update={"desired": without(desired, nic.id)}))
         self._waiters.setdefault(nic.id, asyncio.Event())
         events = {"DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR"}
         self._unplugging.add(nic.id)
@@ -611,7 +618,8 @@ class Guest:
                     await self._execute(QmpCall("device_del", {"id": nic.id}))
                 except QmpCommandError as err:
                     if "in the process of unplug" not in err.message:
-                        self._save(self._store.record.with_nic(record).with_operation(_finished(started, error=err)))
+                        refused = self._store.record.with_nic(record).with_operation(_finished(started, error=err))
+                        self._save(refused.model_copy(update={"desired": desired}))
                         self._wake(nic.id)
                         raise
                 # On OutcomeUnknown the record stays removal_pending: recovery finishes it once the device is gone.
@@ -632,7 +640,8 @@ class Guest:
                 qmp_class="DEVICE_UNPLUG_GUEST_ERROR",
                 command="device_del",
             )
-            self._save(self._store.record.with_nic(record).with_operation(_finished(started, error=error)))
+            rejected = self._store.record.with_nic(record).with_operation(_finished(started, error=error))
+            self._save(rejected.model_copy(update={"desired": desired}))
             self._wake(nic.id)
             self._emit("unplug_rejected", nic_id=nic.id)
             raise error

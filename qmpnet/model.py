@@ -363,6 +363,9 @@ class Nic(_Frozen):
     link: LinkState
     state: NicState
     rx_filter: RxFilter | None = None
+    managed: bool = Field(
+        default=False, description="qmpnet created this NIC (so `apply --prune` may remove it); false for others."
+    )
 
 
 class RemoveResult(_Frozen):
@@ -391,6 +394,8 @@ GuestEventName = Literal[
     "rx_filter_changed",
     "guest_connected",
     "guest_disconnected",
+    "reconciled",
+    "drift",
 ]
 
 

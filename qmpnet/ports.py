@@ -8,13 +8,13 @@ already parsed from QEMU's answers, so no raw QMP dictionary reaches the core.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Mapping, Sequence
     from contextlib import AbstractAsyncContextManager
 
-    from qmpnet.model import ModelInfo, ObservedBackend, RxFilter
+    from qmpnet.model import ModelInfo, Nic, NicSpec, ObservedBackend, RemoveResult, RxFilter
     from qmpnet.placement import PciTopology
     from qmpnet.records import GuestRecord
 
@@ -22,6 +22,7 @@ __all__ = [
     "Connection",
     "EventStream",
     "Flag",
+    "GuestOps",
     "GuestStore",
     "HostNetwork",
     "Monitor",
@@ -283,4 +284,28 @@ class GuestStore(Protocol):
 
     def close(self) -> None:
         """Let other processes have the guest."""
+        ...
+
+
+class GuestOps(Protocol):
+    """The operations on one guest, direct (:class:`qmpnet.Guest`) or through a controller (:class:`RemoteGuest`)."""
+
+    async def add_nic(self, spec: NicSpec | Mapping[str, Any]) -> Nic:
+        """Hot-add a NIC."""
+        ...
+
+    async def remove_nic(self, nic_id: str, timeout: float | None = None) -> RemoveResult:
+        """Hot-remove a NIC."""
+        ...
+
+    async def set_link(self, nic_id: str, up: bool) -> Nic:
+        """Set a NIC's link."""
+        ...
+
+    async def list_nics(self) -> list[Nic]:
+        """List the NICs."""
+        ...
+
+    async def models(self) -> list[ModelInfo]:
+        """List the NIC models."""
         ...

@@ -41,6 +41,8 @@ __all__ = [
     "OPS",
     "ControllerOffline",
     "ControllerOnline",
+    "DesiredError",
+    "DesiredStatus",
     "ErrorBody",
     "ErrorResponse",
     "EventMessage",
@@ -134,6 +136,24 @@ class ModelList(_Message):
     models: list[ModelInfo] = Field(description="The NIC models this QEMU offers.")
 
 
+class DesiredError(_Message):
+    """A desired NIC that did not converge, or a desired document that was refused (``id`` null)."""
+
+    id: str | None = Field(description="The NIC, or null when the document itself was refused.")
+    code: ErrorCode = Field(description="Stable machine code (docs/errors.md).")
+    message: str = Field(description="A human sentence.")
+    field: str | None = Field(default=None, description="JSON path of the refused field, for a refused document.")
+
+
+class DesiredStatus(_Message):
+    """How far a guest is from its desired NIC set (part of the retained guest status)."""
+
+    generation: int = Field(description="The generation of the desired set being converged to.")
+    converged: bool = Field(description="The guest has exactly the desired NICs (as far as qmpnet manages them).")
+    pending: list[str] = Field(default_factory=list, description="Desired changes not done yet, by NIC id.")
+    errors: list[DesiredError] = Field(default_factory=list, description="What could not converge, and why.")
+
+
 class GuestStatus(_Message):
     """A guest's connection state (retained ``.../guest/<g>/status``)."""
 
@@ -141,6 +161,9 @@ class GuestStatus(_Message):
     qemu: str | None = Field(default=None, description="QEMU version from the QMP greeting, once connected.")
     machine: str | None = Field(default=None, description="Machine type, e.g. pc-i440fx-7.2.")
     since: float = Field(description="Unix time of the last state change.")
+    desired: DesiredStatus | None = Field(
+        default=None, description="Convergence to the desired NIC set, when the guest has one."
+    )
 
 
 class GuestInfo(GuestStatus):
@@ -177,6 +200,10 @@ class EventMessage(_Message):
     guest: str = Field(description="The guest's name.")
     id: str | None = Field(default=None, description="The NIC concerned (absent for guest events).")
     nic: Nic | None = Field(default=None, description="The NIC as it is now (nic_added, link_changed).")
+    generation: int | None = Field(default=None, description="The desired set's generation (reconciled, drift).")
+    changes: list[dict[str, Any]] | None = Field(
+        default=None, description="What reconciling did, or (drift) would do: [{action, id, ...}]."
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- answers

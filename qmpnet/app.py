@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Final
 from qmpnet.bus.mqtt import MqttBus
 from qmpnet.control import serve_control
 from qmpnet.controller import Controller
-from qmpnet.errors import InvalidRequest
+from qmpnet.errors import Busy, InvalidRequest
 from qmpnet.hostnet.host import HostNet
 from qmpnet.qmp import QmpMonitor
 from qmpnet.settings import load_settings
@@ -105,7 +106,7 @@ async def serve(settings: Settings, *, version: str) -> None:
         metrics = Metrics()
     settings = serve_settings(settings)
     state = StateDir(settings.state_dir)
-    state.check()
+    held = await state.lock_controller()  # one controller per state directory (and so per control socket)
 
     async def open_store(name: str, address: str) -> GuestStore:
         return await state.open_guest(address, name, wait=settings.qmp.connect_timeout)
@@ -142,6 +143,7 @@ async def serve(settings: Settings, *, version: str) -> None:
             bus_task.cancel()
         log.info("stopped in %.2f s", time.monotonic() - started)
     finally:
+        os.close(held)
         control.close()
         with contextlib.suppress(FileNotFoundError):
             state.control_socket.unlink()
@@ -190,11 +192,10 @@ def main(  # noqa: PLR0913 - one keyword per command-line flag
         return 2
     configure_logging(settings.log)
     try:
-        StateDir(settings.state_dir).check()
-    except InvalidRequest as err:
+        asyncio.run(serve(settings, version=__version__))
+    except (InvalidRequest, Busy) as err:
         print(f"error: {err.code}: {err.message}", file=sys.stderr)  # noqa: T201 - the command's one-line verdict
         return 2
-    asyncio.run(serve(settings, version=__version__))
     return 0
 
 

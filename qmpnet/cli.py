@@ -121,6 +121,9 @@ class Where:
 def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[[GuestOps], Awaitable[T]]) -> T:
     """Reach the guest ``where`` says, run ``op`` and return its result; errors become exit status 1."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not verbose:
+        # qemu.qmp logs each failed connection attempt at ERROR; the command's own one line says what happened.
+        logging.getLogger("qemu").setLevel(logging.CRITICAL)
     if (where.qmp is None) == (where.broker is None) or (where.broker is None) != (where.guest is None):
         raise typer.BadParameter("give --qmp SOCKET, or --broker URL and --guest NAME", param_hint="--qmp/--broker")
 

@@ -20,12 +20,15 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from pydantic import ValidationError
 
 from qmpnet.errors import Busy, InvalidRequest, Unsupported
 from qmpnet.records import FORMAT_VERSION, GuestRecord
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["FileGuestStore", "MemoryGuestStore", "StateDir", "canonical_address", "guest_key"]
 
@@ -98,7 +101,11 @@ class StateDir:
         """
         self.check()
         key = guest_key(address)
-        lock = await _lock(self.guests / f"{key}.lock", address, wait)
+        lock = await _lock(
+            self.guests / f"{key}.lock",
+            wait,
+            lambda pid, waited: f"guest {address}: another qmpnet process (pid {pid}) holds it; waited {waited:g} s",
+        )
         try:
             path = self.guests / f"{key}.json"
             record = _load(path) or GuestRecord(address=canonical_address(address), name=name)
@@ -108,6 +115,19 @@ class StateDir:
             os.close(lock)
             raise
         return FileGuestStore(path, record, lock, key)
+
+    async def lock_controller(self) -> int:
+        """Hold the directory for one ``qmpnet serve`` (its control socket is the directory's own).
+
+        Returns the lock's file descriptor, released when the process ends (or the fd is closed).
+
+        Raises:
+            Busy: Another ``qmpnet serve`` uses this state directory.
+        """
+        self.check()
+        return await _lock(
+            self.root / "serve.lock", 0, lambda pid, _: f"state_dir: another qmpnet serve (pid {pid}) uses {self.root}"
+        )
 
     def records(self) -> list[GuestRecord]:
         """Every guest record in the directory (unreadable ones are logged and skipped)."""
@@ -221,10 +241,11 @@ def _load(path: Path) -> GuestRecord | None:
                           f"{err.errors(include_url=False)[0]['msg']}); move it aside", field="state_dir") from err
 
 
-async def _lock(path: Path, address: str, wait: float) -> int:
+async def _lock(path: Path, wait: float, busy: Callable[[str, float], str]) -> int:
+    """Lock ``path`` within ``wait`` seconds, or raise ``Busy(busy(holder_pid, wait))``."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        await _wait_for_lock(fd, address, wait)
+        await _wait_for_lock(fd, wait, busy)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
     except BaseException:
@@ -233,12 +254,11 @@ async def _lock(path: Path, address: str, wait: float) -> int:
     return fd
 
 
-async def _wait_for_lock(fd: int, address: str, wait: float) -> None:
+async def _wait_for_lock(fd: int, wait: float, busy: Callable[[str, float], str]) -> None:
     deadline = time.monotonic() + wait
     while not _try_lock(fd):
         if time.monotonic() >= deadline:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise Busy(f"guest {address}: another qmpnet process (pid {holder}) is working on it; waited {wait:g} s")
+            raise Busy(busy(os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown", wait))
         await asyncio.sleep(_LOCK_POLL)
 
 

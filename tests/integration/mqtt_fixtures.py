@@ -259,7 +259,9 @@ class Serve(Process):
         self.controller_id = controller_id
         self.guests = dict(guests or {})
         self.args = list(args)
-        self.env = {**os.environ, **FAST_ENV, **(env or {})}
+        # Each controller has a state directory of its own unless the test shares one on purpose (--state-dir).
+        own_state = {"QMPNET_STATE_DIR": str(workdir / f"state-{controller_id}")}
+        self.env = {**os.environ, **FAST_ENV, **own_state, **(env or {})}
 
     def start(self) -> Self:
         """Start; the caller waits for the retained ``online`` status (see :func:`wait_online`)."""

@@ -168,7 +168,7 @@ class _Member:
         self.dedup = _Dedup(controller.settings.mqtt.dedup_window)
         self.store: GuestStore | None = None
         self.reconciler: Reconciler | None = None
-        self.early_desired: tuple[Mapping[str, Any] | None] | None = None
+        self.early_desired: tuple[Mapping[str, Any] | InvalidRequest | None] | None = None
         self.desired_status: DesiredStatus | None = None
         self.task: asyncio.Task[None] | None = None
 
@@ -292,8 +292,8 @@ class _Member:
             self.since = time.time()
             self.controller.publish_guest(self)
 
-    def set_desired(self, payload: Mapping[str, Any] | None) -> None:
-        """Take a desired document (``None``: clear the set), store it and converge to it."""
+    def set_desired(self, payload: Mapping[str, Any] | InvalidRequest | None) -> None:
+        """Take a desired document (``None``: clear the set; an error: unreadable), store it and converge to it."""
         if self.store is None:
             self.early_desired = (payload,)  # taken once the store is open
             return
@@ -303,6 +303,8 @@ class _Member:
             self._desired_changed(None)
             return
         try:
+            if isinstance(payload, InvalidRequest):
+                raise payload
             desired = parse_desired(payload, source="mqtt")
         except InvalidRequest as err:
             log.warning("guest %s: desired document refused: %s", self.name, err, extra=self.log_extra)
@@ -457,7 +459,7 @@ class Controller:
         self.host = host
         self.open_store: StoreOpener = open_store or _memory_store
         self._members: dict[str, _Member] = {}
-        self._early_desired: dict[str, Mapping[str, Any] | None] = {}
+        self._early_desired: dict[str, Mapping[str, Any] | InvalidRequest | None] = {}
         self._tasks: asyncio.TaskGroup | None = None
 
     async def run(self) -> None:
@@ -477,8 +479,8 @@ class Controller:
         wanted = canonical_address(address)
         return next((m.name for m in self._members.values() if canonical_address(m.address) == wanted), None)
 
-    def set_desired(self, guest: str, payload: Mapping[str, Any] | None) -> None:
-        """A desired document for ``guest`` arrived (``None``: it was cleared); unknown guests are ignored."""
+    def set_desired(self, guest: str, payload: Mapping[str, Any] | InvalidRequest | None) -> None:
+        """A desired document for ``guest`` arrived (``None``: it was cleared; an error: it could not be read)."""
         member = self._members.get(guest)
         if member is None:
             self._early_desired[guest] = payload  # a guest not discovered yet: taken when it is

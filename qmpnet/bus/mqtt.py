@@ -68,6 +68,10 @@ class RequestHandler(Protocol):
         """Answer a request; ``guest`` is ``None`` for controller-level ops. Raises only ``CancelledError``."""
         ...
 
+    def set_desired(self, guest: str, document: Mapping[str, Any] | InvalidRequest | None) -> None:
+        """Take ``guest``'s desired NIC set (``None``: cleared; an error: a payload that could not be read)."""
+        ...
+
 
 def make_client(
     settings: MqttSettings, *, identifier: str, will: aiomqtt.Will | None = None, protocol: str | None = None
@@ -170,6 +174,7 @@ class MqttBus:
                 await client.subscribe(topic_filter, options=options)
             else:
                 await client.subscribe(topic_filter, qos=1)
+        await client.subscribe(self.topics.desired_filter, qos=1)
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
         self._flush()  # what the controller published before shutting down goes out before "offline"
@@ -182,6 +187,11 @@ class MqttBus:
     # ---------------------------------------------------------------------------------------------- requests
 
     def _receive(self, message: aiomqtt.Message) -> None:
+        desired_for = self.topics.parse_desired(message.topic.value)
+        if desired_for is not None:
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            self._desired(desired_for, payload)
+            return
         request = self.topics.parse_request(message.topic.value)
         if request is None or (message.retain and not message.payload):
             return  # not ours, or the deletion of a retained message
@@ -224,6 +234,19 @@ class MqttBus:
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             properties.CorrelationData = correlation
         self._send(answer_to, to_wire(response), retain=False, properties=properties)
+
+    def _desired(self, guest: str, payload: bytes) -> None:
+        """A desired document: retained by design, so taken whether retained or not; empty clears it."""
+        if self._handler is None:
+            return
+        if not payload:
+            self._handler.set_desired(guest, None)
+            return
+        refusal, data = self._check(payload, retained=False)
+        if refusal is None and isinstance(data, dict):
+            self._handler.set_desired(guest, data)
+        else:
+            self._handler.set_desired(guest, refusal or InvalidRequest("the desired document must be a JSON object"))
 
     def _check(self, payload: bytes, *, retained: bool) -> tuple[InvalidRequest | None, object]:
         """Refuse what must never reach the controller; otherwise the decoded payload."""

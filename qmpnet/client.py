@@ -30,6 +30,7 @@ from qmpnet.errors import (
     InvalidRequest,
     NoFreeSlot,
     NotFound,
+    NotVerified,
     OutcomeUnknown,
     QmpCommandError,
     QmpnetError,
@@ -51,7 +52,7 @@ _ERRORS: dict[str, type[QmpnetError]] = {
     cls.code: cls
     for cls in (
         InvalidRequest, NotFound, Conflict, Busy, Timeout, RemovalPending, GuestUnavailable, NoFreeSlot,
-        Unsupported, Forbidden, OutcomeUnknown,
+        Unsupported, Forbidden, OutcomeUnknown, NotVerified,
     )
 }  # fmt: skip
 #: Seconds added to a removal's own timeout when waiting for its answer.

@@ -16,6 +16,8 @@ The agent speaks QMP's JSON framing without a greeting: one command at a time, a
   state, so ``carrier`` and ``operstate`` are read from ``/sys/class/net/<if>/`` with ``guest-file-open`` /
   ``guest-file-read`` / ``guest-file-close``, which Debian's qemu-guest-agent allows by default. The kernel
   refuses to read ``carrier`` of an interface that is down: that is ``carrier=None``, not an error.
+* **An interface counts once it has its name.** The kernel creates ``eth0`` and udev renames it a moment later
+  (``ens4``); :meth:`GuestAgent.named` tells the two apart, so a verified add reports the name that stays.
 * **Timeouts come from** :class:`~qmpnet.settings.QgaSettings` (any object with its attributes: this adapter sits
   below the settings module).
 """
@@ -56,6 +58,11 @@ LINE_LIMIT = 16 * 1024 * 1024
 _DELIMITER = b"\xff"
 _SYSFS_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 _SYSFS_READ = 4096
+_UDEV_CONTROL = "/run/udev/control"
+#: name_assign_type values udev may still change: the kernel's enumerated name (1), and renamed (4), which the kernel
+#: sets a moment before the new name shows.
+_UDEV_NAMED = frozenset({"1", "4"})
+_ENOENT = "No such file or directory"
 #: How often a running guest-exec is asked whether it has finished (guest side: a fork + exec under TCG).
 _EXEC_POLL = 0.05
 
@@ -116,6 +123,7 @@ class GuestAgent:
         self._lock = asyncio.Lock()
         self._in_step = False
         self._closed = False
+        self._udev: bool | None = None
 
     @classmethod
     async def open(cls, path: str | PathLike[str], settings: AgentSettings) -> Self:
@@ -287,6 +295,49 @@ class GuestAgent:
         addresses = [address.cidr for address in interface.ip_addresses]
         return GuestView(ifname=interface.name, mac=mac, carrier=carrier, operstate=operstate, addresses=addresses)
 
+    async def named(self, view: GuestView) -> bool:
+        """Whether the guest is done naming the interface: udev renames ``eth0`` to ``ens4`` just after it appears.
+
+        In a guest where udev runs, an interface with the kernel's enumerated name or a renamed one
+        (``name_assign_type`` 1 or 4) is named once udev's record of it (``/run/udev/data/n<ifindex>``) says the
+        name it chose (``ID_NET_NAME``) is the current one, or has no name to give it (``net.ifnames=0``). udev
+        writes that record while still renaming (``ID_RENAMING=1``), and the kernel marks an interface renamed a
+        moment before its new name shows, so neither alone is enough. A name given by the user (3) or the driver
+        (2), or any name in a guest without udev, is final.
+
+        Raises:
+            AgentUnavailable: As :meth:`execute`.
+        """
+        base = f"/sys/class/net/{view.ifname}"
+        if not _SYSFS_IFNAME.match(view.ifname):
+            return True
+        assign_type = await self.read_text(f"{base}/name_assign_type")
+        if assign_type is None:
+            # Unreadable (NET_NAME_UNKNOWN: EINVAL) is final, unless the interface is no longer there by that name.
+            return await self._exists(f"{base}/ifindex")
+        return assign_type.strip() not in _UDEV_NAMED or await self._named_by_udev(base, view.ifname)
+
+    async def _named_by_udev(self, base: str, ifname: str) -> bool:
+        if self._udev is None:
+            self._udev = await self._exists(_UDEV_CONTROL)
+        ifindex = (await self.read_text(f"{base}/ifindex") or "").strip()
+        if not ifindex.isdigit():
+            return False  # renamed (or gone) since we looked
+        if not self._udev:
+            return True
+        record = await self.read_text(f"/run/udev/data/n{ifindex}")
+        return record is not None and _udev_gave_name(record, ifname)
+
+    async def _exists(self, path: str) -> bool:
+        """Whether ``path`` exists in the guest (opening a socket fails with ENXIO: it exists)."""
+        try:
+            handle = await self.execute("guest-file-open", {"path": path, "mode": "r"})
+        except AgentCommandError as err:
+            return _ENOENT not in err.message
+        with contextlib.suppress(AgentCommandError):
+            await self.execute("guest-file-close", {"handle": handle})
+        return True
+
     async def read_text(self, path: str) -> str | None:
         """The start (4 KiB) of a file in the guest, or ``None`` when the agent cannot open or read it.
 
@@ -345,6 +396,14 @@ def _decode(line: bytes) -> object:
     if not line:
         raise EOFError("the agent socket was closed")
     return json.loads(line.strip(_DELIMITER + b" \r\n"))
+
+
+def _udev_gave_name(record: str, ifname: str) -> bool:
+    """Whether udev's database record of an interface says it is done naming it ``ifname``."""
+    properties = dict(line[2:].partition("=")[::2] for line in record.splitlines() if line.startswith("E:"))
+    if "ID_NET_NAME" in properties:
+        return properties["ID_NET_NAME"] == ifname
+    return "ID_RENAMING" not in properties  # written mid-rename, before the name is known
 
 
 def _with_macs(interfaces: list[NetworkInterface]) -> list[tuple[NetworkInterface, str]]:

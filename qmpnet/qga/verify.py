@@ -72,7 +72,8 @@ async def wait_for(
 
     Looks at once, then every ``interval`` seconds (default ``poll_interval`` of the agent's settings) until
     ``timeout`` (default ``verify_timeout``) has passed; a look that is under way when the deadline passes is
-    cut short. Returns ``None`` for ``absent``.
+    cut short. ``present`` also waits until udev has named the interface (see :meth:`GuestAgent.named`), so the
+    view has the name that stays. Returns ``None`` for ``absent``.
 
     Raises:
         NotVerified: The guest did not show it in time; the message says what it showed last.
@@ -92,7 +93,7 @@ async def wait_for(
             while True:
                 last = await agent.interface_for(mac)
                 seen = True
-                if satisfies(last, want):
+                if satisfies(last, want) and (want != "present" or last is None or await agent.named(last)):
                     return last
                 await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
     except TimeoutError as err:

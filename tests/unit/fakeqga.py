@@ -81,8 +81,15 @@ class FakeQga:
     ) -> None:
         """Give the guest an interface (replacing one of the same name) with its sysfs files."""
         self.interfaces = [i for i in self.interfaces if i["name"] != name] + [interface(name, mac, *addresses)]
-        self.files[f"/sys/class/net/{name}/carrier"] = None if carrier is None else f"{carrier}\n"
-        self.files[f"/sys/class/net/{name}/operstate"] = f"{operstate}\n"
+        self.sysfs(name, carrier=carrier, operstate=operstate)
+
+    def sysfs(self, name: str, *, carrier: str | None = "1", operstate: str = "up", ifindex: int = 2) -> None:
+        """The sysfs files of an interface udev has renamed (``name_assign_type`` 4)."""
+        base = f"/sys/class/net/{name}"
+        self.files[f"{base}/carrier"] = None if carrier is None else f"{carrier}\n"
+        self.files[f"{base}/operstate"] = f"{operstate}\n"
+        self.files[f"{base}/name_assign_type"] = "4\n"
+        self.files[f"{base}/ifindex"] = f"{ifindex}\n"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -135,7 +142,8 @@ class FakeQga:
     def _on_file_open(self, arguments: dict[str, Any]) -> dict[str, Any]:
         path = arguments["path"]
         if path not in self.files:
-            return {"error": {"class": "GenericError", "desc": f"failed to open file '{path}'"}}
+            desc = f"failed to open file '{path}' (mode: 'r'): No such file or directory"
+            return {"error": {"class": "GenericError", "desc": desc}}
         self._next_handle += 1
         self._handles[self._next_handle] = path
         return {"return": self._next_handle}

@@ -167,6 +167,7 @@ def test_satisfies(current: GuestView | None, want: Any, expected: bool) -> None
 
 async def test_wait_for_returns_once_the_interface_appears(qga: FakeQga) -> None:
     qga.script = [[], [], [interface("ens4", MAC, "fe80::1/64")], [interface("ens4", MAC, "10.0.2.15/24")]]
+    qga.sysfs("ens4")
     async with GuestAgent.connect(qga.path, FAST) as agent:
         present = await wait_for(agent, MAC, "present")
         assert present is not None
@@ -179,6 +180,7 @@ async def test_wait_for_returns_once_the_interface_appears(qga: FakeQga) -> None
 
 async def test_wait_for_absent_returns_none(qga: FakeQga) -> None:
     qga.script = [[interface("ens4", MAC)], []]
+    qga.sysfs("ens4")
     async with GuestAgent.connect(qga.path, FAST) as agent:
         assert await wait_for(agent, MAC, "absent") is None
     assert qga.received.count("guest-network-get-interfaces") == 2
@@ -288,3 +290,42 @@ def test_qga_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     settings = Settings()
     assert settings.qga.verify_timeout == 7.5
     assert settings.qga.connect_timeout == QgaSettings().connect_timeout
+
+
+async def test_present_waits_until_udev_has_named_the_interface(qga: FakeQga) -> None:
+    qga.set_interface("eth0", MAC)
+    qga.files["/sys/class/net/eth0/name_assign_type"] = "1\n"  # the kernel's enumerated name
+    qga.files["/sys/class/net/eth0/ifindex"] = "3\n"
+    qga.files["/run/udev/control"] = ""
+    async with GuestAgent.connect(qga.path, FAST) as agent:
+        with pytest.raises(NotVerified, match="an interface for"):
+            await wait_for(agent, MAC, "present", timeout=0.2)
+        qga.files["/run/udev/data/n3"] = "E:ID_RENAMING=1\nV:1\n"  # udev's record while it renames
+        with pytest.raises(NotVerified, match="an interface for"):
+            await wait_for(agent, MAC, "present", timeout=0.2)
+        qga.files["/run/udev/data/n3"] = "I:1\nE:ID_NET_NAME=ens4\nE:ID_RENAMING=1\n"  # about to become ens4
+        with pytest.raises(NotVerified, match="an interface for"):
+            await wait_for(agent, MAC, "present", timeout=0.2)
+        qga.interfaces = []
+        qga.set_interface("ens4", MAC)  # renamed: name_assign_type 4, udev's record names it
+        qga.files["/sys/class/net/ens4/ifindex"] = "3\n"
+        named = await wait_for(agent, MAC, "present")
+        assert named is not None
+        assert named.ifname == "ens4"
+        # net.ifnames=0: udev processed it and gives no name of its own; eth0 is final.
+        qga.interfaces = []
+        qga.set_interface("eth0", MAC)
+        qga.files["/sys/class/net/eth0/name_assign_type"] = "1\n"
+        qga.files["/sys/class/net/eth0/ifindex"] = "3\n"
+        qga.files["/run/udev/data/n3"] = "I:1\nE:ID_NET_DRIVER=virtio_net\n"
+        kept = await wait_for(agent, MAC, "present")
+    assert kept is not None
+    assert kept.ifname == "eth0"
+
+
+async def test_an_enumerated_name_is_final_without_udev(qga: FakeQga) -> None:
+    qga.set_interface("eth0", MAC)
+    qga.files["/sys/class/net/eth0/name_assign_type"] = "1\n"
+    qga.files["/sys/class/net/eth0/ifindex"] = "3\n"
+    async with GuestAgent.connect(qga.path, FAST) as agent:
+        assert await wait_for(agent, MAC, "present") is not None

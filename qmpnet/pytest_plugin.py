@@ -8,7 +8,7 @@ qmpnet gets, with no ``conftest.py``:
     systemd and qemu-guest-agent, about 15-30 s). Choose with ``@pytest.mark.qmpnet_guest(machine="q35",
     flavour="debian")``; other keywords: ``root_ports`` (q35, default 4), ``pcie_pci_bridge`` (q35, default
     true), ``memory_mb``, ``extra_args``. It yields a :class:`BootedGuest`: ``qmp_path``, ``qga_path``,
-    ``await shell(cmd)``, ``connect()``.
+    ``await shell(cmd)``, ``connect()``, ``await wait_for(mac, want)``.
 ``qmpnet_broker``
     A mosquitto broker on a free loopback port (``.url``).
 ``qmpnet_controller``
@@ -36,7 +36,12 @@ import pytest
 
 from qmpnet.api import connect
 from qmpnet.client import Client
-from qmpnet.testguest import TestMachine, ensure_image
+from qmpnet.errors import NotVerified
+from qmpnet.model import GuestView
+from qmpnet.names import normalize_mac
+from qmpnet.qga import GuestAgent, Want, satisfies, wait_for
+from qmpnet.settings import QgaSettings
+from qmpnet.testguest import AgentTimeoutError, TestMachine, ensure_image
 from qmpnet.testguest.debian import DebianImage, ensure_debian_image
 from qmpnet.testguest.probe import wait_online
 from qmpnet.testguest.services import Mosquitto, Process, Serve, scratch
@@ -52,7 +57,7 @@ if TYPE_CHECKING:
 
     from qmpnet.guest import Guest
     from qmpnet.settings import Settings
-    from qmpnet.testguest import GuestImage
+    from qmpnet.testguest import GuestImage, GuestInterface
     from qmpnet.testguest.machine import Flavour, MachineType
 
 __all__ = ["BootedGuest", "ServedController", "boot"]
@@ -104,6 +109,36 @@ class BootedGuest:
         """
         return await self.machine.shell(cmd, timeout=timeout)
 
+    async def wait_for(self, mac: str, want: Want = "present", timeout: float = 30.0) -> GuestView | None:
+        """Wait until the guest's interface with ``mac`` is in the ``want`` state and return what the guest sees.
+
+        ``want`` is ``present``, ``address`` (an address other than link-local), ``absent`` (returns None),
+        ``carrier_up`` or ``carrier_down``, as for :func:`qmpnet.qga.wait_for`. The Debian guest answers through
+        qemu-guest-agent (the socket must be free: QEMU serves one client at a time); the busybox guest through
+        its own agent's reports (it runs no DHCP client by itself: ``address`` needs
+        ``guest.machine.agent.dhcp(ifname)``).
+
+        Raises:
+            NotVerified: Not within ``timeout`` seconds; the message says what the guest showed.
+        """
+        if self.qga_path is not None:
+            async with GuestAgent.connect(self.qga_path, QgaSettings()) as agent:
+                return await wait_for(agent, mac, want, timeout=timeout)
+        wanted = normalize_mac(mac)
+
+        def look(interfaces: list[GuestInterface]) -> GuestView | _Absent | None:
+            found = next((i for i in interfaces if i.mac.lower() == wanted), None)
+            view = _view(found) if found is not None else None
+            if not satisfies(view, want):
+                return None
+            return view if view is not None else _ABSENT
+
+        try:
+            result = await self.machine.agent.wait_for(look, timeout=timeout)
+        except AgentTimeoutError as err:
+            raise NotVerified(f"the guest did not show {want} for {wanted} within {timeout:g} s: {err}") from err
+        return result if isinstance(result, GuestView) else None
+
     def connect(self, settings: Settings | None = None) -> AbstractAsyncContextManager[Guest]:
         """``qmpnet.connect`` on this guest's QMP socket: ``async with guest.connect() as g: await g.add_nic(...)``."""
         return connect(str(self.qmp_path), name=self.name, settings=settings)
@@ -111,6 +146,23 @@ class BootedGuest:
     def describe(self) -> str:
         """The machine's description for failure reports (command line, stderr, console tail)."""
         return self.machine.describe()
+
+
+class _Absent:
+    """What the busybox agent's predicate returns for "no such interface" (its waits need a truthy result)."""
+
+
+_ABSENT = _Absent()
+
+
+def _view(interface: GuestInterface) -> GuestView:
+    return GuestView(
+        ifname=interface.name,
+        mac=interface.mac,
+        carrier=interface.carrier,
+        operstate=interface.operstate,
+        addresses=interface.ipv4,
+    )
 
 
 def _require_qemu() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "integration"))
 
-from chaos_scenarios import controller_kills, qemu_restarts
+from chaos_scenarios import controller_kills, qemu_restarts  # type: ignore[import-not-found]
 
 from qmpnet.testguest import ensure_image
 

@@ -29,6 +29,7 @@ __all__ = [
     "LogSettings",
     "MetricsSettings",
     "MqttSettings",
+    "QgaSettings",
     "QmpSettings",
     "ReconcileSettings",
     "Settings",
@@ -52,6 +53,23 @@ class QmpSettings(BaseModel):
     )
     rollback_unplug_timeout: float = Field(
         default=5.0, ge=0, description="Seconds a rollback waits for a NIC it added to be unplugged again."
+    )
+
+
+class QgaSettings(BaseModel):
+    """Talking to one guest's qemu-guest-agent (the guest view and verified changes)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    connect_timeout: float = Field(
+        default=3.0, gt=0, description="Seconds to connect to the agent socket and get its guest-sync answer."
+    )
+    command_timeout: float = Field(default=5.0, gt=0, description="Seconds to wait for one agent command's answer.")
+    verify_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds a verified change waits for the guest to show it before not_verified."
+    )
+    poll_interval: float = Field(
+        default=0.2, gt=0, description="Seconds between two looks at the guest while verifying (no agent events)."
     )
 
 
@@ -210,6 +228,7 @@ class Settings(BaseSettings):
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    qga: QgaSettings = Field(default_factory=QgaSettings)
 
     @classmethod
     def settings_customise_sources(

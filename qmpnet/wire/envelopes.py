@@ -23,6 +23,7 @@ from qmpnet.errors import (
     InvalidRequest,
     NoFreeSlot,
     NotFound,
+    NotVerified,
     OutcomeUnknown,
     QmpCommandError,
     QmpnetError,
@@ -249,7 +250,7 @@ _ERRORS: dict[str, type[QmpnetError]] = {
     cls.code: cls
     for cls in (
         InvalidRequest, NotFound, Conflict, Busy, Timeout, RemovalPending, GuestUnavailable, NoFreeSlot,
-        Unsupported, Forbidden, OutcomeUnknown,
+        Unsupported, Forbidden, OutcomeUnknown, NotVerified,
     )
 }  # fmt: skip
 

@@ -25,6 +25,7 @@ from qmpnet.errors import (
     QmpnetError,
     RemovalPending,
     Timeout,
+    UnexpectedReply,
     Unsupported,
 )
 from qmpnet.guest import Guest
@@ -78,6 +79,7 @@ __all__ = [
     "StreamBackend",
     "TapBackend",
     "Timeout",
+    "UnexpectedReply",
     "Unsupported",
     "UserBackend",
     "VfioBackend",

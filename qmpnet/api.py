@@ -50,7 +50,11 @@ async def connect(address: str, *, name: str | None = None, settings: Settings |
     try:
         remaining = max(timeout - (time.monotonic() - started), 0.001)
         monitor = await QmpMonitor.connect(
-            address, name=guest_name, connect_timeout=remaining, command_timeout=settings.qmp.command_timeout
+            address,
+            name=guest_name,
+            connect_timeout=remaining,
+            command_timeout=settings.qmp.command_timeout,
+            read_attempts=settings.qmp.read_attempts,
         )
         try:
             host = HostNet(settings.hostnet)

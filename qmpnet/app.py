@@ -97,6 +97,7 @@ async def serve(settings: Settings, *, version: str) -> None:
             name=name,
             connect_timeout=settings.qmp.connect_timeout,
             command_timeout=settings.qmp.command_timeout,
+            read_attempts=settings.qmp.read_attempts,
         )
 
     metrics = None

@@ -51,7 +51,21 @@ class QmpEvent:
 
 @dataclass(frozen=True)
 class PciDevice:
-    """A PCI device as QEMU's device tree shows it."""
+    """A PCI device as QEMU shows it (``qmpnet.qmp`` reads it from QOM and ``query-pci``).
+
+    Attributes:
+        id: The device id (``-device ...,id=``); ``None`` for anonymous and built-in devices.
+        driver: The QOM type (``e1000``, ``pcie-root-port``). A built-in function that only ``query-pci`` shows
+            has QEMU's class description instead (``Host bridge``, ``ISA bridge``).
+        bus: The name of the bus it sits on, as ``device_add bus=`` takes it (``pci.0``, ``rp1``, ``pcibr0``).
+        slot: PCI slot (device number) on that bus.
+        function: PCI function.
+        mac: The MAC address, set only for devices whose type has NIC properties.
+        netdev: The backend's id; ``None`` for non-NICs and for a NIC with no backend.
+        host: The host PCI address of a vfio-pci function.
+        path: The QOM path (``/machine/peripheral/e1``, ``/machine/peripheral-anon/device[0]``); ``device_del``
+            accepts it for devices without an id. ``None`` for built-in functions seen only in ``query-pci``.
+    """
 
     id: str | None
     driver: str
@@ -61,11 +75,12 @@ class PciDevice:
     mac: str | None = None
     netdev: str | None = None
     host: str | None = None
+    path: str | None = None
 
     @property
     def is_nic(self) -> bool:
         """Whether this is a network device: an emulated NIC (it has a MAC) or an assigned vfio-pci function."""
-        return self.mac is not None or self.netdev is not None or self.driver == "vfio-pci"
+        return self.mac is not None or self.netdev is not None or self.host is not None or self.driver == "vfio-pci"
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,11 @@ class QmpSettings(BaseModel):
     rollback_unplug_timeout: float = Field(
         default=5.0, ge=0, description="Seconds a rollback waits for a NIC it added to be unplugged again."
     )
+    read_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Reads of a guest to try when another QMP client changes its devices while it is read.",
+    )
 
 
 class QgaSettings(BaseModel):

@@ -29,7 +29,8 @@ from qemu.qmp.protocol import Runstate
 from qmpnet.errors import Busy, GuestUnavailable, OutcomeUnknown, QmpCommandError, QmpnetError, Unsupported
 from qmpnet.model import ModelInfo, RxFilter
 from qmpnet.ports import EventStream, Observation, QmpEvent
-from qmpnet.qmp.parse import machine_kind, parse_device_help, parse_network, parse_qtree
+from qmpnet.qmp.parse import machine_kind, parse_device_help
+from qmpnet.qmp.reader import GuestReader
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
@@ -97,6 +98,24 @@ class _FlatListener(EventListener):
             await self._queue.put(event)
 
 
+class _Deletions(EventListener):
+    """Calls ``forget(path)`` for each ``DEVICE_DELETED`` as it arrives, before any later answer is delivered.
+
+    qemu.qmp hands an event to every listener before it reads the next message, so a read that starts after an
+    answer never uses facts of a device whose deletion QEMU reported before that answer. Nothing is queued.
+    """
+
+    def __init__(self, forget: Callable[[str], None]) -> None:
+        super().__init__(("DEVICE_DELETED",))
+        self._forget = forget
+
+    async def put(self, event: Message) -> None:
+        data = event.get("data")
+        path = data.get("path") if isinstance(data, dict) else None
+        if self.accept(event) and isinstance(path, str):
+            self._forget(path)
+
+
 class _Client(QMPClient):
     """``QMPClient`` with a history-free default listener and a direct write path for commands."""
 
@@ -162,30 +181,36 @@ class QmpMonitor:
     Args:
         name: A name for logs (the guest's name).
         command_timeout: Seconds to wait for a command's answer before reporting ``outcome_unknown``.
+        read_attempts: Reads :meth:`observe` tries when the guest changes while it is read.
     """
 
-    def __init__(self, name: str, *, command_timeout: float) -> None:
+    def __init__(self, name: str, *, command_timeout: float, read_attempts: int = 3) -> None:
         self.name = name
         self._client = _Client(name)
         self._command_timeout = command_timeout
+        self._reader = GuestReader(self.execute, attempts=read_attempts)
+        self._client.register_listener(_Deletions(self._reader.forget))
         self._handlers: list[Callable[[QmpEvent], None]] = []
         self._pump: asyncio.Task[None] | None = None
         self._machine: tuple[str, str] | None = None
         self.closed = asyncio.Event()
 
     @classmethod
-    async def connect(cls, address: str, *, name: str, connect_timeout: float, command_timeout: float) -> QmpMonitor:
+    async def connect(
+        cls, address: str, *, name: str, connect_timeout: float, command_timeout: float, read_attempts: int = 3
+    ) -> QmpMonitor:
         """Connect to the QMP monitor at ``address`` (unix path or ``host:port``) and negotiate.
 
         Waits at most ``connect_timeout`` seconds in all: for the socket, then for QEMU's greeting. QEMU serves
         one QMP client per monitor and leaves the next connection waiting, without a greeting, until the current
         client leaves; so a connection that is accepted but not greeted in time means another client holds it.
+        ``read_attempts`` is ``qmp.read_attempts`` of the settings (its default here is the settings' default).
 
         Raises:
             GuestUnavailable: Nothing listens there, QEMU refused the session, or the socket did not connect in time.
             Busy: The socket connected but QEMU did not greet within the timeout: another client holds the monitor.
         """
-        monitor = cls(name, command_timeout=command_timeout)
+        monitor = cls(name, command_timeout=command_timeout, read_attempts=read_attempts)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + connect_timeout
         try:
@@ -318,15 +343,18 @@ class QmpMonitor:
         return str(await self.execute("human-monitor-command", {"command-line": command_line}))
 
     async def observe(self) -> Observation:
-        """Read PCI devices, buses and net clients (``info qtree`` and ``info network``).
+        """Read PCI devices, buses and net clients from QOM, ``query-pci`` and ``info network``.
+
+        See :mod:`qmpnet.qmp.reader` for what is read and why. The independent queries of a read are sent at once.
 
         Raises:
+            Unsupported: The machine has no PCI root bus qmpnet can hot-plug into.
+            UnexpectedReply: QEMU answered in a shape qmpnet does not know, or the guest changed during every
+                attempt to read it.
             QmpCommandError, OutcomeUnknown, GuestUnavailable: As :meth:`execute`.
         """
         machine, kind = await self.machine()
-        tree = parse_qtree(await self.hmp("info qtree"), kind)
-        clients = parse_network(await self.hmp("info network"))
-        return Observation(machine, tree.topology, tree.devices, tree.device_ids, clients)
+        return await self._reader.read(machine, kind)
 
     async def models(self) -> list[ModelInfo]:
         """The PCI NIC models this QEMU offers (``device_add help``)."""

@@ -7,6 +7,9 @@ Three habits from qemu.qmp's own design are kept here and nowhere else:
   (per-command timeout, or the connection dropped while waiting) is ``OutcomeUnknown``: QEMU may have applied it.
 * **Listeners are registered before the command that causes their event** (:meth:`QmpMonitor.listen` is a
   context manager entered around the command), so a fast ``DEVICE_DELETED`` cannot slip past.
+* **Reading is exact** (:mod:`qmpnet.qmp.reader`): :meth:`QmpMonitor.observe` builds the guest from QOM,
+  ``query-pci`` and ``info network``, refuses answers of unknown shape (``UnexpectedReply``), and keeps what cannot
+  change per connection, forgotten on ``DEVICE_DELETED`` by a listener that runs as the event arrives.
 * **Memory stays flat.** ``qemu.qmp`` keeps every event in each listener's history and queues every event on its
   always-on default listener. We install history-free listeners and drain the default one in a pump task that
   hands events to the registered handlers, so a guest that emits events for months costs nothing.

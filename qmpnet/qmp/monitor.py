@@ -1,6 +1,6 @@
 """The QMP adapter: one guest's monitor over ``qemu.qmp``, behind the :class:`qmpnet.ports.Monitor` port.
 
-Three habits from qemu.qmp's own design are kept here and nowhere else:
+These habits are kept here and nowhere else:
 
 * **Errors are translated at the border.** ``qemu.qmp`` raises ``ExecuteError``, ``ExecInterruptedError``,
   ``StateError`` and ``ConnectError``; callers see the qmpnet tree. A command that was sent and got no answer

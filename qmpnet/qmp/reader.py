@@ -152,22 +152,21 @@ class GuestReader:
             UnexpectedReply: An answer had a shape qmpnet does not know, or the guest changed during every attempt.
             QmpCommandError, OutcomeUnknown, GuestUnavailable: As the monitor's ``execute``.
         """
-        facts = await self._facts(machine, kind)
-        changed: _ChangedError | None = None
-        attempt = 0
-        while attempt < self._attempts:
+        last = _ChangedError("not read", "qom-list")
+        for _ in range(self._attempts):
             try:
-                return await self._read_once(facts, machine)
-            except _NeedUnattachedError:
-                self._unattached = True  # not a change of the guest: read again, with /machine/unattached
+                facts = await self._facts(machine, kind)
+                try:
+                    return await self._read_once(facts, machine)
+                except _NeedUnattachedError:
+                    self._unattached = True  # not a change of the guest: the same read, with /machine/unattached
+                    return await self._read_once(facts, machine)
             except _ChangedError as err:
-                changed = err
-                attempt += 1
-        assert changed is not None  # noqa: S101 - the loop only ends by returning or after a change
+                last = err
         raise UnexpectedReply(
-            f"{changed.command}: the guest changed while it was read, {self._attempts} times in a row "
-            f"(last: {changed.reason})",
-            command=changed.command,
+            f"{last.command}: the guest changed while it was read, {self._attempts} times in a row "
+            f"(last: {last.reason})",
+            command=last.command,
         )
 
     # ------------------------------------------------------------------------------------- per-connection facts

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Sequence
 
     from qmpnet.hostnet.nat import NatStatus
-    from qmpnet.model import Nic
+    from qmpnet.model import Nic, Verify
     from qmpnet.ports import GuestOps
     from qmpnet.wire.envelopes import GuestInfo
 
@@ -89,6 +89,14 @@ ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="TOML settings file (timeouts, policy).", show_default=False)
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log what is sent to QEMU on stderr.")]
+QgaOpt = Annotated[
+    str | None,
+    typer.Option("--qga", help="Direct mode: the guest agent's socket (found through QMP when not given).",
+                 show_default=False),
+]
+VerifyOpt = Annotated[
+    bool, typer.Option("--verify", help="Wait until the guest itself shows the change (needs its guest agent).")
+]
 StateDirOpt = Annotated[
     Path | None,
     typer.Option("--state-dir", help="Where qmpnet keeps what it knows of each guest (default: /var/lib/qmpnet, "
@@ -116,6 +124,7 @@ class Where:
     guest: str | None = None
     controller: str | None = None
     state_dir: Path | None = None
+    qga: str | None = None
 
 
 def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[[GuestOps], Awaitable[T]]) -> T:
@@ -132,8 +141,9 @@ def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[
             # A `qmpnet serve` on this host may hold the monitor (QEMU serves one client): then ask it instead.
             control = StateDir(settings.state_dir).control_socket
             if await controller_serves(control, where.qmp, settings.qmp.connect_timeout):
-                return await op(ControlGuest(control, where.qmp, timeout=settings.mqtt.request_timeout))
-            async with connect(where.qmp, settings=settings) as guest:
+                timeouts = {"timeout": settings.mqtt.request_timeout, "verify_timeout": settings.qga.verify_timeout}
+                return await op(ControlGuest(control, where.qmp, **timeouts))
+            async with connect(where.qmp, settings=settings, qga=where.qga) as guest:
                 return await op(guest)
         from qmpnet.client import Client  # noqa: PLC0415 - the MQTT stack is loaded only in broker mode
 
@@ -281,6 +291,11 @@ def nic_add(
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
     state_dir: StateDirOpt = None,
+    qga: QgaOpt = None,
+    verify: VerifyOpt = False,
+    verify_address: Annotated[
+        bool, typer.Option("--verify-address", help="As --verify, and wait for an address too.")
+    ] = False,
 ) -> None:
     """Hot-add a NIC (atomic: on failure the guest is left as it was)."""
     spec: dict[str, object] = {
@@ -294,8 +309,9 @@ def nic_add(
     }
     optional = {"id": nic_id, "mac": mac, "addr": addr, "bus": bus, "vectors": vectors, "queues": queues}
     spec |= {k: v for k, v in optional.items() if v is not None}
-    where = Where(qmp, broker, guest, controller, state_dir)
-    nic = run_on_guest(where, config, verbose, lambda guest: guest.add_nic(spec))
+    where = Where(qmp, broker, guest, controller, state_dir, qga)
+    mode: Verify = "address" if verify_address else verify
+    nic = run_on_guest(where, config, verbose, lambda guest: guest.add_nic(spec, verify=mode))
     emit(nic, as_json, lambda: nic_table([nic]))
 
 
@@ -313,10 +329,14 @@ def nic_del(
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
     state_dir: StateDirOpt = None,
+    qga: QgaOpt = None,
+    verify: VerifyOpt = False,
 ) -> None:
     """Hot-remove a NIC; prints 'removed', or 'removal_pending' if the guest has not acked in time."""
-    where = Where(qmp, broker, guest, controller, state_dir)
-    result = run_on_guest(where, config, verbose, lambda guest: guest.remove_nic(nic_id, timeout=timeout))
+    where = Where(qmp, broker, guest, controller, state_dir, qga)
+    result = run_on_guest(
+        where, config, verbose, lambda guest: guest.remove_nic(nic_id, timeout=timeout, verify=verify)
+    )
     emit(result, as_json, lambda: f"{result.id}: {result.state}")
 
 
@@ -332,10 +352,12 @@ def nic_link(
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
     state_dir: StateDirOpt = None,
+    qga: QgaOpt = None,
+    verify: VerifyOpt = False,
 ) -> None:
     """Set a NIC's link up or down."""
-    where = Where(qmp, broker, guest, controller, state_dir)
-    nic = run_on_guest(where, config, verbose, lambda guest: guest.set_link(nic_id, state is LinkArg.up))
+    where = Where(qmp, broker, guest, controller, state_dir, qga)
+    nic = run_on_guest(where, config, verbose, lambda guest: guest.set_link(nic_id, state is LinkArg.up, verify=verify))
     emit(nic, as_json, lambda: nic_table([nic]))
 
 
@@ -349,9 +371,10 @@ def nic_list(
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
     state_dir: StateDirOpt = None,
+    qga: QgaOpt = None,
 ) -> None:
     """List the guest's NICs, cold-plugged ones included."""
-    where = Where(qmp, broker, guest, controller, state_dir)
+    where = Where(qmp, broker, guest, controller, state_dir, qga)
     nics = run_on_guest(where, config, verbose, lambda guest: guest.list_nics())
     emit({"nics": [n.model_dump(mode="json") for n in nics]}, as_json, lambda: nic_table(nics))
 

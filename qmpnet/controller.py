@@ -411,12 +411,12 @@ class _Member:
 
     async def _run(self, guest: Guest, request: BaseModel, transaction: str | None) -> BaseModel:
         match request:
-            case NicAddRequest(nic=spec):
-                return await guest.add_nic(spec, operation=transaction)
-            case NicDelRequest(id=nic_id, timeout=timeout):
-                return await guest.remove_nic(nic_id, timeout=timeout, operation=transaction)
-            case NicLinkRequest(id=nic_id, up=up):
-                return await guest.set_link(nic_id, up=up, operation=transaction)
+            case NicAddRequest(nic=spec, verify=verify):
+                return await guest.add_nic(spec, operation=transaction, verify=verify)
+            case NicDelRequest(id=nic_id, timeout=timeout, verify=verify):
+                return await guest.remove_nic(nic_id, timeout=timeout, operation=transaction, verify=verify)
+            case NicLinkRequest(id=nic_id, up=up, verify=verify):
+                return await guest.set_link(nic_id, up=up, operation=transaction, verify=verify)
             case NicListRequest():
                 nics = await guest.list_nics()
                 self.set_nics(nics)

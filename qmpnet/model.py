@@ -59,6 +59,7 @@ __all__ = [
     "TapBackend",
     "UnixAddress",
     "UserBackend",
+    "Verify",
     "VfioBackend",
     "parse_nic_spec",
 ]
@@ -67,6 +68,9 @@ NicModel = Literal["virtio-net-pci", "e1000", "e1000e", "rtl8139"]
 SUPPORTED_MODELS: tuple[NicModel, ...] = ("virtio-net-pci", "e1000", "e1000e", "rtl8139")
 _MODEL_ALIASES = {"virtio": "virtio-net-pci"}
 NicState = Literal["adding", "active", "removal_pending"]
+#: Whether a change waits until the guest itself shows it (through its agent): ``True`` the interface (or, for a
+#: link change, the carrier; for a removal, its absence), ``"address"`` also an address; ``False`` does not wait.
+Verify = bool | Literal["address"]
 LinkState = Literal["up", "down"]
 
 QemuId = Annotated[str, AfterValidator(check_qemu_id)]

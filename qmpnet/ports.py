@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Mapping, Sequence
     from contextlib import AbstractAsyncContextManager
 
-    from qmpnet.model import ModelInfo, Nic, NicSpec, ObservedBackend, RemoveResult, RxFilter
+    from qmpnet.model import ModelInfo, Nic, NicSpec, ObservedBackend, RemoveResult, RxFilter, Verify
     from qmpnet.placement import PciTopology
     from qmpnet.records import GuestRecord
 
@@ -290,16 +290,16 @@ class GuestStore(Protocol):
 class GuestOps(Protocol):
     """The operations on one guest, direct (:class:`qmpnet.Guest`) or through a controller (:class:`RemoteGuest`)."""
 
-    async def add_nic(self, spec: NicSpec | Mapping[str, Any]) -> Nic:
-        """Hot-add a NIC."""
+    async def add_nic(self, spec: NicSpec | Mapping[str, Any], *, verify: Verify = False) -> Nic:
+        """Hot-add a NIC (``verify``: wait until the guest shows it)."""
         ...
 
-    async def remove_nic(self, nic_id: str, timeout: float | None = None) -> RemoveResult:
-        """Hot-remove a NIC."""
+    async def remove_nic(self, nic_id: str, timeout: float | None = None, *, verify: Verify = False) -> RemoveResult:
+        """Hot-remove a NIC (``verify``: wait until the guest no longer shows it)."""
         ...
 
-    async def set_link(self, nic_id: str, up: bool) -> Nic:
-        """Set a NIC's link."""
+    async def set_link(self, nic_id: str, up: bool, *, verify: Verify = False) -> Nic:
+        """Set a NIC's link (``verify``: wait until the guest's carrier follows)."""
         ...
 
     async def list_nics(self) -> list[Nic]:

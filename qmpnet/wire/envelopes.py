@@ -31,7 +31,7 @@ from qmpnet.errors import (
     Timeout,
     Unsupported,
 )
-from qmpnet.model import GuestEventName, ModelInfo, Nic, NicSpec, RemoveResult, invalid_request_from
+from qmpnet.model import GuestEventName, ModelInfo, Nic, NicSpec, RemoveResult, Verify, invalid_request_from
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -92,6 +92,10 @@ class NicAddRequest(_Request):
     """``nic/add``: hot-add a NIC."""
 
     nic: NicSpec = Field(description="What to add; only model is needed, every other field has a default.")
+    verify: Verify = Field(
+        default=False,
+        description='Answer once the guest agent shows the interface (true), with an address ("address"), or undo.',
+    )
 
 
 class NicDelRequest(_Request):
@@ -101,6 +105,7 @@ class NicDelRequest(_Request):
     timeout: float | None = Field(
         default=None, ge=0, le=3600, description="Seconds to wait for the guest's ack (default: the setting)."
     )
+    verify: Verify = Field(default=False, description="Also wait until the guest agent no longer shows the interface.")
 
 
 class NicLinkRequest(_Request):
@@ -108,6 +113,7 @@ class NicLinkRequest(_Request):
 
     id: str = Field(description="The NIC's id.")
     up: StrictBool = Field(description="true: link up; false: link down (the guest sees carrier change).")
+    verify: Verify = Field(default=False, description="Wait until the guest's carrier follows; else set it back.")
 
 
 class NicListRequest(_Request):

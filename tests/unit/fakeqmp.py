@@ -46,7 +46,9 @@ __all__ = [
 DATA = Path(__file__).parent / "data"
 GREETING_VERSION = {"qemu": {"major": 7, "minor": 2, "micro": 22}, "package": "Debian 1:7.2+dfsg-7+deb12u18"}
 #: Commands that only read; :meth:`FakeQmp.changes` leaves them out.
-READ_ONLY = frozenset({"qmp_capabilities", "qom-get", "qom-list", "human-monitor-command", "query-rx-filter"})
+READ_ONLY = frozenset(
+    {"qmp_capabilities", "qom-get", "qom-list", "human-monitor-command", "query-rx-filter", "query-chardev"}
+)
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -137,6 +139,7 @@ class FakeQmp:
         self.handlers: dict[str, Callable[[dict[str, Any]], Awaitable[object]]] = {
             "qom-get": self._qom_get,
             "object-add": self._object_add,
+            "query-chardev": _no_chardevs,
             "object-del": self._object_del,
             "human-monitor-command": self._human_monitor_command,
             "query-rx-filter": self._query_rx_filter,
@@ -430,6 +433,10 @@ class FakeQmp:
 
 async def _empty(arguments: dict[str, Any]) -> object:
     return {}
+
+
+async def _no_chardevs(arguments: dict[str, Any]) -> object:
+    return []
 
 
 def _not_found(name: str) -> Callable[[dict[str, Any]], Awaitable[object]]:

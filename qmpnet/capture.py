@@ -7,17 +7,22 @@ writes them to a pcap file that tcpdump and Wireshark read. Starting a capture i
 state for it: a capture started by a controller that restarted since can still be stopped, a second one on the same
 NIC is refused by QEMU's duplicate id (``conflict``), and one whose NIC was removed went with its netdev.
 
+QEMU before 8.1 writes the virtio-net header in front of every frame of a virtio NIC on a tap; stopping such a
+capture repairs the file (:mod:`qmpnet.pcap`), so that tcpdump reads Ethernet frames whatever the QEMU.
+
 QEMU creates (or truncates) the file with its own privileges: which paths a caller may give is policy
 (``policy.allowed_capture_dirs``), checked before anything is sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Literal
 
 from qmpnet.errors import Conflict, InvalidRequest, NotFound, QmpCommandError, Unsupported
 from qmpnet.model import CaptureResult, check_file_path
+from qmpnet.pcap import strip_vnet_headers
 from qmpnet.policy import check_capture_file
 
 if TYPE_CHECKING:
@@ -81,8 +86,8 @@ async def start_capture(monitor: Monitor, nic: Nic, file: str) -> CaptureResult:
     return CaptureResult(id=nic.id, state="capturing", file=file)
 
 
-async def stop_capture(monitor: Monitor, nic_id: str) -> CaptureResult:
-    """End NIC ``nic_id``'s capture; QEMU closes the file.
+async def stop_capture(monitor: Monitor, nic_id: str, nic: Nic | None = None) -> CaptureResult:
+    """End NIC ``nic_id``'s capture; QEMU closes the file. With the ``nic`` known, virtio-net headers are stripped.
 
     Raises:
         NotFound: No capture of that NIC is running.
@@ -95,7 +100,22 @@ async def stop_capture(monitor: Monitor, nic_id: str) -> CaptureResult:
         raise NotFound(f"id: no capture of NIC {nic_id} is running", field="id") from err
     await monitor.execute("object-del", {"id": object_id})
     log.info("NIC %s: capture into %s stopped", nic_id, file)
-    return CaptureResult(id=nic_id, state="stopped", file=file if isinstance(file, str) else None)
+    path = file if isinstance(file, str) else None
+    if path is not None and nic is not None and nic.mac and _may_carry_vnet_headers(nic):
+        try:
+            stripped = await asyncio.to_thread(strip_vnet_headers, path, nic.mac)
+        except OSError as err:
+            log.warning("NIC %s: could not strip the virtio-net headers from %s: %s", nic_id, path, err)
+        else:
+            if stripped:
+                log.info("NIC %s: stripped the %d-byte virtio-net header QEMU left in %s", nic_id, stripped, path)
+    return CaptureResult(id=nic_id, state="stopped", file=path)
+
+
+def _may_carry_vnet_headers(nic: Nic) -> bool:
+    """Only a virtio NIC whose backend is a tap exchanges virtio-net headers with it."""
+    backend = nic.backend.type if nic.backend is not None else None
+    return nic.model.startswith("virtio-net") and backend in ("tap", "bridge", "nat")
 
 
 async def run_capture(
@@ -108,7 +128,7 @@ async def run_capture(
         Unsupported, Conflict, QmpCommandError, OutcomeUnknown, GuestUnavailable: As above.
     """
     if action == "stop":
-        return await stop_capture(monitor, nic_id)
+        return await stop_capture(monitor, nic_id, nics.get(nic_id))
     nic = nics.get(nic_id)
     if nic is None:
         raise NotFound(f"id: no NIC {nic_id!r} in the guest", field="id")

@@ -278,8 +278,11 @@ class HostNetwork(Protocol):
         """Delete taps made for NICs (owners ``<guest>/<nic>``) under ``owner_prefix`` that are not in ``keep``."""
         ...
 
-    async def find_tap(self, owner: str) -> str | None:
-        """The tap qmpnet made for ``owner`` (``<guest>/<nic>``), if it still exists."""
+    async def find_tap(self, owner: str, *, pid: int | None = None, fd: int | None = None) -> str | None:
+        """The tap qmpnet made for ``owner`` (``<guest>/<nic>``), else the tap QEMU process ``pid`` holds as ``fd``.
+
+        The second finds the tap of a NIC another process added under another guest name.
+        """
         ...
 
     async def tap_port(self, tap: str) -> TapPort:

@@ -141,7 +141,7 @@ async def run_update(
     if host is None:
         raise Unsupported("update: changing the host side of a NIC needs host networking, which is not set up here",
                           field="update")
-    tap, ours = await _find_tap(host, known)
+    tap, ours = await _find_tap(monitor, host, known)
     port = await host.tap_port(tap)
     undo = UndoStack()
     try:
@@ -163,7 +163,7 @@ async def _link_only(monitor: Monitor, known: KnownNic, link: LinkState | None) 
     return UpdateResult(nic.model_copy(update={"link": link or nic.link}), known.attachment, known.asked)
 
 
-async def _find_tap(host: HostNetwork, known: KnownNic) -> tuple[str, bool]:
+async def _find_tap(monitor: Monitor, host: HostNetwork, known: KnownNic) -> tuple[str, bool]:
     """The NIC's tap, and whether qmpnet made it (else it is an operator's tap, given by name)."""
     nic = known.nic
     observed = nic.backend.options if nic.backend is not None else {}
@@ -176,7 +176,10 @@ async def _find_tap(host: HostNetwork, known: KnownNic) -> tuple[str, bool]:
                       (observed.get("ifname"), False)):
         if tap:
             return tap, ours
-    found = await host.find_tap(tap_owner(known.owner))
+    fd = (observed.get("fd") or observed.get("fds") or "").split(":")[0]
+    pid = getattr(monitor, "peer_pid", None)  # the QMP adapter knows QEMU's pid on a unix socket; fakes need not
+    found = await host.find_tap(tap_owner(known.owner), pid=pid if isinstance(pid, int) else None,
+                                fd=int(fd) if fd.isdigit() else None)
     if found is None:
         raise Unsupported(f"update: the host tap of NIC {nic.id} cannot be found (qmpnet finds the taps it made, "
                           "and taps given by name)", field="update")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from pyroute2 import NetlinkError
@@ -32,10 +33,12 @@ __all__ = [
     "Placement",
     "PortVlans",
     "entries_for",
+    "existing_tap",
     "find_owned_tap",
     "move",
     "port_of",
     "put_back",
+    "tap_held_by",
     "vlan_of",
     "write_vlans",
 ]
@@ -102,6 +105,29 @@ def find_owned_tap(ipr: Any, owner: str) -> str | None:  # noqa: ANN401 - pyrout
     """The name of the tap qmpnet made for ``owner``, if it exists."""
     mark = tap_mark(owner)
     return next((link.name for link in dump_links(ipr) if link.alias == mark and link.kind == "tun"), None)
+
+
+def tap_held_by(pid: int | None, fd: int | None, proc: Path = Path("/proc")) -> str | None:
+    """The interface of tun fd ``fd`` of process ``pid`` (the ``iff:`` line of its fdinfo), if it is one."""
+    if not pid or fd is None:
+        return None
+    try:
+        info = (proc / str(pid) / "fdinfo" / str(fd)).read_text()
+    except OSError:
+        return None
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key == "iff" and value.strip():
+            return value.strip()
+    return None
+
+
+def existing_tap(ipr: Any, name: str | None) -> str | None:  # noqa: ANN401 - pyroute2's IPRoute is untyped
+    """``name`` if it is a tap (tun) in this namespace."""
+    if name is None:
+        return None
+    link = find_link(ipr, name)
+    return link.name if link is not None and link.kind == "tun" else None
 
 
 def _tap(ipr: Any, name: str) -> LinkInfo:  # noqa: ANN401 - pyroute2's IPRoute is untyped

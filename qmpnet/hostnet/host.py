@@ -107,12 +107,18 @@ class HostNet:
 
     # ------------------------------------------------------------------------------------------- live changes
 
-    async def find_tap(self, owner: str) -> str | None:
-        """The tap qmpnet made for ``owner`` (``<guest>/<nic>``, as its mark holds it), if it still exists."""
+    async def find_tap(self, owner: str, *, pid: int | None = None, fd: int | None = None) -> str | None:
+        """The tap of a NIC: the one marked for ``owner`` (``<guest>/<nic>``), else the one ``pid`` holds as ``fd``.
+
+        ``/proc/<pid>/fdinfo/<fd>`` names a tun fd's interface. The second way finds the taps of NICs added by
+        another process under another guest name (the CLI names a guest by its socket path, ``qmpnet serve`` by
+        its configured name).
+        """
+        held = await asyncio.to_thread(bridgeports.tap_held_by, pid, fd) if pid and fd is not None else None
 
         def look() -> str | None:
             with route() as ipr:
-                return bridgeports.find_owned_tap(ipr, owner)
+                return bridgeports.find_owned_tap(ipr, owner) or bridgeports.existing_tap(ipr, held)
 
         return await run_in_netns(self.settings.netns, look)
 

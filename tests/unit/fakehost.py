@@ -88,9 +88,9 @@ class PortsHost:
         return []
 
     # the live side
-    async def find_tap(self, owner: str) -> str | None:
-        self._call("find_tap", owner)
-        return next((name for name, port in self.taps.items() if port.owner == owner), None)
+    async def find_tap(self, owner: str, *, pid: int | None = None, fd: int | None = None) -> str | None:
+        self._call("find_tap", owner, pid, fd)
+        return next((name for name, port in self.taps.items() if port.owner in (owner, f"pid {pid} fd {fd}")), None)
 
     async def tap_port(self, tap: str) -> TapPort:
         self._call("tap_port", tap)

@@ -121,7 +121,7 @@ class FakeHost:
         return []
 
     # The live-change side (tests/unit/test_update.py has a stateful fake for it).
-    async def find_tap(self, owner: str) -> str | None:
+    async def find_tap(self, owner: str, *, pid: int | None = None, fd: int | None = None) -> str | None:
         self._call("find_tap", owner)
         return None
 

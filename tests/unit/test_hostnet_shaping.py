@@ -8,16 +8,19 @@ machine with strace, because the CI kernel has neither netem nor VLAN filtering 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from pyroute2.netlink.rtnl.tcmsg import sched_netem
 
 from qmpnet.hostnet import shaping
-from qmpnet.hostnet.bridgeports import PVID, UNTAGGED, _infos, compress, entries_for, vlan_of
+from qmpnet.hostnet.bridgeports import PVID, UNTAGGED, _infos, compress, entries_for, tap_held_by, vlan_of
 from qmpnet.hostnet.links import LinkInfo, ifb_mark, parse_ifb_mark
 from qmpnet.hostnet.shaping import TcLayout, layout_of, shape_of
 from qmpnet.model import Shape, Vlan
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 KB = 1024
 
@@ -147,3 +150,14 @@ def test_the_full_layout_is_netem_over_tbf_on_the_tap_and_tbf_on_its_ifb(monkeyp
     iproute2 = {"delay": 0x17D784, "jitter": 0x02625A, "loss": 0x028F5C29}
     assert {k: int(fields[k]) for k in ("delay", "jitter")} == {k: iproute2[k] for k in ("delay", "jitter")}
     assert abs(int(fields["loss"]) - iproute2["loss"]) <= 1
+
+
+def test_the_tap_a_process_holds_is_read_from_its_fdinfo(tmp_path: Path) -> None:
+    fdinfo = tmp_path / "4242" / "fdinfo"
+    fdinfo.mkdir(parents=True)
+    (fdinfo / "23").write_text("pos:\t0\nflags:\t0104002\nmnt_id:\t25\nino:\t1066\niff:\tvnet3\n")
+    (fdinfo / "5").write_text("pos:\t0\nflags:\t02\nmnt_id:\t25\nino:\t17\n")
+    assert tap_held_by(4242, 23, proc=tmp_path) == "vnet3"
+    assert tap_held_by(4242, 5, proc=tmp_path) is None  # not a tun fd
+    assert tap_held_by(4242, 99, proc=tmp_path) is None
+    assert tap_held_by(None, 23, proc=tmp_path) is None

@@ -50,6 +50,12 @@ def update(**fields: Any) -> Any:
     return parse_nic_update({"id": "lan0", **fields})
 
 
+class PeerMonitor(RecordingMonitor):
+    """A monitor that knows QEMU's pid, as the QMP adapter learns it from SO_PEERCRED on a unix socket."""
+
+    peer_pid = 4242
+
+
 def failing(command: str) -> QmpCommandError:
     return QmpCommandError(f"{command}: boom", qmp_class="GenericError", command=command)
 
@@ -266,10 +272,19 @@ async def test_a_nic_this_lane_did_not_add_is_found_by_the_owner_mark() -> None:
     host = PortsHost(taps={"vnet7": FakePort("br-a", owner="vm1/lan0"), "vnet8": FakePort("br-a", owner="vm1/x")})
     known = KnownNic(nic("tap", {"fd": "23"}), None, None, "vm1/lan0")
     result = await run_update(monitor, host, known, update(shape={"rate": "1mbit"}), NO_FLAP)
-    assert host.calls[0] == ("find_tap", "vm1/lan0")
+    assert host.calls[0] == ("find_tap", "vm1/lan0", None, 23)
     assert host.state()["vnet7"][2] == Shape(rate=1_000_000)
     assert result.backend == ObservedBackend(type="bridge", options={"bridge": "br-a", "tap": "vnet7", "rate": "1mbit"})
     assert result.attachment == Attachment(tap="vnet7", bridge="br-a")
+
+
+async def test_a_nic_added_under_another_guest_name_is_found_by_the_fd_qemu_holds() -> None:
+    monitor = PeerMonitor()
+    host = PortsHost(taps={"vnet3": FakePort("br-a", owner="pid 4242 fd 23")})
+    known = KnownNic(nic("tap", {"fd": "23"}), None, None, "/run/vm1.qmp/lan0")
+    await run_update(monitor, host, known, update(shape={"rate": "1mbit"}), NO_FLAP)
+    assert host.calls[0] == ("find_tap", "/run/vm1.qmp/lan0", 4242, 23)
+    assert host.state()["vnet3"][2] == Shape(rate=1_000_000)
 
 
 async def test_an_operators_tap_stays_a_tap_backend_and_is_not_attached() -> None:

@@ -19,7 +19,7 @@ If a step fails, the stack unwinds newest first, so the NIC ends where it was (s
 link). An *unknown* outcome (QEMU did not answer ``set_link``) is not unwound, as for a hot-add: the caller gets
 ``outcome_unknown`` and can list the NICs. Deciding what to do is pure (:func:`plan_update`); the run is
 :func:`run_update`. The lane calls it with what it knows of the NIC; when it knows nothing (a NIC added by another
-process) the tap is found on the host by the owner mark qmpnet put on it.
+process) the tap is found on the host: by the owner mark qmpnet put on it, else by the fd QEMU holds for it.
 """
 
 from __future__ import annotations

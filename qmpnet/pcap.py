@@ -4,10 +4,10 @@ Between virtio-net and a tap that uses vnet headers (every tap qmpnet makes: ``I
 segmentation offload), each frame starts with a virtio-net header (10, 12 or 20 bytes, by the features the guest
 negotiated). QEMU before 8.1 dumps that header as if it were part of the Ethernet frame, so tcpdump shows
 ``00:00:00:00:00:00 > 00:00:00:00:00:00, ethertype Unknown``; later QEMUs strip it themselves. Rather than guess
-from QEMU's version, :func:`strip_vnet_headers` looks at the file: the NIC's own MAC is the source or destination
-of most frames it sends and receives, so the header length is the offset at which that MAC shows up, and ``0``
-(nothing to do) when it shows up at the start. The file is rewritten through a temporary file in the same
-directory and renamed over the original, so a reader never sees half a file.
+from QEMU's version, :func:`strip_vnet_headers` looks at the file: the header length is the offset after which
+the frames carry real EtherTypes (and the NIC's own MAC), and ``0`` (nothing to do) when that is the start. The
+file is rewritten through a temporary file in the same directory and renamed over the original, so a reader never
+sees half a file.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ _RECORD_FIELDS: Final = "IIII"
 #: The virtio-net header lengths a guest can negotiate: legacy, with mergeable buffers or VERSION_1, with hash report.
 _HEADERS: Final = (10, 12, 20)
 _SAMPLE: Final = 256
+#: EtherTypes a frame of a guest's NIC carries: IPv4, ARP, RARP (announce-self), VLAN, QinQ, IPv6, LLDP.
+_ETHERTYPES: Final = frozenset(t.to_bytes(2, "big") for t in (0x0800, 0x0806, 0x8035, 0x8100, 0x88A8, 0x86DD, 0x88CC))
 _MAGICS: Final = {0xA1B2C3D4: "<", 0xD4C3B2A1: ">", 0xA1B23C4D: "<", 0x4D3CB2A1: ">"}
 
 
@@ -83,13 +85,18 @@ def _records(data: bytes, order: str) -> list[tuple[tuple[int, int, int], bytes]
 
 
 def _header_length(frames: list[bytes], mac: bytes) -> int:
-    """The offset at which ``mac`` is most often a frame's destination or source; 0 unless some header wins."""
+    """The virtio-net header length in front of ``frames``, or 0 when they start with their Ethernet header.
 
-    def score(offset: int) -> int:
-        return sum(mac in (frame[offset : offset + 6], frame[offset + 6 : offset + 12]) for frame in frames)
+    At the right offset nearly every frame has a real EtherType (IPv4, ARP, IPv6, VLAN ...) after its two MACs; at
+    a wrong one those two bytes are a piece of a MAC address or of the header. Ties go to where the NIC's own MAC
+    is a frame's destination or source.
+    """
+
+    def score(offset: int) -> tuple[int, int]:
+        types = sum(frame[offset + 12 : offset + 14] in _ETHERTYPES for frame in frames)
+        macs = sum(mac in (frame[offset : offset + 6], frame[offset + 6 : offset + 12]) for frame in frames)
+        return types, macs
 
     scores = {offset: score(offset) for offset in (0, *_HEADERS)}
     best = max(_HEADERS, key=lambda offset: scores[offset])
-    if scores[best] > scores[0] and 2 * scores[best] >= len(frames):
-        return best
-    return 0
+    return best if scores[best] > scores[0] and scores[best][0] > 0 else 0

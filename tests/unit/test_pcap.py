@@ -1,5 +1,5 @@
 """Repairing filter-dump captures of virtio NICs on taps (qmpnet.pcap): the header QEMU < 8.1 leaves is found by
-where the NIC's MAC shows up, and only then stripped."""
+where real EtherTypes (and the NIC's MAC) show up, and only then stripped."""
 
 from __future__ import annotations
 
@@ -74,9 +74,18 @@ def test_a_missing_file_is_nothing_to_do(tmp_path: Path) -> None:
     assert strip_vnet_headers(tmp_path / "gone.pcap", MAC) == 0
 
 
-def test_frames_of_other_nics_do_not_trigger_a_rewrite(tmp_path: Path) -> None:
+def test_frames_that_are_not_the_nics_still_reveal_the_header(tmp_path: Path) -> None:
+    # Multicast from other hosts (IPv6 neighbour discovery, MLD) outnumbering the NIC's own frames.
+    noise = [bytes.fromhex("3333ff51a672") + OTHER + b"\x86\xdd" + b"\0" * 60] * 9
     path = tmp_path / "c.pcap"
-    original = pcap([BROADCAST + OTHER + b"\x08\x00" + b"\0" * 46] * 4, header=12)
+    path.write_bytes(pcap([*noise, *frames()[:2]], header=12))
+    assert strip_vnet_headers(path, MAC) == 12
+    assert read(path.read_bytes()) == [*noise, *frames()[:2]]
+
+
+def test_frames_without_a_recognisable_ethertype_are_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "c.pcap"
+    original = pcap([BROADCAST + OTHER + b"\x12\x34" + b"\0" * 46] * 4, header=0)
     path.write_bytes(original)
     assert strip_vnet_headers(path, MAC) == 0
     assert path.read_bytes() == original

@@ -25,6 +25,7 @@ import time
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
+from qmpnet.capture import check_capture, run_capture
 from qmpnet.errors import (
     Busy,
     GuestUnavailable,
@@ -36,20 +37,24 @@ from qmpnet.errors import (
 )
 from qmpnet.inventory import Inventory
 from qmpnet.model import (
+    CaptureResult,
     GuestEvent,
     GuestEventName,
     ModelInfo,
     Nic,
     NicSpec,
+    NicUpdate,
     ObservedBackend,
     RemoveResult,
     parse_nic_spec,
+    parse_nic_update,
 )
 from qmpnet.names import check_qemu_id
 from qmpnet.plan import QmpCall, needs_tap_fds, plan_add
-from qmpnet.policy import check_spec
+from qmpnet.policy import check_spec, check_update
 from qmpnet.settings import Settings
 from qmpnet.steps import Attachment, UndoStack, prepare_host, run_steps
+from qmpnet.update import KnownNic, run_update
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -223,6 +228,60 @@ class Guest:
             nic = inventory.update(nic_id, link=link)
         self._emit("link_changed", nic=nic)
         return nic
+
+    async def update_nic(self, update: NicUpdate | Mapping[str, Any]) -> Nic:
+        """Change a NIC live without unplugging it: move it, set its VLANs, shape it, set its link (qmpnet.update).
+
+        Atomic: on failure what was done is undone. Waits for the lane, the host work and, for a move, the link flap.
+
+        Raises:
+            InvalidRequest: A field of ``update`` is invalid (nothing was changed).
+            Forbidden: The policy refuses the bridge (nothing was changed).
+            NotFound: No such NIC, bridge or NAT network.
+            Unsupported: The NIC's backend or the host cannot do it (user mode: the link only).
+            Conflict: The tap carries qdiscs qmpnet did not make.
+            QmpCommandError, OutcomeUnknown, GuestUnavailable, Busy: As for :meth:`add_nic`.
+        """
+        nic_update = parse_nic_update(update)
+        check_update(nic_update, self._settings.policy)
+        async with self._lane_turn():
+            inventory = await self._fresh_inventory()
+            nic = inventory.nics.get(nic_update.id)
+            if nic is None:
+                raise NotFound(f"update.id: no NIC {nic_update.id!r} in guest {self.name}", field="update.id")
+            known = KnownNic(nic, self._backends.get(nic.id), self._attachments.get(nic.id), f"{self.name}/{nic.id}")
+            try:
+                result = await _shielded(
+                    run_update(self._monitor, self._host, known, nic_update, self._settings.update)
+                )
+            except QmpnetError:
+                self._inventory = None
+                raise
+            if result.attachment is not None:
+                self._attachments[nic.id] = result.attachment
+            if result.backend is not None:
+                self._backends[nic.id] = result.backend
+            self._links[nic.id] = result.nic.link
+            nic = inventory.update(nic.id, link=result.nic.link, backend=result.nic.backend)
+        self._emit("nic_updated", nic=nic)
+        return nic
+
+    async def capture(self, nic_id: str, action: Literal["start", "stop"], file: str | None = None) -> CaptureResult:
+        """Start or stop capturing NIC ``nic_id``'s traffic into the pcap ``file`` (QEMU filter-dump; qmpnet.capture).
+
+        Raises:
+            InvalidRequest: A malformed id, action or file.
+            Forbidden: The file is outside ``policy.allowed_capture_dirs``.
+            NotFound: No such NIC (start), or no capture running (stop).
+            Conflict: The NIC is already being captured.
+            Unsupported: The NIC has no netdev (vfio).
+            QmpCommandError, OutcomeUnknown, GuestUnavailable, Busy: As for :meth:`add_nic`.
+        """
+        _check_id(nic_id)
+        checked = check_capture(action, file, self._settings.policy)
+        async with self._lane_turn():
+            inventory = await self._fresh_inventory()
+            return await run_capture(self._monitor, inventory.nics, nic_id, action, checked)
 
     async def list_nics(self) -> list[Nic]:
         """Read the guest afresh and list its NICs, cold-plugged ones included, with virtio rx-filters.

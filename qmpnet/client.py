@@ -19,10 +19,20 @@ raised as the :class:`~qmpnet.errors.QmpnetError` subclass of its code, so code 
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from qmpnet.bus.requester import Requester
-from qmpnet.model import ModelInfo, Nic, NicSpec, RemoveResult, Verify, parse_nic_spec
+from qmpnet.model import (
+    CaptureResult,
+    ModelInfo,
+    Nic,
+    NicSpec,
+    NicUpdate,
+    RemoveResult,
+    Verify,
+    parse_nic_spec,
+    parse_nic_update,
+)
 from qmpnet.ports import GuestOps
 from qmpnet.settings import MqttSettings, QgaSettings
 from qmpnet.wire.envelopes import GuestInfo, GuestList, ModelList, NicList, data_of, error_from
@@ -146,6 +156,29 @@ class Client:
         """How long to wait for an answer: a verified change may take the guest's verify timeout on top."""
         return self.timeout + (self.verify_timeout if verify else 0.0)
 
+    async def update_nic(
+        self, controller: str, guest: str, update: NicUpdate | Mapping[str, Any], *, transaction: str | None = None
+    ) -> Nic:
+        """Change a NIC live (the update is checked here first, then by the controller)."""
+        body = parse_nic_update(update).model_dump(mode="json", exclude_unset=True)
+        data = await self.call(controller, guest, "nic/update", {"update": body}, transaction=transaction)
+        return Nic.model_validate(data)
+
+    async def capture(  # noqa: PLR0913 - the request's coordinates, then its arguments
+        self,
+        controller: str,
+        guest: str,
+        nic_id: str,
+        action: Literal["start", "stop"],
+        file: str | None = None,
+        *,
+        transaction: str | None = None,
+    ) -> CaptureResult:
+        """Start or stop NIC ``nic_id``'s live capture into ``file`` (a path on the controller's host)."""
+        arguments: dict[str, Any] = {"id": nic_id, "action": action} | ({"file": file} if file is not None else {})
+        data = await self.call(controller, guest, "nic/capture", arguments, transaction=transaction)
+        return CaptureResult.model_validate(data)
+
     async def list_nics(self, controller: str, guest: str) -> list[Nic]:
         """The guest's NICs, read afresh by the controller."""
         return NicList.model_validate(await self.call(controller, guest, "nic/list")).nics
@@ -190,3 +223,11 @@ class RemoteGuest:
     async def models(self) -> list[ModelInfo]:
         """List the NIC models (see :meth:`Client.models`)."""
         return await self.client.models(self.controller, self.name)
+
+    async def update_nic(self, update: NicUpdate | Mapping[str, Any]) -> Nic:
+        """Change a NIC live (see :meth:`Client.update_nic`)."""
+        return await self.client.update_nic(self.controller, self.name, update)
+
+    async def capture(self, nic_id: str, action: Literal["start", "stop"], file: str | None = None) -> CaptureResult:
+        """Start or stop a NIC's live capture (see :meth:`Client.capture`)."""
+        return await self.client.capture(self.controller, self.name, nic_id, action, file)

@@ -19,12 +19,22 @@ import logging
 import os
 import socket
 import struct
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qmpnet.errors import GuestUnavailable, InvalidRequest, NotFound, OutcomeUnknown, QmpnetError
-from qmpnet.model import ModelInfo, Nic, NicSpec, RemoveResult, Verify, parse_nic_spec
+from qmpnet.model import (
+    CaptureResult,
+    ModelInfo,
+    Nic,
+    NicSpec,
+    NicUpdate,
+    RemoveResult,
+    Verify,
+    parse_nic_spec,
+    parse_nic_update,
+)
 from qmpnet.wire.envelopes import ModelList, NicList, data_of, error_response, ok_response, to_wire
 
 if TYPE_CHECKING:
@@ -190,6 +200,16 @@ class ControlGuest:
 
     def _verifying(self, verify: Verify) -> float:
         return self.timeout + (self.verify_timeout if verify else 0.0)
+
+    async def update_nic(self, update: NicUpdate | Mapping[str, Any]) -> Nic:
+        """Change a NIC live (see :meth:`qmpnet.Guest.update_nic`)."""
+        body = parse_nic_update(update).model_dump(mode="json", exclude_unset=True)
+        return Nic.model_validate(await self._data("nic/update", {"update": body}))
+
+    async def capture(self, nic_id: str, action: Literal["start", "stop"], file: str | None = None) -> CaptureResult:
+        """Start or stop a NIC's live capture (see :meth:`qmpnet.Guest.capture`)."""
+        payload: dict[str, Any] = {"id": nic_id, "action": action} | ({"file": file} if file is not None else {})
+        return CaptureResult.model_validate(await self._data("nic/capture", payload))
 
     async def list_nics(self) -> list[Nic]:
         """List the NICs (see :meth:`qmpnet.Guest.list_nics`)."""

@@ -50,10 +50,12 @@ from qmpnet.wire.envelopes import (
     GuestStatus,
     ModelList,
     NicAddRequest,
+    NicCaptureRequest,
     NicDelRequest,
     NicLinkRequest,
     NicList,
     NicListRequest,
+    NicUpdateRequest,
     OkResponse,
     Response,
     error_response,
@@ -342,7 +344,7 @@ class _Member:
             self.nics.pop(event.id, None)
         elif event.name == "nic_removal_pending" and event.id in self.nics:
             self.nics[event.id] = self.nics[event.id].model_copy(update={"state": "removal_pending"})
-        if event.name in ("nic_added", "nic_removed", "nic_removal_pending", "link_changed"):
+        if event.name in ("nic_added", "nic_removed", "nic_removal_pending", "link_changed", "nic_updated"):
             self.controller.sink.guest_nics(self.name, NicList(nics=list(self.nics.values())))
         message = EventMessage(ts=event.ts, guest=self.name, id=event.id, nic=event.nic)
         self.controller.sink.event(self.name, event.name, message)
@@ -409,7 +411,9 @@ class _Member:
             return error_response(transaction, err)
         return ok_response(transaction, data)
 
-    async def _run(self, guest: Guest, request: BaseModel, transaction: str | None) -> BaseModel:
+    async def _run(  # noqa: PLR0911 - one return per op
+        self, guest: Guest, request: BaseModel, transaction: str | None
+    ) -> BaseModel:
         match request:
             case NicAddRequest(nic=spec, verify=verify):
                 return await guest.add_nic(spec, operation=transaction, verify=verify)
@@ -417,6 +421,10 @@ class _Member:
                 return await guest.remove_nic(nic_id, timeout=timeout, operation=transaction, verify=verify)
             case NicLinkRequest(id=nic_id, up=up, verify=verify):
                 return await guest.set_link(nic_id, up=up, operation=transaction, verify=verify)
+            case NicUpdateRequest(update=update):
+                return await guest.update_nic(update, operation=transaction)
+            case NicCaptureRequest(id=nic_id, action=action, file=file):
+                return await guest.capture(nic_id, action, file)
             case NicListRequest():
                 nics = await guest.list_nics()
                 self.set_nics(nics)

@@ -39,6 +39,7 @@ from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
+from qmpnet.capture import check_capture, run_capture
 from qmpnet.errors import (
     AgentUnavailable,
     Busy,
@@ -53,27 +54,31 @@ from qmpnet.errors import (
 )
 from qmpnet.inventory import Inventory, backend_of
 from qmpnet.model import (
+    CaptureResult,
     GuestEvent,
     GuestEventName,
     ModelInfo,
     Nic,
     NicSpec,
+    NicUpdate,
     ObservedBackend,
     PciAddress,
     RemoveResult,
     Verify,
     parse_nic_spec,
+    parse_nic_update,
 )
 from qmpnet.names import check_qemu_id, format_pci_addr
 from qmpnet.plan import AddPlan, QmpCall, needs_tap_fds, plan_add
-from qmpnet.policy import check_spec
+from qmpnet.policy import check_spec, check_update
 from qmpnet.qga import GuestAgent, find_agent_socket, guest_views, wait_for
 from qmpnet.reconcile import with_added, with_link, without
 from qmpnet.records import GuestRecord, HostHold, NicRecord, OperationRecord
 from qmpnet.recovery import RecoveryStep, plan_recovery
 from qmpnet.settings import Settings
-from qmpnet.steps import UndoStack, prepare_host, run_steps
+from qmpnet.steps import Attachment, UndoStack, prepare_host, run_steps
 from qmpnet.store import MemoryGuestStore
+from qmpnet.update import KnownNic, run_update
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -355,6 +360,86 @@ class Guest:
         self._emit("link_changed", nic=nic)
         return nic
 
+    async def update_nic(self, update: NicUpdate | Mapping[str, Any], *, operation: str | None = None) -> Nic:
+        """Change a NIC live without unplugging it: move it, set its VLANs, shape it, set its link (qmpnet.update).
+
+        Atomic: on failure what was done is undone. Waits for the lane, the host work and, for a move, the link flap.
+        The change is recorded (link intent, the bridge or network it is on now, VLANs and shaping) and, for a move,
+        the stored desired set follows it.
+
+        Raises:
+            InvalidRequest: A field of ``update`` is invalid (nothing was changed).
+            Forbidden: The policy refuses the bridge (nothing was changed).
+            NotFound: No such NIC, bridge or NAT network.
+            Unsupported: The NIC's backend or the host cannot do it (user mode: the link only).
+            Conflict: The tap carries qdiscs qmpnet did not make.
+            QmpCommandError, OutcomeUnknown, GuestUnavailable, Busy: As for :meth:`add_nic`.
+        """
+        nic_update = parse_nic_update(update)
+        check_update(nic_update, self._settings.policy)
+        async with self._lane_turn():
+            inventory = await self._fresh_inventory()
+            nic = inventory.nics.get(nic_update.id)
+            if nic is None:
+                raise NotFound(f"update.id: no NIC {nic_update.id!r} in guest {self.name}", field="update.id")
+            if self._pending(nic.id):
+                raise RemovalPending(f"update.id: NIC {nic.id!r} is being removed", field="update.id")
+            nic = await _shielded(self._update(inventory, self._described(nic), nic_update, operation))
+        self._emit("nic_updated", nic=nic)
+        return nic
+
+    async def _update(self, inventory: Inventory, nic: Nic, update: NicUpdate, operation: str | None) -> Nic:
+        record = self._store.record.nics.get(nic.id)
+        known = _known(nic, record, f"{self._store.key}/{nic.id}")
+        started = OperationRecord(id=operation or _new_operation(), op="nic/update", nic=nic.id, started=time.time())
+        self._save(self._store.record.with_operation(started))
+        try:
+            result = await run_update(self._monitor, self._host, known, update, self._settings.update)
+        except OutcomeUnknown:
+            self._inventory = None
+            raise
+        except QmpnetError as err:
+            self._inventory = None
+            self._save(self._store.record.with_operation(_finished(started, error=err)))
+            raise
+        changed = self._store.record.with_link(nic.id, result.nic.link)
+        kept = changed.nics.get(nic.id) or _foreign_record(nic).model_copy(update={"netdev": None})
+        hold, spec = kept.host, kept.spec
+        if result.attachment is not None:
+            moved = result.attachment
+            where = {"tap": moved.tap or hold.tap, "bridge": moved.bridge, "network": moved.network}
+            hold = hold.model_copy(update=where)
+        if update.backend is not None and spec is not None:
+            spec = spec.model_copy(update={"backend": update.backend})
+        changed = changed.with_nic(kept.model_copy(update={
+            "host": hold, "spec": spec, "operation": started.id, "link": result.nic.link,
+            "view": result.backend or kept.view,
+            "vlan": update.vlan if "vlan" in update.model_fields_set else kept.vlan,
+            "shape": update.shape if "shape" in update.model_fields_set else kept.shape,
+        }))
+        if spec is not None and changed.desired is not None and any(s.id == nic.id for s in changed.desired.nics):
+            changed = changed.model_copy(update={"desired": with_added(changed.desired, spec)})
+        done = inventory.update(nic.id, link=result.nic.link, backend=result.nic.backend)
+        self._save(changed.with_operation(_finished(started, data=done.model_dump(mode="json"))))
+        return self._described(done)
+
+    async def capture(self, nic_id: str, action: Literal["start", "stop"], file: str | None = None) -> CaptureResult:
+        """Start or stop capturing NIC ``nic_id``'s traffic into the pcap ``file`` (QEMU filter-dump; qmpnet.capture).
+
+        Raises:
+            InvalidRequest: A malformed id, action or file.
+            Forbidden: The file is outside ``policy.allowed_capture_dirs``.
+            NotFound: No such NIC (start), or no capture running (stop).
+            Conflict: The NIC is already being captured.
+            Unsupported: The NIC has no netdev (vfio).
+            QmpCommandError, OutcomeUnknown, GuestUnavailable, Busy: As for :meth:`add_nic`.
+        """
+        _check_id(nic_id)
+        checked = check_capture(action, file, self._settings.policy)
+        async with self._lane_turn():
+            inventory = await self._fresh_inventory()
+            return await run_capture(self._monitor, inventory.nics, nic_id, action, checked)
+
     async def list_nics(self) -> list[Nic]:
         """Read the guest afresh and list its NICs, cold-plugged ones included, with virtio rx-filters.
 
@@ -614,7 +699,11 @@ class Guest:
     def _described(self, nic: Nic) -> Nic:
         """QEMU's view of ``nic`` completed with what was asked for (hostfwd, the bridge and tap behind an fd)."""
         record = self._store.record.nics.get(nic.id)
-        if record is None or record.spec is None:
+        if record is None:
+            return nic
+        if record.view is not None:
+            return nic.model_copy(update={"backend": record.view, "managed": record.spec is not None})
+        if record.spec is None:
             return nic
         asked = _asked_backend(record.spec, record)
         seen = nic.backend.options if nic.backend is not None else {}
@@ -899,6 +988,16 @@ def _asked_backend(spec: NicSpec, record: NicRecord) -> ObservedBackend:
     if hold.network is not None:
         return ObservedBackend(type="nat", options={"network": hold.network, **options})
     return ObservedBackend(type="bridge", options={**asked.options, **options})
+
+
+def _known(nic: Nic, record: NicRecord | None, owner: str) -> KnownNic:
+    """What the update runner needs to know of ``nic``: the backend as asked for and the host side, when recorded."""
+    if record is None or record.spec is None:
+        return KnownNic(nic, owner=owner)
+    hold = record.host
+    attachment = Attachment(tap=hold.tap, bridge=hold.bridge, network=hold.network, vfio_host=hold.vfio_host,
+                            vfio_driver=hold.vfio_driver)
+    return KnownNic(nic, _asked_backend(record.spec, record), attachment, hold.owner or owner)
 
 
 def _check_id(nic_id: str) -> None:

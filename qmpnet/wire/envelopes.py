@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Final, Generic, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from qmpnet.errors import (
     Busy,
@@ -31,7 +31,18 @@ from qmpnet.errors import (
     Timeout,
     Unsupported,
 )
-from qmpnet.model import GuestEventName, ModelInfo, Nic, NicSpec, RemoveResult, Verify, invalid_request_from
+from qmpnet.model import (
+    CaptureResult,
+    GuestEventName,
+    ModelInfo,
+    Nic,
+    NicSpec,
+    NicUpdate,
+    RemoveResult,
+    Verify,
+    check_file_path,
+    invalid_request_from,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -55,10 +66,12 @@ __all__ = [
     "ModelList",
     "ModelsRequest",
     "NicAddRequest",
+    "NicCaptureRequest",
     "NicDelRequest",
     "NicLinkRequest",
     "NicList",
     "NicListRequest",
+    "NicUpdateRequest",
     "OkResponse",
     "OpSpec",
     "Response",
@@ -118,6 +131,28 @@ class NicLinkRequest(_Request):
 
 class NicListRequest(_Request):
     """``nic/list``: the guest's NICs, read afresh."""
+
+
+class NicUpdateRequest(_Request):
+    """``nic/update``: change a NIC live (move, VLAN, shaping, link) without unplugging it; atomic."""
+
+    update: NicUpdate = Field(description="The NIC's id and what to change; fields left out stay as they are.")
+
+
+class NicCaptureRequest(_Request):
+    """``nic/capture``: start or stop capturing a NIC's traffic into a pcap file (QEMU filter-dump)."""
+
+    id: str = Field(description="The NIC's id.")
+    action: Literal["start", "stop"] = Field(description="start: QEMU begins writing the file; stop: it ends.")
+    file: Annotated[str, AfterValidator(check_file_path)] | None = Field(
+        default=None, description="start: the pcap file QEMU creates; it must be in policy.allowed_capture_dirs."
+    )
+
+    @model_validator(mode="after")
+    def _file_to_start(self) -> NicCaptureRequest:
+        if self.action == "start" and self.file is None:
+            raise InvalidRequest("file: starting a capture needs the file to write", field="file")
+        return self
 
 
 class ModelsRequest(_Request):
@@ -326,6 +361,8 @@ OPS: Final[Mapping[str, OpSpec]] = {
         OpSpec("nic/del", "guest", NicDelRequest, RemoveResult, "Hot-remove a NIC."),
         OpSpec("nic/link", "guest", NicLinkRequest, Nic, "Set a NIC's link up or down."),
         OpSpec("nic/list", "guest", NicListRequest, NicList, "List the guest's NICs."),
+        OpSpec("nic/update", "guest", NicUpdateRequest, Nic, "Change a NIC live: move, VLAN, shaping, link; atomic."),
+        OpSpec("nic/capture", "guest", NicCaptureRequest, CaptureResult, "Start or stop a NIC's live capture."),
         OpSpec("models", "guest", ModelsRequest, ModelList, "List the NIC models QEMU offers."),
         OpSpec("guests", "controller", GuestsRequest, GuestList, "List the controller's guests."),
     )

@@ -468,6 +468,7 @@ class Controller:
         self.open_store: StoreOpener = open_store or _memory_store
         self._members: dict[str, _Member] = {}
         self._early_desired: dict[str, Mapping[str, Any] | InvalidRequest | None] = {}
+        self._stopping = False
         self._tasks: asyncio.TaskGroup | None = None
 
     async def run(self) -> None:
@@ -481,6 +482,14 @@ class Controller:
             if guest_dir is not None:
                 tasks.create_task(self._discover(guest_dir), name="qmpnet.discovery")
             await asyncio.get_running_loop().create_future()  # until cancelled
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking requests (new ones: ``guest_unavailable``); let those in flight finish within ``grace`` s."""
+        self._stopping = True
+        guests = [member.guest for member in self._members.values() if member.guest is not None]
+        idle = await asyncio.gather(*(guest.idle(grace) for guest in guests))
+        if not all(idle):
+            log.warning("stopping with operations still in flight after %g s: recovery will settle them", grace)
 
     def serves(self, address: str) -> str | None:
         """The name of the guest whose QMP socket is ``address``, if this controller serves it."""
@@ -517,6 +526,8 @@ class Controller:
 
     async def _dispatch(self, guest: str | None, op: str, payload: Mapping[str, Any]) -> Response:
         transaction = transaction_of(payload)
+        if self._stopping and guest is not None:
+            return error_response(transaction, GuestUnavailable(f"guest {guest}: the controller is stopping"))
         if guest is None:
             try:
                 parse_request(op, "controller", payload)

@@ -50,6 +50,7 @@ from qmpnet.errors import (
     QmpCommandError,
     QmpnetError,
     RemovalPending,
+    Timeout,
     Unsupported,
 )
 from qmpnet.inventory import Inventory, backend_of
@@ -545,7 +546,9 @@ class Guest:
                     async with asyncio.timeout(lane.max_wait):
                         await self._lane.acquire()
                 except TimeoutError as err:
-                    raise Busy(f"guest {self.name}: waited {lane.max_wait:g} s for earlier requests") from err
+                    raise Timeout(
+                        f"guest {self.name}: waited {lane.max_wait:g} s for earlier requests; nothing was sent"
+                    ) from err
             else:
                 await self._lane.acquire()
         finally:
@@ -925,7 +928,11 @@ class Guest:
             async with self._lane_turn(bounded=False):
                 await self._refresh(full=False, gone=frozenset({device}))
         except QmpnetError as err:
-            log.warning("guest %s: could not settle the unplug of %s: %s", self.name, device, err)
+            log.warning("guest %s: could not settle the unplug of %s: %s (recovery will)", self.name, device, err)
+            return
+        except Exception:
+            # A bug must not go unseen in a background task; the record still says what to finish.
+            log.exception("guest %s: settling the unplug of %s failed", self.name, device)
             return
         if was_nic and not recorded:
             self._emit("nic_removed", nic_id=device)  # a NIC qmpnet did not create, unplugged by another client

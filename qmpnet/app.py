@@ -77,12 +77,16 @@ def configure_logging(settings: LogSettings) -> None:
 def serve_settings(settings: Settings) -> Settings:
     """The settings as the controller applies them to remote callers.
 
-    Direct mode lets whoever holds the QMP socket use any existing bridge; over MQTT a caller gets only the
-    bridges the operator lists (``[policy] allowed_bridges``), so an unset list means none.
+    Direct mode lets whoever holds the QMP socket use any existing bridge and capture file; over MQTT a caller
+    gets only the bridges and capture directories the operator lists (``[policy] allowed_bridges``,
+    ``allowed_capture_dirs``), so an unset list means none.
     """
-    if settings.policy.allowed_bridges is not None:
+    policy = settings.policy
+    listed = ("allowed_bridges", "allowed_capture_dirs")
+    unset: dict[str, list[str]] = {name: [] for name in listed if getattr(policy, name) is None}
+    if not unset:
         return settings
-    return settings.model_copy(update={"policy": settings.policy.model_copy(update={"allowed_bridges": []})})
+    return settings.model_copy(update={"policy": policy.model_copy(update=unset)})
 
 
 async def serve(settings: Settings, *, version: str) -> None:
@@ -138,7 +142,8 @@ async def serve(settings: Settings, *, version: str) -> None:
             controller_task = tasks.create_task(controller.run(), name="qmpnet.controller")
             await stop.wait()
             started = time.monotonic()
-            log.info("stopping")
+            log.info("stopping: letting operations in flight finish (at most %g s)", settings.lane.stop_grace)
+            await controller.drain(settings.lane.stop_grace)
             controller_task.cancel()
             await asyncio.gather(controller_task, return_exceptions=True)
             bus_task.cancel()

@@ -8,8 +8,10 @@ an error, with one line ``error: <code>: <message>`` on stderr; 2 on a usage err
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from pydantic import BaseModel
 from qmpnet.api import connect
 from qmpnet.control import ControlGuest, controller_serves
 from qmpnet.errors import InvalidRequest, QmpnetError
+from qmpnet.model import parse_nic_update
 from qmpnet.settings import Settings, load_settings
 from qmpnet.store import StateDir
 
@@ -30,7 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Sequence
 
     from qmpnet.hostnet.nat import NatStatus
-    from qmpnet.model import Nic
+    from qmpnet.model import CaptureResult, Nic, Verify
     from qmpnet.ports import GuestOps
     from qmpnet.wire.envelopes import GuestInfo
 
@@ -89,6 +92,14 @@ ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="TOML settings file (timeouts, policy).", show_default=False)
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log what is sent to QEMU on stderr.")]
+QgaOpt = Annotated[
+    str | None,
+    typer.Option("--qga", help="Direct mode: the guest agent's socket (found through QMP when not given).",
+                 show_default=False),
+]
+VerifyOpt = Annotated[
+    bool, typer.Option("--verify", help="Wait until the guest itself shows the change (needs its guest agent).")
+]
 StateDirOpt = Annotated[
     Path | None,
     typer.Option("--state-dir", help="Where qmpnet keeps what it knows of each guest (default: /var/lib/qmpnet, "
@@ -116,6 +127,7 @@ class Where:
     guest: str | None = None
     controller: str | None = None
     state_dir: Path | None = None
+    qga: str | None = None
 
 
 def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[[GuestOps], Awaitable[T]]) -> T:
@@ -132,8 +144,9 @@ def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[
             # A `qmpnet serve` on this host may hold the monitor (QEMU serves one client): then ask it instead.
             control = StateDir(settings.state_dir).control_socket
             if await controller_serves(control, where.qmp, settings.qmp.connect_timeout):
-                return await op(ControlGuest(control, where.qmp, timeout=settings.mqtt.request_timeout))
-            async with connect(where.qmp, settings=settings) as guest:
+                timeouts = {"timeout": settings.mqtt.request_timeout, "verify_timeout": settings.qga.verify_timeout}
+                return await op(ControlGuest(control, where.qmp, **timeouts))
+            async with connect(where.qmp, settings=settings, qga=where.qga) as guest:
                 return await op(guest)
         from qmpnet.client import Client  # noqa: PLC0415 - the MQTT stack is loaded only in broker mode
 
@@ -281,6 +294,11 @@ def nic_add(
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
     state_dir: StateDirOpt = None,
+    qga: QgaOpt = None,
+    verify: VerifyOpt = False,
+    verify_address: Annotated[
+        bool, typer.Option("--verify-address", help="As --verify, and wait for an address too.")
+    ] = False,
 ) -> None:
     """Hot-add a NIC (atomic: on failure the guest is left as it was)."""
     spec: dict[str, object] = {
@@ -294,8 +312,9 @@ def nic_add(
     }
     optional = {"id": nic_id, "mac": mac, "addr": addr, "bus": bus, "vectors": vectors, "queues": queues}
     spec |= {k: v for k, v in optional.items() if v is not None}
-    where = Where(qmp, broker, guest, controller, state_dir)
-    nic = run_on_guest(where, config, verbose, lambda guest: guest.add_nic(spec))
+    where = Where(qmp, broker, guest, controller, state_dir, qga)
+    mode: Verify = "address" if verify_address else verify
+    nic = run_on_guest(where, config, verbose, lambda guest: guest.add_nic(spec, verify=mode))
     emit(nic, as_json, lambda: nic_table([nic]))
 
 
@@ -313,10 +332,14 @@ def nic_del(
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
     state_dir: StateDirOpt = None,
+    qga: QgaOpt = None,
+    verify: VerifyOpt = False,
 ) -> None:
     """Hot-remove a NIC; prints 'removed', or 'removal_pending' if the guest has not acked in time."""
-    where = Where(qmp, broker, guest, controller, state_dir)
-    result = run_on_guest(where, config, verbose, lambda guest: guest.remove_nic(nic_id, timeout=timeout))
+    where = Where(qmp, broker, guest, controller, state_dir, qga)
+    result = run_on_guest(
+        where, config, verbose, lambda guest: guest.remove_nic(nic_id, timeout=timeout, verify=verify)
+    )
     emit(result, as_json, lambda: f"{result.id}: {result.state}")
 
 
@@ -332,10 +355,12 @@ def nic_link(
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
     state_dir: StateDirOpt = None,
+    qga: QgaOpt = None,
+    verify: VerifyOpt = False,
 ) -> None:
     """Set a NIC's link up or down."""
-    where = Where(qmp, broker, guest, controller, state_dir)
-    nic = run_on_guest(where, config, verbose, lambda guest: guest.set_link(nic_id, state is LinkArg.up))
+    where = Where(qmp, broker, guest, controller, state_dir, qga)
+    nic = run_on_guest(where, config, verbose, lambda guest: guest.set_link(nic_id, state is LinkArg.up, verify=verify))
     emit(nic, as_json, lambda: nic_table([nic]))
 
 
@@ -349,11 +374,143 @@ def nic_list(
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
     state_dir: StateDirOpt = None,
+    qga: QgaOpt = None,
 ) -> None:
     """List the guest's NICs, cold-plugged ones included."""
-    where = Where(qmp, broker, guest, controller, state_dir)
+    where = Where(qmp, broker, guest, controller, state_dir, qga)
     nics = run_on_guest(where, config, verbose, lambda guest: guest.list_nics())
     emit({"nics": [n.model_dump(mode="json") for n in nics]}, as_json, lambda: nic_table(nics))
+
+
+def build_update(
+    nic_id: str,
+    *,
+    bridge: str | None,
+    network: str | None,
+    vlan: int | None,
+    trunks: str | None,
+    no_vlan: bool,
+    shape: dict[str, str],
+    no_shape: bool,
+    link: LinkArg | None,
+) -> dict[str, object]:
+    """Turn the flags of ``nic set`` into the MQTT API's update object; conflicting flags are ``invalid_request``."""
+    exclusive = (("--bridge", bridge, "--network", network), ("--vlan", vlan, "--trunks", trunks),
+                 ("--vlan", vlan, "--no-vlan", no_vlan or None), ("--trunks", trunks, "--no-vlan", no_vlan or None),
+                 ("--no-shape", no_shape or None, f"--{next(iter(shape), '')}", shape or None))  # fmt: skip
+    for one, first, other, second in exclusive:
+        if first is not None and second is not None:
+            raise fail(InvalidRequest(f"{one}/{other}: give one of them", field=one))
+    update: dict[str, object] = {"id": nic_id}
+    if bridge is not None or network is not None:
+        update["backend"] = {"type": "bridge", "bridge": bridge} if bridge else {"type": "nat", "network": network}
+    if vlan is not None or trunks is not None or no_vlan:
+        update["vlan"] = _vlan_flags(vlan, trunks)
+    if shape or no_shape:
+        update["shape"] = shape or None
+    if link is not None:
+        update["link"] = link.value
+    return update
+
+
+def _vlan_flags(vlan: int | None, trunks: str | None) -> dict[str, object] | None:
+    if vlan is not None:
+        return {"access": vlan}
+    if trunks is not None:
+        return {"trunks": [part.strip() for part in trunks.split(",")]}
+    return None
+
+
+def backend_line(nic: Nic) -> str:
+    """``backend: bridge bridge=br1 tap=vnet0 rate=5mbit``, under a NIC's table row."""
+    if nic.backend is None:
+        return ""
+    options = " ".join(f"{key}={value}" for key, value in nic.backend.options.items())
+    return f"\nbackend: {nic.backend.type} {options}".rstrip()
+
+
+@nic_app.command("set")
+def nic_set(
+    nic_id: Annotated[str, typer.Argument(metavar="ID", help="The NIC's id.")],
+    bridge: Annotated[str | None, typer.Option(help="Move the NIC to this host bridge.")] = None,
+    network: Annotated[str | None, typer.Option(help="Move the NIC to this NAT network.")] = None,
+    vlan: Annotated[int | None, typer.Option(help="Access VLAN (untagged, PVID) on a VLAN-filtering bridge.")] = None,
+    trunks: Annotated[str | None, typer.Option(help="Tagged VLANs, e.g. 10,20,100-199.")] = None,
+    no_vlan: Annotated[bool, typer.Option("--no-vlan", help="Back to the bridge's default VLAN.")] = False,
+    rate: Annotated[str | None, typer.Option(help="Rate limit both ways, tc notation (10mbit).")] = None,
+    burst: Annotated[str | None, typer.Option(help="Bucket of the rate limit (32kb).")] = None,
+    delay: Annotated[str | None, typer.Option(help="Delay towards the guest (100ms).")] = None,
+    jitter: Annotated[str | None, typer.Option(help="Jitter of the delay (10ms).")] = None,
+    loss: Annotated[str | None, typer.Option(help="Loss towards the guest (1%).")] = None,
+    no_shape: Annotated[bool, typer.Option("--no-shape", help="Remove all shaping.")] = False,
+    link: Annotated[LinkArg | None, typer.Option(help="Set the link up or down.")] = None,
+    qmp: QmpOpt = None,
+    broker: BrokerOpt = None,
+    guest: GuestOpt = None,
+    controller: ControllerOpt = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Change a NIC live, without unplugging it: move it, tag it, shape it, set its link (atomic)."""
+    values = {"rate": rate, "burst": burst, "delay": delay, "jitter": jitter, "loss": loss}
+    update = build_update(
+        nic_id, bridge=bridge, network=network, vlan=vlan, trunks=trunks, no_vlan=no_vlan,
+        shape={k: v for k, v in values.items() if v is not None}, no_shape=no_shape, link=link,
+    )  # fmt: skip
+    try:
+        parse_nic_update(update)  # bad values are refused before connecting, naming the field
+    except QmpnetError as err:
+        raise fail(err) from None
+    nic = run_on_guest(Where(qmp, broker, guest, controller), config, verbose, lambda ops: ops.update_nic(update))
+    emit(nic, as_json, lambda: nic_table([nic]) + backend_line(nic))
+
+
+async def wait_for_stop(duration: float | None) -> None:
+    """Wait ``duration`` seconds (``None``: for ever), or until SIGINT (Ctrl-C) or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for number in signals:
+        loop.add_signal_handler(number, stop.set)
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(duration):
+                await stop.wait()
+    finally:
+        for number in signals:
+            loop.remove_signal_handler(number)
+
+
+@nic_app.command("capture")
+def nic_capture(
+    nic_id: Annotated[str, typer.Argument(metavar="ID", help="The NIC's id.")],
+    file: Annotated[Path, typer.Option("--file", help="The pcap file (written by QEMU, on its host).")],
+    duration: Annotated[float | None, typer.Option(help="Seconds to capture (default: until Ctrl-C).")] = None,
+    qmp: QmpOpt = None,
+    broker: BrokerOpt = None,
+    guest: GuestOpt = None,
+    controller: ControllerOpt = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Capture a NIC's traffic into a pcap file (any backend) until --duration has passed or Ctrl-C."""
+    if duration is not None and not duration >= 0:
+        raise fail(InvalidRequest("--duration: must be zero or more seconds", field="--duration"))
+    target = str(file.absolute())
+
+    async def capture(ops: GuestOps) -> CaptureResult:
+        await ops.capture(nic_id, "start", target)
+        print(f"capturing NIC {nic_id} into {target}; Ctrl-C to stop", file=sys.stderr, flush=True)
+        try:
+            await wait_for_stop(duration)
+        finally:
+            stopped = await ops.capture(nic_id, "stop")
+        return stopped
+
+    result = run_on_guest(Where(qmp, broker, guest, controller), config, verbose, capture)
+    emit(result, as_json, lambda: f"{result.id}: {result.state}, {result.file}")
 
 
 @app.command("models")

@@ -50,10 +50,12 @@ from qmpnet.wire.envelopes import (
     GuestStatus,
     ModelList,
     NicAddRequest,
+    NicCaptureRequest,
     NicDelRequest,
     NicLinkRequest,
     NicList,
     NicListRequest,
+    NicUpdateRequest,
     OkResponse,
     Response,
     error_response,
@@ -342,7 +344,7 @@ class _Member:
             self.nics.pop(event.id, None)
         elif event.name == "nic_removal_pending" and event.id in self.nics:
             self.nics[event.id] = self.nics[event.id].model_copy(update={"state": "removal_pending"})
-        if event.name in ("nic_added", "nic_removed", "nic_removal_pending", "link_changed"):
+        if event.name in ("nic_added", "nic_removed", "nic_removal_pending", "link_changed", "nic_updated"):
             self.controller.sink.guest_nics(self.name, NicList(nics=list(self.nics.values())))
         message = EventMessage(ts=event.ts, guest=self.name, id=event.id, nic=event.nic)
         self.controller.sink.event(self.name, event.name, message)
@@ -409,14 +411,20 @@ class _Member:
             return error_response(transaction, err)
         return ok_response(transaction, data)
 
-    async def _run(self, guest: Guest, request: BaseModel, transaction: str | None) -> BaseModel:
+    async def _run(  # noqa: PLR0911 - one return per op
+        self, guest: Guest, request: BaseModel, transaction: str | None
+    ) -> BaseModel:
         match request:
-            case NicAddRequest(nic=spec):
-                return await guest.add_nic(spec, operation=transaction)
-            case NicDelRequest(id=nic_id, timeout=timeout):
-                return await guest.remove_nic(nic_id, timeout=timeout, operation=transaction)
-            case NicLinkRequest(id=nic_id, up=up):
-                return await guest.set_link(nic_id, up=up, operation=transaction)
+            case NicAddRequest(nic=spec, verify=verify):
+                return await guest.add_nic(spec, operation=transaction, verify=verify)
+            case NicDelRequest(id=nic_id, timeout=timeout, verify=verify):
+                return await guest.remove_nic(nic_id, timeout=timeout, operation=transaction, verify=verify)
+            case NicLinkRequest(id=nic_id, up=up, verify=verify):
+                return await guest.set_link(nic_id, up=up, operation=transaction, verify=verify)
+            case NicUpdateRequest(update=update):
+                return await guest.update_nic(update, operation=transaction)
+            case NicCaptureRequest(id=nic_id, action=action, file=file):
+                return await guest.capture(nic_id, action, file)
             case NicListRequest():
                 nics = await guest.list_nics()
                 self.set_nics(nics)
@@ -460,6 +468,7 @@ class Controller:
         self.open_store: StoreOpener = open_store or _memory_store
         self._members: dict[str, _Member] = {}
         self._early_desired: dict[str, Mapping[str, Any] | InvalidRequest | None] = {}
+        self._stopping = False
         self._tasks: asyncio.TaskGroup | None = None
 
     async def run(self) -> None:
@@ -473,6 +482,14 @@ class Controller:
             if guest_dir is not None:
                 tasks.create_task(self._discover(guest_dir), name="qmpnet.discovery")
             await asyncio.get_running_loop().create_future()  # until cancelled
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking requests (new ones: ``guest_unavailable``); let those in flight finish within ``grace`` s."""
+        self._stopping = True
+        guests = [member.guest for member in self._members.values() if member.guest is not None]
+        idle = await asyncio.gather(*(guest.idle(grace) for guest in guests))
+        if not all(idle):
+            log.warning("stopping with operations still in flight after %g s: recovery will settle them", grace)
 
     def serves(self, address: str) -> str | None:
         """The name of the guest whose QMP socket is ``address``, if this controller serves it."""
@@ -509,6 +526,8 @@ class Controller:
 
     async def _dispatch(self, guest: str | None, op: str, payload: Mapping[str, Any]) -> Response:
         transaction = transaction_of(payload)
+        if self._stopping and guest is not None:
+            return error_response(transaction, GuestUnavailable(f"guest {guest}: the controller is stopping"))
         if guest is None:
             try:
                 parse_request(op, "controller", payload)

@@ -33,6 +33,7 @@ __all__ = [
     "QmpSettings",
     "ReconcileSettings",
     "Settings",
+    "UpdateSettings",
     "default_controller_id",
     "load_settings",
     "parse_broker_url",
@@ -88,6 +89,22 @@ class LaneSettings(BaseModel):
     stop_grace: float = Field(
         default=10.0, ge=0, description="Seconds operations in flight may take to finish when qmpnet stops."
     )
+
+
+class UpdateSettings(BaseModel):
+    """Live changes of a NIC (``nic/update``): the link flap of a move and QEMU's self-announcement."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    link_flap: float = Field(
+        default=1.0, ge=0, le=60,
+        description="Seconds a moved NIC's link stays down, so that the guest notices and renews DHCP (e1000 "
+        "guests poll their link every ~2 s).",
+    )  # fmt: skip
+    announce_rounds: int = Field(default=5, ge=1, le=100, description="announce-self: announcements sent.")
+    announce_initial: int = Field(default=50, ge=1, le=100_000, description="announce-self: first gap, ms.")
+    announce_max: int = Field(default=550, ge=1, le=100_000, description="announce-self: longest gap, ms.")
+    announce_step: int = Field(default=100, ge=1, le=10_000, description="announce-self: gap increase, ms.")
 
 
 BusName = Annotated[str, Field(pattern=BUS_NAME_PATTERN)]
@@ -228,6 +245,7 @@ class Settings(BaseSettings):
     lane: LaneSettings = Field(default_factory=LaneSettings)
     policy: Policy = Field(default_factory=Policy)
     hostnet: HostnetSettings = Field(default_factory=HostnetSettings)
+    update: UpdateSettings = Field(default_factory=UpdateSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 import time
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Final, cast
@@ -197,6 +198,7 @@ class QmpMonitor:
         self._pump: asyncio.Task[None] | None = None
         self._machine: tuple[str, str] | None = None
         self.closed = asyncio.Event()
+        self.peer_pid: int | None = None
 
     @classmethod
     async def connect(
@@ -239,8 +241,25 @@ class QmpMonitor:
         except ConnectError as err:
             sock.close()
             raise GuestUnavailable(f"cannot connect to QMP monitor {address}: {err.exc}") from err
+        monitor.peer_pid = monitor._peer_pid()
         monitor._pump = asyncio.create_task(monitor._run_pump(), name=f"qmpnet[guest={name}].qmp-events")
         return monitor
+
+    def _peer_pid(self) -> int | None:
+        """QEMU's process id from the unix socket's peer credentials (``None`` over TCP).
+
+        The host side uses it to find which tap an fd QEMU holds is (``/proc/<pid>/fdinfo``), for NICs another
+        process added.
+        """
+        writer = self._client._writer  # noqa: SLF001 - qemu.qmp has no public accessor for its socket
+        sock = writer.get_extra_info("socket") if writer is not None else None
+        if sock is None or sock.family != socket.AF_UNIX:
+            return None
+        try:
+            pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        except OSError:
+            return None
+        return pid or None
 
     @property
     def greeting_version(self) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -252,3 +253,48 @@ async def test_the_cli_reaches_a_guest_that_serve_holds(tmp_path: Path) -> None:
                 serve.stop()
     finally:
         broker.stop()
+
+
+async def test_sigterm_lets_an_operation_in_flight_finish_before_the_monitor_closes(tmp_path: Path) -> None:
+    from mqtt_fixtures import Mosquitto, Probe, Serve, wait_online  # noqa: PLC0415 - only this test needs a broker
+
+    broker_dir = tmp_path / "mq"
+    broker_dir.mkdir()
+    broker = Mosquitto(broker_dir).start()
+    try:
+        async with no_os_guest(tmp_path) as vm:
+            serve = Serve(broker_dir, broker.url, "stopper", {"vm": vm.qmp_path}).start()
+            try:
+                await wait_online(serve, broker.url, guests_connected=["vm"])
+                async with Probe(broker.url) as probe:
+                    await probe.subscribe(f"probe/{probe.identifier}/response", "qmpnet/stopper/status")
+                    added = await probe.call("qmpnet/stopper/guest/vm/request/nic/add", {"nic": {"id": "slow"}})
+                    assert added["status"] == "ok", added
+                    # A removal the guest (no OS) never acks: it takes its whole 3 s timeout.
+                    answer = asyncio.create_task(probe.call(
+                        "qmpnet/stopper/guest/vm/request/nic/del", {"id": "slow", "timeout": 3}, timeout=20
+                    ))
+                    await recorded_as(broker_dir / "state-stopper", "slow", "removal_pending")  # it is under way
+                    serve.signal(signal.SIGTERM)
+                    result = await answer
+                    assert result["status"] == "ok", result
+                    assert result["data"] == {"id": "slow", "state": "removal_pending"}
+                    offline = await probe.one("qmpnet/stopper/status", lambda m: m.json.get("state") == "offline",
+                                              timeout=20)
+                    assert offline.json == {"state": "offline"}
+                assert serve.wait(20) == 0
+            finally:
+                serve.stop()
+    finally:
+        broker.stop()
+
+
+async def recorded_as(state: Path, nic_id: str, wanted: str, timeout: float = 10) -> None:
+    """Until the state store says ``nic_id`` is ``wanted`` (written before the change's first QMP command)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            for path in (state / "guests").glob("*.json"):
+                nics = json.loads(path.read_text()).get("nics", {})
+                if nics.get(nic_id, {}).get("state") == wanted:
+                    return
+            await asyncio.sleep(0.02)  # a poll with a deadline: the store offers nothing to wait on

@@ -46,7 +46,7 @@ __all__ = [
 #: Commands answered from the capture.
 CAPTURED = frozenset({"qom-get", "qom-list", "qom-list-types", "device-list-properties", "query-pci"})
 #: Commands that only read; :meth:`FakeQmp.changes` leaves them out.
-READ_ONLY = CAPTURED | {"qmp_capabilities", "human-monitor-command", "query-rx-filter"}
+READ_ONLY = CAPTURED | {"qmp_capabilities", "human-monitor-command", "query-rx-filter", "query-chardev"}
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -107,6 +107,7 @@ class FakeQmp:
             **{name: self._captured(name) for name in CAPTURED},
             "qom-get": self._qom_get,
             "object-add": self._object_add,
+            "query-chardev": _no_chardevs,
             "object-del": self._object_del,
             "human-monitor-command": self._human_monitor_command,
             "query-rx-filter": self._query_rx_filter,
@@ -408,6 +409,10 @@ class FakeQmp:
 
 async def _empty(arguments: dict[str, Any]) -> object:
     return {}
+
+
+async def _no_chardevs(arguments: dict[str, Any]) -> object:
+    return []
 
 
 def _not_found(name: str) -> Callable[[dict[str, Any]], Awaitable[object]]:

@@ -28,11 +28,13 @@ from qmpnet.inventory import Inventory
 from qmpnet.model import NicSpec, ObservedBackend, parse_nic_spec
 from qmpnet.plan import GuestView, fd_names, netdev_arguments, plan_add
 from qmpnet.policy import Policy, check_spec
-from qmpnet.ports import NetClient, Observation, PciDevice
+from qmpnet.ports import NetClient, Observation, PciDevice, TapPort
 from qmpnet.settings import QmpSettings, Settings
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Awaitable, Callable, Mapping
+
+    from qmpnet.model import Shape, Vlan
 
 HOSTILE_NAMES = [
     "br/0",  # a path
@@ -117,6 +119,31 @@ class FakeHost:
     async def sweep_orphans(self, owner_prefix: str, keep: set[str]) -> list[str]:
         self._call("sweep_orphans", owner_prefix, sorted(keep))
         return []
+
+    # The live-change side (tests/unit/test_update.py has a stateful fake for it).
+    async def find_tap(self, owner: str, *, pid: int | None = None, fd: int | None = None) -> str | None:
+        self._call("find_tap", owner)
+        return None
+
+    async def tap_port(self, tap: str) -> TapPort:
+        self._call("tap_port", tap)
+        return TapPort(tap)
+
+    async def move_tap(self, tap: str, bridge: str, *, field: str) -> Callable[[], Awaitable[object]]:
+        self._call("move_tap", tap, bridge)
+        return _nothing
+
+    async def set_vlan(self, tap: str, vlan: Vlan | None) -> Callable[[], Awaitable[object]]:
+        self._call("set_vlan", tap, vlan)
+        return _nothing
+
+    async def set_shape(self, tap: str, shape: Shape | None) -> Callable[[], Awaitable[object]]:
+        self._call("set_shape", tap, shape)
+        return _nothing
+
+
+async def _nothing() -> None:
+    pass
 
 
 class AckingMonitor(RecordingMonitor):

@@ -8,8 +8,9 @@ and (where its type has them) ``mac``, ``netdev``, ``host``, ``qom-list`` of eve
 ``info network`` (and ``device_add help``). The raw exchanges go to ``data/qemu-<major.minor>/<setup>.json``, one
 exchange a line; :class:`captures.Capture` answers from them (the unit tests and the fake QMP server use it).
 
-QEMU 10.0 is not the system QEMU here: it is Debian bookworm-backports' packages unpacked under /opt/qemu-10.0
-(``apt-get download`` + ``dpkg-deb -x``, see docs/qemu-notes.md), started through the wrapper script there.
+QEMU 10.0 is not the system QEMU here: it is Debian bookworm-backports' packages unpacked under /opt/qemu-10.0 by
+``scripts/fetch-qemu-10.0`` (``apt-get download`` + ``dpkg-deb -x``, see docs/qemu-notes.md), started through the
+wrapper script there.
 """
 
 from __future__ import annotations

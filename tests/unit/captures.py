@@ -127,7 +127,8 @@ class Capture:
 
         QOM (the ``/machine/peripheral`` listing, ``parent_bus``, ``addr``, ``mac``, ``netdev``, ``host``),
         ``query-pci`` when it sits on the root bus, and ``info network`` (the NIC, with its backend as peer).
-        Without ``addr`` it takes the first free slot of the bus, as QEMU does.
+        Without ``addr`` it takes the first free slot of the bus, as QEMU does. A type the capture has no
+        ``device-list-properties`` answer for is given a minimal one (``addr``, ``mac``, ``netdev`` or ``host``).
         """
         driver, device_id = str(arguments["driver"]), str(arguments["id"])
         root_name, root_path = self._root()

@@ -26,6 +26,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from qmpnet.backoff import backoff
@@ -67,7 +68,6 @@ from qmpnet.wire.topics import is_bus_name
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
-    from pathlib import Path
 
     from pydantic import BaseModel
 
@@ -169,6 +169,7 @@ class _Member:
         self.nics: dict[str, Nic] = {}
         self.dedup = _Dedup(controller.settings.mqtt.dedup_window)
         self.store: GuestStore | None = None
+        self.agent = controller.settings.controller.agents.get(name) or _agent_beside(address)
         self.reconciler: Reconciler | None = None
         self.early_desired: tuple[Mapping[str, Any] | InvalidRequest | None] | None = None
         self.desired_status: DesiredStatus | None = None
@@ -226,7 +227,8 @@ class _Member:
 
     async def _serve(self, connection: Connection, store: GuestStore) -> None:
         controller = self.controller
-        guest = Guest(connection, name=self.name, settings=controller.settings, host=controller.host, store=store)
+        guest = Guest(connection, name=self.name, settings=controller.settings, host=controller.host, store=store,
+                      qga=self.agent)
         guest.subscribe(self._on_event)
         connection.on_event(self._on_qmp_event)
         try:
@@ -601,6 +603,14 @@ class Controller:
             if changed:
                 self._publish_controller()
             await asyncio.sleep(self.settings.controller.discovery_interval)
+
+
+def _agent_beside(address: str) -> str | None:
+    """``NAME.qga`` beside a guest's ``NAME.qmp`` socket, if it is a socket: the guest agent's, by convention."""
+    if not address.endswith(".qmp"):
+        return None
+    candidate = Path(address).with_suffix(".qga")
+    return str(candidate) if candidate.is_socket() else None
 
 
 def _scan(directory: Path) -> tuple[dict[str, str], set[str]]:

@@ -193,7 +193,14 @@ class ControllerSettings(BaseModel):
     guests: dict[BusName, str] = Field(
         default_factory=dict, description="Guest name -> QMP socket (unix path or host:port)."
     )
-    guest_dir: Path | None = Field(default=None, description="Every *.qmp socket in it is a guest named by its stem.")
+    guest_dir: Path | None = Field(
+        default=None,
+        description="Every *.qmp socket in it is a guest named by its stem; a NAME.qga beside it is its guest agent.",
+    )
+    agents: dict[BusName, str] = Field(
+        default_factory=dict,
+        description="Guest name -> its qemu-guest-agent socket (when QEMU's query-chardev cannot tell it).",
+    )
     discovery_interval: float = Field(default=1.0, gt=0, description="Seconds between scans of guest_dir.")
     backoff_min: float = Field(default=0.2, gt=0, description="First delay before reconnecting to a QEMU.")
     backoff_max: float = Field(default=10.0, gt=0, description="Longest delay between QEMU reconnects.")

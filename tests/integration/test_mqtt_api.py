@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pytest
-from mqtt_fixtures import Mosquitto, Probe, Qemu, Serve, retained, scratch, wait_online
+from mqtt_fixtures import Mosquitto, Probe, Qemu, Serve, retained, scratch, wait_online, wait_retained
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -169,8 +169,10 @@ async def test_hot_add_each_model(world: World, probe: Probe, model: str) -> Non
     nic = ok(await probe.call(guest_topic("vm2", "nic/add"), {"nic": {"model": model, "id": f"m-{model}"}}))
     assert nic["model"] == ("virtio-net-pci" if model == "virtio" else model)
     assert nic["mac"].startswith("52:54:00:")
-    state = await retained(world.url, f"{BASE}/guest/vm2/nics")
-    assert f"m-{model}" in {n["id"] for n in state["nics"]}
+    # The retained state follows the answer (answer first, then state): wait for it rather than race it.
+    wanted = f"m-{model}"
+    state = await wait_retained(world.url, f"{BASE}/guest/vm2/nics", lambda s: wanted in {n["id"] for n in s["nics"]})
+    assert nic["mac"] == next(n["mac"] for n in state["nics"] if n["id"] == f"m-{model}")
 
 
 async def test_mqtt311_client_is_answered_through_transaction(world: World) -> None:

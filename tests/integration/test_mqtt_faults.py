@@ -93,7 +93,7 @@ async def test_qemu_killed_then_restarted_on_the_same_socket(
     await wait_online(serve, broker.url, guests_connected=["vm"])
     async with Probe(broker.url) as probe:
         await probe.subscribe(probe.response_topic, "qmpnet/q1/guest/vm/status", "qmpnet/q1/guest/vm/event/#")
-        ok(await probe.call("qmpnet/q1/guest/vm/request/nic/add", {"nic": {"id": "before"}}))
+        before = ok(await probe.call("qmpnet/q1/guest/vm/request/nic/add", {"nic": {"id": "before"}}))
         since = probe.mark()
         vm.kill()
         await probe.one("qmpnet/q1/guest/vm/status", lambda m: m.json["state"] == "disconnected", since=since)
@@ -110,10 +110,13 @@ async def test_qemu_killed_then_restarted_on_the_same_socket(
         vm.start()
         await probe.one("qmpnet/q1/guest/vm/status", lambda m: m.json["state"] == "connected", since=since, timeout=5)
         await probe.one("qmpnet/q1/guest/vm/event/guest_connected", since=since)
+        # A new QEMU: the old NIC went with the old process, and the controller adds it back (the stored desired
+        # set has it, since nic/add put it there), with the same MAC and PCI address.
+        await probe.one("qmpnet/q1/guest/vm/event/reconciled", since=since, timeout=10)
         nics = ok(await probe.call("qmpnet/q1/guest/vm/request/nic/list", {}))["nics"]
-        assert nics == []  # a new QEMU: the old NIC went with the old process
-        state = await retained(broker.url, "qmpnet/q1/guest/vm/nics")
-        assert state == {"nics": []}
+        assert [(n["id"], n["mac"], n["pci"]) for n in nics] == [("before", before["mac"], before["pci"])]
+        state = await wait_retained(broker.url, "qmpnet/q1/guest/vm/nics", lambda s: len(s["nics"]) == 1)
+        assert state["nics"][0]["mac"] == before["mac"]
         ok(await probe.call("qmpnet/q1/guest/vm/request/nic/add", {"nic": {"id": "after"}}))
 
 

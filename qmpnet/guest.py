@@ -65,6 +65,7 @@ from qmpnet.model import (
     ObservedBackend,
     PciAddress,
     RemoveResult,
+    TapBackend,
     Verify,
     parse_nic_spec,
     parse_nic_update,
@@ -410,8 +411,10 @@ class Guest:
             moved = result.attachment
             where = {"tap": moved.tap or hold.tap, "bridge": moved.bridge, "network": moved.network}
             hold = hold.model_copy(update=where)
-        if update.backend is not None and spec is not None:
-            spec = spec.model_copy(update={"backend": update.backend})
+        if spec is not None:
+            changes: dict[str, object] = {"backend": update.backend} if update.backend is not None else {}
+            changes |= {name: getattr(update, name) for name in ("vlan", "shape") if name in update.model_fields_set}
+            spec = spec.model_copy(update=changes)
         changed = changed.with_nic(kept.model_copy(update={
             "host": hold, "spec": spec, "operation": started.id, "link": result.nic.link,
             "view": result.backend or kept.view,
@@ -773,6 +776,7 @@ class Guest:
                 record = record.model_copy(update={"host": hold})
                 self._save(self._store.record.with_nic(record))
             await run_steps(self._monitor, plan.steps, undo, unplug_timeout=self._settings.qmp.rollback_unplug_timeout)
+            await self._tune_tap(spec, attachment, undo)
         except OutcomeUnknown as err:
             self._inventory = None
             err.add_note("qmpnet did not roll back: QEMU may have applied the step; the next read of the guest "
@@ -788,6 +792,19 @@ class Guest:
                 self._waiters.setdefault(record.id, asyncio.Event())
             raise
         return plan, record.model_copy(update={"state": "active"})
+
+    async def _tune_tap(self, spec: NicSpec, attachment: Attachment, undo: UndoStack) -> None:
+        """Apply the spec's VLANs and shaping to the NIC's host tap, pushing their undo (an add is atomic)."""
+        if spec.vlan is None and spec.shape is None:
+            return
+        tap = attachment.tap or (spec.backend.ifname if isinstance(spec.backend, TapBackend) else None)
+        if self._host is None or tap is None:
+            raise Unsupported("nic.shape: no host tap is known for this NIC", field="nic.shape")
+        host = self._host
+        if spec.vlan is not None:
+            undo.push("vlan", await host.set_vlan(tap, spec.vlan))
+        if spec.shape is not None:
+            undo.push("shape", await host.set_shape(tap, spec.shape))
 
     def _finish_operation(self, operation: str, *, error: QmpnetError) -> None:
         current = self._store.record.operations.get(operation)

@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -273,6 +274,12 @@ class NicSpec(_Frozen):
     queues: int | None = Field(default=None, ge=1, le=256, description="Queue pairs (virtio, tap backends).")
     link: LinkState = "up"
     backend: Backend = Field(default_factory=UserBackend)
+    vlan: Vlan | None = Field(
+        default=None, description="VLANs of the NIC's tap port on a VLAN-filtering bridge (tap-based backends)."
+    )
+    shape: Shape | None = Field(
+        default=None, description="Bandwidth and impairment on the NIC's host tap (tap-based backends)."
+    )
 
     @field_validator("addr")
     @classmethod
@@ -294,6 +301,15 @@ class NicSpec(_Frozen):
                 f"nic.queues: queues > 1 needs a tap-based backend (bridge, nat, tap), not {self.backend.type}",
                 field="nic.queues",
             )
+        for name in ("vlan", "shape"):
+            if getattr(self, name) is None:
+                continue
+            if self.backend.type not in TAP_BASED or getattr(self.backend, "helper", False):
+                raise InvalidRequest(
+                    f"nic.{name}: needs a host tap qmpnet knows (bridge, nat or tap backend, not "
+                    f"{'a bridge helper' if self.backend.type == 'bridge' else self.backend.type})",
+                    field=f"nic.{name}",
+                )
         return self
 
     def _check_vfio(self) -> NicSpec:
@@ -535,16 +551,24 @@ class Shape(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> Shape:
+        # ValueError, not InvalidRequest: the edge names the field by where the shape sits (update.shape, nic.shape).
         if all(getattr(self, name) is None for name in type(self).model_fields):
-            raise InvalidRequest(
-                "update.shape: give at least one of rate, burst, delay, jitter, loss (or null to remove the shaping)",
-                field="update.shape",
-            )
-        if self.burst is not None and self.rate is None:
-            raise InvalidRequest("update.shape.burst: a burst needs a rate", field="update.shape.burst")
-        if self.jitter is not None and not self.delay:
-            raise InvalidRequest("update.shape.jitter: a jitter needs a delay", field="update.shape.jitter")
+            raise ValueError("give at least one of rate, burst, delay, jitter, loss (or null to remove the shaping)")
         return self
+
+    @field_validator("burst")
+    @classmethod
+    def _burst_needs_rate(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("rate") is None:
+            raise ValueError("a burst needs a rate")
+        return value
+
+    @field_validator("jitter")
+    @classmethod
+    def _jitter_needs_delay(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("delay"):
+            raise ValueError("a jitter needs a delay")
+        return value
 
     @property
     def impaired(self) -> bool:
@@ -599,7 +623,7 @@ class Vlan(_Frozen):
     @model_validator(mode="after")
     def _one_kind(self) -> Vlan:
         if (self.access is None) == (self.trunks is None):
-            raise InvalidRequest("update.vlan: give either access or trunks", field="update.vlan")
+            raise ValueError("give either access or trunks")
         return self
 
     def ranges(self) -> tuple[tuple[int, int], ...]:
@@ -696,3 +720,6 @@ class CaptureResult(_Frozen):
     id: str = Field(description="The NIC's id.")
     state: Literal["capturing", "stopped"] = Field(description="Whether QEMU is writing the file now.")
     file: str | None = Field(default=None, description="The pcap file.")
+
+
+NicSpec.model_rebuild()  # its vlan and shape fields name models defined above only after it

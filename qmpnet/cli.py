@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(argv) if argv is not None else sys.argv[1:]
     try:
         status = command.main(args=args, prog_name="qmpnet", standalone_mode=False)
-    except typer.TyperException as err:  # the argument parser's errors (typer vendors click's)
+    except typer.TyperException as err:  # the argument parser's errors (typer >= 0.28 vendors click's)
         ctx = getattr(err, "ctx", None)
         if type(err).__name__ == "NoArgsIsHelpError":  # a group without its command: the help (as typer tells it)
             print(err.format_message(), file=sys.stderr)

@@ -172,8 +172,9 @@ def test_version() -> None:
     assert (done.returncode, done.stdout, done.stderr) == (0, f"qmpnet {qmpnet.__version__}\n", "")
 
 
-COMMANDS = [[], ["nic"], ["nic", "add"], ["nic", "del"], ["nic", "link"], ["nic", "list"], ["models"], ["guests"],
-            ["schema"], ["serve"], ["demo"], ["net"], ["net", "up"], ["net", "down"], ["net", "list"]]  # fmt: skip
+COMMANDS = [[], ["nic"], ["nic", "add"], ["nic", "del"], ["nic", "link"], ["nic", "list"], ["models"], ["apply"],
+            ["guests"], ["schema"], ["serve"], ["demo"], ["net"], ["net", "up"], ["net", "down"],
+            ["net", "list"]]  # fmt: skip
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "qmpnet")

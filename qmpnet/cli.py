@@ -110,8 +110,8 @@ ConfigOpt = Annotated[
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log what is sent to QEMU on stderr.")]
 QgaOpt = Annotated[
     str | None,
-    typer.Option("--qga", help="Direct mode: the guest agent's socket (found through QMP when not given).",
-                 show_default=False),
+    typer.Option("--qga", metavar="SOCKET", show_default=False,
+                 help="Direct mode: the guest agent's socket (found through QMP when not given)."),
 ]
 VerifyOpt = Annotated[
     bool, typer.Option("--verify", help="Wait until the guest itself shows the change (needs its guest agent).")
@@ -568,16 +568,20 @@ def backend_line(nic: Nic) -> str:
 @nic_app.command("set")
 def nic_set(
     nic_id: Annotated[str, typer.Argument(metavar="ID", help="The NIC's id.")],
-    bridge: Annotated[str | None, typer.Option(help="Move the NIC to this host bridge.")] = None,
-    network: Annotated[str | None, typer.Option(help="Move the NIC to this NAT network.")] = None,
-    vlan: Annotated[int | None, typer.Option(help="Access VLAN (untagged, PVID) on a VLAN-filtering bridge.")] = None,
-    trunks: Annotated[str | None, typer.Option(help="Tagged VLANs, e.g. 10,20,100-199.")] = None,
+    bridge: Annotated[str | None, typer.Option(metavar="BRIDGE", help="Move the NIC to this host bridge.")] = None,
+    network: Annotated[str | None, typer.Option(metavar="NAME", help="Move the NIC to this NAT network.")] = None,
+    vlan: Annotated[
+        int | None, typer.Option(metavar="VID", help="Access VLAN (untagged, PVID) on a VLAN-filtering bridge.")
+    ] = None,
+    trunks: Annotated[str | None, typer.Option(metavar="VIDS", help="Tagged VLANs, e.g. 10,20,100-199.")] = None,
     no_vlan: Annotated[bool, typer.Option("--no-vlan", help="Back to the bridge's default VLAN.")] = False,
-    rate: Annotated[str | None, typer.Option(help="Rate limit both ways, tc notation (10mbit).")] = None,
-    burst: Annotated[str | None, typer.Option(help="Bucket of the rate limit (32kb).")] = None,
-    delay: Annotated[str | None, typer.Option(help="Delay towards the guest (100ms).")] = None,
-    jitter: Annotated[str | None, typer.Option(help="Jitter of the delay (10ms).")] = None,
-    loss: Annotated[str | None, typer.Option(help="Loss towards the guest (1%).")] = None,
+    rate: Annotated[
+        str | None, typer.Option(metavar="RATE", help="Rate limit both ways, tc notation (10mbit).")
+    ] = None,
+    burst: Annotated[str | None, typer.Option(metavar="SIZE", help="Bucket of the rate limit (32kb).")] = None,
+    delay: Annotated[str | None, typer.Option(metavar="TIME", help="Delay towards the guest (100ms).")] = None,
+    jitter: Annotated[str | None, typer.Option(metavar="TIME", help="Jitter of the delay (10ms).")] = None,
+    loss: Annotated[str | None, typer.Option(metavar="PERCENT", help="Loss towards the guest (1%).")] = None,
     no_shape: Annotated[bool, typer.Option("--no-shape", help="Remove all shaping.")] = False,
     link: Annotated[LinkArg | None, typer.Option(help="Set the link up or down.")] = None,
     qmp: QmpOpt = None,
@@ -621,8 +625,10 @@ async def wait_for_stop(duration: float | None) -> None:
 @nic_app.command("capture")
 def nic_capture(
     nic_id: Annotated[str, typer.Argument(metavar="ID", help="The NIC's id.")],
-    file: Annotated[Path, typer.Option("--file", help="The pcap file (written by QEMU, on its host).")],
-    duration: Annotated[float | None, typer.Option(help="Seconds to capture (default: until Ctrl-C).")] = None,
+    file: Annotated[Path, typer.Option("--file", metavar="FILE", help="The pcap file (written by QEMU, on its host).")],
+    duration: Annotated[
+        float | None, typer.Option(metavar="SECONDS", help="Seconds to capture (default: until Ctrl-C).")
+    ] = None,
     qmp: QmpOpt = None,
     broker: BrokerOpt = None,
     guest: GuestOpt = None,

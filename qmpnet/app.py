@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 from qmpnet.bus.mqtt import MqttBus
 from qmpnet.control import serve_control
 from qmpnet.controller import Controller
 from qmpnet.errors import Busy, InvalidRequest
 from qmpnet.hostnet.host import HostNet
+from qmpnet.logconfig import JsonFormatter, configure
 from qmpnet.qmp import QmpMonitor
 from qmpnet.settings import load_settings
 from qmpnet.store import StateDir
@@ -37,41 +37,14 @@ __all__ = ["JsonFormatter", "configure_logging", "main", "serve"]
 
 log = logging.getLogger(__name__)
 
-_CONTEXT: Final = ("guest", "transaction")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and the guest and transaction when known."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        """Format ``record`` as a JSON line."""
-        entry: dict[str, object] = {
-            "ts": round(record.created, 6),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key in _CONTEXT:
-            value = getattr(record, key, None)
-            if value is not None:
-                entry[key] = value
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
 
 def configure_logging(settings: LogSettings) -> None:
-    """Log to stderr at the configured level, as text or JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.level)
-    logging.getLogger("qmpnet.bus.paho").setLevel(max(logging.WARNING, root.level))
-    logging.getLogger("qemu").setLevel(max(logging.WARNING, root.level))
+    """Log to stderr at the configured level, as text or JSON lines; qemu.qmp and paho quiet unless DEBUG.
+
+    The controller reports a guest it cannot reach; qemu.qmp's own ERROR line for each failed connection attempt
+    would repeat that on every retry.
+    """
+    configure(settings.level, settings.format)
 
 
 def serve_settings(settings: Settings) -> Settings:

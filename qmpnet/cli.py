@@ -2,7 +2,9 @@
 
 Direct mode talks to one guest's QMP socket (``--qmp``). Every command prints the same objects as the MQTT API
 with ``--json`` (one JSON document on stdout), or a readable table without it. Exit status: 0 on success; 1 on
-an error, with one line ``error: <code>: <message>`` on stderr; 2 on a usage error (from the argument parser).
+an error, with one line ``error: <code>: <message>`` on stderr; 2 on a usage error (from the argument parser),
+also one line, ``error: invalid_request: <what>``. Input is checked before anything is connected to, as the MQTT
+API checks it. Logs of the libraries underneath (qemu.qmp, paho) show only with ``--verbose``.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ from pydantic import BaseModel
 from qmpnet.api import connect
 from qmpnet.control import ControlGuest, controller_serves
 from qmpnet.errors import InvalidRequest, QmpnetError
-from qmpnet.model import parse_nic_update
+from qmpnet.logconfig import configure as configure_logging
+from qmpnet.model import parse_nic_spec, parse_nic_update
+from qmpnet.names import check_qemu_id
+from qmpnet.policy import check_spec
 from qmpnet.settings import Settings, load_settings
 from qmpnet.store import StateDir
+from qmpnet.wire.envelopes import parse_request
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -39,14 +45,20 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
+# Plain help (click's layout): the rich panels print a type such as <bool> next to every flag.
 app = typer.Typer(
     name="qmpnet",
     help="Change the network of running QEMU guests over QMP, without a reboot.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-nic_app = typer.Typer(help="Hot-add, remove, link and list a guest's NICs.", no_args_is_help=True)
+nic_app = typer.Typer(
+    help="Hot-add, remove, link and list a guest's NICs.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(nic_app, name="nic")
 
 
@@ -78,44 +90,117 @@ class LinkArg(StrEnum):
 
 
 QmpOpt = Annotated[
-    str | None, typer.Option("--qmp", help="Direct mode: the guest's QMP socket (unix path or host:port).")
+    str | None,
+    typer.Option("--qmp", metavar="SOCKET", help="Direct mode: the guest's QMP socket (unix path or host:port)."),
 ]
 BrokerOpt = Annotated[
-    str | None, typer.Option("--broker", help="Broker mode: mqtt[s]://host:port where `qmpnet serve` listens.")
+    str | None,
+    typer.Option("--broker", metavar="URL", help="Broker mode: mqtt[s]://host:port where `qmpnet serve` listens."),
 ]
-GuestOpt = Annotated[str | None, typer.Option("--guest", help="Broker mode: the guest's name.")]
+GuestOpt = Annotated[str | None, typer.Option("--guest", metavar="NAME", help="Broker mode: the guest's name.")]
 ControllerOpt = Annotated[
-    str | None, typer.Option("--controller", help="Broker mode: the controller id (default: this host's name).")
+    str | None,
+    typer.Option("--controller", metavar="ID", help="Broker mode: the controller id (default: this host's name)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the MQTT API's JSON object instead of a table.")]
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", help="TOML settings file (timeouts, policy).", show_default=False)
+    Path | None,
+    typer.Option("--config", metavar="FILE", help="TOML settings file (timeouts, policy).", show_default=False),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log what is sent to QEMU on stderr.")]
 QgaOpt = Annotated[
     str | None,
-    typer.Option("--qga", help="Direct mode: the guest agent's socket (found through QMP when not given).",
-                 show_default=False),
+    typer.Option("--qga", metavar="SOCKET", show_default=False,
+                 help="Direct mode: the guest agent's socket (found through QMP when not given)."),
 ]
 VerifyOpt = Annotated[
     bool, typer.Option("--verify", help="Wait until the guest itself shows the change (needs its guest agent).")
 ]
 StateDirOpt = Annotated[
     Path | None,
-    typer.Option("--state-dir", help="Where qmpnet keeps what it knows of each guest (default: /var/lib/qmpnet, "
-                 "or $QMPNET_STATE_DIR).", show_default=False),
+    typer.Option("--state-dir", metavar="DIR", help="Where qmpnet keeps what it knows of each guest (default: "
+                 "/var/lib/qmpnet, or $QMPNET_STATE_DIR).", show_default=False),
 ]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``qmpnet`` console script."""
-    app(args=list(argv) if argv is not None else None, prog_name="qmpnet")
+    """Entry point of the ``qmpnet`` console script; exits with the command's status.
+
+    A usage error (unknown option, bad choice, missing argument) is one line on stderr and exit status 2.
+    """
+    command = typer.main.get_command(app)
+    args = list(argv) if argv is not None else sys.argv[1:]
+    try:
+        status = command.main(args=args, prog_name="qmpnet", standalone_mode=False)
+    except typer.TyperException as err:  # the argument parser's errors (typer >= 0.28 vendors click's)
+        ctx = getattr(err, "ctx", None)
+        if type(err).__name__ == "NoArgsIsHelpError":  # a group without its command: the help (as typer tells it)
+            print(err.format_message(), file=sys.stderr)
+        else:
+            hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+            message = one_line(err.format_message()).replace("Value error, ", "")
+            print(f"error: invalid_request: {message}{hint}", file=sys.stderr)
+        status = err.exit_code
+    except typer.Abort:
+        print("error: internal: aborted", file=sys.stderr)
+        status = 1
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks turned into spaces, for the one stderr line of an error."""
+    return " ".join(text.split())
 
 
 def fail(err: QmpnetError) -> typer.Exit:
     """Print ``error: <code>: <message>`` on stderr and return the exit to raise."""
-    print(f"error: {err.code}: {err.message}", file=sys.stderr)
+    print(f"error: {err.code}: {one_line(err.message)}", file=sys.stderr)
     return typer.Exit(1)
+
+
+def checked(check: Callable[[], T]) -> T:
+    """``check()``'s result; an input error it raises becomes the one-line ``error:`` exit, before any connection."""
+    try:
+        return check()
+    except QmpnetError as err:
+        raise fail(err) from None
+
+
+def run(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` to its end; a qmpnet error, or any other (a bug), becomes the one-line ``error:`` exit."""
+    try:
+        return asyncio.run(work)
+    except QmpnetError as err:
+        raise fail(err) from None
+    except Exception as err:
+        log.debug("the command failed", exc_info=True)
+        raise fail(QmpnetError(f"{type(err).__name__}: {err} (--verbose shows where)")) from None
+
+
+def setup_logging(verbose: bool) -> None:
+    """Warnings as ``warning: ...`` lines; with ``--verbose`` everything, the libraries' debug output included."""
+    if verbose:
+        configure_logging(logging.DEBUG, "text")
+    else:
+        configure_logging(logging.WARNING, "cli")
+
+
+def show_version(value: bool) -> None:
+    """``--version``: print ``qmpnet <version>`` and exit."""
+    if value:
+        from qmpnet import __version__  # noqa: PLC0415 - the package's __init__ imports the API this module uses
+
+        print(f"qmpnet {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=show_version)
+    ] = False,
+) -> None:
+    """Change the network of running QEMU guests over QMP, without a reboot."""
 
 
 @dataclass(frozen=True)
@@ -130,16 +215,27 @@ class Where:
     qga: str | None = None
 
 
-def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[[GuestOps], Awaitable[T]]) -> T:
-    """Reach the guest ``where`` says, run ``op`` and return its result; errors become exit status 1."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if not verbose:
-        # qemu.qmp logs each failed connection attempt at ERROR; the command's own one line says what happened.
-        logging.getLogger("qemu").setLevel(logging.CRITICAL)
+def run_on_guest(
+    where: Where,
+    config: Path | None,
+    verbose: bool,
+    op: Callable[[GuestOps], Awaitable[T]],
+    *,
+    policy_check: Callable[[Settings], None] | None = None,
+) -> T:
+    """Reach the guest ``where`` says, run ``op`` and return its result; errors become exit status 1.
+
+    ``policy_check`` runs in direct mode, before connecting (in broker mode the controller's policy applies).
+    """
+    setup_logging(verbose)
     if (where.qmp is None) == (where.broker is None) or (where.broker is None) != (where.guest is None):
         raise typer.BadParameter("give --qmp SOCKET, or --broker URL and --guest NAME", param_hint="--qmp/--broker")
+    overrides: dict[str, Any] = {"state_dir": where.state_dir} if where.state_dir is not None else {}
+    settings = checked(lambda: load_settings(config, **overrides))
+    if policy_check is not None and where.qmp is not None:
+        checked(lambda: policy_check(settings))
 
-    async def session(settings: Settings) -> T:
+    async def session() -> T:
         if where.qmp is not None:
             # A `qmpnet serve` on this host may hold the monitor (QEMU serves one client): then ask it instead.
             control = StateDir(settings.state_dir).control_socket
@@ -153,11 +249,22 @@ def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[
         async with Client(where.broker, settings=settings.mqtt) as client:
             return await op(client.guest(where.controller or settings.mqtt.controller_id, where.guest or ""))
 
-    overrides: dict[str, Any] = {"state_dir": where.state_dir} if where.state_dir is not None else {}
-    try:
-        return asyncio.run(session(load_settings(config, **overrides)))
-    except QmpnetError as err:
-        raise fail(err) from None
+    return run(session())
+
+
+def check_request(op: str, arguments: dict[str, object]) -> None:
+    """Check a NIC's id and the other arguments as the MQTT API checks its request ``op``.
+
+    Raises:
+        InvalidRequest: Names the field (``id``, ``timeout``) and says why.
+    """
+    nic_id = arguments.get("id")
+    if isinstance(nic_id, str):
+        try:
+            check_qemu_id(nic_id)
+        except ValueError as err:
+            raise InvalidRequest(f"id: {err}", field="id") from err
+    parse_request(op, "guest", arguments)
 
 
 def emit(value: BaseModel | dict[str, Any], as_json: bool, table: Callable[[], str]) -> None:
@@ -263,28 +370,50 @@ def build_backend(
 
 @nic_app.command("add")
 def nic_add(
-    model: Annotated[str, typer.Option(help="rtl8139, e1000, e1000e, virtio-net-pci (or virtio).")] = "virtio-net-pci",
-    nic_id: Annotated[str | None, typer.Option("--id", help="Device id (generated when absent).")] = None,
-    mac: Annotated[str | None, typer.Option(help="MAC address (a free 52:54:00:xx:xx:xx when absent).")] = None,
+    model: Annotated[
+        str, typer.Option(metavar="MODEL", help="rtl8139, e1000, e1000e, virtio-net-pci (or virtio).")
+    ] = "virtio-net-pci",
+    nic_id: Annotated[str | None, typer.Option("--id", metavar="ID", help="Device id (generated when absent).")] = None,
+    mac: Annotated[
+        str | None, typer.Option(metavar="MAC", help="MAC address (a free 52:54:00:xx:xx:xx when absent).")
+    ] = None,
     backend: Annotated[BackendType, typer.Option(help="Backend type.")] = BackendType.user,
-    hub: Annotated[int | None, typer.Option(help="Hub number for --backend hubport (the old vlan=n).")] = None,
-    hostfwd: Annotated[list[str] | None, typer.Option(help="user: port forward, e.g. tcp:127.0.0.1:2222-:22.")] = None,
-    net: Annotated[str | None, typer.Option(help="user: guest network, e.g. 10.0.3.0/24.")] = None,
-    restrict: Annotated[bool, typer.Option(help="user: isolate the guest from the host.")] = False,
-    listen: Annotated[str | None, typer.Option(help="stream: listen on /path or host:port.")] = None,
-    connect_to: Annotated[str | None, typer.Option("--connect", help="stream: connect to /path or host:port.")] = None,
-    local: Annotated[str | None, typer.Option(help="dgram: local /path or host:port.")] = None,
-    remote: Annotated[str | None, typer.Option(help="dgram: remote /path or host:port.")] = None,
-    bridge: Annotated[str | None, typer.Option(help="bridge: the host bridge (e.g. br0).")] = None,
-    helper: Annotated[bool, typer.Option(help="bridge: let QEMU's bridge helper make the tap (policy).")] = False,
-    network: Annotated[str | None, typer.Option(help="nat: the NAT network (default: default).")] = None,
-    ifname: Annotated[str | None, typer.Option(help="tap: an existing tap device.")] = None,
-    pci_host: Annotated[str | None, typer.Option("--host", help="vfio: host PCI address, e.g. 0000:03:00.0.")] = None,
-    rebind: Annotated[bool, typer.Option(help="vfio: bind the device to vfio-pci first, restore after.")] = False,
-    addr: Annotated[str | None, typer.Option(help="PCI slot[.function], hex as QEMU reads it.")] = None,
-    bus: Annotated[str | None, typer.Option(help="PCI bus id (pci.0, a pcie-root-port, a bridge).")] = None,
-    vectors: Annotated[int | None, typer.Option(help="MSI-X vectors (virtio).")] = None,
-    queues: Annotated[int | None, typer.Option(help="Queue pairs (virtio, tap backends).")] = None,
+    hub: Annotated[
+        int | None, typer.Option(metavar="N", help="Hub number for --backend hubport (the old vlan=n).")
+    ] = None,
+    hostfwd: Annotated[
+        list[str] | None, typer.Option(metavar="RULE", help="user: port forward, e.g. tcp:127.0.0.1:2222-:22.")
+    ] = None,
+    net: Annotated[str | None, typer.Option(metavar="CIDR", help="user: guest network, e.g. 10.0.3.0/24.")] = None,
+    restrict: Annotated[bool, typer.Option("--restrict", help="user: isolate the guest from the host.")] = False,
+    listen: Annotated[str | None, typer.Option(metavar="ADDR", help="stream: listen on /path or host:port.")] = None,
+    connect_to: Annotated[
+        str | None, typer.Option("--connect", metavar="ADDR", help="stream: connect to /path or host:port.")
+    ] = None,
+    local: Annotated[str | None, typer.Option(metavar="ADDR", help="dgram: local /path or host:port.")] = None,
+    remote: Annotated[str | None, typer.Option(metavar="ADDR", help="dgram: remote /path or host:port.")] = None,
+    bridge: Annotated[str | None, typer.Option(metavar="BRIDGE", help="bridge: the host bridge (e.g. br0).")] = None,
+    helper: Annotated[
+        bool, typer.Option("--helper", help="bridge: let QEMU's bridge helper make the tap (policy).")
+    ] = False,
+    network: Annotated[
+        str | None, typer.Option(metavar="NAME", help="nat: the NAT network (default: default).")
+    ] = None,
+    ifname: Annotated[str | None, typer.Option(metavar="TAP", help="tap: an existing tap device.")] = None,
+    pci_host: Annotated[
+        str | None, typer.Option("--host", metavar="PCI", help="vfio: host PCI address, e.g. 0000:03:00.0.")
+    ] = None,
+    rebind: Annotated[
+        bool, typer.Option("--rebind", help="vfio: bind the device to vfio-pci first, restore after.")
+    ] = False,
+    addr: Annotated[
+        str | None, typer.Option(metavar="SLOT[.FN]", help="PCI slot[.function], hex as QEMU reads it.")
+    ] = None,
+    bus: Annotated[
+        str | None, typer.Option(metavar="BUS", help="PCI bus id (pci.0, a pcie-root-port, a bridge).")
+    ] = None,
+    vectors: Annotated[int | None, typer.Option(metavar="N", help="MSI-X vectors (virtio).")] = None,
+    queues: Annotated[int | None, typer.Option(metavar="N", help="Queue pairs (virtio, tap backends).")] = None,
     link: Annotated[LinkArg, typer.Option(help="Initial link state.")] = LinkArg.up,
     qmp: QmpOpt = None,
     broker: BrokerOpt = None,
@@ -312,9 +441,13 @@ def nic_add(
     }
     optional = {"id": nic_id, "mac": mac, "addr": addr, "bus": bus, "vectors": vectors, "queues": queues}
     spec |= {k: v for k, v in optional.items() if v is not None}
+    nic_spec = checked(lambda: parse_nic_spec(spec))
     where = Where(qmp, broker, guest, controller, state_dir, qga)
     mode: Verify = "address" if verify_address else verify
-    nic = run_on_guest(where, config, verbose, lambda guest: guest.add_nic(spec, verify=mode))
+    nic = run_on_guest(
+        where, config, verbose, lambda guest: guest.add_nic(nic_spec, verify=mode),
+        policy_check=lambda settings: check_spec(nic_spec, settings.policy),
+    )
     emit(nic, as_json, lambda: nic_table([nic]))
 
 
@@ -322,7 +455,8 @@ def nic_add(
 def nic_del(
     nic_id: Annotated[str, typer.Argument(metavar="ID", help="The NIC's id.")],
     timeout: Annotated[
-        float | None, typer.Option(help="Seconds to wait for the guest's ack (default: setting).", show_default=False)
+        float | None,
+        typer.Option(metavar="SECONDS", help="Seconds to wait for the guest's ack (default: the setting)."),
     ] = None,
     qmp: QmpOpt = None,
     broker: BrokerOpt = None,
@@ -336,6 +470,7 @@ def nic_del(
     verify: VerifyOpt = False,
 ) -> None:
     """Hot-remove a NIC; prints 'removed', or 'removal_pending' if the guest has not acked in time."""
+    checked(lambda: check_request("nic/del", {"id": nic_id} | ({"timeout": timeout} if timeout is not None else {})))
     where = Where(qmp, broker, guest, controller, state_dir, qga)
     result = run_on_guest(
         where, config, verbose, lambda guest: guest.remove_nic(nic_id, timeout=timeout, verify=verify)
@@ -359,6 +494,7 @@ def nic_link(
     verify: VerifyOpt = False,
 ) -> None:
     """Set a NIC's link up or down."""
+    checked(lambda: check_request("nic/link", {"id": nic_id, "up": state is LinkArg.up}))
     where = Where(qmp, broker, guest, controller, state_dir, qga)
     nic = run_on_guest(where, config, verbose, lambda guest: guest.set_link(nic_id, state is LinkArg.up, verify=verify))
     emit(nic, as_json, lambda: nic_table([nic]))
@@ -432,16 +568,20 @@ def backend_line(nic: Nic) -> str:
 @nic_app.command("set")
 def nic_set(
     nic_id: Annotated[str, typer.Argument(metavar="ID", help="The NIC's id.")],
-    bridge: Annotated[str | None, typer.Option(help="Move the NIC to this host bridge.")] = None,
-    network: Annotated[str | None, typer.Option(help="Move the NIC to this NAT network.")] = None,
-    vlan: Annotated[int | None, typer.Option(help="Access VLAN (untagged, PVID) on a VLAN-filtering bridge.")] = None,
-    trunks: Annotated[str | None, typer.Option(help="Tagged VLANs, e.g. 10,20,100-199.")] = None,
+    bridge: Annotated[str | None, typer.Option(metavar="BRIDGE", help="Move the NIC to this host bridge.")] = None,
+    network: Annotated[str | None, typer.Option(metavar="NAME", help="Move the NIC to this NAT network.")] = None,
+    vlan: Annotated[
+        int | None, typer.Option(metavar="VID", help="Access VLAN (untagged, PVID) on a VLAN-filtering bridge.")
+    ] = None,
+    trunks: Annotated[str | None, typer.Option(metavar="VIDS", help="Tagged VLANs, e.g. 10,20,100-199.")] = None,
     no_vlan: Annotated[bool, typer.Option("--no-vlan", help="Back to the bridge's default VLAN.")] = False,
-    rate: Annotated[str | None, typer.Option(help="Rate limit both ways, tc notation (10mbit).")] = None,
-    burst: Annotated[str | None, typer.Option(help="Bucket of the rate limit (32kb).")] = None,
-    delay: Annotated[str | None, typer.Option(help="Delay towards the guest (100ms).")] = None,
-    jitter: Annotated[str | None, typer.Option(help="Jitter of the delay (10ms).")] = None,
-    loss: Annotated[str | None, typer.Option(help="Loss towards the guest (1%).")] = None,
+    rate: Annotated[
+        str | None, typer.Option(metavar="RATE", help="Rate limit both ways, tc notation (10mbit).")
+    ] = None,
+    burst: Annotated[str | None, typer.Option(metavar="SIZE", help="Bucket of the rate limit (32kb).")] = None,
+    delay: Annotated[str | None, typer.Option(metavar="TIME", help="Delay towards the guest (100ms).")] = None,
+    jitter: Annotated[str | None, typer.Option(metavar="TIME", help="Jitter of the delay (10ms).")] = None,
+    loss: Annotated[str | None, typer.Option(metavar="PERCENT", help="Loss towards the guest (1%).")] = None,
     no_shape: Annotated[bool, typer.Option("--no-shape", help="Remove all shaping.")] = False,
     link: Annotated[LinkArg | None, typer.Option(help="Set the link up or down.")] = None,
     qmp: QmpOpt = None,
@@ -485,8 +625,10 @@ async def wait_for_stop(duration: float | None) -> None:
 @nic_app.command("capture")
 def nic_capture(
     nic_id: Annotated[str, typer.Argument(metavar="ID", help="The NIC's id.")],
-    file: Annotated[Path, typer.Option("--file", help="The pcap file (written by QEMU, on its host).")],
-    duration: Annotated[float | None, typer.Option(help="Seconds to capture (default: until Ctrl-C).")] = None,
+    file: Annotated[Path, typer.Option("--file", metavar="FILE", help="The pcap file (written by QEMU, on its host).")],
+    duration: Annotated[
+        float | None, typer.Option(metavar="SECONDS", help="Seconds to capture (default: until Ctrl-C).")
+    ] = None,
     qmp: QmpOpt = None,
     broker: BrokerOpt = None,
     guest: GuestOpt = None,
@@ -609,7 +751,9 @@ def read_document(path: Path) -> dict[str, Any]:
 
 @app.command("guests")
 def guests(
-    broker: Annotated[str, typer.Option("--broker", help="mqtt[s]://host:port where `qmpnet serve` listens.")],
+    broker: Annotated[
+        str, typer.Option("--broker", metavar="URL", help="mqtt[s]://host:port where `qmpnet serve` listens.")
+    ],
     controller: ControllerOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
@@ -618,16 +762,14 @@ def guests(
     """List the guests a controller serves, with their connection state."""
     from qmpnet.client import Client  # noqa: PLC0415 - the MQTT stack is loaded only in broker mode
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    setup_logging(verbose)
+    settings = checked(lambda: load_settings(config))
 
-    async def session(settings: Settings) -> list[GuestInfo]:
+    async def session() -> list[GuestInfo]:
         async with Client(broker, settings=settings.mqtt) as client:
             return await client.guests(controller or settings.mqtt.controller_id)
 
-    try:
-        found = asyncio.run(session(load_settings(config)))
-    except QmpnetError as err:
-        raise fail(err) from None
+    found = run(session())
 
     def table() -> str:
         rows = [("NAME", "STATE", "QEMU", "MACHINE", "SINCE")]
@@ -641,7 +783,9 @@ def guests(
 
 @app.command("schema")
 def schema(
-    markdown: Annotated[bool, typer.Option(help="Print the field reference of docs/mqtt-api.md instead.")] = False,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the field reference of docs/mqtt-api.md instead.")
+    ] = False,
 ) -> None:
     """Print the JSON Schema of every MQTT request, response, retained state and event."""
     from qmpnet.schema import api_schema, render_reference  # noqa: PLC0415 - only this command needs it
@@ -652,12 +796,20 @@ def schema(
 @app.command("serve")
 def serve(
     config: ConfigOpt = None,
-    broker: Annotated[str | None, typer.Option(help="mqtt://host:port, or mqtts://host:port for TLS.")] = None,
-    controller_id: Annotated[str | None, typer.Option(help="This controller's id (default: host name).")] = None,
-    guest: Annotated[list[str] | None, typer.Option(help="NAME=QMP_SOCKET; repeatable.")] = None,
-    guest_dir: Annotated[Path | None, typer.Option(help="Serve every *.qmp socket in DIR, named by its stem.")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
-    log_format: Annotated[str | None, typer.Option(help="text or json.")] = None,
+    broker: Annotated[
+        str | None, typer.Option(metavar="URL", help="mqtt://host:port, or mqtts://host:port for TLS.")
+    ] = None,
+    controller_id: Annotated[
+        str | None, typer.Option(metavar="ID", help="This controller's id (default: host name).")
+    ] = None,
+    guest: Annotated[list[str] | None, typer.Option(metavar="NAME=SOCKET", help="NAME=QMP_SOCKET; repeatable.")] = None,
+    guest_dir: Annotated[
+        Path | None, typer.Option(metavar="DIR", help="Serve every *.qmp socket in DIR, named by its stem.")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(metavar="PORT", help="Serve Prometheus metrics on 127.0.0.1:PORT.")
+    ] = None,
+    log_format: Annotated[str | None, typer.Option(metavar="text|json", help="text or json.")] = None,
     verbose: VerboseOpt = False,
     state_dir: StateDirOpt = None,
 ) -> None:
@@ -681,26 +833,23 @@ def demo(
     """Boot the test guest, hot-plug each NIC model and show what the guest saw."""
     from qmpnet.demo import run_demo  # noqa: PLC0415 - the demo pulls in the guest builder only when asked for
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        ok = asyncio.run(run_demo("q35" if machine is MachineArg.q35 else "pc"))
-    except QmpnetError as err:
-        raise fail(err) from None
+    setup_logging(verbose)
+    ok = run(run_demo("q35" if machine is MachineArg.q35 else "pc"))
     raise typer.Exit(0 if ok else 1)
 
 
-net_app = typer.Typer(help="Bring the NAT networks of the settings up and down.", no_args_is_help=True)
+net_app = typer.Typer(
+    help="Bring the NAT networks of the settings up and down.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(net_app, name="net")
 NetNameArg = Annotated[str, typer.Argument(metavar="NAME", help="A NAT network from the settings (e.g. default).")]
 
 
 def run_on_host(config: Path | None, verbose: bool, op: Callable[[Settings], Coroutine[Any, Any, T]]) -> T:
     """Run host-side ``op`` with the settings; errors become exit status 1."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        return asyncio.run(op(load_settings(config)))
-    except QmpnetError as err:
-        raise fail(err) from None
+    setup_logging(verbose)
+    settings = checked(lambda: load_settings(config))
+    return run(op(settings))
 
 
 @net_app.command("up")

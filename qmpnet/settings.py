@@ -1,7 +1,10 @@
 """Settings: every timeout, limit and policy in one frozen pydantic-settings model.
 
 Values come from (highest first) explicit arguments, ``QMPNET_...`` environment variables (nested with ``__``,
-e.g. ``QMPNET_QMP__COMMAND_TIMEOUT=5``) and a TOML file. Nothing in the code hard-codes a timeout.
+e.g. ``QMPNET_QMP__COMMAND_TIMEOUT=5``) and a TOML file. Every timeout and limit of the guest lane, the adapters,
+the controller, the MQTT client and the command line is a setting here. What the code still spells out is poll
+intervals (how often to look again, never how long to wait), and the waits of the test-guest harness
+(:mod:`qmpnet.testguest`) and of ``qmpnet demo``, which runs on it: arguments with defaults sized for a TCG boot.
 """
 
 from __future__ import annotations

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+import needs
 import pytest
 
 from qmpnet import pytest_plugin
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Generator, Iterator
     from pathlib import Path
 
     from qmpnet.testguest import GuestImage
@@ -30,6 +31,17 @@ def pytest_configure(config: pytest.Config) -> None:
 def guest_image(qmpnet_guest_image: GuestImage) -> GuestImage:
     """The busybox test guest's kernel and initramfs (the plugin's ``qmpnet_guest_image``)."""
     return qmpnet_guest_image
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test whose host needs are unmet skips, or fails in CI (tests/needs.py)."""
+    needs.check_item(item)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """In CI a skipped test fails, with the skip's reason (tests/needs.py)."""
+    return needs.fail_skips_in_ci((yield))
 
 
 @pytest.fixture(autouse=True, scope="session")

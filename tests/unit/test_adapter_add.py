@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 async def test_greeting_and_happy_path(fake: FakeQmp, fast: Settings) -> None:
     async with qmpnet.connect(str(fake.path), settings=fast) as guest:
         assert isinstance(guest._monitor, QmpMonitor)
-        assert guest._monitor.greeting_version == "7.2.22"
+        assert guest._monitor.greeting_version == ".".join(map(str, fake.capture.version))  # the fake's greeting
         nic = await guest.add_nic(
             {
                 "id": "x1",

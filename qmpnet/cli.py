@@ -591,6 +591,7 @@ def nic_set(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """Change a NIC live, without unplugging it: move it, tag it, shape it, set its link (atomic)."""
     values = {"rate": rate, "burst": burst, "delay": delay, "jitter": jitter, "loss": loss}
@@ -602,7 +603,8 @@ def nic_set(
         parse_nic_update(update)  # bad values are refused before connecting, naming the field
     except QmpnetError as err:
         raise fail(err) from None
-    nic = run_on_guest(Where(qmp, broker, guest, controller), config, verbose, lambda ops: ops.update_nic(update))
+    where = Where(qmp, broker, guest, controller, state_dir)
+    nic = run_on_guest(where, config, verbose, lambda ops: ops.update_nic(update))
     emit(nic, as_json, lambda: nic_table([nic]) + backend_line(nic))
 
 
@@ -636,6 +638,7 @@ def nic_capture(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """Capture a NIC's traffic into a pcap file (any backend) until --duration has passed or Ctrl-C."""
     if duration is not None and not duration >= 0:
@@ -651,7 +654,7 @@ def nic_capture(
             stopped = await ops.capture(nic_id, "stop")
         return stopped
 
-    result = run_on_guest(Where(qmp, broker, guest, controller), config, verbose, capture)
+    result = run_on_guest(Where(qmp, broker, guest, controller, state_dir), config, verbose, capture)
     emit(result, as_json, lambda: f"{result.id}: {result.state}, {result.file}")
 
 

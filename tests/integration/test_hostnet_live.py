@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import needs
 import pytest
 from netns_tools import ip, kill_namespace, links, listen
 from throughput import Measured, receive_bulk, send_bulk
@@ -241,9 +242,8 @@ def kernel_has(kind: str) -> bool:
 NETEM = kernel_has("netem")
 
 
+@needs.kernel(not NETEM, "netem is there: the impairment itself is checked in test_live_change.py")
 async def test_impairment_without_netem_is_unsupported_and_changes_nothing(ns: Ns) -> None:
-    if NETEM:
-        pytest.skip("this kernel has netem; the impairment is checked in test_live_change.py")
     host = ns.host()
     await host.set_shape("port0", Shape(rate=RATE_BITS))
     before = tc_show(ns.hv, "qdisc", "show", "dev", "port0")
@@ -255,7 +255,7 @@ async def test_impairment_without_netem_is_unsupported_and_changes_nothing(ns: N
     await host.set_shape("port0", None)
 
 
-@pytest.mark.skipif(not NETEM, reason="this kernel has no netem (CONFIG_NET_SCH_NETEM)")
+@needs.kernel(NETEM, "no netem (CONFIG_NET_SCH_NETEM): delay, jitter and loss cannot be exercised")
 async def test_netem_with_a_rate_under_it_and_its_exact_undo(ns: Ns) -> None:
     host = ns.host()
     undo = await host.set_shape("port0", Shape(rate=RATE_BITS, delay=100_000, jitter=10_000, loss=1.0))
@@ -312,7 +312,7 @@ def bridge_vlans(netns: str, dev: str) -> list[tuple[int, tuple[str, ...]]]:
     return [(v["vlan"], tuple(v.get("flags", []))) for entry in shown for v in entry["vlans"]]
 
 
-@pytest.mark.skipif(not VLAN_FILTERING, reason="this kernel's bridge has no VLAN filtering")
+@needs.kernel(VLAN_FILTERING, "the bridge has no VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING)")
 async def test_access_trunks_default_and_undo_on_a_filtering_bridge(ns: Ns) -> None:
     ip("-n", ns.hv, "link", "set", "br-a", "type", "bridge", "vlan_filtering", "1")
     host = ns.host()

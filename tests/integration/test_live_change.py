@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import needs
 import pytest
 import pytest_asyncio
 from aux_qmp import aux_args
@@ -492,7 +493,7 @@ async def average_rtt(vm: TestMachine, host: str) -> float:
     return float(found[1])
 
 
-@pytest.mark.skipif(not NETEM, reason="this kernel has no netem (CONFIG_NET_SCH_NETEM): delay, jitter, loss")
+@needs.kernel(NETEM, "no netem (CONFIG_NET_SCH_NETEM): delay, jitter and loss cannot be exercised")
 async def test_delay_raises_the_rtt_loss_drops_every_ping_and_no_shape_undoes_both(vm: TestMachine, lab: Lab) -> None:
     mac = "52:54:00:1a:00:07"
     results: dict[str, object] = {}
@@ -517,7 +518,7 @@ async def test_delay_raises_the_rtt_loss_drops_every_ping_and_no_shape_undoes_bo
     report("impairment", results)
 
 
-@pytest.mark.skipif(NETEM, reason="this kernel has netem: the impairment itself is tested")
+@needs.kernel(not NETEM, "netem is there: the impairment itself is tested instead of its refusal")
 async def test_without_netem_an_impairment_is_unsupported_and_changes_nothing(vm: TestMachine, lab: Lab) -> None:
     mac = "52:54:00:1a:00:08"
     async with qmpnet.connect(str(vm.qmp_path), name=vm.name, settings=lab.settings()) as guest:
@@ -557,7 +558,7 @@ def kernel_filters_vlans() -> bool:
 VLAN_FILTERING = kernel_filters_vlans()
 
 
-@pytest.mark.skipif(not VLAN_FILTERING, reason="this kernel's bridge has no VLAN filtering")
+@needs.kernel(VLAN_FILTERING, "the bridge has no VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING)")
 async def test_two_guests_on_a_vlan_bridge_reach_each_other_only_with_matching_tags(
     vm: TestMachine, lab: Lab, guest_image: GuestImage, tmp_path: Path
 ) -> None:
@@ -595,7 +596,7 @@ async def test_two_guests_on_a_vlan_bridge_reach_each_other_only_with_matching_t
             await remove(second, other, nics[1])
 
 
-@pytest.mark.skipif(VLAN_FILTERING, reason="this kernel filters VLANs: the tagging itself is tested")
+@needs.kernel(not VLAN_FILTERING, "the bridge filters VLANs: the tagging is tested instead of its refusal")
 async def test_without_vlan_filtering_a_tag_is_unsupported_and_changes_nothing(vm: TestMachine, lab: Lab) -> None:
     mac = "52:54:00:1a:00:0b"
     async with qmpnet.connect(str(vm.qmp_path), name=vm.name, settings=lab.settings()) as guest:

@@ -29,7 +29,9 @@ from qmpnet.model import NicSpec, ObservedBackend, parse_nic_spec
 from qmpnet.plan import GuestView, fd_names, netdev_arguments, plan_add
 from qmpnet.policy import Policy, check_spec
 from qmpnet.ports import NetClient, Observation, PciDevice, TapPort
+from qmpnet.records import GuestRecord, HostHold, NicRecord
 from qmpnet.settings import QmpSettings, Settings
+from qmpnet.store import MemoryGuestStore
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
@@ -644,3 +646,37 @@ async def test_malformed_vfio_host_is_an_invalid_request(host: str) -> None:
         await guest.add_nic({"backend": {"type": "vfio", "host": host}})
     assert caught.value.field == "nic.backend.host"
     assert (monitor.executed, fake.calls) == ([], [])
+
+
+# ----------------------------------------------------------------------------- host resources across processes
+
+
+def _left(nic_id: str, state: str, hold: HostHold) -> MemoryGuestStore:
+    """The record a killed process left: NIC ``nic_id`` in ``state`` holding ``hold`` (same QEMU instance)."""
+    rec = GuestRecord(address="vm1", name="vm1", instance="{}")  # the recording monitor's instance answer
+    nic = NicRecord(id=nic_id, spec=NicSpec(id=nic_id), netdev=f"{nic_id}.net", state=state, link="up", host=hold)
+    return MemoryGuestStore(rec.with_nic(nic), key="vm1")
+
+
+async def test_a_rebound_function_is_given_back_when_its_removal_completes_after_the_process_left() -> None:
+    # `nic add --backend vfio --rebind` then `nic del --timeout 0`; the guest released the function later,
+    # while no qmpnet listened: the next process finds the device gone and restores the original driver.
+    host = FakeHost()
+    store = _left("vf0", "removal_pending", HostHold(vfio_host="0000:03:00.0", vfio_driver="ixgbe"))
+    monitor = RecordingMonitor()
+    async with Guest(monitor, name="vm1", host=host, store=store):
+        pass
+    assert ("restore_vfio", "0000:03:00.0", "ixgbe") in host.calls
+    assert ("netdev_del", {"id": "vf0.net"}) in monitor.executed
+    assert store.record.nics == {}
+
+
+async def test_a_tap_of_an_add_killed_half_way_is_deleted_on_the_next_connect() -> None:
+    host = FakeHost()
+    store = _left("b0", "adding", HostHold(owner="vm1/b0", tap="vnet7", bridge="br0"))
+    async with Guest(RecordingMonitor(), name="vm1", host=host, store=store):
+        pass
+    assert ("delete_tap", "vnet7") in host.calls
+    assert store.record.nics == {}
+    sweeps = [call for call in host.calls if call[0] == "sweep_orphans"]
+    assert sweeps == [("sweep_orphans", "vm1/", [])]  # and any other tap of this guest's that no NIC holds

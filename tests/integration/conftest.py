@@ -7,7 +7,6 @@ it, so it is registered here when missing.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import needs
@@ -16,8 +15,7 @@ import pytest
 from qmpnet import pytest_plugin
 
 if TYPE_CHECKING:
-    from collections.abc import Generator, Iterator
-    from pathlib import Path
+    from collections.abc import Generator
 
     from qmpnet.testguest import GuestImage
 
@@ -43,15 +41,3 @@ def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestR
     """In CI a skipped test fails, with the skip's reason (tests/needs.py)."""
     return needs.fail_skips_in_ci((yield))
 
-
-@pytest.fixture(autouse=True, scope="session")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A state directory of the session's own (never /var/lib/qmpnet); subprocesses inherit it."""
-    path = tmp_path_factory.mktemp("state")
-    previous = os.environ.get("QMPNET_STATE_DIR")
-    os.environ["QMPNET_STATE_DIR"] = str(path)
-    yield path
-    if previous is None:
-        os.environ.pop("QMPNET_STATE_DIR", None)
-    else:
-        os.environ["QMPNET_STATE_DIR"] = previous

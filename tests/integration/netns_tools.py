@@ -24,6 +24,8 @@ __all__ = [
     "bridged_namespace",
     "connect_and_read",
     "ip",
+    "kernel_filters_vlans",
+    "kernel_has_netem",
     "kill_namespace",
     "link_names",
     "links",
@@ -118,3 +120,29 @@ def connect_and_read(host: str, port: int, timeout: float) -> bytes:
         while chunk := conn.recv(100):
             data += chunk
         return data
+
+
+def _probe(*commands: list[str]) -> bool:
+    """Whether every command succeeds in a throw-away namespace (``{ns}`` in a command is its name)."""
+    name = f"probe-{uuid.uuid4().hex[:6]}"
+    try:
+        ip("netns", "add", name)
+        return all(
+            subprocess.run([part.format(ns=name) for part in command], capture_output=True, check=False).returncode == 0
+            for command in commands
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return False  # no root or no iproute2: the tests that need these skip on their own markers first
+    finally:
+        kill_namespace(name)
+
+
+def kernel_has_netem() -> bool:
+    """Whether this kernel has the netem qdisc (CONFIG_NET_SCH_NETEM), probed on a veth."""
+    return _probe(["ip", "-n", "{ns}", "link", "add", "p0", "type", "veth", "peer", "name", "p1"],
+                  ["tc", "-n", "{ns}", "qdisc", "add", "dev", "p0", "root", "netem", "delay", "1ms"])
+
+
+def kernel_filters_vlans() -> bool:
+    """Whether this kernel's bridges can filter VLANs (CONFIG_BRIDGE_VLAN_FILTERING)."""
+    return _probe(["ip", "-n", "{ns}", "link", "add", "b0", "type", "bridge", "vlan_filtering", "1"])

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import needs
 import pytest
-from netns_tools import ip, kill_namespace, links, listen
+from netns_tools import ip, kernel_filters_vlans, kernel_has_netem, kill_namespace, links, listen
 from throughput import Measured, receive_bulk, send_bulk
 
 from qmpnet.errors import Conflict, InvalidRequest, NotFound, Unsupported
@@ -225,21 +225,9 @@ async def test_foreign_qdiscs_are_refused_and_left_alone(ns: Ns) -> None:
     assert ("ingress", "ffff:") in qdiscs(ns.hv, "port0")
 
 
-def kernel_has(kind: str) -> bool:
-    """Whether this kernel offers qdisc ``kind`` (probed on a dummy-free veth in a throw-away namespace)."""
-    name = f"probe-{uuid.uuid4().hex[:6]}"
-    try:
-        ip("netns", "add", name)
-        ip("-n", name, "link", "add", "p0", "type", "veth", "peer", "name", "p1")
-        args = {"netem": ["netem", "delay", "1ms"]}[kind]
-        done = subprocess.run(["tc", "-n", name, "qdisc", "add", "dev", "p0", "root", *args], capture_output=True,
-                              check=False)
-        return done.returncode == 0
-    finally:
-        kill_namespace(name)
 
 
-NETEM = kernel_has("netem")
+NETEM = kernel_has_netem()
 
 
 @needs.kernel(not NETEM, "netem is there: the impairment itself is checked in test_live_change.py")
@@ -280,15 +268,6 @@ async def test_deleting_the_tap_deletes_its_ifb(ns: Ns) -> None:
 # ------------------------------------------------------------------------------------------------ VLANs
 
 
-def kernel_filters_vlans() -> bool:
-    name = f"probe-{uuid.uuid4().hex[:6]}"
-    try:
-        ip("netns", "add", name)
-        done = subprocess.run(["ip", "-n", name, "link", "add", "b0", "type", "bridge", "vlan_filtering", "1"],
-                              capture_output=True, check=False)
-        return done.returncode == 0
-    finally:
-        kill_namespace(name)
 
 
 VLAN_FILTERING = kernel_filters_vlans()

@@ -35,7 +35,7 @@ import needs
 import pytest
 import pytest_asyncio
 from aux_qmp import aux_args
-from netns_tools import ip, kill_namespace, links, listen
+from netns_tools import ip, kernel_filters_vlans, kernel_has_netem, kill_namespace, links, listen
 from throughput import Measured, receive_bulk, send_bulk
 
 import qmpnet
@@ -469,16 +469,6 @@ async def test_a_rate_shapes_both_directions_and_no_shape_restores_the_link(
     report("shaping at 5mbit", results)
 
 
-def kernel_has_netem() -> bool:
-    name = f"probe-{uuid.uuid4().hex[:6]}"
-    try:
-        ip("netns", "add", name)
-        ip("-n", name, "link", "add", "p0", "type", "veth", "peer", "name", "p1")
-        done = subprocess.run(["tc", "-n", name, "qdisc", "add", "dev", "p0", "root", "netem", "delay", "1ms"],
-                              capture_output=True, check=False)
-        return done.returncode == 0
-    finally:
-        kill_namespace(name)
 
 
 NETEM = kernel_has_netem()
@@ -544,15 +534,6 @@ async def test_without_netem_an_impairment_is_unsupported_and_changes_nothing(vm
 # ------------------------------------------------------------------------------------------- VLANs
 
 
-def kernel_filters_vlans() -> bool:
-    name = f"probe-{uuid.uuid4().hex[:6]}"
-    try:
-        ip("netns", "add", name)
-        done = subprocess.run(["ip", "-n", name, "link", "add", "b0", "type", "bridge", "vlan_filtering", "1"],
-                              capture_output=True, check=False)
-        return done.returncode == 0
-    finally:
-        kill_namespace(name)
 
 
 VLAN_FILTERING = kernel_filters_vlans()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,18 +23,6 @@ settings.register_profile(
 )
 settings.load_profile("qmpnet-unit")
 
-
-@pytest.fixture(autouse=True, scope="session")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A state directory of the session's own (never /var/lib/qmpnet); subprocesses inherit it."""
-    path = tmp_path_factory.mktemp("state")
-    previous = os.environ.get("QMPNET_STATE_DIR")
-    os.environ["QMPNET_STATE_DIR"] = str(path)
-    yield path
-    if previous is None:
-        os.environ.pop("QMPNET_STATE_DIR", None)
-    else:
-        os.environ["QMPNET_STATE_DIR"] = previous
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 from qmpnet.backoff import backoff
 from qmpnet.errors import GuestUnavailable, NotFound, QmpnetError
 from qmpnet.guest import Guest
+from qmpnet.names import BUS_NAME_RULE
 from qmpnet.ports import Connection
 from qmpnet.wire.envelopes import (
     API_VERSION,
@@ -422,7 +423,7 @@ class Controller:
         while True:
             found, skipped = await asyncio.to_thread(_scan, directory)
             for path in skipped - unfit:
-                log.warning("ignoring %s: the name is not a valid guest name ([A-Za-z0-9_.-]{1,64})", path)
+                log.warning("ignoring %s: its name is not a valid guest name (%s)", path, BUS_NAME_RULE)
             unfit = skipped
             changed = False
             for name, address in found.items():

@@ -65,6 +65,14 @@ class MachineArg(StrEnum):
     q35 = "q35"
 
 
+class ProtocolArg(StrEnum):
+    """MQTT versions for broker mode."""
+
+    auto = "auto"
+    v5 = "5"
+    v311 = "3.1.1"
+
+
 class LinkArg(StrEnum):
     """Link states."""
 
@@ -81,6 +89,12 @@ BrokerOpt = Annotated[
 GuestOpt = Annotated[str | None, typer.Option("--guest", help="Broker mode: the guest's name.")]
 ControllerOpt = Annotated[
     str | None, typer.Option("--controller", help="Broker mode: the controller id (default: this host's name).")
+]
+ProtocolOpt = Annotated[
+    ProtocolArg | None,
+    typer.Option(
+        "--mqtt-protocol", help="Broker mode: MQTT version (default auto: 5, or 3.1.1 if the broker refuses 5)."
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the MQTT API's JSON object instead of a table.")]
 ConfigOpt = Annotated[
@@ -108,6 +122,12 @@ class Where:
     broker: str | None = None
     guest: str | None = None
     controller: str | None = None
+    protocol: ProtocolArg | None = None
+
+
+def broker_settings(config: Path | None, protocol: ProtocolArg | None) -> Settings:
+    """The settings of a broker-mode command: the file and environment, with ``--mqtt-protocol`` on top."""
+    return load_settings(config, **({"mqtt": {"protocol": protocol.value}} if protocol is not None else {}))
 
 
 def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[[GuestOps], Awaitable[T]]) -> T:
@@ -126,7 +146,7 @@ def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[
             return await op(client.guest(where.controller or settings.mqtt.controller_id, where.guest or ""))
 
     try:
-        return asyncio.run(session(load_settings(config)))
+        return asyncio.run(session(broker_settings(config, where.protocol)))
     except QmpnetError as err:
         raise fail(err) from None
 
@@ -261,6 +281,7 @@ def nic_add(
     broker: BrokerOpt = None,
     guest: GuestOpt = None,
     controller: ControllerOpt = None,
+    mqtt_protocol: ProtocolOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
@@ -277,7 +298,8 @@ def nic_add(
     }
     optional = {"id": nic_id, "mac": mac, "addr": addr, "bus": bus, "vectors": vectors, "queues": queues}
     spec |= {k: v for k, v in optional.items() if v is not None}
-    nic = run_on_guest(Where(qmp, broker, guest, controller), config, verbose, lambda guest: guest.add_nic(spec))
+    where = Where(qmp, broker, guest, controller, mqtt_protocol)
+    nic = run_on_guest(where, config, verbose, lambda guest: guest.add_nic(spec))
     emit(nic, as_json, lambda: nic_table([nic]))
 
 
@@ -291,12 +313,13 @@ def nic_del(
     broker: BrokerOpt = None,
     guest: GuestOpt = None,
     controller: ControllerOpt = None,
+    mqtt_protocol: ProtocolOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Hot-remove a NIC; prints 'removed', or 'removal_pending' if the guest has not acked in time."""
-    where = Where(qmp, broker, guest, controller)
+    where = Where(qmp, broker, guest, controller, mqtt_protocol)
     result = run_on_guest(where, config, verbose, lambda guest: guest.remove_nic(nic_id, timeout=timeout))
     emit(result, as_json, lambda: f"{result.id}: {result.state}")
 
@@ -309,12 +332,13 @@ def nic_link(
     broker: BrokerOpt = None,
     guest: GuestOpt = None,
     controller: ControllerOpt = None,
+    mqtt_protocol: ProtocolOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Set a NIC's link up or down."""
-    where = Where(qmp, broker, guest, controller)
+    where = Where(qmp, broker, guest, controller, mqtt_protocol)
     nic = run_on_guest(where, config, verbose, lambda guest: guest.set_link(nic_id, state is LinkArg.up))
     emit(nic, as_json, lambda: nic_table([nic]))
 
@@ -325,12 +349,14 @@ def nic_list(
     broker: BrokerOpt = None,
     guest: GuestOpt = None,
     controller: ControllerOpt = None,
+    mqtt_protocol: ProtocolOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """List the guest's NICs, cold-plugged ones included."""
-    nics = run_on_guest(Where(qmp, broker, guest, controller), config, verbose, lambda guest: guest.list_nics())
+    where = Where(qmp, broker, guest, controller, mqtt_protocol)
+    nics = run_on_guest(where, config, verbose, lambda guest: guest.list_nics())
     emit({"nics": [n.model_dump(mode="json") for n in nics]}, as_json, lambda: nic_table(nics))
 
 
@@ -340,12 +366,14 @@ def models(
     broker: BrokerOpt = None,
     guest: GuestOpt = None,
     controller: ControllerOpt = None,
+    mqtt_protocol: ProtocolOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """List the NIC models this QEMU offers (the old -net nic,model=?)."""
-    found = run_on_guest(Where(qmp, broker, guest, controller), config, verbose, lambda guest: guest.models())
+    where = Where(qmp, broker, guest, controller, mqtt_protocol)
+    found = run_on_guest(where, config, verbose, lambda guest: guest.models())
 
     def table() -> str:
         rows = [("MODEL", "BUS", "SPEED", "HOTPLUG", "DESCRIPTION")]
@@ -359,6 +387,7 @@ def models(
 def guests(
     broker: Annotated[str, typer.Option("--broker", help="mqtt[s]://host:port where `qmpnet serve` listens.")],
     controller: ControllerOpt = None,
+    mqtt_protocol: ProtocolOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
@@ -373,7 +402,7 @@ def guests(
             return await client.guests(controller or settings.mqtt.controller_id)
 
     try:
-        found = asyncio.run(session(load_settings(config)))
+        found = asyncio.run(session(broker_settings(config, mqtt_protocol)))
     except QmpnetError as err:
         raise fail(err) from None
 
@@ -406,6 +435,9 @@ def serve(
     guest_dir: Annotated[Path | None, typer.Option(help="Serve every *.qmp socket in DIR, named by its stem.")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
     log_format: Annotated[str | None, typer.Option(help="text or json.")] = None,
+    mqtt_protocol: Annotated[
+        ProtocolArg | None, typer.Option(help="MQTT version (default auto: 5, or 3.1.1 if the broker refuses 5).")
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the MQTT-driven controller for a fleet of guests (see docs/mqtt-api.md)."""
@@ -415,6 +447,7 @@ def serve(
         serve_main(
             config, broker=broker, controller_id=controller_id, guests=guest, guest_dir=guest_dir,
             metrics_port=metrics_port, log_format=log_format, log_level="debug" if verbose else None,
+            mqtt_protocol=mqtt_protocol.value if mqtt_protocol is not None else None,
         )
     )
 

@@ -2,7 +2,8 @@
 
 Integration tests boot real QEMU guests (see qmpnet.testguest). When a test fails, every TestMachine among its
 fixture values adds a report section with QEMU's command line, its stderr, the console tail and the agent's
-last report, so a CI log explains the failure on its own.
+last report, so a CI log explains the failure on its own. The session also holds one RabbitMQ node for the MQTT
+tests that run on RabbitMQ (see mqtt_fixtures).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import shutil
 from typing import TYPE_CHECKING
 
 import pytest
+from mqtt_fixtures import RabbitMQ, rabbitmq_fixture
 
 from qmpnet.testguest import GuestImage, TestMachine, ensure_image
 
@@ -24,6 +26,12 @@ def guest_image() -> GuestImage:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86 busybox-static)")
     return ensure_image()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitMQ]:
+    """One RabbitMQ node (MQTT plugin, from Debian's package, no system service) for every MQTT test module."""
+    yield from rabbitmq_fixture()
 
 
 def _machines(values: Iterable[object]) -> Iterator[TestMachine]:

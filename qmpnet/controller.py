@@ -9,6 +9,9 @@ Design decisions:
 - **Requests never wait for a connection.** A request for a guest that is not connected is answered
   ``guest_unavailable`` at once; one for a connected guest goes straight into the guest's lane, with no ``await``
   before the lane is entered, so requests for one guest run in arrival order and different guests in parallel.
+  The one exception is a guest's first connection attempt: requests the broker kept for the controller while it
+  was down arrive right at start-up, and they wait (in arrival order, at most ``qmp.connect_timeout``) until
+  that attempt has ended rather than all being refused.
 - **De-duplication by transaction, per guest.** MQTT QoS 1 is at-least-once: a repeated ``transaction`` within
   the window is answered with the first answer (awaited if still running), never applied twice.
 - **State is derived from events, not re-read.** The retained NIC list is kept from the lane's events
@@ -21,6 +24,7 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -153,6 +157,7 @@ class _Member:
         self.nics: dict[str, Nic] = {}
         self.dedup = _Dedup(controller.settings.mqtt.dedup_window)
         self.task: asyncio.Task[None] | None = None
+        self.settled = asyncio.Event()  # the first connection attempt has ended, one way or the other
 
     @property
     def log_extra(self) -> dict[str, str]:
@@ -227,6 +232,8 @@ class _Member:
             self.state = state
             self.since = time.time()
             self.controller.publish_guest(self)
+        if state != "connecting":
+            self.settled.set()
 
     def set_nics(self, nics: list[Nic]) -> None:
         self.nics = {nic.id: nic for nic in nics}
@@ -276,6 +283,10 @@ class _Member:
     async def _answer(self, op: str, payload: Mapping[str, Any], transaction: str | None) -> Response:
         try:
             request = parse_request(op, "guest", payload)
+            if not self.settled.is_set():  # see "Requests never wait for a connection" above
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.controller.settings.qmp.connect_timeout):
+                        await self.settled.wait()
             guest = self.guest
             if guest is None:
                 raise GuestUnavailable(f"guest {self.name} is {self.state}: {self.problem}")

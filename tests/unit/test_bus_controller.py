@@ -89,9 +89,12 @@ class Fleet:
         self.connections: dict[str, list[FakeConnection]] = {}
         self.refuse: set[str] = set()
         self.attempts: dict[str, int] = {}
+        self.gate: asyncio.Event | None = None  # when set, connects wait for it
 
     async def connect(self, name: str, address: str) -> FakeConnection:
         self.attempts[name] = self.attempts.get(name, 0) + 1
+        if self.gate is not None:
+            await self.gate.wait()
         if name in self.refuse:
             raise GuestUnavailable(f"cannot connect to QMP monitor {address}: refused")
         connection = FakeConnection()
@@ -237,6 +240,20 @@ async def test_a_guest_that_cannot_be_reached_fails_fast_and_is_retried(sink: Si
         fleet.refuse.clear()
         await connected(sink)
         ok(await controller.handle("vm1", "nic/list", {}))
+
+
+async def test_requests_during_the_first_connection_attempt_wait_for_it_in_order(sink: Sink, fleet: Fleet) -> None:
+    fleet.gate = asyncio.Event()  # the first attempt hangs: requests kept by the broker arrive meanwhile
+    async with running(Controller(settings(), sink, fleet.connect, version="0")) as controller:
+        await until(lambda: fleet.attempts.get("vm1") == 1)
+        waiting = [
+            asyncio.create_task(controller.handle("vm1", "nic/add", {"transaction": f"q{n}", "nic": {"id": f"q{n}"}}))
+            for n in range(3)
+        ]
+        fleet.gate.set()
+        answers = await asyncio.gather(*waiting)
+        assert [ok(a).id for a in answers] == ["q0", "q1", "q2"]
+        assert fleet.current("vm1").commands.count("device_add") == 3
 
 
 async def test_a_closed_connection_is_reported_and_reconnected(sink: Sink, fleet: Fleet) -> None:

@@ -200,14 +200,16 @@ class Requester:
         except aiomqtt.MqttError as err:
             problem = explain(err, self.settings, protocol=self.protocol)
             raise await diagnose_timeout(problem, self.settings, protocol=self.protocol) from err
-        router = asyncio.create_task(self._keep_routing(client), name="qmpnet.client.router")
+        router: asyncio.Task[None] | None = None
         try:
+            await self._subscribe_missing(client)  # answers to what is sent again below must reach us
             self._client = client
             self._connected.set()
             for pending in self._pending.values():
                 self._publish(client, pending)  # again: the controller answers a repeat with its first answer
             if not first.done():
                 first.set_result(None)
+            router = asyncio.create_task(self._keep_routing(client), name="qmpnet.client.router")
             async for _ in client.messages:  # the inbox dispatches every message; this only waits for the end
                 pass
         except aiomqtt.MqttError as err:
@@ -217,31 +219,40 @@ class Requester:
             self._client = None
             self._connected.clear()
             self._active.clear()
-            router.cancel()
-            for task in list(self._publishes):
+            tasks = [*self._publishes, *([router] if router is not None else [])]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(router, *self._publishes, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(aiomqtt.MqttError):
                 await client.__aexit__(None, None, None)
 
     # --------------------------------------------------------------------------------------------- routing
 
     async def _keep_routing(self, client: aiomqtt.Client) -> None:
-        """Subscribe every wanted filter: statuses first, then the rest, whose SUBACK follows the retained statuses."""
+        """Subscribe the filters wanted from now on, as requests to new controllers and guests ask for them."""
         while True:
-            missing = [topic_filter for topic_filter in self._wanted if topic_filter not in self._active]
-            if not missing:
+            await self._subscribe_missing(client)
+            if all(topic_filter in self._active for topic_filter in self._wanted):  # no await since: none missed
                 self._route_wanted.clear()
                 await self._route_wanted.wait()
-                continue
-            statuses = [f for f in missing if self._wanted[f]]
-            others = [f for f in missing if not self._wanted[f]] or statuses[:1]
-            for group in (statuses, others):
-                if group:
-                    codes = await client.subscribe([(topic_filter, 1) for topic_filter in group])
-                    self._check_subscribed(group, codes)
-            self._active.update(missing)
-            self._routed.notify()
+
+    async def _subscribe_missing(self, client: aiomqtt.Client) -> None:
+        """Subscribe every wanted filter not subscribed in this session: statuses first, then the rest.
+
+        The broker sends a status's retained message before it acknowledges the next SUBSCRIBE, and the inbox reads
+        messages in wire order, so once this returns every known status has been read.
+        """
+        missing = [topic_filter for topic_filter in self._wanted if topic_filter not in self._active]
+        if not missing:
+            return
+        statuses = [f for f in missing if self._wanted[f]]
+        others = [f for f in missing if not self._wanted[f]] or statuses[:1]
+        for group in (statuses, others):
+            if group:
+                codes = await client.subscribe([(topic_filter, 1) for topic_filter in group])
+                self._check_subscribed(group, codes)
+        self._active.update(missing)
+        self._routed.notify()
 
     def _check_subscribed(self, filters: list[str], codes: object) -> None:
         for topic_filter, code in zip(filters, codes if isinstance(codes, list | tuple) else [], strict=False):

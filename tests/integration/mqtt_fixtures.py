@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
 
 import aiomqtt
 import pytest
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -116,6 +117,13 @@ def scratch(prefix: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) or "(empty)"
@@ -182,6 +190,21 @@ class Process:
         if self.proc is not None:
             self.signal(signal.SIGKILL)
             self.proc.wait(5)
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        """Wait until the log has a line containing ``text`` (a bounded poll of the file); returns that line."""
+        found: list[str] = []
+
+        def logged() -> bool:
+            found[:] = [line for line in _lines(self.log) if text in line]
+            return bool(found)
+
+        deadline = time.monotonic() + timeout
+        while not logged():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{text!r} not logged within {timeout} s\n{self.describe()}")
+            time.sleep(0.02)
+        return found[0]
 
     def wait_until(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
         """Poll ``ready`` until true; fail with the process description if it dies or the time runs out."""
@@ -545,6 +568,8 @@ class Probe:
         username, password: Credentials.
         tls_context: For ``mqtts``.
         identifier: The client id (random when absent).
+        session: Seconds the broker keeps this probe's session (subscriptions, queued messages) while it is
+            disconnected; 0 (default) for a clean session. 3.1.1 has no expiry: any value > 0 keeps it for good.
     """
 
     def __init__(
@@ -556,10 +581,15 @@ class Probe:
         password: str | None = None,
         tls_context: ssl.SSLContext | None = None,
         identifier: str | None = None,
+        session: int = 0,
     ) -> None:
         host, port = url.split("://", 1)[1].rsplit(":", 1)
         self.v5 = protocol == 5
         self.identifier = identifier or f"probe-{uuid.uuid4().hex[:8]}"
+        connect = None
+        if self.v5 and session:
+            connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            connect.SessionExpiryInterval = session
         self._client = aiomqtt.Client(
             host,
             int(port),
@@ -569,6 +599,9 @@ class Probe:
             password=password,
             tls_context=tls_context,
             socket_options=(NODELAY,),
+            clean_session=None if self.v5 else not session,
+            clean_start=not session if self.v5 else MQTT_CLEAN_START_FIRST_ONLY,
+            properties=connect,
         )
         self.messages: list[Msg] = []
         self._subscribed: set[str] = set()

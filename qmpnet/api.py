@@ -1,11 +1,17 @@
 """Direct mode: ``async with qmpnet.connect(address) as guest`` on a guest's QMP socket.
 
-This is the composition root for one guest: it builds the QMP adapter, wraps it in a :class:`Guest` and closes
-both on exit. The MQTT controller composes the same pieces for many guests.
+This is the composition root for one guest: it takes the guest's record in the state store (``state_dir``; the
+lock keeps other qmpnet processes off the guest meanwhile), builds the QMP adapter, wraps both in a
+:class:`Guest` (which recovers the guest from its record on entry) and releases everything on exit. The MQTT
+controller composes the same pieces for many guests.
+
+Both waits are bounded by ``qmp.connect_timeout``: another qmpnet process holding the guest, then another QMP
+client holding the monitor (QEMU serves one at a time); past it the answer is ``busy``, naming who holds it.
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -13,6 +19,7 @@ from qmpnet.guest import Guest
 from qmpnet.hostnet.host import HostNet
 from qmpnet.qmp import QmpMonitor
 from qmpnet.settings import Settings
+from qmpnet.store import StateDir
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -24,25 +31,32 @@ __all__ = ["connect"]
 async def connect(address: str, *, name: str | None = None, settings: Settings | None = None) -> AsyncIterator[Guest]:
     """Connect to the QMP monitor at ``address`` (a unix socket path or ``host:port``).
 
-    Waits for QEMU's greeting and capabilities negotiation (``qmp.connect_timeout``).
+    Waits for the guest's lock in the state store and for QEMU's greeting, together at most
+    ``qmp.connect_timeout`` seconds, then recovers the guest from its record.
 
     Yields:
         The guest, ready for ``add_nic``, ``remove_nic``, ``set_link``, ``list_nics`` and ``models``.
 
     Raises:
         GuestUnavailable: Nothing answers at ``address``.
+        Busy: Another qmpnet process or another QMP client kept the guest for the whole connect timeout.
+        InvalidRequest: The state directory cannot be written.
     """
     settings = settings or Settings()
     guest_name = name or address
-    monitor = await QmpMonitor.connect(
-        address,
-        name=guest_name,
-        connect_timeout=settings.qmp.connect_timeout,
-        command_timeout=settings.qmp.command_timeout,
-    )
+    timeout = settings.qmp.connect_timeout
+    started = time.monotonic()
+    store = await StateDir(settings.state_dir).open_guest(address, guest_name, wait=timeout)
     try:
-        host = HostNet(settings.hostnet)
-        async with Guest(monitor, name=guest_name, settings=settings, host=host) as guest:
-            yield guest
+        remaining = max(timeout - (time.monotonic() - started), 0.001)
+        monitor = await QmpMonitor.connect(
+            address, name=guest_name, connect_timeout=remaining, command_timeout=settings.qmp.command_timeout
+        )
+        try:
+            host = HostNet(settings.hostnet)
+            async with Guest(monitor, name=guest_name, settings=settings, host=host, store=store) as guest:
+                yield guest
+        finally:
+            await monitor.close()
     finally:
-        await monitor.close()
+        store.close()

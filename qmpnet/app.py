@@ -10,24 +10,28 @@ the process with one line and exit status 1. Nothing else in qmpnet wires concre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from typing import TYPE_CHECKING, Final
 
 from qmpnet.bus.mqtt import MqttBus
+from qmpnet.control import serve_control
 from qmpnet.controller import Controller
-from qmpnet.errors import BrokerUnavailable, InvalidRequest
+from qmpnet.errors import BrokerUnavailable, Busy, InvalidRequest
 from qmpnet.hostnet.host import HostNet
 from qmpnet.qmp import QmpMonitor
 from qmpnet.settings import load_settings, redact_url
+from qmpnet.store import StateDir
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from qmpnet.ports import Connection
+    from qmpnet.ports import Connection, GuestStore
     from qmpnet.settings import LogSettings, Settings
 
 __all__ = ["JsonFormatter", "configure_logging", "main", "serve"]
@@ -102,8 +106,16 @@ async def serve(settings: Settings, *, version: str) -> None:
 
         metrics = Metrics()
     settings = serve_settings(settings)
+    state = StateDir(settings.state_dir)
+    held = await state.lock_controller()  # one controller per state directory (and so per control socket)
+
+    async def open_store(name: str, address: str) -> GuestStore:
+        return await state.open_guest(address, name, wait=settings.qmp.connect_timeout)
+
     bus = MqttBus(settings.mqtt)
-    controller = Controller(settings, bus, connect, version=version, observer=metrics, host=HostNet(settings.hostnet))
+    controller = Controller(
+        settings, bus, connect, version=version, observer=metrics, host=HostNet(settings.hostnet), open_store=open_store
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -119,6 +131,7 @@ async def serve(settings: Settings, *, version: str) -> None:
     endpoint = None
     if metrics is not None and settings.metrics.port is not None:
         endpoint = metrics.serve(settings.metrics.host, settings.metrics.port)
+    control = await serve_control(state.control_socket, controller)
     try:
         async with asyncio.TaskGroup() as tasks:
             bus_task = tasks.create_task(bus.run(controller), name="qmpnet.bus")
@@ -131,6 +144,10 @@ async def serve(settings: Settings, *, version: str) -> None:
             bus_task.cancel()
         log.info("stopped in %.2f s", time.monotonic() - started)
     finally:
+        os.close(held)
+        control.close()
+        with contextlib.suppress(FileNotFoundError):
+            state.control_socket.unlink()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         if endpoint is not None:
@@ -147,6 +164,7 @@ def main(  # noqa: PLR0913 - one keyword per command-line flag
     metrics_port: int | None = None,
     log_format: str | None = None,
     log_level: str | None = None,
+    state_dir: Path | None = None,
     mqtt_protocol: str | None = None,
 ) -> int:
     """``qmpnet serve``: load the settings (file, environment, these flags) and serve; returns the exit status.
@@ -164,12 +182,14 @@ def main(  # noqa: PLR0913 - one keyword per command-line flag
         pairs = [_guest_pair(item) for item in guests or []]
         if pairs:
             fleet["guests"] = dict(pairs)
-        overrides = {
+        overrides: dict[str, object] = {
             "mqtt": _given(mqtt),
             "controller": _given(fleet),
             "metrics": _given({"port": metrics_port}),
             "log": _given(log_settings),
         }
+        if state_dir is not None:
+            overrides["state_dir"] = state_dir
         settings = load_settings(config, **{key: value for key, value in overrides.items() if value})
     except InvalidRequest as err:
         print(f"error: {err.code}: {err.message}", file=sys.stderr)  # noqa: T201 - the command's one-line verdict
@@ -177,6 +197,9 @@ def main(  # noqa: PLR0913 - one keyword per command-line flag
     configure_logging(settings.log)
     try:
         asyncio.run(serve(settings, version=__version__))
+    except (InvalidRequest, Busy) as err:
+        print(f"error: {err.code}: {err.message}", file=sys.stderr)  # noqa: T201 - the command's one-line verdict
+        return 2
     except BaseExceptionGroup as group:  # from the TaskGroup: the bus gave up on the broker
         refusal = _refusal(group)
         if refusal is None:

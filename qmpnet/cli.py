@@ -21,15 +21,17 @@ import typer
 from pydantic import BaseModel
 
 from qmpnet.api import connect
+from qmpnet.control import ControlGuest, controller_serves
 from qmpnet.errors import InvalidRequest, QmpnetError
 from qmpnet.settings import Settings, load_settings
+from qmpnet.store import StateDir
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Sequence
 
-    from qmpnet.client import GuestOps
     from qmpnet.hostnet.nat import NatStatus
     from qmpnet.model import Nic
+    from qmpnet.ports import GuestOps
     from qmpnet.wire.envelopes import GuestInfo
 
 T = TypeVar("T")
@@ -101,6 +103,11 @@ ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="TOML settings file (timeouts, policy).", show_default=False)
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log what is sent to QEMU on stderr.")]
+StateDirOpt = Annotated[
+    Path | None,
+    typer.Option("--state-dir", help="Where qmpnet keeps what it knows of each guest (default: /var/lib/qmpnet, "
+                 "or $QMPNET_STATE_DIR).", show_default=False),
+]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -122,22 +129,32 @@ class Where:
     broker: str | None = None
     guest: str | None = None
     controller: str | None = None
+    state_dir: Path | None = None
     protocol: ProtocolArg | None = None
 
 
-def broker_settings(config: Path | None, protocol: ProtocolArg | None) -> Settings:
-    """The settings of a broker-mode command: the file and environment, with ``--mqtt-protocol`` on top."""
-    return load_settings(config, **({"mqtt": {"protocol": protocol.value}} if protocol is not None else {}))
+def broker_settings(config: Path | None, protocol: ProtocolArg | None, **overrides: Any) -> Settings:  # noqa: ANN401
+    """The settings of a command: the file and environment, with ``--mqtt-protocol`` (and ``overrides``) on top."""
+    if protocol is not None:
+        overrides["mqtt"] = {"protocol": protocol.value}
+    return load_settings(config, **overrides)
 
 
 def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[[GuestOps], Awaitable[T]]) -> T:
     """Reach the guest ``where`` says, run ``op`` and return its result; errors become exit status 1."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not verbose:
+        # qemu.qmp logs each failed connection attempt at ERROR; the command's own one line says what happened.
+        logging.getLogger("qemu").setLevel(logging.CRITICAL)
     if (where.qmp is None) == (where.broker is None) or (where.broker is None) != (where.guest is None):
         raise typer.BadParameter("give --qmp SOCKET, or --broker URL and --guest NAME", param_hint="--qmp/--broker")
 
     async def session(settings: Settings) -> T:
         if where.qmp is not None:
+            # A `qmpnet serve` on this host may hold the monitor (QEMU serves one client): then ask it instead.
+            control = StateDir(settings.state_dir).control_socket
+            if await controller_serves(control, where.qmp, settings.qmp.connect_timeout):
+                return await op(ControlGuest(control, where.qmp, timeout=settings.mqtt.request_timeout))
             async with connect(where.qmp, settings=settings) as guest:
                 return await op(guest)
         from qmpnet.client import Client  # noqa: PLC0415 - the MQTT stack is loaded only in broker mode
@@ -145,8 +162,9 @@ def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[
         async with Client(where.broker, settings=settings.mqtt) as client:
             return await op(client.guest(where.controller or settings.mqtt.controller_id, where.guest or ""))
 
+    overrides: dict[str, Any] = {"state_dir": where.state_dir} if where.state_dir is not None else {}
     try:
-        return asyncio.run(session(broker_settings(config, where.protocol)))
+        return asyncio.run(session(broker_settings(config, where.protocol, **overrides)))
     except QmpnetError as err:
         raise fail(err) from None
 
@@ -285,6 +303,7 @@ def nic_add(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """Hot-add a NIC (atomic: on failure the guest is left as it was)."""
     spec: dict[str, object] = {
@@ -298,7 +317,7 @@ def nic_add(
     }
     optional = {"id": nic_id, "mac": mac, "addr": addr, "bus": bus, "vectors": vectors, "queues": queues}
     spec |= {k: v for k, v in optional.items() if v is not None}
-    where = Where(qmp, broker, guest, controller, mqtt_protocol)
+    where = Where(qmp, broker, guest, controller, state_dir, mqtt_protocol)
     nic = run_on_guest(where, config, verbose, lambda guest: guest.add_nic(spec))
     emit(nic, as_json, lambda: nic_table([nic]))
 
@@ -317,9 +336,10 @@ def nic_del(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """Hot-remove a NIC; prints 'removed', or 'removal_pending' if the guest has not acked in time."""
-    where = Where(qmp, broker, guest, controller, mqtt_protocol)
+    where = Where(qmp, broker, guest, controller, state_dir, mqtt_protocol)
     result = run_on_guest(where, config, verbose, lambda guest: guest.remove_nic(nic_id, timeout=timeout))
     emit(result, as_json, lambda: f"{result.id}: {result.state}")
 
@@ -336,9 +356,10 @@ def nic_link(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """Set a NIC's link up or down."""
-    where = Where(qmp, broker, guest, controller, mqtt_protocol)
+    where = Where(qmp, broker, guest, controller, state_dir, mqtt_protocol)
     nic = run_on_guest(where, config, verbose, lambda guest: guest.set_link(nic_id, state is LinkArg.up))
     emit(nic, as_json, lambda: nic_table([nic]))
 
@@ -353,9 +374,10 @@ def nic_list(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """List the guest's NICs, cold-plugged ones included."""
-    where = Where(qmp, broker, guest, controller, mqtt_protocol)
+    where = Where(qmp, broker, guest, controller, state_dir, mqtt_protocol)
     nics = run_on_guest(where, config, verbose, lambda guest: guest.list_nics())
     emit({"nics": [n.model_dump(mode="json") for n in nics]}, as_json, lambda: nic_table(nics))
 
@@ -370,9 +392,10 @@ def models(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """List the NIC models this QEMU offers (the old -net nic,model=?)."""
-    where = Where(qmp, broker, guest, controller, mqtt_protocol)
+    where = Where(qmp, broker, guest, controller, state_dir, mqtt_protocol)
     found = run_on_guest(where, config, verbose, lambda guest: guest.models())
 
     def table() -> str:
@@ -381,6 +404,78 @@ def models(
         return format_rows(rows)
 
     emit({"models": [m.model_dump(mode="json") for m in found]}, as_json, table)
+
+
+@app.command("apply")
+def apply_cmd(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="TOML or JSON: `nics` = NICs in the NicSpec shape, "
+                                         "each with an id; optional `generation`, `prune`.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and change nothing.")] = False,
+    prune: Annotated[bool, typer.Option("--prune", help="Also remove NICs qmpnet created, not in FILE.")] = False,
+    qmp: QmpOpt = None,
+    broker: BrokerOpt = None,
+    guest: GuestOpt = None,
+    controller: ControllerOpt = None,
+    mqtt_protocol: ProtocolOpt = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Converge a guest to the NICs FILE declares: add what is missing, set links, keep the rest (idempotent)."""
+    from qmpnet.apply import apply_desired  # noqa: PLC0415 - only this command needs it
+    from qmpnet.reconcile import parse_desired  # noqa: PLC0415 - only this command needs it
+
+    try:
+        desired = parse_desired(read_document(file), source="apply")
+    except QmpnetError as err:
+        raise fail(err) from None
+    if prune:
+        desired = desired.model_copy(update={"prune": True})
+    where = Where(qmp, broker, guest, controller, state_dir, mqtt_protocol)
+    report = run_on_guest(where, config, verbose, lambda target: apply_desired(target, desired, dry_run=dry_run))
+
+    def table() -> str:
+        rows = [("ACTION", "ID", "DETAIL")]
+        failed = {e.id: e for e in report.errors}
+        for change in report.plan:
+            detail = change.link or change.reason or ""
+            if change.id in failed and change.action != "conflict":
+                detail = f"failed: {failed[change.id].code}: {failed[change.id].message}"
+            elif change.id in report.pending:
+                detail = "removal pending: the guest has not acked yet"
+            rows.append((change.action, change.id, detail))
+        verdict = "dry run: nothing was changed" if dry_run else ("converged" if report.converged else "not converged")
+        return f"{format_rows(rows)}\n{verdict}"
+
+    emit(report.model_dump(mode="json") | {"converged": report.converged}, as_json, table)
+    if report.errors:
+        first = report.errors[0]
+        print(f"error: {first.code}: {len(report.errors)} of {len(report.plan)} NICs did not converge "
+              f"(first: {first.id}: {first.message})", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def read_document(path: Path) -> dict[str, Any]:
+    """A desired-state file as a dict: TOML (``.toml``) or JSON.
+
+    Raises:
+        InvalidRequest: The file cannot be read or parsed, or is not a table/object.
+    """
+    import tomllib  # noqa: PLC0415 - only apply reads TOML documents
+
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise InvalidRequest(f"FILE: cannot read {path}: {err.strerror or err}", field="FILE") from err
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as err:
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise InvalidRequest(f"FILE: {path} is not valid {kind}: {err}", field="FILE") from err
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"FILE: {path} must hold an object with `nics`", field="FILE")
+    return data
 
 
 @app.command("guests")
@@ -439,6 +534,7 @@ def serve(
         ProtocolArg | None, typer.Option(help="MQTT version (default auto: 5, or 3.1.1 if the broker refuses 5).")
     ] = None,
     verbose: VerboseOpt = False,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """Run the MQTT-driven controller for a fleet of guests (see docs/mqtt-api.md)."""
     from qmpnet.app import main as serve_main  # noqa: PLC0415 - the MQTT stack is loaded only for serve
@@ -447,7 +543,7 @@ def serve(
         serve_main(
             config, broker=broker, controller_id=controller_id, guests=guest, guest_dir=guest_dir,
             metrics_port=metrics_port, log_format=log_format, log_level="debug" if verbose else None,
-            mqtt_protocol=mqtt_protocol.value if mqtt_protocol is not None else None,
+            state_dir=state_dir, mqtt_protocol=mqtt_protocol.value if mqtt_protocol is not None else None,
         )
     )
 

@@ -20,78 +20,19 @@ transaction is safe. The broker connection is re-established when it breaks (see
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from qmpnet.bus.requester import Requester
-from qmpnet.errors import (
-    Busy,
-    Conflict,
-    Forbidden,
-    GuestUnavailable,
-    InvalidRequest,
-    NoFreeSlot,
-    NotFound,
-    OutcomeUnknown,
-    QmpCommandError,
-    QmpnetError,
-    RemovalPending,
-    Timeout,
-    Unsupported,
-)
 from qmpnet.model import ModelInfo, Nic, NicSpec, RemoveResult, parse_nic_spec
+from qmpnet.ports import GuestOps
 from qmpnet.settings import MqttSettings
-from qmpnet.wire.envelopes import GuestInfo, GuestList, ModelList, NicList
+from qmpnet.wire.envelopes import GuestInfo, GuestList, ModelList, NicList, data_of, error_from
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from types import TracebackType
 
 __all__ = ["Client", "GuestOps", "RemoteGuest", "error_from"]
-
-_ERRORS: dict[str, type[QmpnetError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidRequest, NotFound, Conflict, Busy, Timeout, RemovalPending, GuestUnavailable, NoFreeSlot,
-        Unsupported, Forbidden, OutcomeUnknown,
-    )
-}  # fmt: skip
-
-
-class GuestOps(Protocol):
-    """The operations on one guest, direct (:class:`qmpnet.Guest`) or through a controller (:class:`RemoteGuest`)."""
-
-    async def add_nic(self, spec: NicSpec | Mapping[str, Any]) -> Nic:
-        """Hot-add a NIC."""
-        ...
-
-    async def remove_nic(self, nic_id: str, timeout: float | None = None) -> RemoveResult:
-        """Hot-remove a NIC."""
-        ...
-
-    async def set_link(self, nic_id: str, up: bool) -> Nic:
-        """Set a NIC's link."""
-        ...
-
-    async def list_nics(self) -> list[Nic]:
-        """List the NICs."""
-        ...
-
-    async def models(self) -> list[ModelInfo]:
-        """List the NIC models."""
-        ...
-
-
-def error_from(body: Mapping[str, Any]) -> QmpnetError:
-    """The exception for an answer's ``error`` object."""
-    code = str(body.get("code", "internal"))
-    message = str(body.get("message", "no message"))
-    field = body.get("field")
-    if code == "qmp_error":
-        return QmpCommandError(message, qmp_class=str(body.get("qmp_class", "")), command="")
-    error = _ERRORS.get(code, QmpnetError)(message, field=field if isinstance(field, str) else None)
-    if error.code != code:
-        error.add_note(f"the controller's error code was {code!r}")
-    return error
 
 
 class Client:
@@ -153,11 +94,7 @@ class Client:
         """
         payload = {"transaction": transaction or uuid.uuid4().hex, **(arguments or {})}
         answer = await self._requester.request(controller, guest, op, payload, timeout=timeout or self.timeout)
-        if answer.get("status") == "ok" and isinstance(answer.get("data"), dict):
-            data: dict[str, Any] = answer["data"]
-            return data
-        error = answer.get("error")
-        raise error_from(error if isinstance(error, dict) else {"message": f"malformed answer: {answer}"})
+        return data_of(answer)
 
     async def add_nic(
         self, controller: str, guest: str, spec: NicSpec | Mapping[str, Any], *, transaction: str | None = None

@@ -32,14 +32,21 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from qmpnet.backoff import backoff
-from qmpnet.errors import GuestUnavailable, NotFound, QmpnetError
+from qmpnet.errors import Busy, GuestUnavailable, InvalidRequest, NotFound, OutcomeUnknown, QmpnetError
 from qmpnet.guest import Guest
 from qmpnet.names import BUS_NAME_RULE
 from qmpnet.ports import Connection
+from qmpnet.reconcile import parse_desired
+from qmpnet.reconciler import Reconciler
+from qmpnet.records import GuestRecord
+from qmpnet.store import MemoryGuestStore, canonical_address
 from qmpnet.wire.envelopes import (
     API_VERSION,
     OPS,
     ControllerOnline,
+    DesiredError,
+    DesiredStatus,
+    ErrorResponse,
     EventMessage,
     GuestInfo,
     GuestList,
@@ -51,6 +58,7 @@ from qmpnet.wire.envelopes import (
     NicLinkRequest,
     NicList,
     NicListRequest,
+    OkResponse,
     Response,
     error_response,
     ok_response,
@@ -66,16 +74,22 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from qmpnet.model import GuestEvent, Nic
-    from qmpnet.ports import HostNetwork, QmpEvent
+    from qmpnet.ports import GuestStore, HostNetwork, QmpEvent
     from qmpnet.settings import Settings
 
-__all__ = ["Connector", "Controller", "Observer", "StateSink"]
+__all__ = ["Connector", "Controller", "Observer", "StateSink", "StoreOpener"]
 
 log = logging.getLogger(__name__)
 
 
 #: ``await connector(name, address)`` opens the QMP monitor at ``address``, or raises ``GuestUnavailable``.
 Connector: TypeAlias = Callable[[str, str], Awaitable[Connection]]
+#: ``await open_store(name, address)`` locks and loads the guest's record, or raises ``Busy``/``InvalidRequest``.
+StoreOpener: TypeAlias = Callable[[str, str], Awaitable["GuestStore"]]
+
+
+async def _memory_store(name: str, address: str) -> GuestStore:
+    return MemoryGuestStore(GuestRecord(address=address, name=name), key=name)
 
 
 class StateSink(Protocol):
@@ -156,6 +170,10 @@ class _Member:
         self.problem = "not connected yet"
         self.nics: dict[str, Nic] = {}
         self.dedup = _Dedup(controller.settings.mqtt.dedup_window)
+        self.store: GuestStore | None = None
+        self.reconciler: Reconciler | None = None
+        self.early_desired: tuple[Mapping[str, Any] | InvalidRequest | None] | None = None
+        self.desired_status: DesiredStatus | None = None
         self.task: asyncio.Task[None] | None = None
         self.settled = asyncio.Event()  # the first connection attempt has ended, one way or the other
 
@@ -164,7 +182,9 @@ class _Member:
         return {"guest": self.name}
 
     def status(self) -> GuestStatus:
-        return GuestStatus(state=self.state, qemu=self.qemu, machine=self.machine, since=self.since)
+        return GuestStatus(
+            state=self.state, qemu=self.qemu, machine=self.machine, since=self.since, desired=self.desired_status
+        )
 
     def info(self) -> GuestInfo:
         return GuestInfo(name=self.name, **self.status().model_dump())
@@ -173,59 +193,103 @@ class _Member:
         """Keep the guest connected until cancelled."""
         self.controller.publish_guest(self)
         failures = 0  # attempts since the guest was last connected
-        while True:
-            try:
-                connection = await self.controller.connector(self.name, self.address)
-            except GuestUnavailable as err:
-                if failures == 0:
-                    log.info("guest %s: cannot connect: %s", self.name, err, extra=self.log_extra)
-                self.problem = err.message
-                self.set_state("disconnected")
-            else:
+        try:
+            while True:
                 try:
-                    await self._serve(connection)
-                except Exception:
-                    log.exception("guest %s: connection failed", self.name, extra=self.log_extra)
-                finally:
-                    self.guest = None
-                    await connection.close()
-                if self.state == "connected":
-                    failures = 0
-                    self.problem = "QEMU closed the QMP connection"
+                    if self.store is None:
+                        self.store = await self.controller.open_store(self.name, self.address)
+                        if self.early_desired is not None:
+                            self.set_desired(self.early_desired[0])
+                            self.early_desired = None
+                    connection = await self.controller.connector(self.name, self.address)
+                except (GuestUnavailable, Busy, InvalidRequest) as err:
+                    if failures == 0:
+                        log.info("guest %s: cannot connect: %s", self.name, err, extra=self.log_extra)
+                    self.problem = err.message
                     self.set_state("disconnected")
-                    self.controller.emit(self, "guest_disconnected")
-            await asyncio.sleep(self.controller.backoff(failures))
-            failures += 1
+                else:
+                    try:
+                        await self._serve(connection, self.store)
+                    except Exception:
+                        log.exception("guest %s: connection failed", self.name, extra=self.log_extra)
+                    finally:
+                        self.guest = None
+                        await connection.close()
+                    if self.state == "connected":
+                        failures = 0
+                        self.problem = "QEMU closed the QMP connection"
+                        self.set_state("disconnected")
+                        self.controller.emit(self, "guest_disconnected")
+                await asyncio.sleep(self.controller.backoff(failures))
+                failures += 1
+        finally:
+            if self.store is not None:
+                self.store.close()
+                self.store = None
 
-    async def _serve(self, connection: Connection) -> None:
+    async def _serve(self, connection: Connection, store: GuestStore) -> None:
         controller = self.controller
-        async with Guest(connection, name=self.name, settings=controller.settings, host=controller.host) as guest:
-            guest.subscribe(self._on_event)
-            connection.on_event(self._on_qmp_event)
-            try:
+        guest = Guest(connection, name=self.name, settings=controller.settings, host=controller.host, store=store)
+        guest.subscribe(self._on_event)
+        connection.on_event(self._on_qmp_event)
+        try:
+            # Entering the guest recovers it from its record, inside its lane, before any request is served.
+            async with guest:
                 self.machine = (await connection.machine())[0]
                 self.qemu = connection.greeting_version
-                nics = await guest.list_nics()
-            except QmpnetError as err:
-                log.info("guest %s: lost while reading it: %s", self.name, err, extra=self.log_extra)
-                return
-            self.guest = guest
-            self.set_nics(nics)
-            await self._sweep_taps(nics)
-            self.set_state("connected")
-            log.info("guest %s: connected (QEMU %s, %s)", self.name, self.qemu, self.machine, extra=self.log_extra)
-            self.controller.emit(self, "guest_connected")
-            await connection.closed.wait()
-            log.info("guest %s: disconnected", self.name, extra=self.log_extra)
-
-    async def _sweep_taps(self, nics: list[Nic]) -> None:
-        host = self.controller.host
-        if host is None:
-            return
-        try:
-            await host.sweep_orphans(f"{self.name}/", {f"{self.name}/{nic.id}" for nic in nics})
+                self.set_nics(await guest.list_nics())
+                self.guest = guest
+                self.set_state("connected")
+                log.info("guest %s: connected (QEMU %s, %s)", self.name, self.qemu, self.machine,
+                         extra=self.log_extra)
+                self.controller.emit(self, "guest_connected")
+                self.reconciler = Reconciler(
+                    self.name, guest, desired=lambda: store.record.desired, settings=controller.settings.reconcile,
+                    publish=self._desired_changed, event=self._reconcile_event,
+                )
+                reconciling = asyncio.create_task(self.reconciler.run(), name=f"qmpnet[guest={self.name}].reconcile")
+                self.reconciler.poke()  # a QEMU restarted on the same socket gets its desired NICs back
+                try:
+                    await self._watch(connection, guest)
+                finally:
+                    self.reconciler = None
+                    reconciling.cancel()
+                    await asyncio.gather(reconciling, return_exceptions=True)
+                log.info("guest %s: disconnected", self.name, extra=self.log_extra)
         except QmpnetError as err:
-            log.warning("guest %s: sweeping stale taps failed: %s", self.name, err, extra=self.log_extra)
+            log.info("guest %s: lost while reading it: %s", self.name, err, extra=self.log_extra)
+
+    async def _watch(self, connection: Connection, guest: Guest) -> None:
+        """Until the connection closes, re-read the guest every ``reconcile.resync_interval`` seconds."""
+        interval = self.controller.settings.reconcile.resync_interval
+        while not connection.closed.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await connection.closed.wait()
+            if connection.closed.is_set():
+                return
+            try:
+                self.resynced(await guest.resync())
+            except (Busy, OutcomeUnknown) as err:
+                log.info("guest %s: resync skipped: %s", self.name, err, extra=self.log_extra)
+            if self.reconciler is not None:
+                self.reconciler.poke()
+
+    def resynced(self, nics: list[Nic]) -> None:
+        """Publish what a re-read found changed behind the lane's back (another QMP client), with events."""
+        now = {nic.id: nic for nic in nics}
+        added = [nic for nic_id, nic in now.items() if nic_id not in self.nics]
+        removed = [nic_id for nic_id in self.nics if nic_id not in now]
+        if not added and not removed:
+            return
+        self.nics = {nic.id: nic.model_copy(update={"rx_filter": None}) for nic in nics}
+        self.controller.sink.guest_nics(self.name, NicList(nics=list(self.nics.values())))
+        for nic in added:
+            message = EventMessage(ts=time.time(), guest=self.name, id=nic.id, nic=nic)
+            self.controller.sink.event(self.name, "nic_added", message)
+        for nic_id in removed:
+            message = EventMessage(ts=time.time(), guest=self.name, id=nic_id)
+            self.controller.sink.event(self.name, "nic_removed", message)
 
     def set_state(self, state: GuestState) -> None:
         if state != self.state:
@@ -234,6 +298,45 @@ class _Member:
             self.controller.publish_guest(self)
         if state != "connecting":
             self.settled.set()
+
+    def set_desired(self, payload: Mapping[str, Any] | InvalidRequest | None) -> None:
+        """Take a desired document (``None``: clear the set; an error: unreadable), store it and converge to it."""
+        if self.store is None:
+            self.early_desired = (payload,)  # taken once the store is open
+            return
+        record = self.store.record
+        if payload is None:
+            self.store.save(record.model_copy(update={"desired": None}))
+            self._desired_changed(None)
+            return
+        try:
+            if isinstance(payload, InvalidRequest):
+                raise payload
+            desired = parse_desired(payload, source="mqtt")
+        except InvalidRequest as err:
+            log.warning("guest %s: desired document refused: %s", self.name, err, extra=self.log_extra)
+            generation = record.desired.generation if record.desired is not None else 0
+            refused = DesiredError(id=None, code=err.code, message=err.message, field=err.field)
+            self._desired_changed(DesiredStatus(generation=generation, converged=False, errors=[refused]))
+            return
+        current = record.desired
+        if current is not None and current.source == "mqtt" and desired.generation < current.generation:
+            log.info("guest %s: desired generation %d is older than %d: ignored", self.name, desired.generation,
+                     current.generation, extra=self.log_extra)
+            return
+        news = current is None or current.generation != desired.generation or current.source != "mqtt"
+        if news:
+            self.store.save(record.model_copy(update={"desired": desired}))
+        if self.reconciler is not None:
+            self.reconciler.poke(explicit=news)
+
+    def _desired_changed(self, status: DesiredStatus | None) -> None:
+        if status != self.desired_status:
+            self.desired_status = status
+            self.controller.publish_guest(self)
+
+    def _reconcile_event(self, name: str, message: EventMessage) -> None:
+        self.controller.sink.event(self.name, name, message)
 
     def set_nics(self, nics: list[Nic]) -> None:
         self.nics = {nic.id: nic for nic in nics}
@@ -250,6 +353,8 @@ class _Member:
             self.controller.sink.guest_nics(self.name, NicList(nics=list(self.nics.values())))
         message = EventMessage(ts=event.ts, guest=self.name, id=event.id, nic=event.nic)
         self.controller.sink.event(self.name, event.name, message)
+        if event.name == "nic_removed" and self.reconciler is not None:
+            self.reconciler.poke()  # a desired NIC may have vanished behind qmpnet's back
 
     def _on_qmp_event(self, event: QmpEvent) -> None:
         if event.name == "NIC_RX_FILTER_CHANGED":
@@ -259,6 +364,10 @@ class _Member:
 
     async def handle(self, op: str, payload: Mapping[str, Any]) -> Response:
         """Answer one request for this guest (de-duplicated by transaction)."""
+        if not self.settled.is_set():  # see "Requests never wait for a connection" above
+            with contextlib.suppress(TimeoutError):  # before the record is read: it needs the guest connected
+                async with asyncio.timeout(self.controller.settings.qmp.connect_timeout):
+                    await self.settled.wait()
         transaction = transaction_of(payload)
         if transaction is None:
             return await self._answer(op, payload, transaction)
@@ -271,6 +380,11 @@ class _Member:
                 extra={"guest": self.name, "transaction": transaction},
             )
             return await asyncio.shield(first)
+        recorded = self._recorded(transaction)
+        if recorded is not None:
+            log.info("guest %s: transaction %s was run before: its recorded outcome again", self.name, transaction,
+                     extra={"guest": self.name, "transaction": transaction})
+            return recorded
         answer = self.dedup.remember(transaction)
         try:
             response = await self._answer(op, payload, transaction)
@@ -280,29 +394,40 @@ class _Member:
         answer.set_result(response)
         return response
 
+    def _recorded(self, transaction: str) -> Response | None:
+        """The answer to a transaction the guest's record says was run (by this process or one before it)."""
+        guest = self.guest
+        operation = guest.operation(transaction) if guest is not None else None
+        if operation is None:
+            return None
+        if operation.outcome is None:
+            return error_response(transaction, OutcomeUnknown(
+                f"transaction {transaction} was interrupted (qmpnet stopped while it ran); the guest was recovered "
+                "since: list the NICs to see its state"
+            ))
+        if operation.outcome.get("status") == "ok":
+            return OkResponse[Any](transaction=transaction, status="ok", data=operation.outcome.get("data"))
+        return ErrorResponse.model_validate({"transaction": transaction, **operation.outcome})
+
     async def _answer(self, op: str, payload: Mapping[str, Any], transaction: str | None) -> Response:
         try:
             request = parse_request(op, "guest", payload)
-            if not self.settled.is_set():  # see "Requests never wait for a connection" above
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.controller.settings.qmp.connect_timeout):
-                        await self.settled.wait()
             guest = self.guest
             if guest is None:
                 raise GuestUnavailable(f"guest {self.name} is {self.state}: {self.problem}")
-            data = await self._run(guest, request)
+            data = await self._run(guest, request, transaction)
         except QmpnetError as err:
             return error_response(transaction, err)
         return ok_response(transaction, data)
 
-    async def _run(self, guest: Guest, request: BaseModel) -> BaseModel:
+    async def _run(self, guest: Guest, request: BaseModel, transaction: str | None) -> BaseModel:
         match request:
             case NicAddRequest(nic=spec):
-                return await guest.add_nic(spec)
+                return await guest.add_nic(spec, operation=transaction)
             case NicDelRequest(id=nic_id, timeout=timeout):
-                return await guest.remove_nic(nic_id, timeout=timeout)
+                return await guest.remove_nic(nic_id, timeout=timeout, operation=transaction)
             case NicLinkRequest(id=nic_id, up=up):
-                return await guest.set_link(nic_id, up=up)
+                return await guest.set_link(nic_id, up=up, operation=transaction)
             case NicListRequest():
                 nics = await guest.list_nics()
                 self.set_nics(nics)
@@ -322,6 +447,8 @@ class Controller:
         observer: Metrics hooks.
         host: The host side (taps, NAT networks, VFIO) shared by every guest's lane; without it only backends
             that need nothing on the host (user, hubport, stream, dgram) can be added.
+        open_store: Locks and loads a guest's record in the state store (default: records kept in memory, for
+            tests).
     """
 
     def __init__(  # noqa: PLR0913 - three ports and the settings, then keyword-only extras
@@ -333,6 +460,7 @@ class Controller:
         version: str,
         observer: Observer | None = None,
         host: HostNetwork | None = None,
+        open_store: StoreOpener | None = None,
     ) -> None:
         self.settings = settings
         self.sink = sink
@@ -340,7 +468,9 @@ class Controller:
         self.version = version
         self.observer: Observer = observer or _NoObserver()
         self.host = host
+        self.open_store: StoreOpener = open_store or _memory_store
         self._members: dict[str, _Member] = {}
+        self._early_desired: dict[str, Mapping[str, Any] | InvalidRequest | None] = {}
         self._tasks: asyncio.TaskGroup | None = None
 
     async def run(self) -> None:
@@ -354,6 +484,19 @@ class Controller:
             if guest_dir is not None:
                 tasks.create_task(self._discover(guest_dir), name="qmpnet.discovery")
             await asyncio.get_running_loop().create_future()  # until cancelled
+
+    def serves(self, address: str) -> str | None:
+        """The name of the guest whose QMP socket is ``address``, if this controller serves it."""
+        wanted = canonical_address(address)
+        return next((m.name for m in self._members.values() if canonical_address(m.address) == wanted), None)
+
+    def set_desired(self, guest: str, payload: Mapping[str, Any] | InvalidRequest | None) -> None:
+        """A desired document for ``guest`` arrived (``None``: it was cleared; an error: it could not be read)."""
+        member = self._members.get(guest)
+        if member is None:
+            self._early_desired[guest] = payload  # a guest not discovered yet: taken when it is
+            return
+        member.set_desired(payload)
 
     async def handle(self, guest: str | None, op: str, payload: Mapping[str, Any]) -> Response:
         """Answer one request: ``guest`` is ``None`` for controller-level ops. Never raises but ``CancelledError``."""
@@ -417,6 +560,8 @@ class Controller:
         if self._tasks is None:
             raise RuntimeError("the controller is not running")
         member = _Member(self, name, address, discovered=discovered)
+        if name in self._early_desired:
+            member.set_desired(self._early_desired.pop(name))
         self._members[name] = member
         member.task = self._tasks.create_task(member.supervise(), name=f"qmpnet[guest={name}].supervisor")
 

@@ -13,11 +13,15 @@ which layer noticed it, so a caller can act on the class alone::
      +-- RemovalPending (removal_pending)      the NIC is being unplugged and the guest has not acked
      +-- GuestUnavailable (guest_unavailable)  the QMP monitor cannot be reached; nothing was sent
      |    +-- BrokerUnavailable                the MQTT broker cannot be reached or refused us; says why
+     |    +-- AgentUnavailable                 the guest agent cannot be reached or did not answer in time
      +-- NoFreeSlot (no_free_slot)             PCI placement found no place; says what to add to the command line
      +-- Unsupported (unsupported)             this QEMU or machine cannot do what was asked
      +-- Forbidden (forbidden)                 the operator's policy refuses the request
      +-- QmpCommandError (qmp_error)           QEMU answered a command with an error (carries ``qmp_class``)
+     |    +-- AgentCommandError                the guest agent answered a command with an error
      +-- OutcomeUnknown (outcome_unknown)      a command was sent and no answer came (timeout or disconnect)
+     +-- NotVerified (not_verified)            the guest did not show what was asked (interface, address,
+                                               carrier, absence) within the verify timeout
 
 Adapters translate library errors into this tree with ``raise ... from err`` so the cause is kept.
 ``asyncio.CancelledError`` is never wrapped.
@@ -40,11 +44,14 @@ ErrorCode = Literal[
     "forbidden",
     "qmp_error",
     "outcome_unknown",
+    "not_verified",
     "internal",
 ]
 
 __all__ = [
     "FATAL_BROKER_PROBLEMS",
+    "AgentCommandError",
+    "AgentUnavailable",
     "BrokerProblem",
     "BrokerUnavailable",
     "Busy",
@@ -55,6 +62,7 @@ __all__ = [
     "InvalidRequest",
     "NoFreeSlot",
     "NotFound",
+    "NotVerified",
     "OutcomeUnknown",
     "QmpCommandError",
     "QmpnetError",
@@ -189,3 +197,26 @@ class OutcomeUnknown(QmpnetError):
     """A command was sent but no answer came: QEMU may or may not have applied it."""
 
     code = "outcome_unknown"
+
+
+class AgentUnavailable(GuestUnavailable):
+    """The guest agent (qemu-guest-agent) cannot be reached, or it did not answer in time.
+
+    Its code stays ``guest_unavailable``: to a caller it is the same situation as an unreachable monitor, only
+    about the guest's agent socket.
+    """
+
+
+class AgentCommandError(QmpCommandError):
+    """The guest agent answered a command with an error (``qmp_class`` is the agent's error class)."""
+
+
+class NotVerified(QmpnetError):
+    """The guest did not show what was asked of it in time: an interface, an address, a carrier, or its absence.
+
+    Args:
+        message: What was awaited and what the guest showed instead.
+        field: The request field that asked for the verification (``verify``), when there is one.
+    """
+
+    code = "not_verified"

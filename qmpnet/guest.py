@@ -1,19 +1,30 @@
-"""One guest: its serial lane, its NICs' lifecycles, and the execution of plans with rollback.
+"""One guest: its serial lane, its NICs' lifecycles, their records, and the execution of plans with rollback.
 
 Every public call runs in the guest's *lane*: an ``asyncio.Lock`` taken in arrival order, so the QMP steps of two
 calls on one guest never interleave, while different guests (different ``Guest`` objects) run in parallel. A
-bounded number of calls may wait for the lane; more get ``busy`` at once rather than queueing without limit.
+bounded number of calls may wait for the lane, each for a bounded time; past either limit a call gets ``busy``.
+
+**What is remembered, and where.** QEMU is the truth for what exists; the guest's record in the state store
+(:mod:`qmpnet.records`, behind the :class:`~qmpnet.ports.GuestStore` port) holds what QEMU cannot tell. Every
+change is written there *before* its first QMP command (a NIC ``adding``, a NIC ``removal_pending``, a link
+intent, the operation's id) and again with its outcome. So a process killed between any two commands leaves a
+record that the next one resolves (:mod:`qmpnet.recovery`): on entering the context (before any call is served),
+whenever the lane re-reads the guest (after a refused or unanswered command, a device unplugged behind its back,
+``list_nics``), and on :meth:`Guest.resync`. The per-NIC state is the record; the only other per-NIC data in
+memory are the waiters of pending removals.
 
 A NIC moves through ``adding -> active -> removal_pending -> removed``. Removal is QEMU's two-phase unplug:
 ``device_del`` only *asks* the guest OS; the ``DEVICE_DELETED`` event (matched on ``data.device``: virtio sends
 a first one for its backend without it) is the answer, and only then is the netdev deleted (QEMU would delete a
 netdev still attached to a NIC). If the guest does not answer within the timeout the call returns
-``removal_pending`` rather than failing; the event pump finishes the removal whenever the answer comes.
+``removal_pending``; the event pump finishes the removal whenever the answer comes, and if it comes while no
+qmpnet listens, recovery finishes it.
 
 A hot-add runs the plan's steps in order; on a QEMU error it runs the undo of the steps already done in reverse,
-so the guest is exactly as before. On an *unknown* outcome (timeout, lost connection) it does not guess: undoing
-``netdev_add`` while a ``device_add`` may have succeeded would leave a NIC without a backend, so the caller gets
-``outcome_unknown`` and the lane re-reads the guest before its next change.
+so the guest is exactly as before. If QEMU refused the plan itself (an id or a PCI slot another client took
+meanwhile), the lane re-reads the guest and plans once more before answering. On an *unknown* outcome (timeout,
+lost connection) it does not guess: the record stays ``adding`` with the host resources it holds, the caller
+gets ``outcome_unknown``, and the next read of the guest settles it.
 """
 
 from __future__ import annotations
@@ -21,20 +32,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
+import uuid
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 from qmpnet.errors import (
     Busy,
-    GuestUnavailable,
     InvalidRequest,
     NotFound,
     OutcomeUnknown,
     QmpCommandError,
     QmpnetError,
+    RemovalPending,
+    Unsupported,
 )
-from qmpnet.inventory import Inventory
+from qmpnet.inventory import Inventory, backend_of
 from qmpnet.model import (
     GuestEvent,
     GuestEventName,
@@ -42,39 +56,50 @@ from qmpnet.model import (
     Nic,
     NicSpec,
     ObservedBackend,
+    PciAddress,
     RemoveResult,
     parse_nic_spec,
 )
-from qmpnet.names import check_qemu_id
-from qmpnet.plan import QmpCall, needs_tap_fds, plan_add
+from qmpnet.names import check_qemu_id, format_pci_addr
+from qmpnet.plan import AddPlan, QmpCall, needs_tap_fds, plan_add
 from qmpnet.policy import check_spec
+from qmpnet.reconcile import with_added, with_link, without
+from qmpnet.records import GuestRecord, HostHold, NicRecord, OperationRecord
+from qmpnet.recovery import RecoveryStep, plan_recovery
 from qmpnet.settings import Settings
-from qmpnet.steps import Attachment, UndoStack, prepare_host, run_steps
+from qmpnet.steps import UndoStack, prepare_host, run_steps
+from qmpnet.store import MemoryGuestStore
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
-    from qmpnet.ports import HostNetwork, Monitor, QmpEvent
+    from qmpnet.ports import GuestStore, HostNetwork, Monitor, Observation, QmpEvent
 
-__all__ = ["Guest"]
+__all__ = ["INSTANCE_OBJECT", "Guest"]
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 #: Options `info network` shows that mean nothing outside QEMU (its own fd numbers for a passed tap).
 _QEMU_INTERNAL_OPTIONS = frozenset({"fd", "fds"})
+#: The QOM object qmpnet adds to each QEMU it meets, holding a random id of that QEMU process.
+INSTANCE_OBJECT = "qmpnet-instance"
+#: QEMU's words when a plan was refused because another client took an id or a PCI place meanwhile.
+_REFUSED = re.compile(r"Duplicate (?:device )?ID|already exists|not available for|no slot/function available")
 
 
 class Guest:
     """The network of one running QEMU guest, changed through its QMP monitor.
 
-    Use as an async context manager (``qmpnet.connect`` does this for you): the context owns the background task
-    that finishes late unplugs.
+    Use as an async context manager (``qmpnet.connect`` does this for you). Entering it recovers the guest from
+    its record (see the module docstring) before any call is served; the context owns the background tasks that
+    finish late unplugs. A ``Guest`` is not re-entrant and cannot be entered twice.
 
     Args:
         monitor: The guest's connected monitor.
         name: The guest's name, for logs and events.
         settings: Timeouts, lane limits and the caller policy.
         host: The host side for bridge, NAT, tap and VFIO backends (``None``: those backends are unsupported).
+        store: The guest's record in the state store (default: kept in memory only, for tests and tools).
     """
 
     def __init__(
@@ -84,46 +109,98 @@ class Guest:
         name: str = "guest",
         settings: Settings | None = None,
         host: HostNetwork | None = None,
+        store: GuestStore | None = None,
     ) -> None:
         self.name = name
         self._monitor = monitor
         self._host = host
-        self._attachments: dict[str, Attachment] = {}
-        self._backends: dict[str, ObservedBackend] = {}  # as asked for, for NICs added on this connection
+        self._store: GuestStore = store or MemoryGuestStore(GuestRecord(address=name, name=name), key=name)
         self._settings = settings or Settings()
         self._lane = asyncio.Lock()
         self._waiting = 0
         self._inventory: Inventory | None = None
-        self._links: dict[str, str] = {}
-        self._pending: dict[str, str | None] = {}  # NIC id -> netdev id, while removal is pending
-        self._removing: set[str] = set()
-        self._removed: dict[str, asyncio.Event] = {}
+        self._seen_nics: set[str] = set()  # the NIC ids of the last read: tells a NIC's DEVICE_DELETED from others
+        self._instance: str | None = None
+        self._unplugging: set[str] = set()  # device_del sent by this lane and awaited right now
+        self._waiters: dict[str, asyncio.Event] = {}  # pending removals: set when the removal is finished
         self._subscribers: list[Callable[[GuestEvent], None]] = []
-        self._tasks: asyncio.TaskGroup | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._state: Literal["new", "open", "closed"] = "new"
         monitor.on_event(self._on_event)
 
     async def __aenter__(self) -> Self:
-        self._tasks = asyncio.TaskGroup()
-        await self._tasks.__aenter__()
+        """Recover the guest from its record (see :meth:`recover`).
+
+        Raises:
+            RuntimeError: The guest was entered before.
+            GuestUnavailable, OutcomeUnknown, QmpCommandError: Reading or repairing the guest failed.
+        """
+        if self._state != "new":
+            raise RuntimeError(f"guest {self.name}: a Guest can be entered only once")
+        self._state = "open"
+        try:
+            await self.recover()
+        except Unsupported as err:
+            # A guest qmpnet cannot hot-plug into (no PCI root bus) is still served: each call says why.
+            log.warning("guest %s: %s", self.name, err)
+        except BaseException:
+            self._state = "closed"
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        tasks, self._tasks = self._tasks, None
-        if tasks is not None:
-            for task in list(tasks._tasks):  # noqa: SLF001 - TaskGroup has no public way to cancel its children
+        """Let background work (late unplugs being finished) end within ``lane.stop_grace``, then cancel it."""
+        self._state = "closed"
+        pending = set(self._background)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=self._settings.lane.stop_grace)
+            for task in late:
                 task.cancel()
-            await tasks.__aexit__(None, None, None)
+            await asyncio.gather(*pending, return_exceptions=True)
 
     # ----------------------------------------------------------------------------------------------- public API
+
+    @property
+    def record(self) -> GuestRecord:
+        """What the state store holds for this guest."""
+        return self._store.record
 
     def subscribe(self, callback: Callable[[GuestEvent], None]) -> None:
         """Call ``callback`` with every :class:`GuestEvent` (NIC added, removed, link changed, ...)."""
         self._subscribers.append(callback)
 
-    async def add_nic(self, spec: NicSpec | Mapping[str, Any]) -> Nic:
+    def operation(self, operation_id: str) -> OperationRecord | None:
+        """The recorded operation ``operation_id`` (a transaction), if this guest has run it."""
+        return self._store.record.operations.get(operation_id)
+
+    async def recover(self) -> list[Nic]:
+        """Read the guest afresh and converge it with its record: the *full* recovery (see :mod:`qmpnet.recovery`).
+
+        Recognises a restarted QEMU (a new instance), finishes or undoes what a killed process began, re-applies
+        link intent, asks pending unplugs again and deletes taps of vanished NICs. Returns the NICs.
+
+        Raises:
+            GuestUnavailable, OutcomeUnknown, QmpCommandError: Reading or repairing the guest failed.
+        """
+        async with self._lane_turn(bounded=False):
+            inventory = await self._refresh(full=True)
+            return list(inventory.nics.values())
+
+    async def resync(self) -> list[Nic]:
+        """Read the guest afresh and settle records against it (what the periodic resync calls); returns the NICs.
+
+        Raises:
+            GuestUnavailable, OutcomeUnknown, QmpCommandError, Busy: As for :meth:`list_nics`.
+        """
+        async with self._lane_turn():
+            inventory = await self._refresh(full=False)
+            return [self._described(nic) for nic in inventory.nics.values()]
+
+    async def add_nic(self, spec: NicSpec | Mapping[str, Any], *, operation: str | None = None) -> Nic:
         """Hot-add a NIC described by ``spec``; atomic: on failure the guest is left as before.
 
         Waits for the guest's lane, then runs ``netdev_add``, ``device_add`` and (for ``link: down``) ``set_link``.
+        ``operation`` (an MQTT transaction) names the change in the record.
 
         Raises:
             InvalidRequest: A field of ``spec`` is invalid (nothing was sent).
@@ -138,44 +215,18 @@ class Guest:
         check_spec(nic_spec, self._settings.policy)
         async with self._lane_turn():
             # Once started, a hot-add runs to its end (or its rollback) even if the caller goes away.
-            nic = await _shielded(self._add(nic_spec))
+            nic = await _shielded(self._add(nic_spec, operation or _new_operation()))
         log.info("guest %s: added NIC %s (%s, %s) at %s", self.name, nic.id, nic.model, nic.mac, nic.pci)
         self._emit("nic_added", nic=nic)
         return nic
 
-    async def _add(self, spec: NicSpec) -> Nic:
-        inventory = await self._fresh_inventory()
-        vhost = self._host is not None and needs_tap_fds(spec) and self._host.vhost()
-        plan = plan_add(spec, inventory.view(), vhost=vhost)
-        undo = UndoStack()
-        attachment = Attachment()
-        try:
-            attachment = await prepare_host(self._host, self._monitor, spec, plan, f"{self.name}/{plan.nic_id}", undo)
-            await run_steps(self._monitor, plan.steps, undo, unplug_timeout=self._settings.qmp.rollback_unplug_timeout)
-        except OutcomeUnknown as err:
-            self._inventory = None
-            err.add_note("qmpnet did not roll back: QEMU may have applied the step; list the NICs to see")
-            raise
-        except QmpnetError as err:
-            self._inventory = None
-            if not await undo.unwind(err):
-                # The NIC is still plugged: finish its removal (netdev, host side) when the guest lets go.
-                self._attachments[plan.nic_id] = attachment
-                self._mark_pending(plan.nic_id, plan.netdev_id)
-            raise
-        self._attachments[plan.nic_id] = attachment
-        nic = inventory.added(plan, spec)
-        if attachment.bridge is not None:
-            nic = inventory.update(nic.id, backend=_bridge_backend(attachment))
-        if nic.backend is not None:
-            self._backends[nic.id] = nic.backend
-        self._links[nic.id] = nic.link
-        return nic
-
-    async def remove_nic(self, nic_id: str, timeout: float | None = None) -> RemoveResult:
+    async def remove_nic(
+        self, nic_id: str, timeout: float | None = None, *, operation: str | None = None
+    ) -> RemoveResult:
         """Hot-remove NIC ``nic_id``: ``device_del``, wait for the guest's ack, then ``netdev_del``.
 
         Waits at most ``timeout`` seconds (default: the ``qmp.unplug_timeout`` setting) for ``DEVICE_DELETED``.
+        A NIC qmpnet created whose device is already gone (its backend left behind) is cleaned up and ``removed``.
 
         Returns:
             ``removed``, or ``removal_pending`` if the guest has not acked in time; the removal then completes in
@@ -191,36 +242,43 @@ class Guest:
         wait = self._settings.qmp.unplug_timeout if timeout is None else timeout
         if not (math.isfinite(wait) and wait >= 0):
             raise InvalidRequest("timeout: must be a finite number of seconds, zero or more", field="timeout")
-        if nic_id in self._pending:
+        if self._pending(nic_id):
             # Waiting for the guest's ack needs no QMP command, so it happens outside the lane.
             return await self._wait_pending(nic_id, wait)
         async with self._lane_turn():
-            if nic_id in self._pending:
+            if self._pending(nic_id):
                 return RemoveResult(id=nic_id, state="removal_pending")
             inventory = await self._fresh_inventory()
             nic = inventory.nics.get(nic_id)
             if nic is None:
+                if nic_id in self._store.record.gone:
+                    # Its device went while no qmpnet listened, and recovery cleaned up what it left behind.
+                    self._save(self._store.record.model_copy(
+                        update={"gone": {k: v for k, v in self._store.record.gone.items() if k != nic_id}}
+                    ))
+                    return RemoveResult(id=nic_id, state="removed")
                 raise NotFound(f"id: no NIC {nic_id!r} in guest {self.name}", field="id")
             # Once device_del is sent the outcome must be recorded (pending or removed), caller or not.
-            return await _shielded(self._unplug(inventory, nic, wait))
+            return await _shielded(self._unplug(nic, wait, operation or _new_operation()))
 
-    async def set_link(self, nic_id: str, up: bool) -> Nic:
-        """Set the link of NIC ``nic_id`` up or down (the guest sees carrier change).
+    async def set_link(self, nic_id: str, up: bool, *, operation: str | None = None) -> Nic:
+        """Set the link of NIC ``nic_id`` up or down (the guest sees carrier change); the intent is recorded.
 
         Raises:
             InvalidRequest: ``nic_id`` is malformed.
             NotFound: No NIC with that id.
+            RemovalPending: The NIC is being removed.
             QmpCommandError, OutcomeUnknown, GuestUnavailable, Busy: As for :meth:`add_nic`.
         """
         _check_id(nic_id)
+        link: Literal["up", "down"] = "up" if up else "down"
         async with self._lane_turn():
             inventory = await self._fresh_inventory()
             if nic_id not in inventory.nics:
                 raise NotFound(f"id: no NIC {nic_id!r} in guest {self.name}", field="id")
-            await self._execute(QmpCall("set_link", {"name": nic_id, "up": up}))
-            link: Literal["up", "down"] = "up" if up else "down"
-            self._links[nic_id] = link
-            nic = inventory.update(nic_id, link=link)
+            if self._pending(nic_id):
+                raise RemovalPending(f"id: NIC {nic_id!r} is being removed; its link cannot change", field="id")
+            nic = await _shielded(self._relink(inventory, nic_id, link, operation or _new_operation()))
         self._emit("link_changed", nic=nic)
         return nic
 
@@ -231,21 +289,13 @@ class Guest:
             OutcomeUnknown, GuestUnavailable, Busy: As for :meth:`add_nic`.
         """
         async with self._lane_turn():
-            self._inventory = None
-            inventory = await self._fresh_inventory()
+            inventory = await self._refresh(full=False)
             nics = []
             for nic in inventory.nics.values():
-                update: dict[str, object] = {}
-                asked = self._backends.get(nic.id)
-                if asked is not None:
-                    # QEMU's view (defaults such as net=10.0.2.0) completed with what was asked for (hostfwd,
-                    # the bridge and tap behind an fd, which `info network` cannot show).
-                    seen = nic.backend.options if nic.backend is not None else {}
-                    seen = {k: v for k, v in seen.items() if k not in _QEMU_INTERNAL_OPTIONS}
-                    update["backend"] = ObservedBackend(type=asked.type, options={**seen, **asked.options})
+                described = self._described(nic)
                 if nic.model.startswith("virtio-net") and nic.state == "active":
-                    update["rx_filter"] = await self._monitor.rx_filter(nic.id)
-                nics.append(nic.model_copy(update=update))
+                    described = described.model_copy(update={"rx_filter": await self._monitor.rx_filter(nic.id)})
+                nics.append(described)
             return nics
 
     async def models(self) -> list[ModelInfo]:
@@ -257,15 +307,40 @@ class Guest:
         async with self._lane_turn():
             return await self._monitor.models()
 
+    async def idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the lane and the late unplugs being finished to be idle.
+
+        Returns whether they became idle (a clean stop lets operations in flight end this way).
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                while self._background or self._lane.locked() or self._waiting:
+                    if self._background:
+                        await asyncio.wait(set(self._background))
+                        continue
+                    async with self._lane:
+                        pass
+        except TimeoutError:
+            return False
+        return True
+
     # ------------------------------------------------------------------------------------------------ the lane
 
     @asynccontextmanager
     async def _lane_turn(self, *, bounded: bool = True) -> AsyncIterator[None]:
-        if bounded and self._waiting >= self._settings.lane.max_waiting:
+        lane = self._settings.lane
+        if bounded and self._waiting >= lane.max_waiting:
             raise Busy(f"guest {self.name}: {self._waiting} requests are already waiting")
         self._waiting += 1
         try:
-            await self._lane.acquire()
+            if bounded:
+                try:
+                    async with asyncio.timeout(lane.max_wait):
+                        await self._lane.acquire()
+                except TimeoutError as err:
+                    raise Busy(f"guest {self.name}: waited {lane.max_wait:g} s for earlier requests") from err
+            else:
+                await self._lane.acquire()
         finally:
             self._waiting -= 1
         try:
@@ -275,8 +350,7 @@ class Guest:
 
     async def _fresh_inventory(self) -> Inventory:
         if self._inventory is None:
-            observation = await self._monitor.observe()
-            self._inventory = Inventory.from_observation(observation, self._links, set(self._pending))
+            return await self._refresh(full=False)
         return self._inventory
 
     async def _execute(self, call: QmpCall) -> object:
@@ -286,98 +360,364 @@ class Guest:
             self._inventory = None
             raise
 
+    def _save(self, record: GuestRecord) -> None:
+        keep = self._settings.mqtt.dedup_window
+        self._store.save(record.pruned(time.time(), keep))
+
+    def _pending(self, nic_id: str) -> bool:
+        nic = self._store.record.nics.get(nic_id)
+        return nic is not None and nic.state == "removal_pending"
+
+    # --------------------------------------------------------------------------------------- reading, recovery
+
+    async def _refresh(self, *, full: bool, gone: frozenset[str] = frozenset()) -> Inventory:
+        """Observe the guest, settle the records against it, and rebuild the inventory.
+
+        ``gone`` names devices whose ``DEVICE_DELETED`` just came: absent whatever the observation still shows.
+        """
+        self._inventory = None
+        observation = await self._monitor.observe()
+        if full:
+            self._instance = await self._identify()
+        record = self._store.record
+        devices = observation.device_ids - gone
+        steps = plan_recovery(record, instance=self._instance, devices=devices, full=full)
+        if full and self._instance is not None and record.instance != self._instance:
+            if record.instance is not None:
+                log.info("guest %s: QEMU was restarted (a new instance): its NICs went with the old one", self.name)
+            self._save(record.model_copy(update={"instance": self._instance, "links": {}}))
+        elif any(nic_id not in devices for nic_id in record.links):
+            self._save(record.model_copy(update={"links": {k: v for k, v in record.links.items() if k in devices}}))
+        deleted: set[str] = set()
+        for step in steps:
+            if await self._recover_one(step, observation, full=full):
+                deleted.add(step.nic.netdev or "")
+        if full:
+            await self._apply_foreign_links(devices)
+            await self._sweep_taps()
+        inventory = Inventory.from_observation(observation, self._links(), self._pending_ids())
+        for device in gone:
+            inventory.removed(device)
+        inventory.netdev_ids.difference_update(deleted)
+        self._inventory = inventory
+        self._seen_nics = set(inventory.nics)
+        return inventory
+
+    async def _apply_foreign_links(self, devices: frozenset[str]) -> None:
+        for nic_id, link in self._store.record.links.items():
+            if nic_id in devices:
+                try:
+                    await self._monitor.execute("set_link", {"name": nic_id, "up": link == "up"})
+                except QmpCommandError as err:
+                    log.warning("guest %s: re-applying the link of %s failed: %s", self.name, nic_id, err)
+
+    async def _identify(self) -> str | None:
+        """The id of the QEMU process behind the monitor, kept in a QOM object qmpnet adds on first contact."""
+        path = f"/objects/{INSTANCE_OBJECT}"
+        try:
+            return str(await self._monitor.execute("qom-get", {"path": path, "property": "identity"}))
+        except QmpCommandError:
+            pass
+        new = uuid.uuid4().hex
+        try:
+            await self._monitor.execute(
+                "object-add", {"qom-type": "authz-simple", "id": INSTANCE_OBJECT, "identity": new}
+            )
+        except QmpCommandError as err:
+            log.warning("guest %s: cannot mark the QEMU instance (%s): restarts are told by devices only", self.name,
+                        err)
+            return None
+        return new
+
+    async def _recover_one(self, step: RecoveryStep, observation: Observation, *, full: bool) -> bool:
+        """Carry out one recovery step; returns whether it deleted the NIC's netdev.
+
+        A removal finished by a *full* recovery is remembered as gone: the process that asked for it has gone
+        too, and a later ``nic del`` of the NIC answers ``removed``.
+        """
+        nic = step.nic
+        log.info("guest %s: recovery: %s NIC %s (recorded %s)", self.name, step.action, nic.id, nic.state)
+        try:
+            match step.action:
+                case "forget":
+                    await self._release_host(nic)
+                    self._drop(nic.id)
+                case "activate":
+                    device = observation.device(nic.id)
+                    pci = nic.pci
+                    if device is not None:
+                        pci = pci or _pci_of(device.bus, device.slot, device.function)
+                    self._save(self._store.record.with_nic(nic.model_copy(update={"state": "active", "pci": pci})))
+                    await self._apply_link(nic)
+                case "relink":
+                    await self._apply_link(nic)
+                case "unplug":
+                    await self._ask_unplug(nic.id)
+                    self._waiters.setdefault(nic.id, asyncio.Event())
+                case "undo_add" | "vanished" | "finish":
+                    await self._clean_up(nic, by_recovery=full and step.action != "undo_add")
+                    if step.action != "undo_add":
+                        self._emit("nic_removed", nic_id=nic.id)
+                    return nic.netdev is not None
+        except QmpCommandError as err:
+            log.warning("guest %s: recovery of NIC %s (%s) failed: %s", self.name, nic.id, step.action, err)
+        return False
+
+    async def _apply_link(self, nic: NicRecord) -> None:
+        await self._monitor.execute("set_link", {"name": nic.id, "up": nic.link == "up"})
+
+    async def _ask_unplug(self, nic_id: str) -> None:
+        try:
+            await self._monitor.execute("device_del", {"id": nic_id})
+        except QmpCommandError as err:
+            if "in the process of unplug" not in err.message:
+                raise
+
+    async def _sweep_taps(self) -> None:
+        if self._host is None:
+            return
+        keep = {nic.host.owner for nic in self._store.record.nics.values() if nic.host.owner is not None}
+        try:
+            await self._host.sweep_orphans(f"{self._store.key}/", keep)
+        except QmpnetError as err:
+            log.warning("guest %s: sweeping stale taps failed: %s", self.name, err)
+
+    def _links(self) -> dict[str, str]:
+        record = self._store.record
+        return {**record.links, **{nic_id: nic.link for nic_id, nic in record.nics.items()}}
+
+    def _pending_ids(self) -> set[str]:
+        return {nic_id for nic_id, nic in self._store.record.nics.items() if nic.state == "removal_pending"}
+
+    def _described(self, nic: Nic) -> Nic:
+        """QEMU's view of ``nic`` completed with what was asked for (hostfwd, the bridge and tap behind an fd)."""
+        record = self._store.record.nics.get(nic.id)
+        if record is None or record.spec is None:
+            return nic
+        asked = _asked_backend(record.spec, record)
+        seen = nic.backend.options if nic.backend is not None else {}
+        seen = {k: v for k, v in seen.items() if k not in _QEMU_INTERNAL_OPTIONS}
+        backend = ObservedBackend(type=asked.type, options={**seen, **asked.options})
+        return nic.model_copy(update={"backend": backend, "managed": True})
+
+    # ------------------------------------------------------------------------------------------------- hot-add
+
+    async def _add(self, spec: NicSpec, operation: str) -> Nic:
+        self._save(self._store.record.with_operation(
+            OperationRecord(id=operation, op="nic/add", nic=spec.id, started=time.time())
+        ))
+        inventory = await self._fresh_inventory()
+        try:
+            plan, record = await self._run_add(spec, inventory, operation)
+        except QmpCommandError as err:
+            if not _REFUSED.search(err.message):
+                self._finish_operation(operation, error=err)
+                raise
+            log.info("guest %s: QEMU refused the plan (%s): reading the guest and planning again", self.name, err)
+            try:
+                inventory = await self._fresh_inventory()
+                plan, record = await self._run_add(spec, inventory, operation)
+            except QmpnetError as again:
+                self._finish_operation(operation, error=again)
+                raise
+        except OutcomeUnknown:
+            raise
+        except QmpnetError as err:
+            self._finish_operation(operation, error=err)
+            raise
+        done = self._store.record.with_nic(record)
+        nic = self._described(inventory.added(plan, spec))
+        assert record.spec is not None  # noqa: S101 - a NIC qmpnet adds always has its planned spec
+        self._save(done.model_copy(update={"desired": with_added(done.desired, record.spec)}).with_operation(
+            _finished(self._store.record.operations[operation], data=nic.model_dump(mode="json"))
+        ))
+        return nic
+
+    async def _run_add(self, spec: NicSpec, inventory: Inventory, operation: str) -> tuple[AddPlan, NicRecord]:
+        vhost = self._host is not None and needs_tap_fds(spec) and self._host.vhost()
+        plan = plan_add(spec, inventory.view(), vhost=vhost)
+        owner = f"{self._store.key}/{plan.nic_id}"
+        record = NicRecord(
+            id=plan.nic_id,
+            spec=_planned_spec(spec, plan),
+            netdev=plan.netdev_id,
+            state="adding",
+            link=spec.link,
+            host=HostHold(owner=owner if needs_tap_fds(spec) else None),
+            pci=_pci_of(plan.placement.bus, plan.placement.slot, plan.placement.function),
+            operation=operation,
+        )
+        self._save(self._store.record.with_nic(record))
+        undo = UndoStack()
+        try:
+            attachment = await prepare_host(self._host, self._monitor, spec, plan, owner, undo)
+            if attachment.tap is not None or attachment.vfio_host is not None:
+                hold = record.host.model_copy(update={
+                    "tap": attachment.tap, "bridge": attachment.bridge, "network": attachment.network,
+                    "vfio_host": attachment.vfio_host, "vfio_driver": attachment.vfio_driver,
+                })
+                record = record.model_copy(update={"host": hold})
+                self._save(self._store.record.with_nic(record))
+            await run_steps(self._monitor, plan.steps, undo, unplug_timeout=self._settings.qmp.rollback_unplug_timeout)
+        except OutcomeUnknown as err:
+            self._inventory = None
+            err.add_note("qmpnet did not roll back: QEMU may have applied the step; the next read of the guest "
+                         "settles it (list the NICs to see)")
+            raise
+        except QmpnetError as err:
+            self._inventory = None
+            if await undo.unwind(err):
+                self._drop(record.id)
+            else:
+                # The NIC is still plugged: finish its removal (netdev, host side) when the guest lets go.
+                self._save(self._store.record.with_nic(record.model_copy(update={"state": "removal_pending"})))
+                self._waiters.setdefault(record.id, asyncio.Event())
+            raise
+        return plan, record.model_copy(update={"state": "active"})
+
+    def _finish_operation(self, operation: str, *, error: QmpnetError) -> None:
+        current = self._store.record.operations.get(operation)
+        if current is not None:
+            self._save(self._store.record.with_operation(_finished(current, error=error)))
+
+    # ----------------------------------------------------------------------------------------------- link
+
+    async def _relink(self, inventory: Inventory, nic_id: str, link: Literal["up", "down"], operation: str) -> Nic:
+        before: Literal["up", "down"] = "down" if self._links().get(nic_id) == "down" else "up"
+        started = OperationRecord(id=operation, op="nic/link", nic=nic_id, started=time.time())
+        intent = self._store.record.with_operation(started).with_link(nic_id, link)
+        self._save(intent.model_copy(update={"desired": with_link(intent.desired, nic_id, link)}))
+        try:
+            await self._execute(QmpCall("set_link", {"name": nic_id, "up": link == "up"}))
+        except OutcomeUnknown:
+            raise  # the intent stays recorded: recovery re-applies it
+        except QmpnetError as err:
+            undone = self._store.record.with_operation(_finished(started, error=err)).with_link(nic_id, before)
+            self._save(undone.model_copy(update={"desired": with_link(undone.desired, nic_id, before)}))
+            raise
+        nic = self._described(inventory.update(nic_id, link=link))
+        self._save(self._store.record.with_operation(_finished(started, data=nic.model_dump(mode="json"))))
+        return nic
+
     # ------------------------------------------------------------------------------------------------- removal
 
-    async def _unplug(self, inventory: Inventory, nic: Nic, wait: float) -> RemoveResult:
+    async def _unplug(self, nic: Nic, wait: float, operation: str) -> RemoveResult:
+        record = self._store.record.nics.get(nic.id) or _foreign_record(nic)
+        desired = self._store.record.desired
+        started = OperationRecord(id=operation, op="nic/del", nic=nic.id, started=time.time())
+        asked = self._store.record.with_operation(started).with_nic(
+            record.model_copy(update={"state": "removal_pending", "operation": operation})
+        )
+        self._save(asked.model_copy(update={"desired": without(desired, nic.id)}))
+        self._waiters.setdefault(nic.id, asyncio.Event())
         events = {"DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR"}
-        self._removing.add(nic.id)
+        self._unplugging.add(nic.id)
         try:
             async with self._monitor.listen(events, lambda e: e.device == nic.id) as stream:
                 try:
                     await self._execute(QmpCall("device_del", {"id": nic.id}))
                 except QmpCommandError as err:
                     if "in the process of unplug" not in err.message:
+                        refused = self._store.record.with_nic(record).with_operation(_finished(started, error=err))
+                        self._save(refused.model_copy(update={"desired": desired}))
+                        self._wake(nic.id)
                         raise
+                # On OutcomeUnknown the record stays removal_pending: recovery finishes it once the device is gone.
                 event = await _next_within(stream.get, stream.get_nowait, wait)
         finally:
-            self._removing.discard(nic.id)
+            self._unplugging.discard(nic.id)
+        if self._inventory is not None:
+            self._inventory.update(nic.id, state="removal_pending")
         if event is None:
-            self._mark_pending(nic.id, nic.netdev)
-            inventory.update(nic.id, state="removal_pending")
             log.info("guest %s: NIC %s removal pending (no ack within %g s)", self.name, nic.id, wait)
+            self._save(self._store.record.with_operation(_finished(started, data={"id": nic.id,
+                                                                                    "state": "removal_pending"})))
             self._emit("nic_removal_pending", nic_id=nic.id)
             return RemoveResult(id=nic.id, state="removal_pending")
         if event.name == "DEVICE_UNPLUG_GUEST_ERROR":
-            self._emit("unplug_rejected", nic_id=nic.id)
-            raise QmpCommandError(
+            error = QmpCommandError(
                 f"device_del: the guest refused to unplug {nic.id}",
                 qmp_class="DEVICE_UNPLUG_GUEST_ERROR",
                 command="device_del",
             )
-        await self._delete_backend(nic.id, nic.netdev)
+            rejected = self._store.record.with_nic(record).with_operation(_finished(started, error=error))
+            self._save(rejected.model_copy(update={"desired": desired}))
+            self._wake(nic.id)
+            self._emit("unplug_rejected", nic_id=nic.id)
+            raise error
+        await self._clean_up(self._store.record.nics[nic.id])
+        self._save(self._store.record.with_operation(_finished(started, data={"id": nic.id, "state": "removed"})))
+        self._emit("nic_removed", nic_id=nic.id)
         return RemoveResult(id=nic.id, state="removed")
 
-    def _mark_pending(self, nic_id: str, netdev: str | None) -> None:
-        self._pending[nic_id] = netdev
-        self._removed[nic_id] = asyncio.Event()
-
-    async def _delete_backend(self, nic_id: str, netdev: str | None) -> None:
-        if netdev is not None:
+    async def _clean_up(self, nic: NicRecord, *, by_recovery: bool = False) -> None:
+        """The NIC's device is gone: delete its netdev, release the host side, drop the record, wake waiters."""
+        if nic.netdev is not None:
             try:
-                await self._execute(QmpCall("netdev_del", {"id": netdev}))
+                await self._execute(QmpCall("netdev_del", {"id": nic.netdev}))
             except QmpCommandError as err:
-                log.warning("guest %s: netdev_del %s after unplug of %s: %s", self.name, netdev, nic_id, err)
-        await self._release_host(nic_id)
+                if err.qmp_class != "DeviceNotFound":
+                    log.warning("guest %s: netdev_del %s after unplug of %s: %s", self.name, nic.netdev, nic.id, err)
+        await self._release_host(nic)
         if self._inventory is not None:
-            self._inventory.removed(nic_id)
-        self._links.pop(nic_id, None)
-        log.info("guest %s: removed NIC %s", self.name, nic_id)
-        self._emit("nic_removed", nic_id=nic_id)
+            self._inventory.removed(nic.id)
+        self._drop(nic.id, by_recovery=by_recovery)
+        log.info("guest %s: removed NIC %s", self.name, nic.id)
 
-    async def _release_host(self, nic_id: str) -> None:
-        self._backends.pop(nic_id, None)
-        attachment = self._attachments.pop(nic_id, None)
-        if attachment is None or self._host is None:
+    def _drop(self, nic_id: str, *, by_recovery: bool = False) -> None:
+        if nic_id in self._store.record.nics:
+            self._save(self._store.record.without_nic(nic_id, gone_at=time.time() if by_recovery else None))
+        self._wake(nic_id)
+
+    def _wake(self, nic_id: str) -> None:
+        waiter = self._waiters.pop(nic_id, None)
+        if waiter is not None:
+            waiter.set()
+
+    async def _release_host(self, nic: NicRecord) -> None:
+        hold = nic.host
+        if self._host is None or hold.empty:
             return
         try:
-            if attachment.tap is not None:
-                await self._host.delete_tap(attachment.tap)
-            if attachment.vfio_host is not None and attachment.vfio_driver is not None:
-                await self._host.restore_vfio(attachment.vfio_host, attachment.vfio_driver)
+            if hold.tap is not None:
+                await self._host.delete_tap(hold.tap)
+            if hold.vfio_host is not None and hold.vfio_driver is not None:
+                await self._host.restore_vfio(hold.vfio_host, hold.vfio_driver)
         except QmpnetError as err:
-            log.warning("guest %s: releasing the host side of %s: %s", self.name, nic_id, err)
+            log.warning("guest %s: releasing the host side of %s: %s", self.name, nic.id, err)
 
     async def _wait_pending(self, nic_id: str, wait: float) -> RemoveResult:
+        waiter = self._waiters.setdefault(nic_id, asyncio.Event())
         with suppress(TimeoutError):
             async with asyncio.timeout(wait):
-                await self._removed[nic_id].wait()
-        state: Literal["removed", "removal_pending"] = "removal_pending" if nic_id in self._pending else "removed"
+                await waiter.wait()
+        state: Literal["removed", "removal_pending"] = "removal_pending" if self._pending(nic_id) else "removed"
         return RemoveResult(id=nic_id, state=state)
 
     def _on_event(self, event: QmpEvent) -> None:
-        if event.name != "DEVICE_DELETED" or event.device is None:
+        if event.name != "DEVICE_DELETED" or event.device is None or event.device in self._unplugging:
             return
-        if event.device in self._pending and self._tasks is not None:
-            self._tasks.create_task(
-                self._finish_removal(event.device), name=f"qmpnet[guest={self.name}].finish-removal"
-            )
-        elif event.device not in self._removing:
-            self._inventory = None  # somebody else unplugged a device: re-read before the next change
+        if self._state != "open":
+            return
+        # A late ack of ours, or a device someone else unplugged: settle it in the lane, in the background.
+        was_nic = event.device in self._seen_nics
+        task = asyncio.get_running_loop().create_task(
+            self._settle(event.device, was_nic=was_nic), name=f"qmpnet[guest={self.name}].settle-{event.device}"
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-    async def _finish_removal(self, nic_id: str) -> None:
+    async def _settle(self, device: str, *, was_nic: bool) -> None:
+        recorded = device in self._store.record.nics
         try:
-            # Internal work is not subject to the lane's limit: a late ack must always be completed.
+            # Internal work is not subject to the lane's limits: a late ack must always be completed.
             async with self._lane_turn(bounded=False):
-                await self._delete_backend(nic_id, self._pending[nic_id])
-                del self._pending[nic_id]
-        except (GuestUnavailable, OutcomeUnknown) as err:
-            log.warning("guest %s: could not finish the removal of %s: %s", self.name, nic_id, err)
-        finally:
-            done = self._removed.pop(nic_id, None) if nic_id not in self._pending else self._removed.get(nic_id)
-            if done is not None:
-                done.set()
-            if nic_id in self._pending:
-                self._removed[nic_id] = asyncio.Event()
+                await self._refresh(full=False, gone=frozenset({device}))
+        except QmpnetError as err:
+            log.warning("guest %s: could not settle the unplug of %s: %s", self.name, device, err)
+            return
+        if was_nic and not recorded:
+            self._emit("nic_removed", nic_id=device)  # a NIC qmpnet did not create, unplugged by another client
 
     def _emit(self, name: GuestEventName, *, nic: Nic | None = None, nic_id: str | None = None) -> None:
         if not self._subscribers:
@@ -390,11 +730,53 @@ class Guest:
                 log.exception("guest %s: event subscriber failed on %s", self.name, name)
 
 
-def _bridge_backend(attachment: Attachment) -> ObservedBackend:
-    options = {"bridge": attachment.bridge or "", "tap": attachment.tap or ""}
-    if attachment.network is not None:
-        return ObservedBackend(type="nat", options={"network": attachment.network, **options})
-    return ObservedBackend(type="bridge", options=options)
+def _new_operation() -> str:
+    return f"op-{uuid.uuid4().hex}"
+
+
+def _finished(operation: OperationRecord, *, data: object = None, error: QmpnetError | None = None) -> OperationRecord:
+    if error is not None:
+        body: dict[str, object] = {"code": error.code, "message": error.message}
+        if error.field is not None:
+            body["field"] = error.field
+        if isinstance(error, QmpCommandError) and error.qmp_class:
+            body["qmp_class"] = error.qmp_class
+        outcome: dict[str, object] = {"status": "error", "error": body}
+    else:
+        outcome = {"status": "ok", "data": data}
+    return operation.model_copy(update={"finished": time.time(), "outcome": outcome})
+
+
+def _pci_of(bus: str, slot: int, function: int) -> PciAddress:
+    return PciAddress(bus=bus, slot=slot, function=function)
+
+
+def _planned_spec(spec: NicSpec, plan: AddPlan) -> NicSpec:
+    """``spec`` with what planning chose filled in, so the NIC can be added back exactly the same."""
+    chosen: dict[str, object] = {
+        "id": plan.nic_id,
+        "bus": plan.placement.bus,
+        "addr": format_pci_addr(plan.placement.slot, plan.placement.function),
+    }
+    if plan.mac is not None:
+        chosen["mac"] = plan.mac
+    return spec.model_copy(update=chosen)
+
+
+def _foreign_record(nic: Nic) -> NicRecord:
+    """A record for removing a NIC qmpnet did not create: only its netdev is to be cleaned up after the unplug."""
+    return NicRecord(id=nic.id, spec=None, netdev=nic.netdev, state="active", link=nic.link, pci=nic.pci)
+
+
+def _asked_backend(spec: NicSpec, record: NicRecord) -> ObservedBackend:
+    asked = backend_of(spec)
+    hold = record.host
+    if hold.tap is None:
+        return asked
+    options = {"bridge": hold.bridge or "", "tap": hold.tap}
+    if hold.network is not None:
+        return ObservedBackend(type="nat", options={"network": hold.network, **options})
+    return ObservedBackend(type="bridge", options={**asked.options, **options})
 
 
 def _check_id(nic_id: str) -> None:

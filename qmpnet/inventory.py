@@ -1,11 +1,12 @@
 """The inventory: what a guest lane believes the guest's NICs and PCI places are, between observations.
 
-Observing a guest costs two HMP round trips and a parse (``info qtree`` + ``info network``); a hot-add is two
-QMP commands. Re-reading the guest before every change would double the cost of the operation users care about,
-so the lane observes once, keeps this inventory, and updates it from the outcome of its own steps. That is sound
-because QEMU serves one QMP client per monitor socket: nobody else changes devices through our connection. The
-lane throws the inventory away whenever it may be stale: after any failed or unknown-outcome step, on a
-``DEVICE_DELETED`` it did not cause, and on reconnect. ``list_nics`` always observes afresh.
+Observing a guest costs several round trips and a parse; a hot-add is two QMP commands. Re-reading the guest
+before every change would double the cost of the operation users care about, so the lane observes, keeps this
+inventory, and updates it from the outcome of its own steps. It is a cache, not the truth: another QMP client (on
+another monitor of the same QEMU) may add or remove devices at any moment. The lane therefore throws it away and
+re-reads whenever it may be stale: after any failed or unknown-outcome step, when QEMU refuses a plan (an id or a
+slot another client took; the lane then plans once more), on a ``DEVICE_DELETED`` it did not cause, on every
+``list_nics`` and periodic resync, and on reconnect.
 
 Pure: no I/O.
 """

@@ -40,8 +40,10 @@ __all__ = [
     "DgramBackend",
     "GuestEvent",
     "GuestEventName",
+    "GuestView",
     "HubportBackend",
     "InetAddress",
+    "LinkState",
     "ModelInfo",
     "NatBackend",
     "Nic",
@@ -64,7 +66,7 @@ __all__ = [
 NicModel = Literal["virtio-net-pci", "e1000", "e1000e", "rtl8139"]
 SUPPORTED_MODELS: tuple[NicModel, ...] = ("virtio-net-pci", "e1000", "e1000e", "rtl8139")
 _MODEL_ALIASES = {"virtio": "virtio-net-pci"}
-NicState = Literal["active", "removal_pending"]
+NicState = Literal["adding", "active", "removal_pending"]
 LinkState = Literal["up", "down"]
 
 QemuId = Annotated[str, AfterValidator(check_qemu_id)]
@@ -350,6 +352,30 @@ class RxFilter(_Frozen):
     unicast_table: list[str]
 
 
+class GuestView(_Frozen):
+    """A NIC as the guest OS sees it, read through its guest agent (qemu-guest-agent)."""
+
+    ifname: str = Field(description="The guest's interface name, e.g. ens4 or enp1s0 (udev's predictable names).")
+    mac: Mac = Field(description="The interface's MAC address, as the guest reports it.")
+    carrier: bool | None = Field(
+        default=None, description="/sys/class/net/<if>/carrier; null when unreadable (the interface is down)."
+    )
+    operstate: str | None = Field(
+        default=None, description="/sys/class/net/<if>/operstate (up, down, lowerlayerdown, ...); null if unreadable."
+    )
+    addresses: list[str] = Field(
+        default_factory=list, description="The interface's addresses with prefix length, e.g. 10.0.2.15/24."
+    )
+
+    def has_address(self) -> bool:
+        """Whether the interface has an address other than a link-local one (fe80::/10, 169.254.0.0/16)."""
+        for entry in self.addresses:
+            address = ipaddress.ip_interface(entry).ip
+            if not (address.is_link_local or address.is_loopback):
+                return True
+        return False
+
+
 class Nic(_Frozen):
     """A NIC as it is in the guest now."""
 
@@ -362,6 +388,12 @@ class Nic(_Frozen):
     link: LinkState
     state: NicState
     rx_filter: RxFilter | None = None
+    managed: bool = Field(
+        default=False, description="qmpnet created this NIC (so `apply --prune` may remove it); false for others."
+    )
+    guest: GuestView | None = Field(
+        default=None, description="The guest's own view of this NIC (from its guest agent); null when none answers."
+    )
 
 
 class RemoveResult(_Frozen):
@@ -390,6 +422,8 @@ GuestEventName = Literal[
     "rx_filter_changed",
     "guest_connected",
     "guest_disconnected",
+    "reconciled",
+    "drift",
 ]
 
 
@@ -401,3 +435,4 @@ class GuestEvent(_Frozen):
     guest: str
     id: str | None = None
     nic: Nic | None = None
+

@@ -8,19 +8,22 @@ already parsed from QEMU's answers, so no raw QMP dictionary reaches the core.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Mapping, Sequence
     from contextlib import AbstractAsyncContextManager
 
-    from qmpnet.model import ModelInfo, ObservedBackend, RxFilter
+    from qmpnet.model import ModelInfo, Nic, NicSpec, ObservedBackend, RemoveResult, RxFilter
     from qmpnet.placement import PciTopology
+    from qmpnet.records import GuestRecord
 
 __all__ = [
     "Connection",
     "EventStream",
     "Flag",
+    "GuestOps",
+    "GuestStore",
     "HostNetwork",
     "Monitor",
     "NetClient",
@@ -255,4 +258,54 @@ class HostNetwork(Protocol):
 
     async def sweep_orphans(self, owner_prefix: str, keep: set[str]) -> list[str]:
         """Delete taps made for NICs (owners ``<guest>/<nic>``) under ``owner_prefix`` that are not in ``keep``."""
+        ...
+
+
+class GuestStore(Protocol):
+    """One guest's record in the state store, held by this process (``qmpnet.store`` has the real one)."""
+
+    @property
+    def key(self) -> str:
+        """A stable name of the guest, the same for every qmpnet process (marks its taps' owners)."""
+        ...
+
+    @property
+    def record(self) -> GuestRecord:
+        """The record as last saved."""
+        ...
+
+    def save(self, record: GuestRecord) -> None:
+        """Write ``record`` durably before returning; it becomes :attr:`record`.
+
+        Raises:
+            InvalidRequest: The state directory cannot be written (nothing was changed).
+        """
+        ...
+
+    def close(self) -> None:
+        """Let other processes have the guest."""
+        ...
+
+
+class GuestOps(Protocol):
+    """The operations on one guest, direct (:class:`qmpnet.Guest`) or through a controller (:class:`RemoteGuest`)."""
+
+    async def add_nic(self, spec: NicSpec | Mapping[str, Any]) -> Nic:
+        """Hot-add a NIC."""
+        ...
+
+    async def remove_nic(self, nic_id: str, timeout: float | None = None) -> RemoveResult:
+        """Hot-remove a NIC."""
+        ...
+
+    async def set_link(self, nic_id: str, up: bool) -> Nic:
+        """Set a NIC's link."""
+        ...
+
+    async def list_nics(self) -> list[Nic]:
+        """List the NICs."""
+        ...
+
+    async def models(self) -> list[ModelInfo]:
+        """List the NIC models."""
         ...

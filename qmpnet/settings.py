@@ -8,7 +8,7 @@ literals in the code.
 from __future__ import annotations
 
 import platform
-from pathlib import Path  # noqa: TC003 - pydantic resolves the annotations at runtime
+from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -30,7 +30,9 @@ __all__ = [
     "MetricsSettings",
     "MqttProtocol",
     "MqttSettings",
+    "QgaSettings",
     "QmpSettings",
+    "ReconcileSettings",
     "Settings",
     "default_controller_id",
     "load_settings",
@@ -56,12 +58,33 @@ class QmpSettings(BaseModel):
     )
 
 
+class QgaSettings(BaseModel):
+    """Talking to one guest's qemu-guest-agent (the guest view and verified changes)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    connect_timeout: float = Field(
+        default=3.0, gt=0, description="Seconds to connect to the agent socket and get its guest-sync answer."
+    )
+    command_timeout: float = Field(default=5.0, gt=0, description="Seconds to wait for one agent command's answer.")
+    verify_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds a verified change waits for the guest to show it before not_verified."
+    )
+    poll_interval: float = Field(
+        default=0.2, gt=0, description="Seconds between two looks at the guest while verifying (no agent events)."
+    )
+
+
 class LaneSettings(BaseModel):
     """The per-guest request lane."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_waiting: int = Field(default=256, ge=1, description="Requests that may wait for a guest before 'busy'.")
+    max_wait: float = Field(default=60.0, gt=0, description="Seconds a request may wait for a guest before 'busy'.")
+    stop_grace: float = Field(
+        default=10.0, ge=0, description="Seconds operations in flight may take to finish when qmpnet stops."
+    )
 
 
 BusName = Annotated[str, AfterValidator(check_bus_name)]
@@ -207,6 +230,19 @@ class ControllerSettings(BaseModel):
     backoff_max: float = Field(default=10.0, gt=0, description="Longest delay between QEMU reconnects.")
 
 
+class ReconcileSettings(BaseModel):
+    """Desired state: how the controller converges each guest to its desired NIC set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    repair: bool = Field(
+        default=True, description="Add back a desired NIC that disappeared (false: only report the drift)."
+    )
+    resync_interval: float = Field(
+        default=60.0, gt=0, description="Seconds between full re-reads of each guest (catches what events miss)."
+    )
+
+
 class MetricsSettings(BaseModel):
     """Prometheus metrics (off unless a port is given)."""
 
@@ -232,14 +268,20 @@ class Settings(BaseSettings):
         env_prefix="QMPNET_", env_nested_delimiter="__", extra="forbid", frozen=True, toml_file=None
     )
 
+    state_dir: Path = Field(
+        default=Path("/var/lib/qmpnet"),
+        description="The state store: what qmpnet created, intends and holds per guest (env QMPNET_STATE_DIR).",
+    )
     qmp: QmpSettings = Field(default_factory=QmpSettings)
     lane: LaneSettings = Field(default_factory=LaneSettings)
     policy: Policy = Field(default_factory=Policy)
     hostnet: HostnetSettings = Field(default_factory=HostnetSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
+    reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    qga: QgaSettings = Field(default_factory=QgaSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -30,7 +30,9 @@ Design decisions:
   after every live request deletes whatever the broker retained on that topic (QoS 0, best effort). An empty
   payload is never a request: it is how retained messages are deleted (our own deletions come back to us in 3.1.1).
 - **Refuse before executing.** Oversized payloads and non-objects are answered ``invalid_request`` here; everything
-  else is the controller's job.
+  else is the controller's job. Desired documents (``.../guest/<g>/desired``, retained by design) go to the
+  controller's ``set_desired``; they are subscribed by wildcard and, for every guest the controller serves, by
+  exact topic, because some brokers give wildcard subscribers no retained messages.
 - **``aiomqtt`` stays in here.** Its errors are logged and turned into reconnects; only a fatal
   :class:`~qmpnet.errors.BrokerUnavailable` leaves ``run``. Nagle is off on the socket (TCP_NODELAY): with
   delayed ACKs a request/response round trip otherwise costs ~88 ms.
@@ -79,6 +81,10 @@ class RequestHandler(Protocol):
 
     async def handle(self, guest: str | None, op: str, payload: Mapping[str, Any]) -> Response:
         """Answer a request; ``guest`` is ``None`` for controller-level ops. Raises only ``CancelledError``."""
+        ...
+
+    def set_desired(self, guest: str, document: Mapping[str, Any] | InvalidRequest | None) -> None:
+        """Take ``guest``'s desired NIC set (``None``: cleared; an error: a payload that could not be read)."""
         ...
 
 
@@ -156,6 +162,9 @@ class MqttBus:
         self._tasks: set[asyncio.Task[None]] = set()
         #: What answers requests; set by :meth:`run`.
         self.handler: RequestHandler | None = None
+        self._guests: set[str] = set()  # the guests the controller serves (from their status)
+        self._desired_subscribed: set[str] = set()  # those whose exact desired topic this session subscribed
+        self._new_guest = asyncio.Event()
 
     @property
     def client_id(self) -> str:
@@ -224,6 +233,7 @@ class MqttBus:
     async def _serve(self, client: aiomqtt.Client) -> None:
         self.outbox.session_started()
         sender = asyncio.create_task(self._send(client), name="qmpnet.bus.sender")
+        follower = asyncio.create_task(self._follow_guests(client), name="qmpnet.bus.desired")
         self.connected.set()
         try:
             async for message in client.messages:
@@ -232,8 +242,9 @@ class MqttBus:
             await self._say_offline(client)
             raise
         finally:
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
+            for task in (sender, follower):
+                task.cancel()
+            await asyncio.gather(sender, follower, return_exceptions=True)
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         if self.protocol == "5":
@@ -241,6 +252,14 @@ class MqttBus:
             filters: list[tuple[str, Any]] = [(topic_filter, options) for topic_filter in self.topics.request_filters]
         else:
             filters = [(topic_filter, 1) for topic_filter in self.topics.request_filters]
+        # Desired sets are retained: the wildcard brings new guests' ones, and the exact topic of every known guest
+        # brings them from brokers that give wildcard subscribers no retained messages (RabbitMQ).
+        filters.append((self.topics.desired_filter, 1))
+        self._desired_subscribed = set(self._guests)
+        filters += [(self.topics.desired(guest), 1) for guest in sorted(self._desired_subscribed)]
+        await self._subscribe_all(client, filters)
+
+    async def _subscribe_all(self, client: aiomqtt.Client, filters: list[tuple[str, Any]]) -> None:
         codes = await client.subscribe(filters)
         for (topic_filter, _), code in zip(filters, codes, strict=False):
             if getattr(code, "is_failure", False):
@@ -249,6 +268,17 @@ class MqttBus:
                     f"the broker at {where} refused our subscription to {topic_filter}: {code} (check its ACL)",
                     problem="credentials",
                 )
+
+    async def _follow_guests(self, client: aiomqtt.Client) -> None:
+        """Subscribe the exact desired topic of every guest that appears during the session."""
+        while True:
+            new = sorted(self._guests - self._desired_subscribed)
+            if not new:
+                self._new_guest.clear()
+                await self._new_guest.wait()
+                continue
+            self._desired_subscribed.update(new)
+            await self._subscribe_all(client, [(self.topics.desired(guest), 1) for guest in new])
 
     async def _send(self, client: aiomqtt.Client) -> None:
         """Hand the outbox's messages to the client in order, at most ``max_inflight`` awaiting their PUBACK."""
@@ -302,6 +332,10 @@ class MqttBus:
     def _receive(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value
         payload = bytes(message.payload) if isinstance(message.payload, bytes | bytearray) else b""
+        desired_for = self.topics.parse_desired(topic)
+        if desired_for is not None:
+            self._desired(desired_for, payload)
+            return
         parsed = self.topics.parse_request(topic)
         if parsed is None or not payload:
             return  # not ours, or the deletion of a retained message (our own ones too, in 3.1.1)
@@ -343,6 +377,19 @@ class MqttBus:
         if request.retained or self.protocol == "3.1.1":
             self.outbox.put(Outgoing(request.topic, b"", "clear"))
 
+    def _desired(self, guest: str, payload: bytes) -> None:
+        """A desired document: retained by design, so taken whether retained or not; empty clears it."""
+        if self.handler is None:
+            return
+        if not payload:
+            self.handler.set_desired(guest, None)
+            return
+        refusal, data = check_payload(payload, retained=False, limit=self.settings.max_payload)
+        if refusal is None and isinstance(data, dict):
+            self.handler.set_desired(guest, data)
+        else:
+            self.handler.set_desired(guest, refusal or InvalidRequest("the desired document must be a JSON object"))
+
     async def _respond(self, parsed: RequestTopic, request: IncomingRequest) -> tuple[str, Response]:
         answer_to = self.topics.response(parsed.guest, parsed.op)
         refusal: InvalidRequest | None = None
@@ -368,6 +415,9 @@ class MqttBus:
 
     def guest_status(self, guest: str, status: GuestStatus) -> None:
         """Publish a guest's connection state (retained)."""
+        if guest not in self._guests:
+            self._guests.add(guest)
+            self._new_guest.set()
         self._put(Outgoing(self.topics.guest_status(guest), status, "state"))
 
     def guest_nics(self, guest: str, nics: NicList) -> None:
@@ -376,6 +426,7 @@ class MqttBus:
 
     def guest_gone(self, guest: str) -> None:
         """Delete a guest's retained topics."""
+        self._guests.discard(guest)
         for topic in (self.topics.guest_status(guest), self.topics.guest_nics(guest)):
             self._put(Outgoing(topic, b"", "state"))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Final, cast
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Final, cast
 from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
 from qemu.qmp.protocol import Runstate
 
-from qmpnet.errors import GuestUnavailable, OutcomeUnknown, QmpCommandError, QmpnetError, Unsupported
+from qmpnet.errors import Busy, GuestUnavailable, OutcomeUnknown, QmpCommandError, QmpnetError, Unsupported
 from qmpnet.model import ModelInfo, RxFilter
 from qmpnet.ports import EventStream, Observation, QmpEvent
 from qmpnet.qmp.parse import machine_kind, parse_device_help, parse_network, parse_qtree
@@ -41,6 +42,37 @@ log = logging.getLogger(__name__)
 
 Address = str | tuple[str, int]
 _RX_FILTER_UNSUPPORTED: Final = "doesn't support rx-filter"
+
+
+async def _open_socket(target: Address) -> socket.socket:
+    """A connected, non-blocking socket to ``target`` (what ``qemu.qmp`` then greets over)."""
+    loop = asyncio.get_running_loop()
+    if isinstance(target, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)  # noqa: FBT003 - the socket API's own signature
+        try:
+            await loop.sock_connect(sock, target)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    host, port = target
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last: OSError = OSError(f"{host}:{port}: no address")
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)  # noqa: FBT003 - the socket API's own signature
+        try:
+            await loop.sock_connect(sock, sockaddr)
+        except OSError as err:
+            sock.close()
+            last = err
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise last
 
 
 def parse_address(address: str) -> Address:
@@ -145,22 +177,39 @@ class QmpMonitor:
     async def connect(cls, address: str, *, name: str, connect_timeout: float, command_timeout: float) -> QmpMonitor:
         """Connect to the QMP monitor at ``address`` (unix path or ``host:port``) and negotiate.
 
-        Waits for the greeting and capabilities negotiation, at most ``connect_timeout`` seconds.
+        Waits at most ``connect_timeout`` seconds in all: for the socket, then for QEMU's greeting. QEMU serves
+        one QMP client per monitor and leaves the next connection waiting, without a greeting, until the current
+        client leaves; so a connection that is accepted but not greeted in time means another client holds it.
 
         Raises:
-            GuestUnavailable: Nothing listens there, QEMU refused the session, or the timeout ran out.
+            GuestUnavailable: Nothing listens there, QEMU refused the session, or the socket did not connect in time.
+            Busy: The socket connected but QEMU did not greet within the timeout: another client holds the monitor.
         """
         monitor = cls(name, command_timeout=command_timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + connect_timeout
         try:
             target = parse_address(address)
-            async with asyncio.timeout(connect_timeout):
-                await monitor._client.connect(target)
+            async with asyncio.timeout_at(deadline):
+                sock = await _open_socket(target)
         except ValueError as err:
             raise GuestUnavailable(f"bad QMP address {address!r}: {err}") from err
         except TimeoutError as err:
+            raise GuestUnavailable(f"QMP monitor {address} did not accept a connection within {connect_timeout:g} s"
+                                   ) from err
+        except OSError as err:
+            raise GuestUnavailable(f"cannot connect to QMP monitor {address}: {err.strerror or err}") from err
+        try:
+            async with asyncio.timeout_at(deadline):
+                await monitor._client.connect(sock)
+        except TimeoutError as err:
             await monitor._client.disconnect()
-            raise GuestUnavailable(f"QMP monitor {address} did not answer within {connect_timeout:g} s") from err
+            raise Busy(
+                f"QMP monitor {address} sent no greeting within {connect_timeout:g} s: another client holds it "
+                "(QEMU serves one QMP client at a time)"
+            ) from err
         except ConnectError as err:
+            sock.close()
             raise GuestUnavailable(f"cannot connect to QMP monitor {address}: {err.exc}") from err
         monitor._pump = asyncio.create_task(monitor._run_pump(), name=f"qmpnet[guest={name}].qmp-events")
         return monitor

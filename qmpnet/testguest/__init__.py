@@ -7,8 +7,10 @@ Integration tests use it to see what a real guest sees of the NICs that qmpnet p
         nic = await vm.agent.wait_for(lambda interfaces: find_mac(interfaces, mac), timeout=10)
 
 :mod:`.build` makes and caches the kernel and initramfs, :mod:`.machine` runs QEMU, and :mod:`.agent` talks to
-the in-guest agent (`init.sh`) over the guest's second serial port. This package is test tooling: nothing in
-the rest of qmpnet imports it.
+the in-guest agent (`init.sh`) over the guest's second serial port. :mod:`.debian` builds the Debian 12 guest
+(systemd, udev, networkd, qemu-guest-agent: ``TestMachine(image, flavour="debian")``). :mod:`.services` and
+:mod:`.probe` run mosquitto and ``qmpnet serve`` for MQTT tests. This package is test tooling: nothing in the rest of
+qmpnet imports it but the pytest plugin (``qmpnet.pytest_plugin``) and ``qmpnet demo``.
 """
 
 from .agent import (
@@ -21,15 +23,19 @@ from .agent import (
     find_mac,
 )
 from .build import BuildError, GuestImage, default_cache_dir, ensure_image
-from .machine import BRIDGE_ID, BRIDGE_PORT_ID, MachineError, TestMachine, detect_accel
+from .debian import DebianImage, ensure_debian_image
+from .machine import BRIDGE_ID, BRIDGE_PORT_ID, FLAVOURS, Flavour, MachineError, TestMachine, detect_accel
 
 __all__ = [
     "BRIDGE_ID",
     "BRIDGE_PORT_ID",
+    "FLAVOURS",
     "Agent",
     "AgentError",
     "AgentTimeoutError",
     "BuildError",
+    "DebianImage",
+    "Flavour",
     "GuestImage",
     "GuestInterface",
     "InterfacesReport",
@@ -38,6 +44,7 @@ __all__ = [
     "TestMachine",
     "default_cache_dir",
     "detect_accel",
+    "ensure_debian_image",
     "ensure_image",
     "find_mac",
 ]

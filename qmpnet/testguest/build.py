@@ -144,10 +144,12 @@ def cache_key(kernel: Package, busybox: Package) -> str:
     digest.update(f"format={FORMAT_VERSION}\n".encode())
     digest.update(json.dumps([NIC_MODULES, dict(MODULE_PARAMETERS)]).encode())
     digest.update(init_script())
-    return "_".join((_safe(f"linux-{kernel.version}"), _safe(f"busybox-{busybox.version}"), digest.hexdigest()[:12]))
+    parts = (safe_name(f"linux-{kernel.version}"), safe_name(f"busybox-{busybox.version}"), digest.hexdigest()[:12])
+    return "_".join(parts)
 
 
-def _safe(text: str) -> str:
+def safe_name(text: str) -> str:
+    """``text`` with everything but ``[A-Za-z0-9.+-]`` replaced by ``-`` (for cache directory names)."""
     return re.sub(r"[^A-Za-z0-9.+-]", "-", text)
 
 
@@ -167,7 +169,7 @@ def _publish(image_dir: Path, target: Path) -> None:
 # --- packages ------------------------------------------------------------------------------------------------
 
 
-def _run(args: Sequence[str], cwd: Path | None = None) -> str:
+def run_tool(args: Sequence[str], cwd: Path | None = None) -> str:
     """Run a command and return its stdout; raise :class:`BuildError` with its stderr when it fails."""
     try:
         done = subprocess.run(args, cwd=cwd, check=True, capture_output=True, text=True)
@@ -190,14 +192,14 @@ def resolve_kernel_package(progress: Callable[[str], None]) -> Package:
         return _resolve_kernel_package()
     except BuildError as err:
         progress(f"apt cannot resolve {KERNEL_META_PACKAGE} ({err}); running apt-get update")
-    _run(["apt-get", "update"])
+    run_tool(["apt-get", "update"])
     return _resolve_kernel_package()
 
 
 def _resolve_kernel_package() -> Package:
     # One apt-cache call (they are slow: about a second each) gives both the name and the pinned version:
     # "Depends: linux-image-6.1.0-56-amd64 (= 6.1.192-2)".
-    fields = _run(["apt-cache", "show", "--no-all-versions", KERNEL_META_PACKAGE])
+    fields = run_tool(["apt-cache", "show", "--no-all-versions", KERNEL_META_PACKAGE])
     depends = next((line for line in fields.splitlines() if line.startswith("Depends:")), "")
     for dependency in depends.removeprefix("Depends:").split(","):
         match = _DEPENDENCY.match(dependency.strip())
@@ -207,7 +209,7 @@ def _resolve_kernel_package() -> Package:
 
 
 def _candidate_version(package: str) -> str:
-    for line in _run(["apt-cache", "show", "--no-all-versions", package]).splitlines():
+    for line in run_tool(["apt-cache", "show", "--no-all-versions", package]).splitlines():
         if line.startswith("Version:"):
             return line.partition(":")[2].strip()
     raise BuildError(f"apt-cache show {package} gave no version")
@@ -220,7 +222,7 @@ def resolve_busybox_package() -> Package:
         BuildError: busybox-static is neither installed nor known to apt.
     """
     try:
-        status = _run(["dpkg-query", "-W", "-f=${db:Status-Status} ${Version}", BUSYBOX_PACKAGE])
+        status = run_tool(["dpkg-query", "-W", "-f=${db:Status-Status} ${Version}", BUSYBOX_PACKAGE])
     except BuildError:
         status = ""
     state, _, version = status.partition(" ")
@@ -238,10 +240,10 @@ def download_and_unpack(package: Package, work: Path) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     # As root, apt drops to the _apt user for downloads, which cannot write into a private directory.
     sandbox = ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
-    _run(["apt-get", "download", *sandbox, f"{package.name}={package.version}"], cwd=work)
+    run_tool(["apt-get", "download", *sandbox, f"{package.name}={package.version}"], cwd=work)
     (deb,) = work.glob(f"{package.name}_*.deb")
     root = work / package.name
-    _run(["dpkg-deb", "-x", str(deb), str(root)])
+    run_tool(["dpkg-deb", "-x", str(deb), str(root)])
     deb.unlink()
     return root
 
@@ -343,7 +345,8 @@ def order_modules(wanted: Iterable[str], lookup: Callable[[str], KernelModule | 
     return list(ordered.values())
 
 
-def _module_lookup(module_dir: Path) -> Callable[[str], KernelModule | None]:
+def module_lookup(module_dir: Path) -> Callable[[str], KernelModule | None]:
+    """A lookup for :func:`order_modules` over an unpacked kernel's module directory."""
     files = {path.stem.replace("-", "_"): path for path in (module_dir / "kernel").rglob("*.ko")}
     builtin_list = (module_dir / "modules.builtin").read_text().split()
     builtin = {Path(entry).stem.replace("-", "_") for entry in builtin_list}
@@ -429,7 +432,7 @@ def _build(image_dir: Path, work: Path, kernel: Package, busybox: Package, say: 
     module_dir = next((d for d in (root / "lib/modules" / abi, root / "usr/lib/modules" / abi) if d.is_dir()), None)
     if module_dir is None:
         raise BuildError(f"{kernel.name} has no modules directory for {abi}")
-    modules = order_modules(NIC_MODULES, _module_lookup(module_dir))
+    modules = order_modules(NIC_MODULES, module_lookup(module_dir))
     say(f"writing the initramfs ({len(modules)} modules: {' '.join(m.name for m in modules)})")
     (image_dir / INITRD_FILE).write_bytes(build_initramfs(static_busybox(busybox, work), modules))
     manifest = {

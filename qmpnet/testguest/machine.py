@@ -1,7 +1,9 @@
 """Boot the test guest in QEMU from asyncio: the harness integration tests use.
 
 A :class:`TestMachine` is an async context manager around one QEMU process with a QMP socket for the code under
-test, a console log file (ttyS0) and, when it boots Linux, the agent (ttyS1, see :mod:`.agent`).
+test, a console log file (ttyS0) and, when it boots Linux, an agent: the busybox guest's own (ttyS1, see
+:mod:`.agent`), or for the Debian guest (``flavour="debian"``, :mod:`.debian`) qemu-guest-agent on a virtio-serial
+port named ``org.qemu.guest_agent.0``, on a unix socket QEMU serves (:attr:`TestMachine.qga_path`).
 
 Design decisions:
 
@@ -16,6 +18,10 @@ Design decisions:
   `setpriv --pdeathsig KILL` (util-linux, always on Debian). Some sandboxes clear that signal at exec (seen on
   a Firecracker development VM); QEMU also stays in pytest's process group, so a CI runner that kills the
   group, or a Ctrl-C, takes QEMU with it.
+- **The Debian guest is ready when systemd is.** Its agent socket is polled (connect + guest-sync, with a
+  deadline) until qemu-guest-agent answers, then ``systemctl is-system-running --wait`` runs through it, so a test
+  starts on a guest whose boot jobs are done. The harness does not keep the agent connection: QEMU serves one
+  client at a time on that socket, and the code under test needs it.
 - **TCG unless told otherwise.** Nested /dev/kvm devices on CI machines barely run Linux; real KVM is used only
   where the kvm_intel or kvm_amd module is loaded, and `QMPNET_ACCEL=tcg|kvm` overrides the guess.
 """
@@ -29,14 +35,18 @@ import re
 import shlex
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Self, TypeVar
 
 from qmpnet.errors import QmpnetError
+from qmpnet.qga import AGENT_PORT_NAME, GuestAgent
 from qmpnet.qmp import QmpMonitor
+from qmpnet.settings import QgaSettings
 
 from .agent import LINE_LIMIT, Agent, AgentError, AgentTimeoutError
+from .debian import DebianImage
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Sequence
@@ -51,12 +61,19 @@ T = TypeVar("T")
 
 MachineType = Literal["pc", "q35"]
 Accel = Literal["tcg", "kvm"]
+Flavour = Literal["busybox", "debian"]
+FLAVOURS: tuple[Flavour, ...] = ("busybox", "debian")
 
 QEMU_BINARY = "qemu-system-x86_64"
 ACCEL_ENV = "QMPNET_ACCEL"
 #: quiet: the serial console is slow under TCG. mitigations/tsc/timer/i8042: about 0.4 s less boot time.
 KERNEL_ARGS = "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable no_timer_check i8042.noaux i8042.nokbd"
 BOOT_TIMEOUT = 60.0
+#: systemd under TCG: about 30 s on an idle 2-core machine, more while other guests boot.
+DEBIAN_BOOT_TIMEOUT = 240.0
+#: Short agent timeouts while polling a booting guest; its commands (systemctl --wait) get the boot's deadline.
+_BOOT_QGA = QgaSettings(connect_timeout=1.0, command_timeout=5.0)
+DEFAULT_MEMORY_MB: dict[Flavour, int] = {"busybox": 256, "debian": 512}
 QMP_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 CONSOLE_TAIL_LINES = 40
@@ -97,6 +114,7 @@ class MachineFiles:
     agent: Path
     console: Path
     stderr: Path
+    qga: Path
 
     @classmethod
     def in_dir(cls, workdir: Path) -> MachineFiles:
@@ -106,6 +124,7 @@ class MachineFiles:
             agent=workdir / "agent.sock",
             console=workdir / "console.log",
             stderr=workdir / "qemu-stderr.log",
+            qga=workdir / "qga.sock",
         )
 
 
@@ -120,8 +139,11 @@ class MachineConfig:
     boot: bool = True
     extra_args: tuple[str, ...] = ()
     name: str = "guest"
+    flavour: Flavour = "busybox"
 
     def __post_init__(self) -> None:
+        if self.flavour not in FLAVOURS:
+            raise ValueError(f"flavour must be busybox or debian, not {self.flavour!r}")
         if self.machine not in ("pc", "q35"):
             raise ValueError(f"machine must be pc or q35, not {self.machine!r}")
         if self.machine == "pc" and (self.root_ports or self.pcie_pci_bridge):
@@ -151,12 +173,27 @@ def build_command_line(image: GuestImage | None, config: MachineConfig, files: M
     args += ["-machine", config.machine, "-accel", accel, "-m", str(config.memory_mb), "-smp", "1"]
     args += ["-qmp", f"unix:{files.qmp},server=on,wait=off"]
     args += ["-chardev", f"file,id=console,path={files.console}", "-serial", "chardev:console"]
-    if config.boot and image is not None:
+    if config.boot and isinstance(image, DebianImage) and config.flavour == "debian":
+        args += _debian_args(image, files)
+    elif config.boot and image is not None:
         args += ["-chardev", f"socket,id=agent,path={files.agent}", "-serial", "chardev:agent"]
         args += ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", KERNEL_ARGS]
     else:
         args.append("-S")
     return [*args, *_pcie_topology(config), *config.extra_args]
+
+
+def _debian_args(image: DebianImage, files: MachineFiles) -> list[str]:
+    """The root disk (never written: snapshot=on) and qemu-guest-agent's port, served by QEMU on a unix socket."""
+    # A machine id per boot: guests booted from the same image must not share DHCP client ids.
+    append = f"{KERNEL_ARGS} systemd.show_status=false systemd.machine_id={uuid.uuid4().hex}"
+    return [
+        "-drive", f"file={image.rootfs},format=raw,if=virtio,snapshot=on",
+        "-device", "virtio-serial-pci,id=qga_serial",
+        "-chardev", f"socket,id=qga0,path={files.qga},server=on,wait=off",
+        "-device", f"virtserialport,bus=qga_serial.0,chardev=qga0,name={AGENT_PORT_NAME}",
+        "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append,
+    ]  # fmt: skip
 
 
 def _pcie_topology(config: MachineConfig) -> list[str]:
@@ -211,16 +248,22 @@ class TestMachine:
         machine: MachineType = "pc",
         root_ports: int = 0,
         pcie_pci_bridge: bool = False,
-        memory_mb: int = 256,
+        memory_mb: int | None = None,
         boot: bool = True,
         extra_args: Sequence[str] = (),
         workdir: Path | None = None,
         name: str = "guest",
+        flavour: Flavour = "busybox",
     ) -> None:
         if boot and image is None:
             raise ValueError("a booting machine needs an image")
+        if boot and flavour == "debian" and not isinstance(image, DebianImage):
+            raise ValueError("flavour='debian' needs a DebianImage (qmpnet.testguest.ensure_debian_image())")
         self.image = image
-        self.config = MachineConfig(machine, root_ports, pcie_pci_bridge, memory_mb, boot, tuple(extra_args), name)
+        memory = memory_mb if memory_mb is not None else DEFAULT_MEMORY_MB.get(flavour, 256)
+        self.config = MachineConfig(
+            machine, root_ports, pcie_pci_bridge, memory, boot, tuple(extra_args), name, flavour
+        )
         self._owns_workdir = workdir is None
         self.workdir = workdir if workdir is not None else Path(tempfile.mkdtemp(prefix=f"qmpnet-{name}-"))
         self.files = MachineFiles.in_dir(self.workdir)
@@ -242,6 +285,16 @@ class TestMachine:
     def qmp_path(self) -> Path:
         """The QMP unix socket (QEMU is the server)."""
         return self.files.qmp
+
+    @property
+    def flavour(self) -> Flavour:
+        """Which guest it boots: ``busybox`` (the in-guest agent on ttyS1) or ``debian`` (qemu-guest-agent)."""
+        return self.config.flavour
+
+    @property
+    def qga_path(self) -> Path | None:
+        """qemu-guest-agent's unix socket (QEMU is the server), for the Debian flavour; None otherwise."""
+        return self.files.qga if self.config.boot and self.config.flavour == "debian" else None
 
     @property
     def console_path(self) -> Path:
@@ -283,11 +336,13 @@ class TestMachine:
     ) -> None:
         await self.stop()
 
-    async def start(self, timeout: float = BOOT_TIMEOUT) -> None:
+    async def start(self, timeout: float | None = None) -> None:
         """Start QEMU, wait for QMP to accept connections and, when booting, for the agent to report.
 
+        For the Debian flavour, waits until qemu-guest-agent answers and systemd has finished booting.
+
         Args:
-            timeout: Seconds for the whole start, boot included.
+            timeout: Seconds for the whole start, boot included (default: 60, or 240 for Debian).
 
         Raises:
             MachineError: QEMU exited, or a step did not finish in time; the message describes the machine.
@@ -295,6 +350,8 @@ class TestMachine:
         if self._started:
             raise MachineError(f"{self.name}: a TestMachine can be started only once")
         self._started = True
+        if timeout is None:
+            timeout = DEBIAN_BOOT_TIMEOUT if self.qga_path is not None else BOOT_TIMEOUT
         step = "starting QEMU"
         try:
             async with asyncio.timeout(timeout):
@@ -302,7 +359,12 @@ class TestMachine:
                 await self._spawn()
                 step = "waiting for QMP"
                 await self._until_exit(self._wait_qmp())
-                if self.config.boot:
+                if self.qga_path is not None:
+                    step = "waiting for qemu-guest-agent to answer"
+                    await self._until_exit(self._wait_qga(self.qga_path))
+                    step = "waiting for systemd to finish booting"
+                    await self._until_exit(self._wait_systemd(self.qga_path, timeout))
+                elif self.config.boot:
                     step = "waiting for QEMU to connect the agent port"
                     await self._until_exit(self._accept_agent())
                     step = "waiting for the agent's hello and first report"
@@ -317,13 +379,56 @@ class TestMachine:
             raise
         logger.info("%s: started (pid %s)", self.name, self.pid)
 
+    async def _wait_qga(self, path: Path) -> None:
+        # The agent has no greeting, and a booting guest's port swallows what we send: poll with connect + sync
+        # (each try bounded by its connect timeout); start() bounds the whole loop with its deadline.
+        while True:
+            try:
+                async with GuestAgent.connect(path, _BOOT_QGA):
+                    return
+            except QmpnetError as err:
+                logger.debug("%s: agent not answering yet: %s", self.name, err)
+            await asyncio.sleep(0.2)
+
+    async def _wait_systemd(self, path: Path, timeout: float) -> None:
+        async with GuestAgent.connect(path, _BOOT_QGA) as agent:
+            done = await agent.exec(["systemctl", "is-system-running", "--wait"], timeout=timeout)
+        state = done.stdout.strip()
+        if state not in ("running", "degraded"):
+            raise MachineError(f"systemd finished booting in state {state!r}: {done.stderr.strip()}")
+        logger.info("%s: systemd is %s", self.name, state)
+
+    async def shell(self, cmd: str, timeout: float = 30.0) -> str:
+        """Run a shell command in the guest and return its standard output.
+
+        The busybox guest runs it through its agent, whose answer is stdout and stderr combined; the Debian guest
+        through qemu-guest-agent's ``guest-exec`` (stdout only).
+
+        Raises:
+            AgentError: The command exited non-zero (the message carries its output) or the agent failed.
+            MachineError: The machine does not boot a guest.
+        """
+        if self.qga_path is None:
+            return (await self.agent.run(cmd, timeout=timeout)).check().output
+        try:
+            async with GuestAgent.connect(self.qga_path, QgaSettings()) as agent:
+                done = await agent.exec(["/bin/sh", "-c", cmd], timeout=timeout)
+        except QmpnetError as err:
+            raise AgentError(f"{self.name}: cannot run {cmd!r}: {err}") from err
+        if not done.ok:
+            status = f"rc {done.exitcode}" if done.exitcode is not None else f"signal {done.signal}"
+            raise AgentError(f"guest command failed with {status}: {(done.stdout + done.stderr).strip()}")
+        return done.stdout
+
     async def _spawn(self) -> None:
-        if self.config.boot:
+        if self.config.boot and self.qga_path is None:
             self._agent_connected = asyncio.get_running_loop().create_future()
             self._server = await asyncio.start_unix_server(
                 self._on_agent_connected, path=self._socket_path(self.files.agent), limit=LINE_LIMIT
             )
         self._socket_path(self.files.qmp)
+        if self.qga_path is not None:
+            self._socket_path(self.qga_path)
         logger.debug("%s: %s", self.name, shlex.join(self.command_line))
         with self.files.stderr.open("wb") as stderr:
             self._process = await asyncio.create_subprocess_exec(
@@ -502,4 +607,6 @@ class TestMachine:
         ]
         if self._agent is not None:
             parts.append(f"agent: {self._agent.describe()}")
+        if self.qga_path is not None:
+            parts.append(f"guest agent socket: {self.qga_path}")
         return "\n".join(parts)

@@ -14,7 +14,23 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, get_arg
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from qmpnet.errors import ErrorCode, InvalidRequest, QmpCommandError, QmpnetError
+from qmpnet.errors import (
+    Busy,
+    Conflict,
+    ErrorCode,
+    Forbidden,
+    GuestUnavailable,
+    InvalidRequest,
+    NoFreeSlot,
+    NotFound,
+    NotVerified,
+    OutcomeUnknown,
+    QmpCommandError,
+    QmpnetError,
+    RemovalPending,
+    Timeout,
+    Unsupported,
+)
 from qmpnet.model import GuestEventName, ModelInfo, Nic, NicSpec, RemoveResult, invalid_request_from
 
 if TYPE_CHECKING:
@@ -26,6 +42,8 @@ __all__ = [
     "OPS",
     "ControllerOffline",
     "ControllerOnline",
+    "DesiredError",
+    "DesiredStatus",
     "ErrorBody",
     "ErrorResponse",
     "EventMessage",
@@ -44,6 +62,8 @@ __all__ = [
     "OkResponse",
     "OpSpec",
     "Response",
+    "data_of",
+    "error_from",
     "error_response",
     "ok_response",
     "parse_request",
@@ -117,6 +137,24 @@ class ModelList(_Message):
     models: list[ModelInfo] = Field(description="The NIC models this QEMU offers.")
 
 
+class DesiredError(_Message):
+    """A desired NIC that did not converge, or a desired document that was refused (``id`` null)."""
+
+    id: str | None = Field(description="The NIC, or null when the document itself was refused.")
+    code: ErrorCode = Field(description="Stable machine code (docs/errors.md).")
+    message: str = Field(description="A human sentence.")
+    field: str | None = Field(default=None, description="JSON path of the refused field, for a refused document.")
+
+
+class DesiredStatus(_Message):
+    """How far a guest is from its desired NIC set (part of the retained guest status)."""
+
+    generation: int = Field(description="The generation of the desired set being converged to.")
+    converged: bool = Field(description="The guest has exactly the desired NICs (as far as qmpnet manages them).")
+    pending: list[str] = Field(default_factory=list, description="Desired changes not done yet, by NIC id.")
+    errors: list[DesiredError] = Field(default_factory=list, description="What could not converge, and why.")
+
+
 class GuestStatus(_Message):
     """A guest's connection state (retained ``.../guest/<g>/status``)."""
 
@@ -124,6 +162,9 @@ class GuestStatus(_Message):
     qemu: str | None = Field(default=None, description="QEMU version from the QMP greeting, once connected.")
     machine: str | None = Field(default=None, description="Machine type, e.g. pc-i440fx-7.2.")
     since: float = Field(description="Unix time of the last state change.")
+    desired: DesiredStatus | None = Field(
+        default=None, description="Convergence to the desired NIC set, when the guest has one."
+    )
 
 
 class GuestInfo(GuestStatus):
@@ -160,6 +201,10 @@ class EventMessage(_Message):
     guest: str = Field(description="The guest's name.")
     id: str | None = Field(default=None, description="The NIC concerned (absent for guest events).")
     nic: Nic | None = Field(default=None, description="The NIC as it is now (nic_added, link_changed).")
+    generation: int | None = Field(default=None, description="The desired set's generation (reconciled, drift).")
+    changes: list[dict[str, Any]] | None = Field(
+        default=None, description="What reconciling did, or (drift) would do: [{action, id, ...}]."
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- answers
@@ -199,6 +244,41 @@ class ErrorResponse(_Message):
 
 
 Response = OkResponse[Any] | ErrorResponse
+
+
+_ERRORS: dict[str, type[QmpnetError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequest, NotFound, Conflict, Busy, Timeout, RemovalPending, GuestUnavailable, NoFreeSlot,
+        Unsupported, Forbidden, OutcomeUnknown, NotVerified,
+    )
+}  # fmt: skip
+
+
+def error_from(body: Mapping[str, Any]) -> QmpnetError:
+    """The exception for an answer's ``error`` object (the inverse of :meth:`ErrorBody.of`)."""
+    code = str(body.get("code", "internal"))
+    message = str(body.get("message", "no message"))
+    field = body.get("field")
+    if code == "qmp_error":
+        return QmpCommandError(message, qmp_class=str(body.get("qmp_class", "")), command="")
+    error = _ERRORS.get(code, QmpnetError)(message, field=field if isinstance(field, str) else None)
+    if error.code != code:
+        error.add_note(f"the controller's error code was {code!r}")
+    return error
+
+
+def data_of(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``data`` of an answer, or raise the error it carries.
+
+    Raises:
+        QmpnetError: The subclass of the answer's error code (``internal`` for a malformed answer).
+    """
+    if answer.get("status") == "ok" and isinstance(answer.get("data"), dict):
+        data: dict[str, Any] = answer["data"]
+        return data
+    error = answer.get("error")
+    raise error_from(error if isinstance(error, dict) else {"message": f"malformed answer: {answer}"})
 
 
 def error_response(transaction: str | None, err: QmpnetError) -> ErrorResponse:

@@ -7,6 +7,7 @@ here, so the scheme is written down once. Pure: no I/O, no MQTT library.
     <root>/<c>/guest/<g>/status               retained guest connection state
     <root>/<c>/guest/<g>/nics                 retained NIC list
     <root>/<c>/guest/<g>/event/<name>         events
+    <root>/<c>/guest/<g>/desired              retained desired NIC set (published by the orchestrator)
     <root>/<c>/guest/<g>/request/<op>         requests for one guest (op may hold a slash: nic/add)
     <root>/<c>/request/<op>                   controller-level requests
     .../response/<op>                         answers to MQTT 3.1.1 clients (request -> response)
@@ -90,6 +91,23 @@ class Topics:
     def response_filter(self, guest: str | None) -> str:
         """The subscription that catches every default-topic answer about ``guest`` (or controller-level ops)."""
         return f"{self.base}/guest/{guest}/response/#" if guest is not None else f"{self.base}/response/#"
+
+    def desired(self, guest: str) -> str:
+        """A guest's desired NIC set (retained, published by the orchestrator)."""
+        return f"{self.base}/guest/{guest}/desired"
+
+    @property
+    def desired_filter(self) -> str:
+        """The subscription that catches every guest's desired set."""
+        return f"{self.base}/guest/+/desired"
+
+    def parse_desired(self, topic: str) -> str | None:
+        """The guest a desired-set topic is about; ``None`` if ``topic`` is not one of this controller's."""
+        prefix = f"{self.base}/guest/"
+        if not topic.startswith(prefix) or not topic.endswith("/desired"):
+            return None
+        guest = topic[len(prefix) : -len("/desired")]
+        return guest if is_bus_name(guest) else None
 
     def client_response(self, client_id: str) -> str:
         """The MQTT 5 Response Topic a :mod:`qmpnet.client` with ``client_id`` asks this controller to use."""

@@ -1,31 +1,37 @@
-"""Shared fixtures of the integration tests: the test guest image, and failure reports that show the guests.
+"""The integration tests use qmpnet's own pytest plugin (qmpnet/pytest_plugin.py) for guests and failure reports.
 
-Integration tests boot real QEMU guests (see qmpnet.testguest). When a test fails, every TestMachine among its
-fixture values adds a report section with QEMU's command line, its stderr, the console tail and the agent's
-last report, so a CI log explains the failure on its own. The session also holds one RabbitMQ node for the MQTT
-tests that run on RabbitMQ (see mqtt_fixtures).
+The plugin normally loads through its ``pytest11`` entry point (``pip install -e .`` in scripts/setup). A venv
+whose install of qmpnet predates the entry point (or ``PYTHONPATH`` pointing at another checkout) does not have
+it, so it is registered here when missing. The session also holds one RabbitMQ node for the MQTT tests that run on
+RabbitMQ (see mqtt_fixtures).
 """
 
 from __future__ import annotations
 
-import shutil
+import os
 from typing import TYPE_CHECKING
 
 import pytest
 from mqtt_fixtures import RabbitMQ, rabbitmq_fixture
 
-from qmpnet.testguest import GuestImage, TestMachine, ensure_image
+from qmpnet import pytest_plugin
 
 if TYPE_CHECKING:
-    from collections.abc import Generator, Iterable, Iterator
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    from qmpnet.testguest import GuestImage
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.pluginmanager.has_plugin("qmpnet"):
+        config.pluginmanager.register(pytest_plugin, "qmpnet")
 
 
 @pytest.fixture(scope="session")
-def guest_image() -> GuestImage:
-    """The test guest's kernel and initramfs, built on first use and cached across sessions."""
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86 busybox-static)")
-    return ensure_image()
+def guest_image(qmpnet_guest_image: GuestImage) -> GuestImage:
+    """The busybox test guest's kernel and initramfs (the plugin's ``qmpnet_guest_image``)."""
+    return qmpnet_guest_image
 
 
 @pytest.fixture(scope="session")
@@ -34,18 +40,14 @@ def rabbitmq() -> Iterator[RabbitMQ]:
     yield from rabbitmq_fixture()
 
 
-def _machines(values: Iterable[object]) -> Iterator[TestMachine]:
-    """The TestMachines among fixture values, directly or one level inside a list, tuple or dict."""
-    for value in values:
-        members = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else [value]
-        yield from (member for member in members if isinstance(member, TestMachine))
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """Describe the test machines a failed test used."""
-    report = yield
-    if report.failed and isinstance(item, pytest.Function):
-        for machine in _machines(item.funcargs.values()):
-            report.sections.append((f"test machine {machine.name}", machine.describe()))
-    return report
+@pytest.fixture(autouse=True, scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A state directory of the session's own (never /var/lib/qmpnet); subprocesses inherit it."""
+    path = tmp_path_factory.mktemp("state")
+    previous = os.environ.get("QMPNET_STATE_DIR")
+    os.environ["QMPNET_STATE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("QMPNET_STATE_DIR", None)
+    else:
+        os.environ["QMPNET_STATE_DIR"] = previous

@@ -38,10 +38,11 @@ from aux_qmp import aux_args, aux_monitor, hmp
 from netns_tools import connect_and_read, ip, kill_namespace, links, listen, namespace_pids, nft_tables, serve_once
 
 import qmpnet
-from qmpnet.errors import Forbidden, InvalidRequest, NotFound, QmpCommandError
+from qmpnet.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from qmpnet.hostnet import HostnetSettings
 from qmpnet.hostnet.netns import run_in_netns
 from qmpnet.settings import Settings, load_settings
+from qmpnet.store import guest_key
 from qmpnet.testguest import TestMachine
 
 if TYPE_CHECKING:
@@ -192,11 +193,13 @@ async def test_bridge_nic_reaches_the_outside_and_the_outside_reaches_it(vm: Tes
             assert nic.backend.type == "bridge"
             tap = nic.backend.options["tap"]
             assert nic.backend.options["bridge"] == "br0"
-            # The tap lives in hv, is enslaved to br0 and up, and carries qmpnet's mark with the owner.
+            # The tap lives in hv, is enslaved to br0 and up, and carries qmpnet's mark with the owner: the guest's
+            # key in the state store, the same for every qmpnet process on this host.
             shown = taps(lab.hv)[tap]
             assert shown["master"] == "br0"
             assert "UP" in shown["flags"]
-            assert shown["ifalias"] == f"qmpnet:tap:{vm.name}/{nic.id}"
+            assert shown["ifalias"] == f"qmpnet:tap:{guest_key(str(vm.qmp_path))}/{nic.id}"
+            assert guest.record.nics[nic.id].host.tap == tap  # recorded: a restart knows to release it
             assert tap not in links(None)
 
             iface = await vm.wait_nic(nic.mac or "", driver="virtio_net", carrier=True)
@@ -386,27 +389,28 @@ async def test_failed_device_add_leaves_no_tap_and_no_netdev(vm: TestMachine, la
     ):
         before_nics = {n.id for n in await guest.list_nics()}  # qmpnet now holds this view of the guest
         before_macs = macs(vm)
-        # Behind qmpnet's back, occupy the slot it will choose, so its device_add fails after the fd was passed.
+        # Behind qmpnet's back, occupy the slot the caller asks for, so device_add fails after the fd was passed.
         slot = first_free_slot(cast("list[dict[str, Any]]", await aux.execute("query-pci")))
         await aux.execute("netdev_add", {"type": "user", "id": "aux0.net", "net": "10.0.9.0/24"})
         await aux.execute("device_add", {"driver": "e1000", "id": "aux0", "netdev": "aux0.net", "mac": aux_mac,
                                          "bus": "pci.0", "addr": f"{slot:#x}"})
         try:
             network_before = await aux.execute("human-monitor-command", {"command-line": "info network"})
-            with pytest.raises(QmpCommandError) as caught:
-                await guest.add_nic({"model": "virtio", "id": "doomed", "mac": doomed_mac,
+            with pytest.raises(Conflict) as caught:
+                await guest.add_nic({"model": "virtio", "id": "doomed", "mac": doomed_mac, "addr": f"{slot:x}",
                                      "backend": {"type": "bridge", "bridge": "br0"}})
-            assert caught.value.code == "qmp_error"
-            assert caught.value.command == "device_add"
-            assert f"slot {slot} function 0 not available" in caught.value.message
+            # QEMU refused the stale plan; qmpnet re-read the guest, and planning again names the holder.
+            assert caught.value.field == "nic.addr"
+            assert "aux0" in caught.value.message
             # Rolled back: netdev_del closed QEMU's copy of the fd, the tap went with it, and nothing else changed.
             assert await no_taps(lab.hv) == {}
             network_after = await aux.execute("human-monitor-command", {"command-line": "info network"})
             assert "doomed" not in str(network_after)
             assert network_after == network_before
             assert vm.agent.interface_by_mac(doomed_mac) is None
+            assert guest.record.nics == {}
             await vm.wait_nic(aux_mac, driver="e1000")
-            report("device_add failure", {"qmp_error": caught.value.message})
+            report("device_add failure", {"conflict": caught.value.message})
         finally:
             # qmpnet re-read the guest after the failure, so it knows aux0 and removes it with its netdev.
             assert (await guest.remove_nic("aux0", timeout=UNPLUG_TIMEOUT)).state == "removed"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +22,19 @@ settings.register_profile(
     "qmpnet-unit", derandomize=True, database=None, deadline=None, print_blob=True, max_examples=40
 )
 settings.load_profile("qmpnet-unit")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A state directory of the session's own (never /var/lib/qmpnet); subprocesses inherit it."""
+    path = tmp_path_factory.mktemp("state")
+    previous = os.environ.get("QMPNET_STATE_DIR")
+    os.environ["QMPNET_STATE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("QMPNET_STATE_DIR", None)
+    else:
+        os.environ["QMPNET_STATE_DIR"] = previous
 
 
 @pytest.fixture

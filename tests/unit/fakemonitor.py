@@ -64,6 +64,11 @@ class RecordingMonitor:
         self._handlers: list[Callable[[QmpEvent], None]] = []
         self._streams: list[_Stream] = []
 
+    def forget(self) -> None:
+        """Forget what was asked so far (the recovery a ``Guest`` runs on entry), to check what comes next."""
+        self.executed.clear()
+        self.observed = 0
+
     @property
     def commands(self) -> list[str]:
         """The names of the executed commands, in order."""

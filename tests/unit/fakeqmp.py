@@ -128,15 +128,21 @@ class FakeQmp:
             }
         )
         self.greet = greet
+        #: QOM objects by id (qom-type, properties): the instance mark of a QEMU qmpnet has met before.
+        self.objects: dict[str, tuple[str, dict[str, Any]]] = {
+            "qmpnet-instance": ("authz-simple", {"identity": "fake-instance-1"})
+        }
         self.transcript: list[Command | Event] = []
         self.connections = 0
         self.handlers: dict[str, Callable[[dict[str, Any]], Awaitable[object]]] = {
             "qom-get": self._qom_get,
+            "object-add": self._object_add,
+            "object-del": self._object_del,
             "human-monitor-command": self._human_monitor_command,
             "query-rx-filter": self._query_rx_filter,
-            "netdev_add": _empty,
-            "device_add": _empty,
-            "netdev_del": _empty,
+            "netdev_add": self._netdev_add,
+            "device_add": self._device_add,
+            "netdev_del": self._netdev_del,
             "device_del": _empty,
             "set_link": _empty,
         }
@@ -250,7 +256,7 @@ class FakeQmp:
         return (done,)
 
     def forget_device(self, device_id: str) -> None:
-        """Remove device ``device_id`` and its net client and peer from the ``info`` outputs (it was unplugged)."""
+        """Remove device ``device_id`` and its net client from the ``info`` outputs (it was unplugged)."""
         self.hmp["info qtree"] = without_device(self.hmp["info qtree"], device_id)
         self.hmp["info network"] = without_net_clients(self.hmp["info network"], device_id)
 
@@ -356,7 +362,45 @@ class FakeQmp:
     async def _qom_get(self, arguments: dict[str, Any]) -> object:
         if arguments == {"path": "/machine", "property": "type"}:
             return self.machine_type
+        path = str(arguments.get("path"))
+        if path.startswith("/objects/"):
+            found = self.objects.get(path.removeprefix("/objects/"))
+            if found is None:
+                raise QmpError(f"Device '{path}' not found", "DeviceNotFound")
+            return found[1].get(str(arguments.get("property")))
         raise QmpError(f"Property '{arguments.get('property')}' not found")
+
+    async def _netdev_add(self, arguments: dict[str, Any]) -> object:
+        # The new backend shows in `info network` as QEMU would list it, until netdev_del.
+        line = f"{arguments['id']}: index=0,type={arguments.get('type', 'user')}\r\n"
+        self.hmp["info network"] = self.hmp.get("info network", "") + line
+        return {}
+
+    async def _netdev_del(self, arguments: dict[str, Any]) -> object:
+        name = str(arguments.get("id"))
+        network = self.hmp.get("info network", "")
+        kept = [line for line in network.splitlines(keepends=True) if not line.startswith(f"{name}: ")]
+        self.hmp["info network"] = "".join(kept)
+        return {}
+
+    async def _device_add(self, arguments: dict[str, Any]) -> object:
+        # The new device shows in `info qtree` on its bus, as QEMU would show it, until it is unplugged.
+        if "info qtree" in self.hmp:
+            self.hmp["info qtree"] = with_device(self.hmp["info qtree"], arguments)
+        return {}
+
+    async def _object_add(self, arguments: dict[str, Any]) -> object:
+        object_id = str(arguments.get("id"))
+        if object_id in self.objects:
+            raise QmpError(f"attempt to add duplicate property '{object_id}' to object (type 'container')")
+        rest = {k: v for k, v in arguments.items() if k not in ("id", "qom-type")}
+        self.objects[object_id] = (str(arguments.get("qom-type")), rest)
+        return {}
+
+    async def _object_del(self, arguments: dict[str, Any]) -> object:
+        if self.objects.pop(str(arguments.get("id")), None) is None:
+            raise QmpError(f"object '{arguments.get('id')}' not found")
+        return {}
 
     async def _human_monitor_command(self, arguments: dict[str, Any]) -> object:
         line = str(arguments.get("command-line", ""))
@@ -421,6 +465,23 @@ def _event_bytes(event: Event) -> bytes:
     return _json({"event": event.name, "data": event.data, "timestamp": stamp})
 
 
+def with_device(qtree: str, arguments: dict[str, Any]) -> str:
+    """``info qtree`` text with the device ``device_add`` was given (driver, id, bus, addr, mac, netdev) on its bus."""
+    lines = qtree.splitlines(keepends=True)
+    bus = str(arguments.get("bus", ""))
+    for index, line in enumerate(lines):
+        if line.strip() == f"bus: {bus}":
+            indent = " " * (len(line) - len(line.lstrip(" ")) + 2)
+            block = [f'{indent}dev: {arguments["driver"]}, id "{arguments["id"]}"\r\n']
+            props = [prop for prop in ("mac", "netdev") if prop in arguments]
+            block.extend(f'{indent}  {prop} = "{arguments[prop]}"\r\n' for prop in props)
+            block.append(f"{indent}  addr = {arguments.get('addr', '1f.0')}\r\n")
+            # After the bus's own `type` line, where QEMU lists the bus's devices.
+            at = index + 2 if index + 1 < len(lines) and lines[index + 1].strip().startswith("type ") else index + 1
+            return "".join(lines[:at] + block + lines[at:])
+    return qtree
+
+
 def without_device(qtree: str, device_id: str) -> str:
     """``info qtree`` text without the device ``device_id`` and everything indented under it."""
     lines = qtree.splitlines(keepends=True)
@@ -440,13 +501,21 @@ def without_device(qtree: str, device_id: str) -> str:
 
 
 def without_net_clients(network: str, nic_name: str) -> str:
-    """``info network`` text without the top-level NIC client ``nic_name`` and its peer line."""
+    """``info network`` text without the top-level NIC client ``nic_name``; its backend stays, on a line of its own.
+
+    That is what QEMU shows once a NIC is unplugged: the netdev lives on until ``netdev_del``.
+    """
     lines = network.splitlines(keepends=True)
     kept: list[str] = []
     dropping = False
     for line in lines:
         if not line.startswith(" \\ "):
             dropping = line.startswith(f"{nic_name}: ")
-        if not dropping:
-            kept.append(line)
+            if dropping:
+                continue
+        if dropping:
+            kept.append(line.removeprefix(" \\ "))
+            dropping = False
+            continue
+        kept.append(line)
     return "".join(kept)

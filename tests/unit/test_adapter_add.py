@@ -10,7 +10,7 @@ import pytest
 from fakeqmp import Command, FakeQmp
 
 import qmpnet
-from qmpnet.errors import GuestUnavailable, OutcomeUnknown, QmpCommandError
+from qmpnet.errors import Busy, GuestUnavailable, OutcomeUnknown, QmpCommandError
 from qmpnet.qmp import QmpMonitor
 from qmpnet.settings import QmpSettings, Settings
 
@@ -53,18 +53,32 @@ async def test_greeting_and_happy_path(fake: FakeQmp, fast: Settings) -> None:
 
 
 async def test_failed_device_add_rolls_back_the_netdev(fake: FakeQmp, fast: Settings) -> None:
-    fake.fail("device_add", "PCI: slot 4 function 0 not available for virtio-net-pci, in use by x")
+    fake.fail("device_add", "Parameter 'vectors' expects uint32")
     async with qmpnet.connect(str(fake.path), settings=fast) as guest:
         with pytest.raises(QmpCommandError) as info:
             await guest.add_nic({"id": "x1"})
+        assert guest.record.nics == {}  # nothing of the NIC is left in the record either
     err = info.value
     assert err.code == "qmp_error"
     assert err.qmp_class == "GenericError"
     assert err.command == "device_add"
-    assert "in use by x" in err.message
+    assert "expects uint32" in err.message
     assert fake.change_names() == ["netdev_add", "device_add", "netdev_del"]
     assert fake.changes()[0] == Command("netdev_add", {"id": "x1.net", "type": "user"})
     assert fake.changes()[2] == Command("netdev_del", {"id": "x1.net"})
+
+
+async def test_a_refused_plan_is_planned_once_more_after_reading_the_guest(fake: FakeQmp, fast: Settings) -> None:
+    # Another client took the slot qmpnet planned: QEMU refuses, qmpnet re-reads and plans again, once.
+    fake.fail("device_add", "PCI: slot 4 function 0 not available for virtio-net-pci, in use by x")
+    async with qmpnet.connect(str(fake.path), settings=fast) as guest:
+        reads = len([c for c in fake.commands() if c.arguments.get("command-line") == "info qtree"])
+        with pytest.raises(QmpCommandError) as info:
+            await guest.add_nic({"id": "x1"})
+        assert guest.record.nics == {}
+    assert "in use by x" in info.value.message
+    assert fake.change_names() == ["netdev_add", "device_add", "netdev_del"] * 2  # each attempt rolled back
+    assert len([c for c in fake.commands() if c.arguments.get("command-line") == "info qtree"]) == reads + 1
 
 
 async def test_failed_set_link_unplugs_then_deletes_the_netdev(fake: FakeQmp, fast: Settings) -> None:
@@ -110,12 +124,15 @@ async def test_hung_command_is_outcome_unknown_without_rollback(fake: FakeQmp, f
         expected = ["netdev_add"] if command == "netdev_add" else ["netdev_add", "device_add"]
         assert fake.change_names() == expected
         assert any("did not roll back" in note for note in info.value.__notes__)
-        # The lane re-reads the guest before its next change.
+        assert guest.record.nics["x1"].state == "adding"  # recorded before the first command, unsettled
+        # The lane re-reads the guest before its next change and settles the unanswered add: no device came,
+        # so the netdev it may have left is deleted (an orphan netdev would keep its ports bound for good).
         before = len(fake.commands())
         await guest.set_link("e1", up=False)
         after = fake.commands()[before:]
         assert [c.arguments.get("command-line") for c in after[:2]] == ["info qtree", "info network"]
-        assert after[2:] == [Command("set_link", {"name": "e1", "up": False})]
+        assert after[2:] == [Command("netdev_del", {"id": "x1.net"}), Command("set_link", {"name": "e1", "up": False})]
+        assert "x1" not in guest.record.nics
 
 
 async def test_dropped_connection_is_outcome_unknown_then_unavailable(fake: FakeQmp, fast: Settings) -> None:
@@ -159,12 +176,13 @@ async def test_stale_socket_file_is_guest_unavailable(sockdir: Path, fast: Setti
             pass
 
 
-async def test_silent_monitor_is_guest_unavailable_after_connect_timeout(sockdir: Path) -> None:
+async def test_silent_monitor_is_busy_after_connect_timeout(sockdir: Path) -> None:
     settings = Settings(qmp=QmpSettings(connect_timeout=0.2))
     loop = asyncio.get_running_loop()
     async with FakeQmp(sockdir / "silent.qmp", greet=False) as silent:
         start = loop.time()
-        with pytest.raises(GuestUnavailable, match="did not answer"):
+        # Accepted but never greeted: what QEMU does while another client holds the monitor.
+        with pytest.raises(Busy, match="another client holds it"):
             async with qmpnet.connect(str(silent.path), settings=settings):
                 pass
         assert loop.time() - start < 2.5  # 0.2 s, not the 5 s default

@@ -30,7 +30,7 @@ def test_every_op_has_a_scope_request_and_data_model() -> None:
     assert {name for name, spec in OPS.items() if spec.scope == "controller"} == {"guests"}
     assert EVENT_NAMES == (
         "nic_added", "nic_removed", "nic_removal_pending", "unplug_rejected", "link_changed", "rx_filter_changed",
-        "guest_connected", "guest_disconnected",
+        "guest_connected", "guest_disconnected", "reconciled", "drift",
     )  # fmt: skip
 
 

@@ -1,0 +1,272 @@
+"""Files of the state store: atomic, versioned JSON records and one advisory lock per guest.
+
+A write goes to a temporary file in the same directory, is fsync'd, renamed over the record and the directory is
+fsync'd: a reader (or a restart after a crash at any point) sees the old record or the new one, never a mix.
+The lock is ``flock`` on a separate file: it dies with its process, so a killed holder never blocks the next
+one, and it conflicts between any two open files, so two ``Guest`` objects in one process are kept apart too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from pydantic import ValidationError
+
+from qmpnet.errors import Busy, InvalidRequest, Unsupported
+from qmpnet.records import FORMAT_VERSION, GuestRecord
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["FileGuestStore", "MemoryGuestStore", "StateDir", "canonical_address", "guest_key"]
+
+log = logging.getLogger(__name__)
+
+_KEY_CHARS: Final = re.compile(r"[^A-Za-z0-9_.-]+")
+#: How often a waiter retries a held lock; the wait as a whole is bounded by the caller's timeout.
+_LOCK_POLL: Final = 0.02
+
+
+def guest_key(address: str) -> str:
+    """The file name stem of the guest at QMP ``address``: readable, and unique by a hash of the address."""
+    canonical = canonical_address(address)
+    readable = _KEY_CHARS.sub("_", canonical).strip("_.")[-64:] or "guest"
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    return f"{readable}-{digest}"
+
+
+def canonical_address(address: str) -> str:
+    """A unix socket path made absolute and resolved; ``host:port`` as given."""
+    if "/" in address or ":" not in address:
+        return os.path.realpath(address)
+    return address
+
+
+class StateDir:
+    """The state directory.
+
+    Args:
+        root: The directory (created with mode 0700 when missing).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.guests = root / "guests"
+
+    @property
+    def control_socket(self) -> Path:
+        """Where a running ``qmpnet serve`` listens for local clients."""
+        return self.root / "control.sock"
+
+    def check(self) -> None:
+        """Create the directory if needed and check that records can be written there.
+
+        Raises:
+            InvalidRequest: The directory cannot be created or written (the message says why, naming it).
+        """
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.guests.mkdir(mode=0o700, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.guests, prefix=".probe-"):
+                pass
+        except OSError as err:
+            reason = err.strerror or str(err)
+            raise InvalidRequest(
+                f"state_dir: {self.root} cannot be written ({reason}); set --state-dir or QMPNET_STATE_DIR to a "
+                "writable directory",
+                field="state_dir",
+            ) from err
+
+    async def open_guest(self, address: str, name: str, *, wait: float) -> FileGuestStore:
+        """Lock the record of the guest at ``address`` and load it (a fresh one if there is none).
+
+        Waits up to ``wait`` seconds for another qmpnet process holding the guest to let go.
+
+        Raises:
+            InvalidRequest: The state directory cannot be written.
+            Busy: Another qmpnet process kept the guest for ``wait`` seconds.
+            Unsupported: The record has another format version or cannot be read.
+        """
+        self.check()
+        key = guest_key(address)
+        lock = await _lock(
+            self.guests / f"{key}.lock",
+            wait,
+            lambda pid, waited: f"guest {address}: another qmpnet process (pid {pid}) holds it; waited {waited:g} s",
+        )
+        try:
+            path = self.guests / f"{key}.json"
+            record = _load(path) or GuestRecord(address=canonical_address(address), name=name)
+            if record.name != name:
+                record = record.model_copy(update={"name": name})
+        except BaseException:
+            os.close(lock)
+            raise
+        return FileGuestStore(path, record, lock, key)
+
+    async def lock_controller(self) -> int:
+        """Hold the directory for one ``qmpnet serve`` (its control socket is the directory's own).
+
+        Returns the lock's file descriptor, released when the process ends (or the fd is closed).
+
+        Raises:
+            Busy: Another ``qmpnet serve`` uses this state directory.
+        """
+        self.check()
+        return await _lock(
+            self.root / "serve.lock", 0, lambda pid, _: f"state_dir: another qmpnet serve (pid {pid}) uses {self.root}"
+        )
+
+    def records(self) -> list[GuestRecord]:
+        """Every guest record in the directory (unreadable ones are logged and skipped)."""
+        found = []
+        for path in sorted(self.guests.glob("*.json")):
+            try:
+                record = _load(path)
+            except Unsupported as err:
+                log.warning("%s", err)
+                continue
+            if record is not None:
+                found.append(record)
+        return found
+
+
+class FileGuestStore:
+    """One guest's record, locked for this process until :meth:`close`."""
+
+    def __init__(self, path: Path, record: GuestRecord, lock_fd: int, key: str) -> None:
+        self.path = path
+        self.key = key
+        self._record = record
+        self._lock_fd: int | None = lock_fd
+
+    @property
+    def record(self) -> GuestRecord:
+        """The record as last saved (or loaded)."""
+        return self._record
+
+    def save(self, record: GuestRecord) -> None:
+        """Write ``record`` durably and atomically, then make it the current one.
+
+        Raises:
+            InvalidRequest: The state directory can no longer be written (nothing was changed).
+        """
+        data = record.model_dump_json(exclude_defaults=False).encode()
+        directory = self.path.parent
+        try:
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.path.stem}-", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())
+                Path(tmp).replace(self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    Path(tmp).unlink()
+                raise
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as err:
+            raise InvalidRequest(
+                f"state_dir: cannot write {self.path} ({err.strerror or err})", field="state_dir"
+            ) from err
+        self._record = record
+
+    def close(self) -> None:
+        """Release the lock. Safe to call twice."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+class MemoryGuestStore:
+    """A record kept in memory only: for unit tests and throw-away tools, never for a real guest."""
+
+    def __init__(self, record: GuestRecord | None = None, *, key: str = "guest") -> None:
+        self._record = record or GuestRecord(address="memory", name=key)
+        self.key = key
+        self.saves = 0
+
+    @property
+    def record(self) -> GuestRecord:
+        """The record as last saved."""
+        return self._record
+
+    def save(self, record: GuestRecord) -> None:
+        """Keep ``record``."""
+        self._record = record
+        self.saves += 1
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _load(path: Path) -> GuestRecord | None:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise Unsupported(f"state_dir: cannot read {path} ({err.strerror or err})", field="state_dir") from err
+    try:
+        data = json.loads(raw)
+    except ValueError as err:
+        raise Unsupported(f"state_dir: {path} is not valid JSON ({err}); move it aside", field="state_dir") from err
+    version = data.get("version") if isinstance(data, dict) else None
+    if version != FORMAT_VERSION:
+        raise Unsupported(
+            f"state_dir: {path} has format version {version!r}; this qmpnet reads version {FORMAT_VERSION}",
+            field="state_dir",
+        )
+    try:
+        return GuestRecord.model_validate(data)
+    except ValidationError as err:
+        raise Unsupported(f"state_dir: {path} is not a valid guest record ({err.error_count()} errors: "
+                          f"{err.errors(include_url=False)[0]['msg']}); move it aside", field="state_dir") from err
+
+
+async def _lock(path: Path, wait: float, busy: Callable[[str, float], str]) -> int:
+    """Lock ``path`` within ``wait`` seconds, or raise ``Busy(busy(holder_pid, wait))``."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await _wait_for_lock(fd, wait, busy)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+async def _wait_for_lock(fd: int, wait: float, busy: Callable[[str, float], str]) -> None:
+    deadline = time.monotonic() + wait
+    while not _try_lock(fd):
+        if time.monotonic() >= deadline:
+            raise Busy(busy(os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown", wait))
+        await asyncio.sleep(_LOCK_POLL)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        return False
+    return True

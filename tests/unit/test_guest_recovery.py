@@ -1,0 +1,159 @@
+"""Recovery through the real QMP adapter against the fake monitor: what a killed process left is finished or undone.
+
+Each test writes the record a killed qmpnet process would have left, shapes the fake QEMU as it would be, then
+connects like any new process and checks both what was sent and that nothing extra is left.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fakeqmp import Command, FakeQmp, eventually
+
+import qmpnet
+from qmpnet.model import GuestEvent, NicSpec
+from qmpnet.records import GuestRecord, HostHold, NicRecord
+from qmpnet.store import StateDir
+
+if TYPE_CHECKING:
+    from qmpnet.settings import Settings
+
+
+async def leave(settings: Settings, fake: FakeQmp, *nics: NicRecord, instance: str = "fake-instance-1") -> None:
+    """Write the record a killed process would have left for the fake's guest."""
+    store = await StateDir(settings.state_dir).open_guest(str(fake.path), str(fake.path), wait=1)
+    try:
+        record = GuestRecord(address=str(fake.path), name=str(fake.path), instance=instance)
+        for nic in nics:
+            record = record.with_nic(nic)
+        store.save(record)
+    finally:
+        store.close()
+
+
+def nic(nic_id: str, state: str, *, netdev: str | None = None, link: str = "up") -> NicRecord:
+    return NicRecord.model_validate({
+        "id": nic_id, "spec": NicSpec(id=nic_id).model_dump(), "netdev": netdev or f"{nic_id}.net", "state": state,
+        "link": link,
+    })
+
+
+async def test_an_add_killed_between_netdev_add_and_device_add_leaves_nothing(fake: FakeQmp, fast: Settings) -> None:
+    await fake.handlers["netdev_add"]({"id": "x1.net", "type": "user"})  # what the killed process got done
+    await leave(fast, fake, nic("x1", "adding"))
+    async with qmpnet.connect(str(fake.path), settings=fast) as guest:
+        assert fake.changes() == [Command("netdev_del", {"id": "x1.net"})]
+        assert guest.record.nics == {}
+        assert "x1.net" not in fake.hmp["info network"]
+        # The id is free again, and nothing of the old attempt is listed.
+        assert "x1" not in {n.id for n in await guest.list_nics()}
+        added = await guest.add_nic({"id": "x1"})
+        assert added.id == "x1"
+
+
+async def test_a_removal_acked_after_its_process_left_is_finished(fake: FakeQmp, fast: Settings) -> None:
+    # `nic del e1 --timeout 0` answered removal_pending and exited; the guest acked later, nobody listened.
+    fake.forget_device("e1")
+    await leave(fast, fake, nic("e1", "removal_pending", netdev="n1"))
+    async with qmpnet.connect(str(fake.path), settings=fast) as guest:
+        assert fake.changes() == [Command("netdev_del", {"id": "n1"})]
+        assert guest.record.nics == {}
+        assert "n1" not in fake.hmp["info network"]
+        # The user's second `nic del` is told it is done, not that the NIC never existed.
+        assert (await guest.remove_nic("e1")).state == "removed"
+    assert fake.change_names() == ["netdev_del"]
+
+
+async def test_link_intent_is_reapplied_and_listed(fake: FakeQmp, fast: Settings) -> None:
+    await fake.handlers["netdev_add"]({"id": "x1.net", "type": "user"})
+    await fake.handlers["device_add"]({"driver": "e1000", "id": "x1", "netdev": "x1.net", "mac": "52:54:00:00:00:77",
+                                       "bus": "pci.0", "addr": "05.0"})
+    await leave(fast, fake, nic("x1", "active", link="down"))
+    async with qmpnet.connect(str(fake.path), settings=fast) as guest:
+        assert fake.changes() == [Command("set_link", {"name": "x1", "up": False})]
+        listed = {n.id: n for n in await guest.list_nics()}
+        assert listed["x1"].link == "down"
+        assert listed["e1"].link == "up"
+
+
+async def test_a_cold_plugged_nic_keeps_its_link_intent_across_processes(fake: FakeQmp, fast: Settings) -> None:
+    async with qmpnet.connect(str(fake.path), settings=fast) as guest:
+        await guest.set_link("e1", up=False)
+    async with qmpnet.connect(str(fake.path), settings=fast) as guest:
+        assert {n.id: n.link for n in await guest.list_nics()}["e1"] == "down"
+    assert fake.changes() == [Command("set_link", {"name": "e1", "up": False})] * 2  # set, then re-applied
+
+
+async def test_a_pending_removal_is_asked_again_after_a_reconnect(fake: FakeQmp, fast: Settings) -> None:
+    await leave(fast, fake, nic("e1", "removal_pending", netdev="n1"))
+    async with qmpnet.connect(str(fake.path), settings=fast) as guest:
+        assert fake.changes() == [Command("device_del", {"id": "e1"})]
+        assert {n.id: n.state for n in await guest.list_nics()}["e1"] == "removal_pending"
+        await fake.emit_many(list(fake.unplug_events("e1")))
+        assert (await guest.remove_nic("e1", timeout=5)).state == "removed"
+        assert fake.changes()[-1] == Command("netdev_del", {"id": "n1"})
+        assert guest.record.nics == {}
+
+
+async def test_a_restarted_qemu_is_a_new_instance_whose_old_nics_are_forgotten(fake: FakeQmp, fast: Settings) -> None:
+    # The record is of the QEMU that ran before; this one has a cold-plugged e1 of its own with the same id.
+    await leave(fast, fake, nic("e1", "active", link="down"), nic("x9", "removal_pending"), instance="old-qemu")
+    async with qmpnet.connect(str(fake.path), settings=fast) as guest:
+        assert fake.changes() == []  # nothing of the new QEMU is touched: those devices are not qmpnet's
+        assert guest.record.nics == {}
+        assert guest.record.instance == "fake-instance-1"
+        assert {n.id: n.link for n in await guest.list_nics()}["e1"] == "up"
+
+
+async def test_a_fresh_qemu_gets_an_instance_mark(fake: FakeQmp, fast: Settings) -> None:
+    fake.objects.clear()
+    async with qmpnet.connect(str(fake.path), settings=fast) as guest:
+        assert fake.change_names() == ["object-add"]
+        mark = fake.objects["qmpnet-instance"]
+        assert mark[0] == "authz-simple"
+        assert guest.record.instance == mark[1]["identity"]
+    async with qmpnet.connect(str(fake.path), settings=fast):
+        pass
+    assert fake.change_names() == ["object-add"]  # the second process recognises the same instance
+
+
+async def test_a_nic_another_client_unplugs_leaves_with_an_event_and_its_backend(fake: FakeQmp, fast: Settings) -> None:
+    async with qmpnet.connect(str(fake.path), settings=fast) as guest:
+        events: list[GuestEvent] = []
+        guest.subscribe(events.append)
+        ours = await guest.add_nic({"id": "x1"})
+        before = len(fake.changes())
+        await fake.emit_many(list(fake.unplug_events("x1")))  # another QMP client's device_del, acked
+        await fake.wait_for_command("netdev_del")
+        assert fake.changes()[before:] == [Command("netdev_del", {"id": f"{ours.id}.net"})]
+        await fake.emit_many(list(fake.unplug_events("e1")))  # and a cold-plugged NIC qmpnet never owned
+        await eventually(lambda: [e.id for e in events if e.name == "nic_removed"] == ["x1", "e1"])
+        listed = {n.id for n in await guest.list_nics()}
+        assert "x1" not in listed
+        assert "e1" not in listed
+        assert guest.record.nics == {}
+        assert [(e.name, e.id) for e in events if e.name == "nic_removed"] == [("nic_removed", "x1"),
+                                                                              ("nic_removed", "e1")]
+    assert "n1" not in [c.arguments.get("id") for c in fake.changes()]  # not qmpnet's netdev: never touched
+
+
+async def test_an_add_records_its_spec_and_host_hold_before_qemu_sees_it(fake: FakeQmp, fast: Settings) -> None:
+    seen: list[GuestRecord] = []
+    async with qmpnet.connect(str(fake.path), settings=fast) as guest:
+
+        async def netdev_add(arguments: dict[str, object]) -> object:
+            seen.append(guest.record)  # what is on disk when QEMU gets the first command
+            return {}
+
+        fake.on("netdev_add", netdev_add)
+        nic_ = await guest.add_nic({"model": "e1000", "link": "down"})
+        recorded = guest.record.nics[nic_.id]
+    assert seen[0].nics[nic_.id].state == "adding"
+    assert recorded.state == "active"
+    assert recorded.spec is not None
+    assert (recorded.spec.mac, recorded.spec.bus, recorded.spec.addr) == (nic_.mac, "pci.0", "04.0")
+    assert recorded.link == "down"
+    assert recorded.host == HostHold()
+    operation = guest.record.operations[recorded.operation or ""]
+    assert operation.outcome is not None
+    assert operation.outcome["status"] == "ok"

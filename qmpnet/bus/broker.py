@@ -110,15 +110,17 @@ def make_client(  # noqa: PLR0913 - the connection's identity and its session, a
 async def resolve_protocol(settings: MqttSettings) -> Version:
     """The MQTT version to speak: ``settings.protocol``, or for ``auto`` the one the broker answers to.
 
-    Waits for one bare MQTT 5 CONNECT and its answer (at most ``connect_timeout``).
+    Waits for one bare MQTT 5 CONNECT and its answer (at most ``connect_timeout``); with a forced version and TLS,
+    for one TLS handshake.
 
     Raises:
         BrokerUnavailable: The broker cannot be reached (refused, unreachable, TLS, no answer in time).
     """
-    if settings.protocol != "auto":
-        return settings.protocol
     where = redact_url(settings.broker)
     try:
+        if settings.protocol != "auto":
+            await _check_tls(settings)
+            return settings.protocol
         v5 = await speaks_mqtt5(settings)
     except (OSError, TimeoutError) as err:
         raise _unreachable(settings, err) from err
@@ -165,6 +167,28 @@ async def speaks_mqtt5(settings: MqttSettings) -> bool:
         with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(settings.connect_timeout):
                 await writer.wait_closed()
+
+
+async def _check_tls(settings: MqttSettings) -> None:
+    """For ``mqtts://``, a TLS handshake of our own before the MQTT library's first one.
+
+    paho leaves the socket of a failed handshake for the garbage collector; asyncio closes it, and its error
+    says why (unknown CA, wrong host name) just as well. Plain ``mqtt://`` needs no check.
+
+    Raises:
+        OSError: The connection or the handshake failed (``ssl.SSLError`` is an ``OSError``).
+        TimeoutError: Not within ``connect_timeout``.
+    """
+    url = parse_broker_url(settings.broker)
+    if not url.tls:
+        return
+    context = tls_context(settings)
+    async with asyncio.timeout(settings.connect_timeout):
+        _, writer = await asyncio.open_connection(url.host, url.port, ssl=context, server_hostname=url.host)
+    writer.close()
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(settings.connect_timeout):
+            await writer.wait_closed()
 
 
 def _connect_v5(client_id: str) -> bytes:

@@ -322,9 +322,13 @@ class RabbitMQ(Process):
 
     def start(self) -> Self:
         """Boot the node and wait until its MQTT listener accepts connections."""
-        self.spawn([str(RABBITMQ_BIN / "rabbitmq-server")], env=self.env)
+        self.boot()
         self.wait_mqtt()
         return self
+
+    def boot(self) -> None:
+        """Start booting the node (see :meth:`wait_mqtt`), so that several nodes can boot at once."""
+        self.spawn([str(RABBITMQ_BIN / "rabbitmq-server")], env=self.env)
 
     def wait_mqtt(self) -> None:
         """Wait until the MQTT port accepts connections (after a boot or ``start_app``)."""

@@ -380,6 +380,29 @@ async def test_a_dotted_host_name_becomes_a_topic_safe_default_id(
         assert listed == {"nics": []}
 
 
+@pytest.mark.parametrize("mode", MODES, ids=str)
+async def test_a_retained_desired_set_reaches_a_starting_controller_on_every_broker(
+    mode: Mode, work: Path, cleanup: list[Process], request: pytest.FixtureRequest
+) -> None:
+    vm = Qemu(work / "vm.qmp")
+    cleanup.append(vm.start())
+    with broker_for(mode, work, request) as broker:
+        serve = serve_on(mode, broker.url, work, "w1", {"vm": vm.qmp})
+        desired = f"{serve.base}/guest/vm/desired"
+        async with Probe(broker.url, protocol=mode.probe) as probe:
+            document = {"generation": 1, "nics": [{"id": "wanted", "model": "e1000"}]}
+            await probe.publish(desired, document, retain=True)  # before the controller ever ran
+            cleanup.append(serve.start())
+            # RabbitMQ hands retained messages only to exact subscriptions: the controller makes one per guest.
+            await wait_online(serve, broker.url, guests_connected=["vm"], protocol=mode.probe)
+            nics = await wait_retained(
+                broker.url, f"{serve.base}/guest/vm/nics", lambda s: "wanted" in {n["id"] for n in s["nics"]},
+                protocol=mode.probe,
+            )  # fmt: skip
+            assert [n["id"] for n in nics["nics"]] == ["wanted"]
+            await probe.publish(desired, b"", retain=True)
+
+
 @pytest.mark.parametrize("mode", MOSQUITTO_MODES, ids=str)
 async def test_the_client_reconnects_after_a_broker_restart(mode: Mode, work: Path, cleanup: list[Process]) -> None:
     own = Mosquitto(work)

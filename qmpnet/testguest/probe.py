@@ -155,7 +155,7 @@ class Probe:
             await self._client.subscribe(topic_filter, qos=1)
             self._subscribed.add(topic_filter)
 
-    async def publish(
+    async def publish(  # noqa: PLR0913 - the message, then keyword-only MQTT options
         self,
         topic: str,
         payload: Mapping[str, Any] | bytes | str,
@@ -163,8 +163,9 @@ class Probe:
         retain: bool = False,
         response_topic: str | None = None,
         correlation: bytes | None = None,
+        timeout: float | None = None,
     ) -> None:
-        """Publish at QoS 1 (waits for the PUBACK); a mapping is sent as JSON."""
+        """Publish at QoS 1 (waits for the PUBACK, at most ``timeout``); a mapping is sent as JSON."""
         body = json.dumps(payload).encode() if not isinstance(payload, (bytes, str)) else payload
         properties = None
         if response_topic is not None or correlation is not None:
@@ -173,7 +174,7 @@ class Probe:
                 properties.ResponseTopic = response_topic
             if correlation is not None:
                 properties.CorrelationData = correlation
-        await self._client.publish(topic, body, qos=1, retain=retain, properties=properties)
+        await self._client.publish(topic, body, qos=1, retain=retain, properties=properties, timeout=timeout)
 
     def mark(self) -> int:
         """The index of the next message to arrive (pass as ``since`` to :meth:`wait`)."""

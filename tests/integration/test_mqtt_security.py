@@ -13,20 +13,34 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import ssl
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import pytest
-from mqtt_fixtures import MOSQUITTO_5, MOSQUITTO_311, Mode, Mosquitto, Probe, Qemu, Serve, scratch, wait_online
+from mqtt_fixtures import (
+    MOSQUITTO_5,
+    MOSQUITTO_311,
+    Mode,
+    Mosquitto,
+    Probe,
+    Qemu,
+    RabbitMQ,
+    Serve,
+    scratch,
+    wait_online,
+)
 
 import qmpnet
 from qmpnet.client import Client
 from qmpnet.settings import MqttSettings
+from qmpnet.testguest.services import RABBITMQ_BIN
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -222,3 +236,50 @@ def test_the_cli_with_a_wrong_password_prints_one_line_without_it(secured: Secur
     assert done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("error: guest_unavailable: cannot connect to the broker at mqtts://orchestrator:***@")
     assert "nope-nope" not in done.stderr + done.stdout
+
+
+async def test_contrib_rabbitmq_permissions_let_each_party_do_only_its_part(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """contrib/rabbitmq/permissions.sh on a real node: the controller serves, the orchestrator drives, the viewer
+    cannot get a request through (RabbitMQ closes its connection), and nobody needs anonymous access."""
+    node: RabbitMQ = request.getfixturevalue("rabbitmq")
+    suffix = uuid.uuid4().hex[:6]
+    users = {"controller": f"acl{suffix}", "orchestrator": f"orch{suffix}", "viewer": f"view{suffix}"}
+    secrets = {name: f"pw-{name}-{suffix}" for name in users.values()}
+    wrapper = tmp_path / "rabbitmqctl"
+    exports = "".join(f"export {key}={shlex.quote(value)}\n" for key, value in node.env.items() if key.isupper())
+    wrapper.write_text(f"#!/bin/sh\n{exports}exec {RABBITMQ_BIN / 'rabbitmqctl'} -n {node.node} \"$@\"\n")
+    wrapper.chmod(0o755)
+    script = CONTRIB.parent / "rabbitmq" / "permissions.sh"
+    answers = "".join(f"{secrets[name]}\n" for name in users.values())
+    await asyncio.to_thread(
+        subprocess.run, ["sh", str(script), *users.values()], input=answers, text=True, check=True,
+        capture_output=True, env={**os.environ, "RABBITMQCTL": str(wrapper)}, timeout=120,
+    )  # fmt: skip
+    controller, orchestrator, viewer = users.values()
+    url = node.url.replace("mqtt://", f"mqtt://{controller}:{secrets[controller]}@")
+    vm = Qemu(tmp_path / "vm.qmp")
+    serve = Serve(tmp_path, url, controller, {"vm": vm.qmp})  # topic root "qmpnet", as the script expects
+    try:
+        vm.start()
+        serve.start()
+        creds: dict[str, Any] = {"username": orchestrator, "password": secrets[orchestrator], "protocol": 3}
+        await wait_online(serve, node.url, guests_connected=["vm"], **creds)
+        settings = MqttSettings.model_validate({"broker": node.url, "username": orchestrator,
+                                                "password": secrets[orchestrator]})  # fmt: skip
+        async with Client(settings=settings, timeout=10) as client:
+            assert (await client.add_nic(controller, "vm", {"id": "allowed"})).id == "allowed"
+            async with Probe(node.url, protocol=3, username=viewer, password=secrets[viewer]) as view:
+                await view.subscribe(f"qmpnet/{controller}/status")  # reading is allowed
+                await view.one(f"qmpnet/{controller}/status")
+                evil = {"nic": {"id": "evil"}}
+                with pytest.raises(aiomqtt.MqttError):  # RabbitMQ closes a connection whose publish it refuses
+                    await view.publish(f"qmpnet/{controller}/guest/vm/request/nic/add", evil, timeout=3)
+            assert [n.id for n in await client.list_nics(controller, "vm")] == ["allowed"]
+        assert serve.running, serve.describe()
+    finally:
+        serve.stop()
+        vm.stop()
+        for name in users.values():
+            node.ctl("delete_user", name)

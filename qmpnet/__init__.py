@@ -26,6 +26,7 @@ from qmpnet.errors import (
     QmpnetError,
     RemovalPending,
     Timeout,
+    UnexpectedReply,
     Unsupported,
 )
 from qmpnet.guest import Guest
@@ -80,6 +81,7 @@ __all__ = [
     "StreamBackend",
     "TapBackend",
     "Timeout",
+    "UnexpectedReply",
     "Unsupported",
     "UserBackend",
     "VfioBackend",

@@ -28,8 +28,14 @@ __all__ = ["connect"]
 
 
 @asynccontextmanager
-async def connect(address: str, *, name: str | None = None, settings: Settings | None = None) -> AsyncIterator[Guest]:
+async def connect(
+    address: str, *, name: str | None = None, settings: Settings | None = None, qga: str | None = None
+) -> AsyncIterator[Guest]:
     """Connect to the QMP monitor at ``address`` (a unix socket path or ``host:port``).
+
+    ``qga`` is the guest agent's socket; without it qmpnet looks for one (``query-chardev`` and the
+    virtserialport named ``org.qemu.guest_agent.0``). An agent gives ``list_nics`` the guest's own view of each NIC
+    and makes ``verify=`` possible.
 
     Waits for the guest's lock in the state store and for QEMU's greeting, together at most
     ``qmp.connect_timeout`` seconds, then recovers the guest from its record.
@@ -50,11 +56,15 @@ async def connect(address: str, *, name: str | None = None, settings: Settings |
     try:
         remaining = max(timeout - (time.monotonic() - started), 0.001)
         monitor = await QmpMonitor.connect(
-            address, name=guest_name, connect_timeout=remaining, command_timeout=settings.qmp.command_timeout
+            address,
+            name=guest_name,
+            connect_timeout=remaining,
+            command_timeout=settings.qmp.command_timeout,
+            read_attempts=settings.qmp.read_attempts,
         )
         try:
             host = HostNet(settings.hostnet)
-            async with Guest(monitor, name=guest_name, settings=settings, host=host, store=store) as guest:
+            async with Guest(monitor, name=guest_name, settings=settings, host=host, store=store, qga=qga) as guest:
                 yield guest
         finally:
             await monitor.close()

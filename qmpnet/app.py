@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 from qmpnet.bus.mqtt import MqttBus
 from qmpnet.control import serve_control
 from qmpnet.controller import Controller
 from qmpnet.errors import BrokerUnavailable, Busy, InvalidRequest
 from qmpnet.hostnet.host import HostNet
+from qmpnet.logconfig import JsonFormatter, configure
 from qmpnet.qmp import QmpMonitor
 from qmpnet.settings import load_settings, redact_url
 from qmpnet.store import StateDir
@@ -38,52 +38,29 @@ __all__ = ["JsonFormatter", "configure_logging", "main", "serve"]
 
 log = logging.getLogger(__name__)
 
-_CONTEXT: Final = ("guest", "transaction")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and the guest and transaction when known."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        """Format ``record`` as a JSON line."""
-        entry: dict[str, object] = {
-            "ts": round(record.created, 6),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key in _CONTEXT:
-            value = getattr(record, key, None)
-            if value is not None:
-                entry[key] = value
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
 
 def configure_logging(settings: LogSettings) -> None:
-    """Log to stderr at the configured level, as text or JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.level)
-    logging.getLogger("qmpnet.bus.paho").setLevel(max(logging.WARNING, root.level))
-    logging.getLogger("qemu").setLevel(max(logging.WARNING, root.level))
+    """Log to stderr at the configured level, as text or JSON lines; qemu.qmp and paho quiet unless DEBUG.
+
+    The controller reports a guest it cannot reach; qemu.qmp's own ERROR line for each failed connection attempt
+    would repeat that on every retry.
+    """
+    configure(settings.level, settings.format)
 
 
 def serve_settings(settings: Settings) -> Settings:
     """The settings as the controller applies them to remote callers.
 
-    Direct mode lets whoever holds the QMP socket use any existing bridge; over MQTT a caller gets only the
-    bridges the operator lists (``[policy] allowed_bridges``), so an unset list means none.
+    Direct mode lets whoever holds the QMP socket use any existing bridge and capture file; over MQTT a caller
+    gets only the bridges and capture directories the operator lists (``[policy] allowed_bridges``,
+    ``allowed_capture_dirs``), so an unset list means none.
     """
-    if settings.policy.allowed_bridges is not None:
+    policy = settings.policy
+    listed = ("allowed_bridges", "allowed_capture_dirs")
+    unset: dict[str, list[str]] = {name: [] for name in listed if getattr(policy, name) is None}
+    if not unset:
         return settings
-    return settings.model_copy(update={"policy": settings.policy.model_copy(update={"allowed_bridges": []})})
+    return settings.model_copy(update={"policy": policy.model_copy(update=unset)})
 
 
 async def serve(settings: Settings, *, version: str) -> None:
@@ -98,6 +75,7 @@ async def serve(settings: Settings, *, version: str) -> None:
             name=name,
             connect_timeout=settings.qmp.connect_timeout,
             command_timeout=settings.qmp.command_timeout,
+            read_attempts=settings.qmp.read_attempts,
         )
 
     metrics = None
@@ -138,7 +116,8 @@ async def serve(settings: Settings, *, version: str) -> None:
             controller_task = tasks.create_task(controller.run(), name="qmpnet.controller")
             await stop.wait()
             started = time.monotonic()
-            log.info("stopping")
+            log.info("stopping: letting operations in flight finish (at most %g s)", settings.lane.stop_grace)
+            await controller.drain(settings.lane.stop_grace)
             controller_task.cancel()
             await asyncio.gather(controller_task, return_exceptions=True)
             bus_task.cancel()

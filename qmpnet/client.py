@@ -20,12 +20,22 @@ transaction is safe. The broker connection is re-established when it breaks (see
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from qmpnet.bus.requester import Requester
-from qmpnet.model import ModelInfo, Nic, NicSpec, RemoveResult, parse_nic_spec
+from qmpnet.model import (
+    CaptureResult,
+    ModelInfo,
+    Nic,
+    NicSpec,
+    NicUpdate,
+    RemoveResult,
+    Verify,
+    parse_nic_spec,
+    parse_nic_update,
+)
 from qmpnet.ports import GuestOps
-from qmpnet.settings import MqttSettings
+from qmpnet.settings import MqttSettings, QgaSettings
 from qmpnet.wire.envelopes import GuestInfo, GuestList, ModelList, NicList, data_of, error_from
 
 if TYPE_CHECKING:
@@ -43,6 +53,7 @@ class Client:
         settings: Broker credentials, TLS files, MQTT version, topic root and the default timeout
             (``request_timeout``).
         timeout: Seconds to wait for each answer (default: ``settings.request_timeout``).
+        verify_timeout: Seconds a verified change may take on top (default: the ``qga.verify_timeout`` default).
         client_id: The MQTT client id (random when absent).
     """
 
@@ -52,6 +63,7 @@ class Client:
         *,
         settings: MqttSettings | None = None,
         timeout: float | None = None,
+        verify_timeout: float | None = None,
         client_id: str | None = None,
     ) -> None:
         settings = settings or MqttSettings()
@@ -59,6 +71,7 @@ class Client:
             settings = MqttSettings.model_validate({**settings.model_dump(), "broker": broker})
         self.settings = settings
         self.timeout = timeout if timeout is not None else settings.request_timeout
+        self.verify_timeout = verify_timeout if verify_timeout is not None else QgaSettings().verify_timeout
         self._requester = Requester(settings, client_id=client_id)
 
     async def __aenter__(self) -> Self:
@@ -97,27 +110,74 @@ class Client:
         return data_of(answer)
 
     async def add_nic(
-        self, controller: str, guest: str, spec: NicSpec | Mapping[str, Any], *, transaction: str | None = None
+        self,
+        controller: str,
+        guest: str,
+        spec: NicSpec | Mapping[str, Any],
+        *,
+        transaction: str | None = None,
+        verify: Verify = False,
     ) -> Nic:
         """Hot-add a NIC to ``guest`` (the spec is checked here first, then by the controller)."""
         nic = parse_nic_spec(spec).model_dump(mode="json", exclude_none=True)
-        return Nic.model_validate(await self.call(controller, guest, "nic/add", {"nic": nic}, transaction=transaction))
+        arguments = {"nic": nic, "verify": verify}
+        data = await self.call(controller, guest, "nic/add", arguments, transaction=transaction,
+                               timeout=self._verifying(verify))
+        return Nic.model_validate(data)
 
-    async def remove_nic(
-        self, controller: str, guest: str, nic_id: str, timeout: float | None = None, *, transaction: str | None = None
+    async def remove_nic(  # noqa: PLR0913 - the request's coordinates, then keyword-only knobs
+        self,
+        controller: str,
+        guest: str,
+        nic_id: str,
+        timeout: float | None = None,
+        *,
+        transaction: str | None = None,
+        verify: Verify = False,
     ) -> RemoveResult:
         """Hot-remove NIC ``nic_id``: ``removed``, or ``removal_pending`` without the guest's ack in ``timeout``."""
-        arguments: dict[str, Any] = {"id": nic_id} | ({"timeout": timeout} if timeout is not None else {})
-        wait = max(self.timeout, (timeout or 0) + self.settings.remove_margin)
+        arguments: dict[str, Any] = {"id": nic_id, "verify": verify} | ({"timeout": timeout} if timeout else {})
+        margin = self.settings.remove_margin
+        wait = max(self.timeout, (timeout or 0) + margin) + (self.verify_timeout if verify else 0.0)
         data = await self.call(controller, guest, "nic/del", arguments, transaction=transaction, timeout=wait)
         return RemoveResult.model_validate(data)
 
-    async def set_link(
-        self, controller: str, guest: str, nic_id: str, up: bool, *, transaction: str | None = None
+    async def set_link(  # noqa: PLR0913 - the request's coordinates, then keyword-only knobs
+        self, controller: str, guest: str, nic_id: str, up: bool, *, transaction: str | None = None,
+        verify: Verify = False,
     ) -> Nic:
         """Set NIC ``nic_id``'s link up or down."""
-        data = await self.call(controller, guest, "nic/link", {"id": nic_id, "up": up}, transaction=transaction)
+        arguments = {"id": nic_id, "up": up, "verify": verify}
+        data = await self.call(controller, guest, "nic/link", arguments, transaction=transaction,
+                               timeout=self._verifying(verify))
         return Nic.model_validate(data)
+
+    def _verifying(self, verify: Verify) -> float:
+        """How long to wait for an answer: a verified change may take the guest's verify timeout on top."""
+        return self.timeout + (self.verify_timeout if verify else 0.0)
+
+    async def update_nic(
+        self, controller: str, guest: str, update: NicUpdate | Mapping[str, Any], *, transaction: str | None = None
+    ) -> Nic:
+        """Change a NIC live (the update is checked here first, then by the controller)."""
+        body = parse_nic_update(update).model_dump(mode="json", exclude_unset=True)
+        data = await self.call(controller, guest, "nic/update", {"update": body}, transaction=transaction)
+        return Nic.model_validate(data)
+
+    async def capture(  # noqa: PLR0913 - the request's coordinates, then its arguments
+        self,
+        controller: str,
+        guest: str,
+        nic_id: str,
+        action: Literal["start", "stop"],
+        file: str | None = None,
+        *,
+        transaction: str | None = None,
+    ) -> CaptureResult:
+        """Start or stop NIC ``nic_id``'s live capture into ``file`` (a path on the controller's host)."""
+        arguments: dict[str, Any] = {"id": nic_id, "action": action} | ({"file": file} if file is not None else {})
+        data = await self.call(controller, guest, "nic/capture", arguments, transaction=transaction)
+        return CaptureResult.model_validate(data)
 
     async def list_nics(self, controller: str, guest: str) -> list[Nic]:
         """The guest's NICs, read afresh by the controller."""
@@ -144,17 +204,17 @@ class RemoteGuest:
         self.controller = controller
         self.name = name
 
-    async def add_nic(self, spec: NicSpec | Mapping[str, Any]) -> Nic:
+    async def add_nic(self, spec: NicSpec | Mapping[str, Any], *, verify: Verify = False) -> Nic:
         """Hot-add a NIC (see :meth:`Client.add_nic`)."""
-        return await self.client.add_nic(self.controller, self.name, spec)
+        return await self.client.add_nic(self.controller, self.name, spec, verify=verify)
 
-    async def remove_nic(self, nic_id: str, timeout: float | None = None) -> RemoveResult:
+    async def remove_nic(self, nic_id: str, timeout: float | None = None, *, verify: Verify = False) -> RemoveResult:
         """Hot-remove a NIC (see :meth:`Client.remove_nic`)."""
-        return await self.client.remove_nic(self.controller, self.name, nic_id, timeout)
+        return await self.client.remove_nic(self.controller, self.name, nic_id, timeout, verify=verify)
 
-    async def set_link(self, nic_id: str, up: bool) -> Nic:
+    async def set_link(self, nic_id: str, up: bool, *, verify: Verify = False) -> Nic:
         """Set a NIC's link (see :meth:`Client.set_link`)."""
-        return await self.client.set_link(self.controller, self.name, nic_id, up)
+        return await self.client.set_link(self.controller, self.name, nic_id, up, verify=verify)
 
     async def list_nics(self) -> list[Nic]:
         """List the NICs (see :meth:`Client.list_nics`)."""
@@ -163,3 +223,11 @@ class RemoteGuest:
     async def models(self) -> list[ModelInfo]:
         """List the NIC models (see :meth:`Client.models`)."""
         return await self.client.models(self.controller, self.name)
+
+    async def update_nic(self, update: NicUpdate | Mapping[str, Any]) -> Nic:
+        """Change a NIC live (see :meth:`Client.update_nic`)."""
+        return await self.client.update_nic(self.controller, self.name, update)
+
+    async def capture(self, nic_id: str, action: Literal["start", "stop"], file: str | None = None) -> CaptureResult:
+        """Start or stop a NIC's live capture (see :meth:`Client.capture`)."""
+        return await self.client.capture(self.controller, self.name, nic_id, action, file)

@@ -19,12 +19,22 @@ import logging
 import os
 import socket
 import struct
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qmpnet.errors import GuestUnavailable, InvalidRequest, NotFound, OutcomeUnknown, QmpnetError
-from qmpnet.model import ModelInfo, Nic, NicSpec, RemoveResult, parse_nic_spec
+from qmpnet.model import (
+    CaptureResult,
+    ModelInfo,
+    Nic,
+    NicSpec,
+    NicUpdate,
+    RemoveResult,
+    Verify,
+    parse_nic_spec,
+    parse_nic_update,
+)
 from qmpnet.wire.envelopes import ModelList, NicList, data_of, error_response, ok_response, to_wire
 
 if TYPE_CHECKING:
@@ -161,28 +171,45 @@ async def controller_serves(path: Path, address: str, timeout: float) -> bool:
 class ControlGuest:
     """A guest held by the local controller, with the methods of :class:`qmpnet.Guest` (a ``GuestOps``)."""
 
-    def __init__(self, path: Path, address: str, *, timeout: float) -> None:
+    def __init__(self, path: Path, address: str, *, timeout: float, verify_timeout: float = 0.0) -> None:
         self.path = path
         self.address = address
         self.timeout = timeout
+        self.verify_timeout = verify_timeout
 
     async def _data(self, op: str, payload: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
         return data_of(await _call(self.path, self.address, op, payload, timeout or self.timeout))
 
-    async def add_nic(self, spec: NicSpec | Mapping[str, Any]) -> Nic:
+    async def add_nic(self, spec: NicSpec | Mapping[str, Any], *, verify: Verify = False) -> Nic:
         """Hot-add a NIC (see :meth:`qmpnet.Guest.add_nic`)."""
         nic = parse_nic_spec(spec).model_dump(mode="json", exclude_none=True)
-        return Nic.model_validate(await self._data("nic/add", {"nic": nic}))
+        return Nic.model_validate(await self._data("nic/add", {"nic": nic, "verify": verify}, self._verifying(verify)))
 
-    async def remove_nic(self, nic_id: str, timeout: float | None = None) -> RemoveResult:
+    async def remove_nic(self, nic_id: str, timeout: float | None = None, *, verify: Verify = False) -> RemoveResult:
         """Hot-remove a NIC (see :meth:`qmpnet.Guest.remove_nic`)."""
-        payload: dict[str, Any] = {"id": nic_id} | ({"timeout": timeout} if timeout is not None else {})
-        wait = self.timeout + (timeout or 0)
+        payload: dict[str, Any] = {"id": nic_id, "verify": verify}
+        if timeout is not None:
+            payload["timeout"] = timeout
+        wait = self._verifying(verify) + (timeout or 0)
         return RemoveResult.model_validate(await self._data("nic/del", payload, wait))
 
-    async def set_link(self, nic_id: str, up: bool) -> Nic:
+    async def set_link(self, nic_id: str, up: bool, *, verify: Verify = False) -> Nic:
         """Set a NIC's link (see :meth:`qmpnet.Guest.set_link`)."""
-        return Nic.model_validate(await self._data("nic/link", {"id": nic_id, "up": up}))
+        payload = {"id": nic_id, "up": up, "verify": verify}
+        return Nic.model_validate(await self._data("nic/link", payload, self._verifying(verify)))
+
+    def _verifying(self, verify: Verify) -> float:
+        return self.timeout + (self.verify_timeout if verify else 0.0)
+
+    async def update_nic(self, update: NicUpdate | Mapping[str, Any]) -> Nic:
+        """Change a NIC live (see :meth:`qmpnet.Guest.update_nic`)."""
+        body = parse_nic_update(update).model_dump(mode="json", exclude_unset=True)
+        return Nic.model_validate(await self._data("nic/update", {"update": body}))
+
+    async def capture(self, nic_id: str, action: Literal["start", "stop"], file: str | None = None) -> CaptureResult:
+        """Start or stop a NIC's live capture (see :meth:`qmpnet.Guest.capture`)."""
+        payload: dict[str, Any] = {"id": nic_id, "action": action} | ({"file": file} if file is not None else {})
+        return CaptureResult.model_validate(await self._data("nic/capture", payload))
 
     async def list_nics(self) -> list[Nic]:
         """List the NICs (see :meth:`qmpnet.Guest.list_nics`)."""

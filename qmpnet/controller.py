@@ -29,6 +29,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from qmpnet.backoff import backoff
@@ -54,10 +55,12 @@ from qmpnet.wire.envelopes import (
     GuestStatus,
     ModelList,
     NicAddRequest,
+    NicCaptureRequest,
     NicDelRequest,
     NicLinkRequest,
     NicList,
     NicListRequest,
+    NicUpdateRequest,
     OkResponse,
     Response,
     error_response,
@@ -69,7 +72,6 @@ from qmpnet.wire.topics import is_bus_name
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
-    from pathlib import Path
 
     from pydantic import BaseModel
 
@@ -171,6 +173,7 @@ class _Member:
         self.nics: dict[str, Nic] = {}
         self.dedup = _Dedup(controller.settings.mqtt.dedup_window)
         self.store: GuestStore | None = None
+        self.agent = controller.settings.controller.agents.get(name) or _agent_beside(address)
         self.reconciler: Reconciler | None = None
         self.early_desired: tuple[Mapping[str, Any] | InvalidRequest | None] | None = None
         self.desired_status: DesiredStatus | None = None
@@ -229,7 +232,8 @@ class _Member:
 
     async def _serve(self, connection: Connection, store: GuestStore) -> None:
         controller = self.controller
-        guest = Guest(connection, name=self.name, settings=controller.settings, host=controller.host, store=store)
+        guest = Guest(connection, name=self.name, settings=controller.settings, host=controller.host, store=store,
+                      qga=self.agent)
         guest.subscribe(self._on_event)
         connection.on_event(self._on_qmp_event)
         try:
@@ -349,7 +353,7 @@ class _Member:
             self.nics.pop(event.id, None)
         elif event.name == "nic_removal_pending" and event.id in self.nics:
             self.nics[event.id] = self.nics[event.id].model_copy(update={"state": "removal_pending"})
-        if event.name in ("nic_added", "nic_removed", "nic_removal_pending", "link_changed"):
+        if event.name in ("nic_added", "nic_removed", "nic_removal_pending", "link_changed", "nic_updated"):
             self.controller.sink.guest_nics(self.name, NicList(nics=list(self.nics.values())))
         message = EventMessage(ts=event.ts, guest=self.name, id=event.id, nic=event.nic)
         self.controller.sink.event(self.name, event.name, message)
@@ -420,14 +424,20 @@ class _Member:
             return error_response(transaction, err)
         return ok_response(transaction, data)
 
-    async def _run(self, guest: Guest, request: BaseModel, transaction: str | None) -> BaseModel:
+    async def _run(  # noqa: PLR0911 - one return per op
+        self, guest: Guest, request: BaseModel, transaction: str | None
+    ) -> BaseModel:
         match request:
-            case NicAddRequest(nic=spec):
-                return await guest.add_nic(spec, operation=transaction)
-            case NicDelRequest(id=nic_id, timeout=timeout):
-                return await guest.remove_nic(nic_id, timeout=timeout, operation=transaction)
-            case NicLinkRequest(id=nic_id, up=up):
-                return await guest.set_link(nic_id, up=up, operation=transaction)
+            case NicAddRequest(nic=spec, verify=verify):
+                return await guest.add_nic(spec, operation=transaction, verify=verify)
+            case NicDelRequest(id=nic_id, timeout=timeout, verify=verify):
+                return await guest.remove_nic(nic_id, timeout=timeout, operation=transaction, verify=verify)
+            case NicLinkRequest(id=nic_id, up=up, verify=verify):
+                return await guest.set_link(nic_id, up=up, operation=transaction, verify=verify)
+            case NicUpdateRequest(update=update):
+                return await guest.update_nic(update, operation=transaction)
+            case NicCaptureRequest(id=nic_id, action=action, file=file):
+                return await guest.capture(nic_id, action, file)
             case NicListRequest():
                 nics = await guest.list_nics()
                 self.set_nics(nics)
@@ -471,6 +481,7 @@ class Controller:
         self.open_store: StoreOpener = open_store or _memory_store
         self._members: dict[str, _Member] = {}
         self._early_desired: dict[str, Mapping[str, Any] | InvalidRequest | None] = {}
+        self._stopping = False
         self._tasks: asyncio.TaskGroup | None = None
 
     async def run(self) -> None:
@@ -484,6 +495,14 @@ class Controller:
             if guest_dir is not None:
                 tasks.create_task(self._discover(guest_dir), name="qmpnet.discovery")
             await asyncio.get_running_loop().create_future()  # until cancelled
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking requests (new ones: ``guest_unavailable``); let those in flight finish within ``grace`` s."""
+        self._stopping = True
+        guests = [member.guest for member in self._members.values() if member.guest is not None]
+        idle = await asyncio.gather(*(guest.idle(grace) for guest in guests))
+        if not all(idle):
+            log.warning("stopping with operations still in flight after %g s: recovery will settle them", grace)
 
     def serves(self, address: str) -> str | None:
         """The name of the guest whose QMP socket is ``address``, if this controller serves it."""
@@ -520,6 +539,8 @@ class Controller:
 
     async def _dispatch(self, guest: str | None, op: str, payload: Mapping[str, Any]) -> Response:
         transaction = transaction_of(payload)
+        if self._stopping and guest is not None:
+            return error_response(transaction, GuestUnavailable(f"guest {guest}: the controller is stopping"))
         if guest is None:
             try:
                 parse_request(op, "controller", payload)
@@ -593,6 +614,14 @@ class Controller:
             if changed:
                 self._publish_controller()
             await asyncio.sleep(self.settings.controller.discovery_interval)
+
+
+def _agent_beside(address: str) -> str | None:
+    """``NAME.qga`` beside a guest's ``NAME.qmp`` socket, if it is a socket: the guest agent's, by convention."""
+    if not address.endswith(".qmp"):
+        return None
+    candidate = Path(address).with_suffix(".qga")
+    return str(candidate) if candidate.is_socket() else None
 
 
 def _scan(directory: Path) -> tuple[dict[str, str], set[str]]:

@@ -19,6 +19,7 @@ which layer noticed it, so a caller can act on the class alone::
      +-- Forbidden (forbidden)                 the operator's policy refuses the request
      +-- QmpCommandError (qmp_error)           QEMU answered a command with an error (carries ``qmp_class``)
      |    +-- AgentCommandError                the guest agent answered a command with an error
+     |    +-- UnexpectedReply (qmp_error)      QEMU answered in a shape qmpnet does not know (``UnexpectedReply``)
      +-- OutcomeUnknown (outcome_unknown)      a command was sent and no answer came (timeout or disconnect)
      +-- NotVerified (not_verified)            the guest did not show what was asked (interface, address,
                                                carrier, absence) within the verify timeout
@@ -68,6 +69,7 @@ __all__ = [
     "QmpnetError",
     "RemovalPending",
     "Timeout",
+    "UnexpectedReply",
     "Unsupported",
 ]
 
@@ -220,3 +222,18 @@ class NotVerified(QmpnetError):
     """
 
     code = "not_verified"
+
+
+class UnexpectedReply(QmpCommandError):
+    """QEMU answered, but in a shape qmpnet does not know: reading the guest stops there instead of guessing.
+
+    Its ``qmp_class`` is ``UnexpectedReply`` (QEMU reported no error; qmpnet refused the answer). The message names
+    the command and quotes the part of the answer that did not fit. Nothing was changed.
+
+    Args:
+        message: What did not fit, prefixed with the command.
+        command: The QMP command (or ``human-monitor-command <line>``) whose answer it was.
+    """
+
+    def __init__(self, message: str, *, command: str) -> None:
+        super().__init__(message, qmp_class="UnexpectedReply", command=command)

@@ -36,44 +36,59 @@ import re
 import time
 import uuid
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
+from qmpnet.capture import check_capture, run_capture
 from qmpnet.errors import (
+    AgentUnavailable,
     Busy,
     InvalidRequest,
     NotFound,
+    NotVerified,
     OutcomeUnknown,
     QmpCommandError,
     QmpnetError,
     RemovalPending,
+    Timeout,
     Unsupported,
 )
 from qmpnet.inventory import Inventory, backend_of
 from qmpnet.model import (
+    CaptureResult,
     GuestEvent,
     GuestEventName,
     ModelInfo,
     Nic,
     NicSpec,
+    NicUpdate,
     ObservedBackend,
     PciAddress,
     RemoveResult,
+    TapBackend,
+    Verify,
     parse_nic_spec,
+    parse_nic_update,
 )
 from qmpnet.names import check_qemu_id, format_pci_addr
 from qmpnet.plan import AddPlan, QmpCall, needs_tap_fds, plan_add
-from qmpnet.policy import check_spec
+from qmpnet.policy import check_spec, check_update
+from qmpnet.qga import GuestAgent, find_agent_socket, guest_views, wait_for
 from qmpnet.reconcile import with_added, with_link, without
 from qmpnet.records import GuestRecord, HostHold, NicRecord, OperationRecord
 from qmpnet.recovery import RecoveryStep, plan_recovery
 from qmpnet.settings import Settings
-from qmpnet.steps import UndoStack, prepare_host, run_steps
+from qmpnet.steps import Attachment, UndoStack, prepare_host, run_steps
 from qmpnet.store import MemoryGuestStore
+from qmpnet.update import KnownNic, run_update
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+    from os import PathLike
 
+    from qmpnet.model import GuestView
     from qmpnet.ports import GuestStore, HostNetwork, Monitor, Observation, QmpEvent
+    from qmpnet.qga import Want
 
 __all__ = ["INSTANCE_OBJECT", "Guest"]
 
@@ -100,9 +115,12 @@ class Guest:
         settings: Timeouts, lane limits and the caller policy.
         host: The host side for bridge, NAT, tap and VFIO backends (``None``: those backends are unsupported).
         store: The guest's record in the state store (default: kept in memory only, for tests and tools).
+        qga: The guest agent's socket; when absent it is looked for on entry (``query-chardev`` and the
+            virtserialport named ``org.qemu.guest_agent.0``). It gives ``list_nics`` the guest's own view and
+            makes ``verify`` possible.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the lane's collaborators, keyword-only
         self,
         monitor: Monitor,
         *,
@@ -110,8 +128,10 @@ class Guest:
         settings: Settings | None = None,
         host: HostNetwork | None = None,
         store: GuestStore | None = None,
+        qga: str | PathLike[str] | None = None,
     ) -> None:
         self.name = name
+        self._qga: Path | None = Path(qga) if qga is not None else None  # found on entry when not given
         self._monitor = monitor
         self._host = host
         self._store: GuestStore = store or MemoryGuestStore(GuestRecord(address=name, name=name), key=name)
@@ -184,7 +204,16 @@ class Guest:
         """
         async with self._lane_turn(bounded=False):
             inventory = await self._refresh(full=True)
+            if self._qga is None:
+                self._qga = await self._find_agent()
             return list(inventory.nics.values())
+
+    async def _find_agent(self) -> Path | None:
+        try:
+            return await find_agent_socket(self._monitor)
+        except QmpCommandError as err:
+            log.debug("guest %s: no guest agent socket found (%s)", self.name, err)
+            return None
 
     async def resync(self) -> list[Nic]:
         """Read the guest afresh and settle records against it (what the periodic resync calls); returns the NICs.
@@ -196,14 +225,19 @@ class Guest:
             inventory = await self._refresh(full=False)
             return [self._described(nic) for nic in inventory.nics.values()]
 
-    async def add_nic(self, spec: NicSpec | Mapping[str, Any], *, operation: str | None = None) -> Nic:
+    async def add_nic(
+        self, spec: NicSpec | Mapping[str, Any], *, operation: str | None = None, verify: Verify = False
+    ) -> Nic:
         """Hot-add a NIC described by ``spec``; atomic: on failure the guest is left as before.
 
         Waits for the guest's lane, then runs ``netdev_add``, ``device_add`` and (for ``link: down``) ``set_link``.
-        ``operation`` (an MQTT transaction) names the change in the record.
+        ``operation`` (an MQTT transaction) names the change in the record. With ``verify`` the call also waits
+        (``qga.verify_timeout``) until the guest's agent shows an interface with the NIC's MAC (``"address"``: with
+        an address) and returns the guest's view; if it does not, the NIC is removed again.
 
         Raises:
-            InvalidRequest: A field of ``spec`` is invalid (nothing was sent).
+            NotVerified: The guest did not show the interface in time (the NIC was removed again).
+            InvalidRequest: A field of ``spec`` is invalid, or ``verify`` without a guest agent (nothing was sent).
             Forbidden: The policy refuses an option (nothing was sent).
             Conflict: The id or MAC is already in the guest.
             NoFreeSlot: No PCI place is free.
@@ -213,27 +247,41 @@ class Guest:
         """
         nic_spec = parse_nic_spec(spec)
         check_spec(nic_spec, self._settings.policy)
+        if verify and nic_spec.backend.type == "vfio":
+            raise InvalidRequest("verify: a vfio NIC has no MAC qmpnet knows, so the guest cannot be asked",
+                                 field="verify")
+        operation = operation or _new_operation()
         async with self._lane_turn():
-            # Once started, a hot-add runs to its end (or its rollback) even if the caller goes away.
-            nic = await _shielded(self._add(nic_spec, operation or _new_operation()))
+            agent = await self._agent() if verify else None
+            try:
+                # Once started, a hot-add runs to its end (or its rollback) even if the caller goes away.
+                nic = await _shielded(self._add(nic_spec, operation))
+                if agent is not None:
+                    nic = await _shielded(self._verify_added(agent, nic, verify, operation))
+            finally:
+                if agent is not None:
+                    await agent.close()
         log.info("guest %s: added NIC %s (%s, %s) at %s", self.name, nic.id, nic.model, nic.mac, nic.pci)
         self._emit("nic_added", nic=nic)
         return nic
 
     async def remove_nic(
-        self, nic_id: str, timeout: float | None = None, *, operation: str | None = None
+        self, nic_id: str, timeout: float | None = None, *, operation: str | None = None, verify: Verify = False
     ) -> RemoveResult:
         """Hot-remove NIC ``nic_id``: ``device_del``, wait for the guest's ack, then ``netdev_del``.
 
         Waits at most ``timeout`` seconds (default: the ``qmp.unplug_timeout`` setting) for ``DEVICE_DELETED``.
         A NIC qmpnet created whose device is already gone (its backend left behind) is cleaned up and ``removed``.
 
+        With ``verify``, a ``removed`` answer also waits until the guest's agent no longer shows the interface.
+
         Returns:
             ``removed``, or ``removal_pending`` if the guest has not acked in time; the removal then completes in
             the background when it does.
 
         Raises:
-            InvalidRequest: ``nic_id`` or ``timeout`` is malformed.
+            NotVerified: The device is gone but the guest still shows the interface after ``qga.verify_timeout``.
+            InvalidRequest: ``nic_id`` or ``timeout`` is malformed, or ``verify`` without a guest agent.
             NotFound: No NIC with that id.
             QmpCommandError: QEMU refused ``device_del``, or the guest refused the unplug.
             OutcomeUnknown, GuestUnavailable, Busy: As for :meth:`add_nic`.
@@ -242,29 +290,47 @@ class Guest:
         wait = self._settings.qmp.unplug_timeout if timeout is None else timeout
         if not (math.isfinite(wait) and wait >= 0):
             raise InvalidRequest("timeout: must be a finite number of seconds, zero or more", field="timeout")
-        if self._pending(nic_id):
+        if self._pending(nic_id) and not verify:
             # Waiting for the guest's ack needs no QMP command, so it happens outside the lane.
             return await self._wait_pending(nic_id, wait)
         async with self._lane_turn():
-            if self._pending(nic_id):
-                return RemoveResult(id=nic_id, state="removal_pending")
-            inventory = await self._fresh_inventory()
-            nic = inventory.nics.get(nic_id)
-            if nic is None:
-                if nic_id in self._store.record.gone:
-                    # Its device went while no qmpnet listened, and recovery cleaned up what it left behind.
-                    self._save(self._store.record.model_copy(
-                        update={"gone": {k: v for k, v in self._store.record.gone.items() if k != nic_id}}
-                    ))
-                    return RemoveResult(id=nic_id, state="removed")
-                raise NotFound(f"id: no NIC {nic_id!r} in guest {self.name}", field="id")
-            # Once device_del is sent the outcome must be recorded (pending or removed), caller or not.
-            return await _shielded(self._unplug(nic, wait, operation or _new_operation()))
+            if verify:
+                agent = await self._agent()
+                mac = self._inventory.nics[nic_id].mac if self._inventory and nic_id in self._inventory.nics else None
+                try:
+                    result = await self._remove_in_lane(nic_id, wait, operation)
+                    if result.state == "removed" and mac is not None:
+                        await self._verified(wait_for(agent, mac, "absent"), "verify")
+                finally:
+                    await agent.close()
+                return result
+            return await self._remove_in_lane(nic_id, wait, operation)
 
-    async def set_link(self, nic_id: str, up: bool, *, operation: str | None = None) -> Nic:
+    async def _remove_in_lane(self, nic_id: str, wait: float, operation: str | None) -> RemoveResult:
+        if self._pending(nic_id):
+            return RemoveResult(id=nic_id, state="removal_pending")
+        inventory = await self._fresh_inventory()
+        nic = inventory.nics.get(nic_id)
+        if nic is None:
+            if nic_id in self._store.record.gone:
+                # Its device went while no qmpnet listened, and recovery cleaned up what it left behind.
+                gone = {k: v for k, v in self._store.record.gone.items() if k != nic_id}
+                self._save(self._store.record.model_copy(update={"gone": gone}))
+                return RemoveResult(id=nic_id, state="removed")
+            raise NotFound(f"id: no NIC {nic_id!r} in guest {self.name}", field="id")
+        # Once device_del is sent the outcome must be recorded (pending or removed), caller or not.
+        return await _shielded(self._unplug(nic, wait, operation or _new_operation()))
+
+    async def set_link(
+        self, nic_id: str, up: bool, *, operation: str | None = None, verify: Verify = False
+    ) -> Nic:
         """Set the link of NIC ``nic_id`` up or down (the guest sees carrier change); the intent is recorded.
 
+        With ``verify`` the call waits until the guest's carrier follows; if it does not within
+        ``qga.verify_timeout``, the link is set back as it was.
+
         Raises:
+            NotVerified: The guest's carrier did not follow in time (the link was set back).
             InvalidRequest: ``nic_id`` is malformed.
             NotFound: No NIC with that id.
             RemovalPending: The NIC is being removed.
@@ -278,9 +344,105 @@ class Guest:
                 raise NotFound(f"id: no NIC {nic_id!r} in guest {self.name}", field="id")
             if self._pending(nic_id):
                 raise RemovalPending(f"id: NIC {nic_id!r} is being removed; its link cannot change", field="id")
-            nic = await _shielded(self._relink(inventory, nic_id, link, operation or _new_operation()))
+            agent = await self._agent() if verify else None
+            try:
+                before: Literal["up", "down"] = "down" if self._links().get(nic_id) == "down" else "up"
+                nic = await _shielded(self._relink(inventory, nic_id, link, operation or _new_operation()))
+                if agent is not None and nic.mac is not None:
+                    want: Want = "carrier_up" if up else "carrier_down"
+                    try:
+                        view = await self._verified(wait_for(agent, nic.mac, want), "verify")
+                    except NotVerified:
+                        await _shielded(self._relink(inventory, nic_id, before, _new_operation()))
+                        raise
+                    nic = nic.model_copy(update={"guest": view})
+            finally:
+                if agent is not None:
+                    await agent.close()
         self._emit("link_changed", nic=nic)
         return nic
+
+    async def update_nic(self, update: NicUpdate | Mapping[str, Any], *, operation: str | None = None) -> Nic:
+        """Change a NIC live without unplugging it: move it, set its VLANs, shape it, set its link (qmpnet.update).
+
+        Atomic: on failure what was done is undone. Waits for the lane, the host work and, for a move, the link flap.
+        The change is recorded (link intent, the bridge or network it is on now, VLANs and shaping) and, for a move,
+        the stored desired set follows it.
+
+        Raises:
+            InvalidRequest: A field of ``update`` is invalid (nothing was changed).
+            Forbidden: The policy refuses the bridge (nothing was changed).
+            NotFound: No such NIC, bridge or NAT network.
+            Unsupported: The NIC's backend or the host cannot do it (user mode: the link only).
+            Conflict: The tap carries qdiscs qmpnet did not make.
+            QmpCommandError, OutcomeUnknown, GuestUnavailable, Busy: As for :meth:`add_nic`.
+        """
+        nic_update = parse_nic_update(update)
+        check_update(nic_update, self._settings.policy)
+        async with self._lane_turn():
+            inventory = await self._fresh_inventory()
+            nic = inventory.nics.get(nic_update.id)
+            if nic is None:
+                raise NotFound(f"update.id: no NIC {nic_update.id!r} in guest {self.name}", field="update.id")
+            if self._pending(nic.id):
+                raise RemovalPending(f"update.id: NIC {nic.id!r} is being removed", field="update.id")
+            nic = await _shielded(self._update(inventory, self._described(nic), nic_update, operation))
+        self._emit("nic_updated", nic=nic)
+        return nic
+
+    async def _update(self, inventory: Inventory, nic: Nic, update: NicUpdate, operation: str | None) -> Nic:
+        record = self._store.record.nics.get(nic.id)
+        known = _known(nic, record, f"{self._store.key}/{nic.id}")
+        started = OperationRecord(id=operation or _new_operation(), op="nic/update", nic=nic.id, started=time.time())
+        self._save(self._store.record.with_operation(started))
+        try:
+            result = await run_update(self._monitor, self._host, known, update, self._settings.update)
+        except OutcomeUnknown:
+            self._inventory = None
+            raise
+        except QmpnetError as err:
+            self._inventory = None
+            self._save(self._store.record.with_operation(_finished(started, error=err)))
+            raise
+        changed = self._store.record.with_link(nic.id, result.nic.link)
+        kept = changed.nics.get(nic.id) or _foreign_record(nic).model_copy(update={"netdev": None})
+        hold, spec = kept.host, kept.spec
+        if result.attachment is not None:
+            moved = result.attachment
+            where = {"tap": moved.tap or hold.tap, "bridge": moved.bridge, "network": moved.network}
+            hold = hold.model_copy(update=where)
+        if spec is not None:
+            changes: dict[str, object] = {"backend": update.backend} if update.backend is not None else {}
+            changes |= {name: getattr(update, name) for name in ("vlan", "shape") if name in update.model_fields_set}
+            spec = spec.model_copy(update=changes)
+        changed = changed.with_nic(kept.model_copy(update={
+            "host": hold, "spec": spec, "operation": started.id, "link": result.nic.link,
+            "view": result.backend or kept.view,
+            "vlan": update.vlan if "vlan" in update.model_fields_set else kept.vlan,
+            "shape": update.shape if "shape" in update.model_fields_set else kept.shape,
+        }))
+        if spec is not None and changed.desired is not None and any(s.id == nic.id for s in changed.desired.nics):
+            changed = changed.model_copy(update={"desired": with_added(changed.desired, spec)})
+        done = inventory.update(nic.id, link=result.nic.link, backend=result.nic.backend)
+        self._save(changed.with_operation(_finished(started, data=done.model_dump(mode="json"))))
+        return self._described(done)
+
+    async def capture(self, nic_id: str, action: Literal["start", "stop"], file: str | None = None) -> CaptureResult:
+        """Start or stop capturing NIC ``nic_id``'s traffic into the pcap ``file`` (QEMU filter-dump; qmpnet.capture).
+
+        Raises:
+            InvalidRequest: A malformed id, action or file.
+            Forbidden: The file is outside ``policy.allowed_capture_dirs``.
+            NotFound: No such NIC (start), or no capture running (stop).
+            Conflict: The NIC is already being captured.
+            Unsupported: The NIC has no netdev (vfio).
+            QmpCommandError, OutcomeUnknown, GuestUnavailable, Busy: As for :meth:`add_nic`.
+        """
+        _check_id(nic_id)
+        checked = check_capture(action, file, self._settings.policy)
+        async with self._lane_turn():
+            inventory = await self._fresh_inventory()
+            return await run_capture(self._monitor, inventory.nics, nic_id, action, checked)
 
     async def list_nics(self) -> list[Nic]:
         """Read the guest afresh and list its NICs, cold-plugged ones included, with virtio rx-filters.
@@ -290,11 +452,14 @@ class Guest:
         """
         async with self._lane_turn():
             inventory = await self._refresh(full=False)
+            views = await guest_views(self._qga, self._settings.qga)
             nics = []
             for nic in inventory.nics.values():
                 described = self._described(nic)
                 if nic.model.startswith("virtio-net") and nic.state == "active":
                     described = described.model_copy(update={"rx_filter": await self._monitor.rx_filter(nic.id)})
+                if views is not None and nic.mac is not None:
+                    described = described.model_copy(update={"guest": views.get(nic.mac)})
                 nics.append(described)
             return nics
 
@@ -324,6 +489,52 @@ class Guest:
             return False
         return True
 
+    # ---------------------------------------------------------------------------------------- the guest's view
+
+    async def _agent(self) -> GuestAgent:
+        """The guest agent, for a verified change (held for that change only: it serves one client at a time).
+
+        Raises:
+            InvalidRequest: No agent socket is known or none answers there (nothing has been changed yet).
+        """
+        if self._qga is None:
+            raise InvalidRequest(
+                f"verify: no guest agent is known for guest {self.name}: give its socket (--qga, qga=) or start "
+                "QEMU with a virtserialport named org.qemu.guest_agent.0 on a unix socket QEMU listens on",
+                field="verify",
+            )
+        try:
+            return await GuestAgent.open(self._qga, self._settings.qga)
+        except AgentUnavailable as err:
+            raise InvalidRequest(f"verify: {err.message}", field="verify") from err
+
+    async def _verified(self, wait: Awaitable[GuestView | None], field: str) -> GuestView | None:
+        """``await wait``, naming ``field`` on the ``not_verified`` error."""
+        try:
+            return await wait
+        except NotVerified as err:
+            raise NotVerified(err.message, field=field) from err
+
+    async def _verify_added(self, agent: GuestAgent, nic: Nic, verify: Verify, operation: str) -> Nic:
+        """Wait until the guest shows the new NIC; if it does not, remove the NIC again and raise."""
+        if nic.mac is None:
+            return nic
+        want: Want = "address" if verify == "address" else "present"
+        try:
+            view = await self._verified(wait_for(agent, nic.mac, want), "verify")
+        except NotVerified as err:
+            log.info("guest %s: NIC %s not verified (%s): removing it again", self.name, nic.id, err)
+            result = await self._unplug(nic, self._settings.qmp.rollback_unplug_timeout, _new_operation())
+            if result.state == "removal_pending":
+                err.add_note(f"the NIC is being removed again; the guest has not acked yet ({nic.id})")
+            self._finish_operation(operation, error=err)
+            raise
+        done = nic.model_copy(update={"guest": view})
+        current = self._store.record.operations.get(operation)
+        if current is not None:
+            self._save(self._store.record.with_operation(_finished(current, data=done.model_dump(mode="json"))))
+        return done
+
     # ------------------------------------------------------------------------------------------------ the lane
 
     @asynccontextmanager
@@ -338,7 +549,9 @@ class Guest:
                     async with asyncio.timeout(lane.max_wait):
                         await self._lane.acquire()
                 except TimeoutError as err:
-                    raise Busy(f"guest {self.name}: waited {lane.max_wait:g} s for earlier requests") from err
+                    raise Timeout(
+                        f"guest {self.name}: waited {lane.max_wait:g} s for earlier requests; nothing was sent"
+                    ) from err
             else:
                 await self._lane.acquire()
         finally:
@@ -492,7 +705,11 @@ class Guest:
     def _described(self, nic: Nic) -> Nic:
         """QEMU's view of ``nic`` completed with what was asked for (hostfwd, the bridge and tap behind an fd)."""
         record = self._store.record.nics.get(nic.id)
-        if record is None or record.spec is None:
+        if record is None:
+            return nic
+        if record.view is not None:
+            return nic.model_copy(update={"backend": record.view, "managed": record.spec is not None})
+        if record.spec is None:
             return nic
         asked = _asked_backend(record.spec, record)
         seen = nic.backend.options if nic.backend is not None else {}
@@ -559,6 +776,7 @@ class Guest:
                 record = record.model_copy(update={"host": hold})
                 self._save(self._store.record.with_nic(record))
             await run_steps(self._monitor, plan.steps, undo, unplug_timeout=self._settings.qmp.rollback_unplug_timeout)
+            await self._tune_tap(spec, attachment, undo)
         except OutcomeUnknown as err:
             self._inventory = None
             err.add_note("qmpnet did not roll back: QEMU may have applied the step; the next read of the guest "
@@ -574,6 +792,19 @@ class Guest:
                 self._waiters.setdefault(record.id, asyncio.Event())
             raise
         return plan, record.model_copy(update={"state": "active"})
+
+    async def _tune_tap(self, spec: NicSpec, attachment: Attachment, undo: UndoStack) -> None:
+        """Apply the spec's VLANs and shaping to the NIC's host tap, pushing their undo (an add is atomic)."""
+        if spec.vlan is None and spec.shape is None:
+            return
+        tap = attachment.tap or (spec.backend.ifname if isinstance(spec.backend, TapBackend) else None)
+        if self._host is None or tap is None:
+            raise Unsupported("nic.shape: no host tap is known for this NIC", field="nic.shape")
+        host = self._host
+        if spec.vlan is not None:
+            undo.push("vlan", await host.set_vlan(tap, spec.vlan))
+        if spec.shape is not None:
+            undo.push("shape", await host.set_shape(tap, spec.shape))
 
     def _finish_operation(self, operation: str, *, error: QmpnetError) -> None:
         current = self._store.record.operations.get(operation)
@@ -714,7 +945,11 @@ class Guest:
             async with self._lane_turn(bounded=False):
                 await self._refresh(full=False, gone=frozenset({device}))
         except QmpnetError as err:
-            log.warning("guest %s: could not settle the unplug of %s: %s", self.name, device, err)
+            log.warning("guest %s: could not settle the unplug of %s: %s (recovery will)", self.name, device, err)
+            return
+        except Exception:
+            # A bug must not go unseen in a background task; the record still says what to finish.
+            log.exception("guest %s: settling the unplug of %s failed", self.name, device)
             return
         if was_nic and not recorded:
             self._emit("nic_removed", nic_id=device)  # a NIC qmpnet did not create, unplugged by another client
@@ -777,6 +1012,16 @@ def _asked_backend(spec: NicSpec, record: NicRecord) -> ObservedBackend:
     if hold.network is not None:
         return ObservedBackend(type="nat", options={"network": hold.network, **options})
     return ObservedBackend(type="bridge", options={**asked.options, **options})
+
+
+def _known(nic: Nic, record: NicRecord | None, owner: str) -> KnownNic:
+    """What the update runner needs to know of ``nic``: the backend as asked for and the host side, when recorded."""
+    if record is None or record.spec is None:
+        return KnownNic(nic, owner=owner)
+    hold = record.host
+    attachment = Attachment(tap=hold.tap, bridge=hold.bridge, network=hold.network, vfio_host=hold.vfio_host,
+                            vfio_driver=hold.vfio_driver)
+    return KnownNic(nic, _asked_backend(record.spec, record), attachment, hold.owner or owner)
 
 
 def _check_id(nic_id: str) -> None:

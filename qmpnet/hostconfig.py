@@ -166,6 +166,9 @@ class HostnetSettings(BaseModel):
     dnsmasq: str = Field(default="dnsmasq", description="The dnsmasq program.")
     tool_timeout: float = Field(default=10.0, gt=0, description="Seconds nft or dnsmasq may take to start.")
     stop_timeout: float = Field(default=5.0, gt=0, description="Seconds dnsmasq may take to stop before SIGKILL.")
+    shape_latency: float = Field(
+        default=0.05, gt=0, le=10, description="Longest wait of a frame in a shaped NIC's rate limit (tbf latency)."
+    )
 
     @model_validator(mode="after")
     def _networks_distinct(self) -> HostnetSettings:

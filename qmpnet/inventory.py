@@ -27,14 +27,27 @@ __all__ = ["Inventory", "nics_from"]
 
 
 def nics_from(obs: Observation, links: dict[str, str], pending: set[str]) -> dict[str, Nic]:
-    """Build the NIC list from an observation, our record of link states and the ids pending removal."""
-    by_mac = {c.backend.options.get("macaddr"): c for c in obs.netclients.values() if c.backend.type == "nic"}
+    """Build the NIC list from an observation, our record of link states and the ids pending removal.
+
+    Only the devices the adapter read as NICs are listed (:attr:`PciDevice.is_nic`: their type has NIC properties,
+    or they are vfio-pci functions), each once. A NIC without an id is named after its net client (``e1000.0``),
+    found by MAC and model, unless that name is taken (by a device id or another NIC); then by its PCI place.
+    """
+    clients: dict[tuple[str | None, str | None], list[str]] = {}
+    for client in obs.netclients.values():
+        if client.backend.type == "nic":
+            key = (client.backend.options.get("macaddr"), client.backend.options.get("model"))
+            clients.setdefault(key, []).append(client.name)
+    taken = {dev.id for dev in obs.devices if dev.id} | set(obs.device_ids)
     nics: dict[str, Nic] = {}
     for dev in obs.devices:
         if not dev.is_nic:
             continue
-        client = by_mac.get(dev.mac)
-        nic_id = dev.id or (client.name if client else f"{dev.bus}:{dev.slot:02x}.{dev.function}")
+        nic_id = dev.id
+        if nic_id is None:
+            names = [n for n in clients.get((dev.mac, dev.driver), []) if n not in taken]
+            nic_id = names[0] if len(names) == 1 else f"{dev.bus}:{dev.slot:02x}.{dev.function}"
+            taken.add(nic_id)
         backend_client = obs.netclients.get(dev.netdev) if dev.netdev else None
         backend = backend_client.backend if backend_client else None
         if dev.host is not None:

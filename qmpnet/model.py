@@ -21,7 +21,10 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -29,14 +32,25 @@ from pydantic import (
 from qmpnet.errors import InvalidRequest
 from qmpnet.ifnames import check_ifname
 from qmpnet.names import check_qemu_id, normalize_mac, parse_pci_addr
+from qmpnet.tcunits import (
+    format_percent,
+    format_rate,
+    format_size,
+    format_time,
+    parse_percent,
+    parse_rate,
+    parse_size,
+    parse_time,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
 __all__ = [
     "SUPPORTED_MODELS",
     "Backend",
     "BridgeBackend",
+    "CaptureResult",
     "DgramBackend",
     "GuestEvent",
     "GuestEventName",
@@ -50,23 +64,32 @@ __all__ = [
     "NicModel",
     "NicSpec",
     "NicState",
+    "NicUpdate",
     "ObservedBackend",
     "PciAddress",
     "RemoveResult",
     "RxFilter",
+    "Shape",
     "SocketAddress",
     "StreamBackend",
     "TapBackend",
     "UnixAddress",
     "UserBackend",
+    "Verify",
     "VfioBackend",
+    "Vlan",
+    "check_file_path",
     "parse_nic_spec",
+    "parse_nic_update",
 ]
 
 NicModel = Literal["virtio-net-pci", "e1000", "e1000e", "rtl8139"]
 SUPPORTED_MODELS: tuple[NicModel, ...] = ("virtio-net-pci", "e1000", "e1000e", "rtl8139")
 _MODEL_ALIASES = {"virtio": "virtio-net-pci"}
 NicState = Literal["adding", "active", "removal_pending"]
+#: Whether a change waits until the guest itself shows it (through its agent): ``True`` the interface (or, for a
+#: link change, the carrier; for a removal, its absence), ``"address"`` also an address; ``False`` does not wait.
+Verify = bool | Literal["address"]
 LinkState = Literal["up", "down"]
 
 QemuId = Annotated[str, AfterValidator(check_qemu_id)]
@@ -251,6 +274,12 @@ class NicSpec(_Frozen):
     queues: int | None = Field(default=None, ge=1, le=256, description="Queue pairs (virtio, tap backends).")
     link: LinkState = "up"
     backend: Backend = Field(default_factory=UserBackend)
+    vlan: Vlan | None = Field(
+        default=None, description="VLANs of the NIC's tap port on a VLAN-filtering bridge (tap-based backends)."
+    )
+    shape: Shape | None = Field(
+        default=None, description="Bandwidth and impairment on the NIC's host tap (tap-based backends)."
+    )
 
     @field_validator("addr")
     @classmethod
@@ -272,6 +301,15 @@ class NicSpec(_Frozen):
                 f"nic.queues: queues > 1 needs a tap-based backend (bridge, nat, tap), not {self.backend.type}",
                 field="nic.queues",
             )
+        for name in ("vlan", "shape"):
+            if getattr(self, name) is None:
+                continue
+            if self.backend.type not in TAP_BASED or getattr(self.backend, "helper", False):
+                raise InvalidRequest(
+                    f"nic.{name}: needs a host tap qmpnet knows (bridge, nat or tap backend, not "
+                    f"{'a bridge helper' if self.backend.type == 'bridge' else self.backend.type})",
+                    field=f"nic.{name}",
+                )
         return self
 
     def _check_vfio(self) -> NicSpec:
@@ -419,6 +457,7 @@ GuestEventName = Literal[
     "nic_removal_pending",
     "unplug_rejected",
     "link_changed",
+    "nic_updated",
     "rx_filter_changed",
     "guest_connected",
     "guest_disconnected",
@@ -436,3 +475,251 @@ class GuestEvent(_Frozen):
     id: str | None = None
     nic: Nic | None = None
 
+
+# ----------------------------------------------------------------------------------- live changes and capture
+
+
+def _tc_value(parse: Callable[[object], int], what: str, low: int, high: int, show: Callable[[int], str]) -> object:
+    def check(value: object) -> int:
+        parsed = parse(value)
+        if not low <= parsed <= high:
+            raise ValueError(f"{what} must be {show(low)} to {show(high)}, not {show(parsed)}")
+        return parsed
+
+    return BeforeValidator(check)
+
+
+def _tc_schema(example: str, bare: str) -> WithJsonSchema:
+    return WithJsonSchema({"anyOf": [{"type": "string", "examples": [example]}, {"type": "number", "minimum": 0,
+                                                                                  "description": bare}]})
+
+
+#: A rate in bits per second, in tc notation on the wire (``10mbit``); tbf keeps it in 32 bits of bytes/s (34gbit).
+TcRate = Annotated[
+    int,
+    _tc_value(parse_rate, "a rate", 8, 34 * 1000**3, format_rate),
+    PlainSerializer(format_rate, return_type=str, when_used="json"),
+    _tc_schema("10mbit", "bits per second"),
+]
+#: A size in bytes, in tc notation on the wire (``32kb``); at least one full-size Ethernet frame.
+TcSize = Annotated[
+    int,
+    _tc_value(parse_size, "a size", 1600, 2**32 - 1, format_size),
+    PlainSerializer(format_size, return_type=str, when_used="json"),
+    _tc_schema("32kb", "bytes"),
+]
+#: A time in microseconds, in tc notation on the wire (``100ms``); netem keeps it in 32 bits of 64 ns ticks.
+TcTime = Annotated[
+    int,
+    _tc_value(parse_time, "a time", 0, 240_000_000, format_time),
+    PlainSerializer(format_time, return_type=str, when_used="json"),
+    _tc_schema("100ms", "microseconds"),
+]
+
+
+def _check_percent(value: object) -> float:
+    percent = parse_percent(value)
+    if percent > 100:
+        raise ValueError(f"a loss must be 0% to 100%, not {format_percent(percent)}")
+    return percent
+
+
+TcPercent = Annotated[
+    float,
+    BeforeValidator(_check_percent),
+    PlainSerializer(format_percent, return_type=str, when_used="json"),
+    _tc_schema("1%", "percent"),
+]
+
+
+class Shape(_Frozen):
+    """Bandwidth and impairment of a tap-based NIC, applied on its host tap with tc.
+
+    ``rate`` (and its ``burst``) limits both directions: the tap's egress (towards the guest) and the guest's
+    transmit direction (the tap's ingress, redirected through an IFB device). ``delay``, ``jitter`` and ``loss``
+    (netem) apply to frames towards the guest, so a ping's round trip grows by ``delay`` once. A shape replaces
+    the whole previous one: what it leaves out is off.
+    """
+
+    rate: TcRate | None = Field(default=None, description="Rate limit in both directions, e.g. 10mbit.")
+    burst: TcSize | None = Field(
+        default=None, description="Bucket of the rate limit, e.g. 32kb (default: 10 ms at the rate, at least 16kb)."
+    )
+    delay: TcTime | None = Field(default=None, description="Added delay towards the guest, e.g. 100ms.")
+    jitter: TcTime | None = Field(default=None, description="Random variation of the delay, e.g. 10ms.")
+    loss: TcPercent | None = Field(default=None, description="Share of frames towards the guest dropped, e.g. 1%.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Shape:
+        # ValueError, not InvalidRequest: the edge names the field by where the shape sits (update.shape, nic.shape).
+        if all(getattr(self, name) is None for name in type(self).model_fields):
+            raise ValueError("give at least one of rate, burst, delay, jitter, loss (or null to remove the shaping)")
+        return self
+
+    @field_validator("burst")
+    @classmethod
+    def _burst_needs_rate(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("rate") is None:
+            raise ValueError("a burst needs a rate")
+        return value
+
+    @field_validator("jitter")
+    @classmethod
+    def _jitter_needs_delay(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("delay"):
+            raise ValueError("a jitter needs a delay")
+        return value
+
+    @property
+    def impaired(self) -> bool:
+        """Whether netem is needed (a delay or a loss)."""
+        return bool(self.delay or self.loss)
+
+    def options(self) -> dict[str, str]:
+        """The set values in tc notation, as a NIC's backend options show them."""
+        dumped = self.model_dump(mode="json", exclude_none=True)
+        return {key: str(value) for key, value in dumped.items()}
+
+
+_VLAN_RANGE = re.compile(r"([0-9]{1,4})(?:-([0-9]{1,4}))?")
+
+
+def _trunk_text(value: object) -> object:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _check_trunk(value: str) -> str:
+    match = _VLAN_RANGE.fullmatch(value.strip())
+    if match is None:
+        raise ValueError(f"{value!r} is not a VLAN id (1-4094) or a range such as 100-199")
+    low, high = int(match[1]), int(match[2] or match[1])
+    if not 1 <= low <= high <= 4094:
+        raise ValueError(f"{value!r}: VLAN ids are 1 to 4094, a range low-high with low <= high")
+    return f"{low}-{high}" if high != low else str(low)
+
+
+VlanTrunk = Annotated[
+    str,
+    BeforeValidator(_trunk_text),
+    AfterValidator(_check_trunk),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1, "maximum": 4094},
+                              {"type": "string", "examples": ["100-199"]}]}),
+]
+
+
+class Vlan(_Frozen):
+    """VLAN membership of a NIC's port on a VLAN-filtering bridge: an access port, or a trunk.
+
+    ``access``: frames from the guest are untagged and join VLAN N (its PVID); frames of VLAN N reach the guest
+    untagged. ``trunks``: the guest sends and receives frames tagged with the listed VLANs; untagged frames are
+    dropped.
+    """
+
+    access: int | None = Field(default=None, ge=1, le=4094, description="Access VLAN id (PVID, untagged).")
+    trunks: list[VlanTrunk] | None = Field(
+        default=None, min_length=1, description="Tagged VLANs: ids and ranges, e.g. [10, '100-199']."
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Vlan:
+        if (self.access is None) == (self.trunks is None):
+            raise ValueError("give either access or trunks")
+        return self
+
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        """The VLAN ids as sorted, merged ``(low, high)`` ranges."""
+        if self.access is not None:
+            return ((self.access, self.access),)
+        spans = sorted(tuple(int(p) for p in (t.split("-") * 2)[:2]) for t in self.trunks or [])
+        merged: list[tuple[int, int]] = []
+        for low, high in spans:
+            if merged and low <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(high, merged[-1][1]))
+            else:
+                merged.append((low, high))
+        return tuple(merged)
+
+    def options(self) -> dict[str, str]:
+        """The VLAN as a NIC's backend options show it (``vlan``, or ``trunks`` as ``10,100-199``)."""
+        if self.access is not None:
+            return {"vlan": str(self.access)}
+        return {"trunks": ",".join(f"{lo}-{hi}" if hi != lo else str(lo) for lo, hi in self.ranges())}
+
+
+class NicUpdate(_Frozen):
+    """A live change of a NIC: move it, tag it, shape it, set its link; the guest keeps its interface.
+
+    Fields left out are kept as they are. ``vlan: null`` puts the port back to the bridge's default (untagged, in
+    its default VLAN); ``shape: null`` removes all shaping. ``backend``, ``vlan`` and ``shape`` need a NIC whose
+    backend is a host tap (bridge, nat or tap); every NIC accepts ``link``. A move re-enslaves the tap, flaps the
+    link so that the guest renews DHCP, and announces the guest (``announce-self``); the port starts in the new
+    bridge's default VLAN unless ``vlan`` is given too.
+    """
+
+    id: QemuId = Field(description="The NIC's id.")
+    backend: Annotated[BridgeBackend | NatBackend, Field(discriminator="type")] | None = Field(
+        default=None, description="Move the NIC: the bridge or NAT network to join."
+    )
+    vlan: Vlan | None = Field(default=None, description="VLAN membership; null: the bridge's default.")
+    shape: Shape | None = Field(default=None, description="Rate, burst, delay, jitter, loss; null: none.")
+    link: LinkState | None = Field(default=None, description="Set the link up or down.")
+
+    @model_validator(mode="after")
+    def _something_to_change(self) -> NicUpdate:
+        if not self.model_fields_set - {"id"}:
+            raise InvalidRequest("update: nothing to change; give backend, vlan, shape or link", field="update")
+        if "backend" in self.model_fields_set and self.backend is None:
+            raise InvalidRequest("update.backend: give the bridge or NAT network to move to", field="update.backend")
+        if isinstance(self.backend, BridgeBackend) and self.backend.helper:
+            raise InvalidRequest(
+                "update.backend.helper: a move re-enslaves the NIC's tap; QEMU's bridge helper cannot be used",
+                field="update.backend.helper",
+            )
+        return self
+
+    @property
+    def changes_vlan(self) -> bool:
+        """Whether the update sets the VLAN (to a value or, with ``vlan: null``, back to the default)."""
+        return "vlan" in self.model_fields_set
+
+    @property
+    def changes_shape(self) -> bool:
+        """Whether the update sets the shaping (to a value or, with ``shape: null``, to none)."""
+        return "shape" in self.model_fields_set
+
+
+def parse_nic_update(data: Mapping[str, Any] | NicUpdate, *, prefix: str = "update") -> NicUpdate:
+    """Validate ``data`` into a :class:`NicUpdate`.
+
+    Raises:
+        InvalidRequest: A field is invalid; ``field`` holds its JSON path (``update.shape.rate``) and the message
+            says why.
+    """
+    if isinstance(data, NicUpdate):
+        return data
+    try:
+        return NicUpdate.model_validate(data)
+    except InvalidRequest:
+        raise
+    except ValidationError as err:
+        raise invalid_request_from(err, prefix) from err
+
+
+def check_file_path(value: str) -> str:
+    """An absolute path without ``..`` or NUL (a capture file QEMU will create)."""
+    if not value.startswith("/"):
+        raise ValueError("must be an absolute path")
+    if "\x00" in value or "/../" in f"{value}/" or value.endswith("/"):
+        raise ValueError("must name a file, without '..' or NUL")
+    return value
+
+
+class CaptureResult(_Frozen):
+    """A NIC's live capture (QEMU ``filter-dump`` into a pcap file) after ``start`` or ``stop``."""
+
+    id: str = Field(description="The NIC's id.")
+    state: Literal["capturing", "stopped"] = Field(description="Whether QEMU is writing the file now.")
+    file: str | None = Field(default=None, description="The pcap file.")
+
+
+NicSpec.model_rebuild()  # its vlan and shape fields name models defined above only after it

@@ -19,6 +19,7 @@ from qmpnet.model import (
     BridgeBackend,
     DgramBackend,
     NicSpec,
+    NicUpdate,
     StreamBackend,
     TapBackend,
     UnixAddress,
@@ -26,7 +27,7 @@ from qmpnet.model import (
     VfioBackend,
 )
 
-__all__ = ["Policy", "check_spec"]
+__all__ = ["Policy", "check_capture_file", "check_spec", "check_update"]
 
 
 class Policy(BaseModel):
@@ -54,6 +55,11 @@ class Policy(BaseModel):
     )
     allowed_vfio_hosts: list[str] | None = Field(
         default=None, description="Host PCI functions callers may assign (0000:03:00.0); null allows any."
+    )
+    allowed_capture_dirs: list[str] | None = Field(
+        default=None,
+        description="Directories under which QEMU may write capture files; null allows any path ('qmpnet serve' "
+        "defaults to none).",
     )
 
 
@@ -123,4 +129,32 @@ def _check_socket_dir(field: str, path: str, policy: Policy) -> None:
         allowed = ", ".join(policy.allowed_socket_dirs) or "none"
         raise Forbidden(
             f"{field}: {path} is outside the directories the policy allows for sockets ({allowed})", field=field
+        )
+
+
+def check_update(update: NicUpdate, policy: Policy) -> None:
+    """Refuse a live change that ``policy`` does not allow: a move obeys the rules of a hot-add.
+
+    Raises:
+        Forbidden: Names the field and the policy setting that refuses it.
+    """
+    if isinstance(update.backend, BridgeBackend):
+        _check_listed("update.backend.bridge", update.backend.bridge, policy.allowed_bridges, "policy.allowed_bridges")
+
+
+def check_capture_file(path: str, policy: Policy, *, field: str = "file") -> None:
+    """Refuse a capture file outside the directories ``policy`` allows (QEMU creates or truncates it).
+
+    Raises:
+        Forbidden: The file is outside ``policy.allowed_capture_dirs``.
+    """
+    if policy.allowed_capture_dirs is None:
+        return
+    target = PurePosixPath(path)
+    if not any(target.is_relative_to(PurePosixPath(d)) for d in policy.allowed_capture_dirs):
+        allowed = ", ".join(policy.allowed_capture_dirs) or "none"
+        raise Forbidden(
+            f"{field}: {path} is outside the directories the policy allows for captures ({allowed}) "
+            "(policy.allowed_capture_dirs)",
+            field=field,
         )

@@ -8,13 +8,25 @@ already parsed from QEMU's answers, so no raw QMP dictionary reaches the core.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
     from contextlib import AbstractAsyncContextManager
 
-    from qmpnet.model import ModelInfo, Nic, NicSpec, ObservedBackend, RemoveResult, RxFilter
+    from qmpnet.model import (
+        CaptureResult,
+        ModelInfo,
+        Nic,
+        NicSpec,
+        NicUpdate,
+        ObservedBackend,
+        RemoveResult,
+        RxFilter,
+        Shape,
+        Verify,
+        Vlan,
+    )
     from qmpnet.placement import PciTopology
     from qmpnet.records import GuestRecord
 
@@ -31,6 +43,7 @@ __all__ = [
     "PciDevice",
     "QmpEvent",
     "TapHandle",
+    "TapPort",
 ]
 
 
@@ -51,7 +64,21 @@ class QmpEvent:
 
 @dataclass(frozen=True)
 class PciDevice:
-    """A PCI device as QEMU's device tree shows it."""
+    """A PCI device as QEMU shows it (``qmpnet.qmp`` reads it from QOM and ``query-pci``).
+
+    Attributes:
+        id: The device id (``-device ...,id=``); ``None`` for anonymous and built-in devices.
+        driver: The QOM type (``e1000``, ``pcie-root-port``). A built-in function that only ``query-pci`` shows
+            has QEMU's class description instead (``Host bridge``, ``ISA bridge``).
+        bus: The name of the bus it sits on, as ``device_add bus=`` takes it (``pci.0``, ``rp1``, ``pcibr0``).
+        slot: PCI slot (device number) on that bus.
+        function: PCI function.
+        mac: The MAC address, set only for devices whose type has NIC properties.
+        netdev: The backend's id; ``None`` for non-NICs and for a NIC with no backend.
+        host: The host PCI address of a vfio-pci function.
+        path: The QOM path (``/machine/peripheral/e1``, ``/machine/peripheral-anon/device[0]``); ``device_del``
+            accepts it for devices without an id. ``None`` for built-in functions seen only in ``query-pci``.
+    """
 
     id: str | None
     driver: str
@@ -61,11 +88,12 @@ class PciDevice:
     mac: str | None = None
     netdev: str | None = None
     host: str | None = None
+    path: str | None = None
 
     @property
     def is_nic(self) -> bool:
         """Whether this is a network device: an emulated NIC (it has a MAC) or an assigned vfio-pci function."""
-        return self.mac is not None or self.netdev is not None or self.driver == "vfio-pci"
+        return self.mac is not None or self.netdev is not None or self.host is not None or self.driver == "vfio-pci"
 
 
 @dataclass(frozen=True)
@@ -190,6 +218,26 @@ class Connection(Monitor, Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class TapPort:
+    """How a NIC's host tap is plugged in now: its bridge (and NAT network), VLANs and shaping.
+
+    Attributes:
+        name: The tap.
+        bridge: The bridge it is enslaved to, if any.
+        network: The qmpnet NAT network whose bridge that is, if it is one.
+        vlan: Its VLAN membership on a VLAN-filtering bridge, ``None`` when it is in the bridge's default VLAN
+            (or the bridge does not filter VLANs).
+        shape: The shaping qmpnet put on it, if any.
+    """
+
+    name: str
+    bridge: str | None = None
+    network: str | None = None
+    vlan: Vlan | None = None
+    shape: Shape | None = None
+
+
 class TapHandle(Protocol):
     """A tap the host side made, with qmpnet's open fds to it (one per queue)."""
 
@@ -260,6 +308,49 @@ class HostNetwork(Protocol):
         """Delete taps made for NICs (owners ``<guest>/<nic>``) under ``owner_prefix`` that are not in ``keep``."""
         ...
 
+    async def find_tap(self, owner: str, *, pid: int | None = None, fd: int | None = None) -> str | None:
+        """The tap qmpnet made for ``owner`` (``<guest>/<nic>``), else the tap QEMU process ``pid`` holds as ``fd``.
+
+        The second finds the tap of a NIC another process added under another guest name.
+        """
+        ...
+
+    async def tap_port(self, tap: str) -> TapPort:
+        """How ``tap`` is plugged in now (bridge, NAT network, VLANs, shaping).
+
+        Raises:
+            NotFound: No such tap.
+        """
+        ...
+
+    async def move_tap(self, tap: str, bridge: str, *, field: str) -> Callable[[], Awaitable[object]]:
+        """Enslave ``tap`` to ``bridge`` (taking its MTU) and return the action that puts it back.
+
+        Raises:
+            NotFound: No such tap, or no such bridge (``field`` names the input).
+            InvalidRequest: ``bridge`` is not a Linux bridge.
+        """
+        ...
+
+    async def set_vlan(self, tap: str, vlan: Vlan | None) -> Callable[[], Awaitable[object]]:
+        """Set the VLANs of ``tap``'s bridge port (``None``: the bridge's default) and return their undo.
+
+        All or nothing: on failure the port keeps its VLANs.
+
+        Raises:
+            Unsupported: The tap is on no bridge, or its bridge does not filter VLANs.
+        """
+        ...
+
+    async def set_shape(self, tap: str, shape: Shape | None) -> Callable[[], Awaitable[object]]:
+        """Shape ``tap`` as ``shape`` says (``None``: no shaping) and return the action that restores the old.
+
+        All or nothing: on failure the tap keeps its old shaping.
+
+        Raises:
+            Unsupported: The kernel lacks a qdisc the shape needs (netem, tbf, ifb).
+            Conflict: The tap carries qdiscs qmpnet did not make.
+        """
 
 class GuestStore(Protocol):
     """One guest's record in the state store, held by this process (``qmpnet.store`` has the real one)."""
@@ -290,16 +381,16 @@ class GuestStore(Protocol):
 class GuestOps(Protocol):
     """The operations on one guest, direct (:class:`qmpnet.Guest`) or through a controller (:class:`RemoteGuest`)."""
 
-    async def add_nic(self, spec: NicSpec | Mapping[str, Any]) -> Nic:
-        """Hot-add a NIC."""
+    async def add_nic(self, spec: NicSpec | Mapping[str, Any], *, verify: Verify = False) -> Nic:
+        """Hot-add a NIC (``verify``: wait until the guest shows it)."""
         ...
 
-    async def remove_nic(self, nic_id: str, timeout: float | None = None) -> RemoveResult:
-        """Hot-remove a NIC."""
+    async def remove_nic(self, nic_id: str, timeout: float | None = None, *, verify: Verify = False) -> RemoveResult:
+        """Hot-remove a NIC (``verify``: wait until the guest no longer shows it)."""
         ...
 
-    async def set_link(self, nic_id: str, up: bool) -> Nic:
-        """Set a NIC's link."""
+    async def set_link(self, nic_id: str, up: bool, *, verify: Verify = False) -> Nic:
+        """Set a NIC's link (``verify``: wait until the guest's carrier follows)."""
         ...
 
     async def list_nics(self) -> list[Nic]:
@@ -308,4 +399,12 @@ class GuestOps(Protocol):
 
     async def models(self) -> list[ModelInfo]:
         """List the NIC models."""
+        ...
+
+    async def update_nic(self, update: NicUpdate | Mapping[str, Any]) -> Nic:
+        """Change a NIC live."""
+        ...
+
+    async def capture(self, nic_id: str, action: Literal["start", "stop"], file: str | None = None) -> CaptureResult:
+        """Start or stop a NIC's live capture."""
         ...

@@ -141,7 +141,8 @@ class BootedGuest:
 
     def connect(self, settings: Settings | None = None) -> AbstractAsyncContextManager[Guest]:
         """``qmpnet.connect`` on this guest's QMP socket: ``async with guest.connect() as g: await g.add_nic(...)``."""
-        return connect(str(self.qmp_path), name=self.name, settings=settings)
+        qga = str(self.qga_path) if self.qga_path is not None else None
+        return connect(str(self.qmp_path), name=self.name, settings=settings, qga=qga)
 
     def describe(self) -> str:
         """The machine's description for failure reports (command line, stderr, console tail)."""

@@ -25,7 +25,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from qmpnet.model import LinkState, NicSpec, PciAddress  # noqa: TC001 - pydantic needs them at runtime
+from qmpnet.model import (  # noqa: TC001 - pydantic needs them at runtime
+    LinkState,
+    NicSpec,
+    ObservedBackend,
+    PciAddress,
+    Shape,
+    Vlan,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -78,6 +85,11 @@ class NicRecord(_Record):
     link: LinkState = Field(description="The intended link state, re-applied after a reconnect.")
     host: HostHold = Field(default_factory=HostHold)
     pci: PciAddress | None = None
+    view: ObservedBackend | None = Field(
+        default=None, description="The backend as the last live change left it (bridge, VLANs, shaping)."
+    )
+    vlan: Vlan | None = Field(default=None, description="The VLANs set by a live change (nic/update).")
+    shape: Shape | None = Field(default=None, description="The shaping set by a live change (nic/update).")
     operation: str | None = Field(default=None, description="The operation that last changed this NIC.")
 
 

@@ -1,8 +1,10 @@
 """Settings: every timeout, limit and policy in one frozen pydantic-settings model.
 
 Values come from (highest first) explicit arguments, ``QMPNET_...`` environment variables (nested with ``__``,
-e.g. ``QMPNET_QMP__COMMAND_TIMEOUT=5``) and a TOML file. Timeouts, retry counts and limits live here, not as
-literals in the code.
+e.g. ``QMPNET_QMP__COMMAND_TIMEOUT=5``) and a TOML file. Every timeout and limit of the guest lane, the adapters,
+the controller, the MQTT client and the command line is a setting here. What the code still spells out is poll
+intervals (how often to look again, never how long to wait), and the waits of the test-guest harness
+(:mod:`qmpnet.testguest`) and of ``qmpnet demo``, which runs on it: arguments with defaults sized for a TCG boot.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ __all__ = [
     "QmpSettings",
     "ReconcileSettings",
     "Settings",
+    "UpdateSettings",
     "default_controller_id",
     "load_settings",
     "parse_broker_url",
@@ -55,6 +58,11 @@ class QmpSettings(BaseModel):
     )
     rollback_unplug_timeout: float = Field(
         default=5.0, ge=0, description="Seconds a rollback waits for a NIC it added to be unplugged again."
+    )
+    read_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Reads of a guest to try when another QMP client changes its devices while it is read.",
     )
 
 
@@ -85,6 +93,22 @@ class LaneSettings(BaseModel):
     stop_grace: float = Field(
         default=10.0, ge=0, description="Seconds operations in flight may take to finish when qmpnet stops."
     )
+
+
+class UpdateSettings(BaseModel):
+    """Live changes of a NIC (``nic/update``): the link flap of a move and QEMU's self-announcement."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    link_flap: float = Field(
+        default=1.0, ge=0, le=60,
+        description="Seconds a moved NIC's link stays down, so that the guest notices and renews DHCP (e1000 "
+        "guests poll their link every ~2 s).",
+    )  # fmt: skip
+    announce_rounds: int = Field(default=5, ge=1, le=100, description="announce-self: announcements sent.")
+    announce_initial: int = Field(default=50, ge=1, le=100_000, description="announce-self: first gap, ms.")
+    announce_max: int = Field(default=550, ge=1, le=100_000, description="announce-self: longest gap, ms.")
+    announce_step: int = Field(default=100, ge=1, le=10_000, description="announce-self: gap increase, ms.")
 
 
 BusName = Annotated[str, AfterValidator(check_bus_name)]
@@ -224,7 +248,14 @@ class ControllerSettings(BaseModel):
     guests: dict[BusName, str] = Field(
         default_factory=dict, description="Guest name -> QMP socket (unix path or host:port)."
     )
-    guest_dir: Path | None = Field(default=None, description="Every *.qmp socket in it is a guest named by its stem.")
+    guest_dir: Path | None = Field(
+        default=None,
+        description="Every *.qmp socket in it is a guest named by its stem; a NAME.qga beside it is its guest agent.",
+    )
+    agents: dict[BusName, str] = Field(
+        default_factory=dict,
+        description="Guest name -> its qemu-guest-agent socket (when QEMU's query-chardev cannot tell it).",
+    )
     discovery_interval: float = Field(default=1.0, gt=0, description="Seconds between scans of guest_dir.")
     backoff_min: float = Field(default=0.2, gt=0, description="First delay before reconnecting to a QEMU.")
     backoff_max: float = Field(default=10.0, gt=0, description="Longest delay between QEMU reconnects.")
@@ -276,6 +307,7 @@ class Settings(BaseSettings):
     lane: LaneSettings = Field(default_factory=LaneSettings)
     policy: Policy = Field(default_factory=Policy)
     hostnet: HostnetSettings = Field(default_factory=HostnetSettings)
+    update: UpdateSettings = Field(default_factory=UpdateSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)

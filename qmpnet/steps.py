@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from qmpnet.ports import HostNetwork, Monitor
 
-__all__ = ["Attachment", "UndoStack", "prepare_host", "run_steps", "undo_device"]
+__all__ = ["Attachment", "UndoStack", "prepare_host", "run_steps", "tap_owner", "undo_device"]
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, pa
             undo.push("vfio-pci rebind", lambda: host.restore_vfio(backend.host, driver))
         return Attachment(vfio_host=backend.host, vfio_driver=driver)
     bridge = await host.nat_bridge(backend.network) if isinstance(backend, NatBackend) else _bridge(backend)
-    tap = await host.create_tap(bridge, queues=spec.queues or 1, owner=_owner(owner))
+    tap = await host.create_tap(bridge, queues=spec.queues or 1, owner=tap_owner(owner))
     undo.push(f"tap {tap.name}", lambda: host.delete_tap(tap.name))
     names = fd_names(plan.netdev_id or plan.nic_id, len(tap.fds))
     try:
@@ -118,7 +118,8 @@ def _bridge(backend: object) -> str:
     return backend.bridge
 
 
-def _owner(owner: str) -> str:
+def tap_owner(owner: str) -> str:
+    """The owner note of a NIC's tap (``<guest>/<nic>``, cut to what a tap's mark may hold)."""
     return _OWNER_CHARS.sub("_", owner)[-200:]
 
 

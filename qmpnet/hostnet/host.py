@@ -3,17 +3,32 @@
 It binds the free functions of this package to the operator's settings (namespace, tap pattern, NAT networks,
 sysfs root), so the lane only says *what* it needs (a tap on ``br0`` for NIC ``vm1/virtio0``) and never *where*.
 Blocking sysfs work runs in a thread.
+
+The live changes (:meth:`HostNet.move_tap`, :meth:`HostNet.set_vlan`, :meth:`HostNet.set_shape`) each return the
+action that undoes them, built from what the host had before, so the caller's undo stack restores it exactly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
+from qmpnet.errors import NotFound
 from qmpnet.hostconfig import HostnetSettings
+from qmpnet.hostnet import bridgeports, shaping
+from qmpnet.hostnet.links import find_link, route
 from qmpnet.hostnet.nat import net_up
+from qmpnet.hostnet.netns import run_in_netns
 from qmpnet.hostnet.taps import Tap, check_existing_tap, create_tap, delete_tap, list_taps, vhost_usable
 from qmpnet.hostnet.vfio import bind_vfio, check_vfio, restore_driver
+from qmpnet.ifnames import check_ifname
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from qmpnet.model import Shape, Vlan
+    from qmpnet.ports import TapPort
 
 __all__ = ["HostNet"]
 
@@ -33,8 +48,9 @@ class HostNet:
         )
 
     async def delete_tap(self, name: str) -> None:
-        """Delete tap ``name`` if it is still there (it normally leaves with QEMU's fd)."""
+        """Delete tap ``name`` if it is still there (it normally leaves with QEMU's fd), and its IFB if shaped."""
         await delete_tap(name, netns=self.settings.netns)
+        await self._sweep_ifbs(name)
 
     async def nat_bridge(self, network: str) -> str:
         """Bring NAT network ``network`` up (idempotent) and return its bridge."""
@@ -77,4 +93,125 @@ class HostNet:
         deleted = [name for name in stale if await delete_tap(name, netns=self.settings.netns)]
         if deleted:
             log.info("swept taps of NICs that no longer exist: %s", ", ".join(deleted))
+        await self._sweep_ifbs(None)
         return deleted
+
+    async def _sweep_ifbs(self, tap: str | None) -> None:
+        def sweep() -> list[str]:
+            with route() as ipr:
+                return shaping.sweep_ifbs(ipr, tap_name=tap)
+
+        swept = await run_in_netns(self.settings.netns, sweep)
+        if swept:
+            log.info("deleted the IFB devices of taps that are gone: %s", ", ".join(swept))
+
+    # ------------------------------------------------------------------------------------------- live changes
+
+    async def find_tap(self, owner: str, *, pid: int | None = None, fd: int | None = None) -> str | None:
+        """The tap of a NIC: the one marked for ``owner`` (``<guest>/<nic>``), else the one ``pid`` holds as ``fd``.
+
+        ``/proc/<pid>/fdinfo/<fd>`` names a tun fd's interface. The second way finds the taps of NICs added by
+        another process under another guest name (the CLI names a guest by its socket path, ``qmpnet serve`` by
+        its configured name).
+        """
+        held = await asyncio.to_thread(bridgeports.tap_held_by, pid, fd) if pid and fd is not None else None
+
+        def look() -> str | None:
+            with route() as ipr:
+                return bridgeports.find_owned_tap(ipr, owner) or bridgeports.existing_tap(ipr, held)
+
+        return await run_in_netns(self.settings.netns, look)
+
+    async def tap_port(self, tap: str) -> TapPort:
+        """How ``tap`` is plugged in now: bridge, NAT network, VLANs, shaping.
+
+        Raises:
+            NotFound: No such tap.
+        """
+        check_ifname(tap, field="id")
+
+        def look() -> TapPort:
+            with route() as ipr:
+                return bridgeports.port_of(ipr, tap)
+
+        return await run_in_netns(self.settings.netns, look)
+
+    async def move_tap(self, tap: str, bridge: str, *, field: str) -> Callable[[], Awaitable[object]]:
+        """Enslave ``tap`` to ``bridge``; returns the action that puts it back where it was.
+
+        Raises:
+            NotFound: No such tap, or no bridge ``bridge`` (``field``).
+            InvalidRequest: ``bridge`` is not a Linux bridge, or a name is malformed.
+        """
+        check_ifname(tap, field="id")
+        check_ifname(bridge, field=field)
+        netns = self.settings.netns
+
+        def enslave() -> bridgeports.Placement:
+            with route() as ipr:
+                return bridgeports.move(ipr, tap, bridge, field=field)
+
+        before = await run_in_netns(netns, enslave)
+        log.info("moved tap %s to bridge %s", tap, bridge)
+
+        async def put_back() -> None:
+            def restore() -> None:
+                with route() as ipr:
+                    bridgeports.put_back(ipr, tap, before)
+
+            await run_in_netns(netns, restore)
+            log.info("put tap %s back on its bridge", tap)
+
+        return put_back
+
+    async def set_vlan(self, tap: str, vlan: Vlan | None) -> Callable[[], Awaitable[object]]:
+        """Set the VLANs of ``tap``'s port (``None``: the bridge's default); returns the undo.
+
+        Raises:
+            Unsupported: The tap is on no bridge, or the bridge does not filter VLANs.
+            NotFound: No such tap.
+        """
+        check_ifname(tap, field="id")
+        netns = self.settings.netns
+
+        def write() -> bridgeports.PortVlans:
+            with route() as ipr:
+                return bridgeports.write_vlans(ipr, tap, vlan)
+
+        before = await run_in_netns(netns, write)
+
+        async def restore() -> None:
+            def rewrite() -> None:
+                with route() as ipr:
+                    bridgeports.restore_vlans(ipr, tap, before)
+
+            await run_in_netns(netns, rewrite)
+
+        return restore
+
+    async def set_shape(self, tap: str, shape: Shape | None) -> Callable[[], Awaitable[object]]:
+        """Shape ``tap`` (``None``: no shaping); returns the action that restores its old shaping.
+
+        Raises:
+            Unsupported: The kernel lacks tbf, netem, ifb or mirred.
+            Conflict: The tap carries qdiscs qmpnet did not make.
+            NotFound: No such tap.
+        """
+        check_ifname(tap, field="id")
+        netns = self.settings.netns
+        layout = shaping.layout_of(shape, latency=self.settings.shape_latency)
+
+        def write(wanted: shaping.TcLayout | None) -> shaping.TcLayout | None:
+            with route() as ipr:
+                link = find_link(ipr, tap)
+                if link is None:
+                    raise NotFound(f"id: the NIC's tap {tap} no longer exists on this host", field="id")
+                return shaping.replace_layout(ipr, link, wanted)
+
+        before = await run_in_netns(netns, lambda: write(layout))
+        log.info("tap %s: shaping %s", tap, shape.options() if shape is not None else "removed")
+
+        async def restore() -> None:
+            await run_in_netns(netns, lambda: write(before))
+
+        return restore

@@ -3,7 +3,9 @@
 qmpnet marks every link it creates by setting the link's alias (``IFLA_IFALIAS``, what ``ip link show`` prints
 as ``alias``): ``qmpnet:tap[:owner]`` on taps, ``qmpnet:nat:<network>`` on NAT bridges. Only marked links are
 ever deleted, swept or adopted. This matters because the names alone prove nothing: libvirt also names its
-taps ``vnet<N>``, and an operator may own a bridge called ``qmpnat0``.
+taps ``vnet<N>``, and an operator may own a bridge called ``qmpnat0``. The IFB device that shapes a tap's
+guest-to-host direction is marked ``qmpnet:ifb:<tap ifindex>:<tap name>``, so that it can be deleted once its tap
+is gone (see :mod:`qmpnet.hostnet.shaping`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,17 @@ from qmpnet.hostnet.failures import host_error
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["MARK", "LinkInfo", "dump_links", "find_link", "nat_mark", "route", "tap_mark"]
+__all__ = [
+    "MARK",
+    "LinkInfo",
+    "dump_links",
+    "find_link",
+    "ifb_mark",
+    "nat_mark",
+    "parse_ifb_mark",
+    "route",
+    "tap_mark",
+]
 
 MARK = "qmpnet"
 _IFF_UP = 0x1
@@ -34,6 +46,20 @@ def tap_mark(owner: str | None) -> str:
 def nat_mark(network: str) -> str:
     """The alias qmpnet gives the bridge of NAT network ``network``."""
     return f"{MARK}:nat:{network}"
+
+
+def ifb_mark(tap_index: int, tap_name: str) -> str:
+    """The alias of the IFB device qmpnet made for tap ``tap_name`` (interface index ``tap_index``)."""
+    return f"{MARK}:ifb:{tap_index}:{tap_name}"
+
+
+def parse_ifb_mark(alias: str | None) -> tuple[int, str] | None:
+    """The ``(ifindex, name)`` of the tap an IFB's alias names, or ``None`` if it is not an IFB mark."""
+    prefix = f"{MARK}:ifb:"
+    if alias is None or not alias.startswith(prefix):
+        return None
+    index, _, name = alias.removeprefix(prefix).partition(":")
+    return (int(index), name) if index.isdigit() and name else None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ thread that opens ``/dev/net/tun``, a netlink socket talks to the namespace it w
 shows the namespace of the thread that opens it, and a child process starts in the namespace of the thread that
 forks it. So each call gets a **fresh thread** that ``setns()``-es into the namespace and then does the work:
 the namespace belongs to that thread alone and dies with it, and no pooled thread is ever left in the wrong
-namespace. (Python 3.11 has no ``os.setns``; it is one ``libc`` call through ctypes.)
+namespace. (Python 3.11 has no ``os.setns``; pyroute2's :func:`pyroute2.netns.setns` makes the call.)
 
 Cancellation is never swallowed: the awaiting task gets its ``CancelledError`` at once, and because the
 thread cannot be interrupted, the caller may pass ``discard`` to undo the thread's result when it arrives
@@ -16,12 +16,13 @@ thread cannot be interrupted, the caller may pass ``discard`` to undo the thread
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
+
+from pyroute2.netns import setns
 
 from qmpnet.errors import NotFound, QmpnetError
 from qmpnet.ifnames import check_netns
@@ -35,8 +36,6 @@ T = TypeVar("T")
 
 #: Where ``ip netns add NAME`` (and pyroute2) keep named namespaces.
 NETNS_RUN_DIR = Path("/run/netns")
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def netns_path(netns: str) -> Path:
@@ -62,9 +61,9 @@ def enter_netns(netns: str) -> None:
     except FileNotFoundError as err:
         raise NotFound(f"netns: no network namespace {netns!r} ({path})", field="netns") from err
     try:
-        if _libc.setns(fd, _CLONE_NEWNET) != 0:
-            code = ctypes.get_errno()
-            raise QmpnetError(f"netns: cannot enter {netns!r}: {os.strerror(code)}", field="netns")
+        setns(fd, flags=0)  # an open fd: pyroute2 neither creates a namespace nor closes the fd
+    except OSError as err:
+        raise QmpnetError(f"netns: cannot enter {netns!r}: {os.strerror(err.errno or 0)}", field="netns") from err
     finally:
         os.close(fd)
 

@@ -5,9 +5,12 @@ and issues ``TUNSETIFF`` with the pattern's ``%d`` form (``vnet%d``), so the *ke
 atomically (two controllers or libvirt cannot race for a name), with ``IFF_VNET_HDR`` (so QEMU can offload
 checksums and segmentation) and ``IFF_MULTI_QUEUE`` for several queues. The tap is **not persistent**: it lives
 exactly as long as some process holds one of its fds. qmpnet holds them until QEMU has its copies (``getfd``);
-after that QEMU's netdev owns the tap, ``netdev_del`` makes it vanish, and a controller that crashes halfway
-leaves nothing behind. :func:`delete_tap` and :func:`sweep_taps` still exist for belt and braces: they remove
-only taps carrying qmpnet's mark (see :mod:`qmpnet.hostnet.links`), never someone else's ``vnet3``.
+after that QEMU's netdev owns the tap and ``netdev_del`` makes it vanish. A qmpnet that crashes before ``getfd``
+leaves no tap (the kernel drops it with qmpnet's fds); one that crashes between ``getfd`` and ``netdev_add``
+leaves a tap held by QEMU's fd table, which no QMP command lists: it lives until QEMU exits, or until ``qmpnet
+serve`` sees the guest (re)connect and sweeps the taps of NICs the guest does not have
+(:meth:`qmpnet.hostnet.host.HostNet.sweep_orphans`). :func:`delete_tap` and :func:`sweep_taps` remove only taps
+carrying qmpnet's mark (see :mod:`qmpnet.hostnet.links`), never someone else's ``vnet3``.
 
 Each tap gets a random ``fe:xx:xx:xx:xx:xx`` MAC (the bridge takes the lowest port MAC as its own, so a high one
 never changes the bridge's address under its uplink) and the bridge's MTU, and is enslaved and brought up.

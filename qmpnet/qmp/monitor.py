@@ -1,12 +1,15 @@
 """The QMP adapter: one guest's monitor over ``qemu.qmp``, behind the :class:`qmpnet.ports.Monitor` port.
 
-Three habits from qemu.qmp's own design are kept here and nowhere else:
+These habits are kept here and nowhere else:
 
 * **Errors are translated at the border.** ``qemu.qmp`` raises ``ExecuteError``, ``ExecInterruptedError``,
   ``StateError`` and ``ConnectError``; callers see the qmpnet tree. A command that was sent and got no answer
   (per-command timeout, or the connection dropped while waiting) is ``OutcomeUnknown``: QEMU may have applied it.
 * **Listeners are registered before the command that causes their event** (:meth:`QmpMonitor.listen` is a
   context manager entered around the command), so a fast ``DEVICE_DELETED`` cannot slip past.
+* **Reading is exact** (:mod:`qmpnet.qmp.reader`): :meth:`QmpMonitor.observe` builds the guest from QOM,
+  ``query-pci`` and ``info network``, refuses answers of unknown shape (``UnexpectedReply``), and keeps what cannot
+  change per connection, forgotten on ``DEVICE_DELETED`` by a listener that runs as the event arrives.
 * **Memory stays flat.** ``qemu.qmp`` keeps every event in each listener's history and queues every event on its
   always-on default listener. We install history-free listeners and drain the default one in a pump task that
   hands events to the registered handlers, so a guest that emits events for months costs nothing.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 import time
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Final, cast
@@ -29,7 +33,8 @@ from qemu.qmp.protocol import Runstate
 from qmpnet.errors import Busy, GuestUnavailable, OutcomeUnknown, QmpCommandError, QmpnetError, Unsupported
 from qmpnet.model import ModelInfo, RxFilter
 from qmpnet.ports import EventStream, Observation, QmpEvent
-from qmpnet.qmp.parse import machine_kind, parse_device_help, parse_network, parse_qtree
+from qmpnet.qmp.parse import machine_kind, parse_device_help
+from qmpnet.qmp.reader import GuestReader
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
@@ -97,6 +102,24 @@ class _FlatListener(EventListener):
             await self._queue.put(event)
 
 
+class _Deletions(EventListener):
+    """Calls ``forget(path)`` for each ``DEVICE_DELETED`` as it arrives, before any later answer is delivered.
+
+    qemu.qmp hands an event to every listener before it reads the next message, so a read that starts after an
+    answer never uses facts of a device whose deletion QEMU reported before that answer. Nothing is queued.
+    """
+
+    def __init__(self, forget: Callable[[str], None]) -> None:
+        super().__init__(("DEVICE_DELETED",))
+        self._forget = forget
+
+    async def put(self, event: Message) -> None:
+        data = event.get("data")
+        path = data.get("path") if isinstance(data, dict) else None
+        if self.accept(event) and isinstance(path, str):
+            self._forget(path)
+
+
 class _Client(QMPClient):
     """``QMPClient`` with a history-free default listener and a direct write path for commands."""
 
@@ -162,30 +185,37 @@ class QmpMonitor:
     Args:
         name: A name for logs (the guest's name).
         command_timeout: Seconds to wait for a command's answer before reporting ``outcome_unknown``.
+        read_attempts: Reads :meth:`observe` tries when the guest changes while it is read.
     """
 
-    def __init__(self, name: str, *, command_timeout: float) -> None:
+    def __init__(self, name: str, *, command_timeout: float, read_attempts: int = 3) -> None:
         self.name = name
         self._client = _Client(name)
         self._command_timeout = command_timeout
+        self._reader = GuestReader(self.execute, attempts=read_attempts)
+        self._client.register_listener(_Deletions(self._reader.forget))
         self._handlers: list[Callable[[QmpEvent], None]] = []
         self._pump: asyncio.Task[None] | None = None
         self._machine: tuple[str, str] | None = None
         self.closed = asyncio.Event()
+        self.peer_pid: int | None = None
 
     @classmethod
-    async def connect(cls, address: str, *, name: str, connect_timeout: float, command_timeout: float) -> QmpMonitor:
+    async def connect(
+        cls, address: str, *, name: str, connect_timeout: float, command_timeout: float, read_attempts: int = 3
+    ) -> QmpMonitor:
         """Connect to the QMP monitor at ``address`` (unix path or ``host:port``) and negotiate.
 
         Waits at most ``connect_timeout`` seconds in all: for the socket, then for QEMU's greeting. QEMU serves
         one QMP client per monitor and leaves the next connection waiting, without a greeting, until the current
         client leaves; so a connection that is accepted but not greeted in time means another client holds it.
+        ``read_attempts`` is ``qmp.read_attempts`` of the settings (its default here is the settings' default).
 
         Raises:
             GuestUnavailable: Nothing listens there, QEMU refused the session, or the socket did not connect in time.
             Busy: The socket connected but QEMU did not greet within the timeout: another client holds the monitor.
         """
-        monitor = cls(name, command_timeout=command_timeout)
+        monitor = cls(name, command_timeout=command_timeout, read_attempts=read_attempts)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + connect_timeout
         try:
@@ -211,8 +241,25 @@ class QmpMonitor:
         except ConnectError as err:
             sock.close()
             raise GuestUnavailable(f"cannot connect to QMP monitor {address}: {err.exc}") from err
+        monitor.peer_pid = monitor._peer_pid()
         monitor._pump = asyncio.create_task(monitor._run_pump(), name=f"qmpnet[guest={name}].qmp-events")
         return monitor
+
+    def _peer_pid(self) -> int | None:
+        """QEMU's process id from the unix socket's peer credentials (``None`` over TCP).
+
+        The host side uses it to find which tap an fd QEMU holds is (``/proc/<pid>/fdinfo``), for NICs another
+        process added.
+        """
+        writer = self._client._writer  # noqa: SLF001 - qemu.qmp has no public accessor for its socket
+        sock = writer.get_extra_info("socket") if writer is not None else None
+        if sock is None or sock.family != socket.AF_UNIX:
+            return None
+        try:
+            pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        except OSError:
+            return None
+        return pid or None
 
     @property
     def greeting_version(self) -> str | None:
@@ -318,15 +365,18 @@ class QmpMonitor:
         return str(await self.execute("human-monitor-command", {"command-line": command_line}))
 
     async def observe(self) -> Observation:
-        """Read PCI devices, buses and net clients (``info qtree`` and ``info network``).
+        """Read PCI devices, buses and net clients from QOM, ``query-pci`` and ``info network``.
+
+        See :mod:`qmpnet.qmp.reader` for what is read and why. The independent queries of a read are sent at once.
 
         Raises:
+            Unsupported: The machine has no PCI root bus qmpnet can hot-plug into.
+            UnexpectedReply: QEMU answered in a shape qmpnet does not know, or the guest changed during every
+                attempt to read it.
             QmpCommandError, OutcomeUnknown, GuestUnavailable: As :meth:`execute`.
         """
         machine, kind = await self.machine()
-        tree = parse_qtree(await self.hmp("info qtree"), kind)
-        clients = parse_network(await self.hmp("info network"))
-        return Observation(machine, tree.topology, tree.devices, tree.device_ids, clients)
+        return await self._reader.read(machine, kind)
 
     async def models(self) -> list[ModelInfo]:
         """The PCI NIC models this QEMU offers (``device_add help``)."""

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Self, TypeVar
 
-from qmpnet.errors import QmpnetError
+from qmpnet.errors import Busy, QmpnetError
 from qmpnet.qga import AGENT_PORT_NAME, GuestAgent
 from qmpnet.qmp import QmpMonitor
 from qmpnet.settings import QgaSettings
@@ -75,6 +75,8 @@ DEBIAN_BOOT_TIMEOUT = 240.0
 _BOOT_QGA = QgaSettings(connect_timeout=1.0, command_timeout=5.0)
 DEFAULT_MEMORY_MB: dict[Flavour, int] = {"busybox": 256, "debian": 512}
 QMP_TIMEOUT = 10.0
+#: A probe that connects but is not greeted within this long finds another client holding the monitor.
+QMP_PROBE_TIMEOUT = 2.0
 STOP_TIMEOUT = 5.0
 CONSOLE_TAIL_LINES = 40
 #: The id of the pcie-pci-bridge and of the root port it sits in (not counted in `root_ports`).
@@ -472,9 +474,13 @@ class TestMachine:
             return False  # not listening yet; checked first because qemu.qmp logs every failed connect
         try:
             monitor = await QmpMonitor.connect(
-                str(self.files.qmp), name=f"testguest[{self.name}].probe", connect_timeout=QMP_TIMEOUT,
+                str(self.files.qmp), name=f"testguest[{self.name}].probe", connect_timeout=QMP_PROBE_TIMEOUT,
                 command_timeout=QMP_TIMEOUT,
             )
+        except Busy:
+            # Somebody else (a controller reconnecting to a QEMU restarted on its socket) got the monitor first:
+            # QEMU is up and serving QMP, and that client's commands wait until the devices are created.
+            return True
         except QmpnetError:
             return False  # QEMU is still starting, or exiting: _until_exit notices the latter
         try:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Final, Generic, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from qmpnet.errors import (
     Busy,
@@ -31,7 +31,18 @@ from qmpnet.errors import (
     Timeout,
     Unsupported,
 )
-from qmpnet.model import GuestEventName, ModelInfo, Nic, NicSpec, RemoveResult, invalid_request_from
+from qmpnet.model import (
+    CaptureResult,
+    GuestEventName,
+    ModelInfo,
+    Nic,
+    NicSpec,
+    NicUpdate,
+    RemoveResult,
+    Verify,
+    check_file_path,
+    invalid_request_from,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -55,10 +66,12 @@ __all__ = [
     "ModelList",
     "ModelsRequest",
     "NicAddRequest",
+    "NicCaptureRequest",
     "NicDelRequest",
     "NicLinkRequest",
     "NicList",
     "NicListRequest",
+    "NicUpdateRequest",
     "OkResponse",
     "OpSpec",
     "Response",
@@ -92,6 +105,10 @@ class NicAddRequest(_Request):
     """``nic/add``: hot-add a NIC."""
 
     nic: NicSpec = Field(description="What to add; only model is needed, every other field has a default.")
+    verify: Verify = Field(
+        default=False,
+        description='Answer once the guest agent shows the interface (true), with an address ("address"), or undo.',
+    )
 
 
 class NicDelRequest(_Request):
@@ -101,6 +118,7 @@ class NicDelRequest(_Request):
     timeout: float | None = Field(
         default=None, ge=0, le=3600, description="Seconds to wait for the guest's ack (default: the setting)."
     )
+    verify: Verify = Field(default=False, description="Also wait until the guest agent no longer shows the interface.")
 
 
 class NicLinkRequest(_Request):
@@ -108,10 +126,33 @@ class NicLinkRequest(_Request):
 
     id: str = Field(description="The NIC's id.")
     up: StrictBool = Field(description="true: link up; false: link down (the guest sees carrier change).")
+    verify: Verify = Field(default=False, description="Wait until the guest's carrier follows; else set it back.")
 
 
 class NicListRequest(_Request):
     """``nic/list``: the guest's NICs, read afresh."""
+
+
+class NicUpdateRequest(_Request):
+    """``nic/update``: change a NIC live (move, VLAN, shaping, link) without unplugging it; atomic."""
+
+    update: NicUpdate = Field(description="The NIC's id and what to change; fields left out stay as they are.")
+
+
+class NicCaptureRequest(_Request):
+    """``nic/capture``: start or stop capturing a NIC's traffic into a pcap file (QEMU filter-dump)."""
+
+    id: str = Field(description="The NIC's id.")
+    action: Literal["start", "stop"] = Field(description="start: QEMU begins writing the file; stop: it ends.")
+    file: Annotated[str, AfterValidator(check_file_path)] | None = Field(
+        default=None, description="start: the pcap file QEMU creates; it must be in policy.allowed_capture_dirs."
+    )
+
+    @model_validator(mode="after")
+    def _file_to_start(self) -> NicCaptureRequest:
+        if self.action == "start" and self.file is None:
+            raise InvalidRequest("file: starting a capture needs the file to write", field="file")
+        return self
 
 
 class ModelsRequest(_Request):
@@ -320,6 +361,8 @@ OPS: Final[Mapping[str, OpSpec]] = {
         OpSpec("nic/del", "guest", NicDelRequest, RemoveResult, "Hot-remove a NIC."),
         OpSpec("nic/link", "guest", NicLinkRequest, Nic, "Set a NIC's link up or down."),
         OpSpec("nic/list", "guest", NicListRequest, NicList, "List the guest's NICs."),
+        OpSpec("nic/update", "guest", NicUpdateRequest, Nic, "Change a NIC live: move, VLAN, shaping, link; atomic."),
+        OpSpec("nic/capture", "guest", NicCaptureRequest, CaptureResult, "Start or stop a NIC's live capture."),
         OpSpec("models", "guest", ModelsRequest, ModelList, "List the NIC models QEMU offers."),
         OpSpec("guests", "controller", GuestsRequest, GuestList, "List the controller's guests."),
     )

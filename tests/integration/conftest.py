@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+import needs
 import pytest
 from mqtt_fixtures import RabbitMQ, rabbitmq_fixture
 
 from qmpnet import pytest_plugin
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Generator, Iterator
     from pathlib import Path
 
     from qmpnet.testguest import GuestImage
@@ -38,6 +39,17 @@ def guest_image(qmpnet_guest_image: GuestImage) -> GuestImage:
 def rabbitmq() -> Iterator[RabbitMQ]:
     """One RabbitMQ node (MQTT plugin, from Debian's package, no system service) for every MQTT test module."""
     yield from rabbitmq_fixture()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test whose host needs are unmet skips, or fails in CI (tests/needs.py)."""
+    needs.check_item(item)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """In CI a skipped test fails, with the skip's reason (tests/needs.py)."""
+    return needs.fail_skips_in_ci((yield))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -14,12 +14,11 @@ fixture in ``conftest.py``); tests that share it use their own topic root (:func
 from __future__ import annotations
 
 import contextlib
-import os
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import pytest
+import needs
 
 from qmpnet.settings import MqttSettings
 from qmpnet.testguest.probe import (
@@ -51,6 +50,8 @@ from qmpnet.testguest.services import (
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
+
+    import pytest
 
 __all__ = [
     "FAST_ENV",
@@ -120,12 +121,8 @@ def fresh_root() -> str:
 
 
 def need_rabbitmq() -> None:
-    """Skip without RabbitMQ, except in CI (``CI=true``), where ./scripts/setup installs it: there it fails."""
-    if not have_rabbitmq():
-        reason = "rabbitmq-server is not installed (./scripts/setup installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    """Skip without RabbitMQ, except in CI, where ./scripts/setup installs it: there it fails (tests/needs.py)."""
+    needs.require(have_rabbitmq(), "rabbitmq-server is not installed (./scripts/setup installs it)")
 
 
 def rabbitmq_fixture() -> Iterator[RabbitMQ]:

@@ -22,8 +22,6 @@ import asyncio
 import contextlib
 import ipaddress
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import needs
 import pytest
 import pytest_asyncio
 from aux_qmp import aux_args, aux_monitor, hmp
@@ -53,12 +52,12 @@ if TYPE_CHECKING:
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 to set up the test namespaces"),
-    pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables (apt-get install nftables)"),
-    pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="needs dnsmasq (apt-get install dnsmasq-base)"),
-    pytest.mark.skipif(not Path("/dev/net/tun").exists(), reason="needs /dev/net/tun"),
-    pytest.mark.skipif(shutil.which("busybox") is None, reason="needs busybox (ping from the outside host)"),
+    needs.root("create network namespaces"),
+    needs.tool("ip", "iproute2"),
+    needs.tool("nft", "nftables"),
+    needs.tool("dnsmasq", "dnsmasq-base"),
+    needs.device("/dev/net/tun"),
+    needs.tool("busybox", "busybox-static"),
 ]
 
 SEE_TIMEOUT = 20.0

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import socket
 import subprocess
 import uuid
@@ -18,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import needs
 import pytest
 from netns_tools import ip, kill_namespace, listen, namespace_pids, serve_once
 
@@ -30,10 +29,10 @@ if TYPE_CHECKING:
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 to set up the test namespaces"),
-    pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables (apt-get install nftables)"),
-    pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="needs dnsmasq (apt-get install dnsmasq-base)"),
+    needs.root("create network namespaces"),
+    needs.tool("ip", "iproute2"),
+    needs.tool("nft", "nftables"),
+    needs.tool("dnsmasq", "dnsmasq-base"),
 ]
 
 NET = NatNetwork(name="test")
@@ -138,7 +137,7 @@ async def test_net_up_is_idempotent_and_net_down_leaves_nothing(lab: Lab) -> Non
     assert (down.up, down.bridge_present, down.table_present, down.dnsmasq_pid) == (False, False, False, None)
 
 
-@pytest.mark.skipif(shutil.which("busybox") is None, reason="needs busybox's udhcpc as the guest's DHCP client")
+@needs.tool("busybox", "busybox-static")  # udhcpc, the guest's DHCP client
 async def test_guest_gets_a_lease_reaches_out_masqueraded_and_cannot_be_reached(lab: Lab, tmp_path: Path) -> None:
     await net_up(NET, netns=lab.hv, settings=lab.settings)
     ip("-n", lab.hv, "link", "set", "gport", "master", "qmpnat0", "up")

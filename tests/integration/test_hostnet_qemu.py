@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import needs
 import pytest
 from netns_tools import bridged_namespace, ip, link_names
 from qemu.qmp import ConnectError, ExecuteError, QMPClient
@@ -32,9 +31,9 @@ QEMU = "qemu-system-x86_64"
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-    pytest.mark.skipif(shutil.which(QEMU) is None, reason=f"needs {QEMU}"),
-    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 to set up the test namespace"),
+    needs.root("create network namespaces"),
+    needs.tool(QEMU, "qemu-system-x86"),
+    needs.tool("ip", "iproute2"),
 ]
 
 
@@ -220,8 +219,7 @@ def test_check_vfio_on_this_hosts_real_nics_gives_a_clear_answer() -> None:
     functions = list(devices.iterdir()) if devices.is_dir() else []
     nics = {d.name for d in functions if (d / "class").read_text().startswith("0x02")}
     ready = {d.name for d in functions if (d / "driver").resolve().name == "vfio-pci"}
-    if not nics - ready:
-        pytest.skip("no PCI network function off vfio-pci on this host")
+    needs.require(bool(nics - ready), "needs a PCI network function that is not on vfio-pci")
     for address in sorted(nics - ready):
         with pytest.raises(QmpnetError) as caught:
             check_vfio(address)

@@ -9,14 +9,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import stat
 import struct
 import subprocess
 import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import needs
 import pytest
 from netns_tools import bridged_namespace, ip, link_names
 
@@ -29,9 +28,9 @@ if TYPE_CHECKING:
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 to set up the test namespace"),
-    pytest.mark.skipif(not Path("/dev/net/tun").exists(), reason="needs /dev/net/tun"),
+    needs.root("create network namespaces"),
+    needs.tool("ip", "iproute2"),
+    needs.device("/dev/net/tun"),
 ]
 
 TUNGETIFF = 0x800454D2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -252,3 +253,86 @@ async def test_the_cli_reaches_a_guest_that_serve_holds(tmp_path: Path) -> None:
                 serve.stop()
     finally:
         broker.stop()
+
+
+async def test_sigterm_lets_an_operation_in_flight_finish_before_the_monitor_closes(tmp_path: Path) -> None:
+    from mqtt_fixtures import Mosquitto, Probe, Serve, wait_online  # noqa: PLC0415 - only this test needs a broker
+
+    broker_dir = tmp_path / "mq"
+    broker_dir.mkdir()
+    broker = Mosquitto(broker_dir).start()
+    try:
+        async with no_os_guest(tmp_path) as vm:
+            serve = Serve(broker_dir, broker.url, "stopper", {"vm": vm.qmp_path}).start()
+            try:
+                await wait_online(serve, broker.url, guests_connected=["vm"])
+                async with Probe(broker.url) as probe:
+                    await probe.subscribe(f"probe/{probe.identifier}/response", "qmpnet/stopper/status")
+                    added = await probe.call("qmpnet/stopper/guest/vm/request/nic/add", {"nic": {"id": "slow"}})
+                    assert added["status"] == "ok", added
+                    # A removal the guest (no OS) never acks: it takes its whole 3 s timeout.
+                    answer = asyncio.create_task(probe.call(
+                        "qmpnet/stopper/guest/vm/request/nic/del", {"id": "slow", "timeout": 3}, timeout=20
+                    ))
+                    await recorded_as(broker_dir / "state-stopper", "slow", "removal_pending")  # it is under way
+                    serve.signal(signal.SIGTERM)
+                    result = await answer
+                    assert result["status"] == "ok", result
+                    assert result["data"] == {"id": "slow", "state": "removal_pending"}
+                    offline = await probe.one("qmpnet/stopper/status", lambda m: m.json.get("state") == "offline",
+                                              timeout=20)
+                    assert offline.json == {"state": "offline"}
+                assert serve.wait(20) == 0
+            finally:
+                serve.stop()
+    finally:
+        broker.stop()
+
+
+async def recorded_as(state: Path, nic_id: str, wanted: str, timeout: float = 10) -> None:
+    """Until the state store says ``nic_id`` is ``wanted`` (written before the change's first QMP command)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            for path in (state / "guests").glob("*.json"):
+                nics = json.loads(path.read_text()).get("nics", {})
+                if nics.get(nic_id, {}).get("state") == wanted:
+                    return
+            await asyncio.sleep(0.02)  # a poll with a deadline: the store offers nothing to wait on
+
+
+# ------------------------------------------------------------------------------------------------- apply
+
+
+async def test_apply_dry_run_changes_nothing_twice_is_a_no_op_and_prune_removes_only_qmpnets(tmp_path: Path) -> None:
+    workdir = tmp_path / "ap"
+    workdir.mkdir()
+    cold = ["-netdev", "user,id=cold.net", "-device", "e1000,id=cold,netdev=cold.net,mac=52:54:00:0c:01:d0"]
+    async with TestMachine(None, boot=False, workdir=workdir, name="ap",
+                           extra_args=[*aux_args(workdir), *cold]) as vm:
+        qmp = str(vm.qmp_path)
+        want = tmp_path / "want.toml"
+        want.write_text('[[nics]]\nid = "w1"\nmodel = "e1000"\n\n'
+                        '[[nics]]\nid = "w2"\nmodel = "virtio"\nlink = "down"\n')
+        before = await hmp(vm.workdir, "info network")
+        rc, out, err = await cli("apply", "--qmp", qmp, str(want), "--dry-run", "--json")
+        assert (rc, err) == (0, "")
+        assert [(c["action"], c["id"]) for c in json.loads(out)["plan"]] == [("add", "w1"), ("add", "w2")]
+        assert await hmp(vm.workdir, "info network") == before  # nothing was changed
+        assert await peripheral_nics(vm.workdir) == {"cold"}
+        rc, out, err = await cli("apply", "--qmp", qmp, str(want), "--json")
+        assert (rc, err) == (0, ""), err
+        assert json.loads(out)["converged"] is True
+        assert await peripheral_nics(vm.workdir) == {"cold", "w1", "w2"}
+        network = await hmp(vm.workdir, "info network")
+        rc, out, _ = await cli("apply", "--qmp", qmp, str(want), "--json")
+        assert [c["action"] for c in json.loads(out)["plan"]] == ["keep", "keep"]
+        assert await hmp(vm.workdir, "info network") == network  # the second apply changed nothing
+        one = tmp_path / "one.json"
+        one.write_text(json.dumps({"nics": [{"id": "w1", "model": "e1000"}]}))
+        rc, out, _ = await cli("apply", "--qmp", qmp, str(one), "--prune", "--json")
+        plan = {c["id"]: c["action"] for c in json.loads(out)["plan"]}
+        assert plan == {"w1": "keep", "w2": "remove"}  # "cold" is not qmpnet's: never pruned
+        assert json.loads(out)["pending"] == ["w2"]  # no OS to ack the unplug: the removal is pending
+        rc, out, _ = await cli("nic", "list", "--qmp", qmp, "--json")
+        states = {n["id"]: (n["state"], n["managed"]) for n in json.loads(out)["nics"]}
+        assert states == {"cold": ("active", False), "w1": ("active", True), "w2": ("removal_pending", True)}

@@ -14,9 +14,9 @@ root qmpnet was configured with (the lane, ``HostNet`` and the VFIO functions ar
 
 from __future__ import annotations
 
-import shutil
 from typing import TYPE_CHECKING, Any, cast
 
+import needs
 import pytest
 import pytest_asyncio
 from aux_qmp import aux_args, aux_monitor
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64"),
+    needs.tool("qemu-system-x86_64", "qemu-system-x86"),
 ]
 
 #: A PCI address that exists in the fake tree and not on the real host, so QEMU itself cannot open it.

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import needs
 import pytest
 from fakeqmp import FakeQmp
 from hypothesis import settings
@@ -15,7 +16,7 @@ from hypothesis import settings
 from qmpnet.settings import QmpSettings, Settings
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator, Generator, Iterator
 
 # Deterministic, no example database in the work tree, no per-example deadline (CI machines stall).
 settings.register_profile(
@@ -58,3 +59,14 @@ def fast() -> Settings:
     return Settings(
         qmp=QmpSettings(connect_timeout=1.0, command_timeout=0.3, unplug_timeout=0.3, rollback_unplug_timeout=1.0)
     )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test whose host needs are unmet skips, or fails in CI (tests/needs.py)."""
+    needs.check_item(item)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """In CI a skipped test fails, with the skip's reason (tests/needs.py)."""
+    return needs.fail_skips_in_ci((yield))

@@ -1,6 +1,6 @@
 """An in-memory :class:`qmpnet.ports.Monitor` that records every call, for tests of the guest lane without QMP.
 
-The guest sees a ``pc`` guest built from the captured ``info qtree``/``info network`` outputs; every ``execute``
+The guest sees the captured QEMU 7.2 ``pc`` guest as the QMP adapter reads it (``captures.py``); every ``execute``
 answers ``{}`` unless :attr:`RecordingMonitor.errors` holds an error for that command, after waiting for the
 command's event in :attr:`RecordingMonitor.gates` if it has one. Events can be injected with
 :meth:`RecordingMonitor.emit`, and reach both the ``on_event`` handlers and the open ``listen`` streams.
@@ -12,10 +12,9 @@ import asyncio
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from fakeqmp import captured
+from captures import Capture, observe
 
 from qmpnet.ports import Observation, QmpEvent
-from qmpnet.qmp.parse import machine_kind, parse_network, parse_qtree
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
@@ -29,10 +28,7 @@ __all__ = ["RecordingMonitor", "pc_observation"]
 
 def pc_observation() -> Observation:
     """The captured ``pc`` guest as the QMP adapter would observe it."""
-    machine, kind = machine_kind("pc-i440fx-7.2-machine")
-    tree = parse_qtree(captured("pc-qtree"), kind)
-    clients = parse_network(captured("pc-network"))
-    return Observation(machine, tree.topology, tree.devices, tree.device_ids, clients)
+    return observe(Capture.load("7.2", "pc"))
 
 
 class _Stream:

@@ -1,19 +1,21 @@
 """An in-process fake QEMU monitor: a unix-socket server speaking QMP, for tests of the real QMP adapter.
 
-It greets like QEMU 7.2.22, negotiates ``qmp_capabilities`` and answers every later command from a handler table
-the test can change (:meth:`FakeQmp.on`, :meth:`FakeQmp.fail`). It can also misbehave the ways a real monitor
-does: never answer a command (:meth:`FakeQmp.hang`), answer only when the test says so (:meth:`FakeQmp.hold`),
-or drop the connection when a command arrives (:meth:`FakeQmp.drop_on`). Everything received and every event
-sent is kept, in order, in :attr:`FakeQmp.transcript`, and :meth:`FakeQmp.wait_for` waits (with a deadline) for
-the transcript to reach a state, so tests never sleep to synchronise.
+It greets like the QEMU of its capture, negotiates ``qmp_capabilities`` and answers every later command from a
+handler table the test can change (:meth:`FakeQmp.on`, :meth:`FakeQmp.fail`). It can also misbehave the ways a
+real monitor does: never answer a command (:meth:`FakeQmp.hang`), answer only when the test says so
+(:meth:`FakeQmp.hold`), or drop the connection when a command arrives (:meth:`FakeQmp.drop_on`). Everything
+received and every event sent is kept, in order, in :attr:`FakeQmp.transcript`, and :meth:`FakeQmp.wait_for`
+waits (with a deadline) for the transcript to reach a state, so tests never sleep to synchronise.
 
 Commands are served one at a time in arrival order, as QEMU's main loop does without out-of-band execution.
 
-The default handlers describe a ``pc`` guest whose ``info qtree`` and ``info network`` are the captured outputs in
-``data/``; they are static unless a test edits :attr:`FakeQmp.hmp` (see :meth:`FakeQmp.forget_device`). Changes
-(``netdev_add``, ``device_add``, ``set_link``, ``netdev_del``, ``device_del``) answer ``{}``; ``device_del`` is
-then never completed, like a guest without an OS, unless the test calls :meth:`FakeQmp.ack_unplugs` or sends
-:meth:`FakeQmp.unplug_events` itself.
+The reads (``qom-get``, ``qom-list``, ``qom-list-types``, ``device-list-properties``, ``query-pci`` and HMP
+commands) answer from a :class:`captures.Capture` of a real QEMU guest, by default the QEMU 7.2 ``pc`` one
+(``data/qemu-7.2/pc.json``), kept consistent as the guest changes: ``netdev_add``/``netdev_del`` show in
+``info network``, ``device_add`` puts the device in every answer that shows devices (QOM, ``query-pci`` on a root
+bus, ``info network``), and :meth:`FakeQmp.forget_device` removes it again, as an unplug does. Changes answer
+``{}``; ``device_del`` is then never completed, like a guest without an OS, unless the test calls
+:meth:`FakeQmp.ack_unplugs` or sends :meth:`FakeQmp.unplug_events` itself.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ import asyncio
 import codecs
 import contextlib
 import json
-import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
+
+from captures import Capture, QmpError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
+    from pathlib import Path
 
 __all__ = [
     "Answer",
@@ -37,16 +40,13 @@ __all__ = [
     "Event",
     "FakeQmp",
     "QmpError",
-    "captured",
     "eventually",
-    "without_device",
-    "without_net_clients",
 ]
 
-DATA = Path(__file__).parent / "data"
-GREETING_VERSION = {"qemu": {"major": 7, "minor": 2, "micro": 22}, "package": "Debian 1:7.2+dfsg-7+deb12u18"}
+#: Commands answered from the capture.
+CAPTURED = frozenset({"qom-get", "qom-list", "qom-list-types", "device-list-properties", "query-pci"})
 #: Commands that only read; :meth:`FakeQmp.changes` leaves them out.
-READ_ONLY = frozenset({"qmp_capabilities", "qom-get", "qom-list", "human-monitor-command", "query-rx-filter"})
+READ_ONLY = CAPTURED | {"qmp_capabilities", "human-monitor-command", "query-rx-filter", "query-chardev"}
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -58,11 +58,6 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
     async with asyncio.timeout(timeout):
         while not predicate():  # noqa: ASYNC110 - polling a plain predicate that has no event to wait on
             await asyncio.sleep(0.001)
-
-
-def captured(name: str) -> str:
-    """The captured QEMU output ``data/<name>.txt`` (see ``capture_outputs.py``)."""
-    return (DATA / f"{name}.txt").read_text()
 
 
 @dataclass(frozen=True)
@@ -89,44 +84,18 @@ class Answer:
     events: tuple[Event, ...] = ()
 
 
-class QmpError(Exception):
-    """Raise from a handler to answer with a QMP error."""
-
-    def __init__(self, desc: str, klass: str = "GenericError") -> None:
-        super().__init__(desc)
-        self.desc = desc
-        self.klass = klass
-
-
 class FakeQmp:
     """A fake QMP monitor listening on the unix socket ``path``.
 
     Args:
         path: Where to listen.
-        machine_type: What ``qom-get /machine type`` answers.
-        hmp: HMP command line -> output; defaults to the captured ``pc`` guest.
+        capture: The guest the reads answer from; defaults to QEMU 7.2's captured ``pc`` guest.
         greet: Send the greeting on connect (``False`` makes a monitor that never answers).
     """
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        machine_type: str = "pc-i440fx-7.2-machine",
-        hmp: dict[str, str] | None = None,
-        greet: bool = True,
-    ) -> None:
+    def __init__(self, path: Path, *, capture: Capture | None = None, greet: bool = True) -> None:
         self.path = path
-        self.machine_type = machine_type
-        self.hmp: dict[str, str] = (
-            hmp
-            if hmp is not None
-            else {
-                "info qtree": captured("pc-qtree"),
-                "info network": captured("pc-network"),
-                "device_add help": captured("pc-device-add-help"),
-            }
-        )
+        self.capture = capture if capture is not None else Capture.load("7.2", "pc")
         self.greet = greet
         #: QOM objects by id (qom-type, properties): the instance mark of a QEMU qmpnet has met before.
         self.objects: dict[str, tuple[str, dict[str, Any]]] = {
@@ -135,8 +104,10 @@ class FakeQmp:
         self.transcript: list[Command | Event] = []
         self.connections = 0
         self.handlers: dict[str, Callable[[dict[str, Any]], Awaitable[object]]] = {
+            **{name: self._captured(name) for name in CAPTURED},
             "qom-get": self._qom_get,
             "object-add": self._object_add,
+            "query-chardev": _no_chardevs,
             "object-del": self._object_del,
             "human-monitor-command": self._human_monitor_command,
             "query-rx-filter": self._query_rx_filter,
@@ -256,9 +227,17 @@ class FakeQmp:
         return (done,)
 
     def forget_device(self, device_id: str) -> None:
-        """Remove device ``device_id`` and its net client from the ``info`` outputs (it was unplugged)."""
-        self.hmp["info qtree"] = without_device(self.hmp["info qtree"], device_id)
-        self.hmp["info network"] = without_net_clients(self.hmp["info network"], device_id)
+        """Remove device ``device_id`` and its net client from every answer (it was unplugged; its backend stays)."""
+        self.capture.forget_device(device_id)
+
+    @property
+    def network(self) -> str:
+        """What ``info network`` answers now."""
+        return self.capture.hmp("info network")
+
+    def reads(self) -> int:
+        """How many times the guest was read (each read of the adapter sends one ``query-pci``)."""
+        return sum(c.name == "query-pci" for c in self.commands())
 
     # -------------------------------------------------------------------------------------------- observing
 
@@ -316,7 +295,9 @@ class FakeQmp:
         self._writer = writer
         try:
             if self.greet:
-                writer.write(_json({"QMP": {"version": GREETING_VERSION, "capabilities": ["oob"]}}))
+                major, minor, micro = self.capture.version
+                version = {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": "captured"}
+                writer.write(_json({"QMP": {"version": version, "capabilities": ["oob"]}}))
                 await writer.drain()
             async for message in _messages(reader):
                 if not await self._serve(message, writer):
@@ -359,34 +340,31 @@ class FakeQmp:
 
     # --------------------------------------------------------------------------------------- default handlers
 
+    def _captured(self, command: str) -> Callable[[dict[str, Any]], Awaitable[object]]:
+        async def answer(arguments: dict[str, Any]) -> object:
+            return self.capture.answer(command, arguments or None)
+
+        return answer
+
     async def _qom_get(self, arguments: dict[str, Any]) -> object:
-        if arguments == {"path": "/machine", "property": "type"}:
-            return self.machine_type
         path = str(arguments.get("path"))
         if path.startswith("/objects/"):
             found = self.objects.get(path.removeprefix("/objects/"))
             if found is None:
                 raise QmpError(f"Device '{path}' not found", "DeviceNotFound")
             return found[1].get(str(arguments.get("property")))
-        raise QmpError(f"Property '{arguments.get('property')}' not found")
+        return self.capture.answer("qom-get", arguments)
 
     async def _netdev_add(self, arguments: dict[str, Any]) -> object:
-        # The new backend shows in `info network` as QEMU would list it, until netdev_del.
-        line = f"{arguments['id']}: index=0,type={arguments.get('type', 'user')}\r\n"
-        self.hmp["info network"] = self.hmp.get("info network", "") + line
+        self.capture.add_netdev(str(arguments["id"]), str(arguments.get("type", "user")))
         return {}
 
     async def _netdev_del(self, arguments: dict[str, Any]) -> object:
-        name = str(arguments.get("id"))
-        network = self.hmp.get("info network", "")
-        kept = [line for line in network.splitlines(keepends=True) if not line.startswith(f"{name}: ")]
-        self.hmp["info network"] = "".join(kept)
+        self.capture.delete_netdev(str(arguments.get("id")))
         return {}
 
     async def _device_add(self, arguments: dict[str, Any]) -> object:
-        # The new device shows in `info qtree` on its bus, as QEMU would show it, until it is unplugged.
-        if "info qtree" in self.hmp:
-            self.hmp["info qtree"] = with_device(self.hmp["info qtree"], arguments)
+        self.capture.add_device(arguments)
         return {}
 
     async def _object_add(self, arguments: dict[str, Any]) -> object:
@@ -404,9 +382,10 @@ class FakeQmp:
 
     async def _human_monitor_command(self, arguments: dict[str, Any]) -> object:
         line = str(arguments.get("command-line", ""))
-        if line in self.hmp:
-            return self.hmp[line]
-        return f"unknown command: '{line}'\r\n"
+        try:
+            return self.capture.hmp(line)
+        except QmpError:
+            return f"unknown command: '{line}'\r\n"
 
     async def _query_rx_filter(self, arguments: dict[str, Any]) -> object:
         name = str(arguments.get("name"))
@@ -430,6 +409,10 @@ class FakeQmp:
 
 async def _empty(arguments: dict[str, Any]) -> object:
     return {}
+
+
+async def _no_chardevs(arguments: dict[str, Any]) -> object:
+    return []
 
 
 def _not_found(name: str) -> Callable[[dict[str, Any]], Awaitable[object]]:
@@ -463,59 +446,3 @@ def _event_bytes(event: Event) -> bytes:
     now = time.time()
     stamp = {"seconds": int(now), "microseconds": int(now % 1 * 1_000_000)}
     return _json({"event": event.name, "data": event.data, "timestamp": stamp})
-
-
-def with_device(qtree: str, arguments: dict[str, Any]) -> str:
-    """``info qtree`` text with the device ``device_add`` was given (driver, id, bus, addr, mac, netdev) on its bus."""
-    lines = qtree.splitlines(keepends=True)
-    bus = str(arguments.get("bus", ""))
-    for index, line in enumerate(lines):
-        if line.strip() == f"bus: {bus}":
-            indent = " " * (len(line) - len(line.lstrip(" ")) + 2)
-            block = [f'{indent}dev: {arguments["driver"]}, id "{arguments["id"]}"\r\n']
-            props = [prop for prop in ("mac", "netdev") if prop in arguments]
-            block.extend(f'{indent}  {prop} = "{arguments[prop]}"\r\n' for prop in props)
-            block.append(f"{indent}  addr = {arguments.get('addr', '1f.0')}\r\n")
-            # After the bus's own `type` line, where QEMU lists the bus's devices.
-            at = index + 2 if index + 1 < len(lines) and lines[index + 1].strip().startswith("type ") else index + 1
-            return "".join(lines[:at] + block + lines[at:])
-    return qtree
-
-
-def without_device(qtree: str, device_id: str) -> str:
-    """``info qtree`` text without the device ``device_id`` and everything indented under it."""
-    lines = qtree.splitlines(keepends=True)
-    kept: list[str] = []
-    skip_deeper_than: int | None = None
-    for line in lines:
-        indent = len(line) - len(line.lstrip(" "))
-        if skip_deeper_than is not None:
-            if line.strip() and indent > skip_deeper_than:
-                continue
-            skip_deeper_than = None
-        if re.fullmatch(rf'dev: [^,]+, id "{re.escape(device_id)}"', line.strip()):
-            skip_deeper_than = indent
-            continue
-        kept.append(line)
-    return "".join(kept)
-
-
-def without_net_clients(network: str, nic_name: str) -> str:
-    """``info network`` text without the top-level NIC client ``nic_name``; its backend stays, on a line of its own.
-
-    That is what QEMU shows once a NIC is unplugged: the netdev lives on until ``netdev_del``.
-    """
-    lines = network.splitlines(keepends=True)
-    kept: list[str] = []
-    dropping = False
-    for line in lines:
-        if not line.startswith(" \\ "):
-            dropping = line.startswith(f"{nic_name}: ")
-            if dropping:
-                continue
-        if dropping:
-            kept.append(line.removeprefix(" \\ "))
-            dropping = False
-            continue
-        kept.append(line)
-    return "".join(kept)

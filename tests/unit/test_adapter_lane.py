@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from fakeqmp import Command, FakeQmp, captured
+from captures import Capture
+from fakeqmp import Command, FakeQmp
 
 import qmpnet
 from qmpnet.settings import QmpSettings, Settings
@@ -17,9 +18,12 @@ if TYPE_CHECKING:
 
 
 async def test_concurrent_adds_on_one_guest_never_interleave(sockdir: Path, fast: Settings) -> None:
-    # A pc guest with two pci-bridges: room for 50 NICs (31 slots each).
-    hmp = {"info qtree": captured("pc-bridges-qtree"), "info network": captured("pc-bridges-network")}
-    async with FakeQmp(sockdir / "lane.qmp", hmp=hmp) as fake, qmpnet.connect(str(fake.path), settings=fast) as guest:
+    # A pc guest with two pci-bridges: room for 50 NICs (31 slots each, two taken on br1).
+    capture = Capture.load("7.2", "pc-bridges")
+    async with (
+        FakeQmp(sockdir / "lane.qmp", capture=capture) as fake,
+        qmpnet.connect(str(fake.path), settings=fast) as guest,
+    ):
         specs = [{"id": f"n{i}", "bus": "br1" if i < 25 else "br2"} for i in range(50)]
         tasks = [asyncio.create_task(guest.add_nic(spec)) for spec in specs]
         nics: list[Nic] = await asyncio.gather(*tasks)

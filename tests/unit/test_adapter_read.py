@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
-from fakeqmp import Command, FakeQmp, captured
+from captures import VERSIONS, Capture
+from fakeqmp import Command, FakeQmp
 
 import qmpnet
 from qmpnet.errors import NoFreeSlot
@@ -52,10 +53,10 @@ async def test_models(fake: FakeQmp, fast: Settings) -> None:
     assert Command("human-monitor-command", {"command-line": "device_add help"}) in fake.commands()
 
 
-async def test_q35_guest_places_by_model(sockdir: Path, fast: Settings) -> None:
-    hmp = {"info qtree": captured("q35-qtree"), "info network": captured("q35-network")}
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_q35_guest_places_by_model(sockdir: Path, fast: Settings, version: str) -> None:
     async with (
-        FakeQmp(sockdir / "q35.qmp", machine_type="pc-q35-7.2-machine", hmp=hmp) as fake,
+        FakeQmp(sockdir / "q35.qmp", capture=Capture.load(version, "q35")) as fake,
         qmpnet.connect(str(fake.path), settings=fast) as guest,
     ):
         virtio = await guest.add_nic({"id": "x1"})
@@ -70,9 +71,14 @@ async def test_q35_guest_places_by_model(sockdir: Path, fast: Settings) -> None:
 
 
 async def test_guest_without_a_pci_root_bus_is_unsupported(sockdir: Path, fast: Settings) -> None:
-    hmp = {"info qtree": "bus: main-system-bus\r\n  type System\r\n", "info network": ""}
+    # A machine with no i440FX or q35 host bridge (microvm): /machine has no PCI host bridge child.
+    capture = Capture.load("7.2", "pc")
+    capture.set_answer("qom-get", {"path": "/machine", "property": "type"}, "microvm-machine")
+    machine = capture.answer("qom-list", {"path": "/machine"})
+    assert isinstance(machine, list)
+    capture.set_answer("qom-list", {"path": "/machine"}, [p for p in machine if "pcihost" not in p["type"]])
     async with (
-        FakeQmp(sockdir / "nopci.qmp", machine_type="microvm-machine", hmp=hmp) as fake,
+        FakeQmp(sockdir / "nopci.qmp", capture=capture) as fake,
         qmpnet.connect(str(fake.path), settings=fast) as guest,
     ):
         with pytest.raises(qmpnet.Unsupported):

@@ -26,11 +26,11 @@ from qmpnet.wire.envelopes import (
 
 
 def test_every_op_has_a_scope_request_and_data_model() -> None:
-    assert set(OPS) == {"nic/add", "nic/del", "nic/link", "nic/list", "models", "guests"}
+    assert set(OPS) == {"nic/add", "nic/del", "nic/link", "nic/list", "nic/update", "nic/capture", "models", "guests"}
     assert {name for name, spec in OPS.items() if spec.scope == "controller"} == {"guests"}
     assert EVENT_NAMES == (
-        "nic_added", "nic_removed", "nic_removal_pending", "unplug_rejected", "link_changed", "rx_filter_changed",
-        "guest_connected", "guest_disconnected", "reconciled", "drift",
+        "nic_added", "nic_removed", "nic_removal_pending", "unplug_rejected", "link_changed", "nic_updated",
+        "rx_filter_changed", "guest_connected", "guest_disconnected", "reconciled", "drift",
     )  # fmt: skip
 
 

@@ -13,7 +13,7 @@ from fakeqmp import eventually
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qmpnet.errors import Busy, Conflict, Forbidden, InvalidRequest, NoFreeSlot, NotFound, QmpnetError
+from qmpnet.errors import Busy, Conflict, Forbidden, InvalidRequest, NoFreeSlot, NotFound, QmpnetError, Timeout
 from qmpnet.guest import Guest
 from qmpnet.model import RemoveResult
 from qmpnet.placement import PciBus, PciTopology
@@ -227,3 +227,18 @@ async def test_late_unplug_ack_while_the_lane_is_full_still_completes() -> None:
         await asyncio.gather(holder, waiter)
         await eventually(lambda: ("netdev_del", {"id": "n1"}) in monitor.executed, timeout=0.5)
         assert not guest._pending("e1")
+
+
+async def test_a_request_that_waits_too_long_for_the_lane_is_a_timeout_and_sends_nothing() -> None:
+    monitor = RecordingMonitor()
+    gate = monitor.gates["set_link"] = asyncio.Event()
+    async with Guest(monitor, name="vm", settings=Settings(lane=LaneSettings(max_wait=0.2))) as guest:
+        monitor.forget()
+        holder = asyncio.create_task(guest.set_link("v1", up=False))
+        await eventually(lambda: monitor.commands == ["set_link"])
+        with pytest.raises(Timeout) as caught:
+            await guest.set_link("e1", up=False)  # waits behind the held lane, then gives up
+        assert caught.value.code == "timeout"
+        gate.set()
+        await holder
+    assert monitor.commands == ["set_link"]  # the one that timed out never reached QEMU

@@ -44,7 +44,7 @@ async def test_an_add_killed_between_netdev_add_and_device_add_leaves_nothing(fa
     async with qmpnet.connect(str(fake.path), settings=fast) as guest:
         assert fake.changes() == [Command("netdev_del", {"id": "x1.net"})]
         assert guest.record.nics == {}
-        assert "x1.net" not in fake.hmp["info network"]
+        assert "x1.net" not in fake.network
         # The id is free again, and nothing of the old attempt is listed.
         assert "x1" not in {n.id for n in await guest.list_nics()}
         added = await guest.add_nic({"id": "x1"})
@@ -58,7 +58,7 @@ async def test_a_removal_acked_after_its_process_left_is_finished(fake: FakeQmp,
     async with qmpnet.connect(str(fake.path), settings=fast) as guest:
         assert fake.changes() == [Command("netdev_del", {"id": "n1"})]
         assert guest.record.nics == {}
-        assert "n1" not in fake.hmp["info network"]
+        assert "n1" not in fake.network
         # The user's second `nic del` is told it is done, not that the NIC never existed.
         assert (await guest.remove_nic("e1")).state == "removed"
     assert fake.change_names() == ["netdev_del"]

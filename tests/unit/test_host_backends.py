@@ -28,11 +28,15 @@ from qmpnet.inventory import Inventory
 from qmpnet.model import NicSpec, ObservedBackend, parse_nic_spec
 from qmpnet.plan import GuestView, fd_names, netdev_arguments, plan_add
 from qmpnet.policy import Policy, check_spec
-from qmpnet.ports import NetClient, Observation, PciDevice
+from qmpnet.ports import NetClient, Observation, PciDevice, TapPort
+from qmpnet.records import GuestRecord, HostHold, NicRecord
 from qmpnet.settings import QmpSettings, Settings
+from qmpnet.store import MemoryGuestStore
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Awaitable, Callable, Mapping
+
+    from qmpnet.model import Shape, Vlan
 
 HOSTILE_NAMES = [
     "br/0",  # a path
@@ -117,6 +121,31 @@ class FakeHost:
     async def sweep_orphans(self, owner_prefix: str, keep: set[str]) -> list[str]:
         self._call("sweep_orphans", owner_prefix, sorted(keep))
         return []
+
+    # The live-change side (tests/unit/test_update.py has a stateful fake for it).
+    async def find_tap(self, owner: str, *, pid: int | None = None, fd: int | None = None) -> str | None:
+        self._call("find_tap", owner)
+        return None
+
+    async def tap_port(self, tap: str) -> TapPort:
+        self._call("tap_port", tap)
+        return TapPort(tap)
+
+    async def move_tap(self, tap: str, bridge: str, *, field: str) -> Callable[[], Awaitable[object]]:
+        self._call("move_tap", tap, bridge)
+        return _nothing
+
+    async def set_vlan(self, tap: str, vlan: Vlan | None) -> Callable[[], Awaitable[object]]:
+        self._call("set_vlan", tap, vlan)
+        return _nothing
+
+    async def set_shape(self, tap: str, shape: Shape | None) -> Callable[[], Awaitable[object]]:
+        self._call("set_shape", tap, shape)
+        return _nothing
+
+
+async def _nothing() -> None:
+    pass
 
 
 class AckingMonitor(RecordingMonitor):
@@ -617,3 +646,37 @@ async def test_malformed_vfio_host_is_an_invalid_request(host: str) -> None:
         await guest.add_nic({"backend": {"type": "vfio", "host": host}})
     assert caught.value.field == "nic.backend.host"
     assert (monitor.executed, fake.calls) == ([], [])
+
+
+# ----------------------------------------------------------------------------- host resources across processes
+
+
+def _left(nic_id: str, state: str, hold: HostHold) -> MemoryGuestStore:
+    """The record a killed process left: NIC ``nic_id`` in ``state`` holding ``hold`` (same QEMU instance)."""
+    rec = GuestRecord(address="vm1", name="vm1", instance="{}")  # the recording monitor's instance answer
+    nic = NicRecord(id=nic_id, spec=NicSpec(id=nic_id), netdev=f"{nic_id}.net", state=state, link="up", host=hold)
+    return MemoryGuestStore(rec.with_nic(nic), key="vm1")
+
+
+async def test_a_rebound_function_is_given_back_when_its_removal_completes_after_the_process_left() -> None:
+    # `nic add --backend vfio --rebind` then `nic del --timeout 0`; the guest released the function later,
+    # while no qmpnet listened: the next process finds the device gone and restores the original driver.
+    host = FakeHost()
+    store = _left("vf0", "removal_pending", HostHold(vfio_host="0000:03:00.0", vfio_driver="ixgbe"))
+    monitor = RecordingMonitor()
+    async with Guest(monitor, name="vm1", host=host, store=store):
+        pass
+    assert ("restore_vfio", "0000:03:00.0", "ixgbe") in host.calls
+    assert ("netdev_del", {"id": "vf0.net"}) in monitor.executed
+    assert store.record.nics == {}
+
+
+async def test_a_tap_of_an_add_killed_half_way_is_deleted_on_the_next_connect() -> None:
+    host = FakeHost()
+    store = _left("b0", "adding", HostHold(owner="vm1/b0", tap="vnet7", bridge="br0"))
+    async with Guest(RecordingMonitor(), name="vm1", host=host, store=store):
+        pass
+    assert ("delete_tap", "vnet7") in host.calls
+    assert store.record.nics == {}
+    sweeps = [call for call in host.calls if call[0] == "sweep_orphans"]
+    assert sweeps == [("sweep_orphans", "vm1/", [])]  # and any other tap of this guest's that no NIC holds

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fakemonitor import pc_observation
 
-from qmpnet.inventory import Inventory, backend_of
+from qmpnet.inventory import Inventory, backend_of, nics_from
 from qmpnet.model import ObservedBackend, PciAddress, parse_nic_spec
-from qmpnet.placement import Placement, place
+from qmpnet.placement import PciBus, PciTopology, Placement, place
 from qmpnet.plan import plan_add
+from qmpnet.ports import NetClient, Observation, PciDevice
 
 
 def inventory() -> Inventory:
@@ -107,3 +108,29 @@ def test_backend_of_describes_the_spec_as_strings() -> None:
     )
     stream = parse_nic_spec({"backend": {"type": "stream", "addr": {"type": "inet", "host": "h", "port": 5}}})
     assert backend_of(stream).options == {"addr": "host=h,port=5"}
+
+
+def test_nics_are_the_devices_read_as_nics_each_once() -> None:
+    # A root port above a NIC carries nothing of it; an anonymous NIC with the MAC and model of a NIC that has an
+    # id is not named after that one; two anonymous NICs QEMU cannot tell apart are named by their PCI place.
+    nic = ObservedBackend(type="nic", options={"model": "e1000", "macaddr": "52:54:00:00:00:01"})
+    other = ObservedBackend(type="nic", options={"model": "e1000", "macaddr": "52:54:00:00:00:02"})
+    obs = Observation(
+        "pc-q35-7.2",
+        PciTopology("q35", (PciBus("pcie.0", "root", hotplug=False), PciBus("rp1", "root_port", hotplug=True))),
+        (
+            PciDevice("rp1", "pcie-root-port", "pcie.0", 1, 0),
+            PciDevice("a", "e1000", "rp1", 0, 0, "52:54:00:00:00:01", "n1"),
+            PciDevice(None, "e1000", "pcie.0", 5, 0, "52:54:00:00:00:01", "n2"),
+            PciDevice(None, "e1000", "pcie.0", 6, 0, "52:54:00:00:00:02", None),
+            PciDevice(None, "e1000", "pcie.0", 7, 0, "52:54:00:00:00:02", None),
+        ),
+        frozenset({"rp1", "a"}),
+        {
+            "a": NetClient("a", nic, "n1"),
+            "e1000.0": NetClient("e1000.0", nic, "n2"),
+            "e1000.1": NetClient("e1000.1", other),
+            "e1000.2": NetClient("e1000.2", other),
+        },
+    )
+    assert list(nics_from(obs, {}, set())) == ["a", "e1000.0", "pcie.0:06.0", "pcie.0:07.0"]

@@ -133,16 +133,17 @@ def parse_broker_url(url: str) -> BrokerUrl:
         ValueError: Another scheme, no host, or a bad port.
     """
     parts = urlsplit(url)
+    shown = redact_url(url)  # an error names the URL, never its password
     if parts.scheme not in ("mqtt", "mqtts"):
-        raise ValueError(f"{url!r}: the scheme must be mqtt:// or mqtts://")
+        raise ValueError(f"{shown!r}: the scheme must be mqtt:// or mqtts://")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"{url!r}: only mqtt[s]://[user[:password]@]host[:port] is understood")
+        raise ValueError(f"{shown!r}: only mqtt[s]://[user[:password]@]host[:port] is understood")
     try:
         port = parts.port
     except ValueError as err:
-        raise ValueError(f"{url!r}: {err}") from err
+        raise ValueError(f"{shown!r}: {err}") from err
     if not parts.hostname:
-        raise ValueError(f"{url!r}: no host")
+        raise ValueError(f"{shown!r}: no host")
     tls = parts.scheme == "mqtts"
     username = unquote(parts.username) if parts.username is not None else None
     password = unquote(parts.password) if parts.password is not None else None

@@ -202,3 +202,10 @@ def test_the_default_controller_id_is_the_host_name_made_topic_safe(
 )
 def test_passwords_in_broker_urls_are_redacted(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_a_bad_broker_url_is_reported_without_its_password() -> None:
+    with pytest.raises(ValueError, match="Port out of range") as caught:
+        parse_broker_url("mqtt://u:t0psecret@broker:99999")
+    assert "t0psecret" not in str(caught.value)
+    assert "u:***@broker" in str(caught.value)

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -44,7 +45,6 @@ from baseline import RawQmp, summary
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from qmpnet.bus.mqtt import publish_nowait
 from qmpnet.client import Client
 
 if TYPE_CHECKING:
@@ -344,16 +344,20 @@ async def phase_floor(broker: str, samples: int) -> list[float]:
         await echo.subscribe("bench/echo/request", qos=1)
         await asker.subscribe("bench/echo/answer", qos=1)
 
+        sending: set[asyncio.Task[None]] = set()
+
         async def responder() -> None:
-            # Answers the way the controller does (publish_nowait: queued, QoS 1, no wait for the PUBACK). It
-            # must not await ``echo.publish``: that is an ``asyncio.wait_for``, which on Python 3.11 can swallow
-            # the cancellation below, and the responder then waits for its next request for ever.
+            # Answers the way the controller does: each QoS 1 answer in its own task, waiting for its PUBACK
+            # without a timeout (``timeout=math.inf`` is a plain await; a finite one is an ``asyncio.wait_for``,
+            # which on Python 3.11 can swallow the cancellation below).
             async for message in echo.messages:
                 props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 props.CorrelationData = message.properties.CorrelationData  # type: ignore[union-attr]
                 topic = message.properties.ResponseTopic  # type: ignore[union-attr]
-                if not publish_nowait(echo, topic, message.payload, properties=props):
-                    raise RuntimeError("the echo responder could not publish")
+                send = echo.publish(topic, message.payload, qos=1, properties=props, timeout=math.inf)
+                task = asyncio.create_task(send)
+                sending.add(task)
+                task.add_done_callback(sending.discard)
 
         task = asyncio.create_task(responder(), name="echo responder")
         times = []

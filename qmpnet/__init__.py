@@ -12,6 +12,7 @@ import logging
 
 from qmpnet.api import connect
 from qmpnet.errors import (
+    BrokerUnavailable,
     Busy,
     Conflict,
     Forbidden,
@@ -52,6 +53,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BridgeBackend",
+    "BrokerUnavailable",
     "Busy",
     "Conflict",
     "DgramBackend",

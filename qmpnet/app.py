@@ -3,7 +3,8 @@
 Settings become adapters (the QMP connector, the MQTT bus, the metrics endpoint), the adapters are handed to the
 controller, and everything runs in one ``TaskGroup`` until SIGTERM or SIGINT. Shutdown is ordered: the controller
 stops first (guest connections closed), then the bus publishes ``offline`` and disconnects cleanly, so the broker
-does not send the will. Nothing else in qmpnet wires concrete adapters together.
+does not send the will. A broker that keeps refusing us (bad credentials, an MQTT version it does not speak) ends
+the process with one line and exit status 1. Nothing else in qmpnet wires concrete adapters together.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from typing import TYPE_CHECKING
 from qmpnet.bus.mqtt import MqttBus
 from qmpnet.control import serve_control
 from qmpnet.controller import Controller
-from qmpnet.errors import Busy, InvalidRequest
+from qmpnet.errors import BrokerUnavailable, Busy, InvalidRequest
 from qmpnet.hostnet.host import HostNet
 from qmpnet.logconfig import JsonFormatter, configure
 from qmpnet.qmp import QmpMonitor
-from qmpnet.settings import load_settings
+from qmpnet.settings import load_settings, redact_url
 from qmpnet.store import StateDir
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ async def serve(settings: Settings, *, version: str) -> None:
         "qmpnet %s serving as %s on %s (%d configured guests, guest directory %s)",
         version,
         settings.mqtt.controller_id,
-        settings.mqtt.broker,
+        redact_url(settings.mqtt.broker),
         len(settings.controller.guests),
         settings.controller.guest_dir,
     )
@@ -143,14 +144,17 @@ def main(  # noqa: PLR0913 - one keyword per command-line flag
     log_format: str | None = None,
     log_level: str | None = None,
     state_dir: Path | None = None,
+    mqtt_protocol: str | None = None,
 ) -> int:
     """``qmpnet serve``: load the settings (file, environment, these flags) and serve; returns the exit status.
 
-    A bad configuration prints one line ``error: invalid_request: <setting>: <why>`` and returns 2.
+    A bad configuration prints one line ``error: invalid_request: <setting>: <why>`` and returns 2; a broker that
+    refuses our credentials or MQTT version ``mqtt.max_refusals`` times in a row, ``error: guest_unavailable: ...``
+    and 1.
     """
     from qmpnet import __version__  # noqa: PLC0415 - the package imports this module's neighbours
 
-    mqtt: dict[str, object] = {"broker": broker, "controller_id": controller_id}
+    mqtt: dict[str, object] = {"broker": broker, "controller_id": controller_id, "protocol": mqtt_protocol}
     fleet: dict[str, object] = {"guest_dir": guest_dir}
     log_settings: dict[str, object] = {"format": log_format, "level": log_level.upper() if log_level else None}
     try:
@@ -175,7 +179,25 @@ def main(  # noqa: PLR0913 - one keyword per command-line flag
     except (InvalidRequest, Busy) as err:
         print(f"error: {err.code}: {err.message}", file=sys.stderr)  # noqa: T201 - the command's one-line verdict
         return 2
+    except BaseExceptionGroup as group:  # from the TaskGroup: the bus gave up on the broker
+        refusal = _refusal(group)
+        if refusal is None:
+            raise
+        print(f"error: {refusal.code}: {refusal.message}", file=sys.stderr)  # noqa: T201 - the one-line verdict
+        return 1
     return 0
+
+
+def _refusal(group: BaseExceptionGroup[BaseException]) -> BrokerUnavailable | None:
+    """The broker's refusal in ``group`` (nested groups included), if that is what ended the run."""
+    for member in group.exceptions:
+        if isinstance(member, BrokerUnavailable):
+            return member
+        if isinstance(member, BaseExceptionGroup):
+            found = _refusal(member)
+            if found is not None:
+                return found
+    return None
 
 
 def _guest_pair(item: str) -> tuple[str, str]:

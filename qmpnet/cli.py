@@ -82,6 +82,14 @@ class MachineArg(StrEnum):
     q35 = "q35"
 
 
+class ProtocolArg(StrEnum):
+    """MQTT versions for broker mode."""
+
+    auto = "auto"
+    v5 = "5"
+    v311 = "3.1.1"
+
+
 class LinkArg(StrEnum):
     """Link states."""
 
@@ -98,6 +106,12 @@ BrokerOpt = Annotated[
     typer.Option("--broker", metavar="URL", help="Broker mode: mqtt[s]://host:port where `qmpnet serve` listens."),
 ]
 GuestOpt = Annotated[str | None, typer.Option("--guest", metavar="NAME", help="Broker mode: the guest's name.")]
+ProtocolOpt = Annotated[
+    ProtocolArg | None,
+    typer.Option(
+        "--mqtt-protocol", help="Broker mode: MQTT version (default auto: 5, or 3.1.1 if the broker refuses 5)."
+    ),
+]
 ControllerOpt = Annotated[
     str | None,
     typer.Option("--controller", metavar="ID", help="Broker mode: the controller id (default: this host's name)."),
@@ -213,6 +227,7 @@ class Where:
     controller: str | None = None
     state_dir: Path | None = None
     qga: str | None = None
+    protocol: ProtocolArg | None = None
 
 
 def run_on_guest(
@@ -231,6 +246,8 @@ def run_on_guest(
     if (where.qmp is None) == (where.broker is None) or (where.broker is None) != (where.guest is None):
         raise typer.BadParameter("give --qmp SOCKET, or --broker URL and --guest NAME", param_hint="--qmp/--broker")
     overrides: dict[str, Any] = {"state_dir": where.state_dir} if where.state_dir is not None else {}
+    if where.protocol is not None:
+        overrides["mqtt"] = {"protocol": where.protocol.value}
     settings = checked(lambda: load_settings(config, **overrides))
     if policy_check is not None and where.qmp is not None:
         checked(lambda: policy_check(settings))
@@ -419,6 +436,7 @@ def nic_add(
     broker: BrokerOpt = None,
     guest: GuestOpt = None,
     controller: ControllerOpt = None,
+    mqtt_protocol: ProtocolOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
@@ -442,7 +460,7 @@ def nic_add(
     optional = {"id": nic_id, "mac": mac, "addr": addr, "bus": bus, "vectors": vectors, "queues": queues}
     spec |= {k: v for k, v in optional.items() if v is not None}
     nic_spec = checked(lambda: parse_nic_spec(spec))
-    where = Where(qmp, broker, guest, controller, state_dir, qga)
+    where = Where(qmp, broker, guest, controller, state_dir, qga, protocol=mqtt_protocol)
     mode: Verify = "address" if verify_address else verify
     nic = run_on_guest(
         where, config, verbose, lambda guest: guest.add_nic(nic_spec, verify=mode),
@@ -462,6 +480,7 @@ def nic_del(
     broker: BrokerOpt = None,
     guest: GuestOpt = None,
     controller: ControllerOpt = None,
+    mqtt_protocol: ProtocolOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
@@ -471,7 +490,7 @@ def nic_del(
 ) -> None:
     """Hot-remove a NIC; prints 'removed', or 'removal_pending' if the guest has not acked in time."""
     checked(lambda: check_request("nic/del", {"id": nic_id} | ({"timeout": timeout} if timeout is not None else {})))
-    where = Where(qmp, broker, guest, controller, state_dir, qga)
+    where = Where(qmp, broker, guest, controller, state_dir, qga, protocol=mqtt_protocol)
     result = run_on_guest(
         where, config, verbose, lambda guest: guest.remove_nic(nic_id, timeout=timeout, verify=verify)
     )
@@ -486,6 +505,7 @@ def nic_link(
     broker: BrokerOpt = None,
     guest: GuestOpt = None,
     controller: ControllerOpt = None,
+    mqtt_protocol: ProtocolOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
@@ -495,7 +515,7 @@ def nic_link(
 ) -> None:
     """Set a NIC's link up or down."""
     checked(lambda: check_request("nic/link", {"id": nic_id, "up": state is LinkArg.up}))
-    where = Where(qmp, broker, guest, controller, state_dir, qga)
+    where = Where(qmp, broker, guest, controller, state_dir, qga, protocol=mqtt_protocol)
     nic = run_on_guest(where, config, verbose, lambda guest: guest.set_link(nic_id, state is LinkArg.up, verify=verify))
     emit(nic, as_json, lambda: nic_table([nic]))
 
@@ -506,6 +526,7 @@ def nic_list(
     broker: BrokerOpt = None,
     guest: GuestOpt = None,
     controller: ControllerOpt = None,
+    mqtt_protocol: ProtocolOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
@@ -513,7 +534,7 @@ def nic_list(
     qga: QgaOpt = None,
 ) -> None:
     """List the guest's NICs, cold-plugged ones included."""
-    where = Where(qmp, broker, guest, controller, state_dir, qga)
+    where = Where(qmp, broker, guest, controller, state_dir, qga, protocol=mqtt_protocol)
     nics = run_on_guest(where, config, verbose, lambda guest: guest.list_nics())
     emit({"nics": [n.model_dump(mode="json") for n in nics]}, as_json, lambda: nic_table(nics))
 
@@ -588,6 +609,7 @@ def nic_set(
     broker: BrokerOpt = None,
     guest: GuestOpt = None,
     controller: ControllerOpt = None,
+    mqtt_protocol: ProtocolOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
@@ -603,7 +625,7 @@ def nic_set(
         parse_nic_update(update)  # bad values are refused before connecting, naming the field
     except QmpnetError as err:
         raise fail(err) from None
-    where = Where(qmp, broker, guest, controller, state_dir)
+    where = Where(qmp, broker, guest, controller, state_dir, protocol=mqtt_protocol)
     nic = run_on_guest(where, config, verbose, lambda ops: ops.update_nic(update))
     emit(nic, as_json, lambda: nic_table([nic]) + backend_line(nic))
 
@@ -635,6 +657,7 @@ def nic_capture(
     broker: BrokerOpt = None,
     guest: GuestOpt = None,
     controller: ControllerOpt = None,
+    mqtt_protocol: ProtocolOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
@@ -654,7 +677,8 @@ def nic_capture(
             stopped = await ops.capture(nic_id, "stop")
         return stopped
 
-    result = run_on_guest(Where(qmp, broker, guest, controller, state_dir), config, verbose, capture)
+    where = Where(qmp, broker, guest, controller, state_dir, protocol=mqtt_protocol)
+    result = run_on_guest(where, config, verbose, capture)
     emit(result, as_json, lambda: f"{result.id}: {result.state}, {result.file}")
 
 
@@ -664,13 +688,14 @@ def models(
     broker: BrokerOpt = None,
     guest: GuestOpt = None,
     controller: ControllerOpt = None,
+    mqtt_protocol: ProtocolOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
     state_dir: StateDirOpt = None,
 ) -> None:
     """List the NIC models this QEMU offers (the old -net nic,model=?)."""
-    where = Where(qmp, broker, guest, controller, state_dir)
+    where = Where(qmp, broker, guest, controller, state_dir, protocol=mqtt_protocol)
     found = run_on_guest(where, config, verbose, lambda guest: guest.models())
 
     def table() -> str:
@@ -691,6 +716,7 @@ def apply_cmd(
     broker: BrokerOpt = None,
     guest: GuestOpt = None,
     controller: ControllerOpt = None,
+    mqtt_protocol: ProtocolOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
@@ -706,7 +732,7 @@ def apply_cmd(
         raise fail(err) from None
     if prune:
         desired = desired.model_copy(update={"prune": True})
-    where = Where(qmp, broker, guest, controller, state_dir)
+    where = Where(qmp, broker, guest, controller, state_dir, protocol=mqtt_protocol)
     report = run_on_guest(where, config, verbose, lambda target: apply_desired(target, desired, dry_run=dry_run))
 
     def table() -> str:
@@ -758,6 +784,7 @@ def guests(
         str, typer.Option("--broker", metavar="URL", help="mqtt[s]://host:port where `qmpnet serve` listens.")
     ],
     controller: ControllerOpt = None,
+    mqtt_protocol: ProtocolOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
@@ -766,7 +793,8 @@ def guests(
     from qmpnet.client import Client  # noqa: PLC0415 - the MQTT stack is loaded only in broker mode
 
     setup_logging(verbose)
-    settings = checked(lambda: load_settings(config))
+    protocol = {"mqtt": {"protocol": mqtt_protocol.value}} if mqtt_protocol is not None else {}
+    settings = checked(lambda: load_settings(config, **protocol))
 
     async def session() -> list[GuestInfo]:
         async with Client(broker, settings=settings.mqtt) as client:
@@ -813,6 +841,9 @@ def serve(
         int | None, typer.Option(metavar="PORT", help="Serve Prometheus metrics on 127.0.0.1:PORT.")
     ] = None,
     log_format: Annotated[str | None, typer.Option(metavar="text|json", help="text or json.")] = None,
+    mqtt_protocol: Annotated[
+        ProtocolArg | None, typer.Option(help="MQTT version (default auto: 5, or 3.1.1 if the broker refuses 5).")
+    ] = None,
     verbose: VerboseOpt = False,
     state_dir: StateDirOpt = None,
 ) -> None:
@@ -823,7 +854,7 @@ def serve(
         serve_main(
             config, broker=broker, controller_id=controller_id, guests=guest, guest_dir=guest_dir,
             metrics_port=metrics_port, log_format=log_format, log_level="debug" if verbose else None,
-            state_dir=state_dir,
+            state_dir=state_dir, mqtt_protocol=mqtt_protocol.value if mqtt_protocol is not None else None,
         )
     )
 

@@ -7,11 +7,12 @@
         await client.set_link("h1", "vm1", nic.id, up=False)
         print(await client.guests("h1"))
 
-Every call is one MQTT 5 request with a Response Topic and Correlation Data, waits for its answer at most the
-timeout, and returns the same objects as the direct API (:class:`~qmpnet.model.Nic`, ...). An error answer is
-raised as the :class:`~qmpnet.errors.QmpnetError` subclass of its code, so code written against
-``qmpnet.connect`` handles errors the same way. No answer in time is ``OutcomeUnknown``; every request carries a
-``transaction`` (random unless given), so repeating it with the same transaction is safe.
+Every call is one request (MQTT 5 with a Response Topic, or 3.1.1: ``mqtt.protocol`` is ``auto`` by default),
+waits for its answer at most the timeout, and returns the same objects as the direct API
+(:class:`~qmpnet.model.Nic`, ...). An error answer is raised as the :class:`~qmpnet.errors.QmpnetError` subclass of
+its code, so code written against ``qmpnet.connect`` handles errors the same way. No answer in time is
+``OutcomeUnknown``; every request carries a ``transaction`` (random unless given), so repeating it with the same
+transaction is safe. The broker connection is re-established when it breaks (see :mod:`qmpnet.bus.requester`).
 
 :meth:`Client.guest` gives an object with the methods of :class:`qmpnet.Guest` bound to one remote guest.
 """
@@ -43,16 +44,14 @@ if TYPE_CHECKING:
 
 __all__ = ["Client", "GuestOps", "RemoteGuest", "error_from"]
 
-#: Seconds added to a removal's own timeout when waiting for its answer.
-_REMOVE_MARGIN = 5.0
-
 
 class Client:
     """A connection to the broker through which any controller and guest can be driven.
 
     Args:
         broker: ``mqtt://host:port`` or ``mqtts://host:port``; overrides ``settings.broker``.
-        settings: Broker credentials, TLS files, topic root and the default timeout (``request_timeout``).
+        settings: Broker credentials, TLS files, MQTT version, topic root and the default timeout
+            (``request_timeout``).
         timeout: Seconds to wait for each answer (default: ``settings.request_timeout``).
         verify_timeout: Seconds a verified change may take on top (default: the ``qga.verify_timeout`` default).
         client_id: The MQTT client id (random when absent).
@@ -79,7 +78,7 @@ class Client:
         """Connect to the broker.
 
         Raises:
-            GuestUnavailable: The broker cannot be reached.
+            BrokerUnavailable: The broker cannot be reached or refused us (a ``GuestUnavailable``); says why.
         """
         await self._requester.__aenter__()
         return self
@@ -104,7 +103,7 @@ class Client:
         Raises:
             QmpnetError: The subclass of the error code the controller answered with.
             OutcomeUnknown: No answer in time.
-            GuestUnavailable: The broker connection is lost or the controller is offline.
+            GuestUnavailable: The controller is offline, or the broker could not be reached; nothing was sent.
         """
         payload = {"transaction": transaction or uuid.uuid4().hex, **(arguments or {})}
         answer = await self._requester.request(controller, guest, op, payload, timeout=timeout or self.timeout)
@@ -138,7 +137,8 @@ class Client:
     ) -> RemoveResult:
         """Hot-remove NIC ``nic_id``: ``removed``, or ``removal_pending`` without the guest's ack in ``timeout``."""
         arguments: dict[str, Any] = {"id": nic_id, "verify": verify} | ({"timeout": timeout} if timeout else {})
-        wait = max(self.timeout, (timeout or 0) + _REMOVE_MARGIN) + (self.verify_timeout if verify else 0.0)
+        margin = self.settings.remove_margin
+        wait = max(self.timeout, (timeout or 0) + margin) + (self.verify_timeout if verify else 0.0)
         data = await self.call(controller, guest, "nic/del", arguments, transaction=transaction, timeout=wait)
         return RemoveResult.model_validate(data)
 

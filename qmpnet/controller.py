@@ -9,6 +9,9 @@ Design decisions:
 - **Requests never wait for a connection.** A request for a guest that is not connected is answered
   ``guest_unavailable`` at once; one for a connected guest goes straight into the guest's lane, with no ``await``
   before the lane is entered, so requests for one guest run in arrival order and different guests in parallel.
+  The one exception is a guest's first connection attempt: requests the broker kept for the controller while it
+  was down arrive right at start-up, and they wait (in arrival order, at most ``qmp.connect_timeout``) until
+  that attempt has ended rather than all being refused.
 - **De-duplication by transaction, per guest.** MQTT QoS 1 is at-least-once: a repeated ``transaction`` within
   the window is answered with the first answer (awaited if still running), never applied twice.
 - **State is derived from events, not re-read.** The retained NIC list is kept from the lane's events
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 from qmpnet.backoff import backoff
 from qmpnet.errors import Busy, GuestUnavailable, InvalidRequest, NotFound, OutcomeUnknown, QmpnetError
 from qmpnet.guest import Guest
+from qmpnet.names import BUS_NAME_RULE
 from qmpnet.ports import Connection
 from qmpnet.reconcile import parse_desired
 from qmpnet.reconciler import Reconciler
@@ -174,6 +178,7 @@ class _Member:
         self.early_desired: tuple[Mapping[str, Any] | InvalidRequest | None] | None = None
         self.desired_status: DesiredStatus | None = None
         self.task: asyncio.Task[None] | None = None
+        self.settled = asyncio.Event()  # the first connection attempt has ended, one way or the other
 
     @property
     def log_extra(self) -> dict[str, str]:
@@ -295,6 +300,8 @@ class _Member:
             self.state = state
             self.since = time.time()
             self.controller.publish_guest(self)
+        if state != "connecting":
+            self.settled.set()
 
     def set_desired(self, payload: Mapping[str, Any] | InvalidRequest | None) -> None:
         """Take a desired document (``None``: clear the set; an error: unreadable), store it and converge to it."""
@@ -361,6 +368,10 @@ class _Member:
 
     async def handle(self, op: str, payload: Mapping[str, Any]) -> Response:
         """Answer one request for this guest (de-duplicated by transaction)."""
+        if not self.settled.is_set():  # see "Requests never wait for a connection" above
+            with contextlib.suppress(TimeoutError):  # before the record is read: it needs the guest connected
+                async with asyncio.timeout(self.controller.settings.qmp.connect_timeout):
+                    await self.settled.wait()
         transaction = transaction_of(payload)
         if transaction is None:
             return await self._answer(op, payload, transaction)
@@ -589,7 +600,7 @@ class Controller:
         while True:
             found, skipped = await asyncio.to_thread(_scan, directory)
             for path in skipped - unfit:
-                log.warning("ignoring %s: the name is not a valid guest name ([A-Za-z0-9_.-]{1,64})", path)
+                log.warning("ignoring %s: its name is not a valid guest name (%s)", path, BUS_NAME_RULE)
             unfit = skipped
             changed = False
             for name, address in found.items():

@@ -12,6 +12,7 @@ which layer noticed it, so a caller can act on the class alone::
      +-- Timeout (timeout)                     a wait we control ran out (no command left in flight)
      +-- RemovalPending (removal_pending)      the NIC is being unplugged and the guest has not acked
      +-- GuestUnavailable (guest_unavailable)  the QMP monitor cannot be reached; nothing was sent
+     |    +-- BrokerUnavailable                the MQTT broker cannot be reached or refused us; says why
      |    +-- AgentUnavailable                 the guest agent cannot be reached or did not answer in time
      +-- NoFreeSlot (no_free_slot)             PCI placement found no place; says what to add to the command line
      +-- Unsupported (unsupported)             this QEMU or machine cannot do what was asked
@@ -29,7 +30,7 @@ Adapters translate library errors into this tree with ``raise ... from err`` so 
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Final, Literal
 
 ErrorCode = Literal[
     "invalid_request",
@@ -49,8 +50,11 @@ ErrorCode = Literal[
 ]
 
 __all__ = [
+    "FATAL_BROKER_PROBLEMS",
     "AgentCommandError",
     "AgentUnavailable",
+    "BrokerProblem",
+    "BrokerUnavailable",
     "Busy",
     "Conflict",
     "ErrorCode",
@@ -129,6 +133,31 @@ class GuestUnavailable(QmpnetError):
     """The guest's QMP monitor cannot be reached; no command was sent."""
 
     code = "guest_unavailable"
+
+
+#: Why a broker connection failed: the port refused, the host unreachable, TLS, credentials (or authorisation),
+#: the MQTT version not spoken, no answer in time, or an established connection lost.
+BrokerProblem = Literal["refused", "unreachable", "tls", "credentials", "protocol", "timeout", "lost"]
+#: Problems that retrying does not cure: the configuration must change.
+FATAL_BROKER_PROBLEMS: Final = frozenset({"credentials", "protocol"})
+
+
+class BrokerUnavailable(GuestUnavailable):
+    """The MQTT broker cannot be reached or refused the connection; nothing was sent.
+
+    Args:
+        message: What failed and why, with the broker's own reason when it gave one (never a password).
+        problem: The kind of failure.
+    """
+
+    def __init__(self, message: str, *, problem: BrokerProblem) -> None:
+        super().__init__(message)
+        self.problem: BrokerProblem = problem
+
+    @property
+    def fatal(self) -> bool:
+        """Whether retrying cannot help (bad credentials, an MQTT version the broker does not speak)."""
+        return self.problem in FATAL_BROKER_PROBLEMS
 
 
 class NoFreeSlot(QmpnetError):

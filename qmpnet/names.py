@@ -1,4 +1,4 @@
-"""Syntax rules for the names qmpnet hands to QEMU and the host: QEMU ids, MAC addresses, PCI addresses.
+"""Syntax rules for the names qmpnet hands to QEMU, the host and the broker: QEMU ids, MACs, PCI addresses, bus names.
 
 These are pure functions with no I/O so the rules can be tested with tables and property-based tests. They raise
 plain ``ValueError`` with a sentence; the pydantic models at the edge turn that into an ``invalid_request`` that
@@ -16,16 +16,24 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUS_NAME_PATTERN",
+    "BUS_NAME_RULE",
     "QEMU_ID_MAX",
+    "check_bus_name",
     "check_qemu_id",
     "format_pci_addr",
     "generate_mac",
     "normalize_mac",
     "parse_pci_addr",
+    "safe_bus_name",
 ]
 
-#: Controller ids and guest names as they appear in MQTT topics.
-BUS_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+#: Controller ids, guest names and client ids as they appear in MQTT topic levels. No ``.``: RabbitMQ maps MQTT
+#: topics to AMQP routing keys, turning ``/`` into ``.`` and ``.`` into ``/``, so ``h1.lab`` would become two levels.
+#: No ``+``, ``#`` or ``/`` either (wildcards, level separator), and nothing outside ASCII.
+BUS_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+#: The same rule in words, for error messages.
+BUS_NAME_RULE = "1 to 64 letters, digits, '_' or '-' (no '.': some brokers rewrite it to a topic level)"
+_BUS_NAME = re.compile(BUS_NAME_PATTERN)
 #: QEMU itself has no length limit; we keep ids short enough to appear in topics, logs and tap names.
 QEMU_ID_MAX = 64
 _QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
@@ -50,6 +58,26 @@ def check_qemu_id(value: str) -> str:
     if not _QEMU_ID.fullmatch(value):
         raise ValueError("must start with a letter and contain only letters, digits, '-', '.' and '_'")
     return value
+
+
+def check_bus_name(value: str) -> str:
+    """Return ``value`` if it can be a controller id, guest name or client id in a topic level.
+
+    Raises:
+        ValueError: It breaks :data:`BUS_NAME_RULE`.
+    """
+    if not _BUS_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a valid name: use {BUS_NAME_RULE}")
+    return value
+
+
+def safe_bus_name(value: str, fallback: str) -> str:
+    """``value`` made into a bus name: every character outside the alphabet becomes ``-``, cut to 64 characters.
+
+    Used for the default controller id, the host name: ``h1.lab.example`` becomes ``h1-lab-example``.
+    """
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", value)[:64].strip("-")
+    return name if _BUS_NAME.fullmatch(name) else fallback
 
 
 def normalize_mac(value: str) -> str:

@@ -10,10 +10,9 @@ intervals (how often to look again, never how long to wait), and the waits of th
 from __future__ import annotations
 
 import platform
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FilePath, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -21,7 +20,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from qmpnet.errors import InvalidRequest
 from qmpnet.hostconfig import HostnetSettings
 from qmpnet.model import invalid_request_from
-from qmpnet.names import BUS_NAME_PATTERN
+from qmpnet.names import BUS_NAME_PATTERN, BUS_NAME_RULE, check_bus_name, safe_bus_name
 from qmpnet.policy import Policy
 
 __all__ = [
@@ -31,6 +30,7 @@ __all__ = [
     "LaneSettings",
     "LogSettings",
     "MetricsSettings",
+    "MqttProtocol",
     "MqttSettings",
     "QgaSettings",
     "QmpSettings",
@@ -40,6 +40,7 @@ __all__ = [
     "default_controller_id",
     "load_settings",
     "parse_broker_url",
+    "redact_url",
 ]
 
 
@@ -110,7 +111,9 @@ class UpdateSettings(BaseModel):
     announce_step: int = Field(default=100, ge=1, le=10_000, description="announce-self: gap increase, ms.")
 
 
-BusName = Annotated[str, Field(pattern=BUS_NAME_PATTERN)]
+BusName = Annotated[str, AfterValidator(check_bus_name)]
+#: ``auto``: MQTT 5, or 3.1.1 when the broker refuses 5; ``5`` and ``3.1.1`` force a version.
+MqttProtocol = Literal["auto", "5", "3.1.1"]
 
 
 class BrokerUrl(NamedTuple):
@@ -130,20 +133,34 @@ def parse_broker_url(url: str) -> BrokerUrl:
         ValueError: Another scheme, no host, or a bad port.
     """
     parts = urlsplit(url)
+    shown = redact_url(url)  # an error names the URL, never its password
     if parts.scheme not in ("mqtt", "mqtts"):
-        raise ValueError(f"{url!r}: the scheme must be mqtt:// or mqtts://")
+        raise ValueError(f"{shown!r}: the scheme must be mqtt:// or mqtts://")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"{url!r}: only mqtt[s]://[user[:password]@]host[:port] is understood")
+        raise ValueError(f"{shown!r}: only mqtt[s]://[user[:password]@]host[:port] is understood")
     try:
         port = parts.port
     except ValueError as err:
-        raise ValueError(f"{url!r}: {err}") from err
+        raise ValueError(f"{shown!r}: {err}") from err
     if not parts.hostname:
-        raise ValueError(f"{url!r}: no host")
+        raise ValueError(f"{shown!r}: no host")
     tls = parts.scheme == "mqtts"
     username = unquote(parts.username) if parts.username is not None else None
     password = unquote(parts.password) if parts.password is not None else None
     return BrokerUrl(tls, parts.hostname, port or (8883 if tls else 1883), username, password)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for logs, errors and labels; unparseable URLs unchanged."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+        hostinfo = parts.netloc.rpartition("@")[2]
+    except ValueError:
+        return url
+    if password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{hostinfo}"))
 
 
 def _check_broker_url(url: str) -> str:
@@ -151,10 +168,23 @@ def _check_broker_url(url: str) -> str:
     return url
 
 
+def _check_topic_root(root: str) -> str:
+    if not all(map(_is_bus_level, root.split("/"))):
+        raise ValueError(f"{root!r}: use topic levels of {BUS_NAME_RULE}, separated by '/'")
+    return root
+
+
+def _is_bus_level(level: str) -> bool:
+    try:
+        check_bus_name(level)
+    except ValueError:
+        return False
+    return True
+
+
 def default_controller_id() -> str:
-    """The host name, shortened and cleaned to fit the topic alphabet ``[A-Za-z0-9_.-]{1,64}``."""
-    name = re.sub(r"[^A-Za-z0-9_.-]", "-", platform.node())[:64]
-    return name or "qmpnet"
+    """The host name made fit for a topic level: ``h1.lab.example`` becomes ``h1-lab-example`` (BUS_NAME_RULE)."""
+    return safe_bus_name(platform.node(), "qmpnet")
 
 
 class MqttSettings(BaseModel):
@@ -166,12 +196,15 @@ class MqttSettings(BaseModel):
         default="mqtt://127.0.0.1:1883", description="mqtt://host:port, or mqtts://host:port for TLS."
     )
     controller_id: BusName = Field(
-        default_factory=default_controller_id, description="This controller's id in topics (default: host name)."
+        default_factory=default_controller_id,
+        description="This controller's id in topics (default: the host name, '.' and other characters made '-').",
     )
-    topic_root: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")] = Field(
+    topic_root: Annotated[str, AfterValidator(_check_topic_root)] = Field(
         default="qmpnet", description="First topic level(s)."
     )
-    protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT protocol version of our connection.")
+    protocol: MqttProtocol = Field(
+        default="auto", description="MQTT version: auto (5, falling back to 3.1.1 once if refused), 5 or 3.1.1."
+    )
     username: str | None = Field(default=None, description="Broker user name.")
     password: SecretStr | None = Field(default=None, description="Broker password.")
     ca_file: FilePath | None = Field(default=None, description="CA bundle to verify the broker (mqtts).")
@@ -181,11 +214,31 @@ class MqttSettings(BaseModel):
     connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to connect to the broker.")
     reconnect_min: float = Field(default=0.5, gt=0, description="First delay before reconnecting to the broker.")
     reconnect_max: float = Field(default=10.0, gt=0, description="Longest delay between broker reconnects.")
+    max_refusals: int = Field(
+        default=3, ge=1, description="Refusals in a row (bad credentials, protocol not spoken) before giving up."
+    )
+    session_expiry: int = Field(
+        default=3600,
+        ge=0,
+        le=0xFFFFFFFF,
+        description="Seconds the broker keeps the controller's session and queues its requests while it is away "
+        "(MQTT 5; a 3.1.1 broker decides itself). 0: no persistent session.",
+    )
+    max_inflight: int = Field(default=20, ge=1, description="QoS 1 messages sent and not yet acknowledged, at most.")
+    outbox_limit: int = Field(
+        default=10_000, ge=10, description="Answers and events kept while the broker is away; the oldest go first."
+    )
+    shutdown_timeout: float = Field(
+        default=2.0, gt=0, description="Seconds a stopping controller waits for its last messages to be acknowledged."
+    )
     dedup_window: float = Field(
         default=60.0, ge=0, description="Seconds a request's transaction id is remembered per guest."
     )
     max_payload: int = Field(default=64 * 1024, ge=256, description="Largest request payload, in bytes.")
     request_timeout: float = Field(default=30.0, gt=0, description="Seconds a client waits for an answer.")
+    remove_margin: float = Field(
+        default=5.0, ge=0, description="Seconds a client adds to a nic/del's own timeout when waiting for its answer."
+    )
 
 
 class ControllerSettings(BaseModel):

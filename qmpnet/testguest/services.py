@@ -1,9 +1,13 @@
-"""Real processes for MQTT tests: a mosquitto broker, QEMU ``-S`` guests and ``qmpnet serve``.
+"""Real processes for MQTT tests: brokers (mosquitto, RabbitMQ), QEMU ``-S`` guests and ``qmpnet serve``.
 
 Each helper owns one process, writes its output to a log file in the test's directory and describes itself
 (command line and log tail) when something fails, so a broken test shows what the process said. Every process is
-stopped by the fixture that started it, also when the test fails. The broker listens on a free loopback port with
-``set_tcp_nodelay true`` (without it every round trip costs ~88 ms of Nagle/delayed-ACK).
+stopped by the fixture that started it, also when the test fails.
+
+Brokers: :class:`Mosquitto` on a free loopback port with ``set_tcp_nodelay true`` (without it every round trip
+costs ~88 ms of Nagle/delayed-ACK), and :class:`RabbitMQ` with its MQTT plugin (MQTT 3.1.1 only), started from
+Debian's ``rabbitmq-server`` package the same way: its own node name, ports, data directory and epmd, no system
+service.
 
 The pytest plugin (``qmpnet_broker``, ``qmpnet_controller``) is built on these; test modules that need other
 scopes or shapes use them directly. :mod:`.probe` is the MQTT client that watches them.
@@ -20,8 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Protocol, Self
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -61,6 +66,13 @@ def scratch(prefix: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -132,6 +144,17 @@ class Process:
             self.signal(signal.SIGKILL)
             self.proc.wait(5)
 
+    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        """Wait until the log has a line containing ``text`` (a bounded poll of the file); returns that line."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [line for line in _lines(self.log) if text in line]
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{text!r} not logged within {timeout} s\n{self.describe()}")
+            time.sleep(0.02)
+
     def wait_until(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
         """Poll ``ready`` until true; fail with the process description if it dies or the time runs out."""
         deadline = time.monotonic() + timeout
@@ -153,30 +176,52 @@ def _accepts(address: str | tuple[str, int]) -> bool:
     return True
 
 
+class Broker(Protocol):
+    """What a test needs of a broker."""
+
+    @property
+    def url(self) -> str:
+        """Where clients connect."""
+        ...
+
+    def describe(self) -> str:
+        """Command line and log tail, for failure messages."""
+        ...
+
+
 class Mosquitto(Process):
     """A mosquitto broker on a free loopback port.
 
     Args:
-        workdir: Where the config and log go.
+        workdir: Where the config, the log and (with ``persistence``) the database go.
         conf: Extra configuration lines (TLS files, password_file, acl_file).
         anonymous: Whether clients without credentials may connect.
         tls: Whether the listener speaks TLS (for :attr:`url`).
         template: A whole configuration to use instead, with ``{port}`` where the listener's port goes.
+        persistence: Keep sessions, queued messages and retained messages across a restart (saved on SIGTERM).
     """
 
-    def __init__(
-        self, workdir: Path, *, conf: str = "", anonymous: bool = True, tls: bool = False, template: str | None = None
+    def __init__(  # noqa: PLR0913 - one keyword per broker feature
+        self,
+        workdir: Path,
+        *,
+        conf: str = "",
+        anonymous: bool = True,
+        tls: bool = False,
+        template: str | None = None,
+        persistence: bool = False,
     ) -> None:
         super().__init__("mosquitto", workdir)
         self.port = free_port()
         self.tls = tls
         self.conf_path = workdir / "mosquitto.conf"
         if template is None:
+            stored = f"persistence true\npersistence_location {workdir}/\n" if persistence else "persistence false\n"
             template = (
                 "listener {port} 127.0.0.1\n"
                 f"allow_anonymous {'true' if anonymous else 'false'}\n"
                 "set_tcp_nodelay true\n"
-                "persistence false\n"
+                f"{stored}"
                 f"{conf}\n"
             )
         # Running as root, mosquitto would switch to its own user, which cannot read the test's files.
@@ -194,6 +239,124 @@ class Mosquitto(Process):
         self.spawn([mosquitto, "-c", str(self.conf_path)])
         self.wait_until(lambda: _accepts(("127.0.0.1", self.port)), 10, "mosquitto")
         return self
+
+
+# ------------------------------------------------------------------------------------------------------ RabbitMQ
+
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+RABBITMQ_BOOT = 90.0  # seconds: a cold node boots in ~10 s on two cores; more when the machine is busy
+
+
+def have_rabbitmq() -> bool:
+    """Whether Debian's rabbitmq-server package (and so Erlang's epmd) is installed."""
+    return (RABBITMQ_BIN / "rabbitmq-server").exists() and shutil.which("epmd") is not None
+
+
+class Epmd(Process):
+    """Erlang's port mapper on a free port of its own, so our nodes neither need nor disturb a system one."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__("epmd", workdir)
+        self.port = free_port()
+
+    def start(self) -> Self:
+        """Start and wait until it listens."""
+        self.spawn([shutil.which("epmd") or "epmd", "-port", str(self.port), "-address", "127.0.0.1"])
+        self.wait_until(lambda: _accepts(("127.0.0.1", self.port)), 10, "epmd")
+        return self
+
+
+class RabbitMQ(Process):
+    """A RabbitMQ node with the MQTT plugin from Debian's package: its own node name, ports and data directory.
+
+    Nothing of the system's RabbitMQ is used: not its service, config, data, log directory, cookie or epmd. AMQP
+    listens nowhere; MQTT on a free loopback port; anonymous MQTT clients are let in as the default user.
+
+    Args:
+        workdir: Where this node's home (config, cookie, database, logs) goes.
+        epmd: The port mapper the node registers with.
+        name: Short name, unique per workdir.
+        cookie: The Erlang cookie (nodes of one cluster share it).
+    """
+
+    def __init__(self, workdir: Path, epmd: Epmd, *, name: str = "rabbit", cookie: str = "qmpnet-test-cookie") -> None:
+        super().__init__(f"rabbitmq-{name}", workdir)
+        self.home = workdir / name
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.node = f"qmpnet-{name}-{uuid.uuid4().hex[:6]}@localhost"
+        self.port = free_port()
+        self.epmd = epmd
+        (self.home / ".erlang.cookie").write_text(cookie)
+        (self.home / ".erlang.cookie").chmod(0o600)
+        (self.home / "rabbitmq-env.conf").write_text("")
+        (self.home / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        (self.home / "rabbitmq.conf").write_text(
+            "listeners.tcp = none\n"
+            f"mqtt.listeners.tcp.1 = 127.0.0.1:{self.port}\n"
+            "mqtt.allow_anonymous = true\n"
+            "loopback_users = none\n"
+            "log.console = true\n"
+            "log.console.level = warning\n"
+            "log.file = false\n"
+        )
+        self.env = {
+            **os.environ,
+            "HOME": str(self.home),
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_CONF_ENV_FILE": str(self.home / "rabbitmq-env.conf"),
+            "RABBITMQ_CONFIG_FILE": str(self.home / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.home / "advanced.config"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.home / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(self.home / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.home / "log"),
+            "RABBITMQ_GENERATED_CONFIG_DIR": str(self.home / "config"),
+            "RABBITMQ_PID_FILE": str(self.home / "pid"),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "ERL_EPMD_PORT": str(epmd.port),
+        }
+
+    @property
+    def url(self) -> str:
+        """``mqtt://127.0.0.1:<port>``."""
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> Self:
+        """Boot the node and wait until its MQTT listener accepts connections."""
+        self.boot()
+        self.wait_mqtt()
+        return self
+
+    def boot(self) -> None:
+        """Start booting the node (see :meth:`wait_mqtt`), so that several nodes can boot at once."""
+        self.spawn([str(RABBITMQ_BIN / "rabbitmq-server")], env=self.env)
+
+    def wait_mqtt(self) -> None:
+        """Wait until the MQTT port accepts connections (after a boot or ``start_app``)."""
+        self.wait_until(lambda: _accepts(("127.0.0.1", self.port)), RABBITMQ_BOOT, f"RabbitMQ {self.node}")
+
+    def ctl(self, *args: str, timeout: float = 60) -> str:
+        """Run ``rabbitmqctl -n <node> ARGS`` and return its output."""
+        done = subprocess.run(
+            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, *args],
+            env=self.env, capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {done.stdout}{done.stderr}\n{self.describe()}")
+        return done.stdout
+
+    def join(self, first: RabbitMQ) -> None:
+        """Make this node a member of ``first``'s cluster and wait until its MQTT listener is back."""
+        self.ctl("stop_app")
+        self.ctl("join_cluster", first.node)
+        self.ctl("start_app")
+        self.wait_mqtt()
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Stop the node with ``rabbitmqctl stop`` (SIGTERM, then SIGKILL, if that fails)."""
+        if self.running:
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                self.ctl("stop", timeout=timeout)
+        return super().stop(timeout)
 
 
 class Qemu(Process):
@@ -234,6 +397,8 @@ class Serve(Process):
         guests: Guest name -> QMP socket.
         args: More ``serve`` flags.
         env: More environment (``QMPNET_...`` settings).
+        root: The topic root (``mqtt.topic_root``).
+        protocol: ``mqtt.protocol`` (``auto``, ``5`` or ``3.1.1``).
     """
 
     def __init__(  # noqa: PLR0913 - the controller's coordinates, then keyword-only knobs
@@ -245,15 +410,29 @@ class Serve(Process):
         *,
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        root: str = "qmpnet",
+        protocol: str = "auto",
     ) -> None:
         super().__init__(f"serve-{controller_id}", workdir)
         self.broker = broker
         self.controller_id = controller_id
         self.guests = dict(guests or {})
         self.args = list(args)
+        self.root = root
         # Each controller has a state directory of its own unless the test shares one on purpose (--state-dir).
         own_state = {"QMPNET_STATE_DIR": str(workdir / f"state-{controller_id}")}
-        self.env = {**os.environ, **FAST_ENV, **own_state, **(env or {})}
+        mqtt = {"QMPNET_MQTT__TOPIC_ROOT": root, "QMPNET_MQTT__PROTOCOL": protocol}
+        self.env = {**os.environ, **FAST_ENV, **own_state, **mqtt, **(env or {})}
+
+    @property
+    def base(self) -> str:
+        """``<root>/<controller id>``."""
+        return f"{self.root}/{self.controller_id}"
+
+    def restart(self) -> Self:
+        """Stop cleanly (SIGTERM) and start again with the same arguments (and state directory)."""
+        self.stop()
+        return self.start()
 
     def start(self) -> Self:
         """Start; the caller waits for the retained ``online`` status (see :func:`wait_online`)."""

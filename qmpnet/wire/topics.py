@@ -29,7 +29,7 @@ _WILDCARDS: Final = frozenset("+#")
 
 
 def is_bus_name(value: str) -> bool:
-    """Whether ``value`` can be a controller id or guest name (``[A-Za-z0-9_.-]{1,64}``)."""
+    """Whether ``value`` can be a controller id, guest name or client id (:data:`qmpnet.names.BUS_NAME_RULE`)."""
     return _NAME.fullmatch(value) is not None
 
 
@@ -87,6 +87,10 @@ class Topics:
     def request_filters(self) -> tuple[str, str]:
         """The subscriptions that catch every request to this controller."""
         return f"{self.base}/guest/+/request/#", f"{self.base}/request/#"
+
+    def response_filter(self, guest: str | None) -> str:
+        """The subscription that catches every default-topic answer about ``guest`` (or controller-level ops)."""
+        return f"{self.base}/guest/{guest}/response/#" if guest is not None else f"{self.base}/response/#"
 
     def desired(self, guest: str) -> str:
         """A guest's desired NIC set (retained, published by the orchestrator)."""

@@ -2,7 +2,9 @@
 
 The plugin normally loads through its ``pytest11`` entry point (``pip install -e .`` in scripts/setup). A venv
 whose install of qmpnet predates the entry point (or ``PYTHONPATH`` pointing at another checkout) does not have
-it, so it is registered here when missing.
+it, so it is registered here when missing. Every session has a state directory of its own (tests/statedir.py).
+The session also holds one RabbitMQ node for the MQTT tests that run on
+RabbitMQ (see mqtt_fixtures).
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from typing import TYPE_CHECKING
 
 import needs
 import pytest
+from mqtt_fixtures import RabbitMQ, rabbitmq_fixture
+from statedir import state_dir  # noqa: F401 - a session fixture: pytest finds it here
 
 from qmpnet import pytest_plugin
 
 if TYPE_CHECKING:
-    from collections.abc import Generator
+    from collections.abc import Generator, Iterator
 
     from qmpnet.testguest import GuestImage
 
@@ -29,6 +33,12 @@ def pytest_configure(config: pytest.Config) -> None:
 def guest_image(qmpnet_guest_image: GuestImage) -> GuestImage:
     """The busybox test guest's kernel and initramfs (the plugin's ``qmpnet_guest_image``)."""
     return qmpnet_guest_image
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitMQ]:
+    """One RabbitMQ node (MQTT plugin, from Debian's package, no system service) for every MQTT test module."""
+    yield from rabbitmq_fixture()
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

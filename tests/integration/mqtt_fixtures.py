@@ -1,36 +1,159 @@
-"""The MQTT test processes and probe, now in the package for the pytest plugin: imported from there.
+"""The MQTT tests' broker matrix, over the test processes and probe that live in the package.
 
-Test modules keep importing ``from mqtt_fixtures import ...``; the code lives in :mod:`qmpnet.testguest.services`
-(mosquitto, QEMU ``-S``, ``qmpnet serve``) and :mod:`qmpnet.testguest.probe` (the MQTT probe).
+The processes (brokers, QEMU ``-S``, ``qmpnet serve``) are :mod:`qmpnet.testguest.services` and the MQTT probe is
+:mod:`qmpnet.testguest.probe`, shared with the pytest plugin; test modules import all of it from here
+(``from mqtt_fixtures import ...``, the way the unit suite imports its fakes) and declare their own fixtures with
+the scope that suits them.
+
+:data:`MODES` are the broker matrix the MQTT tests run on: mosquitto with everything in MQTT 5, mosquitto with
+everything in 3.1.1, and RabbitMQ (its MQTT plugin speaks only 3.1.1) with the controller and client on ``auto``,
+which must find 3.1.1. A RabbitMQ node takes ~10 s to boot, so one node serves the whole session (the ``rabbitmq``
+fixture in ``conftest.py``); tests that share it use their own topic root (:func:`fresh_root`).
 """
 
-from qmpnet.testguest.probe import Msg, Probe, retained, topic_matches, wait_online, wait_retained
+from __future__ import annotations
+
+import contextlib
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import needs
+
+from qmpnet.settings import MqttSettings
+from qmpnet.testguest.probe import (
+    Msg,
+    Probe,
+    answer_topic,
+    retained,
+    topic_matches,
+    transaction_in,
+    wait_online,
+    wait_retained,
+)
 from qmpnet.testguest.services import (
     FAST_ENV,
     NODELAY,
+    Broker,
+    Epmd,
     Mosquitto,
     Process,
     Qemu,
+    RabbitMQ,
     Serve,
     free_port,
+    have_rabbitmq,
     scratch,
     short_dir,
 )
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    import pytest
+
 __all__ = [
     "FAST_ENV",
+    "MODES",
+    "MOSQUITTO_5",
+    "MOSQUITTO_311",
     "NODELAY",
+    "RABBITMQ",
+    "Broker",
+    "Epmd",
+    "Mode",
     "Mosquitto",
     "Msg",
     "Probe",
     "Process",
     "Qemu",
+    "RabbitMQ",
     "Serve",
+    "answer_topic",
+    "broker_for",
+    "client_settings",
     "free_port",
+    "fresh_root",
+    "need_rabbitmq",
+    "rabbitmq_fixture",
     "retained",
     "scratch",
     "short_dir",
     "topic_matches",
+    "transaction_in",
     "wait_online",
     "wait_retained",
 ]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One column of the broker matrix: which broker, and which MQTT version the controller and clients use."""
+
+    name: str
+    broker: Literal["mosquitto", "rabbitmq"]
+    protocol: Literal["5", "3.1.1", "auto"]
+
+    @property
+    def v5(self) -> bool:
+        """Whether the connections speak MQTT 5 (RabbitMQ 3.x speaks only 3.1.1: ``auto`` finds that)."""
+        return self.protocol == "5"
+
+    @property
+    def probe(self) -> int:
+        """The :class:`Probe` protocol (5 or 3) for this mode."""
+        return 5 if self.v5 else 3
+
+    def __str__(self) -> str:
+        return self.name
+
+
+MOSQUITTO_5 = Mode("mosquitto-5", "mosquitto", "5")
+MOSQUITTO_311 = Mode("mosquitto-3.1.1", "mosquitto", "3.1.1")
+RABBITMQ = Mode("rabbitmq", "rabbitmq", "auto")
+MODES = (MOSQUITTO_5, MOSQUITTO_311, RABBITMQ)
+
+
+def fresh_root() -> str:
+    """A topic root of its own, so tests sharing a broker (the session's RabbitMQ) never see each other's state."""
+    return f"q{uuid.uuid4().hex[:10]}"
+
+
+def need_rabbitmq() -> None:
+    """Skip without RabbitMQ, except in CI, where ./scripts/setup installs it: there it fails (tests/needs.py)."""
+    needs.require(have_rabbitmq(), "rabbitmq-server is not installed (./scripts/setup installs it)")
+
+
+def rabbitmq_fixture() -> Iterator[RabbitMQ]:
+    """One RabbitMQ node for the whole session (see ``rabbitmq`` in conftest.py)."""
+    need_rabbitmq()
+    with scratch("qmpnet-rabbitmq-") as work:
+        epmd = Epmd(work)
+        node = RabbitMQ(work, epmd)
+        try:
+            epmd.start()
+            node.start()
+            yield node
+        finally:
+            node.stop()
+            epmd.stop()
+
+
+@contextlib.contextmanager
+def broker_for(mode: Mode, work: Path, request: pytest.FixtureRequest, **mosquitto: Any) -> Iterator[Broker]:
+    """The broker of ``mode``: a fresh mosquitto in ``work`` (stopped afterwards), or the session's RabbitMQ."""
+    if mode.broker == "rabbitmq":
+        node: RabbitMQ = request.getfixturevalue("rabbitmq")
+        yield node
+        return
+    broker = Mosquitto(work, **mosquitto)
+    try:
+        yield broker.start()
+    finally:
+        broker.stop()
+
+
+def client_settings(url: str, mode: Mode, root: str, **more: Any) -> MqttSettings:
+    """``MqttSettings`` for a :class:`qmpnet.client.Client` of ``mode`` under topic root ``root``."""
+    return MqttSettings.model_validate({"broker": url, "protocol": mode.protocol, "topic_root": root, **more})

@@ -1,17 +1,48 @@
-"""Faults around ``qmpnet serve``: the controller killed or stopped, QEMU killed and restarted, the broker restarted,
-guest sockets appearing and disappearing. Each test runs its own controller (and QEMU); the broker is shared
-except by the test that restarts it.
+"""Faults around ``qmpnet serve``: the controller killed, stopped or restarted, QEMU killed and restarted, the broker
+restarted (also under a stream of requests), retained requests, names a broker would rewrite, guest sockets
+appearing and disappearing. Each test runs its own controller (and QEMU) under a topic root of its own; tests that
+restart the broker start their own mosquitto, the others use the mode's broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import signal
+import socket
+import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+import needs
 import pytest
-from mqtt_fixtures import Mosquitto, Probe, Qemu, Serve, retained, scratch, wait_online, wait_retained
+from aux_qmp import aux_args, aux_monitor
+from mqtt_fixtures import (
+    MODES,
+    MOSQUITTO_5,
+    MOSQUITTO_311,
+    RABBITMQ,
+    Mode,
+    Mosquitto,
+    Probe,
+    Process,
+    Qemu,
+    RabbitMQ,
+    Serve,
+    answer_topic,
+    broker_for,
+    client_settings,
+    fresh_root,
+    retained,
+    scratch,
+    transaction_in,
+    wait_online,
+    wait_retained,
+)
+
+import qmpnet
+from qmpnet.client import Client
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -19,15 +50,8 @@ if TYPE_CHECKING:
 
 pytestmark = [pytest.mark.integration]
 
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[Mosquitto]:
-    with scratch("qmpnet-mqtt-faults-") as work:
-        mosquitto = Mosquitto(work)
-        try:
-            yield mosquitto.start()
-        finally:
-            mosquitto.stop()
+MOSQUITTO_MODES = (MOSQUITTO_5, MOSQUITTO_311)
+V311_MODES = (MOSQUITTO_311, RABBITMQ)
 
 
 @pytest.fixture
@@ -37,8 +61,8 @@ def work() -> Iterator[Path]:
 
 
 @pytest.fixture
-def cleanup() -> Iterator[list[Serve | Qemu | Mosquitto]]:
-    started: list[Serve | Qemu | Mosquitto] = []
+def cleanup() -> Iterator[list[Process]]:
+    started: list[Process] = []
     yield started
     for process in reversed(started):
         process.kill()
@@ -49,127 +73,391 @@ def ok(answer: dict[str, Any]) -> Any:
     return answer["data"]
 
 
+def serve_on(mode: Mode, url: str, work: Path, name: str, guests: dict[str, Path] | None = None, **more: Any) -> Serve:
+    return Serve(work, url, name, guests, root=more.pop("root", fresh_root()), protocol=mode.protocol, **more)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=str)
 async def test_sigkilled_controller_leaves_its_will_offline(
-    broker: Mosquitto, work: Path, cleanup: list[Serve | Qemu | Mosquitto]
+    mode: Mode, work: Path, cleanup: list[Process], request: pytest.FixtureRequest
 ) -> None:
-    serve = Serve(work, broker.url, "k1")
-    cleanup.append(serve.start())
-    await wait_online(serve, broker.url)
-    serve.kill()
-    status = await wait_retained(broker.url, "qmpnet/k1/status", lambda s: s["state"] == "offline", timeout=5)
-    assert status == {"state": "offline"}
+    with broker_for(mode, work, request) as broker:
+        serve = serve_on(mode, broker.url, work, "k1")
+        cleanup.append(serve.start())
+        await wait_online(serve, broker.url, protocol=mode.probe)
+        serve.kill()
+        status = await wait_retained(
+            broker.url, f"{serve.base}/status", lambda s: s["state"] == "offline", timeout=5, protocol=mode.probe
+        )
+        assert status == {"state": "offline"}
 
 
+@pytest.mark.parametrize("mode", MODES, ids=str)
 async def test_sigterm_publishes_offline_and_exits_cleanly(
-    broker: Mosquitto, work: Path, cleanup: list[Serve | Qemu | Mosquitto]
+    mode: Mode, work: Path, cleanup: list[Process], request: pytest.FixtureRequest
 ) -> None:
     vm = Qemu(work / "vm.qmp")
     cleanup.append(vm.start())
-    serve = Serve(work, broker.url, "t1", {"vm": vm.qmp})
-    cleanup.append(serve.start())
-    await wait_online(serve, broker.url, guests_connected=["vm"])
-    async with Probe(broker.url) as probe:
-        await probe.subscribe("qmpnet/t1/status")
-        await probe.one("qmpnet/t1/status")
-        since = probe.mark()
-        started = time.monotonic()
-        serve.signal(signal.SIGTERM)
-        offline = await probe.one("qmpnet/t1/status", lambda m: m.json["state"] == "offline", since=since)
-        assert offline.json == {"state": "offline"}
-        assert serve.wait(5) == 0, serve.describe()
-        assert time.monotonic() - started < 3
-        await asyncio.sleep(0.2)
-        assert len(probe.received("qmpnet/t1/status", since)) == 1  # no will on top of the clean goodbye
+    with broker_for(mode, work, request) as broker:
+        serve = serve_on(mode, broker.url, work, "t1", {"vm": vm.qmp})
+        cleanup.append(serve.start())
+        await wait_online(serve, broker.url, guests_connected=["vm"], protocol=mode.probe)
+        async with Probe(broker.url, protocol=mode.probe) as probe:
+            marker = f"{serve.root}/marker"
+            await probe.subscribe(f"{serve.base}/status", marker)
+            await probe.one(f"{serve.base}/status")
+            since = probe.mark()
+            started = time.monotonic()
+            serve.signal(signal.SIGTERM)
+            offline = await probe.one(f"{serve.base}/status", lambda m: m.json["state"] == "offline", since=since)
+            assert offline.json == {"state": "offline"}
+            assert serve.wait(5) == 0, serve.describe()
+            assert time.monotonic() - started < 3
+            # The broker would send the will when it sees the connection go; a message published after the
+            # controller exited comes after that.
+            await probe.publish(marker, b"after")
+            await probe.one(marker, since=since)
+            assert len(probe.received(f"{serve.base}/status", since)) == 1  # no will on top of the clean goodbye
     assert vm.running
 
 
 async def test_qemu_killed_then_restarted_on_the_same_socket(
-    broker: Mosquitto, work: Path, cleanup: list[Serve | Qemu | Mosquitto]
+    work: Path, cleanup: list[Process], request: pytest.FixtureRequest
 ) -> None:
+    mode = MOSQUITTO_5
     vm = Qemu(work / "vm.qmp")
     cleanup.append(vm.start())
-    serve = Serve(work, broker.url, "q1", {"vm": vm.qmp})
-    cleanup.append(serve.start())
-    await wait_online(serve, broker.url, guests_connected=["vm"])
-    async with Probe(broker.url) as probe:
-        await probe.subscribe(probe.response_topic, "qmpnet/q1/guest/vm/status", "qmpnet/q1/guest/vm/event/#")
-        before = ok(await probe.call("qmpnet/q1/guest/vm/request/nic/add", {"nic": {"id": "before"}}))
-        since = probe.mark()
-        vm.kill()
-        await probe.one("qmpnet/q1/guest/vm/status", lambda m: m.json["state"] == "disconnected", since=since)
-        assert (await retained(broker.url, "qmpnet/q1/guest/vm/status"))["state"] == "disconnected"
-        await probe.one("qmpnet/q1/guest/vm/event/guest_disconnected", since=since)
+    with broker_for(mode, work, request) as broker:
+        serve = serve_on(mode, broker.url, work, "q1", {"vm": vm.qmp})
+        cleanup.append(serve.start())
+        base = serve.base
+        await wait_online(serve, broker.url, guests_connected=["vm"])
+        async with Probe(broker.url) as probe:
+            await probe.subscribe(f"{base}/guest/vm/status", f"{base}/guest/vm/event/#")
+            before = ok(await probe.call(f"{base}/guest/vm/request/nic/add", {"nic": {"id": "before"}}))
+            since = probe.mark()
+            vm.kill()
+            await probe.one(f"{base}/guest/vm/status", lambda m: m.json["state"] == "disconnected", since=since)
+            status = await retained(broker.url, f"{base}/guest/vm/status", marker=f"{base}/status")
+            assert status["state"] == "disconnected"
+            await probe.one(f"{base}/guest/vm/event/guest_disconnected", since=since)
 
-        started = time.monotonic()
-        answer = await probe.call("qmpnet/q1/guest/vm/request/nic/list", {"transaction": "while-down"})
-        assert time.monotonic() - started < 0.5
-        assert answer["status"] == "error"
-        assert answer["error"]["code"] == "guest_unavailable"
+            started = time.monotonic()
+            answer = await probe.call(f"{base}/guest/vm/request/nic/list", {"transaction": "while-down"})
+            assert time.monotonic() - started < 0.5
+            assert answer["status"] == "error"
+            assert answer["error"]["code"] == "guest_unavailable"
 
-        since = probe.mark()
-        vm.start()
-        await probe.one("qmpnet/q1/guest/vm/status", lambda m: m.json["state"] == "connected", since=since, timeout=5)
-        await probe.one("qmpnet/q1/guest/vm/event/guest_connected", since=since)
-        # A new QEMU: the old NIC went with the old process, and the controller adds it back (the stored desired
-        # set has it, since nic/add put it there), with the same MAC and PCI address.
-        await probe.one("qmpnet/q1/guest/vm/event/reconciled", since=since, timeout=10)
-        nics = ok(await probe.call("qmpnet/q1/guest/vm/request/nic/list", {}))["nics"]
-        assert [(n["id"], n["mac"], n["pci"]) for n in nics] == [("before", before["mac"], before["pci"])]
-        state = await wait_retained(broker.url, "qmpnet/q1/guest/vm/nics", lambda s: len(s["nics"]) == 1)
-        assert state["nics"][0]["mac"] == before["mac"]
-        ok(await probe.call("qmpnet/q1/guest/vm/request/nic/add", {"nic": {"id": "after"}}))
+            since = probe.mark()
+            vm.start()
+            await probe.one(f"{base}/guest/vm/status", lambda m: m.json["state"] == "connected", since=since)
+            await probe.one(f"{base}/guest/vm/event/guest_connected", since=since)
+            # A new QEMU: the old NIC went with the old process, and the controller adds it back (the stored desired
+            # set has it, since nic/add put it there), with the same MAC and PCI address.
+            await probe.one(f"{base}/guest/vm/event/reconciled", since=since, timeout=10)
+            nics = ok(await probe.call(f"{base}/guest/vm/request/nic/list", {}))["nics"]
+            assert [(n["id"], n["mac"], n["pci"]) for n in nics] == [("before", before["mac"], before["pci"])]
+            state = await wait_retained(broker.url, f"{base}/guest/vm/nics", lambda s: len(s["nics"]) == 1)
+            assert state["nics"][0]["mac"] == before["mac"]
+            ok(await probe.call(f"{base}/guest/vm/request/nic/add", {"nic": {"id": "after"}}))
 
 
+@pytest.mark.parametrize("mode", MOSQUITTO_MODES, ids=str)
 async def test_broker_restart_controller_comes_back_and_republishes(
-    work: Path, cleanup: list[Serve | Qemu | Mosquitto]
+    mode: Mode, work: Path, cleanup: list[Process]
 ) -> None:
     own = Mosquitto(work)  # persistence off: a restart forgets every retained message
     cleanup.append(own.start())
     vm = Qemu(work / "vm.qmp")
     cleanup.append(vm.start())
-    serve = Serve(work, own.url, "b1", {"vm": vm.qmp})
+    serve = serve_on(mode, own.url, work, "b1", {"vm": vm.qmp})
     cleanup.append(serve.start())
-    await wait_online(serve, own.url, guests_connected=["vm"])
-    async with Probe(own.url) as probe:
-        await probe.subscribe(probe.response_topic)
-        ok(await probe.call("qmpnet/b1/guest/vm/request/nic/add", {"nic": {"id": "kept"}}))
+    base = serve.base
+    await wait_online(serve, own.url, guests_connected=["vm"], protocol=mode.probe)
+    async with Probe(own.url, protocol=mode.probe) as probe:
+        ok(await probe.call(f"{base}/guest/vm/request/nic/add", {"nic": {"id": "kept"}}))
+    await wait_retained(own.url, f"{base}/guest/vm/nics", lambda s: len(s["nics"]) == 1, protocol=mode.probe)
     own.stop()
     own.start()
-    status = await wait_retained(own.url, "qmpnet/b1/status", lambda s: s["state"] == "online", timeout=10)
+    status = await wait_retained(own.url, f"{base}/status", lambda s: s["state"] == "online", protocol=mode.probe)
     assert status["guests"] == ["vm"]
-    guest = await wait_retained(own.url, "qmpnet/b1/guest/vm/status", lambda _: True, timeout=5)
+    guest = await wait_retained(own.url, f"{base}/guest/vm/status", lambda _: True, timeout=5, protocol=mode.probe)
     assert guest["state"] == "connected"
-    nics = await wait_retained(own.url, "qmpnet/b1/guest/vm/nics", lambda _: True, timeout=5)
+    nics = await wait_retained(own.url, f"{base}/guest/vm/nics", lambda _: True, timeout=5, protocol=mode.probe)
     assert [n["id"] for n in nics["nics"]] == ["kept"]
-    async with Probe(own.url) as probe:
-        await probe.subscribe(probe.response_topic)
-        listed = ok(await probe.call("qmpnet/b1/guest/vm/request/nic/list", {"transaction": "after-restart"}))
+    async with Probe(own.url, protocol=mode.probe) as probe:
+        listed = ok(await probe.call(f"{base}/guest/vm/request/nic/list", {"transaction": "after-restart"}))
         assert [n["id"] for n in listed["nics"]] == ["kept"]
     assert serve.running, serve.describe()
 
 
-async def test_guest_directory_sockets_come_and_go(
-    broker: Mosquitto, work: Path, cleanup: list[Serve | Qemu | Mosquitto]
+@pytest.mark.parametrize("mode", MODES, ids=str)
+async def test_requests_published_while_the_controller_is_stopped_are_answered_when_it_starts(
+    mode: Mode, work: Path, cleanup: list[Process], request: pytest.FixtureRequest
 ) -> None:
+    vm = Qemu(work / "vm.qmp")
+    cleanup.append(vm.start())
+    with broker_for(mode, work, request) as broker:
+        serve = serve_on(mode, broker.url, work, "p1", {"vm": vm.qmp})
+        cleanup.append(serve.start())
+        base = serve.base
+        await wait_online(serve, broker.url, guests_connected=["vm"], protocol=mode.probe)  # its session exists
+        serve.stop()
+        topic = f"{base}/guest/vm/request/nic/add"
+        async with Probe(broker.url, protocol=mode.probe) as probe:
+            await probe.subscribe(answer_topic(topic))
+            for n in range(3):  # QoS 1, published while nobody serves h1: the broker queues them in its session
+                await probe.publish(topic, {"transaction": f"queued-{n}", "nic": {"id": f"queued{n}"}})
+            serve.start()
+            answers = await probe.wait(answer_topic(topic), count=3, timeout=15)
+        assert [m.json["transaction"] for m in answers] == ["queued-0", "queued-1", "queued-2"]
+        assert [ok(m.json)["id"] for m in answers] == ["queued0", "queued1", "queued2"]
+        async with Probe(broker.url, protocol=mode.probe) as probe:
+            listed = ok(await probe.call(f"{base}/guest/vm/request/nic/list", {}))
+        assert sorted(n["id"] for n in listed["nics"]) == ["queued0", "queued1", "queued2"]
+
+
+@pytest.mark.parametrize("mode", MOSQUITTO_MODES, ids=str)
+async def test_an_answer_produced_while_the_broker_is_away_is_sent_after_the_reconnect(
+    mode: Mode, work: Path, cleanup: list[Process]
+) -> None:
+    own = Mosquitto(work, persistence=True)  # sessions (the probe's, the controller's) survive the restart
+    cleanup.append(own.start())
+    vm = Qemu(work / "vm.qmp")
+    cleanup.append(vm.start())
+    serve = serve_on(mode, own.url, work, "a1", {"vm": vm.qmp}, env={"QMPNET_LOG__LEVEL": "DEBUG"})
+    cleanup.append(serve.start())
+    base = serve.base
+    await wait_online(serve, own.url, guests_connected=["vm"], protocol=mode.probe)
+    topic = f"{base}/guest/vm/request/nic/del"
+    probe_id = f"probe-away-{mode.probe}"
+    async with Probe(own.url, protocol=mode.probe, identifier=probe_id, session=300) as probe:
+        ok(await probe.call(f"{base}/guest/vm/request/nic/add", {"nic": {"id": "slow"}}))
+        await probe.subscribe(answer_topic(topic))
+        # The unplug is never acknowledged (no guest OS): the answer comes after 2 s, while the broker is down.
+        await probe.publish(topic, {"transaction": "away", "id": "slow", "timeout": 2})
+        # A controller-level request does not wait for the guest's lane; its answer shows "away" has arrived.
+        ok(await probe.call(f"{base}/request/guests", {"transaction": "in-order"}))
+    own.stop()
+    await asyncio.to_thread(serve.wait_log, "transaction=away -> ok")  # answered with no broker to send it to
+    own.start()
+    async with Probe(own.url, protocol=mode.probe, identifier=probe_id, session=300) as probe:
+        answer = await probe.one(answer_topic(topic), lambda m: transaction_in(m) == "away", timeout=15)
+    assert ok(answer.json) == {"id": "slow", "state": "removal_pending"}
+
+
+@pytest.mark.parametrize("mode", MOSQUITTO_MODES, ids=str)
+async def test_a_broker_restart_under_a_stream_of_requests_loses_none_and_applies_none_twice(
+    mode: Mode, work: Path, cleanup: list[Process]
+) -> None:
+    own = Mosquitto(work, persistence=True)
+    cleanup.append(own.start())
+    (work / "vm").mkdir()
+    vm = Qemu(work / "vm" / "vm.qmp", extra=aux_args(work / "vm"))
+    cleanup.append(vm.start())
+    root = fresh_root()
+    serve = serve_on(mode, own.url, work, "s1", {"vm": vm.qmp}, root=root)
+    cleanup.append(serve.start())
+    await wait_online(serve, own.url, guests_connected=["vm"], protocol=mode.probe)
+    count = 20  # a -S pc guest has ~30 free slots
+    answered = asyncio.Event()
+    done = 0
+
+    async with Client(settings=client_settings(own.url, mode, root), timeout=30) as client:
+
+        async def add(n: int) -> qmpnet.Nic:
+            nonlocal done
+            try:  # no id, no MAC: applying a request twice would make a second NIC
+                return await client.add_nic("s1", "vm", {"model": "e1000"}, transaction=f"stream-{n}")
+            finally:
+                done += 1
+                answered.set()
+
+        calls = [asyncio.create_task(add(n)) for n in range(count)]
+        while done < 5:
+            answered.clear()
+            await answered.wait()
+        await asyncio.to_thread(own.stop)  # SIGTERM: mosquitto saves its sessions and queued messages
+        await asyncio.to_thread(own.start)
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    failed = [r for r in results if not isinstance(r, qmpnet.Nic)]
+    assert all(isinstance(r, qmpnet.OutcomeUnknown | qmpnet.GuestUnavailable) for r in failed), failed
+    added = {r.id for r in results if isinstance(r, qmpnet.Nic)}
+    assert len(added) == count - len(failed)
+    async with aux_monitor(work / "vm") as aux:  # QEMU's own view, not qmpnet's
+        peripherals = cast("list[dict[str, str]]", await aux.execute("qom-list", {"path": "/machine/peripheral"}))
+    in_qemu = {p["name"] for p in peripherals if p["type"].startswith("child<")}
+    assert added <= in_qemu
+    assert len(in_qemu) <= count  # none applied twice: QEMU itself has no extra NIC
+    assert not failed, f"{len(failed)} of {count} requests reported failed: {failed}"
+    assert in_qemu == added
+
+
+@pytest.mark.parametrize("mode", V311_MODES, ids=str)
+async def test_a_retained_request_in_311_runs_at_most_once_and_never_after_a_restart(
+    mode: Mode, work: Path, cleanup: list[Process], request: pytest.FixtureRequest
+) -> None:
+    vm = Qemu(work / "vm.qmp")
+    cleanup.append(vm.start())
+    with broker_for(mode, work, request) as broker:
+        serve = serve_on(mode, broker.url, work, "r1", {"vm": vm.qmp})
+        cleanup.append(serve.start())
+        base = serve.base
+        await wait_online(serve, broker.url, guests_connected=["vm"], protocol=3)
+        topic = f"{base}/guest/vm/request/nic/add"
+        async with Probe(broker.url, protocol=3) as probe:
+            await probe.subscribe(answer_topic(topic))
+            await probe.publish(topic, {"transaction": "kept311", "nic": {"id": "kept311"}}, retain=True)
+            first = await probe.one(answer_topic(topic), lambda m: transaction_in(m) == "kept311")
+            assert ok(first.json)["id"] == "kept311"  # 3.1.1 shows no retain flag on a live publish: executed
+            assert await retained(broker.url, topic, marker=f"{base}/status", protocol=3) is None  # deleted
+            since = probe.mark()
+            serve.restart()
+            await wait_online(serve, broker.url, guests_connected=["vm"], protocol=3)
+            listed = ok(await probe.call(f"{base}/guest/vm/request/nic/list", {"transaction": "after-restart"}))
+            assert [transaction_in(m) for m in probe.received(answer_topic(topic), since)] == []
+            assert [n["id"] for n in listed["nics"]] == ["kept311"]
+
+
+@pytest.mark.parametrize("mode", V311_MODES, ids=str)
+async def test_a_stored_retained_request_in_311_is_never_executed_nor_answered(
+    mode: Mode, work: Path, cleanup: list[Process], request: pytest.FixtureRequest
+) -> None:
+    vm = Qemu(work / "vm.qmp")
+    cleanup.append(vm.start())
+    with broker_for(mode, work, request) as broker:
+        serve = serve_on(mode, broker.url, work, "r2", {"vm": vm.qmp})  # never started yet: it has no session
+        base = serve.base
+        topic = f"{base}/guest/vm/request/nic/add"
+        async with Probe(broker.url, protocol=3) as probe:
+            await probe.subscribe(answer_topic(topic))
+            await probe.publish(topic, {"transaction": "stored", "nic": {"id": "stored"}}, retain=True)
+            cleanup.append(serve.start())
+            await wait_online(serve, broker.url, guests_connected=["vm"], protocol=3)
+            listed = ok(await probe.call(f"{base}/guest/vm/request/nic/list", {"transaction": "later"}))
+            assert [transaction_in(m) for m in probe.received(answer_topic(topic))] == []
+            assert listed["nics"] == []
+        if mode.broker == "mosquitto":  # RabbitMQ never hands retained messages to the controller's wildcards
+            await asyncio.to_thread(serve.wait_log, "ignoring a retained request")
+            assert await retained(broker.url, topic, marker=f"{base}/status", protocol=3) is None
+
+
+@pytest.mark.parametrize("mode", [RABBITMQ], ids=str)
+async def test_a_forced_mqtt5_controller_on_a_311_broker_exits_saying_why(
+    mode: Mode, work: Path, request: pytest.FixtureRequest
+) -> None:
+    with broker_for(mode, work, request) as broker:
+        env = {"QMPNET_MQTT__CONNECT_TIMEOUT": "1", "QMPNET_MQTT__MAX_REFUSALS": "2"}
+        serve = Serve(work, broker.url, "f5", root=fresh_root(), protocol="5", env=env).start()
+        try:
+            assert await asyncio.to_thread(serve.wait, 30) == 1, serve.describe()
+        finally:
+            serve.kill()
+    lines = serve.log.read_text().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, lines
+    assert "does not speak MQTT 5" in errors[0]
+    assert errors[0].startswith(f"error: guest_unavailable: cannot connect to the broker at {broker.url}")
+
+
+@pytest.mark.parametrize("mode", [RABBITMQ], ids=str)
+async def test_a_dotted_host_name_becomes_a_topic_safe_default_id(
+    mode: Mode, work: Path, cleanup: list[Process], request: pytest.FixtureRequest
+) -> None:
+    needs.require(os.geteuid() == 0 and shutil.which("unshare") is not None,
+                  "needs root and unshare(1) to give the controller a host name of its own")  # fmt: skip
+    vm = Qemu(work / "vm.qmp")
+    cleanup.append(vm.start())
+    with broker_for(mode, work, request) as broker:
+        assert isinstance(broker, RabbitMQ)  # which maps '.' in a topic level to '/'
+        root = fresh_root()
+        serve = Serve(work, broker.url, "h1-lab-example", root=root)  # the id the controller must pick itself
+        script = f'hostname h1.lab.example && exec "$0" -m qmpnet serve --broker {broker.url} --guest vm={vm.qmp}'
+        serve.spawn(["unshare", "--uts", "sh", "-c", script, sys.executable], env=serve.env)
+        cleanup.append(serve)
+        await wait_online(serve, broker.url, guests_connected=["vm"], protocol=3)
+        async with Probe(broker.url, protocol=3) as probe:
+            listed = ok(await probe.call(f"{root}/h1-lab-example/guest/vm/request/nic/list", {}))
+        assert listed == {"nics": []}
+
+
+@pytest.mark.parametrize("mode", MODES, ids=str)
+async def test_a_retained_desired_set_reaches_a_starting_controller_on_every_broker(
+    mode: Mode, work: Path, cleanup: list[Process], request: pytest.FixtureRequest
+) -> None:
+    vm = Qemu(work / "vm.qmp")
+    cleanup.append(vm.start())
+    with broker_for(mode, work, request) as broker:
+        serve = serve_on(mode, broker.url, work, "w1", {"vm": vm.qmp})
+        desired = f"{serve.base}/guest/vm/desired"
+        async with Probe(broker.url, protocol=mode.probe) as probe:
+            document = {"generation": 1, "nics": [{"id": "wanted", "model": "e1000"}]}
+            await probe.publish(desired, document, retain=True)  # before the controller ever ran
+            cleanup.append(serve.start())
+            # RabbitMQ hands retained messages only to exact subscriptions: the controller makes one per guest.
+            await wait_online(serve, broker.url, guests_connected=["vm"], protocol=mode.probe)
+            nics = await wait_retained(
+                broker.url, f"{serve.base}/guest/vm/nics", lambda s: "wanted" in {n["id"] for n in s["nics"]},
+                protocol=mode.probe,
+            )  # fmt: skip
+            assert [n["id"] for n in nics["nics"]] == ["wanted"]
+            await probe.publish(desired, b"", retain=True)
+
+
+@pytest.mark.parametrize("mode", MOSQUITTO_MODES, ids=str)
+async def test_the_client_reconnects_after_a_broker_restart(mode: Mode, work: Path, cleanup: list[Process]) -> None:
+    own = Mosquitto(work)
+    cleanup.append(own.start())
+    vm = Qemu(work / "vm.qmp")
+    cleanup.append(vm.start())
+    root = fresh_root()
+    serve = serve_on(mode, own.url, work, "c1", {"vm": vm.qmp}, root=root)
+    cleanup.append(serve.start())
+    await wait_online(serve, own.url, guests_connected=["vm"], protocol=mode.probe)
+    async with Client(settings=client_settings(own.url, mode, root), timeout=15) as client:
+        assert (await client.add_nic("c1", "vm", {"id": "one"})).id == "one"
+        await asyncio.to_thread(own.stop)
+        await asyncio.to_thread(own.start)
+        assert (await client.add_nic("c1", "vm", {"id": "two"})).id == "two"  # reconnected, subscribed again
+        assert sorted(n.id for n in await client.list_nics("c1", "vm")) == ["one", "two"]
+
+
+def _bound(path: Path) -> socket.socket:
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    return server
+
+
+async def test_guest_directory_sockets_come_and_go(
+    work: Path, cleanup: list[Process], request: pytest.FixtureRequest
+) -> None:
+    mode = MOSQUITTO_5
     guests = work / "guests"
     guests.mkdir()
     first = Qemu(guests / "alpha.qmp")
     cleanup.append(first.start())
     (guests / "notes.qmp").write_text("not a socket")
-    serve = Serve(work, broker.url, "d1", args=["--guest-dir", str(guests), "--guest", "static=/nonexistent.qmp"])
-    cleanup.append(serve.start())
-    await wait_online(serve, broker.url, guests_connected=["alpha"])
-    status = await retained(broker.url, "qmpnet/d1/status")
-    assert status["guests"] == ["alpha", "static"]
+    dotted = _bound(guests / "vm.lab.qmp")  # a name a broker would rewrite: skipped, logged once
+    with broker_for(mode, work, request) as broker, dotted:
+        url = broker.url
+        serve = serve_on(mode, url, work, "d1", args=["--guest-dir", str(guests), "--guest", "static=/nonexistent.qmp"])
+        cleanup.append(serve.start())
+        base = serve.base
+        await wait_online(serve, url, guests_connected=["alpha"])
+        status = await retained(url, f"{base}/status", marker=f"{base}/status")
+        assert status["guests"] == ["alpha", "static"]
 
-    second = Qemu(guests / "beta.qmp")
-    cleanup.append(second.start())
-    status = await wait_retained(broker.url, "qmpnet/d1/status", lambda s: "beta" in s["guests"], timeout=5)
-    assert status["guests"] == ["alpha", "beta", "static"]
-    await wait_retained(broker.url, "qmpnet/d1/guest/beta/status", lambda s: s["state"] == "connected", timeout=5)
+        second = Qemu(guests / "beta.qmp")
+        cleanup.append(second.start())
+        status = await wait_retained(url, f"{base}/status", lambda s: "beta" in s["guests"], timeout=5)
+        assert status["guests"] == ["alpha", "beta", "static"]
+        await wait_retained(url, f"{base}/guest/beta/status", lambda s: s["state"] == "connected", timeout=5)
 
-    first.stop()  # a clean QEMU exit removes its socket: the guest is dropped, its retained state deleted
-    status = await wait_retained(broker.url, "qmpnet/d1/status", lambda s: "alpha" not in s["guests"], timeout=5)
-    assert status["guests"] == ["beta", "static"]
-    assert await retained(broker.url, "qmpnet/d1/guest/alpha/status", timeout=0.5) is None
-    assert await retained(broker.url, "qmpnet/d1/guest/alpha/nics", timeout=0.5) is None
+        first.stop()  # a clean QEMU exit removes its socket: the guest is dropped, its retained state deleted
+        status = await wait_retained(url, f"{base}/status", lambda s: "alpha" not in s["guests"], timeout=5)
+        assert status["guests"] == ["beta", "static"]
+        assert await retained(url, f"{base}/guest/alpha/status", marker=f"{base}/status") is None
+        assert await retained(url, f"{base}/guest/alpha/nics", marker=f"{base}/status") is None
+        skipped = [line for line in serve.log.read_text().splitlines() if "vm.lab.qmp" in line]
+        assert len(skipped) == 1, skipped  # many scans later, still one line
+        assert "not a valid guest name" in skipped[0]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import pytest_asyncio
-from mqtt_fixtures import Mosquitto, Probe, Serve, retained, scratch, wait_online
+from mqtt_fixtures import Mosquitto, Probe, Serve, scratch, wait_online, wait_retained
 
 from qmpnet.testguest import TestMachine
 
@@ -100,7 +100,7 @@ async def test_each_model_over_mqtt_is_seen_by_the_guest(booted: Booted, probe: 
     event = await probe.one(f"{BASE}/event/nic_removed", since=since)
     assert event.json["id"] == nic_id
     await vm.wait_nic_gone(mac)
-    state = await retained(booted.broker.url, f"{BASE}/nics")
+    state = await wait_retained(booted.broker.url, f"{BASE}/nics", lambda s: nic_id not in {n["id"] for n in s["nics"]})
     assert nic_id not in {n["id"] for n in state["nics"]}
     print(f"\nmqtt {model}: answered {answered * 1000:.1f} ms, seen by the guest {visible:.2f} s")  # noqa: T201
 

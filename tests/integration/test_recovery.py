@@ -336,3 +336,10 @@ async def test_apply_dry_run_changes_nothing_twice_is_a_no_op_and_prune_removes_
         rc, out, _ = await cli("nic", "list", "--qmp", qmp, "--json")
         states = {n["id"]: (n["state"], n["managed"]) for n in json.loads(out)["nics"]}
         assert states == {"cold": ("active", False), "w1": ("active", True), "w2": ("removal_pending", True)}
+
+
+def test_the_integration_session_has_a_state_dir_of_its_own(state_dir: Path) -> None:
+    import os  # noqa: PLC0415
+
+    assert os.environ["QMPNET_STATE_DIR"] == str(state_dir)
+    assert not str(state_dir).startswith("/var/lib/qmpnet")

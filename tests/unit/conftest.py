@@ -11,6 +11,7 @@ import needs
 import pytest
 from fakeqmp import FakeQmp
 from hypothesis import settings
+from statedir import state_dir  # noqa: F401 - a session fixture: pytest finds it here
 
 from qmpnet.settings import QmpSettings, Settings
 

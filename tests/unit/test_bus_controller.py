@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -88,9 +89,12 @@ class Fleet:
         self.connections: dict[str, list[FakeConnection]] = {}
         self.refuse: set[str] = set()
         self.attempts: dict[str, int] = {}
+        self.gate: asyncio.Event | None = None  # when set, connects wait for it
 
     async def connect(self, name: str, address: str) -> FakeConnection:
         self.attempts[name] = self.attempts.get(name, 0) + 1
+        if self.gate is not None:
+            await self.gate.wait()
         if name in self.refuse:
             raise GuestUnavailable(f"cannot connect to QMP monitor {address}: refused")
         connection = FakeConnection()
@@ -142,6 +146,13 @@ def error_code(response: Response) -> str:
     return response.error.code
 
 
+async def until(check: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Poll ``check`` until it holds (a bounded poll: these states change in other tasks, with no event to await)."""
+    async with asyncio.timeout(timeout):
+        while not check():  # noqa: ASYNC110 - the fakes have no hook to signal these changes
+            await asyncio.sleep(0.001)
+
+
 async def connected(sink: Sink, guest: str = "vm1") -> None:
     await sink.until(lambda: "connected" in sink.states(guest))
 
@@ -166,15 +177,19 @@ async def test_a_connected_guest_serves_requests_and_publishes_state(sink: Sink,
         ]
 
 
-async def test_a_duplicate_transaction_gets_the_first_answer_and_is_applied_once(sink: Sink, fleet: Fleet) -> None:
+async def test_a_duplicate_transaction_gets_the_first_answer_and_is_applied_once(
+    sink: Sink, fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="qmpnet.controller")
     async with running(Controller(settings(), sink, fleet.connect, version="0")) as controller:
         await connected(sink)
         monitor = fleet.current("vm1")
         monitor.gates["device_add"] = asyncio.Event()
         request = {"transaction": "t-1", "nic": {"model": "e1000"}}
         first = asyncio.create_task(controller.handle("vm1", "nic/add", request))
+        await until(lambda: "device_add" in monitor.commands)  # the first is inside QEMU's device_add
         second = asyncio.create_task(controller.handle("vm1", "nic/add", {**request, "nic": {"model": "rtl8139"}}))
-        await asyncio.sleep(0.01)
+        await until(lambda: "repeated" in caplog.text)  # the second found the first's transaction
         monitor.gates["device_add"].set()
         answers = await asyncio.gather(first, second)
         third = await controller.handle("vm1", "nic/add", request)
@@ -221,11 +236,24 @@ async def test_a_guest_that_cannot_be_reached_fails_fast_and_is_retried(sink: Si
         assert error_code(answer) == "guest_unavailable"
         assert answer.status == "error"
         assert "refused" in answer.error.message
-        await asyncio.sleep(0.1)
-        assert fleet.attempts["vm1"] >= 3  # retried with backoff
+        await until(lambda: fleet.attempts["vm1"] >= 3)  # retried with backoff
         fleet.refuse.clear()
         await connected(sink)
         ok(await controller.handle("vm1", "nic/list", {}))
+
+
+async def test_requests_during_the_first_connection_attempt_wait_for_it_in_order(sink: Sink, fleet: Fleet) -> None:
+    fleet.gate = asyncio.Event()  # the first attempt hangs: requests kept by the broker arrive meanwhile
+    async with running(Controller(settings(), sink, fleet.connect, version="0")) as controller:
+        await until(lambda: fleet.attempts.get("vm1") == 1)
+        waiting = [
+            asyncio.create_task(controller.handle("vm1", "nic/add", {"transaction": f"q{n}", "nic": {"id": f"q{n}"}}))
+            for n in range(3)
+        ]
+        fleet.gate.set()
+        answers = await asyncio.gather(*waiting)
+        assert [ok(a).id for a in answers] == ["q0", "q1", "q2"]
+        assert fleet.current("vm1").commands.count("device_add") == 3
 
 
 async def test_a_closed_connection_is_reported_and_reconnected(sink: Sink, fleet: Fleet) -> None:

@@ -10,12 +10,20 @@ from pathlib import Path
 import pytest
 
 from qmpnet.app import JsonFormatter, main, serve_settings
-from qmpnet.bus.mqtt import MqttBus
+from qmpnet.bus.mqtt import check_payload
 from qmpnet.errors import Forbidden, InvalidRequest
 from qmpnet.metrics import Metrics
 from qmpnet.model import parse_nic_spec
 from qmpnet.policy import Policy, check_spec
-from qmpnet.settings import BrokerUrl, MqttSettings, Settings, default_controller_id, load_settings, parse_broker_url
+from qmpnet.settings import (
+    BrokerUrl,
+    MqttSettings,
+    Settings,
+    default_controller_id,
+    load_settings,
+    parse_broker_url,
+    redact_url,
+)
 
 
 @pytest.mark.parametrize(
@@ -41,6 +49,7 @@ def test_bad_broker_urls(url: str) -> None:
 def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert MqttSettings().controller_id == default_controller_id()
     assert MqttSettings().max_payload == 65536
+    assert MqttSettings().protocol == "auto"
     monkeypatch.setenv("QMPNET_MQTT__BROKER", "mqtts://b:8884")
     monkeypatch.setenv("QMPNET_MQTT__PASSWORD", "s3cret")
     monkeypatch.setenv("QMPNET_CONTROLLER__GUESTS", '{"vm1": "/run/vm1.qmp"}')
@@ -65,10 +74,15 @@ def test_toml_file_and_flags_merge(tmp_path: Path) -> None:
     [
         ('[mqtt]\nbroker = "http://x"\n', {}, "settings.mqtt.broker"),
         ('[mqtt]\ncontroller_id = "a/b"\n', {}, "settings.mqtt.controller_id"),
+        ('[mqtt]\ncontroller_id = "h1.lab"\n', {}, "settings.mqtt.controller_id: 'h1.lab' is not a valid name"),
+        ('[mqtt]\ntopic_root = "fleet.lab"\n', {}, "settings.mqtt.topic_root: 'fleet.lab': use topic levels"),
+        ('[mqtt]\nprotocol = "4"\n', {}, "settings.mqtt.protocol"),
         ("[mqtt]\nbrokr = 1\n", {}, "settings.mqtt.brokr"),
         ("[mqtt\n", {}, "config"),
         ("", {"guests": ["vm1"]}, "--guest"),
         ("", {"guests": ["bad name=/x"]}, "settings.controller.guests"),
+        ("", {"guests": ["vm.1=/x"]}, "settings.controller.guests.vm.1.[key]: 'vm.1' is not a valid name"),
+        ("", {"controller_id": "h1.lab"}, "settings.mqtt.controller_id: 'h1.lab' is not a valid name"),
         ("", {"broker": "tcp://x"}, "settings.mqtt.broker"),
         ('[mqtt]\nca_file = "/nonexistent/ca.crt"\n', {}, "settings.mqtt.ca_file"),
     ],
@@ -114,15 +128,13 @@ def test_json_log_lines_carry_guest_and_transaction() -> None:
     ],
 )
 def test_the_bus_refuses_before_the_controller_sees_it(payload: bytes, retained: bool, words: str) -> None:
-    bus = MqttBus(MqttSettings(controller_id="h1"))
-    refusal, _ = bus._check(payload, retained=retained)
+    refusal, _ = check_payload(payload, retained=retained, limit=MqttSettings().max_payload)
     assert isinstance(refusal, InvalidRequest)
     assert words in refusal.message
 
 
 def test_the_bus_passes_a_json_object() -> None:
-    bus = MqttBus(MqttSettings(controller_id="h1"))
-    assert bus._check(b'{"transaction": "t"}', retained=False) == (None, {"transaction": "t"})
+    assert check_payload(b'{"transaction": "t"}', retained=False, limit=1000) == (None, {"transaction": "t"})
 
 
 def test_metrics_endpoint_on_loopback() -> None:
@@ -163,3 +175,37 @@ def test_serve_gives_remote_callers_no_bridge_unless_listed() -> None:
     assert caught.value.field == "nic.backend.bridge"
     listed = serve_settings(Settings(policy=Policy(allowed_bridges=["br0"])))
     check_spec(spec, listed.policy)
+
+
+@pytest.mark.parametrize(
+    ("host", "made"),
+    [("h1", "h1"), ("h1.lab.example", "h1-lab-example"), ("web_1", "web_1"), ("über", "ber"), ("", "qmpnet"),
+     ("...", "qmpnet"), ("a" * 80, "a" * 64)],
+)  # fmt: skip
+def test_the_default_controller_id_is_the_host_name_made_topic_safe(
+    monkeypatch: pytest.MonkeyPatch, host: str, made: str
+) -> None:
+    monkeypatch.setattr("platform.node", lambda: host)
+    assert default_controller_id() == made
+    assert MqttSettings().controller_id == default_controller_id()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("mqtt://qmp:s3cret@broker:1883", "mqtt://qmp:***@broker:1883"),
+        ("mqtts://u:p%40ss@b", "mqtts://u:***@b"),
+        ("mqtt://:only@b:1", "mqtt://:***@b:1"),
+        ("mqtt://user@b:1", "mqtt://user@b:1"),
+        ("mqtt://b:1", "mqtt://b:1"),
+    ],
+)
+def test_passwords_in_broker_urls_are_redacted(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_a_bad_broker_url_is_reported_without_its_password() -> None:
+    with pytest.raises(ValueError, match="Port out of range") as caught:
+        parse_broker_url("mqtt://u:t0psecret@broker:99999")
+    assert "t0psecret" not in str(caught.value)
+    assert "u:***@broker" in str(caught.value)

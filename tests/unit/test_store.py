@@ -14,6 +14,7 @@ import pytest
 from qmpnet.errors import Busy, InvalidRequest, Unsupported
 from qmpnet.model import NicSpec
 from qmpnet.records import FORMAT_VERSION, GONE_KEPT, GuestRecord, NicRecord, OperationRecord
+from qmpnet.settings import Settings
 from qmpnet.store import StateDir, guest_key
 
 if TYPE_CHECKING:
@@ -169,3 +170,10 @@ def test_gone_nics_are_bounded_and_forgotten_when_the_id_is_reused() -> None:
     assert f"n{GONE_KEPT + 9}" in record.gone
     assert "n0" not in record.gone
     assert f"n{GONE_KEPT + 9}" not in record.with_nic(nic(f"n{GONE_KEPT + 9}")).gone
+
+
+def test_the_test_session_has_a_state_dir_of_its_own(state_dir: Path) -> None:
+    # Every qmpnet.connect() and Settings() of the suite (and its subprocesses) must stay off /var/lib/qmpnet.
+    assert os.environ["QMPNET_STATE_DIR"] == str(state_dir)
+    assert Settings().state_dir == state_dir
+    assert not str(state_dir).startswith("/var/lib/qmpnet")

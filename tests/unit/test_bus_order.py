@@ -1,0 +1,100 @@
+"""A real request's order on the bus: its answer, then the state, then the events it caused.
+
+The bus answers requests through a real :class:`~qmpnet.controller.Controller` whose guest runs on a recording
+monitor (no broker, no QEMU), and is that controller's state sink; what would go to the broker is read from the
+bus's outbox, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import TYPE_CHECKING
+
+import pytest
+from test_bus_controller import Fleet, running, settings
+
+from qmpnet.bus.mqtt import IncomingRequest, MqttBus
+from qmpnet.controller import Controller
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+BASE = "qmpnet/t1/guest/vm1"
+
+
+async def published(bus: MqttBus, topic: str, text: str, timeout: float = 2.0) -> None:
+    """Take what the bus sends until a message on ``topic`` containing ``text`` (the guest connected, ...)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            seq, item = await bus.outbox.next()
+            bus.outbox.acknowledged(seq)
+            if item.topic == topic and text in item.payload().decode():
+                return
+
+
+async def taken(bus: MqttBus) -> list[tuple[str, bytes]]:
+    """Everything the bus would send now, in order."""
+    out: list[tuple[str, bytes]] = []
+    while True:
+        try:
+            async with asyncio.timeout(0):  # only what is queued already
+                seq, item = await bus.outbox.next()
+        except TimeoutError:
+            return out
+        out.append((item.topic, item.payload()))
+        bus.outbox.acknowledged(seq)
+
+
+def request(op: str, body: dict[str, object]) -> IncomingRequest:
+    return IncomingRequest(f"{BASE}/request/{op}", json.dumps(body).encode())
+
+
+@pytest.fixture
+def fleet() -> Fleet:
+    return Fleet()
+
+
+@contextlib.asynccontextmanager
+async def serving(fleet: Fleet) -> AsyncIterator[MqttBus]:
+    bus = MqttBus(settings().mqtt)
+    bus.outbox.session_started()
+    async with running(Controller(settings(), bus, fleet.connect, version="0")) as controller:
+        bus.handler = controller
+        await published(bus, f"{BASE}/status", '"connected"')
+        yield bus
+
+
+async def test_nic_add_answers_before_its_state_and_event(fleet: Fleet) -> None:
+    async with serving(fleet) as bus:
+        await taken(bus)
+        await bus.answer(request("nic/add", {"transaction": "a", "nic": {"id": "n1"}}))
+        sent = await taken(bus)
+        assert [topic for topic, _ in sent] == [f"{BASE}/response/nic/add", f"{BASE}/nics", f"{BASE}/event/nic_added"]
+        assert json.loads(sent[0][1])["transaction"] == "a"
+        assert "n1" in sent[1][1].decode()
+
+
+async def test_nic_del_answering_removal_pending_answers_before_its_state_and_event(fleet: Fleet) -> None:
+    async with serving(fleet) as bus:
+        await bus.answer(request("nic/add", {"nic": {"id": "n2"}}))
+        await taken(bus)
+        await bus.answer(request("nic/del", {"transaction": "d", "id": "n2", "timeout": 0}))
+        sent = await taken(bus)
+        assert [topic for topic, _ in sent] == [
+            f"{BASE}/response/nic/del",
+            f"{BASE}/nics",
+            f"{BASE}/event/nic_removal_pending",
+        ]
+        assert json.loads(sent[0][1])["data"] == {"id": "n2", "state": "removal_pending"}
+        assert '"removal_pending"' in sent[1][1].decode()
+
+
+async def test_state_from_outside_a_request_goes_out_at_once(fleet: Fleet) -> None:
+    async with serving(fleet) as bus:
+        await bus.answer(request("nic/add", {"nic": {"id": "n3"}}))
+        await bus.answer(request("nic/del", {"id": "n3", "timeout": 0}))
+        await taken(bus)
+        fleet.current("vm1").emit("DEVICE_DELETED", {"device": "n3", "path": "/machine/peripheral/n3"})
+        await published(bus, f"{BASE}/event/nic_removed", '"n3"')

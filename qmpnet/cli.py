@@ -20,22 +20,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from pydantic import BaseModel
 
-from qmpnet.api import connect
-from qmpnet.control import ControlGuest, controller_serves
 from qmpnet.errors import InvalidRequest, QmpnetError
-from qmpnet.model import parse_nic_update
-from qmpnet.settings import Settings, load_settings
-from qmpnet.store import StateDir
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Sequence
 
+    from pydantic import BaseModel
+
     from qmpnet.hostnet.nat import NatStatus
     from qmpnet.model import CaptureResult, Nic, Verify
     from qmpnet.ports import GuestOps
+    from qmpnet.settings import Settings
     from qmpnet.wire.envelopes import GuestInfo
+
+# Every qmpnet module but the errors is imported inside the command that needs it, so that `qmpnet --help` and a
+# direct-mode `nic add` load only what they use (the import-time budget is in docs/performance.md).
 
 T = TypeVar("T")
 
@@ -45,8 +45,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: rendering it with rich costs more than the whole `nic add`
 )
-nic_app = typer.Typer(help="Hot-add, remove, link and list a guest's NICs.", no_args_is_help=True)
+nic_app = typer.Typer(help="Hot-add, remove, link and list a guest's NICs.", no_args_is_help=True,
+                      rich_markup_mode=None)
 app.add_typer(nic_app, name="nic")
 
 
@@ -139,13 +141,21 @@ def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[
     if (where.qmp is None) == (where.broker is None) or (where.broker is None) != (where.guest is None):
         raise typer.BadParameter("give --qmp SOCKET, or --broker URL and --guest NAME", param_hint="--qmp/--broker")
 
+    from qmpnet.settings import load_settings  # noqa: PLC0415 - see the imports at the top
+    from qmpnet.store import StateDir  # noqa: PLC0415 - see the imports at the top
+
     async def session(settings: Settings) -> T:
         if where.qmp is not None:
+            from qmpnet.api import connect  # noqa: PLC0415 - see the imports at the top
+
             # A `qmpnet serve` on this host may hold the monitor (QEMU serves one client): then ask it instead.
             control = StateDir(settings.state_dir).control_socket
-            if await controller_serves(control, where.qmp, settings.qmp.connect_timeout):
-                timeouts = {"timeout": settings.mqtt.request_timeout, "verify_timeout": settings.qga.verify_timeout}
-                return await op(ControlGuest(control, where.qmp, **timeouts))
+            if control.is_socket():  # no socket, no controller: the control client is not even imported
+                from qmpnet.control import ControlGuest, controller_serves  # noqa: PLC0415 - see the imports at the top
+
+                if await controller_serves(control, where.qmp, settings.qmp.connect_timeout):
+                    timeouts = {"timeout": settings.mqtt.request_timeout, "verify_timeout": settings.qga.verify_timeout}
+                    return await op(ControlGuest(control, where.qmp, **timeouts))
             async with connect(where.qmp, settings=settings, qga=where.qga) as guest:
                 return await op(guest)
         from qmpnet.client import Client  # noqa: PLC0415 - the MQTT stack is loaded only in broker mode
@@ -163,7 +173,7 @@ def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[
 def emit(value: BaseModel | dict[str, Any], as_json: bool, table: Callable[[], str]) -> None:
     """Print ``value`` as JSON or as the readable ``table``."""
     if as_json:
-        data = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        data = value if isinstance(value, dict) else value.model_dump(mode="json")
         print(json.dumps(data, indent=2))
     else:
         print(table())
@@ -458,6 +468,8 @@ def nic_set(
         nic_id, bridge=bridge, network=network, vlan=vlan, trunks=trunks, no_vlan=no_vlan,
         shape={k: v for k, v in values.items() if v is not None}, no_shape=no_shape, link=link,
     )  # fmt: skip
+    from qmpnet.model import parse_nic_update  # noqa: PLC0415 - see the imports at the top
+
     try:
         parse_nic_update(update)  # bad values are refused before connecting, naming the field
     except QmpnetError as err:
@@ -620,6 +632,8 @@ def guests(
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
 
+    from qmpnet.settings import load_settings  # noqa: PLC0415 - see the imports at the top
+
     async def session(settings: Settings) -> list[GuestInfo]:
         async with Client(broker, settings=settings.mqtt) as client:
             return await client.guests(controller or settings.mqtt.controller_id)
@@ -689,13 +703,16 @@ def demo(
     raise typer.Exit(0 if ok else 1)
 
 
-net_app = typer.Typer(help="Bring the NAT networks of the settings up and down.", no_args_is_help=True)
+net_app = typer.Typer(help="Bring the NAT networks of the settings up and down.", no_args_is_help=True,
+                      rich_markup_mode=None)
 app.add_typer(net_app, name="net")
 NetNameArg = Annotated[str, typer.Argument(metavar="NAME", help="A NAT network from the settings (e.g. default).")]
 
 
 def run_on_host(config: Path | None, verbose: bool, op: Callable[[Settings], Coroutine[Any, Any, T]]) -> T:
     """Run host-side ``op`` with the settings; errors become exit status 1."""
+    from qmpnet.settings import load_settings  # noqa: PLC0415 - see the imports at the top
+
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return asyncio.run(op(load_settings(config)))

@@ -717,27 +717,27 @@ class Guest:
     # ------------------------------------------------------------------------------------------------- hot-add
 
     async def _add(self, spec: NicSpec, operation: str) -> Nic:
-        self._save(self._store.record.with_operation(
-            OperationRecord(id=operation, op="nic/add", nic=spec.id, started=time.time())
-        ))
-        inventory = await self._fresh_inventory()
+        # The operation is recorded together with the NIC's `adding` record, in one write before the first QMP
+        # command (_run_add); what fails before that (reading, planning) records the operation with its error.
+        started = OperationRecord(id=operation, op="nic/add", nic=spec.id, started=time.time())
         try:
-            plan, record = await self._run_add(spec, inventory, operation)
+            inventory = await self._fresh_inventory()
+            plan, record = await self._run_add(spec, inventory, started)
         except QmpCommandError as err:
             if not _REFUSED.search(err.message):
-                self._finish_operation(operation, error=err)
+                self._finish_operation(operation, error=err, started=started)
                 raise
             log.info("guest %s: QEMU refused the plan (%s): reading the guest and planning again", self.name, err)
             try:
                 inventory = await self._fresh_inventory()
-                plan, record = await self._run_add(spec, inventory, operation)
+                plan, record = await self._run_add(spec, inventory, started)
             except QmpnetError as again:
-                self._finish_operation(operation, error=again)
+                self._finish_operation(operation, error=again, started=started)
                 raise
         except OutcomeUnknown:
             raise
         except QmpnetError as err:
-            self._finish_operation(operation, error=err)
+            self._finish_operation(operation, error=err, started=started)
             raise
         done = self._store.record.with_nic(record)
         nic = self._described(inventory.added(plan, spec))
@@ -747,7 +747,9 @@ class Guest:
         ))
         return nic
 
-    async def _run_add(self, spec: NicSpec, inventory: Inventory, operation: str) -> tuple[AddPlan, NicRecord]:
+    async def _run_add(
+        self, spec: NicSpec, inventory: Inventory, started: OperationRecord
+    ) -> tuple[AddPlan, NicRecord]:
         vhost = self._host is not None and needs_tap_fds(spec) and self._host.vhost()
         plan = plan_add(spec, inventory.view(), vhost=vhost)
         owner = f"{self._store.key}/{plan.nic_id}"
@@ -759,9 +761,10 @@ class Guest:
             link=spec.link,
             host=HostHold(owner=owner if needs_tap_fds(spec) else None),
             pci=_pci_of(plan.placement.bus, plan.placement.slot, plan.placement.function),
-            operation=operation,
+            operation=started.id,
         )
-        self._save(self._store.record.with_nic(record))
+        recorded = self._store.record.operations.get(started.id) or started  # the first plan's, if planned again
+        self._save(self._store.record.with_operation(recorded).with_nic(record))
         undo = UndoStack()
         try:
             attachment = await prepare_host(self._host, self._monitor, spec, plan, owner, undo)
@@ -789,8 +792,10 @@ class Guest:
             raise
         return plan, record.model_copy(update={"state": "active"})
 
-    def _finish_operation(self, operation: str, *, error: QmpnetError) -> None:
-        current = self._store.record.operations.get(operation)
+    def _finish_operation(
+        self, operation: str, *, error: QmpnetError, started: OperationRecord | None = None
+    ) -> None:
+        current = self._store.record.operations.get(operation) or started
         if current is not None:
             self._save(self._store.record.with_operation(_finished(current, error=error)))
 

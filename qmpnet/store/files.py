@@ -19,7 +19,6 @@ import os
 import re
 import tempfile
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from pydantic import ValidationError
@@ -29,6 +28,7 @@ from qmpnet.records import FORMAT_VERSION, GuestRecord
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
 __all__ = ["FileGuestStore", "MemoryGuestStore", "StateDir", "canonical_address", "guest_key"]
 
@@ -151,6 +151,8 @@ class FileGuestStore:
         self.key = key
         self._record = record
         self._lock_fd: int | None = lock_fd
+        self._tmp = str(path.with_name(f".{path.stem}.tmp"))
+        self._dir_fd: int | None = None
 
     @property
     def record(self) -> GuestRecord:
@@ -160,36 +162,46 @@ class FileGuestStore:
     def save(self, record: GuestRecord) -> None:
         """Write ``record`` durably and atomically, then make it the current one.
 
+        The temporary file has a fixed name (``.<key>.tmp`` beside the record): only the holder of the guest's
+        lock writes there. The directory stays open for the store's lifetime, for the ``fsync`` of the rename.
+
         Raises:
             InvalidRequest: The state directory can no longer be written (nothing was changed).
         """
         data = record.model_dump_json(exclude_defaults=False).encode()
-        directory = self.path.parent
+        tmp = self._tmp
         try:
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.path.stem}-", suffix=".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                    out.flush()
-                    os.fsync(out.fileno())
-                Path(tmp).replace(self.path)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, self.path)  # noqa: PTH105 - the str paths of the hot path, no Path objects
             except BaseException:
                 with contextlib.suppress(OSError):
-                    Path(tmp).unlink()
+                    os.unlink(tmp)  # noqa: PTH108 - as above
                 raise
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            os.fsync(self._directory())
         except OSError as err:
             raise InvalidRequest(
                 f"state_dir: cannot write {self.path} ({err.strerror or err})", field="state_dir"
             ) from err
         self._record = record
 
+    def _directory(self) -> int:
+        if self._dir_fd is None:
+            self._dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self._dir_fd
+
     def close(self) -> None:
         """Release the lock. Safe to call twice."""
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

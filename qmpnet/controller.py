@@ -292,6 +292,7 @@ class _Member:
 
     def set_state(self, state: GuestState) -> None:
         if state != self.state:
+            self.controller.counted(self.state, state)
             self.state = state
             self.since = time.time()
             self.controller.publish_guest(self)
@@ -469,6 +470,7 @@ class Controller:
         self.host = host
         self.open_store: StoreOpener = open_store or _memory_store
         self._members: dict[str, _Member] = {}
+        self._states: dict[str, int] = dict.fromkeys(("connecting", "connected", "disconnected"), 0)
         self._early_desired: dict[str, Mapping[str, Any] | InvalidRequest | None] = {}
         self._stopping = False
         self._tasks: asyncio.TaskGroup | None = None
@@ -556,10 +558,14 @@ class Controller:
     def publish_guest(self, member: _Member) -> None:
         """Publish ``member``'s connection state and update the guests-by-state metric."""
         self.sink.guest_status(member.name, member.status())
-        states: dict[str, int] = dict.fromkeys(("connecting", "connected", "disconnected"), 0)
-        for each in self._members.values():
-            states[each.state] += 1
-        self.observer.guests_changed(states)
+        self.observer.guests_changed(dict(self._states))
+
+    def counted(self, old: GuestState | None, new: GuestState | None) -> None:
+        """Keep the guests-by-state counts (kept, not recounted: a fleet of 5,000 changes state 10,000 times)."""
+        if old is not None:
+            self._states[old] -= 1
+        if new is not None:
+            self._states[new] += 1
 
     def _publish_controller(self) -> None:
         self.sink.controller_status(
@@ -570,6 +576,7 @@ class Controller:
         if self._tasks is None:
             raise RuntimeError("the controller is not running")
         member = _Member(self, name, address, discovered=discovered)
+        self.counted(None, member.state)
         if name in self._early_desired:
             member.set_desired(self._early_desired.pop(name))
         self._members[name] = member
@@ -577,6 +584,7 @@ class Controller:
 
     async def _remove(self, name: str) -> None:
         member = self._members.pop(name)
+        self.counted(member.state, None)
         if member.task is not None:
             member.task.cancel()
             await asyncio.gather(member.task, return_exceptions=True)
@@ -586,7 +594,15 @@ class Controller:
     async def _discover(self, directory: Path) -> None:
         """Poll ``directory`` for ``*.qmp`` sockets: new ones become guests, vanished ones are dropped."""
         unfit: set[str] = set()
+        seen: tuple[float, float] | None = None  # (the directory's mtime, when the scan that saw it started)
         while True:
+            stamp, started = await asyncio.to_thread(_mtime, directory), time.time()
+            if stamp is not None and seen is not None and stamp == seen[0] and seen[1] - stamp > _MTIME_SLACK:
+                # Unchanged since a scan that began well after its last change: nothing came or went (a fleet of
+                # thousands is not re-listed every second).
+                await asyncio.sleep(self.settings.controller.discovery_interval)
+                continue
+            seen = (stamp, started) if stamp is not None else None
             found, skipped = await asyncio.to_thread(_scan, directory)
             for path in skipped - unfit:
                 log.warning("ignoring %s: the name is not a valid guest name ([A-Za-z0-9_.-]{1,64})", path)
@@ -603,6 +619,18 @@ class Controller:
             if changed:
                 self._publish_controller()
             await asyncio.sleep(self.settings.controller.discovery_interval)
+
+
+#: Seconds a directory's mtime must lie before a scan for that scan to be trusted to have seen every change
+#: (file timestamps are coarse: a socket made just after the listing can carry the same mtime).
+_MTIME_SLACK = 1.0
+
+
+def _mtime(directory: Path) -> float | None:
+    try:
+        return directory.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _agent_beside(address: str) -> str | None:

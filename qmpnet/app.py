@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from qmpnet.ports import Connection, GuestStore
     from qmpnet.settings import LogSettings, Settings
 
-__all__ = ["JsonFormatter", "configure_logging", "main", "serve"]
+__all__ = ["JsonFormatter", "configure_logging", "main", "raise_open_file_limit", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,26 @@ def configure_logging(settings: LogSettings) -> None:
     logging.getLogger("qemu").setLevel(max(logging.WARNING, root.level))
 
 
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise the soft limit of open files to the hard one; returns the (soft, hard) limits now in force.
+
+    Each guest costs the controller a QMP socket and a lock file (and a guest agent socket while one is used), so
+    the usual soft limit of 1024 would stop a fleet at about 500 guests. The hard limit is the operator's (systemd:
+    ``LimitNOFILE``); a limit that cannot be raised is logged and kept.
+    """
+    import resource  # noqa: PLC0415 - only the controller needs it
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return soft, hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as err:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, err)
+        return soft, hard
+    return hard, hard
+
+
 def serve_settings(settings: Settings) -> Settings:
     """The settings as the controller applies them to remote callers.
 
@@ -104,6 +124,7 @@ async def serve(settings: Settings, *, version: str) -> None:
             read_attempts=settings.qmp.read_attempts,
         )
 
+    soft, _ = raise_open_file_limit()
     metrics = None
     if settings.metrics.port is not None:
         from qmpnet.metrics import Metrics  # noqa: PLC0415 - prometheus-client is loaded only when asked for
@@ -125,12 +146,13 @@ async def serve(settings: Settings, *, version: str) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     log.info(
-        "qmpnet %s serving as %s on %s (%d configured guests, guest directory %s)",
+        "qmpnet %s serving as %s on %s (%d configured guests, guest directory %s; %d open files allowed)",
         version,
         settings.mqtt.controller_id,
         settings.mqtt.broker,
         len(settings.controller.guests),
         settings.controller.guest_dir,
+        soft,
     )
     endpoint = None
     if metrics is not None and settings.metrics.port is not None:

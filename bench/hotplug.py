@@ -151,6 +151,13 @@ async def main() -> None:
             await round_(Path(tmp), n, samples)
         if args.cli:
             await cli_rounds(Path(tmp), args.cli, samples)
+    if args.rounds:
+        report_api(samples)
+    if args.cli:
+        report_cli(samples)
+
+
+def report_api(samples: dict[str, list[float]]) -> None:
     raw_median, _ = summary(samples["raw"])
     print(f"{'path':<40}{'n':>5}{'median ms':>12}{'p99 ms':>10}{'x raw':>8}")
     labels = {"raw": "raw QMP socket", "api": "qmpnet API (warm)", "raw_first": "raw QMP (first add)",
@@ -160,8 +167,9 @@ async def main() -> None:
         print(f"{label:<40}{len(samples[key]):>5}{median:>12.2f}{p99:>10.2f}{median / raw_median:>8.2f}")
     api_ratio = summary(samples["api"])[0] / raw_median
     print(f"target API median <= 1.3x raw: {'met' if api_ratio <= 1.3 else 'NOT met'} ({api_ratio:.2f}x)")
-    if not args.cli:
-        return
+
+
+def report_cli(samples: dict[str, list[float]]) -> None:
     floor = summary(samples["floor"])[0]
     print(f"\n{'new process':<48}{'n':>5}{'median ms':>12}{'p99 ms':>10}{'CPU ms':>9}{'x floor':>9}")
     processes = {"floor": FLOOR[0], "help": "qmpnet --help", "cli": "qmpnet nic add --qmp (direct mode)"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -110,8 +111,37 @@ StateDirOpt = Annotated[
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``qmpnet`` console script."""
-    app(args=list(argv) if argv is not None else None, prog_name="qmpnet")
+    """Entry point of the ``qmpnet`` console script (``argv``: run in-process, leaving the collector alone)."""
+    global _COLLECTOR_PAUSED  # noqa: PLW0603 - one process-wide switch, set once per command
+    if argv is None and gc.isenabled():
+        # A command's start builds hundreds of thousands of objects (pydantic models and their schemas) and frees
+        # almost none: the cyclic collector would walk them again and again, for nothing. It is off until the
+        # command has imported what it needs (started()), and what exists by then stays out of later collections,
+        # the one at exit included (docs/performance.md).
+        gc.disable()
+        _COLLECTOR_PAUSED = True
+    try:
+        app(args=list(argv) if argv is not None else None, prog_name="qmpnet")
+    finally:
+        started()
+
+
+_COLLECTOR_PAUSED = False
+
+
+def started() -> None:
+    """The command has loaded what it needs: collect garbage again, leaving out everything made so far."""
+    global _COLLECTOR_PAUSED  # noqa: PLW0603 - see main
+    if _COLLECTOR_PAUSED:
+        _COLLECTOR_PAUSED = False
+        gc.freeze()
+        gc.enable()
+
+
+def run(work: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(work)``, once the command's imports are done (see main)."""
+    started()
+    return asyncio.run(work)
 
 
 def fail(err: QmpnetError) -> typer.Exit:
@@ -144,10 +174,11 @@ def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[
     from qmpnet.settings import load_settings  # noqa: PLC0415 - see the imports at the top
     from qmpnet.store import StateDir  # noqa: PLC0415 - see the imports at the top
 
+    if where.qmp is not None:
+        from qmpnet.api import connect  # noqa: PLC0415 - see the imports at the top
+
     async def session(settings: Settings) -> T:
         if where.qmp is not None:
-            from qmpnet.api import connect  # noqa: PLC0415 - see the imports at the top
-
             # A `qmpnet serve` on this host may hold the monitor (QEMU serves one client): then ask it instead.
             control = StateDir(settings.state_dir).control_socket
             if control.is_socket():  # no socket, no controller: the control client is not even imported
@@ -165,7 +196,7 @@ def run_on_guest(where: Where, config: Path | None, verbose: bool, op: Callable[
 
     overrides: dict[str, Any] = {"state_dir": where.state_dir} if where.state_dir is not None else {}
     try:
-        return asyncio.run(session(load_settings(config, **overrides)))
+        return run(session(load_settings(config, **overrides)))
     except QmpnetError as err:
         raise fail(err) from None
 
@@ -639,7 +670,7 @@ def guests(
             return await client.guests(controller or settings.mqtt.controller_id)
 
     try:
-        found = asyncio.run(session(load_settings(config)))
+        found = run(session(load_settings(config)))
     except QmpnetError as err:
         raise fail(err) from None
 
@@ -678,6 +709,7 @@ def serve(
     """Run the MQTT-driven controller for a fleet of guests (see docs/mqtt-api.md)."""
     from qmpnet.app import main as serve_main  # noqa: PLC0415 - the MQTT stack is loaded only for serve
 
+    started()
     raise typer.Exit(
         serve_main(
             config, broker=broker, controller_id=controller_id, guests=guest, guest_dir=guest_dir,
@@ -697,7 +729,7 @@ def demo(
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        ok = asyncio.run(run_demo("q35" if machine is MachineArg.q35 else "pc"))
+        ok = run(run_demo("q35" if machine is MachineArg.q35 else "pc"))
     except QmpnetError as err:
         raise fail(err) from None
     raise typer.Exit(0 if ok else 1)
@@ -715,7 +747,7 @@ def run_on_host(config: Path | None, verbose: bool, op: Callable[[Settings], Cor
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return asyncio.run(op(load_settings(config)))
+        return run(op(load_settings(config)))
     except QmpnetError as err:
         raise fail(err) from None
 

@@ -281,11 +281,13 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:  # 
     """
     if config is not None and not config.is_file():
         raise InvalidRequest(f"config: {config} is not a readable file", field="config")
-
-    class _FromFile(Settings):
-        model_config = SettingsConfigDict(toml_file=config)
-
     try:
+        if config is None:
+            return Settings(**overrides)  # no file: no subclass to build (a schema build costs ~10 ms per command)
+
+        class _FromFile(Settings):
+            model_config = SettingsConfigDict(toml_file=config)
+
         return Settings.model_validate(_FromFile(**overrides).model_dump())
     except ValidationError as err:
         raise invalid_request_from(err, "settings") from err

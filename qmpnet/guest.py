@@ -574,6 +574,11 @@ class Guest:
         keep = self._settings.mqtt.dedup_window
         self._store.save(record.pruned(time.time(), keep))
 
+    async def _save_async(self, record: GuestRecord) -> None:
+        """As :meth:`_save`, the disk work off the event loop (the hot path: other guests go on meanwhile)."""
+        keep = self._settings.mqtt.dedup_window
+        await self._store.save_async(record.pruned(time.time(), keep))
+
     def _pending(self, nic_id: str) -> bool:
         nic = self._store.record.nics.get(nic_id)
         return nic is not None and nic.state == "removal_pending"
@@ -742,7 +747,8 @@ class Guest:
         done = self._store.record.with_nic(record)
         nic = self._described(inventory.added(plan, spec))
         assert record.spec is not None  # noqa: S101 - a NIC qmpnet adds always has its planned spec
-        self._save(done.model_copy(update={"desired": with_added(done.desired, record.spec)}).with_operation(
+        desired = with_added(done.desired, record.spec)
+        await self._save_async(done.model_copy(update={"desired": desired}).with_operation(
             _finished(self._store.record.operations[operation], data=nic.model_dump(mode="json"))
         ))
         return nic
@@ -764,7 +770,7 @@ class Guest:
             operation=started.id,
         )
         recorded = self._store.record.operations.get(started.id) or started  # the first plan's, if planned again
-        self._save(self._store.record.with_operation(recorded).with_nic(record))
+        await self._save_async(self._store.record.with_operation(recorded).with_nic(record))
         undo = UndoStack()
         try:
             attachment = await prepare_host(self._host, self._monitor, spec, plan, owner, undo)

@@ -158,3 +158,49 @@ async def test_the_simulator_answers_everything_a_lane_asks(tmp_path: Path) -> N
     finally:
         proc.terminate()
         await proc.wait()
+
+
+def test_a_record_file_is_the_document_pydantic_writes() -> None:
+    import json  # noqa: PLC0415 - as above
+    import time  # noqa: PLC0415 - as above
+
+    from qmpnet.model import parse_nic_spec  # noqa: PLC0415 - as above
+    from qmpnet.records import DesiredSet, GuestRecord, NicRecord, OperationRecord  # noqa: PLC0415 - as above
+    from qmpnet.store.files import encode_record  # noqa: PLC0415 - as above
+
+    record = GuestRecord(address="/run/vm1.qmp", name="vm1", links={"e1": "down"}, gone={"old": 1.5})
+    assert json.loads(encode_record(record)) == json.loads(record.model_dump_json())
+    for n in range(5):
+        spec = parse_nic_spec({"model": "virtio", "id": f"v{n}", "mac": f"52:54:00:00:00:0{n}", "addr": f"{n + 3:x}"})
+        record = record.with_nic(NicRecord(id=f"v{n}", spec=spec, netdev=f"v{n}.net", state="active", link="up"))
+        outcome = {"status": "ok", "data": {"id": f"v{n}", "odd": ['"quoted"', "é", 2.5, None]}}
+        record = record.with_operation(OperationRecord(id=f'op "{n}"', op="nic/add", nic=f"v{n}", started=time.time(),
+                                                       finished=time.time(), outcome=outcome))  # fmt: skip
+        desired = DesiredSet(generation=n, nics=[nic.spec for nic in record.nics.values() if nic.spec is not None])
+        record = record.model_copy(update={"desired": desired})
+        written = encode_record(record)  # twice: the second time from the cached parts
+        assert encode_record(record) == written
+        assert json.loads(written) == json.loads(record.model_dump_json())
+        assert GuestRecord.model_validate_json(written) == record
+
+
+async def test_a_write_off_the_event_loop_never_loses_a_later_one(tmp_path: Path) -> None:
+    from qmpnet.records import GuestRecord, NicRecord  # noqa: PLC0415 - as above
+    from qmpnet.store import StateDir  # noqa: PLC0415 - as above
+
+    def nic(nic_id: str) -> NicRecord:
+        return NicRecord(id=nic_id, spec=None, netdev=None, state="active", link="up")
+
+    store = await StateDir(tmp_path).open_guest("/run/vm1.qmp", "vm1", wait=1)
+    try:
+        first = store.record.with_nic(nic("a"))
+        writing = asyncio.create_task(store.save_async(first))
+        await asyncio.sleep(0)  # the worker thread has the first write
+        assert store.record is first  # current at once: what is built next contains it
+        store.save(store.record.with_nic(nic("b")))  # e.g. a desired document, outside the lane
+        await writing
+        on_disk = GuestRecord.model_validate_json(store.path.read_bytes())
+        assert set(on_disk.nics) == {"a", "b"}
+        assert set(store.record.nics) == {"a", "b"}
+    finally:
+        store.close()

@@ -152,6 +152,30 @@ class _Dedup:
         return answer
 
 
+class _Turn:
+    """One of the controller's turns for reading a guest (``controller.first_reads``), given back once.
+
+    Given back when the read ends or after ``hold`` seconds, whichever comes first, so that a QEMU that hangs
+    does not keep the rest of the fleet waiting.
+    """
+
+    def __init__(self, turns: asyncio.Semaphore, hold: float) -> None:
+        self._turns = turns
+        self._timer = asyncio.get_running_loop().call_later(hold, self.release)
+        self._held = True
+
+    @classmethod
+    async def take(cls, turns: asyncio.Semaphore, hold: float) -> _Turn:
+        await turns.acquire()
+        return cls(turns, hold)
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._timer.cancel()
+            self._turns.release()
+
+
 class _Member:
     """One guest of the fleet: its address, connection state, lane (a ``Guest`` while connected) and NICs."""
 
@@ -231,12 +255,18 @@ class _Member:
                       qga=self.agent)
         guest.subscribe(self._on_event)
         connection.on_event(self._on_qmp_event)
+        # The first read of a guest (recovery, the NIC list) takes one of a few turns: a fleet that connects at once
+        # is read a few guests at a time, not thousands, so the replies in flight (and the memory they leave
+        # behind) stay few. A read that takes longer than qmp.connect_timeout gives its turn back and goes on.
+        turn = await _Turn.take(controller.first_reads, controller.settings.qmp.connect_timeout)
         try:
             # Entering the guest recovers it from its record, inside its lane, before any request is served.
             async with guest:
                 self.machine = (await connection.machine())[0]
                 self.qemu = connection.greeting_version
-                self.set_nics(await guest.list_nics())
+                nics = await guest.list_nics()
+                turn.release()
+                self.set_nics(nics)
                 self.guest = guest
                 self.set_state("connected")
                 log.info("guest %s: connected (QEMU %s, %s)", self.name, self.qemu, self.machine,
@@ -257,6 +287,8 @@ class _Member:
                 log.info("guest %s: disconnected", self.name, extra=self.log_extra)
         except QmpnetError as err:
             log.info("guest %s: lost while reading it: %s", self.name, err, extra=self.log_extra)
+        finally:
+            turn.release()
 
     async def _watch(self, connection: Connection, guest: Guest) -> None:
         """Until the connection closes, re-read the guest every ``reconcile.resync_interval`` seconds."""
@@ -470,6 +502,7 @@ class Controller:
         self.host = host
         self.open_store: StoreOpener = open_store or _memory_store
         self._members: dict[str, _Member] = {}
+        self.first_reads = asyncio.Semaphore(settings.controller.first_reads)
         self._states: dict[str, int] = dict.fromkeys(("connecting", "connected", "disconnected"), 0)
         self._early_desired: dict[str, Mapping[str, Any] | InvalidRequest | None] = {}
         self._stopping = False

@@ -204,6 +204,11 @@ class ControllerSettings(BaseModel):
     discovery_interval: float = Field(default=1.0, gt=0, description="Seconds between scans of guest_dir.")
     backoff_min: float = Field(default=0.2, gt=0, description="First delay before reconnecting to a QEMU.")
     backoff_max: float = Field(default=10.0, gt=0, description="Longest delay between QEMU reconnects.")
+    first_reads: int = Field(
+        default=32, ge=1,
+        description="Guests read at once when they connect (recovery and the first NIC list): a fleet that "
+        "connects together is read a few at a time, which keeps the controller's memory flat.",
+    )  # fmt: skip
 
 
 class ReconcileSettings(BaseModel):

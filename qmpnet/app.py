@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from qmpnet.ports import Connection, GuestStore
     from qmpnet.settings import LogSettings, Settings
 
-__all__ = ["JsonFormatter", "configure_logging", "main", "raise_open_file_limit", "serve"]
+__all__ = ["JsonFormatter", "configure_logging", "main", "raise_open_file_limit", "serve", "tune_collector"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,24 @@ def raise_open_file_limit() -> tuple[int, int]:
         log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, err)
         return soft, hard
     return hard, hard
+
+
+#: Allocations between two young-generation collections (CPython's default is 700). A fleet's state is thousands
+#: of long-lived objects per guest and little garbage: with the default, a 3,000-guest connect spent a quarter of
+#: its time walking the same live objects again.
+GC_YOUNG_THRESHOLD: Final = 20_000
+
+
+def tune_collector() -> None:
+    """Fit the cyclic garbage collector to a long-running controller.
+
+    What start-up made (modules, models, settings) is moved out of every later collection (``gc.freeze``), and the
+    young generation is collected every ``GC_YOUNG_THRESHOLD`` allocations instead of 700; the older generations
+    keep CPython's ratios.
+    """
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def serve_settings(settings: Settings) -> Settings:
@@ -219,6 +238,7 @@ def main(  # noqa: PLR0913 - one keyword per command-line flag
         print(f"error: {err.code}: {err.message}", file=sys.stderr)  # noqa: T201 - the command's one-line verdict
         return 2
     configure_logging(settings.log)
+    tune_collector()  # here, not in serve(): a process that embeds serve() keeps its own collector settings
     try:
         asyncio.run(serve(settings, version=__version__))
     except (InvalidRequest, Busy) as err:

@@ -160,7 +160,7 @@ class Lab:
         self.check()
         return [directory / f"g{n}.qmp" for n in range(count)], proc
 
-    def serve(
+    def serve(  # noqa: PLR0913 - the controller's knobs, keyword-only
         self,
         broker: str,
         controller: str,
@@ -168,9 +168,10 @@ class Lab:
         guest_dir: Path | None = None,
         *,
         env: dict[str, str] | None = None,
+        state_dir: Path | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start ``qmpnet serve`` (state directory in the run's directory; ``env``: extra ``QMPNET_...`` settings)."""
-        state = self.workdir / f"state-{controller}"
+        """Start ``qmpnet serve`` (state directory: ``state_dir`` or one in the run's directory; ``env``: settings)."""
+        state = state_dir or self.workdir / f"state-{controller}"
         argv = [sys.executable, "-m", "qmpnet", "serve", "--broker", broker, "--controller-id", controller,
                 "--log-format", "text", "--state-dir", str(state)]  # fmt: skip
         for path in guests or []:

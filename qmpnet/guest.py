@@ -97,6 +97,8 @@ _T = TypeVar("_T")
 _QEMU_INTERNAL_OPTIONS = frozenset({"fd", "fds"})
 #: The QOM object qmpnet adds to each QEMU it meets, holding a random id of that QEMU process.
 INSTANCE_OBJECT = "qmpnet-instance"
+#: How many lanes (of all the guests of this process) are held right now: see Guest._save_async.
+_lanes_held = [0]
 #: QEMU's words when a plan was refused because another client took an id or a PCI place meanwhile.
 _REFUSED = re.compile(r"Duplicate (?:device )?ID|already exists|not available for|no slot/function available")
 
@@ -553,9 +555,11 @@ class Guest:
                 await self._lane.acquire()
         finally:
             self._waiting -= 1
+        _lanes_held[0] += 1
         try:
             yield
         finally:
+            _lanes_held[0] -= 1
             self._lane.release()
 
     async def _fresh_inventory(self) -> Inventory:
@@ -575,9 +579,16 @@ class Guest:
         self._store.save(record.pruned(time.time(), keep))
 
     async def _save_async(self, record: GuestRecord) -> None:
-        """As :meth:`_save`, the disk work off the event loop (the hot path: other guests go on meanwhile)."""
+        """As :meth:`_save`, the disk work off the event loop while other lanes are at work (a hot path's writes).
+
+        With this lane the only one at work in the process, the loop has nobody else to serve while the disk
+        flushes, and writing here saves the hop to a worker thread and back.
+        """
         keep = self._settings.mqtt.dedup_window
-        await self._store.save_async(record.pruned(time.time(), keep))
+        if _lanes_held[0] <= 1:
+            self._store.save(record.pruned(time.time(), keep))
+        else:
+            await self._store.save_async(record.pruned(time.time(), keep))
 
     def _pending(self, nic_id: str) -> bool:
         nic = self._store.record.nics.get(nic_id)

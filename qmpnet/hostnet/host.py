@@ -267,7 +267,7 @@ def _marked_links(owner_prefix: str) -> bool:
     try:
         lines = _PROC_NET_DEV.read_text().splitlines()[2:]
         names = {line.partition(":")[0].strip() for line in lines}
-        if names != {path.name for path in _SYS_CLASS_NET.iterdir()}:
+        if names != {path.name for path in _SYS_CLASS_NET.iterdir() if path.is_dir()}:  # not bonding_masters
             return True
         aliases = [(_SYS_CLASS_NET / name / "ifalias").read_text().strip() for name in names]
     except OSError:

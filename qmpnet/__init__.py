@@ -6,50 +6,79 @@ Direct use::
         nic = await guest.add_nic({"model": "virtio", "backend": {"type": "user"}})
         await guest.set_link(nic.id, up=False)
         await guest.remove_nic(nic.id)
+
+The names below are loaded on first use (PEP 562): ``import qmpnet.cli`` (every ``qmpnet`` command starts there)
+does not pay for the lane, the models and the QMP adapter unless the command needs them (docs/performance.md).
 """
 
-import logging
+from __future__ import annotations
 
-from qmpnet.api import connect
-from qmpnet.errors import (
-    BrokerUnavailable,
-    Busy,
-    Conflict,
-    Forbidden,
-    GuestUnavailable,
-    InvalidRequest,
-    NoFreeSlot,
-    NotFound,
-    NotVerified,
-    OutcomeUnknown,
-    QmpCommandError,
-    QmpnetError,
-    RemovalPending,
-    Timeout,
-    UnexpectedReply,
-    Unsupported,
-)
-from qmpnet.guest import Guest
-from qmpnet.model import (
-    BridgeBackend,
-    DgramBackend,
-    GuestEvent,
-    GuestView,
-    HubportBackend,
-    ModelInfo,
-    NatBackend,
-    Nic,
-    NicSpec,
-    RemoveResult,
-    StreamBackend,
-    TapBackend,
-    UserBackend,
-    VfioBackend,
-)
-from qmpnet.policy import Policy
-from qmpnet.settings import Settings, load_settings
+import importlib
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qmpnet.api import connect
+    from qmpnet.errors import (
+        BrokerUnavailable,
+        Busy,
+        Conflict,
+        Forbidden,
+        GuestUnavailable,
+        InvalidRequest,
+        NoFreeSlot,
+        NotFound,
+        NotVerified,
+        OutcomeUnknown,
+        QmpCommandError,
+        QmpnetError,
+        RemovalPending,
+        Timeout,
+        UnexpectedReply,
+        Unsupported,
+    )
+    from qmpnet.guest import Guest
+    from qmpnet.model import (
+        BridgeBackend,
+        DgramBackend,
+        GuestEvent,
+        GuestView,
+        HubportBackend,
+        ModelInfo,
+        NatBackend,
+        Nic,
+        NicSpec,
+        RemoveResult,
+        StreamBackend,
+        TapBackend,
+        UserBackend,
+        VfioBackend,
+    )
+    from qmpnet.policy import Policy
+    from qmpnet.settings import Settings, load_settings
 
 __version__ = "0.1.0"
+
+#: Where each public name lives.
+_EXPORTS: dict[str, str] = {
+    "connect": "qmpnet.api",
+    "Guest": "qmpnet.guest",
+    "Policy": "qmpnet.policy",
+    "Settings": "qmpnet.settings",
+    "load_settings": "qmpnet.settings",
+    **dict.fromkeys(
+        ("BrokerUnavailable", "Busy", "Conflict", "Forbidden", "GuestUnavailable", "InvalidRequest", "NoFreeSlot",
+         "NotFound",
+         "NotVerified", "OutcomeUnknown", "QmpCommandError", "QmpnetError", "RemovalPending", "Timeout",
+         "UnexpectedReply", "Unsupported"),
+        "qmpnet.errors",
+    ),
+    **dict.fromkeys(
+        ("BridgeBackend", "DgramBackend", "GuestEvent", "GuestView", "HubportBackend", "ModelInfo", "NatBackend",
+         "Nic", "NicSpec", "RemoveResult", "StreamBackend", "TapBackend", "UserBackend", "VfioBackend"),
+        "qmpnet.model",
+    ),
+}
 
 __all__ = [
     "BridgeBackend",
@@ -89,5 +118,20 @@ __all__ = [
     "connect",
     "load_settings",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Import a public name's module on first use, and keep the name here."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qmpnet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from qmpnet.bus.mqtt import MqttBus
 from qmpnet.control import serve_control
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from qmpnet.ports import Connection, GuestStore
     from qmpnet.settings import LogSettings, Settings
 
-__all__ = ["JsonFormatter", "configure_logging", "main", "serve"]
+__all__ = ["JsonFormatter", "configure_logging", "main", "raise_open_file_limit", "serve", "tune_collector"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,44 @@ def configure_logging(settings: LogSettings) -> None:
     would repeat that on every retry.
     """
     configure(settings.level, settings.format)
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise the soft limit of open files to the hard one; returns the (soft, hard) limits now in force.
+
+    Each guest costs the controller a QMP socket and a lock file (and a guest agent socket while one is used), so
+    the usual soft limit of 1024 would stop a fleet at about 500 guests. The hard limit is the operator's (systemd:
+    ``LimitNOFILE``); a limit that cannot be raised is logged and kept.
+    """
+    import resource  # noqa: PLC0415 - only the controller needs it
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return soft, hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as err:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, err)
+        return soft, hard
+    return hard, hard
+
+
+#: Allocations between two young-generation collections (CPython's default is 700). A fleet's state is thousands
+#: of long-lived objects per guest and little garbage: with the default, a 3,000-guest connect spent a quarter of
+#: its time walking the same live objects again.
+GC_YOUNG_THRESHOLD: Final = 20_000
+
+
+def tune_collector() -> None:
+    """Fit the cyclic garbage collector to a long-running controller.
+
+    What start-up made (modules, models, settings) is moved out of every later collection (``gc.freeze``), and the
+    young generation is collected every ``GC_YOUNG_THRESHOLD`` allocations instead of 700; the older generations
+    keep CPython's ratios.
+    """
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def serve_settings(settings: Settings) -> Settings:
@@ -78,6 +117,7 @@ async def serve(settings: Settings, *, version: str) -> None:
             read_attempts=settings.qmp.read_attempts,
         )
 
+    soft, _ = raise_open_file_limit()
     metrics = None
     if settings.metrics.port is not None:
         from qmpnet.metrics import Metrics  # noqa: PLC0415 - prometheus-client is loaded only when asked for
@@ -99,12 +139,13 @@ async def serve(settings: Settings, *, version: str) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     log.info(
-        "qmpnet %s serving as %s on %s (%d configured guests, guest directory %s)",
+        "qmpnet %s serving as %s on %s (%d configured guests, guest directory %s; %d open files allowed)",
         version,
         settings.mqtt.controller_id,
         redact_url(settings.mqtt.broker),
         len(settings.controller.guests),
         settings.controller.guest_dir,
+        soft,
     )
     endpoint = None
     if metrics is not None and settings.metrics.port is not None:
@@ -174,6 +215,7 @@ def main(  # noqa: PLR0913 - one keyword per command-line flag
         print(f"error: {err.code}: {err.message}", file=sys.stderr)  # noqa: T201 - the command's one-line verdict
         return 2
     configure_logging(settings.log)
+    tune_collector()  # here, not in serve(): a process that embeds serve() keeps its own collector settings
     try:
         asyncio.run(serve(settings, version=__version__))
     except (InvalidRequest, Busy) as err:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -22,26 +23,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from pydantic import BaseModel
 
-from qmpnet.api import connect
-from qmpnet.control import ControlGuest, controller_serves
 from qmpnet.errors import InvalidRequest, QmpnetError
-from qmpnet.logconfig import configure as configure_logging
-from qmpnet.model import parse_nic_spec, parse_nic_update
-from qmpnet.names import check_qemu_id
-from qmpnet.policy import check_spec
-from qmpnet.settings import Settings, load_settings
-from qmpnet.store import StateDir
-from qmpnet.wire.envelopes import parse_request
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Sequence
 
+    from pydantic import BaseModel
+
     from qmpnet.hostnet.nat import NatStatus
     from qmpnet.model import CaptureResult, Nic, Verify
     from qmpnet.ports import GuestOps
+    from qmpnet.settings import Settings
     from qmpnet.wire.envelopes import GuestInfo
+
+# Every qmpnet module but the errors is imported inside the function that needs it, so that `qmpnet --help` and a
+# direct-mode `nic add` load only what they use (the import-time budget is in docs/performance.md).
 
 T = TypeVar("T")
 
@@ -142,6 +139,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     A usage error (unknown option, bad choice, missing argument) is one line on stderr and exit status 2.
     """
+    global _COLLECTOR_PAUSED  # noqa: PLW0603 - one process-wide switch, set once per command
+    if argv is None and gc.isenabled():
+        # A command's start builds hundreds of thousands of objects (pydantic models and their schemas) and frees
+        # almost none: the cyclic collector would walk them again and again, for nothing. It is off until the
+        # command has imported what it needs (started()), and what exists by then stays out of later collections
+        # (docs/performance.md).
+        gc.disable()
+        _COLLECTOR_PAUSED = True
     command = typer.main.get_command(app)
     args = list(argv) if argv is not None else sys.argv[1:]
     try:
@@ -158,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except typer.Abort:
         print("error: internal: aborted", file=sys.stderr)
         status = 1
+    finally:
+        started()
     sys.exit(status if isinstance(status, int) else 0)
 
 
@@ -182,6 +189,7 @@ def checked(check: Callable[[], T]) -> T:
 
 def run(work: Coroutine[Any, Any, T]) -> T:
     """Run ``work`` to its end; a qmpnet error, or any other (a bug), becomes the one-line ``error:`` exit."""
+    started()
     try:
         return asyncio.run(work)
     except QmpnetError as err:
@@ -191,8 +199,28 @@ def run(work: Coroutine[Any, Any, T]) -> T:
         raise fail(QmpnetError(f"{type(err).__name__}: {err} (--verbose shows where)")) from None
 
 
+async def _controller_serves(control: Path, address: str, timeout: float) -> bool:
+    from qmpnet.control import controller_serves  # noqa: PLC0415 - only with a controller on this host
+
+    return await controller_serves(control, address, timeout)
+
+
+_COLLECTOR_PAUSED = False
+
+
+def started() -> None:
+    """The command has loaded what it needs: collect garbage again, leaving out everything made so far."""
+    global _COLLECTOR_PAUSED  # noqa: PLW0603 - one process-wide switch, set once per command
+    if _COLLECTOR_PAUSED:
+        _COLLECTOR_PAUSED = False
+        gc.freeze()
+        gc.enable()
+
+
 def setup_logging(verbose: bool) -> None:
     """Warnings as ``warning: ...`` lines; with ``--verbose`` everything, the libraries' debug output included."""
+    from qmpnet.logconfig import configure as configure_logging  # noqa: PLC0415 - see the module's imports
+
     if verbose:
         configure_logging(logging.DEBUG, "text")
     else:
@@ -245,6 +273,8 @@ def run_on_guest(
     setup_logging(verbose)
     if (where.qmp is None) == (where.broker is None) or (where.broker is None) != (where.guest is None):
         raise typer.BadParameter("give --qmp SOCKET, or --broker URL and --guest NAME", param_hint="--qmp/--broker")
+    from qmpnet.settings import load_settings  # noqa: PLC0415 - see the module's imports
+
     overrides: dict[str, Any] = {"state_dir": where.state_dir} if where.state_dir is not None else {}
     if where.protocol is not None:
         overrides["mqtt"] = {"protocol": where.protocol.value}
@@ -255,10 +285,14 @@ def run_on_guest(
     async def session() -> T:
         if where.qmp is not None:
             # A `qmpnet serve` on this host may hold the monitor (QEMU serves one client): then ask it instead.
-            control = StateDir(settings.state_dir).control_socket
-            if await controller_serves(control, where.qmp, settings.qmp.connect_timeout):
+            control = settings.state_dir / "control.sock"
+            if control.is_socket() and await _controller_serves(control, where.qmp, settings.qmp.connect_timeout):
+                from qmpnet.control import ControlGuest  # noqa: PLC0415 - only with a controller on this host
+
                 timeouts = {"timeout": settings.mqtt.request_timeout, "verify_timeout": settings.qga.verify_timeout}
                 return await op(ControlGuest(control, where.qmp, **timeouts))
+            from qmpnet.api import connect  # noqa: PLC0415 - see the module's imports
+
             async with connect(where.qmp, settings=settings, qga=where.qga) as guest:
                 return await op(guest)
         from qmpnet.client import Client  # noqa: PLC0415 - the MQTT stack is loaded only in broker mode
@@ -275,6 +309,9 @@ def check_request(op: str, arguments: dict[str, object]) -> None:
     Raises:
         InvalidRequest: Names the field (``id``, ``timeout``) and says why.
     """
+    from qmpnet.names import check_qemu_id  # noqa: PLC0415 - see the module's imports
+    from qmpnet.wire.envelopes import parse_request  # noqa: PLC0415
+
     nic_id = arguments.get("id")
     if isinstance(nic_id, str):
         try:
@@ -287,7 +324,7 @@ def check_request(op: str, arguments: dict[str, object]) -> None:
 def emit(value: BaseModel | dict[str, Any], as_json: bool, table: Callable[[], str]) -> None:
     """Print ``value`` as JSON or as the readable ``table``."""
     if as_json:
-        data = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        data = value if isinstance(value, dict) else value.model_dump(mode="json")
         print(json.dumps(data, indent=2))
     else:
         print(table())
@@ -459,6 +496,9 @@ def nic_add(
     }
     optional = {"id": nic_id, "mac": mac, "addr": addr, "bus": bus, "vectors": vectors, "queues": queues}
     spec |= {k: v for k, v in optional.items() if v is not None}
+    from qmpnet.model import parse_nic_spec  # noqa: PLC0415 - see the module's imports
+    from qmpnet.policy import check_spec  # noqa: PLC0415
+
     nic_spec = checked(lambda: parse_nic_spec(spec))
     where = Where(qmp, broker, guest, controller, state_dir, qga, protocol=mqtt_protocol)
     mode: Verify = "address" if verify_address else verify
@@ -621,6 +661,8 @@ def nic_set(
         nic_id, bridge=bridge, network=network, vlan=vlan, trunks=trunks, no_vlan=no_vlan,
         shape={k: v for k, v in values.items() if v is not None}, no_shape=no_shape, link=link,
     )  # fmt: skip
+    from qmpnet.model import parse_nic_update  # noqa: PLC0415 - see the module's imports
+
     try:
         parse_nic_update(update)  # bad values are refused before connecting, naming the field
     except QmpnetError as err:
@@ -791,6 +833,7 @@ def guests(
 ) -> None:
     """List the guests a controller serves, with their connection state."""
     from qmpnet.client import Client  # noqa: PLC0415 - the MQTT stack is loaded only in broker mode
+    from qmpnet.settings import load_settings  # noqa: PLC0415
 
     setup_logging(verbose)
     protocol = {"mqtt": {"protocol": mqtt_protocol.value}} if mqtt_protocol is not None else {}
@@ -881,6 +924,8 @@ NetNameArg = Annotated[str, typer.Argument(metavar="NAME", help="A NAT network f
 
 def run_on_host(config: Path | None, verbose: bool, op: Callable[[Settings], Coroutine[Any, Any, T]]) -> T:
     """Run host-side ``op`` with the settings; errors become exit status 1."""
+    from qmpnet.settings import load_settings  # noqa: PLC0415 - see the module's imports
+
     setup_logging(verbose)
     settings = checked(lambda: load_settings(config))
     return run(op(settings))

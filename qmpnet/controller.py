@@ -156,6 +156,30 @@ class _Dedup:
         return answer
 
 
+class _Turn:
+    """One of the controller's turns for reading a guest (``controller.first_reads``), given back once.
+
+    Given back when the read ends or after ``hold`` seconds, whichever comes first, so that a QEMU that hangs
+    does not keep the rest of the fleet waiting.
+    """
+
+    def __init__(self, turns: asyncio.Semaphore, hold: float) -> None:
+        self._turns = turns
+        self._timer = asyncio.get_running_loop().call_later(hold, self.release)
+        self._held = True
+
+    @classmethod
+    async def take(cls, turns: asyncio.Semaphore, hold: float) -> _Turn:
+        await turns.acquire()
+        return cls(turns, hold)
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._timer.cancel()
+            self._turns.release()
+
+
 class _Member:
     """One guest of the fleet: its address, connection state, lane (a ``Guest`` while connected) and NICs."""
 
@@ -236,12 +260,18 @@ class _Member:
                       qga=self.agent)
         guest.subscribe(self._on_event)
         connection.on_event(self._on_qmp_event)
+        # The first read of a guest (recovery, the NIC list) takes one of a few turns: a fleet that connects at once
+        # is read a few guests at a time, not thousands, so the replies in flight (and the memory they leave
+        # behind) stay few. A read that takes longer than qmp.connect_timeout gives its turn back and goes on.
+        turn = await _Turn.take(controller.first_reads, controller.settings.qmp.connect_timeout)
         try:
             # Entering the guest recovers it from its record, inside its lane, before any request is served.
             async with guest:
                 self.machine = (await connection.machine())[0]
                 self.qemu = connection.greeting_version
-                self.set_nics(await guest.list_nics())
+                nics = await guest.list_nics()
+                turn.release()
+                self.set_nics(nics)
                 self.guest = guest
                 self.set_state("connected")
                 log.info("guest %s: connected (QEMU %s, %s)", self.name, self.qemu, self.machine,
@@ -262,6 +292,8 @@ class _Member:
                 log.info("guest %s: disconnected", self.name, extra=self.log_extra)
         except QmpnetError as err:
             log.info("guest %s: lost while reading it: %s", self.name, err, extra=self.log_extra)
+        finally:
+            turn.release()
 
     async def _watch(self, connection: Connection, guest: Guest) -> None:
         """Until the connection closes, re-read the guest every ``reconcile.resync_interval`` seconds."""
@@ -297,6 +329,7 @@ class _Member:
 
     def set_state(self, state: GuestState) -> None:
         if state != self.state:
+            self.controller.counted(self.state, state)
             self.state = state
             self.since = time.time()
             self.controller.publish_guest(self)
@@ -480,6 +513,8 @@ class Controller:
         self.host = host
         self.open_store: StoreOpener = open_store or _memory_store
         self._members: dict[str, _Member] = {}
+        self.first_reads = asyncio.Semaphore(settings.controller.first_reads)
+        self._states: dict[str, int] = dict.fromkeys(("connecting", "connected", "disconnected"), 0)
         self._early_desired: dict[str, Mapping[str, Any] | InvalidRequest | None] = {}
         self._stopping = False
         self._tasks: asyncio.TaskGroup | None = None
@@ -567,10 +602,14 @@ class Controller:
     def publish_guest(self, member: _Member) -> None:
         """Publish ``member``'s connection state and update the guests-by-state metric."""
         self.sink.guest_status(member.name, member.status())
-        states: dict[str, int] = dict.fromkeys(("connecting", "connected", "disconnected"), 0)
-        for each in self._members.values():
-            states[each.state] += 1
-        self.observer.guests_changed(states)
+        self.observer.guests_changed(dict(self._states))
+
+    def counted(self, old: GuestState | None, new: GuestState | None) -> None:
+        """Keep the guests-by-state counts (kept, not recounted: a fleet of 5,000 changes state 10,000 times)."""
+        if old is not None:
+            self._states[old] -= 1
+        if new is not None:
+            self._states[new] += 1
 
     def _publish_controller(self) -> None:
         self.sink.controller_status(
@@ -581,6 +620,7 @@ class Controller:
         if self._tasks is None:
             raise RuntimeError("the controller is not running")
         member = _Member(self, name, address, discovered=discovered)
+        self.counted(None, member.state)
         if name in self._early_desired:
             member.set_desired(self._early_desired.pop(name))
         self._members[name] = member
@@ -588,6 +628,7 @@ class Controller:
 
     async def _remove(self, name: str) -> None:
         member = self._members.pop(name)
+        self.counted(member.state, None)
         if member.task is not None:
             member.task.cancel()
             await asyncio.gather(member.task, return_exceptions=True)
@@ -597,7 +638,15 @@ class Controller:
     async def _discover(self, directory: Path) -> None:
         """Poll ``directory`` for ``*.qmp`` sockets: new ones become guests, vanished ones are dropped."""
         unfit: set[str] = set()
+        seen: tuple[float, float] | None = None  # (the directory's mtime, when the scan that saw it started)
         while True:
+            stamp, started = await asyncio.to_thread(_mtime, directory), time.time()
+            if stamp is not None and seen is not None and stamp == seen[0] and seen[1] - stamp > _MTIME_SLACK:
+                # Unchanged since a scan that began well after its last change: nothing came or went (a fleet of
+                # thousands is not re-listed every second).
+                await asyncio.sleep(self.settings.controller.discovery_interval)
+                continue
+            seen = (stamp, started) if stamp is not None else None
             found, skipped = await asyncio.to_thread(_scan, directory)
             for path in skipped - unfit:
                 log.warning("ignoring %s: its name is not a valid guest name (%s)", path, BUS_NAME_RULE)
@@ -614,6 +663,18 @@ class Controller:
             if changed:
                 self._publish_controller()
             await asyncio.sleep(self.settings.controller.discovery_interval)
+
+
+#: Seconds a directory's mtime must lie before a scan for that scan to be trusted to have seen every change
+#: (file timestamps are coarse: a socket made just after the listing can carry the same mtime).
+_MTIME_SLACK = 1.0
+
+
+def _mtime(directory: Path) -> float | None:
+    try:
+        return directory.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _agent_beside(address: str) -> str | None:

@@ -98,6 +98,8 @@ _T = TypeVar("_T")
 _QEMU_INTERNAL_OPTIONS = frozenset({"fd", "fds"})
 #: The QOM object qmpnet adds to each QEMU it meets, holding a random id of that QEMU process.
 INSTANCE_OBJECT = "qmpnet-instance"
+#: How many lanes (of all the guests of this process) are held right now: see Guest._save_async.
+_lanes_held = [0]
 #: QEMU's words when a plan was refused because another client took an id or a PCI place meanwhile.
 _REFUSED = re.compile(r"Duplicate (?:device )?ID|already exists|not available for|no slot/function available")
 
@@ -556,9 +558,11 @@ class Guest:
                 await self._lane.acquire()
         finally:
             self._waiting -= 1
+        _lanes_held[0] += 1
         try:
             yield
         finally:
+            _lanes_held[0] -= 1
             self._lane.release()
 
     async def _fresh_inventory(self) -> Inventory:
@@ -576,6 +580,18 @@ class Guest:
     def _save(self, record: GuestRecord) -> None:
         keep = self._settings.mqtt.dedup_window
         self._store.save(record.pruned(time.time(), keep))
+
+    async def _save_async(self, record: GuestRecord) -> None:
+        """As :meth:`_save`, the disk work off the event loop while other lanes are at work (a hot path's writes).
+
+        With this lane the only one at work in the process, the loop has nobody else to serve while the disk
+        flushes, and writing here saves the hop to a worker thread and back.
+        """
+        keep = self._settings.mqtt.dedup_window
+        if _lanes_held[0] <= 1:
+            self._store.save(record.pruned(time.time(), keep))
+        else:
+            await self._store.save_async(record.pruned(time.time(), keep))
 
     def _pending(self, nic_id: str) -> bool:
         nic = self._store.record.nics.get(nic_id)
@@ -720,37 +736,40 @@ class Guest:
     # ------------------------------------------------------------------------------------------------- hot-add
 
     async def _add(self, spec: NicSpec, operation: str) -> Nic:
-        self._save(self._store.record.with_operation(
-            OperationRecord(id=operation, op="nic/add", nic=spec.id, started=time.time())
-        ))
-        inventory = await self._fresh_inventory()
+        # The operation is recorded together with the NIC's `adding` record, in one write before the first QMP
+        # command (_run_add); what fails before that (reading, planning) records the operation with its error.
+        started = OperationRecord(id=operation, op="nic/add", nic=spec.id, started=time.time())
         try:
-            plan, record = await self._run_add(spec, inventory, operation)
+            inventory = await self._fresh_inventory()
+            plan, record = await self._run_add(spec, inventory, started)
         except QmpCommandError as err:
             if not _REFUSED.search(err.message):
-                self._finish_operation(operation, error=err)
+                self._finish_operation(operation, error=err, started=started)
                 raise
             log.info("guest %s: QEMU refused the plan (%s): reading the guest and planning again", self.name, err)
             try:
                 inventory = await self._fresh_inventory()
-                plan, record = await self._run_add(spec, inventory, operation)
+                plan, record = await self._run_add(spec, inventory, started)
             except QmpnetError as again:
-                self._finish_operation(operation, error=again)
+                self._finish_operation(operation, error=again, started=started)
                 raise
         except OutcomeUnknown:
             raise
         except QmpnetError as err:
-            self._finish_operation(operation, error=err)
+            self._finish_operation(operation, error=err, started=started)
             raise
         done = self._store.record.with_nic(record)
         nic = self._described(inventory.added(plan, spec))
         assert record.spec is not None  # noqa: S101 - a NIC qmpnet adds always has its planned spec
-        self._save(done.model_copy(update={"desired": with_added(done.desired, record.spec)}).with_operation(
+        desired = with_added(done.desired, record.spec)
+        await self._save_async(done.model_copy(update={"desired": desired}).with_operation(
             _finished(self._store.record.operations[operation], data=nic.model_dump(mode="json"))
         ))
         return nic
 
-    async def _run_add(self, spec: NicSpec, inventory: Inventory, operation: str) -> tuple[AddPlan, NicRecord]:
+    async def _run_add(
+        self, spec: NicSpec, inventory: Inventory, started: OperationRecord
+    ) -> tuple[AddPlan, NicRecord]:
         vhost = self._host is not None and needs_tap_fds(spec) and self._host.vhost()
         plan = plan_add(spec, inventory.view(), vhost=vhost)
         owner = f"{self._store.key}/{plan.nic_id}"
@@ -762,9 +781,10 @@ class Guest:
             link=spec.link,
             host=HostHold(owner=owner if needs_tap_fds(spec) else None),
             pci=_pci_of(plan.placement.bus, plan.placement.slot, plan.placement.function),
-            operation=operation,
+            operation=started.id,
         )
-        self._save(self._store.record.with_nic(record))
+        recorded = self._store.record.operations.get(started.id) or started  # the first plan's, if planned again
+        await self._save_async(self._store.record.with_operation(recorded).with_nic(record))
         undo = UndoStack()
         try:
             attachment = await prepare_host(self._host, self._monitor, spec, plan, owner, undo)
@@ -806,8 +826,10 @@ class Guest:
         if spec.shape is not None:
             undo.push("shape", await host.set_shape(tap, spec.shape))
 
-    def _finish_operation(self, operation: str, *, error: QmpnetError) -> None:
-        current = self._store.record.operations.get(operation)
+    def _finish_operation(
+        self, operation: str, *, error: QmpnetError, started: OperationRecord | None = None
+    ) -> None:
+        current = self._store.record.operations.get(operation) or started
         if current is not None:
             self._save(self._store.record.with_operation(_finished(current, error=error)))
 

@@ -373,6 +373,14 @@ class GuestStore(Protocol):
         """
         ...
 
+    async def save_async(self, record: GuestRecord) -> None:
+        """As :meth:`save`, without blocking the event loop while the disk is written (``record`` is current at once).
+
+        Raises:
+            InvalidRequest: The state directory cannot be written.
+        """
+        ...
+
     def close(self) -> None:
         """Let other processes have the guest."""
         ...

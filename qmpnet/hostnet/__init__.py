@@ -21,34 +21,59 @@ The bridge-mode flow the guest lane runs (docs/host-networking.md has the whole 
 The tap is not persistent: once QEMU holds the only fds, ``netdev_del`` (or QEMU exiting) removes it.
 """
 
-from qmpnet.hostconfig import HostnetSettings, NatNetwork, parse_nat_network
-from qmpnet.hostnet.nat import Lease, NatStatus, net_down, net_list, net_status, net_up
-from qmpnet.hostnet.taps import (
-    Tap,
-    TapInfo,
-    check_existing_tap,
-    create_tap,
-    delete_tap,
-    list_taps,
-    sweep_taps,
-    vhost_usable,
-)
-from qmpnet.hostnet.vfio import (
-    GroupMember,
-    Sysfs,
-    VfioDevice,
-    bind_vfio,
-    check_vfio,
-    parse_pci_host,
-    restore_driver,
-)
-from qmpnet.ifnames import (
-    IFNAME_MAX,
-    TAP_PATTERN_DEFAULT,
-    check_ifname,
-    check_netns,
-    check_tap_pattern,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qmpnet.hostconfig import HostnetSettings, NatNetwork, parse_nat_network
+    from qmpnet.hostnet.nat import Lease, NatStatus, net_down, net_list, net_status, net_up
+    from qmpnet.hostnet.taps import (
+        Tap,
+        TapInfo,
+        check_existing_tap,
+        create_tap,
+        delete_tap,
+        list_taps,
+        sweep_taps,
+        vhost_usable,
+    )
+    from qmpnet.hostnet.vfio import (
+        GroupMember,
+        Sysfs,
+        VfioDevice,
+        bind_vfio,
+        check_vfio,
+        parse_pci_host,
+        restore_driver,
+    )
+    from qmpnet.ifnames import (
+        IFNAME_MAX,
+        TAP_PATTERN_DEFAULT,
+        check_ifname,
+        check_netns,
+        check_tap_pattern,
+    )
+
+# The names are loaded on first use (PEP 562), so that importing one module of this package (``host``, which the
+# lane gets on every connect) does not load pyroute2 until netlink is needed (docs/performance.md).
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("HostnetSettings", "NatNetwork", "parse_nat_network"), "qmpnet.hostconfig"),
+    **dict.fromkeys(("Lease", "NatStatus", "net_down", "net_list", "net_status", "net_up"), "qmpnet.hostnet.nat"),
+    **dict.fromkeys(
+        ("Tap", "TapInfo", "check_existing_tap", "create_tap", "delete_tap", "list_taps", "sweep_taps",
+         "vhost_usable"),
+        "qmpnet.hostnet.taps",
+    ),
+    **dict.fromkeys(
+        ("GroupMember", "Sysfs", "VfioDevice", "bind_vfio", "check_vfio", "parse_pci_host", "restore_driver"),
+        "qmpnet.hostnet.vfio",
+    ),
+    **dict.fromkeys(
+        ("IFNAME_MAX", "TAP_PATTERN_DEFAULT", "check_ifname", "check_netns", "check_tap_pattern"), "qmpnet.ifnames"
+    ),
+}
 
 __all__ = [
     "IFNAME_MAX",
@@ -81,3 +106,13 @@ __all__ = [
     "sweep_taps",
     "vhost_usable",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Import a public name's module on first use, and keep the name here."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qmpnet.hostnet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

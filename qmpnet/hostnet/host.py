@@ -12,23 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qmpnet.errors import NotFound
 from qmpnet.hostconfig import HostnetSettings
-from qmpnet.hostnet import bridgeports, shaping
-from qmpnet.hostnet.links import find_link, route
-from qmpnet.hostnet.nat import net_up
-from qmpnet.hostnet.netns import run_in_netns
-from qmpnet.hostnet.taps import Tap, check_existing_tap, create_tap, delete_tap, list_taps, vhost_usable
 from qmpnet.hostnet.vfio import bind_vfio, check_vfio, restore_driver
 from qmpnet.ifnames import check_ifname
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from qmpnet.hostnet import bridgeports, shaping
+    from qmpnet.hostnet.taps import Tap
     from qmpnet.model import Shape, Vlan
     from qmpnet.ports import TapPort
+
+# The netlink side (pyroute2, about 100 ms to import) is imported by the methods that use it, so that a lane that
+# never touches a tap (user-mode NICs, the CLI) does not load it; see sweep_orphans for the connect-time sweep.
 
 __all__ = ["HostNet"]
 
@@ -43,27 +44,32 @@ class HostNet:
 
     async def create_tap(self, bridge: str, *, queues: int, owner: str) -> Tap:
         """Make a tap on ``bridge`` with ``queues`` open queue fds, marked as ``owner``'s."""
+        from qmpnet.hostnet.taps import create_tap  # noqa: PLC0415 - netlink only when used (see the imports)
         return await create_tap(
             bridge, pattern=self.settings.tap_pattern, queues=queues, netns=self.settings.netns, owner=owner
         )
 
     async def delete_tap(self, name: str) -> None:
         """Delete tap ``name`` if it is still there (it normally leaves with QEMU's fd), and its IFB if shaped."""
+        from qmpnet.hostnet.taps import delete_tap  # noqa: PLC0415 - netlink only when used (see the imports)
         await delete_tap(name, netns=self.settings.netns)
         await self._sweep_ifbs(name)
 
     async def nat_bridge(self, network: str) -> str:
         """Bring NAT network ``network`` up (idempotent) and return its bridge."""
+        from qmpnet.hostnet.nat import net_up  # noqa: PLC0415 - netlink only when used (see the imports)
         net = self.settings.network(network)
         await net_up(net, netns=self.settings.netns, settings=self.settings)
         return net.bridge
 
     async def check_tap(self, ifname: str) -> None:
         """Check that ``ifname`` is an existing tap nobody holds."""
+        from qmpnet.hostnet.taps import check_existing_tap  # noqa: PLC0415 - netlink only when used (see the imports)
         await check_existing_tap(ifname, netns=self.settings.netns)
 
     def vhost(self) -> bool:
         """Whether ``/dev/vhost-net`` can be used."""
+        from qmpnet.hostnet.taps import vhost_usable  # noqa: PLC0415 - netlink only when used (see the imports)
         return vhost_usable()
 
     async def prepare_vfio(self, host: str, *, rebind: bool) -> str | None:
@@ -87,7 +93,14 @@ class HostNet:
         The controller calls this when a guest (re)connects, with the owners of the NICs the guest has: a tap made
         for a NIC that no longer exists (a controller that died between ``getfd`` and ``netdev_add`` leaves one
         held by QEMU's fd table) is removed; taps of other guests are never touched.
+
+        In the host's own namespace, when no link carries a mark of this guest's taps or of an IFB (read from
+        sysfs, which costs no netlink), there is nothing to sweep and pyroute2 is not even loaded.
         """
+        if self.settings.netns is None and not await asyncio.to_thread(_marked_links, owner_prefix):
+            return []
+        from qmpnet.hostnet.taps import delete_tap, list_taps  # noqa: PLC0415 - netlink only when used
+
         taps = await list_taps(pattern=self.settings.tap_pattern, netns=self.settings.netns)
         stale = [t.name for t in taps if (t.owner or "").startswith(owner_prefix) and t.owner not in keep]
         deleted = [name for name in stale if await delete_tap(name, netns=self.settings.netns)]
@@ -97,6 +110,10 @@ class HostNet:
         return deleted
 
     async def _sweep_ifbs(self, tap: str | None) -> None:
+        from qmpnet.hostnet import shaping  # noqa: PLC0415 - netlink only when used (see the imports)
+        from qmpnet.hostnet.links import route  # noqa: PLC0415 - netlink only when used (see the imports)
+        from qmpnet.hostnet.netns import run_in_netns  # noqa: PLC0415 - netlink only when used (see the imports)
+
         def sweep() -> list[str]:
             with route() as ipr:
                 return shaping.sweep_ifbs(ipr, tap_name=tap)
@@ -114,6 +131,9 @@ class HostNet:
         another process under another guest name (the CLI names a guest by its socket path, ``qmpnet serve`` by
         its configured name).
         """
+        from qmpnet.hostnet import bridgeports  # noqa: PLC0415 - netlink only when used (see the imports)
+        from qmpnet.hostnet.links import route  # noqa: PLC0415 - netlink only when used (see the imports)
+        from qmpnet.hostnet.netns import run_in_netns  # noqa: PLC0415 - netlink only when used (see the imports)
         held = await asyncio.to_thread(bridgeports.tap_held_by, pid, fd) if pid and fd is not None else None
 
         def look() -> str | None:
@@ -128,6 +148,9 @@ class HostNet:
         Raises:
             NotFound: No such tap.
         """
+        from qmpnet.hostnet import bridgeports  # noqa: PLC0415 - netlink only when used (see the imports)
+        from qmpnet.hostnet.links import route  # noqa: PLC0415 - netlink only when used (see the imports)
+        from qmpnet.hostnet.netns import run_in_netns  # noqa: PLC0415 - netlink only when used (see the imports)
         check_ifname(tap, field="id")
 
         def look() -> TapPort:
@@ -143,6 +166,9 @@ class HostNet:
             NotFound: No such tap, or no bridge ``bridge`` (``field``).
             InvalidRequest: ``bridge`` is not a Linux bridge, or a name is malformed.
         """
+        from qmpnet.hostnet import bridgeports  # noqa: PLC0415 - netlink only when used (see the imports)
+        from qmpnet.hostnet.links import route  # noqa: PLC0415 - netlink only when used (see the imports)
+        from qmpnet.hostnet.netns import run_in_netns  # noqa: PLC0415 - netlink only when used (see the imports)
         check_ifname(tap, field="id")
         check_ifname(bridge, field=field)
         netns = self.settings.netns
@@ -171,6 +197,9 @@ class HostNet:
             Unsupported: The tap is on no bridge, or the bridge does not filter VLANs.
             NotFound: No such tap.
         """
+        from qmpnet.hostnet import bridgeports  # noqa: PLC0415 - netlink only when used (see the imports)
+        from qmpnet.hostnet.links import route  # noqa: PLC0415 - netlink only when used (see the imports)
+        from qmpnet.hostnet.netns import run_in_netns  # noqa: PLC0415 - netlink only when used (see the imports)
         check_ifname(tap, field="id")
         netns = self.settings.netns
 
@@ -197,6 +226,9 @@ class HostNet:
             Conflict: The tap carries qdiscs qmpnet did not make.
             NotFound: No such tap.
         """
+        from qmpnet.hostnet import shaping  # noqa: PLC0415 - netlink only when used (see the imports)
+        from qmpnet.hostnet.links import find_link, route  # noqa: PLC0415 - netlink only when used (see the imports)
+        from qmpnet.hostnet.netns import run_in_netns  # noqa: PLC0415 - netlink only when used (see the imports)
         check_ifname(tap, field="id")
         netns = self.settings.netns
         layout = shaping.layout_of(shape, latency=self.settings.shape_latency)
@@ -215,3 +247,29 @@ class HostNet:
             await run_in_netns(netns, lambda: write(before))
 
         return restore
+
+
+#: Where the links of this process's network namespace are listed (procfs is per namespace, sysfs per mount).
+_PROC_NET_DEV = Path("/proc/self/net/dev")
+_SYS_CLASS_NET = Path("/sys/class/net")
+#: The aliases of what a sweep deletes: ``links.tap_mark(owner)`` and ``links.ifb_mark(...)`` (links imports
+#: pyroute2, so the prefixes are repeated here; a unit test keeps them equal).
+TAP_MARK_PREFIX = "qmpnet:tap:"
+IFB_MARK_PREFIX = "qmpnet:ifb:"
+
+
+def _marked_links(owner_prefix: str) -> bool:
+    """Whether a link may need sweeping: a tap marked for an owner under ``owner_prefix``, or an IFB qmpnet made.
+
+    Reads the aliases from sysfs. When sysfs does not list exactly this namespace's links (a namespace entered
+    without remounting sysfs), or cannot be read, the answer is ``True``: the full netlink sweep then decides.
+    """
+    try:
+        lines = _PROC_NET_DEV.read_text().splitlines()[2:]
+        names = {line.partition(":")[0].strip() for line in lines}
+        if names != {path.name for path in _SYS_CLASS_NET.iterdir() if path.is_dir()}:  # not bonding_masters
+            return True
+        aliases = [(_SYS_CLASS_NET / name / "ifalias").read_text().strip() for name in names]
+    except OSError:
+        return True
+    return any(alias.startswith((TAP_MARK_PREFIX + owner_prefix, IFB_MARK_PREFIX)) for alias in aliases)

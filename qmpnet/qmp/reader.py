@@ -8,10 +8,13 @@ What is read, and why (``docs/qemu-notes.md`` has the QEMU side):
   takes) and ``addr`` (the devfn); for a NIC type ``mac`` and ``netdev``; for vfio-pci ``host``; and a bridge or
   root port is ``qom-list``-ed for the PCI bus it provides. These reads do not depend on each other and are sent
   at once (qemu.qmp matches answers by id), so a read costs a few round trips, not one per property.
-* **What a type is** comes from QEMU, read once per connection: ``qom-list-types implements=pci-device`` (with
-  parents, so a bridge is a ``base-pci-bridge``, a root port a ``pcie-slot``) and ``device-list-properties`` of each
-  PCI type met. A device is a NIC only when its type has NIC properties (``netdev``/``mac``) or it is a vfio-pci
-  function; a bridge or root port never is, whatever sits behind it.
+* **What a type is** comes from QEMU: ``qom-list-types implements=pci-device`` (with parents, so a bridge is a
+  ``base-pci-bridge``, a root port a ``pcie-slot``) and ``device-list-properties`` of each PCI type met. A device is
+  a NIC only when its type has NIC properties (``netdev``/``mac``) or it is a vfio-pci function; a bridge or root
+  port never is, whatever sits behind it. Types belong to the QEMU *binary*: read once per connection, or once per
+  binary when the monitor can tell which binary it talks to (:meth:`GuestReader.share_types`; a unix socket's
+  peer is a process whose executable can be identified), so a controller with a thousand guests of one QEMU
+  keeps one copy and asks each new connection only for its devices.
 * **The root bus** is ``query-pci``'s bus 0, which also shows the machine's built-in functions (host bridge, LPC,
   IDE...). It cannot show what sits behind bridges while the firmware has not numbered their buses (``-S``), which
   is why everything else comes from QOM. Each root function must match what QOM says is there; a built-in network
@@ -35,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal
 
 from qmpnet.errors import QmpCommandError, UnexpectedReply, Unsupported
@@ -57,7 +60,7 @@ from qmpnet.qmp.parse import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable, Mapping
+    from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 
 __all__ = ["ANONYMOUS", "PERIPHERAL", "UNATTACHED", "GuestReader"]
 
@@ -69,6 +72,30 @@ HOST_BRIDGES: Final = frozenset({"i440FX-pcihost", "q35-pcihost"})
 NIC_PROPERTIES: Final = frozenset({"mac", "netdev"})
 
 _Call = tuple[str, dict[str, object] | None]
+#: QEMU binaries whose type facts are kept (a host upgrading QEMU meets a few; the oldest are forgotten).
+_BUILDS_KEPT: Final = 16
+
+
+@dataclass
+class _TypeFacts:
+    """What one QEMU binary says of its PCI types: the type tree, and the properties of each type met so far."""
+
+    tree: TypeTree | None = None
+    properties: dict[str, frozenset[str]] = field(default_factory=dict)
+    #: Set while one connection reads types for all (a thousand guests connecting at once ask once, not each).
+    reading: asyncio.Future[None] | None = None
+
+    async def turn(self) -> asyncio.Future[None]:
+        """Wait while another connection of this event loop reads types; returns the future to finish when done."""
+        loop = asyncio.get_running_loop()
+        while (busy := self.reading) is not None and not busy.done() and busy.get_loop() is loop:
+            await asyncio.wait({busy})
+        self.reading = loop.create_future()
+        return self.reading
+
+
+#: Type facts by QEMU binary, shared by every connection to a QEMU of that binary (GuestReader.share_types).
+_BUILDS: dict[Hashable, _TypeFacts] = {}
 
 
 @dataclass(frozen=True)
@@ -128,10 +155,22 @@ class GuestReader:
         self._execute = execute
         self._attempts = max(1, attempts)
         self._machine: _Machine | None = None
-        self._properties: dict[str, frozenset[str]] = {}
+        self._types = _TypeFacts()
         self._known: dict[str, _Device] = {}
         self._deleted: list[str] | None = None  # while new devices are read: the paths deleted meanwhile
         self._unattached = False
+
+    def share_types(self, build: Hashable) -> None:
+        """Take the type facts of QEMU binary ``build`` from (and give them to) every reader of that binary.
+
+        Call before the first read. ``build`` must identify the executable exactly (``QmpMonitor`` uses the device,
+        inode, size and modification time of the peer's ``/proc/PID/exe``, and the greeting's version).
+        """
+        facts = _BUILDS.pop(build, None) or self._types
+        _BUILDS[build] = facts  # most recently used last
+        while len(_BUILDS) > _BUILDS_KEPT:
+            del _BUILDS[next(iter(_BUILDS))]
+        self._types = facts
 
     def forget(self, path: str) -> None:
         """Drop what is kept of the device at QOM ``path`` and below (call it on ``DEVICE_DELETED``)."""
@@ -174,9 +213,7 @@ class GuestReader:
     async def _facts(self, machine: str, kind: str) -> _Machine:
         if self._machine is not None:
             return self._machine
-        listing, types = await self._all(
-            [("qom-list", {"path": "/machine"}), ("qom-list-types", {"implements": "pci-device", "abstract": True})]
-        )
+        (listing,) = await self._all([("qom-list", {"path": "/machine"})])
         hosts = [name for name, t in parse_qom_children(listing, "qom-list").items() if t in HOST_BRIDGES]
         if len(hosts) != 1:
             raise Unsupported(
@@ -188,20 +225,40 @@ class GuestReader:
         buses = child_buses(host_listing, "qom-list")
         if len(buses) != 1:
             raise UnexpectedReply(f"qom-list: host bridge {host} has PCI buses {buses}, not one", command="qom-list")
-        self._machine = _Machine(
-            "q35" if kind == "q35" else "pc", f"{host}/{buses[0]}", buses[0], TypeTree.parse(types, "qom-list-types")
-        )
+        self._machine = _Machine("q35" if kind == "q35" else "pc", f"{host}/{buses[0]}", buses[0], await self._tree())
         return self._machine
+
+    async def _tree(self) -> TypeTree:
+        """The PCI type tree of this QEMU (read by the first connection to its binary)."""
+        shared = self._types
+        if shared.tree is None:
+            done = await shared.turn()
+            try:
+                if shared.tree is None:
+                    (types,) = await self._all([("qom-list-types", {"implements": "pci-device", "abstract": True})])
+                    shared.tree = TypeTree.parse(types, "qom-list-types")
+            finally:
+                done.set_result(None)
+        return shared.tree
 
     async def _learn(self, facts: _Machine, types: Iterable[str]) -> None:
         """Read the properties of each PCI type not met yet (bridges and root ports are never NICs: not asked)."""
-        new = sorted(set(types) - set(self._properties))
-        for qom_type in [t for t in new if facts.types.is_a(t, "base-pci-bridge")]:
-            self._properties[qom_type] = frozenset()
-            new.remove(qom_type)
-        answers = await self._all([("device-list-properties", {"typename": t}) for t in new])
-        for qom_type, answer in zip(new, answers, strict=True):
-            self._properties[qom_type] = parse_properties(answer, "device-list-properties")
+        shared = self._types
+        properties = shared.properties
+        wanted = set(types)
+        if wanted <= properties.keys():
+            return
+        done = await shared.turn()
+        try:
+            new = sorted(wanted - properties.keys())
+            for qom_type in [t for t in new if facts.types.is_a(t, "base-pci-bridge")]:
+                properties[qom_type] = frozenset()
+                new.remove(qom_type)
+            answers = await self._all([("device-list-properties", {"typename": t}) for t in new])
+            for qom_type, answer in zip(new, answers, strict=True):
+                properties[qom_type] = parse_properties(answer, "device-list-properties")
+        finally:
+            done.set_result(None)
 
     # ----------------------------------------------------------------------------------------------- one read
 
@@ -241,7 +298,7 @@ class GuestReader:
         return Observation(machine, topology, pci, frozenset(peripheral), parse_network(network))
 
     def _is_nic_type(self, facts: _Machine, qom_type: str) -> bool:
-        return bool(self._properties[qom_type] & NIC_PROPERTIES) or facts.types.is_a(qom_type, "vfio-pci")
+        return bool(self._types.properties[qom_type] & NIC_PROPERTIES) or facts.types.is_a(qom_type, "vfio-pci")
 
     async def _read_devices(
         self, facts: _Machine, listed: list[_Device], on_root: Mapping[str, PciFunction]
@@ -257,7 +314,7 @@ class GuestReader:
         calls: list[_Call] = []
         stores: list[tuple[_Device, Callable[[_Device, object], None]]] = []
         for dev in new:
-            props = self._properties[dev.type]
+            props = self._types.properties[dev.type]
             wanted: list[tuple[str, Callable[[_Device, object], None]]] = []
             if (fn := on_root.get(dev.id or "")) is not None:
                 dev.bus_path, dev.slot, dev.function = facts.root_path, fn.slot, fn.function

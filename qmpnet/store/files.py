@@ -12,23 +12,27 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
 import tempfile
+import threading
 import time
-from pathlib import Path
+import weakref
+from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Final
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from qmpnet.errors import Busy, InvalidRequest, Unsupported
 from qmpnet.records import FORMAT_VERSION, GuestRecord
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
 __all__ = ["FileGuestStore", "MemoryGuestStore", "StateDir", "canonical_address", "guest_key"]
 
@@ -144,52 +148,101 @@ class StateDir:
 
 
 class FileGuestStore:
-    """One guest's record, locked for this process until :meth:`close`."""
+    """One guest's record, locked for this process until :meth:`close`.
+
+    Writes are serialised (a thread lock: :meth:`save_async` writes in a worker thread) and numbered in the order
+    they were asked for; a write that finds a later one already on disk has nothing left to do, since every record
+    is built from the current one and so contains what the earlier ones did.
+    """
 
     def __init__(self, path: Path, record: GuestRecord, lock_fd: int, key: str) -> None:
         self.path = path
         self.key = key
         self._record = record
+        self._durable = record  # the newest record known to be on disk
+        self._asked = 0  # writes asked for, numbered
+        self._done = 0  # the number of the newest write on disk
+        self._io = threading.Lock()
         self._lock_fd: int | None = lock_fd
+        self._tmp = str(path.with_name(f".{path.stem}.tmp"))
+        self._dir_fd: int | None = None
 
     @property
     def record(self) -> GuestRecord:
-        """The record as last saved (or loaded)."""
+        """The record as last saved (or loaded); during :meth:`save_async`, the one being written."""
         return self._record
 
     def save(self, record: GuestRecord) -> None:
         """Write ``record`` durably and atomically, then make it the current one.
 
+        The temporary file has a fixed name (``.<key>.tmp`` beside the record): only the holder of the guest's
+        lock writes there. The directory stays open for the store's lifetime, for the ``fsync`` of the rename.
+
         Raises:
             InvalidRequest: The state directory can no longer be written (nothing was changed).
         """
-        data = record.model_dump_json(exclude_defaults=False).encode()
-        directory = self.path.parent
-        try:
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.path.stem}-", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                    out.flush()
-                    os.fsync(out.fileno())
-                Path(tmp).replace(self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    Path(tmp).unlink()
-                raise
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as err:
-            raise InvalidRequest(
-                f"state_dir: cannot write {self.path} ({err.strerror or err})", field="state_dir"
-            ) from err
+        self._asked += 1
+        self._write(encode_record(record), self._asked, record)
         self._record = record
+
+    async def save_async(self, record: GuestRecord) -> None:
+        """As :meth:`save`, with the disk work in a worker thread: the event loop serves other guests meanwhile.
+
+        ``record`` is the current record at once (what is built on it next contains it); it is on disk when this
+        returns.
+
+        Raises:
+            InvalidRequest: The state directory can no longer be written (the record is what it was, unless it
+                was changed again meanwhile).
+        """
+        self._asked += 1
+        data, number = encode_record(record), self._asked
+        self._record = record
+        try:
+            await asyncio.to_thread(self._write, data, number, record)
+        except InvalidRequest:
+            if self._record is record:
+                self._record = self._durable
+            raise
+
+    def _write(self, data: bytes, number: int, record: GuestRecord) -> None:
+        with self._io:
+            if number <= self._done:
+                return  # a later record (built on this one) is on disk already
+            tmp = self._tmp
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                try:
+                    try:
+                        view = memoryview(data)
+                        while view:
+                            view = view[os.write(fd, view) :]
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    os.replace(tmp, self.path)  # noqa: PTH105 - the str paths of the hot path, no Path objects
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)  # noqa: PTH108 - as above
+                    raise
+                os.fsync(self._directory())
+            except OSError as err:
+                raise InvalidRequest(
+                    f"state_dir: cannot write {self.path} ({err.strerror or err})", field="state_dir"
+                ) from err
+            self._done, self._durable = number, record
+
+    def _directory(self) -> int:
+        if self._dir_fd is None:
+            self._dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self._dir_fd
 
     def close(self) -> None:
         """Release the lock. Safe to call twice."""
+        with self._io:  # a write in a worker thread finishes first
+            if self._dir_fd is not None:
+                os.close(self._dir_fd)
+                self._dir_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -213,8 +266,62 @@ class MemoryGuestStore:
         self._record = record
         self.saves += 1
 
+    async def save_async(self, record: GuestRecord) -> None:
+        """Keep ``record`` (as :meth:`save`)."""
+        self.save(record)
+
     def close(self) -> None:
         """Nothing to release."""
+
+
+#: The JSON of sub-records already encoded, by object (see encode_record): id -> (weak reference, JSON).
+_FRAGMENTS: dict[int, tuple[weakref.ref[BaseModel], str]] = {}
+_string: Final = encode_basestring_ascii  # a JSON string, quoted and escaped (json's own C encoder)
+#: The fields of a GuestRecord encoded from fragments; every other field is encoded by pydantic.
+_MAPPED: Final = ("nics", "operations")
+
+
+def encode_record(record: GuestRecord) -> bytes:
+    """``record`` as the JSON document of the record file, reusing what earlier writes encoded.
+
+    Records are frozen, and a change copies only what it changes (``GuestRecord.with_nic`` and the like keep the
+    other NICs', operations' and desired specs' objects), so between two writes of a guest nearly every
+    ``NicRecord``, ``OperationRecord`` and desired ``NicSpec`` is the very same object; encoding them again was
+    most of a write's CPU. The document is the one ``record.model_dump_json()`` gives, field order aside (a unit
+    test compares them); the other fields, present and future, are pydantic's own encoding.
+    """
+    fields = [
+        (name, "{" + ",".join(f"{_string(key)}:{_fragment(value)}" for key, value in getattr(record, name).items())
+         + "}")
+        for name in _MAPPED
+    ]  # fmt: skip
+    desired = record.desired
+    if desired is None:
+        fields.append(("desired", "null"))
+    else:
+        specs = "[" + ",".join(_fragment(spec) for spec in desired.nics) + "]"
+        fields.append(("desired", _with(desired.model_dump_json(exclude={"nics"}), [("nics", specs)])))
+    return _with(record.model_dump_json(exclude={*_MAPPED, "desired"}), fields).encode()
+
+
+def _with(document: str, fields: list[tuple[str, str]]) -> str:
+    """The JSON object ``document`` with ``fields`` (name, encoded value) added at its end."""
+    added = ",".join(f"{_string(name)}:{value}" for name, value in fields)
+    return f"{document[:-1]}{',' if document != '{}' else ''}{added}}}"
+
+
+def _fragment(model: BaseModel) -> str:
+    key = id(model)
+    cached = _FRAGMENTS.get(key)
+    if cached is not None and cached[0]() is model:
+        return cached[1]
+    text = model.model_dump_json()
+    _FRAGMENTS[key] = (weakref.ref(model, functools.partial(_drop_fragment, key)), text)
+    return text
+
+
+def _drop_fragment(key: int, _gone: object) -> None:
+    _FRAGMENTS.pop(key, None)
 
 
 def _load(path: Path) -> GuestRecord | None:

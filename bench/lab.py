@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiomqtt
 
+from qmpnet.testguest.services import accepts, free_port
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
@@ -33,10 +35,6 @@ WATCHDOG_GRACE = 20.0  # seconds past a phase deadline before the watchdog threa
 T = TypeVar("T")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Lab:
@@ -194,7 +192,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 def _qemu_ready(path: Path, proc: subprocess.Popen[bytes]) -> bool:
     if proc.poll() is not None:
         raise RuntimeError(f"QEMU for {path} exited with status {proc.returncode}")
-    return path.exists() and _accepts(str(path))
+    return path.exists() and accepts(str(path))
 
 
 def _listens(pid: int, port: int) -> bool:
@@ -215,15 +213,6 @@ def _listens(pid: int, port: int) -> bool:
                     return True
     return False
 
-
-def _accepts(address: str | tuple[str, int]) -> bool:
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-    with socket.socket(family) as sock:
-        try:
-            sock.connect(address)
-        except OSError:
-            return False
-    return True
 
 
 class Watchdog:

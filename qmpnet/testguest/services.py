@@ -166,7 +166,8 @@ class Process:
             time.sleep(0.02)
 
 
-def _accepts(address: str | tuple[str, int]) -> bool:
+def accepts(address: str | tuple[str, int]) -> bool:
+    """Whether something listens at ``address`` (a unix socket path, or a TCP host and port) right now."""
     family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
     with socket.socket(family) as sock:
         try:
@@ -237,7 +238,7 @@ class Mosquitto(Process):
         """Start and wait until the port accepts connections."""
         mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.spawn([mosquitto, "-c", str(self.conf_path)])
-        self.wait_until(lambda: _accepts(("127.0.0.1", self.port)), 10, "mosquitto")
+        self.wait_until(lambda: accepts(("127.0.0.1", self.port)), 10, "mosquitto")
         return self
 
 
@@ -262,7 +263,7 @@ class Epmd(Process):
     def start(self) -> Self:
         """Start and wait until it listens."""
         self.spawn([shutil.which("epmd") or "epmd", "-port", str(self.port), "-address", "127.0.0.1"])
-        self.wait_until(lambda: _accepts(("127.0.0.1", self.port)), 10, "epmd")
+        self.wait_until(lambda: accepts(("127.0.0.1", self.port)), 10, "epmd")
         return self
 
 
@@ -332,7 +333,7 @@ class RabbitMQ(Process):
 
     def wait_mqtt(self) -> None:
         """Wait until the MQTT port accepts connections (after a boot or ``start_app``)."""
-        self.wait_until(lambda: _accepts(("127.0.0.1", self.port)), RABBITMQ_BOOT, f"RabbitMQ {self.node}")
+        self.wait_until(lambda: accepts(("127.0.0.1", self.port)), RABBITMQ_BOOT, f"RabbitMQ {self.node}")
 
     def ctl(self, *args: str, timeout: float = 60) -> str:
         """Run ``rabbitmqctl -n <node> ARGS`` and return its output."""
@@ -383,7 +384,7 @@ class Qemu(Process):
                 "-m", "64", "-name", self.qmp.stem, "-qmp", f"unix:{self.qmp},server=on,wait=off", *self.extra,
             ]
         )  # fmt: skip
-        self.wait_until(lambda: self.qmp.exists() and _accepts(str(self.qmp)), 10, "QEMU QMP socket")
+        self.wait_until(lambda: self.qmp.exists() and accepts(str(self.qmp)), 10, "QEMU QMP socket")
         return self
 
 

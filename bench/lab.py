@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import aiomqtt
 from qmpnet.testguest.services import accepts, free_port
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import AsyncIterator, Callable, Coroutine
 
 QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -370,3 +371,29 @@ def raise_nofile() -> None:
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@contextlib.asynccontextmanager
+async def lab_session(prefix: str) -> AsyncIterator[tuple[Lab, Watchdog]]:
+    """A lab in a fresh /tmp directory and its watchdog; on exit (SIGTERM and Ctrl-C included) no process is left."""
+    me = asyncio.current_task()
+    if me is not None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(signum, me.cancel)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    lab = Lab(tmp)
+    watchdog = Watchdog(lab)
+    try:
+        yield lab, watchdog
+    finally:
+        watchdog.arm("stopping the processes", 30 + WATCHDOG_GRACE)
+        lab.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        watchdog.disarm()
+
+
+def failed(err: BaseException) -> int:
+    """Report a run that ended on ``err`` (or was interrupted) in one line; the exit status."""
+    what = "interrupted" if isinstance(err, asyncio.CancelledError) else f"{type(err).__name__}: {err}"
+    print(f"error: {what}", file=sys.stderr, flush=True)
+    return 1

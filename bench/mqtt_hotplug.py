@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import math
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -45,10 +44,10 @@ from baseline import RawQmp, summary
 from lab import (
     NODELAY,
     SLOTS_PER_GUEST,
-    WATCHDOG_GRACE,
     Lab,
-    Watchdog,
     cpu_seconds,
+    failed,
+    lab_session,
     run_phase,
     stop_task,
     wait_connected,
@@ -221,38 +220,25 @@ async def main() -> int:
     def deadline(base: float, per_item: float, items: int) -> float:
         return args.phase_timeout if args.phase_timeout is not None else base + per_item * items
 
-    me = asyncio.current_task()
-    if me is not None:  # SIGTERM (e.g. from `timeout`) and Ctrl-C unwind through the finally below: no process is left
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(signum, me.cancel)
-    tmp = Path(tempfile.mkdtemp(prefix="qmpnet-mqtt-bench-", dir="/tmp"))
-    lab = Lab(tmp)
-    watchdog = Watchdog(lab)
-    try:
-        broker = lab.broker()
-        raw = await run_phase(lab, watchdog, "raw QMP hot-adds", deadline(60, 0.5, args.samples),
-                              phase_raw(lab, args.samples))  # fmt: skip
-        floor = await run_phase(lab, watchdog, "MQTT round-trip floor", deadline(60, 0.5, args.samples),
-                                phase_floor(broker, args.samples))  # fmt: skip
-        mqtt, cpu_one = await run_phase(lab, watchdog, "qmpnet hot-adds over MQTT", deadline(90, 0.5, args.samples),
-                                        phase_mqtt(lab, broker, args.samples))  # fmt: skip
-        mqtt_mem, cpu_mem = await run_phase(lab, watchdog, "qmpnet hot-adds over MQTT, state store on tmpfs",
-                                            deadline(90, 0.5, args.samples),
-                                            phase_mqtt(lab, broker, args.samples, tmpfs=True))  # fmt: skip
-        what = f"{args.guests} guests x {args.adds} hot-adds, direct and through qmpnet"
-        direct_s, mqtt_s, cpu_many = await run_phase(
-            lab, watchdog, what, deadline(120, 0.5, args.guests * args.adds),
-            phase_throughput(lab, broker, args.guests, args.adds),
-        )  # fmt: skip
-    except (Exception, asyncio.CancelledError) as err:  # noqa: BLE001 - reported, then the exit status says it
-        what = "interrupted" if isinstance(err, asyncio.CancelledError) else f"{type(err).__name__}: {err}"
-        print(f"error: {what}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        watchdog.arm("stopping the processes", 30 + WATCHDOG_GRACE)
-        lab.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        watchdog.disarm()
+    async with lab_session("qmpnet-mqtt-bench-") as (lab, watchdog):
+        try:
+            broker = lab.broker()
+            raw = await run_phase(lab, watchdog, "raw QMP hot-adds", deadline(60, 0.5, args.samples),
+                                  phase_raw(lab, args.samples))  # fmt: skip
+            floor = await run_phase(lab, watchdog, "MQTT round-trip floor", deadline(60, 0.5, args.samples),
+                                    phase_floor(broker, args.samples))  # fmt: skip
+            mqtt, cpu_one = await run_phase(lab, watchdog, "qmpnet hot-adds over MQTT", deadline(90, 0.5, args.samples),
+                                            phase_mqtt(lab, broker, args.samples))  # fmt: skip
+            mqtt_mem, cpu_mem = await run_phase(lab, watchdog, "qmpnet hot-adds over MQTT, state store on tmpfs",
+                                                deadline(90, 0.5, args.samples),
+                                                phase_mqtt(lab, broker, args.samples, tmpfs=True))  # fmt: skip
+            what = f"{args.guests} guests x {args.adds} hot-adds, direct and through qmpnet"
+            direct_s, mqtt_s, cpu_many = await run_phase(
+                lab, watchdog, what, deadline(120, 0.5, args.guests * args.adds),
+                phase_throughput(lab, broker, args.guests, args.adds),
+            )  # fmt: skip
+        except (Exception, asyncio.CancelledError) as err:  # noqa: BLE001 - reported, then the exit status says it
+            return failed(err)
     raw_median, floor_median, mqtt_median = summary(raw)[0], summary(floor)[0], summary(mqtt)[0]
     report([("raw QMP hot-add", raw), ("MQTT round trip (echo responder)", floor),
             ("qmpnet hot-add over MQTT (client)", mqtt), ("  the same, state store on tmpfs", mqtt_mem)],

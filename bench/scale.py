@@ -30,21 +30,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from baseline import summary
 from lab import (
-    WATCHDOG_GRACE,
     Lab,
-    Watchdog,
     cpu_seconds,
+    failed,
+    lab_session,
     progress,
     raise_nofile,
     rss_mib,
@@ -57,6 +53,7 @@ from qmpnet.client import Client
 
 if TYPE_CHECKING:
     import subprocess
+    from pathlib import Path
 
 SLOTS = 20  # hot-adds per guest in the latency samples (a -S pc guest has ~30 free slots, the captured one ~25)
 
@@ -200,29 +197,16 @@ async def main() -> int:
         print(f"rows {args.rows}, samples {args.samples}, resync {args.resync or 'default'}")
         return 0
     raise_nofile()
-    me = asyncio.current_task()
-    if me is not None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(signum, me.cancel)
-    tmp = Path(tempfile.mkdtemp(prefix="qmpnet-scale-bench-", dir="/tmp"))
-    lab = Lab(tmp)
-    watchdog = Watchdog(lab)
     env = {"QMPNET_RECONCILE__RESYNC_INTERVAL": str(args.resync)} if args.resync else {}
     rows: list[Row] = []
-    try:
-        for kind, count in args.rows:
-            what = f"{count} {'real QEMU' if kind == 'qemu' else 'simulator'} guests on one controller"
-            deadline = 180 + count * (1.0 if kind == "qemu" else 0.2)
-            rows.append(await run_phase(lab, watchdog, what, deadline, fleet(lab, kind, count, args.samples, env)))
-    except (Exception, asyncio.CancelledError) as err:  # noqa: BLE001 - reported, then the exit status says it
-        what = "interrupted" if isinstance(err, asyncio.CancelledError) else f"{type(err).__name__}: {err}"
-        print(f"error: {what}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        watchdog.arm("stopping the processes", 30 + WATCHDOG_GRACE)
-        lab.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        watchdog.disarm()
+    async with lab_session("qmpnet-scale-bench-") as (lab, watchdog):
+        try:
+            for kind, count in args.rows:
+                what = f"{count} {'real QEMU' if kind == 'qemu' else 'simulator'} guests on one controller"
+                deadline = 180 + count * (1.0 if kind == "qemu" else 0.2)
+                rows.append(await run_phase(lab, watchdog, what, deadline, fleet(lab, kind, count, args.samples, env)))
+        except (Exception, asyncio.CancelledError) as err:  # noqa: BLE001 - reported, then the exit status says it
+            return failed(err)
     report(rows)
     return 0
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from baseline import summary
 
-from qmpnet.qmp import QmpMonitor
+from qmpnet.adapters.qmp import QmpMonitor
 
 DEVICES = [
     *("-device", "pcie-root-port,id=rp1,chassis=1,bus=pcie.0,addr=0x8"),

@@ -18,7 +18,24 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from qmpnet.api import connect
+    from qmpnet.api.direct import connect
+    from qmpnet.core.model import (
+        BridgeBackend,
+        DgramBackend,
+        GuestEvent,
+        GuestView,
+        HubportBackend,
+        ModelInfo,
+        NatBackend,
+        Nic,
+        NicSpec,
+        RemoveResult,
+        StreamBackend,
+        TapBackend,
+        UserBackend,
+        VfioBackend,
+    )
+    from qmpnet.core.policy import Policy
     from qmpnet.errors import (
         BrokerUnavailable,
         Busy,
@@ -37,33 +54,16 @@ if TYPE_CHECKING:
         UnexpectedReply,
         Unsupported,
     )
-    from qmpnet.guest import Guest
-    from qmpnet.model import (
-        BridgeBackend,
-        DgramBackend,
-        GuestEvent,
-        GuestView,
-        HubportBackend,
-        ModelInfo,
-        NatBackend,
-        Nic,
-        NicSpec,
-        RemoveResult,
-        StreamBackend,
-        TapBackend,
-        UserBackend,
-        VfioBackend,
-    )
-    from qmpnet.policy import Policy
+    from qmpnet.guest.guest import Guest
     from qmpnet.settings import Settings, load_settings
 
 __version__ = "0.1.0"
 
 #: Where each public name lives.
 _EXPORTS: dict[str, str] = {
-    "connect": "qmpnet.api",
-    "Guest": "qmpnet.guest",
-    "Policy": "qmpnet.policy",
+    "connect": "qmpnet.api.direct",
+    "Guest": "qmpnet.guest.guest",
+    "Policy": "qmpnet.core.policy",
     "Settings": "qmpnet.settings",
     "load_settings": "qmpnet.settings",
     **dict.fromkeys(
@@ -76,7 +76,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ("BridgeBackend", "DgramBackend", "GuestEvent", "GuestView", "HubportBackend", "ModelInfo", "NatBackend",
          "Nic", "NicSpec", "RemoveResult", "StreamBackend", "TapBackend", "UserBackend", "VfioBackend"),
-        "qmpnet.model",
+        "qmpnet.core.model",
     ),
 }
 

@@ -9,10 +9,10 @@
 
 Every call is one request (MQTT 5 with a Response Topic, or 3.1.1: ``mqtt.protocol`` is ``auto`` by default),
 waits for its answer at most the timeout, and returns the same objects as the direct API
-(:class:`~qmpnet.model.Nic`, ...). An error answer is raised as the :class:`~qmpnet.errors.QmpnetError` subclass of
+(:class:`~qmpnet.core.model.Nic`, ...). An error answer is raised as the :class:`~qmpnet.errors.QmpnetError` subclass of
 its code, so code written against ``qmpnet.connect`` handles errors the same way. No answer in time is
 ``OutcomeUnknown``; every request carries a ``transaction`` (random unless given), so repeating it with the same
-transaction is safe. The broker connection is re-established when it breaks (see :mod:`qmpnet.bus.requester`).
+transaction is safe. The broker connection is re-established when it breaks (see :mod:`qmpnet.adapters.mqtt.requester`).
 
 :meth:`Client.guest` gives an object with the methods of :class:`qmpnet.Guest` bound to one remote guest.
 """
@@ -22,8 +22,9 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any, Literal, Self
 
-from qmpnet.bus.requester import Requester
-from qmpnet.model import (
+from qmpnet.adapters.mqtt.requester import Requester
+from qmpnet.api.wire.envelopes import GuestInfo, GuestList, ModelList, NicList, data_of, error_from
+from qmpnet.core.model import (
     CaptureResult,
     ModelInfo,
     Nic,
@@ -34,9 +35,8 @@ from qmpnet.model import (
     parse_nic_spec,
     parse_nic_update,
 )
-from qmpnet.ports import GuestOps
+from qmpnet.core.ports import GuestOps
 from qmpnet.settings import MqttSettings, QgaSettings
-from qmpnet.wire.envelopes import GuestInfo, GuestList, ModelList, NicList, data_of, error_from
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

@@ -19,7 +19,7 @@ __all__ = ["LIBRARY_LOGGERS", "JsonFormatter", "LogStyle", "configure"]
 
 #: The loggers of the libraries under qmpnet's adapters: qemu.qmp, aiomqtt's default, and the one the bus hands
 #: to aiomqtt for paho.
-LIBRARY_LOGGERS: Final = ("qemu", "mqtt", "qmpnet.bus.paho")
+LIBRARY_LOGGERS: Final = ("qemu", "mqtt", "qmpnet.adapters.mqtt.paho")
 
 #: ``cli``: ``warning: <message>``, the command line's own style; ``text``: time, level, logger and message;
 #: ``json``: one JSON object per line.

@@ -17,11 +17,11 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FilePath, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from qmpnet.core.hostconfig import HostnetSettings
+from qmpnet.core.model import invalid_request_from
+from qmpnet.core.names import BUS_NAME_PATTERN, BUS_NAME_RULE, check_bus_name, safe_bus_name
+from qmpnet.core.policy import Policy
 from qmpnet.errors import InvalidRequest
-from qmpnet.hostconfig import HostnetSettings
-from qmpnet.model import invalid_request_from
-from qmpnet.names import BUS_NAME_PATTERN, BUS_NAME_RULE, check_bus_name, safe_bus_name
-from qmpnet.policy import Policy
 
 __all__ = [
     "BUS_NAME_PATTERN",

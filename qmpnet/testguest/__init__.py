@@ -10,7 +10,7 @@ Integration tests use it to see what a real guest sees of the NICs that qmpnet p
 the in-guest agent (`init.sh`) over the guest's second serial port. :mod:`.debian` builds the Debian 12 guest
 (systemd, udev, networkd, qemu-guest-agent: ``TestMachine(image, flavour="debian")``). :mod:`.services` and
 :mod:`.probe` run mosquitto and ``qmpnet serve`` for MQTT tests. This package is test tooling: nothing in the rest of
-qmpnet imports it but the pytest plugin (``qmpnet.pytest_plugin``) and ``qmpnet demo``.
+qmpnet imports it but the pytest plugin (``qmpnet.testguest.plugin``) and ``qmpnet demo``.
 """
 
 from .agent import (

@@ -40,9 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Self, TypeVar
 
+from qmpnet.adapters.qga import AGENT_PORT_NAME, GuestAgent
+from qmpnet.adapters.qmp import QmpMonitor
 from qmpnet.errors import Busy, QmpnetError
-from qmpnet.qga import AGENT_PORT_NAME, GuestAgent
-from qmpnet.qmp import QmpMonitor
 from qmpnet.settings import QgaSettings
 
 from .agent import LINE_LIMIT, Agent, AgentError, AgentTimeoutError

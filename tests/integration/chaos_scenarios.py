@@ -36,7 +36,7 @@ from qmpnet.errors import GuestUnavailable, OutcomeUnknown, QmpnetError
 from qmpnet.testguest import TestMachine
 
 if TYPE_CHECKING:
-    from qmpnet.model import Nic
+    from qmpnet.core.model import Nic
     from qmpnet.testguest import GuestImage
 
 __all__ = ["ChaosResult", "controller_kills", "qemu_restarts"]

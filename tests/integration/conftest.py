@@ -1,4 +1,4 @@
-"""The integration tests use qmpnet's own pytest plugin (qmpnet/pytest_plugin.py) for guests and failure reports.
+"""The integration tests use qmpnet's own pytest plugin (qmpnet/testguest/plugin.py) for guests and failure reports.
 
 The plugin normally loads through its ``pytest11`` entry point (``pip install -e .`` in scripts/setup). A venv
 whose install of qmpnet predates the entry point (or ``PYTHONPATH`` pointing at another checkout) does not have
@@ -16,7 +16,7 @@ import pytest
 from mqtt_fixtures import RabbitMQ, rabbitmq_fixture
 from statedir import state_dir  # noqa: F401 - a session fixture: pytest finds it here
 
-from qmpnet import pytest_plugin
+from qmpnet.testguest import plugin as pytest_plugin
 
 if TYPE_CHECKING:
     from collections.abc import Generator, Iterator

@@ -16,8 +16,8 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from qmpnet.adapters.qmp.monitor import QmpMonitor
 from qmpnet.cli import main
-from qmpnet.qmp.monitor import QmpMonitor
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

@@ -37,11 +37,11 @@ from aux_qmp import aux_args, aux_monitor, hmp
 from netns_tools import connect_and_read, ip, kill_namespace, links, listen, namespace_pids, nft_tables, serve_once
 
 import qmpnet
+from qmpnet.adapters.hostnet import HostnetSettings
+from qmpnet.adapters.hostnet.netns import run_in_netns
+from qmpnet.adapters.store import guest_key
 from qmpnet.errors import Conflict, Forbidden, InvalidRequest, NotFound
-from qmpnet.hostnet import HostnetSettings
-from qmpnet.hostnet.netns import run_in_netns
 from qmpnet.settings import Settings, load_settings
-from qmpnet.store import guest_key
 from qmpnet.testguest import TestMachine
 
 if TYPE_CHECKING:

@@ -16,11 +16,11 @@ import pytest
 import pytest_asyncio
 from mqtt_fixtures import Qemu, scratch
 
+from qmpnet.adapters.qga import GuestAgent, find_agent_socket, guest_views, wait_for
+from qmpnet.adapters.qmp import QmpMonitor
 from qmpnet.errors import AgentUnavailable, NotVerified
-from qmpnet.pytest_plugin import BootedGuest, boot
-from qmpnet.qga import GuestAgent, find_agent_socket, guest_views, wait_for
-from qmpnet.qmp import QmpMonitor
 from qmpnet.settings import QgaSettings, Settings
+from qmpnet.testguest.plugin import BootedGuest, boot
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator

@@ -25,11 +25,11 @@ import pytest
 from netns_tools import ip, kernel_filters_vlans, kernel_has_netem, kill_namespace, links, listen
 from throughput import Measured, receive_bulk, send_bulk
 
+from qmpnet.adapters.hostnet import HostnetSettings, create_tap
+from qmpnet.adapters.hostnet.host import HostNet
+from qmpnet.adapters.hostnet.netns import run_in_netns
+from qmpnet.core.model import Shape, Vlan
 from qmpnet.errors import Conflict, InvalidRequest, NotFound, Unsupported
-from qmpnet.hostnet import HostnetSettings, create_tap
-from qmpnet.hostnet.host import HostNet
-from qmpnet.hostnet.netns import run_in_netns
-from qmpnet.model import Shape, Vlan
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

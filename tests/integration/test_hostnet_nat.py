@@ -20,9 +20,9 @@ import needs
 import pytest
 from netns_tools import ip, kill_namespace, listen, namespace_pids, serve_once
 
+from qmpnet.adapters.hostnet import HostnetSettings, NatNetwork, net_down, net_list, net_status, net_up
+from qmpnet.adapters.hostnet.netns import run_in_netns
 from qmpnet.errors import Conflict, InvalidRequest
-from qmpnet.hostnet import HostnetSettings, NatNetwork, net_down, net_list, net_status, net_up
-from qmpnet.hostnet.netns import run_in_netns
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -21,8 +21,8 @@ import pytest
 from netns_tools import bridged_namespace, ip, link_names
 from qemu.qmp import ConnectError, ExecuteError, QMPClient
 
+from qmpnet.adapters.hostnet import check_existing_tap, check_vfio, create_tap, delete_tap, list_taps, vhost_usable
 from qmpnet.errors import NotFound, QmpnetError
-from qmpnet.hostnet import check_existing_tap, check_vfio, create_tap, delete_tap, list_taps, vhost_usable
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator

@@ -19,9 +19,9 @@ import needs
 import pytest
 from netns_tools import bridged_namespace, ip, link_names
 
+from qmpnet.adapters.hostnet import HostnetSettings, check_existing_tap, create_tap, delete_tap, list_taps, sweep_taps
+from qmpnet.adapters.hostnet.host import HostNet
 from qmpnet.errors import Conflict, InvalidRequest, NotFound
-from qmpnet.hostnet import HostnetSettings, check_existing_tap, create_tap, delete_tap, list_taps, sweep_taps
-from qmpnet.hostnet.host import HostNet
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import pytest
 from netns_tools import ip, kill_namespace
 
-from qmpnet.hostnet.shaping import layout_of
-from qmpnet.model import Shape
+from qmpnet.adapters.hostnet.shaping import layout_of
+from qmpnet.core.model import Shape
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -74,9 +74,9 @@ def qmpnet_does(netns: str, call: str) -> list[str]:
     script = (
         "import asyncio\n"
         "from qmpnet.errors import QmpnetError\n"
-        "from qmpnet.hostnet import HostnetSettings\n"
-        "from qmpnet.hostnet.host import HostNet\n"
-        "from qmpnet.model import Shape, Vlan\n"
+        "from qmpnet.adapters.hostnet import HostnetSettings\n"
+        "from qmpnet.adapters.hostnet.host import HostNet\n"
+        "from qmpnet.core.model import Shape, Vlan\n"
         "async def main():\n"
         f"    host = HostNet(HostnetSettings(netns={netns!r}))\n"
         "    try:\n"
@@ -109,10 +109,10 @@ def qmpnet_writes_vlans(netns: str, vlan: str) -> list[str]:
     which on a kernel without VLAN filtering refuses before anything is sent)."""
     script = (
         "from qmpnet.errors import QmpnetError\n"
-        "from qmpnet.hostnet import bridgeports\n"
-        "from qmpnet.hostnet.links import find_link, route\n"
-        "from qmpnet.hostnet.netns import enter_netns\n"
-        "from qmpnet.model import Vlan\n"
+        "from qmpnet.adapters.hostnet import bridgeports\n"
+        "from qmpnet.adapters.hostnet.links import find_link, route\n"
+        "from qmpnet.adapters.hostnet.netns import enter_netns\n"
+        "from qmpnet.core.model import Vlan\n"
         f"enter_netns({netns!r})\n"
         "with route() as ipr:\n"
         "    try:\n"

@@ -39,16 +39,16 @@ from netns_tools import ip, kernel_filters_vlans, kernel_has_netem, kill_namespa
 from throughput import Measured, receive_bulk, send_bulk
 
 import qmpnet
+from qmpnet.adapters.hostnet import HostnetSettings
+from qmpnet.adapters.hostnet.netns import run_in_netns
 from qmpnet.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unsupported
-from qmpnet.hostnet import HostnetSettings
-from qmpnet.hostnet.netns import run_in_netns
 from qmpnet.settings import Settings, UpdateSettings
 from qmpnet.testguest import TestMachine
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
 
-    from qmpnet.model import Nic
+    from qmpnet.core.model import Nic
     from qmpnet.testguest import GuestImage, GuestInterface
 
 pytestmark = [
@@ -363,7 +363,7 @@ async def test_policy_and_backends_refuse_what_they_cannot_allow(vm: TestMachine
                 await guest.update_nic({"id": nic.id, "backend": {"type": "bridge", "bridge": "br-b"}})
             assert forbidden.value.field == "update.backend.bridge"
             with pytest.raises(Forbidden) as outside:
-                await guest.capture(nic.id, "start", "/etc/qmpnet.pcap")
+                await guest.capture(nic.id, "start", "/etc/qmpnet.adapters.pcap")
             assert outside.value.field == "file"
         assert taps(lab.hv)[tap]["master"] == "br-a"
         async with qmpnet.connect(str(vm.qmp_path), name=vm.name, settings=lab.settings()) as guest:

@@ -39,7 +39,7 @@ def example_files() -> dict[str, str]:
 
 def test_the_plugin_is_installed_through_its_entry_point() -> None:
     found = [ep for ep in importlib.metadata.entry_points(group="pytest11") if ep.name == "qmpnet"]
-    assert [ep.value for ep in found] == ["qmpnet.pytest_plugin"], (
+    assert [ep.value for ep in found] == ["qmpnet.testguest.plugin"], (
         "qmpnet is installed without its pytest11 entry point: reinstall it (./scripts/setup runs pip install -e .)"
     )
 

@@ -22,9 +22,9 @@ import pytest_asyncio
 from aux_qmp import aux_args, aux_monitor
 
 import qmpnet
+from qmpnet.adapters.hostnet import HostnetSettings, Sysfs
+from qmpnet.adapters.hostnet import host as host_module
 from qmpnet.errors import Forbidden, InvalidRequest, NotFound, QmpCommandError, Unsupported
-from qmpnet.hostnet import HostnetSettings, Sysfs
-from qmpnet.hostnet import host as host_module
 from qmpnet.settings import Settings
 from qmpnet.testguest import TestMachine
 

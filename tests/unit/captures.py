@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from qmpnet.qmp.parse import machine_kind
-from qmpnet.qmp.reader import GuestReader
+from qmpnet.adapters.qmp.parse import machine_kind
+from qmpnet.adapters.qmp.reader import GuestReader
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine, Mapping
 
-    from qmpnet.ports import Observation
+    from qmpnet.core.ports import Observation
 
 __all__ = ["SETUPS", "VERSIONS", "Capture", "QmpError", "observe", "without_net_clients"]
 

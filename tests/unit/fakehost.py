@@ -1,7 +1,8 @@
 """A stateful in-memory host side for the live-change tests: taps on bridges with VLANs and shaping.
 
-:class:`PortsHost` implements :class:`qmpnet.ports.HostNetwork`. Its taps remember their bridge, VLANs and shape;
-every change returns an undo that restores the previous value, the way :class:`qmpnet.hostnet.host.HostNet` does,
+:class:`PortsHost` implements :class:`qmpnet.core.ports.HostNetwork`. Its taps remember their bridge, VLANs and shape;
+every change returns an undo that restores the previous value, the way
+:class:`qmpnet.adapters.hostnet.host.HostNet` does,
 so a test can check that a failed update leaves every tap exactly as it was. ``errors`` makes a named method fail.
 """
 
@@ -10,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from qmpnet.core.ports import TapPort
 from qmpnet.errors import InvalidRequest, NotFound, QmpnetError, Unsupported
-from qmpnet.ports import TapPort
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from qmpnet.model import Shape, Vlan
+    from qmpnet.core.model import Shape, Vlan
 
 __all__ = ["FakePort", "PortsHost"]
 

@@ -1,4 +1,4 @@
-"""An in-memory :class:`qmpnet.ports.Monitor` that records every call, for tests of the guest lane without QMP.
+"""An in-memory :class:`qmpnet.core.ports.Monitor` that records every call, for tests of the guest lane without QMP.
 
 The guest sees the captured QEMU 7.2 ``pc`` guest as the QMP adapter reads it (``captures.py``); every ``execute``
 answers ``{}`` unless :attr:`RecordingMonitor.errors` holds an error for that command, after waiting for the
@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING
 
 from captures import Capture, observe
 
-from qmpnet.ports import Observation, QmpEvent
+from qmpnet.core.ports import Observation, QmpEvent
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 
+    from qmpnet.core.model import ModelInfo, RxFilter
+    from qmpnet.core.ports import EventStream
     from qmpnet.errors import QmpnetError
-    from qmpnet.model import ModelInfo, RxFilter
-    from qmpnet.ports import EventStream
 
 __all__ = ["RecordingMonitor", "pc_observation"]
 

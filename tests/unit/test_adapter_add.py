@@ -11,8 +11,8 @@ import pytest
 from fakeqmp import READ_ONLY, Command, FakeQmp
 
 import qmpnet
+from qmpnet.adapters.qmp import QmpMonitor
 from qmpnet.errors import Busy, GuestUnavailable, OutcomeUnknown, QmpCommandError
-from qmpnet.qmp import QmpMonitor
 from qmpnet.settings import QmpSettings, Settings
 
 if TYPE_CHECKING:

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 from fakeqmp import Event, FakeQmp, eventually
 
 import qmpnet
-from qmpnet.qmp import QmpMonitor
+from qmpnet.adapters.qmp import QmpMonitor
 
 if TYPE_CHECKING:
-    from qmpnet.ports import QmpEvent
+    from qmpnet.core.ports import QmpEvent
     from qmpnet.settings import Settings
 
 FLOOD = 10_000

@@ -14,7 +14,7 @@ from qmpnet.settings import QmpSettings, Settings
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from qmpnet.model import Nic
+    from qmpnet.core.model import Nic
 
 
 async def test_concurrent_adds_on_one_guest_never_interleave(sockdir: Path, fast: Settings) -> None:

@@ -9,8 +9,8 @@ from captures import VERSIONS, Capture
 from fakeqmp import Command, FakeQmp
 
 import qmpnet
+from qmpnet.core.model import PciAddress
 from qmpnet.errors import NoFreeSlot
-from qmpnet.model import PciAddress
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -9,12 +9,12 @@ import pytest
 from fakeqmp import Answer, Command, Event, FakeQmp, QmpError
 
 import qmpnet
+from qmpnet.adapters.qmp import QmpMonitor
+from qmpnet.core.model import GuestEvent, RemoveResult
 from qmpnet.errors import QmpCommandError
-from qmpnet.model import GuestEvent, RemoveResult
-from qmpnet.qmp import QmpMonitor
 
 if TYPE_CHECKING:
-    from qmpnet.guest import Guest
+    from qmpnet.guest.guest import Guest
     from qmpnet.settings import Settings
 
 

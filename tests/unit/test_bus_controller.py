@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from fakemonitor import RecordingMonitor
 
-from qmpnet.controller import Controller
 from qmpnet.errors import GuestUnavailable
-from qmpnet.metrics import Metrics
+from qmpnet.serve.controller import Controller
+from qmpnet.serve.metrics import Metrics
 from qmpnet.settings import ControllerSettings, MqttSettings, QmpSettings, Settings
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
-    from qmpnet.wire.envelopes import ControllerOnline, EventMessage, GuestStatus, NicList, Response
+    from qmpnet.api.wire.envelopes import ControllerOnline, EventMessage, GuestStatus, NicList, Response
 
 
 class FakeConnection(RecordingMonitor):
@@ -180,7 +180,7 @@ async def test_a_connected_guest_serves_requests_and_publishes_state(sink: Sink,
 async def test_a_duplicate_transaction_gets_the_first_answer_and_is_applied_once(
     sink: Sink, fleet: Fleet, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="qmpnet.controller")
+    caplog.set_level(logging.INFO, logger="qmpnet.serve.controller")
     async with running(Controller(settings(), sink, fleet.connect, version="0")) as controller:
         await connected(sink)
         monitor = fleet.current("vm1")

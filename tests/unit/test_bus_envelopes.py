@@ -7,10 +7,7 @@ import json
 import pytest
 
 import qmpnet
-from qmpnet.client import error_from
-from qmpnet.errors import InvalidRequest, QmpCommandError, QmpnetError
-from qmpnet.model import RemoveResult
-from qmpnet.wire.envelopes import (
+from qmpnet.api.wire.envelopes import (
     EVENT_NAMES,
     OPS,
     ErrorBody,
@@ -23,6 +20,9 @@ from qmpnet.wire.envelopes import (
     to_wire,
     transaction_of,
 )
+from qmpnet.client import error_from
+from qmpnet.core.model import RemoveResult
+from qmpnet.errors import InvalidRequest, QmpCommandError, QmpnetError
 
 
 def test_every_op_has_a_scope_request_and_data_model() -> None:

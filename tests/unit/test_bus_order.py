@@ -1,6 +1,6 @@
 """A real request's order on the bus: its answer, then the state, then the events it caused.
 
-The bus answers requests through a real :class:`~qmpnet.controller.Controller` whose guest runs on a recording
+The bus answers requests through a real :class:`~qmpnet.serve.controller.Controller` whose guest runs on a recording
 monitor (no broker, no QEMU), and is that controller's state sink; what would go to the broker is read from the
 bus's outbox, in order.
 """
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import pytest
 from test_bus_controller import Fleet, running, settings
 
-from qmpnet.bus.mqtt import IncomingRequest, MqttBus
-from qmpnet.controller import Controller
+from qmpnet.adapters.mqtt.bus import IncomingRequest, MqttBus
+from qmpnet.serve.controller import Controller
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

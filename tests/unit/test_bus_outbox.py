@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from qmpnet.bus.outbox import Outbox, Outgoing
-from qmpnet.wire.envelopes import NicList
+from qmpnet.adapters.mqtt.outbox import Outbox, Outgoing
+from qmpnet.api.wire.envelopes import NicList
 
 if TYPE_CHECKING:
     import pytest

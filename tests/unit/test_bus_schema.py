@@ -7,12 +7,12 @@ import re
 from pathlib import Path
 from typing import get_args
 
+from qmpnet.api.schema import BEGIN_MARKER, END_MARKER, api_schema, render_reference
+from qmpnet.api.wire.envelopes import EVENT_NAMES, OPS
 from qmpnet.errors import ErrorCode
-from qmpnet.schema import BEGIN_MARKER, END_MARKER, api_schema, render_reference
-from qmpnet.wire.envelopes import EVENT_NAMES, OPS
 
 DOCS = Path(__file__).parents[2] / "docs"
-REGENERATE = "out of date: regenerate as qmpnet/schema.py's docstring says"
+REGENERATE = "out of date: regenerate as qmpnet/api/schema.py's docstring says"
 
 
 def test_the_checked_in_schema_is_the_generated_one() -> None:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from qmpnet.app import JsonFormatter, main, serve_settings
-from qmpnet.bus.mqtt import check_payload
+from qmpnet.adapters.mqtt.bus import check_payload
+from qmpnet.core.model import parse_nic_spec
+from qmpnet.core.policy import Policy, check_spec
 from qmpnet.errors import Forbidden, InvalidRequest
-from qmpnet.metrics import Metrics
-from qmpnet.model import parse_nic_spec
-from qmpnet.policy import Policy, check_spec
+from qmpnet.serve.compose import JsonFormatter, main, serve_settings
+from qmpnet.serve.metrics import Metrics
 from qmpnet.settings import (
     BrokerUrl,
     MqttSettings,
@@ -104,14 +104,16 @@ def test_a_missing_config_file_is_exit_2(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_json_log_lines_carry_guest_and_transaction() -> None:
-    record = logging.LogRecord("qmpnet.controller", logging.INFO, __file__, 1, "guest %s: %s", ("vm1", "ok"), None)
+    record = logging.LogRecord(
+        "qmpnet.serve.controller", logging.INFO, __file__, 1, "guest %s: %s", ("vm1", "ok"), None
+    )
     record.guest = "vm1"
     record.transaction = "t-9"
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "guest vm1: ok"
     assert (line["level"], line["logger"], line["guest"], line["transaction"]) == (
         "INFO",
-        "qmpnet.controller",
+        "qmpnet.serve.controller",
         "vm1",
         "t-9",
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qmpnet.wire.topics import RequestTopic, Topics, is_bus_name
+from qmpnet.api.wire.topics import RequestTopic, Topics, is_bus_name
 
 TOPICS = Topics("qmpnet", "h1")
 

@@ -1,4 +1,4 @@
-"""Live capture (qmpnet.capture) against a recording monitor: the QMP it sends and how QEMU's refusals read."""
+"""Live capture (qmpnet.guest.capture) against a recording monitor: the QMP it sends and how QEMU's refusals read."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 import pytest
 from fakemonitor import RecordingMonitor
 
-from qmpnet.capture import capture_id, check_capture, run_capture, start_capture, stop_capture
+from qmpnet.core.model import CaptureResult, Nic, PciAddress
+from qmpnet.core.policy import Policy
 from qmpnet.errors import Conflict, Forbidden, InvalidRequest, NotFound, QmpCommandError, Unsupported
-from qmpnet.model import CaptureResult, Nic, PciAddress
-from qmpnet.policy import Policy
+from qmpnet.guest.capture import capture_id, check_capture, run_capture, start_capture, stop_capture
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

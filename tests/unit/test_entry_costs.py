@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 from captures import Capture, observe
 
-from qmpnet.qmp.reader import GuestReader
+from qmpnet.adapters.qmp.reader import GuestReader
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -42,20 +42,20 @@ def test_help_loads_no_model_no_lane_no_netlink() -> None:
         "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
         "    main(['--help'])"
     )
-    for heavy in ("pydantic", "pydantic_settings", "pyroute2", "qemu", "aiomqtt", "rich", "qmpnet.model",
-                  "qmpnet.guest", "qmpnet.settings", "qmpnet.wire.envelopes"):  # fmt: skip
+    for heavy in ("pydantic", "pydantic_settings", "pyroute2", "qemu", "aiomqtt", "rich", "qmpnet.core.model",
+                  "qmpnet.guest.guest", "qmpnet.settings", "qmpnet.api.wire.envelopes"):  # fmt: skip
         assert heavy not in modules, f"`qmpnet --help` imports {heavy}"
 
 
 def test_direct_mode_and_the_host_object_load_no_netlink() -> None:
     modules = imported_after(
-        "import qmpnet, qmpnet.api, qmpnet.app\n"
-        "from qmpnet.hostnet.host import HostNet\n"
+        "import qmpnet, qmpnet.api.direct, qmpnet.serve.compose\n"
+        "from qmpnet.adapters.hostnet.host import HostNet\n"
         "HostNet()\n"
         "qmpnet.connect, qmpnet.Guest, qmpnet.NicSpec"
     )
     assert "pyroute2" not in modules
-    assert "qmpnet.hostnet.taps" not in modules
+    assert "qmpnet.adapters.hostnet.taps" not in modules
 
 
 def test_the_public_names_still_resolve() -> None:
@@ -63,7 +63,7 @@ def test_the_public_names_still_resolve() -> None:
 
     for name in qmpnet.__all__:
         assert getattr(qmpnet, name) is not None
-    from qmpnet.hostnet import HostnetSettings, create_tap, net_up  # noqa: PLC0415 - as above
+    from qmpnet.adapters.hostnet import HostnetSettings, create_tap, net_up  # noqa: PLC0415 - as above
 
     assert callable(create_tap)
     assert callable(net_up)
@@ -73,8 +73,8 @@ def test_the_public_names_still_resolve() -> None:
 
 
 def test_the_sweep_prefixes_are_the_marks_links_writes() -> None:
-    from qmpnet.hostnet.host import IFB_MARK_PREFIX, TAP_MARK_PREFIX  # noqa: PLC0415 - as above
-    from qmpnet.hostnet.links import ifb_mark, tap_mark  # noqa: PLC0415 - pyroute2 is fine in a test
+    from qmpnet.adapters.hostnet.host import IFB_MARK_PREFIX, TAP_MARK_PREFIX  # noqa: PLC0415 - as above
+    from qmpnet.adapters.hostnet.links import ifb_mark, tap_mark  # noqa: PLC0415 - pyroute2 is fine in a test
 
     assert tap_mark("vm1/virtio0").startswith(TAP_MARK_PREFIX)
     assert tap_mark("vm1/virtio0") == TAP_MARK_PREFIX + "vm1/virtio0"
@@ -106,7 +106,7 @@ def test_readers_of_one_binary_read_its_types_once() -> None:
 
 
 def test_the_controller_raises_its_open_file_limit() -> None:
-    from qmpnet.app import raise_open_file_limit  # noqa: PLC0415 - as above
+    from qmpnet.serve.compose import raise_open_file_limit  # noqa: PLC0415 - as above
 
     before = resource.getrlimit(resource.RLIMIT_NOFILE)
     soft, hard = before
@@ -164,9 +164,9 @@ def test_a_record_file_is_the_document_pydantic_writes() -> None:
     import json  # noqa: PLC0415 - as above
     import time  # noqa: PLC0415 - as above
 
-    from qmpnet.model import parse_nic_spec  # noqa: PLC0415 - as above
-    from qmpnet.records import DesiredSet, GuestRecord, NicRecord, OperationRecord  # noqa: PLC0415 - as above
-    from qmpnet.store.files import encode_record  # noqa: PLC0415 - as above
+    from qmpnet.adapters.store.files import encode_record  # noqa: PLC0415 - as above
+    from qmpnet.core.model import parse_nic_spec  # noqa: PLC0415 - as above
+    from qmpnet.core.records import DesiredSet, GuestRecord, NicRecord, OperationRecord  # noqa: PLC0415 - as above
 
     record = GuestRecord(address="/run/vm1.qmp", name="vm1", links={"e1": "down"}, gone={"old": 1.5})
     assert json.loads(encode_record(record)) == json.loads(record.model_dump_json())
@@ -185,8 +185,8 @@ def test_a_record_file_is_the_document_pydantic_writes() -> None:
 
 
 async def test_a_write_off_the_event_loop_never_loses_a_later_one(tmp_path: Path) -> None:
-    from qmpnet.records import GuestRecord, NicRecord  # noqa: PLC0415 - as above
-    from qmpnet.store import StateDir  # noqa: PLC0415 - as above
+    from qmpnet.adapters.store import StateDir  # noqa: PLC0415 - as above
+    from qmpnet.core.records import GuestRecord, NicRecord  # noqa: PLC0415 - as above
 
     def nic(nic_id: str) -> NicRecord:
         return NicRecord(id=nic_id, spec=None, netdev=None, state="active", link="up")

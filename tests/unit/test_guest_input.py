@@ -13,17 +13,17 @@ from fakeqmp import eventually
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qmpnet.core.model import RemoveResult
+from qmpnet.core.placement import PciBus, PciTopology
+from qmpnet.core.policy import Policy
 from qmpnet.errors import Busy, Conflict, Forbidden, InvalidRequest, NoFreeSlot, NotFound, QmpnetError, Timeout
-from qmpnet.guest import Guest
-from qmpnet.model import RemoveResult
-from qmpnet.placement import PciBus, PciTopology
-from qmpnet.policy import Policy
+from qmpnet.guest.guest import Guest
 from qmpnet.settings import LaneSettings, Settings
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from qmpnet.ports import Monitor
+    from qmpnet.core.ports import Monitor
 
 BAD_SPECS: list[dict[str, Any]] = [
     {"model": "pcnet"},

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 from fakeqmp import Command, FakeQmp, eventually
 
 import qmpnet
-from qmpnet.model import GuestEvent, NicSpec
-from qmpnet.records import GuestRecord, HostHold, NicRecord
-from qmpnet.store import StateDir
+from qmpnet.adapters.store import StateDir
+from qmpnet.core.model import GuestEvent, NicSpec
+from qmpnet.core.records import GuestRecord, HostHold, NicRecord
 
 if TYPE_CHECKING:
     from qmpnet.settings import Settings

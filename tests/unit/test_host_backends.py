@@ -1,7 +1,7 @@
 """Bridge, NAT, tap and VFIO backends in the guest lane, with a fake monitor and a fake host side.
 
 The lane's host work (a tap on a bridge, a NAT network brought up, a PCI function checked or rebound) happens
-through the :class:`qmpnet.ports.HostNetwork` port; here a recording fake stands in for it, so every test can say
+through the :class:`qmpnet.core.ports.HostNetwork` port; here a recording fake stands in for it, so every test can say
 exactly which QMP commands were sent, in which order, with which arguments, and which host actions ran and were
 undone. The pure argument shapes (``netdev_arguments``, ``plan_add``) and the policy checks are tables.
 """
@@ -14,6 +14,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from fakemonitor import RecordingMonitor, pc_observation
 
+from qmpnet.adapters.store import MemoryGuestStore
+from qmpnet.core.hotadd_plan import PlanContext, fd_names, netdev_arguments, plan_add
+from qmpnet.core.inventory import Inventory
+from qmpnet.core.model import NicSpec, ObservedBackend, parse_nic_spec
+from qmpnet.core.policy import Policy, check_spec
+from qmpnet.core.ports import NetClient, Observation, PciDevice, TapPort
+from qmpnet.core.records import GuestRecord, HostHold, NicRecord
 from qmpnet.errors import (
     Conflict,
     Forbidden,
@@ -23,20 +30,13 @@ from qmpnet.errors import (
     QmpnetError,
     Unsupported,
 )
-from qmpnet.guest import Guest
-from qmpnet.inventory import Inventory
-from qmpnet.model import NicSpec, ObservedBackend, parse_nic_spec
-from qmpnet.plan import GuestView, fd_names, netdev_arguments, plan_add
-from qmpnet.policy import Policy, check_spec
-from qmpnet.ports import NetClient, Observation, PciDevice, TapPort
-from qmpnet.records import GuestRecord, HostHold, NicRecord
+from qmpnet.guest.guest import Guest
 from qmpnet.settings import QmpSettings, Settings
-from qmpnet.store import MemoryGuestStore
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
 
-    from qmpnet.model import Shape, Vlan
+    from qmpnet.core.model import Shape, Vlan
 
 HOSTILE_NAMES = [
     "br/0",  # a path
@@ -75,7 +75,7 @@ class FakeTap:
 
 @dataclass
 class FakeHost:
-    """A :class:`qmpnet.ports.HostNetwork` that records every call and fails the ones listed in ``errors``."""
+    """A :class:`qmpnet.core.ports.HostNetwork` that records every call and fails the ones listed in ``errors``."""
 
     use_vhost: bool = False
     original_driver: str | None = "e1000e"
@@ -227,7 +227,7 @@ def test_fd_names_are_one_per_queue() -> None:
     assert fd_names("x.net", 3) == ("x.net.fd0", "x.net.fd1", "x.net.fd2")
 
 
-def _view() -> GuestView:
+def _view() -> PlanContext:
     return Inventory.from_observation(pc_observation(), {}, set()).view()
 
 

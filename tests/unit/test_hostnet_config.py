@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from pydantic import ValidationError
 
+from qmpnet.adapters.hostnet import dnsmasq, nftables
+from qmpnet.adapters.hostnet.nat import _leases
+from qmpnet.core.hostconfig import HostnetSettings, NatNetwork, parse_nat_network
 from qmpnet.errors import InvalidRequest, NotFound
-from qmpnet.hostconfig import HostnetSettings, NatNetwork, parse_nat_network
-from qmpnet.hostnet import dnsmasq, nftables
-from qmpnet.hostnet.nat import _leases
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from qmpnet.errors import InvalidRequest
-from qmpnet.ifnames import (
+from qmpnet.core.ifnames import (
     check_ifname,
     check_netns,
     check_tap_pattern,
     tap_pattern_kernel,
     tap_pattern_regex,
 )
+from qmpnet.errors import InvalidRequest
 
 
 @pytest.mark.parametrize("name", ["br0", "vnet0", "qmpnat0", "a", "eth0.100", "br-lan_2", "x" * 15])

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from qmpnet.adapters.hostnet.netns import netns_path, run_in_netns
+from qmpnet.adapters.hostnet.taps import vhost_usable
 from qmpnet.errors import InvalidRequest, NotFound, QmpnetError
-from qmpnet.hostnet.netns import netns_path, run_in_netns
-from qmpnet.hostnet.taps import vhost_usable
 
 THREAD_WAIT = 5.0  # seconds a namespace thread may take to start or finish in these tests
 

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from pyroute2.netlink.rtnl.tcmsg import sched_netem
 
-from qmpnet.hostnet import shaping
-from qmpnet.hostnet.bridgeports import PVID, UNTAGGED, _infos, compress, entries_for, tap_held_by, vlan_of
-from qmpnet.hostnet.links import LinkInfo, ifb_mark, parse_ifb_mark
-from qmpnet.hostnet.shaping import TcLayout, layout_of, shape_of
-from qmpnet.model import Shape, Vlan
+from qmpnet.adapters.hostnet import shaping
+from qmpnet.adapters.hostnet.bridgeports import PVID, UNTAGGED, _infos, compress, entries_for, tap_held_by, vlan_of
+from qmpnet.adapters.hostnet.links import LinkInfo, ifb_mark, parse_ifb_mark
+from qmpnet.adapters.hostnet.shaping import TcLayout, layout_of, shape_of
+from qmpnet.core.model import Shape, Vlan
 
 if TYPE_CHECKING:
     from pathlib import Path

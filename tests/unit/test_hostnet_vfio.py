@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from qmpnet.adapters.hostnet.vfio import Sysfs, bind_vfio, check_vfio, parse_pci_host, restore_driver
 from qmpnet.errors import InvalidRequest, NotFound, QmpnetError, Unsupported
-from qmpnet.hostnet.vfio import Sysfs, bind_vfio, check_vfio, parse_pci_host, restore_driver
 
 if TYPE_CHECKING:
     from pathlib import Path

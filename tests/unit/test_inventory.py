@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fakemonitor import pc_observation
 
-from qmpnet.inventory import Inventory, backend_of, nics_from
-from qmpnet.model import ObservedBackend, PciAddress, parse_nic_spec
-from qmpnet.placement import PciBus, PciTopology, Placement, place
-from qmpnet.plan import plan_add
-from qmpnet.ports import NetClient, Observation, PciDevice
+from qmpnet.core.hotadd_plan import plan_add
+from qmpnet.core.inventory import Inventory, backend_of, nics_from
+from qmpnet.core.model import ObservedBackend, PciAddress, parse_nic_spec
+from qmpnet.core.placement import PciBus, PciTopology, Placement, place
+from qmpnet.core.ports import NetClient, Observation, PciDevice
 
 
 def inventory() -> Inventory:

@@ -12,18 +12,18 @@ import pytest
 from fakehost import FakePort, PortsHost
 from fakemonitor import RecordingMonitor
 
-from qmpnet.controller import Controller
+from qmpnet.core.model import GuestEvent, ObservedBackend, Shape
+from qmpnet.core.policy import Policy
+from qmpnet.core.ports import NetClient, PciDevice
 from qmpnet.errors import Forbidden, InvalidRequest, NotFound, QmpnetError
-from qmpnet.guest import Guest
-from qmpnet.model import GuestEvent, ObservedBackend, Shape
-from qmpnet.policy import Policy
-from qmpnet.ports import NetClient, PciDevice
+from qmpnet.guest.guest import Guest
+from qmpnet.serve.controller import Controller
 from qmpnet.settings import ControllerSettings, MqttSettings, QmpSettings, Settings, UpdateSettings
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from qmpnet.wire.envelopes import EventMessage, NicList
+    from qmpnet.api.wire.envelopes import EventMessage, NicList
 
 MAC = "52:54:00:00:00:42"
 
@@ -194,7 +194,7 @@ async def test_the_controller_answers_nic_update_and_nic_capture_and_republishes
 
 
 def test_serve_gives_remote_callers_no_capture_directory_unless_listed() -> None:
-    from qmpnet.app import serve_settings  # noqa: PLC0415 - app pulls in the MQTT stack; only this test needs it
+    from qmpnet.serve.compose import serve_settings  # noqa: PLC0415 - app pulls in the MQTT stack; only this test needs it
 
     assert serve_settings(Settings()).policy.allowed_capture_dirs == []
     assert serve_settings(Settings()).policy.allowed_bridges == []

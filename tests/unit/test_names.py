@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qmpnet.names import (
+from qmpnet.core.names import (
     QEMU_ID_MAX,
     check_qemu_id,
     format_pci_addr,
@@ -97,7 +97,7 @@ def test_generate_mac_avoids_taken() -> None:
 
 def test_generate_mac_redraws_taken_and_all_zero_tails(monkeypatch: pytest.MonkeyPatch) -> None:
     draws = iter([b"\x12\x34\x56", b"\x00\x00\x00", b"\xab\xcd\xef"])
-    monkeypatch.setattr("qmpnet.names.secrets.token_bytes", lambda _n: next(draws))
+    monkeypatch.setattr("qmpnet.core.names.secrets.token_bytes", lambda _n: next(draws))
     assert generate_mac({"52:54:00:12:34:56"}) == "52:54:00:ab:cd:ef"
 
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
+from qmpnet.api.wire.envelopes import OPS, NicCaptureRequest, NicUpdateRequest, parse_request
+from qmpnet.core.model import NicUpdate, Shape, Vlan, parse_nic_update
+from qmpnet.core.policy import Policy, check_capture_file, check_update
 from qmpnet.errors import Forbidden, InvalidRequest
-from qmpnet.model import NicUpdate, Shape, Vlan, parse_nic_update
-from qmpnet.policy import Policy, check_capture_file, check_update
-from qmpnet.wire.envelopes import OPS, NicCaptureRequest, NicUpdateRequest, parse_request
 
 
 def parsed(**fields: Any) -> NicUpdate:

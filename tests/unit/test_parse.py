@@ -1,6 +1,6 @@
 """Reading a guest exactly, from answers captured on QEMU 7.2 and 10.0 (see capture_outputs.py for the guests).
 
-Each captured guest is read through the real reader (:class:`qmpnet.qmp.reader.GuestReader`) answering from the
+Each captured guest is read through the real reader (:class:`qmpnet.adapters.qmp.reader.GuestReader`) answering from the
 capture, and the test states the exact NIC set, buses and free places from the QEMU command line. Then what the
 reader must refuse (answers of unknown shape), what it must survive (a guest changing while it is read), what it
 keeps between reads, and the strict ``info network`` and ``device_add help`` parsers.
@@ -13,18 +13,18 @@ from typing import TYPE_CHECKING
 import pytest
 from captures import SETUPS, VERSIONS, Capture, observe, without_net_clients
 
+from qmpnet.adapters.qmp.parse import machine_kind, parse_device_help, parse_network
+from qmpnet.adapters.qmp.reader import GuestReader
+from qmpnet.core.inventory import nics_from
+from qmpnet.core.model import ObservedBackend, PciAddress
+from qmpnet.core.placement import Placement, place
+from qmpnet.core.ports import NetClient, Observation, PciDevice
 from qmpnet.errors import QmpCommandError, UnexpectedReply, Unsupported
-from qmpnet.inventory import nics_from
-from qmpnet.model import ObservedBackend, PciAddress
-from qmpnet.placement import Placement, place
-from qmpnet.ports import NetClient, Observation, PciDevice
-from qmpnet.qmp.parse import machine_kind, parse_device_help, parse_network
-from qmpnet.qmp.reader import GuestReader
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from qmpnet.model import Nic
+    from qmpnet.core.model import Nic
 
 USER_10_0_2 = ObservedBackend(type="user", options={"net": "10.0.2.0", "restrict": "off"})
 PC_BUILTINS = {(0, 0): "Host bridge", (1, 0): "ISA bridge", (1, 1): "IDE controller", (1, 3): "Bridge"}

@@ -1,4 +1,5 @@
-"""Repairing filter-dump captures of virtio NICs on taps (qmpnet.pcap): the header QEMU < 8.1 leaves is found by
+"""Repairing filter-dump captures of virtio NICs on taps (qmpnet.adapters.pcap): the
+header QEMU < 8.1 leaves is found by
 where real EtherTypes (and the NIC's MAC) show up, and only then stripped."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from qmpnet.pcap import strip_vnet_headers
+from qmpnet.adapters.pcap import strip_vnet_headers
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from qmpnet.core.placement import PciBus, PciTopology, Placement, place
 from qmpnet.errors import Conflict, InvalidRequest, NoFreeSlot, NotFound, Unsupported
-from qmpnet.placement import PciBus, PciTopology, Placement, place
 
 PC_BUILTIN = {(0, 0): "i440FX", (1, 0): "PIIX3", (1, 1): "piix3-ide", (1, 3): "PIIX4_PM"}
 Q35_BUILTIN = {(0, 0): "mch", (31, 0): "ICH9-LPC", (31, 2): "ich9-ahci", (31, 3): "ICH9-SMB"}

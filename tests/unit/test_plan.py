@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
+from qmpnet.core.hotadd_plan import AddPlan, PlanContext, QmpCall, Step, netdev_arguments, plan_add
+from qmpnet.core.model import parse_nic_spec
+from qmpnet.core.names import normalize_mac
+from qmpnet.core.placement import PciBus, PciTopology, Placement
 from qmpnet.errors import Conflict, NoFreeSlot
-from qmpnet.model import parse_nic_spec
-from qmpnet.names import normalize_mac
-from qmpnet.placement import PciBus, PciTopology, Placement
-from qmpnet.plan import AddPlan, GuestView, QmpCall, Step, netdev_arguments, plan_add
 
 BUILTIN = {(0, 0): "i440FX", (1, 0): "PIIX3", (1, 1): "piix3-ide", (1, 3): "PIIX4_PM"}
 MAC = "52:54:00:12:34:56"
@@ -22,12 +22,12 @@ def guest(
     netdev_ids: tuple[str, ...] = (),
     macs: tuple[str, ...] = (),
     used: dict[tuple[int, int], str] | None = None,
-) -> GuestView:
+) -> PlanContext:
     topology = PciTopology("pc", (PciBus("pci.0", "root", hotplug=True, used={**BUILTIN, **(used or {})}),))
-    return GuestView(frozenset(device_ids), frozenset(netdev_ids), frozenset(macs), topology)
+    return PlanContext(frozenset(device_ids), frozenset(netdev_ids), frozenset(macs), topology)
 
 
-def plan(spec: dict[str, Any], view: GuestView | None = None) -> AddPlan:
+def plan(spec: dict[str, Any], view: PlanContext | None = None) -> AddPlan:
     return plan_add(parse_nic_spec({"mac": MAC, **spec}), view or guest())
 
 

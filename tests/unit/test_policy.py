@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
+from qmpnet.core.model import parse_nic_spec
+from qmpnet.core.policy import Policy, check_spec
 from qmpnet.errors import Forbidden
-from qmpnet.model import parse_nic_spec
-from qmpnet.policy import Policy, check_spec
 
 CMD_FWD = "tcp:10.0.2.100:1234-cmd:/bin/cat"
 TCP_FWD = "tcp:10.0.2.100:80-tcp:127.0.0.1:8080"

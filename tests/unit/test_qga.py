@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from fakeqga import FakeQga, interface
 
+from qmpnet.adapters.qga import GuestAgent, find_agent_socket, guest_views, satisfies, server_socket_path, wait_for
+from qmpnet.adapters.qmp import QmpMonitor
+from qmpnet.core.model import GuestView
 from qmpnet.errors import AgentCommandError, AgentUnavailable, GuestUnavailable, NotVerified, QmpCommandError
-from qmpnet.model import GuestView
-from qmpnet.qga import GuestAgent, find_agent_socket, guest_views, satisfies, server_socket_path, wait_for
-from qmpnet.qmp import QmpMonitor
 from qmpnet.settings import QgaSettings, Settings
 
 if TYPE_CHECKING:

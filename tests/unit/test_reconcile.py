@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import qmpnet
-from qmpnet.apply import apply_desired
+from qmpnet.core.desired_diff import parse_desired, plan_changes, with_added, with_link, without
+from qmpnet.core.model import Nic, NicSpec, ObservedBackend, PciAddress
 from qmpnet.errors import InvalidRequest
-from qmpnet.model import Nic, NicSpec, ObservedBackend, PciAddress
-from qmpnet.reconcile import parse_desired, plan_changes, with_added, with_link, without
+from qmpnet.guest.apply_desired import apply_desired
 
 if TYPE_CHECKING:
     from fakeqmp import FakeQmp

@@ -1,12 +1,12 @@
-"""Recovery decisions, as the table in qmpnet/recovery.py states them (pure)."""
+"""Recovery decisions, as the table in qmpnet/core/recovery_plan.py states them (pure)."""
 
 from __future__ import annotations
 
 import pytest
 
-from qmpnet.model import NicSpec
-from qmpnet.records import GuestRecord, NicRecord, RecordState
-from qmpnet.recovery import plan_recovery
+from qmpnet.core.model import NicSpec
+from qmpnet.core.records import GuestRecord, NicRecord, RecordState
+from qmpnet.core.recovery_plan import plan_recovery
 
 
 def record(*nics: tuple[str, RecordState], instance: str | None = "i1") -> GuestRecord:

@@ -13,8 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qmpnet.errors import InvalidRequest
-from qmpnet.model import (
+from qmpnet.core.model import (
     Backend,
     DgramBackend,
     HubportBackend,
@@ -24,6 +23,7 @@ from qmpnet.model import (
     UserBackend,
     parse_nic_spec,
 )
+from qmpnet.errors import InvalidRequest
 
 FIELDS = frozenset(NicSpec.model_fields)
 

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from qmpnet.adapters.store import StateDir, guest_key
+from qmpnet.core.model import NicSpec
+from qmpnet.core.records import FORMAT_VERSION, GONE_KEPT, GuestRecord, NicRecord, OperationRecord
 from qmpnet.errors import Busy, InvalidRequest, Unsupported
-from qmpnet.model import NicSpec
-from qmpnet.records import FORMAT_VERSION, GONE_KEPT, GuestRecord, NicRecord, OperationRecord
 from qmpnet.settings import Settings
-from qmpnet.store import StateDir, guest_key
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -90,7 +90,7 @@ async def test_a_waiter_gets_the_guest_as_soon_as_the_holder_lets_go(tmp_path: P
 async def test_a_killed_holder_never_blocks_the_next_one(tmp_path: Path) -> None:
     state = StateDir(tmp_path)
     code = (
-        "import asyncio, sys, pathlib; from qmpnet.store import StateDir\n"
+        "import asyncio, sys, pathlib; from qmpnet.adapters.store import StateDir\n"
         "async def main():\n"
         f"    s = await StateDir(pathlib.Path({str(tmp_path)!r})).open_guest('/run/vm1.qmp', 'vm1', wait=1)\n"
         "    print('held', flush=True); sys.stdin.read()\n"

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qmpnet.tcunits import (
+from qmpnet.core.tcunits import (
     format_percent,
     format_rate,
     format_size,

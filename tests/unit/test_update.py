@@ -1,4 +1,4 @@
-"""The live-change runner (qmpnet.update) with a fake monitor and a stateful fake host: plans, order, undo paths.
+"""The live-change runner (qmpnet.guest.update) with a fake monitor and a stateful fake host: plans, order, undo paths.
 
 Every failure test checks the same thing from both sides: the QMP commands sent (and their undo), and the fake
 host's taps, which must end exactly as they started.
@@ -12,6 +12,7 @@ import pytest
 from fakehost import FakePort, PortsHost
 from fakemonitor import RecordingMonitor
 
+from qmpnet.core.model import Nic, ObservedBackend, PciAddress, Shape, Vlan, parse_nic_update
 from qmpnet.errors import (
     Conflict,
     InvalidRequest,
@@ -21,10 +22,9 @@ from qmpnet.errors import (
     QmpnetError,
     Unsupported,
 )
-from qmpnet.model import Nic, ObservedBackend, PciAddress, Shape, Vlan, parse_nic_update
+from qmpnet.guest.hotadd_steps import Attachment
+from qmpnet.guest.update import KnownNic, plan_update, run_update
 from qmpnet.settings import UpdateSettings
-from qmpnet.steps import Attachment
-from qmpnet.update import KnownNic, plan_update, run_update
 
 NO_FLAP = UpdateSettings(link_flap=0)
 ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100, "interfaces": ["lan0"]}

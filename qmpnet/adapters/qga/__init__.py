@@ -1,0 +1,29 @@
+"""The guest agent adapter: qemu-guest-agent over its unix socket, the guest's own view of its NICs.
+
+::
+
+    path = await find_agent_socket(monitor)              # or given: --qga, the serve config, NAME.qga
+    async with GuestAgent.connect(path, settings.qga) as agent:
+        view = await wait_for(agent, nic.mac, "address")  # GuestView, or NotVerified after verify_timeout
+
+:func:`guest_views` is the read for ``list_nics``: ``None`` (never an error) when no agent answers.
+"""
+
+from qmpnet.adapters.qga.client import AgentSettings, ExecResult, GuestAgent, guest_views
+from qmpnet.adapters.qga.discovery import AGENT_PORT_NAME, find_agent_socket, server_socket_path
+from qmpnet.adapters.qga.verify import WANTS, Want, describe_view, satisfies, wait_for
+
+__all__ = [
+    "AGENT_PORT_NAME",
+    "WANTS",
+    "AgentSettings",
+    "ExecResult",
+    "GuestAgent",
+    "Want",
+    "describe_view",
+    "find_agent_socket",
+    "guest_views",
+    "satisfies",
+    "server_socket_path",
+    "wait_for",
+]

@@ -1,0 +1,14 @@
+"""The state store: one directory holding, per guest, what QEMU cannot tell (see :mod:`qmpnet.core.records`).
+
+    <state_dir>/guests/<key>.json    the guest's record (atomic writes: temp file, fsync, rename, fsync dir)
+    <state_dir>/guests/<key>.lock    flock'd by the one qmpnet process that works on the guest
+    <state_dir>/control.sock         the local control socket of a running ``qmpnet serve`` (root only)
+
+The key is derived from the guest's QMP address, so the CLI, the Python API and ``qmpnet serve`` on one host
+share one record per guest whatever name each gives it. The lock makes two qmpnet processes touching one guest
+safe: the second waits (up to the connect timeout) and then answers ``busy``, naming the holder.
+"""
+
+from qmpnet.adapters.store.files import FileGuestStore, MemoryGuestStore, StateDir, canonical_address, guest_key
+
+__all__ = ["FileGuestStore", "MemoryGuestStore", "StateDir", "canonical_address", "guest_key"]

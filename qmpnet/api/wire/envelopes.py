@@ -1,0 +1,396 @@
+"""The MQTT API's messages as pydantic models: every request, response, retained state and event.
+
+These models *are* the wire contract of docs/mqtt-api.md: the controller validates requests with them, the bus
+serialises answers and state with them, :mod:`qmpnet.client` builds requests and reads answers with them, and
+``qmpnet schema`` exports their JSON Schema. The op table :data:`OPS` ties each op name to its request and data
+model, so a new op is one line here plus its handler. Pure: no I/O, no MQTT library.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Final, Generic, Literal, TypeVar, get_args
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+
+from qmpnet.core.model import (
+    CaptureResult,
+    GuestEventName,
+    ModelInfo,
+    Nic,
+    NicSpec,
+    NicUpdate,
+    RemoveResult,
+    Verify,
+    check_file_path,
+    invalid_request_from,
+)
+from qmpnet.errors import (
+    Busy,
+    Conflict,
+    ErrorCode,
+    Forbidden,
+    GuestUnavailable,
+    InvalidRequest,
+    NoFreeSlot,
+    NotFound,
+    NotVerified,
+    OutcomeUnknown,
+    QmpCommandError,
+    QmpnetError,
+    RemovalPending,
+    Timeout,
+    Unsupported,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = [
+    "API_VERSION",
+    "EVENT_NAMES",
+    "OPS",
+    "ControllerOffline",
+    "ControllerOnline",
+    "DesiredError",
+    "DesiredStatus",
+    "ErrorBody",
+    "ErrorResponse",
+    "EventMessage",
+    "GuestInfo",
+    "GuestList",
+    "GuestState",
+    "GuestStatus",
+    "GuestsRequest",
+    "ModelList",
+    "ModelsRequest",
+    "NicAddRequest",
+    "NicCaptureRequest",
+    "NicDelRequest",
+    "NicLinkRequest",
+    "NicList",
+    "NicListRequest",
+    "NicUpdateRequest",
+    "OkResponse",
+    "OpSpec",
+    "Response",
+    "data_of",
+    "error_from",
+    "error_response",
+    "ok_response",
+    "parse_request",
+    "to_wire",
+    "transaction_of",
+]
+
+API_VERSION: Final = 1
+GuestState = Literal["connecting", "connected", "disconnected"]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ------------------------------------------------------------------------------------------------------- requests
+
+
+class _Request(_Message):
+    transaction: str | None = Field(
+        default=None, max_length=256, description="Any string; echoed in the answer; repeats are not re-applied."
+    )
+
+
+class NicAddRequest(_Request):
+    """``nic/add``: hot-add a NIC."""
+
+    nic: NicSpec = Field(description="What to add; only model is needed, every other field has a default.")
+    verify: Verify = Field(
+        default=False,
+        description='Answer once the guest agent shows the interface (true), with an address ("address"), or undo.',
+    )
+
+
+class NicDelRequest(_Request):
+    """``nic/del``: hot-remove a NIC."""
+
+    id: str = Field(description="The NIC's id.")
+    timeout: float | None = Field(
+        default=None, ge=0, le=3600, description="Seconds to wait for the guest's ack (default: the setting)."
+    )
+    verify: Verify = Field(default=False, description="Also wait until the guest agent no longer shows the interface.")
+
+
+class NicLinkRequest(_Request):
+    """``nic/link``: set a NIC's link up or down."""
+
+    id: str = Field(description="The NIC's id.")
+    up: StrictBool = Field(description="true: link up; false: link down (the guest sees carrier change).")
+    verify: Verify = Field(default=False, description="Wait until the guest's carrier follows; else set it back.")
+
+
+class NicListRequest(_Request):
+    """``nic/list``: the guest's NICs, read afresh."""
+
+
+class NicUpdateRequest(_Request):
+    """``nic/update``: change a NIC live (move, VLAN, shaping, link) without unplugging it; atomic."""
+
+    update: NicUpdate = Field(description="The NIC's id and what to change; fields left out stay as they are.")
+
+
+class NicCaptureRequest(_Request):
+    """``nic/capture``: start or stop capturing a NIC's traffic into a pcap file (QEMU filter-dump)."""
+
+    id: str = Field(description="The NIC's id.")
+    action: Literal["start", "stop"] = Field(description="start: QEMU begins writing the file; stop: it ends.")
+    file: Annotated[str, AfterValidator(check_file_path)] | None = Field(
+        default=None, description="start: the pcap file QEMU creates; it must be in policy.allowed_capture_dirs."
+    )
+
+    @model_validator(mode="after")
+    def _file_to_start(self) -> NicCaptureRequest:
+        if self.action == "start" and self.file is None:
+            raise InvalidRequest("file: starting a capture needs the file to write", field="file")
+        return self
+
+
+class ModelsRequest(_Request):
+    """``models``: the NIC models this QEMU offers."""
+
+
+class GuestsRequest(_Request):
+    """Controller-level ``guests``: the guests this controller serves."""
+
+
+# ----------------------------------------------------------------------------------------------------- data, state
+
+
+class NicList(_Message):
+    """A guest's NICs (``nic/list`` data and the retained ``.../nics`` topic)."""
+
+    nics: list[Nic] = Field(description="Every NIC of the guest, cold-plugged ones included.")
+
+
+class ModelList(_Message):
+    """``models`` data."""
+
+    models: list[ModelInfo] = Field(description="The NIC models this QEMU offers.")
+
+
+class DesiredError(_Message):
+    """A desired NIC that did not converge, or a desired document that was refused (``id`` null)."""
+
+    id: str | None = Field(description="The NIC, or null when the document itself was refused.")
+    code: ErrorCode = Field(description="Stable machine code (docs/errors.md).")
+    message: str = Field(description="A human sentence.")
+    field: str | None = Field(default=None, description="JSON path of the refused field, for a refused document.")
+
+
+class DesiredStatus(_Message):
+    """How far a guest is from its desired NIC set (part of the retained guest status)."""
+
+    generation: int = Field(description="The generation of the desired set being converged to.")
+    converged: bool = Field(description="The guest has exactly the desired NICs (as far as qmpnet manages them).")
+    pending: list[str] = Field(default_factory=list, description="Desired changes not done yet, by NIC id.")
+    errors: list[DesiredError] = Field(default_factory=list, description="What could not converge, and why.")
+
+
+class GuestStatus(_Message):
+    """A guest's connection state (retained ``.../guest/<g>/status``)."""
+
+    state: GuestState = Field(description="Whether the controller holds a QMP connection to the guest.")
+    qemu: str | None = Field(default=None, description="QEMU version from the QMP greeting, once connected.")
+    machine: str | None = Field(default=None, description="Machine type, e.g. pc-i440fx-7.2.")
+    since: float = Field(description="Unix time of the last state change.")
+    desired: DesiredStatus | None = Field(
+        default=None, description="Convergence to the desired NIC set, when the guest has one."
+    )
+
+
+class GuestInfo(GuestStatus):
+    """One guest in the ``guests`` answer."""
+
+    name: str = Field(description="The guest's name in topics.")
+
+
+class GuestList(_Message):
+    """``guests`` data."""
+
+    guests: list[GuestInfo] = Field(description="The guests this controller serves.")
+
+
+class ControllerOnline(_Message):
+    """The controller is serving (retained ``<root>/<c>/status``)."""
+
+    state: Literal["online"]
+    version: str = Field(description="qmpnet's version.")
+    api: int = Field(description="The MQTT API's version (this document: 1).")
+    guests: list[str] = Field(description="The names of the guests it serves.")
+
+
+class ControllerOffline(_Message):
+    """The controller is gone: its will, or its clean shutdown."""
+
+    state: Literal["offline"]
+
+
+class EventMessage(_Message):
+    """An event (``.../guest/<g>/event/<name>``, not retained): the time and the NIC or id concerned."""
+
+    ts: float = Field(description="Unix time of the event.")
+    guest: str = Field(description="The guest's name.")
+    id: str | None = Field(default=None, description="The NIC concerned (absent for guest events).")
+    nic: Nic | None = Field(default=None, description="The NIC as it is now (nic_added, link_changed).")
+    generation: int | None = Field(default=None, description="The desired set's generation (reconciled, drift).")
+    changes: list[dict[str, Any]] | None = Field(
+        default=None, description="What reconciling did, or (drift) would do: [{action, id, ...}]."
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- answers
+
+DataT = TypeVar("DataT", bound=BaseModel)
+
+
+class OkResponse(_Message, Generic[DataT]):
+    """A successful answer."""
+
+    transaction: str | None = Field(description="The request's transaction, or null.")
+    status: Literal["ok"]
+    data: DataT
+
+
+class ErrorBody(_Message):
+    """What went wrong: a stable code, a sentence, and where known the field and QEMU's error class."""
+
+    code: ErrorCode = Field(description="Stable machine code (docs/errors.md).")
+    message: str = Field(description="A human sentence.")
+    field: str | None = Field(default=None, description="JSON path of the offending field, when there is one.")
+    qmp_class: str | None = Field(default=None, description="QEMU's error class, for qmp_error.")
+
+    @classmethod
+    def of(cls, err: QmpnetError) -> ErrorBody:
+        """The body describing ``err``."""
+        qmp_class = err.qmp_class if isinstance(err, QmpCommandError) else None
+        return cls(code=err.code, message=err.message, field=err.field, qmp_class=qmp_class)
+
+
+class ErrorResponse(_Message):
+    """A failed answer."""
+
+    transaction: str | None = Field(description="The request's transaction, or null.")
+    status: Literal["error"]
+    error: ErrorBody
+
+
+Response = OkResponse[Any] | ErrorResponse
+
+
+_ERRORS: dict[str, type[QmpnetError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequest, NotFound, Conflict, Busy, Timeout, RemovalPending, GuestUnavailable, NoFreeSlot,
+        Unsupported, Forbidden, OutcomeUnknown, NotVerified,
+    )
+}  # fmt: skip
+
+
+def error_from(body: Mapping[str, Any]) -> QmpnetError:
+    """The exception for an answer's ``error`` object (the inverse of :meth:`ErrorBody.of`)."""
+    code = str(body.get("code", "internal"))
+    message = str(body.get("message", "no message"))
+    field = body.get("field")
+    if code == "qmp_error":
+        return QmpCommandError(message, qmp_class=str(body.get("qmp_class", "")), command="")
+    error = _ERRORS.get(code, QmpnetError)(message, field=field if isinstance(field, str) else None)
+    if error.code != code:
+        error.add_note(f"the controller's error code was {code!r}")
+    return error
+
+
+def data_of(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``data`` of an answer, or raise the error it carries.
+
+    Raises:
+        QmpnetError: The subclass of the answer's error code (``internal`` for a malformed answer).
+    """
+    if answer.get("status") == "ok" and isinstance(answer.get("data"), dict):
+        data: dict[str, Any] = answer["data"]
+        return data
+    error = answer.get("error")
+    raise error_from(error if isinstance(error, dict) else {"message": f"malformed answer: {answer}"})
+
+
+def error_response(transaction: str | None, err: QmpnetError) -> ErrorResponse:
+    """The answer reporting ``err``."""
+    return ErrorResponse(transaction=transaction, status="error", error=ErrorBody.of(err))
+
+
+def ok_response(transaction: str | None, data: BaseModel) -> OkResponse[Any]:
+    """The answer carrying ``data``."""
+    return OkResponse[Any](transaction=transaction, status="ok", data=data)
+
+
+def to_wire(message: BaseModel) -> bytes:
+    """The JSON payload of ``message``. Optional members of error bodies and events are left out, not null."""
+    if isinstance(message, ErrorResponse):
+        body = message.error.model_dump(mode="json", exclude_none=True)
+        return json.dumps({"transaction": message.transaction, "status": "error", "error": body}).encode()
+    return message.model_dump_json(exclude_none=isinstance(message, EventMessage)).encode()
+
+
+# ------------------------------------------------------------------------------------------------------ op table
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op of the API: its name, where it is addressed, its request model and its data model."""
+
+    name: str
+    scope: Literal["guest", "controller"]
+    request: type[_Request]
+    data: type[BaseModel]
+    summary: str
+
+
+OPS: Final[Mapping[str, OpSpec]] = {
+    spec.name: spec
+    for spec in (
+        OpSpec("nic/add", "guest", NicAddRequest, Nic, "Hot-add a NIC; atomic."),
+        OpSpec("nic/del", "guest", NicDelRequest, RemoveResult, "Hot-remove a NIC."),
+        OpSpec("nic/link", "guest", NicLinkRequest, Nic, "Set a NIC's link up or down."),
+        OpSpec("nic/list", "guest", NicListRequest, NicList, "List the guest's NICs."),
+        OpSpec("nic/update", "guest", NicUpdateRequest, Nic, "Change a NIC live: move, VLAN, shaping, link; atomic."),
+        OpSpec("nic/capture", "guest", NicCaptureRequest, CaptureResult, "Start or stop a NIC's live capture."),
+        OpSpec("models", "guest", ModelsRequest, ModelList, "List the NIC models QEMU offers."),
+        OpSpec("guests", "controller", GuestsRequest, GuestList, "List the controller's guests."),
+    )
+}
+
+EVENT_NAMES: Final[tuple[GuestEventName, ...]] = get_args(GuestEventName)
+
+
+def transaction_of(payload: object) -> str | None:
+    """The request's ``transaction`` if it is a string, for echoing even when the request is otherwise bad."""
+    if isinstance(payload, dict):
+        value = payload.get("transaction")
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def parse_request(op: str, scope: Literal["guest", "controller"], payload: Mapping[str, Any]) -> _Request:
+    """Validate ``payload`` as a request for ``op`` addressed at ``scope``.
+
+    Raises:
+        InvalidRequest: The op is unknown there, or a field is invalid; names the field.
+    """
+    spec = OPS.get(op)
+    if spec is None or spec.scope != scope:
+        known = ", ".join(name for name, s in OPS.items() if s.scope == scope)
+        raise InvalidRequest(f"op: unknown {scope} op {op!r}; known: {known}", field="op")
+    try:
+        return spec.request.model_validate(payload)
+    except ValidationError as err:
+        raise invalid_request_from(err, "") from err

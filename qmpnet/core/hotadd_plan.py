@@ -1,0 +1,232 @@
+"""Planning: a validated :class:`NicSpec` and the guest as observed -> the ordered QMP steps and their undo.
+
+Hot-adding a NIC is three QMP commands (``netdev_add``, ``device_add``, ``set_link`` when it starts down), and the
+guest must end up exactly as before if any of them fails. The plan is therefore a list of :class:`Step`, each
+with the call that undoes it; the guest lane runs the steps in order and, on a failure, the undo calls of the
+steps already done in reverse. Keeping this pure means every decision (names, MAC, placement, argument shapes)
+is tested with tables, and the executor stays a short loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from qmpnet.core.model import (
+    BridgeBackend,
+    DgramBackend,
+    HubportBackend,
+    InetAddress,
+    NatBackend,
+    NicSpec,
+    StreamBackend,
+    TapBackend,
+    UnixAddress,
+    UserBackend,
+    VfioBackend,
+)
+from qmpnet.core.names import format_pci_addr, generate_mac
+from qmpnet.core.placement import PciTopology, Placement, place
+from qmpnet.errors import Conflict
+
+if TYPE_CHECKING:
+    from collections.abc import Collection, Mapping
+
+__all__ = [
+    "AddPlan",
+    "PlanContext",
+    "QmpCall",
+    "Step",
+    "fd_names",
+    "needs_tap_fds",
+    "netdev_arguments",
+    "netdev_id_for",
+    "plan_add",
+]
+
+
+@dataclass(frozen=True)
+class QmpCall:
+    """One QMP command with its arguments."""
+
+    command: str
+    arguments: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a plan.
+
+    Attributes:
+        call: What to run.
+        undo: What reverts it, if anything.
+        undo_waits_for: When the undo is a ``device_del``, the device id whose ``DEVICE_DELETED`` ends it.
+    """
+
+    call: QmpCall
+    undo: QmpCall | None = None
+    undo_waits_for: str | None = None
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What planning needs to know about the guest: ids and MACs in use, and its PCI buses."""
+
+    device_ids: Collection[str]
+    netdev_ids: Collection[str]
+    macs: Collection[str]
+    topology: PciTopology
+
+
+@dataclass(frozen=True)
+class AddPlan:
+    """The outcome of planning a hot-add."""
+
+    nic_id: str
+    netdev_id: str | None
+    mac: str | None
+    placement: Placement
+    steps: tuple[Step, ...]
+
+
+def plan_add(spec: NicSpec, guest: PlanContext, *, vhost: bool = False) -> AddPlan:
+    """Plan the hot-add of ``spec`` into ``guest``.
+
+    For bridge and NAT backends the plan expects the tap's fds to have been passed to QEMU already under the
+    names :func:`fd_names` gives (the host side is the lane's job); ``vhost`` says whether to ask for vhost-net.
+
+    Raises:
+        Conflict: The id, its netdev id or the MAC is already in the guest.
+        NoFreeSlot, NotFound, Unsupported, InvalidRequest: From PCI placement (see :func:`placement.place`).
+    """
+    nic_id = spec.id or _free_id(spec.model, guest)
+    if nic_id in guest.device_ids:
+        raise Conflict(f"nic.id: a device with id {nic_id!r} is already in the guest", field="nic.id")
+    netdev_id = netdev_id_for(nic_id)
+    if netdev_id in guest.netdev_ids:
+        raise Conflict(f"nic.id: netdev {netdev_id!r} (for NIC {nic_id!r}) already exists", field="nic.id")
+    if spec.mac is not None and spec.mac in guest.macs:
+        raise Conflict(f"nic.mac: MAC {spec.mac} is already used by a NIC in the guest", field="nic.mac")
+    placement = place(spec.driver, guest.topology, bus=spec.bus, addr=spec.pci_addr)
+    if isinstance(spec.backend, VfioBackend):
+        device = {"driver": "vfio-pci", "id": nic_id, "host": spec.backend.host, **_placement_arguments(placement)}
+        step = Step(QmpCall("device_add", device), undo=QmpCall("device_del", {"id": nic_id}), undo_waits_for=nic_id)
+        return AddPlan(nic_id, None, None, placement, (step,))
+    mac = spec.mac or generate_mac(guest.macs)
+    steps = [
+        Step(
+            QmpCall("netdev_add", netdev_arguments(netdev_id, spec, vhost=vhost)),
+            undo=QmpCall("netdev_del", {"id": netdev_id}),
+        ),
+        Step(
+            QmpCall("device_add", _device_arguments(spec, nic_id, netdev_id, mac, placement)),
+            undo=QmpCall("device_del", {"id": nic_id}),
+            undo_waits_for=nic_id,
+        ),
+    ]
+    if spec.link == "down":
+        steps.append(Step(QmpCall("set_link", {"name": nic_id, "up": False})))
+    return AddPlan(nic_id, netdev_id, mac, placement, tuple(steps))
+
+
+def netdev_id_for(nic_id: str) -> str:
+    """The id qmpnet gives the backend of NIC ``nic_id``."""
+    return f"{nic_id}.net"
+
+
+def _free_id(model: str, guest: PlanContext) -> str:
+    stem = {"virtio-net-pci": "virtio", "rtl8139": "rtl", "e1000": "e1000-", "e1000e": "e1000e-"}.get(model, model)
+    taken = set(guest.device_ids) | {i.removesuffix(".net") for i in guest.netdev_ids}
+    n = 0
+    while f"{stem}{n}" in taken:
+        n += 1
+    return f"{stem}{n}"
+
+
+def needs_tap_fds(spec: NicSpec) -> bool:
+    """Whether the lane must make a tap and pass its fds before the plan runs (bridge and NAT backends)."""
+    backend = spec.backend
+    return isinstance(backend, NatBackend) or (isinstance(backend, BridgeBackend) and not backend.helper)
+
+
+def fd_names(netdev_id: str, queues: int) -> tuple[str, ...]:
+    """The names the tap fds of ``netdev_id`` are passed to QEMU under (``getfd``), one per queue."""
+    return tuple(f"{netdev_id}.fd{i}" for i in range(queues))
+
+
+def netdev_arguments(netdev_id: str, spec: NicSpec, *, vhost: bool = False) -> dict[str, object]:
+    """The ``netdev_add`` arguments for ``spec``'s backend."""
+    args: dict[str, object] = {"id": netdev_id, "type": spec.backend.type}
+    return args | _backend_arguments(spec.backend, netdev_id, spec.queues or 1, vhost)
+
+
+def _backend_arguments(  # noqa: PLR0911 - one return per backend type reads as the table it is
+    backend: object, netdev_id: str, queues: int, vhost: bool
+) -> dict[str, object]:
+    match backend:
+        case UserBackend():
+            return _user_arguments(backend)
+        case HubportBackend():
+            return {"hubid": backend.hub}
+        case StreamBackend():
+            return {"server": backend.server, "addr": _socket_address(backend.addr)}
+        case DgramBackend():
+            ends = {"local": backend.local, "remote": backend.remote}
+            return {name: _socket_address(addr) for name, addr in ends.items() if addr is not None}
+        case BridgeBackend(helper=True):
+            return {"br": backend.bridge}
+        case BridgeBackend() | NatBackend():
+            names = fd_names(netdev_id, queues)
+            fds: dict[str, object] = {"fd": names[0]} if queues == 1 else {"fds": ":".join(names)}
+            return {"type": "tap", "vhost": vhost, **fds}
+        case TapBackend():
+            return {"ifname": backend.ifname, "script": "no", "downscript": "no"} | (
+                {"queues": queues} if queues > 1 else {}
+            )
+    return {}
+
+
+def _user_arguments(backend: UserBackend) -> dict[str, object]:
+    args: dict[str, object] = {}
+    for name in ("net", "host", "dhcpstart", "dns"):
+        value = getattr(backend, name)
+        if value is not None:
+            args[name] = str(value)
+    if backend.hostfwd:
+        args["hostfwd"] = [{"str": rule} for rule in backend.hostfwd]
+    if backend.guestfwd:
+        args["guestfwd"] = [{"str": rule} for rule in backend.guestfwd]
+    if backend.smb is not None:
+        args["smb"] = backend.smb
+    if backend.restrict:
+        args["restrict"] = True
+    return args
+
+
+def _socket_address(addr: UnixAddress | InetAddress) -> dict[str, object]:
+    if isinstance(addr, UnixAddress):
+        return {"type": "unix", "path": addr.path}
+    return {"type": "inet", "host": addr.host, "port": str(addr.port)}
+
+
+def _placement_arguments(placement: Placement) -> dict[str, object]:
+    return {"bus": placement.bus, "addr": format_pci_addr(placement.slot, placement.function)}
+
+
+def _device_arguments(
+    spec: NicSpec, nic_id: str, netdev_id: str, mac: str, placement: Placement
+) -> dict[str, object]:
+    args: dict[str, object] = {
+        "driver": spec.model,
+        "id": nic_id,
+        "netdev": netdev_id,
+        "mac": mac,
+        **_placement_arguments(placement),
+    }
+    queues = spec.queues or 1
+    if queues > 1:
+        args["mq"] = True
+    vectors = spec.vectors if spec.vectors is not None else (2 * queues + 2 if queues > 1 else None)
+    if vectors is not None:
+        args["vectors"] = vectors
+    return args

@@ -1,0 +1,160 @@
+"""Policy: what a caller may ask for, decided by the operator.
+
+Anyone who can send QMP commands has QEMU's privileges, and a few backend options turn that into running
+commands or touching files on the host: user-mode ``guestfwd`` with ``cmd:`` and ``smb`` start host programs,
+a listening unix socket makes QEMU unlink and create a file at a path of the caller's choosing, QEMU's bridge
+helper is a setuid program, and bridges, taps and PCI functions are host resources the operator hands out. qmpnet
+refuses these with ``forbidden`` unless the operator's policy allows them, so an MQTT caller can never do more
+than the operator meant. The checks are pure and run before any QMP command is sent.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from qmpnet.core.model import (
+    BridgeBackend,
+    DgramBackend,
+    NicSpec,
+    NicUpdate,
+    StreamBackend,
+    TapBackend,
+    UnixAddress,
+    UserBackend,
+    VfioBackend,
+)
+from qmpnet.errors import Forbidden
+
+__all__ = ["Policy", "check_capture_file", "check_spec", "check_update"]
+
+
+class Policy(BaseModel):
+    """The operator's rules for what callers may request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allow_host_commands: bool = Field(
+        default=False, description="Allow options that run host programs (guestfwd 'cmd:', smb)."
+    )
+    allowed_socket_dirs: list[str] | None = Field(
+        default=None,
+        description="Directories under which stream/dgram unix sockets may live; null allows any path.",
+    )
+    allowed_bridges: list[str] | None = Field(
+        default=None,
+        description="Host bridges bridge-mode NICs may join; null allows any existing bridge ('qmpnet serve' "
+        "defaults to none).",
+    )
+    allow_bridge_helper: bool = Field(
+        default=False, description="Allow bridge NICs made by QEMU's setuid bridge helper (runs a host program)."
+    )
+    allowed_taps: list[str] | None = Field(
+        default=None, description="Existing taps callers may attach to; null allows any."
+    )
+    allowed_vfio_hosts: list[str] | None = Field(
+        default=None, description="Host PCI functions callers may assign (0000:03:00.0); null allows any."
+    )
+    allowed_capture_dirs: list[str] | None = Field(
+        default=None,
+        description="Directories under which QEMU may write capture files; null allows any path ('qmpnet serve' "
+        "defaults to none).",
+    )
+
+
+def check_spec(spec: NicSpec, policy: Policy) -> None:
+    """Refuse anything in ``spec`` that ``policy`` does not allow.
+
+    Raises:
+        Forbidden: Names the field and the policy setting that refuses it.
+    """
+    backend = spec.backend
+    if isinstance(backend, UserBackend) and not policy.allow_host_commands:
+        for index, rule in enumerate(backend.guestfwd):
+            if "cmd:" in rule:
+                raise Forbidden(
+                    f"nic.backend.guestfwd.{index}: 'cmd:' forwards run a host command; the policy does not "
+                    "allow host commands (policy.allow_host_commands)",
+                    field=f"nic.backend.guestfwd.{index}",
+                )
+        if backend.smb is not None:
+            raise Forbidden(
+                "nic.backend.smb: smb starts a host smbd; the policy does not allow host commands "
+                "(policy.allow_host_commands)",
+                field="nic.backend.smb",
+            )
+    for name, addr in _unix_addresses(backend):
+        _check_socket_dir(f"nic.backend.{name}.path", addr.path, policy)
+    _check_host_backend(backend, policy)
+
+
+def _check_host_backend(backend: object, policy: Policy) -> None:
+    match backend:
+        case BridgeBackend(helper=True) if not policy.allow_bridge_helper:
+            _refuse("nic.backend.helper", "QEMU's bridge helper runs a host program", "policy.allow_bridge_helper")
+        case BridgeBackend(bridge=bridge):
+            _check_listed("nic.backend.bridge", bridge, policy.allowed_bridges, "policy.allowed_bridges")
+        case TapBackend(ifname=ifname):
+            _check_listed("nic.backend.ifname", ifname, policy.allowed_taps, "policy.allowed_taps")
+        case VfioBackend(host=host):
+            _check_listed("nic.backend.host", host, policy.allowed_vfio_hosts, "policy.allowed_vfio_hosts")
+
+
+def _check_listed(field: str, value: str, allowed: list[str] | None, setting: str) -> None:
+    if allowed is not None and value not in allowed:
+        listed = ", ".join(allowed) or "none"
+        _refuse(field, f"{value!r} is not allowed by the policy (allowed: {listed})", setting)
+
+
+def _refuse(field: str, why: str, setting: str) -> None:
+    raise Forbidden(f"{field}: {why} ({setting})", field=field)
+
+
+def _unix_addresses(backend: object) -> list[tuple[str, UnixAddress]]:
+    found: list[tuple[str, UnixAddress]] = []
+    if isinstance(backend, StreamBackend) and isinstance(backend.addr, UnixAddress):
+        found.append(("addr", backend.addr))
+    if isinstance(backend, DgramBackend):
+        found.extend((n, a) for n, a in (("local", backend.local), ("remote", backend.remote))
+                     if isinstance(a, UnixAddress))
+    return found
+
+
+def _check_socket_dir(field: str, path: str, policy: Policy) -> None:
+    if policy.allowed_socket_dirs is None:
+        return
+    target = PurePosixPath(path)
+    if not any(target.is_relative_to(PurePosixPath(d)) for d in policy.allowed_socket_dirs):
+        allowed = ", ".join(policy.allowed_socket_dirs) or "none"
+        raise Forbidden(
+            f"{field}: {path} is outside the directories the policy allows for sockets ({allowed})", field=field
+        )
+
+
+def check_update(update: NicUpdate, policy: Policy) -> None:
+    """Refuse a live change that ``policy`` does not allow: a move obeys the rules of a hot-add.
+
+    Raises:
+        Forbidden: Names the field and the policy setting that refuses it.
+    """
+    if isinstance(update.backend, BridgeBackend):
+        _check_listed("update.backend.bridge", update.backend.bridge, policy.allowed_bridges, "policy.allowed_bridges")
+
+
+def check_capture_file(path: str, policy: Policy, *, field: str = "file") -> None:
+    """Refuse a capture file outside the directories ``policy`` allows (QEMU creates or truncates it).
+
+    Raises:
+        Forbidden: The file is outside ``policy.allowed_capture_dirs``.
+    """
+    if policy.allowed_capture_dirs is None:
+        return
+    target = PurePosixPath(path)
+    if not any(target.is_relative_to(PurePosixPath(d)) for d in policy.allowed_capture_dirs):
+        allowed = ", ".join(policy.allowed_capture_dirs) or "none"
+        raise Forbidden(
+            f"{field}: {path} is outside the directories the policy allows for captures ({allowed}) "
+            "(policy.allowed_capture_dirs)",
+            field=field,
+        )

@@ -1,0 +1,169 @@
+"""What qmpnet remembers of a guest: the records of its state store (pure; the files are :mod:`qmpnet.adapters.store`).
+
+QEMU is the truth for what *exists*. A record holds only what QEMU cannot tell, so that any qmpnet process (the
+CLI, a ``qmpnet.connect()`` block, ``qmpnet serve``), started after any other was killed at any point, can finish
+or undo what was begun:
+
+* **the NICs qmpnet created** (:class:`NicRecord`): the spec as planned (id, MAC, PCI address filled in), the
+  netdev, the intended link state, and the host resources held for it (:class:`HostHold`: tap, NAT network,
+  VFIO function and its original driver). A NIC's record is written *before* the first QMP command of its
+  hot-add (state ``adding``) and of its removal (state ``removal_pending``), so a crash between two commands
+  leaves a record that recovery resolves against what QEMU shows;
+* **operations** by id (an MQTT ``transaction``, or a generated id): written before the first command, with their
+  outcome once known, so a repeated transaction is answered and never applied twice, across restarts too;
+* **the desired NIC set** (:class:`DesiredSet`), declared by ``qmpnet apply`` or the retained MQTT ``desired``
+  topic and kept in step by the imperative ops;
+* **the QEMU instance** the NICs belong to: a QEMU restarted on the same socket is a new instance, whose NICs are
+  all gone (their host resources are released, the desired set is added back by the controller).
+
+The format has a version (:data:`FORMAT_VERSION`); a record of another version is refused, never guessed.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from qmpnet.core.model import (  # noqa: TC001 - pydantic needs them at runtime
+    LinkState,
+    NicSpec,
+    ObservedBackend,
+    PciAddress,
+    Shape,
+    Vlan,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "GONE_KEPT",
+    "DesiredSet",
+    "GuestRecord",
+    "HostHold",
+    "NicRecord",
+    "OperationRecord",
+    "RecordState",
+]
+
+#: The version of the on-disk format; bumped on any incompatible change.
+FORMAT_VERSION = 1
+#: How many NICs removed by recovery are remembered (so a later ``nic del`` answers ``removed``).
+GONE_KEPT = 64
+
+RecordState = Literal["adding", "active", "removal_pending"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HostHold(_Record):
+    """The host resources held for one NIC, released once its device and backend are gone."""
+
+    owner: str | None = Field(default=None, description="The owner mark on taps made for the NIC (guest/nic).")
+    tap: str | None = Field(default=None, description="The tap qmpnet made (bridge and NAT backends).")
+    bridge: str | None = Field(default=None, description="The bridge the tap is enslaved to.")
+    network: str | None = Field(default=None, description="The NAT network the NIC uses.")
+    vfio_host: str | None = Field(default=None, description="The host PCI function handed to the guest.")
+    vfio_driver: str | None = Field(default=None, description="Its driver before qmpnet rebound it to vfio-pci.")
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing is held."""
+        return self.tap is None and self.vfio_driver is None and self.owner is None
+
+
+class NicRecord(_Record):
+    """A NIC qmpnet created (or is creating, or removing; or a NIC it did not create that it was asked to remove)."""
+
+    id: str
+    spec: NicSpec | None = Field(
+        description="The spec as planned (id, MAC and PCI address filled in); null for a NIC qmpnet did not create."
+    )
+    netdev: str | None
+    state: RecordState
+    link: LinkState = Field(description="The intended link state, re-applied after a reconnect.")
+    host: HostHold = Field(default_factory=HostHold)
+    pci: PciAddress | None = None
+    view: ObservedBackend | None = Field(
+        default=None, description="The backend as the last live change left it (bridge, VLANs, shaping)."
+    )
+    vlan: Vlan | None = Field(default=None, description="The VLANs set by a live change (nic/update).")
+    shape: Shape | None = Field(default=None, description="The shaping set by a live change (nic/update).")
+    operation: str | None = Field(default=None, description="The operation that last changed this NIC.")
+
+
+OperationKind = Literal["nic/add", "nic/del", "nic/link", "nic/update", "apply"]
+
+
+class OperationRecord(_Record):
+    """One change a caller asked for: written before its first QMP command, its outcome once known."""
+
+    id: str = Field(description="The caller's transaction, or an id qmpnet generated.")
+    op: str
+    nic: str | None = None
+    started: float
+    finished: float | None = None
+    outcome: dict[str, Any] | None = Field(
+        default=None, description='{"status": "ok", "data": ...} or {"status": "error", "error": {...}}.'
+    )
+
+
+class DesiredSet(_Record):
+    """The NICs a guest should have (``qmpnet apply``, the retained MQTT ``desired`` topic, imperative ops)."""
+
+    generation: int = Field(default=0, ge=0)
+    nics: list[NicSpec] = Field(default_factory=list)
+    prune: bool = Field(default=False, description="Remove NICs qmpnet created that are not in the set.")
+    source: Literal["apply", "mqtt", "imperative"] = "imperative"
+
+
+class GuestRecord(_Record):
+    """Everything qmpnet keeps about one guest (one file in the state directory)."""
+
+    version: Annotated[int, Field(ge=FORMAT_VERSION, le=FORMAT_VERSION)] = FORMAT_VERSION
+    address: str
+    name: str
+    instance: str | None = Field(default=None, description="The QEMU instance the NIC records belong to.")
+    nics: dict[str, NicRecord] = Field(default_factory=dict)
+    links: dict[str, LinkState] = Field(
+        default_factory=dict, description="Link intent of NICs qmpnet did not create (cold-plugged ones)."
+    )
+    gone: dict[str, float] = Field(
+        default_factory=dict, description="NICs whose removal recovery finished, by id, when: `nic del` says removed."
+    )
+    operations: dict[str, OperationRecord] = Field(default_factory=dict)
+    desired: DesiredSet | None = None
+
+    def with_nic(self, nic: NicRecord) -> GuestRecord:
+        """This record with ``nic`` added or replaced."""
+        gone = {k: v for k, v in self.gone.items() if k != nic.id}
+        return self.model_copy(update={"nics": {**self.nics, nic.id: nic}, "gone": gone})
+
+    def without_nic(self, nic_id: str, *, gone_at: float | None = None) -> GuestRecord:
+        """This record without NIC ``nic_id``; ``gone_at`` remembers that recovery (not a caller) removed it."""
+        update: dict[str, object] = {"nics": {k: v for k, v in self.nics.items() if k != nic_id}}
+        if gone_at is not None:
+            kept = sorted(self.gone.items(), key=lambda item: item[1])[-(GONE_KEPT - 1) :]
+            update["gone"] = {**dict(kept), nic_id: gone_at}
+        return self.model_copy(update=update)
+
+    def with_link(self, nic_id: str, link: LinkState) -> GuestRecord:
+        """This record with the link intent of ``nic_id`` (its own record's, or a cold-plugged NIC's)."""
+        nic = self.nics.get(nic_id)
+        if nic is not None:
+            return self.with_nic(nic.model_copy(update={"link": link}))
+        return self.model_copy(update={"links": {**self.links, nic_id: link}})
+
+    def with_operation(self, operation: OperationRecord) -> GuestRecord:
+        """This record with ``operation`` added or replaced."""
+        return self.model_copy(update={"operations": {**self.operations, operation.id: operation}})
+
+    def pruned(self, now: float, keep: float) -> GuestRecord:
+        """This record without finished operations older than ``keep`` seconds."""
+        operations = {
+            key: op for key, op in self.operations.items() if op.finished is None or now - op.finished <= keep
+        }
+        if len(operations) == len(self.operations):
+            return self
+        return self.model_copy(update={"operations": operations})

@@ -1,0 +1,85 @@
+"""Recovery: what qmpnet's records say it began, against what QEMU shows now -> what to finish or undo (pure).
+
+Any qmpnet process may be killed between two QMP commands, QEMU may restart on the same socket, and another QMP
+client may unplug a NIC behind qmpnet's back. Whoever next takes the guest reads QEMU (the truth for what
+exists), compares it with the records (:mod:`qmpnet.core.records`: what only qmpnet knows) and converges:
+
+======================  =====================  ==========================================================
+record state            device in QEMU         action
+======================  =====================  ==========================================================
+any (another instance)  (not ours)             ``forget``: release host resources; QEMU took the rest
+``adding``              present                ``activate``: the add got through; re-apply link intent
+``adding``              absent                 ``undo_add``: delete our netdev (if still there), release host
+``active``              present                ``relink``: re-apply link intent (full recovery only)
+``active``              absent                 ``vanished``: unplugged behind our back; clean up as above
+``removal_pending``     present                ``unplug``: ask again (full recovery only); keep pending
+``removal_pending``     absent                 ``finish``: the ack came while nobody listened; clean up
+======================  =====================  ==========================================================
+
+A recorded netdev is always deleted when its NIC is gone: ``info network`` is HMP text, and deleting one that is
+already gone costs one ``DeviceNotFound`` answer, while keeping one would keep its hostfwd ports or its tap.
+Devices and netdevs without a record are not qmpnet's: they are listed, never touched. *Full* recovery runs
+when a connection starts (and on the periodic resync's first pass); a *light* one whenever the lane re-reads the
+guest, so it never re-sends commands that only matter after a reconnect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from collections.abc import Collection
+
+    from qmpnet.core.records import GuestRecord, NicRecord
+
+__all__ = ["Action", "RecoveryStep", "plan_recovery"]
+
+Action = Literal["forget", "activate", "undo_add", "relink", "vanished", "unplug", "finish"]
+
+
+@dataclass(frozen=True)
+class RecoveryStep:
+    """What to do about one recorded NIC.
+
+    Attributes:
+        action: See the module docstring's table.
+        nic: The record.
+    """
+
+    action: Action
+    nic: NicRecord
+
+
+def plan_recovery(
+    record: GuestRecord,
+    *,
+    instance: str | None,
+    devices: Collection[str],
+    full: bool,
+) -> list[RecoveryStep]:
+    """The steps that bring ``record`` and the guest back in line (empty when they agree).
+
+    Args:
+        record: The guest's record.
+        instance: The QEMU instance now answering (``None``: unknown, treated as the recorded one).
+        devices: Every device id QEMU shows.
+        full: Also re-apply link intent and re-ask pending unplugs (after a reconnect).
+    """
+    if record.instance is not None and instance is not None and record.instance != instance:
+        return [RecoveryStep("forget", nic) for nic in record.nics.values()]
+    steps: list[RecoveryStep] = []
+    for nic in record.nics.values():
+        present = nic.id in devices
+        if nic.state == "adding":
+            steps.append(RecoveryStep("activate" if present else "undo_add", nic))
+        elif nic.state == "active":
+            if not present:
+                steps.append(RecoveryStep("vanished", nic))
+            elif full:
+                steps.append(RecoveryStep("relink", nic))
+        elif not present:
+            steps.append(RecoveryStep("finish", nic))
+        elif full:
+            steps.append(RecoveryStep("unplug", nic))
+    return steps

@@ -1,0 +1,163 @@
+"""Running a hot-add: host-side preparation, then the plan's QMP steps, each pushing its undo on a stack.
+
+A hot-add touches up to three places: the host (a tap on a bridge, a NAT network, a PCI function rebound to
+vfio-pci), QEMU's fd table (``getfd``), and the guest (``netdev_add``, ``device_add``, ``set_link``). Every
+action that succeeds pushes the action that reverts it on an :class:`UndoStack`; if a later action fails with a
+QEMU error the stack unwinds in reverse, so the host and the guest end exactly as before. An *unknown* outcome
+(no answer, lost connection) is not unwound: reverting ``netdev_add`` under a ``device_add`` that may have
+succeeded would leave a NIC without a backend. The caller gets ``outcome_unknown`` and can list the NICs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from qmpnet.core.hotadd_plan import AddPlan, QmpCall, Step, fd_names, needs_tap_fds
+from qmpnet.core.model import BridgeBackend, NatBackend, NicSpec, TapBackend, VfioBackend
+from qmpnet.errors import QmpCommandError, QmpnetError, RemovalPending, Unsupported
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from qmpnet.core.ports import HostNetwork, Monitor
+
+__all__ = ["Attachment", "UndoStack", "prepare_host", "run_steps", "tap_owner", "undo_device"]
+
+log = logging.getLogger(__name__)
+
+_OWNER_CHARS = re.compile(r"[^A-Za-z0-9_.:/-]")
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What the host side holds for one NIC, to be released after its removal."""
+
+    tap: str | None = None
+    bridge: str | None = None
+    network: str | None = None
+    vfio_host: str | None = None
+    vfio_driver: str | None = None
+
+
+class UndoStack:
+    """Actions that revert what succeeded so far, run in reverse by :meth:`unwind`."""
+
+    def __init__(self) -> None:
+        self._actions: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+
+    def push(self, label: str, action: Callable[[], Awaitable[object]]) -> None:
+        """Remember how to revert the step called ``label``."""
+        self._actions.append((label, action))
+
+    async def unwind(self, cause: QmpnetError) -> bool:
+        """Run the undo actions, newest first; failures are logged and noted on ``cause``, never raised.
+
+        Returns:
+            ``False`` if unwinding had to stop because the guest has not released a device it was asked to
+            unplug: what the device still uses (its netdev, the tap) must then stay until it does.
+        """
+        while self._actions:
+            label, action = self._actions.pop()
+            try:
+                await action()
+            except RemovalPending as err:
+                log.warning("rollback stopped at %s: %s", label, err)
+                cause.add_note(f"rollback incomplete: {err}; its backend is removed once the guest releases it")
+                return False
+            except QmpnetError as err:
+                log.warning("rollback of %s failed: %s", label, err)
+                cause.add_note(f"rollback of {label} failed: {err}")
+        return True
+
+
+async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, passed explicitly
+    host: HostNetwork | None, monitor: Monitor, spec: NicSpec, plan: AddPlan, owner: str, undo: UndoStack
+) -> Attachment:
+    """Do the host-side work ``spec``'s backend needs before its QMP steps; push the undo of each action.
+
+    Raises:
+        Unsupported: The backend needs host networking and this guest has none configured.
+        NotFound, InvalidRequest, Conflict, Unsupported: From the host side (bridge, tap, network, PCI function).
+        QmpCommandError, OutcomeUnknown, GuestUnavailable: From passing the tap fds to QEMU.
+    """
+    backend = spec.backend
+    if not isinstance(backend, TapBackend | VfioBackend) and not needs_tap_fds(spec):
+        return Attachment()
+    if host is None:
+        raise Unsupported(f"nic.backend.type: {backend.type} needs host networking, which is not set up here",
+                          field="nic.backend.type")
+    if isinstance(backend, TapBackend):
+        await host.check_tap(backend.ifname)
+        return Attachment()
+    if isinstance(backend, VfioBackend):
+        driver = await host.prepare_vfio(backend.host, rebind=backend.rebind)
+        if driver is not None:
+            undo.push("vfio-pci rebind", lambda: host.restore_vfio(backend.host, driver))
+        return Attachment(vfio_host=backend.host, vfio_driver=driver)
+    bridge = await host.nat_bridge(backend.network) if isinstance(backend, NatBackend) else _bridge(backend)
+    tap = await host.create_tap(bridge, queues=spec.queues or 1, owner=tap_owner(owner))
+    undo.push(f"tap {tap.name}", lambda: host.delete_tap(tap.name))
+    names = fd_names(plan.netdev_id or plan.nic_id, len(tap.fds))
+    try:
+        await monitor.pass_fds(list(zip(names, tap.fds, strict=True)))
+    finally:
+        tap.close_fds()  # QEMU holds its own copies now (or none, on failure)
+    undo.push("getfd", lambda: _close_fds(monitor, names))
+    network = backend.network if isinstance(backend, NatBackend) else None
+    return Attachment(tap=tap.name, bridge=bridge, network=network)
+
+
+def _bridge(backend: object) -> str:
+    assert isinstance(backend, BridgeBackend)  # noqa: S101 - narrowed by needs_tap_fds
+    return backend.bridge
+
+
+def tap_owner(owner: str) -> str:
+    """The owner note of a NIC's tap (``<guest>/<nic>``, cut to what a tap's mark may hold)."""
+    return _OWNER_CHARS.sub("_", owner)[-200:]
+
+
+async def _close_fds(monitor: Monitor, names: tuple[str, ...]) -> None:
+    for name in names:
+        # netdev_add consumes the names it used; closefd then fails harmlessly.
+        with suppress(QmpCommandError):
+            await monitor.execute("closefd", {"fdname": name})
+
+
+async def run_steps(monitor: Monitor, steps: tuple[Step, ...], undo: UndoStack, *, unplug_timeout: float) -> None:
+    """Run ``steps`` in order, pushing each one's undo once it has succeeded.
+
+    Raises:
+        QmpCommandError, GuestUnavailable: A step failed; the caller unwinds ``undo``.
+        OutcomeUnknown: A step got no answer; do not unwind (see the module docstring).
+    """
+    for step in steps:
+        await monitor.execute(step.call.command, step.call.arguments)
+        if step.undo is None:
+            continue
+        call, device = step.undo, step.undo_waits_for
+        if device is not None:
+            undo.push(step.call.command, functools.partial(undo_device, monitor, device, call, unplug_timeout))
+        else:
+            undo.push(step.call.command, functools.partial(monitor.execute, call.command, call.arguments))
+
+
+async def undo_device(monitor: Monitor, device_id: str, call: QmpCall, timeout: float) -> None:
+    """Unplug ``device_id`` again and wait for the guest to let go of it.
+
+    Raises:
+        RemovalPending: The guest did not acknowledge within ``timeout``.
+    """
+    async with monitor.listen({"DEVICE_DELETED"}, lambda e: e.device == device_id) as stream:
+        await monitor.execute(call.command, call.arguments)
+        try:
+            async with asyncio.timeout(timeout):
+                await stream.get()
+        except TimeoutError as err:
+            raise RemovalPending(f"the guest did not release device {device_id} within {timeout:g} s") from err

@@ -1,5 +1,0 @@
-"""QMP adapter: the only package that imports ``qemu.qmp``."""
-
-from qmpnet.qmp.monitor import QmpMonitor, parse_address
-
-__all__ = ["QmpMonitor", "parse_address"]

@@ -4,7 +4,8 @@ Settings become adapters (the QMP connector, the MQTT bus, the metrics endpoint)
 controller, and everything runs in one ``TaskGroup`` until SIGTERM or SIGINT. Shutdown is ordered: the controller
 stops first (guest connections closed), then the bus publishes ``offline`` and disconnects cleanly, so the broker
 does not send the will. A broker that keeps refusing us (bad credentials, an MQTT version it does not speak) ends
-the process with one line and exit status 1. Nothing else in qmpnet wires concrete adapters together.
+the process with one line and exit status 1. The one other composition root is direct mode
+(:mod:`qmpnet.api.direct`): one guest, its record, the QMP adapter and the host, no controller and no bus.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ Integration tests use it to see what a real guest sees of the NICs that qmpnet p
 :mod:`.build` makes and caches the kernel and initramfs, :mod:`.machine` runs QEMU, and :mod:`.agent` talks to
 the in-guest agent (`init.sh`) over the guest's second serial port. :mod:`.debian` builds the Debian 12 guest
 (systemd, udev, networkd, qemu-guest-agent: ``TestMachine(image, flavour="debian")``). :mod:`.services` and
-:mod:`.probe` run mosquitto and ``qmpnet serve`` for MQTT tests. This package is test tooling: nothing in the rest of
-qmpnet imports it but the pytest plugin (``qmpnet.testguest.plugin``) and ``qmpnet demo``.
+:mod:`.probe` run mosquitto and ``qmpnet serve`` for MQTT tests, and :mod:`.plugin` is the pytest plugin that
+puts all of it into any test suite. This package is test tooling: nothing in the rest of qmpnet imports it but
+``qmpnet demo``; this ``__init__`` does not import the plugin.
 """
 
 from .agent import (

@@ -26,8 +26,8 @@ from typing import NoReturn
 import pytest
 
 __all__ = [
-    "KERNEL_LACKS", "check_item", "device", "fail_skips_in_ci", "in_ci", "kernel", "need", "require", "root", "tool",
-    "unmet",
+    "ASYNCAPI_CLI", "KERNEL_LACKS", "asyncapi_cli", "check_item", "device", "fail_skips_in_ci", "in_ci", "kernel",
+    "need", "require", "root", "tool", "unmet",
 ]
 
 CI_NOTE = "(CI=true: a test whose needs are not met fails instead of skipping)"
@@ -71,6 +71,19 @@ def tool(name: str, package: str) -> pytest.MarkDecorator:
 def device(path: str) -> pytest.MarkDecorator:
     """Needs the device file ``path`` (``/dev/net/tun``)."""
     return need(Path(path).exists(), f"needs {path}")
+
+
+#: The AsyncAPI Initiative's CLI as scripts/setup installs it (npm ``@asyncapi/cli``, the version pinned there).
+ASYNCAPI_CLI = (
+    Path(os.environ.get("QMPNET_TOOLS_CACHE") or Path.home() / ".cache" / "qmpnet" / "tools")
+    / "asyncapi-cli-4.1.1" / "node_modules" / ".bin" / "asyncapi"
+)  # fmt: skip
+
+
+def asyncapi_cli() -> pytest.MarkDecorator:
+    """Needs :data:`ASYNCAPI_CLI` (and Node, which runs it)."""
+    ok = os.access(ASYNCAPI_CLI, os.X_OK) and shutil.which("node") is not None
+    return need(ok, f"needs the AsyncAPI CLI at {ASYNCAPI_CLI} and node (./scripts/setup installs them)")
 
 
 def kernel(ok: bool, why: str) -> pytest.MarkDecorator:

@@ -27,6 +27,7 @@ from qmpnet.api.wire.envelopes import (
     NicList,
     OkResponse,
 )
+from qmpnet.core.records import DesiredDocument
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -53,11 +54,12 @@ def _messages() -> dict[str, dict[str, type[BaseModel]]]:
             "guest/<g>/nics": NicList,
         },
         "events": {"guest/<g>/event/<name>": EventMessage},
+        "desired": {"guest/<g>/desired": DesiredDocument},
     }
 
 
 def api_schema() -> dict[str, Any]:
-    """The JSON Schema document of every request, response, retained state and event of the MQTT API."""
+    """The JSON Schema document of every request, response, retained state, event and desired document."""
     sections = _messages()
     models = [model for section in sections.values() for model in section.values()]
     keys, top = models_json_schema([(model, "validation") for model in models], ref_template=_REF)
@@ -79,7 +81,13 @@ def render_reference() -> str:
     schema = api_schema()
     defs: dict[str, Any] = schema["$defs"]
     lines = [BEGIN_MARKER, ""]
-    titles = {"requests": "Requests", "responses": "Responses", "state": "Retained state", "events": "Events"}
+    titles = {
+        "requests": "Requests",
+        "responses": "Responses",
+        "state": "Retained state",
+        "desired": "Desired state (retained, published by the orchestrator)",
+        "events": "Events",
+    }
     shown: set[str] = set()
     for section, title in titles.items():
         lines += [f"### {title}", ""]

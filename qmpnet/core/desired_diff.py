@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import ValidationError
 
 from qmpnet.core.model import invalid_request_from, parse_nic_spec
-from qmpnet.core.records import DesiredSet
+from qmpnet.core.records import DesiredDocument, DesiredSet
 from qmpnet.errors import InvalidRequest
 
 if TYPE_CHECKING:
@@ -92,9 +92,12 @@ def parse_desired(data: Mapping[str, Any], *, source: Literal["apply", "mqtt"], 
         specs.append(spec)
     rest = {k: v for k, v in data.items() if k != "nics"}
     try:
-        return DesiredSet.model_validate({**rest, "nics": [], "source": source}).model_copy(update={"nics": specs})
+        # The document's model (the one the MQTT API's schemas publish), so what is accepted is what is documented.
+        document = DesiredDocument.model_validate({**rest, "nics": []})
     except ValidationError as err:
         raise invalid_request_from(err, prefix) from err
+    desired = DesiredSet(generation=document.generation, prune=document.prune, source=source)
+    return desired.model_copy(update={"nics": specs})
 
 
 def plan_changes(desired: DesiredSet, nics: Mapping[str, Nic], created: Collection[str]) -> list[Change]:

@@ -37,6 +37,7 @@ from qmpnet.core.model import (  # noqa: TC001 - pydantic needs them at runtime
 __all__ = [
     "FORMAT_VERSION",
     "GONE_KEPT",
+    "DesiredDocument",
     "DesiredSet",
     "GuestRecord",
     "HostHold",
@@ -109,12 +110,22 @@ class OperationRecord(_Record):
     )
 
 
-class DesiredSet(_Record):
+class DesiredDocument(_Record):
+    """A desired NIC set as declared: the retained MQTT ``.../guest/<g>/desired`` payload, ``qmpnet apply``'s file.
+
+    An empty retained payload (not JSON) clears the guest's set.
+    """
+
+    generation: int = Field(default=0, ge=0, description="Higher replaces the set; lower is ignored; same: no change.")
+    nics: list[NicSpec] = Field(
+        default_factory=list, description="The NICs the guest should have; each needs an id; ids and MACs unique."
+    )
+    prune: bool = Field(default=False, description="Remove NICs qmpnet created that are not in the set.")
+
+
+class DesiredSet(DesiredDocument):
     """The NICs a guest should have (``qmpnet apply``, the retained MQTT ``desired`` topic, imperative ops)."""
 
-    generation: int = Field(default=0, ge=0)
-    nics: list[NicSpec] = Field(default_factory=list)
-    prune: bool = Field(default=False, description="Remove NICs qmpnet created that are not in the set.")
     source: Literal["apply", "mqtt", "imperative"] = "imperative"
 
 

@@ -156,6 +156,7 @@ def test_the_policy_is_checked_before_connecting(sockdir: Path, tmp_path: Path) 
         ["nic", "add", "--hub", "x", "--qmp", "/x.qmp"],
         ["nic", "list"],
         ["nic", "list", "--qmp", "/x.qmp", "--broker", "mqtt://127.0.0.1:1", "--guest", "vm1"],
+        ["schema", "--markdown", "--asyncapi"],
     ],
 )
 def test_a_usage_error_is_one_line_and_exit_2(args: list[str]) -> None:

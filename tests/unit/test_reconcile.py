@@ -38,6 +38,7 @@ def nic(nic_id: str, model: str = "e1000", *, link: str = "up", mac: str = "52:5
         ({"nics": [], "generation": -1}, "generation"),
         ({"nics": [], "prune": "yes please"}, "prune"),
         ({"nics": [], "extra": 1}, "extra"),
+        ({"nics": [], "source": "imperative"}, "source"),  # the store's field, not the document's (DesiredDocument)
         ({"nics": [3]}, "nics.0"),
     ],
 )

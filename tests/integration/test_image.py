@@ -18,9 +18,12 @@ is the finding.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
 from pathlib import Path
@@ -106,6 +109,50 @@ def image() -> Iterator[Image]:
 
 def test_version_is_this_checkouts(image: Image) -> None:
     assert image.run("--version").strip() == f"qmpnet {qmpnet.__version__}"
+
+
+def _host_ca_bundles() -> dict[int, set[str]]:
+    """The CA bundles a build could have been given (pip's ``cert``, the usual variables, the system's), by size."""
+    found: dict[int, set[str]] = {}
+    names = [os.environ.get(var, "") for var in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")]
+    pip = [sys.executable, "-m", "pip", "config", "list"]
+    listing = subprocess.run(pip, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False).stdout
+    names += [line.split("=", 1)[1].strip("'") for line in listing.splitlines() if line.split("=")[0].endswith(".cert")]
+    for name in [*names, "/etc/ssl/certs/ca-certificates.crt"]:
+        path = Path(name)
+        if name and path.is_file():
+            data = path.read_bytes()
+            found.setdefault(len(data), set()).add(hashlib.sha256(data).hexdigest())
+    return found
+
+
+def test_the_builds_pip_settings_and_ca_are_in_no_layer(image: Image, tmp_path: Path) -> None:
+    env = json.loads(_podman("image", "inspect", "--format", "{{json .Config.Env}}", image.tag).stdout) or []
+    assert [var for var in env if var.startswith("PIP_")] == []
+    bundles = _host_ca_bundles()
+    assert bundles, "no host CA bundle to look for"
+    archive = tmp_path / "image.tar"
+    _podman("save", "--format", "docker-archive", "--output", str(archive), image.tag)
+    leaked, layers = [], 0
+    with tarfile.open(archive) as outer:
+        for member in outer:
+            if not member.name.endswith(".tar"):
+                continue
+            layers += 1
+            layer = outer.extractfile(member)
+            assert layer is not None
+            with tarfile.open(fileobj=layer) as files:
+                for entry in files:
+                    name = entry.name.rsplit("/", 1)[-1]
+                    if name in {"pip.conf", "pip-conf", "pip-ca"} and "/site-packages/" not in entry.name:
+                        leaked.append(entry.name)
+                    elif entry.isfile() and entry.size in bundles:
+                        content = files.extractfile(entry)
+                        assert content is not None
+                        if hashlib.sha256(content.read()).hexdigest() in bundles[entry.size]:
+                            leaked.append(entry.name)
+    assert layers >= 2
+    assert leaked == []
 
 
 def _nics(listing: str) -> dict[str, str]:

@@ -21,10 +21,12 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +34,18 @@ from typing import TYPE_CHECKING
 import needs
 import pytest
 from aux_qmp import aux_args, aux_monitor
-from mqtt_fixtures import FAST_ENV, MOSQUITTO_5, Mosquitto, Qemu, client_settings, fresh_root, scratch, wait_retained
+from mqtt_fixtures import (
+    FAST_ENV,
+    MOSQUITTO_5,
+    Mosquitto,
+    Process,
+    Qemu,
+    client_settings,
+    free_port,
+    fresh_root,
+    scratch,
+    wait_retained,
+)
 
 import qmpnet
 from qmpnet.client import Client
@@ -61,8 +74,9 @@ def _podman(*args: str, timeout: float = RUN_TIMEOUT, check: bool = True) -> sub
 class Image:
     """The image this module built, and how to start containers of it on this host."""
 
-    def __init__(self, tag: str, run_options: list[str], label: str) -> None:
+    def __init__(self, tag: str, base: str, run_options: list[str], label: str) -> None:
         self.tag = tag
+        self.base = base
         self.run_options = run_options
         self.label = label
 
@@ -99,12 +113,19 @@ def image() -> Iterator[Image]:
         )
         if options.returncode != 0:
             pytest.fail(f"scripts/image --run-options: exit {options.returncode}\n{options.stderr}")
-        built_image = Image(tag, options.stdout.split(), f"org.qmpnet.test={run}")
+        built_image = Image(tag, _built_on(built.stderr, tag), options.stdout.split(), f"org.qmpnet.test={run}")
         yield built_image
         assert built_image.left() == []
     finally:
         _podman("rmi", "--force", tag, check=False)
     assert _podman("image", "exists", tag, check=False).returncode == 1
+
+
+def _built_on(log: str, tag: str) -> str:
+    """The base scripts/image says it built ``tag`` on (``image: building TAG on BASE with ...``)."""
+    found = re.search(rf"^image: building {re.escape(tag)} on (\S+) ", log, re.MULTILINE)
+    assert found, log
+    return found[1]
 
 
 def test_version_is_this_checkouts(image: Image) -> None:
@@ -228,3 +249,67 @@ async def _serve_answers(url: str, root: str, controller: str, work: Path, name:
         assert (nic.id, nic.model) == ("m1", "e1000")
         assert [n.id for n in await client.list_nics(controller, "vm1")] == ["m1"]
     assert await _peripherals(work) == {"m1"}
+
+
+class Registry(Process):
+    """A registry (Debian's docker-registry, the CNCF distribution) on a free loopback port, over plain HTTP."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__("registry", workdir)
+        self.port = free_port()
+        self.config = workdir / "registry.yml"
+        self.config.write_text(
+            f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {workdir / 'data'}\n"
+            f"http:\n  addr: 127.0.0.1:{self.port}\n"
+        )
+        # podman's own registry settings (CONTAINERS_REGISTRIES_CONF) let it speak plain HTTP to this one.
+        self.registries = workdir / "registries.conf"
+        self.registries.write_text(f'[[registry]]\nlocation = "{self.host}"\ninsecure = true\n')
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:<port>``."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Registry:
+        """Start and wait until its API answers."""
+        self.spawn(["docker-registry", "serve", str(self.config)])
+        self.wait_until(self._answers, 10, "docker-registry")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+
+@needs.tool("docker-registry", "docker-registry")
+def test_the_base_comes_from_a_registry_when_one_answers(image: Image) -> None:
+    run = uuid.uuid4().hex[:10]
+    tag = f"localhost/qmpnet-test:{run}-registry"
+    with scratch("qmpnet-registry-") as work:
+        registry = Registry(work).start()
+        remote = f"{registry.host}/qmpnet-test/debian:12-slim"
+        env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(registry.registries), "QMPNET_IMAGE_FROM": remote}
+        try:
+            # The registry holds the base this module's build used; local storage does not have it under its name.
+            _podman("push", "--tls-verify=false", image.base, remote)
+            assert _podman("image", "exists", remote, check=False).returncode == 1
+            built = subprocess.run(
+                [str(REPO / "scripts" / "image"), "--tag", tag],
+                capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False, env=env,
+            )  # fmt: skip
+            assert built.returncode == 0, built.stderr[-3000:]
+            assert f"image: pulled {remote}\n" in built.stderr
+            assert _built_on(built.stderr, tag) == remote
+            assert "debootstrap" not in built.stderr
+            version = _podman(*image.argv("--rm", "--network=none", tag, "--version")).stdout
+            assert version.strip() == f"qmpnet {qmpnet.__version__}"
+        finally:
+            _podman("rmi", tag, check=False)
+            _podman("rmi", remote, check=False)  # only this name: the image is the module's base
+            registry.stop()
+    assert _podman("image", "exists", tag, check=False).returncode == 1
+    assert _podman("image", "exists", image.base, check=False).returncode == 0

@@ -107,13 +107,16 @@ def image() -> Iterator[Image]:
             pytest.fail(f"scripts/image --tag {tag}: exit {built.returncode}\n{built.stderr[-3000:]}")
         elapsed = time.monotonic() - started
         size = int(_podman("image", "inspect", "--format", "{{.Size}}", tag).stdout)
-        print(f"\nimage: {tag} built by scripts/image in {elapsed:.0f} s, {size / 1e6:.0f} MB")  # noqa: T201
         options = subprocess.run(
             [script, "--run-options"], capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
         )
         if options.returncode != 0:
             pytest.fail(f"scripts/image --run-options: exit {options.returncode}\n{options.stderr}")
         built_image = Image(tag, _built_on(built.stderr, tag), options.stdout.split(), f"org.qmpnet.test={run}")
+        print(  # noqa: T201
+            f"\nimage: {tag} built by scripts/image in {elapsed:.0f} s on {built_image.base}, {size / 1e6:.0f} MB;"
+            f" podman run {' '.join(built_image.run_options) or '(no options)'}"
+        )
         yield built_image
         assert built_image.left() == []
     finally:

@@ -23,7 +23,7 @@ async def leave(settings: Settings, fake: FakeQmp, *nics: NicRecord, instance: s
     """Write the record a killed process would have left for the fake's guest."""
     store = await StateDir(settings.state_dir).open_guest(str(fake.path), str(fake.path), wait=1)
     try:
-        record = GuestRecord(address=str(fake.path), name=str(fake.path), instance=instance)
+        record = GuestRecord(address=str(fake.path), name=str(fake.path), instance=instance, boot=store.record.boot)
         for nic in nics:
             record = record.with_nic(nic)
         store.save(record)

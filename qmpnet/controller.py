@@ -359,6 +359,7 @@ class _Member:
         record = self.store.record
         if payload is None:
             self.store.save(record.model_copy(update={"desired": None}))
+            self.store.flush_soon()  # the durable desired file
             self._desired_changed(None)
             return
         try:
@@ -379,6 +380,7 @@ class _Member:
         news = current is None or current.generation != desired.generation or current.source != "mqtt"
         if news:
             self.store.save(record.model_copy(update={"desired": desired}))
+            self.store.flush_soon()  # the durable desired file
         if self.reconciler is not None:
             self.reconciler.poke(explicit=news)
 

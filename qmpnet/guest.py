@@ -565,6 +565,7 @@ class Guest:
         finally:
             _lanes_held[0] -= 1
             self._lane.release()
+            self._store.flush_soon()  # the outcome and the desired set, once the answer is on its way
 
     async def _fresh_inventory(self) -> Inventory:
         if self._inventory is None:

@@ -388,7 +388,11 @@ class GuestStore(Protocol):
         ...
 
     def save_later(self, record: GuestRecord) -> None:
-        """Make ``record`` current now and write it after the loop's current turn (an outcome after its answer)."""
+        """Make ``record`` current now, to be written by :meth:`flush_soon` (an outcome after its answer)."""
+        ...
+
+    def flush_soon(self) -> None:
+        """After the loop's current turn, write what is pending (and the desired set, durably)."""
         ...
 
     def close(self) -> None:

@@ -260,7 +260,7 @@ class FileGuestStore:
         """Write ``record`` atomically (no fsync, see the module docstring), then make it the current one.
 
         The temporary file has a fixed name (``.<key>.tmp`` beside the record): only the holder of the guest's
-        lock writes there. A changed desired set is written durably after the loop's current turn.
+        lock writes there. A changed desired set waits for :meth:`flush_soon` (or :meth:`close`).
 
         Raises:
             StoreUnavailable: The state directory can no longer be written (nothing was changed).
@@ -268,7 +268,6 @@ class FileGuestStore:
         self._asked += 1
         self._write(encode_record(record), self._asked, record)
         self._record = record
-        self._desired_changed()
 
     async def save_async(self, record: GuestRecord) -> None:
         """As :meth:`save`, with the disk work in a worker thread: the event loop serves other guests meanwhile.
@@ -289,10 +288,9 @@ class FileGuestStore:
             if self._record is record:
                 self._record = self._durable
             raise
-        self._desired_changed()
 
     def save_later(self, record: GuestRecord) -> None:
-        """Make ``record`` the current one now and write it once the loop's current turn is done (write-behind).
+        """Make ``record`` the current one now; it is written by :meth:`flush_soon` (write-behind) or the next write.
 
         For an outcome that may follow its answer: the next write contains it anyway, :meth:`close` writes it, and
         a process killed before it leaves the record of the step before, which recovery settles. A failed
@@ -300,7 +298,14 @@ class FileGuestStore:
         """
         self._asked += 1
         self._record = record
-        self._schedule()
+
+    def flush_soon(self) -> None:
+        """Once the loop's current turn is done, write what is pending: the record, and the desired set durably.
+
+        The guest's lane calls it as it lets go of a call, so the writes follow the call's answer.
+        """
+        if self._record is not self._durable or self._record.desired is not self._desired_on_disk:
+            self._schedule()
 
     def rewrite(self) -> None:
         """Write the current record and desired set now, durably (what :meth:`StateDir.open_guest` read, migrated).
@@ -310,10 +315,6 @@ class FileGuestStore:
         """
         self.save(self._record)
         self._write_desired()
-
-    def _desired_changed(self) -> None:
-        if self._record.desired is not self._desired_on_disk:
-            self._schedule()
 
     def _schedule(self) -> None:
         if self._behind is not None:
@@ -328,7 +329,7 @@ class FileGuestStore:
     def _write_behind(self) -> None:
         """Write what is pending: the record here (a page-cache write), the desired set in a worker thread."""
         self._behind = None
-        if self._done < self._asked:
+        if self._record is not self._durable:
             try:
                 self._write(encode_record(self._record), self._asked, self._record)
             except StoreUnavailable as err:
@@ -390,7 +391,7 @@ class FileGuestStore:
         if self._behind is not None:
             self._behind.cancel()
         self._behind = None
-        if self._done < self._asked:
+        if self._record is not self._durable:
             try:
                 self._write(encode_record(self._record), self._asked, self._record)
             except StoreUnavailable as err:
@@ -453,6 +454,9 @@ class MemoryGuestStore:
     def save_later(self, record: GuestRecord) -> None:
         """Keep ``record`` (as :meth:`save`)."""
         self.save(record)
+
+    def flush_soon(self) -> None:
+        """Nothing is pending."""
 
     def close(self) -> None:
         """Nothing to release."""

@@ -18,9 +18,9 @@ or undo what was begun:
 * **the boot** (the kernel's boot id) the records were written in: a host reboot takes every QEMU, tap and driver
   binding with it, so a record of an earlier boot is void (:meth:`GuestRecord.for_boot`) except its desired set.
 
-Durable against what: everything but the desired set protects against the death of the qmpnet process while QEMU
-lives on, which a write that reached the page cache survives; only the desired set must outlive a reboot, and the
-store keeps it in a file of its own, fsync'd (:mod:`qmpnet.store`).
+Durable against what: the record protects against the death of the qmpnet process while QEMU lives on, which a
+write that reached the page cache survives; only the desired set must outlive a reboot, and the store keeps a copy
+of it in a file of its own, fsync'd (:mod:`qmpnet.store`).
 
 The format has a version (:data:`FORMAT_VERSION`). Version 1 (the desired set inside the record, no boot id) is
 read and migrated (:func:`migrated`); any other version is not guessed: the store moves such a record aside.
@@ -146,7 +146,7 @@ class GuestRecord(_Record):
     )
     operations: dict[str, OperationRecord] = Field(default_factory=dict)
     desired: DesiredSet | None = Field(
-        default=None, description="Kept in a durable file of its own by the store, never in the record's file."
+        default=None, description="Also kept by the store in a file of its own, fsync'd: it outlives a reboot."
     )
 
     def for_boot(self, boot: str | None) -> GuestRecord:

@@ -8,8 +8,10 @@ Two files per guest, durable against two different failures (see :mod:`qmpnet.re
   reader sees the old record or the new one, never a mix. A host crash takes the QEMU processes, taps and bindings
   the record names with it; the record of an earlier boot is void (:meth:`GuestRecord.for_boot`).
 * ``<key>.desired.json``, the desired set, must outlive a reboot: it is written the same way *and* fsync'd (the
-  file, then the directory), in a worker thread once the loop's current turn is done, so a change's answer never
-  waits for the disk; :meth:`FileGuestStore.close` waits for it.
+  file, then the directory), in a worker thread once the call that changed it has been answered
+  (:meth:`FileGuestStore.flush_soon`), so an answer never waits for the disk; :meth:`FileGuestStore.close` waits
+  for it. The record carries the set too, written with each change's intent: after a kill (same boot) the record's
+  set is the newer and wins; after a reboot, or when the record is unreadable, the durable file's does.
 
 A record that cannot be read (not JSON, another format version, invalid) never locks a guest out: it is moved aside
 as ``<name>.corrupt-<timestamp>`` (nothing is deleted), logged once and reported (:attr:`FileGuestStore.discarded`,
@@ -170,16 +172,23 @@ class StateDir:
             loaded = _read_or_discard(path, functools.partial(_load_any, boot=self.boot, mtime=_mtime(path)),
                                       discarded)
             fresh = GuestRecord(address=canonical_address(address), name=name, boot=self.boot)
-            record, stale = loaded or (fresh, False)
-            if record.boot != self.boot and (record.nics or record.operations or record.instance):
+            record, migrated_from_v1 = loaded or (fresh, False)
+            void = self.boot is not None and record.boot != self.boot
+            if void and (record.nics or record.operations or record.instance):
                 log.info("guest %s: its record is of an earlier boot: only the desired set is kept", address)
-                stale = True
-            record = record.for_boot(self.boot)
-            record = record.model_copy(update={"name": name, "desired": desired or record.desired})
+            if migrated_from_v1:
+                pass  # version 1 kept the set in the record only: it is the one
+            elif loaded is None or void:
+                # No record of this boot (none, unreadable, or void after a reboot): the durable set is the one.
+                record = record.model_copy(update={"desired": desired})
+            elif record.desired == desired:
+                record = record.model_copy(update={"desired": desired})  # the same set: the same object
+            # else the record of this boot is the newer: a killed process wrote it, not yet its durable copy.
+            record = record.for_boot(self.boot).model_copy(update={"name": name})
             store = FileGuestStore(path, record, lock, key, desired_path=desired_path, discarded=discarded,
                                    desired_on_disk=desired)
-            if stale or discarded:
-                store.rewrite()  # the current format and boot, the set in its own file, in place of what was read
+            if migrated_from_v1 or void or discarded or record.desired is not desired:
+                store.rewrite()  # the current format and boot, and the set made durable, in place of what was read
         except BaseException:
             os.close(lock)
             raise
@@ -219,8 +228,8 @@ class FileGuestStore:
 
     Writes are serialised (a thread lock: :meth:`save_async` writes in a worker thread) and numbered in the order
     they were asked for; a write that finds a later one already on disk has nothing left to do, since every record
-    is built from the current one and so contains what the earlier ones did. The desired set is written (durably)
-    apart from the record, whenever it is not the object last written, once the loop's current turn is done.
+    is built from the current one and so contains what the earlier ones did. The desired set of the newest record
+    on disk is written durably to its own file by :meth:`flush_soon` whenever it is not the object last written.
     """
 
     def __init__(  # noqa: PLR0913 - the files and what was found in them, keyword-only but the first four
@@ -304,7 +313,7 @@ class FileGuestStore:
 
         The guest's lane calls it as it lets go of a call, so the writes follow the call's answer.
         """
-        if self._record is not self._durable or self._record.desired is not self._desired_on_disk:
+        if self._record is not self._durable or self._durable.desired is not self._desired_on_disk:
             self._schedule()
 
     def rewrite(self) -> None:
@@ -334,7 +343,7 @@ class FileGuestStore:
                 self._write(encode_record(self._record), self._asked, self._record)
             except StoreUnavailable as err:
                 log.warning("%s (the record is kept in memory; the next write carries it)", err)
-        if self._record.desired is self._desired_on_disk:
+        if self._durable.desired is self._desired_on_disk:
             return
         try:
             loop = asyncio.get_running_loop()
@@ -352,7 +361,9 @@ class FileGuestStore:
     def _write_desired(self) -> None:
         """Make the desired file hold the current set (no file for none): temp file, fsync, rename, fsync dir."""
         with self._desired_io:
-            desired = self._record.desired
+            # The set of the newest record on disk: the durable copy never gets ahead of the record, whose set
+            # the next process takes after a kill (see StateDir.open_guest).
+            desired = self._durable.desired
             if desired is self._desired_on_disk:
                 return
             try:
@@ -470,19 +481,25 @@ _MAPPED: Final = ("nics", "operations")
 
 
 def encode_record(record: GuestRecord) -> bytes:
-    """``record`` as the JSON document of the record file (without its desired set, which has a file of its own).
+    """``record`` as the JSON document of the record file, reusing what earlier writes encoded.
 
     Records are frozen, and a change copies only what it changes (``GuestRecord.with_nic`` and the like keep the
-    other NICs' and operations' objects), so between two writes of a guest nearly every ``NicRecord`` and
-    ``OperationRecord`` is the very same object; encoding them again was most of a write's CPU. The document is the
-    one ``record.model_dump_json(exclude={"desired"})`` gives, field order aside (a unit test compares them); the
-    other fields, present and future, are pydantic's own encoding.
+    other NICs', operations' and desired specs' objects), so between two writes of a guest nearly every
+    ``NicRecord``, ``OperationRecord`` and desired ``NicSpec`` is the very same object; encoding them again was
+    most of a write's CPU. The document is the one ``record.model_dump_json()`` gives, field order aside (a unit
+    test compares them); the other fields, present and future, are pydantic's own encoding.
     """
     fields = [
         (name, "{" + ",".join(f"{_string(key)}:{_fragment(value)}" for key, value in getattr(record, name).items())
          + "}")
         for name in _MAPPED
     ]  # fmt: skip
+    desired = record.desired
+    if desired is None:
+        fields.append(("desired", "null"))
+    else:
+        specs = "[" + ",".join(_fragment(spec) for spec in desired.nics) + "]"
+        fields.append(("desired", _with(desired.model_dump_json(exclude={"nics"}), [("nics", specs)])))
     return _with(record.model_dump_json(exclude={*_MAPPED, "desired"}), fields).encode()
 
 

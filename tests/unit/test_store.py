@@ -233,7 +233,7 @@ async def test_a_version_1_record_is_migrated_with_its_desired_set_made_durable(
     finally:
         store.close()
     on_disk = json.loads(path.read_text())
-    assert (on_disk["version"], on_disk["boot"], "desired" in on_disk) == (FORMAT_VERSION, "boot-a", False)
+    assert (on_disk["version"], on_disk["boot"]) == (FORMAT_VERSION, "boot-a")
     assert DesiredSet.model_validate_json(path.with_name(f"{store.key}.desired.json").read_text()) == desired
     # One written before this boot began is of an earlier one: only its set is kept.
     path.write_text(json.dumps({**json.loads(old.model_dump_json(exclude={"boot"})), "version": 1}))
@@ -244,6 +244,33 @@ async def test_a_version_1_record_is_migrated_with_its_desired_set_made_durable(
         assert again.record.desired == desired
     finally:
         again.close()
+
+
+async def test_after_a_kill_the_records_set_wins_after_a_reboot_the_durable_one(tmp_path: Path) -> None:
+    older = DesiredSet(generation=1, nics=[NicSpec(id="d1")])
+    newer = DesiredSet(generation=1, nics=[])  # `nic del d1`: the intent was written, then the process was killed
+    state = StateDir(tmp_path, boot_id_file=boot_file(tmp_path, "boot-a"))
+    store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
+    store.save(store.record.model_copy(update={"desired": older}))
+    store.close()  # the durable copy holds `older`
+    desired_file = state.guests / f"{store.key}.desired.json"
+    record = json.loads(store.path.read_text())
+    store.path.write_text(json.dumps({**record, "desired": json.loads(newer.model_dump_json())}))
+    killed = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
+    try:
+        assert killed.record.desired == newer  # same boot: the record is the newer
+        assert DesiredSet.model_validate_json(desired_file.read_text()) == newer  # and made durable at once
+    finally:
+        killed.close()
+    # After a reboot the record (never fsync'd) may be anything: the durable copy is the one.
+    store.path.write_text(json.dumps({**record, "desired": json.loads(older.model_dump_json())}))
+    rebooted = await StateDir(tmp_path, boot_id_file=boot_file(tmp_path, "boot-b")).open_guest(
+        "/run/vm1.qmp", "vm1", wait=1
+    )
+    try:
+        assert rebooted.record.desired == newer
+    finally:
+        rebooted.close()
 
 
 async def test_records_are_not_synced_the_desired_set_is_and_follows_the_answer(tmp_path: Path) -> None:

@@ -364,8 +364,8 @@ class FileGuestStore:
             # The set of the newest record on disk: the durable copy never gets ahead of the record, whose set
             # the next process takes after a kill (see StateDir.open_guest).
             desired = self._durable.desired
-            if desired is self._desired_on_disk:
-                return
+            if desired is self._desired_on_disk or self._lock_fd is None:
+                return  # written already, or closed (close wrote it)
             try:
                 if desired is None:
                     with contextlib.suppress(FileNotFoundError):

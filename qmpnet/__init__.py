@@ -50,6 +50,7 @@ if TYPE_CHECKING:
         QmpCommandError,
         QmpnetError,
         RemovalPending,
+        StoreUnavailable,
         Timeout,
         UnexpectedReply,
         Unsupported,
@@ -69,8 +70,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ("BrokerUnavailable", "Busy", "Conflict", "Forbidden", "GuestUnavailable", "InvalidRequest", "NoFreeSlot",
          "NotFound",
-         "NotVerified", "OutcomeUnknown", "QmpCommandError", "QmpnetError", "RemovalPending", "Timeout",
-         "UnexpectedReply", "Unsupported"),
+         "NotVerified", "OutcomeUnknown", "QmpCommandError", "QmpnetError", "RemovalPending", "StoreUnavailable",
+         "Timeout", "UnexpectedReply", "Unsupported"),
         "qmpnet.errors",
     ),
     **dict.fromkeys(
@@ -107,6 +108,7 @@ __all__ = [
     "RemovalPending",
     "RemoveResult",
     "Settings",
+    "StoreUnavailable",
     "StreamBackend",
     "TapBackend",
     "Timeout",

@@ -22,7 +22,9 @@ which layer noticed it, so a caller can act on the class alone::
      |    +-- UnexpectedReply (qmp_error)      QEMU answered in a shape qmpnet does not know (``UnexpectedReply``)
      +-- OutcomeUnknown (outcome_unknown)      a command was sent and no answer came (timeout or disconnect)
      +-- NotVerified (not_verified)            the guest did not show what was asked (interface, address,
-                                               carrier, absence) within the verify timeout
+     |                                         carrier, absence) within the verify timeout
+     +-- StoreUnavailable (store_unavailable)  the state store cannot be written (full disk, read-only, gone):
+                                               qmpnet cannot record the change, so it does not make it
 
 Adapters translate library errors into this tree with ``raise ... from err`` so the cause is kept.
 ``asyncio.CancelledError`` is never wrapped.
@@ -46,6 +48,7 @@ ErrorCode = Literal[
     "qmp_error",
     "outcome_unknown",
     "not_verified",
+    "store_unavailable",
     "internal",
 ]
 
@@ -68,6 +71,7 @@ __all__ = [
     "QmpCommandError",
     "QmpnetError",
     "RemovalPending",
+    "StoreUnavailable",
     "Timeout",
     "UnexpectedReply",
     "Unsupported",
@@ -237,3 +241,13 @@ class UnexpectedReply(QmpCommandError):
 
     def __init__(self, message: str, *, command: str) -> None:
         super().__init__(message, qmp_class="UnexpectedReply", command=command)
+
+
+class StoreUnavailable(QmpnetError):
+    """The state store cannot be written (a full disk, a read-only or vanished directory); the message says why.
+
+    The request itself was valid: qmpnet refuses a change it could not record, since a change whose record is
+    missing could neither be finished nor undone after a restart. Whatever the request had begun is undone.
+    """
+
+    code = "store_unavailable"

@@ -309,6 +309,10 @@ class Settings(BaseSettings):
         default=Path("/var/lib/qmpnet"),
         description="The state store: what qmpnet created, intends and holds per guest (env QMPNET_STATE_DIR).",
     )
+    boot_id_file: Path = Field(
+        default=Path("/proc/sys/kernel/random/boot_id"),
+        description="Where the kernel's boot id is read: records of the state store from another boot are void.",
+    )
     qmp: QmpSettings = Field(default_factory=QmpSettings)
     lane: LaneSettings = Field(default_factory=LaneSettings)
     policy: Policy = Field(default_factory=Policy)

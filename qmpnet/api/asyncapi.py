@@ -1,4 +1,4 @@
-"""The AsyncAPI 3.0 document of the MQTT API, built on the JSON Schema of :mod:`qmpnet.schema`.
+"""The AsyncAPI 3.0 document of the MQTT API, built on the JSON Schema of :mod:`qmpnet.api.schema`.
 
 ``qmpnet schema --asyncapi`` prints :func:`render_asyncapi`; ``docs/asyncapi.yaml`` is that output, checked in.
 A test keeps the file equal to what the code generates and validates it with the AsyncAPI Initiative's CLI.
@@ -6,8 +6,8 @@ Regenerate with::
 
     qmpnet schema --asyncapi > docs/asyncapi.yaml
 
-The payload schemas are :func:`qmpnet.schema.api_schema`'s definitions (so the pydantic models of
-:mod:`qmpnet.wire.envelopes`), moved under ``components/schemas``; nothing here restates a model. The document is
+The payload schemas are :func:`qmpnet.api.schema.api_schema`'s definitions (so the pydantic models of
+:mod:`qmpnet.api.wire.envelopes`), moved under ``components/schemas``; nothing here restates a model. The document is
 written from the controller's point of view: it *receives* requests and desired documents and *sends* answers,
 retained state and events. A request names its answer's topic in one of two ways, and both are described:
 
@@ -188,7 +188,7 @@ class _Builder:
 
     def __init__(self, schema: dict[str, Any]) -> None:
         self.schema = schema
-        # The addresses are the API's own topics (qmpnet.wire.topics), with AsyncAPI parameters for the names.
+        # The addresses are the API's own topics (qmpnet.api.wire.topics), with AsyncAPI parameters for the names.
         self.topics = Topics(root="{root}", controller="{controller}")
         self.messages: dict[str, Any] = {}
         self.channels: dict[str, Any] = {}

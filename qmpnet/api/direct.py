@@ -46,13 +46,14 @@ async def connect(
     Raises:
         GuestUnavailable: Nothing answers at ``address``.
         Busy: Another qmpnet process or another QMP client kept the guest for the whole connect timeout.
-        InvalidRequest: The state directory cannot be written.
+        StoreUnavailable: The state directory cannot be written.
     """
     settings = settings or Settings()
     guest_name = name or address
     timeout = settings.qmp.connect_timeout
     started = time.monotonic()
-    store = await StateDir(settings.state_dir).open_guest(address, guest_name, wait=timeout)
+    state = StateDir(settings.state_dir, boot_id_file=settings.boot_id_file)
+    store = await state.open_guest(address, guest_name, wait=timeout)
     try:
         remaining = max(timeout - (time.monotonic() - started), 0.001)
         monitor = await QmpMonitor.connect(

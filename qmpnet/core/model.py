@@ -52,6 +52,7 @@ __all__ = [
     "BridgeBackend",
     "CaptureResult",
     "DgramBackend",
+    "DiscardedRecord",
     "GuestEvent",
     "GuestEventName",
     "GuestView",
@@ -463,7 +464,16 @@ GuestEventName = Literal[
     "guest_disconnected",
     "reconciled",
     "drift",
+    "record_discarded",
 ]
+
+
+class DiscardedRecord(_Frozen):
+    """A record of the state store that could not be read, moved aside; the guest was rebuilt from QEMU."""
+
+    file: str = Field(description="Where the record was.")
+    moved_to: str = Field(description="Where it is now (`<name>.corrupt-<timestamp>`): nothing is deleted.")
+    reason: str = Field(description="Why it could not be read (not JSON, another format version, invalid).")
 
 
 class GuestEvent(_Frozen):

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from qmpnet.core.model import (
         CaptureResult,
+        DiscardedRecord,
         ModelInfo,
         Nic,
         NicSpec,
@@ -365,11 +366,16 @@ class GuestStore(Protocol):
         """The record as last saved."""
         ...
 
+    @property
+    def discarded(self) -> Sequence[DiscardedRecord]:
+        """Records found unreadable when the guest was taken, moved aside (the guest is rebuilt from QEMU)."""
+        ...
+
     def save(self, record: GuestRecord) -> None:
-        """Write ``record`` durably before returning; it becomes :attr:`record`.
+        """Write ``record`` before returning (a killed process leaves it behind); it becomes :attr:`record`.
 
         Raises:
-            InvalidRequest: The state directory cannot be written (nothing was changed).
+            StoreUnavailable: The state directory cannot be written (nothing was changed).
         """
         ...
 
@@ -377,8 +383,16 @@ class GuestStore(Protocol):
         """As :meth:`save`, without blocking the event loop while the disk is written (``record`` is current at once).
 
         Raises:
-            InvalidRequest: The state directory cannot be written.
+            StoreUnavailable: The state directory cannot be written.
         """
+        ...
+
+    def save_later(self, record: GuestRecord) -> None:
+        """Make ``record`` current now, to be written by :meth:`flush_soon` (an outcome after its answer)."""
+        ...
+
+    def flush_soon(self) -> None:
+        """After the loop's current turn, write what is pending (and the desired set, durably)."""
         ...
 
     def close(self) -> None:

@@ -14,14 +14,21 @@ or undo what was begun:
 * **the desired NIC set** (:class:`DesiredSet`), declared by ``qmpnet apply`` or the retained MQTT ``desired``
   topic and kept in step by the imperative ops;
 * **the QEMU instance** the NICs belong to: a QEMU restarted on the same socket is a new instance, whose NICs are
-  all gone (their host resources are released, the desired set is added back by the controller).
+  all gone (their host resources are released, the desired set is added back by the controller);
+* **the boot** (the kernel's boot id) the records were written in: a host reboot takes every QEMU, tap and driver
+  binding with it, so a record of an earlier boot is void (:meth:`GuestRecord.for_boot`) except its desired set.
 
-The format has a version (:data:`FORMAT_VERSION`); a record of another version is refused, never guessed.
+Durable against what: the record protects against the death of the qmpnet process while QEMU lives on, which a
+write that reached the page cache survives; only the desired set must outlive a reboot, and the store keeps a copy
+of it in a file of its own, fsync'd (:mod:`qmpnet.adapters.store`).
+
+The format has a version (:data:`FORMAT_VERSION`). Version 1 (the desired set inside the record, no boot id) is
+read and migrated (:func:`migrated`); any other version is not guessed: the store moves such a record aside.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,6 +44,7 @@ from qmpnet.core.model import (  # noqa: TC001 - pydantic needs them at runtime
 __all__ = [
     "FORMAT_VERSION",
     "GONE_KEPT",
+    "MIGRATED_VERSIONS",
     "DesiredDocument",
     "DesiredSet",
     "GuestRecord",
@@ -44,10 +52,13 @@ __all__ = [
     "NicRecord",
     "OperationRecord",
     "RecordState",
+    "migrated",
 ]
 
 #: The version of the on-disk format; bumped on any incompatible change.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Older versions :func:`migrated` reads.
+MIGRATED_VERSIONS: Final = frozenset({1})
 #: How many NICs removed by recovery are remembered (so a later ``nic del`` answers ``removed``).
 GONE_KEPT = 64
 
@@ -135,6 +146,7 @@ class GuestRecord(_Record):
     version: Annotated[int, Field(ge=FORMAT_VERSION, le=FORMAT_VERSION)] = FORMAT_VERSION
     address: str
     name: str
+    boot: str | None = Field(default=None, description="The kernel boot id the records were written in.")
     instance: str | None = Field(default=None, description="The QEMU instance the NIC records belong to.")
     nics: dict[str, NicRecord] = Field(default_factory=dict)
     links: dict[str, LinkState] = Field(
@@ -144,7 +156,18 @@ class GuestRecord(_Record):
         default_factory=dict, description="NICs whose removal recovery finished, by id, when: `nic del` says removed."
     )
     operations: dict[str, OperationRecord] = Field(default_factory=dict)
-    desired: DesiredSet | None = None
+    desired: DesiredSet | None = Field(
+        default=None, description="Also kept by the store in a file of its own, fsync'd: it outlives a reboot."
+    )
+
+    def for_boot(self, boot: str | None) -> GuestRecord:
+        """This record as it stands in boot ``boot``: whole if written in it, else only the desired set.
+
+        The rest named QEMU processes, taps and driver bindings that a reboot took away.
+        """
+        if boot is None or self.boot == boot:
+            return self
+        return GuestRecord(address=self.address, name=self.name, boot=boot, desired=self.desired)
 
     def with_nic(self, nic: NicRecord) -> GuestRecord:
         """This record with ``nic`` added or replaced."""
@@ -178,3 +201,12 @@ class GuestRecord(_Record):
         if len(operations) == len(self.operations):
             return self
         return self.model_copy(update={"operations": operations})
+
+
+def migrated(data: dict[str, Any], *, boot: str | None) -> dict[str, Any]:
+    """A record document of a version in :data:`MIGRATED_VERSIONS` in the current format.
+
+    Version 1 had no boot id: ``boot`` is the boot the caller knows it was written in (``None``: an earlier one,
+    so only its desired set is kept by :meth:`GuestRecord.for_boot`).
+    """
+    return {**data, "version": FORMAT_VERSION, "boot": boot or "earlier-boot"}

@@ -21,6 +21,11 @@ already gone costs one ``DeviceNotFound`` answer, while keeping one would keep i
 Devices and netdevs without a record are not qmpnet's: they are listed, never touched. *Full* recovery runs
 when a connection starts (and on the periodic resync's first pass); a *light* one whenever the lane re-reads the
 guest, so it never re-sends commands that only matter after a reconnect.
+
+An operation's outcome may be written after its answer (:mod:`qmpnet.adapters.store`: one write before the answer, the
+intent). An operation a killed process left without outcome is answered from what recovery found
+(:func:`answered_by_recovery`): an add whose NIC is active, a link change whose NIC is there (recovery re-applied
+the intent), a removal whose NIC is gone. Anything else stays *interrupted* (``outcome_unknown`` to a repeat).
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from collections.abc import Collection
 
-    from qmpnet.core.records import GuestRecord, NicRecord
+    from qmpnet.core.records import GuestRecord, NicRecord, OperationRecord
 
-__all__ = ["Action", "RecoveryStep", "plan_recovery"]
+__all__ = ["Action", "RecoveryStep", "answered_by_recovery", "plan_recovery"]
 
 Action = Literal["forget", "activate", "undo_add", "relink", "vanished", "unplug", "finish"]
 
@@ -83,3 +88,24 @@ def plan_recovery(
         elif full:
             steps.append(RecoveryStep("unplug", nic))
     return steps
+
+
+def answered_by_recovery(operation: OperationRecord, record: GuestRecord, devices: Collection[str]) -> str | None:
+    """The NIC that now answers ``operation``, left without outcome by a killed process (``None``: interrupted).
+
+    Called after a full recovery has settled ``record`` against QEMU (``devices``): a ``nic/add`` is answered by
+    the active NIC it created, a ``nic/link`` by its NIC if present, a ``nic/del`` by its NIC's absence.
+    """
+    match operation.op:
+        case "nic/add":
+            made = [nic.id for nic in record.nics.values() if nic.operation == operation.id and nic.state == "active"]
+            return made[0] if made and made[0] in devices else None
+        case "nic/link":
+            nic = record.nics.get(operation.nic or "")
+            pending = nic is not None and nic.state != "active"
+            return operation.nic if operation.nic in devices and not pending else None
+        case "nic/del":
+            gone = operation.nic is not None and operation.nic not in devices and operation.nic not in record.nics
+            return operation.nic if gone else None
+        case _:
+            return None

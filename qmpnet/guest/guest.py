@@ -7,10 +7,11 @@ bounded number of calls may wait for the lane, each for a bounded time; past eit
 **What is remembered, and where.** QEMU is the truth for what exists; the guest's record in the state store
 (:mod:`qmpnet.core.records`, behind the :class:`~qmpnet.core.ports.GuestStore` port) holds what QEMU cannot tell. Every
 change is written there *before* its first QMP command (a NIC ``adding``, a NIC ``removal_pending``, a link
-intent, the operation's id) and again with its outcome. So a process killed between any two commands leaves a
-record that the next one resolves (:mod:`~qmpnet.core.recovery_plan`): on entering the context (before any call is
-served), whenever the lane re-reads the guest (after a refused or unanswered command, a device unplugged behind its
-back, ``list_nics``), and on :meth:`Guest.resync`. The per-NIC state is the record; the only other per-NIC data in
+intent, the operation's id) and again with its outcome, after the answer (the store's write-behind). So a process
+killed between any two commands leaves a record that the next one resolves (:mod:`~qmpnet.core.recovery_plan`,
+which also answers an operation left without outcome): on entering the context (before any call is served),
+whenever the lane re-reads the guest (after a refused or unanswered command, a device unplugged behind its back,
+``list_nics``), and on :meth:`Guest.resync`. The per-NIC state is the record; the only other per-NIC data in
 memory are the waiters of pending removals.
 
 A NIC moves through ``adding -> active -> removal_pending -> removed``. Removal is QEMU's two-phase unplug:
@@ -63,7 +64,7 @@ from qmpnet.core.model import (
 from qmpnet.core.names import check_qemu_id, format_pci_addr
 from qmpnet.core.policy import check_spec, check_update
 from qmpnet.core.records import GuestRecord, HostHold, NicRecord, OperationRecord
-from qmpnet.core.recovery_plan import RecoveryStep, plan_recovery
+from qmpnet.core.recovery_plan import RecoveryStep, answered_by_recovery, plan_recovery
 from qmpnet.errors import (
     AgentUnavailable,
     Busy,
@@ -564,6 +565,7 @@ class Guest:
         finally:
             _lanes_held[0] -= 1
             self._lane.release()
+            self._store.flush_soon()  # the outcome and the desired set, once the answer is on its way
 
     async def _fresh_inventory(self) -> Inventory:
         if self._inventory is None:
@@ -592,6 +594,10 @@ class Guest:
             self._store.save(record.pruned(time.time(), keep))
         else:
             await self._store.save_async(record.pruned(time.time(), keep))
+
+    def _save_later(self, record: GuestRecord) -> None:
+        """As :meth:`_save`, written after the answer (an outcome: recovery_plan covers a kill before)."""
+        self._store.save_later(record.pruned(time.time(), self._settings.mqtt.dedup_window))
 
     def _pending(self, nic_id: str) -> bool:
         nic = self._store.record.nics.get(nic_id)
@@ -628,9 +634,26 @@ class Guest:
         for device in gone:
             inventory.removed(device)
         inventory.netdev_ids.difference_update(deleted)
+        if full:
+            self._answer_interrupted(inventory)
         self._inventory = inventory
         self._seen_nics = set(inventory.nics)
         return inventory
+
+    def _answer_interrupted(self, inventory: Inventory) -> None:
+        """Record the outcome of operations a killed process left without one, where recovery tells it."""
+        record = self._store.record
+        for operation in record.operations.values():
+            nic_id = None if operation.outcome is not None else answered_by_recovery(operation, record, inventory.nics)
+            if nic_id is None:
+                continue
+            if operation.op == "nic/del":
+                data: object = {"id": nic_id, "state": "removed"}
+            else:
+                data = self._described(inventory.nics[nic_id]).model_dump(mode="json")
+            record = record.with_operation(_finished(operation, data=data))
+        if record is not self._store.record:
+            self._save(record)
 
     async def _apply_foreign_links(self, devices: frozenset[str]) -> None:
         for nic_id, link in self._store.record.links.items():
@@ -762,7 +785,7 @@ class Guest:
         nic = self._described(inventory.added(plan, spec))
         assert record.spec is not None  # noqa: S101 - a NIC qmpnet adds always has its planned spec
         desired = with_added(done.desired, record.spec)
-        await self._save_async(done.model_copy(update={"desired": desired}).with_operation(
+        self._save_later(done.model_copy(update={"desired": desired}).with_operation(
             _finished(self._store.record.operations[operation], data=nic.model_dump(mode="json"))
         ))
         return nic
@@ -849,7 +872,7 @@ class Guest:
             self._save(undone.model_copy(update={"desired": with_link(undone.desired, nic_id, before)}))
             raise
         nic = self._described(inventory.update(nic_id, link=link))
-        self._save(self._store.record.with_operation(_finished(started, data=nic.model_dump(mode="json"))))
+        self._save_later(self._store.record.with_operation(_finished(started, data=nic.model_dump(mode="json"))))
         return nic
 
     # ------------------------------------------------------------------------------------------------- removal
@@ -899,7 +922,7 @@ class Guest:
             self._emit("unplug_rejected", nic_id=nic.id)
             raise error
         await self._clean_up(self._store.record.nics[nic.id])
-        self._save(self._store.record.with_operation(_finished(started, data={"id": nic.id, "state": "removed"})))
+        self._save_later(self._store.record.with_operation(_finished(started, data={"id": nic.id, "state": "removed"})))
         self._emit("nic_removed", nic_id=nic.id)
         return RemoveResult(id=nic.id, state="removed")
 

@@ -125,7 +125,7 @@ async def serve(settings: Settings, *, version: str) -> None:
 
         metrics = Metrics()
     settings = serve_settings(settings)
-    state = StateDir(settings.state_dir)
+    state = StateDir(settings.state_dir, boot_id_file=settings.boot_id_file)
     held = await state.lock_controller()  # one controller per state directory (and so per control socket)
 
     async def open_store(name: str, address: str) -> GuestStore:

@@ -66,7 +66,15 @@ from qmpnet.core.desired_diff import parse_desired
 from qmpnet.core.names import BUS_NAME_RULE
 from qmpnet.core.ports import Connection
 from qmpnet.core.records import GuestRecord
-from qmpnet.errors import Busy, GuestUnavailable, InvalidRequest, NotFound, OutcomeUnknown, QmpnetError
+from qmpnet.errors import (
+    Busy,
+    GuestUnavailable,
+    InvalidRequest,
+    NotFound,
+    OutcomeUnknown,
+    QmpnetError,
+    StoreUnavailable,
+)
 from qmpnet.guest.guest import Guest
 from qmpnet.serve.reconcile_loop import Reconciler
 
@@ -86,7 +94,7 @@ log = logging.getLogger(__name__)
 
 #: ``await connector(name, address)`` opens the QMP monitor at ``address``, or raises ``GuestUnavailable``.
 Connector: TypeAlias = Callable[[str, str], Awaitable[Connection]]
-#: ``await open_store(name, address)`` locks and loads the guest's record, or raises ``Busy``/``InvalidRequest``.
+#: ``await open_store(name, address)`` locks and loads the guest's record, or raises ``Busy``/``StoreUnavailable``.
 StoreOpener: TypeAlias = Callable[[str, str], Awaitable["GuestStore"]]
 
 
@@ -225,11 +233,12 @@ class _Member:
                 try:
                     if self.store is None:
                         self.store = await self.controller.open_store(self.name, self.address)
+                        self._report_discarded(self.store)
                         if self.early_desired is not None:
                             self.set_desired(self.early_desired[0])
                             self.early_desired = None
                     connection = await self.controller.connector(self.name, self.address)
-                except (GuestUnavailable, Busy, InvalidRequest) as err:
+                except (GuestUnavailable, Busy, InvalidRequest, StoreUnavailable) as err:
                     if failures == 0:
                         log.info("guest %s: cannot connect: %s", self.name, err, extra=self.log_extra)
                     self.problem = err.message
@@ -253,6 +262,12 @@ class _Member:
             if self.store is not None:
                 self.store.close()
                 self.store = None
+
+    def _report_discarded(self, store: GuestStore) -> None:
+        """Publish ``record_discarded`` for each unreadable record the store moved aside (and logged)."""
+        for discarded in store.discarded:
+            message = EventMessage(ts=time.time(), guest=self.name, record=discarded)
+            self.controller.sink.event(self.name, "record_discarded", message)
 
     async def _serve(self, connection: Connection, store: GuestStore) -> None:
         controller = self.controller
@@ -344,6 +359,7 @@ class _Member:
         record = self.store.record
         if payload is None:
             self.store.save(record.model_copy(update={"desired": None}))
+            self.store.flush_soon()  # the durable desired file
             self._desired_changed(None)
             return
         try:
@@ -364,6 +380,7 @@ class _Member:
         news = current is None or current.generation != desired.generation or current.source != "mqtt"
         if news:
             self.store.save(record.model_copy(update={"desired": desired}))
+            self.store.flush_soon()  # the durable desired file
         if self.reconciler is not None:
             self.reconciler.poke(explicit=news)
 

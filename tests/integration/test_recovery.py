@@ -294,6 +294,8 @@ async def recorded_as(state: Path, nic_id: str, wanted: str, timeout: float = 10
     async with asyncio.timeout(timeout):
         while True:
             for path in (state / "guests").glob("*.json"):
+                if path.name.endswith(".desired.json"):
+                    continue
                 nics = json.loads(path.read_text()).get("nics", {})
                 if nics.get(nic_id, {}).get("state") == wanted:
                     return

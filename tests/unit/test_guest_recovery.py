@@ -6,16 +6,19 @@ connects like any new process and checks both what was sent and that nothing ext
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fakeqmp import Command, FakeQmp, eventually
 
 import qmpnet
-from qmpnet.adapters.store import StateDir
+from qmpnet.adapters.store import StateDir, files
 from qmpnet.core.model import GuestEvent, NicSpec
-from qmpnet.core.records import GuestRecord, HostHold, NicRecord
+from qmpnet.core.records import GuestRecord, HostHold, NicRecord, OperationRecord
 
 if TYPE_CHECKING:
+    import pytest
+
     from qmpnet.settings import Settings
 
 
@@ -23,7 +26,7 @@ async def leave(settings: Settings, fake: FakeQmp, *nics: NicRecord, instance: s
     """Write the record a killed process would have left for the fake's guest."""
     store = await StateDir(settings.state_dir).open_guest(str(fake.path), str(fake.path), wait=1)
     try:
-        record = GuestRecord(address=str(fake.path), name=str(fake.path), instance=instance)
+        record = GuestRecord(address=str(fake.path), name=str(fake.path), instance=instance, boot=store.record.boot)
         for nic in nics:
             record = record.with_nic(nic)
         store.save(record)
@@ -157,3 +160,55 @@ async def test_an_add_records_its_spec_and_host_hold_before_qemu_sees_it(fake: F
     operation = guest.record.operations[recorded.operation or ""]
     assert operation.outcome is not None
     assert operation.outcome["status"] == "ok"
+
+
+async def test_a_hot_add_writes_once_before_its_answer_and_never_syncs_the_record(
+    fake: FakeQmp, fast: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[tuple[str, bool]] = []
+    write_file = files._write_file
+
+    def counted(tmp: str, path: str, data: bytes, *, sync: bool) -> None:
+        writes.append((Path(path).name, sync))
+        write_file(tmp, path, data, sync=sync)
+
+    monkeypatch.setattr(files, "_write_file", counted)
+    async with qmpnet.connect(str(fake.path), settings=fast) as guest:
+        writes.clear()
+        before = len(fake.changes())
+        added = await guest.add_nic({"id": "h1"}, operation="t-h1")
+        # One write before the answer: the intent (operation + NIC `adding`), not fsync'd, before any QMP command.
+        assert [sync for _, sync in writes] == [False]
+        assert fake.change_names()[before:] == ["netdev_add", "device_add"]
+        on_disk = GuestRecord.model_validate_json((fast.state_dir / "guests" / writes[0][0]).read_text())
+        assert on_disk.nics["h1"].state == "adding"
+        assert on_disk.operations["t-h1"].outcome is None
+        # After the answer: the outcome (the record, not synced), the desired set (synced) in a worker thread.
+        await eventually(lambda: len(writes) == 3)
+        assert sorted(writes) == sorted([(writes[0][0], False)] * 2 + [(writes[0][0].replace(".json", ".desired.json"),
+                                                                          True)])
+        assert guest.operation("t-h1") is not None
+        assert guest.record.nics["h1"].state == "active"
+        assert added.id == "h1"
+
+
+async def test_an_add_whose_outcome_a_kill_lost_is_answered_as_it_was(fake: FakeQmp, fast: Settings) -> None:
+    # The killed process had its answer out; its outcome was still to be written: the record says `adding`.
+    await fake.handlers["netdev_add"]({"id": "k1.net", "type": "user"})
+    await fake.handlers["device_add"]({"driver": "e1000", "id": "k1", "netdev": "k1.net", "mac": "52:54:00:00:00:78",
+                                       "bus": "pci.0", "addr": "07.0"})
+    added = nic("k1", "adding").model_copy(update={"operation": "t-k1"})
+    store = await StateDir(fast.state_dir).open_guest(str(fake.path), str(fake.path), wait=1)
+    try:
+        store.save(store.record.model_copy(update={"instance": "fake-instance-1"}).with_nic(added).with_operation(
+            OperationRecord(id="t-k1", op="nic/add", nic="k1", started=1.0)))
+    finally:
+        store.close()
+    async with qmpnet.connect(str(fake.path), settings=fast) as guest:
+        operation = guest.operation("t-k1")
+        assert operation is not None
+        assert operation.outcome is not None
+        assert operation.outcome["status"] == "ok"
+        assert operation.outcome["data"]["id"] == "k1"
+        assert operation.outcome["data"]["mac"] == "52:54:00:00:00:78"
+        assert guest.record.nics["k1"].state == "active"

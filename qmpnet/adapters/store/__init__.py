@@ -1,6 +1,8 @@
 """The state store: one directory holding, per guest, what QEMU cannot tell (see :mod:`qmpnet.core.records`).
 
-    <state_dir>/guests/<key>.json    the guest's record (atomic writes: temp file, fsync, rename, fsync dir)
+    <state_dir>/guests/<key>.json           the guest's record (atomic writes: temp file, rename; no fsync)
+    <state_dir>/guests/<key>.desired.json   its desired set (temp file, fsync, rename, fsync dir: outlives a reboot)
+    <state_dir>/guests/<name>.corrupt-<ts>  a file that could not be read, moved aside (never deleted)
     <state_dir>/guests/<key>.lock    flock'd by the one qmpnet process that works on the guest
     <state_dir>/control.sock         the local control socket of a running ``qmpnet serve`` (root only)
 

@@ -1,7 +1,22 @@
 """Files of the state store: atomic, versioned JSON records and one advisory lock per guest.
 
-A write goes to a temporary file in the same directory, is fsync'd, renamed over the record and the directory is
-fsync'd: a reader (or a restart after a crash at any point) sees the old record or the new one, never a mix.
+Two files per guest, durable against two different failures (see :mod:`qmpnet.core.records`):
+
+* ``<key>.json``, the record (NICs, host resources, operations, boot id, QEMU instance), protects against the death
+  of the qmpnet process while QEMU lives on. It is written whole to a temporary file and renamed over the record,
+  **without fsync**: a write that reached the page cache survives the death of the process that made it, and a
+  reader sees the old record or the new one, never a mix. A host crash takes the QEMU processes, taps and bindings
+  the record names with it; the record of an earlier boot is void (:meth:`GuestRecord.for_boot`).
+* ``<key>.desired.json``, the desired set, must outlive a reboot: it is written the same way *and* fsync'd (the
+  file, then the directory), in a worker thread once the call that changed it has been answered
+  (:meth:`FileGuestStore.flush_soon`), so an answer never waits for the disk; :meth:`FileGuestStore.close` waits
+  for it. The record carries the set too, written with each change's intent: after a kill (same boot) the record's
+  set is the newer and wins; after a reboot, or when the record is unreadable, the durable file's does.
+
+A record that cannot be read (not JSON, another format version, invalid) never locks a guest out: it is moved aside
+as ``<name>.corrupt-<timestamp>`` (nothing is deleted), logged once and reported (:attr:`FileGuestStore.discarded`,
+published as the ``record_discarded`` event), and the guest is rebuilt from QEMU.
+
 The lock is ``flock`` on a separate file: it dies with its process, so a killed holder never blocks the next
 one, and it conflicts between any two open files, so two ``Guest`` objects in one process are kept apart too.
 """
@@ -23,24 +38,60 @@ import threading
 import time
 import weakref
 from json.encoder import encode_basestring_ascii
-from typing import TYPE_CHECKING, Final
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from qmpnet.core.records import FORMAT_VERSION, GuestRecord
-from qmpnet.errors import Busy, InvalidRequest, Unsupported
+from qmpnet.core.model import DiscardedRecord
+from qmpnet.core.records import FORMAT_VERSION, MIGRATED_VERSIONS, DesiredSet, GuestRecord, migrated
+from qmpnet.errors import Busy, StoreUnavailable
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
 
-__all__ = ["FileGuestStore", "MemoryGuestStore", "StateDir", "canonical_address", "guest_key"]
+__all__ = [
+    "BOOT_ID_FILE",
+    "FileGuestStore",
+    "MemoryGuestStore",
+    "StateDir",
+    "canonical_address",
+    "guest_key",
+    "read_boot_id",
+]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _KEY_CHARS: Final = re.compile(r"[^A-Za-z0-9_.-]+")
 #: How often a waiter retries a held lock; the wait as a whole is bounded by the caller's timeout.
 _LOCK_POLL: Final = 0.02
+#: Where the kernel tells the id of the current boot (a new random one at every boot).
+BOOT_ID_FILE: Final = Path("/proc/sys/kernel/random/boot_id")
+
+
+class _Unreadable(Exception):
+    """A record file that cannot be used (its message says why)."""
+
+
+def read_boot_id(path: Path = BOOT_ID_FILE) -> str | None:
+    """The id of the current boot (``None`` where the kernel does not tell it: every record is then kept)."""
+    try:
+        return path.read_text(encoding="ascii").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _boot_time() -> float | None:
+    """When the host booted (``btime`` of /proc/stat), to date records that carry no boot id."""
+    try:
+        with Path("/proc/stat").open(encoding="ascii") as stat:
+            for line in stat:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def guest_key(address: str) -> str:
@@ -63,11 +114,13 @@ class StateDir:
 
     Args:
         root: The directory (created with mode 0700 when missing).
+        boot_id_file: Where the current boot's id is read (records of another boot are void).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, boot_id_file: Path = BOOT_ID_FILE) -> None:
         self.root = root
         self.guests = root / "guests"
+        self.boot = read_boot_id(boot_id_file)
 
     @property
     def control_socket(self) -> Path:
@@ -78,7 +131,7 @@ class StateDir:
         """Create the directory if needed and check that records can be written there.
 
         Raises:
-            InvalidRequest: The directory cannot be created or written (the message says why, naming it).
+            StoreUnavailable: The directory cannot be created or written (the message says why, naming it).
         """
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -87,7 +140,7 @@ class StateDir:
                 pass
         except OSError as err:
             reason = err.strerror or str(err)
-            raise InvalidRequest(
+            raise StoreUnavailable(
                 f"state_dir: {self.root} cannot be written ({reason}); set --state-dir or QMPNET_STATE_DIR to a "
                 "writable directory",
                 field="state_dir",
@@ -96,12 +149,13 @@ class StateDir:
     async def open_guest(self, address: str, name: str, *, wait: float) -> FileGuestStore:
         """Lock the record of the guest at ``address`` and load it (a fresh one if there is none).
 
-        Waits up to ``wait`` seconds for another qmpnet process holding the guest to let go.
+        Waits up to ``wait`` seconds for another qmpnet process holding the guest to let go. A record of an earlier
+        boot keeps only its desired set; one that cannot be read is moved aside (see the module docstring); a
+        record of format version 1 is migrated. Either way the record is written back in the current format.
 
         Raises:
-            InvalidRequest: The state directory cannot be written.
+            StoreUnavailable: The state directory cannot be written.
             Busy: Another qmpnet process kept the guest for ``wait`` seconds.
-            Unsupported: The record has another format version or cannot be read.
         """
         self.check()
         key = guest_key(address)
@@ -112,13 +166,33 @@ class StateDir:
         )
         try:
             path = self.guests / f"{key}.json"
-            record = _load(path) or GuestRecord(address=canonical_address(address), name=name)
-            if record.name != name:
-                record = record.model_copy(update={"name": name})
+            desired_path = self.guests / f"{key}.desired.json"
+            discarded: list[DiscardedRecord] = []
+            desired = _read_or_discard(desired_path, _load_desired, discarded)
+            loaded = _read_or_discard(path, functools.partial(_load_any, boot=self.boot, mtime=_mtime(path)),
+                                      discarded)
+            fresh = GuestRecord(address=canonical_address(address), name=name, boot=self.boot)
+            record, migrated_from_v1 = loaded or (fresh, False)
+            void = self.boot is not None and record.boot != self.boot
+            if void and (record.nics or record.operations or record.instance):
+                log.info("guest %s: its record is of an earlier boot: only the desired set is kept", address)
+            if migrated_from_v1:
+                pass  # version 1 kept the set in the record only: it is the one
+            elif loaded is None or void:
+                # No record of this boot (none, unreadable, or void after a reboot): the durable set is the one.
+                record = record.model_copy(update={"desired": desired})
+            elif record.desired == desired:
+                record = record.model_copy(update={"desired": desired})  # the same set: the same object
+            # else the record of this boot is the newer: a killed process wrote it, not yet its durable copy.
+            record = record.for_boot(self.boot).model_copy(update={"name": name})
+            store = FileGuestStore(path, record, lock, key, desired_path=desired_path, discarded=discarded,
+                                   desired_on_disk=desired)
+            if migrated_from_v1 or void or discarded or record.desired is not desired:
+                store.rewrite()  # the current format and boot, and the set made durable, in place of what was read
         except BaseException:
             os.close(lock)
             raise
-        return FileGuestStore(path, record, lock, key)
+        return store
 
     async def lock_controller(self) -> int:
         """Hold the directory for one ``qmpnet serve`` (its control socket is the directory's own).
@@ -134,13 +208,15 @@ class StateDir:
         )
 
     def records(self) -> list[GuestRecord]:
-        """Every guest record in the directory (unreadable ones are logged and skipped)."""
+        """Every guest record in the directory, without its desired set (unreadable ones are logged, skipped)."""
         found = []
         for path in sorted(self.guests.glob("*.json")):
+            if path.name.endswith(".desired.json"):
+                continue
             try:
-                record = _load(path)
-            except Unsupported as err:
-                log.warning("%s", err)
+                record = _load(path, boot=self.boot)
+            except _Unreadable as err:
+                log.warning("state_dir: %s: %s", path, err)
                 continue
             if record is not None:
                 found.append(record)
@@ -152,12 +228,24 @@ class FileGuestStore:
 
     Writes are serialised (a thread lock: :meth:`save_async` writes in a worker thread) and numbered in the order
     they were asked for; a write that finds a later one already on disk has nothing left to do, since every record
-    is built from the current one and so contains what the earlier ones did.
+    is built from the current one and so contains what the earlier ones did. The desired set of the newest record
+    on disk is written durably to its own file by :meth:`flush_soon` whenever it is not the object last written.
     """
 
-    def __init__(self, path: Path, record: GuestRecord, lock_fd: int, key: str) -> None:
+    def __init__(  # noqa: PLR0913 - the files and what was found in them, keyword-only but the first four
+        self,
+        path: Path,
+        record: GuestRecord,
+        lock_fd: int,
+        key: str,
+        *,
+        desired_path: Path | None = None,
+        discarded: list[DiscardedRecord] | None = None,
+        desired_on_disk: DesiredSet | None = None,
+    ) -> None:
         self.path = path
         self.key = key
+        self.discarded: tuple[DiscardedRecord, ...] = tuple(discarded or ())
         self._record = record
         self._durable = record  # the newest record known to be on disk
         self._asked = 0  # writes asked for, numbered
@@ -166,6 +254,11 @@ class FileGuestStore:
         self._lock_fd: int | None = lock_fd
         self._tmp = str(path.with_name(f".{path.stem}.tmp"))
         self._dir_fd: int | None = None
+        self._desired_path = str(desired_path or path.with_name(f"{path.stem}.desired.json"))
+        self._desired_tmp = str(path.with_name(f".{path.stem}.desired.tmp"))
+        self._desired_io = threading.Lock()
+        self._desired_on_disk = desired_on_disk  # the set the desired file holds (None: no file)
+        self._behind: asyncio.Handle | None = None  # the write-behind, scheduled for the end of the loop's turn
 
     @property
     def record(self) -> GuestRecord:
@@ -173,13 +266,13 @@ class FileGuestStore:
         return self._record
 
     def save(self, record: GuestRecord) -> None:
-        """Write ``record`` durably and atomically, then make it the current one.
+        """Write ``record`` atomically (no fsync, see the module docstring), then make it the current one.
 
         The temporary file has a fixed name (``.<key>.tmp`` beside the record): only the holder of the guest's
-        lock writes there. The directory stays open for the store's lifetime, for the ``fsync`` of the rename.
+        lock writes there. A changed desired set waits for :meth:`flush_soon` (or :meth:`close`).
 
         Raises:
-            InvalidRequest: The state directory can no longer be written (nothing was changed).
+            StoreUnavailable: The state directory can no longer be written (nothing was changed).
         """
         self._asked += 1
         self._write(encode_record(record), self._asked, record)
@@ -192,7 +285,7 @@ class FileGuestStore:
         returns.
 
         Raises:
-            InvalidRequest: The state directory can no longer be written (the record is what it was, unless it
+            StoreUnavailable: The state directory can no longer be written (the record is what it was, unless it
                 was changed again meanwhile).
         """
         self._asked += 1
@@ -200,36 +293,98 @@ class FileGuestStore:
         self._record = record
         try:
             await asyncio.to_thread(self._write, data, number, record)
-        except InvalidRequest:
+        except StoreUnavailable:
             if self._record is record:
                 self._record = self._durable
             raise
+
+    def save_later(self, record: GuestRecord) -> None:
+        """Make ``record`` the current one now; it is written by :meth:`flush_soon` (write-behind) or the next write.
+
+        For an outcome that may follow its answer: the next write contains it anyway, :meth:`close` writes it, and
+        a process killed before it leaves the record of the step before, which recovery settles. A failed
+        write-behind is logged; the record stays the current one and the next write carries it.
+        """
+        self._asked += 1
+        self._record = record
+
+    def flush_soon(self) -> None:
+        """Once the loop's current turn is done, write what is pending: the record, and the desired set durably.
+
+        The guest's lane calls it as it lets go of a call, so the writes follow the call's answer.
+        """
+        if self._record is not self._durable or self._durable.desired is not self._desired_on_disk:
+            self._schedule()
+
+    def rewrite(self) -> None:
+        """Write the current record and desired set now, durably (what :meth:`StateDir.open_guest` read, migrated).
+
+        Raises:
+            StoreUnavailable: The state directory can no longer be written.
+        """
+        self.save(self._record)
+        self._write_desired()
+
+    def _schedule(self) -> None:
+        if self._behind is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a tool, a test): the write-behind is due at once
+            self._write_behind()
+            return
+        self._behind = loop.call_soon(self._write_behind)
+
+    def _write_behind(self) -> None:
+        """Write what is pending: the record here (a page-cache write), the desired set in a worker thread."""
+        self._behind = None
+        if self._record is not self._durable:
+            try:
+                self._write(encode_record(self._record), self._asked, self._record)
+            except StoreUnavailable as err:
+                log.warning("%s (the record is kept in memory; the next write carries it)", err)
+        if self._durable.desired is self._desired_on_disk:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write_desired_logged()
+            return
+        loop.run_in_executor(None, self._write_desired_logged)
+
+    def _write_desired_logged(self) -> None:
+        try:
+            self._write_desired()
+        except StoreUnavailable as err:
+            log.warning("%s (the desired set is kept in memory; the next change or close writes it)", err)
+
+    def _write_desired(self) -> None:
+        """Make the desired file hold the current set (no file for none): temp file, fsync, rename, fsync dir."""
+        with self._desired_io:
+            # The set of the newest record on disk: the durable copy never gets ahead of the record, whose set
+            # the next process takes after a kill (see StateDir.open_guest).
+            desired = self._durable.desired
+            if desired is self._desired_on_disk or self._lock_fd is None:
+                return  # written already, or closed (close wrote it)
+            try:
+                if desired is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self._desired_path)  # noqa: PTH108 - str paths, as the record's
+                else:
+                    _write_file(self._desired_tmp, self._desired_path, desired.model_dump_json().encode(), sync=True)
+                os.fsync(self._directory())
+            except OSError as err:
+                raise _unavailable(self._desired_path, err) from err
+            self._desired_on_disk = desired
 
     def _write(self, data: bytes, number: int, record: GuestRecord) -> None:
         with self._io:
             if number <= self._done:
                 return  # a later record (built on this one) is on disk already
-            tmp = self._tmp
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                try:
-                    try:
-                        view = memoryview(data)
-                        while view:
-                            view = view[os.write(fd, view) :]
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                    os.replace(tmp, self.path)  # noqa: PTH105 - the str paths of the hot path, no Path objects
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)  # noqa: PTH108 - as above
-                    raise
-                os.fsync(self._directory())
+                _write_file(self._tmp, str(self.path), data, sync=False)
             except OSError as err:
-                raise InvalidRequest(
-                    f"state_dir: cannot write {self.path} ({err.strerror or err})", field="state_dir"
-                ) from err
+                raise _unavailable(str(self.path), err) from err
             self._done, self._durable = number, record
 
     def _directory(self) -> int:
@@ -238,14 +393,50 @@ class FileGuestStore:
         return self._dir_fd
 
     def close(self) -> None:
-        """Release the lock. Safe to call twice."""
+        """Write what is pending (the record, the desired set durably), then release the lock. Safe to call twice.
+
+        A write that fails here is logged: the lock is released all the same.
+        """
+        if self._lock_fd is None:
+            return
+        if self._behind is not None:
+            self._behind.cancel()
+        self._behind = None
+        if self._record is not self._durable:
+            try:
+                self._write(encode_record(self._record), self._asked, self._record)
+            except StoreUnavailable as err:
+                log.warning("%s: the last change of guest %s is not recorded", err, self.key)
+        self._write_desired_logged()
         with self._io:  # a write in a worker thread finishes first
             if self._dir_fd is not None:
                 os.close(self._dir_fd)
                 self._dir_fd = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+
+def _write_file(tmp: str, path: str, data: bytes, *, sync: bool) -> None:
+    """``data`` whole in ``path``: written to ``tmp`` (fsync'd with ``sync``), renamed over ``path``."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)  # noqa: PTH105 - the str paths of the hot path, no Path objects
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # noqa: PTH108 - as above
+        raise
+
+
+def _unavailable(path: str, err: OSError) -> StoreUnavailable:
+    return StoreUnavailable(f"state_dir: cannot write {path} ({err.strerror or err})", field="state_dir")
 
 
 class MemoryGuestStore:
@@ -255,6 +446,7 @@ class MemoryGuestStore:
         self._record = record or GuestRecord(address="memory", name=key)
         self.key = key
         self.saves = 0
+        self.discarded: tuple[DiscardedRecord, ...] = ()
 
     @property
     def record(self) -> GuestRecord:
@@ -269,6 +461,13 @@ class MemoryGuestStore:
     async def save_async(self, record: GuestRecord) -> None:
         """Keep ``record`` (as :meth:`save`)."""
         self.save(record)
+
+    def save_later(self, record: GuestRecord) -> None:
+        """Keep ``record`` (as :meth:`save`)."""
+        self.save(record)
+
+    def flush_soon(self) -> None:
+        """Nothing is pending."""
 
     def close(self) -> None:
         """Nothing to release."""
@@ -324,28 +523,93 @@ def _drop_fragment(key: int, _gone: object) -> None:
     _FRAGMENTS.pop(key, None)
 
 
-def _load(path: Path) -> GuestRecord | None:
+def _read_or_discard(
+    path: Path, load: Callable[[bytes], _T], discarded: list[DiscardedRecord]
+) -> _T | None:
+    """``load`` of the file at ``path`` (``None``: no file); one that cannot be read is moved aside and reported."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as err:
-        raise Unsupported(f"state_dir: cannot read {path} ({err.strerror or err})", field="state_dir") from err
+        raise StoreUnavailable(f"state_dir: cannot read {path} ({err.strerror or err})", field="state_dir") from err
+    try:
+        return load(raw)
+    except _Unreadable as err:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}")
+        try:
+            path.rename(aside)
+        except OSError as failed:
+            raise StoreUnavailable(
+                f"state_dir: {path} cannot be read ({err}) nor moved aside ({failed.strerror or failed})",
+                field="state_dir",
+            ) from failed
+        log.warning("state_dir: %s cannot be read (%s): moved aside as %s; the guest is rebuilt from QEMU",
+                    path, err, aside.name)
+        discarded.append(DiscardedRecord(file=str(path), moved_to=str(aside), reason=str(err)))
+        return None
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except ValueError as err:
-        raise Unsupported(f"state_dir: {path} is not valid JSON ({err}); move it aside", field="state_dir") from err
-    version = data.get("version") if isinstance(data, dict) else None
-    if version != FORMAT_VERSION:
-        raise Unsupported(
-            f"state_dir: {path} has format version {version!r}; this qmpnet reads version {FORMAT_VERSION}",
-            field="state_dir",
-        )
+        raise _Unreadable(f"not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise _Unreadable(f"not a JSON object but {type(data).__name__}")
+    return data
+
+
+def _load_any(raw: bytes, *, boot: str | None, mtime: float | None = None) -> tuple[GuestRecord, bool]:
+    """A record file's record, and whether it is in an older format (migrated: it wants rewriting)."""
+    data = _json_object(raw)
+    version = data.get("version")
+    stale = False
+    if version in MIGRATED_VERSIONS:
+        # Version 1 carried no boot id: one written since this boot began is of this boot.
+        booted = _boot_time()
+        of_this_boot = booted is not None and mtime is not None and mtime >= booted
+        data, stale = migrated(data, boot=boot if of_this_boot else None), True
+    elif version != FORMAT_VERSION:
+        raise _Unreadable(f"format version {version!r}; this qmpnet reads version {FORMAT_VERSION}")
     try:
-        return GuestRecord.model_validate(data)
+        return GuestRecord.model_validate(data), stale
     except ValidationError as err:
-        raise Unsupported(f"state_dir: {path} is not a valid guest record ({err.error_count()} errors: "
-                          f"{err.errors(include_url=False)[0]['msg']}); move it aside", field="state_dir") from err
+        raise _Unreadable(
+            f"not a valid guest record ({err.error_count()} errors: {err.errors(include_url=False)[0]['msg']})"
+        ) from err
+
+
+def _load(path: Path, *, boot: str | None) -> GuestRecord | None:
+    """The record in ``path`` (``None``: no file), without its desired set's file.
+
+    Raises:
+        _Unreadable: It cannot be read or parsed.
+    """
+    try:
+        raw = path.read_bytes()
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise _Unreadable(err.strerror or str(err)) from err
+    return _load_any(raw, boot=boot, mtime=mtime)[0]
+
+
+def _load_desired(raw: bytes) -> DesiredSet:
+    try:
+        return DesiredSet.model_validate(_json_object(raw))
+    except ValidationError as err:
+        raise _Unreadable(
+            f"not a valid desired set ({err.error_count()} errors: {err.errors(include_url=False)[0]['msg']})"
+        ) from err
 
 
 async def _lock(path: Path, wait: float, busy: Callable[[str, float], str]) -> int:

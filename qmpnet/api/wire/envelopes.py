@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, V
 
 from qmpnet.core.model import (
     CaptureResult,
+    DiscardedRecord,
     GuestEventName,
     ModelInfo,
     Nic,
@@ -40,6 +41,7 @@ from qmpnet.errors import (
     QmpCommandError,
     QmpnetError,
     RemovalPending,
+    StoreUnavailable,
     Timeout,
     Unsupported,
 )
@@ -246,6 +248,9 @@ class EventMessage(_Message):
     changes: list[dict[str, Any]] | None = Field(
         default=None, description="What reconciling did, or (drift) would do: [{action, id, ...}]."
     )
+    record: DiscardedRecord | None = Field(
+        default=None, description="The unreadable record moved aside (record_discarded)."
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- answers
@@ -291,7 +296,7 @@ _ERRORS: dict[str, type[QmpnetError]] = {
     cls.code: cls
     for cls in (
         InvalidRequest, NotFound, Conflict, Busy, Timeout, RemovalPending, GuestUnavailable, NoFreeSlot,
-        Unsupported, Forbidden, OutcomeUnknown, NotVerified,
+        Unsupported, Forbidden, OutcomeUnknown, NotVerified, StoreUnavailable,
     )
 }  # fmt: skip
 

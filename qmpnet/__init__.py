@@ -13,9 +13,10 @@ does not pay for the lane, the models and the QMP adapter unless the command nee
 
 from __future__ import annotations
 
-import importlib
 import logging
 from typing import TYPE_CHECKING
+
+from qmpnet.core.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from qmpnet.api.direct import connect
@@ -36,25 +37,7 @@ if TYPE_CHECKING:
         VfioBackend,
     )
     from qmpnet.core.policy import Policy
-    from qmpnet.errors import (
-        BrokerUnavailable,
-        Busy,
-        Conflict,
-        Forbidden,
-        GuestUnavailable,
-        InvalidRequest,
-        NoFreeSlot,
-        NotFound,
-        NotVerified,
-        OutcomeUnknown,
-        QmpCommandError,
-        QmpnetError,
-        RemovalPending,
-        StoreUnavailable,
-        Timeout,
-        UnexpectedReply,
-        Unsupported,
-    )
+    from qmpnet.errors import *  # noqa: F403 - the type checker reads the error tree; __all__ below limits it
     from qmpnet.guest.guest import Guest
     from qmpnet.settings import Settings, load_settings
 
@@ -122,14 +105,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    """Import a public name's module on first use, and keep the name here."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qmpnet' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 def __dir__() -> list[str]:

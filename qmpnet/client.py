@@ -24,23 +24,16 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 
 from qmpnet.adapters.mqtt.requester import Requester
 from qmpnet.api.wire.envelopes import GuestInfo, GuestList, ModelList, NicList, data_of, error_from
-from qmpnet.core.model import (
-    CaptureResult,
-    ModelInfo,
-    Nic,
-    NicSpec,
-    NicUpdate,
-    RemoveResult,
-    Verify,
-    parse_nic_spec,
-    parse_nic_update,
-)
+from qmpnet.core.nic_requests import NicSpec, NicUpdate, parse_nic_spec, parse_nic_update
+from qmpnet.core.observed import CaptureResult, ModelInfo, Nic, RemoveResult
 from qmpnet.core.ports import GuestOps
 from qmpnet.settings import MqttSettings, QgaSettings
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from types import TracebackType
+
+    from qmpnet.core.model_base import Verify
 
 __all__ = ["Client", "GuestOps", "RemoteGuest", "error_from"]
 

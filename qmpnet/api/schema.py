@@ -15,18 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pydantic.json_schema import models_json_schema
 
-from qmpnet.api.wire.envelopes import (
-    API_VERSION,
-    EVENT_NAMES,
-    OPS,
-    ControllerOffline,
-    ControllerOnline,
-    ErrorResponse,
-    EventMessage,
-    GuestStatus,
-    NicList,
-    OkResponse,
-)
+from qmpnet.api.wire import envelopes
 from qmpnet.core.records import DesiredDocument
 
 if TYPE_CHECKING:
@@ -43,17 +32,18 @@ _REF: Final = "#/$defs/{model}"
 
 def _messages() -> dict[str, dict[str, type[BaseModel]]]:
     """Every message of the API by section and name."""
-    responses: dict[str, type[BaseModel]] = {name: OkResponse[spec.data] for name, spec in OPS.items()}  # type: ignore[name-defined]
+    ops = envelopes.OPS
+    responses: dict[str, type[BaseModel]] = {name: envelopes.OkResponse[spec.data] for name, spec in ops.items()}  # type: ignore[name-defined]
     return {
-        "requests": {name: spec.request for name, spec in OPS.items()},
-        "responses": {**responses, "error": ErrorResponse},
+        "requests": {name: spec.request for name, spec in ops.items()},
+        "responses": {**responses, "error": envelopes.ErrorResponse},
         "state": {
-            "status (online)": ControllerOnline,
-            "status (offline)": ControllerOffline,
-            "guest/<g>/status": GuestStatus,
-            "guest/<g>/nics": NicList,
+            "status (online)": envelopes.ControllerOnline,
+            "status (offline)": envelopes.ControllerOffline,
+            "guest/<g>/status": envelopes.GuestStatus,
+            "guest/<g>/nics": envelopes.NicList,
         },
-        "events": {"guest/<g>/event/<name>": EventMessage},
+        "events": {"guest/<g>/event/<name>": envelopes.EventMessage},
         "desired": {"guest/<g>/desired": DesiredDocument},
     }
 
@@ -67,8 +57,8 @@ def api_schema() -> dict[str, Any]:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "qmpnet MQTT API",
         "description": "Messages of docs/mqtt-api.md; topics are <root>/<controller>/..., payloads UTF-8 JSON.",
-        "x-api-version": API_VERSION,
-        "x-event-names": list(EVENT_NAMES),
+        "x-api-version": envelopes.API_VERSION,
+        "x-event-names": list(envelopes.EVENT_NAMES),
     }
     for section, messages in sections.items():
         document[f"x-{section}"] = {name: keys[model, "validation"] for name, model in messages.items()}

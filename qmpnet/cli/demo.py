@@ -110,7 +110,7 @@ async def _run_models(vm: TestMachine, start: float) -> list[Row]:
     async with connect(str(vm.qmp_path), name=vm.name) as guest:
         for n, (model, driver) in enumerate(MODELS):
             _say(f"qmpnet demo: {model}")
-            rows.append(await _exercise(vm, guest, model, driver, n))
+            rows.append(await _exercise(vm, _Api(guest), model, driver, f"52:54:00:de:00:{n:02x}"))
     return rows
 
 
@@ -121,26 +121,47 @@ async def _tick(start: float, what: str) -> None:
         _say(f"  ... {what} ({time.monotonic() - start:.0f} s)")
 
 
-async def _exercise(vm: TestMachine, guest: Guest, model: str, driver: str, n: int) -> Row:
-    row = Row(model, driver, mac=f"52:54:00:de:00:{n:02x}")
+class _Api:
+    """The first pass's hands: the Python API on a directly connected guest."""
+
+    prefix = "demo"
+    failures: tuple[type[Exception], ...] = (QmpnetError, TimeoutError)
+
+    def __init__(self, guest: Guest) -> None:
+        self.guest = guest
+
+    async def add(self, model: str, nic_id: str, mac: str) -> None:
+        await self.guest.add_nic({"model": model, "id": nic_id, "mac": mac})
+
+    async def set_link(self, nic_id: str, up: bool) -> None:
+        await self.guest.set_link(nic_id, up=up)
+
+    async def remove(self, nic_id: str) -> str:
+        return (await self.guest.remove_nic(nic_id, timeout=WAIT)).state
+
+
+async def _exercise(vm: TestMachine, hands: _Api | _Cli, model: str, driver: str, mac: str) -> Row:
+    row = Row(model, driver, mac=mac)
     try:
-        await _steps(vm, guest, row)
-    except (QmpnetError, TimeoutError) as err:
+        await _steps(vm, hands, row)
+    except hands.failures as err:
         row.problems.append(f"{type(err).__name__}: {err}")
     return row
 
 
-async def _steps(vm: TestMachine, guest: Guest, row: Row) -> None:
+async def _steps(vm: TestMachine, hands: _Api | _Cli, row: Row) -> None:
+    """Hot-add the row's model, check what the guest saw, flap its link, get an address, remove it."""
+    nic_id = f"{hands.prefix}{row.model.split('-')[0]}"
     start = time.monotonic()
-    nic = await guest.add_nic({"model": row.model, "id": f"demo{row.model.split('-')[0]}", "mac": row.mac})
+    await hands.add(row.model, nic_id, row.mac)
     iface = await _wait(vm, row.mac, lambda _: True)
     row.visible_s, row.driver = time.monotonic() - start, iface.driver or "-"
     if row.driver != row.expected_driver:
         row.problems.append(f"guest bound driver {row.driver}, expected {row.expected_driver}")
     await _wait(vm, row.mac, lambda i: i.carrier is True)  # e1000 reports carrier only after its ~2 s watchdog
-    await guest.set_link(nic.id, up=False)
+    await hands.set_link(nic_id, up=False)
     row.carrier_down = (await _wait(vm, row.mac, lambda i: i.carrier is False)).carrier
-    await guest.set_link(nic.id, up=True)
+    await hands.set_link(nic_id, up=True)
     row.carrier_up = (await _wait(vm, row.mac, lambda i: i.carrier is True)).carrier
     result = await vm.agent.dhcp(iface.name)
     if result.rc != 0:
@@ -148,11 +169,11 @@ async def _steps(vm: TestMachine, guest: Guest, row: Row) -> None:
     else:
         row.address = ", ".join((await _wait(vm, row.mac, lambda i: bool(i.ipv4))).ipv4)
     start = time.monotonic()
-    removed = await guest.remove_nic(nic.id, timeout=WAIT)
+    removed = await hands.remove(nic_id)
     await vm.agent.wait_for(lambda ifaces: all(i.mac != row.mac for i in ifaces), timeout=WAIT)
     row.removed_s = time.monotonic() - start
-    if removed.state != "removed":
-        row.problems.append(f"removal ended {removed.state}")
+    if removed != "removed":
+        row.problems.append(f"removal ended {removed}")
 
 
 async def _wait(vm: TestMachine, mac: str, check: Callable[[GuestInterface], bool]) -> GuestInterface:
@@ -169,8 +190,20 @@ async def _wait(vm: TestMachine, mac: str, check: Callable[[GuestInterface], boo
 class _Cli:
     """``qmpnet nic ... --broker`` as a user types it: each command and its answer are printed."""
 
+    prefix = "mqtt"
+    failures: tuple[type[Exception], ...] = (QmpnetError, TimeoutError, RuntimeError)
+
     def __init__(self, broker: str, controller: str, guest: str) -> None:
         self.where = ["--broker", broker, "--controller", controller, "--guest", guest]
+
+    async def add(self, model: str, nic_id: str, mac: str) -> None:
+        await self("add", "--model", model, "--id", nic_id, "--mac", mac)
+
+    async def set_link(self, nic_id: str, up: bool) -> None:
+        await self("link", nic_id, "up" if up else "down")
+
+    async def remove(self, nic_id: str) -> str:
+        return str((await self("del", nic_id, "--timeout", f"{WAIT:g}")).get("state"))
 
     async def __call__(self, *args: str) -> dict[str, Any]:
         argv = ["qmpnet", "nic", *args, *self.where, "--json"]
@@ -213,47 +246,12 @@ async def _run_mqtt(vm: TestMachine) -> list[Row]:
         rows = []
         for n, (model, driver) in enumerate(MODELS):
             _say(f"qmpnet demo (MQTT): {model}")
-            rows.append(await _exercise_over_mqtt(vm, cli, model, driver, n))
+            rows.append(await _exercise(vm, cli, model, driver, f"52:54:00:de:01:{n:02x}"))
         return rows
     finally:
         serve.stop()
         broker.stop()
         shutil.rmtree(work, ignore_errors=True)
-
-
-async def _exercise_over_mqtt(vm: TestMachine, cli: _Cli, model: str, driver: str, n: int) -> Row:
-    row = Row(model, driver, mac=f"52:54:00:de:01:{n:02x}")
-    try:
-        await _steps_over_mqtt(vm, cli, row)
-    except (QmpnetError, TimeoutError, RuntimeError) as err:
-        row.problems.append(f"{type(err).__name__}: {err}")
-    return row
-
-
-async def _steps_over_mqtt(vm: TestMachine, cli: _Cli, row: Row) -> None:
-    nic_id = f"mqtt{row.model.split('-')[0]}"
-    start = time.monotonic()
-    await cli("add", "--model", row.model, "--id", nic_id, "--mac", row.mac)
-    iface = await _wait(vm, row.mac, lambda _: True)
-    row.visible_s, row.driver = time.monotonic() - start, iface.driver or "-"
-    if row.driver != row.expected_driver:
-        row.problems.append(f"guest bound driver {row.driver}, expected {row.expected_driver}")
-    await _wait(vm, row.mac, lambda i: i.carrier is True)
-    await cli("link", nic_id, "down")
-    row.carrier_down = (await _wait(vm, row.mac, lambda i: i.carrier is False)).carrier
-    await cli("link", nic_id, "up")
-    row.carrier_up = (await _wait(vm, row.mac, lambda i: i.carrier is True)).carrier
-    result = await vm.agent.dhcp(iface.name)
-    if result.rc != 0:
-        row.problems.append(f"DHCP failed: {result.output.strip()[-200:]}")
-    else:
-        row.address = ", ".join((await _wait(vm, row.mac, lambda i: bool(i.ipv4))).ipv4)
-    start = time.monotonic()
-    removed = await cli("del", nic_id, "--timeout", f"{WAIT:g}")
-    await vm.agent.wait_for(lambda ifaces: all(i.mac != row.mac for i in ifaces), timeout=WAIT)
-    row.removed_s = time.monotonic() - start
-    if removed.get("state") != "removed":
-        row.problems.append(f"removal ended {removed.get('state')}")
 
 
 def _table(rows: list[Row], title: str) -> str:

@@ -14,10 +14,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from qmpnet.core.ifnames import TAP_PATTERN_DEFAULT, check_ifname, check_tap_pattern
-from qmpnet.core.model import invalid_request_from
+from qmpnet.core.model import validate_as
 from qmpnet.errors import InvalidRequest, NotFound
 
 __all__ = ["HostnetSettings", "NatNetwork", "parse_nat_network"]
@@ -134,12 +134,7 @@ def parse_nat_network(data: dict[str, Any] | NatNetwork, *, prefix: str = "netwo
     Raises:
         InvalidRequest: A field is invalid; ``field`` is its path under ``prefix``.
     """
-    if isinstance(data, NatNetwork):
-        return data
-    try:
-        return NatNetwork.model_validate(data)
-    except ValidationError as err:
-        raise invalid_request_from(err, prefix) from err
+    return validate_as(NatNetwork, data, prefix)
 
 
 class HostnetSettings(BaseModel):

@@ -11,21 +11,17 @@ than the operator meant. The checks are pure and run before any QMP command is s
 from __future__ import annotations
 
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from qmpnet.core.model import (
-    BridgeBackend,
-    DgramBackend,
-    NicSpec,
-    NicUpdate,
-    StreamBackend,
-    TapBackend,
-    UnixAddress,
-    UserBackend,
-    VfioBackend,
-)
+from qmpnet.core import backends
 from qmpnet.errors import Forbidden
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from qmpnet.core.nic_requests import NicSpec, NicUpdate
 
 __all__ = ["Policy", "check_capture_file", "check_spec", "check_update"]
 
@@ -70,7 +66,7 @@ def check_spec(spec: NicSpec, policy: Policy) -> None:
         Forbidden: Names the field and the policy setting that refuses it.
     """
     backend = spec.backend
-    if isinstance(backend, UserBackend) and not policy.allow_host_commands:
+    if isinstance(backend, backends.UserBackend) and not policy.allow_host_commands:
         for index, rule in enumerate(backend.guestfwd):
             if "cmd:" in rule:
                 raise Forbidden(
@@ -91,13 +87,13 @@ def check_spec(spec: NicSpec, policy: Policy) -> None:
 
 def _check_host_backend(backend: object, policy: Policy) -> None:
     match backend:
-        case BridgeBackend(helper=True) if not policy.allow_bridge_helper:
+        case backends.BridgeBackend(helper=True) if not policy.allow_bridge_helper:
             _refuse("nic.backend.helper", "QEMU's bridge helper runs a host program", "policy.allow_bridge_helper")
-        case BridgeBackend(bridge=bridge):
+        case backends.BridgeBackend(bridge=bridge):
             _check_listed("nic.backend.bridge", bridge, policy.allowed_bridges, "policy.allowed_bridges")
-        case TapBackend(ifname=ifname):
+        case backends.TapBackend(ifname=ifname):
             _check_listed("nic.backend.ifname", ifname, policy.allowed_taps, "policy.allowed_taps")
-        case VfioBackend(host=host):
+        case backends.VfioBackend(host=host):
             _check_listed("nic.backend.host", host, policy.allowed_vfio_hosts, "policy.allowed_vfio_hosts")
 
 
@@ -111,24 +107,30 @@ def _refuse(field: str, why: str, setting: str) -> None:
     raise Forbidden(f"{field}: {why} ({setting})", field=field)
 
 
-def _unix_addresses(backend: object) -> list[tuple[str, UnixAddress]]:
-    found: list[tuple[str, UnixAddress]] = []
-    if isinstance(backend, StreamBackend) and isinstance(backend.addr, UnixAddress):
+def _unix_addresses(backend: object) -> list[tuple[str, backends.UnixAddress]]:
+    found: list[tuple[str, backends.UnixAddress]] = []
+    if isinstance(backend, backends.StreamBackend) and isinstance(backend.addr, backends.UnixAddress):
         found.append(("addr", backend.addr))
-    if isinstance(backend, DgramBackend):
+    if isinstance(backend, backends.DgramBackend):
         found.extend((n, a) for n, a in (("local", backend.local), ("remote", backend.remote))
-                     if isinstance(a, UnixAddress))
+                     if isinstance(a, backends.UnixAddress))
     return found
 
 
 def _check_socket_dir(field: str, path: str, policy: Policy) -> None:
-    if policy.allowed_socket_dirs is None:
+    _check_inside(field, path, policy.allowed_socket_dirs, "sockets")
+
+
+def _check_inside(field: str, path: str, allowed_dirs: Sequence[str] | None, what: str, setting: str = "") -> None:
+    """Refuse ``path`` unless it is inside one of ``allowed_dirs`` (``None``: anywhere)."""
+    if allowed_dirs is None:
         return
     target = PurePosixPath(path)
-    if not any(target.is_relative_to(PurePosixPath(d)) for d in policy.allowed_socket_dirs):
-        allowed = ", ".join(policy.allowed_socket_dirs) or "none"
+    if not any(target.is_relative_to(PurePosixPath(d)) for d in allowed_dirs):
+        allowed = ", ".join(allowed_dirs) or "none"
         raise Forbidden(
-            f"{field}: {path} is outside the directories the policy allows for sockets ({allowed})", field=field
+            f"{field}: {path} is outside the directories the policy allows for {what} ({allowed}){setting}",
+            field=field,
         )
 
 
@@ -138,7 +140,7 @@ def check_update(update: NicUpdate, policy: Policy) -> None:
     Raises:
         Forbidden: Names the field and the policy setting that refuses it.
     """
-    if isinstance(update.backend, BridgeBackend):
+    if isinstance(update.backend, backends.BridgeBackend):
         _check_listed("update.backend.bridge", update.backend.bridge, policy.allowed_bridges, "policy.allowed_bridges")
 
 
@@ -148,13 +150,4 @@ def check_capture_file(path: str, policy: Policy, *, field: str = "file") -> Non
     Raises:
         Forbidden: The file is outside ``policy.allowed_capture_dirs``.
     """
-    if policy.allowed_capture_dirs is None:
-        return
-    target = PurePosixPath(path)
-    if not any(target.is_relative_to(PurePosixPath(d)) for d in policy.allowed_capture_dirs):
-        allowed = ", ".join(policy.allowed_capture_dirs) or "none"
-        raise Forbidden(
-            f"{field}: {path} is outside the directories the policy allows for captures ({allowed}) "
-            "(policy.allowed_capture_dirs)",
-            field=field,
-        )
+    _check_inside(field, path, policy.allowed_capture_dirs, "captures", " (policy.allowed_capture_dirs)")

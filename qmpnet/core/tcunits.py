@@ -15,7 +15,8 @@ copy them from a tc command line. The units are tc's, with tc's quirks kept on p
 Units are case-insensitive and numbers may have a fraction (``1.5mbit``). Parsing returns plain integers in the
 base unit (bit/s, bytes, microseconds) or a float percentage; formatting gives the shortest exact tc form back
 (``5000000`` -> ``5mbit``), so a value survives a round trip through JSON unchanged. Errors are ``ValueError``
-with a sentence the edge models turn into ``invalid_request`` naming the field. Pure: no I/O.
+with a sentence (malformed, negative, or an unknown unit) the edge models turn into ``invalid_request`` naming
+the field. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -88,45 +89,31 @@ def _example(what: str) -> str:
     return {"rate": "'10mbit'", "size": "'32kb'", "time": "'100ms'", "percentage": "'1%'"}[what]
 
 
-def parse_rate(value: object) -> int:
-    """A rate in tc notation (``10mbit``, ``1.5gbit``, ``125kbps``; a bare number is bit/s) -> bits per second.
+def _scaled(value: object, what: str, units: dict[str, int]) -> float:
+    number, factor = _split(value, what, units)
+    return number * factor
 
-    Raises:
-        ValueError: Malformed, negative, or an unknown unit.
-    """
-    number, factor = _split(value, "rate", _RATE_UNITS)
-    return round(number * factor)
+
+def parse_rate(value: object) -> int:
+    """A rate in tc notation (``10mbit``, ``1.5gbit``, ``125kbps``; a bare number is bit/s) -> bits per second."""
+    return round(_scaled(value, "rate", _RATE_UNITS))
 
 
 def parse_size(value: object) -> int:
-    """A size in tc notation (``32kb`` = 32768 bytes, ``1500``, ``1mb``; ``kbit`` = 125 bytes) -> bytes.
-
-    Raises:
-        ValueError: Malformed, negative, or an unknown unit.
-    """
+    """A size in tc notation (``32kb`` = 32768 bytes, ``1500``, ``1mb``; ``kbit`` = 125 bytes) -> bytes."""
     number, factor = _split(value, "size", _SIZE_UNITS)
     bits = number * (factor if isinstance(value, str) else 8)
     return math.ceil(bits / 8 - 1e-9)
 
 
 def parse_time(value: object) -> int:
-    """A time in tc notation (``100ms``, ``1.5s``, ``250us``; a bare number is microseconds) -> microseconds.
-
-    Raises:
-        ValueError: Malformed, negative, or an unknown unit.
-    """
-    number, factor = _split(value, "time", _TIME_UNITS)
-    return round(number * factor)
+    """A time in tc notation (``100ms``, ``1.5s``, ``250us``; a bare number is microseconds) -> microseconds."""
+    return round(_scaled(value, "time", _TIME_UNITS))
 
 
 def parse_percent(value: object) -> float:
-    """A percentage (``1%``, ``0.5%``; a bare number is a percentage too) -> percent, e.g. ``0.5``.
-
-    Raises:
-        ValueError: Malformed, negative, or a unit other than ``%``.
-    """
-    number, _ = _split(value, "percentage", {"": 1, "%": 1})
-    return number
+    """A percentage (``1%``, ``0.5%``; a bare number is a percentage too) -> percent, e.g. ``0.5``."""
+    return _scaled(value, "percentage", {"": 1, "%": 1})
 
 
 def _shortest(value: int, units: tuple[tuple[str, int], ...]) -> str:

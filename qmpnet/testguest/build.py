@@ -406,10 +406,20 @@ class CpioWriter:
         self._buffer.write(b"\0" * (-self._buffer.tell() % 4))
 
 
-def build_initramfs(busybox: bytes, modules: Sequence[KernelModule]) -> bytes:
-    """Return the gzip'd initramfs: busybox, the modules, their load list and /init."""
+#: The busybox guest's directories; the Debian guest's initramfs has its own (it switches to a root disk).
+GUEST_DIRECTORIES = ("bin", "dev", "etc", "etc/testguest", "lib", "lib/modules", "proc", "run", "sys", "tmp")
+
+
+def build_initramfs(
+    busybox: bytes,
+    modules: Sequence[KernelModule],
+    *,
+    directories: Sequence[str] = GUEST_DIRECTORIES,
+    init: bytes | None = None,
+) -> bytes:
+    """Return the gzip'd initramfs: busybox, the modules, their load list and ``init`` (the busybox guest's)."""
     cpio = CpioWriter()
-    for directory in ("bin", "dev", "etc", "etc/testguest", "lib", "lib/modules", "proc", "run", "sys", "tmp"):
+    for directory in directories:
         cpio.directory(directory)
     # The kernel opens /dev/console for /init before devtmpfs is mounted.
     cpio.char_device("dev/console", 5, 1)
@@ -419,7 +429,7 @@ def build_initramfs(busybox: bytes, modules: Sequence[KernelModule]) -> bytes:
     cpio.file("etc/testguest/modules", load_list.encode())
     for module in modules:
         cpio.file(f"lib/modules/{module.name}.ko", module.path.read_bytes())
-    cpio.file("init", init_script(), mode=0o755)
+    cpio.file("init", init_script() if init is None else init, mode=0o755)
     return gzip.compress(cpio.finish(), mtime=0)
 
 

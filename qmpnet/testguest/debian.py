@@ -25,7 +25,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -42,10 +41,10 @@ from .build import (
     MODULE_PARAMETERS,
     NIC_MODULES,
     BuildError,
-    CpioWriter,
     GuestImage,
     KernelModule,
     Package,
+    build_initramfs,
     default_cache_dir,
     download_and_unpack,
     extract_vmlinux,
@@ -283,18 +282,9 @@ def _installed_versions(root: Path) -> dict[str, str]:
 
 
 def _initramfs(busybox: bytes, modules: Sequence[KernelModule]) -> bytes:
-    cpio = CpioWriter()
-    for directory in ("bin", "dev", "etc", "etc/testguest", "lib", "lib/modules", "newroot", "proc", "sys"):
-        cpio.directory(directory)
-    cpio.char_device("dev/console", 5, 1)
-    cpio.file("bin/busybox", busybox, mode=0o755)
-    cpio.symlink("bin/sh", "busybox")
-    load_list = "".join(f"{m.name} {MODULE_PARAMETERS.get(m.name, '')}".rstrip() + "\n" for m in modules)
-    cpio.file("etc/testguest/modules", load_list.encode())
-    for module in modules:
-        cpio.file(f"lib/modules/{module.name}.ko", module.path.read_bytes())
-    cpio.file("init", data_file("debian-init.sh"), mode=0o755)
-    return gzip.compress(cpio.finish(), mtime=0)
+    # The busybox guest's initramfs, with /newroot to switch to the root disk and the Debian /init.
+    directories = ("bin", "dev", "etc", "etc/testguest", "lib", "lib/modules", "newroot", "proc", "sys")
+    return build_initramfs(busybox, modules, directories=directories, init=data_file("debian-init.sh"))
 
 
 def _make_ext4(root: Path, image: Path) -> None:

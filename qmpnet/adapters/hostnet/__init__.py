@@ -23,8 +23,9 @@ The tap is not persistent: once QEMU holds the only fds, ``netdev_del`` (or QEMU
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from qmpnet.core.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from qmpnet.adapters.hostnet.nat import Lease, NatStatus, net_down, net_list, net_status, net_up
@@ -110,11 +111,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    """Import a public name's module on first use, and keep the name here."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qmpnet.adapters.hostnet' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())

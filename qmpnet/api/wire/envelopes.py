@@ -14,37 +14,19 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Generic, Literal, TypeV
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
-from qmpnet.core.model import (
+from qmpnet import errors
+from qmpnet.core.model_base import Verify, invalid_request_from
+from qmpnet.core.nic_requests import NicSpec, NicUpdate  # noqa: TC001 - pydantic needs them at runtime
+from qmpnet.core.observed import (
     CaptureResult,
     DiscardedRecord,
     GuestEventName,
     ModelInfo,
     Nic,
-    NicSpec,
-    NicUpdate,
     RemoveResult,
-    Verify,
     check_file_path,
-    invalid_request_from,
 )
-from qmpnet.errors import (
-    Busy,
-    Conflict,
-    ErrorCode,
-    Forbidden,
-    GuestUnavailable,
-    InvalidRequest,
-    NoFreeSlot,
-    NotFound,
-    NotVerified,
-    OutcomeUnknown,
-    QmpCommandError,
-    QmpnetError,
-    RemovalPending,
-    StoreUnavailable,
-    Timeout,
-    Unsupported,
-)
+from qmpnet.errors import ErrorCode, InvalidRequest, QmpCommandError, QmpnetError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -295,8 +277,9 @@ Response = OkResponse[Any] | ErrorResponse
 _ERRORS: dict[str, type[QmpnetError]] = {
     cls.code: cls
     for cls in (
-        InvalidRequest, NotFound, Conflict, Busy, Timeout, RemovalPending, GuestUnavailable, NoFreeSlot,
-        Unsupported, Forbidden, OutcomeUnknown, NotVerified, StoreUnavailable,
+        errors.InvalidRequest, errors.NotFound, errors.Conflict, errors.Busy, errors.Timeout, errors.RemovalPending,
+        errors.GuestUnavailable, errors.NoFreeSlot, errors.Unsupported, errors.Forbidden, errors.OutcomeUnknown,
+        errors.NotVerified, errors.StoreUnavailable,
     )
 }  # fmt: skip
 

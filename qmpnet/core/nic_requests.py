@@ -1,0 +1,156 @@
+"""What a caller asks of a NIC: a hot-add (:class:`NicSpec`) and a live change (:class:`NicUpdate`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+
+from qmpnet.core.backends import TAP_BASED, Backend, BridgeBackend, NatBackend, UserBackend
+from qmpnet.core.model_base import Frozen, LinkState, Mac, NicModel, QemuId, validate_as
+from qmpnet.core.names import parse_pci_addr
+from qmpnet.core.shape_vlan import Shape, Vlan  # noqa: TC001 - pydantic needs them at runtime
+from qmpnet.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+_MODEL_ALIASES = {"virtio": "virtio-net-pci"}
+
+
+def _model_alias(value: object) -> object:
+    return _MODEL_ALIASES.get(value, value) if isinstance(value, str) else value
+
+
+class NicSpec(Frozen):
+    """What a caller asks for when hot-adding a NIC. Every field but ``model`` has a sensible default."""
+
+    model: Annotated[NicModel, BeforeValidator(_model_alias)] = "virtio-net-pci"
+    id: QemuId | None = Field(default=None, description="Device id; generated when absent.")
+    mac: Mac | None = Field(default=None, description="MAC address; a free 52:54:00:xx:xx:xx when absent.")
+    addr: str | None = Field(default=None, description="PCI 'slot[.function]' (hex, as QEMU reads it).")
+    bus: QemuId | None = Field(default=None, description="PCI bus id: pci.0, a pcie-root-port or a bridge.")
+    vectors: int | None = Field(default=None, ge=0, le=2048, description="MSI-X vectors (virtio only).")
+    queues: int | None = Field(default=None, ge=1, le=256, description="Queue pairs (virtio, tap backends).")
+    link: LinkState = "up"
+    backend: Backend = Field(default_factory=UserBackend)
+    vlan: Vlan | None = Field(
+        default=None, description="VLANs of the NIC's tap port on a VLAN-filtering bridge (tap-based backends)."
+    )
+    shape: Shape | None = Field(
+        default=None, description="Bandwidth and impairment on the NIC's host tap (tap-based backends)."
+    )
+
+    @field_validator("addr")
+    @classmethod
+    def _check_addr(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_pci_addr(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_model_options(self) -> NicSpec:
+        if self.backend.type == "vfio":
+            return self._check_vfio()
+        if self.model != "virtio-net-pci":
+            for name in ("vectors", "queues"):
+                if getattr(self, name) is not None:
+                    raise InvalidRequest(f"nic.{name}: only virtio-net-pci supports it", field=f"nic.{name}")
+        if (self.queues or 1) > 1 and self.backend.type not in TAP_BASED:
+            raise InvalidRequest(
+                f"nic.queues: queues > 1 needs a tap-based backend (bridge, nat, tap), not {self.backend.type}",
+                field="nic.queues",
+            )
+        for name in ("vlan", "shape"):
+            if getattr(self, name) is None:
+                continue
+            if self.backend.type not in TAP_BASED or getattr(self.backend, "helper", False):
+                raise InvalidRequest(
+                    f"nic.{name}: needs a host tap qmpnet knows (bridge, nat or tap backend, not "
+                    f"{'a bridge helper' if self.backend.type == 'bridge' else self.backend.type})",
+                    field=f"nic.{name}",
+                )
+        return self
+
+    def _check_vfio(self) -> NicSpec:
+        # The assigned function is the NIC: QEMU emulates nothing, so there is no model, MAC, queue or link to set.
+        for name in ("model", "mac", "vectors", "queues", "link"):
+            if name in self.model_fields_set:
+                raise InvalidRequest(
+                    f"nic.{name}: a vfio NIC is the host device itself; {name} cannot be set", field=f"nic.{name}"
+                )
+        return self
+
+    @property
+    def driver(self) -> str:
+        """The QEMU device driver: the model, or ``vfio-pci`` for direct assignment."""
+        return "vfio-pci" if self.backend.type == "vfio" else self.model
+
+    @property
+    def pci_addr(self) -> tuple[int, int] | None:
+        """The requested ``(slot, function)``, if any."""
+        return parse_pci_addr(self.addr) if self.addr is not None else None
+
+
+
+def parse_nic_spec(data: Mapping[str, Any] | NicSpec, *, prefix: str = "nic") -> NicSpec:
+    """Validate ``data`` into a :class:`NicSpec`.
+
+    Raises:
+        InvalidRequest: A field is invalid; ``field`` holds its JSON path (``nic.backend.hostfwd.0``) and the
+            message says why.
+    """
+    return validate_as(NicSpec, data, prefix)
+
+
+class NicUpdate(Frozen):
+    """A live change of a NIC: move it, tag it, shape it, set its link; the guest keeps its interface.
+
+    Fields left out are kept as they are. ``vlan: null`` puts the port back to the bridge's default (untagged, in
+    its default VLAN); ``shape: null`` removes all shaping. ``backend``, ``vlan`` and ``shape`` need a NIC whose
+    backend is a host tap (bridge, nat or tap); every NIC accepts ``link``. A move re-enslaves the tap, flaps the
+    link so that the guest renews DHCP, and announces the guest (``announce-self``); the port starts in the new
+    bridge's default VLAN unless ``vlan`` is given too.
+    """
+
+    id: QemuId = Field(description="The NIC's id.")
+    backend: Annotated[BridgeBackend | NatBackend, Field(discriminator="type")] | None = Field(
+        default=None, description="Move the NIC: the bridge or NAT network to join."
+    )
+    vlan: Vlan | None = Field(default=None, description="VLAN membership; null: the bridge's default.")
+    shape: Shape | None = Field(default=None, description="Rate, burst, delay, jitter, loss; null: none.")
+    link: LinkState | None = Field(default=None, description="Set the link up or down.")
+
+    @model_validator(mode="after")
+    def _something_to_change(self) -> NicUpdate:
+        if not self.model_fields_set - {"id"}:
+            raise InvalidRequest("update: nothing to change; give backend, vlan, shape or link", field="update")
+        if "backend" in self.model_fields_set and self.backend is None:
+            raise InvalidRequest("update.backend: give the bridge or NAT network to move to", field="update.backend")
+        if isinstance(self.backend, BridgeBackend) and self.backend.helper:
+            raise InvalidRequest(
+                "update.backend.helper: a move re-enslaves the NIC's tap; QEMU's bridge helper cannot be used",
+                field="update.backend.helper",
+            )
+        return self
+
+    @property
+    def changes_vlan(self) -> bool:
+        """Whether the update sets the VLAN (to a value or, with ``vlan: null``, back to the default)."""
+        return "vlan" in self.model_fields_set
+
+    @property
+    def changes_shape(self) -> bool:
+        """Whether the update sets the shaping (to a value or, with ``shape: null``, to none)."""
+        return "shape" in self.model_fields_set
+
+
+
+def parse_nic_update(data: Mapping[str, Any] | NicUpdate, *, prefix: str = "update") -> NicUpdate:
+    """Validate ``data`` into a :class:`NicUpdate`.
+
+    Raises:
+        InvalidRequest: A field is invalid; ``field`` holds its JSON path (``update.shape.rate``) and the message
+            says why.
+    """
+    return validate_as(NicUpdate, data, prefix)

@@ -43,6 +43,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import TypeAdapter, ValidationError
 
+from qmpnet.adapters.mqtt.aiomqtt_internals import dispatching_queue
 from qmpnet.adapters.mqtt.broker import diagnose_timeout, explain, make_client, resolve_protocol
 from qmpnet.api.wire.envelopes import ControllerOffline, ControllerOnline, ErrorResponse, OkResponse, transaction_of
 from qmpnet.api.wire.topics import Topics, is_bus_name
@@ -52,7 +53,7 @@ from qmpnet.errors import BrokerUnavailable, GuestUnavailable, InvalidRequest, O
 from qmpnet.settings import redact_url
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
     from types import TracebackType
 
     from qmpnet.adapters.mqtt.broker import Version
@@ -92,20 +93,6 @@ class _Signal:
 
     async def wait(self) -> None:
         await self._event.wait()
-
-
-def _dispatching_queue(dispatch: Callable[[aiomqtt.Message], None]) -> type[asyncio.Queue[aiomqtt.Message]]:
-    """A message queue for ``aiomqtt.Client(queue_type=...)`` that hands each message to ``dispatch`` at once.
-
-    The MQTT library fills its queue from the callback that parses the socket's bytes, in wire order, before it
-    completes the SUBACK that follows; dispatching right there keeps that order for us.
-    """
-
-    class Dispatching(asyncio.Queue[aiomqtt.Message]):
-        def put_nowait(self, item: aiomqtt.Message) -> None:
-            dispatch(item)
-
-    return Dispatching
 
 
 class Requester:
@@ -193,7 +180,7 @@ class Requester:
 
     async def _session(self, first: asyncio.Future[None]) -> None:
         assert self.protocol is not None  # noqa: S101 - set by __aenter__
-        inbox = _dispatching_queue(self._on_message)
+        inbox = dispatching_queue(self._on_message)
         client = make_client(self.settings, identifier=self.client_id, protocol=self.protocol, queue_type=inbox)
         try:
             await client.__aenter__()

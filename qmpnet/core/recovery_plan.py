@@ -19,8 +19,9 @@ any (another instance)  (not ours)             ``forget``: release host resource
 A recorded netdev is always deleted when its NIC is gone: ``info network`` is HMP text, and deleting one that is
 already gone costs one ``DeviceNotFound`` answer, while keeping one would keep its hostfwd ports or its tap.
 Devices and netdevs without a record are not qmpnet's: they are listed, never touched. *Full* recovery runs
-when a connection starts (and on the periodic resync's first pass); a *light* one whenever the lane re-reads the
-guest, so it never re-sends commands that only matter after a reconnect.
+when a connection starts, before any request is served; a *light* one whenever the lane re-reads the guest (after
+a refused or unanswered command, on ``list_nics``, and on every periodic resync), so it never re-sends commands
+that only matter after a reconnect (link intent, a pending unplug's ``device_del``) nor sweeps taps.
 
 An operation's outcome may be written after its answer (:mod:`qmpnet.adapters.store`: one write before the answer, the
 intent). An operation a killed process left without outcome is answered from what recovery found

@@ -164,10 +164,10 @@ class Agent:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str = "guest") -> None:
         self._reader = reader
-        self._writer = writer
+        self._out = writer
         self._name = name
         self._changed = asyncio.Condition()
-        self._pending: dict[int, asyncio.Future[RunResult]] = {}
+        self._awaiting: dict[int, asyncio.Future[RunResult]] = {}
         self._next_req = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
         self._closed: str | None = None
@@ -184,9 +184,9 @@ class Agent:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._writer.close()
+        self._out.close()
         with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
+            await self._out.wait_closed()
         await self._mark_closed("the agent connection was closed by the harness")
 
     @property
@@ -276,10 +276,10 @@ class Agent:
             raise AgentError(f"{self._name}: cannot {what}: {self._closed}")
         req = next(self._next_req)
         future: asyncio.Future[RunResult] = asyncio.get_running_loop().create_future()
-        self._pending[req] = future
+        self._awaiting[req] = future
         try:
-            self._writer.write(encode(req))
-            await self._writer.drain()
+            self._out.write(encode(req))
+            await self._out.drain()
             async with asyncio.timeout(timeout + REPLY_MARGIN):
                 return await future
         except TimeoutError as err:
@@ -287,7 +287,7 @@ class Agent:
         except OSError as err:
             raise AgentError(f"{self._name}: cannot {what}: {err}") from err
         finally:
-            self._pending.pop(req, None)
+            self._awaiting.pop(req, None)
 
     async def _read_loop(self) -> None:
         reason = "the guest closed the agent connection (QEMU exited?)"
@@ -316,7 +316,7 @@ class Agent:
             self._changed.notify_all()
 
     def _resolve(self, result: Result) -> None:
-        future = self._pending.get(result.req)
+        future = self._awaiting.get(result.req)
         if future is None or future.done():
             logger.warning("%s: result for unknown or abandoned request %d", self._name, result.req)
             return
@@ -326,7 +326,7 @@ class Agent:
     async def _mark_closed(self, reason: str) -> None:
         if self._closed is None:
             self._closed = reason
-        for future in self._pending.values():
+        for future in self._awaiting.values():
             if not future.done():
                 future.set_exception(AgentError(f"{self._name}: {reason}"))
         async with self._changed:

@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from fakemonitor import RecordingMonitor
 
+from qmpnet.adapters.store import MemoryGuestStore
+from qmpnet.core.records import GuestRecord
 from qmpnet.errors import GuestUnavailable
 from qmpnet.serve.controller import Controller
 from qmpnet.serve.metrics import Metrics
-from qmpnet.settings import ControllerSettings, MqttSettings, QmpSettings, Settings
+from qmpnet.settings import ControllerSettings, MqttSettings, QmpSettings, ReconcileSettings, Settings
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -180,7 +182,7 @@ async def test_a_connected_guest_serves_requests_and_publishes_state(sink: Sink,
 async def test_a_duplicate_transaction_gets_the_first_answer_and_is_applied_once(
     sink: Sink, fleet: Fleet, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="qmpnet.serve.controller")
+    caplog.set_level(logging.INFO, logger="qmpnet.serve")
     async with running(Controller(settings(), sink, fleet.connect, version="0")) as controller:
         await connected(sink)
         monitor = fleet.current("vm1")
@@ -278,6 +280,29 @@ async def test_a_late_unplug_ack_publishes_nic_removed(sink: Sink, fleet: Fleet)
         fleet.current("vm1").emit("DEVICE_DELETED", {"device": "late", "path": "/machine/peripheral/late"})
         await sink.until(lambda: "nic_removed" in sink.event_names("vm1"))
         assert "late" not in {n.id for n in sink.nics[-1][1].nics}
+
+
+async def test_a_link_changed_behind_the_lanes_back_is_published_by_the_resync(sink: Sink, fleet: Fleet) -> None:
+    store = MemoryGuestStore(GuestRecord(address="/x/vm1.qmp", name="vm1"), key="vm1")
+
+    async def open_store(name: str, address: str) -> MemoryGuestStore:
+        return store
+
+    fast = settings().model_copy(update={"reconcile": ReconcileSettings(resync_interval=0.01)})
+    async with running(Controller(fast, sink, fleet.connect, version="0", open_store=open_store)):
+        await connected(sink)
+        cold = next(n for n in sink.nics[-1][1].nics if n.id == "e1")  # in the captured guest, not added by qmpnet
+        assert cold.link == "up"
+        # Its link intent changes in the record without an event from the lane (as another writer's would).
+        store.save(store.record.model_copy(update={"links": {cold.id: "down"}}))
+        await sink.until(lambda: "link_changed" in sink.event_names("vm1"))
+        assert next(n for n in sink.nics[-1][1].nics if n.id == cold.id).link == "down"
+        (event,) = [e for g, name, e in sink.events if name == "link_changed"]
+        assert (event.id, event.nic.link if event.nic else None) == (cold.id, "down")
+        published, reads = len(sink.nics), fleet.current("vm1").observed
+        await until(lambda: fleet.current("vm1").observed >= reads + 2)  # two more resyncs: nothing new to tell
+        assert sink.event_names("vm1").count("link_changed") == 1
+        assert len(sink.nics) == published
 
 
 async def test_rx_filter_changes_become_events(sink: Sink, fleet: Fleet) -> None:

@@ -164,7 +164,7 @@ def test_a_record_file_is_the_document_pydantic_writes() -> None:
     import json  # noqa: PLC0415 - as above
     import time  # noqa: PLC0415 - as above
 
-    from qmpnet.adapters.store.files import encode_record  # noqa: PLC0415 - as above
+    from qmpnet.adapters.store.encoding import encode_record  # noqa: PLC0415 - as above
     from qmpnet.core.model import parse_nic_spec  # noqa: PLC0415 - as above
     from qmpnet.core.records import DesiredSet, GuestRecord, NicRecord, OperationRecord  # noqa: PLC0415 - as above
 

@@ -78,7 +78,7 @@ class Outbox:
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._queue: deque[Outgoing] = deque()
+        self._todo: deque[Outgoing] = deque()
         self._inflight: dict[int, Outgoing] = {}  # sent, awaiting the PUBACK, by sequence number
         self._retained: dict[str, Outgoing] = {}  # the latest of each retained topic
         self._seq = itertools.count()
@@ -98,7 +98,7 @@ class Outbox:
                 return  # sent with every other retained topic when the next session starts
         elif item.kind == "clear" and not self._online:
             return
-        self._queue.append(item)
+        self._todo.append(item)
         self._trim()
         self._ready.set()
         self._settled.clear()
@@ -109,13 +109,13 @@ class Outbox:
         return None if item is None else item.payload()
 
     def _trim(self) -> None:
-        if len(self._queue) <= self._limit:
+        if len(self._todo) <= self._limit:
             return
-        while sum(m.kind != "state" for m in self._queue) > self._limit:
-            victim = next((m for m in self._queue if m.kind in ("event", "clear")), None)
+        while sum(m.kind != "state" for m in self._todo) > self._limit:
+            victim = next((m for m in self._todo if m.kind in ("event", "clear")), None)
             if victim is None:
-                victim = next(m for m in self._queue if m.kind == "answer")
-            self._queue.remove(victim)
+                victim = next(m for m in self._todo if m.kind == "answer")
+            self._todo.remove(victim)
             if self._dropped == 0:
                 log.warning("outbox full (%d messages while the broker is away): dropping the oldest", self._limit)
             self._dropped += 1
@@ -124,11 +124,11 @@ class Outbox:
 
     def session_started(self) -> None:
         """A broker session began: everything not acknowledged is sent again, answers first, then state, then events."""
-        backlog = [*self._inflight.values(), *self._queue]
+        backlog = [*self._inflight.values(), *self._todo]
         self._inflight.clear()
         answers = [m for m in backlog if m.kind == "answer"]
         events = [m for m in backlog if m.kind == "event"]
-        self._queue = deque([*answers, *self._retained.values(), *events])
+        self._todo = deque([*answers, *self._retained.values(), *events])
         self._online = True
         if self._dropped:
             log.warning("%d answers or events were dropped while the broker was away (outbox full)", self._dropped)
@@ -141,10 +141,10 @@ class Outbox:
 
     async def next(self) -> tuple[int, Outgoing]:
         """The next message to send and its sequence number for :meth:`acknowledged`; waits while there is none."""
-        while not self._queue:
+        while not self._todo:
             self._ready.clear()
             await self._ready.wait()
-        item = self._queue.popleft()
+        item = self._todo.popleft()
         seq = next(self._seq)
         self._inflight[seq] = item
         return seq, item
@@ -157,9 +157,9 @@ class Outbox:
         self._wake()
 
     def _wake(self) -> None:
-        if self._queue:
+        if self._todo:
             self._ready.set()
-        if not self._queue and not self._inflight:
+        if not self._todo and not self._inflight:
             self._settled.set()
         else:
             self._settled.clear()

@@ -43,6 +43,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import TypeAdapter, ValidationError
 
+from qmpnet.adapters.mqtt.aiomqtt_internals import dispatching_queue
 from qmpnet.adapters.mqtt.broker import diagnose_timeout, explain, make_client, resolve_protocol
 from qmpnet.api.wire.envelopes import ControllerOffline, ControllerOnline, ErrorResponse, OkResponse, transaction_of
 from qmpnet.api.wire.topics import Topics, is_bus_name
@@ -52,7 +53,7 @@ from qmpnet.errors import BrokerUnavailable, GuestUnavailable, InvalidRequest, O
 from qmpnet.settings import redact_url
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
     from types import TracebackType
 
     from qmpnet.adapters.mqtt.broker import Version
@@ -94,20 +95,6 @@ class _Signal:
         await self._event.wait()
 
 
-def _dispatching_queue(dispatch: Callable[[aiomqtt.Message], None]) -> type[asyncio.Queue[aiomqtt.Message]]:
-    """A message queue for ``aiomqtt.Client(queue_type=...)`` that hands each message to ``dispatch`` at once.
-
-    The MQTT library fills its queue from the callback that parses the socket's bytes, in wire order, before it
-    completes the SUBACK that follows; dispatching right there keeps that order for us.
-    """
-
-    class Dispatching(asyncio.Queue[aiomqtt.Message]):
-        def put_nowait(self, item: aiomqtt.Message) -> None:
-            dispatch(item)
-
-    return Dispatching
-
-
 class Requester:
     """Request/response over MQTT for orchestrators and the CLI. Use as an async context manager.
 
@@ -131,7 +118,7 @@ class Requester:
         self._route_wanted = asyncio.Event()
         self._routed = _Signal()
         self._status: dict[str, str] = {}  # controller -> "online" | "offline", from its retained status
-        self._pending: dict[tuple[str, str], _Pending] = {}
+        self._unanswered: dict[tuple[str, str], _Pending] = {}
         self._publishes: set[asyncio.Task[None]] = set()
         self._fatal: BrokerUnavailable | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -193,7 +180,7 @@ class Requester:
 
     async def _session(self, first: asyncio.Future[None]) -> None:
         assert self.protocol is not None  # noqa: S101 - set by __aenter__
-        inbox = _dispatching_queue(self._on_message)
+        inbox = dispatching_queue(self._on_message)
         client = make_client(self.settings, identifier=self.client_id, protocol=self.protocol, queue_type=inbox)
         try:
             await client.__aenter__()
@@ -205,7 +192,7 @@ class Requester:
             await self._subscribe_missing(client)  # answers to what is sent again below must reach us
             self._client = client
             self._connected.set()
-            for pending in self._pending.values():
+            for pending in self._unanswered.values():
                 self._publish(client, pending)  # again: the controller answers a repeat with its first answer
             if not first.done():
                 first.set_result(None)
@@ -300,7 +287,7 @@ class Requester:
                 if self._fatal is not None:
                     raise self._fatal
                 await self._route(controller, guest)
-                pending = self._pending.get(key)
+                pending = self._unanswered.get(key)
                 if pending is not None:
                     pending.waiters += 1
                 else:
@@ -320,7 +307,7 @@ class Requester:
             if pending is not None:
                 pending.waiters -= 1
                 if pending.waiters == 0:
-                    self._pending.pop(key, None)
+                    self._unanswered.pop(key, None)
 
     def _enqueue(self, controller: str, topic: str, payload: dict[str, Any], timeout: float) -> _Pending:
         loop = asyncio.get_running_loop()
@@ -332,7 +319,7 @@ class Requester:
             deadline=loop.time() + timeout,
             future=loop.create_future(),
         )
-        self._pending[(controller, pending.transaction)] = pending
+        self._unanswered[(controller, pending.transaction)] = pending
         if self._client is not None:
             self._publish(self._client, pending)
         return pending
@@ -360,7 +347,7 @@ class Requester:
             log.debug("publishing a request failed: %s (sent again after the reconnect)", task.exception())
 
     def _fail_all(self, err: Exception) -> None:
-        for pending in self._pending.values():
+        for pending in self._unanswered.values():
             if not pending.future.done():
                 pending.future.set_exception(err)
                 pending.future.exception()  # retrieved here too: a caller may already have given up
@@ -401,7 +388,7 @@ class Requester:
             log.warning("ignoring a message on %s that is not JSON: %.100r", topic, payload)
             return
         transaction = transaction_of(decoded)
-        pending = self._pending.get((controller, transaction)) if transaction is not None else None
+        pending = self._unanswered.get((controller, transaction)) if transaction is not None else None
         if pending is None or pending.future.done():
             return  # someone else's answer, or a repeat of one we have
         try:

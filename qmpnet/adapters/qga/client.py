@@ -119,7 +119,7 @@ class GuestAgent:
         self.path = path
         self.settings = settings
         self._reader = reader
-        self._writer = writer
+        self._out = writer
         self._lock = asyncio.Lock()
         self._in_step = False
         self._closed = False
@@ -173,9 +173,9 @@ class GuestAgent:
     async def close(self) -> None:
         """Close the connection. Safe to call twice."""
         self._closed = True
-        self._writer.close()
+        self._out.close()
         with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
+            await self._out.wait_closed()
 
     # --- protocol -------------------------------------------------------------------------------------------
 
@@ -185,8 +185,8 @@ class GuestAgent:
         request = {"execute": "guest-sync-delimited", "arguments": {"id": token}}
         try:
             async with asyncio.timeout(timeout):
-                self._writer.write(_DELIMITER + json.dumps(request).encode() + b"\n")
-                await self._writer.drain()
+                self._out.write(_DELIMITER + json.dumps(request).encode() + b"\n")
+                await self._out.drain()
                 while True:
                     await self._reader.readuntil(_DELIMITER)
                     answer = _decode(await self._reader.readline())
@@ -220,8 +220,8 @@ class GuestAgent:
             self._in_step = True
             try:
                 async with asyncio.timeout(timeout):
-                    self._writer.write(json.dumps(message).encode() + b"\n")
-                    await self._writer.drain()
+                    self._out.write(json.dumps(message).encode() + b"\n")
+                    await self._out.drain()
                     answer = _decode(await self._reader.readline())
             except TimeoutError as err:
                 raise AgentUnavailable(f"guest agent {self.path}: no answer to {command} within {timeout:g} s") from err

@@ -13,6 +13,8 @@ These habits are kept here and nowhere else:
 * **Memory stays flat.** ``qemu.qmp`` keeps every event in each listener's history and queues every event on its
   always-on default listener. We install history-free listeners and drain the default one in a pump task that
   hands events to the registered handlers, so a guest that emits events for months costs nothing.
+* **qemu.qmp's private names are used in one module only**, :mod:`qmpnet.adapters.qmp.qemu_qmp_internals` (the
+  history-free listeners and the direct write path for commands), with the reasons and a contract test.
 
 A fresh ``QMPClient`` is made per connection; a ``QmpMonitor`` is not reusable after :meth:`close`.
 """
@@ -29,12 +31,11 @@ from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, cast
 
-from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient, QMPError
-from qemu.qmp.models import ErrorResponse
+from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, Message, QMPError
 from qemu.qmp.protocol import Runstate
-from qemu.qmp.qmp_client import BadReplyError
 
 from qmpnet.adapters.qmp.parse import machine_kind, parse_device_help
+from qmpnet.adapters.qmp.qemu_qmp_internals import FlatClient, FlatListener, peer_socket, take_nowait
 from qmpnet.adapters.qmp.reader import GuestReader
 from qmpnet.core.model import ModelInfo, RxFilter
 from qmpnet.core.ports import EventStream, Observation, QmpEvent
@@ -111,14 +112,6 @@ def parse_address(address: str) -> Address:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-class _FlatListener(EventListener):
-    """An ``EventListener`` that keeps no history (qemu.qmp's grows without bound)."""
-
-    async def put(self, event: Message) -> None:
-        if self.accept(event):
-            await self._queue.put(event)
-
-
 class _Deletions(EventListener):
     """Calls ``forget(path)`` for each ``DEVICE_DELETED`` as it arrives, before any later answer is delivered.
 
@@ -137,90 +130,6 @@ class _Deletions(EventListener):
             self._forget(path)
 
 
-class _Reply:
-    """The one answer a command awaits: what qemu.qmp uses an ``asyncio.Queue(maxsize=1)`` for, on one future.
-
-    qemu.qmp puts the reply (``put``) or, on disconnect, an ``ExecInterruptedError`` (``put_nowait``) and
-    ``_reply`` takes it (``get``). A queue costs a deque and two waiter lists per command.
-    """
-
-    __slots__ = ("_answer",)
-
-    def __init__(self) -> None:
-        self._answer: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-
-    async def put(self, item: object) -> None:
-        self.put_nowait(item)
-
-    def put_nowait(self, item: object) -> None:
-        if not self._answer.done():
-            self._answer.set_result(item)
-
-    async def get(self) -> object:
-        return await self._answer
-
-
-class _Client(QMPClient):
-    """``QMPClient`` with a history-free default listener and a direct write path for commands."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self._listeners.remove(self.events)
-        self.events = _FlatListener()
-        self.register_listener(self.events)
-
-    async def _issue(self, msg: Message) -> str | None:
-        # qemu.qmp hands every command to a writer task through a queue: one more task switch per command,
-        # which on a busy two-core host is a third of the library's overhead. When nothing is queued, write the
-        # command to the transport here (asyncio buffers it; order is kept because the queue is empty).
-        if not self._outgoing.empty() or self._writer is None:
-            return await super()._issue(msg)
-        msg_id = cast("str | None", msg.get("id"))
-        self._pending[msg_id] = asyncio.Queue(maxsize=1)
-        try:
-            self._do_send(self._cb_outbound(msg))
-        except BaseException:
-            del self._pending[msg_id]
-            raise
-        return msg_id
-
-    async def execute(self, cmd: str, arguments: Mapping[str, object] | None = None, oob: bool = False) -> object:
-        # qemu.qmp builds a command as a Message, copies it (execute_msg) and serialises it twice on the way (each
-        # Message is eagerly encoded): about 15 us per command. On the direct write path (see _issue) the command
-        # is built and encoded once here; replies and errors are handled exactly as QMPClient.execute_msg does.
-        if oob or self._writer is None or not self._outgoing.empty() or self.runstate != Runstate.RUNNING:
-            return await super().execute(cmd, arguments, oob)
-        exec_id = self._get_exec_id()
-        body: dict[str, object] = {"execute": cmd}
-        if arguments is not None:
-            body["arguments"] = arguments
-        body["id"] = exec_id
-        msg = Message(body, eager=False)
-        self._pending[exec_id] = cast("asyncio.Queue[Message | ExecInterruptedError]", _Reply())
-        try:
-            self._do_send(self._cb_outbound(msg))
-        except BaseException:
-            del self._pending[exec_id]
-            raise
-        reply = await self._reply(exec_id)
-        if "error" in reply:
-            try:
-                error = ErrorResponse(reply)
-            except (KeyError, TypeError) as err:
-                raise BadReplyError("QMP error reply is malformed", reply, msg) from err
-            raise ExecuteError(error, msg, reply)
-        if "return" not in reply:
-            raise BadReplyError("QMP reply is missing a 'error' or 'return' member", reply, msg)
-        return reply["return"]
-
-    def _cb_outbound(self, msg: Message) -> Message:
-        # qemu.qmp formats every message for a debug log line even when debug logging is off.
-        return super()._cb_outbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
-
-    def _cb_inbound(self, msg: Message) -> Message:
-        return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
-
-
 class _Stream:
     """An :class:`EventStream` over one registered listener."""
 
@@ -231,9 +140,8 @@ class _Stream:
         return _event(await self._listener.get())
 
     def get_nowait(self) -> QmpEvent | None:
-        if self._listener.empty():
-            return None
-        return _event(self._listener._queue.get_nowait())  # noqa: SLF001 - EventListener has no public get_nowait
+        message = take_nowait(self._listener)
+        return _event(message) if message is not None else None
 
 
 def _event(message: Message) -> QmpEvent:
@@ -259,7 +167,7 @@ class QmpMonitor:
 
     def __init__(self, name: str, *, command_timeout: float, read_attempts: int = 3) -> None:
         self.name = name
-        self._client = _Client(name)
+        self._client = FlatClient(name)
         self._command_timeout = command_timeout
         self._reader = GuestReader(self.execute, attempts=read_attempts)
         self._client.register_listener(_Deletions(self._reader.forget))
@@ -323,8 +231,7 @@ class QmpMonitor:
         The host side uses it to find which tap an fd QEMU holds is (``/proc/<pid>/fdinfo``), for NICs another
         process added.
         """
-        writer = self._client._writer  # noqa: SLF001 - qemu.qmp has no public accessor for its socket
-        sock = writer.get_extra_info("socket") if writer is not None else None
+        sock = peer_socket(self._client)
         if sock is None or sock.family != socket.AF_UNIX:
             return None
         try:
@@ -392,7 +299,7 @@ class QmpMonitor:
         def accept(message: Message) -> bool:
             return where is None or where(_event(message))
 
-        listener = _FlatListener(names, accept)
+        listener = FlatListener(names, accept)
         self._client.register_listener(listener)
         try:
             yield _Stream(listener)

@@ -29,26 +29,33 @@ import errno
 import fcntl
 import functools
 import hashlib
-import json
 import logging
 import os
 import re
 import tempfile
 import threading
 import time
-import weakref
-from json.encoder import encode_basestring_ascii
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Final
 
-from pydantic import BaseModel, ValidationError
-
-from qmpnet.core.model import DiscardedRecord
-from qmpnet.core.records import FORMAT_VERSION, MIGRATED_VERSIONS, DesiredSet, GuestRecord, migrated
+from qmpnet.adapters.store.encoding import encode_record
+from qmpnet.adapters.store.reading import (
+    BOOT_ID_FILE,
+    Unreadable,
+    load_any,
+    load_desired,
+    load_record,
+    mtime_of,
+    read_boot_id,
+    read_or_discard,
+)
+from qmpnet.core.records import DesiredSet, GuestRecord
 from qmpnet.errors import Busy, StoreUnavailable
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
+
+    from qmpnet.core.model import DiscardedRecord
 
 __all__ = [
     "BOOT_ID_FILE",
@@ -61,37 +68,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 _KEY_CHARS: Final = re.compile(r"[^A-Za-z0-9_.-]+")
 #: How often a waiter retries a held lock; the wait as a whole is bounded by the caller's timeout.
 _LOCK_POLL: Final = 0.02
-#: Where the kernel tells the id of the current boot (a new random one at every boot).
-BOOT_ID_FILE: Final = Path("/proc/sys/kernel/random/boot_id")
-
-
-class _Unreadable(Exception):
-    """A record file that cannot be used (its message says why)."""
-
-
-def read_boot_id(path: Path = BOOT_ID_FILE) -> str | None:
-    """The id of the current boot (``None`` where the kernel does not tell it: every record is then kept)."""
-    try:
-        return path.read_text(encoding="ascii").strip() or None
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def _boot_time() -> float | None:
-    """When the host booted (``btime`` of /proc/stat), to date records that carry no boot id."""
-    try:
-        with Path("/proc/stat").open(encoding="ascii") as stat:
-            for line in stat:
-                if line.startswith("btime "):
-                    return float(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def guest_key(address: str) -> str:
@@ -168,8 +148,8 @@ class StateDir:
             path = self.guests / f"{key}.json"
             desired_path = self.guests / f"{key}.desired.json"
             discarded: list[DiscardedRecord] = []
-            desired = _read_or_discard(desired_path, _load_desired, discarded)
-            loaded = _read_or_discard(path, functools.partial(_load_any, boot=self.boot, mtime=_mtime(path)),
+            desired = read_or_discard(desired_path, load_desired, discarded)
+            loaded = read_or_discard(path, functools.partial(load_any, boot=self.boot, mtime=mtime_of(path)),
                                       discarded)
             fresh = GuestRecord(address=canonical_address(address), name=name, boot=self.boot)
             record, migrated_from_v1 = loaded or (fresh, False)
@@ -214,8 +194,8 @@ class StateDir:
             if path.name.endswith(".desired.json"):
                 continue
             try:
-                record = _load(path, boot=self.boot)
-            except _Unreadable as err:
+                record = load_record(path, boot=self.boot)
+            except Unreadable as err:
                 log.warning("state_dir: %s: %s", path, err)
                 continue
             if record is not None:
@@ -471,145 +451,6 @@ class MemoryGuestStore:
 
     def close(self) -> None:
         """Nothing to release."""
-
-
-#: The JSON of sub-records already encoded, by object (see encode_record): id -> (weak reference, JSON).
-_FRAGMENTS: dict[int, tuple[weakref.ref[BaseModel], str]] = {}
-_string: Final = encode_basestring_ascii  # a JSON string, quoted and escaped (json's own C encoder)
-#: The fields of a GuestRecord encoded from fragments; every other field is encoded by pydantic.
-_MAPPED: Final = ("nics", "operations")
-
-
-def encode_record(record: GuestRecord) -> bytes:
-    """``record`` as the JSON document of the record file, reusing what earlier writes encoded.
-
-    Records are frozen, and a change copies only what it changes (``GuestRecord.with_nic`` and the like keep the
-    other NICs', operations' and desired specs' objects), so between two writes of a guest nearly every
-    ``NicRecord``, ``OperationRecord`` and desired ``NicSpec`` is the very same object; encoding them again was
-    most of a write's CPU. The document is the one ``record.model_dump_json()`` gives, field order aside (a unit
-    test compares them); the other fields, present and future, are pydantic's own encoding.
-    """
-    fields = [
-        (name, "{" + ",".join(f"{_string(key)}:{_fragment(value)}" for key, value in getattr(record, name).items())
-         + "}")
-        for name in _MAPPED
-    ]  # fmt: skip
-    desired = record.desired
-    if desired is None:
-        fields.append(("desired", "null"))
-    else:
-        specs = "[" + ",".join(_fragment(spec) for spec in desired.nics) + "]"
-        fields.append(("desired", _with(desired.model_dump_json(exclude={"nics"}), [("nics", specs)])))
-    return _with(record.model_dump_json(exclude={*_MAPPED, "desired"}), fields).encode()
-
-
-def _with(document: str, fields: list[tuple[str, str]]) -> str:
-    """The JSON object ``document`` with ``fields`` (name, encoded value) added at its end."""
-    added = ",".join(f"{_string(name)}:{value}" for name, value in fields)
-    return f"{document[:-1]}{',' if document != '{}' else ''}{added}}}"
-
-
-def _fragment(model: BaseModel) -> str:
-    key = id(model)
-    cached = _FRAGMENTS.get(key)
-    if cached is not None and cached[0]() is model:
-        return cached[1]
-    text = model.model_dump_json()
-    _FRAGMENTS[key] = (weakref.ref(model, functools.partial(_drop_fragment, key)), text)
-    return text
-
-
-def _drop_fragment(key: int, _gone: object) -> None:
-    _FRAGMENTS.pop(key, None)
-
-
-def _read_or_discard(
-    path: Path, load: Callable[[bytes], _T], discarded: list[DiscardedRecord]
-) -> _T | None:
-    """``load`` of the file at ``path`` (``None``: no file); one that cannot be read is moved aside and reported."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise StoreUnavailable(f"state_dir: cannot read {path} ({err.strerror or err})", field="state_dir") from err
-    try:
-        return load(raw)
-    except _Unreadable as err:
-        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}")
-        try:
-            path.rename(aside)
-        except OSError as failed:
-            raise StoreUnavailable(
-                f"state_dir: {path} cannot be read ({err}) nor moved aside ({failed.strerror or failed})",
-                field="state_dir",
-            ) from failed
-        log.warning("state_dir: %s cannot be read (%s): moved aside as %s; the guest is rebuilt from QEMU",
-                    path, err, aside.name)
-        discarded.append(DiscardedRecord(file=str(path), moved_to=str(aside), reason=str(err)))
-        return None
-
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except ValueError as err:
-        raise _Unreadable(f"not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise _Unreadable(f"not a JSON object but {type(data).__name__}")
-    return data
-
-
-def _load_any(raw: bytes, *, boot: str | None, mtime: float | None = None) -> tuple[GuestRecord, bool]:
-    """A record file's record, and whether it is in an older format (migrated: it wants rewriting)."""
-    data = _json_object(raw)
-    version = data.get("version")
-    stale = False
-    if version in MIGRATED_VERSIONS:
-        # Version 1 carried no boot id: one written since this boot began is of this boot.
-        booted = _boot_time()
-        of_this_boot = booted is not None and mtime is not None and mtime >= booted
-        data, stale = migrated(data, boot=boot if of_this_boot else None), True
-    elif version != FORMAT_VERSION:
-        raise _Unreadable(f"format version {version!r}; this qmpnet reads version {FORMAT_VERSION}")
-    try:
-        return GuestRecord.model_validate(data), stale
-    except ValidationError as err:
-        raise _Unreadable(
-            f"not a valid guest record ({err.error_count()} errors: {err.errors(include_url=False)[0]['msg']})"
-        ) from err
-
-
-def _load(path: Path, *, boot: str | None) -> GuestRecord | None:
-    """The record in ``path`` (``None``: no file), without its desired set's file.
-
-    Raises:
-        _Unreadable: It cannot be read or parsed.
-    """
-    try:
-        raw = path.read_bytes()
-        mtime = path.stat().st_mtime
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise _Unreadable(err.strerror or str(err)) from err
-    return _load_any(raw, boot=boot, mtime=mtime)[0]
-
-
-def _load_desired(raw: bytes) -> DesiredSet:
-    try:
-        return DesiredSet.model_validate(_json_object(raw))
-    except ValidationError as err:
-        raise _Unreadable(
-            f"not a valid desired set ({err.error_count()} errors: {err.errors(include_url=False)[0]['msg']})"
-        ) from err
 
 
 async def _lock(path: Path, wait: float, busy: Callable[[str, float], str]) -> int:

@@ -1,0 +1,240 @@
+"""One guest's supervisor: its connection state, the reconnects with backoff, and its lane while connected.
+
+The supervisor task (``qmpnet[guest=vm1].supervisor``) owns the guest's QMP connection: it opens the guest's record,
+connects, builds a :class:`~qmpnet.guest.guest.Guest` on the monitor (which recovers the guest from its record
+before serving anything), publishes ``connected``, runs the reconcile loop and the periodic resync, waits for the
+monitor to close, publishes ``disconnected`` and reconnects with capped exponential backoff and jitter. A QEMU
+restarted on the same socket path is simply the next successful attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qmpnet.api.wire.envelopes import EventMessage, GuestInfo, GuestState, GuestStatus
+from qmpnet.errors import Busy, GuestUnavailable, InvalidRequest, OutcomeUnknown, QmpnetError, StoreUnavailable
+from qmpnet.guest.guest import Guest
+from qmpnet.serve.published_nics import PublishedNics
+from qmpnet.serve.reconcile_loop import Reconciler
+
+if TYPE_CHECKING:
+    from qmpnet.core.model import GuestEvent
+    from qmpnet.core.ports import Connection, GuestStore, QmpEvent
+    from qmpnet.serve.desired_intake import DesiredIntake
+    from qmpnet.serve.fleet_context import FleetContext
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger(__name__)
+
+
+class _Turn:
+    """One of the controller's turns for reading a guest (``controller.first_reads``), given back once.
+
+    Given back when the read ends or after ``hold`` seconds, whichever comes first, so that a QEMU that hangs
+    does not keep the rest of the fleet waiting.
+    """
+
+    def __init__(self, turns: asyncio.Semaphore, hold: float) -> None:
+        self._turns = turns
+        self._timer = asyncio.get_running_loop().call_later(hold, self.release)
+        self._held = True
+
+    @classmethod
+    async def take(cls, turns: asyncio.Semaphore, hold: float) -> _Turn:
+        await turns.acquire()
+        return cls(turns, hold)
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._timer.cancel()
+            self._turns.release()
+
+
+class Supervisor:
+    """Keeps guest ``name`` at ``address`` connected; while connected, :attr:`guest` is its lane.
+
+    Args:
+        fleet: What the guests share: the ports, the settings, the counts.
+        name: The guest's name.
+        address: Its QMP socket (or ``host:port``).
+        intake: Its desired documents (attached to its record once the record is open).
+    """
+
+    def __init__(self, fleet: FleetContext, name: str, address: str, intake: DesiredIntake) -> None:
+        self.fleet = fleet
+        self.name = name
+        self.address = address
+        self.intake = intake
+        self.nics = PublishedNics(name, fleet.sink)
+        self.state: GuestState = "connecting"
+        self.since = time.time()
+        self.qemu: str | None = None
+        self.machine: str | None = None
+        #: The guest's lane while connected, else ``None``.
+        self.guest: Guest | None = None
+        #: Why the guest is not connected (for ``guest_unavailable`` answers).
+        self.problem = "not connected yet"
+        #: Set once the first connection attempt has ended, one way or the other.
+        self.settled = asyncio.Event()
+        self.agent = fleet.settings.controller.agents.get(name) or _agent_beside(address)
+        self._store: GuestStore | None = None
+        self._reconciler: Reconciler | None = None
+        self._log = {"guest": name}
+
+    def status(self) -> GuestStatus:
+        """The guest's status as published."""
+        return GuestStatus(
+            state=self.state, qemu=self.qemu, machine=self.machine, since=self.since, desired=self.intake.status
+        )
+
+    def info(self) -> GuestInfo:
+        """The guest's entry in the controller's guest list."""
+        return GuestInfo(name=self.name, **self.status().model_dump())
+
+    def publish(self) -> None:
+        """Publish the guest's status (and the guests-by-state metric)."""
+        self.fleet.publish_status(self.name, self.status())
+
+    def converge(self, explicit: bool) -> None:
+        """Ask for a reconcile pass, if the guest is connected (``explicit``: the desired set is new)."""
+        if self._reconciler is not None:
+            self._reconciler.poke(explicit=explicit)
+
+    async def run(self) -> None:
+        """Keep the guest connected until cancelled."""
+        self.publish()
+        failures = 0  # attempts since the guest was last connected
+        try:
+            while True:
+                try:
+                    if self._store is None:
+                        self._store = await self.fleet.open_store(self.name, self.address)
+                        self._report_discarded(self._store)
+                        self.intake.attach(self._store, publish=self.publish, converge=self.converge)
+                    connection = await self.fleet.connector(self.name, self.address)
+                except (GuestUnavailable, Busy, InvalidRequest, StoreUnavailable) as err:
+                    if failures == 0:
+                        log.info("guest %s: cannot connect: %s", self.name, err, extra=self._log)
+                    self.problem = err.message
+                    self.set_state("disconnected")
+                else:
+                    try:
+                        await self._serve(connection, self._store)
+                    except Exception:
+                        log.exception("guest %s: connection failed", self.name, extra=self._log)
+                    finally:
+                        self.guest = None
+                        await connection.close()
+                    if self.state == "connected":
+                        failures = 0
+                        self.problem = "QEMU closed the QMP connection"
+                        self.set_state("disconnected")
+                        self.fleet.emit(self.name, "guest_disconnected")
+                await asyncio.sleep(self.fleet.backoff(failures))
+                failures += 1
+        finally:
+            if self._store is not None:
+                self.intake.detach()
+                self._store.close()
+                self._store = None
+
+    def _report_discarded(self, store: GuestStore) -> None:
+        """Publish ``record_discarded`` for each unreadable record the store moved aside (and logged)."""
+        for discarded in store.discarded:
+            message = EventMessage(ts=time.time(), guest=self.name, record=discarded)
+            self.fleet.sink.event(self.name, "record_discarded", message)
+
+    def set_state(self, state: GuestState) -> None:
+        """Move to ``state``, counting and publishing it if it changed."""
+        if state != self.state:
+            self.fleet.counted(self.state, state)
+            self.state = state
+            self.since = time.time()
+            self.publish()
+        if state != "connecting":
+            self.settled.set()
+
+    async def _serve(self, connection: Connection, store: GuestStore) -> None:
+        fleet = self.fleet
+        guest = Guest(connection, name=self.name, settings=fleet.settings, host=fleet.host, store=store,
+                      qga=self.agent)
+        guest.subscribe(self._on_event)
+        connection.on_event(self._on_qmp_event)
+        # The first read of a guest (recovery, the NIC list) takes one of a few turns: a fleet that connects at once
+        # is read a few guests at a time, not thousands, so the replies in flight (and the memory they leave
+        # behind) stay few. A read that takes longer than qmp.connect_timeout gives its turn back and goes on.
+        turn = await _Turn.take(fleet.first_reads, fleet.settings.qmp.connect_timeout)
+        try:
+            # Entering the guest recovers it from its record, inside its lane, before any request is served.
+            async with guest:
+                self.machine = (await connection.machine())[0]
+                self.qemu = connection.greeting_version
+                nics = await guest.list_nics()
+                turn.release()
+                self.nics.replace(nics)
+                self.guest = guest
+                self.set_state("connected")
+                log.info("guest %s: connected (QEMU %s, %s)", self.name, self.qemu, self.machine, extra=self._log)
+                fleet.emit(self.name, "guest_connected")
+                self._reconciler = Reconciler(
+                    self.name, guest, desired=lambda: store.record.desired, settings=fleet.settings.reconcile,
+                    publish=self.intake.status_changed, event=self._reconcile_event,
+                )
+                reconciling = asyncio.create_task(self._reconciler.run(), name=f"qmpnet[guest={self.name}].reconcile")
+                self._reconciler.poke()  # a QEMU restarted on the same socket gets its desired NICs back
+                try:
+                    await self._watch(connection, guest)
+                finally:
+                    self._reconciler = None
+                    reconciling.cancel()
+                    await asyncio.gather(reconciling, return_exceptions=True)
+                log.info("guest %s: disconnected", self.name, extra=self._log)
+        except QmpnetError as err:
+            log.info("guest %s: lost while reading it: %s", self.name, err, extra=self._log)
+        finally:
+            turn.release()
+
+    async def _watch(self, connection: Connection, guest: Guest) -> None:
+        """Until the connection closes, re-read the guest every ``reconcile.resync_interval`` seconds."""
+        interval = self.fleet.settings.reconcile.resync_interval
+        while not connection.closed.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await connection.closed.wait()
+            if connection.closed.is_set():
+                return
+            try:
+                self.nics.resynced(await guest.resync())
+            except (Busy, OutcomeUnknown) as err:
+                log.info("guest %s: resync skipped: %s", self.name, err, extra=self._log)
+            if self._reconciler is not None:
+                self._reconciler.poke()
+
+    def _reconcile_event(self, name: str, message: EventMessage) -> None:
+        self.fleet.sink.event(self.name, name, message)
+
+    def _on_event(self, event: GuestEvent) -> None:
+        self.nics.apply(event)
+        if event.name == "nic_removed" and self._reconciler is not None:
+            self._reconciler.poke()  # a desired NIC may have vanished behind qmpnet's back
+
+    def _on_qmp_event(self, event: QmpEvent) -> None:
+        if event.name == "NIC_RX_FILTER_CHANGED":
+            nic_id = event.data.get("name")
+            message = EventMessage(ts=event.timestamp, guest=self.name, id=nic_id if isinstance(nic_id, str) else None)
+            self.fleet.sink.event(self.name, "rx_filter_changed", message)
+
+
+def _agent_beside(address: str) -> str | None:
+    """``NAME.qga`` beside a guest's ``NAME.qmp`` socket, if it is a socket: the guest agent's, by convention."""
+    if not address.endswith(".qmp"):
+        return None
+    candidate = Path(address).with_suffix(".qga")
+    return str(candidate) if candidate.is_socket() else None

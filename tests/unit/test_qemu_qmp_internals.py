@@ -1,0 +1,151 @@
+"""The contract with qemu.qmp's private names (qmpnet/adapters/qmp/qemu_qmp_internals.py).
+
+A new version of qemu.qmp may rename, remove or change any private name without notice. These tests fail, naming
+the attribute, when the pinned version no longer has what the internals module uses: the names, the signatures
+it overrides or calls, and the behaviour on a small exchange with an in-process QMP server (a direct write, an
+error reply, an event queued without history, the socket). And no other module of qmpnet touches them.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import inspect
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from qemu.qmp import EventListener, ExecuteError, QMPClient
+
+from qmpnet.adapters.qmp import qemu_qmp_internals
+from qmpnet.adapters.qmp.qemu_qmp_internals import PRIVATE_NAMES, FlatClient, FlatListener, peer_socket, take_nowait
+
+if TYPE_CHECKING:
+    from fakeqmp import FakeQmp
+
+CLASSES: dict[str, type[Any]] = {"QMPClient": QMPClient, "EventListener": EventListener}
+
+#: The parameters of each private method the internals override or call (``self`` included).
+SIGNATURES = {
+    (QMPClient, "_issue"): ["self", "msg"],
+    (QMPClient, "_reply"): ["self", "msg_id"],
+    (QMPClient, "_do_send"): ["self", "msg"],
+    (QMPClient, "_get_exec_id"): ["self"],
+    (QMPClient, "_cb_outbound"): ["self", "msg"],
+    (QMPClient, "_cb_inbound"): ["self", "msg"],
+    (QMPClient, "execute"): ["self", "cmd", "arguments", "oob"],
+    (EventListener, "put"): ["self", "event"],
+}
+
+
+def _instance_attributes(cls: type[Any]) -> set[str]:
+    """The ``self.X`` names assigned anywhere in ``cls`` and its bases (from their source)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is object:
+            continue
+        tree = ast.parse(inspect.getsource(inspect.getmodule(klass)))  # type: ignore[arg-type]
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute) or not isinstance(node.ctx, ast.Store):
+                continue
+            if isinstance(node.value, ast.Name) and node.value.id == "self":
+                names.add(node.attr)
+    return names
+
+
+@pytest.mark.parametrize(("owner", "name"), [(o, n) for o, names in PRIVATE_NAMES.items() for n in names])
+def test_every_private_name_used_still_exists(owner: str, name: str) -> None:
+    cls = CLASSES[owner]
+    present = hasattr(cls, name) or name in _instance_attributes(cls)
+    assert present, f"qemu.qmp {owner}.{name} is gone: qmpnet/adapters/qmp/qemu_qmp_internals.py relies on it"
+
+
+@pytest.mark.parametrize(("cls", "name"), list(SIGNATURES))
+def test_overridden_and_called_methods_keep_their_signatures(cls: type[Any], name: str) -> None:
+    parameters = list(inspect.signature(getattr(cls, name)).parameters)
+    assert parameters == SIGNATURES[cls, name], (
+        f"qemu.qmp {cls.__name__}.{name}{inspect.signature(getattr(cls, name))} changed: "
+        "qmpnet/adapters/qmp/qemu_qmp_internals.py overrides or calls it"
+    )
+
+
+def test_the_replies_are_still_taken_from_the_pending_slot() -> None:
+    # Reply stands in for the asyncio.Queue that _issue puts in _pending; _reply must still read it with get().
+    source = inspect.getsource(QMPClient._reply)
+    assert "self._pending[msg_id]" in source, "qemu.qmp QMPClient._reply no longer reads self._pending[msg_id]"
+    assert ".get()" in source, "qemu.qmp QMPClient._reply no longer awaits get() on the pending slot"
+
+
+async def test_a_direct_command_an_error_and_an_event_on_a_small_exchange(fake: FakeQmp) -> None:
+    client = FlatClient("contract")
+    assert client.events in client._listeners, "FlatClient did not register its history-free default listener"
+    assert isinstance(client.events, FlatListener)
+    sent: list[object] = []
+    original = client._do_send
+
+    def spy(msg: Any) -> None:
+        sent.append(msg)
+        original(msg)
+
+    client._do_send = spy  # type: ignore[method-assign]
+    await client.connect(str(fake.path))
+    try:
+        listener = FlatListener(("DEVICE_DELETED",))
+        client.register_listener(listener)
+
+        async def status(arguments: dict[str, Any]) -> object:
+            return {"status": "running", "running": True}
+
+        fake.on("query-status", status)
+        sent.clear()
+        assert await client.execute("query-status") == {"status": "running", "running": True}
+        assert sent, "FlatClient.execute did not write through _do_send (the direct path is not taken)"
+        assert client._pending == {}, "qemu.qmp left the reply slot in _pending after _reply"
+        fake.fail("device_del", "Device 'x' not found", "DeviceNotFound")
+        with pytest.raises(ExecuteError) as failed:
+            await client.execute("device_del", {"id": "x"})
+        assert failed.value.error_class == "DeviceNotFound"
+        assert take_nowait(listener) is None
+        await fake.emit("DEVICE_DELETED", {"device": "x", "path": "/machine/peripheral/x"})
+        async with asyncio.timeout(5):
+            event = await listener.get()
+        assert event["event"] == "DEVICE_DELETED"
+        assert listener.history == (), "FlatListener kept a history"
+        await fake.emit("DEVICE_DELETED", {"device": "y", "path": "/machine/peripheral/y"})
+        async with asyncio.timeout(5):
+            while listener.empty():  # noqa: ASYNC110 - the event has no other signal than the queue
+                await asyncio.sleep(0.001)
+        taken = take_nowait(listener)
+        assert taken is not None
+        assert taken["data"] == {"device": "y", "path": "/machine/peripheral/y"}
+        sock = peer_socket(client)
+        assert sock is not None, "qemu.qmp QMPClient._writer no longer carries the socket"
+        assert sock.family == socket.AF_UNIX
+        assert len(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)) == 12
+    finally:
+        await client.disconnect()
+    assert peer_socket(client) is None
+
+
+def _private_uses(tree: ast.AST, names: set[str]) -> list[str]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in names:
+            found.append(f"line {node.lineno}: .{node.attr}")
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name in names:
+            found.append(f"line {node.lineno}: def {node.name} (an override)")
+    return found
+
+
+def test_no_other_module_touches_qemu_qmp_privates() -> None:
+    privates = {name for names in PRIVATE_NAMES.values() for name in names}
+    package = Path(qemu_qmp_internals.__file__).parent
+    others = {}
+    for path in sorted(Path(package).glob("*.py")):
+        if path.name == "qemu_qmp_internals.py":
+            continue
+        uses = _private_uses(ast.parse(path.read_text()), privates)
+        if uses:
+            others[path.name] = uses
+    assert others == {}, "qemu.qmp's private names belong in adapters/qmp/qemu_qmp_internals.py only"

@@ -99,9 +99,13 @@ QmpOpt = Annotated[
     typer.Option("--qmp", metavar="SOCKET", help="Direct mode: the guest's QMP socket (unix path or host:port)."),
 ]
 BrokerOpt = Annotated[
-    str | None,
-    typer.Option("--broker", metavar="URL", help="Broker mode: mqtt[s]://host:port where `qmpnet serve` listens."),
-]
+    list[str] | None,
+    typer.Option(
+        "--broker", metavar="URL",
+        help="Broker mode: mqtt[s]://host:port where `qmpnet serve` listens; repeatable (the nodes of one cluster, "
+        "tried in order).",
+    ),
+]  # fmt: skip
 GuestOpt = Annotated[str | None, typer.Option("--guest", metavar="NAME", help="Broker mode: the guest's name.")]
 ProtocolOpt = Annotated[
     ProtocolArg | None,
@@ -250,7 +254,7 @@ class Where:
     """The guest a command acts on: directly (``--qmp``) or through a controller (``--broker`` and ``--guest``)."""
 
     qmp: str | None
-    broker: str | None = None
+    broker: list[str] | None = None
     guest: str | None = None
     controller: str | None = None
     state_dir: Path | None = None
@@ -271,7 +275,7 @@ def run_on_guest(
     ``policy_check`` runs in direct mode, before connecting (in broker mode the controller's policy applies).
     """
     setup_logging(verbose)
-    if (where.qmp is None) == (where.broker is None) or (where.broker is None) != (where.guest is None):
+    if (where.qmp is None) == (not where.broker) or (not where.broker) != (where.guest is None):
         raise typer.BadParameter("give --qmp SOCKET, or --broker URL and --guest NAME", param_hint="--qmp/--broker")
     from qmpnet.settings import load_settings  # noqa: PLC0415 - see the module's imports
 
@@ -823,7 +827,11 @@ def read_document(path: Path) -> dict[str, Any]:
 @app.command("guests")
 def guests(
     broker: Annotated[
-        str, typer.Option("--broker", metavar="URL", help="mqtt[s]://host:port where `qmpnet serve` listens.")
+        list[str],
+        typer.Option(
+            "--broker", metavar="URL",
+            help="mqtt[s]://host:port where `qmpnet serve` listens; repeatable (cluster nodes, tried in order).",
+        ),
     ],
     controller: ControllerOpt = None,
     mqtt_protocol: ProtocolOpt = None,
@@ -871,7 +879,12 @@ def schema(
 def serve(
     config: ConfigOpt = None,
     broker: Annotated[
-        str | None, typer.Option(metavar="URL", help="mqtt://host:port, or mqtts://host:port for TLS.")
+        list[str] | None,
+        typer.Option(
+            metavar="URL",
+            help="mqtt://host:port, or mqtts://host:port for TLS; repeatable: the nodes of one cluster, tried in "
+            "order (the next when the connection is lost).",
+        ),
     ] = None,
     controller_id: Annotated[
         str | None, typer.Option(metavar="ID", help="This controller's id (default: host name).")
@@ -895,7 +908,7 @@ def serve(
 
     raise typer.Exit(
         serve_main(
-            config, broker=broker, controller_id=controller_id, guests=guest, guest_dir=guest_dir,
+            config, brokers=broker, controller_id=controller_id, guests=guest, guest_dir=guest_dir,
             metrics_port=metrics_port, log_format=log_format, log_level="debug" if verbose else None,
             state_dir=state_dir, mqtt_protocol=mqtt_protocol.value if mqtt_protocol is not None else None,
         )

@@ -2,7 +2,7 @@
 
 ::
 
-    async with qmpnet.client.Client("mqtt://broker:1883") as client:
+    async with qmpnet.client.Client(["mqtt://node1:1883", "mqtt://node2:1883"]) as client:
         nic = await client.add_nic("h1", "vm1", {"model": "virtio", "backend": {"type": "user"}})
         await client.set_link("h1", "vm1", nic.id, up=False)
         print(await client.guests("h1"))
@@ -12,7 +12,8 @@ waits for its answer at most the timeout, and returns the same objects as the di
 (:class:`~qmpnet.model.Nic`, ...). An error answer is raised as the :class:`~qmpnet.errors.QmpnetError` subclass of
 its code, so code written against ``qmpnet.connect`` handles errors the same way. No answer in time is
 ``OutcomeUnknown``; every request carries a ``transaction`` (random unless given), so repeating it with the same
-transaction is safe. The broker connection is re-established when it breaks (see :mod:`qmpnet.bus.requester`).
+transaction is safe. The broker connection is re-established when it breaks, with the next broker of the list when
+there are several (see :mod:`qmpnet.bus.requester`).
 
 :meth:`Client.guest` gives an object with the methods of :class:`qmpnet.Guest` bound to one remote guest.
 """
@@ -39,7 +40,7 @@ from qmpnet.settings import MqttSettings, QgaSettings
 from qmpnet.wire.envelopes import GuestInfo, GuestList, ModelList, NicList, data_of, error_from
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
     from types import TracebackType
 
 __all__ = ["Client", "GuestOps", "RemoteGuest", "error_from"]
@@ -49,7 +50,8 @@ class Client:
     """A connection to the broker through which any controller and guest can be driven.
 
     Args:
-        broker: ``mqtt://host:port`` or ``mqtts://host:port``; overrides ``settings.broker``.
+        broker: ``mqtt://host:port`` or ``mqtts://host:port``, or a sequence of them (the nodes of one cluster,
+            tried in order, the next one when a connection is lost); overrides ``settings.broker``/``brokers``.
         settings: Broker credentials, TLS files, MQTT version, topic root and the default timeout
             (``request_timeout``).
         timeout: Seconds to wait for each answer (default: ``settings.request_timeout``).
@@ -59,7 +61,7 @@ class Client:
 
     def __init__(
         self,
-        broker: str | None = None,
+        broker: str | Sequence[str] | None = None,
         *,
         settings: MqttSettings | None = None,
         timeout: float | None = None,
@@ -68,7 +70,9 @@ class Client:
     ) -> None:
         settings = settings or MqttSettings()
         if broker is not None:
-            settings = MqttSettings.model_validate({**settings.model_dump(), "broker": broker})
+            urls = [broker] if isinstance(broker, str) else list(broker)
+            fields = settings.model_dump(exclude={"broker", "brokers"})
+            settings = MqttSettings.model_validate({**fields, "brokers": urls})
         self.settings = settings
         self.timeout = timeout if timeout is not None else settings.request_timeout
         self.verify_timeout = verify_timeout if verify_timeout is not None else QgaSettings().verify_timeout

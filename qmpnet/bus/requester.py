@@ -18,6 +18,9 @@ Design decisions:
   published (so the request cannot be carried out later from the broker's queue). Messages are read in the MQTT
   library's callback, in wire order (a queue that dispatches as it is filled), which is what makes that ordering
   visible here.
+- **Several brokers, tried in order.** With ``mqtt.brokers`` the first connection goes to the first broker that
+  can be reached (``__aenter__`` fails only when none can, naming each one's problem, or at a refusal), and every
+  lost or failed connection afterwards moves on to the next broker of the list, round and round.
 - **Nothing is given up because the connection broke.** A request not yet answered is published again after a
   reconnect with the same transaction: the controller's de-duplication answers it with its first answer and does
   not apply it twice. MQTT 5 requests carry a Message Expiry equal to what is left of the caller's timeout, so a
@@ -135,16 +138,18 @@ class Requester:
         self._publishes: set[asyncio.Task[None]] = set()
         self._fatal: BrokerUnavailable | None = None
         self._runner: asyncio.Task[None] | None = None
+        self._where = redact_url(settings.urls[0])  # the broker of the current (or last) session, for messages
 
     # ------------------------------------------------------------------------------------------ connection
 
     async def __aenter__(self) -> Self:
-        """Connect (asking the broker which MQTT version it speaks if ``protocol`` is ``auto``).
+        """Connect to the first of ``settings.urls`` that can be reached, trying them in order.
+
+        The first broker reached is asked which MQTT version it speaks if ``protocol`` is ``auto``.
 
         Raises:
-            BrokerUnavailable: The broker cannot be reached or refused us; the message says why.
+            BrokerUnavailable: No broker can be reached, or one refused us; the message says why (for each).
         """
-        self.protocol = await resolve_protocol(self.settings)
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._runner = asyncio.create_task(self._run(first), name="qmpnet.client.connection")
         try:
@@ -167,16 +172,23 @@ class Requester:
         self._fail_all(GuestUnavailable("the MQTT client was closed"))
 
     async def _run(self, first: asyncio.Future[None]) -> None:
+        urls = self.settings.urls
+        index = 0
         failures = 0
         refusals = 0
         last: str | None = None
+        unreached: list[BrokerUnavailable] = []  # before the first connection: one error per broker tried
         while True:
             try:
-                await self._session(first)
+                await self._session(self.settings.at(urls[index]), first)
             except BrokerUnavailable as err:
+                index = (index + 1) % len(urls)  # lost or not reached: the next broker (the same if it is alone)
                 if not first.done():
-                    first.set_exception(err)
-                    return
+                    unreached.append(err)
+                    if err.fatal or len(unreached) == len(urls):
+                        first.set_exception(_none_reached(unreached))
+                        return
+                    continue
                 refusals = refusals + 1 if err.fatal else 0
                 if refusals >= self.settings.max_refusals:
                     log.warning("%s; giving up", err.message)
@@ -191,15 +203,19 @@ class Requester:
                 await asyncio.sleep(backoff(self.settings.reconnect_min, self.settings.reconnect_max, failures))
                 failures += 1
 
-    async def _session(self, first: asyncio.Future[None]) -> None:
-        assert self.protocol is not None  # noqa: S101 - set by __aenter__
+    async def _session(self, settings: MqttSettings, first: asyncio.Future[None]) -> None:
+        """One connection to the broker of ``settings`` (see :meth:`MqttSettings.at`), until it breaks."""
+        self._where = redact_url(settings.urls[0])
+        if self.protocol is None:
+            self.protocol = await resolve_protocol(settings)
+        protocol = self.protocol
         inbox = _dispatching_queue(self._on_message)
-        client = make_client(self.settings, identifier=self.client_id, protocol=self.protocol, queue_type=inbox)
+        client = make_client(settings, identifier=self.client_id, protocol=protocol, queue_type=inbox)
         try:
             await client.__aenter__()
         except aiomqtt.MqttError as err:
-            problem = explain(err, self.settings, protocol=self.protocol)
-            raise await diagnose_timeout(problem, self.settings, protocol=self.protocol) from err
+            problem = explain(err, settings, protocol=protocol)
+            raise await diagnose_timeout(problem, settings, protocol=protocol) from err
         router: asyncio.Task[None] | None = None
         try:
             await self._subscribe_missing(client)  # answers to what is sent again below must reach us
@@ -213,8 +229,7 @@ class Requester:
             async for _ in client.messages:  # the inbox dispatches every message; this only waits for the end
                 pass
         except aiomqtt.MqttError as err:
-            where = redact_url(self.settings.broker)
-            raise BrokerUnavailable(f"lost the broker at {where}: {err}", problem="lost") from err
+            raise BrokerUnavailable(f"lost the broker at {self._where}: {err}", problem="lost") from err
         finally:
             self._client = None
             self._connected.clear()
@@ -314,7 +329,7 @@ class Requester:
                 raise OutcomeUnknown(
                     f"no answer from controller {controller} within {timeout:g} s; it may or may not have acted"
                 ) from None
-            where = redact_url(self.settings.broker)
+            where = " or ".join(redact_url(url) for url in self.settings.urls)
             raise GuestUnavailable(f"could not reach the broker at {where} within {timeout:g} s") from None
         finally:
             if pending is not None:
@@ -413,3 +428,12 @@ class Requester:
             )
             return
         pending.future.set_result(decoded)
+
+
+def _none_reached(errors: list[BrokerUnavailable]) -> BrokerUnavailable:
+    """Why the first connection failed: the one broker's error, or every broker's in one message."""
+    if len(errors) == 1:
+        return errors[0]
+    return BrokerUnavailable(
+        f"no broker could be reached: {'; '.join(err.message for err in errors)}", problem=errors[-1].problem
+    )

@@ -20,10 +20,12 @@ there are several (see :mod:`qmpnet.bus.requester`).
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 from qmpnet.bus.requester import Requester
+from qmpnet.errors import InvalidRequest
 from qmpnet.model import (
     CaptureResult,
     ModelInfo,
@@ -35,9 +37,12 @@ from qmpnet.model import (
     parse_nic_spec,
     parse_nic_update,
 )
+from qmpnet.names import BUS_NAME_RULE
 from qmpnet.ports import GuestOps
+from qmpnet.reconcile import parse_desired
 from qmpnet.settings import MqttSettings, QgaSettings
 from qmpnet.wire.envelopes import GuestInfo, GuestList, ModelList, NicList, data_of, error_from
+from qmpnet.wire.topics import Topics, is_bus_name
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -194,6 +199,29 @@ class Client:
     async def guests(self, controller: str) -> list[GuestInfo]:
         """The guests ``controller`` serves, with their connection state."""
         return GuestList.model_validate(await self.call(controller, None, "guests")).guests
+
+    async def set_desired(
+        self, controller: str, guest: str, document: Mapping[str, Any] | None, *, timeout: float | None = None
+    ) -> None:
+        """Publish ``guest``'s desired NIC set, retained (``None``: clear it); see docs/mqtt-api.md, "Desired state".
+
+        ``document`` is ``{"generation": N, "nics": [NIC spec with "id", ...], "prune": false}``, checked here
+        first, then by the controller, which converges the guest to it and reports how far it got in the guest's
+        status (``desired`` in :meth:`guests`). Returns when the broker has it (PUBACK).
+
+        Raises:
+            InvalidRequest: A name or the document is invalid; names the field.
+            GuestUnavailable: No broker took it within the timeout.
+        """
+        for field, name in (("controller", controller), ("guest", guest)):
+            if not is_bus_name(name):
+                raise InvalidRequest(f"{field}: {name!r} is not {BUS_NAME_RULE}", field=field)
+        body = b""
+        if document is not None:
+            parse_desired(document, source="mqtt")
+            body = json.dumps(dict(document)).encode()
+        topic = Topics(self.settings.topic_root, controller).desired(guest)
+        await self._requester.publish_retained(topic, body, timeout=timeout or self.timeout)
 
     def guest(self, controller: str, name: str) -> RemoteGuest:
         """The guest ``name`` of ``controller``, with the methods of :class:`qmpnet.Guest`."""

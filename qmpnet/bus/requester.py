@@ -20,7 +20,10 @@ Design decisions:
   visible here.
 - **Several brokers, tried in order.** With ``mqtt.brokers`` the first connection goes to the first broker that
   can be reached (``__aenter__`` fails only when none can, naming each one's problem, or at a refusal), and every
-  lost or failed connection afterwards moves on to the next broker of the list, round and round.
+  lost or failed connection afterwards moves on to the next broker of the list, round and round. The MQTT client
+  id is ``<client_id>-<n>`` on the broker at place ``n`` > 0 of the list (the first keeps ``client_id``): a
+  RabbitMQ cluster keeps the queue of a client whose node died, and that queue blocks (SUBACK never comes) the
+  subscriptions of the same client id on the surviving nodes.
 - **Nothing is given up because the connection broke.** A request not yet answered is published again after a
   reconnect with the same transaction: the controller's de-duplication answers it with its first answer and does
   not apply it twice. MQTT 5 requests carry a Message Expiry equal to what is left of the caller's timeout, so a
@@ -116,7 +119,8 @@ class Requester:
 
     Args:
         settings: Broker URL, credentials, TLS, MQTT version, topic root, reconnect and refusal limits.
-        client_id: This client's id (MQTT client id and response topic level); random when absent.
+        client_id: This client's id (MQTT client id and response topic level); random when absent. With several
+            brokers, the MQTT client id on the broker at place ``n`` > 0 of the list is ``<client_id>-<n>``.
     """
 
     def __init__(self, settings: MqttSettings, *, client_id: str | None = None) -> None:
@@ -133,6 +137,7 @@ class Requester:
         self._active: set[str] = set()  # filters subscribed in the current session
         self._route_wanted = asyncio.Event()
         self._routed = _Signal()
+        self._lost = _Signal()  # notified when a connection ends
         self._status: dict[str, str] = {}  # controller -> "online" | "offline", from its retained status
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._publishes: set[asyncio.Task[None]] = set()
@@ -180,7 +185,7 @@ class Requester:
         unreached: list[BrokerUnavailable] = []  # before the first connection: one error per broker tried
         while True:
             try:
-                await self._session(self.settings.at(urls[index]), first)
+                await self._session(self.settings.at(urls[index]), first, index)
             except BrokerUnavailable as err:
                 index = (index + 1) % len(urls)  # lost or not reached: the next broker (the same if it is alone)
                 if not first.done():
@@ -203,14 +208,19 @@ class Requester:
                 await asyncio.sleep(backoff(self.settings.reconnect_min, self.settings.reconnect_max, failures))
                 failures += 1
 
-    async def _session(self, settings: MqttSettings, first: asyncio.Future[None]) -> None:
-        """One connection to the broker of ``settings`` (see :meth:`MqttSettings.at`), until it breaks."""
+    async def _session(self, settings: MqttSettings, first: asyncio.Future[None], place: int) -> None:
+        """One connection to the broker of ``settings`` (place ``place`` in the list), until it breaks.
+
+        The MQTT client id differs per broker: a RabbitMQ cluster keeps the session of a client whose node died,
+        and it blocks the same id's subscriptions on the other nodes.
+        """
         self._where = redact_url(settings.urls[0])
         if self.protocol is None:
             self.protocol = await resolve_protocol(settings)
         protocol = self.protocol
         inbox = _dispatching_queue(self._on_message)
-        client = make_client(settings, identifier=self.client_id, protocol=protocol, queue_type=inbox)
+        identifier = f"{self.client_id}-{place}" if place else self.client_id
+        client = make_client(settings, identifier=identifier, protocol=protocol, queue_type=inbox)
         try:
             await client.__aenter__()
         except aiomqtt.MqttError as err:
@@ -233,6 +243,7 @@ class Requester:
         finally:
             self._client = None
             self._connected.clear()
+            self._lost.notify()
             self._active.clear()
             tasks = [*self._publishes, *([router] if router is not None else [])]
             for task in tasks:
@@ -336,6 +347,45 @@ class Requester:
                 pending.waiters -= 1
                 if pending.waiters == 0:
                     self._pending.pop(key, None)
+
+    async def publish_retained(self, topic: str, body: bytes, *, timeout: float) -> None:
+        """Publish ``body`` retained at QoS 1 on ``topic`` and wait for the broker's acknowledgement.
+
+        Waits for a connection first; a publish that a broken connection took along is made again on the next one
+        (a retained message is idempotent). At most ``timeout`` seconds in all.
+
+        Raises:
+            GuestUnavailable: No broker acknowledged it in time (:class:`~qmpnet.errors.BrokerUnavailable` when
+                one refused us).
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    if self._fatal is not None:
+                        raise self._fatal
+                    await self._connected.wait()
+                    client = self._client
+                    if client is None:
+                        continue
+                    # A task of the session, so that the session's end cancels it (aiomqtt would wait for ever).
+                    task = asyncio.create_task(client.publish(topic, body, qos=1, retain=True, timeout=math.inf))
+                    self._publishes.add(task)
+                    task.add_done_callback(self._published)
+                    try:
+                        await asyncio.wait({task})
+                    finally:
+                        task.cancel()  # a no-op once done; else the caller gave up
+                    if not task.cancelled() and task.exception() is None:
+                        return
+                    await self._until_disconnected(client)
+        except TimeoutError:
+            where = " or ".join(redact_url(url) for url in self.settings.urls)
+            raise GuestUnavailable(f"the broker at {where} did not take {topic} within {timeout:g} s") from None
+
+    async def _until_disconnected(self, client: aiomqtt.Client) -> None:
+        """Wait until ``client`` is not the current connection any more (a failed publish: it is breaking)."""
+        if self._client is client:
+            await self._lost.wait()
 
     def _enqueue(self, controller: str, topic: str, payload: dict[str, Any], timeout: float) -> _Pending:
         loop = asyncio.get_running_loop()

@@ -278,7 +278,8 @@ class RabbitMQ(Process):
         epmd: The port mapper the node registers with.
         name: Short name, unique per workdir.
         cookie: The Erlang cookie (nodes of one cluster share it).
-        conf: More ``rabbitmq.conf`` lines (e.g. ``mqtt.durable_queue_type = quorum`` for a cluster).
+        conf: More ``rabbitmq.conf`` lines (e.g. ``mqtt.durable_queue_type = quorum`` for a cluster); ``{port}``
+            in them is the node's MQTT port (for a second listener: ``mqtt.listeners.tcp.2 = 10.0.0.1:{port}``).
     """
 
     def __init__(
@@ -302,7 +303,7 @@ class RabbitMQ(Process):
             "log.console = true\n"
             "log.console.level = warning\n"
             "log.file = false\n"
-            f"{conf}\n"
+            f"{conf.replace('{port}', str(self.port))}\n"
         )
         self.env = {
             **os.environ,

@@ -2,7 +2,7 @@
 
 ::
 
-    async with qmpnet.client.Client("mqtt://broker:1883") as client:
+    async with qmpnet.client.Client(["mqtt://node1:1883", "mqtt://node2:1883"]) as client:
         nic = await client.add_nic("h1", "vm1", {"model": "virtio", "backend": {"type": "user"}})
         await client.set_link("h1", "vm1", nic.id, up=False)
         print(await client.guests("h1"))
@@ -12,25 +12,32 @@ waits for its answer at most the timeout, and returns the same objects as the di
 (:class:`~qmpnet.core.model.Nic`, ...). An error answer is raised as the :class:`~qmpnet.errors.QmpnetError` subclass of
 its code, so code written against ``qmpnet.connect`` handles errors the same way. No answer in time is
 ``OutcomeUnknown``; every request carries a ``transaction`` (random unless given), so repeating it with the same
-transaction is safe. The broker connection is re-established when it breaks (see :mod:`qmpnet.adapters.mqtt.requester`).
+transaction is safe. The broker connection is re-established when it breaks, with the next broker of the list when
+there are several (see :mod:`qmpnet.adapters.mqtt.requester`).
 
 :meth:`Client.guest` gives an object with the methods of :class:`qmpnet.Guest` bound to one remote guest.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 from qmpnet.adapters.mqtt.requester import Requester
 from qmpnet.api.wire.envelopes import GuestInfo, GuestList, ModelList, NicList, data_of, error_from
+from qmpnet.api.wire.topics import Topics, is_bus_name
+from qmpnet.core.desired_diff import parse_desired
+from qmpnet.core.model_base import Verify
+from qmpnet.core.names import BUS_NAME_RULE
 from qmpnet.core.nic_requests import NicSpec, NicUpdate, parse_nic_spec, parse_nic_update
 from qmpnet.core.observed import CaptureResult, ModelInfo, Nic, RemoveResult
 from qmpnet.core.ports import GuestOps
+from qmpnet.errors import InvalidRequest
 from qmpnet.settings import MqttSettings, QgaSettings
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
     from types import TracebackType
 
     from qmpnet.core.model_base import Verify
@@ -42,7 +49,8 @@ class Client:
     """A connection to the broker through which any controller and guest can be driven.
 
     Args:
-        broker: ``mqtt://host:port`` or ``mqtts://host:port``; overrides ``settings.broker``.
+        broker: ``mqtt://host:port`` or ``mqtts://host:port``, or a sequence of them (the nodes of one cluster,
+            tried in order, the next one when a connection is lost); overrides ``settings.broker``/``brokers``.
         settings: Broker credentials, TLS files, MQTT version, topic root and the default timeout
             (``request_timeout``).
         timeout: Seconds to wait for each answer (default: ``settings.request_timeout``).
@@ -52,7 +60,7 @@ class Client:
 
     def __init__(
         self,
-        broker: str | None = None,
+        broker: str | Sequence[str] | None = None,
         *,
         settings: MqttSettings | None = None,
         timeout: float | None = None,
@@ -61,7 +69,9 @@ class Client:
     ) -> None:
         settings = settings or MqttSettings()
         if broker is not None:
-            settings = MqttSettings.model_validate({**settings.model_dump(), "broker": broker})
+            urls = [broker] if isinstance(broker, str) else list(broker)
+            fields = settings.model_dump(exclude={"broker", "brokers"})
+            settings = MqttSettings.model_validate({**fields, "brokers": urls})
         self.settings = settings
         self.timeout = timeout if timeout is not None else settings.request_timeout
         self.verify_timeout = verify_timeout if verify_timeout is not None else QgaSettings().verify_timeout
@@ -183,6 +193,29 @@ class Client:
     async def guests(self, controller: str) -> list[GuestInfo]:
         """The guests ``controller`` serves, with their connection state."""
         return GuestList.model_validate(await self.call(controller, None, "guests")).guests
+
+    async def set_desired(
+        self, controller: str, guest: str, document: Mapping[str, Any] | None, *, timeout: float | None = None
+    ) -> None:
+        """Publish ``guest``'s desired NIC set, retained (``None``: clear it); see docs/mqtt-api.md, "Desired state".
+
+        ``document`` is ``{"generation": N, "nics": [NIC spec with "id", ...], "prune": false}``, checked here
+        first, then by the controller, which converges the guest to it and reports how far it got in the guest's
+        status (``desired`` in :meth:`guests`). Returns when the broker has it (PUBACK).
+
+        Raises:
+            InvalidRequest: A name or the document is invalid; names the field.
+            GuestUnavailable: No broker took it within the timeout.
+        """
+        for field, name in (("controller", controller), ("guest", guest)):
+            if not is_bus_name(name):
+                raise InvalidRequest(f"{field}: {name!r} is not {BUS_NAME_RULE}", field=field)
+        body = b""
+        if document is not None:
+            parse_desired(document, source="mqtt")
+            body = json.dumps(dict(document)).encode()
+        topic = Topics(self.settings.topic_root, controller).desired(guest)
+        await self._requester.publish_retained(topic, body, timeout=timeout or self.timeout)
 
     def guest(self, controller: str, name: str) -> RemoteGuest:
         """The guest ``name`` of ``controller``, with the methods of :class:`qmpnet.Guest`."""

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, NamedTuple, Self
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FilePath, SecretStr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FilePath, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from qmpnet.core.hostconfig import HostnetSettings
@@ -23,8 +23,12 @@ from qmpnet.core.names import BUS_NAME_PATTERN, BUS_NAME_RULE, check_bus_name, s
 from qmpnet.core.policy import Policy
 from qmpnet.errors import InvalidRequest
 
+if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
+
 __all__ = [
     "BUS_NAME_PATTERN",
+    "DEFAULT_BROKER",
     "BrokerUrl",
     "ControllerSettings",
     "LaneSettings",
@@ -168,6 +172,11 @@ def _check_broker_url(url: str) -> str:
     return url
 
 
+BrokerUrlStr = Annotated[str, AfterValidator(_check_broker_url)]
+#: Where clients and the controller connect when no broker is configured.
+DEFAULT_BROKER: Final = "mqtt://127.0.0.1:1883"
+
+
 def _check_topic_root(root: str) -> str:
     if not all(map(_is_bus_level, root.split("/"))):
         raise ValueError(f"{root!r}: use topic levels of {BUS_NAME_RULE}, separated by '/'")
@@ -192,8 +201,16 @@ class MqttSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    broker: Annotated[str, AfterValidator(_check_broker_url)] = Field(
-        default="mqtt://127.0.0.1:1883", description="mqtt://host:port, or mqtts://host:port for TLS."
+    broker: BrokerUrlStr | None = Field(
+        default=None,
+        description=f"One broker: mqtt://host:port, or mqtts://host:port for TLS (default {DEFAULT_BROKER}). "
+        "The same as brokers = [URL]; give one of the two.",
+    )
+    brokers: tuple[BrokerUrlStr, ...] | None = Field(
+        default=None,
+        min_length=1,
+        description="Several brokers (the nodes of one cluster), tried in this order: when the connection to one "
+        "is lost or cannot be made, the next is tried (with the reconnect backoff).",
     )
     controller_id: BusName = Field(
         default_factory=default_controller_id,
@@ -239,6 +256,23 @@ class MqttSettings(BaseModel):
     remove_margin: float = Field(
         default=5.0, ge=0, description="Seconds a client adds to a nic/del's own timeout when waiting for its answer."
     )
+
+    @model_validator(mode="after")
+    def _one_way_to_name_brokers(self) -> Self:
+        if self.broker is not None and self.brokers is not None:
+            raise ValueError(
+                "broker and brokers are both given: give one URL as broker, or the list to try in order as brokers"
+            )
+        return self
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The broker URLs to try, in order: ``brokers``, or ``broker``, or the default."""
+        return self.brokers or (self.broker or DEFAULT_BROKER,)
+
+    def at(self, url: str) -> MqttSettings:
+        """These settings with ``url`` (one of :attr:`urls`) as the only broker: one connection attempt's view."""
+        return self.model_copy(update={"broker": url, "brokers": None})
 
 
 class ControllerSettings(BaseModel):
@@ -335,7 +369,58 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003 - no secret dirs
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Arguments, then environment, then the TOML file (when one is configured)."""
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+        return (
+            init_settings,
+            _BrokersGiveWay(env_settings, (init_settings,)),
+            _TomlFile(settings_cls, (init_settings, env_settings)),
+        )
+
+
+# ``mqtt.broker`` and ``mqtt.brokers`` are two spellings of one setting: ``--broker`` or ``QMPNET_MQTT__BROKER``
+# replaces a file's ``brokers`` list (flags, then environment, then the file) instead of being merged with it into
+# "both are given". Within one source, both given is an error (MqttSettings).
+_BROKER_KEYS: Final = ("broker", "brokers")
+
+
+def _names_brokers(values: dict[str, Any]) -> bool:
+    mqtt = values.get("mqtt")
+    return isinstance(mqtt, dict) and any(mqtt.get(key) is not None for key in _BROKER_KEYS)
+
+
+def _give_way(values: dict[str, Any], higher: tuple[PydanticBaseSettingsSource, ...]) -> dict[str, Any]:
+    """``values`` without their broker URLs when a source that comes first names some."""
+    if _names_brokers(values) and any(_names_brokers(source()) for source in higher):
+        return {**values, "mqtt": {k: v for k, v in values["mqtt"].items() if k not in _BROKER_KEYS}}
+    return values
+
+
+class _BrokersGiveWay(PydanticBaseSettingsSource):
+    """A settings source whose broker URLs give way to those of the sources that come first."""
+
+    def __init__(self, source: PydanticBaseSettingsSource, higher: tuple[PydanticBaseSettingsSource, ...]) -> None:
+        super().__init__(source.settings_cls)
+        self.source = source
+        self.higher = higher
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        """The wrapped source's answer."""
+        return self.source.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        """The wrapped source's values (see :func:`_give_way`)."""
+        return _give_way(self.source(), self.higher)
+
+
+class _TomlFile(TomlConfigSettingsSource):
+    """The TOML file (``model_config["toml_file"]``), whose broker URLs give way to the flags' and environment's."""
+
+    def __init__(self, settings_cls: type[BaseSettings], higher: tuple[PydanticBaseSettingsSource, ...]) -> None:
+        super().__init__(settings_cls)
+        self.higher = higher
+
+    def __call__(self) -> dict[str, Any]:
+        """The file's values (see :func:`_give_way`)."""
+        return _give_way(super().__call__(), self.higher)
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:  # noqa: ANN401 - pydantic input

@@ -48,7 +48,7 @@ class Where:
     """The guest a command acts on: directly (``--qmp``) or through a controller (``--broker`` and ``--guest``)."""
 
     qmp: str | None
-    broker: str | None = None
+    broker: list[str] | None = None
     guest: str | None = None
     controller: str | None = None
     state_dir: Path | None = None
@@ -75,7 +75,7 @@ def run_on_guest(
     ``policy_check`` runs in direct mode, before connecting (in broker mode the controller's policy applies).
     """
     setup_logging(verbose)
-    if (where.qmp is None) == (where.broker is None) or (where.broker is None) != (where.guest is None):
+    if (where.qmp is None) == (not where.broker) or (not where.broker) != (where.guest is None):
         raise typer.BadParameter("give --qmp SOCKET, or --broker URL and --guest NAME", param_hint="--qmp/--broker")
     from qmpnet.settings import load_settings  # noqa: PLC0415 - see the module's imports
 

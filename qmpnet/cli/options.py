@@ -52,7 +52,13 @@ QmpOpt = Annotated[
     str | None,
     typer.Option("--qmp", metavar="SOCKET", help="Direct mode: the guest's QMP socket (unix path or host:port)."),
 ]
-BrokerOpt = Annotated[str | None, broker_option("Broker mode: mqtt[s]://host:port where `qmpnet serve` listens.")]
+BrokerOpt = Annotated[
+    list[str] | None,
+    broker_option(
+        "Broker mode: mqtt[s]://host:port where `qmpnet serve` listens; repeatable (the nodes of one cluster, "
+        "tried in order)."
+    ),
+]
 GuestOpt = Annotated[str | None, typer.Option("--guest", metavar="NAME", help="Broker mode: the guest's name.")]
 ProtocolOpt = Annotated[
     ProtocolArg | None,

@@ -29,7 +29,13 @@ if TYPE_CHECKING:
 
 def serve(
     config: ConfigOpt = None,
-    broker: Annotated[str | None, broker_option("mqtt://host:port, or mqtts://host:port for TLS.")] = None,
+    broker: Annotated[
+        list[str] | None,
+        broker_option(
+            "mqtt://host:port, or mqtts://host:port for TLS; repeatable: the nodes of one cluster, tried in order "
+            "(the next when the connection is lost)."
+        ),
+    ] = None,
     controller_id: Annotated[
         str | None, typer.Option(metavar="ID", help="This controller's id (default: host name).")
     ] = None,
@@ -52,7 +58,7 @@ def serve(
 
     raise typer.Exit(
         serve_main(
-            config, broker=broker, controller_id=controller_id, guests=guest, guest_dir=guest_dir,
+            config, brokers=broker, controller_id=controller_id, guests=guest, guest_dir=guest_dir,
             metrics_port=metrics_port, log_format=log_format, log_level="debug" if verbose else None,
             state_dir=state_dir, mqtt_protocol=mqtt_protocol.value if mqtt_protocol is not None else None,
         )
@@ -60,7 +66,10 @@ def serve(
 
 
 def guests(
-    broker: Annotated[str, broker_option("mqtt[s]://host:port where `qmpnet serve` listens.")],
+    broker: Annotated[
+        list[str],
+        broker_option("mqtt[s]://host:port where `qmpnet serve` listens; repeatable (cluster nodes, tried in order)."),
+    ],
     controller: ControllerOpt = None,
     mqtt_protocol: ProtocolOpt = None,
     as_json: JsonOpt = False,

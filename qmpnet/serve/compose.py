@@ -31,6 +31,7 @@ from qmpnet.serve.controller import Controller
 from qmpnet.settings import load_settings, redact_url
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from pathlib import Path
 
     from qmpnet.core.ports import Connection, GuestStore
@@ -143,7 +144,7 @@ async def serve(settings: Settings, *, version: str) -> None:
         "qmpnet %s serving as %s on %s (%d configured guests, guest directory %s; %d open files allowed)",
         version,
         settings.mqtt.controller_id,
-        redact_url(settings.mqtt.broker),
+        ", ".join(redact_url(url) for url in settings.mqtt.urls),
         len(settings.controller.guests),
         settings.controller.guest_dir,
         soft,
@@ -178,7 +179,7 @@ async def serve(settings: Settings, *, version: str) -> None:
 def main(  # noqa: PLR0913 - one keyword per command-line flag
     config: Path | None = None,
     *,
-    broker: str | None = None,
+    brokers: Sequence[str] | None = None,
     controller_id: str | None = None,
     guests: list[str] | None = None,
     guest_dir: Path | None = None,
@@ -196,7 +197,9 @@ def main(  # noqa: PLR0913 - one keyword per command-line flag
     """
     from qmpnet import __version__  # noqa: PLC0415 - the package imports this module's neighbours
 
-    mqtt: dict[str, object] = {"broker": broker, "controller_id": controller_id, "protocol": mqtt_protocol}
+    mqtt: dict[str, object] = {
+        "brokers": list(brokers) if brokers else None, "controller_id": controller_id, "protocol": mqtt_protocol
+    }
     fleet: dict[str, object] = {"guest_dir": guest_dir}
     log_settings: dict[str, object] = {"format": log_format, "level": log_level.upper() if log_level else None}
     try:

@@ -278,9 +278,13 @@ class RabbitMQ(Process):
         epmd: The port mapper the node registers with.
         name: Short name, unique per workdir.
         cookie: The Erlang cookie (nodes of one cluster share it).
+        conf: More ``rabbitmq.conf`` lines (e.g. ``mqtt.durable_queue_type = quorum`` for a cluster); ``{port}``
+            in them is the node's MQTT port (for a second listener: ``mqtt.listeners.tcp.2 = 10.0.0.1:{port}``).
     """
 
-    def __init__(self, workdir: Path, epmd: Epmd, *, name: str = "rabbit", cookie: str = "qmpnet-test-cookie") -> None:
+    def __init__(
+        self, workdir: Path, epmd: Epmd, *, name: str = "rabbit", cookie: str = "qmpnet-test-cookie", conf: str = ""
+    ) -> None:
         super().__init__(f"rabbitmq-{name}", workdir)
         self.home = workdir / name
         self.home.mkdir(parents=True, exist_ok=True)
@@ -299,6 +303,7 @@ class RabbitMQ(Process):
             "log.console = true\n"
             "log.console.level = warning\n"
             "log.file = false\n"
+            f"{conf.replace('{port}', str(self.port))}\n"
         )
         self.env = {
             **os.environ,
@@ -359,6 +364,14 @@ class RabbitMQ(Process):
                 self.ctl("stop", timeout=timeout)
         return super().stop(timeout)
 
+    def kill(self) -> None:
+        """SIGKILL the node's Erlang VM (the ``rabbitmq-server`` script runs it as a child) and reap the script."""
+        if not self.running:
+            return
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int((self.home / "pid").read_text().strip()), signal.SIGKILL)
+        super().kill()
+
 
 class Qemu(Process):
     """A QEMU with no guest OS (``-S``): a real QMP monitor that never acknowledges an unplug.
@@ -393,7 +406,7 @@ class Serve(Process):
 
     Args:
         workdir: Where its log goes.
-        broker: The broker URL.
+        broker: The broker URL, or several (one ``--broker`` each, tried in order).
         controller_id: The controller id.
         guests: Guest name -> QMP socket.
         args: More ``serve`` flags.
@@ -405,7 +418,7 @@ class Serve(Process):
     def __init__(  # noqa: PLR0913 - the controller's coordinates, then keyword-only knobs
         self,
         workdir: Path,
-        broker: str,
+        broker: str | Sequence[str],
         controller_id: str,
         guests: Mapping[str, Path] | None = None,
         *,
@@ -415,7 +428,9 @@ class Serve(Process):
         protocol: str = "auto",
     ) -> None:
         super().__init__(f"serve-{controller_id}", workdir)
-        self.broker = broker
+        #: Every broker, in the order given; :attr:`broker` is the first.
+        self.brokers = [broker] if isinstance(broker, str) else list(broker)
+        self.broker = self.brokers[0]
         self.controller_id = controller_id
         self.guests = dict(guests or {})
         self.args = list(args)
@@ -437,7 +452,9 @@ class Serve(Process):
 
     def start(self) -> Self:
         """Start; the caller waits for the retained ``online`` status (see :func:`wait_online`)."""
-        argv = [sys.executable, "-m", "qmpnet", "serve", "--broker", self.broker, "--controller-id", self.controller_id]
+        argv = [sys.executable, "-m", "qmpnet", "serve", "--controller-id", self.controller_id]
+        for url in self.brokers:
+            argv += ["--broker", url]
         for name, path in self.guests.items():
             argv += ["--guest", f"{name}={path}"]
         self.spawn([*argv, *self.args], env=self.env)

@@ -1,4 +1,4 @@
-"""Wire messages: request validation naming the field, answer serialisation, and client-side error mapping."""
+"""Wire messages: request validation naming the field, answer serialisation, client-side error mapping and checks."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from qmpnet.api.wire.envelopes import (
     to_wire,
     transaction_of,
 )
-from qmpnet.client import error_from
+from qmpnet.client import Client, error_from
 from qmpnet.core.model import RemoveResult
 from qmpnet.errors import InvalidRequest, QmpCommandError, QmpnetError
+from qmpnet.settings import MqttSettings
 
 
 def test_every_op_has_a_scope_request_and_data_model() -> None:
@@ -125,3 +126,29 @@ def test_client_maps_qmp_errors_and_unknown_codes() -> None:
     assert raised.qmp_class == "DeviceNotFound"
     future = error_from({"code": "from_the_future", "message": "m"})
     assert future.code == "internal"
+
+
+@pytest.mark.parametrize(
+    ("controller", "guest", "document", "field"),
+    [
+        ("h1", "vm1", {"generation": 1, "nics": [{"model": "e1000"}]}, "nics.0.id"),
+        ("h1", "vm1", {"nics": [{"id": "a"}, {"id": "a"}]}, "nics.1.id"),
+        ("h1", "vm1", {"nics": "lan0"}, "nics"),
+        ("h.1", "vm1", {"nics": []}, "controller"),
+        ("h1", "vm/1", None, "guest"),
+    ],
+)
+async def test_a_desired_document_is_checked_before_anything_is_sent(
+    controller: str, guest: str, document: dict[str, object] | None, field: str
+) -> None:
+    client = Client("mqtt://127.0.0.1:1")  # never connected: a refusal must come before any publish
+    with pytest.raises(InvalidRequest) as caught:
+        await client.set_desired(controller, guest, document, timeout=0.1)
+    assert caught.value.field == field
+
+
+def test_the_client_takes_one_broker_or_several() -> None:
+    assert Client("mqtt://a:1").settings.urls == ("mqtt://a:1",)
+    both = Client(["mqtt://a:1", "mqtt://b:2"], settings=MqttSettings(broker="mqtt://c:3", topic_root="t"))
+    assert both.settings.urls == ("mqtt://a:1", "mqtt://b:2")
+    assert both.settings.topic_root == "t"

@@ -69,6 +69,33 @@ def test_toml_file_and_flags_merge(tmp_path: Path) -> None:
     assert settings.controller.guests == {"vm1": "/run/vm1.qmp", "vm2": "/run/vm2.qmp"}
 
 
+def test_one_broker_or_a_list_tried_in_order() -> None:
+    assert MqttSettings().urls == ("mqtt://127.0.0.1:1883",)
+    assert MqttSettings(broker="mqtt://a:1").urls == ("mqtt://a:1",)
+    both = MqttSettings(brokers=["mqtt://a:1", "mqtts://b:2"])
+    assert both.urls == ("mqtt://a:1", "mqtts://b:2")
+    assert both.at("mqtts://b:2").urls == ("mqtts://b:2",)
+    assert both.at("mqtts://b:2").controller_id == both.controller_id
+
+
+def test_a_flag_or_the_environment_replaces_the_file_s_broker_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "serve.toml"
+    config.write_text('[mqtt]\nbrokers = ["mqtt://n1:1883", "mqtt://n2:1883"]\n')
+    assert load_settings(config).mqtt.urls == ("mqtt://n1:1883", "mqtt://n2:1883")
+    assert load_settings(config, mqtt={"broker": "mqtt://flag:1"}).mqtt.urls == ("mqtt://flag:1",)
+    monkeypatch.setenv("QMPNET_MQTT__BROKER", "mqtt://env:1")
+    assert load_settings(config).mqtt.urls == ("mqtt://env:1",)
+    assert load_settings(config, mqtt={"brokers": ["mqtt://f1:1", "mqtt://f2:1"]}).mqtt.urls == (
+        "mqtt://f1:1",
+        "mqtt://f2:1",
+    )
+    monkeypatch.setenv("QMPNET_MQTT__BROKERS", '["mqtt://env2:1"]')  # both in one source: an error
+    with pytest.raises(InvalidRequest, match=r"^settings\.mqtt: broker and brokers are both given"):
+        load_settings(config)
+
+
 @pytest.mark.parametrize(
     ("config", "flags", "message"),
     [
@@ -83,7 +110,9 @@ def test_toml_file_and_flags_merge(tmp_path: Path) -> None:
         ("", {"guests": ["bad name=/x"]}, "settings.controller.guests"),
         ("", {"guests": ["vm.1=/x"]}, "settings.controller.guests.vm.1.[key]: 'vm.1' is not a valid name"),
         ("", {"controller_id": "h1.lab"}, "settings.mqtt.controller_id: 'h1.lab' is not a valid name"),
-        ("", {"broker": "tcp://x"}, "settings.mqtt.broker"),
+        ("", {"brokers": ["tcp://x"]}, "settings.mqtt.brokers.0: 'tcp://x': the scheme must be"),
+        ('[mqtt]\nbroker = "mqtt://a"\nbrokers = ["mqtt://b"]\n', {}, "settings.mqtt: broker and brokers are both"),
+        ("[mqtt]\nbrokers = []\n", {}, "settings.mqtt.brokers: Tuple should have at least 1 item"),
         ('[mqtt]\nca_file = "/nonexistent/ca.crt"\n', {}, "settings.mqtt.ca_file"),
     ],
 )
@@ -164,7 +193,7 @@ def test_settings_keep_existing_sections() -> None:
 def test_the_example_config_is_valid() -> None:
     example = Path(__file__).parents[2] / "contrib" / "examples" / "serve.toml"
     settings = load_settings(example, mqtt={"ca_file": None})  # the example's CA file is not on this machine
-    assert settings.mqtt.broker.startswith("mqtts://")
+    assert all(url.startswith("mqtts://") for url in settings.mqtt.urls)
     assert settings.controller.guest_dir is not None
     assert settings.log.format == "json"
 

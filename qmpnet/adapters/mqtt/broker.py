@@ -13,6 +13,8 @@ Design decisions:
   :class:`~qmpnet.errors.BrokerUnavailable` naming the kind of problem (port refused, host unreachable, TLS,
   credentials with the broker's own reason, MQTT version, timeout, lost connection) and the broker URL without
   its password. A forced MQTT 5 that times out is probed too, so the message can say "does not speak MQTT 5".
+- **One broker at a time.** Everything here acts on the first of ``settings.urls``; a caller with several brokers
+  passes ``settings.at(url)`` for the one it tries (the failover order is the caller's).
 """
 
 from __future__ import annotations
@@ -70,12 +72,12 @@ def make_client(  # noqa: PLR0913 - the connection's identity and its session, a
     max_inflight: int | None = None,
     queue_type: type[asyncio.Queue[aiomqtt.Message]] | None = None,
 ) -> aiomqtt.Client:
-    """An ``aiomqtt.Client`` for ``settings`` (broker URL, credentials, TLS), with TCP_NODELAY on its socket.
+    """An ``aiomqtt.Client`` for ``settings`` (first broker URL, credentials, TLS), with TCP_NODELAY on its socket.
 
     ``session_expiry > 0`` makes the session persistent: clean start off, and with MQTT 5 the broker keeps it that
     many seconds after a disconnect (3.1.1 has no expiry: the broker's own policy applies).
     """
-    url = parse_broker_url(settings.broker)
+    url = parse_broker_url(settings.urls[0])
     password = settings.password.get_secret_value() if settings.password is not None else url.password
     v5 = protocol == "5"
     persistent = session_expiry > 0
@@ -116,7 +118,7 @@ async def resolve_protocol(settings: MqttSettings) -> Version:
     Raises:
         BrokerUnavailable: The broker cannot be reached (refused, unreachable, TLS, no answer in time).
     """
-    where = redact_url(settings.broker)
+    where = redact_url(settings.urls[0])
     try:
         if settings.protocol != "auto":
             await _check_tls(settings)
@@ -140,7 +142,7 @@ async def speaks_mqtt5(settings: MqttSettings) -> bool:
         OSError: The connection failed (refused, unreachable, TLS).
         TimeoutError: No connection or no answer in time.
     """
-    url = parse_broker_url(settings.broker)
+    url = parse_broker_url(settings.urls[0])
     context = tls_context(settings) if url.tls else None
     async with asyncio.timeout(settings.connect_timeout):
         reader, writer = await asyncio.open_connection(
@@ -179,7 +181,7 @@ async def _check_tls(settings: MqttSettings) -> None:
         OSError: The connection or the handshake failed (``ssl.SSLError`` is an ``OSError``).
         TimeoutError: Not within ``connect_timeout``.
     """
-    url = parse_broker_url(settings.broker)
+    url = parse_broker_url(settings.urls[0])
     if not url.tls:
         return
     context = tls_context(settings)
@@ -206,7 +208,7 @@ def explain(err: aiomqtt.MqttError, settings: MqttSettings, *, protocol: Version
     ``aiomqtt`` raises a connect failure as ``MqttError(str(os_error)) from None``: the ``OSError`` is still the
     exception's ``__context__``, which tells a refused port from TLS from an unknown host.
     """
-    where = redact_url(settings.broker)
+    where = redact_url(settings.urls[0])
     if isinstance(err, aiomqtt.MqttCodeError):  # at connect time: a negative CONNACK
         value = err.rc.value if isinstance(err.rc, ReasonCode) else err.rc
         reason = str(err.rc) if isinstance(err.rc, ReasonCode) else str(err)
@@ -234,7 +236,7 @@ async def diagnose_timeout(err: BrokerUnavailable, settings: MqttSettings, *, pr
     if v5:
         return err
     return _error(
-        redact_url(settings.broker),
+        redact_url(settings.urls[0]),
         "protocol",
         'the broker does not speak MQTT 5 (it closed the connection on an MQTT 5 CONNECT); set mqtt.protocol to '
         '"auto" or "3.1.1" (--mqtt-protocol)',
@@ -242,7 +244,7 @@ async def diagnose_timeout(err: BrokerUnavailable, settings: MqttSettings, *, pr
 
 
 def _unreachable(settings: MqttSettings, err: OSError | TimeoutError) -> BrokerUnavailable:
-    where = redact_url(settings.broker)
+    where = redact_url(settings.urls[0])
     if isinstance(err, TimeoutError):
         return _error(where, "timeout", f"no answer within {settings.connect_timeout:g} s")
     if isinstance(err, ssl.SSLError):

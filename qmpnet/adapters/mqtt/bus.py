@@ -8,7 +8,12 @@ Design decisions:
   Each connection is a fresh ``aiomqtt.Client``; when it breaks the loop waits with capped exponential backoff and
   connects again. Bad credentials, or an MQTT version the broker does not speak, are fatal after
   ``mqtt.max_refusals`` attempts in a row (``run`` raises); anything else is retried. Failures are logged once per
-  change of reason, at INFO.
+  change of reason (per broker), at INFO.
+- **Several brokers, tried in order.** With ``mqtt.brokers`` (the nodes of one cluster) every failed or lost
+  connection moves on to the next broker of the list, round and round, after the same backoff (short after a
+  connection that was up). The new session starts like any other: the exact subscriptions are made again and every
+  retained topic is republished, which matters because a RabbitMQ node keeps retained messages for itself only;
+  the persistent session (a quorum queue on RabbitMQ) and the requests queued in it survive the lost node.
 - **Nothing produced while the broker is away is lost.** Answers, events and retained state go through an
   :class:`~.outbox.Outbox` and leave it only when the broker acknowledges them (PUBACK); what a broken
   session did not get acknowledged is sent again by the next, and every session starts by republishing all
@@ -111,24 +116,39 @@ _HOLD: ContextVar[_Hold | None] = ContextVar("qmpnet_bus_hold", default=None)
 
 
 class _Link:
-    """The broker link's health, for backoff, the refusal limit and logging once per change."""
+    """The broker link: which broker to try, and its health for backoff, the refusal limit and logging."""
 
     def __init__(self, settings: MqttSettings) -> None:
         self.settings = settings
+        self.urls = settings.urls
+        self.index = 0
         self.failures = 0
         self.refusals = 0
-        self.last: str | None = None
+        self.last: dict[str, str] = {}  # broker URL -> the last failure logged for it
         self.was_up = False
 
+    @property
+    def current(self) -> MqttSettings:
+        """The settings of the broker to try now."""
+        return self.settings.at(self.urls[self.index])
+
+    @property
+    def where(self) -> str:
+        """The broker to try now, for logs (no password)."""
+        return redact_url(self.urls[self.index])
+
     def up(self, protocol: Version) -> None:
-        settings = self.settings
-        log.info("broker %s: connected as %s (MQTT %s)", redact_url(settings.broker), settings.controller_id, protocol)
+        log.info("broker %s: connected as %s (MQTT %s)", self.where, self.settings.controller_id, protocol)
         self.failures = self.refusals = 0
-        self.last = None
+        self.last.clear()
         self.was_up = True
 
     def down(self, err: BrokerUnavailable) -> float:
-        """Count a failure; the delay before the next attempt. Re-raises ``err`` past the refusal limit."""
+        """Count a failure and move on to the next broker; the delay before trying it.
+
+        Raises:
+            BrokerUnavailable: ``err``, past the refusal limit.
+        """
         if self.was_up:
             self.failures = 0
             self.was_up = False
@@ -137,11 +157,14 @@ class _Link:
             raise err
         delay = backoff(self.settings.reconnect_min, self.settings.reconnect_max, self.failures)
         self.failures += 1
-        if err.message != self.last:
-            log.info("%s; retrying (backoff up to %g s)", err.message, self.settings.reconnect_max)
-            self.last = err.message
+        failed = self.urls[self.index]
+        self.index = (self.index + 1) % len(self.urls)
+        then = f"trying {self.where} next" if len(self.urls) > 1 else "retrying"
+        if err.message != self.last.get(failed):
+            log.info("%s; %s (backoff up to %g s)", err.message, then, self.settings.reconnect_max)
+            self.last[failed] = err.message
         else:
-            log.debug("%s; retrying in %.1f s", err.message, delay)
+            log.debug("%s; %s in %.1f s", err.message, then, delay)
         return delay
 
 
@@ -165,6 +188,7 @@ class MqttBus:
         self._guests: set[str] = set()  # the guests the controller serves (from their status)
         self._desired_subscribed: set[str] = set()  # those whose exact desired topic this session subscribed
         self._new_guest = asyncio.Event()
+        self._where = redact_url(settings.urls[0])  # the broker of the current (or last) session, for logs
 
     @property
     def client_id(self) -> str:
@@ -197,12 +221,14 @@ class MqttBus:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _session(self, link: _Link) -> None:
+        settings = link.current
+        self._where = link.where
         if self.protocol is None:
-            self.protocol = await resolve_protocol(self.settings)
+            self.protocol = await resolve_protocol(settings)
         protocol = self.protocol
         will = aiomqtt.Will(self.topics.status, _OFFLINE, qos=1, retain=True)
         client = make_client(
-            self.settings,
+            settings,
             identifier=self.client_id,
             protocol=protocol,
             will=will,
@@ -212,8 +238,8 @@ class MqttBus:
         try:
             await client.__aenter__()
         except aiomqtt.MqttError as err:
-            problem = explain(err, self.settings, protocol=protocol)
-            problem = await diagnose_timeout(problem, self.settings, protocol=protocol)
+            problem = explain(err, settings, protocol=protocol)
+            problem = await diagnose_timeout(problem, settings, protocol=protocol)
             if problem.problem == "protocol" and self.settings.protocol == "auto":
                 self.protocol = None  # the broker changed: ask it again next time
             raise problem from err
@@ -222,8 +248,7 @@ class MqttBus:
             link.up(protocol)
             await self._serve(client)
         except aiomqtt.MqttError as err:
-            where = redact_url(self.settings.broker)
-            raise BrokerUnavailable(f"lost the broker at {where}: {err}", problem="lost") from err
+            raise BrokerUnavailable(f"lost the broker at {self._where}: {err}", problem="lost") from err
         finally:
             self.outbox.session_ended()
             self.connected.clear()
@@ -263,9 +288,8 @@ class MqttBus:
         codes = await client.subscribe(filters)
         for (topic_filter, _), code in zip(filters, codes, strict=False):
             if getattr(code, "is_failure", False):
-                where = redact_url(self.settings.broker)
                 raise BrokerUnavailable(
-                    f"the broker at {where} refused our subscription to {topic_filter}: {code} (check its ACL)",
+                    f"the broker at {self._where} refused our subscription to {topic_filter}: {code} (check its ACL)",
                     problem="credentials",
                 )
 
@@ -317,7 +341,7 @@ class MqttBus:
             async with asyncio.timeout(self.settings.shutdown_timeout):
                 await self.outbox.settled()
         except TimeoutError:
-            log.warning("broker %s: shutting down with messages not acknowledged", redact_url(self.settings.broker))
+            log.warning("broker %s: shutting down with messages not acknowledged", self._where)
         else:
             return
         try:
@@ -325,7 +349,7 @@ class MqttBus:
                 self.topics.status, _OFFLINE, qos=1, retain=True, timeout=self.settings.shutdown_timeout
             )
         except aiomqtt.MqttError as err:
-            log.warning("broker %s: could not publish offline: %s", redact_url(self.settings.broker), err)
+            log.warning("broker %s: could not publish offline: %s", self._where, err)
 
     # ---------------------------------------------------------------------------------------------- requests
 

@@ -18,6 +18,12 @@ Design decisions:
   published (so the request cannot be carried out later from the broker's queue). Messages are read in the MQTT
   library's callback, in wire order (a queue that dispatches as it is filled), which is what makes that ordering
   visible here.
+- **Several brokers, tried in order.** With ``mqtt.brokers`` the first connection goes to the first broker that
+  can be reached (``__aenter__`` fails only when none can, naming each one's problem, or at a refusal), and every
+  lost or failed connection afterwards moves on to the next broker of the list, round and round. The MQTT client
+  id is ``<client_id>-<n>`` on the broker at place ``n`` > 0 of the list (the first keeps ``client_id``): a
+  RabbitMQ cluster keeps the queue of a client whose node died, and that queue blocks (SUBACK never comes) the
+  subscriptions of the same client id on the surviving nodes.
 - **Nothing is given up because the connection broke.** A request not yet answered is published again after a
   reconnect with the same transaction: the controller's de-duplication answers it with its first answer and does
   not apply it twice. MQTT 5 requests carry a Message Expiry equal to what is left of the caller's timeout, so a
@@ -100,7 +106,8 @@ class Requester:
 
     Args:
         settings: Broker URL, credentials, TLS, MQTT version, topic root, reconnect and refusal limits.
-        client_id: This client's id (MQTT client id and response topic level); random when absent.
+        client_id: This client's id (MQTT client id and response topic level); random when absent. With several
+            brokers, the MQTT client id on the broker at place ``n`` > 0 of the list is ``<client_id>-<n>``.
     """
 
     def __init__(self, settings: MqttSettings, *, client_id: str | None = None) -> None:
@@ -117,21 +124,24 @@ class Requester:
         self._active: set[str] = set()  # filters subscribed in the current session
         self._route_wanted = asyncio.Event()
         self._routed = _Signal()
+        self._lost = _Signal()  # notified when a connection ends
         self._status: dict[str, str] = {}  # controller -> "online" | "offline", from its retained status
         self._unanswered: dict[tuple[str, str], _Pending] = {}
         self._publishes: set[asyncio.Task[None]] = set()
         self._fatal: BrokerUnavailable | None = None
         self._runner: asyncio.Task[None] | None = None
+        self._where = redact_url(settings.urls[0])  # the broker of the current (or last) session, for messages
 
     # ------------------------------------------------------------------------------------------ connection
 
     async def __aenter__(self) -> Self:
-        """Connect (asking the broker which MQTT version it speaks if ``protocol`` is ``auto``).
+        """Connect to the first of ``settings.urls`` that can be reached, trying them in order.
+
+        The first broker reached is asked which MQTT version it speaks if ``protocol`` is ``auto``.
 
         Raises:
-            BrokerUnavailable: The broker cannot be reached or refused us; the message says why.
+            BrokerUnavailable: No broker can be reached, or one refused us; the message says why (for each).
         """
-        self.protocol = await resolve_protocol(self.settings)
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._runner = asyncio.create_task(self._run(first), name="qmpnet.client.connection")
         try:
@@ -154,16 +164,23 @@ class Requester:
         self._fail_all(GuestUnavailable("the MQTT client was closed"))
 
     async def _run(self, first: asyncio.Future[None]) -> None:
+        urls = self.settings.urls
+        index = 0
         failures = 0
         refusals = 0
         last: str | None = None
+        unreached: list[BrokerUnavailable] = []  # before the first connection: one error per broker tried
         while True:
             try:
-                await self._session(first)
+                await self._session(self.settings.at(urls[index]), first, index)
             except BrokerUnavailable as err:
+                index = (index + 1) % len(urls)  # lost or not reached: the next broker (the same if it is alone)
                 if not first.done():
-                    first.set_exception(err)
-                    return
+                    unreached.append(err)
+                    if err.fatal or len(unreached) == len(urls):
+                        first.set_exception(_none_reached(unreached))
+                        return
+                    continue
                 refusals = refusals + 1 if err.fatal else 0
                 if refusals >= self.settings.max_refusals:
                     log.warning("%s; giving up", err.message)
@@ -178,15 +195,24 @@ class Requester:
                 await asyncio.sleep(backoff(self.settings.reconnect_min, self.settings.reconnect_max, failures))
                 failures += 1
 
-    async def _session(self, first: asyncio.Future[None]) -> None:
-        assert self.protocol is not None  # noqa: S101 - set by __aenter__
+    async def _session(self, settings: MqttSettings, first: asyncio.Future[None], place: int) -> None:
+        """One connection to the broker of ``settings`` (place ``place`` in the list), until it breaks.
+
+        The MQTT client id differs per broker: a RabbitMQ cluster keeps the session of a client whose node died,
+        and it blocks the same id's subscriptions on the other nodes.
+        """
+        self._where = redact_url(settings.urls[0])
+        if self.protocol is None:
+            self.protocol = await resolve_protocol(settings)
+        protocol = self.protocol
         inbox = dispatching_queue(self._on_message)
-        client = make_client(self.settings, identifier=self.client_id, protocol=self.protocol, queue_type=inbox)
+        identifier = f"{self.client_id}-{place}" if place else self.client_id
+        client = make_client(settings, identifier=identifier, protocol=protocol, queue_type=inbox)
         try:
             await client.__aenter__()
         except aiomqtt.MqttError as err:
-            problem = explain(err, self.settings, protocol=self.protocol)
-            raise await diagnose_timeout(problem, self.settings, protocol=self.protocol) from err
+            problem = explain(err, settings, protocol=protocol)
+            raise await diagnose_timeout(problem, settings, protocol=protocol) from err
         router: asyncio.Task[None] | None = None
         try:
             await self._subscribe_missing(client)  # answers to what is sent again below must reach us
@@ -200,11 +226,11 @@ class Requester:
             async for _ in client.messages:  # the inbox dispatches every message; this only waits for the end
                 pass
         except aiomqtt.MqttError as err:
-            where = redact_url(self.settings.broker)
-            raise BrokerUnavailable(f"lost the broker at {where}: {err}", problem="lost") from err
+            raise BrokerUnavailable(f"lost the broker at {self._where}: {err}", problem="lost") from err
         finally:
             self._client = None
             self._connected.clear()
+            self._lost.notify()
             self._active.clear()
             tasks = [*self._publishes, *([router] if router is not None else [])]
             for task in tasks:
@@ -301,13 +327,52 @@ class Requester:
                 raise OutcomeUnknown(
                     f"no answer from controller {controller} within {timeout:g} s; it may or may not have acted"
                 ) from None
-            where = redact_url(self.settings.broker)
+            where = " or ".join(redact_url(url) for url in self.settings.urls)
             raise GuestUnavailable(f"could not reach the broker at {where} within {timeout:g} s") from None
         finally:
             if pending is not None:
                 pending.waiters -= 1
                 if pending.waiters == 0:
                     self._unanswered.pop(key, None)
+
+    async def publish_retained(self, topic: str, body: bytes, *, timeout: float) -> None:
+        """Publish ``body`` retained at QoS 1 on ``topic`` and wait for the broker's acknowledgement.
+
+        Waits for a connection first; a publish that a broken connection took along is made again on the next one
+        (a retained message is idempotent). At most ``timeout`` seconds in all.
+
+        Raises:
+            GuestUnavailable: No broker acknowledged it in time (:class:`~qmpnet.errors.BrokerUnavailable` when
+                one refused us).
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    if self._fatal is not None:
+                        raise self._fatal
+                    await self._connected.wait()
+                    client = self._client
+                    if client is None:
+                        continue
+                    # A task of the session, so that the session's end cancels it (aiomqtt would wait for ever).
+                    task = asyncio.create_task(client.publish(topic, body, qos=1, retain=True, timeout=math.inf))
+                    self._publishes.add(task)
+                    task.add_done_callback(self._published)
+                    try:
+                        await asyncio.wait({task})
+                    finally:
+                        task.cancel()  # a no-op once done; else the caller gave up
+                    if not task.cancelled() and task.exception() is None:
+                        return
+                    await self._until_disconnected(client)
+        except TimeoutError:
+            where = " or ".join(redact_url(url) for url in self.settings.urls)
+            raise GuestUnavailable(f"the broker at {where} did not take {topic} within {timeout:g} s") from None
+
+    async def _until_disconnected(self, client: aiomqtt.Client) -> None:
+        """Wait until ``client`` is not the current connection any more (a failed publish: it is breaking)."""
+        if self._client is client:
+            await self._lost.wait()
 
     def _enqueue(self, controller: str, topic: str, payload: dict[str, Any], timeout: float) -> _Pending:
         loop = asyncio.get_running_loop()
@@ -400,3 +465,12 @@ class Requester:
             )
             return
         pending.future.set_result(decoded)
+
+
+def _none_reached(errors: list[BrokerUnavailable]) -> BrokerUnavailable:
+    """Why the first connection failed: the one broker's error, or every broker's in one message."""
+    if len(errors) == 1:
+        return errors[0]
+    return BrokerUnavailable(
+        f"no broker could be reached: {'; '.join(err.message for err in errors)}", problem=errors[-1].problem
+    )

@@ -68,6 +68,7 @@ from qmpnet.core.ports import Connection
 from qmpnet.core.records import GuestRecord
 from qmpnet.errors import Busy, GuestUnavailable, InvalidRequest, NotFound, OutcomeUnknown, QmpnetError
 from qmpnet.guest.guest import Guest
+from qmpnet.guest.lane import LaneBudget
 from qmpnet.serve.reconcile_loop import Reconciler
 
 if TYPE_CHECKING:
@@ -257,7 +258,7 @@ class _Member:
     async def _serve(self, connection: Connection, store: GuestStore) -> None:
         controller = self.controller
         guest = Guest(connection, name=self.name, settings=controller.settings, host=controller.host, store=store,
-                      qga=self.agent)
+                      qga=self.agent, lanes=controller.lanes)
         guest.subscribe(self._on_event)
         connection.on_event(self._on_qmp_event)
         # The first read of a guest (recovery, the NIC list) takes one of a few turns: a fleet that connects at once
@@ -514,6 +515,7 @@ class Controller:
         self.open_store: StoreOpener = open_store or _memory_store
         self._members: dict[str, _Member] = {}
         self.first_reads = asyncio.Semaphore(settings.controller.first_reads)
+        self.lanes = LaneBudget()  # the lanes of this controller's guests at work (where their writes happen)
         self._states: dict[str, int] = dict.fromkeys(("connecting", "connected", "disconnected"), 0)
         self._early_desired: dict[str, Mapping[str, Any] | InvalidRequest | None] = {}
         self._stopping = False

@@ -19,9 +19,10 @@ The units, each in its own module:
 **What is remembered, and where.** QEMU is the truth for what exists; the guest's record (:mod:`.journal`) holds
 what QEMU cannot tell: every change is written there *before* its first QMP command and again with its outcome, so
 a process killed between any two commands leaves a record the next one resolves: on entering the context (before
-any call is served), whenever the lane re-reads the guest, and on :meth:`Guest.resync`. In memory alone are only
+any call is served), whenever the lane re-reads the guest, and on :meth:`Guest.resync`. In memory alone is only
 what a restart does not need: the lane's cached read of QEMU (re-read whenever it may be stale), the unplugs the
-lane waits for right now, the waiters of pending removals, the lane's admission counts and the subscribers.
+lane waits for right now and the waiters of pending removals (:mod:`.nic_table`), the QEMU instance's id and the
+agent's socket (found again on entry), the lane's admission counts, the settling tasks and the subscribers.
 
 A NIC moves through ``adding -> active -> removal_pending -> removed``; removal is QEMU's two-phase unplug
 (:mod:`.unplugs`), and a hot-add is atomic, re-planned once if QEMU refuses the plan (:mod:`.hotadd`).

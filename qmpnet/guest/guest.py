@@ -105,7 +105,7 @@ class Guest:
         self.name = name
         self._monitor = monitor
         self._settings = settings = settings or Settings()
-        budget = lanes or LaneBudget()
+        budget = lanes if lanes is not None else LaneBudget()
         self._lane = Lane(name, settings.lane, budget)
         store = store or MemoryGuestStore(GuestRecord(address=name, name=name), key=name)
         self._journal = journal = Journal(store, keep=settings.lane.operation_window, budget=budget)

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, NamedTuple, Self
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FilePath, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from qmpnet.core.hostconfig import HostnetSettings
@@ -96,6 +105,12 @@ class LaneSettings(BaseModel):
     max_wait: float = Field(default=60.0, gt=0, description="Seconds a request may wait for a guest before 'busy'.")
     stop_grace: float = Field(
         default=10.0, ge=0, description="Seconds operations in flight may take to finish when qmpnet stops."
+    )
+    operation_window: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds a finished operation (its id and outcome) stays in the guest's record, so that a "
+        "repeated request is answered from it, also after a restart. Unset, it follows mqtt.dedup_window.",
     )
 
 
@@ -375,6 +390,24 @@ class Settings(BaseSettings):
             _TomlFile(settings_cls, (init_settings, env_settings)),
         )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _operation_window_follows_dedup(cls, data: Any) -> Any:  # noqa: ANN401 - pydantic input
+        """An unset ``lane.operation_window`` takes ``mqtt.dedup_window`` when that is set.
+
+        The records used to keep operations for ``mqtt.dedup_window``; a configuration that set only that keeps
+        its meaning, and every transaction the controller de-duplicates can still be answered from the record.
+        """
+        if not isinstance(data, dict):
+            return data
+        window = _explicit(data.get("mqtt"), MqttSettings, "dedup_window")
+        if window is None or _explicit(data.get("lane"), LaneSettings, "operation_window") is not None:
+            return data
+        lane = data.get("lane")
+        given = lane.model_dump(exclude_unset=True) if isinstance(lane, LaneSettings) else dict(lane or {})
+        return {**data, "lane": {**given, "operation_window": window}}
+
+
 
 # ``mqtt.broker`` and ``mqtt.brokers`` are two spellings of one setting: ``--broker`` or ``QMPNET_MQTT__BROKER``
 # replaces a file's ``brokers`` list (flags, then environment, then the file) instead of being merged with it into
@@ -421,6 +454,15 @@ class _TomlFile(TomlConfigSettingsSource):
     def __call__(self) -> dict[str, Any]:
         """The file's values (see :func:`_give_way`)."""
         return _give_way(super().__call__(), self.higher)
+
+
+def _explicit(section: object, model: type[BaseModel], name: str) -> object:
+    """The value of setting ``name`` if ``section`` (a dict or a ``model``) sets it explicitly, else ``None``."""
+    if isinstance(section, model):
+        return getattr(section, name) if name in section.model_fields_set else None
+    if isinstance(section, dict):
+        return section.get(name)
+    return None
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:  # noqa: ANN401 - pydantic input

@@ -2,17 +2,16 @@
 
 A hot-add touches up to three places: the host (a tap on a bridge, a NAT network, a PCI function rebound to
 vfio-pci), QEMU's fd table (``getfd``), and the guest (``netdev_add``, ``device_add``, ``set_link``). Every
-action that succeeds pushes the action that reverts it on an :class:`UndoStack`; if a later action fails with a
-QEMU error the stack unwinds in reverse, so the host and the guest end exactly as before. An *unknown* outcome
-(no answer, lost connection) is not unwound: reverting ``netdev_add`` under a ``device_add`` that may have
-succeeded would leave a NIC without a backend. The caller gets ``outcome_unknown`` and can list the NICs.
+action that succeeds pushes the action that reverts it on an :class:`~qmpnet.guest.undo.UndoStack`; if a later
+action fails with a QEMU error the stack unwinds in reverse, so the host and the guest end exactly as before. An
+*unknown* outcome (no answer, lost connection) is not unwound: reverting ``netdev_add`` under a ``device_add`` that
+may have succeeded would leave a NIC without a backend. The caller gets ``outcome_unknown`` and can list the NICs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import re
 from contextlib import suppress
 from dataclasses import dataclass
@@ -20,16 +19,13 @@ from typing import TYPE_CHECKING
 
 from qmpnet.core.hotadd_plan import AddPlan, QmpCall, Step, fd_names, needs_tap_fds
 from qmpnet.core.model import BridgeBackend, NatBackend, NicSpec, TapBackend, VfioBackend
-from qmpnet.errors import QmpCommandError, QmpnetError, RemovalPending, Unsupported
+from qmpnet.errors import QmpCommandError, RemovalPending, Unsupported
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
-
     from qmpnet.core.ports import HostNetwork, Monitor
+    from qmpnet.guest.undo import UndoStack
 
-__all__ = ["Attachment", "UndoStack", "prepare_host", "run_steps", "tap_owner", "undo_device"]
-
-log = logging.getLogger(__name__)
+__all__ = ["Attachment", "prepare_host", "run_steps", "tap_owner", "undo_device"]
 
 _OWNER_CHARS = re.compile(r"[^A-Za-z0-9_.:/-]")
 
@@ -43,37 +39,6 @@ class Attachment:
     network: str | None = None
     vfio_host: str | None = None
     vfio_driver: str | None = None
-
-
-class UndoStack:
-    """Actions that revert what succeeded so far, run in reverse by :meth:`unwind`."""
-
-    def __init__(self) -> None:
-        self._actions: list[tuple[str, Callable[[], Awaitable[object]]]] = []
-
-    def push(self, label: str, action: Callable[[], Awaitable[object]]) -> None:
-        """Remember how to revert the step called ``label``."""
-        self._actions.append((label, action))
-
-    async def unwind(self, cause: QmpnetError) -> bool:
-        """Run the undo actions, newest first; failures are logged and noted on ``cause``, never raised.
-
-        Returns:
-            ``False`` if unwinding had to stop because the guest has not released a device it was asked to
-            unplug: what the device still uses (its netdev, the tap) must then stay until it does.
-        """
-        while self._actions:
-            label, action = self._actions.pop()
-            try:
-                await action()
-            except RemovalPending as err:
-                log.warning("rollback stopped at %s: %s", label, err)
-                cause.add_note(f"rollback incomplete: {err}; its backend is removed once the guest releases it")
-                return False
-            except QmpnetError as err:
-                log.warning("rollback of %s failed: %s", label, err)
-                cause.add_note(f"rollback of {label} failed: {err}")
-        return True
 
 
 async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, passed explicitly

@@ -6,7 +6,7 @@ tap's bridge port and the tap's qdiscs). QEMU is only asked to flip the link and
 also why only NICs whose backend is a host tap (bridge, nat, tap) can be moved, tagged or shaped; every NIC can
 have its link set, and a vfio NIC nothing at all.
 
-A full change runs in this order, each step pushing its undo on an :class:`~qmpnet.guest.hotadd_steps.UndoStack`:
+A full change runs in this order, each step pushing its undo on an :class:`~qmpnet.guest.undo.UndoStack`:
 
 1. ``set_link`` down, for a move of a NIC whose link is up, so that the guest sees its carrier go;
 2. re-enslave the tap to the new bridge (the NAT network is brought up first if it is one);
@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Literal
 
 from qmpnet.core.model import BridgeBackend, Nic, NicUpdate, ObservedBackend, Shape, Vlan
 from qmpnet.errors import NotFound, OutcomeUnknown, QmpnetError, Unsupported
-from qmpnet.guest.hotadd_steps import Attachment, UndoStack, tap_owner
+from qmpnet.guest.hotadd_steps import Attachment, tap_owner
+from qmpnet.guest.undo import UndoStack
 
 if TYPE_CHECKING:
     from qmpnet.core.ports import HostNetwork, Monitor, TapPort

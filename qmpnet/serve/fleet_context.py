@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias
 from qmpnet.api.wire.envelopes import EventMessage
 from qmpnet.core.backoff import backoff
 from qmpnet.core.ports import Connection
+from qmpnet.guest.lane import LaneBudget
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -98,6 +99,8 @@ class FleetContext:
         self.open_store = open_store
         self.observer = observer
         self.host = host
+        #: The lanes of this controller's guests at work (a guest's hot path writes off the loop while others work).
+        self.lanes = LaneBudget()
         #: Turns for reading a guest the first time (``controller.first_reads``), see the supervisor.
         self.first_reads = asyncio.Semaphore(settings.controller.first_reads)
         self._states: dict[str, int] = dict.fromkeys(("connecting", "connected", "disconnected"), 0)

@@ -16,7 +16,7 @@ from qmpnet.core.records import GuestRecord
 from qmpnet.errors import GuestUnavailable
 from qmpnet.serve.controller import Controller
 from qmpnet.serve.metrics import Metrics
-from qmpnet.settings import ControllerSettings, MqttSettings, QmpSettings, ReconcileSettings, Settings
+from qmpnet.settings import ControllerSettings, LaneSettings, MqttSettings, QmpSettings, ReconcileSettings, Settings
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -204,7 +204,9 @@ async def test_a_duplicate_transaction_gets_the_first_answer_and_is_applied_once
 
 
 async def test_the_dedup_window_ends(sink: Sink, fleet: Fleet) -> None:
-    fast = settings().model_copy(update={"mqtt": MqttSettings(controller_id="t1", dedup_window=0)})
+    # The guest's record keeps the operation for lane.operation_window (a repeat is answered from it): end both.
+    windows = {"mqtt": MqttSettings(controller_id="t1", dedup_window=0), "lane": LaneSettings(operation_window=0)}
+    fast = settings().model_copy(update=windows)
     async with running(Controller(fast, sink, fleet.connect, version="0")) as controller:
         await connected(sink)
         request = {"transaction": "again", "nic": {}}

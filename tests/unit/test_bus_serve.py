@@ -17,6 +17,7 @@ from qmpnet.serve.compose import JsonFormatter, main, serve_settings
 from qmpnet.serve.metrics import Metrics
 from qmpnet.settings import (
     BrokerUrl,
+    LaneSettings,
     MqttSettings,
     Settings,
     default_controller_id,
@@ -188,6 +189,20 @@ def test_settings_keep_existing_sections() -> None:
     assert settings.qmp.command_timeout > 0
     assert settings.metrics.port is None
     assert settings.metrics.host == "127.0.0.1"
+
+
+def test_the_records_operation_window_follows_the_dedup_window_unless_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert Settings().lane.operation_window == MqttSettings().dedup_window == 60
+    assert Settings(mqtt=MqttSettings(dedup_window=5)).lane.operation_window == 5
+    assert Settings(mqtt={"dedup_window": 5}, lane={"operation_window": 9}).lane.operation_window == 9
+    assert Settings(mqtt={"dedup_window": 5}, lane=LaneSettings(max_waiting=3)).lane.operation_window == 5
+    config = tmp_path / "serve.toml"
+    config.write_text("[mqtt]\ndedup_window = 7\n")
+    assert load_settings(config).lane.operation_window == 7
+    monkeypatch.setenv("QMPNET_LANE__OPERATION_WINDOW", "8")
+    assert load_settings(config).lane.operation_window == 8
 
 
 def test_the_example_config_is_valid() -> None:

@@ -176,7 +176,7 @@ async def test_full_lane_is_busy_at_once_and_sends_nothing() -> None:
         first = asyncio.create_task(guest.add_nic({"id": "a"}))
         await eventually(lambda: monitor.commands == ["netdev_add"])  # the first call holds the lane in there
         second = asyncio.create_task(guest.add_nic({"id": "b"}))
-        await eventually(lambda: guest._waiting == 1)  # the second waits for the lane
+        await eventually(lambda: guest._lane.waiting == 1)  # the second waits for the lane
         with pytest.raises(Busy):
             await guest.add_nic({"id": "c"})
         assert monitor.commands == ["netdev_add"]
@@ -198,7 +198,7 @@ async def test_cancelled_wait_for_a_pending_removal_keeps_the_lane_serial() -> N
         try:
             await eventually(lambda: monitor.commands[-1:] == ["set_link"])
             # Let the wait run out; an implementation that queues for the lane again shows up as a lane waiter.
-            await eventually(lambda: waiting.done() or bool(guest._lane._waiters))
+            await eventually(lambda: waiting.done() or guest._lane.waiting > 0)
             waiting.cancel()
             outcome = await asyncio.gather(waiting, return_exceptions=True)
             assert outcome[0] == RemoveResult(id="e1", state="removal_pending") or isinstance(
@@ -221,12 +221,12 @@ async def test_late_unplug_ack_while_the_lane_is_full_still_completes() -> None:
         holder = asyncio.create_task(guest.set_link("v1", up=False))
         await eventually(lambda: monitor.commands[-1:] == ["set_link"])
         waiter = asyncio.create_task(guest.list_nics())
-        await eventually(lambda: guest._waiting == 1)  # the lane is now full
+        await eventually(lambda: guest._lane.waiting == 1)  # the lane is now full
         monitor.emit("DEVICE_DELETED", {"device": "e1", "path": "/machine/peripheral/e1"})
         gate.set()
         await asyncio.gather(holder, waiter)
         await eventually(lambda: ("netdev_del", {"id": "n1"}) in monitor.executed, timeout=0.5)
-        assert not guest._pending("e1")
+        assert not guest._nics.pending("e1")
 
 
 async def test_a_request_that_waits_too_long_for_the_lane_is_a_timeout_and_sends_nothing() -> None:

@@ -19,6 +19,7 @@ from fakemonitor import RecordingMonitor
 
 from qmpnet.adapters.store import FileGuestStore, StateDir
 from qmpnet.guest.guest import Guest
+from qmpnet.guest.lane import LaneBudget
 from qmpnet.settings import QmpSettings, Settings
 
 if TYPE_CHECKING:
@@ -44,11 +45,15 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     return noted
 
 
+#: The lanes of the guests a test opens, counted together as ``qmpnet serve`` counts its guests'.
+LANES = LaneBudget()
+
+
 async def _open(stack: AsyncExitStack, state: StateDir, name: str) -> tuple[Guest, RecordingMonitor, str]:
     store = await state.open_guest(f"/run/{name}.qmp", name, wait=1)
     stack.callback(store.close)
     monitor = RecordingMonitor()
-    guest = await stack.enter_async_context(Guest(monitor, name=name, settings=SETTINGS, store=store))
+    guest = await stack.enter_async_context(Guest(monitor, name=name, settings=SETTINGS, store=store, lanes=LANES))
     return guest, monitor, store.key
 
 

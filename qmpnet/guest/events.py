@@ -1,0 +1,44 @@
+"""A guest's events to its subscribers: one list of callbacks, called in the lane's task, failures logged.
+
+The lane's units emit through this one object, so what a subscriber sees (NIC added, removed, link changed, a
+removal pending, an unplug rejected) does not depend on which unit did the work; a subscriber that raises is
+logged and never breaks the lane.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from qmpnet.core.model import GuestEvent, GuestEventName, Nic
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["GuestEvents"]
+
+log = logging.getLogger(__name__)
+
+
+class GuestEvents:
+    """The subscribers of one guest's events."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._subscribers: list[Callable[[GuestEvent], None]] = []
+
+    def subscribe(self, callback: Callable[[GuestEvent], None]) -> None:
+        """Call ``callback`` with every event from now on."""
+        self._subscribers.append(callback)
+
+    def emit(self, name: GuestEventName, *, nic: Nic | None = None, nic_id: str | None = None) -> None:
+        """Tell every subscriber; one that raises is logged and the others are still told."""
+        if not self._subscribers:
+            return
+        event = GuestEvent(name=name, ts=time.time(), guest=self._name, nic=nic, id=nic.id if nic else nic_id)
+        for callback in self._subscribers:
+            try:
+                callback(event)
+            except Exception:
+                log.exception("guest %s: event subscriber failed on %s", self._name, name)

@@ -1,0 +1,121 @@
+"""The lane: one guest's calls, one at a time, in arrival order, with a bound on how many wait and for how long.
+
+Every call on a guest runs in its lane, an ``asyncio.Lock`` taken in arrival order, so the QMP steps of two calls
+on one guest never interleave, while different guests (different lanes) run in parallel. Admission is bounded: at
+most ``lane.max_waiting`` calls may wait, each at most ``lane.max_wait`` seconds; past either limit a call gets
+``busy`` or ``timeout`` and nothing was sent. Internal work (recovery, settling a late unplug) is not bounded: it
+must always get its turn.
+
+How many lanes of the process are at work right now is a :class:`LaneBudget`, an object the composition root makes
+and hands to each of its guests (``qmpnet serve`` one for its fleet, ``qmpnet.connect`` one per guest), never a
+module-level global: two controllers in one process, or a test, count their own lanes. The journal asks it whether
+a write may stay on the event loop (:meth:`qmpnet.guest.journal.Journal.save_async`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from qmpnet.errors import Busy, Timeout
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+
+    from qmpnet.settings import LaneSettings
+
+__all__ = ["Lane", "LaneBudget"]
+
+
+class LaneBudget:
+    """How many lanes (of the guests that share this object) are held right now."""
+
+    def __init__(self) -> None:
+        self._held = 0
+
+    @property
+    def held(self) -> int:
+        """The lanes held at this moment."""
+        return self._held
+
+    def enter(self) -> None:
+        """A lane was taken."""
+        self._held += 1
+
+    def leave(self) -> None:
+        """A lane was given back."""
+        self._held -= 1
+
+
+class Lane:
+    """One guest's lane (see the module docstring).
+
+    Args:
+        name: The guest's name, for the errors.
+        settings: The admission limits.
+        budget: The lanes this one is counted with.
+        let_go: Called each time a call gives the lane back (the journal's write-behind).
+    """
+
+    def __init__(
+        self, name: str, settings: LaneSettings, budget: LaneBudget, *, let_go: Callable[[], None] = lambda: None
+    ) -> None:
+        self._name = name
+        self._settings = settings
+        self._budget = budget
+        self._let_go = let_go
+        self._lock = asyncio.Lock()
+        self._waiting = 0
+
+    @property
+    def waiting(self) -> int:
+        """Calls admitted and waiting for their turn."""
+        return self._waiting
+
+    def locked(self) -> bool:
+        """Whether a call holds the lane."""
+        return self._lock.locked()
+
+    @asynccontextmanager
+    async def turn(self, *, bounded: bool = True) -> AsyncIterator[None]:
+        """Hold the lane for the body of the ``async with``.
+
+        Waits for earlier calls to give the lane back.
+
+        Raises:
+            Busy: ``bounded`` and ``lane.max_waiting`` calls are already waiting.
+            Timeout: ``bounded`` and the lane was not free within ``lane.max_wait`` seconds.
+        """
+        await self._acquire(bounded=bounded)
+        self._budget.enter()
+        try:
+            yield
+        finally:
+            self._budget.leave()
+            self._lock.release()
+            self._let_go()  # e.g. the journal's write-behind: the outcome follows the answer
+
+    async def _acquire(self, *, bounded: bool) -> None:
+        limits = self._settings
+        if bounded and self._waiting >= limits.max_waiting:
+            raise Busy(f"guest {self._name}: {self._waiting} requests are already waiting")
+        self._waiting += 1
+        try:
+            if not bounded:
+                await self._lock.acquire()
+                return
+            try:
+                async with asyncio.timeout(limits.max_wait):
+                    await self._lock.acquire()
+            except TimeoutError as err:
+                raise Timeout(
+                    f"guest {self._name}: waited {limits.max_wait:g} s for earlier requests; nothing was sent"
+                ) from err
+        finally:
+            self._waiting -= 1
+
+    async def passed(self) -> None:
+        """Wait until every call that holds or waits for the lane now has had its turn (it is not counted)."""
+        async with self._lock:
+            pass

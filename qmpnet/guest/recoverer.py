@@ -1,0 +1,203 @@
+"""Reading the guest and carrying out recovery: the records converge with what QEMU shows on every read.
+
+What to do is decided purely (:mod:`qmpnet.core.recovery_plan`: the record against the devices QEMU shows); this
+unit reads the guest, carries the steps out and builds the lane's fresh view (:class:`~qmpnet.core.inventory.
+Inventory`). It is the only way the lane reads the guest, so no read can skip recovery: a process killed between
+two QMP commands leaves a record that the next read settles, whichever call makes it.
+
+A *full* read (entering the context, :meth:`qmpnet.Guest.recover`) also recognises a restarted QEMU (by a random id
+kept in a QOM object qmpnet adds, :data:`INSTANCE_OBJECT`, which dies with the QEMU process), re-applies link
+intent, asks pending unplugs again and deletes taps of vanished NICs; a *light* one (every other read) never
+re-sends commands that only matter after a reconnect.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import TYPE_CHECKING
+
+from qmpnet.core.inventory import Inventory
+from qmpnet.core.model import PciAddress
+from qmpnet.core.recovery_plan import RecoveryStep, answered_by_recovery, plan_recovery
+from qmpnet.errors import QmpCommandError, QmpnetError
+from qmpnet.guest.journal import finished
+
+if TYPE_CHECKING:
+    from qmpnet.core.ports import HostNetwork, Monitor, Observation
+    from qmpnet.core.records import NicRecord
+    from qmpnet.guest.events import GuestEvents
+    from qmpnet.guest.journal import Journal
+    from qmpnet.guest.nic_table import NicTable
+    from qmpnet.guest.unplugs import Unplugs
+
+__all__ = ["INSTANCE_OBJECT", "Recoverer"]
+
+log = logging.getLogger(__name__)
+#: The QOM object qmpnet adds to each QEMU it meets, holding a random id of that QEMU process.
+INSTANCE_OBJECT = "qmpnet-instance"
+
+
+class Recoverer:
+    """Reads one guest and settles its record against it (see the module docstring)."""
+
+    def __init__(  # noqa: PLR0913 - the lane's collaborators, keyword-only
+        self,
+        *,
+        name: str,
+        monitor: Monitor,
+        host: HostNetwork | None,
+        journal: Journal,
+        nics: NicTable,
+        unplugs: Unplugs,
+        events: GuestEvents,
+    ) -> None:
+        self._name = name
+        self._monitor = monitor
+        self._host = host
+        self._journal = journal
+        self._nics = nics
+        self._unplugs = unplugs
+        self._events = events
+        self._instance: str | None = None
+
+    async def fresh(self) -> Inventory:
+        """The lane's view of the guest, read again if it may be stale.
+
+        Raises:
+            OutcomeUnknown, GuestUnavailable, QmpCommandError: Reading the guest failed.
+        """
+        inventory = self._nics.inventory
+        return inventory if inventory is not None else await self.refresh(full=False)
+
+    async def refresh(self, *, full: bool, gone: frozenset[str] = frozenset()) -> Inventory:
+        """Observe the guest, settle the records against it, and rebuild the lane's view.
+
+        ``gone`` names devices whose ``DEVICE_DELETED`` just came: absent whatever the observation still shows.
+
+        Raises:
+            OutcomeUnknown, GuestUnavailable, QmpCommandError: Reading the guest failed.
+        """
+        self._nics.invalidate()
+        observation = await self._monitor.observe()
+        if full:
+            self._instance = await self._identify()
+        devices = observation.device_ids - gone
+        steps = plan_recovery(self._journal.record, instance=self._instance, devices=devices, full=full)
+        self._note_instance(devices, full=full)
+        deleted: set[str] = set()
+        for step in steps:
+            if await self._recover_one(step, observation, full=full):
+                deleted.add(step.nic.netdev or "")
+        if full:
+            await self._apply_foreign_links(devices)
+            await self._sweep_taps()
+        inventory = Inventory.from_observation(observation, self._nics.links(), self._nics.pending_ids())
+        for device in gone:
+            inventory.removed(device)
+        inventory.netdev_ids.difference_update(deleted)
+        self._nics.observed(inventory)
+        if full:
+            self._answer_interrupted(inventory)
+        return inventory
+
+    def _answer_interrupted(self, inventory: Inventory) -> None:
+        """Record the outcome of operations a killed process left without one, where recovery tells it."""
+        record = self._journal.record
+        for operation in record.operations.values():
+            nic_id = None if operation.outcome is not None else answered_by_recovery(operation, record, inventory.nics)
+            if nic_id is None:
+                continue
+            if operation.op == "nic/del":
+                data: object = {"id": nic_id, "state": "removed"}
+            else:
+                data = self._nics.described(inventory.nics[nic_id]).model_dump(mode="json")
+            record = record.with_operation(finished(operation, data=data))
+        if record is not self._journal.record:
+            self._journal.save(record)
+
+    def _note_instance(self, devices: frozenset[str], *, full: bool) -> None:
+        """Record the QEMU instance (a new one keeps no link intent); drop link intent of devices that are gone."""
+        record = self._journal.record
+        if full and self._instance is not None and record.instance != self._instance:
+            if record.instance is not None:
+                log.info("guest %s: QEMU was restarted (a new instance): its NICs went with the old one", self._name)
+            self._journal.save(record.model_copy(update={"instance": self._instance, "links": {}}))
+        elif any(nic_id not in devices for nic_id in record.links):
+            kept = {k: v for k, v in record.links.items() if k in devices}
+            self._journal.save(record.model_copy(update={"links": kept}))
+
+    async def _apply_foreign_links(self, devices: frozenset[str]) -> None:
+        for nic_id, link in self._journal.record.links.items():
+            if nic_id in devices:
+                try:
+                    await self._monitor.execute("set_link", {"name": nic_id, "up": link == "up"})
+                except QmpCommandError as err:
+                    log.warning("guest %s: re-applying the link of %s failed: %s", self._name, nic_id, err)
+
+    async def _identify(self) -> str | None:
+        """The id of the QEMU process behind the monitor, kept in a QOM object qmpnet adds on first contact."""
+        path = f"/objects/{INSTANCE_OBJECT}"
+        try:
+            return str(await self._monitor.execute("qom-get", {"path": path, "property": "identity"}))
+        except QmpCommandError:
+            pass
+        new = uuid.uuid4().hex
+        try:
+            await self._monitor.execute(
+                "object-add", {"qom-type": "authz-simple", "id": INSTANCE_OBJECT, "identity": new}
+            )
+        except QmpCommandError as err:
+            log.warning("guest %s: cannot mark the QEMU instance (%s): restarts are told by devices only", self._name,
+                        err)
+            return None
+        return new
+
+    async def _recover_one(self, step: RecoveryStep, observation: Observation, *, full: bool) -> bool:
+        """Carry out one recovery step; returns whether it deleted the NIC's netdev.
+
+        A removal finished by a *full* recovery is remembered as gone: the process that asked for it has gone
+        too, and a later ``nic del`` of the NIC answers ``removed``.
+        """
+        nic = step.nic
+        log.info("guest %s: recovery: %s NIC %s (recorded %s)", self._name, step.action, nic.id, nic.state)
+        try:
+            match step.action:
+                case "forget":
+                    await self._unplugs.release_host(nic)
+                    self._unplugs.drop(nic.id)
+                case "activate":
+                    self._activate(nic, observation)
+                    await self._apply_link(nic)
+                case "relink":
+                    await self._apply_link(nic)
+                case "unplug":
+                    await self._unplugs.ask_again(nic.id)
+                case "undo_add" | "vanished" | "finish":
+                    await self._unplugs.clean_up(nic, by_recovery=full and step.action != "undo_add")
+                    if step.action != "undo_add":
+                        self._events.emit("nic_removed", nic_id=nic.id)
+                    return nic.netdev is not None
+        except QmpCommandError as err:
+            log.warning("guest %s: recovery of NIC %s (%s) failed: %s", self._name, nic.id, step.action, err)
+        return False
+
+    def _activate(self, nic: NicRecord, observation: Observation) -> None:
+        """The NIC's hot-add got through before the process that began it went: it is active, at its PCI place."""
+        device = observation.device(nic.id)
+        pci = nic.pci
+        if device is not None:
+            pci = pci or PciAddress(bus=device.bus, slot=device.slot, function=device.function)
+        self._journal.save(self._journal.record.with_nic(nic.model_copy(update={"state": "active", "pci": pci})))
+
+    async def _apply_link(self, nic: NicRecord) -> None:
+        await self._monitor.execute("set_link", {"name": nic.id, "up": nic.link == "up"})
+
+    async def _sweep_taps(self) -> None:
+        if self._host is None:
+            return
+        keep = {nic.host.owner for nic in self._journal.record.nics.values() if nic.host.owner is not None}
+        try:
+            await self._host.sweep_orphans(f"{self._journal.key}/", keep)
+        except QmpnetError as err:
+            log.warning("guest %s: sweeping stale taps failed: %s", self._name, err)

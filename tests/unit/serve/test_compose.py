@@ -162,7 +162,7 @@ def test_settings_keep_existing_sections() -> None:
 
 
 def test_the_example_config_is_valid() -> None:
-    example = Path(__file__).parents[2] / "contrib" / "examples" / "serve.toml"
+    example = Path(__file__).parents[3] / "contrib" / "examples" / "serve.toml"
     settings = load_settings(example, mqtt={"ca_file": None})  # the example's CA file is not on this machine
     assert settings.mqtt.broker.startswith("mqtts://")
     assert settings.controller.guest_dir is not None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -21,14 +21,28 @@ __all__ = ["eventually"]
 T = TypeVar("T")
 
 
+@overload
 async def eventually(
-    attempt: Callable[[], T | None] | Callable[[], Awaitable[T | None]],
+    attempt: Callable[[], Awaitable[T | None]], *, timeout: float = ..., interval: float = ...,
+    retry: tuple[type[Exception], ...] = ..., what: str = ...,
+) -> T: ...
+
+
+@overload
+async def eventually(
+    attempt: Callable[[], T | None], *, timeout: float = ..., interval: float = ...,
+    retry: tuple[type[Exception], ...] = ..., what: str = ...,
+) -> T: ...
+
+
+async def eventually(
+    attempt: Callable[[], Any],
     *,
     timeout: float = 5.0,
     interval: float = 0.001,
     retry: tuple[type[Exception], ...] = (),
     what: str = "the condition",
-) -> T:
+) -> Any:
     """Call ``attempt`` (a function or a coroutine function) until it answers; return the answer.
 
     ``None`` and ``False`` mean "not yet"; anything else (``True``, a value, even ``{}`` or ``0``) is the answer.

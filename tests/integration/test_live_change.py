@@ -37,6 +37,7 @@ import pytest_asyncio
 from aux_qmp import aux_args
 from netns_tools import ip, kernel_filters_vlans, kernel_has_netem, kill_namespace, links, listen
 from throughput import Measured, receive_bulk, send_bulk
+from waiting import eventually
 
 import qmpnet
 from qmpnet.adapters.hostnet import HostnetSettings
@@ -413,14 +414,10 @@ async def guest_receives(vm: TestMachine, lab: Lab) -> Measured:
     """Bulk TCP from A's host to the guest (busybox nc -l), timed by the sender until the guest has read it all."""
     # nc's stdin stays open (sleep), so it half-closes only when A's host has sent everything and it has read it.
     (await vm.agent.run(f"(sleep 120 | nc -l -p {FROM_A} >/dev/null 2>&1 &)")).check()
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            return await run_in_netns(lab.a, lambda: send_bulk(GUEST_A, FROM_A, TRANSFER, 60))
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)  # the guest starts nc in the background; poll until it listens
+    return await eventually(  # the guest starts nc in the background; poll until it listens
+        lambda: run_in_netns(lab.a, lambda: send_bulk(GUEST_A, FROM_A, TRANSFER, 60)),
+        timeout=15, interval=0.2, retry=(ConnectionRefusedError,), what=f"a listener on {GUEST_A}:{FROM_A}",
+    )
 
 
 def within(measured: Measured, expected: float) -> bool:

@@ -19,16 +19,13 @@ import asyncio
 import contextlib
 import ipaddress
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import needs
@@ -48,6 +45,7 @@ from qmpnet.testguest import TestMachine
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
+    from pathlib import Path
 
     from qmpnet.core.model import Nic
     from qmpnet.testguest import GuestImage, GuestInterface
@@ -55,12 +53,12 @@ if TYPE_CHECKING:
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 to set up the test namespaces"),
-    pytest.mark.skipif(shutil.which("tc") is None, reason="needs tc (iproute2) to look at the qdiscs"),
-    pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables (apt-get install nftables)"),
-    pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="needs dnsmasq (apt-get install dnsmasq-base)"),
-    pytest.mark.skipif(not Path("/dev/net/tun").exists(), reason="needs /dev/net/tun"),
+    needs.root("create network namespaces"),
+    needs.tool("ip", "iproute2"),
+    needs.tool("tc", "iproute2"),
+    needs.tool("nft", "nftables"),
+    needs.tool("dnsmasq", "dnsmasq-base"),
+    needs.device("/dev/net/tun"),
 ]
 
 SEE_TIMEOUT = 20.0
@@ -600,7 +598,7 @@ def tcpdump(path: Path) -> str:
     return done.stdout
 
 
-@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="needs tcpdump (apt-get install tcpdump)")
+@needs.tool("tcpdump", "tcpdump")
 async def test_capture_until_ctrl_c_shows_the_guests_frames(vm: TestMachine, lab: Lab, tmp_path: Path) -> None:
     mac = "52:54:00:1a:00:0c"
     config = lab.write_config(tmp_path / "qmpnet.toml")
@@ -638,7 +636,7 @@ async def test_capture_until_ctrl_c_shows_the_guests_frames(vm: TestMachine, lab
         await cleanup(vm, lab, nic)
 
 
-@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="needs tcpdump (apt-get install tcpdump)")
+@needs.tool("tcpdump", "tcpdump")
 async def test_capture_works_in_user_mode_and_refuses_a_second_one(vm: TestMachine, tmp_path: Path) -> None:
     mac = "52:54:00:1a:00:0d"
     pcap = tmp_path / "user.pcap"

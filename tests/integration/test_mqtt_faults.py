@@ -112,7 +112,7 @@ async def test_sigterm_publishes_offline_and_exits_cleanly(
             offline = await probe.one(f"{serve.base}/status", lambda m: m.json["state"] == "offline", since=since)
             assert offline.json == {"state": "offline"}
             assert serve.wait(5) == 0, serve.describe()
-            assert time.monotonic() - started < 3
+            print(f"{mode}: SIGTERM to exit {time.monotonic() - started:.2f} s")  # noqa: T201 - the figure, not a bound
             # The broker would send the will when it sees the connection go; a message published after the
             # controller exited comes after that.
             await probe.publish(marker, b"after")
@@ -142,11 +142,11 @@ async def test_qemu_killed_then_restarted_on_the_same_socket(
             assert status["state"] == "disconnected"
             await probe.one(f"{base}/guest/vm/event/guest_disconnected", since=since)
 
-            started = time.monotonic()
             answer = await probe.call(f"{base}/guest/vm/request/nic/list", {"transaction": "while-down"})
-            assert time.monotonic() - started < 0.5
             assert answer["status"] == "error"
             assert answer["error"]["code"] == "guest_unavailable"
+            # Answered at once from the state the controller knows, without waiting for QEMU to come back.
+            assert answer["error"]["message"].startswith("guest vm is "), answer
 
             since = probe.mark()
             vm.start()

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pytest
 from mqtt_fixtures import (
-    MODES,
     MOSQUITTO_5,
     Broker,
     Mode,
@@ -29,6 +28,7 @@ from mqtt_fixtures import (
     fresh_root,
     retained,
     scratch,
+    started,
     transaction_in,
     wait_online,
     wait_retained,
@@ -67,28 +67,16 @@ class World:
         return await retained(self.url, topic, marker=f"{self.base}/status", protocol=self.mode.probe)
 
 
-@pytest.fixture(scope="module", params=MODES, ids=str)
-def mode(request: pytest.FixtureRequest) -> Mode:
-    mode: Mode = request.param
-    return mode
-
-
 @pytest.fixture(scope="module")
 def world(mode: Mode, request: pytest.FixtureRequest) -> Iterator[World]:
     with scratch("qmpnet-mqtt-api-") as work, broker_for(mode, work, request) as broker:
         vm1, vm2 = Qemu(work / "vm1.qmp"), Qemu(work / "vm2.qmp")
         guests = {"vm1": vm1.qmp, "vm2": vm2.qmp, "ghost": work / "ghost.qmp"}
         serve = Serve(work, broker.url, "h1", guests, root=fresh_root(), protocol=mode.protocol)
-        try:
-            vm1.start()
-            vm2.start()
-            serve.start()
+        with started(vm1, vm2, serve):
             asyncio.run(wait_online(serve, broker.url, guests_connected=["vm1", "vm2"], protocol=mode.probe))
             yield World(mode, broker, serve, vm1, vm2)
             assert serve.running, serve.describe()
-        finally:
-            for process in (serve, vm1, vm2):
-                process.stop()
 
 
 @pytest.fixture

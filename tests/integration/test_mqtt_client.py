@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from mqtt_fixtures import (
-    MODES,
     MOSQUITTO_5,
     MOSQUITTO_311,
     Broker,
@@ -29,6 +28,7 @@ from mqtt_fixtures import (
     client_settings,
     fresh_root,
     scratch,
+    started,
     transaction_in,
     wait_online,
     wait_retained,
@@ -64,28 +64,17 @@ class Fleet:
         return Client(settings=client_settings(self.url, self.mode, self.root, **settings), timeout=timeout)
 
 
-@pytest.fixture(scope="module", params=MODES, ids=str)
-def mode(request: pytest.FixtureRequest) -> Mode:
-    mode: Mode = request.param
-    return mode
-
-
 @pytest.fixture(scope="module")
 def fleet(mode: Mode, request: pytest.FixtureRequest) -> Iterator[Fleet]:
     with scratch("qmpnet-mqtt-client-") as work, broker_for(mode, work, request) as broker:
         root = fresh_root()
         vm1, vm2 = Qemu(work / "vm1.qmp"), Qemu(work / "vm2.qmp")
-        processes: list[Qemu | Serve] = [vm1, vm2]
-        try:
-            for process in processes:
-                process.start()
-            serves = [
-                Serve(work, broker.url, name, guests, root=root, protocol=mode.protocol).start()
-                for name, guests in (("h1", {"vm1": vm1.qmp, "gone": work / "gone.qmp"}), ("h2", {"vm2": vm2.qmp}),
-                                     ("h3", {}))
-            ]  # fmt: skip
-            processes += serves
-            h1, h2, h3 = serves
+        h1, h2, h3 = (
+            Serve(work, broker.url, name, guests, root=root, protocol=mode.protocol)
+            for name, guests in (("h1", {"vm1": vm1.qmp, "gone": work / "gone.qmp"}), ("h2", {"vm2": vm2.qmp}),
+                                 ("h3", {}))
+        )  # fmt: skip
+        with started(vm1, vm2, h1, h2, h3):
             asyncio.run(wait_online(h1, broker.url, guests_connected=["vm1"], protocol=mode.probe))
             asyncio.run(wait_online(h2, broker.url, guests_connected=["vm2"], protocol=mode.probe))
             asyncio.run(wait_online(h3, broker.url, protocol=mode.probe))
@@ -94,9 +83,6 @@ def fleet(mode: Mode, request: pytest.FixtureRequest) -> Iterator[Fleet]:
                 wait_retained(broker.url, f"{h3.base}/status", lambda s: s["state"] == "offline", protocol=mode.probe)
             )
             yield Fleet(mode, broker, root, h1, h2, h3, work)
-        finally:
-            for process in reversed(processes):
-                process.stop()
 
 
 @pytest.fixture

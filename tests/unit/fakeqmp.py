@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
 from captures import Capture, QmpError
+from waiting import eventually  # re-exported for tests written before tests/waiting.py
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,6 +41,7 @@ __all__ = [
     "Event",
     "FakeQmp",
     "QmpError",
+    "eventually",
 ]
 
 #: Commands answered from the capture.

@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+# The scenarios, and the helpers they share with the tests (tests/needs.py, tests/waiting.py): pytest's pythonpath.
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "integration"))
 
 from chaos_scenarios import controller_kills, qemu_restarts  # type: ignore[import-not-found]

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Self, cast
 
 from aux_qmp import aux_args, aux_monitor
 from mqtt_fixtures import Mosquitto, Probe, Serve, wait_online, wait_retained
+from waiting import eventually
 
 from qmpnet.client import Client
 from qmpnet.errors import GuestUnavailable, OutcomeUnknown, QmpnetError
@@ -273,14 +274,11 @@ async def _one_round(  # noqa: PLR0917 - one round's coordinates
     return time.monotonic() - started
 
 
-async def _until(call: Any, tries: int = 80) -> Any:
+async def _until(call: Any, timeout: float = 20) -> Any:
     """``await call()`` until the controller answers it (it may be restarting)."""
-    for _ in range(tries):
-        try:
-            return await call()
-        except (GuestUnavailable, OutcomeUnknown):
-            await asyncio.sleep(0.25)  # bounded by ``tries``
-    raise AssertionError("the controller never answered")
+    return await eventually(
+        call, timeout=timeout, interval=0.25, retry=(GuestUnavailable, OutcomeUnknown), what="the controller's answer"
+    )
 
 
 async def _burst(client: Client, ops: list[_Op]) -> None:

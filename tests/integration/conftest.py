@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import needs
 import pytest
-from mqtt_fixtures import RabbitMQ, rabbitmq_fixture
+from mqtt_fixtures import MODES, Mode, RabbitMQ, rabbitmq_fixture
 from statedir import state_dir  # noqa: F401 - a session fixture: pytest finds it here
 
 from qmpnet.testguest import plugin as pytest_plugin
@@ -39,6 +39,17 @@ def guest_image(qmpnet_guest_image: GuestImage) -> GuestImage:
 def rabbitmq() -> Iterator[RabbitMQ]:
     """One RabbitMQ node (MQTT plugin, from Debian's package, no system service) for every MQTT test module."""
     yield from rabbitmq_fixture()
+
+
+@pytest.fixture(scope="module", params=MODES, ids=str)
+def mode(request: pytest.FixtureRequest) -> Mode:
+    """The broker matrix (``mqtt_fixtures.MODES``): a module whose fixtures ask for ``mode`` runs on each broker.
+
+    A test narrows it with ``@pytest.mark.parametrize("mode", [...], indirect=True)``, or replaces it with a plain
+    ``parametrize("mode", ...)``.
+    """
+    mode: Mode = request.param
+    return mode
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

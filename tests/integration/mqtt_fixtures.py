@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import needs
 
@@ -80,6 +80,7 @@ __all__ = [
     "retained",
     "scratch",
     "short_dir",
+    "started",
     "topic_matches",
     "transaction_in",
     "wait_online",
@@ -152,6 +153,23 @@ def broker_for(mode: Mode, work: Path, request: pytest.FixtureRequest, **mosquit
         yield broker.start()
     finally:
         broker.stop()
+
+
+class Startable(Protocol):
+    """A test process: QEMU, a broker, ``qmpnet serve`` (:mod:`qmpnet.testguest.services`)."""
+
+    def start(self) -> object: ...
+    def stop(self, timeout: float = ...) -> int | None: ...
+
+
+@contextlib.contextmanager
+def started(*processes: Startable) -> Iterator[None]:
+    """Start ``processes`` in order; stop them in reverse order afterwards, also when a start or the test fails."""
+    with contextlib.ExitStack() as stack:
+        for process in processes:
+            stack.callback(process.stop)
+            process.start()
+        yield
 
 
 def client_settings(url: str, mode: Mode, root: str, **more: Any) -> MqttSettings:

@@ -35,6 +35,7 @@ import pytest
 import pytest_asyncio
 from aux_qmp import aux_args, aux_monitor, hmp
 from netns_tools import connect_and_read, ip, kill_namespace, links, listen, namespace_pids, nft_tables, serve_once
+from waiting import eventually
 
 import qmpnet
 from qmpnet.adapters.hostnet import HostnetSettings
@@ -138,16 +139,14 @@ async def vm(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory) 
         yield machine
 
 
-async def no_taps(netns: str, polls: int = 100) -> dict[str, dict[str, Any]]:
-    """Wait (up to ``polls`` x 50 ms) until ``netns`` has no vnet tap; return what is left.
+async def no_taps(netns: str, timeout: float = 5) -> dict[str, dict[str, Any]]:
+    """Wait (up to ``timeout`` seconds) until ``netns`` has no vnet tap; return what is left.
 
     A tap leaves with the last fd to it, which QEMU closes when ``netdev_del`` returns; polling covers the kernel's
     unregistering, for which there is nothing to wait on short of a netlink monitor.
     """
-    for _ in range(polls):
-        if not (left := taps(netns)):
-            return left
-        await asyncio.sleep(0.05)
+    with contextlib.suppress(TimeoutError):
+        await eventually(lambda: not taps(netns), timeout=timeout, interval=0.05, what=f"no tap in {netns}")
     return taps(netns)
 
 
@@ -355,14 +354,10 @@ async def seen_lease(vm: TestMachine, mac: str) -> str:
 
 async def connect_from_hv(lab: Lab, guest_ip: str) -> bytes:
     """Connect from hv to the guest's listener, retrying while it is not listening yet (refused)."""
-    end = time.monotonic() + 15
-    while True:
-        try:
-            return await run_in_netns(lab.hv, lambda: connect_and_read(guest_ip, IN_PORT, 5))
-        except ConnectionRefusedError:
-            if time.monotonic() > end:
-                raise
-            await asyncio.sleep(0.2)  # the guest starts nc in the background; poll until it listens
+    return await eventually(  # the guest starts nc in the background; poll until it listens
+        lambda: run_in_netns(lab.hv, lambda: connect_and_read(guest_ip, IN_PORT, 5)),
+        timeout=15, interval=0.2, retry=(ConnectionRefusedError,), what=f"a listener on {guest_ip}:{IN_PORT}",
+    )
 
 
 # ------------------------------------------------------------------------------------------- failure paths

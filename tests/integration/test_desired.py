@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import pytest_asyncio
 from aux_qmp import aux_args, aux_monitor
-from mqtt_fixtures import Mosquitto, Probe, Serve, scratch, wait_online, wait_retained
+from mqtt_fixtures import Mosquitto, Probe, Serve, scratch, started, wait_online, wait_retained
 
 from qmpnet.testguest import TestMachine
 
@@ -46,21 +46,17 @@ class World:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def world(guest_image: GuestImage) -> AsyncIterator[World]:
-    with scratch("qmpnet-desired-") as work:
-        broker = Mosquitto(work).start()
+    with scratch("qmpnet-desired-") as work, started(broker := Mosquitto(work)):
         vm_dir = work / "vm"
         vm_dir.mkdir()
-        try:
-            async with TestMachine(guest_image, workdir=vm_dir, name="desired", extra_args=aux_args(vm_dir)) as vm:
-                world = World(vm, broker, work)
-                try:
-                    await wait_online(world.start(), broker.url, guests_connected=["vm"])
-                    yield world
-                finally:
-                    if world.serve is not None:
-                        world.serve.stop()
-        finally:
-            broker.stop()
+        async with TestMachine(guest_image, workdir=vm_dir, name="desired", extra_args=aux_args(vm_dir)) as vm:
+            world = World(vm, broker, work)
+            try:
+                await wait_online(world.start(), broker.url, guests_connected=["vm"])
+                yield world
+            finally:
+                if world.serve is not None:
+                    world.serve.stop()
 
 
 async def publish_desired(world: World, document: dict[str, Any] | None) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import pytest_asyncio
 from mqtt_fixtures import Qemu, scratch
+from waiting import eventually
 
 from qmpnet.adapters.qga import GuestAgent, find_agent_socket, guest_views, wait_for
 from qmpnet.adapters.qmp import QmpMonitor
@@ -210,10 +211,8 @@ async def test_one_client_at_a_time_and_no_lasting_harm(vm: BootedGuest, agent: 
     assert await guest_views(vm.qga_path, quick) is None
     await agent.close()
     # QEMU first accepts the abandoned connection waiting in its backlog and finds it closed; then the port is free.
-    views = None
-    deadline = time.monotonic() + 15
-    while views is None and time.monotonic() < deadline:
-        views = await guest_views(vm.qga_path, quick)  # each try waits up to connect_timeout: a poll with a deadline
+    qga_path = vm.qga_path
+    views = await eventually(lambda: guest_views(qga_path, quick), timeout=15, interval=0, what="a free agent port")
     assert views == {}
 
 

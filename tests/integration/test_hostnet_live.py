@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import subprocess
 import uuid
 from dataclasses import dataclass
@@ -36,9 +34,9 @@ if TYPE_CHECKING:
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 to set up the test namespaces"),
-    pytest.mark.skipif(shutil.which("tc") is None, reason="needs tc (iproute2) to look at the qdiscs"),
+    needs.root("create network namespaces"),
+    needs.tool("ip", "iproute2"),
+    needs.tool("tc", "iproute2"),
 ]
 
 HV_IP, GST_IP, PORT = "10.9.1.1", "10.9.1.2", 5201

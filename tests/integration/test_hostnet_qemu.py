@@ -8,7 +8,6 @@ attached by SCM_RIGHTS, ``netdev_add {"type": "tap", "fd": name}``, and the undo
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import subprocess
@@ -20,6 +19,7 @@ import needs
 import pytest
 from netns_tools import bridged_namespace, ip, link_names
 from qemu.qmp import ConnectError, ExecuteError, QMPClient
+from waiting import eventually
 
 from qmpnet.adapters.hostnet import check_existing_tap, check_vfio, create_tap, delete_tap, list_taps, vhost_usable
 from qmpnet.errors import NotFound, QmpnetError
@@ -74,15 +74,15 @@ async def launch(tmp_path: Path, netns: str | None) -> AsyncIterator[Qemu]:
     qmp = QMPClient("hostnet-test")
     qemu = Qemu(argv, process, stderr, qmp)
     try:
-        for _ in range(200):  # the socket file appears at bind(), a moment before QEMU listens
+
+        async def connected() -> bool:
             assert process.poll() is None, "QEMU exited"
-            if sock.exists():
-                with contextlib.suppress(ConnectError):
-                    await qmp.connect(str(sock))
-                    break
-            await asyncio.sleep(0.025)
-        else:
-            pytest.fail("QEMU's QMP socket did not answer in 5 s")
+            if not sock.exists():  # the socket file appears at bind(), a moment before QEMU listens
+                return False
+            await qmp.connect(str(sock))
+            return True
+
+        await eventually(connected, timeout=5, interval=0.025, retry=(ConnectError,), what="QEMU's QMP socket")
         yield qemu
     finally:
         with contextlib.suppress(Exception):
@@ -105,10 +105,8 @@ async def qemu(tmp_path: Path) -> AsyncIterator[Qemu]:
 
 
 async def wait_gone(netns: str, name: str) -> bool:
-    for _ in range(250):
-        if name not in link_names(netns):
-            return True
-        await asyncio.sleep(0.02)
+    with contextlib.suppress(TimeoutError):
+        return await eventually(lambda: name not in link_names(netns), timeout=5, interval=0.02, what=f"{name} gone")
     return False
 
 

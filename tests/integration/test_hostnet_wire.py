@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import needs
 import pytest
 from netns_tools import ip, kill_namespace
 
@@ -31,9 +31,10 @@ if TYPE_CHECKING:
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-    pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt-get install strace)"),
-    pytest.mark.skipif(shutil.which("tc") is None or shutil.which("bridge") is None, reason="needs iproute2"),
+    needs.root("create network namespaces"),
+    needs.tool("strace", "strace"),
+    needs.tool("tc", "iproute2"),
+    needs.tool("bridge", "iproute2"),
 ]
 
 RTM_SETLINK, RTM_DELLINK, RTM_NEWQDISC = 0x13, 0x11, 0x24

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import pytest_asyncio
 from aux_qmp import aux_args, hmp
+from waiting import eventually
 
 import qmpnet
 from qmpnet.testguest import TestMachine
@@ -127,19 +128,15 @@ async def test_user_backend_dhcp_and_hostfwd(vm: TestMachine, guest: qmpnet.Gues
 
 async def _read_forwarded(port: int, deadline: float) -> str:
     """Connect to the forwarded port until the guest's listener answers (it may not be listening yet)."""
-    end = time.monotonic() + deadline
-    while True:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            data = await asyncio.wait_for(reader.read(100), timeout=5)
-            writer.close()
-            if data:
-                return data.decode().strip()
-        except (OSError, TimeoutError):
-            pass
-        if time.monotonic() > end:
-            raise AssertionError(f"nothing answered on 127.0.0.1:{port}")
-        await asyncio.sleep(0.2)  # poll interval between connection attempts, bounded by the deadline
+
+    async def read() -> str | None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        data = await asyncio.wait_for(reader.read(100), timeout=5)
+        writer.close()
+        return data.decode().strip() if data else None
+
+    answer = f"an answer on 127.0.0.1:{port}"
+    return await eventually(read, timeout=deadline, interval=0.2, retry=(OSError,), what=answer)
 
 
 def _free_port() -> int:

@@ -19,16 +19,13 @@ import asyncio
 import contextlib
 import ipaddress
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import needs
@@ -37,6 +34,7 @@ import pytest_asyncio
 from aux_qmp import aux_args
 from netns_tools import ip, kernel_filters_vlans, kernel_has_netem, kill_namespace, links, listen
 from throughput import Measured, receive_bulk, send_bulk
+from waiting import eventually
 
 import qmpnet
 from qmpnet.adapters.hostnet import HostnetSettings
@@ -47,6 +45,7 @@ from qmpnet.testguest import TestMachine
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
+    from pathlib import Path
 
     from qmpnet.core.model import Nic
     from qmpnet.testguest import GuestImage, GuestInterface
@@ -54,12 +53,12 @@ if TYPE_CHECKING:
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 to set up the test namespaces"),
-    pytest.mark.skipif(shutil.which("tc") is None, reason="needs tc (iproute2) to look at the qdiscs"),
-    pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables (apt-get install nftables)"),
-    pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="needs dnsmasq (apt-get install dnsmasq-base)"),
-    pytest.mark.skipif(not Path("/dev/net/tun").exists(), reason="needs /dev/net/tun"),
+    needs.root("create network namespaces"),
+    needs.tool("ip", "iproute2"),
+    needs.tool("tc", "iproute2"),
+    needs.tool("nft", "nftables"),
+    needs.tool("dnsmasq", "dnsmasq-base"),
+    needs.device("/dev/net/tun"),
 ]
 
 SEE_TIMEOUT = 20.0
@@ -413,14 +412,10 @@ async def guest_receives(vm: TestMachine, lab: Lab) -> Measured:
     """Bulk TCP from A's host to the guest (busybox nc -l), timed by the sender until the guest has read it all."""
     # nc's stdin stays open (sleep), so it half-closes only when A's host has sent everything and it has read it.
     (await vm.agent.run(f"(sleep 120 | nc -l -p {FROM_A} >/dev/null 2>&1 &)")).check()
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            return await run_in_netns(lab.a, lambda: send_bulk(GUEST_A, FROM_A, TRANSFER, 60))
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)  # the guest starts nc in the background; poll until it listens
+    return await eventually(  # the guest starts nc in the background; poll until it listens
+        lambda: run_in_netns(lab.a, lambda: send_bulk(GUEST_A, FROM_A, TRANSFER, 60)),
+        timeout=15, interval=0.2, retry=(ConnectionRefusedError,), what=f"a listener on {GUEST_A}:{FROM_A}",
+    )
 
 
 def within(measured: Measured, expected: float) -> bool:
@@ -603,7 +598,7 @@ def tcpdump(path: Path) -> str:
     return done.stdout
 
 
-@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="needs tcpdump (apt-get install tcpdump)")
+@needs.tool("tcpdump", "tcpdump")
 async def test_capture_until_ctrl_c_shows_the_guests_frames(vm: TestMachine, lab: Lab, tmp_path: Path) -> None:
     mac = "52:54:00:1a:00:0c"
     config = lab.write_config(tmp_path / "qmpnet.toml")
@@ -641,7 +636,7 @@ async def test_capture_until_ctrl_c_shows_the_guests_frames(vm: TestMachine, lab
         await cleanup(vm, lab, nic)
 
 
-@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="needs tcpdump (apt-get install tcpdump)")
+@needs.tool("tcpdump", "tcpdump")
 async def test_capture_works_in_user_mode_and_refuses_a_second_one(vm: TestMachine, tmp_path: Path) -> None:
     mac = "52:54:00:1a:00:0d"
     pcap = tmp_path / "user.pcap"

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pytest
 from mqtt_fixtures import (
-    MODES,
     MOSQUITTO_5,
     Broker,
     Mode,
@@ -29,6 +28,7 @@ from mqtt_fixtures import (
     fresh_root,
     retained,
     scratch,
+    started,
     transaction_in,
     wait_online,
     wait_retained,
@@ -67,28 +67,16 @@ class World:
         return await retained(self.url, topic, marker=f"{self.base}/status", protocol=self.mode.probe)
 
 
-@pytest.fixture(scope="module", params=MODES, ids=str)
-def mode(request: pytest.FixtureRequest) -> Mode:
-    mode: Mode = request.param
-    return mode
-
-
 @pytest.fixture(scope="module")
 def world(mode: Mode, request: pytest.FixtureRequest) -> Iterator[World]:
     with scratch("qmpnet-mqtt-api-") as work, broker_for(mode, work, request) as broker:
         vm1, vm2 = Qemu(work / "vm1.qmp"), Qemu(work / "vm2.qmp")
         guests = {"vm1": vm1.qmp, "vm2": vm2.qmp, "ghost": work / "ghost.qmp"}
         serve = Serve(work, broker.url, "h1", guests, root=fresh_root(), protocol=mode.protocol)
-        try:
-            vm1.start()
-            vm2.start()
-            serve.start()
+        with started(vm1, vm2, serve):
             asyncio.run(wait_online(serve, broker.url, guests_connected=["vm1", "vm2"], protocol=mode.probe))
             yield World(mode, broker, serve, vm1, vm2)
             assert serve.running, serve.describe()
-        finally:
-            for process in (serve, vm1, vm2):
-                process.stop()
 
 
 @pytest.fixture
@@ -347,12 +335,11 @@ async def test_response_topic_that_would_spoof_state_is_refused(world: World) ->
 
 
 async def test_unavailable_guest_fails_fast(world: World, probe: Probe) -> None:
-    started = time.monotonic()
     answer = await probe.call(world.guest_topic("ghost", "nic/add"), {"transaction": "ghost-1", "nic": {}})
-    elapsed = time.monotonic() - started
     body = error(answer, "guest_unavailable")
     assert "ghost" in body["message"]
-    assert elapsed < 0.5
+    # Answered from the state the controller knows (no connection attempt, no wait): "guest ghost is <state>: ...".
+    assert body["message"].startswith("guest ghost is "), body["message"]
 
 
 async def test_fifty_concurrent_requests_to_one_guest_run_in_order(world: World, probe: Probe) -> None:
@@ -385,9 +372,11 @@ async def test_fifty_concurrent_requests_to_one_guest_run_in_order(world: World,
 async def test_requests_to_two_guests_run_in_parallel(world: World, probe: Probe) -> None:
     for guest in ("vm1", "vm2"):
         ok(await probe.call(world.guest_topic(guest, "nic/add"), {"nic": {"id": "par", "model": "rtl8139"}}))
-    hold = 1.0  # each nic/del waits this long in its guest's lane for an unplug ack that never comes
+    # Each nic/del waits this long in its guest's lane for an unplug ack that never comes: vm1's three times as
+    # long as vm2's, so vm2's answer comes first only if the two guests' lanes run at the same time.
+    hold = 1.0
     requests: list[tuple[str, str, dict[str, Any]]] = [
-        ("vm1", "nic/del", {"transaction": "par-del1", "id": "par", "timeout": hold}),
+        ("vm1", "nic/del", {"transaction": "par-del1", "id": "par", "timeout": 3 * hold}),
         ("vm2", "nic/del", {"transaction": "par-del2", "id": "par", "timeout": hold}),
         ("vm1", "nic/list", {"transaction": "par-list1"}),  # published after vm1's nic/del: queued behind it
     ]
@@ -402,11 +391,9 @@ async def test_requests_to_two_guests_run_in_parallel(world: World, probe: Probe
         since=since, count=3, timeout=10,
     )  # fmt: skip
     total = time.monotonic() - started
-    at = {transaction_in(m): m.at - started for m in answers}
     order = [transaction_in(m) for m in answers]
-    assert order.index("par-list1") > order.index("par-del1"), order  # serial per guest
-    assert at["par-list1"] > hold - 0.3
-    assert total < 2 * hold - 0.3, f"two guests' deletes took {total:.2f} s: not parallel"
+    assert order == ["par-del2", "par-del1", "par-list1"], order  # parallel across guests, serial per guest
+    print(f"{world.mode}: two guests' deletes answered in {total:.2f} s")  # noqa: T201 - the figure, not a bound
 
 
 async def test_events_are_not_retained_and_state_is(world: World) -> None:

@@ -11,13 +11,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from mqtt_fixtures import (
-    MODES,
     MOSQUITTO_5,
     MOSQUITTO_311,
     Broker,
@@ -30,6 +28,7 @@ from mqtt_fixtures import (
     client_settings,
     fresh_root,
     scratch,
+    started,
     transaction_in,
     wait_online,
     wait_retained,
@@ -65,28 +64,17 @@ class Fleet:
         return Client(settings=client_settings(self.url, self.mode, self.root, **settings), timeout=timeout)
 
 
-@pytest.fixture(scope="module", params=MODES, ids=str)
-def mode(request: pytest.FixtureRequest) -> Mode:
-    mode: Mode = request.param
-    return mode
-
-
 @pytest.fixture(scope="module")
 def fleet(mode: Mode, request: pytest.FixtureRequest) -> Iterator[Fleet]:
     with scratch("qmpnet-mqtt-client-") as work, broker_for(mode, work, request) as broker:
         root = fresh_root()
         vm1, vm2 = Qemu(work / "vm1.qmp"), Qemu(work / "vm2.qmp")
-        processes: list[Qemu | Serve] = [vm1, vm2]
-        try:
-            for process in processes:
-                process.start()
-            serves = [
-                Serve(work, broker.url, name, guests, root=root, protocol=mode.protocol).start()
-                for name, guests in (("h1", {"vm1": vm1.qmp, "gone": work / "gone.qmp"}), ("h2", {"vm2": vm2.qmp}),
-                                     ("h3", {}))
-            ]  # fmt: skip
-            processes += serves
-            h1, h2, h3 = serves
+        h1, h2, h3 = (
+            Serve(work, broker.url, name, guests, root=root, protocol=mode.protocol)
+            for name, guests in (("h1", {"vm1": vm1.qmp, "gone": work / "gone.qmp"}), ("h2", {"vm2": vm2.qmp}),
+                                 ("h3", {}))
+        )  # fmt: skip
+        with started(vm1, vm2, h1, h2, h3):
             asyncio.run(wait_online(h1, broker.url, guests_connected=["vm1"], protocol=mode.probe))
             asyncio.run(wait_online(h2, broker.url, guests_connected=["vm2"], protocol=mode.probe))
             asyncio.run(wait_online(h3, broker.url, protocol=mode.probe))
@@ -95,9 +83,6 @@ def fleet(mode: Mode, request: pytest.FixtureRequest) -> Iterator[Fleet]:
                 wait_retained(broker.url, f"{h3.base}/status", lambda s: s["state"] == "offline", protocol=mode.probe)
             )
             yield Fleet(mode, broker, root, h1, h2, h3, work)
-        finally:
-            for process in reversed(processes):
-                process.stop()
 
 
 @pytest.fixture
@@ -144,10 +129,9 @@ async def test_errors_are_raised_as_the_direct_api_raises_them(fleet: Fleet, cli
     with pytest.raises(qmpnet.InvalidRequest) as invalid:
         await client.add_nic("h1", "vm1", {"mac": "zz"})
     assert invalid.value.field == "nic.mac"
-    started = time.monotonic()
-    with pytest.raises(qmpnet.GuestUnavailable):
+    # Answered at once from the state the controller knows ("guest gone is <state>: ..."), not after a wait.
+    with pytest.raises(qmpnet.GuestUnavailable, match=r"^guest gone is "):
         await client.list_nics("h1", "gone")
-    assert time.monotonic() - started < 0.5
     await client.add_nic("h2", "vm2", {"id": "dupe"})
     with pytest.raises(qmpnet.Conflict):
         await client.add_nic("h2", "vm2", {"id": "dupe"})
@@ -163,19 +147,16 @@ async def test_names_a_broker_would_rewrite_are_refused(fleet: Fleet, client: Cl
 
 async def test_no_controller_means_outcome_unknown_after_the_timeout(fleet: Fleet) -> None:
     async with fleet.client(timeout=0.3) as quick:
-        started = time.monotonic()
-        with pytest.raises(qmpnet.OutcomeUnknown):
+        with pytest.raises(qmpnet.OutcomeUnknown, match=r"no answer from controller nobody within 0\.3 s"):
             await quick.list_nics("nobody", "vm1")
-        assert 0.3 <= time.monotonic() - started < 2
 
 
 async def test_a_controller_known_offline_fails_at_once_and_nothing_is_sent(fleet: Fleet, client: Client) -> None:
     # Its retained status is read on an exact topic: RabbitMQ gives wildcard subscribers no retained messages.
-    started = time.monotonic()
     with pytest.raises(qmpnet.GuestUnavailable) as caught:
         await client.list_nics("h3", "vm9")
-    assert time.monotonic() - started < 1
     assert "offline" in caught.value.message
+    assert "its retained status says so" in caught.value.message  # refused at once, not after the timeout
     # Had it been published, the broker would hand it to h3's session when h3 comes back, before a later request.
     async with Probe(fleet.url, protocol=fleet.mode.probe) as probe:
         h3 = fleet.h3.base

@@ -45,8 +45,11 @@ import qmpnet
 from qmpnet.client import Client
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Awaitable, Callable, Iterator
     from pathlib import Path
+
+    #: ``await start_serve(mode, url, name, guests, **more)``: see the ``start_serve`` fixture.
+    StartServe = Callable[..., Awaitable[Serve]]
 
 pytestmark = [pytest.mark.integration]
 
@@ -77,14 +80,33 @@ def serve_on(mode: Mode, url: str, work: Path, name: str, guests: dict[str, Path
     return Serve(work, url, name, guests, root=more.pop("root", fresh_root()), protocol=mode.protocol, **more)
 
 
+@pytest.fixture
+def vm(work: Path, cleanup: list[Process]) -> Qemu:
+    """A QEMU ``-S`` (no guest OS) at ``work/vm.qmp``, started, and killed after the test."""
+    qemu = Qemu(work / "vm.qmp")
+    cleanup.append(qemu.start())
+    return qemu
+
+
+@pytest.fixture
+def start_serve(work: Path, cleanup: list[Process]) -> StartServe:
+    """Start ``qmpnet serve`` under a topic root of its own (killed after the test); wait until it is online."""
+
+    async def start(mode: Mode, url: str, name: str, guests: dict[str, Path] | None = None, **more: Any) -> Serve:
+        serve = serve_on(mode, url, work, name, guests, **more)
+        cleanup.append(serve.start())
+        await wait_online(serve, url, guests_connected=sorted(guests or {}), protocol=mode.probe)
+        return serve
+
+    return start
+
+
 @pytest.mark.parametrize("mode", MODES, ids=str)
 async def test_sigkilled_controller_leaves_its_will_offline(
-    mode: Mode, work: Path, cleanup: list[Process], request: pytest.FixtureRequest
+    mode: Mode, work: Path, start_serve: StartServe, request: pytest.FixtureRequest
 ) -> None:
     with broker_for(mode, work, request) as broker:
-        serve = serve_on(mode, broker.url, work, "k1")
-        cleanup.append(serve.start())
-        await wait_online(serve, broker.url, protocol=mode.probe)
+        serve = await start_serve(mode, broker.url, "k1")
         serve.kill()
         status = await wait_retained(
             broker.url, f"{serve.base}/status", lambda s: s["state"] == "offline", timeout=5, protocol=mode.probe
@@ -94,14 +116,10 @@ async def test_sigkilled_controller_leaves_its_will_offline(
 
 @pytest.mark.parametrize("mode", MODES, ids=str)
 async def test_sigterm_publishes_offline_and_exits_cleanly(
-    mode: Mode, work: Path, cleanup: list[Process], request: pytest.FixtureRequest
+    mode: Mode, work: Path, vm: Qemu, start_serve: StartServe, request: pytest.FixtureRequest
 ) -> None:
-    vm = Qemu(work / "vm.qmp")
-    cleanup.append(vm.start())
     with broker_for(mode, work, request) as broker:
-        serve = serve_on(mode, broker.url, work, "t1", {"vm": vm.qmp})
-        cleanup.append(serve.start())
-        await wait_online(serve, broker.url, guests_connected=["vm"], protocol=mode.probe)
+        serve = await start_serve(mode, broker.url, "t1", {"vm": vm.qmp})
         async with Probe(broker.url, protocol=mode.probe) as probe:
             marker = f"{serve.root}/marker"
             await probe.subscribe(f"{serve.base}/status", marker)
@@ -112,7 +130,7 @@ async def test_sigterm_publishes_offline_and_exits_cleanly(
             offline = await probe.one(f"{serve.base}/status", lambda m: m.json["state"] == "offline", since=since)
             assert offline.json == {"state": "offline"}
             assert serve.wait(5) == 0, serve.describe()
-            assert time.monotonic() - started < 3
+            print(f"{mode}: SIGTERM to exit {time.monotonic() - started:.2f} s")  # noqa: T201 - the figure, not a bound
             # The broker would send the will when it sees the connection go; a message published after the
             # controller exited comes after that.
             await probe.publish(marker, b"after")
@@ -122,16 +140,11 @@ async def test_sigterm_publishes_offline_and_exits_cleanly(
 
 
 async def test_qemu_killed_then_restarted_on_the_same_socket(
-    work: Path, cleanup: list[Process], request: pytest.FixtureRequest
+    work: Path, vm: Qemu, start_serve: StartServe, request: pytest.FixtureRequest
 ) -> None:
     mode = MOSQUITTO_5
-    vm = Qemu(work / "vm.qmp")
-    cleanup.append(vm.start())
     with broker_for(mode, work, request) as broker:
-        serve = serve_on(mode, broker.url, work, "q1", {"vm": vm.qmp})
-        cleanup.append(serve.start())
-        base = serve.base
-        await wait_online(serve, broker.url, guests_connected=["vm"])
+        base = (await start_serve(mode, broker.url, "q1", {"vm": vm.qmp})).base
         async with Probe(broker.url) as probe:
             await probe.subscribe(f"{base}/guest/vm/status", f"{base}/guest/vm/event/#")
             before = ok(await probe.call(f"{base}/guest/vm/request/nic/add", {"nic": {"id": "before"}}))
@@ -142,11 +155,11 @@ async def test_qemu_killed_then_restarted_on_the_same_socket(
             assert status["state"] == "disconnected"
             await probe.one(f"{base}/guest/vm/event/guest_disconnected", since=since)
 
-            started = time.monotonic()
             answer = await probe.call(f"{base}/guest/vm/request/nic/list", {"transaction": "while-down"})
-            assert time.monotonic() - started < 0.5
             assert answer["status"] == "error"
             assert answer["error"]["code"] == "guest_unavailable"
+            # Answered at once from the state the controller knows, without waiting for QEMU to come back.
+            assert answer["error"]["message"].startswith("guest vm is "), answer
 
             since = probe.mark()
             vm.start()
@@ -164,16 +177,12 @@ async def test_qemu_killed_then_restarted_on_the_same_socket(
 
 @pytest.mark.parametrize("mode", MOSQUITTO_MODES, ids=str)
 async def test_broker_restart_controller_comes_back_and_republishes(
-    mode: Mode, work: Path, cleanup: list[Process]
+    mode: Mode, work: Path, cleanup: list[Process], vm: Qemu, start_serve: StartServe
 ) -> None:
     own = Mosquitto(work)  # persistence off: a restart forgets every retained message
     cleanup.append(own.start())
-    vm = Qemu(work / "vm.qmp")
-    cleanup.append(vm.start())
-    serve = serve_on(mode, own.url, work, "b1", {"vm": vm.qmp})
-    cleanup.append(serve.start())
+    serve = await start_serve(mode, own.url, "b1", {"vm": vm.qmp})
     base = serve.base
-    await wait_online(serve, own.url, guests_connected=["vm"], protocol=mode.probe)
     async with Probe(own.url, protocol=mode.probe) as probe:
         ok(await probe.call(f"{base}/guest/vm/request/nic/add", {"nic": {"id": "kept"}}))
     await wait_retained(own.url, f"{base}/guest/vm/nics", lambda s: len(s["nics"]) == 1, protocol=mode.probe)
@@ -193,15 +202,11 @@ async def test_broker_restart_controller_comes_back_and_republishes(
 
 @pytest.mark.parametrize("mode", MODES, ids=str)
 async def test_requests_published_while_the_controller_is_stopped_are_answered_when_it_starts(
-    mode: Mode, work: Path, cleanup: list[Process], request: pytest.FixtureRequest
+    mode: Mode, work: Path, vm: Qemu, start_serve: StartServe, request: pytest.FixtureRequest
 ) -> None:
-    vm = Qemu(work / "vm.qmp")
-    cleanup.append(vm.start())
     with broker_for(mode, work, request) as broker:
-        serve = serve_on(mode, broker.url, work, "p1", {"vm": vm.qmp})
-        cleanup.append(serve.start())
+        serve = await start_serve(mode, broker.url, "p1", {"vm": vm.qmp})  # online: its session exists
         base = serve.base
-        await wait_online(serve, broker.url, guests_connected=["vm"], protocol=mode.probe)  # its session exists
         serve.stop()
         topic = f"{base}/guest/vm/request/nic/add"
         async with Probe(broker.url, protocol=mode.probe) as probe:
@@ -219,16 +224,12 @@ async def test_requests_published_while_the_controller_is_stopped_are_answered_w
 
 @pytest.mark.parametrize("mode", MOSQUITTO_MODES, ids=str)
 async def test_an_answer_produced_while_the_broker_is_away_is_sent_after_the_reconnect(
-    mode: Mode, work: Path, cleanup: list[Process]
+    mode: Mode, work: Path, cleanup: list[Process], vm: Qemu, start_serve: StartServe
 ) -> None:
     own = Mosquitto(work, persistence=True)  # sessions (the probe's, the controller's) survive the restart
     cleanup.append(own.start())
-    vm = Qemu(work / "vm.qmp")
-    cleanup.append(vm.start())
-    serve = serve_on(mode, own.url, work, "a1", {"vm": vm.qmp}, env={"QMPNET_LOG__LEVEL": "DEBUG"})
-    cleanup.append(serve.start())
+    serve = await start_serve(mode, own.url, "a1", {"vm": vm.qmp}, env={"QMPNET_LOG__LEVEL": "DEBUG"})
     base = serve.base
-    await wait_online(serve, own.url, guests_connected=["vm"], protocol=mode.probe)
     topic = f"{base}/guest/vm/request/nic/del"
     probe_id = f"probe-away-{mode.probe}"
     async with Probe(own.url, protocol=mode.probe, identifier=probe_id, session=300) as probe:
@@ -248,7 +249,7 @@ async def test_an_answer_produced_while_the_broker_is_away_is_sent_after_the_rec
 
 @pytest.mark.parametrize("mode", MOSQUITTO_MODES, ids=str)
 async def test_a_broker_restart_under_a_stream_of_requests_loses_none_and_applies_none_twice(
-    mode: Mode, work: Path, cleanup: list[Process]
+    mode: Mode, work: Path, cleanup: list[Process], start_serve: StartServe
 ) -> None:
     own = Mosquitto(work, persistence=True)
     cleanup.append(own.start())
@@ -256,9 +257,7 @@ async def test_a_broker_restart_under_a_stream_of_requests_loses_none_and_applie
     vm = Qemu(work / "vm" / "vm.qmp", extra=aux_args(work / "vm"))
     cleanup.append(vm.start())
     root = fresh_root()
-    serve = serve_on(mode, own.url, work, "s1", {"vm": vm.qmp}, root=root)
-    cleanup.append(serve.start())
-    await wait_online(serve, own.url, guests_connected=["vm"], protocol=mode.probe)
+    await start_serve(mode, own.url, "s1", {"vm": vm.qmp}, root=root)
     count = 20  # a -S pc guest has ~30 free slots
     answered = asyncio.Event()
     done = 0
@@ -295,15 +294,11 @@ async def test_a_broker_restart_under_a_stream_of_requests_loses_none_and_applie
 
 @pytest.mark.parametrize("mode", V311_MODES, ids=str)
 async def test_a_retained_request_in_311_runs_at_most_once_and_never_after_a_restart(
-    mode: Mode, work: Path, cleanup: list[Process], request: pytest.FixtureRequest
+    mode: Mode, work: Path, vm: Qemu, start_serve: StartServe, request: pytest.FixtureRequest
 ) -> None:
-    vm = Qemu(work / "vm.qmp")
-    cleanup.append(vm.start())
     with broker_for(mode, work, request) as broker:
-        serve = serve_on(mode, broker.url, work, "r1", {"vm": vm.qmp})
-        cleanup.append(serve.start())
+        serve = await start_serve(mode, broker.url, "r1", {"vm": vm.qmp})
         base = serve.base
-        await wait_online(serve, broker.url, guests_connected=["vm"], protocol=3)
         topic = f"{base}/guest/vm/request/nic/add"
         async with Probe(broker.url, protocol=3) as probe:
             await probe.subscribe(answer_topic(topic))
@@ -321,10 +316,8 @@ async def test_a_retained_request_in_311_runs_at_most_once_and_never_after_a_res
 
 @pytest.mark.parametrize("mode", V311_MODES, ids=str)
 async def test_a_stored_retained_request_in_311_is_never_executed_nor_answered(
-    mode: Mode, work: Path, cleanup: list[Process], request: pytest.FixtureRequest
+    mode: Mode, work: Path, cleanup: list[Process], vm: Qemu, request: pytest.FixtureRequest
 ) -> None:
-    vm = Qemu(work / "vm.qmp")
-    cleanup.append(vm.start())
     with broker_for(mode, work, request) as broker:
         serve = serve_on(mode, broker.url, work, "r2", {"vm": vm.qmp})  # never started yet: it has no session
         base = serve.base
@@ -362,12 +355,10 @@ async def test_a_forced_mqtt5_controller_on_a_311_broker_exits_saying_why(
 
 @pytest.mark.parametrize("mode", [RABBITMQ], ids=str)
 async def test_a_dotted_host_name_becomes_a_topic_safe_default_id(
-    mode: Mode, work: Path, cleanup: list[Process], request: pytest.FixtureRequest
+    mode: Mode, work: Path, cleanup: list[Process], vm: Qemu, request: pytest.FixtureRequest
 ) -> None:
     needs.require(os.geteuid() == 0 and shutil.which("unshare") is not None,
                   "needs root and unshare(1) to give the controller a host name of its own")  # fmt: skip
-    vm = Qemu(work / "vm.qmp")
-    cleanup.append(vm.start())
     with broker_for(mode, work, request) as broker:
         assert isinstance(broker, RabbitMQ)  # which maps '.' in a topic level to '/'
         root = fresh_root()
@@ -383,10 +374,8 @@ async def test_a_dotted_host_name_becomes_a_topic_safe_default_id(
 
 @pytest.mark.parametrize("mode", MODES, ids=str)
 async def test_a_retained_desired_set_reaches_a_starting_controller_on_every_broker(
-    mode: Mode, work: Path, cleanup: list[Process], request: pytest.FixtureRequest
+    mode: Mode, work: Path, cleanup: list[Process], vm: Qemu, request: pytest.FixtureRequest
 ) -> None:
-    vm = Qemu(work / "vm.qmp")
-    cleanup.append(vm.start())
     with broker_for(mode, work, request) as broker:
         serve = serve_on(mode, broker.url, work, "w1", {"vm": vm.qmp})
         desired = f"{serve.base}/guest/vm/desired"
@@ -405,15 +394,13 @@ async def test_a_retained_desired_set_reaches_a_starting_controller_on_every_bro
 
 
 @pytest.mark.parametrize("mode", MOSQUITTO_MODES, ids=str)
-async def test_the_client_reconnects_after_a_broker_restart(mode: Mode, work: Path, cleanup: list[Process]) -> None:
+async def test_the_client_reconnects_after_a_broker_restart(
+    mode: Mode, work: Path, cleanup: list[Process], vm: Qemu, start_serve: StartServe
+) -> None:
     own = Mosquitto(work)
     cleanup.append(own.start())
-    vm = Qemu(work / "vm.qmp")
-    cleanup.append(vm.start())
     root = fresh_root()
-    serve = serve_on(mode, own.url, work, "c1", {"vm": vm.qmp}, root=root)
-    cleanup.append(serve.start())
-    await wait_online(serve, own.url, guests_connected=["vm"], protocol=mode.probe)
+    await start_serve(mode, own.url, "c1", {"vm": vm.qmp}, root=root)
     async with Client(settings=client_settings(own.url, mode, root), timeout=15) as client:
         assert (await client.add_nic("c1", "vm", {"id": "one"})).id == "one"
         await asyncio.to_thread(own.stop)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import needs
 import pytest
 import pytest_asyncio
 from mqtt_fixtures import Mosquitto, Probe, Qemu, Serve, scratch, wait_online, wait_retained
@@ -127,7 +127,7 @@ async def test_remote_refusals_name_the_field(remote: Remote, client: Client) ->
         await client.remove_nic("lv", "vm", "u2", timeout=0)
 
 
-@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="needs tcpdump (apt-get install tcpdump)")
+@needs.tool("tcpdump", "tcpdump")
 async def test_captures_stay_inside_the_allowed_directory(remote: Remote, client: Client) -> None:
     await client.add_nic("lv", "vm", {"model": "e1000", "id": "u3"})
     pcap = remote.captures / "u3.pcap"

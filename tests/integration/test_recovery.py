@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, cast
 
 import pytest
 from aux_qmp import aux_args, aux_monitor, hmp
+from waiting import eventually
 
 import qmpnet
 from qmpnet.testguest import TestMachine
@@ -291,15 +292,15 @@ async def test_sigterm_lets_an_operation_in_flight_finish_before_the_monitor_clo
 
 async def recorded_as(state: Path, nic_id: str, wanted: str, timeout: float = 10) -> None:
     """Until the state store says ``nic_id`` is ``wanted`` (written before the change's first QMP command)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            for path in (state / "guests").glob("*.json"):
-                if path.name.endswith(".desired.json"):
-                    continue
-                nics = json.loads(path.read_text()).get("nics", {})
-                if nics.get(nic_id, {}).get("state") == wanted:
-                    return
-            await asyncio.sleep(0.02)  # a poll with a deadline: the store offers nothing to wait on
+
+    def recorded() -> bool:  # the store offers nothing to wait on
+        return any(
+            json.loads(path.read_text()).get("nics", {}).get(nic_id, {}).get("state") == wanted
+            for path in (state / "guests").glob("*.json")
+            if not path.name.endswith(".desired.json")
+        )
+
+    await eventually(recorded, timeout=timeout, interval=0.02, what=f"{nic_id} recorded as {wanted}")
 
 
 # ------------------------------------------------------------------------------------------------- apply

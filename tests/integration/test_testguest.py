@@ -168,11 +168,9 @@ async def test_run_passes_awkward_text_unchanged(pc_guest: TestMachine) -> None:
 
 @module_loop
 async def test_run_kills_a_command_at_its_timeout_and_keeps_serving(pc_guest: TestMachine) -> None:
-    started = time.monotonic()
     result = await pc_guest.agent.run("echo started; sleep 60", timeout=1)
-    assert result.rc == 137  # SIGKILL
+    assert result.rc == 137  # SIGKILL: killed at its timeout, not run to its end (which would be 0)
     assert result.output == "started\nKilled\n"  # "Killed": the agent's shell reporting the signal
-    assert time.monotonic() - started < 10
     assert (await pc_guest.agent.run("echo still here")).output == "still here\n"
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures of the unit suite: a short socket directory, fake QMP monitors, fast settings."""
+"""Shared fixtures of the unit suite: a short socket directory, fake QMP monitors, fakes of a controller, settings."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import needs
 import pytest
+from fakefleet import Fleet, Sink
 from fakeqmp import FakeQmp
 from hypothesis import settings
 from statedir import state_dir  # noqa: F401 - a session fixture: pytest finds it here
@@ -47,6 +48,18 @@ def fast() -> Settings:
     return Settings(
         qmp=QmpSettings(connect_timeout=1.0, command_timeout=0.3, unplug_timeout=0.3, rollback_unplug_timeout=1.0)
     )
+
+
+@pytest.fixture
+def fleet() -> Fleet:
+    """Fake QMP connections for a controller's guests (tests/unit/fakefleet.py)."""
+    return Fleet()
+
+
+@pytest.fixture
+def sink() -> Sink:
+    """A recording state sink for a controller (tests/unit/fakefleet.py)."""
+    return Sink()
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

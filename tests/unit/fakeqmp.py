@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
 from captures import Capture, QmpError
+from waiting import eventually  # re-exported for tests written before tests/waiting.py
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -47,17 +48,6 @@ __all__ = [
 CAPTURED = frozenset({"qom-get", "qom-list", "qom-list-types", "device-list-properties", "query-pci"})
 #: Commands that only read; :meth:`FakeQmp.changes` leaves them out.
 READ_ONLY = CAPTURED | {"qmp_capabilities", "human-monitor-command", "query-rx-filter", "query-chardev"}
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``predicate`` on every turn of the event loop until it holds.
-
-    Raises:
-        TimeoutError: It did not hold within ``timeout`` seconds.
-    """
-    async with asyncio.timeout(timeout):
-        while not predicate():  # noqa: ASYNC110 - polling a plain predicate that has no event to wait on
-            await asyncio.sleep(0.001)
 
 
 @dataclass(frozen=True)

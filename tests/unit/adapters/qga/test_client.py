@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,10 +83,8 @@ async def test_an_agent_error_is_an_agent_command_error(qga: FakeQga) -> None:
 
 async def test_a_silent_agent_is_unavailable_after_the_connect_timeout(qga: FakeQga) -> None:
     qga.silent = True
-    started = time.monotonic()
     with pytest.raises(AgentUnavailable, match=r"did not answer guest-sync within 0\.5 s") as caught:
         await GuestAgent.open(qga.path, FAST)
-    assert 0.4 < time.monotonic() - started < 3
     assert isinstance(caught.value, GuestUnavailable)
     assert caught.value.code == "guest_unavailable"
 
@@ -189,10 +186,8 @@ async def test_wait_for_absent_returns_none(qga: FakeQga) -> None:
 async def test_wait_for_raises_not_verified_with_what_the_guest_showed(qga: FakeQga) -> None:
     qga.set_interface("ens4", MAC, "fe80::1/64", carrier="0")
     async with GuestAgent.connect(qga.path, FAST) as agent:
-        started = time.monotonic()
         with pytest.raises(NotVerified) as caught:
             await wait_for(agent, MAC, "address", timeout=0.2)
-        assert 0.15 < time.monotonic() - started < 2
     error = caught.value
     assert error.code == "not_verified"
     assert f"an interface with an address for {MAC} within 0.2 s" in error.message

@@ -115,15 +115,12 @@ async def test_rollback_keeps_the_netdev_of_a_nic_the_guest_has_not_released(fak
 @pytest.mark.parametrize("command", ["netdev_add", "device_add"])
 async def test_hung_command_is_outcome_unknown_without_rollback(fake: FakeQmp, fast: Settings, command: str) -> None:
     fake.hang(command)
-    loop = asyncio.get_running_loop()
     async with qmpnet.connect(str(fake.path), settings=fast) as guest:
-        await guest.list_nics()  # read the guest first, so only the hot-add itself is timed
-        start = loop.time()
+        await guest.list_nics()  # read the guest first, so only the hot-add itself can time out
         with pytest.raises(OutcomeUnknown) as info:
             await guest.add_nic({"id": "x1"})
-        elapsed = loop.time() - start
         assert info.value.code == "outcome_unknown"
-        assert 0.29 <= elapsed < 2.5  # the configured 0.3 s, not the 10 s default
+        assert f"{command}: no answer from QEMU within 0.3 s" in info.value.message  # the configured, not 10 s
         expected = ["netdev_add"] if command == "netdev_add" else ["netdev_add", "device_add"]
         assert fake.change_names() == expected
         assert any("did not roll back" in note for note in info.value.__notes__)
@@ -185,11 +182,8 @@ async def test_stale_socket_file_is_guest_unavailable(sockdir: Path, fast: Setti
 
 async def test_silent_monitor_is_busy_after_connect_timeout(sockdir: Path) -> None:
     settings = Settings(qmp=QmpSettings(connect_timeout=0.2))
-    loop = asyncio.get_running_loop()
     async with FakeQmp(sockdir / "silent.qmp", greet=False) as silent:
-        start = loop.time()
         # Accepted but never greeted: what QEMU does while another client holds the monitor.
-        with pytest.raises(Busy, match="another client holds it"):
+        with pytest.raises(Busy, match=r"no greeting within 0\.\d+ s: another client"):  # 0.2 s, not 5 s
             async with qmpnet.connect(str(silent.path), settings=settings):
                 pass
-        assert loop.time() - start < 2.5  # 0.2 s, not the 5 s default

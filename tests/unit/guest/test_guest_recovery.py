@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fakeqmp import Command, FakeQmp, eventually
+from fakeqmp import Command, FakeQmp
+from waiting import eventually
 
 import qmpnet
 from qmpnet.adapters.store import StateDir, files

@@ -20,9 +20,10 @@ import needs
 import pytest
 import pytest_asyncio
 from aux_qmp import aux_args, aux_monitor
+from fakesysfs import FakeKernel, FakeTree
 
 import qmpnet
-from qmpnet.adapters.hostnet import HostnetSettings, Sysfs
+from qmpnet.adapters.hostnet import HostnetSettings
 from qmpnet.adapters.hostnet import host as host_module
 from qmpnet.errors import Forbidden, InvalidRequest, NotFound, QmpCommandError, Unsupported
 from qmpnet.settings import Settings
@@ -42,79 +43,6 @@ pytestmark = [
 NIC = "0000:42:00.0"
 SIBLING = "0000:42:00.1"
 ETHERNET, STORAGE, PCI_BRIDGE = 0x020000, 0x010802, 0x060400
-
-
-class FakeTree:
-    """The parts of sysfs ``check_vfio`` reads: devices with class, driver and iommu_group links, drivers, groups."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        (root / "bus/pci/devices").mkdir(parents=True)
-        (root / "bus/pci/drivers").mkdir(parents=True)
-        (root / "bus/pci/drivers_probe").write_text("")
-        self.probe_finds: dict[str, str | None] = {}
-
-    def device(self, address: str) -> Path:
-        return self.root / "devices/pci0000:42" / address
-
-    def add_driver(self, name: str) -> None:
-        path = self.root / "bus/pci/drivers" / name
-        path.mkdir(exist_ok=True)
-        for attr in ("bind", "unbind"):
-            (path / attr).touch()
-
-    def add_device(self, address: str, pci_class: int, driver: str | None, group: str | None) -> None:
-        real = self.device(address)
-        real.mkdir(parents=True)
-        (real / "class").write_text(f"{pci_class:#08x}\n")
-        (real / "driver_override").write_text("(null)\n")
-        (self.root / "bus/pci/devices" / address).symlink_to(real)
-        self.probe_finds[address] = driver
-        if driver is not None:
-            self.bind(address, driver)
-        if group is not None:
-            members = self.root / "kernel/iommu_groups" / group / "devices"
-            members.mkdir(parents=True, exist_ok=True)
-            (real / "iommu_group").symlink_to(members.parent)
-            (members / address).symlink_to(real)
-
-    def bind(self, address: str, driver: str) -> None:
-        self.add_driver(driver)
-        (self.device(address) / "driver").symlink_to(self.root / "bus/pci/drivers" / driver)
-
-    def driver(self, address: str) -> str | None:
-        link = self.device(address) / "driver"
-        return link.readlink().name if link.is_symlink() else None
-
-    def override(self, address: str) -> str:
-        return (self.device(address) / "driver_override").read_text().strip()
-
-
-class FakeKernel(Sysfs):
-    """Sysfs whose writes act as the kernel's do: unbind, probe (honouring ``driver_override``), bind."""
-
-    def __init__(self, tree: FakeTree) -> None:
-        super().__init__(tree.root)
-        self.tree = tree
-        self.writes: list[tuple[str, str]] = []
-
-    def write(self, path: Path, text: str) -> None:
-        rel = str(path.relative_to(self.root))
-        self.writes.append((rel, text))
-        if rel.endswith("/driver_override"):
-            (path.resolve()).write_text(text.strip() or "(null)")
-        elif rel.endswith("/unbind"):
-            assert self.tree.driver(text) == path.parent.name, f"unbind {text} from {path.parent.name}"
-            (self.tree.device(text) / "driver").unlink()
-        elif rel == "bus/pci/drivers_probe":
-            override = self.tree.override(text)
-            wanted = override if override != "(null)" else self.tree.probe_finds[text]
-            if self.tree.driver(text) is None and wanted is not None:
-                self.tree.bind(text, wanted)
-        elif rel.endswith("/bind"):
-            self.tree.bind(text, path.parent.name)
-        else:
-            raise AssertionError(f"unexpected sysfs write to {rel}")
 
 
 @pytest.fixture

@@ -3,139 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
-import pytest
-from fakemonitor import RecordingMonitor
+from fakefleet import Fleet, Sink, running, settings
+from waiting import eventually
 
 from qmpnet.adapters.store import MemoryGuestStore
 from qmpnet.core.records import GuestRecord
-from qmpnet.errors import GuestUnavailable
 from qmpnet.serve.controller import Controller
 from qmpnet.serve.metrics import Metrics
-from qmpnet.settings import ControllerSettings, LaneSettings, MqttSettings, QmpSettings, ReconcileSettings, Settings
+from qmpnet.settings import ControllerSettings, LaneSettings, MqttSettings, ReconcileSettings, Settings
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
-    from qmpnet.api.wire.envelopes import ControllerOnline, EventMessage, GuestStatus, NicList, Response
+    import pytest
 
-
-class FakeConnection(RecordingMonitor):
-    """A recording monitor with what the controller needs of a connection."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.closed = asyncio.Event()
-        self.greeting_version: str | None = "7.2.22"
-
-    async def machine(self) -> tuple[str, str]:
-        return "pc-i440fx-7.2", "pc"
-
-    async def close(self) -> None:
-        self.closed.set()
-
-
-class Sink:
-    """Records what the controller publishes."""
-
-    def __init__(self) -> None:
-        self.controller: list[ControllerOnline] = []
-        self.status: list[tuple[str, GuestStatus]] = []
-        self.nics: list[tuple[str, NicList]] = []
-        self.events: list[tuple[str, str, EventMessage]] = []
-        self.gone: list[str] = []
-        self.changed = asyncio.Event()
-
-    def controller_status(self, status: ControllerOnline) -> None:
-        self.controller.append(status)
-        self.changed.set()
-
-    def guest_status(self, guest: str, status: GuestStatus) -> None:
-        self.status.append((guest, status))
-        self.changed.set()
-
-    def guest_nics(self, guest: str, nics: NicList) -> None:
-        self.nics.append((guest, nics))
-        self.changed.set()
-
-    def guest_gone(self, guest: str) -> None:
-        self.gone.append(guest)
-        self.changed.set()
-
-    def event(self, guest: str, name: str, event: EventMessage) -> None:
-        self.events.append((guest, name, event))
-        self.changed.set()
-
-    def states(self, guest: str) -> list[str]:
-        return [status.state for name, status in self.status if name == guest]
-
-    def event_names(self, guest: str) -> list[str]:
-        return [name for g, name, _ in self.events if g == guest]
-
-    async def until(self, check: Callable[[], bool], timeout: float = 2.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not check():
-                self.changed.clear()
-                await self.changed.wait()
-
-
-class Fleet:
-    """Fake connections per guest; ``refuse`` makes the next connects fail."""
-
-    def __init__(self) -> None:
-        self.connections: dict[str, list[FakeConnection]] = {}
-        self.refuse: set[str] = set()
-        self.attempts: dict[str, int] = {}
-        self.gate: asyncio.Event | None = None  # when set, connects wait for it
-
-    async def connect(self, name: str, address: str) -> FakeConnection:
-        self.attempts[name] = self.attempts.get(name, 0) + 1
-        if self.gate is not None:
-            await self.gate.wait()
-        if name in self.refuse:
-            raise GuestUnavailable(f"cannot connect to QMP monitor {address}: refused")
-        connection = FakeConnection()
-        self.connections.setdefault(name, []).append(connection)
-        return connection
-
-    def current(self, name: str) -> FakeConnection:
-        return self.connections[name][-1]
-
-
-def settings(guests: dict[str, str] | None = None, **fleet: Any) -> Settings:
-    return Settings(
-        qmp=QmpSettings(connect_timeout=1, command_timeout=1, unplug_timeout=0.05),
-        mqtt=MqttSettings(controller_id="t1", dedup_window=60),
-        controller=ControllerSettings(
-            guests={"vm1": "/x/vm1.qmp"} if guests is None else guests, backoff_min=0.01, backoff_max=0.05, **fleet
-        ),
-    )
-
-
-@contextlib.asynccontextmanager
-async def running(controller: Controller) -> AsyncIterator[Controller]:
-    task = asyncio.create_task(controller.run())
-    try:
-        yield controller
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-@pytest.fixture
-def sink() -> Sink:
-    return Sink()
-
-
-@pytest.fixture
-def fleet() -> Fleet:
-    return Fleet()
+    from qmpnet.api.wire.envelopes import Response
 
 
 def ok(response: Response) -> Any:
@@ -147,12 +33,6 @@ def error_code(response: Response) -> str:
     assert response.status == "error", response
     return response.error.code
 
-
-async def until(check: Callable[[], bool], timeout: float = 2.0) -> None:
-    """Poll ``check`` until it holds (a bounded poll: these states change in other tasks, with no event to await)."""
-    async with asyncio.timeout(timeout):
-        while not check():  # noqa: ASYNC110 - the fakes have no hook to signal these changes
-            await asyncio.sleep(0.001)
 
 
 async def connected(sink: Sink, guest: str = "vm1") -> None:
@@ -189,9 +69,9 @@ async def test_a_duplicate_transaction_gets_the_first_answer_and_is_applied_once
         monitor.gates["device_add"] = asyncio.Event()
         request = {"transaction": "t-1", "nic": {"model": "e1000"}}
         first = asyncio.create_task(controller.handle("vm1", "nic/add", request))
-        await until(lambda: "device_add" in monitor.commands)  # the first is inside QEMU's device_add
+        await eventually(lambda: "device_add" in monitor.commands)  # the first is inside QEMU's device_add
         second = asyncio.create_task(controller.handle("vm1", "nic/add", {**request, "nic": {"model": "rtl8139"}}))
-        await until(lambda: "repeated" in caplog.text)  # the second found the first's transaction
+        await eventually(lambda: "repeated" in caplog.text)  # the second found the first's transaction
         monitor.gates["device_add"].set()
         answers = await asyncio.gather(first, second)
         third = await controller.handle("vm1", "nic/add", request)
@@ -240,7 +120,7 @@ async def test_a_guest_that_cannot_be_reached_fails_fast_and_is_retried(sink: Si
         assert error_code(answer) == "guest_unavailable"
         assert answer.status == "error"
         assert "refused" in answer.error.message
-        await until(lambda: fleet.attempts["vm1"] >= 3)  # retried with backoff
+        await eventually(lambda: fleet.attempts["vm1"] >= 3)  # retried with backoff
         fleet.refuse.clear()
         await connected(sink)
         ok(await controller.handle("vm1", "nic/list", {}))
@@ -249,7 +129,7 @@ async def test_a_guest_that_cannot_be_reached_fails_fast_and_is_retried(sink: Si
 async def test_requests_during_the_first_connection_attempt_wait_for_it_in_order(sink: Sink, fleet: Fleet) -> None:
     fleet.gate = asyncio.Event()  # the first attempt hangs: requests kept by the broker arrive meanwhile
     async with running(Controller(settings(), sink, fleet.connect, version="0")) as controller:
-        await until(lambda: fleet.attempts.get("vm1") == 1)
+        await eventually(lambda: fleet.attempts.get("vm1") == 1)
         waiting = [
             asyncio.create_task(controller.handle("vm1", "nic/add", {"transaction": f"q{n}", "nic": {"id": f"q{n}"}}))
             for n in range(3)
@@ -302,7 +182,7 @@ async def test_a_link_changed_behind_the_lanes_back_is_published_by_the_resync(s
         (event,) = [e for g, name, e in sink.events if name == "link_changed"]
         assert (event.id, event.nic.link if event.nic else None) == (cold.id, "down")
         published, reads = len(sink.nics), fleet.current("vm1").observed
-        await until(lambda: fleet.current("vm1").observed >= reads + 2)  # two more resyncs: nothing new to tell
+        await eventually(lambda: fleet.current("vm1").observed >= reads + 2)  # two more resyncs: nothing new to tell
         assert sink.event_names("vm1").count("link_changed") == 1
         assert len(sink.nics) == published
 

@@ -12,8 +12,7 @@ import contextlib
 import json
 from typing import TYPE_CHECKING
 
-import pytest
-from test_bus_controller import Fleet, running, settings
+from fakefleet import Fleet, running, settings
 
 from qmpnet.adapters.mqtt.bus import IncomingRequest, MqttBus
 from qmpnet.serve.controller import Controller
@@ -49,11 +48,6 @@ async def taken(bus: MqttBus) -> list[tuple[str, bytes]]:
 
 def request(op: str, body: dict[str, object]) -> IncomingRequest:
     return IncomingRequest(f"{BASE}/request/{op}", json.dumps(body).encode())
-
-
-@pytest.fixture
-def fleet() -> Fleet:
-    return Fleet()
 
 
 @contextlib.asynccontextmanager

@@ -16,7 +16,7 @@ from qmpnet.api.asyncapi import HEADER, asyncapi_document, render_asyncapi
 from qmpnet.api.schema import api_schema
 from qmpnet.api.wire.envelopes import EVENT_NAMES, OPS
 
-DOCS = Path(__file__).parents[2] / "docs"
+DOCS = Path(__file__).parents[3] / "docs"
 ASYNCAPI = DOCS / "asyncapi.yaml"
 VALIDATE_TIMEOUT = 300  # the CLI is a Node program of 1,500 modules; a busy 2-core machine takes a while to load it
 

@@ -11,7 +11,7 @@ from qmpnet.api.schema import BEGIN_MARKER, END_MARKER, api_schema, render_refer
 from qmpnet.api.wire.envelopes import EVENT_NAMES, OPS
 from qmpnet.errors import ErrorCode
 
-DOCS = Path(__file__).parents[2] / "docs"
+DOCS = Path(__file__).parents[3] / "docs"
 REGENERATE = "out of date: regenerate as qmpnet/api/schema.py's docstring says"
 
 

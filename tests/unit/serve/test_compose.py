@@ -206,7 +206,7 @@ def test_the_records_operation_window_follows_the_dedup_window_unless_set(
 
 
 def test_the_example_config_is_valid() -> None:
-    example = Path(__file__).parents[2] / "contrib" / "examples" / "serve.toml"
+    example = Path(__file__).parents[3] / "contrib" / "examples" / "serve.toml"
     settings = load_settings(example, mqtt={"ca_file": None})  # the example's CA file is not on this machine
     assert all(url.startswith("mqtts://") for url in settings.mqtt.urls)
     assert settings.controller.guest_dir is not None

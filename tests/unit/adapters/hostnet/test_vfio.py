@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
+from fakesysfs import FakeKernel, FakeTree
 
 from qmpnet.adapters.hostnet.vfio import Sysfs, bind_vfio, check_vfio, parse_pci_host, restore_driver
 from qmpnet.errors import InvalidRequest, NotFound, QmpnetError, Unsupported
@@ -18,81 +19,6 @@ BRIDGE = "0000:00:1c.0"
 ETHERNET = 0x020000
 STORAGE = 0x010802
 PCI_BRIDGE = 0x060400
-
-
-class FakeTree:
-    """A sysfs tree laid out like the kernel's: devices, drivers, IOMMU groups and their symlinks."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        (root / "bus/pci/devices").mkdir(parents=True)
-        (root / "bus/pci/drivers").mkdir(parents=True)
-        (root / "bus/pci/drivers_probe").write_text("")
-        self.default_driver: dict[str, str | None] = {}
-
-    def add_driver(self, name: str) -> None:
-        path = self.root / "bus/pci/drivers" / name
-        path.mkdir(exist_ok=True)
-        for attr in ("bind", "unbind", "new_id"):
-            (path / attr).write_text("")
-
-    def add_device(self, address: str, pci_class: int, driver: str | None, group: str | None) -> None:
-        real = self.root / "devices/pci0000:00" / address
-        real.mkdir(parents=True)
-        (real / "class").write_text(f"{pci_class:#08x}\n")
-        (real / "driver_override").write_text("(null)\n")
-        (self.root / "bus/pci/devices" / address).symlink_to(f"../../../devices/pci0000:00/{address}")
-        self.default_driver[address] = driver
-        if driver is not None:
-            self.bind(address, driver)
-        if group is not None:
-            members = self.root / "kernel/iommu_groups" / group / "devices"
-            members.mkdir(parents=True, exist_ok=True)
-            (real / "iommu_group").symlink_to(f"../../../kernel/iommu_groups/{group}")
-            (members / address).symlink_to(f"../../../../devices/pci0000:00/{address}")
-
-    def bind(self, address: str, driver: str) -> None:
-        self.add_driver(driver)
-        self.device(address).joinpath("driver").symlink_to(f"../../../bus/pci/drivers/{driver}")
-
-    def unbind(self, address: str) -> None:
-        self.device(address).joinpath("driver").unlink()
-
-    def device(self, address: str) -> Path:
-        return self.root / "devices/pci0000:00" / address
-
-    def driver(self, address: str) -> str | None:
-        link = self.device(address) / "driver"
-        return link.readlink().name if link.is_symlink() else None
-
-
-class FakeKernel(Sysfs):
-    """A :class:`Sysfs` whose writes do what the kernel's would: unbind, probe (honouring driver_override), bind."""
-
-    def __init__(self, tree: FakeTree, *, vfio_refuses: bool = False) -> None:
-        super().__init__(tree.root)
-        self.tree = tree
-        self.writes: list[tuple[str, str]] = []
-        self.vfio_refuses = vfio_refuses
-
-    def write(self, path: Path, text: str) -> None:
-        rel = str(path.relative_to(self.root))
-        self.writes.append((rel, text))
-        if rel.endswith("/driver_override"):
-            (self.tree.device(path.parent.name) / "driver_override").write_text(text.strip() or "(null)")
-        elif rel.endswith("/unbind"):
-            assert self.tree.driver(text) == path.parent.name, "unbind from a driver the device is not on"
-            self.tree.unbind(text)
-        elif rel == "bus/pci/drivers_probe":
-            if self.tree.driver(text) is None:
-                override = self.tree.device(text).joinpath("driver_override").read_text().strip()
-                wanted = override if override != "(null)" else self.tree.default_driver[text]
-                if wanted is not None and not (wanted == "vfio-pci" and self.vfio_refuses):
-                    self.tree.bind(text, wanted)
-        elif rel.endswith("/bind"):
-            self.tree.bind(text, path.parent.name)
-        else:
-            raise AssertionError(f"unexpected sysfs write to {rel}")
 
 
 @pytest.fixture

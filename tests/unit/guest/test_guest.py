@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 import hypothesis
 import pytest
 from fakemonitor import RecordingMonitor
-from fakeqmp import eventually
 from hypothesis import given
 from hypothesis import strategies as st
+from waiting import eventually
 
 from qmpnet.core.model import RemoveResult
 from qmpnet.core.placement import PciBus, PciTopology

@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -68,10 +67,8 @@ async def test_a_second_holder_waits_then_gets_busy_naming_the_holder(tmp_path: 
     state = StateDir(tmp_path)
     first = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
     try:
-        started = time.monotonic()
-        with pytest.raises(Busy, match=f"pid {os.getpid()}"):
+        with pytest.raises(Busy, match=rf"pid {os.getpid()}\) holds it; waited 0\.2 s"):
             await state.open_guest("/run/vm1.qmp", "vm1", wait=0.2)
-        assert 0.2 <= time.monotonic() - started < 2
         # Another guest is not held up.
         other = await state.open_guest("/run/vm2.qmp", "vm2", wait=0.2)
         other.close()

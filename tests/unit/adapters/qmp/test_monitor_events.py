@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fakeqmp import Event, FakeQmp, eventually
+from fakeqmp import Event, FakeQmp
+from waiting import eventually
 
 import qmpnet
 from qmpnet.adapters.qmp import QmpMonitor

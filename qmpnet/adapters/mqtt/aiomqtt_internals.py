@@ -12,9 +12,9 @@ qmpnet uses no private *name* of ``aiomqtt`` or ``paho``; it relies on one undoc
   status has been read, and a controller known to be offline is refused before anything is published.
   :func:`dispatching_queue` makes a queue whose ``put_nowait`` dispatches at once.
 
-tests/unit/adapters/mqtt/test_aiomqtt_internals.py is the contract: it fails, naming what changed, when a new version of ``aiomqtt``
-no longer fills the queue this way; and it checks that no other module of the MQTT adapter uses a private name of
-``aiomqtt`` or ``paho``.
+tests/unit/adapters/mqtt/test_aiomqtt_internals.py is the contract: it fails, naming what changed, when a new version
+of ``aiomqtt`` no longer fills the queue this way; and it checks that no other module of the MQTT adapter uses a
+private name of ``aiomqtt`` or ``paho``.
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ Why the public API does not suffice:
   ``QMPClient`` does not expose its socket (:func:`peer_socket` reads ``_writer``), which the adapter needs for the
   peer's credentials (QEMU's pid).
 
-tests/unit/adapters/qmp/test_qemu_qmp_internals.py is the contract: it fails, naming the attribute, when a new version of
-``qemu.qmp`` removes or changes any of these; ``pyproject.toml`` pins the version exactly. No other module of qmpnet
-uses a private name of ``qemu.qmp`` (that test checks it too).
+tests/unit/adapters/qmp/test_qemu_qmp_internals.py is the contract: it fails, naming the attribute, when a new version
+of ``qemu.qmp`` removes or changes any of these; ``pyproject.toml`` pins the version exactly. No other module of
+qmpnet uses a private name of ``qemu.qmp`` (that test checks it too).
 """
 
 from __future__ import annotations

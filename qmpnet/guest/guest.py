@@ -46,6 +46,7 @@ from qmpnet.core.desired_diff import with_added, with_link, without
 from qmpnet.core.hotadd_plan import AddPlan, QmpCall, needs_tap_fds, plan_add
 from qmpnet.core.inventory import Inventory, backend_of
 from qmpnet.core.model import (
+    Capacity,
     CaptureResult,
     GuestEvent,
     GuestEventName,
@@ -62,6 +63,7 @@ from qmpnet.core.model import (
     parse_nic_update,
 )
 from qmpnet.core.names import check_qemu_id, format_pci_addr
+from qmpnet.core.placement import capacity
 from qmpnet.core.policy import check_spec, check_update
 from qmpnet.core.records import GuestRecord, HostHold, NicRecord, OperationRecord
 from qmpnet.core.recovery_plan import RecoveryStep, answered_by_recovery, plan_recovery
@@ -474,6 +476,23 @@ class Guest:
         """
         async with self._lane_turn():
             return await self._monitor.models()
+
+    async def slots(self, *, reread: bool = True) -> Capacity:
+        """How many more NICs of each model can be hot-plugged now, and where (:func:`~qmpnet.core.placement.capacity`).
+
+        Args:
+            reread: Read the guest afresh (as :meth:`list_nics` does); ``False``: the lane's inventory, if current.
+
+        Raises:
+            OutcomeUnknown, GuestUnavailable, Busy: As for :meth:`add_nic`.
+        """
+        async with self._lane_turn():
+            inventory = await (self._refresh(full=False) if reread else self._fresh_inventory())
+            return capacity(inventory.topology)
+
+    def known_capacity(self) -> Capacity | None:
+        """:meth:`slots` from the lane's inventory, with no QMP read: ``None`` while the inventory is not current."""
+        return capacity(self._inventory.topology) if self._inventory is not None else None
 
     async def idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the lane and the late unplugs being finished to be idle.

@@ -207,5 +207,8 @@ async def test_counts_go_down_with_each_nic_and_back_up_as_they_are_removed(serv
         print(f"{served.machine}: after {action} {model}: {want}")  # noqa: T201
 
     assert ok(await probe.call(f"{BASE}/request/slots", {})) == start
+    # Broker mode of the CLI asks the controller the same question.
+    cli = await _cli("slots", "--broker", served.broker.url, "--controller", "cap", "--guest", "vm", "--json")
+    assert json.loads(cli) == start
     listed = ok(await probe.call(f"{BASE}/request/nic/list", {}))
     assert not {"cap-v", "cap-r"} & {n["id"] for n in listed["nics"]}

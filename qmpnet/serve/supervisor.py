@@ -97,7 +97,7 @@ class Supervisor:
         self.agent = fleet.settings.controller.agents.get(name) or _agent_beside(address)
         self._store: GuestStore | None = None
         self._reconciler: Reconciler | None = None
-        self._recount: asyncio.Task[None] | None = None
+        self._recounting: asyncio.Task[None] | None = None
         self._recount_again = False
         self._log = {"guest": name}
 
@@ -216,10 +216,10 @@ class Supervisor:
                     await self._watch(connection, guest)
                 finally:
                     self._reconciler = None
-                    if self._recount is not None:
-                        self._recount.cancel()
-                        await asyncio.gather(self._recount, return_exceptions=True)
-                        self._recount = None
+                    if self._recounting is not None:
+                        self._recounting.cancel()
+                        await asyncio.gather(self._recounting, return_exceptions=True)
+                        self._recounting = None
                     reconciling.cancel()
                     await asyncio.gather(reconciling, return_exceptions=True)
                 log.info("guest %s: disconnected", self.name, extra=self._log)
@@ -242,16 +242,24 @@ class Supervisor:
             except (Busy, OutcomeUnknown) as err:
                 log.info("guest %s: resync skipped: %s", self.name, err, extra=self._log)
             else:
-                self._recount_soon()  # another QMP client may have taken or freed a place
+                self._recount(guest)  # another QMP client may have taken or freed a place
             if self._reconciler is not None:
                 self._reconciler.poke()
 
+    def _recount(self, guest: Guest) -> None:
+        """Read the capacity from the lane's inventory now, or once the lane is free if it is being re-read."""
+        room = guest.known_capacity()
+        if room is None:
+            self._recount_soon()
+        else:
+            self.capacity_read(room)
+
     def _recount_soon(self) -> None:
         """Read the capacity again once the lane is free (events arrive inside the lane's turn), one read at a time."""
-        if self._recount is not None and not self._recount.done():
+        if self._recounting is not None and not self._recounting.done():
             self._recount_again = True  # the read under way may have missed this change: one more after it
             return
-        self._recount = asyncio.create_task(self._recount_now(), name=f"qmpnet[guest={self.name}].capacity")
+        self._recounting = asyncio.create_task(self._recount_now(), name=f"qmpnet[guest={self.name}].capacity")
 
     async def _recount_now(self) -> None:
         again = True
@@ -265,6 +273,10 @@ class Supervisor:
             except QmpnetError as err:
                 log.info("guest %s: capacity not read: %s", self.name, err, extra=self._log)
                 return
+            except Exception:
+                # A bug must not go unseen in a background task; the next change or resync reads it again.
+                log.exception("guest %s: reading the capacity failed", self.name, extra=self._log)
+                return
             again = self._recount_again
 
     def _reconcile_event(self, name: str, message: EventMessage) -> None:
@@ -272,11 +284,7 @@ class Supervisor:
 
     def _on_event(self, event: GuestEvent) -> None:
         if event.name in _CAPACITY_EVENTS and self.guest is not None:
-            room = self.guest.known_capacity()
-            if room is None:
-                self._recount_soon()
-            else:
-                self.capacity_read(room)
+            self._recount(self.guest)
         self.nics.apply(event)
         if event.name == "nic_removed" and self._reconciler is not None:
             self._reconciler.poke()  # a desired NIC may have vanished behind qmpnet's back

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from qmpnet.api.direct import connect
     from qmpnet.core.model import (
         BridgeBackend,
+        Capacity,
         DgramBackend,
         GuestEvent,
         GuestView,
@@ -58,8 +59,8 @@ _EXPORTS: dict[str, str] = {
         "qmpnet.errors",
     ),
     **dict.fromkeys(
-        ("BridgeBackend", "DgramBackend", "GuestEvent", "GuestView", "HubportBackend", "ModelInfo", "NatBackend",
-         "Nic", "NicSpec", "RemoveResult", "StreamBackend", "TapBackend", "UserBackend", "VfioBackend"),
+        ("BridgeBackend", "Capacity", "DgramBackend", "GuestEvent", "GuestView", "HubportBackend", "ModelInfo",
+         "NatBackend", "Nic", "NicSpec", "RemoveResult", "StreamBackend", "TapBackend", "UserBackend", "VfioBackend"),
         "qmpnet.core.model",
     ),
 }
@@ -68,6 +69,7 @@ __all__ = [
     "BridgeBackend",
     "BrokerUnavailable",
     "Busy",
+    "Capacity",
     "Conflict",
     "DgramBackend",
     "Forbidden",

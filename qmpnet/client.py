@@ -31,7 +31,7 @@ from qmpnet.core.desired_diff import parse_desired
 from qmpnet.core.model_base import Verify
 from qmpnet.core.names import BUS_NAME_RULE
 from qmpnet.core.nic_requests import NicSpec, NicUpdate, parse_nic_spec, parse_nic_update
-from qmpnet.core.observed import CaptureResult, ModelInfo, Nic, RemoveResult
+from qmpnet.core.observed import Capacity, CaptureResult, ModelInfo, Nic, RemoveResult
 from qmpnet.core.ports import GuestOps
 from qmpnet.errors import InvalidRequest
 from qmpnet.settings import MqttSettings, QgaSettings
@@ -190,6 +190,10 @@ class Client:
         """The NIC models the guest's QEMU offers."""
         return ModelList.model_validate(await self.call(controller, guest, "models")).models
 
+    async def slots(self, controller: str, guest: str) -> Capacity:
+        """How many more NICs of each model the guest can take now, and where, read afresh by the controller."""
+        return Capacity.model_validate(await self.call(controller, guest, "slots"))
+
     async def guests(self, controller: str) -> list[GuestInfo]:
         """The guests ``controller`` serves, with their connection state."""
         return GuestList.model_validate(await self.call(controller, None, "guests")).guests
@@ -249,6 +253,10 @@ class RemoteGuest:
     async def models(self) -> list[ModelInfo]:
         """List the NIC models (see :meth:`Client.models`)."""
         return await self.client.models(self.controller, self.name)
+
+    async def slots(self) -> Capacity:
+        """How many more NICs fit, and where (see :meth:`Client.slots`)."""
+        return await self.client.slots(self.controller, self.name)
 
     async def update_nic(self, update: NicUpdate | Mapping[str, Any]) -> Nic:
         """Change a NIC live (see :meth:`Client.update_nic`)."""

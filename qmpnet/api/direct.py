@@ -41,7 +41,7 @@ async def connect(
     ``qmp.connect_timeout`` seconds, then recovers the guest from its record.
 
     Yields:
-        The guest, ready for ``add_nic``, ``remove_nic``, ``set_link``, ``list_nics`` and ``models``.
+        The guest, ready for ``add_nic``, ``remove_nic``, ``set_link``, ``list_nics``, ``models`` and ``slots``.
 
     Raises:
         GuestUnavailable: Nothing answers at ``address``.

@@ -8,9 +8,9 @@ connected to, as the MQTT API checks it. Logs of the libraries underneath (qemu.
 ``--verbose``.
 
 Each command group has its module (:mod:`.nic`, :mod:`.net`, :mod:`.serve`, :mod:`.apply`, :mod:`.models`,
-:mod:`.schema`, :mod:`.demo_command`); the options they share are in :mod:`.options`. Every qmpnet module but
-the errors is imported inside the command that needs it, so that ``qmpnet --help`` and a direct-mode ``nic add``
-load only what they use (docs/performance.md).
+:mod:`.slots`, :mod:`.schema`, :mod:`.demo_command`); the options they share are in :mod:`.options`. Every qmpnet
+module but the errors is imported inside the command that needs it, so that ``qmpnet --help`` and a direct-mode
+``nic add`` load only what they use (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from qmpnet.cli import apply, demo_command, models, net, nic, schema, serve
+from qmpnet.cli import apply, demo_command, models, net, nic, schema, serve, slots
 from qmpnet.cli.exits import invoke, pause_collector
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 app.command("models")(models.models)
+app.command("slots")(slots.slots)
 app.command("apply")(apply.apply_cmd)
 app.command("guests")(serve.guests)
 app.command("schema")(schema.schema)

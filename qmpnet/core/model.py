@@ -40,11 +40,14 @@ from qmpnet.core.model_base import (
 )
 from qmpnet.core.nic_requests import NicSpec, NicUpdate, parse_nic_spec, parse_nic_update
 from qmpnet.core.observed import (
+    BusCapacity,
+    Capacity,
     CaptureResult,
     DiscardedRecord,
     GuestEvent,
     GuestEventName,
     GuestView,
+    ModelCapacity,
     ModelInfo,
     Nic,
     ObservedBackend,
@@ -60,6 +63,8 @@ __all__ = [
     "TAP_BASED",
     "Backend",
     "BridgeBackend",
+    "BusCapacity",
+    "Capacity",
     "CaptureResult",
     "DgramBackend",
     "DiscardedRecord",
@@ -69,6 +74,7 @@ __all__ = [
     "HubportBackend",
     "InetAddress",
     "LinkState",
+    "ModelCapacity",
     "ModelInfo",
     "NatBackend",
     "Nic",

@@ -146,3 +146,35 @@ class CaptureResult(Frozen):
     id: str = Field(description="The NIC's id.")
     state: Literal["capturing", "stopped"] = Field(description="Whether QEMU is writing the file now.")
     file: str | None = Field(default=None, description="The pcap file.")
+
+
+class BusCapacity(Frozen):
+    """One bus a model's hot-add may go to, and how many of its places are free."""
+
+    bus: str = Field(description="The bus id (``pci.0``, or the id of the root port or bridge providing it).")
+    kind: Literal["root", "root_port", "pci_bridge"] = Field(
+        description="root: pci.0 (pc); root_port: a pcie-root-port (one device); pci_bridge: a pci-bridge or "
+        "pcie-pci-bridge (slots 1-31)."
+    )
+    free: int = Field(ge=0, description="Free places on this bus.")
+
+
+class ModelCapacity(Frozen):
+    """How many more NICs of one model can be hot-plugged now, and where (the places automatic placement uses)."""
+
+    model: str = Field(description="The device model, e.g. virtio-net-pci.")
+    free: int = Field(ge=0, description="How many more NICs of this model can be hot-plugged now.")
+    root_ports: int = Field(ge=0, description="Of these, free pcie-root-ports (q35).")
+    bridge_slots: int = Field(ge=0, description="Of these, free slots on pci-bridges and pcie-pci-bridges (q35).")
+    root_slots: int = Field(ge=0, description="Of these, free slots of pci.0 (pc).")
+    buses: list[BusCapacity] = Field(description="Every bus this model's automatic placement uses, in its order.")
+    advice: str | None = Field(
+        default=None, description="When none is free: what to add to the QEMU command line (as in no_free_slot)."
+    )
+
+
+class Capacity(Frozen):
+    """A guest's room for hot-plugged NICs (``slots`` data, and ``capacity`` in the retained guest status)."""
+
+    machine: Literal["pc", "q35"] = Field(description="The machine family.")
+    models: list[ModelCapacity] = Field(description="Per NIC model qmpnet hot-plugs.")

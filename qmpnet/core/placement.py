@@ -8,7 +8,9 @@ Express guidelines and libvirt: on q35 they go behind a ``pcie-pci-bridge`` (or 
 into a root port, unless the caller names the bus.
 
 Input is a :class:`PciTopology` the QMP adapter builds from ``query-pci`` and ``qom-list``; output a
-:class:`Placement`. No I/O.
+:class:`Placement`, or (:func:`capacity`) how many more NICs of each model fit and where. Both come from the same
+rules (:func:`_automatic_buses`), so a count never disagrees with what a hot-add would do; and both give the same
+command-line advice when nothing is free (:func:`advice`). No I/O.
 """
 
 from __future__ import annotations
@@ -16,17 +18,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from qmpnet.core.observed import BusCapacity, Capacity, ModelCapacity
 from qmpnet.errors import Conflict, InvalidRequest, NoFreeSlot, NotFound, Unsupported
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["LEGACY_PCI_MODELS", "BusKind", "PciBus", "PciTopology", "Placement", "place"]
+__all__ = [
+    "CAPACITY_MODELS",
+    "LEGACY_PCI_MODELS",
+    "BusKind",
+    "PciBus",
+    "PciTopology",
+    "Placement",
+    "advice",
+    "capacity",
+    "place",
+]
 
 BusKind = Literal["root", "root_port", "pci_bridge", "other"]
 
 #: Models that are conventional PCI devices (no PCI Express capability).
 LEGACY_PCI_MODELS = frozenset({"rtl8139", "e1000"})
+#: The NIC models :func:`capacity` counts for: PCI Express ones first, then conventional PCI ones.
+CAPACITY_MODELS = ("virtio-net-pci", "e1000e", "e1000", "rtl8139")
 
 # Bridge slot 0 is reserved for the SHPC controller; libvirt leaves it alone too.
 _BRIDGE_SLOTS = range(1, 32)
@@ -64,6 +79,10 @@ class PciBus:
         if self.kind == "pci_bridge":
             return _BRIDGE_SLOTS
         return _ROOT_SLOTS
+
+    def free_slots(self) -> list[int]:
+        """The candidate slots no function of which is in use, lowest first."""
+        return [slot for slot in self.candidate_slots() if self.slot_free(slot)]
 
 
 @dataclass(frozen=True)
@@ -112,13 +131,79 @@ def place(
     """
     if bus is not None or addr is not None:
         return _place_explicit(topology, bus, addr)
+    return _first_free(model, _automatic_buses(model, topology), advice(model, topology))
+
+
+def capacity(topology: PciTopology, models: tuple[str, ...] = CAPACITY_MODELS) -> Capacity:
+    """How many more NICs of each model automatic placement (:func:`place` without ``bus``) would find room for.
+
+    Each count is of one model alone: the places of the root ports and bridges are shared, so two models' counts
+    do not add up (one virtio NIC in a root port takes it from e1000e too).
+
+    Args:
+        topology: The guest's buses as they are now.
+        models: The device models to count for.
+    """
+    counted = []
+    for model in models:
+        buses = [
+            BusCapacity(bus=bus.name, kind=_kind(bus), free=len(bus.free_slots()))
+            for bus in _automatic_buses(model, topology)
+        ]
+        by_kind = {kind: sum(b.free for b in buses if b.kind == kind) for kind in ("root", "root_port", "pci_bridge")}
+        free = sum(by_kind.values())
+        counted.append(
+            ModelCapacity(
+                model=model,
+                free=free,
+                root_ports=by_kind["root_port"],
+                bridge_slots=by_kind["pci_bridge"],
+                root_slots=by_kind["root"],
+                buses=buses,
+                advice=None if free else advice(model, topology),
+            )
+        )
+    return Capacity(machine=topology.machine, models=counted)
+
+
+def advice(model: str, topology: PciTopology) -> str:
+    """What to do when no place is free for ``model``: what to add to the QEMU command line (or remove).
+
+    The one source of this advice: the ``no_free_slot`` error and :func:`capacity` both use it.
+    """
+    n = sum(1 for b in topology.buses if b.kind == "root_port") + 1
     if topology.machine == "pc":
-        return _first_free(model, [topology.root], _pc_hint(model))
+        return (
+            f"every slot of pci.0 is in use; remove a device first, or give the guest a pci-bridge "
+            f"(-device pci-bridge,id=br1,chassis_nr=1) and pass bus=br1 for the {model}"
+        )
     if model in LEGACY_PCI_MODELS:
-        bridges = [b for b in topology.buses if b.kind == "pci_bridge" and b.hotplug]
-        return _first_free(model, bridges, _legacy_q35_hint(model, topology))
-    ports = [b for b in topology.buses if b.kind == "root_port" and b.hotplug]
-    return _first_free(model, ports, _root_port_hint(model, topology))
+        return (
+            f"{model} is a conventional PCI device and goes behind a pcie-pci-bridge on q35, and no bridge slot is "
+            f"free; start QEMU with -device pcie-root-port,id=rp{n},chassis={n},bus=pcie.0 "
+            f"-device pcie-pci-bridge,id=pcibr{n},bus=rp{n} (or pass bus=<root port> to place it there anyway)"
+        )
+    return (
+        f"q35 hot-plugs only into free pcie-root-ports and none is free; start QEMU with more, "
+        f"e.g. -device pcie-root-port,id=rp{n},chassis={n},bus=pcie.0 (one per {model} to hot-plug)"
+    )
+
+
+def _automatic_buses(model: str, topology: PciTopology) -> list[PciBus]:
+    """The buses automatic placement tries for ``model``, in order (the rules of the module docstring)."""
+    if topology.machine == "pc":
+        return [topology.root]
+    kind: BusKind = "pci_bridge" if model in LEGACY_PCI_MODELS else "root_port"
+    return [b for b in topology.buses if b.kind == kind and b.hotplug]
+
+
+def _kind(bus: PciBus) -> Literal["root", "root_port", "pci_bridge"]:
+    # Automatic placement never picks a bus of kind "other"; the root bus counts as "root".
+    if bus.kind == "root_port":
+        return "root_port"
+    if bus.kind == "pci_bridge":
+        return "pci_bridge"
+    return "root"
 
 
 def _place_explicit(topology: PciTopology, bus_name: str | None, addr: tuple[int, int] | None) -> Placement:
@@ -147,31 +232,7 @@ def _place_explicit(topology: PciTopology, bus_name: str | None, addr: tuple[int
 
 def _first_free(model: str, buses: list[PciBus], hint: str) -> Placement:
     for bus in buses:
-        for slot in bus.candidate_slots():
-            if bus.slot_free(slot):
-                return Placement(bus.name, slot, 0)
+        free = bus.free_slots()
+        if free:
+            return Placement(bus.name, free[0], 0)
     raise NoFreeSlot(f"no free PCI place for {model}: {hint}")
-
-
-def _pc_hint(model: str) -> str:
-    return (
-        f"every slot of pci.0 is in use; remove a device first, or give the guest a pci-bridge "
-        f"(-device pci-bridge,id=br1,chassis_nr=1) and pass bus=br1 for the {model}"
-    )
-
-
-def _root_port_hint(model: str, topology: PciTopology) -> str:
-    n = sum(1 for b in topology.buses if b.kind == "root_port") + 1
-    return (
-        f"q35 hot-plugs only into free pcie-root-ports and none is free; start QEMU with more, "
-        f"e.g. -device pcie-root-port,id=rp{n},chassis={n},bus=pcie.0 (one per {model} to hot-plug)"
-    )
-
-
-def _legacy_q35_hint(model: str, topology: PciTopology) -> str:
-    n = sum(1 for b in topology.buses if b.kind == "root_port") + 1
-    return (
-        f"{model} is a conventional PCI device and goes behind a pcie-pci-bridge on q35, and no bridge slot is "
-        f"free; start QEMU with -device pcie-root-port,id=rp{n},chassis={n},bus=pcie.0 "
-        f"-device pcie-pci-bridge,id=pcibr{n},bus=rp{n} (or pass bus=<root port> to place it there anyway)"
-    )

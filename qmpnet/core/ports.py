@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
     from qmpnet.core.model import (
+        Capacity,
         CaptureResult,
         DiscardedRecord,
         ModelInfo,
@@ -421,6 +422,10 @@ class GuestOps(Protocol):
 
     async def models(self) -> list[ModelInfo]:
         """List the NIC models."""
+        ...
+
+    async def slots(self) -> Capacity:
+        """How many more NICs of each model can be hot-plugged now, and where."""
         ...
 
     async def update_nic(self, update: NicUpdate | Mapping[str, Any]) -> Nic:

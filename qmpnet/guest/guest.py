@@ -42,6 +42,7 @@ from qmpnet.adapters.qga import guest_views
 from qmpnet.adapters.store import MemoryGuestStore
 from qmpnet.core.model import RemoveResult, parse_nic_spec, parse_nic_update
 from qmpnet.core.names import check_qemu_id
+from qmpnet.core.placement import capacity
 from qmpnet.core.policy import check_spec, check_update
 from qmpnet.core.records import GuestRecord
 from qmpnet.errors import InvalidRequest, NotFound, RemovalPending, Unsupported
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
     from os import PathLike
 
     from qmpnet.core.inventory import Inventory
-    from qmpnet.core.model import CaptureResult, GuestEvent, ModelInfo, Nic, NicSpec, NicUpdate, Verify
+    from qmpnet.core.model import Capacity, CaptureResult, GuestEvent, ModelInfo, Nic, NicSpec, NicUpdate, Verify
     from qmpnet.core.ports import GuestStore, HostNetwork, Monitor
     from qmpnet.core.records import OperationRecord
 
@@ -397,6 +398,24 @@ class Guest:
         """
         async with self._lane.turn():
             return await self._monitor.models()
+
+    async def slots(self, *, reread: bool = True) -> Capacity:
+        """How many more NICs of each model can be hot-plugged now, and where (:func:`~qmpnet.core.placement.capacity`).
+
+        Args:
+            reread: Read the guest afresh (as :meth:`list_nics` does); ``False``: the lane's inventory, if current.
+
+        Raises:
+            OutcomeUnknown, GuestUnavailable, Busy: As for :meth:`add_nic`.
+        """
+        async with self._lane.turn():
+            inventory = await (self._reader.refresh(full=False) if reread else self._reader.fresh())
+            return capacity(inventory.topology)
+
+    def known_capacity(self) -> Capacity | None:
+        """:meth:`slots` from the lane's inventory, with no QMP read: ``None`` while the inventory is not current."""
+        inventory = self._nics.inventory
+        return capacity(inventory.topology) if inventory is not None else None
 
     async def idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the lane and the late unplugs being finished to be idle.

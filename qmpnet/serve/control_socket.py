@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qmpnet.api.wire.envelopes import ModelList, NicList, data_of, error_response, ok_response, to_wire
 from qmpnet.core.model import (
+    Capacity,
     CaptureResult,
     ModelInfo,
     Nic,
@@ -218,6 +219,10 @@ class ControlGuest:
     async def models(self) -> list[ModelInfo]:
         """List the NIC models (see :meth:`qmpnet.Guest.models`)."""
         return ModelList.model_validate(await self._data("models", {})).models
+
+    async def slots(self) -> Capacity:
+        """How many more NICs fit, and where (see :meth:`qmpnet.Guest.slots`)."""
+        return Capacity.model_validate(await self._data("slots", {}))
 
 
 def not_served(address: str) -> NotFound:

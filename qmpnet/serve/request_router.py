@@ -32,6 +32,7 @@ from qmpnet.api.wire.envelopes import (
     NicUpdateRequest,
     OkResponse,
     Response,
+    SlotsRequest,
     error_response,
     ok_response,
     parse_request,
@@ -168,5 +169,9 @@ class RequestRouter:
                 nics = await guest.list_nics()
                 self._supervisor.nics.replace(nics)
                 return NicList(nics=nics)
+            case SlotsRequest():
+                room = await guest.slots()
+                self._supervisor.capacity_read(room)
+                return room
             case _:
                 return ModelList(models=await guest.models())

@@ -5,6 +5,12 @@ connects, builds a :class:`~qmpnet.guest.guest.Guest` on the monitor (which reco
 before serving anything), publishes ``connected``, runs the reconcile loop and the periodic resync, waits for the
 monitor to close, publishes ``disconnected`` and reconnects with capped exponential backoff and jitter. A QEMU
 restarted on the same socket path is simply the next successful attempt.
+
+The status carries the guest's ``capacity`` (room for hot-plugged NICs): read at connect, and read again from the
+lane's inventory (no QMP round trip) after each NIC added or removed and each periodic resync; the status is
+published again only when it changed. After a NIC added or removed it is published at once, inside the request's
+turn (so the bus sends it after the answer, before the NIC list and the event); when the lane's inventory is being
+re-read at that moment, it is read once the lane is free.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from qmpnet.serve.published_nics import PublishedNics
 from qmpnet.serve.reconcile_loop import Reconciler
 
 if TYPE_CHECKING:
-    from qmpnet.core.model import GuestEvent
+    from qmpnet.core.model import Capacity, GuestEvent
     from qmpnet.core.ports import Connection, GuestStore, QmpEvent
     from qmpnet.serve.desired_intake import DesiredIntake
     from qmpnet.serve.fleet_context import FleetContext
@@ -31,6 +37,9 @@ if TYPE_CHECKING:
 __all__ = ["Supervisor"]
 
 log = logging.getLogger(__name__)
+
+#: The lane's events after which the guest's capacity may have changed.
+_CAPACITY_EVENTS = frozenset({"nic_added", "nic_removed"})
 
 
 class _Turn:
@@ -77,6 +86,8 @@ class Supervisor:
         self.since = time.time()
         self.qemu: str | None = None
         self.machine: str | None = None
+        #: Room for hot-plugged NICs, as last read (``None`` until the first read).
+        self.capacity: Capacity | None = None
         #: The guest's lane while connected, else ``None``.
         self.guest: Guest | None = None
         #: Why the guest is not connected (for ``guest_unavailable`` answers).
@@ -86,12 +97,15 @@ class Supervisor:
         self.agent = fleet.settings.controller.agents.get(name) or _agent_beside(address)
         self._store: GuestStore | None = None
         self._reconciler: Reconciler | None = None
+        self._recounting: asyncio.Task[None] | None = None
+        self._recount_again = False
         self._log = {"guest": name}
 
     def status(self) -> GuestStatus:
         """The guest's status as published."""
         return GuestStatus(
-            state=self.state, qemu=self.qemu, machine=self.machine, since=self.since, desired=self.intake.status
+            state=self.state, qemu=self.qemu, machine=self.machine, since=self.since, desired=self.intake.status,
+            capacity=self.capacity,
         )
 
     def info(self) -> GuestInfo:
@@ -101,6 +115,13 @@ class Supervisor:
     def publish(self) -> None:
         """Publish the guest's status (and the guests-by-state metric)."""
         self.fleet.publish_status(self.name, self.status())
+
+    def capacity_read(self, capacity: Capacity) -> None:
+        """A fresh capacity (read at connect, after a change, or by a ``slots`` request): publish it if it changed."""
+        if capacity != self.capacity:
+            self.capacity = capacity
+            if self.state == "connected":
+                self.publish()
 
     def converge(self, explicit: bool) -> None:
         """Ask for a reconcile pass, if the guest is connected (``explicit``: the desired set is new)."""
@@ -131,6 +152,7 @@ class Supervisor:
                         log.exception("guest %s: connection failed", self.name, extra=self._log)
                     finally:
                         self.guest = None
+                        self.capacity = None  # unknown until connected again
                         await connection.close()
                     if self.state == "connected":
                         failures = 0
@@ -177,6 +199,7 @@ class Supervisor:
                 self.machine = (await connection.machine())[0]
                 self.qemu = connection.greeting_version
                 nics = await guest.list_nics()
+                self.capacity = await guest.slots(reread=False)  # published with the "connected" state below
                 turn.release()
                 self.nics.replace(nics)
                 self.guest = guest
@@ -193,6 +216,10 @@ class Supervisor:
                     await self._watch(connection, guest)
                 finally:
                     self._reconciler = None
+                    if self._recounting is not None:
+                        self._recounting.cancel()
+                        await asyncio.gather(self._recounting, return_exceptions=True)
+                        self._recounting = None
                     reconciling.cancel()
                     await asyncio.gather(reconciling, return_exceptions=True)
                 log.info("guest %s: disconnected", self.name, extra=self._log)
@@ -214,13 +241,50 @@ class Supervisor:
                 self.nics.resynced(await guest.resync())
             except (Busy, OutcomeUnknown) as err:
                 log.info("guest %s: resync skipped: %s", self.name, err, extra=self._log)
+            else:
+                self._recount(guest)  # another QMP client may have taken or freed a place
             if self._reconciler is not None:
                 self._reconciler.poke()
+
+    def _recount(self, guest: Guest) -> None:
+        """Read the capacity from the lane's inventory now, or once the lane is free if it is being re-read."""
+        room = guest.known_capacity()
+        if room is None:
+            self._recount_soon()
+        else:
+            self.capacity_read(room)
+
+    def _recount_soon(self) -> None:
+        """Read the capacity again once the lane is free (events arrive inside the lane's turn), one read at a time."""
+        if self._recounting is not None and not self._recounting.done():
+            self._recount_again = True  # the read under way may have missed this change: one more after it
+            return
+        self._recounting = asyncio.create_task(self._recount_now(), name=f"qmpnet[guest={self.name}].capacity")
+
+    async def _recount_now(self) -> None:
+        again = True
+        while again:
+            self._recount_again = False
+            guest = self.guest
+            if guest is None:
+                return
+            try:
+                self.capacity_read(await guest.slots(reread=False))
+            except QmpnetError as err:
+                log.info("guest %s: capacity not read: %s", self.name, err, extra=self._log)
+                return
+            except Exception:
+                # A bug must not go unseen in a background task; the next change or resync reads it again.
+                log.exception("guest %s: reading the capacity failed", self.name, extra=self._log)
+                return
+            again = self._recount_again
 
     def _reconcile_event(self, name: str, message: EventMessage) -> None:
         self.fleet.sink.event(self.name, name, message)
 
     def _on_event(self, event: GuestEvent) -> None:
+        if event.name in _CAPACITY_EVENTS and self.guest is not None:
+            self._recount(self.guest)
         self.nics.apply(event)
         if event.name == "nic_removed" and self._reconciler is not None:
             self._reconciler.poke()  # a desired NIC may have vanished behind qmpnet's back

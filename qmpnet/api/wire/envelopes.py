@@ -18,6 +18,7 @@ from qmpnet import errors
 from qmpnet.core.model_base import Verify, invalid_request_from
 from qmpnet.core.nic_requests import NicSpec, NicUpdate  # noqa: TC001 - pydantic needs them at runtime
 from qmpnet.core.observed import (
+    Capacity,
     CaptureResult,
     DiscardedRecord,
     GuestEventName,
@@ -59,6 +60,7 @@ __all__ = [
     "OkResponse",
     "OpSpec",
     "Response",
+    "SlotsRequest",
     "data_of",
     "error_from",
     "error_response",
@@ -143,6 +145,10 @@ class ModelsRequest(_Request):
     """``models``: the NIC models this QEMU offers."""
 
 
+class SlotsRequest(_Request):
+    """``slots``: how many more NICs of each model can be hot-plugged now, and where."""
+
+
 class GuestsRequest(_Request):
     """Controller-level ``guests``: the guests this controller serves."""
 
@@ -189,6 +195,11 @@ class GuestStatus(_Message):
     since: float = Field(description="Unix time of the last state change.")
     desired: DesiredStatus | None = Field(
         default=None, description="Convergence to the desired NIC set, when the guest has one."
+    )
+    capacity: Capacity | None = Field(
+        default=None,
+        description="Room for hot-plugged NICs (as the slots op answers), once connected; published again when it "
+        "changes.",
     )
 
 
@@ -352,6 +363,7 @@ OPS: Final[Mapping[str, OpSpec]] = {
         OpSpec("nic/update", "guest", NicUpdateRequest, Nic, "Change a NIC live: move, VLAN, shaping, link; atomic."),
         OpSpec("nic/capture", "guest", NicCaptureRequest, CaptureResult, "Start or stop a NIC's live capture."),
         OpSpec("models", "guest", ModelsRequest, ModelList, "List the NIC models QEMU offers."),
+        OpSpec("slots", "guest", SlotsRequest, Capacity, "How many more NICs of each model fit now, and where."),
         OpSpec("guests", "controller", GuestsRequest, GuestList, "List the controller's guests."),
     )
 }

@@ -1,10 +1,12 @@
-"""Tables for PCI placement on ``pc`` and ``q35``: automatic choice, explicit bus/addr, and the errors."""
+"""Tables for PCI placement on ``pc`` and ``q35``: automatic choice, explicit bus/addr, the errors, and capacity."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from qmpnet.core.placement import PciBus, PciTopology, Placement, place
+from qmpnet.core.placement import CAPACITY_MODELS, PciBus, PciTopology, Placement, advice, capacity, place
 from qmpnet.errors import Conflict, InvalidRequest, NoFreeSlot, NotFound, Unsupported
 
 PC_BUILTIN = {(0, 0): "i440FX", (1, 0): "PIIX3", (1, 1): "piix3-ide", (1, 3): "PIIX4_PM"}
@@ -196,3 +198,86 @@ def test_q35_unknown_bus_lists_the_hot_pluggable_ones() -> None:
         place("virtio-net-pci", q35(port("rp1"), port("rp2")), bus="rp7")
     assert "rp1, rp2" in info.value.message
     assert "pcie.0" not in info.value.message.split("hot-pluggable buses:")[1]
+
+
+# ------------------------------------------------------------------------------------ capacity: the same rules
+
+CAPACITY = [
+    # Each: a topology, a model, and its free count: in all, on root ports, on bridges, on pci.0.
+    pytest.param(pc(), "virtio-net-pci", (30, 0, 0, 30), id="pc-empty-pcie-model"),
+    pytest.param(pc(), "rtl8139", (30, 0, 0, 30), id="pc-empty-legacy-model"),
+    pytest.param(pc({(2, 0): "a", (3, 4): "b"}), "e1000", (28, 0, 0, 28), id="pc-a-used-function-takes-its-slot"),
+    pytest.param(pc(None, bridge("br1")), "e1000", (30, 0, 0, 30), id="pc-bridges-are-not-automatic"),
+    pytest.param(pc(ALL_PC_SLOTS), "e1000e", (0, 0, 0, 0), id="pc-full"),
+    pytest.param(q35(port("rp1"), port("rp2")), "virtio-net-pci", (2, 2, 0, 0), id="q35-two-free-ports"),
+    pytest.param(q35(port("rp1", "n1"), port("rp2")), "e1000e", (1, 1, 0, 0), id="q35-one-port-taken"),
+    pytest.param(q35(port("rp1"), port("rp2")), "rtl8139", (0, 0, 0, 0), id="q35-legacy-never-into-a-port"),
+    pytest.param(q35(port("rp1"), bridge("br", {(1, 0): "x"})), "e1000", (30, 0, 30, 0), id="q35-bridge-slots"),
+    pytest.param(q35(port("rp1", "x"), bridge("br")), "virtio-net-pci", (0, 0, 0, 0), id="q35-pcie-never-on-bridge"),
+    pytest.param(q35(bridge("b1", ALL_BRIDGE_SLOTS), bridge("b2")), "rtl8139", (31, 0, 31, 0), id="q35-two-bridges"),
+    pytest.param(q35(PciBus("rpx", "root_port", hotplug=False)), "virtio-net-pci", (0, 0, 0, 0),
+                 id="q35-port-without-hotplug"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("topology", "model", "expected"), CAPACITY)
+def test_capacity_counts(topology: PciTopology, model: str, expected: tuple[int, int, int, int]) -> None:
+    room = capacity(topology, (model,))
+    assert room.machine == topology.machine
+    (counted,) = room.models
+    assert (counted.free, counted.root_ports, counted.bridge_slots, counted.root_slots) == expected
+    assert sum(bus.free for bus in counted.buses) == counted.free
+    assert (counted.advice is None) == (counted.free > 0)
+
+
+@pytest.mark.parametrize(("topology", "model", "expected"), CAPACITY)
+def test_capacity_is_exactly_what_placement_finds_room_for(
+    topology: PciTopology, model: str, expected: tuple[int, int, int, int]
+) -> None:
+    # Place and occupy until placement refuses: it succeeds exactly `free` times, first on the first bus listed,
+    # and each placement takes one from the count; the refusal carries the advice the count gave.
+    free = expected[0]
+    for placed in range(free):
+        counted = capacity(topology, (model,)).models[0]
+        assert counted.free == free - placed
+        where = place(model, topology)
+        assert where.bus == next(bus.bus for bus in counted.buses if bus.free)
+        topology = _occupy(topology, where)
+    counted = capacity(topology, (model,)).models[0]
+    assert counted.free == 0
+    with pytest.raises(NoFreeSlot) as refused:
+        place(model, topology)
+    assert refused.value.message == f"no free PCI place for {model}: {counted.advice}"
+
+
+def test_capacity_counts_every_model_by_default_each_alone() -> None:
+    room = capacity(q35(port("rp1"), bridge("br")))
+    assert [m.model for m in room.models] == list(CAPACITY_MODELS)
+    # Shared places: each model alone would get the one root port, so the counts do not add up.
+    assert {m.model: m.free for m in room.models} == {"virtio-net-pci": 1, "e1000e": 1, "e1000": 31, "rtl8139": 31}
+
+
+ADVICE = [
+    pytest.param(pc(ALL_PC_SLOTS), "virtio-net-pci", "-device pci-bridge,id=br1,chassis_nr=1", id="pc"),
+    pytest.param(q35(port("rp1", "x")), "e1000e", "-device pcie-root-port,id=rp2,chassis=2,bus=pcie.0", id="q35-pcie"),
+    pytest.param(q35(port("rp1")), "rtl8139", "-device pcie-pci-bridge,id=pcibr2,bus=rp2", id="q35-legacy"),
+]
+
+
+@pytest.mark.parametrize(("topology", "model", "fix"), ADVICE)
+def test_advice_says_what_to_add_and_is_the_errors_and_the_counts(topology: PciTopology, model: str, fix: str) -> None:
+    said = advice(model, topology)
+    assert fix in said
+    assert model in said
+    assert capacity(topology, (model,)).models[0].advice == said
+    with pytest.raises(NoFreeSlot) as refused:
+        place(model, topology)
+    assert refused.value.message.endswith(said)
+
+
+def _occupy(topology: PciTopology, where: Placement) -> PciTopology:
+    buses = tuple(
+        replace(bus, used={**bus.used, (where.slot, where.function): "new"}) if bus.name == where.bus else bus
+        for bus in topology.buses
+    )
+    return replace(topology, buses=buses)

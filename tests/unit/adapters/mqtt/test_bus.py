@@ -65,9 +65,15 @@ async def test_nic_add_answers_before_its_state_and_event(fleet: Fleet) -> None:
         await taken(bus)
         await bus.answer(request("nic/add", {"transaction": "a", "nic": {"id": "n1"}}))
         sent = await taken(bus)
-        assert [topic for topic, _ in sent] == [f"{BASE}/response/nic/add", f"{BASE}/nics", f"{BASE}/event/nic_added"]
+        assert [topic for topic, _ in sent] == [
+            f"{BASE}/response/nic/add",
+            f"{BASE}/status",  # the guest's capacity: one place fewer
+            f"{BASE}/nics",
+            f"{BASE}/event/nic_added",
+        ]
         assert json.loads(sent[0][1])["transaction"] == "a"
-        assert "n1" in sent[1][1].decode()
+        assert json.loads(sent[1][1])["capacity"] is not None
+        assert "n1" in sent[2][1].decode()
 
 
 async def test_nic_del_answering_removal_pending_answers_before_its_state_and_event(fleet: Fleet) -> None:

@@ -27,7 +27,9 @@ from qmpnet.settings import MqttSettings
 
 
 def test_every_op_has_a_scope_request_and_data_model() -> None:
-    assert set(OPS) == {"nic/add", "nic/del", "nic/link", "nic/list", "nic/update", "nic/capture", "models", "guests"}
+    assert set(OPS) == {
+        "nic/add", "nic/del", "nic/link", "nic/list", "nic/update", "nic/capture", "models", "slots", "guests"
+    }
     assert {name for name, spec in OPS.items() if spec.scope == "controller"} == {"guests"}
     assert EVENT_NAMES == (
         "nic_added", "nic_removed", "nic_removal_pending", "unplug_rejected", "link_changed", "nic_updated",

@@ -15,8 +15,10 @@ their number it is the controller's CPU per hot-add. Fleet figures (RSS, connect
 ``scale.py``'s.
 
 Run: ``python bench/mqtt_hotplug.py [--samples 100] [--guests 20] [--adds 10]``. Prints medians, p99 and ratios,
-and whether each target of issue 11 is met: MQTT hot-add median <= raw + floor + 1.5 ms; concurrent throughput
->= 0.7x direct QMP; controller CPU per hot-add <= 1 ms. Not a test: nothing fails, it reports.
+and whether each target of issues 11 and 17 is met: MQTT hot-add median <= raw + floor + 1.5 ms; concurrent throughput
+>= 0.7x direct QMP; controller CPU per hot-add <= 1 ms. Not a test: nothing fails, it reports. ``--py-spy OUT``
+samples the controller during phase 3 (store on disk) with py-spy (``pip install py-spy``) into OUT, as collapsed
+stacks (one ``frames count`` line each).
 
 Never hangs: every phase has a deadline (``--phase-timeout``); past it the phase is cancelled and the run ends with
 an error naming the phase. A watchdog thread backs the deadlines up (asyncio cancellation can be lost, see
@@ -32,6 +34,7 @@ import argparse
 import asyncio
 import math
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -123,10 +126,13 @@ async def phase_floor(broker: str, samples: int) -> list[float]:
     return times[5:]
 
 
-async def phase_mqtt(lab: Lab, broker: str, samples: int, *, tmpfs: bool = False) -> tuple[list[float], float]:
+async def phase_mqtt(lab: Lab, broker: str, samples: int, *, tmpfs: bool = False, profile: Path | None = None,
+                     ) -> tuple[list[float], float]:  # fmt: skip
     """Hot-add latencies over MQTT, one at a time, and the controller's CPU seconds per hot-add meanwhile.
 
     ``tmpfs``: the controller's state store on ``/dev/shm``, where fsync costs nothing (the disk's share, apart).
+    ``profile``: py-spy samples the controller from its first guest's warm-up to its end, into this file (raw
+    collapsed stacks), so the profile is of hot-adds, not of the start.
     """
     guests, procs = lab.qemus((samples + SLOTS_PER_GUEST - 1) // SLOTS_PER_GUEST)
     name = "bench1m" if tmpfs else "bench1"
@@ -135,9 +141,12 @@ async def phase_mqtt(lab: Lab, broker: str, samples: int, *, tmpfs: bool = False
     await wait_connected(broker, name, len(guests))
     times: list[float] = []
     cpu = 0.0
+    spy: subprocess.Popen[bytes] | None = None
     async with Client(broker, timeout=30) as client:
         for path in guests:
             await client.add_nic(name, path.stem, {"model": "virtio-net-pci"})  # warm: first add reads the guest
+            if profile is not None and spy is None:
+                spy = py_spy(serve.pid, profile)
             before = cpu_seconds(serve.pid)
             for _ in range(min(SLOTS_PER_GUEST - 1, samples - len(times))):
                 start = time.perf_counter()
@@ -145,9 +154,21 @@ async def phase_mqtt(lab: Lab, broker: str, samples: int, *, tmpfs: bool = False
                 times.append(time.perf_counter() - start)
             cpu += cpu_seconds(serve.pid) - before
     lab.retire([serve, *procs])
+    if spy is not None:
+        await asyncio.to_thread(spy.wait)  # py-spy ends with the process it samples
     if state is not None:
         shutil.rmtree(state, ignore_errors=True)
     return times, cpu / len(times)
+
+
+def py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """Start py-spy (beside this Python, else on PATH) sampling ``pid`` into ``out`` until that process ends."""
+    beside = Path(sys.executable).with_name("py-spy")
+    exe = str(beside) if beside.exists() else shutil.which("py-spy")
+    if exe is None:
+        raise RuntimeError("--py-spy needs py-spy (pip install py-spy)")
+    argv = [exe, "record", "--pid", str(pid), "--rate", "200", "--nonblocking", "--format", "raw", "--output", str(out)]
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 async def timed_all(jobs: list[Callable[[], Awaitable[None]]]) -> float:
@@ -209,6 +230,8 @@ async def main() -> int:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--guests", type=int, default=20)
     parser.add_argument("--adds", type=int, default=10)
+    parser.add_argument("--py-spy", type=Path, default=None, metavar="OUT",
+                        help="profile the controller's hot-adds (store on disk) with py-spy into OUT")  # fmt: skip
     parser.add_argument("--phase-timeout", type=float, default=None,
                         help="seconds each phase may take (default: scaled to the phase's size)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # parse the arguments only
@@ -228,7 +251,7 @@ async def main() -> int:
             floor = await run_phase(lab, watchdog, "MQTT round-trip floor", deadline(60, 0.5, args.samples),
                                     phase_floor(broker, args.samples))  # fmt: skip
             mqtt, cpu_one = await run_phase(lab, watchdog, "qmpnet hot-adds over MQTT", deadline(90, 0.5, args.samples),
-                                            phase_mqtt(lab, broker, args.samples))  # fmt: skip
+                                            phase_mqtt(lab, broker, args.samples, profile=args.py_spy))  # fmt: skip
             mqtt_mem, cpu_mem = await run_phase(lab, watchdog, "qmpnet hot-adds over MQTT, state store on tmpfs",
                                                 deadline(90, 0.5, args.samples),
                                                 phase_mqtt(lab, broker, args.samples, tmpfs=True))  # fmt: skip

@@ -270,6 +270,38 @@ async def test_after_a_kill_the_records_set_wins_after_a_reboot_the_durable_one(
         rebooted.close()
 
 
+async def test_a_burst_of_desired_changes_shares_one_durable_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    write_file = files._write_file  # counts the fsync'd writes
+
+    def counting(tmp: str, path: str, data: bytes, *, sync: bool) -> None:
+        if sync:
+            synced.append(path)
+        write_file(tmp, path, data, sync=sync)
+
+    monkeypatch.setattr(files, "_write_file", counting)
+    state = StateDir(tmp_path)
+    store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
+    desired_file = state.guests / f"{store.key}.desired.json"
+    last = DesiredSet()
+    try:
+        for n in range(5):  # hot-adds one after another: each answered, each changing the set
+            last = DesiredSet(nics=[NicSpec(id=f"d{i}") for i in range(n + 1)])
+            store.save_later(store.record.model_copy(update={"desired": last}))
+            store.flush_soon()
+            await asyncio.sleep(0)  # the write-behind of this change's record
+        for _ in range(200):
+            if desired_file.exists():
+                break
+            await asyncio.sleep(0.01)  # polls the worker thread's fsync'd write, bounded
+        assert DesiredSet.model_validate_json(desired_file.read_text()) == last
+    finally:
+        store.close()
+    assert synced == [str(desired_file)], "each change of the burst paid its own fsync'd write"
+
+
 async def test_records_are_not_synced_the_desired_set_is_and_follows_the_answer(tmp_path: Path) -> None:
     state = StateDir(tmp_path)
     store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)

@@ -14,8 +14,9 @@ in the run's temp dir). Python writes bytecode to a private cache (``PYTHONPYCAC
 first call; ``PYTHONDONTWRITEBYTECODE`` is dropped), as an installed package has it. Wall time (median, p99) and
 the process's CPU time (user + system, from ``wait4``) are printed; CPU time varies less on a loaded machine.
 
-Run: ``python bench/hotplug.py [--rounds 6] [--cli 20]``. Targets (issue 11): API median <= 1.3x raw; ``qmpnet
-nic add`` <= 250 ms median; ``qmpnet --help`` <= 200 ms median.
+Run: ``python bench/hotplug.py [--rounds 6] [--cli 20]``. Targets, each printed ``met`` or ``NOT met``: API median
+<= 1.3x raw (issues 11, 17); ``qmpnet nic add`` median <= 1.5x the floor's (issue 17); ``qmpnet --help`` <= 200 ms
+median (issue 11).
 """
 
 from __future__ import annotations
@@ -187,9 +188,11 @@ def report_cli(samples: dict[str, list[float]]) -> None:
         median, p99 = summary(samples[key])
         cpu = summary(samples[f"{key}_cpu"])[0]
         print(f"{label:<48}{len(samples[key]):>5}{median:>12.1f}{p99:>10.1f}{cpu:>9.1f}{median / floor:>9.2f}")
-    for key, what, limit in (("cli", "qmpnet nic add", 250), ("help", "qmpnet --help", 200)):
-        median = summary(samples[key])[0]
-        print(f"target {what} median <= {limit} ms: {'met' if median <= limit else 'NOT met'} ({median:.0f} ms)")
+    cli = summary(samples["cli"])[0]
+    print(f"target qmpnet nic add median <= 1.5x floor = {1.5 * floor:.0f} ms: "
+          f"{'met' if cli <= 1.5 * floor else 'NOT met'} ({cli:.0f} ms, {cli / floor:.2f}x)")  # fmt: skip
+    helped = summary(samples["help"])[0]
+    print(f"target qmpnet --help median <= 200 ms: {'met' if helped <= 200 else 'NOT met'} ({helped:.0f} ms)")
 
 
 if __name__ == "__main__":

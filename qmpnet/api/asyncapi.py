@@ -91,47 +91,28 @@ def _servers(mqtt: dict[str, Any], root: str) -> dict[str, Any]:
     }
     security = [_ref("#/components/securitySchemes/userPassword"), _ref("#/components/securitySchemes/clientCert")]
     common = "All payloads are UTF-8 JSON, every publish QoS 1. The controller's session is persistent"
+
+    def server(version: str, description: str, session: dict[str, Any]) -> dict[str, Any]:
+        binding = {"clientId": "qmpnet-<c>", "cleanSession": False, "lastWill": will,
+                   "keepAlive": mqtt["keepalive"].default, **session, "bindingVersion": _BINDING}
+        return {"host": "{host}:{port}", "protocol": "mqtt", "protocolVersion": version,
+                "title": f"The broker, MQTT {version}", "description": f"{common}: {description}",
+                "variables": variables, "security": security, "bindings": {"mqtt": binding}}
+
     return {
-        "mqtt5": {
-            "host": "{host}:{port}",
-            "protocol": "mqtt",
-            "protocolVersion": "5",
-            "title": "The broker, MQTT 5",
-            "description": f"{common}: clean start off, session expiry `mqtt.session_expiry`. The default with "
-            "`mqtt.protocol: auto` when the broker answers an MQTT 5 CONNECT.",
-            "variables": variables,
-            "security": security,
-            "bindings": {
-                "mqtt": {
-                    "clientId": "qmpnet-<c>",
-                    "cleanSession": False,
-                    "lastWill": will,
-                    "keepAlive": mqtt["keepalive"].default,
-                    "sessionExpiryInterval": mqtt["session_expiry"].default,
-                    "bindingVersion": _BINDING,
-                }
-            },
-        },
-        "mqtt311": {
-            "host": "{host}:{port}",
-            "protocol": "mqtt",
-            "protocolVersion": "3.1.1",
-            "title": "The broker, MQTT 3.1.1",
-            "description": f"{common}: clean session off; the broker decides how long it lasts. Used when the "
-            "broker refuses MQTT 5 (`mqtt.protocol: auto`) or with `mqtt.protocol: 3.1.1`. There are no Response "
-            "Topics: answers go to the default response topics and are matched by `transaction`.",
-            "variables": variables,
-            "security": security,
-            "bindings": {
-                "mqtt": {
-                    "clientId": "qmpnet-<c>",
-                    "cleanSession": False,
-                    "lastWill": will,
-                    "keepAlive": mqtt["keepalive"].default,
-                    "bindingVersion": _BINDING,
-                }
-            },
-        },
+        "mqtt5": server(
+            "5",
+            "clean start off, session expiry `mqtt.session_expiry`. The default with `mqtt.protocol: auto` when the "
+            "broker answers an MQTT 5 CONNECT.",
+            {"sessionExpiryInterval": mqtt["session_expiry"].default},
+        ),
+        "mqtt311": server(
+            "3.1.1",
+            "clean session off; the broker decides how long it lasts. Used when the broker refuses MQTT 5 "
+            "(`mqtt.protocol: auto`) or with `mqtt.protocol: 3.1.1`. There are no Response Topics: answers go to "
+            "the default response topics and are matched by `transaction`.",
+            {},
+        ),
     }
 
 

@@ -54,6 +54,7 @@ from qmpnet.guest.lane import Lane, LaneBudget
 from qmpnet.guest.late_events import LateEvents
 from qmpnet.guest.live_changes import LiveChanges
 from qmpnet.guest.nic_table import NicTable
+from qmpnet.guest.parts import LaneParts
 from qmpnet.guest.recoverer import INSTANCE_OBJECT, Recoverer
 from qmpnet.guest.unplugs import Unplugs
 from qmpnet.guest.verification import Verifier
@@ -114,19 +115,14 @@ class Guest:
         self._lane = Lane(name, settings.lane, budget, let_go=journal.flush_soon)
         self._nics = nics = NicTable(journal)
         self._events = events = GuestEvents(name)
-        self._unplugs = unplugs = Unplugs(name=name, monitor=monitor, host=host, journal=journal, nics=nics,
-                                          events=events)
-        self._reader = reader = Recoverer(name=name, monitor=monitor, host=host, journal=journal, nics=nics,
-                                          unplugs=unplugs, events=events)
-        rollback = settings.qmp.rollback_unplug_timeout
-        self._hotadd = HotAdd(name=name, monitor=monitor, host=host, journal=journal, nics=nics, reader=reader,
-                              unplugs=unplugs, rollback_unplug_timeout=rollback)
-        self._live = LiveChanges(monitor=monitor, host=host, journal=journal, nics=nics, settings=settings.update)
-        self._verifier = Verifier(name=name, monitor=monitor, socket=Path(qga) if qga is not None else None,
-                                  settings=settings.qga, journal=journal, unplugs=unplugs,
-                                  rollback_unplug_timeout=rollback)
-        self._late = LateEvents(name=name, lane=self._lane, journal=journal, nics=nics, reader=reader, events=events,
-                                serving=lambda: self._state == "open")
+        parts = LaneParts(name=name, monitor=monitor, host=host, journal=journal, nics=nics, events=events,
+                          settings=settings)
+        self._unplugs = unplugs = Unplugs(parts)
+        self._reader = reader = Recoverer(parts, unplugs=unplugs)
+        self._hotadd = HotAdd(parts, reader=reader, unplugs=unplugs)
+        self._live = LiveChanges(parts)
+        self._verifier = Verifier(parts, socket=Path(qga) if qga is not None else None, unplugs=unplugs)
+        self._late = LateEvents(parts, lane=self._lane, reader=reader, serving=lambda: self._state == "open")
         self._state: Literal["new", "open", "closed"] = "new"
         monitor.on_event(self._late.on_event)
 

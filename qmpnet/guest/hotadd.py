@@ -29,9 +29,7 @@ from qmpnet.guest.undo import UndoStack
 if TYPE_CHECKING:
     from qmpnet.core.inventory import Inventory
     from qmpnet.core.model import Nic
-    from qmpnet.core.ports import HostNetwork, Monitor
-    from qmpnet.guest.journal import Journal
-    from qmpnet.guest.nic_table import NicTable
+    from qmpnet.guest.parts import LaneParts
     from qmpnet.guest.recoverer import Recoverer
     from qmpnet.guest.unplugs import Unplugs
 
@@ -45,26 +43,10 @@ _REFUSED = re.compile(r"Duplicate (?:device )?ID|already exists|not available fo
 class HotAdd:
     """The hot-adds of one guest (see the module docstring)."""
 
-    def __init__(  # noqa: PLR0913 - the lane's collaborators, keyword-only
-        self,
-        *,
-        name: str,
-        monitor: Monitor,
-        host: HostNetwork | None,
-        journal: Journal,
-        nics: NicTable,
-        reader: Recoverer,
-        unplugs: Unplugs,
-        rollback_unplug_timeout: float,
-    ) -> None:
-        self._name = name
-        self._monitor = monitor
-        self._host = host
-        self._journal = journal
-        self._nics = nics
+    def __init__(self, parts: LaneParts, *, reader: Recoverer, unplugs: Unplugs) -> None:
+        self._parts = parts
         self._reader = reader
         self._unplugs = unplugs
-        self._rollback_unplug_timeout = rollback_unplug_timeout
 
     async def add(self, spec: NicSpec, operation: str) -> Nic:
         """Add the NIC ``spec`` describes, recorded as ``operation``; atomic (see the module docstring).
@@ -82,19 +64,20 @@ class HotAdd:
             plan, record = await self._run(spec, inventory, started)
         except QmpCommandError as err:
             if not _REFUSED.search(err.message):
-                self._journal.finish(operation, error=err, started=started)
+                self._parts.journal.finish(operation, error=err, started=started)
                 raise
-            log.info("guest %s: QEMU refused the plan (%s): reading the guest and planning again", self._name, err)
+            log.info("guest %s: QEMU refused the plan (%s): reading the guest and planning again",
+                     self._parts.name, err)
             try:
                 inventory = await self._reader.fresh()
                 plan, record = await self._run(spec, inventory, started)
             except QmpnetError as again:
-                self._journal.finish(operation, error=again, started=started)
+                self._parts.journal.finish(operation, error=again, started=started)
                 raise
         except OutcomeUnknown:
             raise
         except QmpnetError as err:
-            self._journal.finish(operation, error=err, started=started)
+            self._parts.journal.finish(operation, error=err, started=started)
             raise
         return await self._added(spec, inventory, plan, record, operation)
 
@@ -102,9 +85,9 @@ class HotAdd:
         self, spec: NicSpec, inventory: Inventory, plan: AddPlan, record: NicRecord, operation: str
     ) -> Nic:
         """Record the NIC active, in the desired set, and the operation's outcome, in one write."""
-        journal = self._journal
+        journal = self._parts.journal
         done = journal.record.with_nic(record)
-        nic = self._nics.described(inventory.added(plan, spec))
+        nic = self._parts.nics.described(inventory.added(plan, spec))
         assert record.spec is not None  # noqa: S101 - a NIC qmpnet adds always has its planned spec
         desired = with_added(done.desired, record.spec)
         journal.save_later(done.model_copy(update={"desired": desired}).with_operation(
@@ -113,37 +96,38 @@ class HotAdd:
         return nic
 
     async def _run(self, spec: NicSpec, inventory: Inventory, started: OperationRecord) -> tuple[AddPlan, NicRecord]:
-        vhost = self._host is not None and needs_tap_fds(spec) and self._host.vhost()
+        vhost = self._parts.host is not None and needs_tap_fds(spec) and self._parts.host.vhost()
         plan = plan_add(spec, inventory.view(), vhost=vhost)
-        record = _adding(spec, plan, started.id, f"{self._journal.key}/{plan.nic_id}")
-        recorded = self._journal.operation(started.id) or started  # the first plan's, if planned again
-        await self._journal.save_async(self._journal.record.with_operation(recorded).with_nic(record))
+        record = _adding(spec, plan, started.id, f"{self._parts.journal.key}/{plan.nic_id}")
+        recorded = self._parts.journal.operation(started.id) or started  # the first plan's, if planned again
+        await self._parts.journal.save_async(self._parts.journal.record.with_operation(recorded).with_nic(record))
         undo = UndoStack()
         try:
             record = await self._run_steps(spec, plan, record, undo)
         except OutcomeUnknown as err:
-            self._nics.invalidate()
+            self._parts.nics.invalidate()
             err.add_note("qmpnet did not roll back: QEMU may have applied the step; the next read of the guest "
                          "settles it (list the NICs to see)")
             raise
         except QmpnetError as err:
-            self._nics.invalidate()
+            self._parts.nics.invalidate()
             await self._roll_back(record, undo, err)
             raise
         return plan, record.model_copy(update={"state": "active"})
 
     async def _run_steps(self, spec: NicSpec, plan: AddPlan, record: NicRecord, undo: UndoStack) -> NicRecord:
         """Prepare the host (recording what it holds), run the QMP steps, tune the tap; returns the record."""
-        owner = f"{self._journal.key}/{plan.nic_id}"
-        attachment = await prepare_host(self._host, self._monitor, spec, plan, owner, undo)
+        owner = f"{self._parts.journal.key}/{plan.nic_id}"
+        attachment = await prepare_host(self._parts.host, self._parts.monitor, spec, plan, owner, undo)
         if attachment.tap is not None or attachment.vfio_host is not None:
             hold = record.host.model_copy(update={
                 "tap": attachment.tap, "bridge": attachment.bridge, "network": attachment.network,
                 "vfio_host": attachment.vfio_host, "vfio_driver": attachment.vfio_driver,
             })
             record = record.model_copy(update={"host": hold})
-            self._journal.save(self._journal.record.with_nic(record))
-        await run_steps(self._monitor, plan.steps, undo, unplug_timeout=self._rollback_unplug_timeout)
+            self._parts.journal.save(self._parts.journal.record.with_nic(record))
+        unplug_timeout = self._parts.settings.qmp.rollback_unplug_timeout
+        await run_steps(self._parts.monitor, plan.steps, undo, unplug_timeout=unplug_timeout)
         await self._tune_tap(spec, attachment, undo)
         return record
 
@@ -152,17 +136,18 @@ class HotAdd:
             self._unplugs.drop(record.id)
         else:
             # The NIC is still plugged: finish its removal (netdev, host side) when the guest lets go.
-            self._journal.save(self._journal.record.with_nic(record.model_copy(update={"state": "removal_pending"})))
-            self._nics.waiter(record.id)
+            pending = record.model_copy(update={"state": "removal_pending"})
+            self._parts.journal.save(self._parts.journal.record.with_nic(pending))
+            self._parts.nics.waiter(record.id)
 
     async def _tune_tap(self, spec: NicSpec, attachment: Attachment, undo: UndoStack) -> None:
         """Apply the spec's VLANs and shaping to the NIC's host tap, pushing their undo (an add is atomic)."""
         if spec.vlan is None and spec.shape is None:
             return
         tap = attachment.tap or (spec.backend.ifname if isinstance(spec.backend, TapBackend) else None)
-        if self._host is None or tap is None:
+        if self._parts.host is None or tap is None:
             raise Unsupported("nic.shape: no host tap is known for this NIC", field="nic.shape")
-        host = self._host
+        host = self._parts.host
         if spec.vlan is not None:
             undo.push("vlan", await host.set_vlan(tap, spec.vlan))
         if spec.shape is not None:

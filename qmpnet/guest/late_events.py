@@ -21,10 +21,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from qmpnet.core.ports import QmpEvent
-    from qmpnet.guest.events import GuestEvents
-    from qmpnet.guest.journal import Journal
     from qmpnet.guest.lane import Lane
-    from qmpnet.guest.nic_table import NicTable
+    from qmpnet.guest.parts import LaneParts
     from qmpnet.guest.recoverer import Recoverer
 
 __all__ = ["LateEvents"]
@@ -35,23 +33,10 @@ log = logging.getLogger(__name__)
 class LateEvents:
     """Settles the ``DEVICE_DELETED`` events of one guest that no call waits for (see the module docstring)."""
 
-    def __init__(  # noqa: PLR0913 - the lane's collaborators, keyword-only
-        self,
-        *,
-        name: str,
-        lane: Lane,
-        journal: Journal,
-        nics: NicTable,
-        reader: Recoverer,
-        events: GuestEvents,
-        serving: Callable[[], bool],
-    ) -> None:
-        self._name = name
+    def __init__(self, parts: LaneParts, *, lane: Lane, reader: Recoverer, serving: Callable[[], bool]) -> None:
+        self._parts = parts
         self._lane = lane
-        self._journal = journal
-        self._nics = nics
         self._reader = reader
-        self._events = events
         self._serving = serving
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -62,14 +47,14 @@ class LateEvents:
 
     def on_event(self, event: QmpEvent) -> None:
         """The monitor's event callback: start settling a ``DEVICE_DELETED`` the lane does not wait for itself."""
-        if event.name != "DEVICE_DELETED" or event.device is None or self._nics.is_unplugging(event.device):
+        if event.name != "DEVICE_DELETED" or event.device is None or self._parts.nics.is_unplugging(event.device):
             return
         if not self._serving():
             return
         # A late ack of ours, or a device someone else unplugged: settle it in the lane, in the background.
-        was_nic = self._nics.was_seen(event.device)
+        was_nic = self._parts.nics.was_seen(event.device)
         task = asyncio.get_running_loop().create_task(
-            self._settle(event.device, was_nic=was_nic), name=f"qmpnet[guest={self._name}].settle-{event.device}"
+            self._settle(event.device, was_nic=was_nic), name=f"qmpnet[guest={self._parts.name}].settle-{event.device}"
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -89,17 +74,19 @@ class LateEvents:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _settle(self, device: str, *, was_nic: bool) -> None:
-        recorded = device in self._journal.record.nics
+        recorded = device in self._parts.journal.record.nics
         try:
             # Internal work is not subject to the lane's limits: a late ack must always be completed.
             async with self._lane.turn(bounded=False):
                 await self._reader.refresh(full=False, gone=frozenset({device}))
         except QmpnetError as err:
-            log.warning("guest %s: could not settle the unplug of %s: %s (recovery will)", self._name, device, err)
+            log.warning("guest %s: could not settle the unplug of %s: %s (recovery will)",
+                        self._parts.name, device, err)
             return
         except Exception:
             # A bug must not go unseen in a background task; the record still says what to finish.
-            log.exception("guest %s: settling the unplug of %s failed", self._name, device)
+            log.exception("guest %s: settling the unplug of %s failed", self._parts.name, device)
             return
         if was_nic and not recorded:
-            self._events.emit("nic_removed", nic_id=device)  # a NIC qmpnet did not create, unplugged by another client
+            # A NIC qmpnet did not create, unplugged by another client.
+            self._parts.events.emit("nic_removed", nic_id=device)

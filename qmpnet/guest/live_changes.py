@@ -25,11 +25,8 @@ from qmpnet.guest.update import KnownNic, UpdateResult, run_update
 if TYPE_CHECKING:
     from qmpnet.core.inventory import Inventory
     from qmpnet.core.model import Nic, NicUpdate
-    from qmpnet.core.ports import HostNetwork, Monitor
     from qmpnet.core.records import GuestRecord, NicRecord
-    from qmpnet.guest.journal import Journal
-    from qmpnet.guest.nic_table import NicTable
-    from qmpnet.settings import UpdateSettings
+    from qmpnet.guest.parts import LaneParts
 
 __all__ = ["LiveChanges"]
 
@@ -39,24 +36,12 @@ LinkState = Literal["up", "down"]
 class LiveChanges:
     """The live changes of one guest's NICs (see the module docstring)."""
 
-    def __init__(
-        self,
-        *,
-        monitor: Monitor,
-        host: HostNetwork | None,
-        journal: Journal,
-        nics: NicTable,
-        settings: UpdateSettings,
-    ) -> None:
-        self._monitor = monitor
-        self._host = host
-        self._journal = journal
-        self._nics = nics
-        self._settings = settings
+    def __init__(self, parts: LaneParts) -> None:
+        self._parts = parts
 
     def link_of(self, nic_id: str) -> LinkState:
         """NIC ``nic_id``'s link as recorded (``up`` unless recorded ``down``)."""
-        return "down" if self._nics.links().get(nic_id) == "down" else "up"
+        return "down" if self._parts.nics.links().get(nic_id) == "down" else "up"
 
     async def relink(self, inventory: Inventory, nic_id: str, link: LinkState, operation: str) -> Nic:
         """Set NIC ``nic_id``'s link, recording the intent first.
@@ -66,17 +51,18 @@ class LiveChanges:
             OutcomeUnknown, GuestUnavailable: No answer (the intent stays: recovery re-applies it).
         """
         before = self.link_of(nic_id)
-        journal = self._journal
+        journal = self._parts.journal
         started = OperationRecord(id=operation, op="nic/link", nic=nic_id, started=time.time())
         journal.save(_linked(journal.record.with_operation(started), nic_id, link))
         try:
-            await execute(self._monitor, self._nics, QmpCall("set_link", {"name": nic_id, "up": link == "up"}))
+            call = QmpCall("set_link", {"name": nic_id, "up": link == "up"})
+            await execute(self._parts.monitor, self._parts.nics, call)
         except OutcomeUnknown:
             raise  # the intent stays recorded: recovery re-applies it
         except QmpnetError as err:
             journal.save(_linked(journal.record.with_operation(finished(started, error=err)), nic_id, before))
             raise
-        nic = self._nics.described(inventory.update(nic_id, link=link))
+        nic = self._parts.nics.described(inventory.update(nic_id, link=link))
         journal.save_later(journal.record.with_operation(finished(started, data=nic.model_dump(mode="json"))))
         return nic
 
@@ -88,24 +74,24 @@ class LiveChanges:
             QmpCommandError: QEMU refused a step (what was done is undone).
             OutcomeUnknown, GuestUnavailable: A step got no answer.
         """
-        journal = self._journal
+        journal = self._parts.journal
         record = journal.nic(nic.id)
         known = _known(nic, record, f"{journal.key}/{nic.id}")
         started = OperationRecord(id=operation or new_operation(), op="nic/update", nic=nic.id, started=time.time())
         journal.save(journal.record.with_operation(started))
         try:
-            result = await run_update(self._monitor, self._host, known, update, self._settings)
+            result = await run_update(self._parts.monitor, self._parts.host, known, update, self._parts.settings.update)
         except OutcomeUnknown:
-            self._nics.invalidate()
+            self._parts.nics.invalidate()
             raise
         except QmpnetError as err:
-            self._nics.invalidate()
+            self._parts.nics.invalidate()
             journal.save(journal.record.with_operation(finished(started, error=err)))
             raise
         changed = _merged(journal.record, nic, update, result, started.id)
         done = inventory.update(nic.id, link=result.nic.link, backend=result.nic.backend)
         journal.save(changed.with_operation(finished(started, data=done.model_dump(mode="json"))))
-        return self._nics.described(done)
+        return self._parts.nics.described(done)
 
 
 def _linked(record: GuestRecord, nic_id: str, link: LinkState) -> GuestRecord:

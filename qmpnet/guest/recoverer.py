@@ -24,11 +24,9 @@ from qmpnet.errors import QmpCommandError, QmpnetError
 from qmpnet.guest.journal import finished
 
 if TYPE_CHECKING:
-    from qmpnet.core.ports import HostNetwork, Monitor, Observation
+    from qmpnet.core.ports import Observation
     from qmpnet.core.records import NicRecord
-    from qmpnet.guest.events import GuestEvents
-    from qmpnet.guest.journal import Journal
-    from qmpnet.guest.nic_table import NicTable
+    from qmpnet.guest.parts import LaneParts
     from qmpnet.guest.unplugs import Unplugs
 
 __all__ = ["INSTANCE_OBJECT", "Recoverer"]
@@ -41,24 +39,9 @@ INSTANCE_OBJECT = "qmpnet-instance"
 class Recoverer:
     """Reads one guest and settles its record against it (see the module docstring)."""
 
-    def __init__(  # noqa: PLR0913 - the lane's collaborators, keyword-only
-        self,
-        *,
-        name: str,
-        monitor: Monitor,
-        host: HostNetwork | None,
-        journal: Journal,
-        nics: NicTable,
-        unplugs: Unplugs,
-        events: GuestEvents,
-    ) -> None:
-        self._name = name
-        self._monitor = monitor
-        self._host = host
-        self._journal = journal
-        self._nics = nics
+    def __init__(self, parts: LaneParts, *, unplugs: Unplugs) -> None:
+        self._parts = parts
         self._unplugs = unplugs
-        self._events = events
         self._instance: str | None = None
 
     async def fresh(self) -> Inventory:
@@ -67,7 +50,7 @@ class Recoverer:
         Raises:
             OutcomeUnknown, GuestUnavailable, QmpCommandError: Reading the guest failed.
         """
-        inventory = self._nics.inventory
+        inventory = self._parts.nics.inventory
         return inventory if inventory is not None else await self.refresh(full=False)
 
     async def refresh(self, *, full: bool, gone: frozenset[str] = frozenset()) -> Inventory:
@@ -78,12 +61,12 @@ class Recoverer:
         Raises:
             OutcomeUnknown, GuestUnavailable, QmpCommandError: Reading the guest failed.
         """
-        self._nics.invalidate()
-        observation = await self._monitor.observe()
+        self._parts.nics.invalidate()
+        observation = await self._parts.monitor.observe()
         if full:
             self._instance = await self._identify()
         devices = observation.device_ids - gone
-        steps = plan_recovery(self._journal.record, instance=self._instance, devices=devices, full=full)
+        steps = plan_recovery(self._parts.journal.record, instance=self._instance, devices=devices, full=full)
         self._note_instance(devices, full=full)
         deleted: set[str] = set()
         for step in steps:
@@ -92,18 +75,18 @@ class Recoverer:
         if full:
             await self._apply_foreign_links(devices)
             await self._sweep_taps()
-        inventory = Inventory.from_observation(observation, self._nics.links(), self._nics.pending_ids())
+        inventory = Inventory.from_observation(observation, self._parts.nics.links(), self._parts.nics.pending_ids())
         for device in gone:
             inventory.removed(device)
         inventory.netdev_ids.difference_update(deleted)
-        self._nics.observed(inventory)
+        self._parts.nics.observed(inventory)
         if full:
             self._answer_interrupted(inventory)
         return inventory
 
     def _answer_interrupted(self, inventory: Inventory) -> None:
         """Record the outcome of operations a killed process left without one, where recovery tells it."""
-        record = self._journal.record
+        record = self._parts.journal.record
         for operation in record.operations.values():
             nic_id = None if operation.outcome is not None else answered_by_recovery(operation, record, inventory.nics)
             if nic_id is None:
@@ -111,45 +94,46 @@ class Recoverer:
             if operation.op == "nic/del":
                 data: object = {"id": nic_id, "state": "removed"}
             else:
-                data = self._nics.described(inventory.nics[nic_id]).model_dump(mode="json")
+                data = self._parts.nics.described(inventory.nics[nic_id]).model_dump(mode="json")
             record = record.with_operation(finished(operation, data=data))
-        if record is not self._journal.record:
-            self._journal.save(record)
+        if record is not self._parts.journal.record:
+            self._parts.journal.save(record)
 
     def _note_instance(self, devices: frozenset[str], *, full: bool) -> None:
         """Record the QEMU instance (a new one keeps no link intent); drop link intent of devices that are gone."""
-        record = self._journal.record
+        record = self._parts.journal.record
         if full and self._instance is not None and record.instance != self._instance:
             if record.instance is not None:
-                log.info("guest %s: QEMU was restarted (a new instance): its NICs went with the old one", self._name)
-            self._journal.save(record.model_copy(update={"instance": self._instance, "links": {}}))
+                log.info("guest %s: QEMU was restarted (a new instance): its NICs went with the old one",
+                         self._parts.name)
+            self._parts.journal.save(record.model_copy(update={"instance": self._instance, "links": {}}))
         elif any(nic_id not in devices for nic_id in record.links):
             kept = {k: v for k, v in record.links.items() if k in devices}
-            self._journal.save(record.model_copy(update={"links": kept}))
+            self._parts.journal.save(record.model_copy(update={"links": kept}))
 
     async def _apply_foreign_links(self, devices: frozenset[str]) -> None:
-        for nic_id, link in self._journal.record.links.items():
+        for nic_id, link in self._parts.journal.record.links.items():
             if nic_id in devices:
                 try:
-                    await self._monitor.execute("set_link", {"name": nic_id, "up": link == "up"})
+                    await self._parts.monitor.execute("set_link", {"name": nic_id, "up": link == "up"})
                 except QmpCommandError as err:
-                    log.warning("guest %s: re-applying the link of %s failed: %s", self._name, nic_id, err)
+                    log.warning("guest %s: re-applying the link of %s failed: %s", self._parts.name, nic_id, err)
 
     async def _identify(self) -> str | None:
         """The id of the QEMU process behind the monitor, kept in a QOM object qmpnet adds on first contact."""
         path = f"/objects/{INSTANCE_OBJECT}"
         try:
-            return str(await self._monitor.execute("qom-get", {"path": path, "property": "identity"}))
+            return str(await self._parts.monitor.execute("qom-get", {"path": path, "property": "identity"}))
         except QmpCommandError:
             pass
         new = uuid.uuid4().hex
         try:
-            await self._monitor.execute(
+            await self._parts.monitor.execute(
                 "object-add", {"qom-type": "authz-simple", "id": INSTANCE_OBJECT, "identity": new}
             )
         except QmpCommandError as err:
-            log.warning("guest %s: cannot mark the QEMU instance (%s): restarts are told by devices only", self._name,
-                        err)
+            log.warning("guest %s: cannot mark the QEMU instance (%s): restarts are told by devices only",
+                        self._parts.name, err)
             return None
         return new
 
@@ -160,7 +144,7 @@ class Recoverer:
         too, and a later ``nic del`` of the NIC answers ``removed``.
         """
         nic = step.nic
-        log.info("guest %s: recovery: %s NIC %s (recorded %s)", self._name, step.action, nic.id, nic.state)
+        log.info("guest %s: recovery: %s NIC %s (recorded %s)", self._parts.name, step.action, nic.id, nic.state)
         try:
             match step.action:
                 case "forget":
@@ -176,10 +160,10 @@ class Recoverer:
                 case "undo_add" | "vanished" | "finish":
                     await self._unplugs.clean_up(nic, by_recovery=full and step.action != "undo_add")
                     if step.action != "undo_add":
-                        self._events.emit("nic_removed", nic_id=nic.id)
+                        self._parts.events.emit("nic_removed", nic_id=nic.id)
                     return nic.netdev is not None
         except QmpCommandError as err:
-            log.warning("guest %s: recovery of NIC %s (%s) failed: %s", self._name, nic.id, step.action, err)
+            log.warning("guest %s: recovery of NIC %s (%s) failed: %s", self._parts.name, nic.id, step.action, err)
         return False
 
     def _activate(self, nic: NicRecord, observation: Observation) -> None:
@@ -188,16 +172,17 @@ class Recoverer:
         pci = nic.pci
         if device is not None:
             pci = pci or PciAddress(bus=device.bus, slot=device.slot, function=device.function)
-        self._journal.save(self._journal.record.with_nic(nic.model_copy(update={"state": "active", "pci": pci})))
+        active = nic.model_copy(update={"state": "active", "pci": pci})
+        self._parts.journal.save(self._parts.journal.record.with_nic(active))
 
     async def _apply_link(self, nic: NicRecord) -> None:
-        await self._monitor.execute("set_link", {"name": nic.id, "up": nic.link == "up"})
+        await self._parts.monitor.execute("set_link", {"name": nic.id, "up": nic.link == "up"})
 
     async def _sweep_taps(self) -> None:
-        if self._host is None:
+        if self._parts.host is None:
             return
-        keep = {nic.host.owner for nic in self._journal.record.nics.values() if nic.host.owner is not None}
+        keep = {nic.host.owner for nic in self._parts.journal.record.nics.values() if nic.host.owner is not None}
         try:
-            await self._host.sweep_orphans(f"{self._journal.key}/", keep)
+            await self._parts.host.sweep_orphans(f"{self._parts.journal.key}/", keep)
         except QmpnetError as err:
-            log.warning("guest %s: sweeping stale taps failed: %s", self._name, err)
+            log.warning("guest %s: sweeping stale taps failed: %s", self._parts.name, err)

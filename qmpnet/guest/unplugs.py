@@ -31,11 +31,9 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from qmpnet.core.model import Nic
-    from qmpnet.core.ports import HostNetwork, Monitor, QmpEvent
+    from qmpnet.core.ports import QmpEvent
     from qmpnet.core.records import DesiredSet
-    from qmpnet.guest.events import GuestEvents
-    from qmpnet.guest.journal import Journal
-    from qmpnet.guest.nic_table import NicTable
+    from qmpnet.guest.parts import LaneParts
 
 __all__ = ["Unplugs", "foreign_record"]
 
@@ -47,22 +45,8 @@ _ANSWERS = frozenset({"DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR"})
 class Unplugs:
     """The removals of one guest's NICs (see the module docstring)."""
 
-    def __init__(  # noqa: PLR0913 - the lane's collaborators, keyword-only
-        self,
-        *,
-        name: str,
-        monitor: Monitor,
-        host: HostNetwork | None,
-        journal: Journal,
-        nics: NicTable,
-        events: GuestEvents,
-    ) -> None:
-        self._name = name
-        self._monitor = monitor
-        self._host = host
-        self._journal = journal
-        self._nics = nics
-        self._events = events
+    def __init__(self, parts: LaneParts) -> None:
+        self._parts = parts
 
     async def unplug(self, nic: Nic, wait: float, operation: str) -> RemoveResult:
         """Ask the guest to let NIC ``nic`` go and wait up to ``wait`` seconds for its answer; record the outcome.
@@ -74,7 +58,7 @@ class Unplugs:
             QmpCommandError: QEMU refused ``device_del``, or the guest refused the unplug (the NIC stays).
             OutcomeUnknown, GuestUnavailable: No answer to ``device_del`` (the record stays pending).
         """
-        journal = self._journal
+        journal = self._parts.journal
         record = journal.nic(nic.id) or foreign_record(nic)
         desired = journal.record.desired
         started = OperationRecord(id=operation, op="nic/del", nic=nic.id, started=time.time())
@@ -82,18 +66,18 @@ class Unplugs:
             record.model_copy(update={"state": "removal_pending", "operation": operation})
         )
         journal.save(asked.model_copy(update={"desired": without(desired, nic.id)}))
-        self._nics.waiter(nic.id)
-        with self._nics.unplugging(nic.id):
-            async with self._monitor.listen(_ANSWERS, lambda e: e.device == nic.id) as stream:
+        self._parts.nics.waiter(nic.id)
+        with self._parts.nics.unplugging(nic.id):
+            async with self._parts.monitor.listen(_ANSWERS, lambda e: e.device == nic.id) as stream:
                 try:
-                    await execute(self._monitor, self._nics, QmpCall("device_del", {"id": nic.id}))
+                    await execute(self._parts.monitor, self._parts.nics, QmpCall("device_del", {"id": nic.id}))
                 except QmpCommandError as err:
                     if "in the process of unplug" not in err.message:
                         self._refused(record, started, desired, err)
                         raise
                 # On OutcomeUnknown the record stays removal_pending: recovery finishes it once the device is gone.
                 event = await _next_within(stream.get, stream.get_nowait, wait)
-        self._nics.removal_pending(nic.id)
+        self._parts.nics.removal_pending(nic.id)
         return await self._answered(nic.id, event, record, started, desired, wait)
 
     async def _answered(  # noqa: PLR0913, PLR0917 - the unplug's state, passed on from unplug()
@@ -106,11 +90,11 @@ class Unplugs:
         wait: float,
     ) -> RemoveResult:
         if event is None:
-            log.info("guest %s: NIC %s removal pending (no ack within %g s)", self._name, nic_id, wait)
-            self._journal.save(self._journal.record.with_operation(
+            log.info("guest %s: NIC %s removal pending (no ack within %g s)", self._parts.name, nic_id, wait)
+            self._parts.journal.save(self._parts.journal.record.with_operation(
                 finished(started, data={"id": nic_id, "state": "removal_pending"})
             ))
-            self._events.emit("nic_removal_pending", nic_id=nic_id)
+            self._parts.events.emit("nic_removal_pending", nic_id=nic_id)
             return RemoveResult(id=nic_id, state="removal_pending")
         if event.name == "DEVICE_UNPLUG_GUEST_ERROR":
             error = QmpCommandError(
@@ -119,55 +103,56 @@ class Unplugs:
                 command="device_del",
             )
             self._refused(record, started, desired, error)
-            self._events.emit("unplug_rejected", nic_id=nic_id)
+            self._parts.events.emit("unplug_rejected", nic_id=nic_id)
             raise error
-        await self.clean_up(self._journal.record.nics[nic_id])
-        self._journal.save_later(self._journal.record.with_operation(
+        await self.clean_up(self._parts.journal.record.nics[nic_id])
+        self._parts.journal.save_later(self._parts.journal.record.with_operation(
             finished(started, data={"id": nic_id, "state": "removed"})
         ))
-        self._events.emit("nic_removed", nic_id=nic_id)
+        self._parts.events.emit("nic_removed", nic_id=nic_id)
         return RemoveResult(id=nic_id, state="removed")
 
     def _refused(
         self, record: NicRecord, started: OperationRecord, desired: DesiredSet | None, error: QmpnetError
     ) -> None:
         """The NIC stays: its record and the desired set as before the unplug, the operation with its error."""
-        refused = self._journal.record.with_nic(record).with_operation(finished(started, error=error))
-        self._journal.save(refused.model_copy(update={"desired": desired}))
-        self._nics.wake(record.id)
+        refused = self._parts.journal.record.with_nic(record).with_operation(finished(started, error=error))
+        self._parts.journal.save(refused.model_copy(update={"desired": desired}))
+        self._parts.nics.wake(record.id)
 
     async def clean_up(self, nic: NicRecord, *, by_recovery: bool = False) -> None:
         """The NIC's device is gone: delete its netdev, release the host side, drop the record, wake waiters."""
         if nic.netdev is not None:
             try:
-                await execute(self._monitor, self._nics, QmpCall("netdev_del", {"id": nic.netdev}))
+                await execute(self._parts.monitor, self._parts.nics, QmpCall("netdev_del", {"id": nic.netdev}))
             except QmpCommandError as err:
                 if err.qmp_class != "DeviceNotFound":
-                    log.warning("guest %s: netdev_del %s after unplug of %s: %s", self._name, nic.netdev, nic.id, err)
+                    log.warning("guest %s: netdev_del %s after unplug of %s: %s",
+                                self._parts.name, nic.netdev, nic.id, err)
         await self.release_host(nic)
-        self._nics.removed(nic.id)
+        self._parts.nics.removed(nic.id)
         self.drop(nic.id, by_recovery=by_recovery)
-        log.info("guest %s: removed NIC %s", self._name, nic.id)
+        log.info("guest %s: removed NIC %s", self._parts.name, nic.id)
 
     def drop(self, nic_id: str, *, by_recovery: bool = False) -> None:
         """Forget NIC ``nic_id``'s record (remembered as gone when recovery finished it) and wake its waiters."""
-        record = self._journal.record
+        record = self._parts.journal.record
         if nic_id in record.nics:
-            self._journal.save(record.without_nic(nic_id, gone_at=time.time() if by_recovery else None))
-        self._nics.wake(nic_id)
+            self._parts.journal.save(record.without_nic(nic_id, gone_at=time.time() if by_recovery else None))
+        self._parts.nics.wake(nic_id)
 
     async def release_host(self, nic: NicRecord) -> None:
         """Delete the NIC's tap and give its PCI function back to its driver; failures are logged."""
         hold = nic.host
-        if self._host is None or hold.empty:
+        if self._parts.host is None or hold.empty:
             return
         try:
             if hold.tap is not None:
-                await self._host.delete_tap(hold.tap)
+                await self._parts.host.delete_tap(hold.tap)
             if hold.vfio_host is not None and hold.vfio_driver is not None:
-                await self._host.restore_vfio(hold.vfio_host, hold.vfio_driver)
+                await self._parts.host.restore_vfio(hold.vfio_host, hold.vfio_driver)
         except QmpnetError as err:
-            log.warning("guest %s: releasing the host side of %s: %s", self._name, nic.id, err)
+            log.warning("guest %s: releasing the host side of %s: %s", self._parts.name, nic.id, err)
 
     async def ask_again(self, nic_id: str) -> None:
         """Send ``device_del`` for a pending removal again (after a reconnect: the guest may have missed it).
@@ -176,19 +161,20 @@ class Unplugs:
             QmpCommandError, OutcomeUnknown, GuestUnavailable: QEMU refused or did not answer.
         """
         try:
-            await self._monitor.execute("device_del", {"id": nic_id})
+            await self._parts.monitor.execute("device_del", {"id": nic_id})
         except QmpCommandError as err:
             if "in the process of unplug" not in err.message:
                 raise
-        self._nics.waiter(nic_id)
+        self._parts.nics.waiter(nic_id)
 
     async def wait_pending(self, nic_id: str, wait: float) -> RemoveResult:
         """Wait up to ``wait`` seconds for NIC ``nic_id``'s pending removal to finish (no lane needed)."""
-        waiter = self._nics.waiter(nic_id)
+        waiter = self._parts.nics.waiter(nic_id)
         with suppress(TimeoutError):
             async with asyncio.timeout(wait):
                 await waiter.wait()
-        state: Literal["removed", "removal_pending"] = "removal_pending" if self._nics.pending(nic_id) else "removed"
+        pending = self._parts.nics.pending(nic_id)
+        state: Literal["removed", "removal_pending"] = "removal_pending" if pending else "removed"
         return RemoveResult(id=nic_id, state=state)
 
 

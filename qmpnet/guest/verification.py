@@ -26,10 +26,8 @@ if TYPE_CHECKING:
 
     from qmpnet.adapters.qga import Want
     from qmpnet.core.model import GuestView, Nic, Verify
-    from qmpnet.core.ports import Monitor
-    from qmpnet.guest.journal import Journal
+    from qmpnet.guest.parts import LaneParts
     from qmpnet.guest.unplugs import Unplugs
-    from qmpnet.settings import QgaSettings
 
 __all__ = ["Verifier"]
 
@@ -39,24 +37,10 @@ log = logging.getLogger(__name__)
 class Verifier:
     """The guest agent of one guest, for verified changes (see the module docstring)."""
 
-    def __init__(  # noqa: PLR0913 - the lane's collaborators, keyword-only
-        self,
-        *,
-        name: str,
-        monitor: Monitor,
-        socket: Path | None,
-        settings: QgaSettings,
-        journal: Journal,
-        unplugs: Unplugs,
-        rollback_unplug_timeout: float,
-    ) -> None:
-        self._name = name
-        self._monitor = monitor
+    def __init__(self, parts: LaneParts, *, socket: Path | None, unplugs: Unplugs) -> None:
+        self._parts = parts
         self._socket = socket
-        self._settings = settings
-        self._journal = journal
         self._unplugs = unplugs
-        self._rollback_unplug_timeout = rollback_unplug_timeout
 
     @property
     def socket(self) -> Path | None:
@@ -72,9 +56,9 @@ class Verifier:
         if self._socket is not None:
             return
         try:
-            self._socket = await find_agent_socket(self._monitor)
+            self._socket = await find_agent_socket(self._parts.monitor)
         except QmpCommandError as err:
-            log.debug("guest %s: no guest agent socket found (%s)", self._name, err)
+            log.debug("guest %s: no guest agent socket found (%s)", self._parts.name, err)
 
     @asynccontextmanager
     async def session(self, wanted: Verify) -> AsyncIterator[GuestAgent | None]:
@@ -95,12 +79,12 @@ class Verifier:
     async def _open(self) -> GuestAgent:
         if self._socket is None:
             raise InvalidRequest(
-                f"verify: no guest agent is known for guest {self._name}: give its socket (--qga, qga=) or start "
+                f"verify: no guest agent is known for guest {self._parts.name}: give its socket (--qga, qga=) or start "
                 "QEMU with a virtserialport named org.qemu.guest_agent.0 on a unix socket QEMU listens on",
                 field="verify",
             )
         try:
-            return await GuestAgent.open(self._socket, self._settings)
+            return await GuestAgent.open(self._socket, self._parts.settings.qga)
         except AgentUnavailable as err:
             raise InvalidRequest(f"verify: {err.message}", field="verify") from err
 
@@ -124,14 +108,14 @@ class Verifier:
         try:
             view = await self.wait(agent, nic.mac, want)
         except NotVerified as err:
-            log.info("guest %s: NIC %s not verified (%s): removing it again", self._name, nic.id, err)
-            result = await self._unplugs.unplug(nic, self._rollback_unplug_timeout, new_operation())
+            log.info("guest %s: NIC %s not verified (%s): removing it again", self._parts.name, nic.id, err)
+            result = await self._unplugs.unplug(nic, self._parts.settings.qmp.rollback_unplug_timeout, new_operation())
             if result.state == "removal_pending":
                 err.add_note(f"the NIC is being removed again; the guest has not acked yet ({nic.id})")
-            self._journal.finish(operation, error=err)
+            self._parts.journal.finish(operation, error=err)
             raise
         done = nic.model_copy(update={"guest": view})
-        self._journal.finish(operation, data=done.model_dump(mode="json"))
+        self._parts.journal.finish(operation, data=done.model_dump(mode="json"))
         return done
 
     async def linked(self, agent: GuestAgent, nic: Nic, *, up: bool, undo: Callable[[], Awaitable[object]]) -> Nic:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from qmpnet.api.wire.envelopes import EventMessage
@@ -30,6 +31,8 @@ __all__ = ["Connector", "FleetContext", "NoObserver", "Observer", "StateSink", "
 Connector: TypeAlias = Callable[[str, str], Awaitable[Connection]]
 #: ``await open_store(name, address)`` locks and loads the guest's record, or raises ``Busy``/``StoreUnavailable``.
 StoreOpener: TypeAlias = Callable[[str, str], Awaitable["GuestStore"]]
+#: The connection states the guests-by-state metric counts.
+_STATES = ("connecting", "connected", "disconnected")
 
 
 class StateSink(Protocol):
@@ -71,39 +74,34 @@ class NoObserver:
         """Nothing to record."""
 
 
+@dataclass(kw_only=True, eq=False)
 class FleetContext:
     """The ports, the settings and the guests-by-state counts, shared by every guest's parts.
 
-    Args:
+    Attributes:
         settings: All settings.
         sink: Where retained state and events go.
         connector: Opens a guest's QMP monitor.
         open_store: Locks and loads a guest's record.
         observer: Metrics hooks.
         host: The host side shared by every guest's lane (``None``: backends that need nothing on the host).
+        lanes: The lanes of this controller's guests at work (a guest's hot path writes off the loop while others
+            work).
+        first_reads: Turns for reading a guest the first time (``controller.first_reads``), see the supervisor.
     """
 
-    def __init__(  # noqa: PLR0913 - the ports and the settings, all keyword-only
-        self,
-        *,
-        settings: Settings,
-        sink: StateSink,
-        connector: Connector,
-        open_store: StoreOpener,
-        observer: Observer,
-        host: HostNetwork | None,
-    ) -> None:
-        self.settings = settings
-        self.sink = sink
-        self.connector = connector
-        self.open_store = open_store
-        self.observer = observer
-        self.host = host
-        #: The lanes of this controller's guests at work (a guest's hot path writes off the loop while others work).
-        self.lanes = LaneBudget()
-        #: Turns for reading a guest the first time (``controller.first_reads``), see the supervisor.
-        self.first_reads = asyncio.Semaphore(settings.controller.first_reads)
-        self._states: dict[str, int] = dict.fromkeys(("connecting", "connected", "disconnected"), 0)
+    settings: Settings
+    sink: StateSink
+    connector: Connector
+    open_store: StoreOpener
+    observer: Observer
+    host: HostNetwork | None
+    lanes: LaneBudget = field(init=False, default_factory=LaneBudget)
+    first_reads: asyncio.Semaphore = field(init=False)
+    _states: dict[str, int] = field(init=False, default_factory=lambda: dict.fromkeys(_STATES, 0))
+
+    def __post_init__(self) -> None:
+        self.first_reads = asyncio.Semaphore(self.settings.controller.first_reads)
 
     def backoff(self, failures: int) -> float:
         """Seconds to wait after ``failures`` failed attempts: capped exponential, with jitter in [50 %, 100 %]."""

@@ -265,6 +265,12 @@ def test_vfio_refuses_emulation_options(option: dict[str, object]) -> None:
     assert caught.value.field == f"nic.{name}"
 
 
+def test_a_vfio_spec_read_back_from_the_store_is_valid() -> None:
+    """The state store writes every field, defaults included: reading a vfio spec back must not be a refusal."""
+    spec = parse_nic_spec({"id": "h0", "backend": {"type": "vfio", "host": "03:00.0", "rebind": True}})
+    assert NicSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
 # ----------------------------------------------------------------------------------------- policy, pure checks
 
 BRIDGE = NicSpec.model_validate({"backend": {"type": "bridge", "bridge": "br0"}})

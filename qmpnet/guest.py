@@ -693,6 +693,8 @@ class Guest:
         return False
 
     async def _apply_link(self, nic: NicRecord) -> None:
+        if nic.spec is not None and nic.spec.backend.type == "vfio":
+            return  # an assigned function has no net client in QEMU, so no link to set (the guest's driver owns it)
         await self._monitor.execute("set_link", {"name": nic.id, "up": nic.link == "up"})
 
     async def _ask_unplug(self, nic_id: str) -> None:

@@ -508,7 +508,7 @@ async def test_delay_raises_the_rtt_loss_drops_every_ping_and_no_shape_undoes_bo
     report("impairment", results)
 
 
-@needs.kernel(not NETEM, "netem is there: the impairment itself is tested instead of its refusal")
+@needs.kernel(not NETEM, "netem is there: the impairment itself is tested instead of its refusal", lab=False)
 async def test_without_netem_an_impairment_is_unsupported_and_changes_nothing(vm: TestMachine, lab: Lab) -> None:
     mac = "52:54:00:1a:00:08"
     async with qmpnet.connect(str(vm.qmp_path), name=vm.name, settings=lab.settings()) as guest:
@@ -577,7 +577,7 @@ async def test_two_guests_on_a_vlan_bridge_reach_each_other_only_with_matching_t
             await remove(second, other, nics[1])
 
 
-@needs.kernel(not VLAN_FILTERING, "the bridge filters VLANs: the tagging is tested instead of its refusal")
+@needs.kernel(not VLAN_FILTERING, "the bridge filters VLANs: the tagging is tested instead of its refusal", lab=False)
 async def test_without_vlan_filtering_a_tag_is_unsupported_and_changes_nothing(vm: TestMachine, lab: Lab) -> None:
     mac = "52:54:00:1a:00:0b"
     async with qmpnet.connect(str(vm.qmp_path), name=vm.name, settings=lab.settings()) as guest:

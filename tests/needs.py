@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar, cast
 
 import pytest
 
@@ -87,7 +87,7 @@ def inside_lab() -> bool:
 
 def in_lab(test: T) -> T:
     """Mark ``test`` to run inside the lab host: ``lab`` (for ``-m lab``) and the plugin's ``qmpnet_lab``."""
-    return pytest.mark.qmpnet_lab(pytest.mark.lab(test))
+    return cast("T", pytest.mark.qmpnet_lab(pytest.mark.lab(test)))
 
 
 def kernel(ok: bool, why: str, *, lab: bool = True) -> Callable[[T], T]:
@@ -98,7 +98,12 @@ def kernel(ok: bool, why: str, *, lab: bool = True) -> Callable[[T], T]:
     """
     if not ok and lab and not inside_lab():
         return in_lab
-    return need(ok, f"{KERNEL_LACKS}{why}")
+    mark = need(ok, f"{KERNEL_LACKS}{why}")
+
+    def skip_unless(test: T) -> T:
+        return cast("T", mark(test))
+
+    return skip_unless
 
 
 def check_item(item: pytest.Item) -> None:

@@ -132,11 +132,14 @@ class Lab:
         where = (directory or lab_dir()).absolute()
         say = progress or (lambda _line: None)
         wanted = sorted({str(Path.cwd().absolute()), *(str(Path(s).absolute()) for s in shares)})
+        spaced = [s for s in wanted if any(c.isspace() for c in s)]
+        if spaced:  # the init script splits the list of shares on blanks
+            raise LabError(f"the lab cannot share a directory whose path holds a blank: {spaced[0]!r}")
         where.mkdir(parents=True, exist_ok=True, mode=0o700)
         with _locked(where):
             running = cls._find(where)
             if running is not None:
-                running._check_fits(functions, wanted)
+                running.check_fits(functions, wanted)
                 return running
             return cls._boot(where, functions, wanted, boot_timeout, say)
 
@@ -157,7 +160,8 @@ class Lab:
             return None
         return cls(where, state, token, booted_here=False)
 
-    def _check_fits(self, functions: int, shares: Sequence[str]) -> None:
+    def check_fits(self, functions: int, shares: Sequence[str]) -> None:
+        """Raise :class:`LabError` unless this lab has ``functions`` functions and shares ``shares`` writable."""
         if self.state.functions < functions:
             msg = (
                 f"the running lab (pid {self.state.pid}) has {self.state.functions} functions, not {functions}: "
@@ -190,7 +194,7 @@ class Lab:
         say(f"booting the lab ({image.release}, {functions} functions); console: {console}")
         started = time.monotonic()
         with (where / "qemu.stderr").open("wb") as stderr:
-            process = subprocess.Popen(  # noqa: S603 - our own argv, no shell
+            process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True
             )
         state = LabState(pid=process.pid, port=port, functions=functions, release=image.release, shares=shares)
@@ -278,14 +282,15 @@ class Lab:
                 echo.flush()
             del kind
 
-        request = {
+        request: dict[str, object] = {
             "op": "run",
             "argv": list(argv),
             "cwd": str((cwd or Path.cwd()).absolute()),
             "env": dict(os.environ if env is None else env),
         }
         answer = self._request(request, collect, timeout=timeout)
-        return LabResult(status=int(answer["status"]), output=b"".join(chunks).decode(errors="replace"))  # type: ignore[call-overload]
+        status: int = answer["status"]  # type: ignore[assignment]
+        return LabResult(status=status, output=b"".join(chunks).decode(errors="replace"))
 
     def shell(self, script: str, *, timeout: float | None = None) -> LabResult:
         """Run a ``sh -c`` script in the lab (see :meth:`run`)."""
@@ -299,12 +304,12 @@ class Lab:
             out.write(data)
             out.flush()
 
-        answer = self._request(
-            {"op": "run", "argv": list(argv), "cwd": str(Path.cwd().absolute()), "env": dict(os.environ)},
-            write,
-            timeout=timeout,
-        )
-        return int(answer["status"])  # type: ignore[call-overload]
+        request: dict[str, object] = {
+            "op": "run", "argv": list(argv), "cwd": str(Path.cwd().absolute()), "env": dict(os.environ)
+        }
+        answer = self._request(request, write, timeout=timeout)
+        status: int = answer["status"]  # type: ignore[assignment]
+        return status
 
     def _request(
         self, request: dict[str, object], output: Callable[[int, bytes], None], timeout: float | None

@@ -29,12 +29,13 @@ import signal
 import struct
 import sys
 from pathlib import Path
+from typing import Any
 
 STDOUT, STDERR, END = 1, 2, 0
 HEADER = struct.Struct(">BI")
 CHUNK = 65536
 REQUEST_LIMIT = 4 * 1024 * 1024
-TOKEN_FILE = "token"
+TOKEN_FILE = "token"  # noqa: S105 - the name of the file, not a secret
 PCI = Path("/sys/bus/pci/devices")
 #: vendor:device of the lab's assignable functions, and of the pair that shares a group.
 FUNCTION_ID = ("0x8086", "0x10d3")
@@ -96,7 +97,9 @@ class Agent:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _run(self, request: dict[str, object], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _run(
+        self, request: dict[str, object], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         argv = request.get("argv")
         env = request.get("env") or {}
         cwd = str(request.get("cwd") or "/")
@@ -117,24 +120,40 @@ class Agent:
             await self._end(writer, {"error": f"cannot run {argv[0]!r} in {cwd}: {err.strerror or err}"})
             return
         gone = asyncio.ensure_future(reader.read(1))  # the client sends nothing more: any return means it left
-        pumps = [
+        pumps: list[asyncio.Task[None]] = [
             asyncio.ensure_future(self._pump(process.stdout, STDOUT, writer)),
             asyncio.ensure_future(self._pump(process.stderr, STDERR, writer)),
         ]
         try:
-            done, _ = await asyncio.wait([gone, asyncio.gather(*pumps)], return_when=asyncio.FIRST_COMPLETED)
-            if gone in done:
-                raise ConnectionError("the client went away")
-            status = await process.wait()
-            await self._end(writer, {"status": 128 - status if status < 0 else status})
-        except ConnectionError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
+            if await self._finished(process, gone, pumps, writer):
+                return
         finally:
             gone.cancel()
             for pump in pumps:
                 pump.cancel()
+        # The client went away (or its connection broke): the command goes too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+
+    async def _finished(
+        self,
+        process: asyncio.subprocess.Process,
+        gone: asyncio.Future[bytes],
+        pumps: list[asyncio.Task[None]],
+        writer: asyncio.StreamWriter,
+    ) -> bool:
+        """Whether the command ran to its end and its status reached the client."""
+        try:
+            waited: list[asyncio.Future[Any]] = [gone, asyncio.gather(*pumps)]
+            done, _ = await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+            if gone in done:
+                return False
+            status = await process.wait()
+            await self._end(writer, {"status": 128 - status if status < 0 else status})
+        except ConnectionError:
+            return False
+        return True
 
     @staticmethod
     async def _pump(stream: asyncio.StreamReader | None, kind: int, writer: asyncio.StreamWriter) -> None:

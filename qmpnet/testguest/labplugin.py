@@ -25,14 +25,11 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
 from .lab import Lab, LabError
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
 
 __all__ = [
     "LAB_MARKER",
@@ -86,8 +83,7 @@ class LabSession:
             self._run_suite()
         if self.suite_error is not None:
             pytest.fail(self.suite_error, pytrace=False)
-        assert self.results is not None
-        return self.results.get(nodeid, [])
+        return (self.results or {}).get(nodeid, [])
 
     def _run_suite(self) -> None:
         self.results = {}
@@ -107,9 +103,8 @@ class LabSession:
                     timeout=SUITE_TIMEOUT,
                     echo=echo,
                 )
-            self.timings.append(
-                f"lab suite: {len(self.nodeids)} tests in {time.monotonic() - started:.1f} s (pytest exit {done.status})"
-            )
+            elapsed = time.monotonic() - started
+            self.timings.append(f"lab suite: {len(self.nodeids)} tests in {elapsed:.1f} s (pytest exit {done.status})")
         except LabError as err:
             self.suite_error = f"the tests could not run in the lab: {err}"
             self.kept.append(log)
@@ -221,10 +216,9 @@ def lab_unconfigure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def qmpnet_lab(pytestconfig: pytest.Config) -> Iterator[Lab]:
-    """The lab host, shared by the whole run (see the module's documentation)."""
+def qmpnet_lab(pytestconfig: pytest.Config) -> Lab:
+    """The lab host, shared by the whole run and stopped after it if the run booted it (see the module)."""
     try:
-        lab = pytestconfig.stash[_SESSION].ensure()
+        return pytestconfig.stash[_SESSION].ensure()
     except LabError as err:
         pytest.fail(str(err), pytrace=False)
-    yield lab

@@ -70,6 +70,8 @@ class Agent:
             "functions": functions,
             "shared_group": shared,
         }
+        #: Defaults a client's environment may override: a guest booted in the lab runs under nested TCG.
+        self.defaults = {"QMPNET_TESTGUEST_BOOT_TIMEOUT": "900"}
         self.lab_env = {
             "QMPNET_LAB": "1",
             "QMPNET_LAB_FUNCTIONS": " ".join(functions),
@@ -110,7 +112,7 @@ class Agent:
             process = await asyncio.create_subprocess_exec(
                 *(str(a) for a in argv),
                 cwd=cwd,
-                env={**{str(k): str(v) for k, v in env.items()}, **self.lab_env},
+                env={**self.defaults, **{str(k): str(v) for k, v in env.items()}, **self.lab_env},
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,

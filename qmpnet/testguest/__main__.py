@@ -2,8 +2,8 @@
 
 `build` builds (or finds in the cache) the kernel and initramfs and prints their paths as shell assignments,
 so `eval "$(python3 -m qmpnet.testguest build)"` sets `kernel` and `initrd` (and `rootfs` with `--flavour debian`;
-`--flavour all` builds both and prints nothing). `boot` runs the guest in the foreground with its console on the
-terminal (leave QEMU with Ctrl-A X), for poking at the guest by hand; the Debian guest logs in as root without a
+`--flavour lab` is the lab host's image; `--flavour all` builds the three and prints nothing). `boot` runs the
+guest in the foreground with its console on the terminal (leave QEMU with Ctrl-A X), for poking at the guest by hand; the Debian guest logs in as root without a
 password, and its agent socket is given with `--qga PATH`. `lab [--functions N] -- COMMAND [ARG...]` runs COMMAND
 as root in the lab host (:mod:`.lab`: a Debian kernel with an IOMMU, vfio, netem, VLAN filtering and vhost-net,
 the host's own userland), booting it first unless this user already has one running; it streams the output and
@@ -22,6 +22,7 @@ from pathlib import Path
 from .build import BuildError, GuestImage, ensure_image
 from .debian import DebianImage, ensure_debian_image
 from .lab import DEFAULT_FUNCTIONS, Lab, LabError
+from .labimage import ensure_lab_image
 from .machine import KERNEL_ARGS, QEMU_BINARY, detect_accel
 
 
@@ -35,6 +36,9 @@ def _build(args: argparse.Namespace) -> int:
         image: GuestImage = ensure_image(args.cache_dir, progress=_progress)
     if args.flavour in ("debian", "all"):
         image = ensure_debian_image(args.cache_dir, progress=_progress)
+    if args.flavour in ("lab", "all"):
+        lab = ensure_lab_image(args.cache_dir, progress=_progress)
+        image = GuestImage(kernel=lab.kernel, initrd=lab.initrd)
     _progress(f"{args.flavour} image ready after {time.monotonic() - started:.1f} s")
     if args.flavour == "all":
         return 0
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: $QMPNET_TESTGUEST_CACHE or ~/.cache")
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build or find the cached image and print its paths")
-    build.add_argument("--flavour", choices=("busybox", "debian", "all"), default="busybox")
+    build.add_argument("--flavour", choices=("busybox", "debian", "lab", "all"), default="busybox")
     build.set_defaults(run=_build)
     boot = commands.add_parser("boot", help="boot the guest with its console on this terminal")
     boot.add_argument("--machine", choices=("pc", "q35"), default="pc")

@@ -1,13 +1,14 @@
-"""Command line of the test guest: `python -m qmpnet.testguest build|boot`.
+"""Command line of the test guest: `python -m qmpnet.testguest build|boot|lab`.
 
 `build` builds (or finds in the cache) the kernel and initramfs and prints their paths as shell assignments,
 so `eval "$(python3 -m qmpnet.testguest build)"` sets `kernel` and `initrd` (and `rootfs` with `--flavour debian`;
 `--flavour lab` is the lab host's image; `--flavour all` builds the three and prints nothing). `boot` runs the
 guest in the foreground with its console on the terminal (leave QEMU with Ctrl-A X), for poking at the guest by
-hand; the Debian guest logs in as root without a password, and its agent socket is given with `--qga PATH`. `lab [--functions N] -- COMMAND [ARG...]` runs COMMAND
-as root in the lab host (:mod:`.lab`: a Debian kernel with an IOMMU, vfio, netem, VLAN filtering and vhost-net,
-the host's own userland), booting it first unless this user already has one running; it streams the output and
-exits with COMMAND's status. `lab --stop` ends the lab.
+hand; the Debian guest logs in as root without a password, and its agent socket is given with `--qga PATH`.
+
+`lab [--functions N] -- COMMAND [ARG...]` runs COMMAND as root in the lab host (:mod:`.lab`: a Debian kernel with
+an IOMMU, vfio, netem, VLAN filtering and vhost-net, the host's own userland), booting it first unless this user
+already has one running; it streams the output and exits with COMMAND's status. `lab --stop` ends the lab.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ class Agent:
             "shared_group": shared,
         }
         #: Defaults a client's environment may override: a guest booted in the lab runs under nested TCG.
-        self.defaults = {"QMPNET_TESTGUEST_BOOT_TIMEOUT": "900"}
+        self.defaults = {"QMPNET_TESTGUEST_TIMEOUT_SCALE": "10"}
         self.lab_env = {
             "QMPNET_LAB": "1",
             "QMPNET_LAB_FUNCTIONS": " ".join(functions),

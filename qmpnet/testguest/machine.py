@@ -45,7 +45,7 @@ from qmpnet.qga import AGENT_PORT_NAME, GuestAgent
 from qmpnet.qmp import QmpMonitor
 from qmpnet.settings import QgaSettings
 
-from .agent import LINE_LIMIT, Agent, AgentError, AgentTimeoutError
+from .agent import LINE_LIMIT, TIMEOUT_SCALE, Agent, AgentError, AgentTimeoutError
 from .debian import DebianImage
 
 if TYPE_CHECKING:
@@ -68,11 +68,11 @@ QEMU_BINARY = "qemu-system-x86_64"
 ACCEL_ENV = "QMPNET_ACCEL"
 #: quiet: the serial console is slow under TCG. mitigations/tsc/timer/i8042: about 0.4 s less boot time.
 KERNEL_ARGS = "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable no_timer_check i8042.noaux i8042.nokbd"
-#: Seconds a boot may take; ``$QMPNET_TESTGUEST_BOOT_TIMEOUT`` raises it (the lab host does: nested TCG boots the
-#: busybox guest in a minute and a half or more).
-BOOT_TIMEOUT = float(os.environ.get("QMPNET_TESTGUEST_BOOT_TIMEOUT") or 60.0)
+#: Seconds a boot may take, times the harness's TIMEOUT_SCALE (the lab host's nested TCG boots the busybox guest in
+#: a minute and a half or more).
+BOOT_TIMEOUT = 60.0 * TIMEOUT_SCALE
 #: systemd under TCG: about 30 s on an idle 2-core machine, more while other guests boot.
-DEBIAN_BOOT_TIMEOUT = 240.0
+DEBIAN_BOOT_TIMEOUT = 240.0 * TIMEOUT_SCALE
 #: Short agent timeouts while polling a booting guest; its commands (systemctl --wait) get the boot's deadline.
 _BOOT_QGA = QgaSettings(connect_timeout=1.0, command_timeout=5.0)
 DEFAULT_MEMORY_MB: dict[Flavour, int] = {"busybox": 256, "debian": 512}

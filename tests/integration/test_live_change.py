@@ -44,6 +44,7 @@ from qmpnet.hostnet import HostnetSettings
 from qmpnet.hostnet.netns import run_in_netns
 from qmpnet.settings import Settings, UpdateSettings
 from qmpnet.testguest import TestMachine
+from qmpnet.testguest.agent import TIMEOUT_SCALE
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -62,8 +63,9 @@ pytestmark = [
     pytest.mark.skipif(not Path("/dev/net/tun").exists(), reason="needs /dev/net/tun"),
 ]
 
-SEE_TIMEOUT = 20.0
-UNPLUG_TIMEOUT = 15.0
+#: Scaled like the harness's own deadlines: inside the lab host (nested TCG) they are ten times longer.
+SEE_TIMEOUT = 20.0 * TIMEOUT_SCALE
+UNPLUG_TIMEOUT = 15.0 * TIMEOUT_SCALE
 A_HOST, B_HOST = "10.77.1.1", "10.77.2.1"
 A_NET, B_NET = ipaddress.IPv4Network("10.77.1.0/24"), ipaddress.IPv4Network("10.77.2.0/24")
 GUEST_A = "10.77.1.2"

@@ -193,27 +193,24 @@ class Lab:
         (where / "qemu.cmdline").write_text(shlex.join(command) + "\n")
         say(f"booting the lab ({image.release}, {functions} functions); console: {console}")
         started = time.monotonic()
-        with (where / "qemu.stderr").open("wb") as stderr:
-            process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True
-            )
-        state = LabState(pid=process.pid, port=port, functions=functions, release=image.release, shares=shares)
+        pid = _start_daemon(command, where, timeout)
+        state = LabState(pid=pid, port=port, functions=functions, release=image.release, shares=shares)
         lab = cls(where, state, token, booted_here=True)
         deadline = started + timeout
         while True:
-            if process.poll() is not None:
-                raise LabError(f"the lab's QEMU exited with {process.returncode} during boot\n{lab.diagnostics()}")
+            if not _alive(pid):
+                raise LabError(f"the lab's QEMU exited during boot\n{lab.diagnostics()}")
             with contextlib.suppress(LabError, OSError):
                 lab._info = lab._request({"op": "info"}, lambda _kind, _data: None, timeout=CONNECT_TIMEOUT)
                 break
             if time.monotonic() > deadline:
-                lab._kill(process.pid)
+                lab._kill(pid)
                 msg = f"the lab did not answer within {timeout:.0f} s of booting\n{lab.diagnostics()}"
                 raise LabError(msg)
             time.sleep(1.0)
         lab.state = LabState(**{**asdict(state), "boot_seconds": round(time.monotonic() - started, 1)})
         (where / STATE_FILE).write_text(json.dumps(asdict(lab.state)) + "\n")
-        say(f"lab up after {lab.state.boot_seconds:.1f} s (pid {process.pid})")
+        say(f"lab up after {lab.state.boot_seconds:.1f} s (pid {pid})")
         return lab
 
     def stop(self) -> None:
@@ -404,6 +401,25 @@ def _boot_config(image: LabImage, where: Path, shares: Sequence[str]) -> str:
         "LAB_SHARES": " ".join(f"share{index}={path}" for index, path in enumerate(shares)),
     }
     return "".join(f"{key}={shlex.quote(value)}\n" for key, value in values.items())
+
+
+def _start_daemon(command: Sequence[str], where: Path, timeout: float) -> int:
+    """Start QEMU daemonized (it outlives this process, reparented to init); return its pid."""
+    pidfile = where / "qemu.pid"
+    pidfile.unlink(missing_ok=True)
+    with (where / "qemu.stderr").open("wb") as stderr:
+        try:
+            done = subprocess.run(
+                [*command, "-daemonize", "-pidfile", str(pidfile)],
+                stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True, timeout=timeout,
+                check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise LabError(f"cannot start the lab's QEMU: {err}") from err
+    stderr_text = (where / "qemu.stderr").read_text(errors="replace").strip()
+    if done.returncode != 0 or not pidfile.exists():
+        raise LabError(f"the lab's QEMU did not start (exit status {done.returncode}): {stderr_text}")
+    return int(pidfile.read_text().strip())
 
 
 def _free_port() -> int:

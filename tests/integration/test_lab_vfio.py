@@ -262,8 +262,8 @@ async def test_serve_killed_right_after_the_rebind_never_strands_the_function(
         rc, out = await cli("nic", "list", *where, "--json")
         assert rc == 0, out
         listed = {n["id"]: n for n in json.loads(out)["nics"]}
-        outcome = "finished" if "host3" in listed else "given back"
-        if outcome == "finished":
+        outcome = "finished" if "host3" in listed else "gave back"
+        if "host3" in listed:
             assert listed["host3"]["state"] == "active", listed
             await assigned_and_seen(vm, function, "host3", mac)
             rc, out = await cli("nic", "del", *where, "host3", "--timeout", UNPLUG_TIMEOUT)

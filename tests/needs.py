@@ -12,7 +12,9 @@ its reason. Both conftests (unit and integration) call :func:`check_item` from `
 markers) and :func:`fail_skips_in_ci` from ``pytest_runtest_makereport``: in CI every skip, whatever raised it
 (these helpers, or a fixture of qmpnet's pytest plugin such as its "QEMU is not installed"), is reported as a
 failure with the same reason — except a kernel feature the kernel lacks (:func:`kernel`), which CI cannot
-install. This module is importable from both trees because pytest puts ``tests/`` on the path
+install. A test that needs a feature the lab host's kernel has (netem, VLAN filtering, vfio) does not skip on a
+kernel without it: it is marked ``lab`` and runs inside the lab host instead (qmpnet's pytest plugin,
+``qmpnet.testguest.labplugin``). This module is importable from both trees because pytest puts ``tests/`` on the path
 (``pythonpath`` in pyproject.toml).
 """
 
@@ -21,13 +23,18 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeVar, cast
 
 import pytest
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+T = TypeVar("T")
+
 __all__ = [
-    "ASYNCAPI_CLI", "KERNEL_LACKS", "asyncapi_cli", "check_item", "device", "fail_skips_in_ci", "in_ci", "kernel",
-    "need", "require", "root", "tool", "unmet",
+    "ASYNCAPI_CLI", "KERNEL_LACKS", "asyncapi_cli", "check_item", "device", "fail_skips_in_ci", "in_ci", "in_lab",
+    "inside_lab", "kernel", "need", "require", "root", "tool", "unmet",
 ]
 
 CI_NOTE = "(CI=true: a test whose needs are not met fails instead of skipping)"
@@ -86,9 +93,30 @@ def asyncapi_cli() -> pytest.MarkDecorator:
     return need(ok, f"needs the AsyncAPI CLI at {ASYNCAPI_CLI} and node (./scripts/setup installs them)")
 
 
-def kernel(ok: bool, why: str) -> pytest.MarkDecorator:
-    """Runs only if the kernel is built so that ``ok``; else skips with ``why`` (``"no netem ..."``), in CI too."""
-    return need(ok, f"{KERNEL_LACKS}{why}")
+def inside_lab() -> bool:
+    """Whether this process runs in the lab host (``QMPNET_LAB`` is set there)."""
+    return bool(os.environ.get("QMPNET_LAB"))
+
+
+def in_lab(test: T) -> T:
+    """Mark ``test`` to run inside the lab host: ``lab`` (for ``-m lab``) and the plugin's ``qmpnet_lab``."""
+    return cast("T", pytest.mark.qmpnet_lab(pytest.mark.lab(test)))
+
+
+def kernel(ok: bool, why: str, *, lab: bool = True) -> Callable[[T], T]:
+    """Runs only if the kernel is built so that ``ok``.
+
+    Otherwise, with ``lab`` (the lab host's kernel has the feature), the test runs inside the lab host; without
+    (a test of a kernel that lacks the feature) it skips with ``why`` (``"no netem ..."``), in CI too.
+    """
+    if not ok and lab and not inside_lab():
+        return in_lab
+    mark = need(ok, f"{KERNEL_LACKS}{why}")
+
+    def skip_unless(test: T) -> T:
+        return cast("T", mark(test))
+
+    return skip_unless
 
 
 def check_item(item: pytest.Item) -> None:

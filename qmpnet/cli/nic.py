@@ -54,8 +54,12 @@ def backend_line(nic: Nic) -> str:
 def nic_add(
     call: GuestCall,
     model: Annotated[
-        str, typer.Option(metavar="MODEL", help="rtl8139, e1000, e1000e, virtio-net-pci (or virtio).")
-    ] = "virtio-net-pci",
+        str | None,
+        typer.Option(
+            metavar="MODEL",
+            help="rtl8139, e1000, e1000e, virtio-net-pci (or virtio); default virtio-net-pci, none for vfio.",
+        ),
+    ] = None,
     nic_id: Annotated[str | None, typer.Option("--id", metavar="ID", help="Device id (generated when absent).")] = None,
     mac: Annotated[
         str | None, typer.Option(metavar="MAC", help="MAC address (a free 52:54:00:xx:xx:xx when absent).")
@@ -97,12 +101,18 @@ def nic_add(
     ] = None,
     vectors: Annotated[int | None, typer.Option(metavar="N", help="MSI-X vectors (virtio).")] = None,
     queues: Annotated[int | None, typer.Option(metavar="N", help="Queue pairs (virtio, tap backends).")] = None,
-    link: Annotated[LinkArg, typer.Option(help="Initial link state.")] = LinkArg.up,
+    link: Annotated[
+        LinkArg | None, typer.Option(help="Initial link state (default up; a vfio NIC has none).")
+    ] = None,
 ) -> None:
     """Hot-add a NIC (atomic: on failure the guest is left as it was)."""
+    # A vfio NIC is the host's function itself: it has no model and no link, and the spec's checks refuse either.
+    if backend is not BackendType.vfio:
+        model = model or "virtio-net-pci"
+        link = link or LinkArg.up
     spec: dict[str, object] = {
-        "model": model,
-        "link": link.value,
+        **({"model": model} if model is not None else {}),
+        **({"link": link.value} if link is not None else {}),
         "backend": build_backend(
             backend, hub=hub, hostfwd=hostfwd or [], net=net, restrict=restrict,
             connect_to=connect_to, listen=listen, local=local, remote=remote,

@@ -76,6 +76,7 @@ class PlanContext:
     netdev_ids: Collection[str]
     macs: Collection[str]
     topology: PciTopology
+    vfio_hosts: Collection[str] = ()
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def plan_add(spec: NicSpec, guest: PlanContext, *, vhost: bool = False) -> AddPl
     names :func:`fd_names` gives (the host side is the lane's job); ``vhost`` says whether to ask for vhost-net.
 
     Raises:
-        Conflict: The id, its netdev id or the MAC is already in the guest.
+        Conflict: The id, its netdev id, the MAC or the assigned host function is already in the guest.
         NoFreeSlot, NotFound, Unsupported, InvalidRequest: From PCI placement (see :func:`placement.place`).
     """
     nic_id = spec.id or _free_id(spec.model, guest)
@@ -107,6 +108,9 @@ def plan_add(spec: NicSpec, guest: PlanContext, *, vhost: bool = False) -> AddPl
         raise Conflict(f"nic.id: netdev {netdev_id!r} (for NIC {nic_id!r}) already exists", field="nic.id")
     if spec.mac is not None and spec.mac in guest.macs:
         raise Conflict(f"nic.mac: MAC {spec.mac} is already used by a NIC in the guest", field="nic.mac")
+    if isinstance(spec.backend, VfioBackend) and spec.backend.host in guest.vfio_hosts:
+        raise Conflict(f"nic.backend.host: {spec.backend.host} is already assigned to this guest",
+                       field="nic.backend.host")
     placement = place(spec.driver, guest.topology, bus=spec.bus, addr=spec.pci_addr)
     if isinstance(spec.backend, VfioBackend):
         device = {"driver": "vfio-pci", "id": nic_id, "host": spec.backend.host, **_placement_arguments(placement)}

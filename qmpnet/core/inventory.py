@@ -86,7 +86,12 @@ class Inventory:
     def view(self) -> PlanContext:
         """What planning needs (live views of the inventory's sets: plan before the next change)."""
         macs = {nic.mac for nic in self.nics.values() if nic.mac}
-        return PlanContext(self.device_ids, self.netdev_ids, macs, self.topology)
+        hosts = {
+            str(nic.backend.options.get("host"))
+            for nic in self.nics.values()
+            if nic.backend is not None and nic.backend.type == "vfio"
+        }
+        return PlanContext(self.device_ids, self.netdev_ids, macs, self.topology, hosts)
 
     def added(self, plan: AddPlan, spec: NicSpec) -> Nic:
         """Record a successful hot-add and return the new NIC."""

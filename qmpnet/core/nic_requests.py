@@ -75,7 +75,8 @@ class NicSpec(Frozen):
     def _check_vfio(self) -> NicSpec:
         # The assigned function is the NIC: QEMU emulates nothing, so there is no model, MAC, queue or link to set.
         for name in ("model", "mac", "vectors", "queues", "link"):
-            if name in self.model_fields_set:
+            # A default value is no request: a spec read back from the state store has every field, defaults included.
+            if name in self.model_fields_set and getattr(self, name) != type(self).model_fields[name].default:
                 raise InvalidRequest(
                     f"nic.{name}: a vfio NIC is the host device itself; {name} cannot be set", field=f"nic.{name}"
                 )

@@ -176,6 +176,8 @@ class Recoverer:
         self._parts.journal.save(self._parts.journal.record.with_nic(active))
 
     async def _apply_link(self, nic: NicRecord) -> None:
+        if nic.spec is not None and nic.spec.backend.type == "vfio":
+            return  # an assigned function has no net client in QEMU, so no link to set (the guest's driver owns it)
         await self._parts.monitor.execute("set_link", {"name": nic.id, "up": nic.link == "up"})
 
     async def _sweep_taps(self) -> None:

@@ -1,10 +1,14 @@
-"""Command line of the test guest: `python -m qmpnet.testguest build|boot`.
+"""Command line of the test guest: `python -m qmpnet.testguest build|boot|lab`.
 
 `build` builds (or finds in the cache) the kernel and initramfs and prints their paths as shell assignments,
 so `eval "$(python3 -m qmpnet.testguest build)"` sets `kernel` and `initrd` (and `rootfs` with `--flavour debian`;
-`--flavour all` builds both and prints nothing). `boot` runs the guest in the foreground with its console on the
-terminal (leave QEMU with Ctrl-A X), for poking at the guest by hand; the Debian guest logs in as root without a
-password, and its agent socket is given with `--qga PATH`.
+`--flavour lab` is the lab host's image; `--flavour all` builds the three and prints nothing). `boot` runs the
+guest in the foreground with its console on the terminal (leave QEMU with Ctrl-A X), for poking at the guest by
+hand; the Debian guest logs in as root without a password, and its agent socket is given with `--qga PATH`.
+
+`lab [--functions N] -- COMMAND [ARG...]` runs COMMAND as root in the lab host (:mod:`.lab`: a Debian kernel with
+an IOMMU, vfio, netem, VLAN filtering and vhost-net, the host's own userland), booting it first unless this user
+already has one running; it streams the output and exits with COMMAND's status. `lab --stop` ends the lab.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from pathlib import Path
 
 from .build import BuildError, GuestImage, ensure_image
 from .debian import DebianImage, ensure_debian_image
+from .lab import DEFAULT_FUNCTIONS, Lab, LabError
+from .labimage import ensure_lab_image
 from .machine import KERNEL_ARGS, QEMU_BINARY, detect_accel
 
 
@@ -31,6 +37,9 @@ def _build(args: argparse.Namespace) -> int:
         image: GuestImage = ensure_image(args.cache_dir, progress=_progress)
     if args.flavour in ("debian", "all"):
         image = ensure_debian_image(args.cache_dir, progress=_progress)
+    if args.flavour in ("lab", "all"):
+        lab = ensure_lab_image(args.cache_dir, progress=_progress)
+        image = GuestImage(kernel=lab.kernel, initrd=lab.initrd)
     _progress(f"{args.flavour} image ready after {time.monotonic() - started:.1f} s")
     if args.flavour == "all":
         return 0
@@ -97,13 +106,34 @@ def _boot(args: argparse.Namespace) -> int:
     os.execvp(command[0], command)  # noqa: S606 - replacing this process with QEMU is the point
 
 
+def _lab(args: argparse.Namespace) -> int:
+    command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+    if args.stop:
+        running = Lab.find()
+        if running is None:
+            _progress("no lab is running")
+            return 0
+        running.stop()
+        _progress(f"lab (pid {running.state.pid}) stopped")
+        return 0
+    if not command:
+        _progress("lab: give a command after --, or --stop")
+        return 2
+    try:
+        lab = Lab.ensure(args.functions, boot_timeout=args.boot_timeout, progress=_progress)
+        return lab.stream(command)
+    except LabError as err:
+        _progress(f"lab: {err}")
+        return 125
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = argparse.ArgumentParser(prog="python -m qmpnet.testguest", description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: $QMPNET_TESTGUEST_CACHE or ~/.cache")
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build or find the cached image and print its paths")
-    build.add_argument("--flavour", choices=("busybox", "debian", "all"), default="busybox")
+    build.add_argument("--flavour", choices=("busybox", "debian", "lab", "all"), default="busybox")
     build.set_defaults(run=_build)
     boot = commands.add_parser("boot", help="boot the guest with its console on this terminal")
     boot.add_argument("--machine", choices=("pc", "q35"), default="pc")
@@ -111,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     boot.add_argument("--qga", type=Path, default=None, help="debian: serve the guest agent's port on this socket")
     boot.add_argument("qemu_args", nargs=argparse.REMAINDER, help="extra QEMU arguments (after --)")
     boot.set_defaults(run=_boot)
+    lab = commands.add_parser("lab", help="run a command as root in the lab host (booted first if needed)")
+    lab.add_argument("--functions", type=int, default=DEFAULT_FUNCTIONS, help="assignable functions of a new lab")
+    lab.add_argument("--boot-timeout", type=float, default=600.0, help="seconds a boot may take (default 600)")
+    lab.add_argument("--stop", action="store_true", help="end the running lab")
+    lab.add_argument("command_args", nargs=argparse.REMAINDER, help="the command (after --)")
+    lab.set_defaults(run=_lab)
     args = parser.parse_args(argv)
     try:
         status: int = args.run(args)

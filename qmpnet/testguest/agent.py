@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
@@ -39,6 +40,9 @@ T = TypeVar("T")
 
 #: How much longer than the guest-side deadline the host waits for a result: base64 over a slow serial port.
 REPLY_MARGIN = 10.0
+#: Every deadline of the harness is multiplied by ``$QMPNET_TESTGUEST_TIMEOUT_SCALE`` (default 1). The lab host sets
+#: it: a guest booted inside it runs under nested TCG, an order of magnitude slower than here.
+TIMEOUT_SCALE = float(os.environ.get("QMPNET_TESTGUEST_TIMEOUT_SCALE") or 1.0)
 #: Longest line accepted from the guest (a result carries a command's whole output).
 LINE_LIMIT = 16 * 1024 * 1024
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
@@ -241,6 +245,7 @@ class Agent:
             AgentTimeoutError: No result came within `timeout` plus a margin.
             AgentError: The connection closed first.
         """
+        timeout *= TIMEOUT_SCALE
         return await self._request(lambda req: encode_run(req, cmd, timeout), timeout, f"run {cmd!r}")
 
     async def dhcp(self, ifname: str, timeout: float = 20) -> RunResult:
@@ -251,6 +256,7 @@ class Agent:
             AgentTimeoutError: No result came within `timeout` plus a margin.
             AgentError: The connection closed first.
         """
+        timeout *= TIMEOUT_SCALE
         return await self._request(lambda req: encode_dhcp(req, ifname, timeout), timeout, f"dhcp on {ifname}")
 
     def describe(self) -> str:
@@ -261,6 +267,7 @@ class Agent:
         return state + self.latest.summary()
 
     async def _wait(self, check: Callable[[], T | None], timeout: float, what: str) -> T:
+        timeout *= TIMEOUT_SCALE
         try:
             async with asyncio.timeout(timeout), self._changed:
                 while (found := check()) is None:

@@ -42,7 +42,7 @@ from qmpnet.adapters.qmp import QmpMonitor
 from qmpnet.errors import Busy, QmpnetError
 from qmpnet.settings import QgaSettings
 
-from .agent import LINE_LIMIT, Agent, AgentError, AgentTimeoutError
+from .agent import LINE_LIMIT, TIMEOUT_SCALE, Agent, AgentError, AgentTimeoutError
 from .debian import DebianImage
 from .qemu_command import (
     ACCEL_ENV,
@@ -91,9 +91,11 @@ __all__ = [
     "detect_accel",
 ]
 
-BOOT_TIMEOUT = 60.0
+#: Seconds a boot may take, times the harness's TIMEOUT_SCALE (the lab host's nested TCG boots the busybox guest in
+#: a minute and a half or more).
+BOOT_TIMEOUT = 60.0 * TIMEOUT_SCALE
 #: systemd under TCG: about 30 s on an idle 2-core machine, more while other guests boot.
-DEBIAN_BOOT_TIMEOUT = 240.0
+DEBIAN_BOOT_TIMEOUT = 240.0 * TIMEOUT_SCALE
 #: Short agent timeouts while polling a booting guest; its commands (systemctl --wait) get the boot's deadline.
 _BOOT_QGA = QgaSettings(connect_timeout=1.0, command_timeout=5.0)
 DEFAULT_MEMORY_MB: dict[Flavour, int] = {"busybox": 256, "debian": 512}

@@ -16,6 +16,9 @@ qmpnet gets, with no ``conftest.py``:
     ``.guest``, ``client()``), ready once its retained status says the guest is connected.
 ``qmpnet_guest_image``, ``qmpnet_debian_image``
     The cached guest images (built on first use; the Debian one needs root and debootstrap).
+``qmpnet_lab``, ``@pytest.mark.qmpnet_lab``
+    The lab host (a Debian kernel with an IOMMU, vfio, netem, VLAN filtering and vhost-net, running the host's
+    own userland), one for the whole run, and tests that run inside it: see :mod:`qmpnet.testguest.labplugin`.
 
 For another scope (one guest per module, say) use :func:`boot` in a fixture of your own. When a test fails, its
 report gets a section per guest and process it used: QEMU's command line, its stderr and the console tail.
@@ -43,6 +46,14 @@ from qmpnet.errors import NotVerified
 from qmpnet.settings import QgaSettings
 from qmpnet.testguest import AgentTimeoutError, TestMachine, ensure_image
 from qmpnet.testguest.debian import DebianImage, ensure_debian_image
+from qmpnet.testguest.labplugin import (
+    lab_collection_modifyitems,
+    lab_configure,
+    lab_runtest_logreport,
+    lab_terminal_summary,
+    lab_unconfigure,
+    qmpnet_lab,
+)
 from qmpnet.testguest.probe import wait_online
 from qmpnet.testguest.services import Mosquitto, Process, Serve, scratch
 
@@ -60,7 +71,7 @@ if TYPE_CHECKING:
     from qmpnet.testguest import GuestImage, GuestInterface
     from qmpnet.testguest.machine import Flavour, MachineType
 
-__all__ = ["BootedGuest", "ServedController", "boot"]
+__all__ = ["BootedGuest", "ServedController", "boot", "qmpnet_lab"]
 
 MARKER = "qmpnet_guest"
 QEMU_BINARY = "qemu-system-x86_64"
@@ -258,12 +269,34 @@ class ServedController:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Register the ``qmpnet_guest`` marker."""
+    """Register the ``qmpnet_guest`` and ``qmpnet_lab`` markers."""
     config.addinivalue_line(
         "markers",
         f"{MARKER}(machine='pc', flavour='busybox', root_ports=4, pcie_pci_bridge=True, memory_mb=None, "
         "extra_args=()): the guest the qmpnet_guest fixture boots",
     )
+    lab_configure(config)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Outside the lab, tests marked ``qmpnet_lab`` are replaced by stand-ins that run them in the lab."""
+    lab_collection_modifyitems(config, items)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Inside the lab, hand each report to the stand-in outside."""
+    lab_runtest_logreport(report)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:  # noqa: ANN401 - private type
+    """The lab's timings."""
+    lab_terminal_summary(terminalreporter, config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Stop the lab this run booted."""
+    lab_unconfigure(config)
 
 
 def _described(values: Iterable[object]) -> Iterator[tuple[str, str]]:

@@ -228,7 +228,7 @@ async def test_foreign_qdiscs_are_refused_and_left_alone(ns: Ns) -> None:
 NETEM = kernel_has_netem()
 
 
-@needs.kernel(not NETEM, "netem is there: the impairment itself is checked in test_live_change.py")
+@needs.kernel(not NETEM, "netem is there: the impairment itself is checked in test_live_change.py", lab=False)
 async def test_impairment_without_netem_is_unsupported_and_changes_nothing(ns: Ns) -> None:
     host = ns.host()
     await host.set_shape("port0", Shape(rate=RATE_BITS))

@@ -265,6 +265,19 @@ def test_vfio_refuses_emulation_options(option: dict[str, object]) -> None:
     assert caught.value.field == f"nic.{name}"
 
 
+def test_the_same_host_function_twice_is_a_conflict() -> None:
+    view = replace(_view(), vfio_hosts={"0000:03:00.0"})
+    with pytest.raises(Conflict) as caught:
+        plan_add(parse_nic_spec({"backend": {"type": "vfio", "host": "03:00.0"}}), view)
+    assert caught.value.field == "nic.backend.host"
+
+
+def test_a_vfio_spec_read_back_from_the_store_is_valid() -> None:
+    """The state store writes every field, defaults included: reading a vfio spec back must not be a refusal."""
+    spec = parse_nic_spec({"id": "h0", "backend": {"type": "vfio", "host": "03:00.0", "rebind": True}})
+    assert NicSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
 # ----------------------------------------------------------------------------------------- policy, pure checks
 
 BRIDGE = NicSpec.model_validate({"backend": {"type": "bridge", "bridge": "br0"}})

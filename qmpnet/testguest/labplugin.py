@@ -1,0 +1,224 @@
+"""The lab host in pytest: the ``qmpnet_lab`` fixture, and tests that run inside the lab (the ``qmpnet_lab`` marker).
+
+Part of qmpnet's pytest plugin (``qmpnet.testguest.plugin`` imports the hooks and the fixture from here).
+
+``qmpnet_lab``
+    The lab host (:class:`~qmpnet.testguest.lab.Lab`), one for the whole run: booted on first use unless one is
+    running already, stopped at the end of the run if this run booted it. ``run(argv)`` and ``shell(script)``
+    return a :class:`~qmpnet.testguest.lab.LabResult`.
+``@pytest.mark.qmpnet_lab``
+    The test needs the lab's kernel. Outside the lab it is replaced by a stand-in with the same node id: the first
+    stand-in to run starts ONE pytest inside the lab for all of them (so module and session fixtures, booted
+    guests above all, are shared as usual), and each stand-in then reports its own test's outcome, with the
+    failure's text and captured output from inside. Inside the lab (``QMPNET_LAB`` is set) it runs as it is.
+
+The inner run writes its reports as JSON lines to ``$QMPNET_LAB_RESULTS`` (a file in the run's root directory,
+which the lab shares writable) and its terminal output to a log beside it; both stay after a failed run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .lab import Lab, LabError
+
+__all__ = [
+    "LAB_MARKER",
+    "LabItem",
+    "lab_collection_modifyitems",
+    "lab_configure",
+    "lab_runtest_logreport",
+    "lab_terminal_summary",
+    "lab_unconfigure",
+    "qmpnet_lab",
+]
+
+LAB_MARKER = "qmpnet_lab"
+RESULTS_ENV = "QMPNET_LAB_RESULTS"
+RESULTS_DIR = ".qmpnet-lab"
+SUITE_TIMEOUT = 1800.0
+_SESSION = pytest.StashKey["LabSession"]()
+
+
+def inside_lab() -> bool:
+    """Whether this process runs in the lab host."""
+    return bool(os.environ.get("QMPNET_LAB"))
+
+
+class LabSession:
+    """The run's lab (booted on first use) and the one inner pytest run of its ``qmpnet_lab`` tests."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.nodeids: list[str] = []
+        self.lab: Lab | None = None
+        self.results: dict[str, list[dict[str, Any]]] | None = None
+        self.suite_error: str | None = None
+        self.timings: list[str] = []
+        self.kept: list[Path] = []
+
+    def ensure(self) -> Lab:
+        """The lab, booted (or found) on first use."""
+        if self.lab is None:
+            started = time.monotonic()
+            self.lab = Lab.ensure(shares=[self.config.rootpath])
+            if self.lab.booted_here:
+                self.timings.append(f"lab boot: {self.lab.state.boot_seconds:.1f} s")
+            else:
+                self.timings.append(f"lab reused (pid {self.lab.state.pid}) in {time.monotonic() - started:.1f} s")
+        return self.lab
+
+    def result(self, nodeid: str) -> list[dict[str, Any]]:
+        """The reports of ``nodeid`` from the inner run (which runs on first call)."""
+        if self.results is None:
+            self._run_suite()
+        if self.suite_error is not None:
+            pytest.fail(self.suite_error, pytrace=False)
+        return (self.results or {}).get(nodeid, [])
+
+    def _run_suite(self) -> None:
+        self.results = {}
+        base = self.config.rootpath / RESULTS_DIR
+        base.mkdir(exist_ok=True)
+        stem = base / f"run-{secrets.token_hex(4)}"
+        results, log = stem.with_suffix(".jsonl"), stem.with_suffix(".log")
+        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA", *self.nodeids]
+        try:
+            lab = self.ensure()
+            started = time.monotonic()
+            with log.open("wb") as echo:
+                done = lab.run(
+                    argv,
+                    cwd=self.config.rootpath,
+                    env={**os.environ, RESULTS_ENV: str(results)},
+                    timeout=SUITE_TIMEOUT,
+                    echo=echo,
+                )
+            elapsed = time.monotonic() - started
+            self.timings.append(f"lab suite: {len(self.nodeids)} tests in {elapsed:.1f} s (pytest exit {done.status})")
+        except LabError as err:
+            self.suite_error = f"the tests could not run in the lab: {err}"
+            self.kept.append(log)
+            return
+        for line in results.read_text().splitlines() if results.exists() else []:
+            report = json.loads(line)
+            self.results.setdefault(report["nodeid"], []).append(report)
+        if done.status not in (0, 1):
+            self.suite_error = f"pytest in the lab exited with {done.status}; its output: {log}\n{done.output[-4000:]}"
+        if done.status == 0:
+            results.unlink(missing_ok=True)
+            log.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                base.rmdir()
+        else:
+            self.kept += [results, log]
+
+    def close(self) -> None:
+        """Stop the lab if this run booted it."""
+        if self.lab is not None and self.lab.booted_here:
+            self.lab.stop()
+
+
+class LabItem(pytest.Item):
+    """Stands in for a ``qmpnet_lab`` test outside the lab: reports the outcome of the same test run inside."""
+
+    def runtest(self) -> None:
+        """Report the inner test's outcome as this item's."""
+        reports = self.config.stash[_SESSION].result(self.nodeid)
+        if not reports:
+            pytest.fail(f"{self.nodeid} did not run in the lab (see the lab suite's log)", pytrace=False)
+        failed = [r for r in reports if r["outcome"] == "failed"]
+        if failed:
+            text = "\n\n".join(f"--- in the lab, {r['when']}:\n{r['longrepr']}" for r in failed)
+            captured = "\n".join(f"--- {title}\n{content}" for r in failed for title, content in r["sections"])
+            pytest.fail(f"{text}\n{captured}".rstrip(), pytrace=False)
+        skipped = [r for r in reports if r["outcome"] == "skipped"]
+        if skipped:
+            pytest.skip(f"in the lab: {skipped[0]['longrepr']}")
+        call = next((r for r in reports if r["when"] == "call"), None)
+        if call is not None:
+            self.user_properties.append(("lab_duration", call["duration"]))
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        """Where the test is, marked as run in the lab."""
+        return self.path, None, f"{self.name} (in the lab)"
+
+
+# --- hooks (imported by qmpnet.testguest.plugin) --------------------------------------------------------------------
+
+
+def lab_configure(config: pytest.Config) -> None:
+    """Register the marker and the run's lab session."""
+    config.addinivalue_line("markers", f"{LAB_MARKER}: runs inside the lab host (qmpnet.testguest.lab)")
+    config.stash[_SESSION] = LabSession(config)
+
+
+def lab_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Outside the lab, replace each ``qmpnet_lab`` test by a :class:`LabItem` with the same node id."""
+    if inside_lab():
+        return
+    session = config.stash[_SESSION]
+    for index, item in enumerate(items):
+        if item.get_closest_marker(LAB_MARKER) is None or isinstance(item, LabItem):
+            continue
+        stand_in = LabItem.from_parent(item.parent, name=item.name)  # type: ignore[arg-type]
+        stand_in.own_markers = list(item.own_markers)
+        stand_in.keywords.update(item.keywords)
+        items[index] = stand_in
+        session.nodeids.append(item.nodeid)
+
+
+def lab_runtest_logreport(report: pytest.TestReport) -> None:
+    """Inside the lab, append each report to ``$QMPNET_LAB_RESULTS`` (for the stand-ins outside)."""
+    target = os.environ.get(RESULTS_ENV)
+    if not target or not inside_lab():
+        return
+    longrepr = report.longrepr
+    text = longrepr[2] if isinstance(longrepr, tuple) else report.longreprtext
+    record = {
+        "nodeid": report.nodeid,
+        "when": report.when,
+        "outcome": report.outcome,
+        "duration": round(report.duration, 2),
+        "longrepr": text,
+        "sections": [list(section) for section in report.sections],
+    }
+    with Path(target).open("a") as out:
+        out.write(json.dumps(record) + "\n")
+
+
+def lab_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:  # noqa: ANN401 - pytest's type is private
+    """Print the lab's boot and suite timings, and where a failed run's files were kept."""
+    session = config.stash.get(_SESSION, None)
+    if session is None or not (session.timings or session.kept):
+        return
+    terminalreporter.section("qmpnet lab")
+    for line in session.timings:
+        terminalreporter.write_line(line)
+    for path in session.kept:
+        terminalreporter.write_line(f"kept: {path}")
+
+
+def lab_unconfigure(config: pytest.Config) -> None:
+    """Stop the lab this run booted."""
+    session = config.stash.get(_SESSION, None)
+    if session is not None:
+        session.close()
+
+
+@pytest.fixture(scope="session")
+def qmpnet_lab(pytestconfig: pytest.Config) -> Lab:
+    """The lab host, shared by the whole run and stopped after it if the run booted it (see the module)."""
+    try:
+        return pytestconfig.stash[_SESSION].ensure()
+    except LabError as err:
+        pytest.fail(str(err), pytrace=False)

@@ -4,7 +4,8 @@ The plugin normally loads through its ``pytest11`` entry point (``pip install -e
 whose install of qmpnet predates the entry point (or ``PYTHONPATH`` pointing at another checkout) does not have
 it, so it is registered here when missing. Every session has a state directory of its own (tests/statedir.py).
 The session also holds one RabbitMQ node for the MQTT tests that run on
-RabbitMQ (see mqtt_fixtures).
+RabbitMQ (see mqtt_fixtures). Figures a test measures but never asserts (failover time, the fleet's convergence)
+go through the ``figure`` fixture into a section of the run's summary, so CI's log shows them.
 """
 
 from __future__ import annotations
@@ -19,9 +20,26 @@ from statedir import state_dir  # noqa: F401 - a session fixture: pytest finds i
 from qmpnet.testguest import plugin as pytest_plugin
 
 if TYPE_CHECKING:
-    from collections.abc import Generator, Iterator
+    from collections.abc import Callable, Generator, Iterator
 
     from qmpnet.testguest import GuestImage
+
+
+#: What the tests measured (``figure``), printed at the end of the run.
+FIGURES: list[str] = []
+
+
+@pytest.fixture
+def figure() -> Callable[[str], None]:
+    """Report a measured figure (never asserted): it is printed in the run's summary."""
+    return FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FIGURES:
+        terminalreporter.section("qmpnet figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
 
 
 def pytest_configure(config: pytest.Config) -> None:

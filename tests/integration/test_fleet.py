@@ -16,6 +16,8 @@ import pytest
 from mqtt_fixtures import need_rabbitmq
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from qmpnet.testguest import GuestImage
 
 pytestmark = [
@@ -46,12 +48,16 @@ def _leftovers(tag: str, work: str) -> list[str]:
     return found
 
 
-def test_the_fleet_converges_loses_a_broker_node_converges_again_and_leaves_nothing(guest_image: GuestImage) -> None:
+def test_the_fleet_converges_loses_a_broker_node_converges_again_and_leaves_nothing(
+    guest_image: GuestImage, figure: Callable[[str], None]
+) -> None:
     # guest_image: the image is built (and cached) before the example looks for it.
     need_rabbitmq()
     done = subprocess.run([sys.executable, str(FLEET), "--timeout", "120"], capture_output=True, text=True,
                           timeout=600, check=False)  # fmt: skip
-    print(done.stdout)  # noqa: T201 - the example's timings go to the test output
+    for line in done.stdout.splitlines():
+        if line.startswith(("converged", "killed", "up:")):
+            figure(f"fleet example: {line}")  # the example's timings, printed in the run's summary
     assert done.returncode == 0, done.stdout + done.stderr
     started = re.search(r"^fleet (qf[0-9a-f]+): work directory (\S+),", done.stdout, re.MULTILINE)
     assert started is not None, done.stdout

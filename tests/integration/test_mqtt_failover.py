@@ -45,7 +45,7 @@ import qmpnet
 from qmpnet.client import Client
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
 pytestmark = [pytest.mark.integration]
@@ -117,7 +117,7 @@ async def _peripherals(workdir: Path) -> set[str]:
 
 
 async def test_killing_the_controller_s_node_under_a_stream_of_hot_adds_loses_none_and_applies_none_twice(
-    cluster: tuple[Cluster, Path], cleanup: list[Process]
+    cluster: tuple[Cluster, Path], cleanup: list[Process], figure: Callable[[str], None]
 ) -> None:
     nodes, work = cluster
     one, two, three = nodes.nodes
@@ -168,8 +168,8 @@ async def test_killing_the_controller_s_node_under_a_stream_of_hot_adds_loses_no
             listed = {nic.id for nic in await mover.list_nics("h1", "vm")}
         in_qemu = await _peripherals(vmdir)
         answers = watcher.received(answer_topic(add_topic))
-    print(  # noqa: T201 - the measured figure goes to the test output (never asserted)
-        f"\nfailover: controller online again through a surviving node {back:.2f} s after SIGKILL of its node "
+    figure(
+        f"failover: controller online again through a surviving node {back:.2f} s after SIGKILL of its node "
         f"({waiting} of {count} hot-adds were still to be answered then)"
     )
     assert online.json["guests"] == ["vm"]

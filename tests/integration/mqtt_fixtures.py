@@ -13,6 +13,7 @@ fixture in ``conftest.py``); tests that share it use their own topic root (:func
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import pytest
+
+    import qmpnet
+    from qmpnet.client import Client
 
 __all__ = [
     "FAST_ENV",
@@ -175,3 +179,33 @@ def started(*processes: Startable) -> Iterator[None]:
 def client_settings(url: str, mode: Mode, root: str, **more: Any) -> MqttSettings:
     """``MqttSettings`` for a :class:`qmpnet.client.Client` of ``mode`` under topic root ``root``."""
     return MqttSettings.model_validate({"broker": url, "protocol": mode.protocol, "topic_root": root, **more})
+
+
+class HotAddStream:
+    """``count`` hot-adds sent at once through ``client``, each with a transaction of its own.
+
+    No id and no MAC: a request applied twice would make a second NIC, which QEMU's own device list then shows.
+    """
+
+    def __init__(self, client: Client, controller: str, guest: str, count: int) -> None:
+        self.count = count
+        self.done = 0
+        self._answered = asyncio.Event()
+        self._calls = [asyncio.create_task(self._add(client, controller, guest, n)) for n in range(count)]
+
+    async def _add(self, client: Client, controller: str, guest: str, n: int) -> qmpnet.Nic:
+        try:
+            return await client.add_nic(controller, guest, {"model": "e1000"}, transaction=f"stream-{n}")
+        finally:
+            self.done += 1
+            self._answered.set()
+
+    async def answered(self, n: int) -> None:
+        """Wait until ``n`` of the requests have been answered (or have failed)."""
+        while self.done < n:
+            self._answered.clear()
+            await self._answered.wait()
+
+    async def results(self) -> list[qmpnet.Nic | BaseException]:
+        """Every request's outcome, in order, once all have ended."""
+        return await asyncio.gather(*self._calls, return_exceptions=True)

@@ -25,6 +25,7 @@ from mqtt_fixtures import (
     MOSQUITTO_5,
     RABBITMQ,
     Epmd,
+    HotAddStream,
     Mosquitto,
     Msg,
     Probe,
@@ -128,8 +129,6 @@ async def test_killing_the_controller_s_node_under_a_stream_of_hot_adds_loses_no
     cleanup.append(serve.start())
     await wait_online(serve, one.url, guests_connected=["vm"], protocol=3)
     count = 20  # a -S pc guest has ~30 free slots
-    answered = asyncio.Event()
-    done = 0
     add_topic = f"{serve.base}/guest/vm/request/nic/add"
     # A watcher on the third node: sees the controller's status and every answer, wherever the controller is.
     async with Probe(three.url, protocol=3) as watcher:
@@ -142,20 +141,10 @@ async def test_killing_the_controller_s_node_under_a_stream_of_hot_adds_loses_no
         ):
             assert [g.name for g in await mover.guests("h1")] == ["vm"]
 
-            async def add(n: int) -> qmpnet.Nic:
-                nonlocal done
-                try:  # no id, no MAC: applying a request twice would make a second NIC
-                    return await client.add_nic("h1", "vm", {"model": "e1000"}, transaction=f"stream-{n}")
-                finally:
-                    done += 1
-                    answered.set()
-
-            calls = [asyncio.create_task(add(n)) for n in range(count)]
-            while done < 5:
-                answered.clear()
-                await answered.wait()
+            stream = HotAddStream(client, "h1", "vm", count)
+            await stream.answered(5)
             since = watcher.mark()
-            waiting = count - done
+            waiting = count - stream.done
             killed = time.monotonic()
             try:
                 await asyncio.to_thread(one.kill)
@@ -164,7 +153,7 @@ async def test_killing_the_controller_s_node_under_a_stream_of_hot_adds_loses_no
                 )
                 back = time.monotonic() - killed
             finally:
-                results = await asyncio.gather(*calls, return_exceptions=True)
+                results = await stream.results()
             listed = {nic.id for nic in await mover.list_nics("h1", "vm")}
         in_qemu = await _peripherals(vmdir)
         answers = watcher.received(answer_topic(add_topic))

@@ -23,6 +23,7 @@ from mqtt_fixtures import (
     MOSQUITTO_5,
     MOSQUITTO_311,
     RABBITMQ,
+    HotAddStream,
     Mode,
     Mosquitto,
     Probe,
@@ -259,26 +260,13 @@ async def test_a_broker_restart_under_a_stream_of_requests_loses_none_and_applie
     root = fresh_root()
     await start_serve(mode, own.url, "s1", {"vm": vm.qmp}, root=root)
     count = 20  # a -S pc guest has ~30 free slots
-    answered = asyncio.Event()
-    done = 0
 
     async with Client(settings=client_settings(own.url, mode, root), timeout=30) as client:
-
-        async def add(n: int) -> qmpnet.Nic:
-            nonlocal done
-            try:  # no id, no MAC: applying a request twice would make a second NIC
-                return await client.add_nic("s1", "vm", {"model": "e1000"}, transaction=f"stream-{n}")
-            finally:
-                done += 1
-                answered.set()
-
-        calls = [asyncio.create_task(add(n)) for n in range(count)]
-        while done < 5:
-            answered.clear()
-            await answered.wait()
+        stream = HotAddStream(client, "s1", "vm", count)
+        await stream.answered(5)
         await asyncio.to_thread(own.stop)  # SIGTERM: mosquitto saves its sessions and queued messages
         await asyncio.to_thread(own.start)
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        results = await stream.results()
     failed = [r for r in results if not isinstance(r, qmpnet.Nic)]
     assert all(isinstance(r, qmpnet.OutcomeUnknown | qmpnet.GuestUnavailable) for r in failed), failed
     added = {r.id for r in results if isinstance(r, qmpnet.Nic)}

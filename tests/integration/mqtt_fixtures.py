@@ -49,7 +49,7 @@ from qmpnet.testguest.services import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
     from pathlib import Path
 
     import pytest
@@ -209,3 +209,45 @@ class HotAddStream:
     async def results(self) -> list[qmpnet.Nic | BaseException]:
         """Every request's outcome, in order, once all have ended."""
         return await asyncio.gather(*self._calls, return_exceptions=True)
+
+
+class RabbitCluster:
+    """RabbitMQ nodes (private, on loopback ports) joined into one cluster; ``conf`` goes to every node."""
+
+    def __init__(self, work: Path, names: Sequence[str], *, conf: str = "") -> None:
+        self.epmd = Epmd(work)
+        self.nodes = [RabbitMQ(work, self.epmd, name=name, conf=conf) for name in names]
+        for node in self.nodes:  # idle Erlang schedulers spin by default: several nodes would take both cores
+            node.env["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"] = "+sbwt none +sbwtdcpu none +sbwtdio none"
+
+    def start(self) -> None:
+        self.epmd.start()
+        for node in self.nodes:  # all boot at once
+            node.boot()
+        for node in self.nodes:
+            node.wait_mqtt()
+        first = self.nodes[0]
+        for node in self.nodes[1:]:
+            node.join(first)
+        members = first.ctl("cluster_status", "--formatter", "json")
+        assert all(node.node in members for node in self.nodes), members
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop()
+        self.epmd.stop()
+
+
+@contextlib.contextmanager
+def rabbit_cluster(
+    prefix: str, names: Sequence[str], *, conf: str = ""
+) -> Iterator[tuple[RabbitCluster, Path]]:
+    """A started :class:`RabbitCluster` in a scratch directory of its own, stopped and removed afterwards."""
+    need_rabbitmq()
+    with scratch(prefix) as work:
+        nodes = RabbitCluster(work, names, conf=conf)
+        try:
+            nodes.start()
+            yield nodes, work
+        finally:
+            nodes.stop()

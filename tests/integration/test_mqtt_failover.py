@@ -24,19 +24,18 @@ from mqtt_fixtures import (
     FAST_ENV,
     MOSQUITTO_5,
     RABBITMQ,
-    Epmd,
     HotAddStream,
     Mosquitto,
     Msg,
     Probe,
     Process,
     Qemu,
-    RabbitMQ,
+    RabbitCluster,
     Serve,
     answer_topic,
     client_settings,
     fresh_root,
-    need_rabbitmq,
+    rabbit_cluster,
     scratch,
     transaction_in,
     wait_online,
@@ -55,43 +54,11 @@ pytestmark = [pytest.mark.integration]
 QUORUM = "mqtt.durable_queue_type = quorum"
 
 
-class Cluster:
-    """Three RabbitMQ nodes joined into one cluster."""
-
-    def __init__(self, work: Path) -> None:
-        self.epmd = Epmd(work)
-        self.nodes = [RabbitMQ(work, self.epmd, name=name, conf=QUORUM) for name in ("one", "two", "three")]
-        for node in self.nodes:  # idle Erlang schedulers spin by default: three nodes would take both cores
-            node.env["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"] = "+sbwt none +sbwtdcpu none +sbwtdio none"
-
-    def start(self) -> None:
-        self.epmd.start()
-        for node in self.nodes:  # all boot at once
-            node.boot()
-        for node in self.nodes:
-            node.wait_mqtt()
-        first = self.nodes[0]
-        for node in self.nodes[1:]:
-            node.join(first)
-        members = first.ctl("cluster_status", "--formatter", "json")
-        assert all(node.node in members for node in self.nodes), members
-
-    def stop(self) -> None:
-        for node in reversed(self.nodes):
-            node.stop()
-        self.epmd.stop()
-
-
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[tuple[Cluster, Path]]:
-    need_rabbitmq()
-    with scratch("qmpnet-rabbit-failover-") as work:
-        nodes = Cluster(work)
-        try:
-            nodes.start()
-            yield nodes, work
-        finally:
-            nodes.stop()
+def cluster() -> Iterator[tuple[RabbitCluster, Path]]:
+    """Three nodes: a cluster of three keeps a majority when one dies."""
+    with rabbit_cluster("qmpnet-rabbit-failover-", ("one", "two", "three"), conf=QUORUM) as nodes:
+        yield nodes
 
 
 @pytest.fixture
@@ -118,7 +85,7 @@ async def _peripherals(workdir: Path) -> set[str]:
 
 
 async def test_killing_the_controller_s_node_under_a_stream_of_hot_adds_loses_none_and_applies_none_twice(
-    cluster: tuple[Cluster, Path], cleanup: list[Process], figure: Callable[[str], None]
+    cluster: tuple[RabbitCluster, Path], cleanup: list[Process], figure: Callable[[str], None]
 ) -> None:
     nodes, work = cluster
     one, two, three = nodes.nodes

@@ -46,6 +46,8 @@ LAB_MARKER = "qmpnet_lab"
 RESULTS_ENV = "QMPNET_LAB_RESULTS"
 RESULTS_DIR = ".qmpnet-lab"
 SUITE_TIMEOUT = 1800.0
+#: How many of the lab's slowest tests the run's summary names.
+SLOWEST = 6
 _SESSION = pytest.StashKey["LabSession"]()
 
 
@@ -112,6 +114,7 @@ class LabSession:
         for line in results.read_text().splitlines() if results.exists() else []:
             report = json.loads(line)
             self.results.setdefault(report["nodeid"], []).append(report)
+        self.timings += _slowest(self.results)
         if done.status not in (0, 1):
             self.suite_error = f"pytest in the lab exited with {done.status}; its output: {log}\n{done.output[-4000:]}"
         if done.status == 0:
@@ -126,6 +129,13 @@ class LabSession:
         """Stop the lab if this run booted it."""
         if self.lab is not None and self.lab.booted_here:
             self.lab.stop()
+
+
+def _slowest(results: dict[str, list[dict[str, Any]]], most: int = SLOWEST) -> list[str]:
+    """The lab tests that took longest (set-up, call and teardown together): where the lab suite's time goes."""
+    totals = {nodeid: sum(report["duration"] for report in reports) for nodeid, reports in results.items()}
+    ranked = sorted(totals.items(), key=lambda item: item[1], reverse=True)[:most]
+    return [f"  {seconds:7.1f} s  {nodeid}" for nodeid, seconds in ranked]
 
 
 class LabItem(pytest.Item):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import pytest
 
@@ -86,26 +86,12 @@ class BootedGuest:
 
     def __init__(self, machine: TestMachine) -> None:
         self.machine = machine
-
-    @property
-    def name(self) -> str:
-        """The guest's name (QEMU's ``-name``)."""
-        return self.machine.name
-
-    @property
-    def flavour(self) -> Flavour:
-        """``busybox`` or ``debian``."""
-        return self.machine.flavour
-
-    @property
-    def qmp_path(self) -> Path:
-        """The guest's QMP socket (QEMU is the server)."""
-        return self.machine.qmp_path
-
-    @property
-    def qga_path(self) -> Path | None:
-        """qemu-guest-agent's socket (QEMU is the server) when the flavour has one (debian), else None."""
-        return self.machine.qga_path
+        # Fixed for the machine's life, so read once: its name (QEMU's ``-name``), ``busybox`` or ``debian``, the
+        # QMP socket, and qemu-guest-agent's socket when the flavour has one (debian), else None. QEMU serves both.
+        self.name: Final = machine.name
+        self.flavour: Final = machine.flavour
+        self.qmp_path: Final = machine.qmp_path
+        self.qga_path: Final = machine.qga_path
 
     @property
     def root_ports(self) -> list[str]:

@@ -231,16 +231,9 @@ class ServedController:
         self.serve = serve
         self.broker = broker
         self.guest = guest
-
-    @property
-    def url(self) -> str:
-        """The broker's URL."""
-        return self.broker.url
-
-    @property
-    def controller_id(self) -> str:
-        """The controller's id in topics (``qmpnet/<id>/...``)."""
-        return self.serve.controller_id
+        # Fixed for the processes' life: the broker's URL and the controller's id in topics (``qmpnet/<id>/...``).
+        self.url: Final = broker.url
+        self.controller_id: Final = serve.controller_id
 
     def client(self, timeout: float | None = None) -> Client:
         """A :class:`qmpnet.client.Client` on the broker (``async with controller.client() as c``)."""

@@ -45,7 +45,6 @@ from qmpnet.errors import AgentCommandError, AgentUnavailable, QmpnetError, Time
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping, Sequence
     from os import PathLike
-    from types import TracebackType
 
 __all__ = ["AgentSettings", "ExecResult", "GuestAgent", "guest_views"]
 
@@ -161,14 +160,6 @@ class GuestAgent:
             yield agent
         finally:
             await agent.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Close the connection. Safe to call twice."""

@@ -17,7 +17,6 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     FilePath,
     SecretStr,
@@ -28,6 +27,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from qmpnet.core.hostconfig import HostnetSettings
 from qmpnet.core.model import invalid_request_from
+from qmpnet.core.model_base import Frozen
 from qmpnet.core.names import BUS_NAME_PATTERN, BUS_NAME_RULE, check_bus_name, safe_bus_name
 from qmpnet.core.policy import Policy
 from qmpnet.errors import InvalidRequest
@@ -57,10 +57,8 @@ __all__ = [
 ]
 
 
-class QmpSettings(BaseModel):
+class QmpSettings(Frozen):
     """Talking to one QEMU monitor."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     connect_timeout: float = Field(default=5.0, gt=0, description="Seconds to connect and negotiate.")
     command_timeout: float = Field(
@@ -79,10 +77,8 @@ class QmpSettings(BaseModel):
     )
 
 
-class QgaSettings(BaseModel):
+class QgaSettings(Frozen):
     """Talking to one guest's qemu-guest-agent (the guest view and verified changes)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     connect_timeout: float = Field(
         default=3.0, gt=0, description="Seconds to connect to the agent socket and get its guest-sync answer."
@@ -96,10 +92,8 @@ class QgaSettings(BaseModel):
     )
 
 
-class LaneSettings(BaseModel):
+class LaneSettings(Frozen):
     """The per-guest request lane."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_waiting: int = Field(default=256, ge=1, description="Requests that may wait for a guest before 'busy'.")
     max_wait: float = Field(default=60.0, gt=0, description="Seconds a request may wait for a guest before 'busy'.")
@@ -114,10 +108,8 @@ class LaneSettings(BaseModel):
     )
 
 
-class UpdateSettings(BaseModel):
+class UpdateSettings(Frozen):
     """Live changes of a NIC (``nic/update``): the link flap of a move and QEMU's self-announcement."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     link_flap: float = Field(
         default=1.0, ge=0, le=60,
@@ -211,10 +203,8 @@ def default_controller_id() -> str:
     return safe_bus_name(platform.node(), "qmpnet")
 
 
-class MqttSettings(BaseModel):
+class MqttSettings(Frozen):
     """The broker connection and the MQTT API's limits (docs/mqtt-api.md)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     broker: BrokerUrlStr | None = Field(
         default=None,
@@ -290,10 +280,8 @@ class MqttSettings(BaseModel):
         return self.model_copy(update={"broker": url, "brokers": None})
 
 
-class ControllerSettings(BaseModel):
+class ControllerSettings(Frozen):
     """The fleet of guests one controller serves."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     guests: dict[BusName, str] = Field(
         default_factory=dict, description="Guest name -> QMP socket (unix path or host:port)."
@@ -316,10 +304,8 @@ class ControllerSettings(BaseModel):
     )  # fmt: skip
 
 
-class ReconcileSettings(BaseModel):
+class ReconcileSettings(Frozen):
     """Desired state: how the controller converges each guest to its desired NIC set."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     repair: bool = Field(
         default=True, description="Add back a desired NIC that disappeared (false: only report the drift)."
@@ -329,19 +315,15 @@ class ReconcileSettings(BaseModel):
     )
 
 
-class MetricsSettings(BaseModel):
+class MetricsSettings(Frozen):
     """Prometheus metrics (off unless a port is given)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     port: int | None = Field(default=None, ge=0, le=65535, description="Serve /metrics on this port (opt-in).")
     host: str = Field(default="127.0.0.1", description="Address the metrics endpoint binds to.")
 
 
-class LogSettings(BaseModel):
+class LogSettings(Frozen):
     """Logging of ``qmpnet serve``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line.")

@@ -245,44 +245,48 @@ class _Builder:
         desired = self.message(
             "desiredDocument", self.schema["x-desired"]["guest/<g>/desired"], "desired NIC set", "What it should have."
         )
-        self.channels["controllerStatus"] = _channel(
-            topics.status, {online: online, offline: offline}, "The controller's availability. Retained."
+        # Each of these channels has one operation, on the same messages: send (state, events) or receive (desired).
+        feeds = (
+            ("controllerStatus", topics.status, [online, offline], "The controller's availability. Retained."),
+            (
+                "guestStatus",
+                topics.guest_status(guest),
+                [status],
+                (
+                    "A guest's connection state and its convergence to its desired set. Retained; deleted (an empty "
+                    "retained payload) when the guest is dropped."
+                ),
+            ),
+            (
+                "guestNics",
+                topics.guest_nics(guest),
+                [nics],
+                "A guest's NICs, republished after every change. Retained; deleted with the guest.",
+            ),
+            ("guestEvent", topics.event(guest, "{event}"), [event], "Events about a guest. Not retained."),
+            (
+                "guestDesired",
+                topics.desired(guest),
+                [desired],
+                (
+                    "A guest's desired NIC set, published retained by an orchestrator; an empty retained payload "
+                    "clears it. The controller converges the guest to it and reports in the guest's status."
+                ),
+            ),
         )
-        self.channels["guestStatus"] = _channel(
-            topics.guest_status(guest),
-            {status: status},
-            "A guest's connection state and its convergence to its desired set. Retained; deleted (an empty retained "
-            "payload) when the guest is dropped.",
-        )
-        self.channels["guestNics"] = _channel(
-            topics.guest_nics(guest),
-            {nics: nics},
-            "A guest's NICs, republished after every change. Retained; deleted with the guest.",
-        )
-        self.channels["guestEvent"] = _channel(
-            topics.event(guest, "{event}"), {event: event}, "Events about a guest. Not retained."
-        )
-        self.channels["guestDesired"] = _channel(
-            topics.desired(guest),
-            {desired: desired},
-            "A guest's desired NIC set, published retained by an orchestrator; an empty retained payload clears it. "
-            "The controller converges the guest to it and reports in the guest's status.",
-        )
-        self.operations["sendControllerStatus"] = _operation(
-            "send", "controllerStatus", [online, offline], "Publish availability (offline: also the will).", retain=True
-        )
-        self.operations["sendGuestStatus"] = _operation(
-            "send", "guestStatus", [status], "Publish a guest's state.", retain=True
-        )
-        self.operations["sendGuestNics"] = _operation(
-            "send", "guestNics", [nics], "Publish a guest's NICs.", retain=True
-        )
-        self.operations["sendGuestEvent"] = _operation(
-            "send", "guestEvent", [event], "Publish an event, after the answer and state it concerns.", retain=False
-        )
-        self.operations["receiveGuestDesired"] = _operation(
-            "receive", "guestDesired", [desired], "Take a guest's desired NIC set and converge to it.", retain=True
-        )
+        operations = {
+            "controllerStatus": ("send", "Publish availability (offline: also the will).", True),
+            "guestStatus": ("send", "Publish a guest's state.", True),
+            "guestNics": ("send", "Publish a guest's NICs.", True),
+            "guestEvent": ("send", "Publish an event, after the answer and state it concerns.", False),
+            "guestDesired": ("receive", "Take a guest's desired NIC set and converge to it.", True),
+        }
+        for name, address, messages, description in feeds:
+            self.channels[name] = _channel(address, {key: key for key in messages}, description)
+        for name, (action, summary, retain) in operations.items():
+            keys = list(self.channels[name]["messages"])
+            operation = f"{action}{name[0].upper()}{name[1:]}"
+            self.operations[operation] = _operation(action, name, keys, summary, retain=retain)
 
 
 def _schemas(schema: dict[str, Any]) -> dict[str, Any]:

@@ -14,10 +14,11 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from qmpnet.core.ifnames import TAP_PATTERN_DEFAULT, check_ifname, check_tap_pattern
 from qmpnet.core.model import validate_as
+from qmpnet.core.model_base import Frozen
 from qmpnet.errors import InvalidRequest, NotFound
 
 __all__ = ["HostnetSettings", "NatNetwork", "parse_nat_network"]
@@ -53,14 +54,12 @@ def _check_lease(value: int) -> int:
     return value
 
 
-class NatNetwork(BaseModel):
+class NatNetwork(Frozen):
     """A NAT network: a bridge with the gateway address, masquerade out of the host, DHCP and DNS from dnsmasq.
 
     Guests on it reach out through the host (their source address becomes the host's); nothing outside can
     open a connection in.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Annotated[str, AfterValidator(_check_network_name)] = Field(description="Network name (e.g. default).")
     bridge: Annotated[str, AfterValidator(_check_bridge)] = Field(
@@ -137,10 +136,8 @@ def parse_nat_network(data: dict[str, Any] | NatNetwork, *, prefix: str = "netwo
     return validate_as(NatNetwork, data, prefix)
 
 
-class HostnetSettings(BaseModel):
+class HostnetSettings(Frozen):
     """Host-side networking: taps, NAT networks, VFIO, and the tools and time limits they use."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     netns: str | None = Field(
         default=None,

@@ -13,9 +13,10 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from qmpnet.core import backends
+from qmpnet.core.model_base import Frozen
 from qmpnet.errors import Forbidden
 
 if TYPE_CHECKING:
@@ -26,10 +27,8 @@ if TYPE_CHECKING:
 __all__ = ["Policy", "check_capture_file", "check_spec", "check_update"]
 
 
-class Policy(BaseModel):
+class Policy(Frozen):
     """The operator's rules for what callers may request."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     allow_host_commands: bool = Field(
         default=False, description="Allow options that run host programs (guestfwd 'cmd:', smb)."

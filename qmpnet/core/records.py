@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from qmpnet.core.model import (  # noqa: TC001 - pydantic needs them at runtime
     LinkState,
@@ -40,6 +40,7 @@ from qmpnet.core.model import (  # noqa: TC001 - pydantic needs them at runtime
     Shape,
     Vlan,
 )
+from qmpnet.core.model_base import Frozen
 
 __all__ = [
     "FORMAT_VERSION",
@@ -65,11 +66,7 @@ GONE_KEPT = 64
 RecordState = Literal["adding", "active", "removal_pending"]
 
 
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class HostHold(_Record):
+class HostHold(Frozen):
     """The host resources held for one NIC, released once its device and backend are gone."""
 
     owner: str | None = Field(default=None, description="The owner mark on taps made for the NIC (guest/nic).")
@@ -85,7 +82,7 @@ class HostHold(_Record):
         return self.tap is None and self.vfio_driver is None and self.owner is None
 
 
-class NicRecord(_Record):
+class NicRecord(Frozen):
     """A NIC qmpnet created (or is creating, or removing; or a NIC it did not create that it was asked to remove)."""
 
     id: str
@@ -108,7 +105,7 @@ class NicRecord(_Record):
 OperationKind = Literal["nic/add", "nic/del", "nic/link", "nic/update", "apply"]
 
 
-class OperationRecord(_Record):
+class OperationRecord(Frozen):
     """One change a caller asked for: written before its first QMP command, its outcome once known."""
 
     id: str = Field(description="The caller's transaction, or an id qmpnet generated.")
@@ -121,7 +118,7 @@ class OperationRecord(_Record):
     )
 
 
-class DesiredDocument(_Record):
+class DesiredDocument(Frozen):
     """A desired NIC set as declared: the retained MQTT ``.../guest/<g>/desired`` payload, ``qmpnet apply``'s file.
 
     An empty retained payload (not JSON) clears the guest's set.
@@ -140,7 +137,7 @@ class DesiredSet(DesiredDocument):
     source: Literal["apply", "mqtt", "imperative"] = "imperative"
 
 
-class GuestRecord(_Record):
+class GuestRecord(Frozen):
     """Everything qmpnet keeps about one guest (one file in the state directory)."""
 
     version: Annotated[int, Field(ge=FORMAT_VERSION, le=FORMAT_VERSION)] = FORMAT_VERSION

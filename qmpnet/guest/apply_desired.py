@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from qmpnet.api.wire.envelopes import DesiredError
 from qmpnet.core.desired_diff import plan_changes
+from qmpnet.core.model_base import Frozen
 from qmpnet.errors import QmpnetError
 
 if TYPE_CHECKING:
@@ -24,11 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["ApplyReport", "PlannedChange", "apply_desired"]
 
 
-class _Out(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PlannedChange(_Out):
+class PlannedChange(Frozen):
     """One line of the plan."""
 
     action: Literal["add", "link", "remove", "keep", "conflict"]
@@ -37,7 +34,7 @@ class PlannedChange(_Out):
     reason: str | None = None
 
 
-class ApplyReport(_Out):
+class ApplyReport(Frozen):
     """What applying a desired set did (or, with ``dry_run``, would do)."""
 
     generation: int

@@ -21,7 +21,7 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from qmpnet.api.wire.envelopes import ModelList, NicList, data_of, error_response, ok_response, to_wire
 from qmpnet.core.model import (
@@ -36,6 +36,7 @@ from qmpnet.core.model import (
     parse_nic_spec,
     parse_nic_update,
 )
+from qmpnet.core.model_base import Frozen
 from qmpnet.errors import GuestUnavailable, InvalidRequest, NotFound, OutcomeUnknown, QmpnetError
 
 if TYPE_CHECKING:
@@ -53,9 +54,7 @@ _LINE_LIMIT: Final = 256 * 1024
 _SERVES: Final = "serves"
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _Request(Frozen):
     address: str
     op: str
     payload: dict[str, Any] = Field(default_factory=dict)

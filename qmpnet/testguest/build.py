@@ -117,19 +117,11 @@ def ensure_image(cache_dir: Path | None = None, progress: Callable[[str], None] 
     Raises:
         BuildError: A package could not be resolved or downloaded, or the kernel had an unexpected layout.
     """
-    cache = (cache_dir if cache_dir is not None else default_cache_dir()).absolute()
-    say = progress if progress is not None else logger.info
-    kernel = resolve_kernel_package(say)
-    busybox = resolve_busybox_package()
-    target = cache / cache_key(kernel, busybox)
+    inputs = build_inputs(cache_dir, progress or logger.info)
+    target = inputs.cache / cache_key(inputs.kernel, inputs.busybox)
     if not _is_complete(target):
-        say(f"building the test guest into {target}")
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as staging:
-            image_dir = Path(staging) / "image"
-            image_dir.mkdir()
-            _build(image_dir, Path(staging) / "work", kernel, busybox, say)
-            _publish(image_dir, target)
+        inputs.say(f"building the test guest into {target}")
+        build_into(target, ".build-", lambda image_dir, work: _build(image_dir, work, inputs), _is_complete)
     return GuestImage(kernel=target / KERNEL_FILE, initrd=target / INITRD_FILE)
 
 
@@ -157,13 +149,44 @@ def _is_complete(directory: Path) -> bool:
     return (directory / KERNEL_FILE).is_file() and (directory / INITRD_FILE).is_file()
 
 
-def _publish(image_dir: Path, target: Path) -> None:
-    """Move a finished image into place in one rename; a concurrent builder that won the race is fine."""
-    try:
-        image_dir.rename(target)
-    except OSError:
-        if not _is_complete(target):
-            raise
+@dataclass(frozen=True)
+class BuildInputs:
+    """What every image build starts from: the cache directory, the progress sink, the kernel and busybox."""
+
+    cache: Path
+    say: Callable[[str], None]
+    kernel: Package
+    busybox: Package
+
+
+def build_inputs(cache_dir: Path | None, say: Callable[[str], None]) -> BuildInputs:
+    """Resolve the cache directory (:func:`default_cache_dir` when None) and the kernel and busybox packages.
+
+    Raises:
+        BuildError: apt cannot resolve the kernel or busybox package.
+    """
+    cache = (cache_dir if cache_dir is not None else default_cache_dir()).absolute()
+    return BuildInputs(cache, say, resolve_kernel_package(say), resolve_busybox_package())
+
+
+def build_into(
+    target: Path, prefix: str, build: Callable[[Path, Path], None], is_complete: Callable[[Path], bool]
+) -> None:
+    """Build an image with ``build(image_dir, work)`` in a staging directory and move it to ``target`` in one rename.
+
+    The staging directory (named ``prefix...``) sits beside ``target`` and is removed whatever happens; a
+    concurrent builder that won the race to ``target`` is fine when ``is_complete(target)``.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=prefix) as staging:
+        image_dir = Path(staging) / "image"
+        image_dir.mkdir()
+        build(image_dir, Path(staging) / "work")
+        try:
+            image_dir.rename(target)
+        except OSError:
+            if not is_complete(target):
+                raise
 
 
 # --- packages ------------------------------------------------------------------------------------------------
@@ -416,8 +439,12 @@ def build_initramfs(
     *,
     directories: Sequence[str] = GUEST_DIRECTORIES,
     init: bytes | None = None,
+    load_list: str = "etc/testguest/modules",
 ) -> bytes:
-    """Return the gzip'd initramfs: busybox, the modules, their load list and ``init`` (the busybox guest's)."""
+    """Return the gzip'd initramfs: busybox, the modules, their load list and ``init`` (the busybox guest's).
+
+    The load list (at ``load_list``) has a line per module, in load order: its name and its insmod parameters.
+    """
     cpio = CpioWriter()
     for directory in directories:
         cpio.directory(directory)
@@ -425,23 +452,38 @@ def build_initramfs(
     cpio.char_device("dev/console", 5, 1)
     cpio.file("bin/busybox", busybox, mode=0o755)
     cpio.symlink("bin/sh", "busybox")
-    load_list = "".join(f"{m.name} {MODULE_PARAMETERS.get(m.name, '')}".rstrip() + "\n" for m in modules)
-    cpio.file("etc/testguest/modules", load_list.encode())
+    lines = "".join(f"{m.name} {MODULE_PARAMETERS.get(m.name, '')}".rstrip() + "\n" for m in modules)
+    cpio.file(load_list, lines.encode())
     for module in modules:
         cpio.file(f"lib/modules/{module.name}.ko", module.path.read_bytes())
     cpio.file("init", init_script() if init is None else init, mode=0o755)
     return gzip.compress(cpio.finish(), mtime=0)
 
 
-def _build(image_dir: Path, work: Path, kernel: Package, busybox: Package, say: Callable[[str], None]) -> None:
+def unpack_kernel(kernel: Package, work: Path, image_dir: Path, say: Callable[[str], None]) -> tuple[Path, str]:
+    """Unpack ``kernel`` below ``work`` and write its ``vmlinux`` into ``image_dir``.
+
+    Returns:
+        The unpacked kernel's module directory and its release (``6.1.0-56-amd64``).
+
+    Raises:
+        BuildError: apt-get or dpkg-deb failed, or the package has no bzImage or no modules directory.
+    """
     say(f"downloading and unpacking {kernel.name} {kernel.version}")
     root = download_and_unpack(kernel, work)
-    abi = kernel.name.removeprefix("linux-image-")
+    release = kernel.name.removeprefix("linux-image-")
     say("extracting vmlinux from the bzImage")
-    (image_dir / KERNEL_FILE).write_bytes(extract_vmlinux((root / "boot" / f"vmlinuz-{abi}").read_bytes()))
-    module_dir = next((d for d in (root / "lib/modules" / abi, root / "usr/lib/modules" / abi) if d.is_dir()), None)
+    (image_dir / KERNEL_FILE).write_bytes(extract_vmlinux((root / "boot" / f"vmlinuz-{release}").read_bytes()))
+    candidates = (root / "lib/modules" / release, root / "usr/lib/modules" / release)
+    module_dir = next((d for d in candidates if d.is_dir()), None)
     if module_dir is None:
-        raise BuildError(f"{kernel.name} has no modules directory for {abi}")
+        raise BuildError(f"{kernel.name} has no modules directory for {release}")
+    return module_dir, release
+
+
+def _build(image_dir: Path, work: Path, inputs: BuildInputs) -> None:
+    kernel, busybox, say = inputs.kernel, inputs.busybox, inputs.say
+    module_dir, _ = unpack_kernel(kernel, work, image_dir, say)
     modules = order_modules(NIC_MODULES, module_lookup(module_dir))
     say(f"writing the initramfs ({len(modules)} modules: {' '.join(m.name for m in modules)})")
     (image_dir / INITRD_FILE).write_bytes(build_initramfs(static_busybox(busybox, work), modules))

@@ -31,7 +31,6 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -41,20 +40,19 @@ from .build import (
     MODULE_PARAMETERS,
     NIC_MODULES,
     BuildError,
+    BuildInputs,
     GuestImage,
     KernelModule,
     Package,
     build_initramfs,
-    default_cache_dir,
-    download_and_unpack,
-    extract_vmlinux,
+    build_inputs,
+    build_into,
     module_lookup,
     order_modules,
-    resolve_busybox_package,
-    resolve_kernel_package,
     run_tool,
     safe_name,
     static_busybox,
+    unpack_kernel,
 )
 
 if TYPE_CHECKING:
@@ -166,37 +164,29 @@ def ensure_debian_image(cache_dir: Path | None = None, progress: Callable[[str],
     Raises:
         BuildError: Not root, debootstrap missing or failing, or a package could not be resolved.
     """
-    cache = (cache_dir if cache_dir is not None else default_cache_dir()).absolute()
-    say = progress if progress is not None else logger.info
-    kernel = resolve_kernel_package(say)
-    busybox = resolve_busybox_package()
+    inputs = build_inputs(cache_dir, progress or logger.info)
     versions = candidate_versions(DEBIAN_PACKAGES)
-    target = cache / debian_cache_key(kernel, busybox, versions)
+    target = inputs.cache / debian_cache_key(inputs.kernel, inputs.busybox, versions)
     if _is_complete(target):
         return _image(target)
     if os.geteuid() != 0:
         raise BuildError("building the Debian test guest needs root (debootstrap and chroot)")
     if shutil.which("debootstrap") is None:
         raise BuildError("debootstrap is not installed (apt-get install debootstrap)")
-    say(f"building the Debian test guest into {target}")
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".build-debian-") as staging:
-        image_dir = Path(staging) / "image"
-        image_dir.mkdir()
-        work = Path(staging) / "work"
-        try:
-            _build(image_dir, work, kernel, busybox, say)
-        finally:
-            _unmount_below(work)
-        try:
-            image_dir.rename(target)
-        except OSError:
-            if not _is_complete(target):
-                raise
+    inputs.say(f"building the Debian test guest into {target}")
+    build_into(target, ".build-debian-", lambda image_dir, work: _build(image_dir, work, inputs), _is_complete)
     return _image(target)
 
 
-def _build(image_dir: Path, work: Path, kernel: Package, busybox: Package, say: Callable[[str], None]) -> None:
+def _build(image_dir: Path, work: Path, inputs: BuildInputs) -> None:
+    try:
+        _build_in(image_dir, work, inputs)
+    finally:
+        _unmount_below(work)
+
+
+def _build_in(image_dir: Path, work: Path, inputs: BuildInputs) -> None:
+    kernel, say = inputs.kernel, inputs.say
     root = work / "root"
     mirror = apt_mirror()
     say(f"debootstrap {DEBIAN_SUITE} (minbase + {' '.join(DEBIAN_PACKAGES)}) from {mirror or 'the default mirror'}")
@@ -204,15 +194,7 @@ def _build(image_dir: Path, work: Path, kernel: Package, busybox: Package, say: 
     command = ["debootstrap", "--variant=minbase", f"--include={','.join(DEBIAN_PACKAGES)}", DEBIAN_SUITE, str(root)]
     run_tool([*command, *([mirror] if mirror else [])])
 
-    say(f"downloading and unpacking {kernel.name} {kernel.version}")
-    kernel_root = download_and_unpack(kernel, work / "kernel")
-    abi = kernel.name.removeprefix("linux-image-")
-    (image_dir / KERNEL_FILE).write_bytes(extract_vmlinux((kernel_root / "boot" / f"vmlinuz-{abi}").read_bytes()))
-    module_dir = next(
-        (d for d in (kernel_root / "lib/modules" / abi, kernel_root / "usr/lib/modules" / abi) if d.is_dir()), None
-    )
-    if module_dir is None:
-        raise BuildError(f"{kernel.name} has no modules directory for {abi}")
+    module_dir, abi = unpack_kernel(kernel, work / "kernel", image_dir, say)
     lookup = module_lookup(module_dir)
     guest_modules = order_modules(GUEST_MODULES, lookup)
     say(f"installing {len(guest_modules)} kernel modules and configuring systemd")
@@ -221,7 +203,7 @@ def _build(image_dir: Path, work: Path, kernel: Package, busybox: Package, say: 
 
     boot_modules = order_modules(BOOT_MODULES, lookup)
     say(f"writing the initramfs ({' '.join(m.name for m in boot_modules)})")
-    (image_dir / INITRD_FILE).write_bytes(_initramfs(static_busybox(busybox, work / "busybox"), boot_modules))
+    (image_dir / INITRD_FILE).write_bytes(_initramfs(static_busybox(inputs.busybox, work / "busybox"), boot_modules))
 
     installed = _installed_versions(root)
     say("writing the root file system image")

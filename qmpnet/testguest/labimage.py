@@ -13,36 +13,33 @@ directory. Building needs no root; it takes about half a minute (download, unpac
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .build import (
     BuildError,
-    CpioWriter,
+    BuildInputs,
     KernelModule,
     Package,
-    default_cache_dir,
-    download_and_unpack,
-    extract_vmlinux,
+    build_initramfs,
+    build_inputs,
+    build_into,
     module_lookup,
     order_modules,
-    resolve_busybox_package,
-    resolve_kernel_package,
     run_tool,
     safe_name,
     static_busybox,
+    unpack_kernel,
 )
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+    from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -104,42 +101,23 @@ def ensure_lab_image(cache_dir: Path | None = None, progress: Callable[[str], No
     Raises:
         BuildError: apt cannot resolve or download the kernel, or depmod (kmod) is missing.
     """
-    cache = (cache_dir if cache_dir is not None else default_cache_dir()).absolute()
-    say = progress if progress is not None else logger.info
-    kernel = resolve_kernel_package(say)
-    busybox = resolve_busybox_package()
-    target = cache / lab_cache_key(kernel, busybox)
+    inputs = build_inputs(cache_dir, progress or logger.info)
+    target = inputs.cache / lab_cache_key(inputs.kernel, inputs.busybox)
     if not _is_complete(target):
         if shutil.which("depmod") is None:
             raise BuildError("depmod is not installed (apt-get install kmod): the lab needs the kernel's modules.dep")
-        say(f"building the lab image into {target}")
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache, prefix=".build-lab-") as staging:
-            image_dir = Path(staging) / "image"
-            image_dir.mkdir()
-            _build(image_dir, Path(staging) / "work", kernel, busybox, say)
-            try:
-                image_dir.rename(target)
-            except OSError:
-                if not _is_complete(target):
-                    raise
+        inputs.say(f"building the lab image into {target}")
+        build_into(target, ".build-lab-", lambda image_dir, work: _build(image_dir, work, inputs), _is_complete)
     release = json.loads((target / MANIFEST_FILE).read_text())["release"]
     return _image(target, str(release))
 
 
-def _build(image_dir: Path, work: Path, kernel: Package, busybox: Package, say: Callable[[str], None]) -> None:
-    say(f"downloading and unpacking {kernel.name} {kernel.version}")
-    root = download_and_unpack(kernel, work)
-    release = kernel.name.removeprefix("linux-image-")
-    (image_dir / KERNEL_FILE).write_bytes(extract_vmlinux((root / "boot" / f"vmlinuz-{release}").read_bytes()))
-    module_dir = next(
-        (d for d in (root / "lib/modules" / release, root / "usr/lib/modules" / release) if d.is_dir()), None
-    )
-    if module_dir is None:
-        raise BuildError(f"{kernel.name} has no modules directory for {release}")
+def _build(image_dir: Path, work: Path, inputs: BuildInputs) -> None:
+    kernel, say = inputs.kernel, inputs.say
+    module_dir, release = unpack_kernel(kernel, work, image_dir, say)
     modules = order_modules(INITRAMFS_MODULES, module_lookup(module_dir))
     say(f"writing the initramfs ({' '.join(m.name for m in modules)})")
-    (image_dir / INITRD_FILE).write_bytes(_initramfs(static_busybox(busybox, work / "busybox"), modules))
+    (image_dir / INITRD_FILE).write_bytes(_initramfs(static_busybox(inputs.busybox, work / "busybox"), modules))
     say("moving the module tree into the image and running depmod")
     tree = image_dir / MODULES_DIR / "lib" / "modules"
     tree.mkdir(parents=True)
@@ -157,14 +135,5 @@ def _build(image_dir: Path, work: Path, kernel: Package, busybox: Package, say: 
 
 
 def _initramfs(busybox: bytes, modules: Sequence[KernelModule]) -> bytes:
-    cpio = CpioWriter()
-    for directory in ("bin", "dev", "etc", "etc/lab", "lib", "lib/modules", "proc", "sys"):
-        cpio.directory(directory)
-    cpio.char_device("dev/console", 5, 1)
-    cpio.file("bin/busybox", busybox, mode=0o755)
-    cpio.symlink("bin/sh", "busybox")
-    cpio.file("etc/lab/modules", "".join(f"{m.name}\n" for m in modules).encode())
-    for module in modules:
-        cpio.file(f"lib/modules/{module.name}.ko", module.path.read_bytes())
-    cpio.file("init", init_script(), mode=0o755)
-    return gzip.compress(cpio.finish(), mtime=0)
+    directories = ("bin", "dev", "etc", "etc/lab", "lib", "lib/modules", "proc", "sys")
+    return build_initramfs(busybox, modules, directories=directories, init=init_script(), load_list="etc/lab/modules")

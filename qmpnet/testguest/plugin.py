@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import pytest
 
@@ -86,26 +86,12 @@ class BootedGuest:
 
     def __init__(self, machine: TestMachine) -> None:
         self.machine = machine
-
-    @property
-    def name(self) -> str:
-        """The guest's name (QEMU's ``-name``)."""
-        return self.machine.name
-
-    @property
-    def flavour(self) -> Flavour:
-        """``busybox`` or ``debian``."""
-        return self.machine.flavour
-
-    @property
-    def qmp_path(self) -> Path:
-        """The guest's QMP socket (QEMU is the server)."""
-        return self.machine.qmp_path
-
-    @property
-    def qga_path(self) -> Path | None:
-        """qemu-guest-agent's socket (QEMU is the server) when the flavour has one (debian), else None."""
-        return self.machine.qga_path
+        # Fixed for the machine's life, so read once: its name (QEMU's ``-name``), ``busybox`` or ``debian``, the
+        # QMP socket, and qemu-guest-agent's socket when the flavour has one (debian), else None. QEMU serves both.
+        self.name: Final = machine.name
+        self.flavour: Final = machine.flavour
+        self.qmp_path: Final = machine.qmp_path
+        self.qga_path: Final = machine.qga_path
 
     @property
     def root_ports(self) -> list[str]:
@@ -245,16 +231,9 @@ class ServedController:
         self.serve = serve
         self.broker = broker
         self.guest = guest
-
-    @property
-    def url(self) -> str:
-        """The broker's URL."""
-        return self.broker.url
-
-    @property
-    def controller_id(self) -> str:
-        """The controller's id in topics (``qmpnet/<id>/...``)."""
-        return self.serve.controller_id
+        # Fixed for the processes' life: the broker's URL and the controller's id in topics (``qmpnet/<id>/...``).
+        self.url: Final = broker.url
+        self.controller_id: Final = serve.controller_id
 
     def client(self, timeout: float | None = None) -> Client:
         """A :class:`qmpnet.client.Client` on the broker (``async with controller.client() as c``)."""

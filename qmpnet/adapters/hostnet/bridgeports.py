@@ -15,7 +15,6 @@ fails half-way rewrites the old VLANs before raising. Everything here runs in a 
 from __future__ import annotations
 
 import errno
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -42,8 +41,6 @@ __all__ = [
     "vlan_of",
     "write_vlans",
 ]
-
-log = logging.getLogger(__name__)
 
 PVID: Final = 0x2
 UNTAGGED: Final = 0x4

@@ -25,7 +25,6 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
 from pyroute2 import NetlinkError
 
 from qmpnet.adapters.hostnet import dnsmasq, nftables
@@ -33,6 +32,7 @@ from qmpnet.adapters.hostnet.failures import host_error
 from qmpnet.adapters.hostnet.links import LinkInfo, dump_links, find_link, nat_mark, route
 from qmpnet.adapters.hostnet.netns import run_in_netns
 from qmpnet.core.hostconfig import HostnetSettings, NatNetwork, parse_nat_network
+from qmpnet.core.model_base import Frozen
 from qmpnet.errors import Conflict, QmpnetError
 
 if TYPE_CHECKING:
@@ -45,10 +45,8 @@ log = logging.getLogger(__name__)
 _IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
 
-class Lease(BaseModel):
+class Lease(Frozen):
     """A DHCP lease dnsmasq handed out."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     mac: str
     ip: ipaddress.IPv4Address
@@ -56,14 +54,12 @@ class Lease(BaseModel):
     expires: int
 
 
-class NatStatus(BaseModel):
+class NatStatus(Frozen):
     """The state of one NAT network on the host.
 
     ``up`` is true when every part is in place: the bridge (ours, up, with the gateway address), the nftables
     table and a dnsmasq.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     bridge: str

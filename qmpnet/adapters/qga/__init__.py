@@ -9,14 +9,13 @@
 :func:`guest_views` is the read for ``list_nics``: ``None`` (never an error) when no agent answers.
 """
 
-from qmpnet.adapters.qga.client import AgentSettings, ExecResult, GuestAgent, guest_views
+from qmpnet.adapters.qga.client import ExecResult, GuestAgent, guest_views
 from qmpnet.adapters.qga.discovery import AGENT_PORT_NAME, find_agent_socket, server_socket_path
 from qmpnet.adapters.qga.verify import WANTS, Want, describe_view, satisfies, wait_for
 
 __all__ = [
     "AGENT_PORT_NAME",
     "WANTS",
-    "AgentSettings",
     "ExecResult",
     "GuestAgent",
     "Want",

@@ -18,8 +18,7 @@ The agent speaks QMP's JSON framing without a greeting: one command at a time, a
   refuses to read ``carrier`` of an interface that is down: that is ``carrier=None``, not an error.
 * **An interface counts once it has its name.** The kernel creates ``eth0`` and udev renames it a moment later
   (``ens4``); :meth:`GuestAgent.named` tells the two apart, so a verified add reports the name that stays.
-* **Timeouts come from** :class:`~qmpnet.settings.QgaSettings` (any object with its attributes: this adapter sits
-  below the settings module).
+* **Timeouts come from** :class:`~qmpnet.settings.QgaSettings`.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Self, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -45,9 +44,10 @@ from qmpnet.errors import AgentCommandError, AgentUnavailable, QmpnetError, Time
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping, Sequence
     from os import PathLike
-    from types import TracebackType
 
-__all__ = ["AgentSettings", "ExecResult", "GuestAgent", "guest_views"]
+    from qmpnet.settings import QgaSettings
+
+__all__ = ["ExecResult", "GuestAgent", "guest_views"]
 
 log = logging.getLogger(__name__)
 
@@ -65,30 +65,6 @@ _UDEV_NAMED = frozenset({"1", "4"})
 _ENOENT = "No such file or directory"
 #: How often a running guest-exec is asked whether it has finished (guest side: a fork + exec under TCG).
 _EXEC_POLL = 0.05
-
-
-class AgentSettings(Protocol):
-    """What the adapter reads from :class:`~qmpnet.settings.QgaSettings`."""
-
-    @property
-    def connect_timeout(self) -> float:
-        """Seconds to connect and synchronise."""
-        ...
-
-    @property
-    def command_timeout(self) -> float:
-        """Seconds to wait for one command's answer."""
-        ...
-
-    @property
-    def verify_timeout(self) -> float:
-        """Default seconds :func:`~qmpnet.adapters.qga.wait_for` waits."""
-        ...
-
-    @property
-    def poll_interval(self) -> float:
-        """Seconds between two looks at the guest while waiting."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -114,7 +90,7 @@ class GuestAgent:
     """
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, path: str, settings: AgentSettings
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, path: str, settings: QgaSettings
     ) -> None:
         self.path = path
         self.settings = settings
@@ -126,7 +102,7 @@ class GuestAgent:
         self._udev: bool | None = None
 
     @classmethod
-    async def open(cls, path: str | PathLike[str], settings: AgentSettings) -> Self:
+    async def open(cls, path: str | PathLike[str], settings: QgaSettings) -> Self:
         """Connect to the agent socket at ``path`` and synchronise with the agent.
 
         Waits at most ``settings.connect_timeout`` for the connection and the ``guest-sync-delimited`` answer.
@@ -150,7 +126,7 @@ class GuestAgent:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(cls, path: str | PathLike[str], settings: AgentSettings) -> AsyncIterator[Self]:
+    async def connect(cls, path: str | PathLike[str], settings: QgaSettings) -> AsyncIterator[Self]:
         """Connect as :meth:`open` does, and close on exit.
 
         Raises:
@@ -161,14 +137,6 @@ class GuestAgent:
             yield agent
         finally:
             await agent.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Close the connection. Safe to call twice."""
@@ -419,7 +387,7 @@ def _with_macs(interfaces: list[NetworkInterface]) -> list[tuple[NetworkInterfac
     return found
 
 
-async def guest_views(path: str | PathLike[str] | None, settings: AgentSettings) -> dict[str, GuestView] | None:
+async def guest_views(path: str | PathLike[str] | None, settings: QgaSettings) -> dict[str, GuestView] | None:
     """What the guest sees of its NICs, by MAC, or ``None`` when no agent answers (never an error).
 
     This is the read for ``list_nics``: a NIC whose MAC is missing from the result has no interface in the guest.

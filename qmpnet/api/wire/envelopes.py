@@ -12,10 +12,10 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Final, Generic, Literal, TypeVar, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, Field, StrictBool, ValidationError, model_validator
 
 from qmpnet import errors
-from qmpnet.core.model_base import Verify, invalid_request_from
+from qmpnet.core.model_base import Frozen, Verify, invalid_request_from
 from qmpnet.core.nic_requests import NicSpec, NicUpdate  # noqa: TC001 - pydantic needs them at runtime
 from qmpnet.core.observed import (
     Capacity,
@@ -74,14 +74,10 @@ API_VERSION: Final = 1
 GuestState = Literal["connecting", "connected", "disconnected"]
 
 
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 # ------------------------------------------------------------------------------------------------------- requests
 
 
-class _Request(_Message):
+class _Request(Frozen):
     transaction: str | None = Field(
         default=None, max_length=256, description="Any string; echoed in the answer; repeats are not re-applied."
     )
@@ -156,19 +152,19 @@ class GuestsRequest(_Request):
 # ----------------------------------------------------------------------------------------------------- data, state
 
 
-class NicList(_Message):
+class NicList(Frozen):
     """A guest's NICs (``nic/list`` data and the retained ``.../nics`` topic)."""
 
     nics: list[Nic] = Field(description="Every NIC of the guest, cold-plugged ones included.")
 
 
-class ModelList(_Message):
+class ModelList(Frozen):
     """``models`` data."""
 
     models: list[ModelInfo] = Field(description="The NIC models this QEMU offers.")
 
 
-class DesiredError(_Message):
+class DesiredError(Frozen):
     """A desired NIC that did not converge, or a desired document that was refused (``id`` null)."""
 
     id: str | None = Field(description="The NIC, or null when the document itself was refused.")
@@ -177,7 +173,7 @@ class DesiredError(_Message):
     field: str | None = Field(default=None, description="JSON path of the refused field, for a refused document.")
 
 
-class DesiredStatus(_Message):
+class DesiredStatus(Frozen):
     """How far a guest is from its desired NIC set (part of the retained guest status)."""
 
     generation: int = Field(description="The generation of the desired set being converged to.")
@@ -186,7 +182,7 @@ class DesiredStatus(_Message):
     errors: list[DesiredError] = Field(default_factory=list, description="What could not converge, and why.")
 
 
-class GuestStatus(_Message):
+class GuestStatus(Frozen):
     """A guest's connection state (retained ``.../guest/<g>/status``)."""
 
     state: GuestState = Field(description="Whether the controller holds a QMP connection to the guest.")
@@ -209,13 +205,13 @@ class GuestInfo(GuestStatus):
     name: str = Field(description="The guest's name in topics.")
 
 
-class GuestList(_Message):
+class GuestList(Frozen):
     """``guests`` data."""
 
     guests: list[GuestInfo] = Field(description="The guests this controller serves.")
 
 
-class ControllerOnline(_Message):
+class ControllerOnline(Frozen):
     """The controller is serving (retained ``<root>/<c>/status``)."""
 
     state: Literal["online"]
@@ -224,13 +220,13 @@ class ControllerOnline(_Message):
     guests: list[str] = Field(description="The names of the guests it serves.")
 
 
-class ControllerOffline(_Message):
+class ControllerOffline(Frozen):
     """The controller is gone: its will, or its clean shutdown."""
 
     state: Literal["offline"]
 
 
-class EventMessage(_Message):
+class EventMessage(Frozen):
     """An event (``.../guest/<g>/event/<name>``, not retained): the time and the NIC or id concerned."""
 
     ts: float = Field(description="Unix time of the event.")
@@ -251,7 +247,7 @@ class EventMessage(_Message):
 DataT = TypeVar("DataT", bound=BaseModel)
 
 
-class OkResponse(_Message, Generic[DataT]):
+class OkResponse(Frozen, Generic[DataT]):
     """A successful answer."""
 
     transaction: str | None = Field(description="The request's transaction, or null.")
@@ -259,7 +255,7 @@ class OkResponse(_Message, Generic[DataT]):
     data: DataT
 
 
-class ErrorBody(_Message):
+class ErrorBody(Frozen):
     """What went wrong: a stable code, a sentence, and where known the field and QEMU's error class."""
 
     code: ErrorCode = Field(description="Stable machine code (docs/errors.md).")
@@ -274,7 +270,7 @@ class ErrorBody(_Message):
         return cls(code=err.code, message=err.message, field=err.field, qmp_class=qmp_class)
 
 
-class ErrorResponse(_Message):
+class ErrorResponse(Frozen):
     """A failed answer."""
 
     transaction: str | None = Field(description="The request's transaction, or null.")

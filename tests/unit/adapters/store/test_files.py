@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from waiting import eventually
 
 from qmpnet.adapters.store import StateDir, files, guest_key
 from qmpnet.core.model import NicSpec
@@ -291,7 +292,7 @@ async def test_a_burst_of_desired_changes_shares_one_durable_write(
             last = DesiredSet(nics=[NicSpec(id=f"d{i}") for i in range(n + 1)])
             store.save_later(store.record.model_copy(update={"desired": last}))
             store.flush_soon()
-            await asyncio.sleep(0)  # the write-behind of this change's record
+            await asyncio.sleep(0)  # the next change comes before the write-behind is due
         for _ in range(200):
             if desired_file.exists():
                 break
@@ -316,8 +317,9 @@ async def test_records_are_not_synced_the_desired_set_is_and_follows_the_answer(
         await asyncio.sleep(0)
         assert not store.path.exists()  # nothing until the lane lets go of the call
         store.flush_soon()
-        assert not store.path.exists()  # and then after the current turn (the answer goes first)
-        await asyncio.sleep(0)  # the write-behind: the record now, the set in a worker thread
+        assert not store.path.exists()  # and then WRITE_BEHIND_DELAY later (the answer goes first)
+        # The write-behind: the record in the loop, the set in a worker thread.
+        await eventually(store.path.exists, what="the record's write-behind")
         assert "a" in json.loads(store.path.read_text())["nics"]
         for _ in range(200):
             if desired_file.exists():

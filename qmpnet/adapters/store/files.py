@@ -37,6 +37,7 @@ import re
 import tempfile
 import threading
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Final
 
 from qmpnet.adapters.store.encoding import encode_record
@@ -110,6 +111,10 @@ class StateDir:
         self.root = root
         self.guests = root / "guests"
         self.boot = read_boot_id(boot_id_file)
+        # The desired sets' fsync'd writes of all its guests, one at a time in a thread of their own (started at
+        # the first): in the default executor, a fleet's fsyncs held the threads the hot path's intent writes wait
+        # for (GuestStore.save_async), and they are off every answer's path anyway.
+        self._durable_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmpnet-desired")
 
     @property
     def control_socket(self) -> Path:
@@ -175,7 +180,7 @@ class StateDir:
             # else the record of this boot is the newer: a killed process wrote it, not yet its durable copy.
             record = record.for_boot(self.boot).model_copy(update={"name": name})
             store = FileGuestStore(path, record, lock, key, desired_path=desired_path, discarded=discarded,
-                                   desired_on_disk=desired)
+                                   desired_on_disk=desired, durable_writer=self._durable_writer)
             if migrated_from_v1 or void or discarded or record.desired is not desired:
                 store.rewrite()  # the current format and boot, and the set made durable, in place of what was read
         except BaseException:
@@ -231,6 +236,7 @@ class FileGuestStore:
         desired_path: Path | None = None,
         discarded: list[DiscardedRecord] | None = None,
         desired_on_disk: DesiredSet | None = None,
+        durable_writer: Executor | None = None,
     ) -> None:
         self.path = path
         self.key = key
@@ -248,6 +254,7 @@ class FileGuestStore:
         self._desired_io = threading.Lock()
         self._desired_on_disk = desired_on_disk  # the set the desired file holds (None: no file)
         self._behind: asyncio.TimerHandle | None = None  # the write-behind, due WRITE_BEHIND_DELAY after a call
+        self._durable_writer = durable_writer  # where the desired set's fsync'd write runs (None: the loop's default)
 
     @property
     def record(self) -> GuestRecord:
@@ -340,7 +347,7 @@ class FileGuestStore:
         except RuntimeError:
             self._write_desired_logged()
             return
-        loop.run_in_executor(None, self._write_desired_logged)
+        loop.run_in_executor(self._durable_writer, self._write_desired_logged)
 
     def _write_desired_logged(self) -> None:
         try:

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -394,3 +395,30 @@ def test_the_test_session_has_a_state_dir_of_its_own(state_dir: Path) -> None:
     assert os.environ["QMPNET_STATE_DIR"] == str(state_dir)
     assert Settings().state_dir == state_dir
     assert not str(state_dir).startswith("/var/lib/qmpnet")
+
+
+async def test_the_desired_sets_durable_writes_have_a_thread_of_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not the loop's default executor, whose threads the hot path's intent writes (save_async) wait for.
+    threads: list[str] = []
+    write_file = files._write_file
+
+    def noting(tmp: str, path: str, data: bytes, *, sync: bool) -> None:
+        if sync:
+            threads.append(threading.current_thread().name)
+        write_file(tmp, path, data, sync=sync)
+
+    monkeypatch.setattr(files, "_write_file", noting)
+    state = StateDir(tmp_path)
+    stores = [await state.open_guest(f"/run/vm{n}.qmp", f"vm{n}", wait=1) for n in range(2)]
+    try:
+        for store in stores:
+            store.save_later(store.record.model_copy(update={"desired": DesiredSet(nics=[NicSpec(id="d1")])}))
+            store.flush_soon()
+        await eventually(lambda: len(threads) == 2, what="both desired sets written")
+    finally:
+        for store in stores:
+            store.close()
+    assert len(set(threads)) == 1, f"the durable writes ran on {threads}"
+    assert threads[0].startswith("qmpnet-desired"), threads

@@ -393,7 +393,7 @@ class GuestStore(Protocol):
         ...
 
     def flush_soon(self) -> None:
-        """After the loop's current turn, write what is pending (and the desired set, durably)."""
+        """Soon after the answer (unless a write carries it first), write what is pending (the desired set durably)."""
         ...
 
     def close(self) -> None:

@@ -38,7 +38,6 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
-from qmpnet.adapters.qga import guest_views
 from qmpnet.adapters.store import MemoryGuestStore
 from qmpnet.core.model import RemoveResult, parse_nic_spec, parse_nic_update
 from qmpnet.core.names import check_qemu_id
@@ -375,6 +374,8 @@ class Guest:
 
     async def _listed(self, inventory: Inventory) -> list[Nic]:
         """The NICs described, with their rx-filters (virtio) and the guest's own view (with an agent)."""
+        from qmpnet.adapters.qga.client import guest_views  # noqa: PLC0415 - loaded by the first list (verification.py)
+
         views = await guest_views(self._verifier.socket, self._settings.qga)
         nics = []
         for nic in inventory.nics.values():

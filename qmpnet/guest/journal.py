@@ -97,7 +97,7 @@ class Journal:
         self._store.save_later(record.pruned(time.time(), self._keep))
 
     def flush_soon(self) -> None:
-        """Write what is pending once the loop's current turn is done (the lane calls it as it lets go)."""
+        """Write what is pending soon, unless the next write carries it first (the lane calls it as it lets go)."""
         self._store.flush_soon()
 
     def finish(

@@ -16,7 +16,7 @@ import logging
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from qmpnet.adapters.qga import GuestAgent, find_agent_socket, wait_for
+from qmpnet.adapters.qga.discovery import find_agent_socket
 from qmpnet.errors import AgentUnavailable, InvalidRequest, NotVerified, QmpCommandError
 from qmpnet.guest.journal import new_operation
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
     from pathlib import Path
 
-    from qmpnet.adapters.qga import Want
+    from qmpnet.adapters.qga import GuestAgent, Want
     from qmpnet.core.model import GuestView, Nic, Verify
     from qmpnet.guest.parts import LaneParts
     from qmpnet.guest.unplugs import Unplugs
@@ -83,6 +83,9 @@ class Verifier:
                 "QEMU with a virtserialport named org.qemu.guest_agent.0 on a unix socket QEMU listens on",
                 field="verify",
             )
+        # The client and its reply models load with the first verified call (issue 17: a command's start-up).
+        from qmpnet.adapters.qga.client import GuestAgent  # noqa: PLC0415 - see above
+
         try:
             return await GuestAgent.open(self._socket, self._parts.settings.qga)
         except AgentUnavailable as err:
@@ -94,6 +97,8 @@ class Verifier:
         Raises:
             NotVerified: It did not within ``qga.verify_timeout`` (naming ``verify``).
         """
+        from qmpnet.adapters.qga.verify import wait_for  # noqa: PLC0415 - with the client (see _open)
+
         return await _named(wait_for(agent, mac, want), "verify")
 
     async def added(self, agent: GuestAgent, nic: Nic, verify: Verify, operation: str) -> Nic:

@@ -58,6 +58,8 @@ def test_direct_mode_and_the_host_object_load_no_netlink() -> None:
     )
     assert "pyroute2" not in modules
     assert "qmpnet.adapters.hostnet.taps" not in modules
+    # The guest agent's client and reply models load only for a call that talks to the agent (issue 17).
+    assert "qmpnet.adapters.qga.client" not in modules
 
 
 def test_the_public_names_still_resolve() -> None:
@@ -70,6 +72,11 @@ def test_the_public_names_still_resolve() -> None:
     assert callable(create_tap)
     assert callable(net_up)
     assert HostnetSettings().tap_pattern
+    from qmpnet.adapters.qga import WANTS, GuestAgent, find_agent_socket  # noqa: PLC0415 - as above
+
+    assert callable(find_agent_socket)
+    assert callable(GuestAgent.open)
+    assert "address" in WANTS
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         qmpnet.nothing  # noqa: B018 - the access is the test
 

@@ -10,7 +10,7 @@ Two files per guest, durable against two different failures (see :mod:`qmpnet.co
 * ``<key>.desired.json``, the desired set, must outlive a reboot: it is written the same way *and* fsync'd (the file,
   then the directory), in a worker thread once the call that changed it has been answered
   (:meth:`FileGuestStore.flush_soon`), so an answer never waits for the disk; :meth:`FileGuestStore.close` waits for
-  it. The sync follows the first change by ``DESIRED_SYNC_DELAY`` and writes the set as it is then: the changes of a
+  it. The sync follows the first change by ``WRITE_BEHIND_DELAY`` and writes the set as it is then: the changes of a
   burst (hot-adds one after another) share one fsync instead of paying one each. The record carries the set too,
   written with each change's intent: after a kill (same boot) the record's set is the newer and wins; after a reboot,
   or when the record is unreadable, the durable file's does.
@@ -37,6 +37,7 @@ import re
 import tempfile
 import threading
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Final
 
 from qmpnet.adapters.store.encoding import encode_record
@@ -74,10 +75,13 @@ log = logging.getLogger(__name__)
 _KEY_CHARS: Final = re.compile(r"[^A-Za-z0-9_.-]+")
 #: How often a waiter retries a held lock; the wait as a whole is bounded by the caller's timeout.
 _LOCK_POLL: Final = 0.02
-#: Seconds from a desired set's first change to its fsync'd write. A host crash in this window loses the change
-#: (the record, in the page cache, still has it after a controller kill); in exchange a burst of hot-adds costs one
-#: fsync of the file and one of the directory instead of two each (issue 17: the controller's CPU per hot-add).
-DESIRED_SYNC_DELAY: Final = 0.1
+#: Seconds from an answered call to the write of what it left pending: its outcome's record (a page-cache write) and
+#: the desired set's fsync'd write. A call that follows within this time writes its intent first, and that write
+#: carries the outcome before it: a burst of hot-adds costs one record write each (the intent) instead of two, and
+#: one fsync of the desired file and one of the directory in all (issue 17: the controller's CPU per hot-add; each
+#: record write is a rename, which ext4 makes start the data's writeback). A controller kill in this window leaves
+#: the record of the step before, which recovery settles from QEMU; a host crash in it loses the desired change.
+WRITE_BEHIND_DELAY: Final = 0.1
 
 
 def guest_key(address: str) -> str:
@@ -107,6 +111,10 @@ class StateDir:
         self.root = root
         self.guests = root / "guests"
         self.boot = read_boot_id(boot_id_file)
+        # The desired sets' fsync'd writes of all its guests, one at a time in a thread of their own (started at
+        # the first): in the default executor, a fleet's fsyncs held the threads the hot path's intent writes wait
+        # for (GuestStore.save_async), and they are off every answer's path anyway.
+        self._durable_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmpnet-desired")
 
     @property
     def control_socket(self) -> Path:
@@ -172,7 +180,7 @@ class StateDir:
             # else the record of this boot is the newer: a killed process wrote it, not yet its durable copy.
             record = record.for_boot(self.boot).model_copy(update={"name": name})
             store = FileGuestStore(path, record, lock, key, desired_path=desired_path, discarded=discarded,
-                                   desired_on_disk=desired)
+                                   desired_on_disk=desired, durable_writer=self._durable_writer)
             if migrated_from_v1 or void or discarded or record.desired is not desired:
                 store.rewrite()  # the current format and boot, and the set made durable, in place of what was read
         except BaseException:
@@ -228,6 +236,7 @@ class FileGuestStore:
         desired_path: Path | None = None,
         discarded: list[DiscardedRecord] | None = None,
         desired_on_disk: DesiredSet | None = None,
+        durable_writer: Executor | None = None,
     ) -> None:
         self.path = path
         self.key = key
@@ -244,8 +253,8 @@ class FileGuestStore:
         self._desired_tmp = str(path.with_name(f".{path.stem}.desired.tmp"))
         self._desired_io = threading.Lock()
         self._desired_on_disk = desired_on_disk  # the set the desired file holds (None: no file)
-        self._behind: asyncio.Handle | None = None  # the write-behind, scheduled for the end of the loop's turn
-        self._sync: asyncio.TimerHandle | None = None  # the desired set's durable write, due in DESIRED_SYNC_DELAY
+        self._behind: asyncio.TimerHandle | None = None  # the write-behind, due WRITE_BEHIND_DELAY after a call
+        self._durable_writer = durable_writer  # where the desired set's fsync'd write runs (None: the loop's default)
 
     @property
     def record(self) -> GuestRecord:
@@ -286,7 +295,7 @@ class FileGuestStore:
             raise
 
     def save_later(self, record: GuestRecord) -> None:
-        """Make ``record`` the current one now; it is written by :meth:`flush_soon` (write-behind) or the next write.
+        """Make ``record`` the current one now; it is written by the next write, or by :meth:`flush_soon`'s.
 
         For an outcome that may follow its answer: the next write contains it anyway, :meth:`close` writes it, and
         a process killed before it leaves the record of the step before, which recovery settles. A failed
@@ -296,9 +305,10 @@ class FileGuestStore:
         self._record = record
 
     def flush_soon(self) -> None:
-        """Once the loop's current turn is done, write what is pending: the record, and the desired set durably.
+        """``WRITE_BEHIND_DELAY`` from now, write what is still pending: the record, and the desired set durably.
 
-        The guest's lane calls it as it lets go of a call, so the writes follow the call's answer.
+        The guest's lane calls it as it lets go of a call, so the writes follow the call's answer; a call that comes
+        meanwhile writes its intent, and with it the record left pending (one write instead of two).
         """
         if self._record is not self._durable or self._durable.desired is not self._desired_on_disk:
             self._schedule()
@@ -320,7 +330,7 @@ class FileGuestStore:
         except RuntimeError:  # no loop (a tool, a test): the write-behind is due at once
             self._write_behind()
             return
-        self._behind = loop.call_soon(self._write_behind)
+        self._behind = loop.call_later(WRITE_BEHIND_DELAY, self._write_behind)
 
     def _write_behind(self) -> None:
         """Write what is pending: the record here (a page-cache write), the desired set in a worker thread."""
@@ -337,12 +347,7 @@ class FileGuestStore:
         except RuntimeError:
             self._write_desired_logged()
             return
-        if self._sync is None:  # else the one due writes the set as it is then
-            self._sync = loop.call_later(DESIRED_SYNC_DELAY, self._sync_desired, loop)
-
-    def _sync_desired(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._sync = None
-        loop.run_in_executor(None, self._write_desired_logged)
+        loop.run_in_executor(self._durable_writer, self._write_desired_logged)
 
     def _write_desired_logged(self) -> None:
         try:
@@ -392,10 +397,8 @@ class FileGuestStore:
         if self._lock_fd is None:
             return
         if self._behind is not None:
-            self._behind.cancel()
-        if self._sync is not None:
-            self._sync.cancel()  # written below, at once
-        self._behind = self._sync = None
+            self._behind.cancel()  # written below, at once
+        self._behind = None
         if self._record is not self._durable:
             try:
                 self._write(encode_record(self._record), self._asked, self._record)

@@ -3,19 +3,22 @@
 The rule: a hot-add writes its record once before its answer (the intent, before its first QMP command); while
 other lanes are at work that write goes to a worker thread (``GuestStore.save_async``), so the controller serves
 other guests meanwhile; alone, it writes in the event loop (nobody waits, and two thread hops are saved). The
-outcome follows the answer: written behind, in the loop's next turn (``GuestStore.flush_soon``; a page-cache write
-without fsync). The real file store is used, and each write notes the thread it ran on.
+outcome follows the answer: the next call's intent write carries it, or, if no call comes first, the write-behind
+``WRITE_BEHIND_DELAY`` after the lane let go (``GuestStore.flush_soon``; a page-cache write without fsync). The real
+file store is used, and each write notes the thread it ran on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
 import pytest
 from fakemonitor import RecordingMonitor
+from waiting import eventually
 
 from qmpnet.adapters.store import FileGuestStore, StateDir
 from qmpnet.guest.guest import Guest
@@ -45,6 +48,12 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     return noted
 
 
+def _written(writes: list[tuple[str, int]], key: str, count: int) -> list[int] | None:
+    """The threads of ``key``'s writes once there are ``count`` of them, else None."""
+    threads = [thread for store, thread in writes if store == key]
+    return threads if len(threads) >= count else None
+
+
 #: The lanes of the guests a test opens, counted together as ``qmpnet serve`` counts its guests'.
 LANES = LaneBudget()
 
@@ -63,12 +72,17 @@ async def test_alone_a_hot_add_writes_in_the_event_loop(tmp_path: Path, writes: 
         guest, _, key = await _open(stack, StateDir(tmp_path), "vm1")
         writes.clear()
         await guest.add_nic({"id": "n1"})
-        answered = [thread for store, thread in writes if store == key]
-        await asyncio.sleep(0)  # one turn of the loop: the write-behind scheduled as the lane let go
-        threads = [thread for store, thread in writes if store == key]
-    assert len(answered) == 1, "a hot-add writes its record once before its answer"
-    assert len(threads) == 2, "the outcome was not written behind the answer"
+        first = [thread for store, thread in writes if store == key]
+        await guest.add_nic({"id": "n2"})  # its intent carries n1's outcome
+        second = [thread for store, thread in writes if store == key]
+        threads = await eventually(lambda: _written(writes, key, 3), what="the write-behind of n2's outcome")
+        recorded = json.loads((tmp_path / "guests" / f"{key}.json").read_text())
+    assert len(first) == 1, "a hot-add writes its record once before its answer"
+    assert len(second) == 2, "a hot-add that follows another writes once, its intent carrying the outcome before"
+    assert len(threads) == 3, "the last outcome was not written behind the answer, or written twice"
     assert set(threads) == {loop_thread}, "alone, the hot-add's writes left the event loop"
+    outcomes = [(op.get("outcome") or {}).get("status") for op in recorded["operations"].values()]
+    assert outcomes == ["ok", "ok"], f"the outcomes on disk: {outcomes}"
 
 
 async def test_while_another_lane_is_at_work_a_hot_add_writes_in_a_worker_thread(

@@ -7,9 +7,11 @@ import errno
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+from waiting import eventually
 
 from qmpnet.adapters.store import StateDir, files, guest_key
 from qmpnet.core.model import NicSpec
@@ -291,7 +293,7 @@ async def test_a_burst_of_desired_changes_shares_one_durable_write(
             last = DesiredSet(nics=[NicSpec(id=f"d{i}") for i in range(n + 1)])
             store.save_later(store.record.model_copy(update={"desired": last}))
             store.flush_soon()
-            await asyncio.sleep(0)  # the write-behind of this change's record
+            await asyncio.sleep(0)  # the next change comes before the write-behind is due
         for _ in range(200):
             if desired_file.exists():
                 break
@@ -316,8 +318,9 @@ async def test_records_are_not_synced_the_desired_set_is_and_follows_the_answer(
         await asyncio.sleep(0)
         assert not store.path.exists()  # nothing until the lane lets go of the call
         store.flush_soon()
-        assert not store.path.exists()  # and then after the current turn (the answer goes first)
-        await asyncio.sleep(0)  # the write-behind: the record now, the set in a worker thread
+        assert not store.path.exists()  # and then WRITE_BEHIND_DELAY later (the answer goes first)
+        # The write-behind: the record in the loop, the set in a worker thread.
+        await eventually(store.path.exists, what="the record's write-behind")
         assert "a" in json.loads(store.path.read_text())["nics"]
         for _ in range(200):
             if desired_file.exists():
@@ -392,3 +395,30 @@ def test_the_test_session_has_a_state_dir_of_its_own(state_dir: Path) -> None:
     assert os.environ["QMPNET_STATE_DIR"] == str(state_dir)
     assert Settings().state_dir == state_dir
     assert not str(state_dir).startswith("/var/lib/qmpnet")
+
+
+async def test_the_desired_sets_durable_writes_have_a_thread_of_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not the loop's default executor, whose threads the hot path's intent writes (save_async) wait for.
+    threads: list[str] = []
+    write_file = files._write_file
+
+    def noting(tmp: str, path: str, data: bytes, *, sync: bool) -> None:
+        if sync:
+            threads.append(threading.current_thread().name)
+        write_file(tmp, path, data, sync=sync)
+
+    monkeypatch.setattr(files, "_write_file", noting)
+    state = StateDir(tmp_path)
+    stores = [await state.open_guest(f"/run/vm{n}.qmp", f"vm{n}", wait=1) for n in range(2)]
+    try:
+        for store in stores:
+            store.save_later(store.record.model_copy(update={"desired": DesiredSet(nics=[NicSpec(id="d1")])}))
+            store.flush_soon()
+        await eventually(lambda: len(threads) == 2, what="both desired sets written")
+    finally:
+        for store in stores:
+            store.close()
+    assert len(set(threads)) == 1, f"the durable writes ran on {threads}"
+    assert threads[0].startswith("qmpnet-desired"), threads

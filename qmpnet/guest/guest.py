@@ -14,6 +14,7 @@ The units, each in its own module:
 * :mod:`.hotadd`, :mod:`.unplugs`, :mod:`.live_changes`: adding, removing, and changing NICs live (link, update);
 * :mod:`.verification`: asking the guest agent whether a change arrived, and undoing it if not;
 * :mod:`.late_events`: settling ``DEVICE_DELETED`` events no call waits for;
+* :mod:`.stuck_watch`: telling, once, of an unplug the guest leaves unanswered for ``unplug.stuck_after``;
 * :mod:`.capture`, :mod:`.events`: live capture; the subscribers.
 
 **What is remembered, and where.** QEMU is the truth for what exists; the guest's record (:mod:`.journal`) holds
@@ -144,11 +145,13 @@ class Guest:
         except BaseException:
             self._state = "closed"
             raise
+        self._unplugs.stuck.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         """Let background work (late unplugs being finished) end within ``lane.stop_grace``, then cancel it."""
         self._state = "closed"
+        await self._unplugs.stuck.stop()
         await self._late.stop(self._settings.lane.stop_grace)
 
     # ----------------------------------------------------------------------------------------------- public API
@@ -169,8 +172,13 @@ class Guest:
         return self._nics.snapshot()
 
     def subscribe(self, callback: Callable[[GuestEvent], None]) -> None:
-        """Call ``callback`` with every :class:`GuestEvent` (NIC added, removed, link changed, ...)."""
+        """Call ``callback`` with every :class:`GuestEvent` (NIC added, removed, link changed, ...).
+
+        ``unplug_stuck`` is told once per pending removal, to the subscribers there are when it is due (a process
+        with none leaves it to the next one): subscribe before entering the guest to hear of removals stuck before.
+        """
         self._events.subscribe(callback)
+        self._unplugs.stuck.poke()
 
     def operation(self, operation_id: str) -> OperationRecord | None:
         """The recorded operation ``operation_id`` (a transaction), if this guest has run it."""

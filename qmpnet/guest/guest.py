@@ -174,8 +174,8 @@ class Guest:
     def subscribe(self, callback: Callable[[GuestEvent], None]) -> None:
         """Call ``callback`` with every :class:`GuestEvent` (NIC added, removed, link changed, ...).
 
-        ``unplug_stuck`` is told once per pending removal, to the subscribers there are when it is due (a process
-        with none leaves it to the next one): subscribe before entering the guest to hear of removals stuck before.
+        ``unplug_stuck`` is told once per pending removal, to the subscribers there are when it is due; one due
+        while nobody subscribed (stuck before this process began, say) is told to the first subscriber.
         """
         self._events.subscribe(callback)
         self._unplugs.stuck.poke()

@@ -188,7 +188,8 @@ class Guest:
         """Read the guest afresh and converge it with its record: the *full* recovery (see recovery_plan).
 
         Recognises a restarted QEMU (a new instance), finishes or undoes what a killed process began, re-applies
-        link intent, asks pending unplugs again and deletes taps of vanished NICs. Returns the NICs.
+        link intent, asks again pending unplugs whose ``device_del`` was never answered (never one QEMU accepted)
+        and deletes taps of vanished NICs. Returns the NICs.
 
         Raises:
             GuestUnavailable, OutcomeUnknown, QmpCommandError: Reading or repairing the guest failed.

@@ -251,6 +251,8 @@ class Guest:
 
         Waits at most ``timeout`` seconds (default: the ``qmp.unplug_timeout`` setting) for ``DEVICE_DELETED``.
         A NIC qmpnet created whose device is already gone (its backend left behind) is cleaned up and ``removed``.
+        A NIC whose removal is pending already is not asked again (QEMU refuses a second ``device_del`` while one
+        is in progress): the call only waits for the guest's ack, and answers as the first did.
 
         With ``verify``, a ``removed`` answer also waits until the guest's agent no longer shows the interface.
 

@@ -11,6 +11,8 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
+import pytest
+
 import qmpnet
 from qmpnet.adapters.store import StateDir
 from qmpnet.core.records import GuestRecord, NicRecord
@@ -124,3 +126,21 @@ async def test_a_stuck_unplug_waits_for_someone_to_tell(fake: FakeQmp, fast: Set
         assert "for 3600 s" in event.message
         assert guest.record.nics["e1"].stuck_reported is not None
     assert fake.change_names() == []  # QEMU accepted that unplug: recovery did not ask again
+
+
+async def test_a_hot_add_whose_rollback_unplug_is_not_acked_is_pending_since_then(
+    fake: FakeQmp, fast: Settings
+) -> None:
+    fake.fail("set_link", "boom")  # device_del is answered, and the guest never acks it
+    settings = quick(fast).model_copy(update={"qmp": fast.qmp.model_copy(update={"rollback_unplug_timeout": 0.1})})
+    async with qmpnet.connect(str(fake.path), settings=settings) as guest:
+        told = Told(guest)
+        with pytest.raises(qmpnet.QmpCommandError):
+            await guest.add_nic({"id": "x1", "link": "down"})
+        record = guest.record.nics["x1"]
+        assert record.state == "removal_pending"
+        assert record.pending_since is not None
+        await told.stuck_of("x1")
+    async with qmpnet.connect(str(fake.path), settings=settings):
+        pass  # a new process: the rollback's unplug is in progress in QEMU, so it is not asked again
+    assert fake.change_names() == ["netdev_add", "device_add", "set_link", "device_del"]

@@ -49,6 +49,7 @@ __all__ = [
     "QmpSettings",
     "ReconcileSettings",
     "Settings",
+    "UnplugSettings",
     "UpdateSettings",
     "default_controller_id",
     "load_settings",
@@ -106,6 +107,16 @@ class LaneSettings(Frozen):
         description="Seconds a finished operation (its id and outcome) stays in the guest's record, so that a "
         "repeated request is answered from it, also after a restart. Unset, it follows mqtt.dedup_window.",
     )
+
+
+class UnplugSettings(Frozen):
+    """Removals the guest does not acknowledge: when one counts as stuck (``unplug_stuck``, docs/errors.md)."""
+
+    stuck_after: float = Field(
+        default=60.0, gt=0, allow_inf_nan=False,
+        description="Seconds an unplug may stay removal_pending (from QEMU accepting device_del) before the "
+        "controller publishes unplug_stuck for it, once.",
+    )  # fmt: skip
 
 
 class UpdateSettings(Frozen):
@@ -349,6 +360,7 @@ class Settings(BaseSettings):
     policy: Policy = Field(default_factory=Policy)
     hostnet: HostnetSettings = Field(default_factory=HostnetSettings)
     update: UpdateSettings = Field(default_factory=UpdateSettings)
+    unplug: UnplugSettings = Field(default_factory=UnplugSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)

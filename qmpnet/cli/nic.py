@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -37,8 +38,17 @@ def nic_table(nics: Sequence[Nic]) -> str:
     for nic in nics:
         pci = f"{nic.pci.bus}:{nic.pci.slot:02x}.{nic.pci.function}" if nic.pci else "-"
         backend = nic.backend.type if nic.backend else "-"
-        rows.append((nic.id, nic.model, nic.mac or "-", nic.netdev or "-", backend, pci, nic.link, nic.state))
+        rows.append((nic.id, nic.model, nic.mac or "-", nic.netdev or "-", backend, pci, nic.link, _state(nic)))
     return format_rows(rows)
+
+
+def _state(nic: Nic) -> str:
+    """The NIC's state; a pending removal with since when (UTC), e.g. ``removal_pending since 05:41:07Z``."""
+    if nic.pending_since is None:
+        return nic.state
+    since = time.gmtime(nic.pending_since)
+    day = "" if since[:3] == time.gmtime()[:3] else time.strftime("%Y-%m-%d ", since)
+    return f"{nic.state} since {day}{time.strftime('%H:%M:%SZ', since)}"
 
 
 def backend_line(nic: Nic) -> str:
@@ -142,7 +152,10 @@ def nic_del(
         typer.Option(metavar="SECONDS", help="Seconds to wait for the guest's ack (default: the setting)."),
     ] = None,
 ) -> None:
-    """Hot-remove a NIC; prints 'removed', or 'removal_pending' if the guest has not acked in time."""
+    """Hot-remove a NIC; prints 'removed', or 'removal_pending' if the guest has not acked in time.
+
+    On a NIC whose removal is pending already, nothing is sent to QEMU again: it waits for the guest's ack.
+    """
     checked(lambda: check_request("nic/del", {"id": nic_id} | ({"timeout": timeout} if timeout is not None else {})))
     result = call.run(lambda guest: guest.remove_nic(nic_id, timeout=timeout, verify=call.verify))
     call.emit(result, lambda: f"{result.id}: {result.state}")

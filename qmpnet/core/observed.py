@@ -78,6 +78,11 @@ class Nic(Frozen):
     guest: GuestView | None = Field(
         default=None, description="The guest's own view of this NIC (from its guest agent); null when none answers."
     )
+    pending_since: float | None = Field(
+        default=None,
+        description="removal_pending: when QEMU accepted the unplug request (Unix time, kept in the state store, so "
+        "it survives restarts); null otherwise.",
+    )
 
 
 class RemoveResult(Frozen):
@@ -110,6 +115,7 @@ GuestEventName = Literal[
     "reconciled",
     "drift",
     "record_discarded",
+    "unplug_stuck",
 ]
 
 
@@ -129,6 +135,9 @@ class GuestEvent(Frozen):
     guest: str
     id: str | None = None
     nic: Nic | None = None
+    message: str | None = Field(
+        default=None, description="For the operator: what happened and what can be done (unplug_stuck)."
+    )
 
 
 def check_file_path(value: str) -> str:

@@ -100,6 +100,14 @@ class NicRecord(Frozen):
     vlan: Vlan | None = Field(default=None, description="The VLANs set by a live change (nic/update).")
     shape: Shape | None = Field(default=None, description="The shaping set by a live change (nic/update).")
     operation: str | None = Field(default=None, description="The operation that last changed this NIC.")
+    pending_since: float | None = Field(
+        default=None,
+        description="removal_pending: when QEMU accepted the unplug request (Unix time). Null while that is not "
+        "known (device_del not answered yet): only then does a full recovery send device_del again.",
+    )
+    stuck_reported: float | None = Field(
+        default=None, description="When unplug_stuck was told for this pending removal (it is told once)."
+    )
 
 
 OperationKind = Literal["nic/add", "nic/del", "nic/link", "nic/update", "apply"]

@@ -12,7 +12,8 @@ any (another instance)  (not ours)             ``forget``: release host resource
 ``adding``              absent                 ``undo_add``: delete our netdev (if still there), release host
 ``active``              present                ``relink``: re-apply link intent (full recovery only)
 ``active``              absent                 ``vanished``: unplugged behind our back; clean up as above
-``removal_pending``     present                ``unplug``: ask again (full recovery only); keep pending
+``removal_pending``     present                ``unplug``: ask again if QEMU's acceptance is not recorded
+                                               (``pending_since``; full recovery only); keep pending
 ``removal_pending``     absent                 ``finish``: the ack came while nobody listened; clean up
 ======================  =====================  ==========================================================
 
@@ -22,6 +23,12 @@ Devices and netdevs without a record are not qmpnet's: they are listed, never to
 when a connection starts, before any request is served; a *light* one whenever the lane re-reads the guest (after
 a refused or unanswered command, on ``list_nics``, and on every periodic resync), so it never re-sends commands
 that only matter after a reconnect (link intent, a pending unplug's ``device_del``) nor sweeps taps.
+
+A pending unplug whose record holds ``pending_since`` was accepted by this QEMU instance, which still has it in
+progress: asking again is refused ("already in the process of unplug"), or, on a PCIe port after QEMU's own
+5-second window, presses the attention button again, which a Linux guest still in its 5-second wait takes as a
+cancel (Nova's detach loop did both). So only an unplug whose ``device_del`` answer was lost (the process died
+waiting for it) is asked again; one that stays stuck is reported (:mod:`qmpnet.core.stuck_unplugs`).
 
 An operation's outcome may be written after its answer (:mod:`qmpnet.adapters.store`: one write before the answer, the
 intent). An operation a killed process left without outcome is answered from what recovery found
@@ -70,7 +77,8 @@ def plan_recovery(
         record: The guest's record.
         instance: The QEMU instance now answering (``None``: unknown, treated as the recorded one).
         devices: Every device id QEMU shows.
-        full: Also re-apply link intent and re-ask pending unplugs (after a reconnect).
+        full: Also re-apply link intent and re-ask pending unplugs QEMU is not known to have accepted (after a
+            reconnect).
     """
     if record.instance is not None and instance is not None and record.instance != instance:
         return [RecoveryStep("forget", nic) for nic in record.nics.values()]
@@ -86,7 +94,7 @@ def plan_recovery(
                 steps.append(RecoveryStep("relink", nic))
         elif not present:
             steps.append(RecoveryStep("finish", nic))
-        elif full:
+        elif full and nic.pending_since is None:
             steps.append(RecoveryStep("unplug", nic))
     return steps
 

@@ -32,13 +32,22 @@ class GuestEvents:
         """Call ``callback`` with every event from now on."""
         self._subscribers.append(callback)
 
-    def emit(self, name: GuestEventName, *, nic: Nic | None = None, nic_id: str | None = None) -> None:
-        """Tell every subscriber; one that raises is logged and the others are still told."""
+    def emit(
+        self, name: GuestEventName, *, nic: Nic | None = None, nic_id: str | None = None, message: str | None = None
+    ) -> bool:
+        """Tell every subscriber; one that raises is logged and the others are still told.
+
+        Returns:
+            Whether anyone was told (there are subscribers): an event told once for good is spent only then.
+        """
         if not self._subscribers:
-            return
-        event = GuestEvent(name=name, ts=time.time(), guest=self._name, nic=nic, id=nic.id if nic else nic_id)
+            return False
+        event = GuestEvent(
+            name=name, ts=time.time(), guest=self._name, nic=nic, id=nic.id if nic else nic_id, message=message
+        )
         for callback in self._subscribers:
             try:
                 callback(event)
             except Exception:
                 log.exception("guest %s: event subscriber failed on %s", self._name, name)
+        return True

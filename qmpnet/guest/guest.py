@@ -14,6 +14,7 @@ The units, each in its own module:
 * :mod:`.hotadd`, :mod:`.unplugs`, :mod:`.live_changes`: adding, removing, and changing NICs live (link, update);
 * :mod:`.verification`: asking the guest agent whether a change arrived, and undoing it if not;
 * :mod:`.late_events`: settling ``DEVICE_DELETED`` events no call waits for;
+* :mod:`.stuck_watch`: telling, once, of an unplug the guest leaves unanswered for ``unplug.stuck_after``;
 * :mod:`.capture`, :mod:`.events`: live capture; the subscribers.
 
 **What is remembered, and where.** QEMU is the truth for what exists; the guest's record (:mod:`.journal`) holds
@@ -143,11 +144,13 @@ class Guest:
         except BaseException:
             self._state = "closed"
             raise
+        self._unplugs.stuck.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         """Let background work (late unplugs being finished) end within ``lane.stop_grace``, then cancel it."""
         self._state = "closed"
+        await self._unplugs.stuck.stop()
         await self._late.stop(self._settings.lane.stop_grace)
 
     # ----------------------------------------------------------------------------------------------- public API
@@ -168,8 +171,13 @@ class Guest:
         return self._nics.snapshot()
 
     def subscribe(self, callback: Callable[[GuestEvent], None]) -> None:
-        """Call ``callback`` with every :class:`GuestEvent` (NIC added, removed, link changed, ...)."""
+        """Call ``callback`` with every :class:`GuestEvent` (NIC added, removed, link changed, ...).
+
+        ``unplug_stuck`` is told once per pending removal, to the subscribers there are when it is due; one due
+        while nobody subscribed (stuck before this process began, say) is told to the first subscriber.
+        """
         self._events.subscribe(callback)
+        self._unplugs.stuck.poke()
 
     def operation(self, operation_id: str) -> OperationRecord | None:
         """The recorded operation ``operation_id`` (a transaction), if this guest has run it."""
@@ -179,7 +187,8 @@ class Guest:
         """Read the guest afresh and converge it with its record: the *full* recovery (see recovery_plan).
 
         Recognises a restarted QEMU (a new instance), finishes or undoes what a killed process began, re-applies
-        link intent, asks pending unplugs again and deletes taps of vanished NICs. Returns the NICs.
+        link intent, asks again pending unplugs whose ``device_del`` was never answered (never one QEMU accepted)
+        and deletes taps of vanished NICs. Returns the NICs.
 
         Raises:
             GuestUnavailable, OutcomeUnknown, QmpCommandError: Reading or repairing the guest failed.
@@ -241,6 +250,8 @@ class Guest:
 
         Waits at most ``timeout`` seconds (default: the ``qmp.unplug_timeout`` setting) for ``DEVICE_DELETED``.
         A NIC qmpnet created whose device is already gone (its backend left behind) is cleaned up and ``removed``.
+        A NIC whose removal is pending already is not asked again (QEMU refuses a second ``device_del`` while one
+        is in progress): the call only waits for the guest's ack, and answers as the first did.
 
         With ``verify``, a ``removed`` answer also waits until the guest's agent no longer shows the interface.
 

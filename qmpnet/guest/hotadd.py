@@ -135,10 +135,12 @@ class HotAdd:
         if await undo.unwind(cause):
             self._unplugs.drop(record.id)
         else:
-            # The NIC is still plugged: finish its removal (netdev, host side) when the guest lets go.
-            pending = record.model_copy(update={"state": "removal_pending"})
+            # The NIC is still plugged: finish its removal (netdev, host side) when the guest lets go. QEMU
+            # accepted the rollback's device_del (unwinding stops only on a missing ack), so it is not asked again.
+            pending = record.model_copy(update={"state": "removal_pending", "pending_since": time.time()})
             self._parts.journal.save(self._parts.journal.record.with_nic(pending))
             self._parts.nics.waiter(record.id)
+            self._unplugs.stuck.poke()
 
     async def _tune_tap(self, spec: NicSpec, attachment: Attachment, undo: UndoStack) -> None:
         """Apply the spec's VLANs and shaping to the NIC's host tap, pushing their undo (an add is atomic)."""

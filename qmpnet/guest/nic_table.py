@@ -81,6 +81,11 @@ class NicTable:
         if self._inventory is not None and nic_id in self._inventory.nics:
             self._inventory.update(nic_id, state="removal_pending")
 
+    def current(self, nic_id: str) -> Nic | None:
+        """NIC ``nic_id`` as the lane last saw it, completed with the record (``None``: not in that view)."""
+        nic = self._inventory.nics.get(nic_id) if self._inventory is not None else None
+        return self.described(nic) if nic is not None else None
+
     def snapshot(self) -> tuple[Nic, ...]:
         """The NICs as the lane last saw them, completed with the record (no read of the guest)."""
         if self._inventory is None:
@@ -107,6 +112,8 @@ class NicTable:
         record = self._journal.nic(nic.id)
         if record is None:
             return nic
+        if record.state == "removal_pending" and record.pending_since is not None:
+            nic = nic.model_copy(update={"pending_since": record.pending_since})
         if record.view is not None:
             return nic.model_copy(update={"backend": record.view, "managed": record.spec is not None})
         if record.spec is None:

@@ -7,8 +7,9 @@ two QMP commands leaves a record that the next read settles, whichever call make
 
 A *full* read (entering the context, :meth:`qmpnet.Guest.recover`) also recognises a restarted QEMU (by a random id
 kept in a QOM object qmpnet adds, :data:`INSTANCE_OBJECT`, which dies with the QEMU process), re-applies link
-intent, asks pending unplugs again and deletes taps of vanished NICs; a *light* one (every other read) never
-re-sends commands that only matter after a reconnect.
+intent, asks again the pending unplugs whose ``device_del`` was never answered (never one QEMU accepted) and
+deletes taps of vanished NICs; a *light* one (every other read) never re-sends commands that only matter after a
+reconnect.
 """
 
 from __future__ import annotations

@@ -7,6 +7,11 @@ an answer cannot slip past. If the guest does not answer within the timeout the 
 says so, callers may wait for it (:meth:`Unplugs.wait_pending`), and whoever sees the device gone later finishes it
 with :meth:`Unplugs.clean_up`: a late event (:mod:`.late_events`) or recovery (:mod:`.recoverer`).
 
+``device_del`` is sent once per removal. Once QEMU has accepted it, the record notes since when
+(``pending_since``); a repeated removal of a pending NIC only waits for the answer (:meth:`Unplugs.wait_pending`)
+and a restart does not ask again (:mod:`qmpnet.core.recovery_plan`), since QEMU refuses a second request while
+the first is in progress. One that stays unanswered is reported once as stuck (:mod:`.stuck_watch`).
+
 The removal is its own unit because three callers finish it (the call itself, a late event, recovery) and a
 verified hot-add undoes itself with it.
 """
@@ -26,6 +31,7 @@ from qmpnet.core.records import NicRecord, OperationRecord
 from qmpnet.errors import QmpCommandError, QmpnetError
 from qmpnet.guest.journal import finished
 from qmpnet.guest.nic_table import execute
+from qmpnet.guest.stuck_watch import StuckWatch
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -47,6 +53,8 @@ class Unplugs:
 
     def __init__(self, parts: LaneParts) -> None:
         self._parts = parts
+        #: The watch for pending removals that stay unanswered (started and stopped by the guest's context).
+        self.stuck = StuckWatch(parts)
 
     async def unplug(self, nic: Nic, wait: float, operation: str) -> RemoveResult:
         """Ask the guest to let NIC ``nic`` go and wait up to ``wait`` seconds for its answer; record the outcome.
@@ -76,6 +84,7 @@ class Unplugs:
                         self._refused(record, started, desired, err)
                         raise
                 # On OutcomeUnknown the record stays removal_pending: recovery finishes it once the device is gone.
+                self._accepted(nic.id)
                 event = await _next_within(stream.get, stream.get_nowait, wait)
         self._parts.nics.removal_pending(nic.id)
         return await self._answered(nic.id, event, record, started, desired, wait)
@@ -94,7 +103,7 @@ class Unplugs:
             self._parts.journal.save(self._parts.journal.record.with_operation(
                 finished(started, data={"id": nic_id, "state": "removal_pending"})
             ))
-            self._parts.events.emit("nic_removal_pending", nic_id=nic_id)
+            self._parts.events.emit("nic_removal_pending", nic=self._parts.nics.current(nic_id), nic_id=nic_id)
             return RemoveResult(id=nic_id, state="removal_pending")
         if event.name == "DEVICE_UNPLUG_GUEST_ERROR":
             error = QmpCommandError(
@@ -111,6 +120,20 @@ class Unplugs:
         ))
         self._parts.events.emit("nic_removed", nic_id=nic_id)
         return RemoveResult(id=nic_id, state="removed")
+
+    def _accepted(self, nic_id: str) -> None:
+        """QEMU has NIC ``nic_id``'s unplug request in progress: record since when (written behind the call).
+
+        A process killed before the write leaves ``pending_since`` unset, and the next one asks again (refused by
+        QEMU as already in progress, which is read as pending).
+        """
+        journal = self._parts.journal
+        record = journal.nic(nic_id)
+        if record is None or record.pending_since is not None:
+            return
+        journal.save_later(journal.record.with_nic(record.model_copy(update={"pending_since": time.time()})))
+        journal.flush_soon()
+        self.stuck.poke()
 
     def _refused(
         self, record: NicRecord, started: OperationRecord, desired: DesiredSet | None, error: QmpnetError
@@ -155,7 +178,7 @@ class Unplugs:
             log.warning("guest %s: releasing the host side of %s: %s", self._parts.name, nic.id, err)
 
     async def ask_again(self, nic_id: str) -> None:
-        """Send ``device_del`` for a pending removal again (after a reconnect: the guest may have missed it).
+        """Send ``device_del`` for a pending removal QEMU is not known to have accepted (after a reconnect).
 
         Raises:
             QmpCommandError, OutcomeUnknown, GuestUnavailable: QEMU refused or did not answer.
@@ -165,6 +188,7 @@ class Unplugs:
         except QmpCommandError as err:
             if "in the process of unplug" not in err.message:
                 raise
+        self._accepted(nic_id)
         self._parts.nics.waiter(nic_id)
 
     async def wait_pending(self, nic_id: str, wait: float) -> RemoveResult:

@@ -58,7 +58,7 @@ class PublishedNics:
             self._nics[event.id] = self._nics[event.id].model_copy(update={"state": "removal_pending"})
         if event.name in _LIST_EVENTS:
             self._sink.guest_nics(self.name, NicList(nics=self.current()))
-        message = EventMessage(ts=event.ts, guest=self.name, id=event.id, nic=event.nic)
+        message = EventMessage(ts=event.ts, guest=self.name, id=event.id, nic=event.nic, message=event.message)
         self._sink.event(self.name, event.name, message)
 
     def resynced(self, nics: list[Nic]) -> None:

@@ -232,7 +232,14 @@ class EventMessage(Frozen):
     ts: float = Field(description="Unix time of the event.")
     guest: str = Field(description="The guest's name.")
     id: str | None = Field(default=None, description="The NIC concerned (absent for guest events).")
-    nic: Nic | None = Field(default=None, description="The NIC as it is now (nic_added, link_changed).")
+    nic: Nic | None = Field(
+        default=None,
+        description="The NIC as it is now (nic_added, link_changed, nic_removal_pending and unplug_stuck with its "
+        "pending_since).",
+    )
+    message: str | None = Field(
+        default=None, description="For the operator: what happened and what can be done (unplug_stuck)."
+    )
     generation: int | None = Field(default=None, description="The desired set's generation (reconciled, drift).")
     changes: list[dict[str, Any]] | None = Field(
         default=None, description="What reconciling did, or (drift) would do: [{action, id, ...}]."

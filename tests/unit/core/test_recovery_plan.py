@@ -46,6 +46,16 @@ def test_the_table(state: RecordState, present: bool, full: bool, action: str | 
     assert [s.action for s in steps] == ([action] if action else [])
 
 
+def test_a_pending_unplug_qemu_accepted_is_not_asked_again() -> None:
+    # pending_since: QEMU accepted device_del and still has it in progress; another would be refused (or, on a
+    # PCIe port, taken by the guest as a cancel). Without it the answer was lost, and asking again is safe.
+    accepted = record(("a", "removal_pending"))
+    accepted = accepted.with_nic(accepted.nics["a"].model_copy(update={"pending_since": 1.0}))
+    assert plan_recovery(accepted, instance="i1", devices={"a"}, full=True) == []
+    steps = plan_recovery(accepted, instance="i1", devices=set(), full=True)
+    assert [s.action for s in steps] == ["finish"]  # acked while nobody listened: still finished
+
+
 def test_a_new_instance_forgets_everything_and_touches_nothing_in_qemu() -> None:
     rec = record(("a", "active"), ("b", "removal_pending"), ("c", "adding"))
     steps = plan_recovery(rec, instance="i2", devices={"a", "b", "c"}, full=True)

@@ -255,3 +255,14 @@ def test_a_bad_broker_url_is_reported_without_its_password() -> None:
         parse_broker_url("mqtt://u:t0psecret@broker:99999")
     assert "t0psecret" not in str(caught.value)
     assert "u:***@broker" in str(caught.value)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_bad_stuck_after_is_refused_naming_the_setting(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    assert load_settings().unplug.stuck_after == 60.0
+    monkeypatch.setenv("QMPNET_UNPLUG__STUCK_AFTER", value)
+    with pytest.raises(InvalidRequest, match=r"^settings\.unplug\.stuck_after: ") as caught:
+        load_settings()
+    assert caught.value.field == "settings.unplug.stuck_after"
+    monkeypatch.setenv("QMPNET_UNPLUG__STUCK_AFTER", "1.5")
+    assert load_settings().unplug.stuck_after == 1.5

@@ -14,7 +14,14 @@ from qmpnet.adapters.store import MemoryGuestStore
 from qmpnet.core.records import GuestRecord
 from qmpnet.serve.controller import Controller
 from qmpnet.serve.metrics import Metrics
-from qmpnet.settings import ControllerSettings, LaneSettings, MqttSettings, ReconcileSettings, Settings
+from qmpnet.settings import (
+    ControllerSettings,
+    LaneSettings,
+    MqttSettings,
+    ReconcileSettings,
+    Settings,
+    UnplugSettings,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -280,3 +287,45 @@ async def test_guest_directory_discovery(sink: Sink, fleet: Fleet, sockdir: Path
     finally:
         first.close()
         bad.close()
+
+
+async def test_a_stuck_unplug_is_published_once_and_pending_since_survives_a_reconnect(
+    sink: Sink, fleet: Fleet
+) -> None:
+    store = MemoryGuestStore(GuestRecord(address="/x/vm1.qmp", name="vm1"), key="vm1")
+
+    async def open_store(name: str, address: str) -> MemoryGuestStore:
+        return store
+
+    quick = settings().model_copy(update={"unplug": UnplugSettings(stuck_after=0.05)})
+
+    def stuck() -> list[str | None]:
+        return [event.id for _, name, event in sink.events if name == "unplug_stuck"]
+
+    def published(nic_id: str) -> float | None:
+        return next(n for n in sink.nics[-1][1].nics if n.id == nic_id).pending_since
+
+    async with running(Controller(quick, sink, fleet.connect, version="0", open_store=open_store)) as controller:
+        await connected(sink)
+        # e1 is a NIC of the captured guest, which the fake connection keeps showing: its unplug stays pending.
+        assert ok(await controller.handle("vm1", "nic/del", {"id": "e1", "timeout": 0})).state == "removal_pending"
+        since = store.record.nics["e1"].pending_since
+        assert since is not None
+        assert published("e1") == since
+        await sink.until(lambda: stuck() == ["e1"])
+        (message,) = [event for _, name, event in sink.events if name == "unplug_stuck"]
+        assert message.nic is not None
+        assert message.nic.pending_since == since
+        assert message.message is not None
+        assert "system_reset" in message.message
+        # A repeated nic/del answers the same and sends QEMU nothing.
+        assert ok(await controller.handle("vm1", "nic/del", {"id": "e1", "timeout": 0})).state == "removal_pending"
+        assert fleet.current("vm1").commands.count("device_del") == 1
+        fleet.current("vm1").closed.set()
+        await sink.until(lambda: sink.states("vm1")[-2:] == ["disconnected", "connected"])
+        # The new connection: the list has the same pending_since, nothing was asked again, nothing told again
+        # (v1's unplug, stuck after the reconnect, is told alone).
+        assert published("e1") == since
+        assert ok(await controller.handle("vm1", "nic/del", {"id": "v1", "timeout": 0})).state == "removal_pending"
+        await sink.until(lambda: stuck() == ["e1", "v1"])
+        assert fleet.current("vm1").commands.count("device_del") == 1  # v1's only

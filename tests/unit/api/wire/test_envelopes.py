@@ -34,7 +34,7 @@ def test_every_op_has_a_scope_request_and_data_model() -> None:
     assert EVENT_NAMES == (
         "nic_added", "nic_removed", "nic_removal_pending", "unplug_rejected", "link_changed", "nic_updated",
         "rx_filter_changed", "guest_connected", "guest_disconnected", "reconciled", "drift",
-        "record_discarded",
+        "record_discarded", "unplug_stuck",
     )  # fmt: skip
 
 

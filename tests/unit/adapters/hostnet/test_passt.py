@@ -1,0 +1,98 @@
+"""passt's command line, and how a passt is found and ended: by its socket, or by pid *and* start time.
+
+A stand-in process (this Python, sleeping, with passt's ``--socket`` on its command line) plays the passt: the
+rules under test are about processes, not about passt itself (tests/integration/test_passt.py runs the real one).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from qmpnet.adapters.hostnet import passt
+from qmpnet.core.model import PasstBackend
+from qmpnet.core.ports import PasstProcess
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+def test_the_command_line_forwards_each_port_and_names_socket_pid_file_and_user() -> None:
+    backend = PasstBackend(ports=["tcp:2222:22", "udp:5353:53"], ipv6=False)
+    assert passt.argv("/run/q/g/p0.sock", backend, program="passt", runas="nobody") == [
+        "passt", "--quiet", "--runas", "nobody", "--socket", "/run/q/g/p0.sock", "--pid", "/run/q/g/p0.pid",
+        "--ipv4-only", "--tcp-ports", "2222:22", "--udp-ports", "5353:53",
+    ]
+
+
+def test_ipv6_is_served_unless_refused() -> None:
+    assert "--ipv4-only" not in passt.argv("/s/p.sock", PasstBackend(), program="passt", runas="nobody")
+
+
+@pytest.fixture
+def stand_in(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    socket = str(tmp_path / "p0.sock")
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--socket", socket])
+    try:
+        yield process, socket
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _wait_listed(directory: Path, pid: int) -> tuple[str, int]:
+    # Popen returns once the child has exec'd (it reports a failed exec), so its command line is already there.
+    found = passt.find(directory)
+    assert pid in found, found
+    return found[pid]
+
+
+def test_a_passt_is_found_by_the_socket_on_its_command_line(stand_in: tuple[subprocess.Popen[bytes], str]) -> None:
+    process, socket = stand_in
+    path, started = _wait_listed(Path(socket).parent, process.pid)
+    assert path == socket
+    assert started > 0
+    assert process.pid not in passt.find(Path(socket).parent / "other")
+
+
+def test_a_recorded_pid_whose_start_time_differs_is_never_signalled(
+    stand_in: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    process, socket = stand_in
+    _, started = _wait_listed(Path(socket).parent, process.pid)
+    recycled = PasstProcess(process.pid, started + 1)
+    assert passt.stop(str(Path(socket).parent / "elsewhere" / "p0.sock"), recycled, timeout=1) == []
+    assert process.poll() is None  # still running
+
+
+def test_stop_ends_the_passt_of_the_socket_and_removes_its_files(
+    stand_in: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    process, socket = stand_in
+    _, started = _wait_listed(Path(socket).parent, process.pid)
+    Path(socket).touch()
+    Path(passt.pid_file(socket)).write_text(f"{process.pid}\n")
+    assert passt.stop(socket, PasstProcess(process.pid, started), timeout=5) == [process.pid]
+    assert process.wait(timeout=5) != 0  # ended by a signal
+    assert not Path(socket).exists()
+    assert not Path(passt.pid_file(socket)).exists()
+
+
+def test_the_sweep_ends_what_is_not_kept_and_keeps_the_rest(stand_in: tuple[subprocess.Popen[bytes], str]) -> None:
+    process, socket = stand_in
+    directory = Path(socket).parent
+    _wait_listed(directory, process.pid)
+    assert passt.sweep(directory, {socket}, timeout=5) == []
+    assert process.poll() is None
+    (directory / "gone.sock").touch()  # the file of a passt that died with no one to clean up
+    assert passt.sweep(directory, set(), timeout=5) == [str(directory / "gone.sock"), socket]
+    assert process.wait(timeout=5) != 0
+    assert list(directory.glob("*.sock")) == []
+
+
+def test_no_directory_means_nothing_to_sweep(tmp_path: Path) -> None:
+    assert passt.sweep(tmp_path / "never-made", set(), timeout=1) == []

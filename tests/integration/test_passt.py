@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 import needs
 import pytest
 import pytest_asyncio
+from mqtt_fixtures import Mosquitto, Serve, scratch, started, wait_online
 from netns_tools import ip, kill_namespace
 from waiting import eventually
 
@@ -30,6 +32,7 @@ import qmpnet
 from qmpnet.adapters.hostnet import passt
 from qmpnet.adapters.hostnet.netns import run_in_netns
 from qmpnet.adapters.store.files import guest_key
+from qmpnet.client import Client
 from qmpnet.core.hostconfig import HostnetSettings
 from qmpnet.testguest import TestMachine
 
@@ -165,6 +168,67 @@ async def test_a_passt_left_by_a_controller_killed_before_netdev_add_is_ended_on
     assert passt.find(directory) == {}
     assert all(_ended(pid) for pid in orphans)
     assert _files(f"{directory}/pk0.sock") == []
+
+
+async def test_over_mqtt_a_passt_outlives_controller_restarts_and_a_desired_set_adds_and_prunes_it(
+    vm: TestMachine, hostnet: HostnetSettings
+) -> None:
+    netns = hostnet.netns
+    assert netns is not None
+    directory = _passt_dir(vm, hostnet)
+    env = {"QMPNET_HOSTNET__NETNS": netns, "QMPNET_HOSTNET__PASST_DIR": str(hostnet.passt_dir)}
+    with scratch("qmpnet-passt-") as work, started(broker := Mosquitto(work)):
+        serve = Serve(work, broker.url, "pst", {"vm": vm.qmp_path}, env=env)
+        with started(serve):
+            await wait_online(serve, broker.url, guests_connected=["vm"])
+            async with Client(broker.url, timeout=30) as client:
+                guest = client.guest("pst", "vm")
+                [port] = await _free_ports(netns, 1)
+                await guest.add_nic({"id": "pm0", "backend": {"type": "passt", "ports": [f"udp:{port}:53"]}})
+                [(pid, (socket_path, _))] = passt.find(directory).items()
+                assert socket_path == f"{directory}/pm0.sock"
+
+                serve.restart()  # the record keeps the passt: recovery on the next connect leaves it running
+                await wait_online(serve, broker.url, guests_connected=["vm"])
+                assert "pm0" in {n.id for n in await guest.list_nics()}
+                assert list(passt.find(directory)) == [pid]
+
+                # `qmpnet apply --prune` with another passt NIC: pm0 and its passt go, pd0 and its passt come.
+                desired = work / "desired.json"
+                desired.write_text(json.dumps(
+                    {"nics": [{"id": "pd0", "model": "e1000", "backend": {"type": "passt", "ipv6": False}}]}
+                ))
+                applied = await _cli("apply", str(desired), "--prune", "--broker", broker.url, "--guest", "vm",
+                                     "--controller", "pst")
+                assert applied[0] == 0, applied
+                found = await eventually(
+                    lambda: _only(passt.find(directory), f"{directory}/pd0.sock"), timeout=60, interval=0.2,
+                    what="pd0's passt alone",
+                )
+                assert _ended(pid)
+                assert "--ipv4-only" in Path(f"/proc/{found}/cmdline").read_text()  # noqa: ASYNC240 - /proc
+                # The retained desired document, pruning to nothing: pd0 and its passt go.
+                await client.set_desired("pst", "vm", {"generation": 1, "prune": True, "nics": []})
+                await eventually(lambda: passt.find(directory) == {}, timeout=60, interval=0.2, what="no passt")
+                assert "pd0" not in {n.id for n in await guest.list_nics()}
+    assert _files(f"{directory}/pd0.sock") == []
+    assert _files(f"{directory}/pm0.sock") == []
+
+
+async def _cli(*args: str) -> tuple[int | None, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "qmpnet", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(120):
+        out, err = await process.communicate()
+    return process.returncode, out.decode(), err.decode()
+
+
+def _only(found: dict[int, tuple[str, int]], socket_path: str) -> int | None:
+    """The pid of the one passt in ``found`` if it serves ``socket_path``."""
+    if [path for path, _ in found.values()] != [socket_path]:
+        return None
+    return next(iter(found))
 
 
 async def _free_ports(netns: str, count: int) -> list[int]:

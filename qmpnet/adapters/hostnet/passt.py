@@ -144,7 +144,9 @@ def sweep(directory: Path, keep: set[str], *, timeout: float) -> list[str]:
 def _own_directory(directory: Path, runas: str) -> None:
     """Make ``directory`` (mode 0700) owned by ``runas``: passt binds its socket after dropping to that user."""
     uid, gid = _ids(runas)
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    for missing in reversed([d for d in directory.parents if not d.exists()]):
+        missing.mkdir(exist_ok=True)
+        missing.chmod(0o755)  # whatever the umask: passt's user must reach its directory through these
     directory.mkdir(mode=0o700, exist_ok=True)
     os.chown(directory, uid, gid)
     directory.chmod(0o700)

@@ -6,16 +6,20 @@ rules under test are about processes, not about passt itself (tests/integration/
 
 from __future__ import annotations
 
+import pwd
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import needs
 import pytest
 
 from qmpnet.adapters.hostnet import passt
 from qmpnet.core.model import PasstBackend
 from qmpnet.core.ports import PasstProcess
+from qmpnet.errors import Conflict, QmpnetError, Unsupported
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -96,3 +100,67 @@ def test_the_sweep_ends_what_is_not_kept_and_keeps_the_rest(stand_in: tuple[subp
 
 def test_no_directory_means_nothing_to_sweep(tmp_path: Path) -> None:
     assert passt.sweep(tmp_path / "never-made", set(), timeout=1) == []
+
+
+# ------------------------------------------------------------------------ starting (a stand-in program for passt)
+
+root = needs.root("give the passt directory to another user")
+
+
+def _program(tmp_path: Path, script: str) -> str:
+    program = tmp_path / "fake-passt"
+    program.write_text(f"#!/bin/sh\n{script}\n")
+    program.chmod(0o755)
+    return str(program)
+
+
+@root
+def test_the_guests_directory_belongs_to_passts_user_and_its_parents_are_reachable(tmp_path: Path) -> None:
+    directory = tmp_path / "run" / "passt" / "0123456789ab"
+    passt._own_directory(directory, "nobody")
+    assert (directory.stat().st_uid, directory.stat().st_mode & 0o777) == (pwd.getpwnam("nobody").pw_uid, 0o700)
+    assert (directory.parent.stat().st_mode & 0o777, directory.parent.parent.stat().st_mode & 0o777) == (0o755, 0o755)
+
+
+@root
+def test_a_missing_program_is_unsupported(tmp_path: Path) -> None:
+    with pytest.raises(Unsupported, match="apt-get install passt"):
+        passt.start(str(tmp_path / "g" / "p0.sock"), PasstBackend(), program=str(tmp_path / "none"), runas="nobody",
+                    timeout=5)
+
+
+@root
+def test_passts_refusal_is_its_own_words_without_the_noise(tmp_path: Path) -> None:
+    program = _program(tmp_path, "echo 'Failed to send 31 bytes to syslog' >&2; echo 'Invalid --runas option: x' >&2"
+                                 "; exit 1")
+    with pytest.raises(QmpnetError, match=r"failed to start: Invalid --runas option: x$"):
+        passt.start(str(tmp_path / "g" / "p0.sock"), PasstBackend(), program=program, runas="nobody", timeout=5)
+
+
+@root
+def test_a_passt_that_did_not_bind_its_socket_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(QmpnetError, match=r"did not bind .* user nobody \(hostnet.passt_runas\) must be able to"):
+        passt.start(str(tmp_path / "g" / "p0.sock"), PasstBackend(), program=_program(tmp_path, "exit 0"),
+                    runas="nobody", timeout=5)
+
+
+@root
+def test_an_unknown_user_is_named(tmp_path: Path) -> None:
+    with pytest.raises(QmpnetError) as caught:
+        passt.start(str(tmp_path / "g" / "p0.sock"), PasstBackend(), program="passt", runas="no-such-user-x",
+                    timeout=5)
+    assert caught.value.field == "hostnet.passt_runas"
+
+
+def test_a_taken_host_port_is_a_conflict_naming_the_forward() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as free:
+        free.bind(("0.0.0.0", 0))  # noqa: S104 - where passt binds
+        udp = free.getsockname()[1]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        backend = PasstBackend(ports=[f"udp:{udp}:53", f"tcp:{port}:22"])
+        with pytest.raises(Conflict) as caught:
+            passt._check_ports_free(backend)
+    assert caught.value.field == "nic.backend.ports.1"

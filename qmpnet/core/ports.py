@@ -331,11 +331,18 @@ class HostNetwork(Protocol):
 
         ``process`` is signalled only while it is still that process (pid and start time); without it, or once it
         is gone, the passt is found by its command line, which names ``socket``.
+
+        Raises:
+            QmpnetError: The OS refused (a file or a process qmpnet may not touch).
         """
         ...
 
     async def sweep_passt(self, directory: str, keep: set[str]) -> list[str]:
-        """End the passts whose socket is in ``directory`` but not in ``keep``, remove their files; their sockets."""
+        """End the passts whose socket is in ``directory`` but not in ``keep``, remove their files; their sockets.
+
+        Raises:
+            QmpnetError: The OS refused (a file or a process qmpnet may not touch).
+        """
         ...
 
     async def sweep_orphans(self, owner_prefix: str, keep: set[str]) -> list[str]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from qmpnet.adapters.hostnet.vfio import bind_vfio, check_vfio, restore_driver
 from qmpnet.core.hostconfig import HostnetSettings
 from qmpnet.core.ifnames import check_ifname
-from qmpnet.errors import NotFound
+from qmpnet.errors import NotFound, QmpnetError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -108,16 +108,30 @@ class HostNet:
         return process
 
     async def stop_passt(self, socket: str, process: PasstProcess | None) -> None:
-        """End the passt on ``socket`` (``process`` only while it is still that process) and remove its files."""
+        """End the passt on ``socket`` (``process`` only while it is still that process) and remove its files.
+
+        Raises:
+            QmpnetError: The OS refused (a file or a process qmpnet may not touch).
+        """
         from qmpnet.adapters.hostnet import passt  # noqa: PLC0415 - only a passt NIC needs it
-        ended = await asyncio.to_thread(passt.stop, socket, process, timeout=self.settings.stop_timeout)
+        try:
+            ended = await asyncio.to_thread(passt.stop, socket, process, timeout=self.settings.stop_timeout)
+        except OSError as err:
+            raise QmpnetError(f"ending the passt on {socket}: {err}") from err
         if ended:
             log.info("ended passt %s on %s", ", ".join(map(str, ended)), socket)
 
     async def sweep_passt(self, directory: str, keep: set[str]) -> list[str]:
-        """End the passts in ``directory`` (one guest's) whose socket is not in ``keep``; returns their sockets."""
+        """End the passts in ``directory`` (one guest's) whose socket is not in ``keep``; returns their sockets.
+
+        Raises:
+            QmpnetError: The OS refused (a file or a process qmpnet may not touch).
+        """
         from qmpnet.adapters.hostnet import passt  # noqa: PLC0415 - only a passt NIC needs it
-        swept = await asyncio.to_thread(passt.sweep, Path(directory), keep, timeout=self.settings.stop_timeout)
+        try:
+            swept = await asyncio.to_thread(passt.sweep, Path(directory), keep, timeout=self.settings.stop_timeout)
+        except OSError as err:
+            raise QmpnetError(f"sweeping the passts in {directory}: {err}") from err
         if swept:
             log.info("ended the passts of NICs that no longer exist: %s", ", ".join(swept))
         return swept

@@ -69,8 +69,12 @@ def start(socket: str, backend: PasstBackend, *, program: str, runas: str, timeo
         QmpnetError: ``runas`` is unknown, or passt refused to start or did not bind its socket.
     """
     directory = Path(socket).parent
-    stop(socket, None, timeout=timeout)  # a passt (or its files) left on this socket by a killed process
-    _own_directory(directory, runas)
+    try:
+        stop(socket, None, timeout=timeout)  # a passt (or its files) left on this socket by a killed process
+        _own_directory(directory, runas)
+    except OSError as err:
+        raise QmpnetError(f"hostnet.passt_dir: cannot prepare {directory}: {err.strerror or err}",
+                          field="hostnet.passt_dir") from err
     _check_ports_free(backend)
     try:
         done = subprocess.run(argv(socket, backend, program=program, runas=runas), capture_output=True, text=True,
@@ -176,12 +180,12 @@ def _check_ports_free(backend: PasstBackend) -> None:
         kind = sockets.SOCK_STREAM if proto == "tcp" else sockets.SOCK_DGRAM
         with sockets.socket(sockets.AF_INET, kind) as probe:
             probe.setsockopt(sockets.SOL_SOCKET, sockets.SO_REUSEADDR, 1)  # as passt does: TIME_WAIT is no owner
+            field = f"nic.backend.ports.{index}"
             try:
                 probe.bind(("0.0.0.0", host))  # noqa: S104 - where passt binds the forward
             except OSError as err:
                 if err.errno != errno.EADDRINUSE:
-                    raise
-                field = f"nic.backend.ports.{index}"
+                    raise QmpnetError(f"{field}: host {proto} port {host}: {err.strerror}", field=field) from err
                 raise Conflict(f"{field}: host {proto} port {host} is already in use", field=field) from err
 
 

@@ -6,10 +6,12 @@ rules under test are about processes, not about passt itself (tests/integration/
 
 from __future__ import annotations
 
+import contextlib
 import pwd
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,16 +50,20 @@ def stand_in(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
         process.wait()
 
 
-def _wait_listed(directory: Path, pid: int) -> tuple[str, int]:
-    # Popen returns once the child has exec'd (it reports a failed exec), so its command line is already there.
-    found = passt.find(directory)
-    assert pid in found, found
-    return found[pid]
+def _wait_listed(directory: Path, process: subprocess.Popen[bytes]) -> tuple[str, int]:
+    """The stand-in as :func:`passt.find` lists it, once /proc shows its command line (polled, with a deadline)."""
+    deadline = time.monotonic() + 10
+    while (found := passt.find(directory).get(process.pid)) is None:
+        assert time.monotonic() < deadline, f"process {process.pid} never showed its --socket"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=0.01)  # a wait on the process, which must not end
+        assert process.returncode is None
+    return found
 
 
 def test_a_passt_is_found_by_the_socket_on_its_command_line(stand_in: tuple[subprocess.Popen[bytes], str]) -> None:
     process, socket = stand_in
-    path, started = _wait_listed(Path(socket).parent, process.pid)
+    path, started = _wait_listed(Path(socket).parent, process)
     assert path == socket
     assert started > 0
     assert process.pid not in passt.find(Path(socket).parent / "other")
@@ -67,7 +73,7 @@ def test_a_recorded_pid_whose_start_time_differs_is_never_signalled(
     stand_in: tuple[subprocess.Popen[bytes], str],
 ) -> None:
     process, socket = stand_in
-    _, started = _wait_listed(Path(socket).parent, process.pid)
+    _, started = _wait_listed(Path(socket).parent, process)
     recycled = PasstProcess(process.pid, started + 1)
     assert passt.stop(str(Path(socket).parent / "elsewhere" / "p0.sock"), recycled, timeout=1) == []
     assert process.poll() is None  # still running
@@ -77,7 +83,7 @@ def test_stop_ends_the_passt_of_the_socket_and_removes_its_files(
     stand_in: tuple[subprocess.Popen[bytes], str],
 ) -> None:
     process, socket = stand_in
-    _, started = _wait_listed(Path(socket).parent, process.pid)
+    _, started = _wait_listed(Path(socket).parent, process)
     Path(socket).touch()
     Path(passt.pid_file(socket)).write_text(f"{process.pid}\n")
     assert passt.stop(socket, PasstProcess(process.pid, started), timeout=5) == [process.pid]
@@ -89,7 +95,7 @@ def test_stop_ends_the_passt_of_the_socket_and_removes_its_files(
 def test_the_sweep_ends_what_is_not_kept_and_keeps_the_rest(stand_in: tuple[subprocess.Popen[bytes], str]) -> None:
     process, socket = stand_in
     directory = Path(socket).parent
-    _wait_listed(directory, process.pid)
+    _wait_listed(directory, process)
     assert passt.sweep(directory, {socket}, timeout=5) == []
     assert process.poll() is None
     (directory / "gone.sock").touch()  # the file of a passt that died with no one to clean up

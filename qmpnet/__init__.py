@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         NatBackend,
         Nic,
         NicSpec,
+        PasstBackend,
         RemoveResult,
         StreamBackend,
         TapBackend,
@@ -51,6 +52,7 @@ _EXPORTS: dict[str, str] = {
     "Policy": "qmpnet.core.policy",
     "Settings": "qmpnet.settings",
     "load_settings": "qmpnet.settings",
+    "PasstBackend": "qmpnet.core.model",
     **dict.fromkeys(
         ("BrokerUnavailable", "Busy", "Conflict", "Forbidden", "GuestUnavailable", "InvalidRequest", "NoFreeSlot",
          "NotFound",
@@ -87,6 +89,7 @@ __all__ = [
     "NotFound",
     "NotVerified",
     "OutcomeUnknown",
+    "PasstBackend",
     "Policy",
     "QmpCommandError",
     "QmpnetError",

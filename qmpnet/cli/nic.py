@@ -103,6 +103,10 @@ def nic_add(
     rebind: Annotated[
         bool, typer.Option("--rebind", help="vfio: bind the device to vfio-pci first, restore after.")
     ] = False,
+    port: Annotated[
+        list[str] | None, typer.Option(metavar="PROTO:HOST:GUEST", help="passt: port forward, e.g. tcp:2222:22.")
+    ] = None,
+    ipv4_only: Annotated[bool, typer.Option("--ipv4-only", help="passt: serve IPv4 only.")] = False,
     addr: Annotated[
         str | None, typer.Option(metavar="SLOT[.FN]", help="PCI slot[.function], hex as QEMU reads it.")
     ] = None,
@@ -127,6 +131,7 @@ def nic_add(
             backend, hub=hub, hostfwd=hostfwd or [], net=net, restrict=restrict,
             connect_to=connect_to, listen=listen, local=local, remote=remote,
             host=HostFlags(bridge, helper, network, ifname, pci_host, rebind),
+            ports=port, ipv4_only=ipv4_only,
         ),
     }
     optional = {"id": nic_id, "mac": mac, "addr": addr, "bus": bus, "vectors": vectors, "queues": queues}

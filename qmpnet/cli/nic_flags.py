@@ -27,6 +27,7 @@ class BackendType(StrEnum):
     nat = "nat"
     tap = "tap"
     vfio = "vfio"
+    passt = "passt"
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,15 @@ def build_backend(
     local: str | None,
     remote: str | None,
     host: HostFlags,
+    ports: list[str] | None = None,
+    ipv4_only: bool = False,
 ) -> dict[str, object]:
     """Turn the backend flags into the MQTT API's backend object."""
     spec: dict[str, object] = {"type": backend.value}
     if backend in HOST_BACKENDS:
         return spec | host.backend_options(backend)
+    if backend is BackendType.passt:
+        return spec | {"ports": ports or [], "ipv6": not ipv4_only}
     if backend is BackendType.user:
         spec |= {"hostfwd": hostfwd, "restrict": restrict} | ({"net": net} if net else {})
     elif backend is BackendType.hubport:

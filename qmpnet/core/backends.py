@@ -1,4 +1,4 @@
-"""The backends a NIC can be given (``NicSpec.backend``): user, hubport, stream, dgram, bridge, nat, tap, vfio."""
+"""The backends a NIC can have (``NicSpec.backend``): user, hubport, stream, dgram, bridge, nat, tap, vfio, passt."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from qmpnet.errors import InvalidRequest
 _PCI_HOST = re.compile(r"(?:([0-9a-f]{4}):)?([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])")
 _HOSTFWD = re.compile(r"(?:tcp|udp)?:(?:[0-9.]*):[0-9]{1,5}-(?:[0-9.]*):[0-9]{1,5}")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9.:-]{1,253}$")
+_PASST_PORT = re.compile(r"(tcp|udp):([0-9]{1,5}):([0-9]{1,5})")
 
 
 def _check_hostfwd(rule: str) -> str:
@@ -161,8 +162,48 @@ class VfioBackend(Frozen):
     rebind: bool = Field(default=False, description="Bind the device to vfio-pci first; restore after removal.")
 
 
+def _check_passt_port(rule: str) -> str:
+    match = _PASST_PORT.fullmatch(rule)
+    if match is None:
+        raise ValueError(f"{rule!r} is not of the form tcp|udp:HOSTPORT:GUESTPORT (e.g. tcp:2222:22)")
+    for side, port in (("host", match[2]), ("guest", match[3])):
+        if not 0 < int(port) < 65536:
+            raise ValueError(f"{rule!r}: {side} port {port} is not in 1-65535")
+    return rule
+
+
+def _distinct_host_ports(rules: list[str]) -> list[str]:
+    seen: dict[tuple[str, int], int] = {}
+    for index, rule in enumerate(rules):
+        proto, host, _ = rule.split(":")
+        first = seen.setdefault((proto, int(host)), index)
+        if first != index:
+            raise ValueError(f"ports {first} and {index} both forward {proto} host port {int(host)}")
+    return rules
+
+
+class PasstBackend(Frozen):
+    """passt, the user-mode backend of libvirt and KubeVirt: no NAT, IPv6, port forwards.
+
+    qmpnet starts one passt per NIC (unprivileged, ``hostnet.passt_runas``) on a unix socket of the NIC's and
+    connects QEMU to it with a ``stream`` netdev; passt ends when the NIC is removed. The guest gets the host's
+    address and routes by DHCP (and DHCPv6/NDP), and reaches the host itself through its gateway address.
+    """
+
+    type: Literal["passt"] = "passt"
+    ports: Annotated[
+        list[Annotated[str, AfterValidator(_check_passt_port)]], AfterValidator(_distinct_host_ports)
+    ] = Field(default_factory=list, description="Host ports forwarded to the guest: 'tcp|udp:HOSTPORT:GUESTPORT'.")
+    ipv6: bool = Field(default=True, description="Serve IPv6 too (false: IPv4 only).")
+
+    def forwards(self) -> list[tuple[str, int, int]]:
+        """The port forwards as ``(proto, host port, guest port)``."""
+        return [(proto, int(host), int(guest)) for proto, host, guest in (rule.split(":") for rule in self.ports)]
+
+
 Backend = Annotated[
-    UserBackend | HubportBackend | StreamBackend | DgramBackend | BridgeBackend | NatBackend | TapBackend | VfioBackend,
+    UserBackend | HubportBackend | StreamBackend | DgramBackend | BridgeBackend | NatBackend | TapBackend | VfioBackend
+    | PasstBackend,
     Field(discriminator="type"),
 ]
 #: Backends whose netdev is a tap and so can have several queues.

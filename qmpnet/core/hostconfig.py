@@ -9,6 +9,7 @@ so a dumped network always shows the addresses actually used.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from pathlib import Path
@@ -26,6 +27,16 @@ __all__ = ["HostnetSettings", "NatNetwork", "parse_nat_network"]
 #: The nftables table is ``qmpnet_<name>``; nft identifiers allow letters, digits, ``_`` and ``-`` after a letter.
 _NETWORK_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
 _DHCP_LOW, _DHCP_HIGH = 100, 200
+#: ``--runas`` of passt: a user, optionally ``:group``, by name or number.
+_RUNAS = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(?::[A-Za-z0-9_][A-Za-z0-9_.-]*)?")
+
+
+def _check_runas(value: str) -> str:
+    if not _RUNAS.fullmatch(value):
+        raise ValueError("must be USER or USER:GROUP (names or numbers)")
+    if value.split(":", maxsplit=1)[0] in {"root", "0"}:
+        raise ValueError("passt runs unprivileged: give a user other than root (e.g. nobody)")
+    return value
 
 
 def _check_network_name(value: str) -> str:
@@ -156,6 +167,15 @@ class HostnetSettings(Frozen):
     sysfs_root: Path = Field(default=Path("/sys"), description="The sysfs tree VFIO checks read (tests: a fake).")
     nft: str = Field(default="nft", description="The nft program.")
     dnsmasq: str = Field(default="dnsmasq", description="The dnsmasq program.")
+    passt: str = Field(default="passt", description="The passt program (passt backend).")
+    passt_runas: Annotated[str, AfterValidator(_check_runas)] = Field(
+        default="nobody", description="The unprivileged user (or user:group) passt runs as."
+    )
+    passt_dir: Path = Field(
+        default=Path("/run/qmpnet/passt"),
+        description="Where the passt sockets live, one directory per guest owned by passt_runas (which must be able "
+        "to reach it).",
+    )
     tool_timeout: float = Field(default=10.0, gt=0, description="Seconds nft or dnsmasq may take to start.")
     stop_timeout: float = Field(default=5.0, gt=0, description="Seconds dnsmasq may take to stop before SIGKILL.")
     shape_latency: float = Field(
@@ -173,6 +193,13 @@ class HostnetSettings(Frozen):
                 if net.subnet.overlaps(other.subnet):
                     raise ValueError(f"networks: the subnets of {other.name} and {net.name} overlap")
         return self
+
+    def passt_guest_dir(self, guest_key: str) -> Path:
+        """The directory of the passt sockets of the guest with store key ``guest_key``, named by a short hash of it.
+
+        Short, because a unix socket's path must fit in 107 bytes.
+        """
+        return self.passt_dir / hashlib.sha256(guest_key.encode()).hexdigest()[:12]
 
     def network(self, name: str, *, field: str = "nic.backend.network") -> NatNetwork:
         """The NAT network called ``name``.

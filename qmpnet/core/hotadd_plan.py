@@ -9,6 +9,7 @@ is tested with tables, and the executor stays a short loop.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from qmpnet.core.model import (
     InetAddress,
     NatBackend,
     NicSpec,
+    PasstBackend,
     StreamBackend,
     TapBackend,
     UnixAddress,
@@ -27,7 +29,7 @@ from qmpnet.core.model import (
 )
 from qmpnet.core.names import format_pci_addr, generate_mac
 from qmpnet.core.placement import PciTopology, Placement, place
-from qmpnet.errors import Conflict
+from qmpnet.errors import Conflict, Unsupported
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping
@@ -41,8 +43,12 @@ __all__ = [
     "needs_tap_fds",
     "netdev_arguments",
     "netdev_id_for",
+    "passt_socket",
     "plan_add",
 ]
+
+#: The longest path a unix socket address holds (``sun_path`` less its NUL).
+_SOCKET_PATH_MAX = 107
 
 
 @dataclass(frozen=True)
@@ -88,13 +94,15 @@ class AddPlan:
     mac: str | None
     placement: Placement
     steps: tuple[Step, ...]
+    passt_socket: str | None = None
 
 
-def plan_add(spec: NicSpec, guest: PlanContext, *, vhost: bool = False) -> AddPlan:
+def plan_add(spec: NicSpec, guest: PlanContext, *, vhost: bool = False, passt_dir: str | None = None) -> AddPlan:
     """Plan the hot-add of ``spec`` into ``guest``.
 
     For bridge and NAT backends the plan expects the tap's fds to have been passed to QEMU already under the
     names :func:`fd_names` gives (the host side is the lane's job); ``vhost`` says whether to ask for vhost-net.
+    For a passt backend it expects passt to listen on :attr:`AddPlan.passt_socket`, in the guest's ``passt_dir``.
 
     Raises:
         Conflict: The id, its netdev id, the MAC or the assigned host function is already in the guest.
@@ -116,10 +124,11 @@ def plan_add(spec: NicSpec, guest: PlanContext, *, vhost: bool = False) -> AddPl
         device = {"driver": "vfio-pci", "id": nic_id, "host": spec.backend.host, **_placement_arguments(placement)}
         step = Step(QmpCall("device_add", device), undo=QmpCall("device_del", {"id": nic_id}), undo_waits_for=nic_id)
         return AddPlan(nic_id, None, None, placement, (step,))
+    socket = _passt_socket_for(spec, nic_id, passt_dir)
     mac = spec.mac or generate_mac(guest.macs)
     steps = [
         Step(
-            QmpCall("netdev_add", netdev_arguments(netdev_id, spec, vhost=vhost)),
+            QmpCall("netdev_add", netdev_arguments(netdev_id, spec, vhost=vhost, passt_socket=socket)),
             undo=QmpCall("netdev_del", {"id": netdev_id}),
         ),
         Step(
@@ -130,7 +139,27 @@ def plan_add(spec: NicSpec, guest: PlanContext, *, vhost: bool = False) -> AddPl
     ]
     if spec.link == "down":
         steps.append(Step(QmpCall("set_link", {"name": nic_id, "up": False})))
-    return AddPlan(nic_id, netdev_id, mac, placement, tuple(steps))
+    return AddPlan(nic_id, netdev_id, mac, placement, tuple(steps), passt_socket=socket)
+
+
+def _passt_socket_for(spec: NicSpec, nic_id: str, passt_dir: str | None) -> str | None:
+    if not isinstance(spec.backend, PasstBackend):
+        return None
+    if passt_dir is None:
+        raise Unsupported("nic.backend.type: passt needs host networking, which is not set up here",
+                          field="nic.backend.type")
+    return passt_socket(passt_dir, nic_id)
+
+
+def passt_socket(directory: str, nic_id: str) -> str:
+    """The unix socket passt listens on for NIC ``nic_id``: ``<directory>/<nic_id>.sock``.
+
+    A NIC id too long for a socket path (107 bytes in all) is replaced by a hash of it.
+    """
+    path = f"{directory}/{nic_id}.sock"
+    if len(path.encode()) <= _SOCKET_PATH_MAX:
+        return path
+    return f"{directory}/{hashlib.sha256(nic_id.encode()).hexdigest()[:16]}.sock"
 
 
 def netdev_id_for(nic_id: str) -> str:
@@ -158,9 +187,17 @@ def fd_names(netdev_id: str, queues: int) -> tuple[str, ...]:
     return tuple(f"{netdev_id}.fd{i}" for i in range(queues))
 
 
-def netdev_arguments(netdev_id: str, spec: NicSpec, *, vhost: bool = False) -> dict[str, object]:
-    """The ``netdev_add`` arguments for ``spec``'s backend."""
+def netdev_arguments(
+    netdev_id: str, spec: NicSpec, *, vhost: bool = False, passt_socket: str | None = None
+) -> dict[str, object]:
+    """The ``netdev_add`` arguments for ``spec``'s backend (a passt backend: a stream to ``passt_socket``)."""
     args: dict[str, object] = {"id": netdev_id, "type": spec.backend.type}
+    if isinstance(spec.backend, PasstBackend):
+        if passt_socket is None:
+            raise Unsupported("nic.backend.type: passt needs its socket, which host networking makes",
+                              field="nic.backend.type")
+        # QEMU 7.2's stream netdev takes addr and server (8.0 added reconnect, 9.2 reconnect-ms): the common subset.
+        return args | {"type": "stream", "server": False, "addr": {"type": "unix", "path": passt_socket}}
     return args | _backend_arguments(spec.backend, netdev_id, spec.queues or 1, vhost)
 
 

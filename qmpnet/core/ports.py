@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         NicSpec,
         NicUpdate,
         ObservedBackend,
+        PasstBackend,
         RemoveResult,
         RxFilter,
         Shape,
@@ -42,6 +43,7 @@ __all__ = [
     "Monitor",
     "NetClient",
     "Observation",
+    "PasstProcess",
     "PciDevice",
     "QmpEvent",
     "TapHandle",
@@ -258,8 +260,16 @@ class TapHandle(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class PasstProcess:
+    """A passt the host side started: its pid and start time (clock ticks after boot) name it for good."""
+
+    pid: int
+    started: int
+
+
 class HostNetwork(Protocol):
-    """The host side of bridge, NAT, tap and VFIO backends."""
+    """The host side of bridge, NAT, tap, VFIO and passt backends."""
 
     async def create_tap(self, bridge: str, *, queues: int, owner: str) -> TapHandle:
         """Make a tap enslaved to ``bridge`` and open its queues.
@@ -304,6 +314,35 @@ class HostNetwork(Protocol):
 
     async def restore_vfio(self, host: str, driver: str) -> None:
         """Give ``host`` back to ``driver`` after removal."""
+        ...
+
+    async def start_passt(self, socket: str, backend: PasstBackend) -> PasstProcess:
+        """Start passt for ``backend``, listening on ``socket``, and wait until it listens.
+
+        Raises:
+            Unsupported: passt is not installed.
+            Conflict: A forwarded host port is taken (``nic.backend.ports.<i>``).
+            QmpnetError: passt refused to start or did not bind its socket (its words are in the message).
+        """
+        ...
+
+    async def stop_passt(self, socket: str, process: PasstProcess | None) -> None:
+        """End the passt listening on ``socket`` and remove its files.
+
+        ``process`` is signalled only while it is still that process (pid and start time); without it, or once it
+        is gone, the passt is found by its command line, which names ``socket``.
+
+        Raises:
+            QmpnetError: The OS refused (a file or a process qmpnet may not touch).
+        """
+        ...
+
+    async def sweep_passt(self, directory: str, keep: set[str]) -> list[str]:
+        """End the passts whose socket is in ``directory`` but not in ``keep``, remove their files; their sockets.
+
+        Raises:
+            QmpnetError: The OS refused (a file or a process qmpnet may not touch).
+        """
         ...
 
     async def sweep_orphans(self, owner_prefix: str, keep: set[str]) -> list[str]:

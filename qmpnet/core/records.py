@@ -75,6 +75,11 @@ class HostHold(Frozen):
     network: str | None = Field(default=None, description="The NAT network the NIC uses.")
     vfio_host: str | None = Field(default=None, description="The host PCI function handed to the guest.")
     vfio_driver: str | None = Field(default=None, description="Its driver before qmpnet rebound it to vfio-pci.")
+    passt_socket: str | None = Field(default=None, description="The socket of the NIC's passt (passt backend).")
+    passt_pid: int | None = Field(default=None, description="The pid of the NIC's passt, once started.")
+    passt_started: int | None = Field(
+        default=None, description="Its start time (clock ticks after boot): a recycled pid is never signalled."
+    )
 
     @property
     def empty(self) -> bool:

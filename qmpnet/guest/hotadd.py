@@ -97,7 +97,8 @@ class HotAdd:
 
     async def _run(self, spec: NicSpec, inventory: Inventory, started: OperationRecord) -> tuple[AddPlan, NicRecord]:
         vhost = self._parts.host is not None and needs_tap_fds(spec) and self._parts.host.vhost()
-        plan = plan_add(spec, inventory.view(), vhost=vhost)
+        passt_dir = str(self._parts.settings.hostnet.passt_guest_dir(self._parts.journal.key))
+        plan = plan_add(spec, inventory.view(), vhost=vhost, passt_dir=passt_dir)
         record = _adding(spec, plan, started.id, f"{self._parts.journal.key}/{plan.nic_id}")
         recorded = self._parts.journal.operation(started.id) or started  # the first plan's, if planned again
         await self._parts.journal.save_async(self._parts.journal.record.with_operation(recorded).with_nic(record))
@@ -125,6 +126,10 @@ class HotAdd:
                 "vfio_host": attachment.vfio_host, "vfio_driver": attachment.vfio_driver,
             })
             record = record.model_copy(update={"host": hold})
+            self._parts.journal.save(self._parts.journal.record.with_nic(record))
+        if attachment.passt is not None:  # its socket is recorded already: a recovery finds it without the pid too
+            passt = {"passt_pid": attachment.passt.pid, "passt_started": attachment.passt.started}
+            record = record.model_copy(update={"host": record.host.model_copy(update=passt)})
             self._parts.journal.save(self._parts.journal.record.with_nic(record))
         unplug_timeout = self._parts.settings.qmp.rollback_unplug_timeout
         await run_steps(self._parts.monitor, plan.steps, undo, unplug_timeout=unplug_timeout)
@@ -164,7 +169,8 @@ def _adding(spec: NicSpec, plan: AddPlan, operation: str, owner: str) -> NicReco
         netdev=plan.netdev_id,
         state="adding",
         link=spec.link,
-        host=HostHold(owner=owner if needs_tap_fds(spec) else None),
+        host=HostHold(owner=owner if needs_tap_fds(spec) or plan.passt_socket else None,
+                      passt_socket=plan.passt_socket),
         pci=PciAddress(bus=plan.placement.bus, slot=plan.placement.slot, function=plan.placement.function),
         operation=operation,
     )

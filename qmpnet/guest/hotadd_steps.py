@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qmpnet.core.hotadd_plan import AddPlan, QmpCall, Step, fd_names, needs_tap_fds
-from qmpnet.core.model import BridgeBackend, NatBackend, NicSpec, TapBackend, VfioBackend
+from qmpnet.core.model import BridgeBackend, NatBackend, NicSpec, PasstBackend, TapBackend, VfioBackend
 from qmpnet.errors import QmpCommandError, RemovalPending, Unsupported
 
 if TYPE_CHECKING:
-    from qmpnet.core.ports import HostNetwork, Monitor
+    from qmpnet.core.ports import HostNetwork, Monitor, PasstProcess
     from qmpnet.guest.undo import UndoStack
 
 __all__ = ["Attachment", "prepare_host", "run_steps", "tap_owner", "undo_device"]
@@ -39,6 +39,7 @@ class Attachment:
     network: str | None = None
     vfio_host: str | None = None
     vfio_driver: str | None = None
+    passt: PasstProcess | None = None
 
 
 async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, passed explicitly
@@ -52,7 +53,7 @@ async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, pa
         QmpCommandError, OutcomeUnknown, GuestUnavailable: From passing the tap fds to QEMU.
     """
     backend = spec.backend
-    if not isinstance(backend, TapBackend | VfioBackend) and not needs_tap_fds(spec):
+    if not isinstance(backend, TapBackend | VfioBackend | PasstBackend) and not needs_tap_fds(spec):
         return Attachment()
     if host is None:
         raise Unsupported(f"nic.backend.type: {backend.type} needs host networking, which is not set up here",
@@ -60,6 +61,8 @@ async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, pa
     if isinstance(backend, TapBackend):
         await host.check_tap(backend.ifname)
         return Attachment()
+    if isinstance(backend, PasstBackend):
+        return await _start_passt(host, backend, plan, undo)
     if isinstance(backend, VfioBackend):
         driver = await host.prepare_vfio(backend.host, rebind=backend.rebind)
         if driver is not None:
@@ -76,6 +79,16 @@ async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, pa
     undo.push("getfd", lambda: _close_fds(monitor, names))
     network = backend.network if isinstance(backend, NatBackend) else None
     return Attachment(tap=tap.name, bridge=bridge, network=network)
+
+
+async def _start_passt(host: HostNetwork, backend: PasstBackend, plan: AddPlan, undo: UndoStack) -> Attachment:
+    """Start the NIC's passt before ``netdev_add`` connects QEMU to it; its undo ends it (a rollback)."""
+    socket = plan.passt_socket
+    if socket is None:
+        raise Unsupported("nic.backend.type: passt was planned without its socket", field="nic.backend.type")
+    process = await host.start_passt(socket, backend)
+    undo.push(f"passt {socket}", lambda: host.stop_passt(socket, process))
+    return Attachment(passt=process)
 
 
 def _bridge(backend: object) -> str:

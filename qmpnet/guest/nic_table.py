@@ -154,6 +154,9 @@ def asked_backend(spec: NicSpec, record: NicRecord) -> ObservedBackend:
     """The backend as asked for, with the host side the record holds (a bridge or NAT network's tap)."""
     asked = backend_of(spec)
     hold = record.host
+    if hold.passt_socket is not None:
+        passt = {"socket": hold.passt_socket} | ({"pid": str(hold.passt_pid)} if hold.passt_pid is not None else {})
+        return ObservedBackend(type=asked.type, options={**asked.options, **passt})
     if hold.tap is None:
         return asked
     options = {"bridge": hold.bridge or "", "tap": hold.tap}

@@ -76,6 +76,7 @@ class Recoverer:
         if full:
             await self._apply_foreign_links(devices)
             await self._sweep_taps()
+            await self._sweep_passts()
         inventory = Inventory.from_observation(observation, self._parts.nics.links(), self._parts.nics.pending_ids())
         for device in gone:
             inventory.removed(device)
@@ -189,3 +190,14 @@ class Recoverer:
             await self._parts.host.sweep_orphans(f"{self._parts.journal.key}/", keep)
         except QmpnetError as err:
             log.warning("guest %s: sweeping stale taps failed: %s", self._parts.name, err)
+
+    async def _sweep_passts(self) -> None:
+        """End the passts of this guest's NICs that no longer exist (a controller killed before recording one)."""
+        if self._parts.host is None:
+            return
+        directory = self._parts.settings.hostnet.passt_guest_dir(self._parts.journal.key)
+        keep = {nic.host.passt_socket for nic in self._parts.journal.record.nics.values() if nic.host.passt_socket}
+        try:
+            await self._parts.host.sweep_passt(str(directory), keep)
+        except QmpnetError as err:
+            log.warning("guest %s: sweeping stale passts failed: %s", self._parts.name, err)

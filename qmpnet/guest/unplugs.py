@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Literal
 from qmpnet.core.desired_diff import without
 from qmpnet.core.hotadd_plan import QmpCall
 from qmpnet.core.model import RemoveResult
+from qmpnet.core.ports import PasstProcess
 from qmpnet.core.records import NicRecord, OperationRecord
 from qmpnet.errors import QmpCommandError, QmpnetError
 from qmpnet.guest.journal import finished
@@ -165,7 +166,7 @@ class Unplugs:
         self._parts.nics.wake(nic_id)
 
     async def release_host(self, nic: NicRecord) -> None:
-        """Delete the NIC's tap and give its PCI function back to its driver; failures are logged."""
+        """Delete the NIC's tap, end its passt, give its PCI function back to its driver; failures are logged."""
         hold = nic.host
         if self._parts.host is None or hold.empty:
             return
@@ -174,6 +175,10 @@ class Unplugs:
                 await self._parts.host.delete_tap(hold.tap)
             if hold.vfio_host is not None and hold.vfio_driver is not None:
                 await self._parts.host.restore_vfio(hold.vfio_host, hold.vfio_driver)
+            if hold.passt_socket is not None:
+                known = hold.passt_pid is not None and hold.passt_started is not None
+                process = PasstProcess(hold.passt_pid or 0, hold.passt_started or 0) if known else None
+                await self._parts.host.stop_passt(hold.passt_socket, process)
         except QmpnetError as err:
             log.warning("guest %s: releasing the host side of %s: %s", self._parts.name, nic.id, err)
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qmpnet.core.ports import TapPort
+from qmpnet.core.ports import PasstProcess, TapPort
 from qmpnet.errors import InvalidRequest, NotFound, QmpnetError, Unsupported
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from qmpnet.core.model import Shape, Vlan
+    from qmpnet.core.model import PasstBackend, Shape, Vlan
 
 __all__ = ["FakePort", "PortsHost"]
 
@@ -86,6 +86,15 @@ class PortsHost:
         raise NotImplementedError
 
     async def sweep_orphans(self, owner_prefix: str, keep: set[str]) -> list[str]:
+        return []
+
+    async def start_passt(self, socket: str, backend: PasstBackend) -> PasstProcess:
+        raise NotImplementedError
+
+    async def stop_passt(self, socket: str, process: PasstProcess | None) -> None:
+        self._call("stop_passt", socket, process)
+
+    async def sweep_passt(self, directory: str, keep: set[str]) -> list[str]:
         return []
 
     # the live side

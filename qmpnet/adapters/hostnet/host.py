@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING
 from qmpnet.adapters.hostnet.vfio import bind_vfio, check_vfio, restore_driver
 from qmpnet.core.hostconfig import HostnetSettings
 from qmpnet.core.ifnames import check_ifname
-from qmpnet.errors import NotFound
+from qmpnet.errors import NotFound, QmpnetError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from qmpnet.adapters.hostnet import bridgeports, shaping
     from qmpnet.adapters.hostnet.taps import Tap
-    from qmpnet.core.model import Shape, Vlan
-    from qmpnet.core.ports import TapPort
+    from qmpnet.core.model import PasstBackend, Shape, Vlan
+    from qmpnet.core.ports import PasstProcess, TapPort
 
 # The netlink side (pyroute2, about 100 ms to import) is imported by the methods that use it, so that a lane that
 # never touches a tap (user-mode NICs, the CLI) does not load it; see sweep_orphans for the connect-time sweep.
@@ -86,6 +86,55 @@ class HostNet:
     async def restore_vfio(self, host: str, driver: str) -> None:
         """Give ``host`` back to ``driver`` (``""``: leave it unbound, without the vfio-pci override)."""
         await asyncio.to_thread(restore_driver, host, driver or None, sysfs=self.settings.sysfs_root)
+
+    async def start_passt(self, socket: str, backend: PasstBackend) -> PasstProcess:
+        """Start passt on ``socket`` in the host networking's namespace (its port forwards listen there).
+
+        Raises:
+            Unsupported, Conflict, QmpnetError: See :func:`qmpnet.adapters.hostnet.passt.start`.
+        """
+        from qmpnet.adapters.hostnet import passt  # noqa: PLC0415 - only a passt NIC needs it
+        from qmpnet.adapters.hostnet.netns import run_in_netns  # noqa: PLC0415 - netlink only when used (see the imports)
+        opts = self.settings
+
+        def begin() -> PasstProcess:
+            return passt.start(socket, backend, program=opts.passt, runas=opts.passt_runas, timeout=opts.tool_timeout)
+
+        def discard(process: PasstProcess) -> None:  # the caller was cancelled: nobody will record this passt
+            passt.stop(socket, process, timeout=opts.stop_timeout)
+
+        process = await run_in_netns(opts.netns, begin, discard=discard)
+        log.info("started passt %d on %s", process.pid, socket)
+        return process
+
+    async def stop_passt(self, socket: str, process: PasstProcess | None) -> None:
+        """End the passt on ``socket`` (``process`` only while it is still that process) and remove its files.
+
+        Raises:
+            QmpnetError: The OS refused (a file or a process qmpnet may not touch).
+        """
+        from qmpnet.adapters.hostnet import passt  # noqa: PLC0415 - only a passt NIC needs it
+        try:
+            ended = await asyncio.to_thread(passt.stop, socket, process, timeout=self.settings.stop_timeout)
+        except OSError as err:
+            raise QmpnetError(f"ending the passt on {socket}: {err}") from err
+        if ended:
+            log.info("ended passt %s on %s", ", ".join(map(str, ended)), socket)
+
+    async def sweep_passt(self, directory: str, keep: set[str]) -> list[str]:
+        """End the passts in ``directory`` (one guest's) whose socket is not in ``keep``; returns their sockets.
+
+        Raises:
+            QmpnetError: The OS refused (a file or a process qmpnet may not touch).
+        """
+        from qmpnet.adapters.hostnet import passt  # noqa: PLC0415 - only a passt NIC needs it
+        try:
+            swept = await asyncio.to_thread(passt.sweep, Path(directory), keep, timeout=self.settings.stop_timeout)
+        except OSError as err:
+            raise QmpnetError(f"sweeping the passts in {directory}: {err}") from err
+        if swept:
+            log.info("ended the passts of NICs that no longer exist: %s", ", ".join(swept))
+        return swept
 
     async def sweep_orphans(self, owner_prefix: str, keep: set[str]) -> list[str]:
         """Delete qmpnet's taps whose owner starts with ``owner_prefix`` and is not in ``keep``.

@@ -125,6 +125,7 @@ def test_an_unreachable_broker_is_one_line() -> None:
         (["nic", "del", "lan1", "--timeout", "-1"], "timeout"),
         (["nic", "del", "lan1", "--timeout", "nan"], "timeout"),
         (["nic", "link", "0bad", "up"], "id"),
+        (["nic", "add", "--backend", "passt", "--port", "tcp:22:22", "--port", "tcp:2222"], "nic.backend.ports.1"),
     ],
 )
 def test_bad_input_is_refused_before_connecting(sockdir: Path, args: list[str], field: str) -> None:

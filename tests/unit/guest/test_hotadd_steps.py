@@ -19,7 +19,7 @@ from qmpnet.core.hotadd_plan import PlanContext, fd_names, netdev_arguments, pla
 from qmpnet.core.inventory import Inventory
 from qmpnet.core.model import NicSpec, ObservedBackend, parse_nic_spec
 from qmpnet.core.policy import Policy, check_spec
-from qmpnet.core.ports import NetClient, Observation, PciDevice, TapPort
+from qmpnet.core.ports import NetClient, Observation, PasstProcess, PciDevice, TapPort
 from qmpnet.core.records import GuestRecord, HostHold, NicRecord
 from qmpnet.errors import (
     Conflict,
@@ -36,7 +36,7 @@ from qmpnet.settings import QmpSettings, Settings
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
 
-    from qmpnet.core.model import Shape, Vlan
+    from qmpnet.core.model import PasstBackend, Shape, Vlan
 
 HOSTILE_NAMES = [
     "br/0",  # a path
@@ -120,6 +120,17 @@ class FakeHost:
 
     async def sweep_orphans(self, owner_prefix: str, keep: set[str]) -> list[str]:
         self._call("sweep_orphans", owner_prefix, sorted(keep))
+        return []
+
+    async def start_passt(self, socket: str, backend: PasstBackend) -> PasstProcess:
+        self._call("start_passt", socket, backend.ports)
+        return PasstProcess(4242, 77)
+
+    async def stop_passt(self, socket: str, process: PasstProcess | None) -> None:
+        self._call("stop_passt", socket, process)
+
+    async def sweep_passt(self, directory: str, keep: set[str]) -> list[str]:
+        self._call("sweep_passt", directory, sorted(keep))
         return []
 
     # The live-change side (tests/unit/test_update.py has a stateful fake for it).
@@ -693,3 +704,111 @@ async def test_a_tap_of_an_add_killed_half_way_is_deleted_on_the_next_connect() 
     assert store.record.nics == {}
     sweeps = [call for call in host.calls if call[0] == "sweep_orphans"]
     assert sweeps == [("sweep_orphans", "vm1/", [])]  # and any other tap of this guest's that no NIC holds
+
+
+# ----------------------------------------------------------------------------------------- passt in the lane
+
+PASST_DIR = Settings().hostnet.passt_guest_dir("vm1")
+PASST_SOCKET = f"{PASST_DIR}/p0.sock"
+
+
+def _passt_lane(
+    host: FakeHost, monitor: RecordingMonitor | None = None, store: MemoryGuestStore | None = None
+) -> tuple[Guest, RecordingMonitor]:
+    monitor = monitor or RecordingMonitor()
+    settings = Settings(qmp=QmpSettings(unplug_timeout=1.0, rollback_unplug_timeout=1.0))
+    store = store or MemoryGuestStore(GuestRecord(address="vm1", name="vm1"), key="vm1")
+    return Guest(monitor, name="vm1", settings=settings, host=host, store=store), monitor
+
+
+async def test_passt_nic_starts_passt_then_connects_a_stream_netdev_to_its_socket() -> None:
+    host = FakeHost()
+    guest, monitor = _passt_lane(host)
+    nic = await guest.add_nic({"id": "p0", "backend": {"type": "passt", "ports": ["tcp:2222:22"]}})
+    assert host.calls == [("start_passt", PASST_SOCKET, ["tcp:2222:22"])]
+    assert arguments(monitor, "netdev_add") == {
+        "id": "p0.net", "type": "stream", "server": False, "addr": {"type": "unix", "path": PASST_SOCKET}
+    }
+    assert nic.backend is not None
+    assert nic.backend.options == {"ports": "tcp:2222:22", "socket": PASST_SOCKET, "pid": "4242"}
+
+
+async def test_passt_is_recorded_with_its_socket_pid_and_start_time() -> None:
+    guest, _ = _passt_lane(FakeHost())
+    async with guest:
+        await guest.add_nic({"id": "p0", "backend": {"type": "passt"}})
+        hold = guest.record.nics["p0"].host
+    assert (hold.passt_socket, hold.passt_pid, hold.passt_started, hold.owner) == (PASST_SOCKET, 4242, 77, "vm1/p0")
+
+
+@pytest.mark.parametrize("command", ["netdev_add", "device_add"])
+async def test_a_failed_hot_add_ends_the_passt_it_started(command: str) -> None:
+    host = FakeHost()
+    guest, monitor = _passt_lane(host)
+    monitor.errors[command] = failing(command)
+    with pytest.raises(QmpCommandError):
+        await guest.add_nic({"id": "p0", "backend": {"type": "passt"}})
+    assert host.actions == ["start_passt", "stop_passt"]
+    assert host.calls[-1] == ("stop_passt", PASST_SOCKET, PasstProcess(4242, 77))
+    assert monitor.commands[-1] == ("netdev_del" if command == "device_add" else "netdev_add")
+
+
+async def test_a_passt_that_does_not_start_sends_nothing_to_qemu() -> None:
+    host = FakeHost(errors={"start_passt": Conflict("nic.backend.ports.0: in use", field="nic.backend.ports.0")})
+    guest, monitor = _passt_lane(host)
+    with pytest.raises(Conflict) as caught:
+        await guest.add_nic({"id": "p0", "backend": {"type": "passt", "ports": ["tcp:2222:22"]}})
+    assert caught.value.field == "nic.backend.ports.0"
+    assert "netdev_add" not in monitor.commands
+
+
+async def test_removal_ends_passt_after_the_netdev_is_deleted() -> None:
+    host = FakeHost()
+    guest, monitor = _passt_lane(host, AckingMonitor())
+    async with guest:
+        await guest.add_nic({"id": "p0", "backend": {"type": "passt"}})
+        monitor.executed.clear()
+        assert (await guest.remove_nic("p0")).state == "removed"
+    assert monitor.commands == ["device_del", "netdev_del"]
+    assert ("stop_passt", PASST_SOCKET, PasstProcess(4242, 77)) in host.calls
+
+
+async def test_without_a_host_side_passt_is_unsupported() -> None:
+    guest, monitor = lane(None)
+    with pytest.raises(Unsupported) as caught:
+        await guest.add_nic({"backend": {"type": "passt"}})
+    assert caught.value.field == "nic.backend.type"
+    assert monitor.commands == []
+
+
+async def test_a_passt_of_an_add_killed_before_its_pid_was_recorded_is_ended_on_the_next_connect() -> None:
+    host = FakeHost()
+    store = _left("p0", "adding", HostHold(owner="vm1/p0", passt_socket="/run/x/p0.sock"))
+    async with Guest(RecordingMonitor(), name="vm1", host=host, store=store):
+        pass
+    assert ("stop_passt", "/run/x/p0.sock", None) in host.calls  # found by its command line, which names the socket
+    assert store.record.nics == {}
+    assert [call for call in host.calls if call[0] == "sweep_passt"] == [("sweep_passt", str(PASST_DIR), [])]
+
+
+async def test_the_passt_of_a_vanished_nic_is_ended_by_its_recorded_pid_and_start_time() -> None:
+    host = FakeHost()
+    hold = HostHold(owner="vm1/p0", passt_socket="/run/x/p0.sock", passt_pid=31, passt_started=900)
+    store = _left("p0", "active", hold)
+    async with Guest(RecordingMonitor(), name="vm1", host=host, store=store):
+        pass
+    assert ("stop_passt", "/run/x/p0.sock", PasstProcess(31, 900)) in host.calls
+
+
+async def test_the_sweep_keeps_the_passts_of_nics_that_exist() -> None:
+    host = FakeHost()
+    store = MemoryGuestStore(GuestRecord(address="vm1", name="vm1"), key="vm1")
+    guest, _ = _passt_lane(host, store=store)
+    async with guest:
+        nic = await guest.add_nic({"id": "p0", "backend": {"type": "passt"}})
+    again = RecordingMonitor()
+    again.observation = with_tap_nic(again.observation, "p0", nic.mac)
+    async with Guest(again, name="vm1", host=host, store=store):
+        pass
+    assert host.calls[-1] == ("sweep_passt", str(PASST_DIR), [PASST_SOCKET])
+    assert "stop_passt" not in host.actions

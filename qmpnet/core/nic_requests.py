@@ -8,6 +8,7 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from qmpnet.core.backends import TAP_BASED, Backend, BridgeBackend, NatBackend, UserBackend
 from qmpnet.core.model_base import Frozen, LinkState, Mac, NicModel, QemuId, validate_as
+from qmpnet.core.mtu import MTU_DESCRIPTION, MTU_UPDATE_DESCRIPTION, Mtu, check_mtu_backend
 from qmpnet.core.names import parse_pci_addr
 from qmpnet.core.shape_vlan import Shape, Vlan  # noqa: TC001 - pydantic needs them at runtime
 from qmpnet.errors import InvalidRequest
@@ -40,6 +41,7 @@ class NicSpec(Frozen):
     shape: Shape | None = Field(
         default=None, description="Bandwidth and impairment on the NIC's host tap (tap-based backends)."
     )
+    mtu: Mtu | None = Field(default=None, description=MTU_DESCRIPTION)
 
     @field_validator("addr")
     @classmethod
@@ -61,6 +63,7 @@ class NicSpec(Frozen):
                 f"nic.queues: queues > 1 needs a tap-based backend (bridge, nat, tap), not {self.backend.type}",
                 field="nic.queues",
             )
+        check_mtu_backend(self.mtu, self.backend)
         for name in ("vlan", "shape"):
             if getattr(self, name) is None:
                 continue
@@ -74,6 +77,7 @@ class NicSpec(Frozen):
 
     def _check_vfio(self) -> NicSpec:
         # The assigned function is the NIC: QEMU emulates nothing, so there is no model, MAC, queue or link to set.
+        check_mtu_backend(self.mtu, self.backend)
         for name in ("model", "mac", "vectors", "queues", "link"):
             # A default value is no request: a spec read back from the state store has every field, defaults included.
             if name in self.model_fields_set and getattr(self, name) != type(self).model_fields[name].default:
@@ -121,11 +125,12 @@ class NicUpdate(Frozen):
     vlan: Vlan | None = Field(default=None, description="VLAN membership; null: the bridge's default.")
     shape: Shape | None = Field(default=None, description="Rate, burst, delay, jitter, loss; null: none.")
     link: LinkState | None = Field(default=None, description="Set the link up or down.")
+    mtu: Mtu | None = Field(default=None, description=MTU_UPDATE_DESCRIPTION)
 
     @model_validator(mode="after")
     def _something_to_change(self) -> NicUpdate:
         if not self.model_fields_set - {"id"}:
-            raise InvalidRequest("update: nothing to change; give backend, vlan, shape or link", field="update")
+            raise InvalidRequest("update: nothing to change; give backend, vlan, shape, link or mtu", field="update")
         if "backend" in self.model_fields_set and self.backend is None:
             raise InvalidRequest("update.backend: give the bridge or NAT network to move to", field="update.backend")
         if isinstance(self.backend, BridgeBackend) and self.backend.helper:

@@ -78,6 +78,11 @@ class Nic(Frozen):
     guest: GuestView | None = Field(
         default=None, description="The guest's own view of this NIC (from its guest agent); null when none answers."
     )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="In the answer of nic/add and nic/update: what the caller must do itself, e.g. set the MTU in "
+        "the guest when the device cannot carry it (e1000, e1000e, rtl8139; a live MTU change). Empty elsewhere.",
+    )
 
 
 class RemoveResult(Frozen):

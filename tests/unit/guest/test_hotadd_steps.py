@@ -82,6 +82,7 @@ class FakeHost:
     errors: dict[str, QmpnetError] = field(default_factory=dict)
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     taps: list[FakeTap] = field(default_factory=list)
+    bridge_mtus: dict[str, int] = field(default_factory=dict)
 
     def _call(self, *call: Any) -> None:
         self.calls.append(call)
@@ -92,11 +93,22 @@ class FakeHost:
     def actions(self) -> list[str]:
         return [call[0] for call in self.calls]
 
-    async def create_tap(self, bridge: str, *, queues: int, owner: str) -> FakeTap:
-        self._call("create_tap", bridge, queues, owner)
+    async def create_tap(self, bridge: str, *, queues: int, owner: str, mtu: int | None = None) -> FakeTap:
+        self._call("create_tap", bridge, queues, owner, *([mtu] if mtu is not None else []))
         tap = FakeTap(f"vnet{len(self.taps)}", [100 + i for i in range(queues)])
         self.taps.append(tap)
         return tap
+
+    async def bridge_mtu(self, bridge: str) -> int:  # a read: not in calls
+        return self.bridge_mtus.get(bridge, 1500)
+
+    async def set_mtu(self, tap: str, mtu: int, *, field: str) -> Callable[[], Awaitable[object]]:
+        self._call("set_mtu", tap, mtu, field)
+
+        async def undo() -> None:
+            self.calls.append(("undo set_mtu", tap))
+
+        return undo
 
     async def delete_tap(self, name: str) -> None:
         self._call("delete_tap", name)

@@ -705,3 +705,67 @@ async def test_a_tap_of_an_add_killed_half_way_is_deleted_on_the_next_connect() 
     assert store.record.nics == {}
     sweeps = [call for call in host.calls if call[0] == "sweep_orphans"]
     assert sweeps == [("sweep_orphans", "vm1/", [])]  # and any other tap of this guest's that no NIC holds
+
+
+# ----------------------------------------------------------------------------------------- MTU
+
+MTU_BRIDGE = {"type": "bridge", "bridge": "br0"}
+
+
+async def test_without_mtu_a_virtio_nic_gets_its_bridges_mtu_as_host_mtu() -> None:
+    host = FakeHost(bridge_mtus={"br0": 1400})
+    guest, monitor = lane(host)
+    nic = await guest.add_nic({"id": "b0", "backend": MTU_BRIDGE})
+    assert host.calls == [("create_tap", "br0", 1, "vm1/b0")]  # the tap takes the bridge's MTU itself
+    assert arguments(monitor, "device_add")["host_mtu"] == 1400
+    assert nic.warnings == []
+
+
+async def test_on_a_bridge_of_1500_nothing_mtu_related_is_added() -> None:
+    guest, monitor = lane(FakeHost())
+    await guest.add_nic({"id": "b0", "backend": MTU_BRIDGE})
+    assert "host_mtu" not in arguments(monitor, "device_add")
+
+
+async def test_an_mtu_below_the_bridges_goes_to_the_tap_and_host_mtu() -> None:
+    host = FakeHost(bridge_mtus={"br0": 9000})
+    guest, monitor = lane(host)
+    await guest.add_nic({"id": "b0", "mtu": 1400, "backend": MTU_BRIDGE})
+    assert host.calls == [("create_tap", "br0", 1, "vm1/b0", 1400)]
+    assert arguments(monitor, "device_add")["host_mtu"] == 1400
+
+
+@pytest.mark.parametrize("model", ["e1000", "e1000e", "rtl8139"])
+async def test_models_that_ignore_host_mtu_answer_with_a_warning(model: str) -> None:
+    guest, monitor = lane(FakeHost())
+    nic = await guest.add_nic({"id": "e0", "model": model, "mtu": 1400, "backend": MTU_BRIDGE})
+    assert "host_mtu" not in arguments(monitor, "device_add")
+    [warning] = nic.warnings
+    assert warning.startswith(f"mtu: {model} ignores host_mtu")
+
+
+async def test_an_mtu_above_the_bridges_is_refused_and_nothing_is_made() -> None:
+    host = FakeHost(bridge_mtus={"br0": 1400})
+    guest, monitor = lane(host)
+    with pytest.raises(InvalidRequest) as caught:
+        await guest.add_nic({"id": "b0", "mtu": 1401, "backend": MTU_BRIDGE})
+    assert caught.value.field == "nic.mtu"
+    assert host.calls == []  # no tap
+    assert not {"getfd", "netdev_add", "device_add"} & set(monitor.commands)
+
+
+async def test_a_nat_nic_is_checked_against_its_networks_bridge_once() -> None:
+    host = FakeHost(bridge_mtus={"qmpnat-lab": 1450})
+    guest, monitor = lane(host)
+    await guest.add_nic({"id": "n0", "backend": {"type": "nat", "network": "lab"}})
+    assert host.calls == [("nat_bridge", "lab"), ("create_tap", "qmpnat-lab", 1, "vm1/n0")]
+    assert arguments(monitor, "device_add")["host_mtu"] == 1450
+
+
+async def test_a_tap_backend_gets_its_mtu_and_loses_it_again_on_failure() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host)
+    monitor.errors["device_add"] = failing("device_add")
+    with pytest.raises(QmpCommandError):
+        await guest.add_nic({"id": "t0", "mtu": 1400, "backend": {"type": "tap", "ifname": "tap0"}})
+    assert host.calls == [("check_tap", "tap0"), ("set_mtu", "tap0", 1400, "nic.mtu"), ("undo set_mtu", "tap0")]

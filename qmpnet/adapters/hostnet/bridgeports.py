@@ -25,6 +25,7 @@ from pyroute2 import NetlinkError
 from qmpnet.adapters.hostnet.failures import host_error, netlink_code
 from qmpnet.adapters.hostnet.links import MARK, LinkInfo, dump_links, find_link, tap_mark
 from qmpnet.adapters.hostnet.shaping import read_layout, shape_of
+from qmpnet.adapters.hostnet.taps import keep_bridge_mtu
 from qmpnet.core.model import Vlan
 from qmpnet.core.mtu import check_within
 from qmpnet.core.ports import TapPort
@@ -189,7 +190,7 @@ def put_back(ipr: Any, tap_name: str, where: Placement) -> None:  # noqa: ANN401
 
 
 def set_port_mtu(ipr: Any, tap_name: str, mtu: int, *, field: str) -> int:  # noqa: ANN401 - pyroute2's IPRoute
-    """Give ``tap_name`` MTU ``mtu``, at most its bridge's; return the MTU it had.
+    """Give ``tap_name`` MTU ``mtu``, at most its bridge's, whose MTU stays as it is; return the MTU the tap had.
 
     Raises:
         NotFound: The tap is gone.
@@ -205,6 +206,8 @@ def set_port_mtu(ipr: Any, tap_name: str, mtu: int, *, field: str) -> int:  # no
             ipr.link("set", index=tap.index, mtu=mtu)
         except NetlinkError as err:
             raise host_error(f"set the MTU of tap {tap_name} to {mtu}", err, field=field) from err
+        if master is not None:
+            keep_bridge_mtu(ipr, master)
     return tap.mtu
 
 

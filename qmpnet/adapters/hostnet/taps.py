@@ -14,7 +14,9 @@ carrying qmpnet's mark (see :mod:`qmpnet.adapters.hostnet.links`), never someone
 
 Each tap gets a random ``fe:xx:xx:xx:xx:xx`` MAC (the bridge takes the lowest port MAC as its own, so a high one
 never changes the bridge's address under its uplink) and the NIC's MTU, else the bridge's (never more: see
-:mod:`qmpnet.core.mtu`), and is enslaved and brought up.
+:mod:`qmpnet.core.mtu`), and is enslaved and brought up. A Linux bridge whose MTU nobody set follows its smallest
+port, so a tap of a smaller MTU would lower the MTU of the operator's bridge and of every other port's traffic:
+:func:`keep_bridge_mtu` sets it back, which also pins it (the kernel no longer lowers it for a port).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ __all__ = [
     "check_existing_tap",
     "create_tap",
     "delete_tap",
+    "keep_bridge_mtu",
     "list_taps",
     "sweep_taps",
     "vhost_usable",
@@ -314,6 +317,7 @@ def _create(bridge: str, kernel_name: str, queues: int, netns: str | None, mark:
             for _ in range(queues - 1):
                 _open_queue(name, queues, fds)
             link = _attach(ipr, name, master, mark, mtu or master.mtu)
+            keep_bridge_mtu(ipr, master)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -359,6 +363,23 @@ def _attach(ipr: Any, name: str, master: LinkInfo, mark: str, mtu: int) -> LinkI
     except NetlinkError as err:
         raise host_error(f"enslave tap {link.name} to bridge {master.name}", err) from err
     return link
+
+
+def keep_bridge_mtu(ipr: Any, bridge: LinkInfo) -> None:  # noqa: ANN401 - pyroute2's IPRoute is untyped
+    """Give ``bridge`` back the MTU it had (``bridge.mtu``) if a port of smaller MTU made the kernel lower it.
+
+    Raises:
+        QmpnetError: The kernel refused.
+    """
+    now = find_link(ipr, bridge.name)
+    if now is None or now.mtu == bridge.mtu:
+        return
+    try:
+        ipr.link("set", index=bridge.index, mtu=bridge.mtu)
+    except NetlinkError as err:
+        raise host_error(f"put the MTU of bridge {bridge.name} back to {bridge.mtu}", err) from err
+    log.info("bridge %s: MTU put back to %d (the kernel had lowered it to %d for a port)", bridge.name, bridge.mtu,
+             now.mtu)
 
 
 def _list(match: Any) -> list[TapInfo]:  # noqa: ANN401 - a regex's fullmatch

@@ -109,11 +109,11 @@ def parse_nic_spec(data: Mapping[str, Any] | NicSpec, *, prefix: str = "nic") ->
 
 
 class NicUpdate(Frozen):
-    """A live change of a NIC: move it, tag it, shape it, set its link; the guest keeps its interface.
+    """A live change of a NIC: move it, tag it, shape it, set its link or MTU; the guest keeps its interface.
 
     Fields left out are kept as they are. ``vlan: null`` puts the port back to the bridge's default (untagged, in
-    its default VLAN); ``shape: null`` removes all shaping. ``backend``, ``vlan`` and ``shape`` need a NIC whose
-    backend is a host tap (bridge, nat or tap); every NIC accepts ``link``. A move re-enslaves the tap, flaps the
+    its default VLAN); ``shape: null`` removes all shaping. ``backend``, ``vlan``, ``shape`` and ``mtu`` need a NIC
+    whose backend is a host tap (bridge, nat or tap); every NIC accepts ``link``. A move re-enslaves the tap, flaps the
     link so that the guest renews DHCP, and announces the guest (``announce-self``); the port starts in the new
     bridge's default VLAN unless ``vlan`` is given too.
     """

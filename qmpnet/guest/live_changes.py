@@ -90,9 +90,10 @@ class LiveChanges:
             raise
         changed = _merged(journal.record, nic, update, result, started.id)
         done = inventory.update(nic.id, link=result.nic.link, backend=result.nic.backend)
-        answer = self._parts.nics.described(done).model_copy(update={"warnings": list(result.warnings)})
-        journal.save(changed.with_operation(finished(started, data=answer.model_dump(mode="json"))))
-        return answer
+        warned = {"warnings": list(result.warnings)}
+        journal.save(changed.with_operation(finished(started, data=done.model_copy(update=warned).model_dump(
+            mode="json"))))
+        return self._parts.nics.described(done).model_copy(update=warned)
 
 
 def _linked(record: GuestRecord, nic_id: str, link: LinkState) -> GuestRecord:

@@ -194,6 +194,7 @@ async def test_the_controller_answers_nic_update_and_nic_capture_and_republishes
         assert mtu.status == "ok", mtu
         assert "the guest must apply it" in mtu.data.warnings[0]  # the MQTT reply carries the warnings
         too_big = await running.handle("vm1", "nic/update", {"update": {"id": "lan0", "mtu": 1501}})
+        assert too_big.status == "error"
         assert (too_big.error.code, too_big.error.field) == ("invalid_request", "update.mtu")
         capture = await running.handle("vm1", "nic/capture", {"id": "lan0", "action": "start", "file": "/var/a.pcap"})
         assert capture.status == "ok", capture

@@ -15,6 +15,7 @@ import pytest
 from fakemonitor import RecordingMonitor, pc_observation
 
 from qmpnet.adapters.store import MemoryGuestStore
+from qmpnet.core.desired_diff import parse_desired
 from qmpnet.core.hotadd_plan import PlanContext, fd_names, netdev_arguments, plan_add
 from qmpnet.core.inventory import Inventory
 from qmpnet.core.model import NicSpec, ObservedBackend, parse_nic_spec
@@ -30,6 +31,7 @@ from qmpnet.errors import (
     QmpnetError,
     Unsupported,
 )
+from qmpnet.guest.apply_desired import apply_desired
 from qmpnet.guest.guest import Guest
 from qmpnet.settings import QmpSettings, Settings
 
@@ -769,3 +771,19 @@ async def test_a_tap_backend_gets_its_mtu_and_loses_it_again_on_failure() -> Non
     with pytest.raises(QmpCommandError):
         await guest.add_nic({"id": "t0", "mtu": 1400, "backend": {"type": "tap", "ifname": "tap0"}})
     assert host.calls == [("check_tap", "tap0"), ("set_mtu", "tap0", 1400, "nic.mtu"), ("undo set_mtu", "tap0")]
+
+
+async def test_a_desired_set_adds_its_nics_with_their_mtu_and_reports_one_too_big() -> None:
+    # What `qmpnet apply`, the retained desired topic and a restarted QEMU's re-add all go through.
+    host = FakeHost(bridge_mtus={"br0": 9000, "br1": 1400})
+    guest, monitor = lane(host)
+    desired = parse_desired({"nics": [{"id": "m0", "mtu": 4000, "backend": MTU_BRIDGE},
+                                      {"id": "m1", "mtu": 1500, "backend": {"type": "bridge", "bridge": "br1"}}]},
+                            source="apply")  # fmt: skip
+    report = await apply_desired(guest, desired)
+    assert ("create_tap", "br0", 1, "vm1/m0", 4000) in host.calls
+    assert arguments(monitor, "device_add")["host_mtu"] == 4000
+    [error] = report.errors
+    assert (error.id, error.code) == ("m1", "invalid_request")
+    assert error.message.startswith("nic.mtu: 1500 is larger than the MTU of bridge br1 (1400)")
+    assert not [call for call in host.calls if call[:2] == ("create_tap", "br1")]

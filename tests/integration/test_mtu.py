@@ -21,6 +21,7 @@ The guest's busybox ping cannot ask for "don't fragment", so the two directions 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import subprocess
@@ -149,17 +150,24 @@ async def guest_pings_seen(
     log, errors = tmp_path / "icmp.txt", tmp_path / "tcpdump.err"
     with log.open("w") as out, errors.open("w") as err:
         dump = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", lab.a, "tcpdump", "-i", "lan0", "-l", "-nn", "-v",
+            "ip", "netns", "exec", lab.a, "tcpdump", "-i", "lan0", "--immediate-mode", "-l", "-nn", "-v",
             f"src {GUEST} and (icmp or ip[6:2] & 0x1fff != 0)", stdout=out, stderr=err,
         )  # fmt: skip
         try:
             await eventually(lambda: "listening on" in errors.read_text(), timeout=10, interval=0.05,
                              what="tcpdump listening")  # fmt: skip
             codes = [(await vm.agent.run(f"ping -c 1 -W 3 -s {size} {HOST}", timeout=30)).rc for size in sizes]
+            with contextlib.suppress(TimeoutError):  # what arrived is checked by the caller
+                await eventually(lambda: len(icmp_headers(log)) >= len(sizes) + 1, timeout=10, interval=0.05)
         finally:
             dump.terminate()
             await dump.wait()
-    return codes, [line for line in log.read_text().splitlines() if "proto ICMP" in line]
+    return codes, icmp_headers(log)
+
+
+def icmp_headers(log: Path) -> list[str]:
+    """The IPv4 header lines of ICMP packets (and fragments) in tcpdump's -v output."""
+    return [line for line in log.read_text().splitlines() if "proto ICMP" in line]
 
 
 def ip_lengths(headers: list[str]) -> list[tuple[int, str]]:

@@ -131,6 +131,8 @@ class NicUpdate(Frozen):
     def _something_to_change(self) -> NicUpdate:
         if not self.model_fields_set - {"id"}:
             raise InvalidRequest("update: nothing to change; give backend, vlan, shape, link or mtu", field="update")
+        if "mtu" in self.model_fields_set and self.mtu is None:
+            raise InvalidRequest("update.mtu: give the MTU, 68-65535", field="update.mtu")
         if "backend" in self.model_fields_set and self.backend is None:
             raise InvalidRequest("update.backend: give the bridge or NAT network to move to", field="update.backend")
         if isinstance(self.backend, BridgeBackend) and self.backend.helper:

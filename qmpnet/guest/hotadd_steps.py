@@ -106,8 +106,7 @@ async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, pa
     bridge = link.bridge if link is not None and link.bridge is not None else None
     if bridge is None:
         bridge = await host.nat_bridge(backend.network) if isinstance(backend, NatBackend) else _bridge(backend)
-    create = {"mtu": spec.mtu} if spec.mtu is not None else {}  # else the bridge's, as create_tap does
-    tap = await host.create_tap(bridge, queues=spec.queues or 1, owner=tap_owner(owner), **create)
+    tap = await host.create_tap(bridge, queues=spec.queues or 1, owner=tap_owner(owner), mtu=spec.mtu)
     undo.push(f"tap {tap.name}", lambda: host.delete_tap(tap.name))
     names = fd_names(plan.netdev_id or plan.nic_id, len(tap.fds))
     try:

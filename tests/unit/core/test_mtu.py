@@ -30,6 +30,9 @@ def test_an_mtu_in_range_is_taken_by_tap_based_backends(mtu: int) -> None:
 def test_an_mtu_out_of_range_is_refused_naming_the_field(mtu: object) -> None:
     if mtu is None:
         assert parse_nic_spec({"mtu": None, "backend": BRIDGE}).mtu is None
+        with pytest.raises(InvalidRequest) as caught:
+            parse_nic_update({"id": "n", "mtu": None})  # an update's null would change nothing: say so
+        assert caught.value.field == "update.mtu"
         return
     with pytest.raises(InvalidRequest) as caught:
         parse_nic_spec({"mtu": mtu, "backend": BRIDGE})

@@ -49,6 +49,9 @@ def _state(nic: Nic) -> str:
     since = time.gmtime(nic.pending_since)
     day = "" if since[:3] == time.gmtime()[:3] else time.strftime("%Y-%m-%d ", since)
     return f"{nic.state} since {day}{time.strftime('%H:%M:%SZ', since)}"
+def warning_lines(nic: Nic) -> str:
+    """``warning: ...`` lines under a NIC's table row, one per warning of the answer."""
+    return "".join(f"\nwarning: {warning}" for warning in nic.warnings)
 
 
 def backend_line(nic: Nic) -> str:
@@ -115,6 +118,9 @@ def nic_add(
     ] = None,
     vectors: Annotated[int | None, typer.Option(metavar="N", help="MSI-X vectors (virtio).")] = None,
     queues: Annotated[int | None, typer.Option(metavar="N", help="Queue pairs (virtio, tap backends).")] = None,
+    mtu: Annotated[
+        int | None, typer.Option(metavar="N", help="MTU 68-65535 (bridge, nat, tap; default: the bridge's).")
+    ] = None,
     link: Annotated[
         LinkArg | None, typer.Option(help="Initial link state (default up; a vfio NIC has none).")
     ] = None,
@@ -135,6 +141,7 @@ def nic_add(
         ),
     }
     optional = {"id": nic_id, "mac": mac, "addr": addr, "bus": bus, "vectors": vectors, "queues": queues}
+    optional["mtu"] = mtu
     spec |= {k: v for k, v in optional.items() if v is not None}
     from qmpnet.core.model import parse_nic_spec  # noqa: PLC0415 - see the module's imports
     from qmpnet.core.policy import check_spec  # noqa: PLC0415
@@ -144,7 +151,7 @@ def nic_add(
         lambda guest: guest.add_nic(nic_spec, verify=call.verify),
         policy_check=lambda settings: check_spec(nic_spec, settings.policy),
     )
-    call.emit(nic, lambda: nic_table([nic]))
+    call.emit(nic, lambda: nic_table([nic]) + warning_lines(nic))
 
 
 @app.command("del")
@@ -208,18 +215,22 @@ def nic_set(
     loss: Annotated[str | None, typer.Option(metavar="PERCENT", help="Loss towards the guest (1%).")] = None,
     no_shape: Annotated[bool, typer.Option("--no-shape", help="Remove all shaping.")] = False,
     link: Annotated[LinkArg | None, typer.Option(help="Set the link up or down.")] = None,
+    mtu: Annotated[
+        int | None, typer.Option(metavar="N", help="MTU of the NIC's host tap; the guest must apply it itself.")
+    ] = None,
 ) -> None:
-    """Change a NIC live, without unplugging it: move it, tag it, shape it, set its link (atomic)."""
+    """Change a NIC live, without unplugging it: move it, tag it, shape it, set its link or MTU (atomic)."""
     values = {"rate": rate, "burst": burst, "delay": delay, "jitter": jitter, "loss": loss}
     update = build_update(
         nic_id, bridge=bridge, network=network, vlan=vlan, trunks=trunks, no_vlan=no_vlan,
         shape={k: v for k, v in values.items() if v is not None}, no_shape=no_shape, link=link,
     )  # fmt: skip
+    update |= {"mtu": mtu} if mtu is not None else {}
     from qmpnet.core.model import parse_nic_update  # noqa: PLC0415 - see the module's imports
 
     checked(lambda: parse_nic_update(update))  # bad values are refused before connecting, naming the field
     nic = call.run(lambda ops: ops.update_nic(update))
-    call.emit(nic, lambda: nic_table([nic]) + backend_line(nic))
+    call.emit(nic, lambda: nic_table([nic]) + backend_line(nic) + warning_lines(nic))
 
 
 async def wait_for_stop(duration: float | None) -> None:

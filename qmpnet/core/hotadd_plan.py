@@ -27,6 +27,7 @@ from qmpnet.core.model import (
     UserBackend,
     VfioBackend,
 )
+from qmpnet.core.mtu import add_warnings, host_mtu
 from qmpnet.core.names import format_pci_addr, generate_mac
 from qmpnet.core.placement import PciTopology, Placement, place
 from qmpnet.errors import Conflict, Unsupported
@@ -95,14 +96,18 @@ class AddPlan:
     placement: Placement
     steps: tuple[Step, ...]
     passt_socket: str | None = None
+    warnings: tuple[str, ...] = ()
 
 
-def plan_add(spec: NicSpec, guest: PlanContext, *, vhost: bool = False, passt_dir: str | None = None) -> AddPlan:
+def plan_add(
+    spec: NicSpec, guest: PlanContext, *, vhost: bool = False, passt_dir: str | None = None, mtu: int | None = None
+) -> AddPlan:
     """Plan the hot-add of ``spec`` into ``guest``.
 
     For bridge and NAT backends the plan expects the tap's fds to have been passed to QEMU already under the
     names :func:`fd_names` gives (the host side is the lane's job); ``vhost`` says whether to ask for vhost-net.
     For a passt backend it expects passt to listen on :attr:`AddPlan.passt_socket`, in the guest's ``passt_dir``.
+    ``mtu`` is the MTU of the NIC's host tap (``spec.mtu``, else its bridge's; see :mod:`qmpnet.core.mtu`).
 
     Raises:
         Conflict: The id, its netdev id, the MAC or the assigned host function is already in the guest.
@@ -132,14 +137,16 @@ def plan_add(spec: NicSpec, guest: PlanContext, *, vhost: bool = False, passt_di
             undo=QmpCall("netdev_del", {"id": netdev_id}),
         ),
         Step(
-            QmpCall("device_add", _device_arguments(spec, nic_id, netdev_id, mac, placement)),
+            QmpCall("device_add", _device_arguments(spec, nic_id, netdev_id, mac, placement, mtu)),
             undo=QmpCall("device_del", {"id": nic_id}),
             undo_waits_for=nic_id,
         ),
     ]
     if spec.link == "down":
         steps.append(Step(QmpCall("set_link", {"name": nic_id, "up": False})))
-    return AddPlan(nic_id, netdev_id, mac, placement, tuple(steps), passt_socket=socket)
+    return AddPlan(
+        nic_id, netdev_id, mac, placement, tuple(steps), passt_socket=socket, warnings=add_warnings(spec.model, mtu)
+    )
 
 
 def _passt_socket_for(spec: NicSpec, nic_id: str, passt_dir: str | None) -> str | None:
@@ -254,8 +261,13 @@ def _placement_arguments(placement: Placement) -> dict[str, object]:
     return {"bus": placement.bus, "addr": format_pci_addr(placement.slot, placement.function)}
 
 
-def _device_arguments(
-    spec: NicSpec, nic_id: str, netdev_id: str, mac: str, placement: Placement
+def _mtu_arguments(spec: NicSpec, mtu: int | None) -> dict[str, object]:
+    value = host_mtu(spec.model, mtu)
+    return {"host_mtu": value} if value is not None else {}
+
+
+def _device_arguments(  # noqa: PLR0913, PLR0917 - the device's properties
+    spec: NicSpec, nic_id: str, netdev_id: str, mac: str, placement: Placement, mtu: int | None
 ) -> dict[str, object]:
     args: dict[str, object] = {
         "driver": spec.model,
@@ -270,4 +282,4 @@ def _device_arguments(
     vectors = spec.vectors if spec.vectors is not None else (2 * queues + 2 if queues > 1 else None)
     if vectors is not None:
         args["vectors"] = vectors
-    return args
+    return args | _mtu_arguments(spec, mtu)

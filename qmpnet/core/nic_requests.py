@@ -8,6 +8,7 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from qmpnet.core.backends import TAP_BASED, Backend, BridgeBackend, NatBackend, UserBackend
 from qmpnet.core.model_base import Frozen, LinkState, Mac, NicModel, QemuId, validate_as
+from qmpnet.core.mtu import MTU_DESCRIPTION, MTU_UPDATE_DESCRIPTION, Mtu, check_mtu_backend
 from qmpnet.core.names import parse_pci_addr
 from qmpnet.core.shape_vlan import Shape, Vlan  # noqa: TC001 - pydantic needs them at runtime
 from qmpnet.errors import InvalidRequest
@@ -40,6 +41,7 @@ class NicSpec(Frozen):
     shape: Shape | None = Field(
         default=None, description="Bandwidth and impairment on the NIC's host tap (tap-based backends)."
     )
+    mtu: Mtu | None = Field(default=None, description=MTU_DESCRIPTION)
 
     @field_validator("addr")
     @classmethod
@@ -61,6 +63,7 @@ class NicSpec(Frozen):
                 f"nic.queues: queues > 1 needs a tap-based backend (bridge, nat, tap), not {self.backend.type}",
                 field="nic.queues",
             )
+        check_mtu_backend(self.mtu, self.backend)
         for name in ("vlan", "shape"):
             if getattr(self, name) is None:
                 continue
@@ -74,6 +77,7 @@ class NicSpec(Frozen):
 
     def _check_vfio(self) -> NicSpec:
         # The assigned function is the NIC: QEMU emulates nothing, so there is no model, MAC, queue or link to set.
+        check_mtu_backend(self.mtu, self.backend)
         for name in ("model", "mac", "vectors", "queues", "link"):
             # A default value is no request: a spec read back from the state store has every field, defaults included.
             if name in self.model_fields_set and getattr(self, name) != type(self).model_fields[name].default:
@@ -105,11 +109,11 @@ def parse_nic_spec(data: Mapping[str, Any] | NicSpec, *, prefix: str = "nic") ->
 
 
 class NicUpdate(Frozen):
-    """A live change of a NIC: move it, tag it, shape it, set its link; the guest keeps its interface.
+    """A live change of a NIC: move it, tag it, shape it, set its link or MTU; the guest keeps its interface.
 
     Fields left out are kept as they are. ``vlan: null`` puts the port back to the bridge's default (untagged, in
-    its default VLAN); ``shape: null`` removes all shaping. ``backend``, ``vlan`` and ``shape`` need a NIC whose
-    backend is a host tap (bridge, nat or tap); every NIC accepts ``link``. A move re-enslaves the tap, flaps the
+    its default VLAN); ``shape: null`` removes all shaping. ``backend``, ``vlan``, ``shape`` and ``mtu`` need a NIC
+    whose backend is a host tap (bridge, nat or tap); every NIC accepts ``link``. A move re-enslaves the tap, flaps the
     link so that the guest renews DHCP, and announces the guest (``announce-self``); the port starts in the new
     bridge's default VLAN unless ``vlan`` is given too.
     """
@@ -121,11 +125,14 @@ class NicUpdate(Frozen):
     vlan: Vlan | None = Field(default=None, description="VLAN membership; null: the bridge's default.")
     shape: Shape | None = Field(default=None, description="Rate, burst, delay, jitter, loss; null: none.")
     link: LinkState | None = Field(default=None, description="Set the link up or down.")
+    mtu: Mtu | None = Field(default=None, description=MTU_UPDATE_DESCRIPTION)
 
     @model_validator(mode="after")
     def _something_to_change(self) -> NicUpdate:
         if not self.model_fields_set - {"id"}:
-            raise InvalidRequest("update: nothing to change; give backend, vlan, shape or link", field="update")
+            raise InvalidRequest("update: nothing to change; give backend, vlan, shape, link or mtu", field="update")
+        if "mtu" in self.model_fields_set and self.mtu is None:
+            raise InvalidRequest("update.mtu: give the MTU, 68-65535", field="update.mtu")
         if "backend" in self.model_fields_set and self.backend is None:
             raise InvalidRequest("update.backend: give the bridge or NAT network to move to", field="update.backend")
         if isinstance(self.backend, BridgeBackend) and self.backend.helper:

@@ -83,6 +83,11 @@ class Nic(Frozen):
         description="removal_pending: when QEMU accepted the unplug request (Unix time, kept in the state store, so "
         "it survives restarts); null otherwise.",
     )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="In the answer of nic/add and nic/update: what the caller must do itself, e.g. set the MTU in "
+        "the guest when the device cannot carry it (e1000, e1000e, rtl8139; a live MTU change). Empty elsewhere.",
+    )
 
 
 class RemoveResult(Frozen):

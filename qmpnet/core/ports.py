@@ -271,8 +271,17 @@ class PasstProcess:
 class HostNetwork(Protocol):
     """The host side of bridge, NAT, tap, VFIO and passt backends."""
 
-    async def create_tap(self, bridge: str, *, queues: int, owner: str) -> TapHandle:
-        """Make a tap enslaved to ``bridge`` and open its queues.
+    async def create_tap(self, bridge: str, *, queues: int, owner: str, mtu: int | None = None) -> TapHandle:
+        """Make a tap enslaved to ``bridge`` and open its queues; its MTU is ``mtu``, else the bridge's.
+
+        Raises:
+            NotFound: No such bridge.
+            InvalidRequest: ``bridge`` is not a bridge, or ``mtu`` is above its MTU (``nic.mtu``).
+        """
+        ...
+
+    async def bridge_mtu(self, bridge: str) -> int:
+        """The MTU of ``bridge``.
 
         Raises:
             NotFound: No such bridge.
@@ -370,6 +379,15 @@ class HostNetwork(Protocol):
         Raises:
             NotFound: No such tap, or no such bridge (``field`` names the input).
             InvalidRequest: ``bridge`` is not a Linux bridge.
+        """
+        ...
+
+    async def set_mtu(self, tap: str, mtu: int, *, field: str) -> Callable[[], Awaitable[object]]:
+        """Give ``tap`` MTU ``mtu`` and return the action that gives it back its old MTU.
+
+        Raises:
+            NotFound: No such tap.
+            InvalidRequest: ``mtu`` is above the MTU of the tap's bridge (``field`` names the input).
         """
         ...
 

@@ -22,7 +22,7 @@ from qmpnet.core.model import NicSpec, PciAddress, TapBackend
 from qmpnet.core.names import format_pci_addr
 from qmpnet.core.records import HostHold, NicRecord, OperationRecord
 from qmpnet.errors import OutcomeUnknown, QmpCommandError, QmpnetError, Unsupported
-from qmpnet.guest.hotadd_steps import Attachment, prepare_host, run_steps
+from qmpnet.guest.hotadd_steps import Attachment, HostLink, host_link, prepare_host, run_steps
 from qmpnet.guest.journal import finished
 from qmpnet.guest.undo import UndoStack
 
@@ -88,6 +88,8 @@ class HotAdd:
         journal = self._parts.journal
         done = journal.record.with_nic(record)
         nic = self._parts.nics.described(inventory.added(plan, spec))
+        if plan.warnings:
+            nic = nic.model_copy(update={"warnings": list(plan.warnings)})
         assert record.spec is not None  # noqa: S101 - a NIC qmpnet adds always has its planned spec
         desired = with_added(done.desired, record.spec)
         journal.save_later(done.model_copy(update={"desired": desired}).with_operation(
@@ -98,13 +100,14 @@ class HotAdd:
     async def _run(self, spec: NicSpec, inventory: Inventory, started: OperationRecord) -> tuple[AddPlan, NicRecord]:
         vhost = self._parts.host is not None and needs_tap_fds(spec) and self._parts.host.vhost()
         passt_dir = str(self._parts.settings.hostnet.passt_guest_dir(self._parts.journal.key))
-        plan = plan_add(spec, inventory.view(), vhost=vhost, passt_dir=passt_dir)
+        link = await host_link(self._parts.host, spec)
+        plan = plan_add(spec, inventory.view(), vhost=vhost, passt_dir=passt_dir, mtu=link.mtu)
         record = _adding(spec, plan, started.id, f"{self._parts.journal.key}/{plan.nic_id}")
         recorded = self._parts.journal.operation(started.id) or started  # the first plan's, if planned again
         await self._parts.journal.save_async(self._parts.journal.record.with_operation(recorded).with_nic(record))
         undo = UndoStack()
         try:
-            record = await self._run_steps(spec, plan, record, undo)
+            record = await self._run_steps(spec, plan, record, undo, link)
         except OutcomeUnknown as err:
             self._parts.nics.invalidate()
             err.add_note("qmpnet did not roll back: QEMU may have applied the step; the next read of the guest "
@@ -116,10 +119,12 @@ class HotAdd:
             raise
         return plan, record.model_copy(update={"state": "active"})
 
-    async def _run_steps(self, spec: NicSpec, plan: AddPlan, record: NicRecord, undo: UndoStack) -> NicRecord:
+    async def _run_steps(
+        self, spec: NicSpec, plan: AddPlan, record: NicRecord, undo: UndoStack, link: HostLink
+    ) -> NicRecord:
         """Prepare the host (recording what it holds), run the QMP steps, tune the tap; returns the record."""
         owner = f"{self._parts.journal.key}/{plan.nic_id}"
-        attachment = await prepare_host(self._parts.host, self._parts.monitor, spec, plan, owner, undo)
+        attachment = await prepare_host(self._parts.host, self._parts.monitor, spec, plan, owner, undo, link)
         if attachment.tap is not None or attachment.vfio_host is not None:
             hold = record.host.model_copy(update={
                 "tap": attachment.tap, "bridge": attachment.bridge, "network": attachment.network,

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING
 
 from qmpnet.core.hotadd_plan import AddPlan, QmpCall, Step, fd_names, needs_tap_fds
 from qmpnet.core.model import BridgeBackend, NatBackend, NicSpec, PasstBackend, TapBackend, VfioBackend
+from qmpnet.core.mtu import check_within
 from qmpnet.errors import QmpCommandError, RemovalPending, Unsupported
 
 if TYPE_CHECKING:
     from qmpnet.core.ports import HostNetwork, Monitor, PasstProcess
     from qmpnet.guest.undo import UndoStack
 
-__all__ = ["Attachment", "prepare_host", "run_steps", "tap_owner", "undo_device"]
+__all__ = ["Attachment", "HostLink", "host_link", "prepare_host", "run_steps", "tap_owner", "undo_device"]
 
 _OWNER_CHARS = re.compile(r"[^A-Za-z0-9_.:/-]")
 
@@ -42,10 +43,45 @@ class Attachment:
     passt: PasstProcess | None = None
 
 
+@dataclass(frozen=True)
+class HostLink:
+    """Where a NIC's host tap goes, known before planning: its bridge (bridge and NAT backends) and its MTU."""
+
+    bridge: str | None = None
+    mtu: int | None = None
+
+
+async def host_link(host: HostNetwork | None, spec: NicSpec) -> HostLink:
+    """The bridge and the tap MTU of ``spec`` (``spec.mtu``, else the bridge's), for planning ``host_mtu``.
+
+    Brings a NAT network up to learn its bridge.
+
+    Raises:
+        InvalidRequest: ``spec.mtu`` is above the bridge's MTU (``nic.mtu``), or the bridge is not one.
+        NotFound: No such bridge or NAT network.
+    """
+    backend = spec.backend
+    if host is None or not needs_tap_fds(spec):
+        return HostLink(mtu=spec.mtu)
+    bridge = await host.nat_bridge(backend.network) if isinstance(backend, NatBackend) else _bridge(backend)
+    bridge_mtu = await host.bridge_mtu(bridge)
+    if spec.mtu is not None:
+        check_within(spec.mtu, bridge, bridge_mtu, field="nic.mtu")
+    return HostLink(bridge, spec.mtu or bridge_mtu)
+
+
 async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, passed explicitly
-    host: HostNetwork | None, monitor: Monitor, spec: NicSpec, plan: AddPlan, owner: str, undo: UndoStack
+    host: HostNetwork | None,
+    monitor: Monitor,
+    spec: NicSpec,
+    plan: AddPlan,
+    owner: str,
+    undo: UndoStack,
+    link: HostLink | None = None,
 ) -> Attachment:
     """Do the host-side work ``spec``'s backend needs before its QMP steps; push the undo of each action.
+
+    ``link`` is what :func:`host_link` found (the NAT network's bridge is looked up again without it).
 
     Raises:
         Unsupported: The backend needs host networking and this guest has none configured.
@@ -60,6 +96,8 @@ async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, pa
                           field="nic.backend.type")
     if isinstance(backend, TapBackend):
         await host.check_tap(backend.ifname)
+        if spec.mtu is not None:
+            undo.push("mtu", await host.set_mtu(backend.ifname, spec.mtu, field="nic.mtu"))
         return Attachment()
     if isinstance(backend, PasstBackend):
         return await _start_passt(host, backend, plan, undo)
@@ -68,8 +106,10 @@ async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, pa
         if driver is not None:
             undo.push("vfio-pci rebind", lambda: host.restore_vfio(backend.host, driver))
         return Attachment(vfio_host=backend.host, vfio_driver=driver)
-    bridge = await host.nat_bridge(backend.network) if isinstance(backend, NatBackend) else _bridge(backend)
-    tap = await host.create_tap(bridge, queues=spec.queues or 1, owner=tap_owner(owner))
+    bridge = link.bridge if link is not None and link.bridge is not None else None
+    if bridge is None:
+        bridge = await host.nat_bridge(backend.network) if isinstance(backend, NatBackend) else _bridge(backend)
+    tap = await host.create_tap(bridge, queues=spec.queues or 1, owner=tap_owner(owner), mtu=spec.mtu)
     undo.push(f"tap {tap.name}", lambda: host.delete_tap(tap.name))
     names = fd_names(plan.netdev_id or plan.nic_id, len(tap.fds))
     try:

@@ -90,8 +90,10 @@ class LiveChanges:
             raise
         changed = _merged(journal.record, nic, update, result, started.id)
         done = inventory.update(nic.id, link=result.nic.link, backend=result.nic.backend)
-        journal.save(changed.with_operation(finished(started, data=done.model_dump(mode="json"))))
-        return self._parts.nics.described(done)
+        warned = {"warnings": list(result.warnings)}
+        journal.save(changed.with_operation(finished(started, data=done.model_copy(update=warned).model_dump(
+            mode="json"))))
+        return self._parts.nics.described(done).model_copy(update=warned)
 
 
 def _linked(record: GuestRecord, nic_id: str, link: LinkState) -> GuestRecord:
@@ -112,6 +114,8 @@ def _merged(record: GuestRecord, nic: Nic, update: NicUpdate, result: UpdateResu
     if spec is not None:
         changes: dict[str, object] = {"backend": update.backend} if update.backend is not None else {}
         changes |= {name: getattr(update, name) for name in ("vlan", "shape") if name in update.model_fields_set}
+        if update.mtu is not None or update.backend is not None:  # a move alone takes the new bridge's MTU
+            changes["mtu"] = update.mtu
         spec = spec.model_copy(update=changes)
     changed = changed.with_nic(kept.model_copy(update={
         "host": hold, "spec": spec, "operation": operation, "link": result.nic.link,

@@ -27,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from qmpnet.core.model import BridgeBackend, Nic, NicUpdate, ObservedBackend, Shape, Vlan
-from qmpnet.errors import NotFound, OutcomeUnknown, QmpnetError, Unsupported
+from qmpnet.core.mtu import HOST_MTU_MODELS, update_warnings
+from qmpnet.errors import NotFound, OutcomeUnknown, QmpCommandError, QmpnetError, Unsupported
 from qmpnet.guest.hotadd_steps import Attachment, tap_owner
 from qmpnet.guest.undo import UndoStack
 
@@ -84,6 +85,7 @@ class UpdatePlan:
     vlan: bool
     shape: bool
     link: LinkState | None
+    mtu: int | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class UpdateResult:
     nic: Nic
     attachment: Attachment | None
     backend: ObservedBackend | None
+    warnings: tuple[str, ...] = ()
 
 
 def plan_update(update: NicUpdate, known: KnownNic) -> UpdatePlan:
@@ -104,11 +107,11 @@ def plan_update(update: NicUpdate, known: KnownNic) -> UpdatePlan:
     """
     kind = known.kind
     if kind == "vfio":
-        first = next(name for name in ("backend", "vlan", "shape", "link") if name in update.model_fields_set)
+        first = next(name for name in ("backend", "vlan", "shape", "link", "mtu") if name in update.model_fields_set)
         raise Unsupported(f"update.{first}: NIC {update.id} is an assigned host device (vfio); it has no backend, "
                           "VLAN, shaping or link qmpnet can change", field=f"update.{first}")
     tap_based = kind in TAP_KINDS
-    host_fields = [name for name in ("backend", "vlan", "shape") if name in update.model_fields_set]
+    host_fields = [name for name in ("backend", "vlan", "shape", "mtu") if name in update.model_fields_set]
     if host_fields and not tap_based:
         raise Unsupported(
             f"update.{host_fields[0]}: NIC {update.id} has a {kind} backend; only its link can be changed live (a "
@@ -116,7 +119,7 @@ def plan_update(update: NicUpdate, known: KnownNic) -> UpdatePlan:
             field=f"update.{host_fields[0]}",
         )
     moves = update.backend is not None
-    return UpdatePlan(bool(host_fields), moves, update.changes_vlan, update.changes_shape, update.link)
+    return UpdatePlan(bool(host_fields), moves, update.changes_vlan, update.changes_shape, update.link, update.mtu)
 
 
 async def run_update(
@@ -144,6 +147,7 @@ async def run_update(
                           field="update")
     tap, ours = await _find_tap(monitor, host, known)
     port = await host.tap_port(tap)
+    warnings = () if plan.mtu is None else update_warnings(nic.model, plan.mtu, await _device_mtu(monitor, nic))
     undo = UndoStack()
     try:
         after = await _apply(monitor, host, _Target(known, port, ours), update, plan, undo, settings)
@@ -154,7 +158,18 @@ async def run_update(
         await undo.unwind(err)
         raise
     log.info("NIC %s: changed live (%s)", nic.id, ", ".join(sorted(update.model_fields_set - {"id"})))
-    return after
+    return replace(after, warnings=warnings)
+
+
+async def _device_mtu(monitor: Monitor, nic: Nic) -> int | None:
+    """The ``host_mtu`` the NIC's device was added with (0: none), where the model has the property."""
+    if nic.model not in HOST_MTU_MODELS:
+        return None
+    try:
+        value = await monitor.execute("qom-get", {"path": f"/machine/peripheral/{nic.id}", "property": "host_mtu"})
+    except QmpCommandError:
+        return None  # a device without an id path (cold-plugged anonymously): the guest tells, qmpnet cannot
+    return value if isinstance(value, int) else None
 
 
 async def _link_only(monitor: Monitor, known: KnownNic, link: LinkState | None) -> UpdateResult:
@@ -222,6 +237,8 @@ async def _apply(  # noqa: PLR0913, PLR0917 - the run's collaborators and its st
         undo.push("vlan", await host.set_vlan(port.name, update.vlan))
     if plan.shape:
         undo.push("shape", await host.set_shape(port.name, update.shape))
+    if plan.mtu is not None:  # after a move, which gave the tap the new bridge's MTU
+        undo.push("mtu", await host.set_mtu(port.name, plan.mtu, field="update.mtu"))
     link_now: LinkState = "down" if flapped else nic.link
     if flapped and final == "up":
         await asyncio.sleep(max(0.0, settings.link_flap - (time.monotonic() - down_since)))

@@ -111,6 +111,9 @@ async def test_remote_refusals_name_the_field(remote: Remote, client: Client) ->
         with pytest.raises(Unsupported) as unsupported:
             await client.update_nic("lv", "vm", {"id": "u2", "shape": {"rate": "5mbit"}})
         assert unsupported.value.field == "update.shape"
+        with pytest.raises(Unsupported) as no_tap:  # a user-mode NIC has no host tap to give an MTU
+            await client.update_nic("lv", "vm", {"id": "u2", "mtu": 1400})
+        assert no_tap.value.field == "update.mtu"
         with pytest.raises(NotFound):
             await client.update_nic("lv", "vm", {"id": "nosuch", "link": "up"})
         # A bad value never leaves the client; on the wire the controller refuses it the same way.
@@ -123,6 +126,11 @@ async def test_remote_refusals_name_the_field(remote: Remote, client: Client) ->
                                       {"update": {"id": "u2", "shape": {"rate": "-5mbit"}}})
         assert answer["status"] == "error"
         assert (answer["error"]["code"], answer["error"]["field"]) == ("invalid_request", "update.shape.rate")
+        async with Probe(remote.url) as probe:
+            await probe.subscribe(probe.response_topic)
+            answer = await probe.call(f"{BASE}/request/nic/add", {"nic": {"id": "u3", "mtu": 1400}})
+        assert answer["status"] == "error"
+        assert (answer["error"]["code"], answer["error"]["field"]) == ("invalid_request", "nic.mtu")
     finally:
         await client.remove_nic("lv", "vm", "u2", timeout=0)
 

@@ -28,6 +28,7 @@ class FakePort:
     vlan: Vlan | None = None
     shape: Shape | None = None
     owner: str | None = None
+    mtu: int = 1500
 
 
 @dataclass
@@ -41,6 +42,7 @@ class PortsHost:
     errors: dict[str, QmpnetError] = field(default_factory=dict)
     failing_undos: set[str] = field(default_factory=set)
     calls: list[tuple[Any, ...]] = field(default_factory=list)
+    bridge_mtus: dict[str, int] = field(default_factory=dict)
 
     def _call(self, *call: Any) -> None:
         self.calls.append(call)
@@ -60,8 +62,11 @@ class PortsHost:
         return self.taps[tap]
 
     # the hot-add side, unused here
-    async def create_tap(self, bridge: str, *, queues: int, owner: str) -> Any:
+    async def create_tap(self, bridge: str, *, queues: int, owner: str, mtu: int | None = None) -> Any:
         raise NotImplementedError
+
+    async def bridge_mtu(self, bridge: str) -> int:
+        return self.bridge_mtus.get(bridge, 1500)
 
     async def delete_tap(self, name: str) -> None:
         self._call("delete_tap", name)
@@ -136,6 +141,19 @@ class PortsHost:
         async def undo() -> None:
             self.calls.append(("undo set_vlan", tap, before))
             port.vlan = before
+
+        return undo
+
+    async def set_mtu(self, tap: str, mtu: int, *, field: str) -> Callable[[], Awaitable[object]]:
+        self._call("set_mtu", tap, mtu, field)
+        port = self._port(tap)
+        if port.bridge is not None and mtu > self.bridge_mtus.get(port.bridge, 1500):
+            raise InvalidRequest(f"{field}: {mtu} is larger than the MTU of bridge {port.bridge}", field=field)
+        before, port.mtu = port.mtu, mtu
+
+        async def undo() -> None:
+            self.calls.append(("undo set_mtu", tap, before))
+            port.mtu = before
 
         return undo
 

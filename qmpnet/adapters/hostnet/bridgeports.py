@@ -24,7 +24,9 @@ from pyroute2 import NetlinkError
 from qmpnet.adapters.hostnet.failures import host_error, netlink_code
 from qmpnet.adapters.hostnet.links import MARK, LinkInfo, dump_links, find_link, tap_mark
 from qmpnet.adapters.hostnet.shaping import read_layout, shape_of
+from qmpnet.adapters.hostnet.taps import keep_bridge_mtu
 from qmpnet.core.model import Vlan
+from qmpnet.core.mtu import check_within
 from qmpnet.core.ports import TapPort
 from qmpnet.errors import Conflict, InvalidRequest, NotFound, Unsupported
 
@@ -37,6 +39,7 @@ __all__ = [
     "move",
     "port_of",
     "put_back",
+    "set_port_mtu",
     "tap_held_by",
     "vlan_of",
     "write_vlans",
@@ -181,6 +184,28 @@ def put_back(ipr: Any, tap_name: str, where: Placement) -> None:  # noqa: ANN401
             ipr.link("set", index=tap.index, mtu=where.mtu)
     except NetlinkError as err:
         raise host_error(f"put tap {tap_name} back on its bridge", err) from err
+
+
+def set_port_mtu(ipr: Any, tap_name: str, mtu: int, *, field: str) -> int:  # noqa: ANN401 - pyroute2's IPRoute
+    """Give ``tap_name`` MTU ``mtu``, at most its bridge's, whose MTU stays as it is; return the MTU the tap had.
+
+    Raises:
+        NotFound: The tap is gone.
+        InvalidRequest: ``mtu`` is above the MTU of the tap's bridge (``field``).
+        QmpnetError: The kernel refused.
+    """
+    tap = _tap(ipr, tap_name)
+    master = next((link for link in dump_links(ipr) if link.index == tap.master), None) if tap.master else None
+    if master is not None:
+        check_within(mtu, master.name, master.mtu, field=field)
+    if tap.mtu != mtu:
+        try:
+            ipr.link("set", index=tap.index, mtu=mtu)
+        except NetlinkError as err:
+            raise host_error(f"set the MTU of tap {tap_name} to {mtu}", err, field=field) from err
+        if master is not None:
+            keep_bridge_mtu(ipr, master)
+    return tap.mtu
 
 
 def _vlan_settings(bridge: LinkInfo, ipr: Any) -> tuple[bool, int]:  # noqa: ANN401 - pyroute2's IPRoute

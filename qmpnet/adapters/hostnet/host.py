@@ -42,12 +42,17 @@ class HostNet:
     def __init__(self, settings: HostnetSettings | None = None) -> None:
         self.settings = settings or HostnetSettings()
 
-    async def create_tap(self, bridge: str, *, queues: int, owner: str) -> Tap:
-        """Make a tap on ``bridge`` with ``queues`` open queue fds, marked as ``owner``'s."""
+    async def create_tap(self, bridge: str, *, queues: int, owner: str, mtu: int | None = None) -> Tap:
+        """Make a tap on ``bridge`` with ``queues`` open queue fds, marked as ``owner``'s, of MTU ``mtu``."""
         from qmpnet.adapters.hostnet.taps import create_tap  # noqa: PLC0415 - netlink only when used (see the imports)
         return await create_tap(
-            bridge, pattern=self.settings.tap_pattern, queues=queues, netns=self.settings.netns, owner=owner
+            bridge, pattern=self.settings.tap_pattern, queues=queues, netns=self.settings.netns, owner=owner, mtu=mtu
         )
+
+    async def bridge_mtu(self, bridge: str) -> int:
+        """The MTU of ``bridge``."""
+        from qmpnet.adapters.hostnet.taps import bridge_mtu  # noqa: PLC0415 - netlink only when used (see the imports)
+        return await bridge_mtu(bridge, netns=self.settings.netns)
 
     async def delete_tap(self, name: str) -> None:
         """Delete tap ``name`` if it is still there (it normally leaves with QEMU's fd), and its IFB if shaped."""
@@ -238,6 +243,31 @@ class HostNet:
             log.info("put tap %s back on its bridge", tap)
 
         return put_back
+
+    async def set_mtu(self, tap: str, mtu: int, *, field: str) -> Callable[[], Awaitable[object]]:
+        """Give ``tap`` MTU ``mtu`` (at most its bridge's); returns the action that gives it back its old MTU.
+
+        Raises:
+            NotFound: No such tap.
+            InvalidRequest: ``mtu`` is above the MTU of the tap's bridge (``field``).
+        """
+        from qmpnet.adapters.hostnet import bridgeports  # noqa: PLC0415 - netlink only when used (see the imports)
+        from qmpnet.adapters.hostnet.links import route  # noqa: PLC0415 - netlink only when used (see the imports)
+        from qmpnet.adapters.hostnet.netns import run_in_netns  # noqa: PLC0415 - netlink only when used (see the imports)
+        check_ifname(tap, field="id")
+        netns = self.settings.netns
+
+        def write(value: int) -> int:
+            with route() as ipr:
+                return bridgeports.set_port_mtu(ipr, tap, value, field=field)
+
+        before = await run_in_netns(netns, lambda: write(mtu))
+        log.info("tap %s: MTU %d (was %d)", tap, mtu, before)
+
+        async def restore() -> None:
+            await run_in_netns(netns, lambda: write(before))
+
+        return restore
 
     async def set_vlan(self, tap: str, vlan: Vlan | None) -> Callable[[], Awaitable[object]]:
         """Set the VLANs of ``tap``'s port (``None``: the bridge's default); returns the undo.

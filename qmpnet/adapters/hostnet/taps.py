@@ -13,7 +13,10 @@ serve`` sees the guest (re)connect and sweeps the taps of NICs the guest does no
 carrying qmpnet's mark (see :mod:`qmpnet.adapters.hostnet.links`), never someone else's ``vnet3``.
 
 Each tap gets a random ``fe:xx:xx:xx:xx:xx`` MAC (the bridge takes the lowest port MAC as its own, so a high one
-never changes the bridge's address under its uplink) and the bridge's MTU, and is enslaved and brought up.
+never changes the bridge's address under its uplink) and the NIC's MTU, else the bridge's (never more: see
+:mod:`qmpnet.core.mtu`), and is enslaved and brought up. A Linux bridge whose MTU nobody set follows its smallest
+port, so a tap of a smaller MTU would lower the MTU of the operator's bridge and of every other port's traffic:
+:func:`keep_bridge_mtu` sets it back, which also pins it (the kernel no longer lowers it for a port).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from qmpnet.core.ifnames import (
     tap_pattern_kernel,
     tap_pattern_regex,
 )
+from qmpnet.core.mtu import check_within
 from qmpnet.errors import Conflict, InvalidRequest, NotFound, QmpnetError, Unsupported
 
 if TYPE_CHECKING:
@@ -48,9 +52,11 @@ __all__ = [
     "MAX_QUEUES",
     "Tap",
     "TapInfo",
+    "bridge_mtu",
     "check_existing_tap",
     "create_tap",
     "delete_tap",
+    "keep_bridge_mtu",
     "list_taps",
     "sweep_taps",
     "vhost_usable",
@@ -154,13 +160,14 @@ def vhost_usable(path: Path = VHOST_DEVICE) -> bool:
     return True
 
 
-async def create_tap(
+async def create_tap(  # noqa: PLR0913 - the tap's properties, all keyword-only
     bridge: str,
     *,
     pattern: str = TAP_PATTERN_DEFAULT,
     queues: int = 1,
     netns: str | None = None,
     owner: str | None = None,
+    mtu: int | None = None,
 ) -> Tap:
     """Create a tap named by ``pattern``, enslave it to ``bridge``, bring it up, and return it with its fds.
 
@@ -173,9 +180,11 @@ async def create_tap(
         queues: Queue count; above 1 the tap is multiqueue and one fd per queue is returned.
         netns: The namespace to create the tap in (the bridge's, and QEMU's).
         owner: A short note stored in the tap's mark (e.g. ``vm1/virtio0``) and shown by :func:`list_taps`.
+        mtu: The tap's MTU (``None``: the bridge's).
 
     Raises:
-        InvalidRequest: A malformed name, pattern, owner or queue count; or ``bridge`` is not a Linux bridge.
+        InvalidRequest: A malformed name, pattern, owner or queue count; ``bridge`` is not a Linux bridge; or
+            ``mtu`` is above the bridge's (``field`` = ``nic.mtu``).
         NotFound: No link called ``bridge`` (``field`` = ``nic.backend.bridge``), or no namespace ``netns``.
         Unsupported: No ``/dev/net/tun``, or not allowed to create taps.
         QmpnetError: Another netlink or ioctl failure.
@@ -186,10 +195,26 @@ async def create_tap(
         raise InvalidRequest(f"nic.queues: must be 1 to {MAX_QUEUES}", field="nic.queues")
     mark = tap_mark(_check_owner(owner))
     tap = await run_in_netns(
-        netns, lambda: _create(bridge, kernel_name, queues, netns, mark), discard=Tap.close_fds
+        netns, lambda: _create(bridge, kernel_name, queues, netns, mark, mtu), discard=Tap.close_fds
     )
     log.info("created tap %s (%d queue(s)) on bridge %s%s", tap.name, queues, bridge, _where(netns))
     return tap
+
+
+async def bridge_mtu(bridge: str, *, netns: str | None = None) -> int:
+    """The MTU of ``bridge``.
+
+    Raises:
+        NotFound: No link called ``bridge`` (``field`` = ``nic.backend.bridge``), or no namespace ``netns``.
+        InvalidRequest: ``bridge`` is malformed or not a Linux bridge.
+    """
+    check_ifname(bridge, field="nic.backend.bridge")
+
+    def look() -> int:
+        with route() as ipr:
+            return _bridge(ipr, bridge).mtu
+
+    return await run_in_netns(netns, look)
 
 
 async def delete_tap(name: str, *, netns: str | None = None) -> bool:
@@ -281,15 +306,18 @@ async def sweep_taps(
 # ------------------------------------------------------------------------------------- in the namespace thread
 
 
-def _create(bridge: str, kernel_name: str, queues: int, netns: str | None, mark: str) -> Tap:
+def _create(bridge: str, kernel_name: str, queues: int, netns: str | None, mark: str, mtu: int | None) -> Tap:  # noqa: PLR0913, PLR0917 - the tap's properties
     with route() as ipr:
         master = _bridge(ipr, bridge)
+        if mtu is not None:
+            check_within(mtu, bridge, master.mtu, field="nic.mtu")
         fds: list[int] = []
         try:
             name = _open_queue(kernel_name, queues, fds)
             for _ in range(queues - 1):
                 _open_queue(name, queues, fds)
-            link = _attach(ipr, name, master, mark)
+            link = _attach(ipr, name, master, mark, mtu or master.mtu)
+            keep_bridge_mtu(ipr, master)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -324,17 +352,34 @@ def _open_queue(name: str, queues: int, fds: list[int]) -> str:
     return raw_name.split(b"\0", 1)[0].decode()
 
 
-def _attach(ipr: Any, name: str, master: LinkInfo, mark: str) -> LinkInfo:  # noqa: ANN401 - untyped pyroute2
+def _attach(ipr: Any, name: str, master: LinkInfo, mark: str, mtu: int) -> LinkInfo:  # noqa: ANN401 - untyped pyroute2
     link = find_link(ipr, name)
     if link is None:
         raise QmpnetError(f"tap {name} vanished right after it was created")
     mac = "fe:" + ":".join(f"{octet:02x}" for octet in secrets.token_bytes(5))
     try:
-        ipr.link("set", index=link.index, ifalias=mark, address=mac, mtu=master.mtu)
+        ipr.link("set", index=link.index, ifalias=mark, address=mac, mtu=mtu)
         ipr.link("set", index=link.index, master=master.index, state="up")
     except NetlinkError as err:
         raise host_error(f"enslave tap {link.name} to bridge {master.name}", err) from err
     return link
+
+
+def keep_bridge_mtu(ipr: Any, bridge: LinkInfo) -> None:  # noqa: ANN401 - pyroute2's IPRoute is untyped
+    """Give ``bridge`` back the MTU it had (``bridge.mtu``) if a port of smaller MTU made the kernel lower it.
+
+    Raises:
+        QmpnetError: The kernel refused.
+    """
+    now = find_link(ipr, bridge.name)
+    if now is None or now.mtu == bridge.mtu:
+        return
+    try:
+        ipr.link("set", index=bridge.index, mtu=bridge.mtu)
+    except NetlinkError as err:
+        raise host_error(f"put the MTU of bridge {bridge.name} back to {bridge.mtu}", err) from err
+    log.info("bridge %s: MTU put back to %d (the kernel had lowered it to %d for a port)", bridge.name, bridge.mtu,
+             now.mtu)
 
 
 def _list(match: Any) -> list[TapInfo]:  # noqa: ANN401 - a regex's fullmatch

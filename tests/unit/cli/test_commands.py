@@ -126,6 +126,9 @@ def test_an_unreachable_broker_is_one_line() -> None:
         (["nic", "del", "lan1", "--timeout", "nan"], "timeout"),
         (["nic", "link", "0bad", "up"], "id"),
         (["nic", "add", "--backend", "passt", "--port", "tcp:22:22", "--port", "tcp:2222"], "nic.backend.ports.1"),
+        (["nic", "add", "--backend", "bridge", "--bridge", "br0", "--mtu", "65536"], "nic.mtu"),
+        (["nic", "add", "--mtu", "1400"], "nic.mtu"),  # user mode has no host tap
+        (["nic", "set", "lan1", "--mtu", "67"], "update.mtu"),
     ],
 )
 def test_bad_input_is_refused_before_connecting(sockdir: Path, args: list[str], field: str) -> None:

@@ -12,9 +12,11 @@ import pytest
 from fakehost import FakePort, PortsHost
 from fakemonitor import RecordingMonitor
 
-from qmpnet.core.model import GuestEvent, ObservedBackend, Shape
+from qmpnet.adapters.store import MemoryGuestStore
+from qmpnet.core.model import GuestEvent, ObservedBackend, Shape, parse_nic_spec
 from qmpnet.core.policy import Policy
 from qmpnet.core.ports import NetClient, PciDevice
+from qmpnet.core.records import DesiredSet, GuestRecord, HostHold, NicRecord
 from qmpnet.errors import Forbidden, InvalidRequest, NotFound, QmpnetError
 from qmpnet.guest.guest import Guest
 from qmpnet.serve.controller import Controller
@@ -188,6 +190,12 @@ async def test_the_controller_answers_nic_update_and_nic_capture_and_republishes
         bad = await running.handle("vm1", "nic/update", {"update": {"id": "lan0", "shape": {"loss": "101%"}}})
         assert bad.status == "error"
         assert (bad.error.code, bad.error.field) == ("invalid_request", "update.shape.loss")
+        mtu = await running.handle("vm1", "nic/update", {"update": {"id": "lan0", "mtu": 1400}})
+        assert mtu.status == "ok", mtu
+        assert "the guest must apply it" in mtu.data.warnings[0]  # the MQTT reply carries the warnings
+        too_big = await running.handle("vm1", "nic/update", {"update": {"id": "lan0", "mtu": 1501}})
+        assert too_big.status == "error"
+        assert (too_big.error.code, too_big.error.field) == ("invalid_request", "update.mtu")
         capture = await running.handle("vm1", "nic/capture", {"id": "lan0", "action": "start", "file": "/var/a.pcap"})
         assert capture.status == "ok", capture
         assert (capture.data.state, capture.data.file) == ("capturing", "/var/a.pcap")
@@ -201,3 +209,29 @@ def test_serve_gives_remote_callers_no_capture_directory_unless_listed() -> None
     listed = serve_settings(Settings(policy=Policy(allowed_capture_dirs=["/var/cap"])))
     assert listed.policy.allowed_capture_dirs == ["/var/cap"]
     assert listed.policy.allowed_bridges == []
+
+
+async def test_a_live_mtu_is_kept_in_the_record_and_the_desired_set_and_a_move_alone_clears_it() -> None:
+    spec = parse_nic_spec({"id": "lan0", "mac": MAC, "backend": {"type": "bridge", "bridge": "br-a"}})
+    nic = NicRecord(id="lan0", spec=spec, netdev="lan0.net", state="active", link="up",
+                    host=HostHold(owner="vm1/lan0", tap="vnet4", bridge="br-a"))
+    record = GuestRecord(address="vm1", name="vm1", instance="{}", desired=DesiredSet(nics=[spec])).with_nic(nic)
+    store = MemoryGuestStore(record, key="vm1")
+    monitor, ports = TapGuestMonitor(), host()
+    async with Guest(monitor, name="vm1", settings=fast(), host=ports, store=store) as guest:
+        answer = await guest.update_nic({"id": "lan0", "mtu": 1300})
+        assert ports.taps["vnet4"].mtu == 1300
+        [warning] = answer.warnings
+        assert "the guest must apply it" in warning
+        assert store.record.nics["lan0"].spec is not None
+        assert store.record.nics["lan0"].spec.mtu == 1300
+        assert store.record.desired is not None
+        assert [s.mtu for s in store.record.desired.nics] == [1300]
+        [operation] = [op for op in store.record.operations.values() if op.op == "nic/update"]
+        assert operation.outcome is not None
+        assert operation.outcome["data"]["warnings"] == [warning]  # a repeated transaction gets the same answer
+
+        await guest.update_nic({"id": "lan0", "backend": {"type": "bridge", "bridge": "br-b"}})
+        assert store.record.nics["lan0"].spec is not None
+        assert store.record.nics["lan0"].spec.mtu is None  # the move gave the tap br-b's MTU
+        assert [s.mtu for s in store.record.desired.nics] == [None]

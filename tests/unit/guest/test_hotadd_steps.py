@@ -15,6 +15,7 @@ import pytest
 from fakemonitor import RecordingMonitor, pc_observation
 
 from qmpnet.adapters.store import MemoryGuestStore
+from qmpnet.core.desired_diff import parse_desired
 from qmpnet.core.hotadd_plan import PlanContext, fd_names, netdev_arguments, plan_add
 from qmpnet.core.inventory import Inventory
 from qmpnet.core.model import NicSpec, ObservedBackend, parse_nic_spec
@@ -30,6 +31,7 @@ from qmpnet.errors import (
     QmpnetError,
     Unsupported,
 )
+from qmpnet.guest.apply_desired import apply_desired
 from qmpnet.guest.guest import Guest
 from qmpnet.settings import QmpSettings, Settings
 
@@ -82,6 +84,7 @@ class FakeHost:
     errors: dict[str, QmpnetError] = field(default_factory=dict)
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     taps: list[FakeTap] = field(default_factory=list)
+    bridge_mtus: dict[str, int] = field(default_factory=dict)
 
     def _call(self, *call: Any) -> None:
         self.calls.append(call)
@@ -92,11 +95,22 @@ class FakeHost:
     def actions(self) -> list[str]:
         return [call[0] for call in self.calls]
 
-    async def create_tap(self, bridge: str, *, queues: int, owner: str) -> FakeTap:
-        self._call("create_tap", bridge, queues, owner)
+    async def create_tap(self, bridge: str, *, queues: int, owner: str, mtu: int | None = None) -> FakeTap:
+        self._call("create_tap", bridge, queues, owner, *([mtu] if mtu is not None else []))
         tap = FakeTap(f"vnet{len(self.taps)}", [100 + i for i in range(queues)])
         self.taps.append(tap)
         return tap
+
+    async def bridge_mtu(self, bridge: str) -> int:  # a read: not in calls
+        return self.bridge_mtus.get(bridge, 1500)
+
+    async def set_mtu(self, tap: str, mtu: int, *, field: str) -> Callable[[], Awaitable[object]]:
+        self._call("set_mtu", tap, mtu, field)
+
+        async def undo() -> None:
+            self.calls.append(("undo set_mtu", tap))
+
+        return undo
 
     async def delete_tap(self, name: str) -> None:
         self._call("delete_tap", name)
@@ -812,3 +826,81 @@ async def test_the_sweep_keeps_the_passts_of_nics_that_exist() -> None:
         pass
     assert host.calls[-1] == ("sweep_passt", str(PASST_DIR), [PASST_SOCKET])
     assert "stop_passt" not in host.actions
+# ----------------------------------------------------------------------------------------- MTU
+
+MTU_BRIDGE = {"type": "bridge", "bridge": "br0"}
+
+
+async def test_without_mtu_a_virtio_nic_gets_its_bridges_mtu_as_host_mtu() -> None:
+    host = FakeHost(bridge_mtus={"br0": 1400})
+    guest, monitor = lane(host)
+    nic = await guest.add_nic({"id": "b0", "backend": MTU_BRIDGE})
+    assert host.calls == [("create_tap", "br0", 1, "vm1/b0")]  # the tap takes the bridge's MTU itself
+    assert arguments(monitor, "device_add")["host_mtu"] == 1400
+    assert nic.warnings == []
+
+
+async def test_on_a_bridge_of_1500_nothing_mtu_related_is_added() -> None:
+    guest, monitor = lane(FakeHost())
+    await guest.add_nic({"id": "b0", "backend": MTU_BRIDGE})
+    assert "host_mtu" not in arguments(monitor, "device_add")
+
+
+async def test_an_mtu_below_the_bridges_goes_to_the_tap_and_host_mtu() -> None:
+    host = FakeHost(bridge_mtus={"br0": 9000})
+    guest, monitor = lane(host)
+    await guest.add_nic({"id": "b0", "mtu": 1400, "backend": MTU_BRIDGE})
+    assert host.calls == [("create_tap", "br0", 1, "vm1/b0", 1400)]
+    assert arguments(monitor, "device_add")["host_mtu"] == 1400
+
+
+@pytest.mark.parametrize("model", ["e1000", "e1000e", "rtl8139"])
+async def test_models_that_ignore_host_mtu_answer_with_a_warning(model: str) -> None:
+    guest, monitor = lane(FakeHost())
+    nic = await guest.add_nic({"id": "e0", "model": model, "mtu": 1400, "backend": MTU_BRIDGE})
+    assert "host_mtu" not in arguments(monitor, "device_add")
+    [warning] = nic.warnings
+    assert warning.startswith(f"mtu: {model} ignores host_mtu")
+
+
+async def test_an_mtu_above_the_bridges_is_refused_and_nothing_is_made() -> None:
+    host = FakeHost(bridge_mtus={"br0": 1400})
+    guest, monitor = lane(host)
+    with pytest.raises(InvalidRequest) as caught:
+        await guest.add_nic({"id": "b0", "mtu": 1401, "backend": MTU_BRIDGE})
+    assert caught.value.field == "nic.mtu"
+    assert host.calls == []  # no tap
+    assert not {"getfd", "netdev_add", "device_add"} & set(monitor.commands)
+
+
+async def test_a_nat_nic_is_checked_against_its_networks_bridge_once() -> None:
+    host = FakeHost(bridge_mtus={"qmpnat-lab": 1450})
+    guest, monitor = lane(host)
+    await guest.add_nic({"id": "n0", "backend": {"type": "nat", "network": "lab"}})
+    assert host.calls == [("nat_bridge", "lab"), ("create_tap", "qmpnat-lab", 1, "vm1/n0")]
+    assert arguments(monitor, "device_add")["host_mtu"] == 1450
+
+
+async def test_a_tap_backend_gets_its_mtu_and_loses_it_again_on_failure() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host)
+    monitor.errors["device_add"] = failing("device_add")
+    with pytest.raises(QmpCommandError):
+        await guest.add_nic({"id": "t0", "mtu": 1400, "backend": {"type": "tap", "ifname": "tap0"}})
+    assert host.calls == [("check_tap", "tap0"), ("set_mtu", "tap0", 1400, "nic.mtu"), ("undo set_mtu", "tap0")]
+
+
+async def test_a_desired_set_adds_its_nics_with_their_mtu_and_reports_one_too_big() -> None:
+    # What `qmpnet apply`, the retained desired topic and a restarted QEMU's re-add all go through.
+    host = FakeHost(bridge_mtus={"br0": 9000, "br1": 1400})
+    guest, monitor = lane(host)
+    desired = parse_desired({"nics": [{"id": "m0", "mtu": 4000, "backend": MTU_BRIDGE},
+                                      {"id": "m1", "mtu": 1500, "backend": {"type": "bridge", "bridge": "br1"}}]},
+                            source="apply")  # fmt: skip
+    report = await apply_desired(guest, desired)
+    assert ("create_tap", "br0", 1, "vm1/m0", 4000) in host.calls
+    assert arguments(monitor, "device_add")["host_mtu"] == 4000
+    [error] = report.errors
+    assert (error.id, error.code) == ("m1", "invalid_request")
+    assert error.message.startswith("nic.mtu: 1500 is larger than the MTU of bridge br1 (1400)")
+    assert not [call for call in host.calls if call[:2] == ("create_tap", "br1")]

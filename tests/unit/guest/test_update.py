@@ -6,7 +6,7 @@ host's taps, which must end exactly as they started.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from fakehost import FakePort, PortsHost
@@ -25,6 +25,9 @@ from qmpnet.errors import (
 from qmpnet.guest.hotadd_steps import Attachment
 from qmpnet.guest.update import KnownNic, plan_update, run_update
 from qmpnet.settings import UpdateSettings
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 NO_FLAP = UpdateSettings(link_flap=0)
 ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100, "interfaces": ["lan0"]}
@@ -328,3 +331,67 @@ async def test_host_errors_reach_the_caller_unchanged(error: QmpnetError) -> Non
     with pytest.raises(type(error)) as caught:
         await run_update(monitor, host, bridge_nic(), update(shape={"rate": "1mbit"}), NO_FLAP)
     assert caught.value is error
+
+
+# ----------------------------------------------------------------------------------------- MTU
+
+
+class HostMtuMonitor(RecordingMonitor):
+    """A monitor whose NIC devices were added with ``host_mtu``."""
+
+    def __init__(self, device_mtu: int) -> None:
+        super().__init__()
+        self.device_mtu = device_mtu
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
+        answer = await super().execute(command, arguments)
+        return self.device_mtu if command == "qom-get" else answer
+
+
+def mtu_nic(model: str = "virtio-net-pci") -> KnownNic:
+    nic = Nic(id="lan0", model=model, mac="52:54:00:00:00:01", netdev="lan0.net",
+              backend=ObservedBackend(type="tap", options={"fd": "23"}),
+              pci=PciAddress(bus="pci.0", slot=4, function=0), link="up", state="active")
+    return KnownNic(nic, ObservedBackend(type="bridge", options={"bridge": "br-a", "tap": "vnet0"}),
+                    Attachment(tap="vnet0", bridge="br-a"), "vm1/lan0")
+
+
+def mtu_host(bridge_mtu: int = 9000) -> PortsHost:
+    return PortsHost(taps={"vnet0": FakePort(bridge="br-a")}, bridge_mtus={"br-a": bridge_mtu})
+
+
+async def test_a_live_mtu_sets_the_tap_and_warns_that_the_guest_must_apply_it() -> None:
+    host, monitor = mtu_host(), HostMtuMonitor(0)
+    result = await run_update(monitor, host, mtu_nic(), parse_nic_update({"id": "lan0", "mtu": 4000}), NO_FLAP)
+    assert host.taps["vnet0"].mtu == 4000
+    [warning] = result.warnings
+    assert "host_mtu is fixed when the device is added" in warning
+    assert ("qom-get", {"path": "/machine/peripheral/lan0", "property": "host_mtu"}) in monitor.executed
+    assert "set_link" not in monitor.commands
+
+
+async def test_a_live_mtu_above_the_devices_host_mtu_is_refused_before_anything_changes() -> None:
+    host, monitor = mtu_host(), HostMtuMonitor(1400)
+    with pytest.raises(InvalidRequest) as caught:
+        await run_update(monitor, host, mtu_nic(), parse_nic_update({"id": "lan0", "mtu": 1500}), NO_FLAP)
+    assert caught.value.field == "update.mtu"
+    assert host.taps["vnet0"].mtu == 1500
+    assert "set_mtu" not in host.actions
+
+
+async def test_a_live_mtu_above_the_bridges_is_refused_and_the_rest_undone() -> None:
+    host, monitor = mtu_host(bridge_mtu=1400), HostMtuMonitor(0)
+    before = host.state()
+    change = parse_nic_update({"id": "lan0", "mtu": 1401, "vlan": {"access": 10}})
+    with pytest.raises(InvalidRequest) as caught:
+        await run_update(monitor, host, mtu_nic("e1000"), change, NO_FLAP)
+    assert caught.value.field == "update.mtu"
+    assert host.state() == before
+    assert host.taps["vnet0"].mtu == 1500
+
+
+async def test_a_live_mtu_needs_a_host_tap() -> None:
+    user = KnownNic(mtu_nic().nic.model_copy(update={"backend": ObservedBackend(type="user")}))
+    with pytest.raises(Unsupported) as caught:
+        await run_update(RecordingMonitor(), mtu_host(), user, parse_nic_update({"id": "lan0", "mtu": 1400}), NO_FLAP)
+    assert caught.value.field == "update.mtu"

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
 
     from qmpnet.core.model import Shape, Vlan
+    from qmpnet.core.nic_filter import NicFilter
 
 HOSTILE_NAMES = [
     "br/0",  # a path
@@ -142,6 +143,16 @@ class FakeHost:
     async def set_shape(self, tap: str, shape: Shape | None) -> Callable[[], Awaitable[object]]:
         self._call("set_shape", tap, shape)
         return _nothing
+
+    async def set_filter(
+        self, tap: str, mac: str, wanted: NicFilter | None, *, before: NicFilter | None = None
+    ) -> Callable[[], Awaitable[object]]:
+        self._call("set_filter", tap, mac, wanted)
+        return _nothing
+
+    async def sweep_filters(self) -> list[str]:
+        self._call("sweep_filters")
+        return []
 
 
 async def _nothing() -> None:

@@ -9,8 +9,10 @@ reaches ``out``, the other guest still does, and after the change is undone the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -245,3 +247,63 @@ async def test_a_filter_is_refused_for_a_user_nic_and_nothing_changes(
         finally:
             await remove(guest, one, user)
         assert [n.id for n in await guest.list_nics()] == before
+
+
+async def cli(*args: str) -> dict[str, Any]:
+    """Run ``qmpnet ARGS --json`` and return its answer (the run must succeed)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "qmpnet", *args, "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(120):
+        out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    answer: dict[str, Any] = json.loads(out) if out.strip() else {}
+    return answer
+
+
+def rules_of(lab: Lab, tap: str) -> str:
+    """The rules of ``tap``'s chain as nft prints them ("" when it has none)."""
+    done = subprocess.run(["ip", "netns", "exec", lab.hv, "nft", "list", "chain", *TABLE.split(),
+                           antispoof.chain_name(tap)], capture_output=True, text=True, check=False)  # fmt: skip
+    return done.stdout if done.returncode == 0 else ""
+
+
+async def test_the_cli_and_a_desired_document_set_change_and_drop_the_filter(
+    guests: tuple[TestMachine, TestMachine], lab: Lab, tmp_path: Path
+) -> None:
+    one, _ = guests
+    config = tmp_path / "qmpnet.toml"
+    config.write_text(f'[hostnet]\nnetns = "{lab.hv}"\nstate_dir = "{lab.state_dir / "hostnet"}"\n')
+    where = ["--qmp", str(one.qmp_path), "--config", str(config), "--state-dir", str(tmp_path / "store")]
+
+    added = await cli("nic", "add", "--backend", "bridge", "--bridge", "br-s", "--mac", ONE_MAC, "--id", "f0",
+                      "--filter-ipv4", ONE_IP, "--filter-ipv6", "2001:db8::11", *where)  # fmt: skip
+    tap = added["backend"]["options"]["tap"]
+    try:
+        assert f"ether saddr != {ONE_MAC} drop" in rules_of(lab, tap)
+        assert f"ip saddr != {ONE_IP} drop" in rules_of(lab, tap)
+        assert "2001:db8::11" in rules_of(lab, tap)
+        await cli("nic", "set", "f0", "--filter-ipv4", "none", "--no-filter-mac", "--filter-dhcp-server", *where)
+        now = rules_of(lab, tap)
+        assert "ether type ip drop" in now
+        assert "ether saddr" not in now
+        assert "sport 67" not in now
+        await cli("nic", "set", "f0", "--no-filter", *where)
+        assert tap not in table(lab.hv)["taps"]
+        assert rules_of(lab, tap) == ""
+    finally:
+        await cli("nic", "del", "f0", "--timeout", str(UNPLUG_TIMEOUT), *where)
+    await one.wait_nic_gone(ONE_MAC, SEE_TIMEOUT)
+
+    desired = tmp_path / "desired.json"
+    desired.write_text(json.dumps({"nics": [{"id": "d0", "mac": TWO_MAC, "filter": {"ipv4": [TWO_IP]},
+                                             "backend": {"type": "bridge", "bridge": "br-s"}}]}))  # fmt: skip
+    await cli("apply", str(desired), *where)
+    try:
+        [tap] = table(lab.hv)["taps"]
+        assert f"ip saddr != {TWO_IP} drop" in rules_of(lab, tap)
+    finally:
+        desired.write_text(json.dumps({"nics": [], "prune": True}))
+        await cli("apply", str(desired), *where)
+    await one.wait_nic_gone(TWO_MAC, SEE_TIMEOUT)
+    assert table(lab.hv)["taps"] == {}

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from qmpnet.api.wire.envelopes import NicAddRequest, NicUpdateRequest, parse_request
 from qmpnet.core.model import parse_nic_spec, parse_nic_update
 from qmpnet.core.nic_filter import FILTERABLE, MAX_ADDRESSES
 from qmpnet.errors import InvalidRequest, Unsupported
@@ -74,3 +75,19 @@ def test_an_update_sets_or_removes_the_filter() -> None:
     assert removal.changes_filter
     assert removal.filter is None
     assert not parse_nic_update({"id": "lan0", "link": "up"}).changes_filter
+
+
+def test_the_mqtt_requests_carry_the_filter_and_refuse_it_naming_the_field() -> None:
+    add = parse_request("nic/add", "guest", {"nic": {"backend": {"type": "nat"}, "filter": {"ipv6": ["2001:db8::1"]}}})
+    assert isinstance(add, NicAddRequest)
+    assert add.nic.filter is not None
+    assert [str(a) for a in add.nic.filter.ipv6 or []] == ["2001:db8::1"]
+    update = parse_request("nic/update", "guest", {"update": {"id": "lan0", "filter": None}})
+    assert isinstance(update, NicUpdateRequest)
+    assert update.update.changes_filter
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request("nic/update", "guest", {"update": {"id": "lan0", "filter": {"dhcp_server": "maybe"}}})
+    assert caught.value.field == "update.filter.dhcp_server"
+    with pytest.raises(Unsupported) as refused:
+        parse_request("nic/add", "guest", {"nic": {"backend": {"type": "user"}, "filter": {}}})
+    assert refused.value.field == "nic.filter"

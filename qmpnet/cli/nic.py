@@ -14,7 +14,7 @@ import typer
 
 from qmpnet.cli.connect import GuestCall, check_request
 from qmpnet.cli.exits import checked, fail
-from qmpnet.cli.nic_flags import BackendType, HostFlags, build_backend, build_update
+from qmpnet.cli.nic_flags import BackendType, FilterFlags, HostFlags, build_backend, build_update
 from qmpnet.cli.options import LinkArg, guest_options
 from qmpnet.cli.output import format_rows
 from qmpnet.errors import InvalidRequest
@@ -30,6 +30,14 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Hot-add, remove, link and list a guest's NICs.", no_args_is_help=True, rich_markup_mode=None)
 
 NicIdArg = Annotated[str, typer.Argument(metavar="ID", help="The NIC's id.")]
+# The anti-spoofing flags, the same on ``nic add`` and ``nic set`` (docs/host-networking.md, "Anti-spoofing").
+FilterOn = Annotated[bool, typer.Option("--filter", help="Anti-spoofing: drop frames from another MAC (bridge, nat).")]
+FilterIpv4 = Annotated[list[str] | None, typer.Option(
+    "--filter-ipv4", metavar="ADDR", help="Anti-spoofing: an allowed IPv4 source (repeat; 'none': no IPv4).")]
+FilterIpv6 = Annotated[list[str] | None, typer.Option(
+    "--filter-ipv6", metavar="ADDR", help="Anti-spoofing: an allowed IPv6 source besides link-local (repeat).")]
+FilterNoMac = Annotated[bool, typer.Option("--no-filter-mac", help="Anti-spoofing: do not check the source MAC.")]
+FilterDhcp = Annotated[bool, typer.Option("--filter-dhcp-server", help="Anti-spoofing: let the guest serve DHCP.")]
 
 
 def nic_table(nics: Sequence[Nic]) -> str:
@@ -124,6 +132,11 @@ def nic_add(
     link: Annotated[
         LinkArg | None, typer.Option(help="Initial link state (default up; a vfio NIC has none).")
     ] = None,
+    filter_on: FilterOn = False,
+    filter_ipv4: FilterIpv4 = None,
+    filter_ipv6: FilterIpv6 = None,
+    no_filter_mac: FilterNoMac = False,
+    filter_dhcp_server: FilterDhcp = False,
 ) -> None:
     """Hot-add a NIC (atomic: on failure the guest is left as it was)."""
     # A vfio NIC is the host's function itself: it has no model and no link, and the spec's checks refuse either.
@@ -143,6 +156,9 @@ def nic_add(
     optional = {"id": nic_id, "mac": mac, "addr": addr, "bus": bus, "vectors": vectors, "queues": queues}
     optional["mtu"] = mtu
     spec |= {k: v for k, v in optional.items() if v is not None}
+    nic_filter = FilterFlags(filter_on, tuple(filter_ipv4 or ()), tuple(filter_ipv6 or ()), no_filter_mac,
+                             filter_dhcp_server)
+    spec |= {"filter": nic_filter.build()} if nic_filter.given else {}
     from qmpnet.core.model import parse_nic_spec  # noqa: PLC0415 - see the module's imports
     from qmpnet.core.policy import check_spec  # noqa: PLC0415
 
@@ -218,12 +234,23 @@ def nic_set(
     mtu: Annotated[
         int | None, typer.Option(metavar="N", help="MTU of the NIC's host tap; the guest must apply it itself.")
     ] = None,
+    filter_on: FilterOn = False,
+    filter_ipv4: FilterIpv4 = None,
+    filter_ipv6: FilterIpv6 = None,
+    no_filter_mac: FilterNoMac = False,
+    filter_dhcp_server: FilterDhcp = False,
+    no_filter: Annotated[bool, typer.Option("--no-filter", help="Remove the anti-spoofing filter.")] = False,
 ) -> None:
-    """Change a NIC live, without unplugging it: move it, tag it, shape it, set its link or MTU (atomic)."""
+    """Change a NIC live, without unplugging it: move it, tag it, shape it, filter it, set its link or MTU (atomic).
+
+    Any --filter flag replaces the NIC's whole filter, as the flags give it.
+    """
     values = {"rate": rate, "burst": burst, "delay": delay, "jitter": jitter, "loss": loss}
     update = build_update(
         nic_id, bridge=bridge, network=network, vlan=vlan, trunks=trunks, no_vlan=no_vlan,
         shape={k: v for k, v in values.items() if v is not None}, no_shape=no_shape, link=link,
+        nic_filter=FilterFlags(filter_on, tuple(filter_ipv4 or ()), tuple(filter_ipv6 or ()), no_filter_mac,
+                               filter_dhcp_server, no_filter),
     )  # fmt: skip
     update |= {"mtu": mtu} if mtu is not None else {}
     from qmpnet.core.model import parse_nic_update  # noqa: PLC0415 - see the module's imports

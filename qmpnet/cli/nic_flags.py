@@ -121,6 +121,7 @@ def build_update(
     shape: dict[str, str],
     no_shape: bool,
     link: LinkArg | None,
+    nic_filter: FilterFlags | None = None,
 ) -> dict[str, object]:
     """Turn the flags of ``nic set`` into the MQTT API's update object; conflicting flags are ``invalid_request``."""
     exclusive = (("--bridge", bridge, "--network", network), ("--vlan", vlan, "--trunks", trunks),
@@ -138,6 +139,8 @@ def build_update(
         update["shape"] = shape or None
     if link is not None:
         update["link"] = link.value
+    if nic_filter is not None and (nic_filter.given or nic_filter.off):
+        update["filter"] = nic_filter.build()
     return update
 
 
@@ -147,3 +150,32 @@ def _vlan_flags(vlan: int | None, trunks: str | None) -> dict[str, object] | Non
     if trunks is not None:
         return {"trunks": [part.strip() for part in trunks.split(",")]}
     return None
+
+
+@dataclass(frozen=True)
+class FilterFlags:
+    """The anti-spoofing flags of ``nic add`` and ``nic set`` (``--filter``, ``--filter-ipv4`` ...)."""
+
+    on: bool = False
+    ipv4: tuple[str, ...] = ()
+    ipv6: tuple[str, ...] = ()
+    no_mac: bool = False
+    dhcp_server: bool = False
+    off: bool = False
+
+    @property
+    def given(self) -> bool:
+        """Whether any flag asks for a filter."""
+        return self.on or bool(self.ipv4 or self.ipv6) or self.no_mac or self.dhcp_server
+
+    def build(self) -> dict[str, object] | None:
+        """The ``filter`` object (``None``: ``--no-filter``); ``none`` as an address gives an empty list."""
+        if self.off:
+            if self.given:
+                raise fail(InvalidRequest("--no-filter: give it alone, without --filter flags", field="--no-filter"))
+            return None
+        spec: dict[str, object] = {"mac": not self.no_mac, "dhcp_server": self.dhcp_server}
+        for family, values in (("ipv4", self.ipv4), ("ipv6", self.ipv6)):
+            if values:
+                spec[family] = [] if values == ("none",) else list(values)
+        return spec

@@ -10,6 +10,7 @@ from qmpnet.core.backends import TAP_BASED, Backend, BridgeBackend, NatBackend, 
 from qmpnet.core.model_base import Frozen, LinkState, Mac, NicModel, QemuId, validate_as
 from qmpnet.core.mtu import MTU_DESCRIPTION, MTU_UPDATE_DESCRIPTION, Mtu, check_mtu_backend
 from qmpnet.core.names import parse_pci_addr
+from qmpnet.core.nic_filter import NicFilter, check_filterable
 from qmpnet.core.shape_vlan import Shape, Vlan  # noqa: TC001 - pydantic needs them at runtime
 from qmpnet.errors import InvalidRequest
 
@@ -42,6 +43,9 @@ class NicSpec(Frozen):
         default=None, description="Bandwidth and impairment on the NIC's host tap (tap-based backends)."
     )
     mtu: Mtu | None = Field(default=None, description=MTU_DESCRIPTION)
+    filter: NicFilter | None = Field(
+        default=None, description="Anti-spoofing: the source MAC and addresses the guest may use (bridge, nat)."
+    )
 
     @field_validator("addr")
     @classmethod
@@ -52,6 +56,8 @@ class NicSpec(Frozen):
 
     @model_validator(mode="after")
     def _check_model_options(self) -> NicSpec:
+        if self.filter is not None:
+            check_filterable(self.backend, field="nic.filter")
         if self.backend.type == "vfio":
             return self._check_vfio()
         if self.model != "virtio-net-pci":
@@ -109,10 +115,11 @@ def parse_nic_spec(data: Mapping[str, Any] | NicSpec, *, prefix: str = "nic") ->
 
 
 class NicUpdate(Frozen):
-    """A live change of a NIC: move it, tag it, shape it, set its link or MTU; the guest keeps its interface.
+    """A live change of a NIC: move it, tag it, shape it, filter it, set its link or MTU; the guest keeps its interface.
 
     Fields left out are kept as they are. ``vlan: null`` puts the port back to the bridge's default (untagged, in
-    its default VLAN); ``shape: null`` removes all shaping. ``backend``, ``vlan``, ``shape`` and ``mtu`` need a NIC
+    its default VLAN); ``shape: null`` removes all shaping; ``filter`` replaces the anti-spoofing rules in one step
+    (bridge and nat NICs), ``filter: null`` removes them. ``backend``, ``vlan``, ``shape`` and ``mtu`` need a NIC
     whose backend is a host tap (bridge, nat or tap); every NIC accepts ``link``. A move re-enslaves the tap, flaps the
     link so that the guest renews DHCP, and announces the guest (``announce-self``); the port starts in the new
     bridge's default VLAN unless ``vlan`` is given too.
@@ -126,11 +133,13 @@ class NicUpdate(Frozen):
     shape: Shape | None = Field(default=None, description="Rate, burst, delay, jitter, loss; null: none.")
     link: LinkState | None = Field(default=None, description="Set the link up or down.")
     mtu: Mtu | None = Field(default=None, description=MTU_UPDATE_DESCRIPTION)
+    filter: NicFilter | None = Field(default=None, description="Anti-spoofing filter; null: none.")
 
     @model_validator(mode="after")
     def _something_to_change(self) -> NicUpdate:
         if not self.model_fields_set - {"id"}:
-            raise InvalidRequest("update: nothing to change; give backend, vlan, shape, link or mtu", field="update")
+            raise InvalidRequest("update: nothing to change; give backend, vlan, shape, filter, link or mtu",
+                                 field="update")
         if "mtu" in self.model_fields_set and self.mtu is None:
             raise InvalidRequest("update.mtu: give the MTU, 68-65535", field="update.mtu")
         if "backend" in self.model_fields_set and self.backend is None:
@@ -151,6 +160,11 @@ class NicUpdate(Frozen):
     def changes_shape(self) -> bool:
         """Whether the update sets the shaping (to a value or, with ``shape: null``, to none)."""
         return "shape" in self.model_fields_set
+
+    @property
+    def changes_filter(self) -> bool:
+        """Whether the update sets the anti-spoofing filter (to a value or, with ``filter: null``, to none)."""
+        return "filter" in self.model_fields_set
 
 
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         Verify,
         Vlan,
     )
+    from qmpnet.core.nic_filter import NicFilter
     from qmpnet.core.placement import PciTopology
     from qmpnet.core.records import GuestRecord
 
@@ -410,6 +411,24 @@ class HostNetwork(Protocol):
             Unsupported: The kernel lacks a qdisc the shape needs (netem, tbf, ifb).
             Conflict: The tap carries qdiscs qmpnet did not make.
         """
+        ...
+
+    async def set_filter(
+        self, tap: str, mac: str, wanted: NicFilter | None, *, before: NicFilter | None = None
+    ) -> Callable[[], Awaitable[object]]:
+        """Give ``tap`` the anti-spoofing rules of ``wanted`` for MAC ``mac`` (``None``: none) and return the undo.
+
+        All or nothing (one nft transaction); the undo puts back the rules of ``before``.
+
+        Raises:
+            Unsupported: nftables (or its bridge family) is not available.
+        """
+        ...
+
+    async def sweep_filters(self) -> list[str]:
+        """Remove the anti-spoofing rules of taps that no longer exist; returns their names."""
+        ...
+
 
 class GuestStore(Protocol):
     """One guest's record in the state store, held by this process (``qmpnet.adapters.store`` has the real one)."""

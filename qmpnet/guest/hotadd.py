@@ -136,6 +136,7 @@ class HotAdd:
             passt = {"passt_pid": attachment.passt.pid, "passt_started": attachment.passt.started}
             record = record.model_copy(update={"host": record.host.model_copy(update=passt)})
             self._parts.journal.save(self._parts.journal.record.with_nic(record))
+        await self._filter_tap(record.spec or spec, attachment, undo)  # the planned spec: it has the MAC
         unplug_timeout = self._parts.settings.qmp.rollback_unplug_timeout
         await run_steps(self._parts.monitor, plan.steps, undo, unplug_timeout=unplug_timeout)
         await self._tune_tap(spec, attachment, undo)
@@ -151,6 +152,17 @@ class HotAdd:
             self._parts.journal.save(self._parts.journal.record.with_nic(pending))
             self._parts.nics.waiter(record.id)
             self._unplugs.stuck.poke()
+
+    async def _filter_tap(self, spec: NicSpec, attachment: Attachment, undo: UndoStack) -> None:
+        """Load the spec's anti-spoofing rules for the NIC's tap, pushing their removal.
+
+        Before ``device_add``: the guest's first frame already meets them (they are keyed by the tap's name).
+        """
+        if spec.filter is None:
+            return
+        if self._parts.host is None or attachment.tap is None or spec.mac is None:
+            raise Unsupported("nic.filter: no host tap qmpnet made is known for this NIC", field="nic.filter")
+        undo.push("filter", await self._parts.host.set_filter(attachment.tap, spec.mac, spec.filter))
 
     async def _tune_tap(self, spec: NicSpec, attachment: Attachment, undo: UndoStack) -> None:
         """Apply the spec's VLANs and shaping to the NIC's host tap, pushing their undo (an add is atomic)."""

@@ -116,6 +116,7 @@ def _merged(record: GuestRecord, nic: Nic, update: NicUpdate, result: UpdateResu
         changes |= {name: getattr(update, name) for name in ("vlan", "shape") if name in update.model_fields_set}
         if update.mtu is not None or update.backend is not None:  # a move alone takes the new bridge's MTU
             changes["mtu"] = update.mtu
+        changes |= {"filter": update.filter} if update.changes_filter else {}
         spec = spec.model_copy(update=changes)
     changed = changed.with_nic(kept.model_copy(update={
         "host": hold, "spec": spec, "operation": operation, "link": result.nic.link,
@@ -135,4 +136,4 @@ def _known(nic: Nic, record: NicRecord | None, owner: str) -> KnownNic:
     hold = record.host
     attachment = Attachment(tap=hold.tap, bridge=hold.bridge, network=hold.network, vfio_host=hold.vfio_host,
                             vfio_driver=hold.vfio_driver)
-    return KnownNic(nic, asked_backend(record.spec, record), attachment, hold.owner or owner)
+    return KnownNic(nic, asked_backend(record.spec, record), attachment, hold.owner or owner, record.spec.filter)

@@ -77,6 +77,7 @@ class Recoverer:
             await self._apply_foreign_links(devices)
             await self._sweep_taps()
             await self._sweep_passts()
+            await self._sync_filters()
         inventory = Inventory.from_observation(observation, self._parts.nics.links(), self._parts.nics.pending_ids())
         for device in gone:
             inventory.removed(device)
@@ -201,3 +202,21 @@ class Recoverer:
             await self._parts.host.sweep_passt(str(directory), keep)
         except QmpnetError as err:
             log.warning("guest %s: sweeping stale passts failed: %s", self._parts.name, err)
+    async def _sync_filters(self) -> None:
+        """Re-apply the anti-spoofing rules the records ask for, and remove the rules of taps that are gone.
+
+        The rules live in the kernel and outlive this process, but a host whose ruleset was flushed, or a process
+        killed halfway through a change, leaves them unlike the record: the record is the intent.
+        """
+        host = self._parts.host
+        if host is None:
+            return
+        wanted = [(nic.host.tap, nic.spec.mac, nic.spec.filter) for nic in self._parts.journal.record.nics.values()
+                  if nic.state == "active" and nic.spec is not None and nic.host.tap is not None
+                  and nic.spec.mac is not None and nic.spec.filter is not None]
+        try:
+            for tap, mac, rules in wanted:
+                await host.set_filter(tap, mac, rules)
+            await host.sweep_filters()
+        except QmpnetError as err:
+            log.warning("guest %s: re-applying anti-spoofing rules failed: %s", self._parts.name, err)

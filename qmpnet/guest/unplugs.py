@@ -166,13 +166,15 @@ class Unplugs:
         self._parts.nics.wake(nic_id)
 
     async def release_host(self, nic: NicRecord) -> None:
-        """Delete the NIC's tap, end its passt, give its PCI function back to its driver; failures are logged."""
+        """Delete the NIC's tap and its filter, end its passt, give its PCI function back; failures are logged."""
         hold = nic.host
         if self._parts.host is None or hold.empty:
             return
         try:
             if hold.tap is not None:
                 await self._parts.host.delete_tap(hold.tap)
+            if hold.tap is not None and nic.spec is not None and nic.spec.filter is not None:
+                await self._parts.host.set_filter(hold.tap, nic.spec.mac or "", None)  # a new tap may get the name
             if hold.vfio_host is not None and hold.vfio_driver is not None:
                 await self._parts.host.restore_vfio(hold.vfio_host, hold.vfio_driver)
             if hold.passt_socket is not None:

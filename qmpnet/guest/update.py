@@ -32,11 +32,13 @@ from typing import TYPE_CHECKING, Literal
 
 from qmpnet.core.model import BridgeBackend, Nic, NicUpdate, ObservedBackend, Shape, Vlan
 from qmpnet.core.mtu import HOST_MTU_MODELS, update_warnings
+from qmpnet.core.nic_filter import FILTERABLE
 from qmpnet.errors import NotFound, OutcomeUnknown, QmpCommandError, QmpnetError, Unsupported
 from qmpnet.guest.hotadd_steps import Attachment, tap_owner
 from qmpnet.guest.undo import UndoStack
 
 if TYPE_CHECKING:
+    from qmpnet.core.nic_filter import NicFilter
     from qmpnet.core.ports import HostNetwork, Monitor, TapPort
     from qmpnet.settings import UpdateSettings
 
@@ -61,12 +63,14 @@ class KnownNic:
         asked: The backend as it was asked for (bridge, nat, tap ... with its options), if this lane added it.
         attachment: The host side the lane holds for it, if this lane added it.
         owner: ``<guest>/<nic id>``, the mark qmpnet put on the tap it made for the NIC.
+        filter: The anti-spoofing filter the record says the NIC's tap has.
     """
 
     nic: Nic
     asked: ObservedBackend | None = None
     attachment: Attachment | None = None
     owner: str = ""
+    filter: NicFilter | None = None
 
     @property
     def kind(self) -> str:
@@ -86,6 +90,7 @@ class UpdatePlan:
     shape: bool
     link: LinkState | None
     mtu: int | None = None
+    filter: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,15 +116,21 @@ def plan_update(update: NicUpdate, known: KnownNic) -> UpdatePlan:
         raise Unsupported(f"update.{first}: NIC {update.id} is an assigned host device (vfio); it has no backend, "
                           "VLAN, shaping or link qmpnet can change", field=f"update.{first}")
     tap_based = kind in TAP_KINDS
-    host_fields = [name for name in ("backend", "vlan", "shape", "mtu") if name in update.model_fields_set]
+    host_fields = [name for name in ("backend", "vlan", "shape", "mtu", "filter") if name in update.model_fields_set]
     if host_fields and not tap_based:
         raise Unsupported(
             f"update.{host_fields[0]}: NIC {update.id} has a {kind} backend; only its link can be changed live (a "
             "move, VLANs and shaping need a backend that is a host tap: bridge, nat or tap)",
             field=f"update.{host_fields[0]}",
         )
+    if update.filter is not None and (kind not in FILTERABLE or (known.asked and known.asked.options.get("helper"))):
+        raise Unsupported(f"update.filter: NIC {update.id} has a {kind} backend; anti-spoofing needs a tap qmpnet "
+                          f"made on a bridge ({', '.join(sorted(FILTERABLE))})", field="update.filter")
+    if update.filter is not None and update.filter.mac and not known.nic.mac:
+        raise Unsupported(f"update.filter.mac: QEMU shows no MAC for NIC {update.id}", field="update.filter.mac")
     moves = update.backend is not None
-    return UpdatePlan(bool(host_fields), moves, update.changes_vlan, update.changes_shape, update.link, update.mtu)
+    return UpdatePlan(bool(host_fields), moves, update.changes_vlan, update.changes_shape, update.link, update.mtu,
+                      filter=update.changes_filter)
 
 
 async def run_update(
@@ -239,6 +250,9 @@ async def _apply(  # noqa: PLR0913, PLR0917 - the run's collaborators and its st
         undo.push("shape", await host.set_shape(port.name, update.shape))
     if plan.mtu is not None:  # after a move, which gave the tap the new bridge's MTU
         undo.push("mtu", await host.set_mtu(port.name, plan.mtu, field="update.mtu"))
+    if plan.filter:
+        mac = nic.mac or ""  # plan_update refused a MAC check without one
+        undo.push("filter", await host.set_filter(port.name, mac, update.filter, before=target.known.filter))
     link_now: LinkState = "down" if flapped else nic.link
     if flapped and final == "up":
         await asyncio.sleep(max(0.0, settings.link_flap - (time.monotonic() - down_since)))

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from qmpnet.core.model import PasstBackend, Shape, Vlan
+    from qmpnet.core.nic_filter import NicFilter
 
 __all__ = ["FakePort", "PortsHost"]
 
@@ -29,6 +30,7 @@ class FakePort:
     shape: Shape | None = None
     owner: str | None = None
     mtu: int = 1500
+    filter: NicFilter | None = None
 
 
 @dataclass
@@ -167,3 +169,20 @@ class PortsHost:
             port.shape = before
 
         return undo
+
+    async def set_filter(
+        self, tap: str, mac: str, wanted: NicFilter | None, *, before: NicFilter | None = None
+    ) -> Callable[[], Awaitable[object]]:
+        self._call("set_filter", tap, mac, wanted)
+        port = self._port(tap)
+        port.filter = wanted
+
+        async def undo() -> None:
+            self.calls.append(("undo set_filter", tap, before))
+            port.filter = before
+
+        return undo
+
+    async def sweep_filters(self) -> list[str]:
+        self._call("sweep_filters")
+        return []

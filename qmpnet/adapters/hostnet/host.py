@@ -15,10 +15,11 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qmpnet.adapters.hostnet import antispoof, nftables
 from qmpnet.adapters.hostnet.vfio import bind_vfio, check_vfio, restore_driver
 from qmpnet.core.hostconfig import HostnetSettings
 from qmpnet.core.ifnames import check_ifname
-from qmpnet.errors import NotFound, QmpnetError
+from qmpnet.errors import NotFound, QmpnetError, Unsupported
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from qmpnet.adapters.hostnet import bridgeports, shaping
     from qmpnet.adapters.hostnet.taps import Tap
     from qmpnet.core.model import PasstBackend, Shape, Vlan
+    from qmpnet.core.nic_filter import NicFilter
     from qmpnet.core.ports import PasstProcess, TapPort
 
 # The netlink side (pyroute2, about 100 ms to import) is imported by the methods that use it, so that a lane that
@@ -326,6 +328,66 @@ class HostNet:
             await run_in_netns(netns, lambda: write(before))
 
         return restore
+
+
+    # ------------------------------------------------------------------------------------------- anti-spoofing
+
+    async def set_filter(
+        self, tap: str, mac: str, wanted: NicFilter | None, *, before: NicFilter | None = None
+    ) -> Callable[[], Awaitable[object]]:
+        """Give ``tap`` the anti-spoofing rules of ``wanted`` for MAC ``mac`` (``None``: no rules), atomically.
+
+        Returns the action that puts back the rules of ``before`` (what the caller knows the tap had).
+
+        Raises:
+            Unsupported: ``nft`` is missing or the kernel lacks nftables' bridge family.
+            QmpnetError: nft refused the rules (its message is included).
+        """
+        from qmpnet.adapters.hostnet.netns import run_in_netns  # noqa: PLC0415 - netlink only when used (see the imports)
+        check_ifname(tap, field="id")
+        netns = self.settings.netns
+
+        async def write(rules: NicFilter | None) -> None:
+            script = antispoof.replace_script(tap, mac, rules) if rules is not None else antispoof.remove_script(tap)
+            await run_in_netns(netns, lambda: nftables.apply(script, nft=self.settings.nft,
+                                                             timeout=self.settings.tool_timeout))
+
+        await write(wanted)
+        log.info("tap %s: anti-spoofing %s", tap, wanted.model_dump(mode="json") if wanted else "removed")
+
+        async def restore() -> None:
+            await write(before)
+
+        return restore
+
+    async def sweep_filters(self) -> list[str]:
+        """Remove the anti-spoofing rules of taps that no longer exist; returns their names (none without nft).
+
+        Raises:
+            QmpnetError: nft failed.
+        """
+        from qmpnet.adapters.hostnet.links import dump_links, route  # noqa: PLC0415 - netlink only when used (see the imports)
+        from qmpnet.adapters.hostnet.netns import run_in_netns  # noqa: PLC0415 - netlink only when used (see the imports)
+        nft, timeout = self.settings.nft, self.settings.tool_timeout
+
+        def sweep() -> list[str]:
+            try:
+                filtered = antispoof.filtered_taps(nft=nft, timeout=timeout)
+            except Unsupported:
+                return []  # no nft or no nftables: there can be no rules to sweep
+            if not filtered:
+                return []
+            with route() as ipr:
+                present = {link.name for link in dump_links(ipr)}
+            gone = sorted(filtered - present)
+            if gone:
+                nftables.apply("".join(antispoof.remove_script(tap) for tap in gone), nft=nft, timeout=timeout)
+            return gone
+
+        gone = await run_in_netns(self.settings.netns, sweep)
+        if gone:
+            log.info("removed the anti-spoofing rules of taps that are gone: %s", ", ".join(gone))
+        return gone
 
 
 #: Where the links of this process's network namespace are listed (procfs is per namespace, sysfs per mount).

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qmpnet.errors import QmpnetError, Unsupported
 
 if TYPE_CHECKING:
     from qmpnet.core.hostconfig import NatNetwork
 
-__all__ = ["apply", "list_tables", "remove_script", "render_table"]
+__all__ = ["apply", "list_json", "list_tables", "remove_script", "render_table"]
 
 FAMILY = "inet"
 
@@ -82,12 +82,22 @@ def list_tables(*, nft: str, timeout: float) -> set[str]:
     Raises:
         Unsupported, QmpnetError: As for :func:`apply`.
     """
-    output = _run([nft, "-j", "list", "tables", FAMILY], None, nft=nft, timeout=timeout)
+    items = list_json(["list", "tables", FAMILY], nft=nft, timeout=timeout)
+    return {item["table"]["name"] for item in items if "table" in item and item["table"].get("family") == FAMILY}
+
+
+def list_json(args: list[str], *, nft: str, timeout: float) -> list[dict[str, Any]]:
+    """The objects ``nft -j ARGS`` prints (its ``nftables`` array) in the calling thread's namespace.
+
+    Raises:
+        Unsupported, QmpnetError: As for :func:`apply`; also when nft prints something that is not JSON.
+    """
+    output = _run([nft, "-j", *args], None, nft=nft, timeout=timeout)
     try:
         items = json.loads(output or "{}").get("nftables", [])
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, AttributeError) as err:
         raise QmpnetError(f"nft printed something that is not JSON: {output[:200]!r}") from err
-    return {item["table"]["name"] for item in items if "table" in item and item["table"].get("family") == FAMILY}
+    return [item for item in items if isinstance(item, dict)]
 
 
 def _run(argv: list[str], stdin: str | None, *, nft: str, timeout: float) -> str:

@@ -138,6 +138,22 @@ def test_bad_input_is_refused_before_connecting(sockdir: Path, args: list[str], 
     assert line.startswith(f"error: invalid_request: {field}:"), line
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["nic", "add", "--backend", "bridge", "--bridge", "br0", "--filter-ipv4", "999.1.1.1"],
+         "error: invalid_request: nic.filter.ipv4.0:"),
+        (["nic", "add", "--filter"], "error: unsupported: nic.filter: "),
+        (["nic", "add", "--backend", "tap", "--ifname", "t0", "--filter-dhcp-server"],
+         "error: unsupported: nic.filter:"),
+        (["nic", "set", "lan1", "--no-filter", "--filter"], "error: invalid_request: --no-filter:"),
+        (["nic", "set", "lan1", "--filter-ipv6", "10.0.0.1"], "error: invalid_request: update.filter.ipv6.0:"),
+    ],
+)
+def test_bad_filter_flags_are_refused_before_connecting(sockdir: Path, args: list[str], line: str) -> None:
+    one_error_line(qmpnet_cli(*args, "--qmp", str(sockdir / "nobody.qmp")), 1, line)
+
+
 def test_bad_input_is_refused_before_reaching_the_broker() -> None:
     done = qmpnet_cli("nic", "add", "--model", "foo", "--broker", "mqtt://127.0.0.1:1", "--guest", "vm1")
     one_error_line(done, 1, "error: invalid_request: nic.model:")

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
 
     from qmpnet.core.model import PasstBackend, Shape, Vlan
+    from qmpnet.core.nic_filter import NicFilter
 
 HOSTILE_NAMES = [
     "br/0",  # a path
@@ -167,6 +168,20 @@ class FakeHost:
     async def set_shape(self, tap: str, shape: Shape | None) -> Callable[[], Awaitable[object]]:
         self._call("set_shape", tap, shape)
         return _nothing
+
+    async def set_filter(
+        self, tap: str, mac: str, wanted: NicFilter | None, *, before: NicFilter | None = None
+    ) -> Callable[[], Awaitable[object]]:
+        self._call("set_filter", tap, mac, wanted)
+
+        async def undo() -> None:
+            self.calls.append(("undo set_filter", tap, before))
+
+        return undo
+
+    async def sweep_filters(self) -> list[str]:
+        self._call("sweep_filters")
+        return []
 
 
 async def _nothing() -> None:
@@ -718,6 +733,54 @@ async def test_a_tap_of_an_add_killed_half_way_is_deleted_on_the_next_connect() 
     assert store.record.nics == {}
     sweeps = [call for call in host.calls if call[0] == "sweep_orphans"]
     assert sweeps == [("sweep_orphans", "vm1/", [])]  # and any other tap of this guest's that no NIC holds
+
+
+# ----------------------------------------------------------------------------------------- anti-spoofing
+
+
+async def test_a_filter_is_loaded_for_the_tap_before_the_guest_sees_the_nic() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host)
+    await guest.add_nic({"id": "b0", "mac": "52:54:00:bb:00:01", "backend": {"type": "bridge", "bridge": "br0"},
+                         "filter": {"ipv4": ["192.0.2.10"]}})  # fmt: skip
+    assert host.actions == ["create_tap", "set_filter"]
+    tap, mac, wanted = host.calls[1][1:]
+    assert (tap, mac) == ("vnet0", "52:54:00:bb:00:01")
+    assert [str(a) for a in wanted.ipv4] == ["192.0.2.10"]
+    assert monitor.commands[-1] == "device_add"  # after the rules: the guest's first frame meets them
+
+
+async def test_a_filter_gets_the_mac_planning_chose() -> None:
+    host = FakeHost()
+    guest, _ = lane(host)
+    nic = await guest.add_nic({"id": "b0", "backend": {"type": "bridge", "bridge": "br0"}, "filter": {}})
+    assert host.calls[1][:3] == ("set_filter", "vnet0", nic.mac)
+
+
+async def test_a_failed_add_removes_the_filter_with_the_tap() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host)
+    monitor.errors["device_add"] = failing("device_add")
+    with pytest.raises(QmpCommandError):
+        await guest.add_nic({"id": "b0", "backend": {"type": "bridge", "bridge": "br0"}, "filter": {}})
+    assert host.actions == ["create_tap", "set_filter", "undo set_filter", "delete_tap"]
+
+
+async def test_a_failing_filter_adds_nothing_to_the_guest_and_deletes_the_tap() -> None:
+    host = FakeHost(errors={"set_filter": Unsupported("nft is not installed")})
+    guest, monitor = lane(host)
+    with pytest.raises(Unsupported):
+        await guest.add_nic({"id": "b0", "backend": {"type": "bridge", "bridge": "br0"}, "filter": {}})
+    assert monitor.commands == ["getfd", "closefd"]  # the fd passed with the tap is taken back; no netdev, no device
+    assert host.actions == ["create_tap", "set_filter", "delete_tap"]
+
+
+async def test_removal_deletes_the_tap_and_its_filter() -> None:
+    host = FakeHost()
+    guest, _ = lane(host, monitor=AckingMonitor())
+    await guest.add_nic({"id": "b0", "backend": {"type": "bridge", "bridge": "br0"}, "filter": {}})
+    assert (await guest.remove_nic("b0", timeout=1.0)).state == "removed"
+    assert host.calls[-2:] == [("delete_tap", "vnet0"), ("set_filter", "vnet0", host.calls[1][2], None)]
 
 
 # ----------------------------------------------------------------------------------------- passt in the lane

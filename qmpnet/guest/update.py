@@ -244,15 +244,7 @@ async def _apply(  # noqa: PLR0913, PLR0917 - the run's collaborators and its st
         undo.push("set_link down", lambda: _set_link(monitor, nic.id, "up"))
     if moved and bridge is not None:
         undo.push(f"move to {bridge}", await host.move_tap(port.name, bridge, field=_bridge_field(update)))
-    if plan.vlan:
-        undo.push("vlan", await host.set_vlan(port.name, update.vlan))
-    if plan.shape:
-        undo.push("shape", await host.set_shape(port.name, update.shape))
-    if plan.mtu is not None:  # after a move, which gave the tap the new bridge's MTU
-        undo.push("mtu", await host.set_mtu(port.name, plan.mtu, field="update.mtu"))
-    if plan.filter:
-        mac = nic.mac or ""  # plan_update refused a MAC check without one
-        undo.push("filter", await host.set_filter(port.name, mac, update.filter, before=target.known.filter))
+    await _change_tap(host, target, update, plan, undo)
     link_now: LinkState = "down" if flapped else nic.link
     if flapped and final == "up":
         await asyncio.sleep(max(0.0, settings.link_flap - (time.monotonic() - down_since)))
@@ -267,6 +259,20 @@ async def _apply(  # noqa: PLR0913, PLR0917 - the run's collaborators and its st
     vlan = update.vlan if plan.vlan else (None if moved else port.vlan)
     shape = update.shape if plan.shape else port.shape
     return _result(target, bridge, network, vlan, shape, final)
+
+
+async def _change_tap(host: HostNetwork, target: _Target, update: NicUpdate, plan: UpdatePlan, undo: UndoStack) -> None:
+    """The tap's own changes (after a move): VLANs, shaping, MTU (a move gave it the new bridge's), filter."""
+    port = target.port
+    if plan.vlan:
+        undo.push("vlan", await host.set_vlan(port.name, update.vlan))
+    if plan.shape:
+        undo.push("shape", await host.set_shape(port.name, update.shape))
+    if plan.mtu is not None:
+        undo.push("mtu", await host.set_mtu(port.name, plan.mtu, field="update.mtu"))
+    if plan.filter:
+        mac = target.known.nic.mac or ""  # plan_update refused a MAC check without one
+        undo.push("filter", await host.set_filter(port.name, mac, update.filter, before=target.known.filter))
 
 
 async def _target(host: HostNetwork, update: NicUpdate) -> tuple[str, str | None]:

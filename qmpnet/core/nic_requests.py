@@ -58,7 +58,8 @@ class NicSpec(Frozen):
                     raise InvalidRequest(f"nic.{name}: only virtio-net-pci supports it", field=f"nic.{name}")
         if (self.queues or 1) > 1 and self.backend.type not in TAP_BASED:
             raise InvalidRequest(
-                f"nic.queues: queues > 1 needs a tap-based backend (bridge, nat, tap), not {self.backend.type}",
+                "nic.queues: queues > 1 needs a tap-based backend (bridge, nat, tap, macvtap), not "
+                f"{self.backend.type}",
                 field="nic.queues",
             )
         for name in ("vlan", "shape"):
@@ -68,6 +69,11 @@ class NicSpec(Frozen):
                 raise InvalidRequest(
                     f"nic.{name}: needs a host tap qmpnet knows (bridge, nat or tap backend, not "
                     f"{'a bridge helper' if self.backend.type == 'bridge' else self.backend.type})",
+                    field=f"nic.{name}",
+                )
+            if self.backend.type == "macvtap":
+                raise InvalidRequest(
+                    f"nic.{name}: a macvtap sits on no bridge and qmpnet does not shape it; use a bridge backend",
                     field=f"nic.{name}",
                 )
         return self

@@ -259,7 +259,7 @@ class TapHandle(Protocol):
 
 
 class HostNetwork(Protocol):
-    """The host side of bridge, NAT, tap and VFIO backends."""
+    """The host side of bridge, NAT, tap, macvtap and VFIO backends."""
 
     async def create_tap(self, bridge: str, *, queues: int, owner: str) -> TapHandle:
         """Make a tap enslaved to ``bridge`` and open its queues.
@@ -270,8 +270,17 @@ class HostNetwork(Protocol):
         """
         ...
 
+    async def create_macvtap(self, link: str, *, mode: str, mac: str, queues: int, owner: str) -> TapHandle:
+        """Make a macvtap in ``mode`` with address ``mac`` on host link ``link`` and open its queues (``/dev/tapN``).
+
+        Raises:
+            NotFound: No such link.
+            Unsupported: The kernel has no macvtap.
+        """
+        ...
+
     async def delete_tap(self, name: str) -> None:
-        """Delete tap ``name`` if it still exists and is qmpnet's."""
+        """Delete tap (or macvtap) ``name`` if it still exists and is qmpnet's."""
         ...
 
     async def nat_bridge(self, network: str) -> str:

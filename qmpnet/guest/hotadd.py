@@ -98,7 +98,7 @@ class HotAdd:
     async def _run(self, spec: NicSpec, inventory: Inventory, started: OperationRecord) -> tuple[AddPlan, NicRecord]:
         vhost = self._parts.host is not None and needs_tap_fds(spec) and self._parts.host.vhost()
         plan = plan_add(spec, inventory.view(), vhost=vhost)
-        record = _adding(spec, plan, started.id, f"{self._parts.journal.key}/{plan.nic_id}")
+        record = _adding(spec, plan, started.id, f"{self._parts.journal.key}/{plan.nic_id}", vhost=vhost)
         recorded = self._parts.journal.operation(started.id) or started  # the first plan's, if planned again
         await self._parts.journal.save_async(self._parts.journal.record.with_operation(recorded).with_nic(record))
         undo = UndoStack()
@@ -154,15 +154,15 @@ class HotAdd:
             undo.push("shape", await host.set_shape(tap, spec.shape))
 
 
-def _adding(spec: NicSpec, plan: AddPlan, operation: str, owner: str) -> NicRecord:
-    """The NIC's record before its first QMP command: ``adding``, with what planning chose."""
+def _adding(spec: NicSpec, plan: AddPlan, operation: str, owner: str, *, vhost: bool) -> NicRecord:
+    """The NIC's record before its first QMP command: ``adding``, with what planning chose (and vhost-net's use)."""
     return NicRecord(
         id=plan.nic_id,
         spec=_planned_spec(spec, plan),
         netdev=plan.netdev_id,
         state="adding",
         link=spec.link,
-        host=HostHold(owner=owner if needs_tap_fds(spec) else None),
+        host=HostHold(owner=owner, vhost=vhost) if needs_tap_fds(spec) else HostHold(),
         pci=PciAddress(bus=plan.placement.bus, slot=plan.placement.slot, function=plan.placement.function),
         operation=operation,
     )

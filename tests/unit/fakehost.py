@@ -63,6 +63,9 @@ class PortsHost:
     async def create_tap(self, bridge: str, *, queues: int, owner: str) -> Any:
         raise NotImplementedError
 
+    async def create_macvtap(self, link: str, *, mode: str, mac: str, queues: int, owner: str) -> Any:
+        raise NotImplementedError
+
     async def delete_tap(self, name: str) -> None:
         self._call("delete_tap", name)
 

@@ -98,6 +98,12 @@ class FakeHost:
         self.taps.append(tap)
         return tap
 
+    async def create_macvtap(self, link: str, *, mode: str, mac: str, queues: int, owner: str) -> FakeTap:
+        self._call("create_macvtap", link, mode, mac, queues, owner)
+        tap = FakeTap(f"vnet{len(self.taps)}", [100 + i for i in range(queues)])
+        self.taps.append(tap)
+        return tap
+
     async def delete_tap(self, name: str) -> None:
         self._call("delete_tap", name)
 

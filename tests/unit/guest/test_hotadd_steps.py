@@ -699,3 +699,66 @@ async def test_a_tap_of_an_add_killed_half_way_is_deleted_on_the_next_connect() 
     assert store.record.nics == {}
     sweeps = [call for call in host.calls if call[0] == "sweep_orphans"]
     assert sweeps == [("sweep_orphans", "vm1/", [])]  # and any other tap of this guest's that no NIC holds
+
+
+# ----------------------------------------------------------------------------------------- macvtap in the lane
+
+MACVTAP = {"type": "macvtap", "link": "eth0", "mode": "vepa"}
+
+
+async def test_macvtap_nic_makes_the_macvtap_with_the_guests_mac_and_passes_its_fds() -> None:
+    host = FakeHost(use_vhost=True)
+    guest, monitor = lane(host)
+    nic = await guest.add_nic({"id": "m0", "mac": "52:54:00:bb:00:02", "queues": 2, "backend": MACVTAP})
+    assert host.calls == [("create_macvtap", "eth0", "vepa", "52:54:00:bb:00:02", 2, "vm1/m0")]
+    assert monitor.commands == ["getfd", "getfd", "netdev_add", "device_add"]
+    assert arguments(monitor, "netdev_add") == {"id": "m0.net", "type": "tap", "fds": "m0.net.fd0:m0.net.fd1",
+                                                "vhost": True}  # fmt: skip
+    assert host.taps[0].closed
+    assert nic.backend is not None
+    assert (nic.backend.type, nic.backend.options) == (
+        "macvtap", {"link": "eth0", "mode": "vepa", "tap": "vnet0", "vhost": "on"}
+    )
+
+
+async def test_macvtap_is_deleted_after_removal() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host, monitor=AckingMonitor())
+    async with guest:
+        await guest.add_nic({"id": "m0", "backend": MACVTAP})
+        result = await guest.remove_nic("m0")
+    assert result.state == "removed"
+    assert host.calls[-1] == ("delete_tap", "vnet0")
+
+
+async def test_failed_netdev_add_deletes_the_macvtap() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host)
+    monitor.errors["netdev_add"] = failing("netdev_add", "nope")
+    with pytest.raises(QmpCommandError):
+        await guest.add_nic({"backend": MACVTAP})
+    assert host.actions == ["create_macvtap", "delete_tap"]
+
+
+async def test_macvtap_link_not_allowed_by_policy_is_forbidden_and_nothing_happens() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host, Policy(allowed_macvtap_links=["eth1"]))
+    with pytest.raises(Forbidden) as caught:
+        await guest.add_nic({"backend": MACVTAP})
+    assert caught.value.field == "nic.backend.link"
+    assert (monitor.executed, host.calls) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [({"vlan": {"access": 10}}, "nic.vlan"), ({"shape": {"rate": "1mbit"}}, "nic.shape"),
+     ({"backend": {**MACVTAP, "mode": "source"}}, "nic.backend.mode"),
+     ({"backend": {**MACVTAP, "link": "bad name"}}, "nic.backend.link")],
+)  # fmt: skip
+async def test_a_bad_macvtap_request_is_refused_naming_the_field(extra: dict[str, object], field: str) -> None:
+    host = FakeHost()
+    guest, monitor = lane(host)
+    with pytest.raises(InvalidRequest) as caught:
+        await guest.add_nic({"backend": MACVTAP, **extra})
+    assert caught.value.field == field
+    assert (monitor.executed, host.calls) == ([], [])

@@ -10,8 +10,8 @@ Design decisions:
   skips SeaBIOS' real-mode loader and the in-guest decompression: about 3.5 s to userspace under TCG instead of
   about 8 s. The ELF is the xz payload of the bzImage, decompressed here once.
 - **Only the NIC drivers (and 802.1Q VLANs) are modules we need**; everything else the tests rely on (PCI
-  hot-plug, MSI, serial, devtmpfs, AF_PACKET for udhcpc) is built in. Dependencies come from each module's `.modinfo` section, so no
-  `depmod`/`modinfo` binary is needed on the host.
+  hot-plug, MSI, serial, devtmpfs, AF_PACKET for udhcpc) is built in. Dependencies come from each module's
+  `.modinfo` section, so no `depmod`/`modinfo` binary is needed on the host.
 - **Pure-Python initramfs**: a gzip'd newc cpio written by :class:`CpioWriter`, so no `cpio` binary either.
 - **A content-addressed cache.** The cache directory name holds the kernel package version, the busybox version
   and a digest of everything else that shapes the image (init.sh, the module list, :data:`FORMAT_VERSION`). An

@@ -723,7 +723,7 @@ async def test_macvtap_nic_makes_the_macvtap_with_the_guests_mac_and_passes_its_
 
 async def test_macvtap_is_deleted_after_removal() -> None:
     host = FakeHost()
-    guest, monitor = lane(host, monitor=AckingMonitor())
+    guest, _ = lane(host, monitor=AckingMonitor())
     async with guest:
         await guest.add_nic({"id": "m0", "backend": MACVTAP})
         result = await guest.remove_nic("m0")

@@ -143,7 +143,7 @@ def _add(ipr: Any, parent: LinkInfo, mode: str, mac: str, pattern: tuple[str, st
     raise QmpnetError(f"{_FIELD}: no free name of the tap pattern for a macvtap on {parent.name}", field=_FIELD)
 
 
-def _add_error(parent: str, err: NetlinkError) -> Exception:
+def _add_error(parent: str, err: NetlinkError) -> QmpnetError:
     if err.code == errno.EOPNOTSUPP:  # the kernel knows no link kind "macvtap" (and could not load the module)
         return Unsupported("nic.backend.type: this kernel has no macvtap (modprobe macvtap)", field="nic.backend.type")
     if err.code == errno.EBUSY:

@@ -108,6 +108,12 @@ def nic_add(
         str | None, typer.Option(metavar="NAME", help="nat: the NAT network (default: default).")
     ] = None,
     ifname: Annotated[str | None, typer.Option(metavar="TAP", help="tap: an existing tap device.")] = None,
+    parent: Annotated[
+        str | None, typer.Option(metavar="LINK", help="macvtap: the host link it sits on (e.g. eth0).")
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option(metavar="MODE", help="macvtap: bridge (default), vepa, private or passthru.")
+    ] = None,
     pci_host: Annotated[
         str | None, typer.Option("--host", metavar="PCI", help="vfio: host PCI address, e.g. 0000:03:00.0.")
     ] = None,
@@ -149,7 +155,7 @@ def nic_add(
         "backend": build_backend(
             backend, hub=hub, hostfwd=hostfwd or [], net=net, restrict=restrict,
             connect_to=connect_to, listen=listen, local=local, remote=remote,
-            host=HostFlags(bridge, helper, network, ifname, pci_host, rebind),
+            host=HostFlags(bridge, helper, network, ifname, pci_host, rebind, parent, mode),
             ports=port, ipv4_only=ipv4_only,
         ),
     }

@@ -26,13 +26,14 @@ class BackendType(StrEnum):
     bridge = "bridge"
     nat = "nat"
     tap = "tap"
+    macvtap = "macvtap"
     vfio = "vfio"
     passt = "passt"
 
 
 @dataclass(frozen=True)
 class HostFlags:
-    """The flags of the host-side backends (bridge, nat, tap, vfio)."""
+    """The flags of the host-side backends (bridge, nat, tap, macvtap, vfio)."""
 
     bridge: str | None = None
     helper: bool = False
@@ -40,13 +41,16 @@ class HostFlags:
     ifname: str | None = None
     pci_host: str | None = None
     rebind: bool = False
+    parent: str | None = None
+    mode: str | None = None
 
     def backend_options(self, backend: BackendType) -> dict[str, object]:
         """The backend object's options; a missing required flag is an ``invalid_request``."""
         if backend is BackendType.nat:
             return {"network": self.network or "default"}
         required = {BackendType.bridge: ("--bridge", self.bridge), BackendType.tap: ("--ifname", self.ifname),
-                    BackendType.vfio: ("--host", self.pci_host)}[backend]
+                    BackendType.vfio: ("--host", self.pci_host),
+                    BackendType.macvtap: ("--parent", self.parent)}[backend]
         flag, value = required
         if value is None:
             raise fail(InvalidRequest(f"{flag}: --backend {backend.value} needs {flag}", field=flag))
@@ -54,10 +58,15 @@ class HostFlags:
             return {"bridge": value, "helper": self.helper}
         if backend is BackendType.tap:
             return {"ifname": value}
+        if backend is BackendType.macvtap:
+            options: dict[str, object] = {"link": value}
+            return options | ({"mode": self.mode} if self.mode is not None else {})
         return {"host": value, "rebind": self.rebind}
 
 
-HOST_BACKENDS = frozenset({BackendType.bridge, BackendType.nat, BackendType.tap, BackendType.vfio})
+HOST_BACKENDS = frozenset(
+    {BackendType.bridge, BackendType.nat, BackendType.tap, BackendType.macvtap, BackendType.vfio}
+)
 
 
 def socket_address(value: str, flag: str) -> dict[str, object]:

@@ -1,4 +1,7 @@
-"""The backends a NIC can have (``NicSpec.backend``): user, hubport, stream, dgram, bridge, nat, tap, vfio, passt."""
+"""The backends a NIC can be given (``NicSpec.backend``).
+
+user, hubport, stream, dgram, bridge, nat, tap, macvtap, vfio and passt.
+"""
 
 from __future__ import annotations
 
@@ -154,6 +157,21 @@ class TapBackend(Frozen):
     ifname: Annotated[str, _ifname("nic.backend.ifname")]
 
 
+class MacvtapBackend(Frozen):
+    """A macvtap on a host link, made by qmpnet: the guest sits on the link's network without a bridge.
+
+    libvirt's ``type='direct'``. In ``bridge`` mode guests on the same link reach each other, but never the host
+    through the link itself (a macvtap talks to the other side of its parent).
+    """
+
+    type: Literal["macvtap"] = "macvtap"
+    link: Annotated[str, _ifname("nic.backend.link")] = Field(description="The host link (parent), e.g. eth0.")
+    mode: Literal["bridge", "vepa", "private", "passthru"] = Field(
+        default="bridge", description="macvtap mode: bridge (guests on the link see each other), vepa, private, "
+        "passthru (the guest owns the link)."
+    )
+
+
 class VfioBackend(Frozen):
     """Direct assignment: a host PCI network function handed to the guest with vfio-pci."""
 
@@ -202,9 +220,17 @@ class PasstBackend(Frozen):
 
 
 Backend = Annotated[
-    UserBackend | HubportBackend | StreamBackend | DgramBackend | BridgeBackend | NatBackend | TapBackend | VfioBackend
+    UserBackend
+    | HubportBackend
+    | StreamBackend
+    | DgramBackend
+    | BridgeBackend
+    | NatBackend
+    | TapBackend
+    | MacvtapBackend
+    | VfioBackend
     | PasstBackend,
     Field(discriminator="type"),
 ]
 #: Backends whose netdev is a tap and so can have several queues.
-TAP_BASED = frozenset({"bridge", "nat", "tap"})
+TAP_BASED = frozenset({"bridge", "nat", "tap", "macvtap"})

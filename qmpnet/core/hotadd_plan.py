@@ -18,6 +18,7 @@ from qmpnet.core.model import (
     DgramBackend,
     HubportBackend,
     InetAddress,
+    MacvtapBackend,
     NatBackend,
     NicSpec,
     PasstBackend,
@@ -104,7 +105,7 @@ def plan_add(
 ) -> AddPlan:
     """Plan the hot-add of ``spec`` into ``guest``.
 
-    For bridge and NAT backends the plan expects the tap's fds to have been passed to QEMU already under the
+    For bridge, NAT and macvtap backends the plan expects the tap's fds to have been passed to QEMU already under the
     names :func:`fd_names` gives (the host side is the lane's job); ``vhost`` says whether to ask for vhost-net.
     For a passt backend it expects passt to listen on :attr:`AddPlan.passt_socket`, in the guest's ``passt_dir``.
     ``mtu`` is the MTU of the NIC's host tap (``spec.mtu``, else its bridge's; see :mod:`qmpnet.core.mtu`).
@@ -184,9 +185,10 @@ def _free_id(model: str, guest: PlanContext) -> str:
 
 
 def needs_tap_fds(spec: NicSpec) -> bool:
-    """Whether the lane must make a tap and pass its fds before the plan runs (bridge and NAT backends)."""
+    """Whether the lane must make a tap and pass its fds before the plan runs (bridge, NAT and macvtap backends)."""
     backend = spec.backend
-    return isinstance(backend, NatBackend) or (isinstance(backend, BridgeBackend) and not backend.helper)
+    helper = isinstance(backend, BridgeBackend) and backend.helper
+    return isinstance(backend, NatBackend | MacvtapBackend | BridgeBackend) and not helper
 
 
 def fd_names(netdev_id: str, queues: int) -> tuple[str, ...]:
@@ -223,7 +225,7 @@ def _backend_arguments(  # noqa: PLR0911 - one return per backend type reads as 
             return {name: _socket_address(addr) for name, addr in ends.items() if addr is not None}
         case BridgeBackend(helper=True):
             return {"br": backend.bridge}
-        case BridgeBackend() | NatBackend():
+        case BridgeBackend() | NatBackend() | MacvtapBackend():
             names = fd_names(netdev_id, queues)
             fds: dict[str, object] = {"fd": names[0]} if queues == 1 else {"fds": ":".join(names)}
             return {"type": "tap", "vhost": vhost, **fds}

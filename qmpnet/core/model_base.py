@@ -30,8 +30,9 @@ Mac = Annotated[str, AfterValidator(normalize_mac)]
 
 #: Fields holding a discriminated union, and the union's tags (left out of an error's field path).
 _UNION_FIELDS = frozenset({"backend", "addr", "local", "remote"})
-_UNION_TAGS = frozenset({"user", "hubport", "stream", "dgram", "bridge", "nat", "tap", "vfio", "unix", "inet",
-                         "passt"})
+_UNION_TAGS = frozenset(
+    {"user", "hubport", "stream", "dgram", "bridge", "nat", "tap", "macvtap", "vfio", "unix", "inet", "passt"}
+)
 
 
 class Frozen(BaseModel):

@@ -66,10 +66,16 @@ class NicSpec(Frozen):
                     raise InvalidRequest(f"nic.{name}: only virtio-net-pci supports it", field=f"nic.{name}")
         if (self.queues or 1) > 1 and self.backend.type not in TAP_BASED:
             raise InvalidRequest(
-                f"nic.queues: queues > 1 needs a tap-based backend (bridge, nat, tap), not {self.backend.type}",
+                "nic.queues: queues > 1 needs a tap-based backend (bridge, nat, tap, macvtap), not "
+                f"{self.backend.type}",
                 field="nic.queues",
             )
         check_mtu_backend(self.mtu, self.backend)
+        self._check_tap_options()
+        return self
+
+    def _check_tap_options(self) -> None:
+        """VLANs and shaping need a host tap qmpnet knows on a bridge."""
         for name in ("vlan", "shape"):
             if getattr(self, name) is None:
                 continue
@@ -79,7 +85,11 @@ class NicSpec(Frozen):
                     f"{'a bridge helper' if self.backend.type == 'bridge' else self.backend.type})",
                     field=f"nic.{name}",
                 )
-        return self
+            if self.backend.type == "macvtap":
+                raise InvalidRequest(
+                    f"nic.{name}: a macvtap sits on no bridge and qmpnet does not shape it; use a bridge backend",
+                    field=f"nic.{name}",
+                )
 
     def _check_vfio(self) -> NicSpec:
         # The assigned function is the NIC: QEMU emulates nothing, so there is no model, MAC, queue or link to set.

@@ -48,6 +48,11 @@ class Policy(Frozen):
     allowed_taps: list[str] | None = Field(
         default=None, description="Existing taps callers may attach to; null allows any."
     )
+    allowed_macvtap_links: list[str] | None = Field(
+        default=None,
+        description="Host links macvtap NICs may sit on; null allows any existing link ('qmpnet serve' defaults to "
+        "none).",
+    )
     allowed_vfio_hosts: list[str] | None = Field(
         default=None, description="Host PCI functions callers may assign (0000:03:00.0); null allows any."
     )
@@ -92,6 +97,8 @@ def _check_host_backend(backend: object, policy: Policy) -> None:
             _check_listed("nic.backend.bridge", bridge, policy.allowed_bridges, "policy.allowed_bridges")
         case backends.TapBackend(ifname=ifname):
             _check_listed("nic.backend.ifname", ifname, policy.allowed_taps, "policy.allowed_taps")
+        case backends.MacvtapBackend(link=link):
+            _check_listed("nic.backend.link", link, policy.allowed_macvtap_links, "policy.allowed_macvtap_links")
         case backends.VfioBackend(host=host):
             _check_listed("nic.backend.host", host, policy.allowed_vfio_hosts, "policy.allowed_vfio_hosts")
 

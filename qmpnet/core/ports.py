@@ -270,7 +270,7 @@ class PasstProcess:
 
 
 class HostNetwork(Protocol):
-    """The host side of bridge, NAT, tap, VFIO and passt backends."""
+    """The host side of bridge, NAT, tap, macvtap, VFIO and passt backends."""
 
     async def create_tap(self, bridge: str, *, queues: int, owner: str, mtu: int | None = None) -> TapHandle:
         """Make a tap enslaved to ``bridge`` and open its queues; its MTU is ``mtu``, else the bridge's.
@@ -290,8 +290,17 @@ class HostNetwork(Protocol):
         """
         ...
 
+    async def create_macvtap(self, link: str, *, mode: str, mac: str, queues: int, owner: str) -> TapHandle:
+        """Make a macvtap in ``mode`` with address ``mac`` on host link ``link`` and open its queues (``/dev/tapN``).
+
+        Raises:
+            NotFound: No such link.
+            Unsupported: The kernel has no macvtap.
+        """
+        ...
+
     async def delete_tap(self, name: str) -> None:
-        """Delete tap ``name`` if it still exists and is qmpnet's."""
+        """Delete tap (or macvtap) ``name`` if it still exists and is qmpnet's."""
         ...
 
     async def nat_bridge(self, network: str) -> str:

@@ -70,9 +70,10 @@ class HostHold(Frozen):
     """The host resources held for one NIC, released once its device and backend are gone."""
 
     owner: str | None = Field(default=None, description="The owner mark on taps made for the NIC (guest/nic).")
-    tap: str | None = Field(default=None, description="The tap qmpnet made (bridge and NAT backends).")
+    tap: str | None = Field(default=None, description="The tap qmpnet made (bridge, NAT and macvtap backends).")
     bridge: str | None = Field(default=None, description="The bridge the tap is enslaved to.")
     network: str | None = Field(default=None, description="The NAT network the NIC uses.")
+    vhost: bool = Field(default=False, description="Its tap netdev was added with vhost=on (vhost-net).")
     vfio_host: str | None = Field(default=None, description="The host PCI function handed to the guest.")
     vfio_driver: str | None = Field(default=None, description="Its driver before qmpnet rebound it to vfio-pci.")
     passt_socket: str | None = Field(default=None, description="The socket of the NIC's passt (passt backend).")

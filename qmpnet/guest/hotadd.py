@@ -102,7 +102,7 @@ class HotAdd:
         passt_dir = str(self._parts.settings.hostnet.passt_guest_dir(self._parts.journal.key))
         link = await host_link(self._parts.host, spec)
         plan = plan_add(spec, inventory.view(), vhost=vhost, passt_dir=passt_dir, mtu=link.mtu)
-        record = _adding(spec, plan, started.id, f"{self._parts.journal.key}/{plan.nic_id}")
+        record = _adding(spec, plan, started.id, f"{self._parts.journal.key}/{plan.nic_id}", vhost=vhost)
         recorded = self._parts.journal.operation(started.id) or started  # the first plan's, if planned again
         await self._parts.journal.save_async(self._parts.journal.record.with_operation(recorded).with_nic(record))
         undo = UndoStack()
@@ -178,8 +178,8 @@ class HotAdd:
             undo.push("shape", await host.set_shape(tap, spec.shape))
 
 
-def _adding(spec: NicSpec, plan: AddPlan, operation: str, owner: str) -> NicRecord:
-    """The NIC's record before its first QMP command: ``adding``, with what planning chose."""
+def _adding(spec: NicSpec, plan: AddPlan, operation: str, owner: str, *, vhost: bool) -> NicRecord:
+    """The NIC's record before its first QMP command: ``adding``, with what planning chose (and vhost-net's use)."""
     return NicRecord(
         id=plan.nic_id,
         spec=_planned_spec(spec, plan),
@@ -187,7 +187,7 @@ def _adding(spec: NicSpec, plan: AddPlan, operation: str, owner: str) -> NicReco
         state="adding",
         link=spec.link,
         host=HostHold(owner=owner if needs_tap_fds(spec) or plan.passt_socket else None,
-                      passt_socket=plan.passt_socket),
+                      passt_socket=plan.passt_socket, vhost=vhost and needs_tap_fds(spec)),
         pci=PciAddress(bus=plan.placement.bus, slot=plan.placement.slot, function=plan.placement.function),
         operation=operation,
     )

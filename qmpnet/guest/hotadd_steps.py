@@ -1,9 +1,10 @@
 """Running a hot-add: host-side preparation, then the plan's QMP steps, each pushing its undo on a stack.
 
-A hot-add touches up to three places: the host (a tap on a bridge, a NAT network, a PCI function rebound to
-vfio-pci), QEMU's fd table (``getfd``), and the guest (``netdev_add``, ``device_add``, ``set_link``). Every
-action that succeeds pushes the action that reverts it on an :class:`~qmpnet.guest.undo.UndoStack`; if a later
-action fails with a QEMU error the stack unwinds in reverse, so the host and the guest end exactly as before. An
+A hot-add touches up to three places: the host (a tap on a bridge, a NAT network, a macvtap on a host link, a PCI
+function rebound to vfio-pci), QEMU's fd table (``getfd``), and the guest (``netdev_add``, ``device_add``,
+``set_link``). Every action that succeeds pushes the action that reverts it on an
+:class:`~qmpnet.guest.undo.UndoStack`; if a later action fails with a QEMU error the stack unwinds in reverse, so
+the host and the guest end exactly as before. An
 *unknown* outcome (no answer, lost connection) is not unwound: reverting ``netdev_add`` under a ``device_add`` that
 may have succeeded would leave a NIC without a backend. The caller gets ``outcome_unknown`` and can list the NICs.
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qmpnet.core.hotadd_plan import AddPlan, QmpCall, Step, fd_names, needs_tap_fds
-from qmpnet.core.model import BridgeBackend, NatBackend, NicSpec, PasstBackend, TapBackend, VfioBackend
+from qmpnet.core.model import BridgeBackend, MacvtapBackend, NatBackend, NicSpec, PasstBackend, TapBackend, VfioBackend
 from qmpnet.core.mtu import check_within
 from qmpnet.errors import QmpCommandError, RemovalPending, Unsupported
 
@@ -106,10 +107,17 @@ async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, pa
         if driver is not None:
             undo.push("vfio-pci rebind", lambda: host.restore_vfio(backend.host, driver))
         return Attachment(vfio_host=backend.host, vfio_driver=driver)
-    bridge = link.bridge if link is not None and link.bridge is not None else None
-    if bridge is None:
-        bridge = await host.nat_bridge(backend.network) if isinstance(backend, NatBackend) else _bridge(backend)
-    tap = await host.create_tap(bridge, queues=spec.queues or 1, owner=tap_owner(owner), mtu=spec.mtu)
+    bridge: str | None = None
+    if isinstance(backend, MacvtapBackend):
+        assert plan.mac is not None  # noqa: S101 - every plan but vfio's has a MAC
+        tap = await host.create_macvtap(
+            backend.link, mode=backend.mode, mac=plan.mac, queues=spec.queues or 1, owner=tap_owner(owner)
+        )
+    else:
+        bridge = link.bridge if link is not None and link.bridge is not None else None
+        if bridge is None:
+            bridge = await host.nat_bridge(backend.network) if isinstance(backend, NatBackend) else _bridge(backend)
+        tap = await host.create_tap(bridge, queues=spec.queues or 1, owner=tap_owner(owner), mtu=spec.mtu)
     undo.push(f"tap {tap.name}", lambda: host.delete_tap(tap.name))
     names = fd_names(plan.netdev_id or plan.nic_id, len(tap.fds))
     try:

@@ -151,7 +151,11 @@ class NicTable:
 
 
 def asked_backend(spec: NicSpec, record: NicRecord) -> ObservedBackend:
-    """The backend as asked for, with the host side the record holds (a bridge or NAT network's tap)."""
+    """The backend as asked for, with the host side the record holds (a bridge or NAT network's tap, a macvtap).
+
+    ``vhost: on`` says the tap netdev was added with vhost-net: QEMU 7.2 shows no vhost in ``info network``, so the
+    record, written from the ``netdev_add`` qmpnet sent, is what tells.
+    """
     asked = backend_of(spec)
     hold = record.host
     if hold.passt_socket is not None:
@@ -159,7 +163,10 @@ def asked_backend(spec: NicSpec, record: NicRecord) -> ObservedBackend:
         return ObservedBackend(type=asked.type, options={**asked.options, **passt})
     if hold.tap is None:
         return asked
-    options = {"bridge": hold.bridge or "", "tap": hold.tap}
+    vhost = {"vhost": "on"} if hold.vhost else {}
+    if spec.backend.type == "macvtap":
+        return ObservedBackend(type="macvtap", options={**asked.options, "tap": hold.tap, **vhost})
+    options = {"bridge": hold.bridge or "", "tap": hold.tap, **vhost}
     if hold.network is not None:
         return ObservedBackend(type="nat", options={"network": hold.network, **options})
     return ObservedBackend(type="bridge", options={**asked.options, **options})

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 LinkState = Literal["up", "down"]
 #: Backends whose QEMU netdev is a host tap: they can be moved, tagged and shaped.
-TAP_KINDS = frozenset({"bridge", "nat", "tap"})
+TAP_KINDS = frozenset({"bridge", "nat", "tap"})  # not macvtap: it sits on no bridge and qmpnet does not shape it
 #: Options of a NIC's backend view that the update itself sets (the rest is kept as the lane saw it).
 _UPDATED_OPTIONS = frozenset({"bridge", "network", "vlan", "trunks", "rate", "burst", "delay", "jitter", "loss"})
 _QEMU_INTERNAL = frozenset({"fd", "fds"})

@@ -93,11 +93,11 @@ def serve_settings(settings: Settings) -> Settings:
     """The settings as the controller applies them to remote callers.
 
     Direct mode lets whoever holds the QMP socket use any existing bridge and capture file; over MQTT a caller
-    gets only the bridges and capture directories the operator lists (``[policy] allowed_bridges``,
-    ``allowed_capture_dirs``), so an unset list means none.
+    gets only the bridges, macvtap parent links and capture directories the operator lists (``[policy]
+    allowed_bridges``, ``allowed_macvtap_links``, ``allowed_capture_dirs``), so an unset list means none.
     """
     policy = settings.policy
-    listed = ("allowed_bridges", "allowed_capture_dirs")
+    listed = ("allowed_bridges", "allowed_macvtap_links", "allowed_capture_dirs")
     unset: dict[str, list[str]] = {name: [] for name in listed if getattr(policy, name) is None}
     if not unset:
         return settings

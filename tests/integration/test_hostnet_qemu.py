@@ -21,7 +21,16 @@ from netns_tools import bridged_namespace, ip, link_names
 from qemu.qmp import ConnectError, ExecuteError, QMPClient
 from waiting import eventually
 
-from qmpnet.adapters.hostnet import check_existing_tap, check_vfio, create_tap, delete_tap, list_taps, vhost_usable
+from qmpnet.adapters.hostnet import (
+    check_existing_tap,
+    check_vfio,
+    create_tap,
+    delete_tap,
+    list_taps,
+    sweep_taps,
+    vhost_usable,
+)
+from qmpnet.adapters.hostnet.macvtap import create_macvtap
 from qmpnet.errors import NotFound, QmpnetError
 
 if TYPE_CHECKING:
@@ -224,3 +233,40 @@ def test_check_vfio_on_this_hosts_real_nics_gives_a_clear_answer() -> None:
         assert caught.value.field == "nic.backend.host"
         assert address in str(caught.value)
         print(f"check_vfio({address}):", caught.value)  # noqa: T201 - shown with -s, for the docs
+
+
+# ------------------------------------------------------------------------------------------------ macvtap
+
+
+async def test_a_macvtap_goes_to_qemu_as_fds_and_is_deleted_afterwards(hv: str, qemu_in_hv: Qemu) -> None:
+    """The host side of a macvtap NIC: made on the parent with the guest's MAC and qmpnet's mark, its /dev/tapN fd
+    taken by QEMU; unlike a tap it outlives ``netdev_del``, so the lane deletes it (or the sweep does)."""
+    ip("-n", hv, "link", "add", "mvp0", "type", "veth", "peer", "name", "mvp1")
+    mac = "52:54:00:4d:00:01"
+    tap = await create_macvtap("mvp0", mode="vepa", mac=mac, netns=hv, owner="vm1/mv0", queues=2)
+    try:
+        for index, fd in enumerate(tap.fds):
+            await qemu_in_hv.pass_fd(fd, f"mv0.fd{index}")
+    finally:
+        tap.close_fds()
+    await qemu_in_hv.execute("netdev_add", {"type": "tap", "id": "mv0.net", "fds": "mv0.fd0:mv0.fd1"})
+    shown = json.loads(ip("-n", hv, "-j", "-d", "link", "show", "dev", tap.name))[0]
+    assert (shown["linkinfo"]["info_kind"], shown["linkinfo"]["info_data"]["mode"]) == ("macvtap", "vepa")
+    assert (shown["address"], shown["ifalias"], shown["link"]) == (mac, "qmpnet:tap:vm1/mv0", "mvp0")
+    assert [t.owner for t in await list_taps(netns=hv)] == ["vm1/mv0"]
+    await qemu_in_hv.execute("netdev_del", {"id": "mv0.net"})
+    assert tap.name in link_names(hv)  # a macvtap is a persistent link: QEMU's fds closing leaves it
+    assert await delete_tap(tap.name, netns=hv) is True
+    assert link_names(hv) == {"lo", "br0", "mvp0", "mvp1"}
+
+
+async def test_a_stale_macvtap_is_swept_and_a_missing_parent_changes_nothing(hv: str) -> None:
+    ip("-n", hv, "link", "add", "mvp0", "type", "veth", "peer", "name", "mvp1")
+    tap = await create_macvtap("mvp0", mode="bridge", mac="52:54:00:4d:00:02", netns=hv, owner="vm1/mv1")
+    tap.close_fds()  # a controller that died before QEMU took it: the link stays
+    assert tap.name in link_names(hv)
+    assert await sweep_taps([], netns=hv) == [tap.name]
+    with pytest.raises(NotFound, match=r"nic\.backend\.link") as refused:
+        await create_macvtap("nosuch0", mode="bridge", mac="52:54:00:4d:00:03", netns=hv)
+    assert refused.value.field == "nic.backend.link"
+    assert link_names(hv) == {"lo", "br0", "mvp0", "mvp1"}

@@ -554,11 +554,12 @@ async def test_two_guests_on_a_vlan_bridge_reach_each_other_only_with_matching_t
         qmpnet.connect(str(vm.qmp_path), name=vm.name, settings=settings) as first,
         qmpnet.connect(str(other.qmp_path), name=other.name, settings=settings) as second,
     ):
-        nics = []
+        nics, ifaces = [], []
         for guest, machine, mac, address in zip((first, second), (vm, other), macs, addresses, strict=True):
             nic, iface = await add_bridge_nic(guest, machine, "br-v", mac)
             await static_address(machine, iface, address)
             nics.append(nic)
+            ifaces.append(iface)
         try:
             async def reach() -> bool:
                 return (await pings(vm, addresses[1]))[0] == 0
@@ -572,9 +573,32 @@ async def test_two_guests_on_a_vlan_bridge_reach_each_other_only_with_matching_t
             assert await reach()  # the positive signal after the negative one: tags match again
             await first.update_nic({"id": nics[0].id, "vlan": None})
             assert not await reach()
+            await a_trunk_carries_both(vm, first, nics[0], ifaces[0], (other, second, nics[1], ifaces[1]))
         finally:
             await remove(first, vm, nics[0])
             await remove(second, other, nics[1])
+
+
+async def a_trunk_carries_both(
+    vm: TestMachine, guest: qmpnet.Guest, nic: Nic, iface: GuestInterface,
+    access: tuple[TestMachine, qmpnet.Guest, Nic, GuestInterface],
+) -> None:
+    """``vm``'s port becomes a trunk of 10 and 20, with ``eth.10``/``eth.20`` in the guest (8021q): the access
+    guest on VLAN 10, then on 20, is reached over the matching VLAN interface and not over the other one."""
+    other, other_guest, other_nic, other_iface = access
+    subnets = {10: "10.77.4", 20: "10.77.5"}
+    await guest.update_nic({"id": nic.id, "vlan": {"trunks": [10, 20]}})
+    for vid, subnet in subnets.items():
+        name = f"{iface.name}.{vid}"
+        (await vm.agent.run(f"ip link add link {iface.name} name {name} type vlan id {vid} && "
+                            f"ip addr add {subnet}.1/24 dev {name} && ip link set {name} up")).check()  # fmt: skip
+        (await other.agent.run(f"ip addr add {subnet}.2/24 dev {other_iface.name}")).check()
+    for vid, subnet in subnets.items():
+        await other_guest.update_nic({"id": other_nic.id, "vlan": {"access": vid}})
+        assert (await pings(vm, f"{subnet}.2"))[0] == 0, f"VLAN {vid} over the trunk"
+        (wrong,) = (s for v, s in subnets.items() if v != vid)
+        assert (await pings(vm, f"{wrong}.2"))[0] != 0, f"only VLAN {vid} reaches the access guest"
+    report("vlan", {"trunk": "VLANs 10 and 20 both carried to the trunk guest"})
 
 
 @needs.kernel(not VLAN_FILTERING, "the bridge filters VLANs: the tagging is tested instead of its refusal", lab=False)

@@ -69,6 +69,8 @@ class PortsHost:
 
     async def bridge_mtu(self, bridge: str) -> int:
         return self.bridge_mtus.get(bridge, 1500)
+    async def create_macvtap(self, link: str, *, mode: str, mac: str, queues: int, owner: str) -> Any:
+        raise NotImplementedError
 
     async def delete_tap(self, name: str) -> None:
         self._call("delete_tap", name)

@@ -55,9 +55,19 @@ class HostNet:
         """The MTU of ``bridge``."""
         from qmpnet.adapters.hostnet.taps import bridge_mtu  # noqa: PLC0415 - netlink only when used (see the imports)
         return await bridge_mtu(bridge, netns=self.settings.netns)
+    async def create_macvtap(self, link: str, *, mode: str, mac: str, queues: int, owner: str) -> Tap:
+        """Make a macvtap on host link ``link`` with the guest's ``mac``, ``queues`` open fds, marked as ``owner``'s."""
+        from qmpnet.adapters.hostnet.macvtap import create_macvtap  # noqa: PLC0415 - netlink only when used
+        return await create_macvtap(
+            link, mode=mode, mac=mac, pattern=self.settings.tap_pattern, queues=queues, netns=self.settings.netns,
+            owner=owner,
+        )
 
     async def delete_tap(self, name: str) -> None:
-        """Delete tap ``name`` if it is still there (it normally leaves with QEMU's fd), and its IFB if shaped."""
+        """Delete tap (or macvtap) ``name`` if it is still there, and its IFB if shaped.
+
+        A tap normally leaves with QEMU's fd; a macvtap is a persistent link and leaves only here.
+        """
         from qmpnet.adapters.hostnet.taps import delete_tap  # noqa: PLC0415 - netlink only when used (see the imports)
         await delete_tap(name, netns=self.settings.netns)
         await self._sweep_ifbs(name)

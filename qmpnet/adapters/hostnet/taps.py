@@ -54,6 +54,7 @@ __all__ = [
     "TapInfo",
     "bridge_mtu",
     "check_existing_tap",
+    "check_owner",
     "create_tap",
     "delete_tap",
     "keep_bridge_mtu",
@@ -85,7 +86,7 @@ class Tap:
     Attributes:
         name: The interface name the kernel gave it (``vnet0``).
         ifindex: Its interface index.
-        bridge: The bridge it is enslaved to.
+        bridge: The bridge it is enslaved to (``""`` for a macvtap, which sits on a host link).
         netns: The namespace it lives in (``None``: the controller's own).
         vnet_hdr: Always true: the tap was made with ``IFF_VNET_HDR``.
     """
@@ -193,7 +194,7 @@ async def create_tap(  # noqa: PLR0913 - the tap's properties, all keyword-only
     kernel_name = tap_pattern_kernel(pattern)
     if not 1 <= queues <= MAX_QUEUES:
         raise InvalidRequest(f"nic.queues: must be 1 to {MAX_QUEUES}", field="nic.queues")
-    mark = tap_mark(_check_owner(owner))
+    mark = tap_mark(check_owner(owner))
     tap = await run_in_netns(
         netns, lambda: _create(bridge, kernel_name, queues, netns, mark, mtu), discard=Tap.close_fds
     )
@@ -422,10 +423,16 @@ def _name_of(ipr: Any, index: int) -> str | None:  # noqa: ANN401 - pyroute2's I
 def _is_ours(link: LinkInfo) -> bool:
     alias = link.alias or ""
     ours = alias == tap_mark(None) or alias.startswith(tap_mark(None) + ":")
-    return ours and link.kind == "tun" and link.tun_type in (None, _TUN_TYPE_TAP)
+    # A macvtap qmpnet made (see macvtap.py) carries the same mark and is listed, swept and deleted with the taps.
+    return ours and (link.kind == "macvtap" or (link.kind == "tun" and link.tun_type in (None, _TUN_TYPE_TAP)))
 
 
-def _check_owner(owner: str | None) -> str | None:
+def check_owner(owner: str | None) -> str | None:
+    """``owner`` if it can go into a tap's (or macvtap's) mark.
+
+    Raises:
+        InvalidRequest: It is empty, too long, or has other characters.
+    """
     if owner is None:
         return None
     if not owner or len(owner) > _OWNER_MAX or not all(c.isascii() and (c.isalnum() or c in "_.:/-") for c in owner):

@@ -129,6 +129,8 @@ def test_an_unreachable_broker_is_one_line() -> None:
         (["nic", "add", "--backend", "bridge", "--bridge", "br0", "--mtu", "65536"], "nic.mtu"),
         (["nic", "add", "--mtu", "1400"], "nic.mtu"),  # user mode has no host tap
         (["nic", "set", "lan1", "--mtu", "67"], "update.mtu"),
+        (["nic", "add", "--backend", "macvtap"], "--parent"),
+        (["nic", "add", "--backend", "macvtap", "--parent", "eth0", "--mode", "source"], "nic.backend.mode"),
     ],
 )
 def test_bad_input_is_refused_before_connecting(sockdir: Path, args: list[str], field: str) -> None:
@@ -165,6 +167,14 @@ def test_the_policy_is_checked_before_connecting(sockdir: Path, tmp_path: Path) 
     done = qmpnet_cli("nic", "add", "--backend", "bridge", "--bridge", "br0", "--config", str(config),
                       "--qmp", str(sockdir / "nobody.qmp"))  # fmt: skip
     one_error_line(done, 1, "error: forbidden: nic.backend.bridge:")
+
+
+def test_the_policy_is_checked_for_a_macvtap_link(sockdir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text("[policy]\nallowed_macvtap_links = ['eth1']\n")
+    done = qmpnet_cli("nic", "add", "--backend", "macvtap", "--parent", "eth0", "--config", str(config),
+                      "--qmp", str(sockdir / "nobody.qmp"))  # fmt: skip
+    one_error_line(done, 1, "error: forbidden: nic.backend.link:")
 
 
 @pytest.mark.parametrize(

@@ -113,6 +113,12 @@ class FakeHost:
 
         return undo
 
+    async def create_macvtap(self, link: str, *, mode: str, mac: str, queues: int, owner: str) -> FakeTap:
+        self._call("create_macvtap", link, mode, mac, queues, owner)
+        tap = FakeTap(f"vnet{len(self.taps)}", [100 + i for i in range(queues)])
+        self.taps.append(tap)
+        return tap
+
     async def delete_tap(self, name: str) -> None:
         self._call("delete_tap", name)
 
@@ -708,7 +714,71 @@ def _left(nic_id: str, state: str, hold: HostHold) -> MemoryGuestStore:
     """The record a killed process left: NIC ``nic_id`` in ``state`` holding ``hold`` (same QEMU instance)."""
     rec = GuestRecord(address="vm1", name="vm1", instance="{}")  # the recording monitor's instance answer
     nic = NicRecord(id=nic_id, spec=NicSpec(id=nic_id), netdev=f"{nic_id}.net", state=state, link="up", host=hold)
+
     return MemoryGuestStore(rec.with_nic(nic), key="vm1")
+
+
+# ----------------------------------------------------------------------------------------- macvtap in the lane
+
+MACVTAP = {"type": "macvtap", "link": "eth0", "mode": "vepa"}
+
+
+async def test_macvtap_nic_makes_the_macvtap_with_the_guests_mac_and_passes_its_fds() -> None:
+    host = FakeHost(use_vhost=True)
+    guest, monitor = lane(host)
+    nic = await guest.add_nic({"id": "m0", "mac": "52:54:00:bb:00:02", "queues": 2, "backend": MACVTAP})
+    assert host.calls == [("create_macvtap", "eth0", "vepa", "52:54:00:bb:00:02", 2, "vm1/m0")]
+    assert monitor.commands == ["getfd", "getfd", "netdev_add", "device_add"]
+    assert arguments(monitor, "netdev_add") == {"id": "m0.net", "type": "tap", "fds": "m0.net.fd0:m0.net.fd1",
+                                                "vhost": True}  # fmt: skip
+    assert host.taps[0].closed
+    assert nic.backend is not None
+    assert (nic.backend.type, nic.backend.options) == (
+        "macvtap", {"link": "eth0", "mode": "vepa", "tap": "vnet0", "vhost": "on"}
+    )
+
+
+async def test_macvtap_is_deleted_after_removal() -> None:
+    host = FakeHost()
+    guest, _ = lane(host, monitor=AckingMonitor())
+    async with guest:
+        await guest.add_nic({"id": "m0", "backend": MACVTAP})
+        result = await guest.remove_nic("m0")
+    assert result.state == "removed"
+    assert host.calls[-1] == ("delete_tap", "vnet0")
+
+
+async def test_failed_netdev_add_deletes_the_macvtap() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host)
+    monitor.errors["netdev_add"] = failing("netdev_add", "nope")
+    with pytest.raises(QmpCommandError):
+        await guest.add_nic({"backend": MACVTAP})
+    assert host.actions == ["create_macvtap", "delete_tap"]
+
+
+async def test_macvtap_link_not_allowed_by_policy_is_forbidden_and_nothing_happens() -> None:
+    host = FakeHost()
+    guest, monitor = lane(host, Policy(allowed_macvtap_links=["eth1"]))
+    with pytest.raises(Forbidden) as caught:
+        await guest.add_nic({"backend": MACVTAP})
+    assert caught.value.field == "nic.backend.link"
+    assert (monitor.executed, host.calls) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [({"vlan": {"access": 10}}, "nic.vlan"), ({"shape": {"rate": "1mbit"}}, "nic.shape"),
+     ({"backend": {**MACVTAP, "mode": "source"}}, "nic.backend.mode"),
+     ({"backend": {**MACVTAP, "link": "bad name"}}, "nic.backend.link")],
+)  # fmt: skip
+async def test_a_bad_macvtap_request_is_refused_naming_the_field(extra: dict[str, object], field: str) -> None:
+    host = FakeHost()
+    guest, monitor = lane(host)
+    with pytest.raises(InvalidRequest) as caught:
+        await guest.add_nic({"backend": MACVTAP, **extra})
+    assert caught.value.field == field
+    assert (monitor.executed, host.calls) == ([], [])
 
 
 async def test_a_rebound_function_is_given_back_when_its_removal_completes_after_the_process_left() -> None:

@@ -62,7 +62,7 @@ async def host_link(host: HostNetwork | None, spec: NicSpec) -> HostLink:
         NotFound: No such bridge or NAT network.
     """
     backend = spec.backend
-    if host is None or not needs_tap_fds(spec):
+    if host is None or not needs_tap_fds(spec) or isinstance(backend, MacvtapBackend):  # a macvtap: its parent's
         return HostLink(mtu=spec.mtu)
     bridge = await host.nat_bridge(backend.network) if isinstance(backend, NatBackend) else _bridge(backend)
     bridge_mtu = await host.bridge_mtu(bridge)

@@ -16,11 +16,9 @@ place that finds, lists or sweeps qmpnet's taps finds its macvtaps too.
 from __future__ import annotations
 
 import errno
-import fcntl
 import itertools
 import logging
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from pyroute2 import NetlinkError
 from qmpnet.adapters.hostnet.failures import host_error
 from qmpnet.adapters.hostnet.links import LinkInfo, dump_links, find_link, route, tap_mark
 from qmpnet.adapters.hostnet.netns import run_in_netns
-from qmpnet.adapters.hostnet.taps import MAX_QUEUES, Tap, check_owner
+from qmpnet.adapters.hostnet.taps import MAX_QUEUES, Tap, check_owner, set_tap_queue
 from qmpnet.core.ifnames import TAP_PATTERN_DEFAULT, check_ifname, check_tap_pattern
 from qmpnet.errors import InvalidRequest, NotFound, QmpnetError, Unsupported
 
@@ -41,12 +39,6 @@ log = logging.getLogger(__name__)
 MODES = frozenset({"bridge", "vepa", "private", "passthru"})
 _DEV = Path("/dev")
 _FIELD = "nic.backend.link"
-_TUNSETIFF = 0x400454CA
-_IFF_TAP = 0x0002
-_IFF_NO_PI = 0x1000
-_IFF_VNET_HDR = 0x4000
-_IFF_MULTI_QUEUE = 0x0100
-_IFREQ = struct.Struct("16sH22x")
 #: How many names of the pattern to try before giving up (each try fails only if the name is taken meanwhile).
 _NAME_TRIES = 64
 
@@ -159,9 +151,8 @@ def _open_queue(made: LinkInfo, queues: int) -> int:
         raise Unsupported(f"no {node} for macvtap {made.name}: the host needs devtmpfs (or udev) on /dev") from err
     except OSError as err:
         raise host_error(f"open {node}", err) from err
-    flags = _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR | (_IFF_MULTI_QUEUE if queues > 1 else 0)
     try:
-        fcntl.ioctl(fd, _TUNSETIFF, _IFREQ.pack(b"", flags))
+        set_tap_queue(fd, "", queues)
     except OSError as err:
         os.close(fd)
         raise host_error(f"set the vnet header on {node}", err) from err

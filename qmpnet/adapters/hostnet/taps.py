@@ -337,7 +337,6 @@ def _bridge(ipr: Any, bridge: str) -> LinkInfo:  # noqa: ANN401 - pyroute2's IPR
 
 
 def _open_queue(name: str, queues: int, fds: list[int]) -> str:
-    flags = _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR | (_IFF_MULTI_QUEUE if queues > 1 else 0)
     try:
         fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError as err:
@@ -346,9 +345,22 @@ def _open_queue(name: str, queues: int, fds: list[int]) -> str:
         raise host_error(f"open {TUN_DEVICE}", err) from err
     fds.append(fd)
     try:
-        answer = fcntl.ioctl(fd, _TUNSETIFF, _IFREQ.pack(name.encode(), flags))
+        return set_tap_queue(fd, name, queues)
     except OSError as err:
         raise host_error(f"create tap {name}", err) from err
+
+
+def set_tap_queue(fd: int, name: str, queues: int) -> str:
+    """Make ``fd`` a queue of tap ``name`` with the vnet header QEMU expects; return the tap's name.
+
+    ``name`` may be ``""``: the kernel names the tap (or, on a macvtap's node, the macvtap is the one it has).
+    Multiqueue when ``queues`` > 1.
+
+    Raises:
+        OSError: The kernel refused (TUNSETIFF).
+    """
+    flags = _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR | (_IFF_MULTI_QUEUE if queues > 1 else 0)
+    answer = fcntl.ioctl(fd, _TUNSETIFF, _IFREQ.pack(name.encode(), flags))
     raw_name: bytes = _IFREQ.unpack(answer)[0]
     return raw_name.split(b"\0", 1)[0].decode()
 

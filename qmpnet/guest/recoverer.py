@@ -44,6 +44,8 @@ class Recoverer:
         self._parts = parts
         self._unplugs = unplugs
         self._instance: str | None = None
+        # Removals an earlier process asked for and left pending: whoever finishes them here tells nobody.
+        self._inherited: set[str] = set()
 
     async def fresh(self) -> Inventory:
         """The lane's view of the guest, read again if it may be stale.
@@ -66,6 +68,7 @@ class Recoverer:
         observation = await self._parts.monitor.observe()
         if full:
             self._instance = await self._identify()
+            self._inherited = {n.id for n in self._parts.journal.record.nics.values() if n.state == "removal_pending"}
         devices = observation.device_ids - gone
         steps = plan_recovery(self._parts.journal.record, instance=self._instance, devices=devices, full=full)
         self._note_instance(devices, full=full)
@@ -143,8 +146,9 @@ class Recoverer:
     async def _recover_one(self, step: RecoveryStep, observation: Observation, *, full: bool) -> bool:
         """Carry out one recovery step; returns whether it deleted the NIC's netdev.
 
-        A removal finished by a *full* recovery is remembered as gone: the process that asked for it has gone
-        too, and a later ``nic del`` of the NIC answers ``removed``.
+        A removal that an earlier process asked for is remembered as gone when it is finished here, by the full
+        recovery or, if the device was still there then, by its late ``DEVICE_DELETED``: the process that asked has
+        gone, and a later ``nic del`` of the NIC answers ``removed``.
         """
         nic = step.nic
         log.info("guest %s: recovery: %s NIC %s (recorded %s)", self._parts.name, step.action, nic.id, nic.state)
@@ -161,7 +165,10 @@ class Recoverer:
                 case "unplug":
                     await self._unplugs.ask_again(nic.id)
                 case "undo_add" | "vanished" | "finish":
-                    await self._unplugs.clean_up(nic, by_recovery=full and step.action != "undo_add")
+                    inherited = nic.id in self._inherited
+                    self._inherited.discard(nic.id)
+                    remember = step.action != "undo_add" and (full or inherited)
+                    await self._unplugs.clean_up(nic, by_recovery=remember)
                     if step.action != "undo_add":
                         self._parts.events.emit("nic_removed", nic_id=nic.id)
                     return nic.netdev is not None

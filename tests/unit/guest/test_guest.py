@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from waiting import eventually
 
+from qmpnet.adapters.store.files import MemoryGuestStore
 from qmpnet.core.model import RemoveResult
 from qmpnet.core.placement import PciBus, PciTopology
 from qmpnet.core.policy import Policy
@@ -227,6 +228,22 @@ async def test_late_unplug_ack_while_the_lane_is_full_still_completes() -> None:
         await asyncio.gather(holder, waiter)
         await eventually(lambda: ("netdev_del", {"id": "n1"}) in monitor.executed, timeout=0.5)
         assert not guest._nics.pending("e1")
+
+
+async def test_a_late_ack_settled_by_the_event_is_remembered_so_the_next_del_is_told_removed() -> None:
+    # Regression (CI): a process that opened the guest while the device was still there finished the removal from
+    # the late DEVICE_DELETED, not from a full recovery, and forgot it: the user's next `nic del` got no_such_nic.
+    store = MemoryGuestStore(key="vm")
+    async with Guest(RecordingMonitor(), name="vm", store=store) as guest:
+        assert (await guest.remove_nic("e1", timeout=0)).state == "removal_pending"  # its asker ends here
+    monitor = RecordingMonitor()
+    async with Guest(monitor, name="vm", store=store) as guest:  # opened while the device is still there
+        monitor.emit("DEVICE_DELETED", {"device": "e1", "path": "/machine/peripheral/e1"})
+        await eventually(lambda: ("netdev_del", {"id": "n1"}) in monitor.executed, timeout=0.5)
+        await guest._late.settled()
+        assert "e1" in guest._journal.record.gone
+        assert await guest.remove_nic("e1") == RemoveResult(id="e1", state="removed")
+        assert "e1" not in guest._journal.record.gone  # told once
 
 
 async def test_a_request_that_waits_too_long_for_the_lane_is_a_timeout_and_sends_nothing() -> None:

@@ -88,6 +88,15 @@ class QmpnetError(Exception):
 
     code: ClassVar[ErrorCode] = "internal"
 
+    def __init_subclass__(cls, *, code: ErrorCode | None = None, **kwargs: object) -> None:
+        """Take the code a subclass names in its header, e.g. ``class NotFound(QmpnetError, code="not_found")``.
+
+        A subclass that names none keeps its parent's.
+        """
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
+
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -97,46 +106,32 @@ class QmpnetError(Exception):
         return self.message
 
 
-class InvalidRequest(QmpnetError):
+class InvalidRequest(QmpnetError, code="invalid_request"):
     """The request is malformed or a field is invalid; nothing was sent to QEMU."""
 
-    code = "invalid_request"
 
-
-class NotFound(QmpnetError):
+class NotFound(QmpnetError, code="not_found"):
     """The named NIC, guest, bridge or network does not exist."""
 
-    code = "not_found"
 
-
-class Conflict(QmpnetError):
+class Conflict(QmpnetError, code="conflict"):
     """The id or MAC asked for is already used in the guest."""
 
-    code = "conflict"
 
-
-class Busy(QmpnetError):
+class Busy(QmpnetError, code="busy"):
     """The guest has too many requests waiting."""
 
-    code = "busy"
 
-
-class Timeout(QmpnetError):
+class Timeout(QmpnetError, code="timeout"):
     """A wait ran out before the awaited thing happened; no command is left in flight."""
 
-    code = "timeout"
 
-
-class RemovalPending(QmpnetError):
+class RemovalPending(QmpnetError, code="removal_pending"):
     """The NIC is being unplugged; the guest has not acknowledged yet."""
 
-    code = "removal_pending"
 
-
-class GuestUnavailable(QmpnetError):
+class GuestUnavailable(QmpnetError, code="guest_unavailable"):
     """The guest's QMP monitor cannot be reached; no command was sent."""
-
-    code = "guest_unavailable"
 
 
 #: Why a broker connection failed: the port refused, the host unreachable, TLS, credentials (or authorisation),
@@ -164,25 +159,19 @@ class BrokerUnavailable(GuestUnavailable):
         return self.problem in FATAL_BROKER_PROBLEMS
 
 
-class NoFreeSlot(QmpnetError):
+class NoFreeSlot(QmpnetError, code="no_free_slot"):
     """No PCI place is free for the NIC; the message says what to add to the QEMU command line."""
 
-    code = "no_free_slot"
 
-
-class Unsupported(QmpnetError):
+class Unsupported(QmpnetError, code="unsupported"):
     """This QEMU, machine or model cannot do what was asked."""
 
-    code = "unsupported"
 
-
-class Forbidden(QmpnetError):
+class Forbidden(QmpnetError, code="forbidden"):
     """The operator's policy refuses the request."""
 
-    code = "forbidden"
 
-
-class QmpCommandError(QmpnetError):
+class QmpCommandError(QmpnetError, code="qmp_error"):
     """QEMU answered a command with an error.
 
     Args:
@@ -191,18 +180,14 @@ class QmpCommandError(QmpnetError):
         command: The QMP command that failed.
     """
 
-    code = "qmp_error"
-
     def __init__(self, message: str, *, qmp_class: str, command: str) -> None:
         super().__init__(message)
         self.qmp_class = qmp_class
         self.command = command
 
 
-class OutcomeUnknown(QmpnetError):
+class OutcomeUnknown(QmpnetError, code="outcome_unknown"):
     """A command was sent but no answer came: QEMU may or may not have applied it."""
-
-    code = "outcome_unknown"
 
 
 class AgentUnavailable(GuestUnavailable):
@@ -217,15 +202,13 @@ class AgentCommandError(QmpCommandError):
     """The guest agent answered a command with an error (``qmp_class`` is the agent's error class)."""
 
 
-class NotVerified(QmpnetError):
+class NotVerified(QmpnetError, code="not_verified"):
     """The guest did not show what was asked of it in time: an interface, an address, a carrier, or its absence.
 
     Args:
         message: What was awaited and what the guest showed instead.
         field: The request field that asked for the verification (``verify``), when there is one.
     """
-
-    code = "not_verified"
 
 
 class UnexpectedReply(QmpCommandError):
@@ -243,11 +226,9 @@ class UnexpectedReply(QmpCommandError):
         super().__init__(message, qmp_class="UnexpectedReply", command=command)
 
 
-class StoreUnavailable(QmpnetError):
+class StoreUnavailable(QmpnetError, code="store_unavailable"):
     """The state store cannot be written (a full disk, a read-only or vanished directory); the message says why.
 
     The request itself was valid: qmpnet refuses a change it could not record, since a change whose record is
     missing could neither be finished nor undone after a restart. Whatever the request had begun is undone.
     """
-
-    code = "store_unavailable"

@@ -13,21 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from qmpnet.core.model import (
-    BridgeBackend,
-    DgramBackend,
-    HubportBackend,
-    InetAddress,
-    MacvtapBackend,
-    NatBackend,
-    NicSpec,
-    PasstBackend,
-    StreamBackend,
-    TapBackend,
-    UnixAddress,
-    UserBackend,
-    VfioBackend,
-)
+from qmpnet.core import backends
 from qmpnet.core.mtu import add_warnings, host_mtu
 from qmpnet.core.names import format_pci_addr, generate_mac
 from qmpnet.core.placement import PciTopology, Placement, place
@@ -35,6 +21,8 @@ from qmpnet.errors import Conflict, Unsupported
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping
+
+    from qmpnet.core.model import NicSpec
 
 __all__ = [
     "AddPlan",
@@ -122,11 +110,11 @@ def plan_add(
         raise Conflict(f"nic.id: netdev {netdev_id!r} (for NIC {nic_id!r}) already exists", field="nic.id")
     if spec.mac is not None and spec.mac in guest.macs:
         raise Conflict(f"nic.mac: MAC {spec.mac} is already used by a NIC in the guest", field="nic.mac")
-    if isinstance(spec.backend, VfioBackend) and spec.backend.host in guest.vfio_hosts:
+    if isinstance(spec.backend, backends.VfioBackend) and spec.backend.host in guest.vfio_hosts:
         raise Conflict(f"nic.backend.host: {spec.backend.host} is already assigned to this guest",
                        field="nic.backend.host")
     placement = place(spec.driver, guest.topology, bus=spec.bus, addr=spec.pci_addr)
-    if isinstance(spec.backend, VfioBackend):
+    if isinstance(spec.backend, backends.VfioBackend):
         device = {"driver": "vfio-pci", "id": nic_id, "host": spec.backend.host, **_placement_arguments(placement)}
         step = Step(QmpCall("device_add", device), undo=QmpCall("device_del", {"id": nic_id}), undo_waits_for=nic_id)
         return AddPlan(nic_id, None, None, placement, (step,))
@@ -151,7 +139,7 @@ def plan_add(
 
 
 def _passt_socket_for(spec: NicSpec, nic_id: str, passt_dir: str | None) -> str | None:
-    if not isinstance(spec.backend, PasstBackend):
+    if not isinstance(spec.backend, backends.PasstBackend):
         return None
     if passt_dir is None:
         raise Unsupported("nic.backend.type: passt needs host networking, which is not set up here",
@@ -187,8 +175,8 @@ def _free_id(model: str, guest: PlanContext) -> str:
 def needs_tap_fds(spec: NicSpec) -> bool:
     """Whether the lane must make a tap and pass its fds before the plan runs (bridge, NAT and macvtap backends)."""
     backend = spec.backend
-    helper = isinstance(backend, BridgeBackend) and backend.helper
-    return isinstance(backend, NatBackend | MacvtapBackend | BridgeBackend) and not helper
+    helper = isinstance(backend, backends.BridgeBackend) and backend.helper
+    return isinstance(backend, backends.NatBackend | backends.MacvtapBackend | backends.BridgeBackend) and not helper
 
 
 def fd_names(netdev_id: str, queues: int) -> tuple[str, ...]:
@@ -201,7 +189,7 @@ def netdev_arguments(
 ) -> dict[str, object]:
     """The ``netdev_add`` arguments for ``spec``'s backend (a passt backend: a stream to ``passt_socket``)."""
     args: dict[str, object] = {"id": netdev_id, "type": spec.backend.type}
-    if isinstance(spec.backend, PasstBackend):
+    if isinstance(spec.backend, backends.PasstBackend):
         if passt_socket is None:
             raise Unsupported("nic.backend.type: passt needs its socket, which host networking makes",
                               field="nic.backend.type")
@@ -214,29 +202,29 @@ def _backend_arguments(  # noqa: PLR0911 - one return per backend type reads as 
     backend: object, netdev_id: str, queues: int, vhost: bool
 ) -> dict[str, object]:
     match backend:
-        case UserBackend():
+        case backends.UserBackend():
             return _user_arguments(backend)
-        case HubportBackend():
+        case backends.HubportBackend():
             return {"hubid": backend.hub}
-        case StreamBackend():
+        case backends.StreamBackend():
             return {"server": backend.server, "addr": _socket_address(backend.addr)}
-        case DgramBackend():
+        case backends.DgramBackend():
             ends = {"local": backend.local, "remote": backend.remote}
             return {name: _socket_address(addr) for name, addr in ends.items() if addr is not None}
-        case BridgeBackend(helper=True):
+        case backends.BridgeBackend(helper=True):
             return {"br": backend.bridge}
-        case BridgeBackend() | NatBackend() | MacvtapBackend():
+        case backends.BridgeBackend() | backends.NatBackend() | backends.MacvtapBackend():
             names = fd_names(netdev_id, queues)
             fds: dict[str, object] = {"fd": names[0]} if queues == 1 else {"fds": ":".join(names)}
             return {"type": "tap", "vhost": vhost, **fds}
-        case TapBackend():
+        case backends.TapBackend():
             return {"ifname": backend.ifname, "script": "no", "downscript": "no"} | (
                 {"queues": queues} if queues > 1 else {}
             )
     return {}
 
 
-def _user_arguments(backend: UserBackend) -> dict[str, object]:
+def _user_arguments(backend: backends.UserBackend) -> dict[str, object]:
     args: dict[str, object] = {}
     for name in ("net", "host", "dhcpstart", "dns"):
         value = getattr(backend, name)
@@ -253,8 +241,8 @@ def _user_arguments(backend: UserBackend) -> dict[str, object]:
     return args
 
 
-def _socket_address(addr: UnixAddress | InetAddress) -> dict[str, object]:
-    if isinstance(addr, UnixAddress):
+def _socket_address(addr: backends.UnixAddress | backends.InetAddress) -> dict[str, object]:
+    if isinstance(addr, backends.UnixAddress):
         return {"type": "unix", "path": addr.path}
     return {"type": "inet", "host": addr.host, "port": str(addr.port)}
 

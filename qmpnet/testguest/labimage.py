@@ -21,21 +21,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING
 
-from .build import (
-    BuildError,
-    BuildInputs,
-    KernelModule,
-    Package,
-    build_initramfs,
-    build_inputs,
-    build_into,
-    module_lookup,
-    order_modules,
-    run_tool,
-    safe_name,
-    static_busybox,
-    unpack_kernel,
-)
+from . import build
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -69,13 +55,13 @@ def init_script() -> bytes:
     return resources.files(__package__ or "qmpnet.testguest").joinpath(INIT_SCRIPT).read_bytes()
 
 
-def lab_cache_key(kernel: Package, busybox: Package) -> str:
+def lab_cache_key(kernel: build.Package, busybox: build.Package) -> str:
     """The cache directory name for a lab image built from these packages and the current sources."""
     digest = hashlib.sha256()
     digest.update(f"format={LAB_FORMAT_VERSION}\nbusybox={busybox.version}\n".encode())
     digest.update(json.dumps(INITRAMFS_MODULES).encode())
     digest.update(init_script())
-    return "_".join(("lab", safe_name(f"linux-{kernel.version}"), digest.hexdigest()[:12]))
+    return "_".join(("lab", build.safe_name(f"linux-{kernel.version}"), digest.hexdigest()[:12]))
 
 
 def _image(directory: Path, release: str) -> LabImage:
@@ -99,30 +85,32 @@ def ensure_lab_image(cache_dir: Path | None = None, progress: Callable[[str], No
         progress: Called with a short line at each slow step.
 
     Raises:
-        BuildError: apt cannot resolve or download the kernel, or depmod (kmod) is missing.
+        build.BuildError: apt cannot resolve or download the kernel, or depmod (kmod) is missing.
     """
-    inputs = build_inputs(cache_dir, progress or logger.info)
+    inputs = build.build_inputs(cache_dir, progress or logger.info)
     target = inputs.cache / lab_cache_key(inputs.kernel, inputs.busybox)
     if not _is_complete(target):
         if shutil.which("depmod") is None:
-            raise BuildError("depmod is not installed (apt-get install kmod): the lab needs the kernel's modules.dep")
+            raise build.BuildError(
+                "depmod is not installed (apt-get install kmod): the lab needs the kernel's modules.dep"
+            )
         inputs.say(f"building the lab image into {target}")
-        build_into(target, ".build-lab-", lambda image_dir, work: _build(image_dir, work, inputs), _is_complete)
+        build.build_into(target, ".build-lab-", lambda image_dir, work: _build(image_dir, work, inputs), _is_complete)
     release = json.loads((target / MANIFEST_FILE).read_text())["release"]
     return _image(target, str(release))
 
 
-def _build(image_dir: Path, work: Path, inputs: BuildInputs) -> None:
+def _build(image_dir: Path, work: Path, inputs: build.BuildInputs) -> None:
     kernel, say = inputs.kernel, inputs.say
-    module_dir, release = unpack_kernel(kernel, work, image_dir, say)
-    modules = order_modules(INITRAMFS_MODULES, module_lookup(module_dir))
+    module_dir, release = build.unpack_kernel(kernel, work, image_dir, say)
+    modules = build.order_modules(INITRAMFS_MODULES, build.module_lookup(module_dir))
     say(f"writing the initramfs ({' '.join(m.name for m in modules)})")
-    (image_dir / INITRD_FILE).write_bytes(_initramfs(static_busybox(inputs.busybox, work / "busybox"), modules))
+    (image_dir / INITRD_FILE).write_bytes(_initramfs(build.static_busybox(inputs.busybox, work / "busybox"), modules))
     say("moving the module tree into the image and running depmod")
     tree = image_dir / MODULES_DIR / "lib" / "modules"
     tree.mkdir(parents=True)
     shutil.move(module_dir, tree / release)
-    run_tool(["depmod", "--basedir", str(image_dir / MODULES_DIR), release])
+    build.run_tool(["depmod", "--basedir", str(image_dir / MODULES_DIR), release])
     count = sum(1 for _ in (tree / release).rglob("*.ko"))
     manifest = {
         "format": LAB_FORMAT_VERSION,
@@ -134,6 +122,8 @@ def _build(image_dir: Path, work: Path, inputs: BuildInputs) -> None:
     (image_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _initramfs(busybox: bytes, modules: Sequence[KernelModule]) -> bytes:
+def _initramfs(busybox: bytes, modules: Sequence[build.KernelModule]) -> bytes:
     directories = ("bin", "dev", "etc", "etc/lab", "lib", "lib/modules", "proc", "sys")
-    return build_initramfs(busybox, modules, directories=directories, init=init_script(), load_list="etc/lab/modules")
+    return build.build_initramfs(
+        busybox, modules, directories=directories, init=init_script(), load_list="etc/lab/modules"
+    )

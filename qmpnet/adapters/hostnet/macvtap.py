@@ -27,7 +27,7 @@ from pyroute2 import NetlinkError
 from qmpnet.adapters.hostnet.failures import host_error
 from qmpnet.adapters.hostnet.links import LinkInfo, dump_links, find_link, route, tap_mark
 from qmpnet.adapters.hostnet.netns import run_in_netns
-from qmpnet.adapters.hostnet.taps import MAX_QUEUES, Tap, check_owner, set_tap_queue
+from qmpnet.adapters.hostnet.taps import MAX_QUEUES, Tap, check_owner, open_tap_queue
 from qmpnet.core.ifnames import TAP_PATTERN_DEFAULT, check_ifname, check_tap_pattern
 from qmpnet.errors import InvalidRequest, NotFound, QmpnetError, Unsupported
 
@@ -145,18 +145,8 @@ def _add_error(parent: str, err: NetlinkError) -> QmpnetError:
 
 def _open_queue(made: LinkInfo, queues: int) -> int:
     node = _DEV / f"tap{made.index}"
-    try:
-        fd = os.open(node, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError as err:
-        raise Unsupported(f"no {node} for macvtap {made.name}: the host needs devtmpfs (or udev) on /dev") from err
-    except OSError as err:
-        raise host_error(f"open {node}", err) from err
-    try:
-        set_tap_queue(fd, "", queues)
-    except OSError as err:
-        os.close(fd)
-        raise host_error(f"set the vnet header on {node}", err) from err
-    return fd
+    missing = f" for macvtap {made.name}: the host needs devtmpfs (or udev) on /dev"
+    return open_tap_queue(node, "", queues, missing=missing, doing=f"set the vnet header on {node}")[0]
 
 
 def _delete_link(ipr: Any, index: int) -> None:  # noqa: ANN401 - pyroute2's IPRoute is untyped

@@ -337,20 +337,43 @@ def _bridge(ipr: Any, bridge: str) -> LinkInfo:  # noqa: ANN401 - pyroute2's IPR
 
 
 def _open_queue(name: str, queues: int, fds: list[int]) -> str:
-    try:
-        fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError as err:
-        raise Unsupported(f"no {TUN_DEVICE}: load the tun module (modprobe tun)") from err
-    except OSError as err:
-        raise host_error(f"open {TUN_DEVICE}", err) from err
+    fd, name = open_tap_queue(
+        TUN_DEVICE, name, queues, missing=": load the tun module (modprobe tun)", doing=f"create tap {name}"
+    )
     fds.append(fd)
+    return name
+
+
+def open_tap_queue(node: Path, name: str, queues: int, *, missing: str, doing: str) -> tuple[int, str]:
+    """Open ``node`` (/dev/net/tun, or a macvtap's /dev/tapN) as one queue of tap ``name``; return the fd and name.
+
+    The queue has the vnet header QEMU expects (:func:`_set_tap_queue`). On failure nothing stays open.
+
+    Args:
+        node: The character device to open.
+        name: The tap's name, ``""`` to let the kernel name it (or, on a macvtap's node, the one it has).
+        queues: The NIC's queues (multiqueue when more than 1).
+        missing: Said after ``no <node>`` when the node does not exist: what the host lacks.
+        doing: What the ioctl does, for the error when the kernel refuses it.
+
+    Raises:
+        Unsupported: ``node`` does not exist.
+        QmpnetError: The host refused to open it or to set the queue up (:func:`host_error`).
+    """
     try:
-        return set_tap_queue(fd, name, queues)
+        fd = os.open(node, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError as err:
+        raise Unsupported(f"no {node}{missing}") from err
     except OSError as err:
-        raise host_error(f"create tap {name}", err) from err
+        raise host_error(f"open {node}", err) from err
+    try:
+        return fd, _set_tap_queue(fd, name, queues)
+    except OSError as err:
+        os.close(fd)
+        raise host_error(doing, err) from err
 
 
-def set_tap_queue(fd: int, name: str, queues: int) -> str:
+def _set_tap_queue(fd: int, name: str, queues: int) -> str:
     """Make ``fd`` a queue of tap ``name`` with the vnet header QEMU expects; return the tap's name.
 
     ``name`` may be ``""``: the kernel names the tap (or, on a macvtap's node, the macvtap is the one it has).

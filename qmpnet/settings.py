@@ -58,18 +58,24 @@ __all__ = [
 ]
 
 
+#: A duration in seconds, more than zero.
+Seconds = Annotated[float, Field(gt=0)]
+#: A duration in seconds, zero allowed (zero: do not wait).
+SecondsOrZero = Annotated[float, Field(ge=0)]
+
+
 class QmpSettings(Frozen):
     """Talking to one QEMU monitor."""
 
-    connect_timeout: float = Field(default=5.0, gt=0, description="Seconds to connect and negotiate.")
-    command_timeout: float = Field(
-        default=10.0, gt=0, description="Seconds to wait for a command's answer before reporting outcome_unknown."
+    connect_timeout: Seconds = Field(default=5.0, description="Seconds to connect and negotiate.")
+    command_timeout: Seconds = Field(
+        default=10.0, description="Seconds to wait for a command's answer before reporting outcome_unknown."
     )
-    unplug_timeout: float = Field(
-        default=10.0, ge=0, description="Default seconds remove waits for DEVICE_DELETED before removal_pending."
+    unplug_timeout: SecondsOrZero = Field(
+        default=10.0, description="Default seconds remove waits for DEVICE_DELETED before removal_pending."
     )
-    rollback_unplug_timeout: float = Field(
-        default=5.0, ge=0, description="Seconds a rollback waits for a NIC it added to be unplugged again."
+    rollback_unplug_timeout: SecondsOrZero = Field(
+        default=5.0, description="Seconds a rollback waits for a NIC it added to be unplugged again."
     )
     read_attempts: int = Field(
         default=3,
@@ -81,15 +87,15 @@ class QmpSettings(Frozen):
 class QgaSettings(Frozen):
     """Talking to one guest's qemu-guest-agent (the guest view and verified changes)."""
 
-    connect_timeout: float = Field(
-        default=3.0, gt=0, description="Seconds to connect to the agent socket and get its guest-sync answer."
+    connect_timeout: Seconds = Field(
+        default=3.0, description="Seconds to connect to the agent socket and get its guest-sync answer."
     )
-    command_timeout: float = Field(default=5.0, gt=0, description="Seconds to wait for one agent command's answer.")
-    verify_timeout: float = Field(
-        default=30.0, gt=0, description="Seconds a verified change waits for the guest to show it before not_verified."
+    command_timeout: Seconds = Field(default=5.0, description="Seconds to wait for one agent command's answer.")
+    verify_timeout: Seconds = Field(
+        default=30.0, description="Seconds a verified change waits for the guest to show it before not_verified."
     )
-    poll_interval: float = Field(
-        default=0.2, gt=0, description="Seconds between two looks at the guest while verifying (no agent events)."
+    poll_interval: Seconds = Field(
+        default=0.2, description="Seconds between two looks at the guest while verifying (no agent events)."
     )
 
 
@@ -97,9 +103,9 @@ class LaneSettings(Frozen):
     """The per-guest request lane."""
 
     max_waiting: int = Field(default=256, ge=1, description="Requests that may wait for a guest before 'busy'.")
-    max_wait: float = Field(default=60.0, gt=0, description="Seconds a request may wait for a guest before 'busy'.")
-    stop_grace: float = Field(
-        default=10.0, ge=0, description="Seconds operations in flight may take to finish when qmpnet stops."
+    max_wait: Seconds = Field(default=60.0, description="Seconds a request may wait for a guest before 'busy'.")
+    stop_grace: SecondsOrZero = Field(
+        default=10.0, description="Seconds operations in flight may take to finish when qmpnet stops."
     )
     operation_window: float = Field(
         default=60.0,
@@ -244,9 +250,9 @@ class MqttSettings(Frozen):
     cert_file: FilePath | None = Field(default=None, description="Client certificate (mqtts).")
     key_file: FilePath | None = Field(default=None, description="Client certificate's key (mqtts).")
     keepalive: int = Field(default=30, ge=5, le=3600, description="Seconds between MQTT keepalive pings.")
-    connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to connect to the broker.")
-    reconnect_min: float = Field(default=0.5, gt=0, description="First delay before reconnecting to the broker.")
-    reconnect_max: float = Field(default=10.0, gt=0, description="Longest delay between broker reconnects.")
+    connect_timeout: Seconds = Field(default=10.0, description="Seconds to connect to the broker.")
+    reconnect_min: Seconds = Field(default=0.5, description="First delay before reconnecting to the broker.")
+    reconnect_max: Seconds = Field(default=10.0, description="Longest delay between broker reconnects.")
     max_refusals: int = Field(
         default=3, ge=1, description="Refusals in a row (bad credentials, protocol not spoken) before giving up."
     )
@@ -261,16 +267,16 @@ class MqttSettings(Frozen):
     outbox_limit: int = Field(
         default=10_000, ge=10, description="Answers and events kept while the broker is away; the oldest go first."
     )
-    shutdown_timeout: float = Field(
-        default=2.0, gt=0, description="Seconds a stopping controller waits for its last messages to be acknowledged."
+    shutdown_timeout: Seconds = Field(
+        default=2.0, description="Seconds a stopping controller waits for its last messages to be acknowledged."
     )
-    dedup_window: float = Field(
-        default=60.0, ge=0, description="Seconds a request's transaction id is remembered per guest."
+    dedup_window: SecondsOrZero = Field(
+        default=60.0, description="Seconds a request's transaction id is remembered per guest."
     )
     max_payload: int = Field(default=64 * 1024, ge=256, description="Largest request payload, in bytes.")
-    request_timeout: float = Field(default=30.0, gt=0, description="Seconds a client waits for an answer.")
-    remove_margin: float = Field(
-        default=5.0, ge=0, description="Seconds a client adds to a nic/del's own timeout when waiting for its answer."
+    request_timeout: Seconds = Field(default=30.0, description="Seconds a client waits for an answer.")
+    remove_margin: SecondsOrZero = Field(
+        default=5.0, description="Seconds a client adds to a nic/del's own timeout when waiting for its answer."
     )
 
     @model_validator(mode="after")
@@ -305,9 +311,9 @@ class ControllerSettings(Frozen):
         default_factory=dict,
         description="Guest name -> its qemu-guest-agent socket (when QEMU's query-chardev cannot tell it).",
     )
-    discovery_interval: float = Field(default=1.0, gt=0, description="Seconds between scans of guest_dir.")
-    backoff_min: float = Field(default=0.2, gt=0, description="First delay before reconnecting to a QEMU.")
-    backoff_max: float = Field(default=10.0, gt=0, description="Longest delay between QEMU reconnects.")
+    discovery_interval: Seconds = Field(default=1.0, description="Seconds between scans of guest_dir.")
+    backoff_min: Seconds = Field(default=0.2, description="First delay before reconnecting to a QEMU.")
+    backoff_max: Seconds = Field(default=10.0, description="Longest delay between QEMU reconnects.")
     first_reads: int = Field(
         default=32, ge=1,
         description="Guests read at once when they connect (recovery and the first NIC list): a fleet that "
@@ -321,8 +327,8 @@ class ReconcileSettings(Frozen):
     repair: bool = Field(
         default=True, description="Add back a desired NIC that disappeared (false: only report the drift)."
     )
-    resync_interval: float = Field(
-        default=60.0, gt=0, description="Seconds between full re-reads of each guest (catches what events miss)."
+    resync_interval: Seconds = Field(
+        default=60.0, description="Seconds between full re-reads of each guest (catches what events miss)."
     )
 
 

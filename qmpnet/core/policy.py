@@ -11,7 +11,7 @@ than the operator meant. The checks are pure and run before any QMP command is s
 from __future__ import annotations
 
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
@@ -22,9 +22,21 @@ from qmpnet.errors import Forbidden
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from pydantic.fields import FieldInfo
+
     from qmpnet.core.nic_requests import NicSpec, NicUpdate
 
 __all__ = ["Policy", "check_capture_file", "check_spec", "check_update"]
+
+
+def _allow_list(what: str, *, any_: str = "any", serve: str = "") -> FieldInfo:
+    """Describe an allow-list setting: ``what`` callers may use, and what null allows (``any_``).
+
+    ``serve`` is the setting's default under ``qmpnet serve``, when that is not null.
+    """
+    default_under_serve = f" ('qmpnet serve' defaults to {serve})" if serve else ""
+    info: FieldInfo = Field(description=f"{what}; null allows {any_}{default_under_serve}.")
+    return info
 
 
 class Policy(Frozen):
@@ -33,34 +45,27 @@ class Policy(Frozen):
     allow_host_commands: bool = Field(
         default=False, description="Allow options that run host programs (guestfwd 'cmd:', smb)."
     )
-    allowed_socket_dirs: list[str] | None = Field(
-        default=None,
-        description="Directories under which stream/dgram unix sockets may live; null allows any path.",
-    )
-    allowed_bridges: list[str] | None = Field(
-        default=None,
-        description="Host bridges bridge-mode NICs may join; null allows any existing bridge ('qmpnet serve' "
-        "defaults to none).",
-    )
+    allowed_socket_dirs: Annotated[
+        list[str] | None, _allow_list("Directories under which stream/dgram unix sockets may live", any_="any path")
+    ] = None
+    allowed_bridges: Annotated[
+        list[str] | None,
+        _allow_list("Host bridges bridge-mode NICs may join", any_="any existing bridge", serve="none"),
+    ] = None
     allow_bridge_helper: bool = Field(
         default=False, description="Allow bridge NICs made by QEMU's setuid bridge helper (runs a host program)."
     )
-    allowed_taps: list[str] | None = Field(
-        default=None, description="Existing taps callers may attach to; null allows any."
-    )
-    allowed_macvtap_links: list[str] | None = Field(
-        default=None,
-        description="Host links macvtap NICs may sit on; null allows any existing link ('qmpnet serve' defaults to "
-        "none).",
-    )
-    allowed_vfio_hosts: list[str] | None = Field(
-        default=None, description="Host PCI functions callers may assign (0000:03:00.0); null allows any."
-    )
-    allowed_capture_dirs: list[str] | None = Field(
-        default=None,
-        description="Directories under which QEMU may write capture files; null allows any path ('qmpnet serve' "
-        "defaults to none).",
-    )
+    allowed_taps: Annotated[list[str] | None, _allow_list("Existing taps callers may attach to")] = None
+    allowed_macvtap_links: Annotated[
+        list[str] | None, _allow_list("Host links macvtap NICs may sit on", any_="any existing link", serve="none")
+    ] = None
+    allowed_vfio_hosts: Annotated[
+        list[str] | None, _allow_list("Host PCI functions callers may assign (0000:03:00.0)")
+    ] = None
+    allowed_capture_dirs: Annotated[
+        list[str] | None,
+        _allow_list("Directories under which QEMU may write capture files", any_="any path", serve="none"),
+    ] = None
 
 
 def check_spec(spec: NicSpec, policy: Policy) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from qmpnet.core.model import GuestEvent, GuestEventName, Nic
@@ -21,12 +22,16 @@ __all__ = ["GuestEvents"]
 log = logging.getLogger(__name__)
 
 
+@dataclass
 class GuestEvents:
-    """The subscribers of one guest's events."""
+    """The subscribers of one guest's events.
 
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._subscribers: list[Callable[[GuestEvent], None]] = []
+    Attributes:
+        name: The guest's name, put in every event.
+    """
+
+    name: str
+    _subscribers: list[Callable[[GuestEvent], None]] = field(default_factory=list, init=False)
 
     def subscribe(self, callback: Callable[[GuestEvent], None]) -> None:
         """Call ``callback`` with every event from now on."""
@@ -43,11 +48,11 @@ class GuestEvents:
         if not self._subscribers:
             return False
         event = GuestEvent(
-            name=name, ts=time.time(), guest=self._name, nic=nic, id=nic.id if nic else nic_id, message=message
+            name=name, ts=time.time(), guest=self.name, nic=nic, id=nic.id if nic else nic_id, message=message
         )
         for callback in self._subscribers:
             try:
                 callback(event)
             except Exception:
-                log.exception("guest %s: event subscriber failed on %s", self._name, name)
+                log.exception("guest %s: event subscriber failed on %s", self.name, name)
         return True

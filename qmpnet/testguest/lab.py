@@ -81,6 +81,11 @@ class LabResult:
     status: int
     output: str
 
+    @property
+    def ok(self) -> bool:
+        """Whether the command exited with status 0."""
+        return self.status == 0
+
 
 @dataclass(frozen=True)
 class LabState:

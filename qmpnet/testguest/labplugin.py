@@ -117,7 +117,7 @@ class LabSession:
         self.timings += _slowest(self.results)
         if done.status not in (0, 1):
             self.suite_error = f"pytest in the lab exited with {done.status}; its output: {log}\n{done.output[-4000:]}"
-        if done.status == 0:
+        if done.ok:
             results.unlink(missing_ok=True)
             log.unlink(missing_ok=True)
             with contextlib.suppress(OSError):

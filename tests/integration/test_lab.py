@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.lab]
 
 
 def ok(result: LabResult) -> str:
-    assert result.status == 0, result.output
+    assert result.ok, result.output
     return result.output
 
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 from qmpnet.adapters.hostnet.host import HostNet
 from qmpnet.adapters.qmp import QmpMonitor
 from qmpnet.adapters.store import StateDir
+from qmpnet.errors import GuestUnavailable
+from qmpnet.guest.dead_qemu import release_if_gone
 from qmpnet.guest.guest import Guest
 from qmpnet.settings import Settings
 
@@ -43,6 +45,9 @@ async def connect(
     Yields:
         The guest, ready for ``add_nic``, ``remove_nic``, ``set_link``, ``list_nics``, ``models`` and ``slots``.
 
+    When nothing answers and the QEMU process the guest's record names has gone, the host side of its NICs (passts,
+    PCI functions, tap filters) is given back first (:mod:`qmpnet.guest.dead_qemu`); the error then says so.
+
     Raises:
         GuestUnavailable: Nothing answers at ``address``.
         Busy: Another qmpnet process or another QMP client kept the guest for the whole connect timeout.
@@ -56,15 +61,22 @@ async def connect(
     store = await state.open_guest(address, guest_name, wait=timeout)
     try:
         remaining = max(timeout - (time.monotonic() - started), 0.001)
-        monitor = await QmpMonitor.connect(
-            address,
-            name=guest_name,
-            connect_timeout=remaining,
-            command_timeout=settings.qmp.command_timeout,
-            read_attempts=settings.qmp.read_attempts,
-        )
+        host = HostNet(settings.hostnet)
         try:
-            host = HostNet(settings.hostnet)
+            monitor = await QmpMonitor.connect(
+                address,
+                name=guest_name,
+                connect_timeout=remaining,
+                command_timeout=settings.qmp.command_timeout,
+                read_attempts=settings.qmp.read_attempts,
+            )
+        except GuestUnavailable as err:
+            released = await release_if_gone(store, host, guest_name)
+            if released:
+                raise GuestUnavailable(f"{err.message}; its QEMU is gone: qmpnet gave back the host side of NIC(s) "
+                                       f"{', '.join(released)}") from err
+            raise
+        try:
             async with Guest(monitor, name=guest_name, settings=settings, host=host, store=store, qga=qga) as guest:
                 yield guest
         finally:

@@ -41,10 +41,10 @@ __all__ = [
     "GuestOps",
     "GuestStore",
     "HostNetwork",
+    "HostProcess",
     "Monitor",
     "NetClient",
     "Observation",
-    "PasstProcess",
     "PciDevice",
     "QmpEvent",
     "TapHandle",
@@ -262,8 +262,11 @@ class TapHandle(Protocol):
 
 
 @dataclass(frozen=True)
-class PasstProcess:
-    """A passt the host side started: its pid and start time (clock ticks after boot) name it for good."""
+class HostProcess:
+    """A process on the host (a passt qmpnet started, a guest's QEMU), named for good by its pid and start time.
+
+    The start time is in clock ticks after boot (``/proc/<pid>/stat``, field 22): a recycled pid has another.
+    """
 
     pid: int
     started: int
@@ -335,7 +338,7 @@ class HostNetwork(Protocol):
         """Give ``host`` back to ``driver`` after removal."""
         ...
 
-    async def start_passt(self, socket: str, backend: PasstBackend) -> PasstProcess:
+    async def start_passt(self, socket: str, backend: PasstBackend) -> HostProcess:
         """Start passt for ``backend``, listening on ``socket``, and wait until it listens.
 
         Raises:
@@ -345,7 +348,15 @@ class HostNetwork(Protocol):
         """
         ...
 
-    async def stop_passt(self, socket: str, process: PasstProcess | None) -> None:
+    def process(self, pid: int) -> HostProcess | None:
+        """Name live process ``pid`` for good (its start time); ``None`` if it is gone or cannot be read."""
+        ...
+
+    def running(self, process: HostProcess) -> bool:
+        """Whether ``process`` still runs (the same pid with the same start time, not a zombie)."""
+        ...
+
+    async def stop_passt(self, socket: str, process: HostProcess | None) -> None:
         """End the passt listening on ``socket`` and remove its files.
 
         ``process`` is signalled only while it is still that process (pid and start time); without it, or once it

@@ -159,6 +159,12 @@ class GuestRecord(Frozen):
     name: str
     boot: str | None = Field(default=None, description="The kernel boot id the records were written in.")
     instance: str | None = Field(default=None, description="The QEMU instance the NIC records belong to.")
+    qemu_pid: int | None = Field(
+        default=None, description="That QEMU's pid (a local unix socket's peer): once it is gone, so are its NICs."
+    )
+    qemu_started: int | None = Field(
+        default=None, description="Its start time (clock ticks after boot): a recycled pid is not taken for it."
+    )
     nics: dict[str, NicRecord] = Field(default_factory=dict)
     links: dict[str, LinkState] = Field(
         default_factory=dict, description="Link intent of NICs qmpnet did not create (cold-plugged ones)."

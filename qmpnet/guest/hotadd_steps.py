@@ -24,7 +24,7 @@ from qmpnet.core.mtu import check_within
 from qmpnet.errors import QmpCommandError, RemovalPending, Unsupported
 
 if TYPE_CHECKING:
-    from qmpnet.core.ports import HostNetwork, Monitor, PasstProcess
+    from qmpnet.core.ports import HostNetwork, HostProcess, Monitor
     from qmpnet.guest.undo import UndoStack
 
 __all__ = ["Attachment", "HostLink", "host_link", "prepare_host", "run_steps", "tap_owner", "undo_device"]
@@ -41,7 +41,7 @@ class Attachment:
     network: str | None = None
     vfio_host: str | None = None
     vfio_driver: str | None = None
-    passt: PasstProcess | None = None
+    passt: HostProcess | None = None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from qmpnet.errors import QmpCommandError, QmpnetError
 from qmpnet.guest.journal import finished
 
 if TYPE_CHECKING:
-    from qmpnet.core.ports import Observation
+    from qmpnet.core.ports import HostProcess, Observation
     from qmpnet.core.records import NicRecord
     from qmpnet.guest.parts import LaneParts
     from qmpnet.guest.unplugs import Unplugs
@@ -106,16 +106,32 @@ class Recoverer:
             self._parts.journal.save(record)
 
     def _note_instance(self, devices: frozenset[str], *, full: bool) -> None:
-        """Record the QEMU instance (a new one keeps no link intent); drop link intent of devices that are gone."""
+        """Record the QEMU instance (a new one keeps no link intent) and process; drop gone devices' link intent."""
         record = self._parts.journal.record
+        update: dict[str, object] = {}
         if full and self._instance is not None and record.instance != self._instance:
             if record.instance is not None:
                 log.info("guest %s: QEMU was restarted (a new instance): its NICs went with the old one",
                          self._parts.name)
-            self._parts.journal.save(record.model_copy(update={"instance": self._instance, "links": {}}))
+            update = {"instance": self._instance, "links": {}}
         elif any(nic_id not in devices for nic_id in record.links):
-            kept = {k: v for k, v in record.links.items() if k in devices}
-            self._parts.journal.save(record.model_copy(update={"links": kept}))
+            update = {"links": {k: v for k, v in record.links.items() if k in devices}}
+        if full:
+            process = self._qemu_process()
+            named = (process.pid, process.started) if process is not None else (None, None)
+            if (record.qemu_pid, record.qemu_started) != named:
+                update |= {"qemu_pid": named[0], "qemu_started": named[1]}
+        if update:
+            self._parts.journal.save(record.model_copy(update=update))
+
+    def _qemu_process(self) -> HostProcess | None:
+        """The QEMU process behind the monitor, named for good (:mod:`.dead_qemu` checks it once unreachable).
+
+        ``None`` over TCP, without host networking (nothing on the host to give back then), or for a test's fake.
+        """
+        pid = getattr(self._parts.monitor, "peer_pid", None)  # the QMP adapter knows it on a unix socket
+        host = self._parts.host
+        return host.process(pid) if host is not None and isinstance(pid, int) else None
 
     async def _apply_foreign_links(self, devices: frozenset[str]) -> None:
         for nic_id, link in self._parts.journal.record.links.items():

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Literal
 from qmpnet.core.desired_diff import without
 from qmpnet.core.hotadd_plan import QmpCall
 from qmpnet.core.model import RemoveResult
-from qmpnet.core.ports import PasstProcess
 from qmpnet.core.records import NicRecord, OperationRecord
 from qmpnet.errors import QmpCommandError, QmpnetError
+from qmpnet.guest.host_release import release_host_side
 from qmpnet.guest.journal import finished
 from qmpnet.guest.nic_table import execute
 from qmpnet.guest.stuck_watch import StuckWatch
@@ -167,22 +167,8 @@ class Unplugs:
 
     async def release_host(self, nic: NicRecord) -> None:
         """Delete the NIC's tap and its filter, end its passt, give its PCI function back; failures are logged."""
-        hold = nic.host
-        if self._parts.host is None or hold.empty:
-            return
-        try:
-            if hold.tap is not None:
-                await self._parts.host.delete_tap(hold.tap)
-            if hold.tap is not None and nic.spec is not None and nic.spec.filter is not None:
-                await self._parts.host.set_filter(hold.tap, nic.spec.mac or "", None)  # a new tap may get the name
-            if hold.vfio_host is not None and hold.vfio_driver is not None:
-                await self._parts.host.restore_vfio(hold.vfio_host, hold.vfio_driver)
-            if hold.passt_socket is not None:
-                known = hold.passt_pid is not None and hold.passt_started is not None
-                process = PasstProcess(hold.passt_pid or 0, hold.passt_started or 0) if known else None
-                await self._parts.host.stop_passt(hold.passt_socket, process)
-        except QmpnetError as err:
-            log.warning("guest %s: releasing the host side of %s: %s", self._parts.name, nic.id, err)
+        if self._parts.host is not None:
+            await release_host_side(self._parts.host, nic, self._parts.name)
 
     async def ask_again(self, nic_id: str) -> None:
         """Send ``device_del`` for a pending removal QEMU is not known to have accepted (after a reconnect).

@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qmpnet.api.wire.envelopes import EventMessage, GuestInfo, GuestState, GuestStatus
+from qmpnet.core.model import GuestEvent
 from qmpnet.errors import Busy, GuestUnavailable, InvalidRequest, OutcomeUnknown, QmpnetError, StoreUnavailable
+from qmpnet.guest.dead_qemu import release_if_gone
 from qmpnet.guest.guest import Guest
 from qmpnet.serve.published_nics import PublishedNics
 from qmpnet.serve.reconcile_loop import Reconciler
 
 if TYPE_CHECKING:
-    from qmpnet.core.model import Capacity, GuestEvent
+    from qmpnet.core.model import Capacity
     from qmpnet.core.ports import Connection, GuestStore, QmpEvent
     from qmpnet.serve.desired_intake import DesiredIntake
     from qmpnet.serve.fleet_context import FleetContext
@@ -145,6 +147,8 @@ class Supervisor:
                         log.info("guest %s: cannot connect: %s", self.name, err, extra=self._log)
                     self.problem = err.message
                     self.set_state("disconnected")
+                    if isinstance(err, GuestUnavailable) and self._store is not None:
+                        await self._release_if_gone(self._store)
                 else:
                     try:
                         await self._serve(connection, self._store)
@@ -166,6 +170,17 @@ class Supervisor:
                 self.intake.detach()
                 self._store.close()
                 self._store = None
+
+    async def _release_if_gone(self, store: GuestStore) -> None:
+        """Give back the host side of the NICs of a QEMU that has gone for good; each is told as ``nic_removed``."""
+        try:
+            released = await release_if_gone(store, self.fleet.host, self.name)
+        except StoreUnavailable as err:
+            log.warning("guest %s: %s", self.name, err, extra=self._log)
+            return
+        message = "its QEMU is gone: qmpnet gave back the NIC's host side (tap, filter, passt, PCI function)"
+        for nic_id in released:
+            self.nics.apply(GuestEvent(name="nic_removed", ts=time.time(), guest=self.name, id=nic_id, message=message))
 
     def _report_discarded(self, store: GuestStore) -> None:
         """Publish ``record_discarded`` for each unreadable record the store moved aside (and logged)."""

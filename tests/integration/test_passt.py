@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING
 import needs
 import pytest
 import pytest_asyncio
-from mqtt_fixtures import Mosquitto, Serve, scratch, started, wait_online
+from mqtt_fixtures import Mosquitto, Probe, Serve, scratch, started, wait_online
 from netns_tools import ip, kill_namespace
 from waiting import eventually
 
 import qmpnet
 from qmpnet.adapters.hostnet import passt
 from qmpnet.adapters.hostnet.netns import run_in_netns
+from qmpnet.adapters.store import StateDir
 from qmpnet.adapters.store.files import guest_key
 from qmpnet.client import Client
 from qmpnet.core.hostconfig import HostnetSettings
@@ -215,6 +216,75 @@ async def test_over_mqtt_a_passt_outlives_controller_restarts_and_a_desired_set_
     assert _files(f"{directory}/pm0.sock") == []
 
 
+async def test_a_killed_qemus_passt_is_ended_when_the_cli_next_finds_it_gone(
+    hostnet: HostnetSettings, tmp_path: Path
+) -> None:
+    """A QEMU killed for good leaves its passt listening on the forwarded port until a qmpnet process notices."""
+    netns = hostnet.netns
+    assert netns is not None
+    settings = qmpnet.Settings(hostnet=hostnet, state_dir=tmp_path / "state")
+    (workdir := tmp_path / "gone").mkdir()
+    async with TestMachine(None, boot=False, name="gone", workdir=workdir, machine="pc") as vm:
+        [port] = await _free_ports(netns, 1)
+        async with qmpnet.connect(str(vm.qmp_path), name="gone", settings=settings) as guest:
+            nic = await guest.add_nic({"id": "pk0", "backend": {"type": "passt", "ports": [f"tcp:{port}:22"]}})
+        assert nic.backend is not None
+        socket_path, pid = nic.backend.options["socket"], int(nic.backend.options["pid"])
+        vm.kill()
+        await vm.wait_exit(30)
+    assert not _ended(pid)  # QEMU's death alone ends nothing: passt keeps the port
+    released = r"its QEMU is gone: qmpnet gave back the host side of NIC\(s\) pk0"
+    with pytest.raises(qmpnet.GuestUnavailable, match=released):
+        async with qmpnet.connect(str(vm.qmp_path), name="gone", settings=settings):
+            pass
+    assert _ended(pid)
+    assert _files(socket_path) == []
+    assert await run_in_netns(netns, lambda: _bindable(port))
+    store = await StateDir(settings.state_dir).open_guest(str(vm.qmp_path), "gone", wait=5)
+    try:
+        assert store.record.nics == {}  # the NIC went with its QEMU: no phantom on the next start
+        assert store.record.qemu_pid is None
+    finally:
+        store.close()
+    # Nothing is left to give back: the next attempt is the plain error.
+    with pytest.raises(qmpnet.GuestUnavailable) as caught:
+        async with qmpnet.connect(str(vm.qmp_path), name="gone", settings=settings):
+            pass
+    assert "its QEMU is gone" not in caught.value.message
+
+
+async def test_serve_ends_the_passt_of_a_qemu_killed_for_good_and_tells_nic_removed(
+    hostnet: HostnetSettings, tmp_path: Path
+) -> None:
+    netns = hostnet.netns
+    assert netns is not None
+    env = {"QMPNET_HOSTNET__NETNS": netns, "QMPNET_HOSTNET__PASST_DIR": str(hostnet.passt_dir)}
+    with scratch("qmpnet-passt-gone-") as work, started(broker := Mosquitto(work)):
+        (workdir := tmp_path / "sgone").mkdir()
+        async with TestMachine(None, boot=False, name="sgone", workdir=workdir, machine="pc") as vm:
+            serve = Serve(work, broker.url, "psg", {"vm": vm.qmp_path}, env=env)
+            with started(serve):
+                await wait_online(serve, broker.url, guests_connected=["vm"])
+                async with Client(broker.url, timeout=30) as client:
+                    guest = client.guest("psg", "vm")
+                    [port] = await _free_ports(netns, 1)
+                    nic = await guest.add_nic({"id": "ps0", "backend": {"type": "passt", "ports": [f"udp:{port}:53"]}})
+                    assert nic.backend is not None
+                    pid = int(nic.backend.options["pid"])
+                    async with Probe(broker.url) as probe:
+                        await probe.subscribe(f"{serve.base}/guest/vm/event/nic_removed")
+                        since = probe.mark()
+                        vm.kill()
+                        await vm.wait_exit(30)
+                        removed = await probe.one(
+                            f"{serve.base}/guest/vm/event/nic_removed", since=since, timeout=60
+                        )
+                    assert removed.json["id"] == "ps0"
+                    assert "QEMU is gone" in removed.json["message"]
+                    assert _ended(pid)
+                    assert await run_in_netns(netns, lambda: _bindable(port, kind=socket.SOCK_DGRAM))
+
+
 async def _cli(*args: str) -> tuple[int | None, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "qmpnet", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -276,6 +346,16 @@ def _ask(port: int) -> str:
     if not data:
         raise ConnectionResetError("the forward answered nothing yet")  # the guest's nc may not listen yet
     return data.decode().strip()
+
+
+def _bindable(port: int, kind: int = socket.SOCK_STREAM) -> bool:
+    """Whether ``port`` is free to bind (nothing listens on it any more)."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        try:
+            sock.bind(("0.0.0.0", port))  # noqa: S104 - where passt binds its forwards
+        except OSError:
+            return False
+    return True
 
 
 def _uid(pid: int) -> int:

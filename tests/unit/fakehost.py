@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qmpnet.core.ports import PasstProcess, TapPort
+from qmpnet.core.ports import HostProcess, TapPort
 from qmpnet.errors import InvalidRequest, NotFound, QmpnetError, Unsupported
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ class PortsHost:
     failing_undos: set[str] = field(default_factory=set)
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     bridge_mtus: dict[str, int] = field(default_factory=dict)
+    processes: dict[int, int] = field(default_factory=dict)  # live pid -> start time
 
     def _call(self, *call: Any) -> None:
         self.calls.append(call)
@@ -92,15 +93,22 @@ class PortsHost:
         raise NotImplementedError
 
     async def restore_vfio(self, host: str, driver: str) -> None:
-        raise NotImplementedError
+        self._call("restore_vfio", host, driver)
 
     async def sweep_orphans(self, owner_prefix: str, keep: set[str]) -> list[str]:
         return []
 
-    async def start_passt(self, socket: str, backend: PasstBackend) -> PasstProcess:
+    async def start_passt(self, socket: str, backend: PasstBackend) -> HostProcess:
         raise NotImplementedError
 
-    async def stop_passt(self, socket: str, process: PasstProcess | None) -> None:
+    def process(self, pid: int) -> HostProcess | None:
+        started = self.processes.get(pid)
+        return HostProcess(pid, started) if started is not None else None
+
+    def running(self, process: HostProcess) -> bool:
+        return self.processes.get(process.pid) == process.started
+
+    async def stop_passt(self, socket: str, process: HostProcess | None) -> None:
         self._call("stop_passt", socket, process)
 
     async def sweep_passt(self, directory: str, keep: set[str]) -> list[str]:

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qmpnet.adapters.hostnet import antispoof, nftables
+from qmpnet.adapters.hostnet.processes import start_time
 from qmpnet.adapters.hostnet.vfio import bind_vfio, check_vfio, restore_driver
 from qmpnet.core.hostconfig import HostnetSettings
 from qmpnet.core.ifnames import check_ifname
+from qmpnet.core.ports import HostProcess
 from qmpnet.errors import NotFound, QmpnetError, Unsupported
 
 if TYPE_CHECKING:
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from qmpnet.adapters.hostnet.taps import Tap
     from qmpnet.core.model import PasstBackend, Shape, Vlan
     from qmpnet.core.nic_filter import NicFilter
-    from qmpnet.core.ports import PasstProcess, TapPort
+    from qmpnet.core.ports import TapPort
 
 # The netlink side (pyroute2, about 100 ms to import) is imported by the methods that use it, so that a lane that
 # never touches a tap (user-mode NICs, the CLI) does not load it; see sweep_orphans for the connect-time sweep.
@@ -104,7 +106,7 @@ class HostNet:
         """Give ``host`` back to ``driver`` (``""``: leave it unbound, without the vfio-pci override)."""
         await asyncio.to_thread(restore_driver, host, driver or None, sysfs=self.settings.sysfs_root)
 
-    async def start_passt(self, socket: str, backend: PasstBackend) -> PasstProcess:
+    async def start_passt(self, socket: str, backend: PasstBackend) -> HostProcess:
         """Start passt on ``socket`` in the host networking's namespace (its port forwards listen there).
 
         Raises:
@@ -114,17 +116,26 @@ class HostNet:
         from qmpnet.adapters.hostnet.netns import run_in_netns  # noqa: PLC0415 - netlink only when used (see the imports)
         opts = self.settings
 
-        def begin() -> PasstProcess:
+        def begin() -> HostProcess:
             return passt.start(socket, backend, program=opts.passt, runas=opts.passt_runas, timeout=opts.tool_timeout)
 
-        def discard(process: PasstProcess) -> None:  # the caller was cancelled: nobody will record this passt
+        def discard(process: HostProcess) -> None:  # the caller was cancelled: nobody will record this passt
             passt.stop(socket, process, timeout=opts.stop_timeout)
 
         process = await run_in_netns(opts.netns, begin, discard=discard)
         log.info("started passt %d on %s", process.pid, socket)
         return process
 
-    async def stop_passt(self, socket: str, process: PasstProcess | None) -> None:
+    def process(self, pid: int) -> HostProcess | None:
+        """Name live process ``pid`` for good by its start time; ``None`` if it is gone."""
+        started = start_time(pid)
+        return HostProcess(pid, started) if started is not None else None
+
+    def running(self, process: HostProcess) -> bool:
+        """Whether ``process`` still runs: its pid is live with the same start time."""
+        return start_time(process.pid) == process.started
+
+    async def stop_passt(self, socket: str, process: HostProcess | None) -> None:
         """End the passt on ``socket`` (``process`` only while it is still that process) and remove its files.
 
         Raises:

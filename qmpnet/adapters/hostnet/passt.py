@@ -32,7 +32,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qmpnet.core.ports import PasstProcess
+from qmpnet.adapters.hostnet.processes import start_time
+from qmpnet.core.ports import HostProcess
 from qmpnet.errors import Conflict, QmpnetError, Unsupported
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def argv(socket: str, backend: PasstBackend, *, program: str, runas: str) -> lis
     return args
 
 
-def start(socket: str, backend: PasstBackend, *, program: str, runas: str, timeout: float) -> PasstProcess:
+def start(socket: str, backend: PasstBackend, *, program: str, runas: str, timeout: float) -> HostProcess:
     """Start passt for ``backend`` on ``socket`` in the calling thread's namespace; return it once it listens.
 
     Raises:
@@ -95,14 +96,14 @@ def start(socket: str, backend: PasstBackend, *, program: str, runas: str, timeo
     return process
 
 
-def stop(socket: str, process: PasstProcess | None, *, timeout: float) -> list[int]:
+def stop(socket: str, process: HostProcess | None, *, timeout: float) -> list[int]:
     """End the passt on ``socket`` (SIGTERM, then SIGKILL after ``timeout``) and remove its files; its pids.
 
     ``process`` is signalled only while its start time still matches; any other passt whose command line names
     ``socket`` is ended too.
     """
     targets: dict[int, int] = {}
-    if process is not None and _start_time(process.pid) == process.started:
+    if process is not None and start_time(process.pid) == process.started:
         targets[process.pid] = process.started
     for pid, (path, started) in find(Path(socket).parent).items():
         if path == socket:
@@ -128,7 +129,7 @@ def find(directory: Path) -> dict[int, tuple[str, int]]:
         if b"--socket" not in parts[:-1]:
             continue
         path = parts[parts.index(b"--socket") + 1].decode(errors="replace")
-        started = _start_time(int(entry.name))
+        started = start_time(int(entry.name))
         if Path(path).parent == directory and started is not None:
             found[int(entry.name)] = (path, started)
     return found
@@ -194,14 +195,14 @@ def _reason(stderr: str, status: int) -> str:
     return "; ".join(lines)[-500:] or f"exit status {status}"
 
 
-def _daemon(socket: str) -> PasstProcess | None:
+def _daemon(socket: str) -> HostProcess | None:
     """The daemon the started passt left (its pid file), if it still runs and serves ``socket``."""
     try:
         pid = int(Path(pid_file(socket)).read_text().strip())
     except (OSError, ValueError):
         return None
-    started = _start_time(pid)
-    return PasstProcess(pid, started) if started is not None else None
+    started = start_time(pid)
+    return HostProcess(pid, started) if started is not None else None
 
 
 def _is_socket(path: str) -> bool:
@@ -209,17 +210,6 @@ def _is_socket(path: str) -> bool:
         return stat.S_ISSOCK(Path(path).stat().st_mode)
     except OSError:
         return False
-
-
-def _start_time(pid: int) -> int | None:
-    """The start time of live process ``pid`` (clock ticks after boot); ``None`` if it is gone or a zombie."""
-    try:
-        text = (_PROC / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": the comm may hold spaces
-    # Daemons are re-parented to PID 1, which need not reap them; a zombie serves nothing.
-    return None if fields[0] in {"Z", "X"} else int(fields[19])
 
 
 def _end(pid: int, started: int, timeout: float) -> bool:
@@ -230,7 +220,7 @@ def _end(pid: int, started: int, timeout: float) -> bool:
         return False
     try:
         # The pidfd holds the process: if the start time matches now, no signal below can reach a recycled pid.
-        if _start_time(pid) != started:
+        if start_time(pid) != started:
             return False
         for sig in (signal.SIGTERM, signal.SIGKILL):
             with suppress(ProcessLookupError):

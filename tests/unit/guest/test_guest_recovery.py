@@ -6,6 +6,7 @@ connects like any new process and checks both what was sent and that nothing ext
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ from fakeqmp import Command, FakeQmp
 from waiting import eventually
 
 import qmpnet
+from qmpnet.adapters.hostnet.processes import start_time
 from qmpnet.adapters.store import StateDir, files
 from qmpnet.core.model import GuestEvent, NicSpec
 from qmpnet.core.records import GuestRecord, HostHold, NicRecord, OperationRecord
@@ -119,6 +121,14 @@ async def test_a_fresh_qemu_gets_an_instance_mark(fake: FakeQmp, fast: Settings)
     async with qmpnet.connect(str(fake.path), settings=fast):
         pass
     assert fake.change_names() == ["object-add"]  # the second process recognises the same instance
+
+
+async def test_the_record_names_the_qemu_process_behind_the_socket(fake: FakeQmp, fast: Settings) -> None:
+    # The fake QEMU serves from this very process: its peer credentials name it.
+    async with qmpnet.connect(str(fake.path), settings=fast) as guest:
+        assert guest.record.qemu_pid == os.getpid()
+        assert guest.record.qemu_started == start_time(os.getpid())
+        assert guest.record.qemu_started is not None
 
 
 async def test_a_nic_another_client_unplugs_leaves_with_an_event_and_its_backend(fake: FakeQmp, fast: Settings) -> None:

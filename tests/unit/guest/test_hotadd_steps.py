@@ -20,7 +20,7 @@ from qmpnet.core.hotadd_plan import PlanContext, fd_names, netdev_arguments, pla
 from qmpnet.core.inventory import Inventory
 from qmpnet.core.model import NicSpec, ObservedBackend, parse_nic_spec
 from qmpnet.core.policy import Policy, check_spec
-from qmpnet.core.ports import NetClient, Observation, PasstProcess, PciDevice, TapPort
+from qmpnet.core.ports import HostProcess, NetClient, Observation, PciDevice, TapPort
 from qmpnet.core.records import GuestRecord, HostHold, NicRecord
 from qmpnet.errors import (
     Conflict,
@@ -143,11 +143,17 @@ class FakeHost:
         self._call("sweep_orphans", owner_prefix, sorted(keep))
         return []
 
-    async def start_passt(self, socket: str, backend: PasstBackend) -> PasstProcess:
+    async def start_passt(self, socket: str, backend: PasstBackend) -> HostProcess:
         self._call("start_passt", socket, backend.ports)
-        return PasstProcess(4242, 77)
+        return HostProcess(4242, 77)
 
-    async def stop_passt(self, socket: str, process: PasstProcess | None) -> None:
+    def process(self, pid: int) -> HostProcess | None:
+        return None
+
+    def running(self, process: HostProcess) -> bool:
+        return False
+
+    async def stop_passt(self, socket: str, process: HostProcess | None) -> None:
         self._call("stop_passt", socket, process)
 
     async def sweep_passt(self, directory: str, keep: set[str]) -> list[str]:
@@ -896,7 +902,7 @@ async def test_a_failed_hot_add_ends_the_passt_it_started(command: str) -> None:
     with pytest.raises(QmpCommandError):
         await guest.add_nic({"id": "p0", "backend": {"type": "passt"}})
     assert host.actions == ["start_passt", "stop_passt"]
-    assert host.calls[-1] == ("stop_passt", PASST_SOCKET, PasstProcess(4242, 77))
+    assert host.calls[-1] == ("stop_passt", PASST_SOCKET, HostProcess(4242, 77))
     assert monitor.commands[-1] == ("netdev_del" if command == "device_add" else "netdev_add")
 
 
@@ -917,7 +923,7 @@ async def test_removal_ends_passt_after_the_netdev_is_deleted() -> None:
         monitor.executed.clear()
         assert (await guest.remove_nic("p0")).state == "removed"
     assert monitor.commands == ["device_del", "netdev_del"]
-    assert ("stop_passt", PASST_SOCKET, PasstProcess(4242, 77)) in host.calls
+    assert ("stop_passt", PASST_SOCKET, HostProcess(4242, 77)) in host.calls
 
 
 async def test_without_a_host_side_passt_is_unsupported() -> None:
@@ -944,7 +950,7 @@ async def test_the_passt_of_a_vanished_nic_is_ended_by_its_recorded_pid_and_star
     store = _left("p0", "active", hold)
     async with Guest(RecordingMonitor(), name="vm1", host=host, store=store):
         pass
-    assert ("stop_passt", "/run/x/p0.sock", PasstProcess(31, 900)) in host.calls
+    assert ("stop_passt", "/run/x/p0.sock", HostProcess(31, 900)) in host.calls
 
 
 async def test_the_sweep_keeps_the_passts_of_nics_that_exist() -> None:

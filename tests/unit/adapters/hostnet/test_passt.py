@@ -20,7 +20,7 @@ import pytest
 
 from qmpnet.adapters.hostnet import passt
 from qmpnet.core.model import PasstBackend
-from qmpnet.core.ports import PasstProcess
+from qmpnet.core.ports import HostProcess
 from qmpnet.errors import Conflict, QmpnetError, Unsupported
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def test_a_recorded_pid_whose_start_time_differs_is_never_signalled(
 ) -> None:
     process, socket = stand_in
     _, started = _wait_listed(Path(socket).parent, process)
-    recycled = PasstProcess(process.pid, started + 1)
+    recycled = HostProcess(process.pid, started + 1)
     assert passt.stop(str(Path(socket).parent / "elsewhere" / "p0.sock"), recycled, timeout=1) == []
     assert process.poll() is None  # still running
 
@@ -86,7 +86,7 @@ def test_stop_ends_the_passt_of_the_socket_and_removes_its_files(
     _, started = _wait_listed(Path(socket).parent, process)
     Path(socket).touch()
     Path(passt.pid_file(socket)).write_text(f"{process.pid}\n")
-    assert passt.stop(socket, PasstProcess(process.pid, started), timeout=5) == [process.pid]
+    assert passt.stop(socket, HostProcess(process.pid, started), timeout=5) == [process.pid]
     assert process.wait(timeout=5) != 0  # ended by a signal
     assert not Path(socket).exists()
     assert not Path(passt.pid_file(socket)).exists()

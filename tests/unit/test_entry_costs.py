@@ -62,6 +62,20 @@ def test_direct_mode_and_the_host_object_load_no_netlink() -> None:
     assert "qmpnet.adapters.qga.client" not in modules
 
 
+def test_a_filter_sweep_with_nothing_filtered_loads_no_netlink(tmp_path: Path) -> None:
+    # Every connect sweeps the anti-spoofing rules of gone taps (recovery); with no rules anywhere, the usual case,
+    # the sweep asks nft and stops: netlink (pyroute2, ~70 ms to import) is not loaded to list the links.
+    nft = tmp_path / "nft"
+    nft.write_text("#!/bin/sh\necho '{\"nftables\": []}'\n")
+    nft.chmod(0o755)
+    modules = imported_after(
+        "import asyncio\n"
+        "from qmpnet.adapters.hostnet.host import HostNet, HostnetSettings\n"
+        f"assert asyncio.run(HostNet(HostnetSettings(nft={str(nft)!r})).sweep_filters()) == []"
+    )
+    assert "pyroute2" not in modules
+
+
 def test_the_public_names_still_resolve() -> None:
     import qmpnet  # noqa: PLC0415 - the lazy attributes are the subject
 

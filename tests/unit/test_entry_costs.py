@@ -49,6 +49,18 @@ def test_help_loads_no_model_no_lane_no_netlink() -> None:
         assert heavy not in modules, f"`qmpnet --help` imports {heavy}"
 
 
+def test_a_command_loads_no_other_command() -> None:
+    modules = imported_after(
+        "import contextlib, io\n"
+        "from qmpnet.cli import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stderr(io.StringIO()):\n"
+        "    main(['nic', 'add', '--model', 'foo', '--qmp', '/nobody.qmp'])"
+    )
+    assert "qmpnet.cli.nic" in modules
+    for other in ("qmpnet.cli.serve", "qmpnet.cli.apply", "qmpnet.cli.net", "qmpnet.cli.models", "qmpnet.cli.schema"):
+        assert other not in modules, f"`qmpnet nic add` imports {other}"
+
+
 def test_direct_mode_and_the_host_object_load_no_netlink() -> None:
     modules = imported_after(
         "import qmpnet, qmpnet.api.direct, qmpnet.serve.compose\n"

@@ -1,7 +1,8 @@
 """The options several commands share, each defined once.
 
-The enums of their choices, ``Annotated`` aliases, and :func:`guest_options`, which gives a command the options
-that say where its guest is and how to answer.
+The enums of their choices, ``Annotated`` aliases, :func:`guest_options`, which gives a command the options
+that say where its guest is and how to answer, and :func:`flag_options`, which gives a command the options of a
+:func:`flag_table` (options as data, one a line) and their values as one :class:`Given`.
 
 ``--broker`` is defined once (:func:`broker_option`); its three uses differ only in their help text.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -20,7 +22,7 @@ import typer
 from qmpnet.cli.connect import GuestCall, Where
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping, Sequence
 
 
 class ProtocolArg(StrEnum):
@@ -107,6 +109,111 @@ _VERIFY_OPTIONS = (("verify", VerifyOpt, False), ("verify_address", VerifyAddres
 Command = typing.TypeVar("Command", bound="Callable[..., None]")
 
 
+@dataclass(frozen=True)
+class Flag:
+    """One option of a command, as data: its parameter, its type and default, and what ``--help`` shows of it."""
+
+    param: str  #: the parameter name: the key of its value in :class:`Given`, and click's name of the option
+    kind: object  #: the type typer parses the value into
+    default: object
+    decl: str  #: the option, e.g. ``--hub``
+    metavar: str | None
+    help: str
+
+    def parameter(self) -> inspect.Parameter:
+        """The parameter typer reads this flag from: ``param: Annotated[kind, typer.Option(...)] = default``."""
+        option = typer.Option(self.decl, metavar=self.metavar, help=self.help)
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        return inspect.Parameter(self.param, kind, default=self.default, annotation=_ANNOTATED[self.kind, option])
+
+
+_ANNOTATED: Any = Annotated  # subscripted with a flag's type and option at run time
+
+#: The kinds of value a flag table names: the type typer parses it into, and the value when the flag is not given.
+KINDS: dict[str, tuple[object, object]] = {
+    "text": (str | None, None),
+    "int": (int | None, None),
+    "texts": (list[str] | None, None),  # a repeatable flag
+    "switch": (bool, False),  # a flag without a value
+    "link": (LinkArg | None, None),
+}
+
+
+def flag_table(table: str, kinds: Mapping[str, tuple[object, object]] | None = None) -> tuple[Flag, ...]:
+    """The flags of ``table``, one a line: ``param kind --option METAVAR help`` (``-``: no metavar).
+
+    ``kind`` is one of :data:`KINDS` or of ``kinds``. The table is the order ``--help`` lists the flags in.
+    """
+    known = {**KINDS, **(kinds or {})}
+    flags = []
+    for line in table.strip().splitlines():
+        param, kind, decl, metavar, text = line.split(maxsplit=4)
+        annotation, default = known[kind]
+        flags.append(Flag(param, annotation, default, decl, None if metavar == "-" else metavar, text))
+    return tuple(flags)
+
+
+Choice = typing.TypeVar("Choice", bound=StrEnum)
+
+
+@dataclass(frozen=True)
+class Given:
+    """The values of a command's :func:`flag_options` as typer parsed them, by parameter name, typed by kind."""
+
+    values: Mapping[str, object]
+
+    def text(self, name: str) -> str | None:
+        """A ``text`` flag's value (``None``: not given)."""
+        return typing.cast("str | None", self.values[name])
+
+    def number(self, name: str) -> int | None:
+        """An ``int`` flag's value (``None``: not given)."""
+        return typing.cast("int | None", self.values[name])
+
+    def texts(self, name: str) -> list[str]:
+        """A repeatable flag's values, in order (none given: empty)."""
+        return list(typing.cast("list[str] | None", self.values[name]) or ())
+
+    def switch(self, name: str) -> bool:
+        """Whether a flag without a value was given."""
+        return bool(self.values[name])
+
+    def choice(self, name: str, kind: type[Choice]) -> Choice | None:  # noqa: ARG002 - the type is for the caller
+        """A flag's value of the enum ``kind`` (``None``: not given)."""
+        return typing.cast("Choice | None", self.values[name])
+
+
+def _with_signature(function: Callable[..., None], params: list[inspect.Parameter]) -> None:
+    """Make typer read ``params`` as ``function``'s parameters."""
+    function.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+    function.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+
+
+def _own_parameters(command: Callable[..., None]) -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(command, include_extras=True)  # typer reads the evaluated annotations
+    return [p.replace(annotation=hints[p.name]) for p in inspect.signature(command).parameters.values()]
+
+
+def flag_options(flags: Sequence[Flag]) -> Callable[[Command], Command]:
+    """Give a command the options ``flags`` declare, in their order, after its own parameters but its last.
+
+    The command's last parameter, ``flags``, receives their values as one :class:`Given`.
+    """
+
+    def decorate(command: Command) -> Command:
+        params = _own_parameters(command)[:-1] + [flag.parameter() for flag in flags]
+
+        @functools.wraps(command)
+        def with_flags(*args: Any, **values: Any) -> None:  # noqa: ANN401 - the values typer parsed, of every type
+            given = Given({flag.param: values.pop(flag.param) for flag in flags})
+            command(*args, **values, flags=given)
+
+        _with_signature(with_flags, params)
+        return typing.cast("Command", with_flags)
+
+    return decorate
+
+
 def guest_options(
     *, qga: bool = False, verify: bool = False, verify_address: bool = False
 ) -> Callable[[Command], Command]:
@@ -119,8 +226,7 @@ def guest_options(
     shared = [*_GUEST_OPTIONS, *([_QGA_OPTION] if qga else []), *_VERIFY_OPTIONS[: verify + verify_address]]
 
     def decorate(command: Command) -> Command:
-        hints = typing.get_type_hints(command, include_extras=True)  # typer reads the evaluated annotations
-        own = [p.replace(annotation=hints[p.name]) for p in list(inspect.signature(command).parameters.values())[1:]]
+        own = _own_parameters(command)[1:]
         kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
         params = own + [inspect.Parameter(name, kind, default=d, annotation=a) for name, a, d in shared]
 
@@ -135,8 +241,7 @@ def guest_options(
                              "address" if address else plain)  # fmt: skip
             command(call, **values)
 
-        with_options.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
-        with_options.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+        _with_signature(with_options, params)
         return typing.cast("Command", with_options)
 
     return decorate

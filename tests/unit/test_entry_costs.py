@@ -49,6 +49,18 @@ def test_help_loads_no_model_no_lane_no_netlink() -> None:
         assert heavy not in modules, f"`qmpnet --help` imports {heavy}"
 
 
+def test_a_command_loads_no_other_command() -> None:
+    modules = imported_after(
+        "import contextlib, io\n"
+        "from qmpnet.cli import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stderr(io.StringIO()):\n"
+        "    main(['nic', 'add', '--model', 'foo', '--qmp', '/nobody.qmp'])"
+    )
+    assert "qmpnet.cli.nic" in modules
+    for other in ("qmpnet.cli.serve", "qmpnet.cli.apply", "qmpnet.cli.net", "qmpnet.cli.models", "qmpnet.cli.schema"):
+        assert other not in modules, f"`qmpnet nic add` imports {other}"
+
+
 def test_direct_mode_and_the_host_object_load_no_netlink() -> None:
     modules = imported_after(
         "import qmpnet, qmpnet.api.direct, qmpnet.serve.compose\n"
@@ -60,6 +72,20 @@ def test_direct_mode_and_the_host_object_load_no_netlink() -> None:
     assert "qmpnet.adapters.hostnet.taps" not in modules
     # The guest agent's client and reply models load only for a call that talks to the agent (issue 17).
     assert "qmpnet.adapters.qga.client" not in modules
+
+
+def test_a_filter_sweep_with_nothing_filtered_loads_no_netlink(tmp_path: Path) -> None:
+    # Every connect sweeps the anti-spoofing rules of gone taps (recovery); with no rules anywhere, the usual case,
+    # the sweep asks nft and stops: netlink (pyroute2, ~70 ms to import) is not loaded to list the links.
+    nft = tmp_path / "nft"
+    nft.write_text("#!/bin/sh\necho '{\"nftables\": []}'\n")
+    nft.chmod(0o755)
+    modules = imported_after(
+        "import asyncio\n"
+        "from qmpnet.adapters.hostnet.host import HostNet, HostnetSettings\n"
+        f"assert asyncio.run(HostNet(HostnetSettings(nft={str(nft)!r})).sweep_filters()) == []"
+    )
+    assert "pyroute2" not in modules
 
 
 def test_the_public_names_still_resolve() -> None:

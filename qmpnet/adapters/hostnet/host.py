@@ -387,7 +387,6 @@ class HostNet:
         Raises:
             QmpnetError: nft failed.
         """
-        from qmpnet.adapters.hostnet.links import dump_links, route  # noqa: PLC0415 - netlink only when used (see the imports)
         from qmpnet.adapters.hostnet.netns import run_in_netns  # noqa: PLC0415 - netlink only when used (see the imports)
         nft, timeout = self.settings.nft, self.settings.tool_timeout
 
@@ -397,7 +396,9 @@ class HostNet:
             except Unsupported:
                 return []  # no nft or no nftables: there can be no rules to sweep
             if not filtered:
-                return []
+                return []  # the usual case: no filter anywhere, and no netlink (pyroute2) loaded to find that out
+            from qmpnet.adapters.hostnet.links import dump_links, route  # noqa: PLC0415 - see the imports
+
             with route() as ipr:
                 present = {link.name for link in dump_links(ipr)}
             gone = sorted(filtered - present)

@@ -160,6 +160,26 @@ async def test_cli_rebinds_assigns_and_gives_the_function_back(vm: TestMachine, 
     await given_back(vm, function, mac)
 
 
+async def test_a_qemu_killed_for_good_has_its_function_given_back_by_the_next_cli_call(
+    function: str, tmp_path: Path
+) -> None:
+    """QEMU's death leaves the function on vfio-pci; the next qmpnet call that finds that QEMU gone gives it back."""
+    (workdir := tmp_path / "gone").mkdir()
+    state = ["--state-dir", str(tmp_path / "state")]
+    async with TestMachine(None, boot=False, name="gone", machine="q35", root_ports=1, workdir=workdir) as gone:
+        where = ["--qmp", str(gone.qmp_path), *state]
+        rc, out = await cli("nic", "add", *where, "--backend", "vfio", "--host", function, "--rebind", "--id", "g0")
+        assert rc == 0, out
+        assert driver(function) == "vfio-pci"
+        gone.kill()
+        await gone.wait_exit(30)
+    assert driver(function) == "vfio-pci"  # nothing gave it back yet: QEMU does not rebind on its way out
+    rc, out = await cli("nic", "list", *where)
+    assert rc != 0, out
+    assert "its QEMU is gone: qmpnet gave back the host side of NIC(s) g0" in out
+    assert driver(function) == "e1000e"
+
+
 # ------------------------------------------------------------------------------------------------ MQTT
 
 

@@ -202,6 +202,7 @@ class Controller:
 
     async def _remove(self, name: str) -> None:
         member = self._members.pop(name)
+        await member.supervisor.socket_gone()
         self._intakes.pop(name, None)
         self.fleet.counted(member.supervisor.state, None)
         member.task.cancel()

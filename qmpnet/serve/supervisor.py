@@ -101,6 +101,7 @@ class Supervisor:
         self._reconciler: Reconciler | None = None
         self._recounting: asyncio.Task[None] | None = None
         self._recount_again = False
+        self._releasing = asyncio.Lock()  # a failed attempt and a vanished socket may both find the QEMU gone
         self._log = {"guest": name}
 
     def status(self) -> GuestStatus:
@@ -171,10 +172,20 @@ class Supervisor:
                 self._store.close()
                 self._store = None
 
+    async def socket_gone(self) -> None:
+        """The guest's socket vanished (a QEMU that exits cleanly removes it): give back what a gone QEMU held.
+
+        Called before the guest stops being served; while connected (the socket was removed by someone else and
+        QEMU still answers) nothing is released.
+        """
+        if self._store is not None and self.guest is None:
+            await self._release_if_gone(self._store)
+
     async def _release_if_gone(self, store: GuestStore) -> None:
         """Give back the host side of the NICs of a QEMU that has gone for good; each is told as ``nic_removed``."""
         try:
-            released = await release_if_gone(store, self.fleet.host, self.name)
+            async with self._releasing:
+                released = await release_if_gone(store, self.fleet.host, self.name)
         except StoreUnavailable as err:
             log.warning("guest %s: %s", self.name, err, extra=self._log)
             return

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import needs
 import pytest
 import pytest_asyncio
-from mqtt_fixtures import Mosquitto, Probe, Serve, scratch, started, wait_online
+from mqtt_fixtures import Mosquitto, Probe, Qemu, Serve, scratch, started, wait_online
 from netns_tools import ip, kill_namespace
 from waiting import eventually
 
@@ -283,6 +283,26 @@ async def test_serve_ends_the_passt_of_a_qemu_killed_for_good_and_tells_nic_remo
                     assert "QEMU is gone" in removed.json["message"]
                     assert _ended(pid)
                     assert await run_in_netns(netns, lambda: _bindable(port, kind=socket.SOCK_DGRAM))
+
+
+async def test_a_discovered_qemu_that_exits_cleanly_has_its_passt_ended(hostnet: HostnetSettings) -> None:
+    """A clean QEMU exit removes its socket, so the guest leaves the guest directory: its passt goes with it."""
+    netns = hostnet.netns
+    assert netns is not None
+    env = {"QMPNET_HOSTNET__NETNS": netns, "QMPNET_HOSTNET__PASST_DIR": str(hostnet.passt_dir)}
+    with scratch("qmpnet-passt-dir-") as work, started(broker := Mosquitto(work)):
+        (guests := work / "guests").mkdir()
+        with started(qemu := Qemu(guests / "pq.qmp")):
+            serve = Serve(work, broker.url, "psd", args=["--guest-dir", str(guests)], env=env)
+            with started(serve):
+                await wait_online(serve, broker.url, guests_connected=["pq"])
+                async with Client(broker.url, timeout=30) as client:
+                    nic = await client.guest("psd", "pq").add_nic({"id": "pd1", "backend": {"type": "passt"}})
+                assert nic.backend is not None
+                pid = int(nic.backend.options["pid"])
+                qemu.stop()  # SIGTERM: QEMU exits cleanly and removes its socket
+                await eventually(lambda: _ended(pid), timeout=60, interval=0.2, what="pd1's passt ended")
+                assert _files(nic.backend.options["socket"]) == []
 
 
 async def _cli(*args: str) -> tuple[int | None, str, str]:

@@ -133,7 +133,7 @@ async def test_fewer_system_calls_reads_a_burst_at_once_and_writes_without_wakin
                 woken.append(args[0])
                 return threadsafe(*args, **kwargs)
 
-            loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+            loop.call_soon_threadsafe = counting  # type: ignore[method-assign,assignment]
             try:
                 await client.publish("t/out", b"x", qos=0)
                 await asyncio.wait_for(got_publish.wait(), 5)

@@ -19,8 +19,9 @@ of ``aiomqtt.Client``, and the private names :func:`fewer_system_calls` needs.
   calls per hot-add were these. :func:`fewer_system_calls` gives paho's socket a read buffer (one ``recv`` takes
   what is there; ``aiomqtt``'s reader reads on while the buffer's ``pending()`` says bytes are left, as it does
   for TLS) and, on the event loop's own thread, writes a burst in the loop's next turn instead. It uses
-  ``aiomqtt.Client._client`` (the paho client) and paho's ``Client._sock``; TLS and websocket connections keep
-  paho's own socket.
+  ``aiomqtt.Client._client`` (the paho client), ``aiomqtt.Client._socket_options`` (which aiomqtt applies to a
+  ``socket.socket`` only, so to the socket before it is wrapped) and paho's ``Client._sock``; TLS and websocket
+  connections keep paho's own socket.
 
 tests/unit/adapters/mqtt/test_aiomqtt_internals.py is the contract: it fails, naming what changed, when a new version
 of ``aiomqtt`` or ``paho`` no longer works this way; and it checks that no other module of the MQTT adapter uses a
@@ -72,6 +73,10 @@ def fewer_system_calls(client: aiomqtt.Client) -> None:
 
     def on_socket_open(paho_client: Any, userdata: object, sock: Any) -> None:  # noqa: ANN401 - paho's callback
         if type(sock) is socket.socket:  # plain TCP; TLS and websockets have their own buffers
+            # aiomqtt sets its socket options (TCP_NODELAY) after the connect, on a socket.socket only: on the
+            # socket itself, then, before it is wrapped (without TCP_NODELAY each answer waited ~40 ms for an ACK).
+            for option in client._socket_options:  # noqa: SLF001 - see the module docstring
+                sock.setsockopt(*option)
             paho_client._sock = BufferedReads(sock)  # noqa: SLF001 - see the module docstring
         opened(paho_client, userdata, sock)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
+import socket
 import struct
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,8 @@ async def test_fewer_system_calls_reads_a_burst_at_once_and_writes_without_wakin
     server = await asyncio.start_server(broker, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     seen: list[aiomqtt.Message] = []
-    client = aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V311,
+    nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client = aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V311, socket_options=(nodelay,),
                             queue_type=dispatching_queue(seen.append))  # fmt: skip
     fewer_system_calls(client)
     paho_client: Any = client._client
@@ -125,6 +127,9 @@ async def test_fewer_system_calls_reads_a_burst_at_once_and_writes_without_wakin
                 "again while the socket's pending() says bytes are left"
             )
             assert sock.pending() == 0
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), (
+                "the socket options given to aiomqtt.Client are not set on the wrapped socket (Nagle's delays)"
+            )
             loop = asyncio.get_running_loop()
             woken: list[object] = []
             threadsafe = loop.call_soon_threadsafe

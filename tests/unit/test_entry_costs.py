@@ -134,7 +134,7 @@ def test_the_systemd_unit_sets_the_open_file_limit() -> None:
     assert int(limit.partition("=")[2]) >= 16384
 
 
-@pytest.mark.parametrize("script", ["hotplug.py", "mqtt_hotplug.py", "scale.py"])
+@pytest.mark.parametrize("script", ["hotplug.py", "mqtt_hotplug.py", "scale.py", "hotadd_counts.py", "serve_counts.py"])
 def test_a_bench_script_parses_its_arguments(script: str) -> None:
     done = subprocess.run([sys.executable, str(BENCH / script), "--smoke"], capture_output=True, text=True,
                           check=False, timeout=60, cwd=BENCH)  # fmt: skip

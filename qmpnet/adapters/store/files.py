@@ -273,6 +273,7 @@ class FileGuestStore:
         self._dir_fd: int | None = None
         self._root = os.geteuid() == 0  # may use the blocks a file system reserves for root (_check_room)
         directory = self.slots[0].parent
+        self._dir_path = str(directory)  # statvfs by path: no descriptor held per guest for it (_check_room)
         self._desired_path = str(desired_path or directory / f"{key}.desired.json")
         self._desired_tmp = str(directory / f".{key}.desired.tmp")
         self._desired_io = threading.Lock()
@@ -406,7 +407,7 @@ class FileGuestStore:
             path, seq = self._slot_paths[slot], self._seq + 1
             framed = frame(seq, data)
             try:
-                _check_room(self._directory(), len(framed), root=self._root)
+                _check_room(self._dir_path, len(framed), root=self._root)
                 _write_slot(path, framed, self._sizes[slot])
             except OSError as err:
                 self._sizes[slot] = None  # cut short somewhere: the next write of this slot truncates it
@@ -444,7 +445,7 @@ class FileGuestStore:
         self._lock_fd = None
 
 
-def _check_room(directory: int, size: int, *, root: bool) -> None:
+def _check_room(directory: str, size: int, *, root: bool) -> None:
     """Raise ENOSPC unless the file system of ``directory`` has room for a new file of ``size`` bytes.
 
     A slot is overwritten in place, so on a full disk a write that fits in the blocks the slot already has would
@@ -453,7 +454,7 @@ def _check_room(directory: int, size: int, *, root: bool) -> None:
     set's durable copy (a new file) could not follow it. ``root`` may use the blocks reserved for root, as its writes
     can.
     """
-    stat = os.fstatvfs(directory)
+    stat = os.statvfs(directory)
     free = stat.f_bfree if root else stat.f_bavail
     if free * stat.f_frsize < size:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -129,8 +129,8 @@ def read_record_files(
     A torn slot (a write cut short by a kill) is passed over: the other slot, the write before it, is the record.
     With no complete slot, a legacy ``<key>.json`` (a store of an earlier qmpnet) is read instead. A record that
     cannot be used (``load`` raises :class:`Unreadable`, or every slot file is torn, which a kill cannot do) is moved
-    aside, slot files and all, and reported once in ``discarded``; with ``discarded`` None, nothing is moved and
-    :class:`Unreadable` is raised.
+    aside, slot files and all, and reported once in ``discarded``; with ``discarded`` None (a reader that does not
+    hold the guest's lock), no file is moved or removed and :class:`Unreadable` is raised.
 
     Raises:
         StoreUnavailable: A file cannot be read, or an unreadable one cannot be moved aside.
@@ -154,7 +154,8 @@ def read_record_files(
         for other, why in torn:
             log.info("state_dir: %s is torn (%s): a write cut short; the record is the one before it, in %s",
                      paths[other], why, paths[slot].name)
-        legacy.unlink(missing_ok=True)  # a migration killed before it removed the file: the slots are newer
+        if discarded is not None:  # the lock's holder (a reader for tools changes nothing)
+            legacy.unlink(missing_ok=True)  # a migration killed before it removed the file: the slots are newer
         return RecordFiles(loaded, slot, seq, sizes, legacy=False)
     if discarded is None:
         raw = _read(legacy)

@@ -1,7 +1,8 @@
 """What ``qmpnet serve`` does per MQTT hot-add, counted by tools the machine's load does not change.
 
 One broker, ``--guests`` QEMU ``-S`` guests, one controller; a warm-up hot-add per guest (the first reads the guest),
-then ``--adds`` hot-adds per guest, one at a time through ``qmpnet.client``, as ``mqtt_hotplug.py``'s phase 3 does.
+then ``--adds`` hot-adds per guest, one at a time through ``qmpnet.client``, as ``mqtt_hotplug.py``'s phase 3 does
+(``--at-once``: all guests at once, each guest's one after another, as its phase 4 does).
 Only those are counted:
 
 * ``--tool callgrind``: the controller runs under ``valgrind --tool=callgrind --instr-atstart=no``, and
@@ -15,8 +16,8 @@ Only those are counted:
   a function's call count by the hot-adds to see what each does (the start is a few hundred calls of most);
 * ``--tool none``: the controller's CPU time per hot-add (``/proc/PID/stat``; load-dependent, for comparison).
 
-Run: ``python bench/serve_counts.py [--tool callgrind|strace|py-spy|cprofile|none] [--guests 1] [--adds 20] [--out FILE]
-[--state-dir DIR]``.
+Run: ``python bench/serve_counts.py [--tool callgrind|strace|py-spy|cprofile|none] [--guests 1] [--adds 20]
+[--at-once] [--out FILE] [--state-dir DIR]``.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ async def main() -> int:
     parser.add_argument("--guests", type=int, default=1)
     parser.add_argument("--adds", type=int, default=20,
                         help=f"counted hot-adds per guest (at most {SLOTS_PER_GUEST - 1})")  # fmt: skip
+    parser.add_argument("--at-once", action="store_true", help="the guests' hot-adds at once (each guest's in turn)")
     parser.add_argument("--out", type=Path, default=Path("serve-profile.txt"), help="py-spy's or cProfile's output")
     parser.add_argument("--state-dir", type=Path, default=None, help="the controller's state directory")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # parse the arguments only
@@ -116,9 +118,16 @@ async def main() -> int:
             out = args.out.resolve() if args.tool == "py-spy" else lab.workdir / "strace.txt"
             tracer = await asyncio.to_thread(start_counting, args.tool, serve.pid, out)
             before = cpu_seconds(serve.pid)
-            for guest in guests:
+
+            async def adds_to(guest: Path) -> None:
                 for _ in range(per_guest):
                     await client.add_nic("counts", guest.stem, {"model": "virtio-net-pci"})
+
+            if args.at_once:
+                await asyncio.gather(*(adds_to(guest) for guest in guests))
+            else:
+                for guest in guests:
+                    await adds_to(guest)
             await asyncio.sleep(0.3)  # the last add's write-behind (WRITE_BEHIND_DELAY) belongs to it too
             cpu = cpu_seconds(serve.pid) - before
             await asyncio.to_thread(stop_counting, args.tool, serve.pid, tracer)

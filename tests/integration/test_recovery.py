@@ -21,6 +21,7 @@ from aux_qmp import aux_args, aux_monitor, hmp
 from waiting import eventually
 
 import qmpnet
+from qmpnet.adapters.store import StateDir
 from qmpnet.testguest import TestMachine
 
 if TYPE_CHECKING:
@@ -293,11 +294,11 @@ async def test_sigterm_lets_an_operation_in_flight_finish_before_the_monitor_clo
 async def recorded_as(state: Path, nic_id: str, wanted: str, timeout: float = 10) -> None:
     """Until the state store says ``nic_id`` is ``wanted`` (written before the change's first QMP command)."""
 
+    records = StateDir(state)
+
     def recorded() -> bool:  # the store offers nothing to wait on
         return any(
-            json.loads(path.read_text()).get("nics", {}).get(nic_id, {}).get("state") == wanted
-            for path in (state / "guests").glob("*.json")
-            if not path.name.endswith(".desired.json")
+            nic_id in record.nics and record.nics[nic_id].state == wanted for record in records.records()
         )
 
     await eventually(recorded, timeout=timeout, interval=0.02, what=f"{nic_id} recorded as {wanted}")

@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import needs
 import pytest
@@ -28,6 +28,8 @@ from mqtt_fixtures import Mosquitto, Probe, Serve, wait_online
 from test_recovery import no_os_guest, peripheral_nics
 
 from qmpnet.adapters.store import guest_key
+from qmpnet.adapters.store.reading import newest_json, read_record_files, slot_paths
+from qmpnet.adapters.store.slots import frame
 from qmpnet.core.records import FORMAT_VERSION
 from qmpnet.testguest import TestMachine
 
@@ -49,8 +51,34 @@ async def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60
     return process.returncode, out.decode(), err.decode()
 
 
-def record_path(state: Path, qmp: Path) -> Path:
-    return state / "guests" / f"{guest_key(str(qmp))}.json"
+def desired_path(state: Path, qmp: Path | str) -> Path:
+    return state / "guests" / f"{guest_key(str(qmp))}.desired.json"
+
+
+def recorded(state: Path, qmp: Path | str) -> dict[str, Any]:
+    """The guest's record as the next process reads it (the newest complete slot)."""
+    raw = newest_json(state / "guests", guest_key(str(qmp)))
+    assert raw is not None
+    data: dict[str, Any] = json.loads(raw)
+    return data
+
+
+def truncate_every_slot(state: Path, qmp: Path) -> Path:
+    """Cut each slot file of the record short (no complete copy: no kill does that); the file reported."""
+    slots = [path for path in slot_paths(state / "guests", guest_key(str(qmp))) if path.exists()]
+    for path in slots:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return slots[0]
+
+
+def another_version(state: Path, qmp: Path) -> Path:
+    """Write the record, complete, as a qmpnet of format version 99 would (its next slot); the file reported."""
+    guests, key = state / "guests", guest_key(str(qmp))
+    found = read_record_files(guests, key, lambda raw, _path: raw, None)
+    assert found.slot is not None
+    path = slot_paths(guests, key)[1 - found.slot]
+    path.write_bytes(frame(found.seq + 1, json.dumps({**recorded(state, qmp), "version": 99}).encode()))
+    return path
 
 
 async def until(ok: Callable[[], bool], timeout: float) -> None:
@@ -80,17 +108,23 @@ def listed(out: str) -> dict[str, dict[str, object]]:
 
 SPOILED = pytest.mark.parametrize(
     ("spoil", "reason"),
-    [
-        (lambda text: text[: len(text) // 2], "not valid JSON"),  # a truncated record
-        (lambda text: json.dumps({**json.loads(text), "version": 99}), "format version 99"),
-    ],
+    [(truncate_every_slot, "no complete copy"), (another_version, "format version 99")],
     ids=["truncated", "another-version"],
 )
 
 
+def slot_contents(state: Path, qmp: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in slot_paths(state / "guests", guest_key(str(qmp))) if p.exists()}
+
+
+def moved_aside(state: Path) -> dict[str, bytes]:
+    """The files moved aside, by the name they had."""
+    return {p.name.split(".corrupt-")[0]: p.read_bytes() for p in state.glob("guests/*.corrupt-*")}
+
+
 @SPOILED
 async def test_the_cli_moves_an_unreadable_record_aside_and_reads_the_guest_from_qemu(
-    tmp_path: Path, spoil: Callable[[str], str], reason: str
+    tmp_path: Path, spoil: Callable[[Path, Path], Path], reason: str
 ) -> None:
     state = tmp_path / "state"
     flags = ["--state-dir", str(state)]
@@ -98,9 +132,8 @@ async def test_the_cli_moves_an_unreadable_record_aside_and_reads_the_guest_from
         qmp = str(vm.qmp_path)
         rc, _, err = await cli("nic", "add", "--qmp", qmp, "--id", "t1", *flags)
         assert rc == 0, err
-        path = record_path(state, vm.qmp_path)
-        spoiled = spoil(path.read_text())
-        path.write_text(spoiled)
+        path = spoil(state, vm.qmp_path)
+        spoiled = slot_contents(state, vm.qmp_path)
         rc, out, err = await cli("nic", "list", "--qmp", qmp, "--json", *flags)
         assert rc == 0, err
         # One warning, on one line, naming the file, the reason and where it went.
@@ -113,20 +146,18 @@ async def test_the_cli_moves_an_unreadable_record_aside_and_reads_the_guest_from
         nics = listed(out)
         assert set(nics) == {"t1"} == await peripheral_nics(vm.workdir)
         assert nics["t1"]["managed"] is False
-        aside = sorted(state.glob("guests/*.corrupt-*"))
-        assert [p.name.split(".corrupt-")[0] for p in aside] == [path.name]
-        assert aside[0].read_text() == spoiled  # nothing is deleted
-        assert json.loads(path.read_text())["version"] == FORMAT_VERSION  # rebuilt, in the current format
+        assert moved_aside(state) == spoiled  # the record's files, nothing deleted
+        assert recorded(state, qmp)["version"] == FORMAT_VERSION  # rebuilt, in the current format
         # Once only; and the guest is served as before.
         rc, _, err = await cli("nic", "add", "--qmp", qmp, "--id", "t2", *flags)
         assert (rc, err) == (0, ""), err
         assert await peripheral_nics(vm.workdir) == {"t1", "t2"}
-        assert len(list(state.glob("guests/*.corrupt-*"))) == 1
+        assert moved_aside(state) == spoiled
 
 
 @SPOILED
 async def test_serve_publishes_record_discarded_and_serves_the_guest(
-    tmp_path: Path, spoil: Callable[[str], str], reason: str
+    tmp_path: Path, spoil: Callable[[Path, Path], Path], reason: str
 ) -> None:
     broker_dir = tmp_path / "mq"
     broker_dir.mkdir()
@@ -136,9 +167,8 @@ async def test_serve_publishes_record_discarded_and_serves_the_guest(
         async with no_os_guest(tmp_path) as vm:
             rc, _, err = await cli("nic", "add", "--qmp", str(vm.qmp_path), "--id", "s1", "--state-dir", str(state))
             assert rc == 0, err
-            path = record_path(state, vm.qmp_path)
-            spoiled = spoil(path.read_text())
-            path.write_text(spoiled)
+            path = spoil(state, vm.qmp_path)
+            spoiled = slot_contents(state, vm.qmp_path)
             serve = Serve(broker_dir, broker.url, "disc", {"vm": vm.qmp_path}, args=["--state-dir", str(state)])
             async with Probe(broker.url) as probe:
                 topic = "qmpnet/disc/guest/vm/event/record_discarded"
@@ -150,8 +180,8 @@ async def test_serve_publishes_record_discarded_and_serves_the_guest(
                     assert event["record"]["file"] == str(path)
                     assert reason in event["record"]["reason"]
                     moved = Path(event["record"]["moved_to"])
-                    assert moved.read_text() == spoiled  # noqa: ASYNC240 - nothing is deleted
                     assert moved.name.startswith(f"{path.name}.corrupt-")
+                    assert moved_aside(state) == spoiled  # the record's files, nothing deleted
                     await wait_online(serve, broker.url, guests_connected=["vm"])
                     answer = await probe.call("qmpnet/disc/guest/vm/request/nic/add", {"nic": {"id": "s2"}})
                     assert answer["status"] == "ok", answer
@@ -178,11 +208,11 @@ async def test_a_record_of_a_dead_qemu_is_dropped_and_its_desired_set_kept(tmp_p
         rc, _, err = await cli("nic", "add", "--qmp", str(vm.qmp_path), "--id", "g1", *flags)
         assert rc == 0, err
         qmp = vm.qmp_path
-        old = json.loads(record_path(state, qmp).read_text())
+        old = recorded(state, qmp)
         assert set(old["nics"]) == {"g1"}
         vm.kill()
         await vm.wait_exit(30)
-    desired = record_path(state, qmp).with_name(f"{guest_key(str(qmp))}.desired.json")
+    desired = desired_path(state, qmp)
     assert [n["id"] for n in json.loads(desired.read_text())["nics"]] == ["g1"]
     async with TestMachine(None, boot=False, workdir=workdir, name="dead", extra_args=aux_args(workdir)) as vm:
         assert vm.qmp_path == qmp
@@ -190,7 +220,7 @@ async def test_a_record_of_a_dead_qemu_is_dropped_and_its_desired_set_kept(tmp_p
         assert (rc, err) == (0, ""), err
         assert listed(out) == {}  # no phantom of the dead QEMU's NIC
         assert await peripheral_nics(vm.workdir) == set()
-        now = json.loads(record_path(state, qmp).read_text())
+        now = recorded(state, qmp)
         assert now["nics"] == {}
         assert now["instance"] != old["instance"]
         # The desired set is durable and intact: `apply` of it brings the NIC back.
@@ -207,16 +237,15 @@ async def test_a_record_of_an_earlier_boot_is_dropped_through_the_cli(tmp_path: 
         qmp = str(vm.qmp_path)
         rc, _, err = await cli("nic", "add", "--qmp", qmp, "--id", "b1", *flags, env=env)
         assert rc == 0, err
-        path = record_path(state, vm.qmp_path)
-        before = json.loads(path.read_text())
+        before = recorded(state, qmp)
         assert (before["boot"], set(before["nics"]), len(before["operations"])) == ("boot-a", {"b1"}, 1)
         boot.write_text("boot-b\n")  # as after a reboot (this QEMU stands in for the one started again)
         rc, out, err = await cli("nic", "list", "--qmp", qmp, "--json", *flags, env=env)
         assert (rc, err) == (0, ""), err
-        after = json.loads(path.read_text())
+        after = recorded(state, qmp)
         assert (after["boot"], after["nics"], after["operations"]) == ("boot-b", {}, {})
         assert listed(out)["b1"]["managed"] is False  # read from QEMU; the void record no longer claims it
-        desired = json.loads(path.with_name(f"{guest_key(qmp)}.desired.json").read_text())
+        desired = json.loads(desired_path(state, qmp).read_text())
         assert [n["id"] for n in desired["nics"]] == ["b1"]  # kept: it must outlive a reboot
 
 
@@ -242,7 +271,7 @@ async def test_serve_after_a_reboot_adds_the_desired_set_back_from_the_durable_f
                                               {"nic": {"id": "r1", "mac": "52:54:00:0b:00:01"}, "transaction": "t-r1"})
                     assert answer["status"] == "ok", answer
                 # The set is fsync'd right after the answer (docs/architecture.md); the crash comes after that.
-                desired = record_path(state, vm.qmp_path).with_name(f"{guest_key(str(vm.qmp_path))}.desired.json")
+                desired = desired_path(state, vm.qmp_path)
                 await until(lambda: desired.exists() and "r1" in desired.read_text(), 10)
             finally:
                 serve.kill()  # the host goes down: no clean stop
@@ -255,7 +284,7 @@ async def test_serve_after_a_reboot_adds_the_desired_set_back_from_the_durable_f
             try:
                 await wait_online(serve, broker.url, guests_connected=["vm"])
                 await until_async(lambda: peripheral_nics(vm.workdir), {"r1"}, 30)  # the reconciler adds it back
-                record = json.loads(record_path(state, vm.qmp_path).read_text())
+                record = recorded(state, vm.qmp_path)
                 assert record["boot"] == "boot-b"
                 assert "t-r1" not in record["operations"]  # the earlier boot's operations are void
                 assert "52:54:00:0b:00:01" in await hmp(vm.workdir, "info network")

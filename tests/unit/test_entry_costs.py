@@ -160,7 +160,7 @@ def test_the_systemd_unit_sets_the_open_file_limit() -> None:
     assert int(limit.partition("=")[2]) >= 16384
 
 
-@pytest.mark.parametrize("script", ["hotplug.py", "mqtt_hotplug.py", "scale.py"])
+@pytest.mark.parametrize("script", ["hotplug.py", "mqtt_hotplug.py", "scale.py", "hotadd_counts.py", "serve_counts.py"])
 def test_a_bench_script_parses_its_arguments(script: str) -> None:
     done = subprocess.run([sys.executable, str(BENCH / script), "--smoke"], capture_output=True, text=True,
                           check=False, timeout=60, cwd=BENCH)  # fmt: skip
@@ -222,6 +222,7 @@ def test_a_record_file_is_the_document_pydantic_writes() -> None:
 
 async def test_a_write_off_the_event_loop_never_loses_a_later_one(tmp_path: Path) -> None:
     from qmpnet.adapters.store import StateDir  # noqa: PLC0415 - as above
+    from qmpnet.adapters.store.reading import newest_json  # noqa: PLC0415 - as above
     from qmpnet.core.records import GuestRecord, NicRecord  # noqa: PLC0415 - as above
 
     def nic(nic_id: str) -> NicRecord:
@@ -235,7 +236,7 @@ async def test_a_write_off_the_event_loop_never_loses_a_later_one(tmp_path: Path
         assert store.record is first  # current at once: what is built next contains it
         store.save(store.record.with_nic(nic("b")))  # e.g. a desired document, outside the lane
         await writing
-        on_disk = GuestRecord.model_validate_json(store.path.read_bytes())
+        on_disk = GuestRecord.model_validate_json(newest_json(store.slots[0].parent, store.key) or b"")
         assert set(on_disk.nics) == {"a", "b"}
         assert set(store.record.nics) == {"a", "b"}
     finally:

@@ -1,7 +1,7 @@
 """Everything of qmpnet that relies on ``aiomqtt`` beyond its documented API, in one room (pinned in pyproject.toml).
 
-qmpnet uses no private *name* of ``aiomqtt`` or ``paho``; it relies on one undocumented *behaviour* of
-``aiomqtt.Client``, kept here:
+No other module of qmpnet uses a private name of ``aiomqtt`` or ``paho``. Kept here: one undocumented *behaviour*
+of ``aiomqtt.Client``, and the private names :func:`fewer_system_calls` needs.
 
 * **Messages in wire order, before the next packet.** ``aiomqtt`` fills its message queue (the ``queue_type``
   argument, public) from paho's ``on_message`` callback by calling the queue's ``put_nowait``, synchronously, while
@@ -11,23 +11,39 @@ qmpnet uses no private *name* of ``aiomqtt`` or ``paho``; it relies on one undoc
   controller's retained status before it acknowledges the next SUBSCRIBE, so once that subscription returns the
   status has been read, and a controller known to be offline is refused before anything is published.
   :func:`dispatching_queue` makes a queue whose ``put_nowait`` dispatches at once.
+* **System calls per packet** (issue 17: the controller's CPU per hot-add). paho reads each incoming packet with
+  three or more ``recv`` calls (its type byte, its length one byte at a time, then the rest), and ``aiomqtt``
+  makes each outgoing burst register the socket for writing from any thread (``call_soon_threadsafe``: a byte
+  through the event loop's self-pipe, then two ``epoll_ctl`` calls). A hot-add over MQTT reads five packets (the
+  request and four PUBACKs) and writes five (a PUBACK and four messages): about 20 of the controller's ~95 system
+  calls per hot-add were these. :func:`fewer_system_calls` gives paho's socket a read buffer (one ``recv`` takes
+  what is there; ``aiomqtt``'s reader reads on while the buffer's ``pending()`` says bytes are left, as it does
+  for TLS) and, on the event loop's own thread, writes a burst in the loop's next turn instead. It uses
+  ``aiomqtt.Client._client`` (the paho client), ``aiomqtt.Client._socket_options`` (which aiomqtt applies to a
+  ``socket.socket`` only, so to the socket before it is wrapped) and paho's ``Client._sock``; TLS and websocket
+  connections keep paho's own socket.
 
 tests/unit/adapters/mqtt/test_aiomqtt_internals.py is the contract: it fails, naming what changed, when a new version
-of ``aiomqtt`` no longer fills the queue this way; and it checks that no other module of the MQTT adapter uses a
+of ``aiomqtt`` or ``paho`` no longer works this way; and it checks that no other module of the MQTT adapter uses a
 private name of ``aiomqtt`` or ``paho``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import socket
+import threading
+from typing import TYPE_CHECKING, Any, Final
 
 import aiomqtt
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["dispatching_queue"]
+__all__ = ["BufferedReads", "dispatching_queue", "fewer_system_calls"]
+
+#: How much one ``recv`` of the broker's socket takes at most (what is there, up to this).
+READ_SIZE: Final = 65536
 
 
 def dispatching_queue(dispatch: Callable[[aiomqtt.Message], None]) -> type[asyncio.Queue[aiomqtt.Message]]:
@@ -42,3 +58,77 @@ def dispatching_queue(dispatch: Callable[[aiomqtt.Message], None]) -> type[async
             dispatch(item)
 
     return Dispatching
+
+
+def fewer_system_calls(client: aiomqtt.Client) -> None:
+    """Make ``client`` read each burst of packets with one ``recv`` and write without waking its loop (see above).
+
+    Call it on the event loop's thread, right after making the client (before it connects).
+    """
+    paho: Any = client._client  # noqa: SLF001 - the one room for aiomqtt's privates
+    loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
+    opened = paho.on_socket_open  # aiomqtt's: adds the socket's reader to the loop
+    register = paho.on_socket_register_write  # aiomqtt's: adds its writer, from any thread
+
+    def on_socket_open(paho_client: Any, userdata: object, sock: Any) -> None:  # noqa: ANN401 - paho's callback
+        if type(sock) is socket.socket:  # plain TCP; TLS and websockets have their own buffers
+            # aiomqtt sets its socket options (TCP_NODELAY) after the connect, on a socket.socket only: on the
+            # socket itself, then, before it is wrapped (without TCP_NODELAY each answer waited ~40 ms for an ACK).
+            for option in client._socket_options:  # noqa: SLF001 - see the module docstring
+                sock.setsockopt(*option)
+            paho_client._sock = BufferedReads(sock)  # noqa: SLF001 - see the module docstring
+        opened(paho_client, userdata, sock)
+
+    def on_socket_register_write(paho_client: Any, userdata: object, sock: Any) -> None:  # noqa: ANN401 - paho's
+        if threading.get_ident() != loop_thread:
+            register(paho_client, userdata, sock)  # paho's connect runs in a worker thread: aiomqtt's way
+            return
+        loop.call_soon(flush, paho_client, userdata)  # no self-pipe, no epoll_ctl: the loop's next turn writes
+
+    def flush(paho_client: Any, userdata: object) -> None:  # noqa: ANN401 - paho's client
+        paho_client.loop_write()  # all queued packets; unregisters (nothing to undo) once the queue is empty
+        sock = paho_client.socket()
+        if paho_client.want_write() and sock is not None:
+            register(paho_client, userdata, sock)  # the socket is full: aiomqtt's writer sends the rest
+
+    paho.on_socket_open = on_socket_open
+    paho.on_socket_register_write = on_socket_register_write
+
+
+class BufferedReads:
+    """A connected, non-blocking socket whose ``recv`` takes what is there in one call and hands it out as asked.
+
+    paho reads a packet in small pieces; this serves them from what one ``recv`` returned. ``pending()`` (the bytes
+    left) makes ``aiomqtt``'s reader call paho again until they are used up, since the socket will not signal them.
+    Everything else is the socket's.
+    """
+
+    __slots__ = ("_data", "_pos", "_sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._data = b""
+        self._pos = 0
+
+    def recv(self, size: int) -> bytes:
+        """Up to ``size`` bytes: buffered ones, else what one ``recv`` of the socket returns (``b""``: closed).
+
+        Raises:
+            BlockingIOError: Nothing buffered, nothing to read.
+        """
+        if self._pos >= len(self._data):
+            data = self._sock.recv(max(size, READ_SIZE))
+            if len(data) <= size:
+                return data
+            self._data, self._pos = data, 0
+        start = self._pos
+        self._pos = min(start + size, len(self._data))
+        return self._data[start : self._pos]
+
+    def pending(self) -> int:
+        """The bytes read from the socket and not yet handed out."""
+        return len(self._data) - self._pos
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the socket's own attributes
+        return getattr(self._sock, name)

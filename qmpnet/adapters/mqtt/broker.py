@@ -33,6 +33,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from qmpnet.adapters.mqtt.aiomqtt_internals import fewer_system_calls
 from qmpnet.errors import BrokerProblem, BrokerUnavailable
 from qmpnet.settings import parse_broker_url, redact_url
 
@@ -106,6 +107,7 @@ def make_client(  # noqa: PLR0913 - the connection's identity and its session, a
     )
     # We bound what is in flight ourselves; aiomqtt's warning about "pending publish calls" would be noise.
     client.pending_calls_threshold = max(max_inflight or 0, 10) * 4
+    fewer_system_calls(client)
     return client
 
 

@@ -1,12 +1,17 @@
 """Files of the state store: atomic, versioned JSON records and one advisory lock per guest.
 
-Two files per guest, durable against two different failures (see :mod:`qmpnet.core.records`):
+Two kinds of file per guest, durable against two different failures (see :mod:`qmpnet.core.records`):
 
-* ``<key>.json``, the record (NICs, host resources, operations, boot id, QEMU instance), protects against the death
-  of the qmpnet process while QEMU lives on. It is written whole to a temporary file and renamed over the record,
-  **without fsync**: a write that reached the page cache survives the death of the process that made it, and a
-  reader sees the old record or the new one, never a mix. A host crash takes the QEMU processes, taps and bindings
-  the record names with it; the record of an earlier boot is void (:meth:`GuestRecord.for_boot`).
+* ``<key>.record-a`` and ``<key>.record-b``, the record (NICs, host resources, operations, boot id, QEMU
+  instance), protect against the death of the qmpnet process while QEMU lives on. Each write overwrites the slot
+  that does not hold the newest record, in place, as one frame with a write number and a checksum
+  (:mod:`.slots`), **without fsync** and without a rename: a write that reached the page cache survives the death
+  of the process that made it, and a write cut short by it is torn, never read, so the reader takes the other
+  slot: the old record or the new one, never a mix. (Renaming a file over the record, as the store did before,
+  makes ext4 start the data's writeback at every write: most of a hot-add's store cost.) A store of one
+  ``<key>.json`` per guest, written by an earlier qmpnet, is read and moved into the slots. A host crash takes the
+  QEMU processes, taps and bindings the record names with it; the record of an earlier boot is void
+  (:meth:`GuestRecord.for_boot`).
 * ``<key>.desired.json``, the desired set, must outlive a reboot: it is written the same way *and* fsync'd (the file,
   then the directory), in a worker thread once the call that changed it has been answered
   (:meth:`FileGuestStore.flush_soon`), so an answer never waits for the disk; :meth:`FileGuestStore.close` waits for
@@ -15,9 +20,9 @@ Two files per guest, durable against two different failures (see :mod:`qmpnet.co
   written with each change's intent: after a kill (same boot) the record's set is the newer and wins; after a reboot,
   or when the record is unreadable, the durable file's does.
 
-A record that cannot be read (not JSON, another format version, invalid) never locks a guest out: it is moved aside
-as ``<name>.corrupt-<timestamp>`` (nothing is deleted), logged once and reported (:attr:`FileGuestStore.discarded`,
-published as the ``record_discarded`` event), and the guest is rebuilt from QEMU.
+A record that cannot be read (not JSON, another format version, invalid, or no complete slot) never locks a guest
+out: its files are moved aside as ``<name>.corrupt-<timestamp>`` (nothing is deleted), logged once and reported
+(:attr:`FileGuestStore.discarded`, published as the ``record_discarded`` event), and the guest is rebuilt from QEMU.
 
 The lock is ``flock`` on a separate file: it dies with its process, so a killed holder never blocks the next
 one, and it conflicts between any two open files, so two ``Guest`` objects in one process are kept apart too.
@@ -29,7 +34,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import functools
 import hashlib
 import logging
 import os
@@ -44,18 +48,22 @@ from qmpnet.adapters.store.encoding import encode_record
 from qmpnet.adapters.store.reading import (
     BOOT_ID_FILE,
     Unreadable,
+    legacy_path,
     load_any,
     load_desired,
     load_record,
     mtime_of,
     read_boot_id,
     read_or_discard,
+    read_record_files,
+    slot_paths,
 )
+from qmpnet.adapters.store.slots import SLOT_SUFFIXES, frame
 from qmpnet.core.records import DesiredSet, GuestRecord
 from qmpnet.errors import Busy, StoreUnavailable
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from pathlib import Path
 
     from qmpnet.core.model import DiscardedRecord
@@ -159,12 +167,13 @@ class StateDir:
             lambda pid, waited: f"guest {address}: another qmpnet process (pid {pid}) holds it; waited {waited:g} s",
         )
         try:
-            path = self.guests / f"{key}.json"
             desired_path = self.guests / f"{key}.desired.json"
             discarded: list[DiscardedRecord] = []
             desired = read_or_discard(desired_path, load_desired, discarded)
-            loaded = read_or_discard(path, functools.partial(load_any, boot=self.boot, mtime=mtime_of(path)),
-                                      discarded)
+            files = read_record_files(
+                self.guests, key, lambda raw, path: load_any(raw, boot=self.boot, mtime=mtime_of(path)), discarded
+            )
+            loaded = files.loaded
             fresh = GuestRecord(address=canonical_address(address), name=name, boot=self.boot)
             record, migrated_from_v1 = loaded or (fresh, False)
             void = self.boot is not None and record.boot != self.boot
@@ -179,10 +188,15 @@ class StateDir:
                 record = record.model_copy(update={"desired": desired})  # the same set: the same object
             # else the record of this boot is the newer: a killed process wrote it, not yet its durable copy.
             record = record.for_boot(self.boot).model_copy(update={"name": name})
-            store = FileGuestStore(path, record, lock, key, desired_path=desired_path, discarded=discarded,
-                                   desired_on_disk=desired, durable_writer=self._durable_writer)
-            if migrated_from_v1 or void or discarded or record.desired is not desired:
+            store = FileGuestStore(
+                slot_paths(self.guests, key), record, lock, key, desired_path=desired_path, discarded=discarded,
+                desired_on_disk=desired, durable_writer=self._durable_writer, slot=files.slot, seq=files.seq,
+                sizes=files.sizes,
+            )
+            if migrated_from_v1 or void or discarded or files.legacy or record.desired is not desired:
                 store.rewrite()  # the current format and boot, and the set made durable, in place of what was read
+            if files.legacy:
+                legacy_path(self.guests, key).unlink()  # its record is in a slot now
         except BaseException:
             os.close(lock)
             raise
@@ -203,14 +217,14 @@ class StateDir:
 
     def records(self) -> list[GuestRecord]:
         """Every guest record in the directory, without its desired set (unreadable ones are logged, skipped)."""
+        keys = {path.name.removesuffix(suffix) for suffix in SLOT_SUFFIXES for path in self.guests.glob(f"*{suffix}")}
+        keys |= {path.stem for path in self.guests.glob("*.json") if not path.name.endswith(".desired.json")}
         found = []
-        for path in sorted(self.guests.glob("*.json")):
-            if path.name.endswith(".desired.json"):
-                continue
+        for key in sorted(keys):
             try:
-                record = load_record(path, boot=self.boot)
+                record = load_record(self.guests, key, boot=self.boot)
             except Unreadable as err:
-                log.warning("state_dir: %s: %s", path, err)
+                log.warning("state_dir: %s: %s", self.guests / key, err)
                 continue
             if record is not None:
                 found.append(record)
@@ -220,15 +234,17 @@ class StateDir:
 class FileGuestStore:
     """One guest's record, locked for this process until :meth:`close`.
 
-    Writes are serialised (a thread lock: :meth:`save_async` writes in a worker thread) and numbered in the order
-    they were asked for; a write that finds a later one already on disk has nothing left to do, since every record
-    is built from the current one and so contains what the earlier ones did. The desired set of the newest record
-    on disk is written durably to its own file by :meth:`flush_soon` whenever it is not the object last written.
+    The record alternates between two slot files (:mod:`.slots`): each write goes to the slot that does not hold the
+    newest record on disk, numbered one past it. Writes are serialised (a thread lock: :meth:`save_async` writes in
+    a worker thread) and numbered in the order they were asked for; a write that finds a later one already on disk
+    has nothing left to do, since every record is built from the current one and so contains what the earlier ones
+    did. The desired set of the newest record on disk is written durably to its own file by :meth:`flush_soon`
+    whenever it is not the object last written.
     """
 
     def __init__(  # noqa: PLR0913 - the files and what was found in them, keyword-only but the first four
         self,
-        path: Path,
+        slots: Sequence[Path],
         record: GuestRecord,
         lock_fd: int,
         key: str,
@@ -237,8 +253,11 @@ class FileGuestStore:
         discarded: list[DiscardedRecord] | None = None,
         desired_on_disk: DesiredSet | None = None,
         durable_writer: Executor | None = None,
+        slot: int | None = None,
+        seq: int = 0,
+        sizes: Sequence[int | None] = (),
     ) -> None:
-        self.path = path
+        self.slots = tuple(slots)
         self.key = key
         self.discarded: tuple[DiscardedRecord, ...] = tuple(discarded or ())
         self._record = record
@@ -247,10 +266,16 @@ class FileGuestStore:
         self._done = 0  # the number of the newest write on disk
         self._io = threading.Lock()
         self._lock_fd: int | None = lock_fd
-        self._tmp = str(path.with_name(f".{path.stem}.tmp"))
+        self._slot_paths = tuple(str(path) for path in self.slots)
+        self._slot = slot  # the slot holding the newest record on disk (None: none yet)
+        self._seq = seq  # its write number
+        self._sizes: list[int | None] = list(sizes) or [None] * len(self.slots)  # None: unknown
         self._dir_fd: int | None = None
-        self._desired_path = str(desired_path or path.with_name(f"{path.stem}.desired.json"))
-        self._desired_tmp = str(path.with_name(f".{path.stem}.desired.tmp"))
+        self._root = os.geteuid() == 0  # may use the blocks a file system reserves for root (_check_room)
+        directory = self.slots[0].parent
+        self._dir_path = str(directory)  # statvfs by path: no descriptor held per guest for it (_check_room)
+        self._desired_path = str(desired_path or directory / f"{key}.desired.json")
+        self._desired_tmp = str(directory / f".{key}.desired.tmp")
         self._desired_io = threading.Lock()
         self._desired_on_disk = desired_on_disk  # the set the desired file holds (None: no file)
         self._behind: asyncio.TimerHandle | None = None  # the write-behind, due WRITE_BEHIND_DELAY after a call
@@ -262,10 +287,10 @@ class FileGuestStore:
         return self._record
 
     def save(self, record: GuestRecord) -> None:
-        """Write ``record`` atomically (no fsync, see the module docstring), then make it the current one.
+        """Write ``record`` to the older slot (no fsync, see the module docstring), then make it the current one.
 
-        The temporary file has a fixed name (``.<key>.tmp`` beside the record): only the holder of the guest's
-        lock writes there. A changed desired set waits for :meth:`flush_soon` (or :meth:`close`).
+        Only the holder of the guest's lock writes the slots. A changed desired set waits for :meth:`flush_soon`
+        (or :meth:`close`).
 
         Raises:
             StoreUnavailable: The state directory can no longer be written (nothing was changed).
@@ -378,15 +403,22 @@ class FileGuestStore:
         with self._io:
             if number <= self._done:
                 return  # a later record (built on this one) is on disk already
+            slot = 0 if self._slot is None else 1 - self._slot  # never the slot holding the newest record
+            path, seq = self._slot_paths[slot], self._seq + 1
+            framed = frame(seq, data)
             try:
-                _write_file(self._tmp, str(self.path), data, sync=False)
+                _check_room(self._dir_path, len(framed), root=self._root)
+                _write_slot(path, framed, self._sizes[slot])
             except OSError as err:
-                raise _unavailable(str(self.path), err) from err
+                self._sizes[slot] = None  # cut short somewhere: the next write of this slot truncates it
+                raise _unavailable(path, err) from err
+            self._sizes[slot] = len(framed)
+            self._slot, self._seq = slot, seq
             self._done, self._durable = number, record
 
     def _directory(self) -> int:
         if self._dir_fd is None:
-            self._dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._dir_fd = os.open(self.slots[0].parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         return self._dir_fd
 
     def close(self) -> None:
@@ -411,6 +443,37 @@ class FileGuestStore:
                 self._dir_fd = None
         os.close(self._lock_fd)
         self._lock_fd = None
+
+
+def _check_room(directory: str, size: int, *, root: bool) -> None:
+    """Raise ENOSPC unless the file system of ``directory`` has room for a new file of ``size`` bytes.
+
+    A slot is overwritten in place, so on a full disk a write that fits in the blocks the slot already has would
+    succeed. The store refuses it all the same, as it refused every write when each went to a new file: a full disk
+    is ``store_unavailable`` every time, before the first QMP command, and a change is not taken while the desired
+    set's durable copy (a new file) could not follow it. ``root`` may use the blocks reserved for root, as its writes
+    can.
+    """
+    stat = os.statvfs(directory)
+    free = stat.f_bfree if root else stat.f_bavail
+    if free * stat.f_frsize < size:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _write_slot(path: str, data: bytes, size: int | None) -> None:
+    """``data`` over the slot file at ``path`` (created if missing) from offset 0, cut to its length if it was longer.
+
+    No rename, no fsync (see the module docstring); ``size`` is the file's size now (``None``: not known).
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        view, offset = memoryview(data), 0
+        while offset < len(data):
+            offset += os.pwrite(fd, view[offset:], offset)
+        if size is None or size > len(data):
+            os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
 
 
 def _write_file(tmp: str, path: str, data: bytes, *, sync: bool) -> None:

@@ -1,6 +1,9 @@
 """Reading the state store's files: the boot id, records and desired sets (older formats migrated).
 
-A file that cannot be read is moved aside and reported rather than locking its guest out.
+A record is the newest complete one of its two slot files (:mod:`.slots`); a store written before the slots (one
+``<key>.json``, renamed into place at each write) is read as before and migrated. A record that cannot be read is
+moved aside and reported rather than locking its guest out; a slot torn by a kill is not unreadable, it is the
+write that did not happen (the other slot holds the one before).
 
 Kept apart from :mod:`.files` (the write side, the locks and the store objects): everything here turns bytes on
 disk into records, or says exactly why it cannot.
@@ -11,29 +14,36 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from pydantic import ValidationError
 
+from qmpnet.adapters.store.slots import SLOT_SUFFIXES, Torn, unframe
 from qmpnet.core.model import DiscardedRecord
 from qmpnet.core.records import FORMAT_VERSION, MIGRATED_VERSIONS, DesiredSet, GuestRecord, migrated
 from qmpnet.errors import StoreUnavailable
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
 __all__ = [
     "BOOT_ID_FILE",
+    "RecordFiles",
     "Unreadable",
     "boot_time",
     "json_object",
+    "legacy_path",
     "load_any",
     "load_desired",
     "load_record",
     "mtime_of",
+    "newest_json",
     "read_boot_id",
     "read_or_discard",
+    "read_record_files",
+    "slot_paths",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,31 +77,144 @@ def boot_time() -> float | None:
     return None
 
 
-def read_or_discard(
-    path: Path, load: Callable[[bytes], _T], discarded: list[DiscardedRecord]
-) -> _T | None:
-    """``load`` of the file at ``path`` (``None``: no file); one that cannot be read is moved aside and reported."""
+def slot_paths(guests: Path, key: str) -> tuple[Path, ...]:
+    """The slot files of the record of the guest ``key`` (:mod:`.slots`)."""
+    return tuple(guests / f"{key}{suffix}" for suffix in SLOT_SUFFIXES)
+
+
+def legacy_path(guests: Path, key: str) -> Path:
+    """The single record file of a store written before the slots (read, migrated, then removed)."""
+    return guests / f"{key}.json"
+
+
+def _read(path: Path) -> bytes | None:
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as err:
         raise StoreUnavailable(f"state_dir: cannot read {path} ({err.strerror or err})", field="state_dir") from err
+
+
+def read_or_discard(
+    path: Path, load: Callable[[bytes], _T], discarded: list[DiscardedRecord]
+) -> _T | None:
+    """``load`` of the file at ``path`` (``None``: no file); one that cannot be read is moved aside and reported."""
+    raw = _read(path)
+    if raw is None:
+        return None
     try:
         return load(raw)
     except Unreadable as err:
-        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}")
+        _discard(path, (path,), str(err), discarded)
+        return None
+
+
+@dataclass(frozen=True)
+class RecordFiles(Generic[_T]):
+    """What a record's files hold (:func:`read_record_files`), and what its next write needs to know of them."""
+
+    loaded: _T | None  # the record (None: none, or moved aside)
+    slot: int | None  # the slot it was read from (None: none, or the legacy file): the next write takes the other
+    seq: int  # its write number (0: none)
+    sizes: tuple[int | None, ...]  # each slot file's size (0: no file; None: moved aside, unknown)
+    legacy: bool  # read from the legacy single file: write it to a slot, then remove the file
+
+
+def read_record_files(
+    guests: Path, key: str, load: Callable[[bytes, Path], _T], discarded: list[DiscardedRecord] | None
+) -> RecordFiles[_T]:
+    """The record of the guest ``key``: ``load`` (given the JSON and its file) of its newest complete slot.
+
+    A torn slot (a write cut short by a kill) is passed over: the other slot, the write before it, is the record.
+    With no complete slot, a legacy ``<key>.json`` (a store of an earlier qmpnet) is read instead. A record that
+    cannot be used (``load`` raises :class:`Unreadable`, or every slot file is torn, which a kill cannot do) is moved
+    aside, slot files and all, and reported once in ``discarded``; with ``discarded`` None (a reader that does not
+    hold the guest's lock), no file is moved or removed and :class:`Unreadable` is raised.
+
+    Raises:
+        StoreUnavailable: A file cannot be read, or an unreadable one cannot be moved aside.
+        Unreadable: With ``discarded`` None, the record cannot be used.
+    """
+    paths = slot_paths(guests, key)
+    raws = [_read(path) for path in paths]
+    sizes = tuple(0 if raw is None else len(raw) for raw in raws)
+    complete, torn = _unframed(raws)
+    existing = [path for path, raw in zip(paths, raws, strict=True) if raw is not None]
+    legacy = legacy_path(guests, key)
+    if complete:
+        seq, slot, body = max(complete)
         try:
-            path.rename(aside)
+            loaded = load(body, paths[slot])
+        except Unreadable as err:
+            if discarded is None:
+                raise
+            _discard(paths[slot], existing, str(err), discarded)
+            return RecordFiles(None, None, 0, (None,) * len(paths), legacy=False)
+        for other, why in torn:
+            log.info("state_dir: %s is torn (%s): a write cut short; the record is the one before it, in %s",
+                     paths[other], why, paths[slot].name)
+        if discarded is not None:  # the lock's holder (a reader for tools changes nothing)
+            legacy.unlink(missing_ok=True)  # a migration killed before it removed the file: the slots are newer
+        return RecordFiles(loaded, slot, seq, sizes, legacy=False)
+    if discarded is None:
+        raw = _read(legacy)
+        old = None if raw is None else load(raw, legacy)
+    else:
+        old = read_or_discard(legacy, lambda raw: load(raw, legacy), discarded)
+    if old is not None:
+        return RecordFiles(old, None, 0, sizes, legacy=True)
+    if torn and not legacy.exists():
+        # Only torn slots: no kill does that to both (one slot is written at a time); a single slot torn is the
+        # first write of a guest, cut short (nothing was done yet). Either way there is no record to read.
+        reasons = "; ".join(f"{paths[slot].name}: {why}" for slot, why in torn)
+        if discarded is None:
+            raise Unreadable(f"no complete copy ({reasons})")
+        _discard(existing[0], existing, f"no complete copy ({reasons})", discarded)
+        return RecordFiles(None, None, 0, (None,) * len(paths), legacy=False)
+    return RecordFiles(None, None, 0, sizes, legacy=False)
+
+
+def _unframed(raws: Sequence[bytes | None]) -> tuple[list[tuple[int, int, bytes]], list[tuple[int, str]]]:
+    """The complete slots (write number, slot, JSON) and the torn ones (slot, what is wrong) of ``raws``."""
+    complete: list[tuple[int, int, bytes]] = []
+    torn: list[tuple[int, str]] = []
+    for slot, raw in enumerate(raws):
+        if raw is None:
+            continue
+        try:
+            seq, body = unframe(raw)
+        except Torn as err:
+            torn.append((slot, str(err)))
+        else:
+            complete.append((seq, slot, body))
+    return complete, torn
+
+
+def newest_json(guests: Path, key: str) -> bytes | None:
+    """The JSON of the guest ``key``'s record as the next reader takes it (``None``: none), for tools and tests."""
+    return read_record_files(guests, key, lambda body, _path: body, None).loaded
+
+
+def _discard(path: Path, files: Sequence[Path], reason: str, discarded: list[DiscardedRecord]) -> None:
+    """Move ``files`` (the record ``path`` and the files that go with it) aside, log it once and report it."""
+    stamp = f"corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}"
+    moved: list[Path] = []
+    for each in files:
+        aside = each.with_name(f"{each.name}.{stamp}")
+        try:
+            each.rename(aside)
         except OSError as failed:
             raise StoreUnavailable(
-                f"state_dir: {path} cannot be read ({err}) nor moved aside ({failed.strerror or failed})",
+                f"state_dir: {path} cannot be read ({reason}) nor moved aside ({failed.strerror or failed})",
                 field="state_dir",
             ) from failed
-        log.warning("state_dir: %s cannot be read (%s): moved aside as %s; the guest is rebuilt from QEMU",
-                    path, err, aside.name)
-        discarded.append(DiscardedRecord(file=str(path), moved_to=str(aside), reason=str(err)))
-        return None
+        moved.append(aside)
+    aside = moved[list(files).index(path)]
+    others = "".join(f" (and {each.name} as {a.name})" for each, a in zip(files, moved, strict=True) if each != path)
+    log.warning("state_dir: %s cannot be read (%s): moved aside as %s%s; the guest is rebuilt from QEMU",
+                path, reason, aside.name, others)
+    discarded.append(DiscardedRecord(file=str(path), moved_to=str(aside), reason=reason))
 
 
 def mtime_of(path: Path) -> float | None:
@@ -137,20 +260,18 @@ def load_any(raw: bytes, *, boot: str | None, mtime: float | None = None) -> tup
         ) from err
 
 
-def load_record(path: Path, *, boot: str | None) -> GuestRecord | None:
-    """The record in ``path`` (``None``: no file), without its desired set's file.
+def load_record(guests: Path, key: str, *, boot: str | None) -> GuestRecord | None:
+    """The record of the guest ``key`` (``None``: none), without its desired set's file; nothing is moved aside.
 
     Raises:
         Unreadable: It cannot be read or parsed.
     """
     try:
-        raw = path.read_bytes()
-        mtime = path.stat().st_mtime
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise Unreadable(err.strerror or str(err)) from err
-    return load_any(raw, boot=boot, mtime=mtime)[0]
+        return read_record_files(
+            guests, key, lambda raw, path: load_any(raw, boot=boot, mtime=mtime_of(path))[0], None
+        ).loaded
+    except StoreUnavailable as err:
+        raise Unreadable(err.message) from err
 
 
 def load_desired(raw: bytes) -> DesiredSet:

@@ -16,6 +16,7 @@ from waiting import eventually
 import qmpnet
 from qmpnet.adapters.hostnet.processes import start_time
 from qmpnet.adapters.store import StateDir, files
+from qmpnet.adapters.store.reading import newest_json
 from qmpnet.core.model import GuestEvent, NicSpec
 from qmpnet.core.records import GuestRecord, HostHold, NicRecord, OperationRecord
 
@@ -177,13 +178,18 @@ async def test_a_hot_add_writes_once_before_its_answer_and_never_syncs_the_recor
     fake: FakeQmp, fast: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes: list[tuple[str, bool]] = []
-    write_file = files._write_file
+    write_file, write_slot = files._write_file, files._write_slot
 
     def counted(tmp: str, path: str, data: bytes, *, sync: bool) -> None:
         writes.append((Path(path).name, sync))
         write_file(tmp, path, data, sync=sync)
 
+    def counted_slot(path: str, data: bytes, size: int | None) -> None:
+        writes.append((Path(path).name, False))  # a slot of the record: never synced
+        write_slot(path, data, size)
+
     monkeypatch.setattr(files, "_write_file", counted)
+    monkeypatch.setattr(files, "_write_slot", counted_slot)
     async with qmpnet.connect(str(fake.path), settings=fast) as guest:
         writes.clear()
         before = len(fake.changes())
@@ -191,13 +197,14 @@ async def test_a_hot_add_writes_once_before_its_answer_and_never_syncs_the_recor
         # One write before the answer: the intent (operation + NIC `adding`), not fsync'd, before any QMP command.
         assert [sync for _, sync in writes] == [False]
         assert fake.change_names()[before:] == ["netdev_add", "device_add"]
-        on_disk = GuestRecord.model_validate_json((fast.state_dir / "guests" / writes[0][0]).read_text())
+        key = writes[0][0].rpartition(".record-")[0]
+        on_disk = GuestRecord.model_validate_json(newest_json(fast.state_dir / "guests", key) or b"")
         assert on_disk.nics["h1"].state == "adding"
         assert on_disk.operations["t-h1"].outcome is None
         # After the answer: the outcome (the record, not synced), the desired set (synced) in a worker thread.
         await eventually(lambda: len(writes) == 3)
-        assert sorted(writes) == sorted([(writes[0][0], False)] * 2 + [(writes[0][0].replace(".json", ".desired.json"),
-                                                                          True)])
+        assert sorted(writes) == sorted([(f"{key}.record-a", False), (f"{key}.record-b", False),
+                                         (f"{key}.desired.json", True)])
         assert guest.operation("t-h1") is not None
         assert guest.record.nics["h1"].state == "active"
         assert added.id == "h1"

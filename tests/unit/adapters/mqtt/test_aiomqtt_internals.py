@@ -1,14 +1,19 @@
 """The contract with aiomqtt's undocumented behaviour (qmpnet/adapters/mqtt/aiomqtt_internals.py), and no privates.
 
 The requester relies on ``aiomqtt.Client`` handing each message to its queue's ``put_nowait`` from paho's
-``on_message`` callback, synchronously. These tests fail, saying what changed, when the pinned version no longer
-does; and they check that no module of the MQTT adapter uses a private name of ``aiomqtt`` or ``paho``.
+``on_message`` callback, synchronously; ``fewer_system_calls`` relies on where aiomqtt keeps its paho client, on
+paho's socket attribute and callbacks, and on aiomqtt's reader honouring ``pending()``. These tests fail, saying
+what changed, when the pinned versions no longer do (the last against a minimal MQTT 3.1.1 broker on loopback);
+and they check that no other module of the MQTT adapter uses a private name of ``aiomqtt`` or ``paho``.
 """
 
 from __future__ import annotations
 
 import ast
+import asyncio
 import inspect
+import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +22,7 @@ import paho.mqtt.client
 from paho.mqtt.client import MQTTMessage
 
 from qmpnet.adapters import mqtt
-from qmpnet.adapters.mqtt.aiomqtt_internals import dispatching_queue
+from qmpnet.adapters.mqtt.aiomqtt_internals import BufferedReads, dispatching_queue, fewer_system_calls
 
 PACKAGE = Path(mqtt.__file__).parent
 
@@ -61,6 +66,8 @@ def test_no_module_of_the_adapter_reaches_into_aiomqtt_or_paho() -> None:
     privates = _private_names(aiomqtt.Client, aiomqtt.Message, paho.mqtt.client.Client, MQTTMessage)
     found: dict[str, list[str]] = {}
     for path in sorted(PACKAGE.glob("*.py")):
+        if path.name == "aiomqtt_internals.py":
+            continue  # the one room for them
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             # self._x is the module's own attribute (no class of the adapter subclasses the libraries' classes).
@@ -73,3 +80,70 @@ def test_no_module_of_the_adapter_reaches_into_aiomqtt_or_paho() -> None:
                     f"{path.name}: class {node.name} subclasses a class of aiomqtt or paho"
                 )
     assert found == {}, "private names of aiomqtt or paho used in adapters/mqtt/ (see aiomqtt_internals.py)"
+
+
+def _publish(topic: str, payload: bytes) -> bytes:
+    """An MQTT 3.1.1 PUBLISH packet, QoS 0 (remaining length < 128)."""
+    body = struct.pack("!H", len(topic)) + topic.encode() + payload
+    assert len(body) < 128
+    return bytes([0x30, len(body)]) + body
+
+
+async def test_fewer_system_calls_reads_a_burst_at_once_and_writes_without_waking_the_loop() -> None:
+    received = bytearray()
+    got_publish = asyncio.Event()
+
+    async def broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read(1024)  # CONNECT
+            # CONNACK and three messages in one write: one TCP segment, many small packets.
+            writer.write(b"\x20\x02\x00\x00" + b"".join(_publish("t/x", b"m%d" % n) for n in range(3)))
+            await writer.drain()
+            while chunk := await reader.read(1024):
+                received.extend(chunk)
+                if b"t/out" in received:
+                    got_publish.set()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(broker, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    seen: list[aiomqtt.Message] = []
+    nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client = aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V311, socket_options=(nodelay,),
+                            queue_type=dispatching_queue(seen.append))  # fmt: skip
+    fewer_system_calls(client)
+    paho_client: Any = client._client
+    try:
+        async with server, client:
+            for _ in range(200):
+                if len(seen) == 3:
+                    break
+                await asyncio.sleep(0.01)  # the broker's burst, read by the loop's reader: polled, bounded
+            sock = paho_client._sock
+            assert isinstance(sock, BufferedReads), "paho no longer keeps its socket in Client._sock"
+            assert [m.payload for m in seen] == [b"m0", b"m1", b"m2"], (
+                "messages read from the buffer were not all handed over: aiomqtt's reader no longer calls paho "
+                "again while the socket's pending() says bytes are left"
+            )
+            assert sock.pending() == 0
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), (
+                "the socket options given to aiomqtt.Client are not set on the wrapped socket (Nagle's delays)"
+            )
+            loop = asyncio.get_running_loop()
+            woken: list[object] = []
+            threadsafe = loop.call_soon_threadsafe
+
+            def counting(*args: Any, **kwargs: Any) -> Any:
+                woken.append(args[0])
+                return threadsafe(*args, **kwargs)
+
+            loop.call_soon_threadsafe = counting  # type: ignore[method-assign,assignment]
+            try:
+                await client.publish("t/out", b"x", qos=0)
+                await asyncio.wait_for(got_publish.wait(), 5)
+            finally:
+                del loop.call_soon_threadsafe
+            assert woken == [], f"a publish on the loop's thread still woke the loop through its self-pipe: {woken}"
+    finally:
+        server.close()

@@ -1,4 +1,9 @@
-"""The state store: atomic, versioned records, one lock per guest, clear errors for a directory it cannot use."""
+"""The state store: atomic, versioned records, one lock per guest, clear errors for a directory it cannot use.
+
+A record alternates between two slot files written in place, each framed with a write number and a checksum
+(``qmpnet.adapters.store.slots``): the tests here write torn and spoiled slots as a killed process or a hand edit
+leaves them.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,21 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from waiting import eventually
 
 from qmpnet.adapters.store import StateDir, files, guest_key
+from qmpnet.adapters.store.reading import newest_json, read_record_files, slot_paths
+from qmpnet.adapters.store.slots import frame
 from qmpnet.core.model import NicSpec
 from qmpnet.core.records import FORMAT_VERSION, GONE_KEPT, DesiredSet, GuestRecord, NicRecord, OperationRecord
 from qmpnet.errors import Busy, StoreUnavailable
 from qmpnet.settings import Settings
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def boot_file(tmp_path: Path, boot: str) -> Path:
@@ -29,6 +40,23 @@ def boot_file(tmp_path: Path, boot: str) -> Path:
 
 def nic(nic_id: str) -> NicRecord:
     return NicRecord(id=nic_id, spec=NicSpec(id=nic_id), netdev=f"{nic_id}.net", state="active", link="down")
+
+
+def on_disk(state: StateDir, key: str) -> dict[str, Any]:
+    """The record as the next process reads it."""
+    raw = newest_json(state.guests, key)
+    assert raw is not None
+    data: dict[str, Any] = json.loads(raw)
+    return data
+
+
+def write_next(state: StateDir, key: str, body: bytes) -> Path:
+    """Write ``body`` as the store's next write would (the other slot, numbered one past the newest); its slot."""
+    found = read_record_files(state.guests, key, lambda raw, _path: raw, None)
+    slot = 0 if found.slot is None else 1 - found.slot
+    path = slot_paths(state.guests, key)[slot]
+    path.write_bytes(frame(found.seq + 1, body))
+    return path
 
 
 async def test_a_record_survives_a_new_process_view(tmp_path: Path) -> None:
@@ -43,9 +71,9 @@ async def test_a_record_survives_a_new_process_view(tmp_path: Path) -> None:
         assert again.key == guest_key("/run/vm1.qmp")
     finally:
         again.close()
-    # One file per guest, mode 0700 directory, no temporary files left.
+    # One write so far: one slot file, mode 0700 directory, no temporary files left.
     assert sorted(p.name for p in (tmp_path / "state" / "guests").iterdir()) == sorted(
-        [f"{again.key}.json", f"{again.key}.lock"]
+        [f"{again.key}.record-a", f"{again.key}.lock"]
     )
     assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
 
@@ -130,6 +158,7 @@ async def test_an_unwritable_directory_is_one_clear_error(tmp_path: Path) -> Non
     assert "\n" not in info.value.message
 
 
+@pytest.mark.parametrize("where", ["slot", "legacy"])  # a complete slot; the single file of an earlier qmpnet
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
@@ -142,15 +171,21 @@ async def test_an_unwritable_directory_is_one_clear_error(tmp_path: Path) -> Non
     ],
 )
 async def test_an_unreadable_record_is_moved_aside_never_guessed_never_a_lock_out(
-    tmp_path: Path, content: str, reason: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, content: str, reason: str, where: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     state = StateDir(tmp_path, boot_id_file=boot_file(tmp_path, "boot-a"))
     state.check()
     key = guest_key("/run/vm1.qmp")
-    path = state.guests / f"{key}.json"
     keep = DesiredSet(generation=3, nics=[NicSpec(id="d1")], source="apply")
     (state.guests / f"{key}.desired.json").write_text(keep.model_dump_json())
-    path.write_text(content)
+    if where == "slot":
+        path = slot_paths(state.guests, key)[1]
+        path.write_bytes(frame(7, content.encode()))  # its checksum checks out: what it says is the problem
+        written = path.read_bytes()
+    else:
+        path = state.guests / f"{key}.json"
+        path.write_text(content)
+        written = content.encode()
     store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
     try:
         assert store.record.nics == {}
@@ -160,10 +195,11 @@ async def test_an_unreadable_record_is_moved_aside_never_guessed_never_a_lock_ou
         assert reason in discarded.reason
         aside = [p for p in state.guests.iterdir() if ".corrupt-" in p.name]
         assert [p.name for p in aside] == [Path(discarded.moved_to).name]
-        assert aside[0].name.startswith(f"{key}.json.corrupt-")
-        assert aside[0].read_text() == content  # nothing is deleted
-        # The record is written back whole, in the current format.
-        assert json.loads(path.read_text())["version"] == FORMAT_VERSION
+        assert aside[0].name.startswith(f"{path.name}.corrupt-")
+        assert aside[0].read_bytes() == written  # nothing is deleted
+        # The record is written back whole, in the current format, in a slot.
+        assert on_disk(state, key)["version"] == FORMAT_VERSION
+        assert not (state.guests / f"{key}.json").exists()
     finally:
         store.close()
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
@@ -174,6 +210,141 @@ async def test_an_unreadable_record_is_moved_aside_never_guessed_never_a_lock_ou
         assert again.discarded == ()  # once only
     finally:
         again.close()
+
+
+async def _two_writes(state: StateDir) -> tuple[str, GuestRecord]:
+    """A guest whose record was written twice (both slots in use): its key and its newest record."""
+    store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
+    try:
+        store.save(store.record.with_nic(nic("a")))
+        store.save(store.record.with_nic(nic("b")))
+    finally:
+        store.close()
+    assert all(path.exists() for path in slot_paths(state.guests, store.key))
+    return store.key, store.record
+
+
+@pytest.mark.parametrize(
+    "tear",
+    [
+        lambda new, _old: new[: len(new) // 2],  # cut short: a short file
+        lambda new, old: new[: len(new) // 2] + old[len(new) // 2 :],  # the new start over the old rest
+        lambda new, _old: new[:20],  # even the header cut short
+        lambda _new, _old: b"",  # created, nothing written
+    ],
+    ids=["short", "over-the-old", "header", "empty"],
+)
+async def test_a_write_cut_short_by_a_kill_is_never_read_the_write_before_it_is(
+    tmp_path: Path, tear: Callable[[bytes, bytes], bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    state = StateDir(tmp_path)
+    key, before = await _two_writes(state)
+    # The killed process's next write: into the slot of the write before the newest, numbered past the newest.
+    found = read_record_files(state.guests, key, lambda raw, _path: raw, None)
+    assert found.slot is not None
+    older = slot_paths(state.guests, key)[1 - found.slot]
+    new = frame(found.seq + 1, before.with_nic(nic("c")).model_dump_json().encode())
+    older.write_bytes(tear(new, older.read_bytes()))
+    store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
+    try:
+        assert store.record == before  # the newest complete write; "c" never happened
+        assert store.discarded == ()  # a torn slot is a write that did not happen, not an unreadable record
+        store.save(store.record.with_nic(nic("d")))  # into the torn slot: the newest complete one is kept
+        assert set(GuestRecord.model_validate(on_disk(state, key)).nics) == {"a", "b", "d"}
+    finally:
+        store.close()
+    assert not [p for p in state.guests.iterdir() if ".corrupt-" in p.name]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+async def test_bytes_after_a_complete_frame_are_ignored(tmp_path: Path) -> None:
+    # A longer record was in the slot, and the process died after writing the new one but before cutting the file.
+    state = StateDir(tmp_path)
+    key, before = await _two_writes(state)
+    path = write_next(state, key, before.with_nic(nic("c")).model_dump_json().encode())
+    path.write_bytes(path.read_bytes() + b"the rest of a longer, older record")
+    store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
+    try:
+        assert set(store.record.nics) == {"a", "b", "c"}
+        store.save(store.record.without_nic("c", gone_at=1.0))
+    finally:
+        store.close()
+    assert set(on_disk(state, key)["nics"]) == {"a", "b"}
+
+
+@pytest.mark.parametrize("count", [1, 2])
+async def test_no_complete_slot_is_an_unreadable_record_moved_aside(
+    tmp_path: Path, count: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A kill tears one slot at most: two torn ones were changed by something else (a hand edit, the disk). One torn
+    # slot alone is the guest's first write cut short. Either way there is no record: the files go aside, once.
+    state = StateDir(tmp_path)
+    key, _ = await _two_writes(state)
+    slots = slot_paths(state.guests, key)
+    for path in slots[:count]:
+        path.write_bytes(path.read_bytes()[:-5])
+    for path in slots[count:]:
+        path.unlink()
+    store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
+    try:
+        assert store.record.nics == {}
+        [discarded] = store.discarded
+        assert discarded.file == str(slots[0])
+        assert "no complete copy" in discarded.reason
+        assert "truncated" in discarded.reason
+        aside = sorted(p.name for p in state.guests.iterdir() if ".corrupt-" in p.name)
+        assert [name.split(".corrupt-")[0] for name in aside] == [p.name for p in slots[:count]]
+        assert Path(discarded.moved_to).name == aside[0]
+    finally:
+        store.close()
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "moved aside" in warning
+
+
+async def test_a_record_of_the_single_file_format_is_read_and_moved_into_the_slots(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    state.check()
+    key = guest_key("/run/vm1.qmp")
+    legacy = state.guests / f"{key}.json"
+    old = GuestRecord(address="/run/vm1.qmp", name="vm1", nics={"a": nic("a")}, boot=state.boot)
+    legacy.write_text(old.model_dump_json())  # as qmpnet wrote it before the slots: whole, renamed into place
+    store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
+    try:
+        assert set(store.record.nics) == {"a"}
+        assert store.discarded == ()
+        assert not legacy.exists()  # moved into a slot
+        assert set(on_disk(state, key)["nics"]) == {"a"}
+    finally:
+        store.close()
+    # Killed after the slot's write, before the file was removed: the slot is the newer, the file goes (when the
+    # guest is next taken; a reader that does not hold its lock changes nothing).
+    legacy.write_text(old.model_copy(update={"nics": {}}).model_dump_json())
+    assert set(on_disk(state, key)["nics"]) == {"a"}
+    assert legacy.exists()
+    again = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
+    try:
+        assert set(again.record.nics) == {"a"}
+        assert not legacy.exists()
+    finally:
+        again.close()
+
+
+async def test_each_write_leaves_the_newest_record_on_disk_untouched(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
+    slots = slot_paths(state.guests, store.key)
+    try:
+        for i in range(6):
+            found = read_record_files(state.guests, store.key, lambda raw, _path: raw, None)
+            newest = None if found.slot is None else (slots[found.slot], slots[found.slot].read_bytes())
+            store.save(store.record.with_nic(nic(f"n{i}")))
+            if newest is not None:
+                assert newest[0].read_bytes() == newest[1], "a write touched the slot of the newest record"
+            assert set(on_disk(state, store.key)["nics"]) == {f"n{j}" for j in range(i + 1)}
+        assert len(state.records()) == 1
+        assert set(state.records()[0].nics) == {f"n{j}" for j in range(6)}
+    finally:
+        store.close()
 
 
 async def test_a_truncated_desired_file_is_moved_aside_too(tmp_path: Path) -> None:
@@ -199,7 +370,7 @@ async def test_a_record_of_an_earlier_boot_keeps_only_its_desired_set(tmp_path: 
         OperationRecord(id="t1", op="nic/add", started=1, finished=2, outcome={"status": "ok"})
     ).model_copy(update={"desired": desired, "instance": "qemu-1", "links": {"x": "down"}}))
     store.close()
-    assert json.loads(store.path.read_text())["boot"] == "boot-a"
+    assert on_disk(state, store.key)["boot"] == "boot-a"
     same = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
     same.close()
     assert set(same.record.nics) == {"a"}  # the same boot: all of it
@@ -214,7 +385,7 @@ async def test_a_record_of_an_earlier_boot_keeps_only_its_desired_set(tmp_path: 
         assert rebooted.discarded == ()  # void, not unreadable: nothing to report
     finally:
         rebooted.close()
-    assert json.loads(rebooted.path.read_text())["nics"] == {}  # written back
+    assert on_disk(state, rebooted.key)["nics"] == {}  # written back
 
 
 async def test_a_version_1_record_is_migrated_with_its_desired_set_made_durable(tmp_path: Path) -> None:
@@ -231,10 +402,13 @@ async def test_a_version_1_record_is_migrated_with_its_desired_set_made_durable(
         assert store.discarded == ()
     finally:
         store.close()
-    on_disk = json.loads(path.read_text())
-    assert (on_disk["version"], on_disk["boot"]) == (FORMAT_VERSION, "boot-a")
+    written = on_disk(state, store.key)
+    assert (written["version"], written["boot"]) == (FORMAT_VERSION, "boot-a")
+    assert not path.exists()  # moved into a slot
     assert DesiredSet.model_validate_json(path.with_name(f"{store.key}.desired.json").read_text()) == desired
     # One written before this boot began is of an earlier one: only its set is kept.
+    for slot in slot_paths(state.guests, store.key):
+        slot.unlink(missing_ok=True)  # only the version 1 file, as an earlier qmpnet left it
     path.write_text(json.dumps({**json.loads(old.model_dump_json(exclude={"boot"})), "version": 1}))
     os.utime(path, (1.0, 1.0))
     again = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
@@ -253,8 +427,8 @@ async def test_after_a_kill_the_records_set_wins_after_a_reboot_the_durable_one(
     store.save(store.record.model_copy(update={"desired": older}))
     store.close()  # the durable copy holds `older`
     desired_file = state.guests / f"{store.key}.desired.json"
-    record = json.loads(store.path.read_text())
-    store.path.write_text(json.dumps({**record, "desired": json.loads(newer.model_dump_json())}))
+    record = on_disk(state, store.key)
+    write_next(state, store.key, json.dumps({**record, "desired": json.loads(newer.model_dump_json())}).encode())
     killed = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
     try:
         assert killed.record.desired == newer  # same boot: the record is the newer
@@ -262,7 +436,7 @@ async def test_after_a_kill_the_records_set_wins_after_a_reboot_the_durable_one(
     finally:
         killed.close()
     # After a reboot the record (never fsync'd) may be anything: the durable copy is the one.
-    store.path.write_text(json.dumps({**record, "desired": json.loads(older.model_dump_json())}))
+    write_next(state, store.key, json.dumps({**record, "desired": json.loads(older.model_dump_json())}).encode())
     rebooted = await StateDir(tmp_path, boot_id_file=boot_file(tmp_path, "boot-b")).open_guest(
         "/run/vm1.qmp", "vm1", wait=1
     )
@@ -308,20 +482,21 @@ async def test_records_are_not_synced_the_desired_set_is_and_follows_the_answer(
     state = StateDir(tmp_path)
     store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
     desired_file = state.guests / f"{store.key}.desired.json"
+    first_slot = store.slots[0]
     try:
         desired = DesiredSet(nics=[NicSpec(id="d1")])
         store.save_later(store.record.with_nic(nic("a")).model_copy(update={"desired": desired}))
         # Nothing is written in the caller's turn: the answer goes first.
         assert "a" in store.record.nics
         assert not desired_file.exists()
-        assert not store.path.exists()
+        assert not first_slot.exists()
         await asyncio.sleep(0)
-        assert not store.path.exists()  # nothing until the lane lets go of the call
+        assert not first_slot.exists()  # nothing until the lane lets go of the call
         store.flush_soon()
-        assert not store.path.exists()  # and then WRITE_BEHIND_DELAY later (the answer goes first)
+        assert not first_slot.exists()  # and then WRITE_BEHIND_DELAY later (the answer goes first)
         # The write-behind: the record in the loop, the set in a worker thread.
-        await eventually(store.path.exists, what="the record's write-behind")
-        assert "a" in json.loads(store.path.read_text())["nics"]
+        await eventually(first_slot.exists, what="the record's write-behind")
+        assert "a" in on_disk(state, store.key)["nics"]
         for _ in range(200):
             if desired_file.exists():
                 break
@@ -333,19 +508,23 @@ async def test_records_are_not_synced_the_desired_set_is_and_follows_the_answer(
     assert not desired_file.exists()
 
 
+@pytest.mark.parametrize("written", [0, 100])  # bytes of the slot written before the disk was full
 async def test_a_full_disk_is_store_unavailable_and_changes_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, written: int
 ) -> None:
     state = StateDir(tmp_path)
     store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
     store.save(store.record.with_nic(nic("a")))
-    before, on_disk = store.record, store.path.read_bytes()
+    before, newest = store.record, newest_json(state.guests, store.key)
+    write_slot = files._write_slot
 
-    def full(tmp: str, path: str, data: bytes, *, sync: bool) -> None:
+    def full(path: str, data: bytes, size: int | None) -> None:
+        if written:
+            write_slot(path, data[:written], size)  # what a write that fails halfway leaves
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     try:
-        monkeypatch.setattr(files, "_write_file", full)
+        monkeypatch.setattr(files, "_write_slot", full)
         with pytest.raises(StoreUnavailable, match="No space left on device") as info:
             await store.save_async(before.with_nic(nic("b")))
         assert info.value.code == "store_unavailable"
@@ -353,7 +532,36 @@ async def test_a_full_disk_is_store_unavailable_and_changes_nothing(
         with pytest.raises(StoreUnavailable):
             store.save(before.with_nic(nic("b")))
         assert store.record is before  # nothing half-applied, in memory or on disk
-        assert store.path.read_bytes() == on_disk
+        assert newest_json(state.guests, store.key) == newest
+        monkeypatch.undo()
+        store.save(before.with_nic(nic("c")))  # space again: the cut-short slot is written whole
+        assert set(on_disk(state, store.key)["nics"]) == {"a", "c"}
+    finally:
+        monkeypatch.undo()
+        store.close()
+    reopened = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
+    try:
+        assert set(reopened.record.nics) == {"a", "c"}
+        assert reopened.discarded == ()
+    finally:
+        reopened.close()
+
+
+async def test_a_full_disk_is_refused_even_where_the_slot_has_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An overwrite in place would fit in the slot's blocks; the store refuses it as it refused a new file's write.
+    state = StateDir(tmp_path)
+    store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
+    store.save(store.record.with_nic(nic("a")))
+    store.save(store.record.with_nic(nic("b")))
+    real = os.statvfs(store.slots[0].parent)
+    full = os.statvfs_result((real.f_bsize, real.f_frsize, real.f_blocks, 0, 0, *real[5:]))
+    try:
+        monkeypatch.setattr(os, "statvfs", lambda _path: full)
+        with pytest.raises(StoreUnavailable, match="No space left on device"):
+            store.save(store.record.without_nic("b", gone_at=1.0))
+        assert set(on_disk(state, store.key)["nics"]) == {"a", "b"}
     finally:
         monkeypatch.undo()
         store.close()
@@ -365,9 +573,14 @@ async def test_a_write_replaces_the_record_whole(tmp_path: Path) -> None:
     try:
         for i in range(20):
             store.save(store.record.with_nic(nic(f"n{i}")))
-        on_disk = GuestRecord.model_validate_json(store.path.read_text())
-        assert set(on_disk.nics) == {f"n{i}" for i in range(20)}
+        written = GuestRecord.model_validate(on_disk(state, store.key))
+        assert set(written.nics) == {f"n{i}" for i in range(20)}
         assert list(state.guests.glob(".*.tmp")) == []
+        # Shorter again: each slot is cut to its frame's length (no stale tail left behind).
+        for i in range(20):
+            store.save(store.record.without_nic(f"n{i}", gone_at=float(i)))
+        for path in store.slots:
+            assert path.read_bytes().endswith(b"}")
     finally:
         store.close()
 

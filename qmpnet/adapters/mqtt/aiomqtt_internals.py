@@ -1,4 +1,4 @@
-"""Everything of qmpnet that relies on ``aiomqtt`` beyond its documented API, in one room (pinned in pyproject.toml).
+"""Everything of qmpnet that relies on ``aiomqtt`` beyond its documented API, in one room.
 
 No other module of qmpnet uses a private name of ``aiomqtt`` or ``paho``. Kept here: one undocumented *behaviour*
 of ``aiomqtt.Client``, and the private names :func:`fewer_system_calls` needs.
@@ -25,12 +25,15 @@ of ``aiomqtt.Client``, and the private names :func:`fewer_system_calls` needs.
 
 tests/unit/adapters/mqtt/test_aiomqtt_internals.py is the contract: it fails, naming what changed, when a new version
 of ``aiomqtt`` or ``paho`` no longer works this way; and it checks that no other module of the MQTT adapter uses a
-private name of ``aiomqtt`` or ``paho``.
+private name of ``aiomqtt`` or ``paho``. ``aiomqtt`` is not pinned exactly (``>=2.5,<3``, the project's rule), so at
+run time :func:`fewer_system_calls` steps aside, leaving the libraries' own paths, when a name it needs is missing:
+the speed-up is lost, never the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 from typing import TYPE_CHECKING, Any, Final
@@ -41,6 +44,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = ["BufferedReads", "dispatching_queue", "fewer_system_calls"]
+
+_log = logging.getLogger(__name__)
 
 #: How much one ``recv`` of the broker's socket takes at most (what is there, up to this).
 READ_SIZE: Final = 65536
@@ -65,7 +70,13 @@ def fewer_system_calls(client: aiomqtt.Client) -> None:
 
     Call it on the event loop's thread, right after making the client (before it connects).
     """
-    paho: Any = client._client  # noqa: SLF001 - the one room for aiomqtt's privates
+    paho: Any = getattr(client, "_client", None)  # the one room for aiomqtt's privates
+    needed = (hasattr(client, "_socket_options"), hasattr(paho, "on_socket_open"),
+              hasattr(paho, "on_socket_register_write"), hasattr(paho, "_sock"))  # fmt: skip
+    if not all(needed):
+        _log.info("aiomqtt %s / paho: not the private names fewer_system_calls knows; using their own I/O paths",
+                  getattr(aiomqtt, "__version__", "?"))
+        return
     loop = asyncio.get_running_loop()
     loop_thread = threading.get_ident()
     opened = paho.on_socket_open  # aiomqtt's: adds the socket's reader to the loop

@@ -12,10 +12,11 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
+import logging
 import socket
 import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import paho.mqtt.client
@@ -23,6 +24,9 @@ from paho.mqtt.client import MQTTMessage
 
 from qmpnet.adapters import mqtt
 from qmpnet.adapters.mqtt.aiomqtt_internals import BufferedReads, dispatching_queue, fewer_system_calls
+
+if TYPE_CHECKING:
+    import pytest
 
 PACKAGE = Path(mqtt.__file__).parent
 
@@ -147,3 +151,14 @@ async def test_fewer_system_calls_reads_a_burst_at_once_and_writes_without_wakin
             assert woken == [], f"a publish on the loop's thread still woke the loop through its self-pipe: {woken}"
     finally:
         server.close()
+
+
+async def test_fewer_system_calls_steps_aside_when_a_private_name_is_missing(caplog: pytest.LogCaptureFixture) -> None:
+    client = aiomqtt.Client("127.0.0.1", 1883)
+    paho_client: Any = client._client
+    opened = paho_client.on_socket_open
+    del client._socket_options  # as a later aiomqtt might keep its options elsewhere
+    with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.aiomqtt_internals"):
+        fewer_system_calls(client)
+    assert paho_client.on_socket_open is opened  # aiomqtt's own I/O path, untouched
+    assert "using their own I/O paths" in caplog.text

@@ -21,7 +21,9 @@ Design decisions:
 - **Requests outlive sessions.** Each request runs in its own task (named for its guest) that belongs to the bus,
   not to the session: a hot-add under way when the broker goes away finishes, and its answer goes out when the
   broker is back. Tasks are created in arrival order and reach the guest's lane without suspending, so per-guest
-  order is the order the broker delivered the requests in.
+  order is the order the broker delivered the requests in. A message is handed over as the MQTT library parses it
+  (``dispatching_queue``), not through a queue and a task per message; what arrives before the session serves
+  (a persistent session's queued requests) waits in order until it does.
 - **The answer first, then the state, then the events.** A request's task opens a *hold* (a context variable);
   whatever state or event is published from that task's context while the request runs (the lane calls the
   controller's listeners synchronously, in the request's own task or in tasks it starts) is kept back and queued
@@ -59,6 +61,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from qmpnet.adapters.mqtt.aiomqtt_internals import dispatching_queue
 from qmpnet.adapters.mqtt.broker import diagnose_timeout, explain, make_client, resolve_protocol
 from qmpnet.adapters.mqtt.outbox import Outbox, Outgoing
 from qmpnet.api.wire.envelopes import ControllerOffline, error_response, to_wire, transaction_of
@@ -68,7 +71,7 @@ from qmpnet.errors import BrokerUnavailable, InvalidRequest
 from qmpnet.settings import redact_url
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from qmpnet.adapters.mqtt.broker import Version
     from qmpnet.api.wire.envelopes import ControllerOnline, EventMessage, GuestStatus, NicList, Response
@@ -102,6 +105,30 @@ class IncomingRequest:
     retained: bool = False
     response_topic: str | None = None
     correlation: bytes | None = None
+
+
+class _Inbox:
+    """One session's incoming messages, handed to ``receive`` as the MQTT library parses them (no task per message).
+
+    Until :meth:`open` (the session's outbox is online) they are kept, in order: a persistent session's queued
+    requests arrive right after the connect, before the session serves.
+    """
+
+    def __init__(self, receive: Callable[[aiomqtt.Message], None]) -> None:
+        self._receive = receive
+        self._early: list[aiomqtt.Message] | None = []
+
+    def put(self, message: aiomqtt.Message) -> None:
+        if self._early is None:
+            self._receive(message)
+        else:
+            self._early.append(message)
+
+    def open(self) -> None:
+        """Hand over what arrived so far, then every message as it arrives."""
+        early, self._early = self._early or [], None
+        for message in early:
+            self._receive(message)
 
 
 @dataclass
@@ -227,6 +254,7 @@ class MqttBus:
             self.protocol = await resolve_protocol(settings)
         protocol = self.protocol
         will = aiomqtt.Will(self.topics.status, _OFFLINE, qos=1, retain=True)
+        inbox = _Inbox(self._receive)
         client = make_client(
             settings,
             identifier=self.client_id,
@@ -234,6 +262,7 @@ class MqttBus:
             will=will,
             session_expiry=self.settings.session_expiry,
             max_inflight=self.settings.max_inflight,
+            queue_type=dispatching_queue(inbox.put),
         )
         try:
             await client.__aenter__()
@@ -246,7 +275,7 @@ class MqttBus:
         try:
             await self._subscribe(client)
             link.up(protocol)
-            await self._serve(client)
+            await self._serve(client, inbox)
         except aiomqtt.MqttError as err:
             raise BrokerUnavailable(f"lost the broker at {self._where}: {err}", problem="lost") from err
         finally:
@@ -255,14 +284,15 @@ class MqttBus:
             with contextlib.suppress(aiomqtt.MqttError):
                 await client.__aexit__(None, None, None)
 
-    async def _serve(self, client: aiomqtt.Client) -> None:
+    async def _serve(self, client: aiomqtt.Client, inbox: _Inbox) -> None:
         self.outbox.session_started()
         sender = asyncio.create_task(self._send(client), name="qmpnet.adapters.mqtt.sender")
         follower = asyncio.create_task(self._follow_guests(client), name="qmpnet.adapters.mqtt.desired")
         self.connected.set()
         try:
-            async for message in client.messages:
-                self._receive(message)
+            inbox.open()
+            async for _ in client.messages:  # the inbox dispatches every message; this only waits for the end
+                pass
         except asyncio.CancelledError:
             await self._say_offline(client)
             raise

@@ -14,6 +14,7 @@ from qmpnet.api.wire.envelopes import (
     EventMessage,
     NicAddRequest,
     NicDelRequest,
+    NicList,
     error_response,
     ok_response,
     parse_request,
@@ -21,7 +22,7 @@ from qmpnet.api.wire.envelopes import (
     transaction_of,
 )
 from qmpnet.client import Client, error_from
-from qmpnet.core.model import RemoveResult
+from qmpnet.core.model import Nic, RemoveResult
 from qmpnet.errors import InvalidRequest, QmpCommandError, QmpnetError
 from qmpnet.settings import MqttSettings
 
@@ -99,6 +100,25 @@ def test_answers_on_the_wire() -> None:
     assert qmp["error"] == {"code": "qmp_error", "message": "device_add: no", "qmp_class": "GenericError"}
     event = json.loads(to_wire(EventMessage(ts=1.5, guest="vm1", id="n1")))
     assert event == {"ts": 1.5, "guest": "vm1", "id": "n1"}
+
+
+def test_a_nic_list_on_the_wire_is_pydantics_own_encoding_with_each_nic_encoded_once() -> None:
+    nics = [
+        Nic.model_validate({"id": "n1", "model": "virtio-net-pci", "mac": "52:54:00:12:34:56", "netdev": "n1.net",
+                            "backend": {"type": "tap", "options": {"ifname": "tap\u00e9", "vhost": "on"}},
+                            "pci": {"bus": "pci.0", "slot": 3, "function": 0}, "link": "up", "state": "active",
+                            "rx_filter": {"promiscuous": False, "multicast": "normal", "unicast": "normal",
+                                          "main_mac": "52:54:00:12:34:56", "multicast_table": [], "unicast_table": []},
+                            "guest": {"ifname": "ens3", "mac": "52:54:00:12:34:56", "addresses": ["10.0.2.15/24"]},
+                            "warnings": ['set the MTU "9000" in the guest']}),
+        Nic.model_validate({"id": "n2", "model": "e1000", "mac": None, "netdev": None, "backend": None, "pci": None,
+                            "link": "down", "state": "removal_pending", "managed": True, "pending_since": 1.25}),
+    ]  # fmt: skip
+    for listed in ([], nics, nics[::-1], [nics[0], nics[0]]):
+        message = NicList(nics=listed)
+        assert to_wire(message) == message.model_dump_json().encode()
+    changed = nics[1].model_copy(update={"link": "up"})
+    assert to_wire(NicList(nics=[nics[0], changed])) == NicList(nics=[nics[0], changed]).model_dump_json().encode()
 
 
 @pytest.mark.parametrize(

@@ -82,7 +82,8 @@ class PciBus:
 
     def free_slots(self) -> list[int]:
         """The candidate slots no function of which is in use, lowest first."""
-        return [slot for slot in self.candidate_slots() if self.slot_free(slot)]
+        used = self._used_slots  # type: ignore[attr-defined]
+        return [slot for slot in self.candidate_slots() if slot not in used]
 
 
 @dataclass(frozen=True)
@@ -145,11 +146,14 @@ def capacity(topology: PciTopology, models: tuple[str, ...] = CAPACITY_MODELS) -
         models: The device models to count for.
     """
     counted = []
+    counts: dict[int, BusCapacity] = {}  # by bus (its id()): a bus several models may use is counted once
     for model in models:
-        buses = [
-            BusCapacity(bus=bus.name, kind=_kind(bus), free=len(bus.free_slots()))
-            for bus in _automatic_buses(model, topology)
-        ]
+        buses = []
+        for bus in _automatic_buses(model, topology):
+            count = counts.get(id(bus))
+            if count is None:
+                count = counts[id(bus)] = BusCapacity(bus=bus.name, kind=_kind(bus), free=len(bus.free_slots()))
+            buses.append(count)
         by_kind = {kind: sum(b.free for b in buses if b.kind == kind) for kind in ("root", "root_port", "pci_bridge")}
         free = sum(by_kind.values())
         counted.append(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from qmpnet.core.desired_diff import with_added
 from qmpnet.core.hotadd_plan import AddPlan, needs_tap_fds, plan_add
-from qmpnet.core.model import NicSpec, PciAddress, TapBackend
+from qmpnet.core.model import NicSpec, PasstBackend, PciAddress, TapBackend
 from qmpnet.core.names import format_pci_addr
 from qmpnet.core.records import HostHold, NicRecord, OperationRecord
 from qmpnet.errors import OutcomeUnknown, QmpCommandError, QmpnetError, Unsupported
@@ -99,7 +99,9 @@ class HotAdd:
 
     async def _run(self, spec: NicSpec, inventory: Inventory, started: OperationRecord) -> tuple[AddPlan, NicRecord]:
         vhost = self._parts.host is not None and needs_tap_fds(spec) and self._parts.host.vhost()
-        passt_dir = str(self._parts.settings.hostnet.passt_guest_dir(self._parts.journal.key))
+        passt_dir: str | None = None  # only a passt backend's plan needs its directory (a hash of the guest's key)
+        if isinstance(spec.backend, PasstBackend):
+            passt_dir = str(self._parts.settings.hostnet.passt_guest_dir(self._parts.journal.key))
         link = await host_link(self._parts.host, spec)
         plan = plan_add(spec, inventory.view(), vhost=vhost, passt_dir=passt_dir, mtu=link.mtu)
         record = _adding(spec, plan, started.id, f"{self._parts.journal.key}/{plan.nic_id}", vhost=vhost)

@@ -67,6 +67,7 @@ class Lane:
         self._let_go = let_go
         self._lock = asyncio.Lock()
         self._waiting = 0
+        self._passing = 0  # calls of passed() waiting for the lock: with _waiting, every waiter the lock can have
 
     @property
     def waiting(self) -> int:
@@ -102,7 +103,9 @@ class Lane:
             raise Busy(f"guest {self._name}: {self._waiting} requests are already waiting")
         self._waiting += 1
         try:
-            if not bounded:
+            if not bounded or (self._waiting == 1 and not self._passing and not self._lock.locked()):
+                # Unbounded, or free with nobody waiting: an asyncio.Lock is then taken without suspending, so the
+                # max_wait timer (armed and cancelled for nothing) is left out.
                 await self._lock.acquire()
                 return
             try:
@@ -117,5 +120,9 @@ class Lane:
 
     async def passed(self) -> None:
         """Wait until every call that holds or waits for the lane now has had its turn (it is not counted)."""
-        async with self._lock:
-            pass
+        self._passing += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self._passing -= 1
+        self._lock.release()

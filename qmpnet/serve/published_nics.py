@@ -50,8 +50,9 @@ class PublishedNics:
 
     def apply(self, event: GuestEvent) -> None:
         """Take one of the lane's events into the list (publishing it if it changed); then publish the event."""
-        if event.nic is not None:
-            self._nics[event.nic.id] = event.nic.model_copy(update={"rx_filter": None})
+        nic = event.nic
+        if nic is not None:
+            self._nics[nic.id] = nic if nic.rx_filter is None else nic.model_copy(update={"rx_filter": None})
         elif event.name == "nic_removed" and event.id is not None:
             self._nics.pop(event.id, None)
         elif event.name == "nic_removal_pending" and event.id in self._nics:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+import pytest
 from captures import Capture
 from fakeqmp import Command, FakeQmp
 
 import qmpnet
-from qmpnet.settings import QmpSettings, Settings
+from qmpnet.errors import Timeout
+from qmpnet.guest.lane import Lane, LaneBudget
+from qmpnet.settings import LaneSettings, QmpSettings, Settings
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -68,3 +71,18 @@ async def test_a_stuck_guest_does_not_delay_another(sockdir: Path, fast: Setting
         release.set()
         await asyncio.wait_for(asyncio.gather(stuck, queued), 5)
         assert fake_a.change_names() == ["netdev_add", "device_add", "set_link"]
+
+
+
+async def test_a_lane_taken_at_once_or_waited_for_keeps_its_order_and_bound() -> None:
+    lane = Lane("vm1", LaneSettings(max_wait=0.05), LaneBudget())
+    async with lane.turn():  # free: taken at once
+        with pytest.raises(Timeout):  # held: another call waits at most max_wait
+            async with lane.turn():
+                pass
+        passing = asyncio.create_task(lane.passed())
+        await asyncio.sleep(0)  # passed() now waits for the lane
+    async with lane.turn():  # free, but passed() is queued for it: this call goes after it
+        assert passing.done()
+    assert lane.waiting == 0
+    assert not lane.locked()

@@ -7,6 +7,8 @@ a pydantic error becomes an :class:`~qmpnet.errors.InvalidRequest` that names th
 
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
@@ -74,3 +76,26 @@ def invalid_request_from(err: ValidationError, prefix: str) -> InvalidRequest:
     path = ".".join(parts)
     message = first["msg"].removeprefix("Value error, ")
     return InvalidRequest(f"{path}: {message}", field=path)
+
+
+#: The JSON of frozen models already encoded, by object: id -> (weak reference, JSON); an entry goes with its object.
+_JSON: dict[int, tuple[weakref.ref[BaseModel], str]] = {}
+
+
+def json_once(model: BaseModel) -> str:
+    """``model.model_dump_json()``, encoded once per object (for frozen models only: the JSON must not change).
+
+    A guest's record and its retained NIC list are written again at every change of one NIC, and a change copies
+    only what it changes: the other NICs are the very same objects each time, so their JSON is reused.
+    """
+    key = id(model)
+    cached = _JSON.get(key)
+    if cached is not None and cached[0]() is model:
+        return cached[1]
+    text = model.model_dump_json()
+    _JSON[key] = (weakref.ref(model, functools.partial(_forget, key)), text)
+    return text
+
+
+def _forget(key: int, _gone: object) -> None:
+    _JSON.pop(key, None)

@@ -1,26 +1,21 @@
 """Encoding a guest record for its file, reusing the JSON of the sub-records an earlier write encoded.
 
 Kept apart from :mod:`.files` (which decides *when* and *how* a record reaches the disk): this is the CPU side of a
-write, and its only state is a cache of encoded fragments keyed by the (frozen) objects they encode.
+write. It keeps no state of its own: the JSON of each sub-record is encoded once per (frozen) object by
+:func:`qmpnet.core.model_base.json_once`, which the retained NIC lists of the MQTT API share.
 """
 
 from __future__ import annotations
 
-import functools
-import weakref
 from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Final
 
-if TYPE_CHECKING:
-    from pydantic import BaseModel
+from qmpnet.core.model_base import json_once
 
+if TYPE_CHECKING:
     from qmpnet.core.records import GuestRecord
 
 __all__ = ["encode_record"]
-
-#: The JSON of sub-records already encoded, by object (see encode_record): id -> (weak reference, JSON).
-_FRAGMENTS: dict[int, tuple[weakref.ref[BaseModel], str]] = {}
-
 
 _string: Final = encode_basestring_ascii  # a JSON string, quoted and escaped (json's own C encoder)
 
@@ -39,7 +34,7 @@ def encode_record(record: GuestRecord) -> bytes:
     test compares them); the other fields, present and future, are pydantic's own encoding.
     """
     fields = [
-        (name, "{" + ",".join(f"{_string(key)}:{_fragment(value)}" for key, value in getattr(record, name).items())
+        (name, "{" + ",".join(f"{_string(key)}:{json_once(value)}" for key, value in getattr(record, name).items())
          + "}")
         for name in _MAPPED
     ]  # fmt: skip
@@ -47,7 +42,7 @@ def encode_record(record: GuestRecord) -> bytes:
     if desired is None:
         fields.append(("desired", "null"))
     else:
-        specs = "[" + ",".join(_fragment(spec) for spec in desired.nics) + "]"
+        specs = "[" + ",".join(json_once(spec) for spec in desired.nics) + "]"
         fields.append(("desired", _with(desired.model_dump_json(exclude={"nics"}), [("nics", specs)])))
     return _with(record.model_dump_json(exclude={*_MAPPED, "desired"}), fields).encode()
 
@@ -56,18 +51,3 @@ def _with(document: str, fields: list[tuple[str, str]]) -> str:
     """The JSON object ``document`` with ``fields`` (name, encoded value) added at its end."""
     added = ",".join(f"{_string(name)}:{value}" for name, value in fields)
     return f"{document[:-1]}{',' if document != '{}' else ''}{added}}}"
-
-
-def _fragment(model: BaseModel) -> str:
-    key = id(model)
-    cached = _FRAGMENTS.get(key)
-    if cached is not None and cached[0]() is model:
-        return cached[1]
-    text = model.model_dump_json()
-    _FRAGMENTS[key] = (weakref.ref(model, functools.partial(_drop_fragment, key)), text)
-    return text
-
-
-def _drop_fragment(key: int, _gone: object) -> None:
-    _FRAGMENTS.pop(key, None)
-

@@ -8,16 +8,14 @@ model, so a new op is one line here plus its handler. Pure: no I/O, no MQTT libr
 
 from __future__ import annotations
 
-import functools
 import json
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Final, Generic, Literal, TypeVar, get_args
 
 from pydantic import AfterValidator, BaseModel, Field, StrictBool, ValidationError, model_validator
 
 from qmpnet import errors
-from qmpnet.core.model_base import Frozen, Verify, invalid_request_from
+from qmpnet.core.model_base import Frozen, Verify, invalid_request_from, json_once
 from qmpnet.core.nic_requests import NicSpec, NicUpdate  # noqa: TC001 - pydantic needs them at runtime
 from qmpnet.core.observed import (
     Capacity,
@@ -342,28 +340,8 @@ def to_wire(message: BaseModel) -> bytes:
         body = message.error.model_dump(mode="json", exclude_none=True)
         return json.dumps({"transaction": message.transaction, "status": "error", "error": body}).encode()
     if type(message) is NicList:
-        return ('{"nics":[' + ",".join(_nic_json(nic) for nic in message.nics) + "]}").encode()
+        return ('{"nics":[' + ",".join(json_once(nic) for nic in message.nics) + "]}").encode()
     return message.model_dump_json(exclude_none=isinstance(message, EventMessage)).encode()
-
-
-#: The JSON of NICs already encoded, by object: id -> (weak reference, JSON). A guest's retained NIC list is
-#: published again at every change of one NIC, and the others are the very same (frozen) objects each time.
-_NIC_JSON: dict[int, tuple[weakref.ref[Nic], str]] = {}
-
-
-def _nic_json(nic: Nic) -> str:
-    """``nic.model_dump_json()``, which is what ``NicList.model_dump_json()`` holds for it, encoded once per object."""
-    key = id(nic)
-    cached = _NIC_JSON.get(key)
-    if cached is not None and cached[0]() is nic:
-        return cached[1]
-    text = nic.model_dump_json()
-    _NIC_JSON[key] = (weakref.ref(nic, functools.partial(_forget_nic, key)), text)
-    return text
-
-
-def _forget_nic(key: int, _gone: object) -> None:
-    _NIC_JSON.pop(key, None)
 
 
 # ------------------------------------------------------------------------------------------------------ op table

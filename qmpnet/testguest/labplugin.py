@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from .lab import Lab, LabError
+from .lab import Lab, LabError, LabResult
 
 __all__ = [
     "LAB_MARKER",
@@ -91,26 +91,22 @@ class LabSession:
         self.results = {}
         base = self.config.rootpath / RESULTS_DIR
         base.mkdir(exist_ok=True)
-        stem = base / f"run-{secrets.token_hex(4)}"
-        results, log = stem.with_suffix(".jsonl"), stem.with_suffix(".log")
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA", *self.nodeids]
         try:
-            lab = self.ensure()
-            started = time.monotonic()
-            with log.open("wb") as echo:
-                done = lab.run(
-                    argv,
-                    cwd=self.config.rootpath,
-                    env={**os.environ, RESULTS_ENV: str(results)},
-                    timeout=SUITE_TIMEOUT,
-                    echo=echo,
-                )
-            elapsed = time.monotonic() - started
-            self.timings.append(f"lab suite: {len(self.nodeids)} tests in {elapsed:.1f} s (pytest exit {done.status})")
+            done, results, log = self._attempt(argv, base)
         except LabError as err:
-            self.suite_error = f"the tests could not run in the lab: {err}"
-            self.kept.append(log)
-            return
+            if not self._lab_died():
+                self.suite_error = f"the tests could not run in the lab: {err}"
+                return
+            # The lab host itself went down (its kernel, not a test, e.g. nested KVM on emulated SVM): boot a new one
+            # and run the suite once more, saying so; a second loss fails the tests.
+            self.timings.append(f"the lab died during the suite ({err}; see its console.log): booted it again")
+            self.lab = None
+            try:
+                done, results, log = self._attempt(argv, base)
+            except LabError as again:
+                self.suite_error = f"the tests could not run in the lab (it died twice): {again}"
+                return
         for line in results.read_text().splitlines() if results.exists() else []:
             report = json.loads(line)
             self.results.setdefault(report["nodeid"], []).append(report)
@@ -124,6 +120,36 @@ class LabSession:
                 base.rmdir()
         else:
             self.kept += [results, log]
+
+    def _attempt(self, argv: list[str], base: Path) -> tuple[LabResult, Path, Path]:
+        """Run the inner suite once; its result, its results file and its log (kept when the lab fails).
+
+        Raises:
+            LabError: The lab could not be booted or reached, or it went away during the run.
+        """
+        stem = base / f"run-{secrets.token_hex(4)}"
+        results, log = stem.with_suffix(".jsonl"), stem.with_suffix(".log")
+        try:
+            lab = self.ensure()
+            started = time.monotonic()
+            with log.open("wb") as echo:
+                done = lab.run(
+                    argv,
+                    cwd=self.config.rootpath,
+                    env={**os.environ, RESULTS_ENV: str(results)},
+                    timeout=SUITE_TIMEOUT,
+                    echo=echo,
+                )
+        except LabError:
+            self.kept.append(log)
+            raise
+        elapsed = time.monotonic() - started
+        self.timings.append(f"lab suite: {len(self.nodeids)} tests in {elapsed:.1f} s (pytest exit {done.status})")
+        return done, results, log
+
+    def _lab_died(self) -> bool:
+        """Whether the lab this run used is gone (its QEMU ended), as opposed to a lab that is up and failed us."""
+        return self.lab is not None and Lab.find(self.lab.directory) is None
 
     def close(self) -> None:
         """Stop the lab if this run booted it."""

@@ -90,6 +90,11 @@ def _settings(hostnet: HostnetSettings) -> qmpnet.Settings:
     return qmpnet.Settings(hostnet=hostnet)
 
 
+def _serve_env(hostnet: HostnetSettings) -> dict[str, str]:
+    """The environment that gives ``qmpnet serve`` the test's namespace and passt directory."""
+    return {"QMPNET_HOSTNET__NETNS": str(hostnet.netns), "QMPNET_HOSTNET__PASST_DIR": str(hostnet.passt_dir)}
+
+
 def _passt_dir(vm: TestMachine, hostnet: HostnetSettings) -> Path:
     return hostnet.passt_guest_dir(guest_key(str(vm.qmp_path)))
 
@@ -177,7 +182,7 @@ async def test_over_mqtt_a_passt_outlives_controller_restarts_and_a_desired_set_
     netns = hostnet.netns
     assert netns is not None
     directory = _passt_dir(vm, hostnet)
-    env = {"QMPNET_HOSTNET__NETNS": netns, "QMPNET_HOSTNET__PASST_DIR": str(hostnet.passt_dir)}
+    env = _serve_env(hostnet)
     with scratch("qmpnet-passt-") as work, started(broker := Mosquitto(work)):
         serve = Serve(work, broker.url, "pst", {"vm": vm.qmp_path}, env=env)
         with started(serve):
@@ -258,7 +263,7 @@ async def test_serve_ends_the_passt_of_a_qemu_killed_for_good_and_tells_nic_remo
 ) -> None:
     netns = hostnet.netns
     assert netns is not None
-    env = {"QMPNET_HOSTNET__NETNS": netns, "QMPNET_HOSTNET__PASST_DIR": str(hostnet.passt_dir)}
+    env = _serve_env(hostnet)
     with scratch("qmpnet-passt-gone-") as work, started(broker := Mosquitto(work)):
         (workdir := tmp_path / "sgone").mkdir()
         async with TestMachine(None, boot=False, name="sgone", workdir=workdir, machine="pc") as vm:
@@ -289,7 +294,7 @@ async def test_a_discovered_qemu_that_exits_cleanly_has_its_passt_ended(hostnet:
     """A clean QEMU exit removes its socket, so the guest leaves the guest directory: its passt goes with it."""
     netns = hostnet.netns
     assert netns is not None
-    env = {"QMPNET_HOSTNET__NETNS": netns, "QMPNET_HOSTNET__PASST_DIR": str(hostnet.passt_dir)}
+    env = _serve_env(hostnet)
     with scratch("qmpnet-passt-dir-") as work, started(broker := Mosquitto(work)):
         (guests := work / "guests").mkdir()
         with started(qemu := Qemu(guests / "pq.qmp")):

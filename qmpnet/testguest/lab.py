@@ -254,6 +254,23 @@ class Lab:
         """The PCI addresses of the pair of functions that share an IOMMU group."""
         return [str(f) for f in self.info()["shared_group"]]  # type: ignore[attr-defined]
 
+    def answers(self, within: float) -> bool:
+        """Whether the lab's agent answers within ``within`` seconds; False at once when its QEMU has ended.
+
+        A lost connection alone cannot tell a lab that died from one that merely dropped a client: QEMU closes its
+        sockets well before its process ends, so this polls until one of the two is certain (or time runs out: a
+        wedged lab answers nothing and counts as gone).
+        """
+        deadline = time.monotonic() + within
+        while _alive(self.state.pid):
+            with contextlib.suppress(LabError):
+                self._request({"op": "info"}, lambda _kind, _data: None, timeout=CONNECT_TIMEOUT)
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1.0)
+        return False
+
     def run(
         self,
         argv: Sequence[str],

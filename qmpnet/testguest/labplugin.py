@@ -48,6 +48,10 @@ RESULTS_DIR = ".qmpnet-lab"
 SUITE_TIMEOUT = 1800.0
 #: How many of the lab's slowest tests the run's summary names.
 SLOWEST = 6
+#: How long a lab whose connection broke may take to answer again before it counts as dead.
+PROBE_SECONDS = 60.0
+#: How many lines of a dead lab's console the run's summary shows.
+CONSOLE_LINES = 12
 _SESSION = pytest.StashKey["LabSession"]()
 
 
@@ -67,6 +71,7 @@ class LabSession:
         self.suite_error: str | None = None
         self.timings: list[str] = []
         self.kept: list[Path] = []
+        self._last_console: list[str] = []
 
     def ensure(self) -> Lab:
         """The lab, booted (or found) on first use."""
@@ -95,12 +100,13 @@ class LabSession:
         try:
             done, results, log = self._attempt(argv, base)
         except LabError as err:
-            if not self._lab_died():
+            if not self._lab_died(base):
                 self.suite_error = f"the tests could not run in the lab: {err}"
                 return
             # The lab host itself went down (its kernel, not a test, e.g. nested KVM on emulated SVM): boot a new one
             # and run the suite once more, saying so; a second loss fails the tests.
-            self.timings.append(f"the lab died during the suite ({err}; see its console.log): booted it again")
+            self.timings.append(f"the lab died during the suite ({err}; its console: {self.kept[-1]}): booted it again")
+            self.timings += [f"  | {line}" for line in self._last_console[-CONSOLE_LINES:]]
             self.lab = None
             try:
                 done, results, log = self._attempt(argv, base)
@@ -147,9 +153,23 @@ class LabSession:
         self.timings.append(f"lab suite: {len(self.nodeids)} tests in {elapsed:.1f} s (pytest exit {done.status})")
         return done, results, log
 
-    def _lab_died(self) -> bool:
-        """Whether the lab this run used is gone (its QEMU ended), as opposed to a lab that is up and failed us."""
-        return self.lab is not None and Lab.find(self.lab.directory) is None
+    def _lab_died(self, base: Path) -> bool:
+        """Whether the lab this run used is gone, as opposed to a lab that is up and failed us.
+
+        Gone is: its QEMU ended, or its agent answers nothing for ``PROBE_SECONDS`` (then it is stopped). The lab's
+        console is kept in ``base`` first, since a new lab writes over it.
+        """
+        if self.lab is None or self.lab.answers(within=PROBE_SECONDS):
+            return False
+        console = base / f"lab-console-{secrets.token_hex(4)}.log"
+        with contextlib.suppress(OSError):
+            console.write_bytes((self.lab.directory / "console.log").read_bytes())
+        self.kept.append(console)
+        self._last_console = self.lab.console_tail(CONSOLE_LINES).splitlines()
+        if Lab.find(self.lab.directory) is not None:  # up but answering nothing: end it before booting another
+            with contextlib.suppress(LabError, OSError):
+                self.lab.stop()
+        return True
 
     def close(self) -> None:
         """Stop the lab if this run booted it."""

@@ -3,12 +3,20 @@ boots it)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shlex
+import socket
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from qmpnet.testguest import lab as lab_module
+from qmpnet.testguest import labagent
 from qmpnet.testguest.build import BuildError
 from qmpnet.testguest.lab import Lab, LabError, LabState, qemu_command
 from qmpnet.testguest.labimage import LabImage
@@ -69,3 +77,45 @@ def test_the_boot_configuration_is_shell_for_the_init_script(tmp_path: Path) -> 
 def test_a_share_with_a_blank_in_its_path_is_refused(tmp_path: Path) -> None:
     with pytest.raises(LabError, match="holds a blank"):
         Lab.ensure(directory=tmp_path, shares=[tmp_path / "with space"])
+
+
+class _Agent:
+    """A stand-in for the lab's agent on a loopback port: answers ``info`` (``answer=True``) or hangs up at once."""
+
+    def __init__(self, *, answer: bool) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.server.getsockname()[1]
+        self.answer = answer
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.server.accept()
+                with conn:
+                    conn.makefile("rb").readline()
+                    if self.answer:
+                        payload = json.dumps({"release": "r", "functions": [], "shared_group": []}).encode()
+                        conn.sendall(labagent.HEADER.pack(labagent.END, len(payload)) + payload)
+
+
+def _lab_at(tmp_path: Path, pid: int, port: int) -> Lab:
+    return Lab(tmp_path, LabState(pid=pid, port=port, functions=2, release="r"), "t", booted_here=False)
+
+
+def test_a_lab_whose_qemu_ended_does_not_answer_and_no_time_is_spent_waiting(tmp_path: Path) -> None:
+    ended = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True)
+    agent = _Agent(answer=True)
+    started = time.monotonic()
+    assert not _lab_at(tmp_path, int(ended.stdout), agent.port).answers(within=30)
+    assert time.monotonic() - started < 5  # the pid is gone: no polling until the deadline
+
+
+def test_a_lab_that_hangs_up_on_every_request_counts_as_gone_after_the_deadline(tmp_path: Path) -> None:
+    agent = _Agent(answer=False)
+    assert not _lab_at(tmp_path, os.getpid(), agent.port).answers(within=1.5)
+
+
+def test_a_lab_whose_agent_answers_is_up(tmp_path: Path) -> None:
+    agent = _Agent(answer=True)
+    assert _lab_at(tmp_path, os.getpid(), agent.port).answers(within=5)

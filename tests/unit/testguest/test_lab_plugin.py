@@ -1,0 +1,124 @@
+"""The lab plugin's one retry: a lab that died during the inner suite is booted again, a lab that is up is not.
+
+The labs here are stand-ins (booting two real labs and killing one costs minutes); tests/unit/testguest/
+test_lab_host.py tests how a real :class:`~qmpnet.testguest.lab.Lab` tells the two apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import IO, TYPE_CHECKING, Any
+
+import pytest
+
+from qmpnet.testguest import lab as lab_module
+from qmpnet.testguest.lab import LabError, LabResult
+from qmpnet.testguest.labplugin import RESULTS_ENV, LabSession
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+NODE = "tests/integration/test_x.py::test_y"
+
+
+class _FakeLab:
+    """A lab that either drops the suite's connection (``dies``) or runs it and reports one passed test."""
+
+    def __init__(self, directory: Path, *, dies: bool, up_after_drop: bool) -> None:
+        self.directory = directory
+        self.dies = dies
+        self.up_after_drop = up_after_drop
+        self.booted_here = True
+        self.stopped = False
+        self.state = SimpleNamespace(boot_seconds=1.0, pid=os.getpid())
+        (directory / "console.log").write_text("lab: agent listening\nKernel panic - not syncing: Fatal exception\n")
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        echo: IO[bytes] | None = None,
+    ) -> LabResult:
+        del argv, cwd, timeout, echo
+        if self.dies:
+            raise LabError("the lab's agent closed the connection without an answer")
+        assert env is not None
+        record = {"nodeid": NODE, "when": "call", "outcome": "passed", "duration": 1.0, "longrepr": "", "sections": []}
+        Path(env[RESULTS_ENV]).write_text(json.dumps(record) + "\n")
+        return LabResult(status=0, output="1 passed")
+
+    def answers(self, within: float) -> bool:
+        del within
+        return self.up_after_drop
+
+    def console_tail(self, lines: int) -> str:
+        return "\n".join((self.directory / "console.log").read_text().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def _session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, labs: list[_FakeLab]) -> LabSession:
+    queue = list(labs)
+
+    def ensure(**_: Any) -> _FakeLab:
+        return queue.pop(0)
+
+    monkeypatch.setattr(lab_module.Lab, "ensure", staticmethod(ensure))
+    monkeypatch.setattr(lab_module.Lab, "find", staticmethod(lambda _directory: None))
+    session = LabSession(SimpleNamespace(rootpath=tmp_path))  # type: ignore[arg-type]
+    session.nodeids.append(NODE)
+    return session
+
+
+def test_a_lab_that_died_during_the_suite_is_booted_again_and_the_suite_runs_once_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    dead = _FakeLab(tmp_path / "a", dies=True, up_after_drop=False)
+    session = _session(tmp_path, monkeypatch, [dead, _FakeLab(tmp_path / "b", dies=False, up_after_drop=True)])
+    [report] = session.result(NODE)
+    assert report["outcome"] == "passed"
+    assert session.suite_error is None
+    said = "\n".join(session.timings)
+    assert "the lab died during the suite (the lab's agent closed the connection without an answer" in said
+    assert "| Kernel panic - not syncing: Fatal exception" in said  # the dead lab's console, in the summary
+    [console] = [path for path in session.kept if path.name.startswith("lab-console-")]
+    assert "Kernel panic" in console.read_text()  # kept: the new lab writes over its console.log
+
+
+def test_a_lab_that_is_still_up_after_a_lost_connection_fails_the_tests_without_a_second_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    up = _FakeLab(tmp_path, dies=True, up_after_drop=True)
+    session = _session(tmp_path, monkeypatch, [up])  # a second ensure() would find the queue empty
+    with pytest.raises(pytest.fail.Exception, match="could not run in the lab: the lab's agent closed"):
+        session.result(NODE)
+    assert not any("died" in line for line in session.timings)
+    assert not up.stopped
+
+
+def test_a_lab_that_dies_twice_fails_the_tests_saying_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    labs = [_FakeLab(tmp_path, dies=True, up_after_drop=False) for _ in range(2)]
+    session = _session(tmp_path, monkeypatch, labs)
+    with pytest.raises(pytest.fail.Exception, match=r"it died twice"):
+        session.result(NODE)
+
+
+def test_a_lab_that_is_running_but_answers_nothing_is_stopped_before_the_next_boots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a").mkdir()
+    wedged = _FakeLab(tmp_path / "a", dies=True, up_after_drop=False)
+    session = _session(tmp_path, monkeypatch, [wedged, _FakeLab(tmp_path, dies=False, up_after_drop=True)])
+    monkeypatch.setattr(lab_module.Lab, "find", staticmethod(lambda _directory: wedged))  # its QEMU still runs
+    [report] = session.result(NODE)
+    assert report["outcome"] == "passed"
+    assert wedged.stopped

@@ -7,6 +7,7 @@ lab's kernel run inside it (test_lab_vfio.py, and every test whose kernel need t
 from __future__ import annotations
 
 import platform
+import shutil
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,6 +108,32 @@ def test_a_boot_that_times_out_says_so_with_the_console_tail(tmp_path: Path) -> 
     assert "qemu-system-x86_64" in message  # the command line, for reproducing it by hand
     assert Lab.find(tmp_path / "lab") is None
     assert not [proc for proc in Path("/proc").iterdir() if proc.name.isdigit() and str(tmp_path) in _cmdline(proc)]
+
+
+def test_a_lab_whose_kernel_panics_is_seen_as_gone_though_its_sockets_close_first(
+    request: pytest.FixtureRequest,
+) -> None:
+    """A second lab (in a shared directory: the lab's /tmp is its own) whose kernel is made to panic.
+
+    QEMU closes the agent's connection before its process ends, so a check made as the connection drops still finds
+    the lab running; :meth:`Lab.answers` waits until one or the other is certain. The lab plugin's retry relies on it.
+    """
+    root = request.config.rootpath
+    where = root / ".qmpnet-lab" / f"panic-{uuid.uuid4().hex[:8]}"
+    where.mkdir(parents=True)
+    lab: Lab | None = None
+    try:
+        lab = Lab.ensure(directory=where, shares=[root])
+        assert lab.answers(within=10)
+        with pytest.raises(LabError, match="lab's agent"):
+            lab.run(["sh", "-c", "echo c > /proc/sysrq-trigger"], timeout=60)
+        assert not lab.answers(within=60)
+        assert Lab.find(where) is None  # its QEMU ended (the deadline did not decide)
+        assert "Kernel panic" in lab.console_tail(200)
+    finally:
+        if lab is not None and Lab.find(where) is not None:
+            lab.stop()
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def _cmdline(proc: Path) -> str:

@@ -18,9 +18,12 @@ of ``aiomqtt.Client``, and the private names :func:`fewer_system_calls` needs.
   request and four PUBACKs) and writes five (a PUBACK and four messages): about 20 of the controller's ~95 system
   calls per hot-add were these. :func:`fewer_system_calls` gives paho's socket a read buffer (one ``recv`` takes
   what is there; ``aiomqtt``'s reader reads on while the buffer's ``pending()`` says bytes are left, as it does
-  for TLS) and, on the event loop's own thread, writes a burst in the loop's next turn instead. It uses
+  for TLS) and, on the event loop's own thread, writes a burst in the loop's next turn instead, all of its
+  packets in one ``send`` (paho sends each packet on its own: the answer, the status, the NIC list and the event
+  of a hot-add were four ``sendto`` calls, each a wake-up of the broker). It uses
   ``aiomqtt.Client._client`` (the paho client), ``aiomqtt.Client._socket_options`` (which aiomqtt applies to a
-  ``socket.socket`` only, so to the socket before it is wrapped) and paho's ``Client._sock``; TLS and websocket
+  ``socket.socket`` only, so to the socket before it is wrapped), paho's ``Client._sock`` and that paho's
+  ``loop_write`` hands each packet to ``_sock.send`` whole; TLS and websocket
   connections keep paho's own socket.
 
 tests/unit/adapters/mqtt/test_aiomqtt_internals.py is the contract: it fails, naming what changed, when a new version
@@ -33,6 +36,7 @@ the speed-up is lost, never the connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
@@ -41,9 +45,9 @@ from typing import TYPE_CHECKING, Any, Final
 import aiomqtt
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
-__all__ = ["BufferedReads", "dispatching_queue", "fewer_system_calls"]
+__all__ = ["BufferedSocket", "dispatching_queue", "fewer_system_calls"]
 
 _log = logging.getLogger(__name__)
 
@@ -88,7 +92,7 @@ def fewer_system_calls(client: aiomqtt.Client) -> None:
             # socket itself, then, before it is wrapped (without TCP_NODELAY each answer waited ~40 ms for an ACK).
             for option in client._socket_options:  # noqa: SLF001 - see the module docstring
                 sock.setsockopt(*option)
-            paho_client._sock = BufferedReads(sock)  # noqa: SLF001 - see the module docstring
+            paho_client._sock = BufferedSocket(sock, loop)  # noqa: SLF001 - see the module docstring
         opened(paho_client, userdata, sock)
 
     def on_socket_register_write(paho_client: Any, userdata: object, sock: Any) -> None:  # noqa: ANN401 - paho's
@@ -98,6 +102,11 @@ def fewer_system_calls(client: aiomqtt.Client) -> None:
         loop.call_soon(flush, paho_client, userdata)  # no self-pipe, no epoll_ctl: the loop's next turn writes
 
     def flush(paho_client: Any, userdata: object) -> None:  # noqa: ANN401 - paho's client
+        sock = paho_client.socket()
+        if isinstance(sock, BufferedSocket):
+            with sock.gathered():  # all queued packets in one send (paho sends each packet on its own)
+                paho_client.loop_write()
+            return
         paho_client.loop_write()  # all queued packets; unregisters (nothing to undo) once the queue is empty
         sock = paho_client.socket()
         if paho_client.want_write() and sock is not None:
@@ -107,20 +116,34 @@ def fewer_system_calls(client: aiomqtt.Client) -> None:
     paho.on_socket_register_write = on_socket_register_write
 
 
-class BufferedReads:
-    """A connected, non-blocking socket whose ``recv`` takes what is there in one call and hands it out as asked.
+class BufferedSocket:
+    """A connected, non-blocking socket that reads what is there in one call and sends a burst of packets in one.
 
-    paho reads a packet in small pieces; this serves them from what one ``recv`` returned. ``pending()`` (the bytes
-    left) makes ``aiomqtt``'s reader call paho again until they are used up, since the socket will not signal them.
+    Reads: paho reads a packet in small pieces; ``recv`` serves them from what one ``recv`` of the socket returned.
+    ``pending()`` (the bytes left) makes ``aiomqtt``'s reader call paho again until they are used up, since the
+    socket will not signal them.
+
+    Writes: paho sends each queued packet with its own ``send``. Within :meth:`gathered` (around paho's
+    ``loop_write``) the packets are taken whole and sent together when it ends; what the socket does not take then
+    stays here, ahead of any later packet, and is sent as the socket becomes writable (this object's own writer on
+    the loop). paho is never told to wait, so it never registers a writer of its own meanwhile. A send that fails
+    (the connection is gone) drops what is left: paho's reader sees the connection end, as it would have. paho
+    closes the socket within ``loop_write`` once it has written a DISCONNECT, so :meth:`close` sends what waits
+    first.
+
     Everything else is the socket's.
     """
 
-    __slots__ = ("_data", "_pos", "_sock")
+    __slots__ = ("_data", "_gathering", "_loop", "_out", "_pos", "_sock", "_writer")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         self._sock = sock
+        self._loop = loop
         self._data = b""
         self._pos = 0
+        self._out = bytearray()
+        self._gathering = False
+        self._writer = False
 
     def recv(self, size: int) -> bytes:
         """Up to ``size`` bytes: buffered ones, else what one ``recv`` of the socket returns (``b""``: closed).
@@ -140,6 +163,61 @@ class BufferedReads:
     def pending(self) -> int:
         """The bytes read from the socket and not yet handed out."""
         return len(self._data) - self._pos
+
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        """Send ``data``, or take it for the burst being gathered (or behind bytes still waiting); its length."""
+        if self._gathering or self._out:
+            self._out += data
+            if not self._gathering:
+                self._drain()
+            return len(data)
+        return self._sock.send(data)
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Take what is sent meanwhile and send it in one call at the end."""
+        self._gathering = True
+        try:
+            yield
+        finally:
+            self._gathering = False
+            self._drain()
+
+    def waiting(self) -> int:
+        """The bytes taken and not yet sent (the socket was full)."""
+        return len(self._out)
+
+    def _drain(self) -> None:
+        if self._out:
+            try:
+                sent = self._sock.send(self._out)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = len(self._out)  # the connection is gone: the reader sees it end
+            del self._out[:sent]
+        if self._out:
+            # Each time, not once: paho's loop_write, run in gathered(), removes the socket's writer (aiomqtt's,
+            # it thinks) whenever its own queue is empty.
+            self._loop.add_writer(self._sock.fileno(), self._drain)
+            self._writer = True
+        elif self._writer:
+            self._loop.remove_writer(self._sock.fileno())
+            self._writer = False
+
+    def close(self) -> None:
+        """Close the socket after one last try to send what waits (paho closes it right after writing DISCONNECT).
+
+        What the socket does not take then is dropped.
+        """
+        if self._out:
+            with contextlib.suppress(OSError):
+                self._sock.send(self._out)
+            self._out.clear()
+        if self._writer:
+            self._loop.remove_writer(self._sock.fileno())
+            self._writer = False
+        self._sock.close()
 
     def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the socket's own attributes
         return getattr(self._sock, name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import inspect
 import logging
 import socket
@@ -23,7 +24,7 @@ import paho.mqtt.client
 from paho.mqtt.client import MQTTMessage
 
 from qmpnet.adapters import mqtt
-from qmpnet.adapters.mqtt.aiomqtt_internals import BufferedReads, dispatching_queue, fewer_system_calls
+from qmpnet.adapters.mqtt.aiomqtt_internals import BufferedSocket, dispatching_queue, fewer_system_calls
 
 if TYPE_CHECKING:
     import pytest
@@ -125,7 +126,7 @@ async def test_fewer_system_calls_reads_a_burst_at_once_and_writes_without_wakin
                     break
                 await asyncio.sleep(0.01)  # the broker's burst, read by the loop's reader: polled, bounded
             sock = paho_client._sock
-            assert isinstance(sock, BufferedReads), "paho no longer keeps its socket in Client._sock"
+            assert isinstance(sock, BufferedSocket), "paho no longer keeps its socket in Client._sock"
             assert [m.payload for m in seen] == [b"m0", b"m1", b"m2"], (
                 "messages read from the buffer were not all handed over: aiomqtt's reader no longer calls paho "
                 "again while the socket's pending() says bytes are left"
@@ -162,3 +163,124 @@ async def test_fewer_system_calls_steps_aside_when_a_private_name_is_missing(cap
         fewer_system_calls(client)
     assert paho_client.on_socket_open is opened  # aiomqtt's own I/O path, untouched
     assert "using their own I/O paths" in caplog.text
+
+
+class _CountingSocket:
+    """A socket whose ``send`` calls are counted (a ``socket.socket`` takes no new attributes)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sends = 0
+
+    def send(self, data: bytes) -> int:
+        self.sends += 1
+        return self.sock.send(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+async def test_packets_queued_in_one_turn_leave_in_one_send() -> None:
+    received = bytearray()
+    got_all = asyncio.Event()
+
+    async def broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read(1024)  # CONNECT
+            writer.write(b"\x20\x02\x00\x00")
+            await writer.drain()
+            while chunk := await reader.read(4096):
+                received.extend(chunk)
+                if b"t/out2" in received:
+                    got_all.set()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(broker, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V311)
+    fewer_system_calls(client)
+    paho_client: Any = client._client
+    try:
+        async with server, client:
+            sock = paho_client._sock
+            assert isinstance(sock, BufferedSocket)
+            counting = _CountingSocket(sock._sock)
+            sock._sock = counting  # type: ignore[assignment]
+            await asyncio.gather(*(client.publish(f"t/out{n}", b"x%d" % n, qos=0) for n in range(3)))
+            await asyncio.wait_for(got_all.wait(), 5)
+            assert bytes(received) == b"".join(_publish(f"t/out{n}", b"x%d" % n) for n in range(3))
+            assert counting.sends == 1, (
+                f"three packets queued in one turn took {counting.sends} sends: paho's loop_write no longer hands "
+                "each packet to _sock.send whole, or the burst is no longer gathered"
+            )
+    finally:
+        server.close()
+
+
+async def test_what_a_full_socket_does_not_take_is_sent_in_order_as_it_drains() -> None:
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)  # noqa: FBT003 - socket's API
+    theirs.setblocking(False)  # noqa: FBT003 - socket's API
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock = BufferedSocket(ours, loop)
+    burst = bytes(range(256)) * 4096  # 1 MiB: more than the socket takes at once
+    later = b"after the burst"
+    try:
+        with sock.gathered():
+            assert sock.send(burst[:1000]) == 1000
+            assert sock.send(burst[1000:]) == len(burst) - 1000
+        assert sock.waiting() > 0, "the socket took the whole burst: make it larger"
+        assert sock.send(later) == len(later)  # behind what waits, never ahead of it
+        got = bytearray()
+        reader = loop.create_future()
+
+        def read() -> None:
+            with contextlib.suppress(BlockingIOError):
+                got.extend(theirs.recv(1 << 20))
+            if len(got) >= len(burst) + len(later) and not reader.done():
+                reader.set_result(None)
+
+        loop.add_reader(theirs.fileno(), read)
+        try:
+            await asyncio.wait_for(reader, 10)
+        finally:
+            loop.remove_reader(theirs.fileno())
+        assert bytes(got) == burst + later
+        assert sock.waiting() == 0
+        assert not loop.remove_writer(ours.fileno()), "the drained socket's writer was left on the loop"
+    finally:
+        sock.close()
+        theirs.close()
+
+
+async def test_closing_sends_what_waits_first() -> None:
+    """paho closes the socket inside ``loop_write`` right after it has written DISCONNECT, within the burst."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)  # noqa: FBT003 - socket's API
+    sock = BufferedSocket(ours, loop)
+    with sock.gathered():
+        sock.send(b"\xe0\x00")  # DISCONNECT
+        sock.close()
+    assert theirs.recv(16) == b"\xe0\x00"
+    assert theirs.recv(16) == b""  # then closed
+    theirs.close()
+
+
+async def test_closing_drops_what_the_socket_cannot_take_and_its_writer() -> None:
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)  # noqa: FBT003 - socket's API
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock = BufferedSocket(ours, loop)
+    fileno = ours.fileno()
+    with sock.gathered():
+        sock.send(b"x" * (1 << 20))
+    assert sock.waiting() > 0
+    sock.close()
+    assert sock.waiting() == 0
+    assert ours.fileno() == -1
+    assert not loop.remove_writer(fileno)
+    theirs.close()

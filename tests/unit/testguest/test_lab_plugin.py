@@ -15,6 +15,7 @@ from typing import IO, TYPE_CHECKING, Any
 import pytest
 
 from qmpnet.testguest import lab as lab_module
+from qmpnet.testguest import labplugin
 from qmpnet.testguest.lab import LabError, LabResult
 from qmpnet.testguest.labplugin import RESULTS_ENV, LabSession
 
@@ -27,9 +28,13 @@ NODE = "tests/integration/test_x.py::test_y"
 class _FakeLab:
     """A lab that either drops the suite's connection (``dies``) or runs it and reports one passed test."""
 
-    def __init__(self, directory: Path, *, dies: bool, up_after_drop: bool) -> None:
+    def __init__(
+        self, directory: Path, *, dies: bool, up_after_drop: bool, outcomes: list[str] | None = None
+    ) -> None:
         self.directory = directory
         self.dies = dies
+        self.outcomes = outcomes or ["passed"]  # one per run, for every test it is given
+        self.runs: list[list[str]] = []
         self.up_after_drop = up_after_drop
         self.booted_here = True
         self.stopped = False
@@ -45,13 +50,19 @@ class _FakeLab:
         timeout: float | None = None,
         echo: IO[bytes] | None = None,
     ) -> LabResult:
-        del argv, cwd, timeout, echo
+        del cwd, timeout, echo
         if self.dies:
             raise LabError("the lab's agent closed the connection without an answer")
         assert env is not None
-        record = {"nodeid": NODE, "when": "call", "outcome": "passed", "duration": 1.0, "longrepr": "", "sections": []}
-        Path(env[RESULTS_ENV]).write_text(json.dumps(record) + "\n")
-        return LabResult(status=0, output="1 passed")
+        nodeids = [arg for arg in argv if "::" in arg]
+        self.runs.append(nodeids)
+        outcome = self.outcomes[len(self.runs) - 1]
+        with Path(env[RESULTS_ENV]).open("w") as out:
+            for nodeid in nodeids:
+                record = {"nodeid": nodeid, "when": "call", "outcome": outcome, "duration": 1.0,
+                          "longrepr": "" if outcome == "passed" else "guest reset", "sections": []}  # fmt: skip
+                out.write(json.dumps(record) + "\n")
+        return LabResult(status=0 if outcome == "passed" else 1, output=outcome)
 
     def answers(self, within: float) -> bool:
         del within
@@ -122,3 +133,59 @@ def test_a_lab_that_is_running_but_answers_nothing_is_stopped_before_the_next_bo
     [report] = session.result(NODE)
     assert report["outcome"] == "passed"
     assert wedged.stopped
+
+
+def _many(session: LabSession, count: int) -> list[str]:
+    nodeids = [f"{NODE}{n}" for n in range(count)]
+    session.nodeids[:] = nodeids
+    return nodeids
+
+
+def test_a_failed_lab_test_is_run_again_in_a_new_pytest_and_the_summary_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab = _FakeLab(tmp_path, dies=False, up_after_drop=True, outcomes=["failed", "passed"])
+    session = _session(tmp_path, monkeypatch, [lab])
+    [report] = session.result(NODE)
+    assert report["outcome"] == "passed"
+    assert lab.runs == [[NODE], [NODE]]
+    said = "\n".join(session.timings)
+    assert "1 lab test(s) failed and were run again in a new pytest" in said
+    assert f"passed: {NODE}" in said
+    assert any(path.suffix == ".log" for path in session.kept)  # the first run's log, with its failure
+
+
+def test_a_lab_test_that_fails_again_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lab = _FakeLab(tmp_path, dies=False, up_after_drop=True, outcomes=["failed", "failed"])
+    session = _session(tmp_path, monkeypatch, [lab])
+    [report] = session.result(NODE)
+    assert report["outcome"] == "failed"
+    assert f"failed again: {NODE}" in "\n".join(session.timings)
+
+
+def test_many_failed_lab_tests_are_not_run_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lab = _FakeLab(tmp_path, dies=False, up_after_drop=True, outcomes=["failed"])
+    session = _session(tmp_path, monkeypatch, [lab])
+    nodeids = _many(session, labplugin.RERUN_MOST + 1)
+    assert all(report["outcome"] == "failed" for nodeid in nodeids for report in session.result(nodeid))
+    assert len(lab.runs) == 1
+    assert not any("run again" in line for line in session.timings)
+
+
+def test_only_the_failed_tests_are_run_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lab = _FakeLab(tmp_path, dies=False, up_after_drop=True, outcomes=["failed", "passed"])
+    session = _session(tmp_path, monkeypatch, [lab])
+    nodeids = _many(session, 2)
+    original = lab.run
+
+    def first_passes_one(argv: Sequence[str], **kwargs: Any) -> LabResult:
+        result = original(argv, **kwargs)
+        if len(lab.runs) == 1:  # the first run: the first test passed, the second failed
+            env = kwargs["env"]
+            lines = Path(env[RESULTS_ENV]).read_text().splitlines()
+            Path(env[RESULTS_ENV]).write_text(lines[0].replace('"failed"', '"passed"') + "\n" + lines[1] + "\n")
+        return result
+
+    monkeypatch.setattr(lab, "run", first_passes_one)
+    assert [r["outcome"] for nodeid in nodeids for r in session.result(nodeid)] == ["passed", "passed"]
+    assert lab.runs == [nodeids, nodeids[1:]]

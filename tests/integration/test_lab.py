@@ -129,6 +129,7 @@ def test_a_lab_whose_kernel_panics_is_seen_as_gone_though_its_sockets_close_firs
             lab.run(["sh", "-c", "echo c > /proc/sysrq-trigger"], timeout=60)
         assert not lab.answers(within=60)
         assert Lab.find(where) is None  # its QEMU ended (the deadline did not decide)
+        assert not [proc for proc in Path("/proc").iterdir() if proc.name.isdigit() and str(where) in _cmdline(proc)]
         assert "Kernel panic" in lab.console_tail(200)
     finally:
         if lab is not None and Lab.find(where) is not None:

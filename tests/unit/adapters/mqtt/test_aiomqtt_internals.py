@@ -94,25 +94,42 @@ def _publish(topic: str, payload: bytes) -> bytes:
     return bytes([0x30, len(body)]) + body
 
 
-async def test_fewer_system_calls_reads_a_burst_at_once_and_writes_without_waking_the_loop() -> None:
-    received = bytearray()
-    got_publish = asyncio.Event()
+class _Broker:
+    """A minimal MQTT 3.1.1 broker on loopback: answers CONNECT (followed by ``greeting``) and keeps what it reads."""
 
-    async def broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, greeting: bytes = b"") -> None:
+        self.greeting = greeting
+        self.received = bytearray()
+        self._grew = asyncio.Event()
+
+    async def start(self) -> tuple[asyncio.Server, int]:
+        """The listening server and its port."""
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return server, server.sockets[0].getsockname()[1]
+
+    async def until(self, marker: bytes, timeout: float = 5) -> None:
+        """Wait until what was read contains ``marker``."""
+        async with asyncio.timeout(timeout):
+            while marker not in self.received:
+                self._grew.clear()
+                await self._grew.wait()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await reader.read(1024)  # CONNECT
-            # CONNACK and three messages in one write: one TCP segment, many small packets.
-            writer.write(b"\x20\x02\x00\x00" + b"".join(_publish("t/x", b"m%d" % n) for n in range(3)))
+            writer.write(b"\x20\x02\x00\x00" + self.greeting)  # CONNACK, and what follows in the same segment
             await writer.drain()
-            while chunk := await reader.read(1024):
-                received.extend(chunk)
-                if b"t/out" in received:
-                    got_publish.set()
+            while chunk := await reader.read(4096):
+                self.received.extend(chunk)
+                self._grew.set()
         finally:
             writer.close()
 
-    server = await asyncio.start_server(broker, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+
+async def test_fewer_system_calls_reads_a_burst_at_once_and_writes_without_waking_the_loop() -> None:
+    # CONNACK and three messages in one write: one TCP segment, many small packets.
+    broker = _Broker(b"".join(_publish("t/x", b"m%d" % n) for n in range(3)))
+    server, port = await broker.start()
     seen: list[aiomqtt.Message] = []
     nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     client = aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V311, socket_options=(nodelay,),
@@ -146,7 +163,7 @@ async def test_fewer_system_calls_reads_a_burst_at_once_and_writes_without_wakin
             loop.call_soon_threadsafe = counting  # type: ignore[method-assign,assignment]
             try:
                 await client.publish("t/out", b"x", qos=0)
-                await asyncio.wait_for(got_publish.wait(), 5)
+                await broker.until(b"t/out")
             finally:
                 del loop.call_soon_threadsafe
             assert woken == [], f"a publish on the loop's thread still woke the loop through its self-pipe: {woken}"
@@ -181,23 +198,8 @@ class _CountingSocket:
 
 
 async def test_packets_queued_in_one_turn_leave_in_one_send() -> None:
-    received = bytearray()
-    got_all = asyncio.Event()
-
-    async def broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.read(1024)  # CONNECT
-            writer.write(b"\x20\x02\x00\x00")
-            await writer.drain()
-            while chunk := await reader.read(4096):
-                received.extend(chunk)
-                if b"t/out2" in received:
-                    got_all.set()
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(broker, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    broker = _Broker()
+    server, port = await broker.start()
     client = aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V311)
     fewer_system_calls(client)
     paho_client: Any = client._client
@@ -208,8 +210,8 @@ async def test_packets_queued_in_one_turn_leave_in_one_send() -> None:
             counting = _CountingSocket(sock._sock)
             sock._sock = counting  # type: ignore[assignment]
             await asyncio.gather(*(client.publish(f"t/out{n}", b"x%d" % n, qos=0) for n in range(3)))
-            await asyncio.wait_for(got_all.wait(), 5)
-            assert bytes(received) == b"".join(_publish(f"t/out{n}", b"x%d" % n) for n in range(3))
+            await broker.until(b"t/out2")
+            assert bytes(broker.received) == b"".join(_publish(f"t/out{n}", b"x%d" % n) for n in range(3))
             assert counting.sends == 1, (
                 f"three packets queued in one turn took {counting.sends} sends: paho's loop_write no longer hands "
                 "each packet to _sock.send whole, or the burst is no longer gathered"

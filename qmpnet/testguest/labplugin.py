@@ -12,9 +12,9 @@ Part of qmpnet's pytest plugin (``qmpnet.testguest.plugin`` imports the hooks an
     guests above all, are shared as usual), and each stand-in then reports its own test's outcome, with the
     failure's text and captured output from inside. Inside the lab (``QMPNET_LAB`` is set) it runs as it is.
 
-A lab test that fails is run once more in a new inner pytest (guests under nested KVM on the lab's emulated SVM are
-now and then reset mid-test); a lab that dies during the inner run is booted again and the run repeated. The run's
-summary says both.
+A lab test that fails is run again in a new inner pytest, up to twice (guests under nested KVM on the lab's emulated
+SVM are now and then reset mid-test); a lab that dies during the inner run is booted again and the run repeated.
+The run's summary says both.
 
 The inner run writes its reports as JSON lines to ``$QMPNET_LAB_RESULTS`` (a file in the run's root directory,
 which the lab shares writable) and its terminal output to a log beside it; both stay after a failed run.
@@ -54,11 +54,15 @@ SUITE_TIMEOUT = 1800.0
 SLOWEST = 6
 #: At most this many failed lab tests are run again (more is a failure of qmpnet's, not of the lab's guests).
 RERUN_MOST = 4
+#: How many times a failed lab test is run again, each time in a new pytest, until it passes.
+RERUNS = 2
 #: How long a lab whose connection broke may take to answer again before it counts as dead.
 PROBE_SECONDS = 60.0
 #: How many lines of a dead lab's console the run's summary shows.
 CONSOLE_LINES = 12
 _SESSION = pytest.StashKey["LabSession"]()
+#: The inner pytest's command line, before the node ids.
+_PYTEST: tuple[str, ...] = (sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA")
 
 
 def inside_lab() -> bool:
@@ -107,35 +111,44 @@ class LabSession:
             return
         self.results = first
         failed = [nodeid for nodeid in self.nodeids if _failed(first.get(nodeid, []))]
-        if failed and len(failed) <= RERUN_MOST:
-            self._run_again(failed, base)
+        if len(failed) <= RERUN_MOST:
+            for _ in range(RERUNS):
+                if not failed:
+                    break
+                failed = self._run_again(failed, base)
         self.timings += _slowest(self.results)
         with contextlib.suppress(OSError):
             base.rmdir()
 
-    def _run_again(self, failed: list[str], base: Path) -> None:
-        """Run the ``failed`` tests once more in a new pytest (new guests); their outcome is the second run's.
+    def _run_again(self, failed: list[str], base: Path) -> list[str]:
+        """Run the ``failed`` tests once more in a new pytest (new guests); the tests that failed again.
+
+        Their outcome is this run's.
 
         The guests in the lab run under KVM on the lab's TCG-emulated SVM, which now and then resets a guest (its
         QEMU exits in the middle of a test) or panics the lab: a failure there says little about qmpnet. A test
-        that fails for a reason of qmpnet's fails again. The run's summary names every test run again with both
-        outcomes, and the first run's log is kept.
+        that fails for a reason of qmpnet's fails every time. The run's summary names every test run again with each
+        outcome, and the log of each run with a failure is kept.
         """
         self.timings.append(
             f"{len(failed)} lab test(s) failed and were run again in a new pytest (guests under nested KVM on the lab's"
-            " emulated SVM are not always stable; the first run's log is kept):"
+            " emulated SVM are not always stable; the failed run's log is kept):"
         )
         second = self._suite(failed, base)
         if second is None:
-            self.timings.append(f"  the second run could not run ({self.suite_error}): the first run's outcome stands")
+            self.timings.append(f"  it could not run ({self.suite_error}): the earlier run's outcome stands")
             self.suite_error = None
-            return
+            return []
         assert self.results is not None  # noqa: S101 - set by the first run
+        still: list[str] = []
         for nodeid in failed:
             again = second.get(nodeid, [])
             if again:
                 self.results[nodeid] = again
-            self.timings.append(f"  {'failed again' if _failed(again) or not again else 'passed'}: {nodeid}")
+            if _failed(again) or not again:
+                still.append(nodeid)
+            self.timings.append(f"  {'failed again' if nodeid in still else 'passed'}: {nodeid}")
+        return still
 
     def _suite(self, nodeids: list[str], base: Path) -> dict[str, list[dict[str, Any]]] | None:
         """One inner pytest run of ``nodeids`` (booting a new lab once if the lab dies); its reports by node id.
@@ -143,7 +156,7 @@ class LabSession:
         None when it could not run or ended abnormally (``suite_error`` says why). Its log and results are kept when
         a test failed.
         """
-        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA", *nodeids]
+        argv = [*_PYTEST, *nodeids]
         try:
             done, results, log = self._attempt(argv, base)
         except LabError as err:
@@ -197,7 +210,8 @@ class LabSession:
             self.kept.append(log)
             raise
         elapsed = time.monotonic() - started
-        self.timings.append(f"lab suite: {len(self.nodeids)} tests in {elapsed:.1f} s (pytest exit {done.status})")
+        tests = len(argv) - len(_PYTEST)
+        self.timings.append(f"lab suite: {tests} tests in {elapsed:.1f} s (pytest exit {done.status})")
         return done, results, log
 
     def _lab_died(self, base: Path) -> bool:

@@ -155,12 +155,25 @@ def test_a_failed_lab_test_is_run_again_in_a_new_pytest_and_the_summary_says_so(
     assert any(path.suffix == ".log" for path in session.kept)  # the first run's log, with its failure
 
 
-def test_a_lab_test_that_fails_again_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    lab = _FakeLab(tmp_path, dies=False, up_after_drop=True, outcomes=["failed", "failed"])
+def test_a_lab_test_is_run_again_up_to_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lab = _FakeLab(tmp_path, dies=False, up_after_drop=True, outcomes=["failed", "failed", "passed"])
+    session = _session(tmp_path, monkeypatch, [lab])
+    [report] = session.result(NODE)
+    assert report["outcome"] == "passed"
+    assert lab.runs == [[NODE], [NODE], [NODE]]
+    said = "\n".join(session.timings)
+    assert said.count("lab suite: 1 tests in") == 3  # each run's own count
+    assert f"failed again: {NODE}" in said
+    assert f"passed: {NODE}" in said
+
+
+def test_a_lab_test_that_fails_every_time_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lab = _FakeLab(tmp_path, dies=False, up_after_drop=True, outcomes=["failed"] * (1 + labplugin.RERUNS))
     session = _session(tmp_path, monkeypatch, [lab])
     [report] = session.result(NODE)
     assert report["outcome"] == "failed"
-    assert f"failed again: {NODE}" in "\n".join(session.timings)
+    assert len(lab.runs) == 1 + labplugin.RERUNS
+    assert "\n".join(session.timings).count(f"failed again: {NODE}") == labplugin.RERUNS
 
 
 def test_many_failed_lab_tests_are_not_run_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

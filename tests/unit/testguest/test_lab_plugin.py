@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -41,16 +41,8 @@ class _FakeLab:
         self.state = SimpleNamespace(boot_seconds=1.0, pid=os.getpid())
         (directory / "console.log").write_text("lab: agent listening\nKernel panic - not syncing: Fatal exception\n")
 
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        cwd: Path | None = None,
-        env: Mapping[str, str] | None = None,
-        timeout: float | None = None,
-        echo: IO[bytes] | None = None,
-    ) -> LabResult:
-        del cwd, timeout, echo
+    def run(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, **_: object) -> LabResult:
+        """As ``Lab.run``; the other keywords (cwd, timeout, echo) mean nothing here."""
         if self.dies:
             raise LabError("the lab's agent closed the connection without an answer")
         assert env is not None

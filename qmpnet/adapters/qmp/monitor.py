@@ -169,8 +169,8 @@ class QmpMonitor:
         self.name = name
         self._client = FlatClient(name)
         self._command_timeout = command_timeout
-        self._reader = GuestReader(self.execute, attempts=read_attempts)
-        self._client.register_listener(_Deletions(self._reader.forget))
+        self._types_reader = GuestReader(self.execute, attempts=read_attempts)
+        self._client.register_listener(_Deletions(self._types_reader.forget))
         self._handlers: list[Callable[[QmpEvent], None]] = []
         self._pump: asyncio.Task[None] | None = None
         self._machine: tuple[str, str] | None = None
@@ -221,7 +221,7 @@ class QmpMonitor:
         monitor.peer_pid = monitor._peer_pid()
         build = _build_of(monitor.peer_pid, monitor.greeting_version)
         if build is not None:
-            monitor._reader.share_types(build)
+            monitor._types_reader.share_types(build)
         monitor._pump = asyncio.create_task(monitor._run_pump(), name=f"qmpnet[guest={name}].qmp-events")
         return monitor
 
@@ -355,7 +355,7 @@ class QmpMonitor:
             QmpCommandError, OutcomeUnknown, GuestUnavailable: As :meth:`execute`.
         """
         machine, kind = await self.machine()
-        return await self._reader.read(machine, kind)
+        return await self._types_reader.read(machine, kind)
 
     async def models(self) -> list[ModelInfo]:
         """The PCI NIC models this QEMU offers (``device_add help``)."""

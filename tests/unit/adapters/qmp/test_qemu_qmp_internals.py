@@ -11,15 +11,24 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
+import logging
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from fakeqmp import Answer, Event
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from qmpnet.adapters.qmp import qemu_qmp_internals
-from qmpnet.adapters.qmp.qemu_qmp_internals import PRIVATE_NAMES, FlatClient, FlatListener, peer_socket, take_nowait
+from qmpnet.adapters.qmp.qemu_qmp_internals import (
+    PRIVATE_NAMES,
+    STREAM_PRIVATE_NAMES,
+    FlatClient,
+    FlatListener,
+    peer_socket,
+    take_nowait,
+)
 
 if TYPE_CHECKING:
     from fakeqmp import FakeQmp
@@ -31,10 +40,10 @@ SIGNATURES = {
     (QMPClient, "_issue"): ["self", "msg"],
     (QMPClient, "_reply"): ["self", "msg_id"],
     (QMPClient, "_do_send"): ["self", "msg"],
-    (QMPClient, "_get_exec_id"): ["self"],
     (QMPClient, "_cb_outbound"): ["self", "msg"],
     (QMPClient, "_cb_inbound"): ["self", "msg"],
     (QMPClient, "execute"): ["self", "cmd", "arguments", "oob"],
+    (QMPClient, "_do_connect"): ["self", "address", "ssl"],
     (EventListener, "put"): ["self", "event"],
 }
 
@@ -67,6 +76,18 @@ def test_overridden_and_called_methods_keep_their_signatures(cls: type[Any], nam
     assert parameters == SIGNATURES[cls, name], (
         f"qemu.qmp {cls.__name__}.{name}{inspect.signature(getattr(cls, name))} changed: "
         "qmpnet/adapters/qmp/qemu_qmp_internals.py overrides or calls it"
+    )
+
+
+async def test_the_stream_privates_of_the_reply_path_still_exist() -> None:
+    reader = asyncio.StreamReader()
+    for name in STREAM_PRIVATE_NAMES:
+        assert hasattr(reader, name), f"asyncio.StreamReader.{name} is gone: FlatClient._take_reply reads it"
+    waiter = getattr(reader, "_waiter", "missing")
+    assert waiter is None, "asyncio.StreamReader._waiter no longer means 'nobody waits' when None"
+    source = inspect.getsource(asyncio.StreamReaderProtocol.data_received)
+    assert "reader.feed_data(data)" in source, (
+        "asyncio's stream protocol no longer calls reader.feed_data(data): FlatClient's wrapper would be bypassed"
     )
 
 
@@ -126,6 +147,82 @@ async def test_a_direct_command_an_error_and_an_event_on_a_small_exchange(fake: 
     finally:
         await client.disconnect()
     assert peer_socket(client) is None
+
+
+async def _routed_by_reader(client: FlatClient, command: str) -> list[str]:
+    """Run ``command`` and return the messages qemu.qmp's reader task routed meanwhile (events and replies)."""
+    routed: list[str] = []
+    original = client._on_message
+
+    async def spy(msg: Any) -> None:
+        routed.append("event" if "event" in msg else "reply")
+        await original(msg)
+
+    client._on_message = spy  # type: ignore[method-assign]
+    try:
+        await client.execute(command)
+    finally:
+        del client._on_message
+    return routed
+
+
+async def test_a_lone_reply_reaches_its_caller_without_the_reader_task(fake: FakeQmp) -> None:
+    client = FlatClient("contract")
+    fake.on("query-name", _named)
+    await client.connect(str(fake.path))
+    try:
+        assert await _routed_by_reader(client, "query-name") == [], "the reply went through the reader task"
+        client.logger.setLevel(logging.DEBUG)  # qemu.qmp logs each message it routes: the reader's path is kept
+        try:
+            assert await _routed_by_reader(client, "query-name") == ["reply"]
+        finally:
+            client.logger.setLevel(logging.NOTSET)
+        assert client._pending == {}
+    finally:
+        await client.disconnect()
+
+
+async def test_a_reply_behind_an_event_is_routed_after_it(fake: FakeQmp) -> None:
+    client = FlatClient("contract")
+    await client.connect(str(fake.path))
+    listener = FlatListener(("DEVICE_DELETED",))
+    client.register_listener(listener)
+    try:
+        # QEMU sends the event and then the reply; they may arrive in one read. The event must be with the
+        # listener by the time the caller has the reply (as when qemu.qmp's reader routes both).
+        deleted = {"device": "x", "path": "/machine/peripheral/x"}
+        fake.on("query-name", _after_event(fake, deleted))
+        for _ in range(20):
+            await client.execute("query-name")
+            taken = take_nowait(listener)
+            assert taken is not None, "the reply overtook the event QEMU sent before it"
+            assert taken["data"] == deleted
+        # A reply with more behind it in the same read (here: an event) is the reader task's to route.
+        fake.on("query-status", _reply_then_event(deleted))
+        assert await _routed_by_reader(client, "query-status") == ["reply", "event"]
+        assert take_nowait(listener) is not None
+        assert client._pending == {}
+    finally:
+        await client.disconnect()
+
+
+def _after_event(fake: FakeQmp, data: dict[str, Any]) -> Any:
+    async def answer(arguments: dict[str, Any]) -> object:
+        await fake.emit("DEVICE_DELETED", data)
+        return {}
+
+    return answer
+
+
+async def _named(arguments: dict[str, Any]) -> object:
+    return {"name": "contract"}
+
+
+def _reply_then_event(data: dict[str, Any]) -> Any:
+    async def answer(arguments: dict[str, Any]) -> object:
+        return Answer({"status": "running", "running": True}, (Event("DEVICE_DELETED", data),))
+
+    return answer
 
 
 def _private_uses(tree: ast.AST, names: set[str]) -> list[str]:

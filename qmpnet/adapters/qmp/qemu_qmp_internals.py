@@ -11,9 +11,10 @@ Why the public API does not suffice:
   task through a queue: about a third of the library's overhead per command on a busy two-core host.
   :class:`FlatClient` overrides ``_issue`` and ``execute`` to write the command to the transport at once when
   nothing is queued (``_outgoing`` empty, ``_writer`` present), registering its reply slot in ``_pending`` as the
-  library does (:class:`Reply`, one future instead of an ``asyncio.Queue``), with a short id of its own (an int:
-  QEMU's parser takes microseconds per character), the bytes sent by ``_do_send`` and the reply taken by
-  ``_reply``. Replies and errors are handled exactly as ``QMPClient.execute_msg`` does. It also skips
+  library does (:class:`Reply`, one future instead of an ``asyncio.Queue``), with no id while no other command
+  awaits an id-less reply, else a short one (QEMU's parser takes microseconds per character: see
+  ``FlatClient.__init__``), the bytes sent by ``_do_send`` and the reply taken by ``_reply``. Replies and errors
+  are handled exactly as ``QMPClient.execute_msg`` does. It also skips
   ``_cb_outbound``/``_cb_inbound``, which format every message for a debug line even when debug logging is off.
 * **One task switch less per reply.** qemu.qmp's reader task reads every message from an ``asyncio.StreamReader``
   and hands a reply to the caller's slot, so a reply wakes the reader task first and the caller one loop turn later
@@ -56,7 +57,7 @@ __all__ = ["PRIVATE_NAMES", "FlatClient", "FlatListener", "Reply", "peer_socket"
 #: The private names of qemu.qmp used here, by class: what the contract test checks.
 PRIVATE_NAMES: Final = {
     "QMPClient": ("_issue", "_reply", "_do_send", "_cb_outbound", "_cb_inbound", "_pending",
-                  "_outgoing", "_writer", "_listeners", "_do_connect", "_reader"),
+                  "_outgoing", "_writer", "_listeners", "_do_connect", "_reader", "_cleanup"),
     "EventListener": ("_queue",),
 }
 
@@ -118,15 +119,46 @@ class Reply:
         """Wait for the answer."""
         return await self._answer
 
+    @property
+    def answered(self) -> bool:
+        """Whether the answer was delivered (a caller that stopped waiting cancelled the future instead)."""
+        return self._answer.done() and not self._answer.cancelled()
+
+
+class _LateReply(Reply):
+    """Waits, in the id-less slot, for the reply of a command whose caller stopped waiting: drops it when it comes.
+
+    Until then the direct path sends every command with an id (the slot of id None is taken), so that late reply is
+    not taken for another command's; qemu.qmp would have reported an id-less error reply with no slot waiting as
+    the server's parse error, and disconnected.
+    """
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: QMPClient) -> None:
+        super().__init__()
+        self._client = client
+
+    def put_nowait(self, item: object) -> None:
+        """The late reply: drop it and free the id-less slot (the connection's loss: FlatClient._cleanup frees it)."""
+        if isinstance(item, ExecInterruptedError):
+            return  # qemu.qmp is iterating over the slots
+        pending = self._client._pending  # noqa: SLF001 - see the module docstring
+        if pending.get(None) is cast("object", self):
+            del pending[None]
+
 
 class FlatClient(QMPClient):
     """``QMPClient`` with a history-free default listener and a direct write path for commands."""
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
-        # The ids of the direct path: small ints, never equal to qemu.qmp's own "__qmp#00001" strings. QEMU parses a
-        # command character by character (~3.5 us each on the development machine, QEMU 7.2), so its id's length
-        # is part of every command's cost: "__qmp#00014" and its key cost ~70 us a command, "14" ~30 us.
+        # QEMU parses a command character by character (~3.5 us each on the development machine, QEMU 7.2), so an
+        # id is part of every command's cost: "__qmp#00014" and its key cost ~70 us a command, 14 ~50 us. QEMU
+        # answers commands in order, so the direct path sends none while no other command awaits an id-less reply
+        # (the reply routes to the slot of id None, as qemu.qmp routes any reply); a command sent meanwhile gets a
+        # small int, never equal to qemu.qmp's own "__qmp#00001" strings. A command that ends without its reply
+        # (a timeout) leaves a stand-in for it (_LateReply) until that reply comes: until then all commands carry ids.
         self._next_id = 1
         self._listeners.remove(self.events)
         self.events = FlatListener()
@@ -154,21 +186,30 @@ class FlatClient(QMPClient):
         # is built and encoded once here; replies and errors are handled exactly as QMPClient.execute_msg does.
         if oob or self._writer is None or not self._outgoing.empty() or self.runstate != Runstate.RUNNING:
             return await super().execute(cmd, arguments, oob)
-        exec_id = self._next_id  # an int: see __init__
-        self._next_id += 1
         body: dict[str, object] = {"execute": cmd}
         if arguments is not None:
             body["arguments"] = arguments
-        body["id"] = exec_id
+        slot: str | None = None  # qemu.qmp types its ids str; any JSON value routes (qmp-spec: echoed as sent)
+        if None in self._pending:  # another command awaits the id-less reply: this one needs an id (see __init__)
+            slot = cast("str", self._next_id)
+            self._next_id += 1
+            body["id"] = slot
         msg = Message(body, eager=False)
-        slot = cast("str", exec_id)  # qemu.qmp types its ids str; any JSON value routes (qmp-spec: echoed as sent)
-        self._pending[slot] = cast("asyncio.Queue[Message | ExecInterruptedError]", Reply())
+        answer = Reply()
+        self._pending[slot] = cast("asyncio.Queue[Message | ExecInterruptedError]", answer)
         try:
             self._do_send(self._cb_outbound(msg))
         except BaseException:
             del self._pending[slot]
             raise
-        reply = await self._reply(slot)
+        try:
+            reply = await self._reply(slot)
+        except BaseException:
+            if slot is None and not answer.answered and self._writer is not None:
+                # Its reply may still come, without an id: a stand-in takes it, and the commands sent meanwhile
+                # carry ids, so that reply is never taken for theirs.
+                self._pending[None] = cast("asyncio.Queue[Message | ExecInterruptedError]", _LateReply(self))
+            raise
         if "error" in reply:
             try:
                 error = ErrorResponse(reply)
@@ -212,6 +253,12 @@ class FlatClient(QMPClient):
             return False
         slot.put_nowait(msg)
         return True
+
+    def _cleanup(self) -> None:
+        # qemu.qmp asserts that no slot is left once disconnected; a late reply's stand-in has nobody to remove it.
+        if isinstance(self._pending.get(None), _LateReply):
+            del self._pending[None]
+        super()._cleanup()
 
     def _cb_outbound(self, msg: Message) -> Message:
         # qemu.qmp formats every message for a debug log line even when debug logging is off.

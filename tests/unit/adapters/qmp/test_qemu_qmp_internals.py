@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from fakeqmp import Answer, Event
+from fakeqmp import Answer, Event, eventually
 from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp.protocol import Runstate
 
 from qmpnet.adapters.qmp import qemu_qmp_internals
 from qmpnet.adapters.qmp.qemu_qmp_internals import (
@@ -44,6 +45,7 @@ SIGNATURES = {
     (QMPClient, "_cb_inbound"): ["self", "msg"],
     (QMPClient, "execute"): ["self", "cmd", "arguments", "oob"],
     (QMPClient, "_do_connect"): ["self", "address", "ssl"],
+    (QMPClient, "_cleanup"): ["self"],
     (EventListener, "put"): ["self", "event"],
 }
 
@@ -204,6 +206,77 @@ async def test_a_reply_behind_an_event_is_routed_after_it(fake: FakeQmp) -> None
         assert client._pending == {}
     finally:
         await client.disconnect()
+
+
+def _sent_ids(client: FlatClient) -> list[object]:
+    """Spy on what ``client`` writes: the list fills with each command's id (``"none"`` for a command without)."""
+    ids: list[object] = []
+    original = client._do_send
+
+    def spy(msg: Any) -> None:
+        ids.append(msg.get("id", "none"))
+        original(msg)
+
+    client._do_send = spy  # type: ignore[method-assign]
+    return ids
+
+
+async def test_a_command_carries_no_id_unless_another_awaits_an_id_less_reply(fake: FakeQmp) -> None:
+    client = FlatClient("contract")
+    fake.on("query-name", _named)
+    await client.connect(str(fake.path))
+    try:
+        ids = _sent_ids(client)
+        assert await client.execute("query-name") == {"name": "contract"}
+        release = fake.hold("query-status")
+        first = asyncio.create_task(client.execute("query-status"))
+        await fake.wait_for_command("query-status")
+        second = asyncio.create_task(client.execute("query-name"))
+        await eventually(lambda: len(ids) == 3)  # written; its reply cannot come before the held one's
+        release.set()
+        async with asyncio.timeout(5):
+            assert await first == {}
+            assert await second == {"name": "contract"}
+        assert ids == ["none", "none", 1], "the command sent while an id-less reply was awaited had no id"
+        assert client._pending == {}
+    finally:
+        await client.disconnect()
+
+
+async def test_a_late_reply_of_a_command_given_up_on_is_dropped_and_ids_are_used_until_it_comes(fake: FakeQmp) -> None:
+    client = FlatClient("contract")
+    fake.on("query-name", _named)
+    fake.fail("device_del", "Device 'x' not found", "DeviceNotFound")
+    release = fake.hold("device_del")
+    await client.connect(str(fake.path))
+    try:
+        ids = _sent_ids(client)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await client.execute("device_del", {"id": "x"})
+        after = asyncio.create_task(client.execute("query-name"))
+        await eventually(lambda: len(ids) == 2)  # written; its reply waits for the held one's
+        release.set()  # the late reply (an id-less error) comes first: it must not be taken for query-name's
+        async with asyncio.timeout(5):
+            assert await after == {"name": "contract"}
+        assert await client.execute("query-name") == {"name": "contract"}
+        assert ids == ["none", 1, "none"], "ids were not used until the late reply came, or not dropped after it"
+        assert client.runstate == Runstate.RUNNING, "the late id-less error reply was taken as a parse error"
+        assert client._pending == {}
+    finally:
+        await client.disconnect()
+
+
+async def test_a_disconnect_while_a_late_reply_is_awaited_leaves_no_slot(fake: FakeQmp) -> None:
+    client = FlatClient("contract")
+    fake.hang("device_del")
+    await client.connect(str(fake.path))
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await client.execute("device_del", {"id": "x"})
+    assert None in client._pending, "no stand-in waits for the late reply"
+    await client.disconnect()  # qemu.qmp asserts that no slot is left
+    assert client._pending == {}
 
 
 def _after_event(fake: FakeQmp, data: dict[str, Any]) -> Any:

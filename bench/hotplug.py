@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
@@ -34,10 +35,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from baseline import RawQmp, summary
 
 import qmpnet
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
 
 QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
 
@@ -121,9 +126,9 @@ async def cli_rounds(workdir: Path, count: int, samples: dict[str, list[float]])
 
 
 async def round_(workdir: Path, memory: Path, n: int, samples: dict[str, list[float]]) -> None:
-    # Three fresh QEMUs per round, one per client (QEMU serves one client per monitor socket), and the adds
-    # interleaved, so every path plugs into equally full guests under the same machine load. The third guest's
-    # state store is on tmpfs (``memory``), where fsync costs nothing: the difference is the disk's.
+    # Four fresh QEMUs per round, one per client (QEMU serves one client per monitor socket), and the adds
+    # interleaved, so every path plugs into equally full guests under the same machine load. The second qmpnet
+    # guest's state store is on tmpfs (``memory``): the difference is the disk's.
     qemus = [await start_qemu(workdir, 4 * n + k) for k in range(4)]
     (_, path_raw), (_, path_api), (_, path_mem), (_, path_minimal) = qemus
     try:
@@ -137,11 +142,17 @@ async def round_(workdir: Path, memory: Path, n: int, samples: dict[str, list[fl
             samples["api_first"].append(await api_add(guest))
             await api_add(guest_mem)
             await raw_minimal.add(0, minimal=True)
+            paths: list[tuple[str, Callable[[int], Awaitable[float]]]] = [
+                ("raw", raw.add),
+                ("raw_minimal", functools.partial(raw_minimal.add, minimal=True)),
+                ("api", lambda _: api_add(guest)),
+                ("api_tmpfs", lambda _: api_add(guest_mem)),
+            ]
             for i in range(1, 13):
-                samples["raw"].append(await raw.add(i))
-                samples["raw_minimal"].append(await raw_minimal.add(i, minimal=True))
-                samples["api"].append(await api_add(guest))
-                samples["api_tmpfs"].append(await api_add(guest_mem))
+                # Each path takes each place in the order in turn: an add runs slower right after another guest's
+                # (that QEMU's work goes on after its answer), which a fixed order would charge to one path.
+                for key, add in paths[i % len(paths) :] + paths[: i % len(paths)]:
+                    samples[key].append(await add(i))
         await raw.close()
         await raw_minimal.close()
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import inspect
 import logging
 import socket
@@ -32,6 +33,8 @@ from qmpnet.adapters.qmp.qemu_qmp_internals import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from fakeqmp import FakeQmp
 
 CLASSES: dict[str, type[Any]] = {"QMPClient": QMPClient, "EventListener": EventListener}
@@ -151,6 +154,18 @@ async def test_a_direct_command_an_error_and_an_event_on_a_small_exchange(fake: 
     assert peer_socket(client) is None
 
 
+@contextlib.asynccontextmanager
+async def _connected(fake: FakeQmp) -> AsyncIterator[FlatClient]:
+    """A FlatClient connected to ``fake``, which answers ``query-name`` too."""
+    client = FlatClient("contract")
+    fake.on("query-name", _named)
+    await client.connect(str(fake.path))
+    try:
+        yield client
+    finally:
+        await client.disconnect()
+
+
 async def _routed_by_reader(client: FlatClient, command: str) -> list[str]:
     """Run ``command`` and return the messages qemu.qmp's reader task routed meanwhile (events and replies)."""
     routed: list[str] = []
@@ -169,10 +184,7 @@ async def _routed_by_reader(client: FlatClient, command: str) -> list[str]:
 
 
 async def test_a_lone_reply_reaches_its_caller_without_the_reader_task(fake: FakeQmp) -> None:
-    client = FlatClient("contract")
-    fake.on("query-name", _named)
-    await client.connect(str(fake.path))
-    try:
+    async with _connected(fake) as client:
         assert await _routed_by_reader(client, "query-name") == [], "the reply went through the reader task"
         client.logger.setLevel(logging.DEBUG)  # qemu.qmp logs each message it routes: the reader's path is kept
         try:
@@ -180,16 +192,12 @@ async def test_a_lone_reply_reaches_its_caller_without_the_reader_task(fake: Fak
         finally:
             client.logger.setLevel(logging.NOTSET)
         assert client._pending == {}
-    finally:
-        await client.disconnect()
 
 
 async def test_a_reply_behind_an_event_is_routed_after_it(fake: FakeQmp) -> None:
-    client = FlatClient("contract")
-    await client.connect(str(fake.path))
     listener = FlatListener(("DEVICE_DELETED",))
-    client.register_listener(listener)
-    try:
+    async with _connected(fake) as client:
+        client.register_listener(listener)
         # QEMU sends the event and then the reply; they may arrive in one read. The event must be with the
         # listener by the time the caller has the reply (as when qemu.qmp's reader routes both).
         deleted = {"device": "x", "path": "/machine/peripheral/x"}
@@ -204,8 +212,6 @@ async def test_a_reply_behind_an_event_is_routed_after_it(fake: FakeQmp) -> None
         assert await _routed_by_reader(client, "query-status") == ["reply", "event"]
         assert take_nowait(listener) is not None
         assert client._pending == {}
-    finally:
-        await client.disconnect()
 
 
 def _sent_ids(client: FlatClient) -> list[object]:
@@ -222,10 +228,7 @@ def _sent_ids(client: FlatClient) -> list[object]:
 
 
 async def test_a_command_carries_no_id_unless_another_awaits_an_id_less_reply(fake: FakeQmp) -> None:
-    client = FlatClient("contract")
-    fake.on("query-name", _named)
-    await client.connect(str(fake.path))
-    try:
+    async with _connected(fake) as client:
         ids = _sent_ids(client)
         assert await client.execute("query-name") == {"name": "contract"}
         release = fake.hold("query-status")
@@ -239,17 +242,12 @@ async def test_a_command_carries_no_id_unless_another_awaits_an_id_less_reply(fa
             assert await second == {"name": "contract"}
         assert ids == ["none", "none", 1], "the command sent while an id-less reply was awaited had no id"
         assert client._pending == {}
-    finally:
-        await client.disconnect()
 
 
 async def test_a_late_reply_of_a_command_given_up_on_is_dropped_and_ids_are_used_until_it_comes(fake: FakeQmp) -> None:
-    client = FlatClient("contract")
-    fake.on("query-name", _named)
     fake.fail("device_del", "Device 'x' not found", "DeviceNotFound")
     release = fake.hold("device_del")
-    await client.connect(str(fake.path))
-    try:
+    async with _connected(fake) as client:
         ids = _sent_ids(client)
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05):
@@ -263,8 +261,6 @@ async def test_a_late_reply_of_a_command_given_up_on_is_dropped_and_ids_are_used
         assert ids == ["none", 1, "none"], "ids were not used until the late reply came, or not dropped after it"
         assert client.runstate == Runstate.RUNNING, "the late id-less error reply was taken as a parse error"
         assert client._pending == {}
-    finally:
-        await client.disconnect()
 
 
 async def test_a_disconnect_while_a_late_reply_is_awaited_leaves_no_slot(fake: FakeQmp) -> None:

@@ -68,7 +68,6 @@ STREAM_PRIVATE_NAMES: Final = ("_buffer", "_waiter")
 _EVENT_START: Final = b'{"timestamp"'
 
 
-
 class FlatListener(EventListener):
     """An ``EventListener`` that keeps no history (qemu.qmp's grows without bound)."""
 
@@ -154,7 +153,7 @@ class FlatClient(QMPClient):
     def __init__(self, name: str) -> None:
         super().__init__(name)
         # QEMU parses a command character by character (~3.5 us each on the development machine, QEMU 7.2), so an
-        # id is part of every command's cost: "__qmp#00014" and its key cost ~70 us a command, 14 ~50 us. QEMU
+        # id is part of every command's cost: "__qmp#00014" and its key cost ~80-100 us a command, 14 ~30-50 us. QEMU
         # answers commands in order, so the direct path sends none while no other command awaits an id-less reply
         # (the reply routes to the slot of id None, as qemu.qmp routes any reply); a command sent meanwhile gets a
         # small int, never equal to qemu.qmp's own "__qmp#00001" strings. A command that ends without its reply

@@ -61,7 +61,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from qmpnet.adapters.mqtt.aiomqtt_internals import dispatching_queue
+from qmpnet.adapters.mqtt.aiomqtt_internals import Publisher, dispatching_queue
 from qmpnet.adapters.mqtt.broker import diagnose_timeout, explain, make_client, resolve_protocol
 from qmpnet.adapters.mqtt.outbox import Outbox, Outgoing
 from qmpnet.api.wire.envelopes import ControllerOffline, error_response, to_wire, transaction_of
@@ -336,6 +336,20 @@ class MqttBus:
 
     async def _send(self, client: aiomqtt.Client) -> None:
         """Hand the outbox's messages to the client in order, at most ``max_inflight`` awaiting their PUBACK."""
+        publisher = Publisher.of(client, self.outbox.acknowledged, self.settings.max_inflight)
+        if publisher is None:
+            await self._send_through_aiomqtt(client)
+            return
+        while True:
+            seq, item = await self.outbox.next()
+            await publisher.room()
+            if not publisher.publish(
+                seq, item.topic, item.payload(), qos=item.qos, retain=item.retain, properties=item.properties
+            ):
+                log.debug("publish to %s refused (no connection): sent again in the next session", item.topic)
+
+    async def _send_through_aiomqtt(self, client: aiomqtt.Client) -> None:
+        """:meth:`_send` through ``aiomqtt.Client.publish``: a task per message in flight."""
         window = asyncio.Semaphore(self.settings.max_inflight)
         deliveries: set[asyncio.Task[None]] = set()
         try:

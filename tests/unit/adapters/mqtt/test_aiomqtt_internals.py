@@ -24,9 +24,11 @@ import paho.mqtt.client
 from paho.mqtt.client import MQTTMessage
 
 from qmpnet.adapters import mqtt
-from qmpnet.adapters.mqtt.aiomqtt_internals import BufferedSocket, dispatching_queue, fewer_system_calls
+from qmpnet.adapters.mqtt.aiomqtt_internals import BufferedSocket, Publisher, dispatching_queue, fewer_system_calls
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     import pytest
 
 PACKAGE = Path(mqtt.__file__).parent
@@ -286,3 +288,135 @@ async def test_closing_drops_what_the_socket_cannot_take_and_its_writer() -> Non
     assert ours.fileno() == -1
     assert not loop.remove_writer(fileno)
     theirs.close()
+
+
+class _AckingBroker(_Broker):
+    """:class:`_Broker` that also acknowledges each QoS 1 PUBLISH (PUBACK), at once or when :meth:`release` says."""
+
+    def __init__(self, *, hold: bool = False) -> None:
+        super().__init__()
+        self.hold = hold
+        self.mids: list[int] = []  # the packet ids of the QoS 1 messages read, in order
+        self._writer: asyncio.StreamWriter | None = None
+
+    def release(self, count: int) -> None:
+        """Acknowledge the oldest ``count`` messages not yet acknowledged."""
+        assert self._writer is not None
+        for mid in self.mids[:count]:
+            self._writer.write(b"\x40\x02" + struct.pack("!H", mid))
+        del self.mids[:count]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        try:
+            await reader.read(1024)  # CONNECT
+            writer.write(b"\x20\x02\x00\x00")
+            while header := await reader.read(1):
+                length, shift = 0, 0
+                while True:  # the remaining length, 7 bits a byte
+                    byte = (await reader.readexactly(1))[0]
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if not byte & 0x80:
+                        break
+                body = await reader.readexactly(length)
+                self.received.extend(header + body)
+                if header[0] & 0xF0 == 0x30 and header[0] & 0x06 == 0x02:  # PUBLISH, QoS 1: its packet id
+                    (topic_length,) = struct.unpack("!H", body[:2])
+                    self.mids.append(struct.unpack("!H", body[2 + topic_length : 4 + topic_length])[0])
+                    if not self.hold:
+                        self.release(1)
+                self._grew.set()
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def _connected(broker: _Broker) -> AsyncIterator[aiomqtt.Client]:
+    server, port = await broker.start()
+    client = aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V311)
+    fewer_system_calls(client)
+    try:
+        async with server, client:
+            yield client
+    finally:
+        server.close()
+
+
+class _Acks(list[int]):
+    """The sequence numbers a publisher reported acknowledged, in order; :meth:`until` waits for more."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._grew = asyncio.Event()
+
+    def append(self, seq: int) -> None:  # the publisher's callback
+        super().append(seq)
+        self._grew.set()
+
+    async def until(self, count: int, timeout: float = 5) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self) < count:
+                self._grew.clear()
+                await self._grew.wait()
+
+
+async def test_a_publisher_is_told_of_each_puback_by_pahos_callback() -> None:
+    broker = _AckingBroker()
+    acked = _Acks()
+    async with _connected(broker) as client:
+        publisher = Publisher.of(client, acked.append, limit=10)
+        assert publisher is not None, "aiomqtt.Client no longer keeps its paho client at _client"
+        for seq in (7, 8, 9):
+            assert publisher.publish(seq, f"t/{seq}", b"x", qos=1, retain=False, properties=None)
+        await acked.until(3)
+        assert acked == [7, 8, 9], "paho's on_publish no longer reports each PUBACK with its message id"
+        assert publisher.inflight == 0
+        # aiomqtt's own publish still completes: its acknowledgement goes on to aiomqtt's callback.
+        await asyncio.wait_for(client.publish("t/aiomqtt", b"y", qos=1), 5)
+        assert acked == [7, 8, 9]
+        # QoS 0 has no PUBACK: paho reports the write.
+        assert publisher.publish(10, "t/10", b"z", qos=0, retain=False, properties=None)
+        await acked.until(4)
+        assert acked[-1] == 10
+    assert bytes(broker.received).count(b"t/") == 5
+
+
+async def test_a_publisher_waits_for_room_while_limit_messages_await_their_puback() -> None:
+    broker = _AckingBroker(hold=True)
+    acked = _Acks()
+    async with _connected(broker) as client:
+        publisher = Publisher.of(client, acked.append, limit=2)
+        assert publisher is not None
+        for seq in (1, 2):
+            await asyncio.wait_for(publisher.room(), 1)
+            assert publisher.publish(seq, f"t/{seq}", b"x", qos=1, retain=False, properties=None)
+        waiting = asyncio.create_task(publisher.room())
+        await broker.until(b"t/2")
+        assert len(broker.mids) == 2
+        await asyncio.sleep(0)  # the waiter's first step: it must block, not return
+        assert not waiting.done(), "room() returned with two messages of a limit of two unacknowledged"
+        broker.release(1)
+        await asyncio.wait_for(waiting, 5)
+        await acked.until(1)
+        assert acked == [1]
+        assert publisher.inflight == 1
+
+
+async def test_a_publish_paho_refuses_is_not_sent_nor_acknowledged() -> None:
+    acked: list[int] = []
+    client = aiomqtt.Client("127.0.0.1", 1)  # never connected
+    publisher = Publisher.of(client, acked.append, limit=2)
+    assert publisher is not None
+    assert not publisher.publish(1, "t/1", b"x", qos=1, retain=False, properties=None)
+    assert not publisher.publish(2, "t/2", b"x", qos=0, retain=False, properties=None)
+    assert acked == []
+    assert publisher.inflight == 0
+
+
+async def test_without_a_paho_client_there_is_no_publisher(caplog: pytest.LogCaptureFixture) -> None:
+    client = aiomqtt.Client("127.0.0.1", 1883)
+    del client._client  # as a later aiomqtt might keep its paho client elsewhere
+    with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.aiomqtt_internals"):
+        assert Publisher.of(client, print, limit=1) is None
+    assert "publishing through aiomqtt.Client.publish" in caplog.text

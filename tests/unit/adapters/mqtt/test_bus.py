@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from fakefleet import Fleet, running, settings
 
 from qmpnet.adapters.mqtt.bus import IncomingRequest, MqttBus
+from qmpnet.api.wire.envelopes import EventMessage, NicList
 from qmpnet.serve.controller import Controller
 
 if TYPE_CHECKING:
@@ -98,3 +99,34 @@ async def test_state_from_outside_a_request_goes_out_at_once(fleet: Fleet) -> No
         await taken(bus)
         fleet.current("vm1").emit("DEVICE_DELETED", {"device": "n3", "path": "/machine/peripheral/n3"})
         await published(bus, f"{BASE}/event/nic_removed", '"n3"')
+
+
+class _AiomqttOnly:
+    """A client with ``aiomqtt.Client.publish`` only (no paho client where the Publisher looks): the bus's fallback."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, int, bool]] = []
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool, properties: object,
+                      timeout: float) -> None:  # fmt: skip
+        await asyncio.sleep(0)  # the broker's PUBACK comes later
+        self.sent.append((topic, payload, qos, retain))
+
+
+async def test_without_the_publisher_the_bus_publishes_through_aiomqtt_in_order() -> None:
+    bus = MqttBus(settings().mqtt)
+    bus.outbox.session_started()
+    client = _AiomqttOnly()
+    sender = asyncio.create_task(bus._send(client))  # type: ignore[arg-type]
+    try:
+        bus.guest_nics("vm1", NicList(nics=[]))
+        bus.event("vm1", "nic_added", EventMessage(ts=1.0, guest="vm1", id="n1"))
+        await asyncio.wait_for(bus.outbox.settled(), 2)  # both acknowledged
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+    assert [(topic, qos, retain) for topic, _, qos, retain in client.sent] == [
+        (f"{BASE}/nics", 1, True),
+        (f"{BASE}/event/nic_added", 1, False),
+    ]

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
     from paho.mqtt.properties import Properties
 
-__all__ = ["BufferedSocket", "Publisher", "dispatching_queue", "fewer_system_calls"]
+__all__ = ["BufferedSocket", "Publisher", "dispatching_queue", "fewer_system_calls", "publish_at_once"]
 
 _log = logging.getLogger(__name__)
 
@@ -189,6 +189,22 @@ class Publisher:
         else:
             self._mids[info.mid] = seq
         return True
+
+
+def publish_at_once(
+    client: aiomqtt.Client, topic: str, payload: bytes, *, qos: int, properties: Properties | None
+) -> bool | None:
+    """Hand a message to ``client``'s paho client, not waiting for the broker's acknowledgement.
+
+    For a sender that needs no acknowledgement (the requester waits for the answer instead): no coroutine, event or
+    task per message, as with :class:`Publisher`. ``True``: handed over; ``False``: paho refused it (no
+    connection), nothing was sent; ``None``: the paho client is not where expected (publish with
+    ``client.publish``).
+    """
+    paho: Any = getattr(client, "_client", None)  # the one room for aiomqtt's privates
+    if not hasattr(paho, "publish"):
+        return None
+    return bool(paho.publish(topic, payload, qos, retain=False, properties=properties).rc == 0)  # MQTT_ERR_SUCCESS
 
 
 class BufferedSocket:

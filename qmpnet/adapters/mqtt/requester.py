@@ -49,7 +49,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import TypeAdapter, ValidationError
 
-from qmpnet.adapters.mqtt.aiomqtt_internals import dispatching_queue
+from qmpnet.adapters.mqtt.aiomqtt_internals import dispatching_queue, publish_at_once
 from qmpnet.adapters.mqtt.broker import diagnose_timeout, explain, make_client, resolve_protocol
 from qmpnet.api.wire.envelopes import ControllerOffline, ControllerOnline, ErrorResponse, OkResponse, transaction_of
 from qmpnet.api.wire.topics import Topics, is_bus_name
@@ -400,11 +400,15 @@ class Requester:
             left = pending.deadline - asyncio.get_running_loop().time()
             properties.MessageExpiryInterval = max(1, math.ceil(left))
         pending.sent = True
-        task = asyncio.create_task(
-            client.publish(pending.topic, pending.body, qos=1, properties=properties, timeout=math.inf)
-        )
-        self._publishes.add(task)
-        task.add_done_callback(self._published)
+        handed = publish_at_once(client, pending.topic, pending.body, qos=1, properties=properties)
+        if handed is None:  # aiomqtt's own way: a task per request until the broker has it
+            task = asyncio.create_task(
+                client.publish(pending.topic, pending.body, qos=1, properties=properties, timeout=math.inf)
+            )
+            self._publishes.add(task)
+            task.add_done_callback(self._published)
+        elif not handed:
+            log.debug("publishing a request failed: no connection (sent again after the reconnect)")
 
     def _published(self, task: asyncio.Task[None]) -> None:
         self._publishes.discard(task)

@@ -24,7 +24,13 @@ import paho.mqtt.client
 from paho.mqtt.client import MQTTMessage
 
 from qmpnet.adapters import mqtt
-from qmpnet.adapters.mqtt.aiomqtt_internals import BufferedSocket, Publisher, dispatching_queue, fewer_system_calls
+from qmpnet.adapters.mqtt.aiomqtt_internals import (
+    BufferedSocket,
+    Publisher,
+    dispatching_queue,
+    fewer_system_calls,
+    publish_at_once,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -420,3 +426,20 @@ async def test_without_a_paho_client_there_is_no_publisher(caplog: pytest.LogCap
     with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.aiomqtt_internals"):
         assert Publisher.of(client, print, limit=1) is None
     assert "publishing through aiomqtt.Client.publish" in caplog.text
+
+
+async def test_publish_at_once_hands_a_message_to_paho_without_waiting_for_its_puback() -> None:
+    broker = _AckingBroker(hold=True)
+    async with _connected(broker) as client:
+        assert publish_at_once(client, "t/req", b"x", qos=1, properties=None) is True
+        await broker.until(b"t/req")
+        assert len(broker.mids) == 1  # sent at QoS 1, and not acknowledged: nothing waited for it
+        broker.release(1)  # its PUBACK goes to aiomqtt's callback, which knows nothing of it
+        after = asyncio.create_task(client.publish("t/after", b"y", qos=1))
+        await broker.until(b"t/after")
+        broker.release(1)
+        await asyncio.wait_for(after, 5)  # aiomqtt's own publish still completes
+    never = aiomqtt.Client("127.0.0.1", 1)  # never connected
+    assert publish_at_once(never, "t/req", b"x", qos=1, properties=None) is False
+    del never._client  # as a later aiomqtt might keep its paho client elsewhere
+    assert publish_at_once(never, "t/req", b"x", qos=1, properties=None) is None

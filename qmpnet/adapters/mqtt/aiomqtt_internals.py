@@ -26,30 +26,51 @@ of ``aiomqtt.Client``, and the private names :func:`fewer_system_calls` needs.
   ``loop_write`` hands each packet to ``_sock.send`` whole; TLS and websocket
   connections keep paho's own socket.
 
+* **A task and an event per message** (issue 17). ``aiomqtt.Client.publish`` makes, per message, a coroutine, an
+  :class:`asyncio.Event`, a pending-call entry and a timeout scope, and a sender keeping several messages in flight
+  a task per message on top. :class:`Publisher` hands each message to paho's ``publish`` and hears its PUBACK
+  from paho's ``on_publish`` callback (the controller's outbox); :func:`publish_at_once` hands one over without
+  waiting for it (the requester, which waits for the answer instead). Both use ``aiomqtt.Client._client``.
+* **paho's MQTT 5 properties** rebuild two tables of 27 entries per object and find a property by looping over
+  its names: ~10 µs per PUBACK read and 20-40 µs per set of properties packed or unpacked. :class:`FastProperties`
+  shares paho's own tables and finds a name in a dictionary; :func:`install_fast_properties` makes paho decode
+  into it (the controller's process only: it names ``paho.mqtt._packet.Properties`` and
+  ``paho.mqtt.client.Properties``).
+
 tests/unit/adapters/mqtt/test_aiomqtt_internals.py is the contract: it fails, naming what changed, when a new version
 of ``aiomqtt`` or ``paho`` no longer works this way; and it checks that no other module of the MQTT adapter uses a
 private name of ``aiomqtt`` or ``paho``. ``aiomqtt`` is not pinned exactly (``>=2.5,<3``, the project's rule), so at
-run time :func:`fewer_system_calls` steps aside, leaving the libraries' own paths, when a name it needs is missing:
-the speed-up is lost, never the connection.
+run time :func:`fewer_system_calls`, :class:`Publisher`, :func:`publish_at_once` and :func:`install_fast_properties`
+step aside, leaving the libraries' own paths, when a name they need is missing: the speed-up is lost, never the
+connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import socket
 import threading
 from typing import TYPE_CHECKING, Any, Final
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties, VariableByteIntegers
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from paho.mqtt.properties import Properties
-
-__all__ = ["BufferedSocket", "Publisher", "dispatching_queue", "fewer_system_calls", "publish_at_once"]
+__all__ = [
+    "BufferedSocket",
+    "FastProperties",
+    "Publisher",
+    "dispatching_queue",
+    "fewer_system_calls",
+    "install_fast_properties",
+    "publish_at_once",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -312,3 +333,98 @@ class BufferedSocket:
 
     def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the socket's own attributes
         return getattr(self._sock, name)
+
+
+# ------------------------------------------------------------------------------------------ MQTT 5 properties
+
+_PROTOTYPE: Any = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+#: paho's own tables (every Properties object builds the same ones anew), shared, and its names without spaces.
+_TYPES: Final[list[str]] = _PROTOTYPE.types
+_NAMES: Final[dict[str, int]] = _PROTOTYPE.names
+_TABLE: Final[dict[int, tuple[int, list[int]]]] = _PROTOTYPE.properties
+_IDENT: Final[dict[str, int]] = {name.replace(" ", ""): ident for name, ident in _NAMES.items()}
+_SPACED: Final[dict[int, str]] = {ident: name for name, ident in _NAMES.items()}
+#: Properties that may be given more than once (a list of values).
+_MULTIPLE: Final = frozenset(name for name in _IDENT if _PROTOTYPE.allowsMultiple(name))
+#: Names whose values paho checks (a range, or a list it appends to): set through paho's own ``__setattr__``.
+_CHECKED: Final = _MULTIPLE | {
+    "ReceiveMaximum", "TopicAlias", "TopicAliasMaximum", "MaximumPacketSize", "SubscriptionIdentifier",
+    "RequestResponseInformation", "RequestProblemInformation", "PayloadFormatIndicator",
+}  # fmt: skip
+
+
+class FastProperties(Properties):
+    """paho's MQTT 5 ``Properties`` without its per-object and per-call table work; the same objects otherwise.
+
+    paho builds two tables of 27 entries for every ``Properties`` object (each PUBACK read makes one), and finds a
+    property by looping over the names with their spaces removed, again at each attribute set, ``pack`` and
+    ``unpack``: about 10 µs per object and 20-40 µs per set of three properties packed or unpacked, a hot-add over
+    MQTT 5 making seven such objects. Here the tables are paho's own, built once and shared (paho never changes
+    them), and a name is one dictionary lookup. What paho checks of a value (the ranges, the lists of a repeatable
+    property), an unknown name and a property of another packet type go through paho's own ``__setattr__``, so
+    errors are paho's. tests/unit/adapters/mqtt/test_aiomqtt_internals.py compares the two for every property and
+    packet type.
+    """
+
+    def __init__(self, packetType: int) -> None:  # noqa: N803 - paho's name
+        object.__setattr__(self, "packetType", packetType)
+        object.__setattr__(self, "types", _TYPES)
+        object.__setattr__(self, "names", _NAMES)
+        object.__setattr__(self, "properties", _TABLE)
+
+    def getIdentFromName(self, compressedName: str) -> int:  # noqa: N802, N803 - paho's names
+        """The identifier of the property named ``compressedName`` (no spaces); -1 if there is none."""
+        return _IDENT.get(compressedName, -1)
+
+    def getNameFromIdent(self, identifier: int) -> str | None:  # noqa: N802 - paho's name
+        """The name (with spaces) of property ``identifier``; ``None`` if there is none."""
+        return _SPACED.get(identifier)
+
+    def __setattr__(self, name: str, value: Any) -> None:  # noqa: ANN401 - a property's value
+        compressed = name.replace(" ", "")
+        ident = _IDENT.get(compressed)
+        if ident is None or compressed in _CHECKED or self.packetType not in _TABLE[ident][1]:
+            super().__setattr__(name, value)  # type: ignore[no-untyped-call] # paho's checks, errors, own attributes
+            return
+        object.__setattr__(self, compressed, value)
+
+    def _present(self) -> list[tuple[int, str]]:
+        present = self.__dict__
+        return [(ident, name) for name, ident in _IDENT.items() if name in present]
+
+    def pack(self) -> bytes:
+        """The properties as on the wire: their length, then each (as paho packs them)."""
+        buffer = b""
+        for ident, name in self._present():
+            kind = _TABLE[ident][0]
+            values = getattr(self, name) if name in _MULTIPLE else [getattr(self, name)]
+            for value in values:
+                buffer += self.writeProperty(ident, kind, value)  # type: ignore[no-untyped-call]
+        return bytes(VariableByteIntegers.encode(len(buffer))) + buffer  # type: ignore[no-untyped-call]
+
+    def clear(self) -> None:
+        """Remove every property."""
+        for _, name in self._present():
+            object.__delattr__(self, name)
+
+    def isEmpty(self) -> bool:  # noqa: N802 - paho's name
+        """Whether no property is set."""
+        return not self._present()
+
+
+def install_fast_properties() -> bool:
+    """Make paho decode MQTT 5 properties into :class:`FastProperties` (for the whole process: the controller's).
+
+    Returns whether it could (``False``: paho no longer builds them where this knows; its own class stays).
+    """
+    try:
+        modules = [importlib.import_module(name) for name in ("paho.mqtt._packet", "paho.mqtt.client")]
+    except ImportError:
+        modules = []
+    known = (Properties, FastProperties)
+    if not modules or not all(getattr(module, "Properties", None) in known for module in modules):
+        _log.info("paho: properties are not built where install_fast_properties knows; keeping paho's own class")
+        return False
+    for module in modules:
+        module.Properties = FastProperties  # type: ignore[attr-defined]
+    return True

@@ -58,10 +58,9 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from qmpnet.adapters.mqtt.aiomqtt_internals import Publisher, dispatching_queue
+from qmpnet.adapters.mqtt.aiomqtt_internals import FastProperties, Publisher, dispatching_queue, install_fast_properties
 from qmpnet.adapters.mqtt.broker import diagnose_timeout, explain, make_client, resolve_protocol
 from qmpnet.adapters.mqtt.outbox import Outbox, Outgoing
 from qmpnet.api.wire.envelopes import ControllerOffline, error_response, to_wire, transaction_of
@@ -235,6 +234,7 @@ class MqttBus:
                 times in a row.
         """
         self.handler = handler
+        install_fast_properties()  # the controller's process: paho decodes each PUBACK's properties into them
         link = _Link(self.settings)
         try:
             while True:
@@ -434,7 +434,7 @@ class MqttBus:
             answer_to, response = await self._respond(parsed, request)
             properties = None
             if request.correlation is not None and self.protocol != "3.1.1":
-                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                properties = FastProperties(PacketTypes.PUBLISH)
                 properties.CorrelationData = request.correlation
             self.outbox.put(Outgoing(answer_to, response, "answer", properties))
         finally:

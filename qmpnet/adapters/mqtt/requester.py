@@ -46,10 +46,9 @@ from typing import TYPE_CHECKING, Any, Self
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from pydantic import TypeAdapter, ValidationError
 
-from qmpnet.adapters.mqtt.aiomqtt_internals import dispatching_queue, publish_at_once
+from qmpnet.adapters.mqtt.aiomqtt_internals import FastProperties, dispatching_queue, publish_at_once
 from qmpnet.adapters.mqtt.broker import diagnose_timeout, explain, make_client, resolve_protocol
 from qmpnet.api.wire.envelopes import ControllerOffline, ControllerOnline, ErrorResponse, OkResponse, transaction_of
 from qmpnet.api.wire.topics import Topics, is_bus_name
@@ -394,7 +393,7 @@ class Requester:
             return
         properties = None
         if self.protocol == "5":
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties = FastProperties(PacketTypes.PUBLISH)
             properties.ResponseTopic = Topics(self._root, pending.controller).client_response(self.client_id)
             properties.CorrelationData = pending.transaction.encode()
             left = pending.deadline - asyncio.get_running_loop().time()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import importlib
 import inspect
 import logging
 import socket
@@ -21,21 +22,25 @@ from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import paho.mqtt.client
+import pytest
 from paho.mqtt.client import MQTTMessage
+from paho.mqtt.exception import MQTTException
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from qmpnet.adapters import mqtt
 from qmpnet.adapters.mqtt.aiomqtt_internals import (
     BufferedSocket,
+    FastProperties,
     Publisher,
     dispatching_queue,
     fewer_system_calls,
+    install_fast_properties,
     publish_at_once,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
-    import pytest
+    from collections.abc import AsyncIterator, Callable
 
 PACKAGE = Path(mqtt.__file__).parent
 
@@ -443,3 +448,113 @@ async def test_publish_at_once_hands_a_message_to_paho_without_waiting_for_its_p
     assert publish_at_once(never, "t/req", b"x", qos=1, properties=None) is False
     del never._client  # as a later aiomqtt might keep its paho client elsewhere
     assert publish_at_once(never, "t/req", b"x", qos=1, properties=None) is None
+
+
+# ------------------------------------------------------------------------------------------ MQTT 5 properties
+
+#: paho's class, untyped.
+PAHO_PROPERTIES: Any = Properties
+#: paho's client module, where it builds the properties of the packets it makes.
+PAHO_CLIENT: Any = paho.mqtt.client
+
+#: A valid value of each of paho's property types (by its index in ``Properties.types``).
+_SAMPLES: dict[str, object] = {
+    "Byte": 1, "Two Byte Integer": 5, "Four Byte Integer": 30, "Variable Byte Integer": 7, "Binary Data": b"ab",
+    "UTF-8 Encoded String": "s", "UTF-8 String Pair": ("k", "v"),
+}  # fmt: skip
+_PACKET_TYPES = [value for name, value in vars(PacketTypes).items() if name.isupper() and isinstance(value, int)]
+
+
+def _outcome(make: Callable[[], Any]) -> tuple[str, Any]:
+    """What building the properties ``make`` gives: its packed bytes, text and JSON, or the error it raised."""
+    try:
+        built = make()
+        return "ok", (built.pack(), str(built), built.json(), built.isEmpty())
+    except Exception as err:  # noqa: BLE001 - compared, whatever it is
+        return "error", (type(err).__name__, str(err))
+
+
+def _with(cls: Any, packet_type: int, *settings: tuple[str, object]) -> Callable[[], Any]:
+    def make() -> Any:
+        built = cls(packet_type)
+        for name, value in settings:
+            setattr(built, name, value)
+        return built
+
+    return make
+
+
+def test_fast_properties_pack_and_refuse_every_property_as_paho_does() -> None:
+    paho_properties = PAHO_PROPERTIES(PacketTypes.PUBLISH)
+    names = list(paho_properties.names)
+    assert len(names) >= 27, "paho's Properties no longer lists its property names in .names"
+    checked = 0
+    for packet_type in _PACKET_TYPES:
+        for name in names:
+            kind = paho_properties.types[paho_properties.properties[paho_properties.names[name]][0]]
+            compressed = name.replace(" ", "")
+            values = [_SAMPLES[kind], 0, -1, 2, 65536, 268435456] if kind != "Binary Data" else [_SAMPLES[kind]]
+            for value in values:
+                cases = [((compressed, value),), ((name, value),), ((compressed, value), (compressed, value))]
+                for settings in cases:
+                    theirs = _outcome(_with(PAHO_PROPERTIES, packet_type, *settings))
+                    ours = _outcome(_with(FastProperties, packet_type, *settings))
+                    assert ours == theirs, f"{settings}, packet type {packet_type}: paho {theirs}, ours {ours}"
+                    checked += 1
+    assert checked > 1000
+    for cls in (PAHO_PROPERTIES, FastProperties):
+        assert _outcome(_with(cls, PacketTypes.PUBLISH, ("NoSuchProperty", 1)))[0] == "error"
+    assert _outcome(_with(FastProperties, PacketTypes.PUBLISH, ("NoSuchProperty", 1))) == _outcome(
+        _with(PAHO_PROPERTIES, PacketTypes.PUBLISH, ("NoSuchProperty", 1))
+    )
+
+
+def test_fast_properties_unpack_as_paho_does() -> None:
+    source = PAHO_PROPERTIES(PacketTypes.PUBLISH)
+    source.ResponseTopic = "qmpnet/c1/client/x/response"
+    source.CorrelationData = b"\x00\x01transaction"
+    source.MessageExpiryInterval = 30
+    source.UserProperty = ("a", "1")
+    source.UserProperty = ("b", "2")
+    packed = source.pack()
+    theirs, their_length = PAHO_PROPERTIES(PacketTypes.PUBLISH).unpack(packed)
+    fast: Any = FastProperties(PacketTypes.PUBLISH)
+    ours, our_length = fast.unpack(packed)
+    assert (ours.pack(), str(ours), ours.json()) == (theirs.pack(), str(theirs), theirs.json())
+    assert our_length == their_length
+    ours.clear()
+    assert ours.isEmpty()
+    assert ours.pack() == PAHO_PROPERTIES(PacketTypes.PUBLISH).pack()
+    twice = PAHO_PROPERTIES(PacketTypes.PUBLISH)
+    twice.ResponseTopic = "t"
+    once = twice.pack()
+    doubled = bytes([once[0] * 2]) + once[1:] * 2  # the same non-repeatable property twice
+    for cls in (PAHO_PROPERTIES, FastProperties):
+        with pytest.raises(MQTTException):  # both refuse it
+            cls(PacketTypes.PUBLISH).unpack(doubled)
+
+
+def test_install_fast_properties_makes_paho_decode_into_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    packet_module = importlib.import_module("paho.mqtt._packet")
+    # paho's own class there (a controller's bus may have installed ours in this process already); undone after.
+    monkeypatch.setattr(packet_module, "Properties", PAHO_PROPERTIES)
+    monkeypatch.setattr(PAHO_CLIENT, "Properties", PAHO_PROPERTIES)
+    assert install_fast_properties()
+    assert PAHO_CLIENT.Properties is FastProperties
+    assert install_fast_properties()  # again: nothing changes
+    puback = packet_module.decode_puback(0x40, b"\x00\x07\x00\x00", paho.mqtt.client.MQTTv5)
+    assert puback.mid == 7
+    assert type(puback.properties) is FastProperties, "paho no longer builds a PUBACK's properties by that name"
+
+
+async def test_install_fast_properties_keeps_pahos_class_when_it_is_not_where_expected(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Other:
+        pass
+
+    monkeypatch.setattr(PAHO_CLIENT, "Properties", Other)  # as a later paho might build them elsewhere
+    with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.aiomqtt_internals"):
+        assert not install_fast_properties()
+    assert PAHO_CLIENT.Properties is Other
+    assert "keeping paho's own class" in caplog.text

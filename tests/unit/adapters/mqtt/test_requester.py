@@ -1,4 +1,4 @@
-"""How the requester hands a request to the MQTT client (answers and reconnects: tests/integration/test_mqtt_client.py)."""
+"""How the requester hands a request to the MQTT client (its answers and reconnects: test_mqtt_client.py)."""
 
 from __future__ import annotations
 

@@ -360,9 +360,23 @@ def progress(what: str) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU seconds (user + system, all threads) process ``pid`` has used: what ``getrusage(RUSAGE_SELF)`` reports."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds (user + system) process ``pid``'s threads have used, to the nanosecond.
+
+    ``/proc/PID/task/TID/schedstat`` counts each thread's time on a CPU in nanoseconds; ``/proc/PID/stat`` (what
+    ``getrusage`` reports) counts whole clock ticks of 10 ms, too coarse for 60 hot-adds of ~2 ms. A thread that
+    ended is in neither sum of schedstat, so the difference of two readings leaves out what a thread that ended
+    between them used; the processes measured keep their threads (asyncio's executor keeps its workers). Without
+    schedstat, the ticks.
+    """
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+                total += int((task / "schedstat").read_text().split()[0])
+    except (FileNotFoundError, PermissionError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total / 1e9
 
 
 def raise_nofile() -> None:

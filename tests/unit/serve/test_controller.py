@@ -272,16 +272,21 @@ async def test_guest_directory_discovery(sink: Sink, fleet: Fleet, sockdir: Path
     first = _socket_file(sockdir / "alpha.qmp")
     (sockdir / "plain.qmp").write_text("not a socket")
     bad = _socket_file(sockdir / "bad name!.qmp")
+    metrics = Metrics()
+    guests = metrics.registry.get_sample_value
     try:
-        async with running(Controller(fast, sink, fleet.connect, version="0")) as controller:
+        async with running(Controller(fast, sink, fleet.connect, version="0", observer=metrics)) as controller:
             await connected(sink, "alpha")
             assert sink.controller[-1].guests == ["alpha"]
             second = _socket_file(sockdir / "beta.qmp")
             await sink.until(lambda: sink.controller[-1].guests == ["alpha", "beta"])
+            await connected(sink, "beta")
+            assert guests("qmpnet_guests", {"state": "connected"}) == 2
             first.close()
             (sockdir / "alpha.qmp").unlink()
             await sink.until(lambda: sink.controller[-1].guests == ["beta"])
             assert sink.gone == ["alpha"]
+            assert guests("qmpnet_guests", {"state": "connected"}) == 1  # the metric follows the removal at once
             assert error_code(await controller.handle("alpha", "nic/list", {})) == "not_found"
             second.close()
     finally:

@@ -151,7 +151,7 @@ class Publisher:
     Uses ``aiomqtt.Client._client`` (the paho client); paho's ``publish`` and ``on_publish`` are its public API.
 
     Args:
-        client: The connected client, made by :func:`qmpnet.adapters.mqtt.broker.make_client`.
+        paho: The paho client of a connected ``aiomqtt.Client`` (:meth:`of` finds it).
         acknowledged: Called with a message's ``seq`` once the broker has it.
         limit: At most this many messages await their acknowledgement (:meth:`room` waits).
     """

@@ -195,7 +195,7 @@ class Guest:
         """
         async with self._lane.turn(bounded=False):
             inventory = await self._reader.refresh(full=True)
-            await self._verifier.discover()
+            self._verifier.look_again()  # an agent port may have come: looked for when a call needs it
             return list(inventory.nics.values())
 
     async def resync(self) -> list[Nic]:
@@ -387,6 +387,7 @@ class Guest:
         """The NICs described, with their rx-filters (virtio) and the guest's own view (with an agent)."""
         from qmpnet.adapters.qga.client import guest_views  # noqa: PLC0415 - loaded by the first list (verification.py)
 
+        await self._verifier.discover()
         views = await guest_views(self._verifier.socket, self._settings.qga)
         nics = []
         for nic in inventory.nics.values():

@@ -6,8 +6,10 @@ got an address), went away, or saw its carrier change. With ``verify`` a call wa
 again, a link set back), so a verified call either shows in the guest or leaves it as it was. The agent is opened
 for the one call and closed after it: it serves one client at a time.
 
-The agent's socket is given, or found once on entry (``query-chardev`` and the virtserialport named
-``org.qemu.guest_agent.0``); ``list_nics`` reads the guest's view through the same socket.
+The agent's socket is given, or found when first needed (``query-chardev`` and the virtserialport named
+``org.qemu.guest_agent.0``): by a verified call or ``list_nics``, which reads the guest's view through the same
+socket. A change that needs no agent (a plain ``nic add`` from the command line) does not look for one. Not found,
+it is looked for again after the next full read of the guest (a reconnect), not at every need.
 """
 
 from __future__ import annotations
@@ -41,20 +43,26 @@ class Verifier:
         self._parts = parts
         self._socket = socket
         self._unplugs = unplugs
+        self._looked = False  # whether the socket was looked for since the last full read of the guest
 
     @property
     def socket(self) -> Path | None:
         """The guest agent's socket, if one is known."""
         return self._socket
 
+    def look_again(self) -> None:
+        """The guest was read afresh: an agent not found before is looked for again at the next need."""
+        self._looked = False
+
     async def discover(self) -> None:
-        """Look for the agent's socket in QEMU's chardevs, unless one is known.
+        """Look for the agent's socket in QEMU's chardevs, unless one is known or was looked for since the last read.
 
         Raises:
             OutcomeUnknown, GuestUnavailable: The monitor itself failed.
         """
-        if self._socket is not None:
+        if self._socket is not None or self._looked:
             return
+        self._looked = True
         try:
             self._socket = await find_agent_socket(self._parts.monitor)
         except QmpCommandError as err:
@@ -70,6 +78,7 @@ class Verifier:
         if not wanted:
             yield None
             return
+        await self.discover()
         agent = await self._open()
         try:
             yield agent

@@ -48,3 +48,21 @@ async def test_a_vfio_nic_cannot_be_verified(fake: FakeQmp, fast: Settings) -> N
         with pytest.raises(InvalidRequest, match="vfio"):
             await guest.add_nic({"backend": {"type": "vfio", "host": "0000:03:00.0"}}, verify=True)
     assert fake.changes() == []
+
+
+async def test_the_agent_is_looked_for_when_a_call_needs_it_once_per_read(fake: FakeQmp, fast: Settings) -> None:
+    def lookups() -> int:
+        return sum(c.name == "query-chardev" for c in fake.commands())
+
+    async with qmpnet.connect(str(fake.path), settings=fast) as guest:
+        await guest.add_nic({"model": "e1000"})
+        assert lookups() == 0  # connecting and a plain hot-add need no agent
+        await guest.list_nics()  # the guest's own view, if an agent is there
+        assert lookups() == 1
+        await guest.list_nics()
+        with pytest.raises(InvalidRequest):
+            await guest.set_link("e1", up=False, verify=True)
+        assert lookups() == 1  # not found: not looked for again until the guest is read afresh
+        await guest.recover()
+        await guest.list_nics()
+        assert lookups() == 2

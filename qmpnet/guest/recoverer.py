@@ -14,6 +14,7 @@ reconnect.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import TYPE_CHECKING
@@ -74,8 +75,9 @@ class Recoverer:
         self._note_instance(devices, full=full)
         deleted: set[str] = set()
         for step in steps:
-            if await self._recover_one(step, observation, full=full):
+            if step.action != "relink" and await self._recover_one(step, observation, full=full):
                 deleted.add(step.nic.netdev or "")
+        await self._relink([step for step in steps if step.action == "relink"], observation)
         if full:
             await self._apply_foreign_links(devices)
             await self._sweep_taps()
@@ -191,6 +193,19 @@ class Recoverer:
         except QmpCommandError as err:
             log.warning("guest %s: recovery of NIC %s (%s) failed: %s", self._parts.name, nic.id, step.action, err)
         return False
+
+    async def _relink(self, steps: list[RecoveryStep], observation: Observation) -> None:
+        """The ``relink`` steps, their ``set_link`` commands sent at once: one round trip for all, not one per NIC.
+
+        QEMU cannot say a link's state, so a full read re-applies every NIC's. Each step runs to its end; a failure of
+        the monitor itself is raised once all have ended.
+        """
+        results = await asyncio.gather(
+            *(self._recover_one(step, observation, full=True) for step in steps), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     def _activate(self, nic: NicRecord, observation: Observation) -> None:
         """The NIC's hot-add got through before the process that began it went: it is active, at its PCI place."""

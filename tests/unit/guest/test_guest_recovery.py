@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 from fakeqmp import Command, FakeQmp
 from waiting import eventually
 
@@ -21,8 +22,6 @@ from qmpnet.core.model import GuestEvent, NicSpec
 from qmpnet.core.records import GuestRecord, HostHold, NicRecord, OperationRecord
 
 if TYPE_CHECKING:
-    import pytest
-
     from qmpnet.settings import Settings
 
 
@@ -81,6 +80,20 @@ async def test_link_intent_is_reapplied_and_listed(fake: FakeQmp, fast: Settings
         listed = {n.id: n for n in await guest.list_nics()}
         assert listed["x1"].link == "down"
         assert listed["e1"].link == "up"
+
+
+async def test_link_intents_are_reapplied_at_once_not_one_round_trip_each(fake: FakeQmp, fast: Settings) -> None:
+    ids = [f"x{n}" for n in range(1, 5)]
+    for n, nic_id in enumerate(ids):
+        await fake.handlers["netdev_add"]({"id": f"{nic_id}.net", "type": "user"})
+        await fake.handlers["device_add"]({"driver": "e1000", "id": nic_id, "netdev": f"{nic_id}.net",
+                                           "mac": f"52:54:00:00:00:7{n}", "bus": "pci.0", "addr": f"{n + 0x10:02x}.0"})
+    await leave(fast, fake, *(nic(nic_id, "active", link="down") for nic_id in ids))
+    fake.hang("set_link")  # QEMU never answers: only what was sent before the first answer is recorded
+    with pytest.raises(qmpnet.OutcomeUnknown):
+        async with qmpnet.connect(str(fake.path), settings=fast):
+            pass
+    assert fake.changes() == [Command("set_link", {"name": nic_id, "up": False}) for nic_id in ids]
 
 
 async def test_a_cold_plugged_nic_keeps_its_link_intent_across_processes(fake: FakeQmp, fast: Settings) -> None:

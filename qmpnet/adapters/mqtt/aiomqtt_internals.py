@@ -78,6 +78,11 @@ _log = logging.getLogger(__name__)
 READ_SIZE: Final = 65536
 
 
+def _paho_of(client: aiomqtt.Client) -> Any:  # noqa: ANN401 - paho's client is untyped
+    """The paho client inside ``client`` (``aiomqtt.Client._client``), or ``None`` where a later aiomqtt keeps none."""
+    return getattr(client, "_client", None)  # the one room for aiomqtt's privates
+
+
 def dispatching_queue(dispatch: Callable[[aiomqtt.Message], None]) -> type[asyncio.Queue[aiomqtt.Message]]:
     """A message queue for ``aiomqtt.Client(queue_type=...)`` that hands each message to ``dispatch`` at once.
 
@@ -97,7 +102,7 @@ def fewer_system_calls(client: aiomqtt.Client) -> None:
 
     Call it on the event loop's thread, right after making the client (before it connects).
     """
-    paho: Any = getattr(client, "_client", None)  # the one room for aiomqtt's privates
+    paho = _paho_of(client)
     needed = (hasattr(client, "_socket_options"), hasattr(paho, "on_socket_open"),
               hasattr(paho, "on_socket_register_write"), hasattr(paho, "_sock"))  # fmt: skip
     if not all(needed):
@@ -180,7 +185,7 @@ class Publisher:
     @classmethod
     def of(cls, client: aiomqtt.Client, acknowledged: Callable[[int], None], limit: int) -> Publisher | None:
         """A publisher for ``client``; ``None`` (use ``client.publish``) when its paho client is not where expected."""
-        paho: Any = getattr(client, "_client", None)  # the one room for aiomqtt's privates
+        paho = _paho_of(client)
         if not (hasattr(paho, "publish") and hasattr(paho, "on_publish")):
             _log.info("aiomqtt %s: no paho client at _client; publishing through aiomqtt.Client.publish",
                       getattr(aiomqtt, "__version__", "?"))  # fmt: skip
@@ -222,7 +227,7 @@ def publish_at_once(
     connection), nothing was sent; ``None``: the paho client is not where expected (publish with
     ``client.publish``).
     """
-    paho: Any = getattr(client, "_client", None)  # the one room for aiomqtt's privates
+    paho = _paho_of(client)
     if not hasattr(paho, "publish"):
         return None
     return bool(paho.publish(topic, payload, qos, retain=False, properties=properties).rc == 0)  # MQTT_ERR_SUCCESS

@@ -121,7 +121,7 @@ class Supervisor:
 
     def capacity_read(self, capacity: Capacity) -> None:
         """A fresh capacity (read at connect, after a change, or by a ``slots`` request): publish it if it changed."""
-        if capacity != self.capacity:
+        if capacity is not self.capacity and capacity != self.capacity:  # an unchanged count is the same object
             self.capacity = capacity
             if self.state == "connected":
                 self.publish()

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from qmpnet.core import placement
 from qmpnet.core.placement import CAPACITY_MODELS, PciBus, PciTopology, Placement, advice, capacity, place
 from qmpnet.errors import Conflict, InvalidRequest, NoFreeSlot, NotFound, Unsupported
 
@@ -256,6 +257,50 @@ def test_capacity_counts_every_model_by_default_each_alone() -> None:
     # Shared places: each model alone would get the one root port, so the counts do not add up.
     assert {m.model: m.free for m in room.models} == {"virtio-net-pci": 1, "e1000e": 1, "e1000": 31, "rtl8139": 31}
 
+
+
+@pytest.mark.parametrize(("topology", "model", "expected"), CAPACITY)
+def test_free_count_is_the_number_of_free_slots(
+    topology: PciTopology, model: str, expected: tuple[int, int, int, int]
+) -> None:
+    for bus in topology.buses:
+        assert bus.free_count() == len(bus.free_slots())
+
+
+def test_a_count_made_before_is_given_again_and_equals_a_fresh_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    topologies = [param.values[0] for param in CAPACITY if isinstance(param.values[0], PciTopology)]
+    first = [capacity(topology) for topology in topologies]
+    # The same buses built anew: the very same object (nothing built, nothing to compare field by field).
+    for topology, counted in zip(topologies, first, strict=True):
+        assert capacity(replace(topology, buses=tuple(replace(bus) for bus in topology.buses))) is counted
+    monkeypatch.setattr(placement, "_COUNTED", {})
+    assert [capacity(topology) for topology in topologies] == first
+
+
+def test_counts_differ_by_everything_they_depend_on() -> None:
+    # The same number of free slots on a bus of another name, kind or hot-plug, or another machine or models.
+    base = q35(port("rp1"), bridge("br", {(1, 0): "x"}))
+    variants = [
+        q35(port("rp2"), bridge("br", {(1, 0): "x"})),
+        q35(port("rp1"), bridge("br2", {(1, 0): "x"})),
+        q35(PciBus("rp1", "root_port", hotplug=False), bridge("br", {(1, 0): "x"})),
+        q35(port("rp1"), bridge("br", {(2, 0): "x"})),
+    ]
+    for variant in variants:
+        assert capacity(variant) == placement._count(variant, CAPACITY_MODELS)
+    assert capacity(base, ("e1000",)) != capacity(base, ("rtl8139",))
+    assert capacity(variants[0]) != capacity(base)
+    assert capacity(variants[1]) != capacity(base)
+    assert capacity(variants[2]) != capacity(base)
+    assert capacity(variants[3]) == capacity(base)  # another slot taken on the bridge: the same count
+
+
+def test_counts_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(placement, "_COUNTED", {})
+    monkeypatch.setattr(placement, "_COUNTED_LIMIT", 3)
+    for slot in range(2, 12):
+        capacity(pc({(slot, 0): "x"}, bridge(f"br{slot}")))
+        assert len(placement._COUNTED) <= 3
 
 ADVICE = [
     pytest.param(pc(ALL_PC_SLOTS), "virtio-net-pci", "-device pci-bridge,id=br1,chassis_nr=1", id="pc"),

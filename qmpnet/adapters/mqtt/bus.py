@@ -416,16 +416,18 @@ class MqttBus:
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
         request = IncomingRequest(topic, payload, message.retain, response_topic, correlation)
-        task = asyncio.create_task(self.answer(request), name=f"qmpnet[guest={parsed.guest or '-'}].request")
+        task = asyncio.create_task(self.answer(request, parsed), name=f"qmpnet[guest={parsed.guest or '-'}].request")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def answer(self, request: IncomingRequest) -> None:
+    async def answer(self, request: IncomingRequest, parsed: RequestTopic | None = None) -> None:
         """Answer ``request`` and queue the answer, then the state and events it caused, in that order.
 
-        Waits for the handler (the controller) to answer; never raises but ``CancelledError``.
+        ``parsed`` is its topic parsed, if it was already. Waits for the handler (the controller) to answer; never
+        raises but ``CancelledError``.
         """
-        parsed = self.topics.parse_request(request.topic)
+        if parsed is None:
+            parsed = self.topics.parse_request(request.topic)
         if parsed is None:
             return
         hold = _Hold()
@@ -515,7 +517,8 @@ def check_payload(payload: bytes, *, retained: bool, limit: int) -> tuple[Invali
     if len(payload) > limit:
         return InvalidRequest(f"the payload is {len(payload)} bytes; the limit is {limit}"), None
     try:
-        data = json.loads(payload, parse_constant=_no_constant)
+        # json.loads(payload, parse_constant=_no_constant) without a decoder made per call
+        data = _DECODER.decode(payload.decode(json.detect_encoding(payload), "surrogatepass"))
     except ValueError as err:
         return InvalidRequest(f"the payload is not JSON: {err}"), None
     if retained:
@@ -527,3 +530,6 @@ def check_payload(payload: bytes, *, retained: bool, limit: int) -> tuple[Invali
 
 def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER: Final = json.JSONDecoder(parse_constant=_no_constant)

@@ -286,6 +286,9 @@ class ErrorResponse(Frozen):
 
 
 Response = OkResponse[Any] | ErrorResponse
+#: ``OkResponse[Any]``, looked up once: pydantic finds a parametrised class in its cache by a key it builds per call
+#: (~1 µs an answer).
+_OK_ANY: Final = OkResponse[Any]
 
 
 _ERRORS: dict[str, type[QmpnetError]] = {
@@ -331,7 +334,7 @@ def error_response(transaction: str | None, err: QmpnetError) -> ErrorResponse:
 
 def ok_response(transaction: str | None, data: BaseModel) -> OkResponse[Any]:
     """The answer carrying ``data``."""
-    return OkResponse[Any](transaction=transaction, status="ok", data=data)
+    return _OK_ANY(transaction=transaction, status="ok", data=data)
 
 
 def to_wire(message: BaseModel) -> bytes:

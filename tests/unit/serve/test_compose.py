@@ -169,6 +169,27 @@ def test_the_bus_passes_a_json_object() -> None:
     assert check_payload(b'{"transaction": "t"}', retained=False, limit=1000) == (None, {"transaction": "t"})
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"a": [1, 2.5, null, true], "b": "\\u00e9"}', '{"a": 1}'.encode("utf-16"), '{"a": 1}'.encode("utf-32-le"),
+        b'\xef\xbb\xbf{"a": 1}', b"\xef\xbb\xbf\xef\xbb\xbf{}", b'{"a": NaN}', b'{"a": -Infinity}', b'{"a": "\xff"}',
+        b"{oops", b"", b"  ", b'{"a": 1} x', b"[1, 2]", b'"\\ud800"',
+    ],
+)
+def test_the_bus_reads_a_payload_as_json_loads_does(payload: bytes) -> None:
+    def no_constant(name: str) -> object:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        expected: object = ("value", json.loads(payload, parse_constant=no_constant))
+    except ValueError as err:
+        expected = ("error", f"the payload is not JSON: {err}")
+    refusal, data = check_payload(payload, retained=True, limit=1000)  # retained: whatever was read comes back
+    assert refusal is not None
+    assert (("error", refusal.message) if data is None else ("value", data)) == expected
+
+
 def test_metrics_endpoint_on_loopback() -> None:
     metrics = Metrics()
     metrics.request_done("nic/add", "ok", 0.004)

@@ -60,7 +60,13 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from qmpnet.adapters.mqtt.aiomqtt_internals import FastProperties, Publisher, dispatching_queue, install_fast_properties
+from qmpnet.adapters.mqtt.aiomqtt_internals import (
+    FastProperties,
+    Publisher,
+    dispatching_queue,
+    install_fast_properties,
+    install_fast_reason_codes,
+)
 from qmpnet.adapters.mqtt.broker import diagnose_timeout, explain, make_client, resolve_protocol
 from qmpnet.adapters.mqtt.outbox import Outbox, Outgoing
 from qmpnet.api.wire.envelopes import ControllerOffline, error_response, to_wire, transaction_of
@@ -235,6 +241,7 @@ class MqttBus:
         """
         self.handler = handler
         install_fast_properties()  # the controller's process: paho decodes each PUBACK's properties into them
+        install_fast_reason_codes()  # and builds each PUBACK's reason code without copying its table
         link = _Link(self.settings)
         try:
             while True:

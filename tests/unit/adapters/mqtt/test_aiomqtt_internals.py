@@ -18,6 +18,7 @@ import logging
 import socket
 import struct
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
@@ -27,15 +28,18 @@ from paho.mqtt.client import MQTTMessage
 from paho.mqtt.exception import MQTTException
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from qmpnet.adapters import mqtt
 from qmpnet.adapters.mqtt.aiomqtt_internals import (
     BufferedSocket,
     FastProperties,
+    FastReasonCode,
     Publisher,
     dispatching_queue,
     fewer_system_calls,
     install_fast_properties,
+    install_fast_reason_codes,
     publish_at_once,
 )
 
@@ -557,4 +561,74 @@ async def test_install_fast_properties_keeps_pahos_class_when_it_is_not_where_ex
     with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.aiomqtt_internals"):
         assert not install_fast_properties()
     assert PAHO_CLIENT.Properties is Other
+    assert "keeping paho's own class" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ MQTT 5 reason codes
+
+#: paho's class, untyped.
+PAHO_REASON_CODE: Any = ReasonCode
+
+
+def _reason(make: Callable[[], Any]) -> tuple[str, Any]:
+    """What building a reason code with ``make`` gives: all it shows, or the error it raised."""
+    try:
+        code = make()
+        shown = (code.value, code.getName(), str(code), repr(code), code.json(), code.pack(), code.is_failure)
+        return "ok", (*shown, code == code.value, code < code.value + 1, code.packetType)
+    except Exception as err:  # noqa: BLE001 - compared, whatever it is
+        return "error", (type(err).__name__, str(err))
+
+
+def test_fast_reason_codes_are_built_and_refused_as_pahos_are() -> None:
+    table = PAHO_REASON_CODE.names
+    names = [*sorted({name for by_name in table.values() for name in by_name}), "No such reason"]
+    checked = 0
+    for packet_type in _PACKET_TYPES:
+        cases: list[dict[str, Any]] = [{}, *({"aName": name} for name in names)]
+        cases += [{"identifier": identifier} for identifier in range(256)]
+        for case in cases:
+            theirs = _reason(lambda c=case, t=packet_type: PAHO_REASON_CODE(t, **c))  # type: ignore[misc]
+            ours = _reason(lambda c=case, t=packet_type: FastReasonCode(t, **c))  # type: ignore[misc]
+            assert ours == theirs, f"{case}, packet type {packet_type}: paho {theirs}, ours {ours}"
+            checked += 1
+        for byte in (b"\x00", b"\x10", b"\x80", b"\x97"):
+            theirs = _reason(lambda t=packet_type, b=byte: _unpacked(PAHO_REASON_CODE(t), b))  # type: ignore[misc]
+            ours = _reason(lambda t=packet_type, b=byte: _unpacked(FastReasonCode(t), b))  # type: ignore[misc]
+            assert ours == theirs, f"{byte!r}, packet type {packet_type}: paho {theirs}, ours {ours}"
+    assert checked > 4000
+    # Shared, not copied: paho's table must stay one nobody can change.
+    assert isinstance(table, MappingProxyType), "paho's ReasonCode.names is no longer read-only: it may not be shared"
+    assert FastReasonCode(PacketTypes.PUBACK).names is table
+
+
+def _unpacked(code: Any, data: bytes) -> Any:
+    code.unpack(data)
+    return code
+
+
+def test_install_fast_reason_codes_makes_paho_build_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    packet_module = importlib.import_module("paho.mqtt._packet")
+    # paho's own class there (a controller's bus may have installed ours in this process already); undone after.
+    monkeypatch.setattr(packet_module, "ReasonCode", PAHO_REASON_CODE)
+    monkeypatch.setattr(PAHO_CLIENT, "ReasonCode", PAHO_REASON_CODE)
+    assert install_fast_reason_codes()
+    assert PAHO_CLIENT.ReasonCode is FastReasonCode
+    assert install_fast_reason_codes()  # again: nothing changes
+    puback = packet_module.decode_puback(0x40, b"\x00\x07", paho.mqtt.client.MQTTv5)
+    assert puback.mid == 7
+    assert type(puback.reason) is FastReasonCode, "paho no longer builds a PUBACK's reason code by that name"
+    assert puback.reason == 0
+
+
+async def test_install_fast_reason_codes_keeps_pahos_class_when_it_is_not_where_expected(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Other:
+        pass
+
+    monkeypatch.setattr(PAHO_CLIENT, "ReasonCode", Other)  # as a later paho might build them elsewhere
+    with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.aiomqtt_internals"):
+        assert not install_fast_reason_codes()
+    assert PAHO_CLIENT.ReasonCode is Other
     assert "keeping paho's own class" in caplog.text

@@ -36,6 +36,7 @@ from qmpnet.adapters.mqtt.aiomqtt_internals import (
     FastProperties,
     FastReasonCode,
     Publisher,
+    _read_pubacks_first,
     dispatching_queue,
     fewer_system_calls,
     install_fast_properties,
@@ -303,6 +304,162 @@ async def test_closing_drops_what_the_socket_cannot_take_and_its_writer() -> Non
     assert ours.fileno() == -1
     assert not loop.remove_writer(fileno)
     theirs.close()
+
+
+class _PahoOnSocket:
+    """A paho client, connected, on one end of a socket pair (a BufferedSocket); what it does is recorded."""
+
+    def __init__(self, protocol: int, *, at_once: bool) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.ours, self.broker = socket.socketpair()
+        self.ours.setblocking(False)  # noqa: FBT003 - socket's API
+        self.paho: Any = PAHO_CLIENT.Client(PAHO_CLIENT.CallbackAPIVersion.VERSION2, client_id="c", protocol=protocol)
+        self.paho._sock = BufferedSocket(self.ours, self.loop)
+        self.paho._state = PAHO_CLIENT._ConnectionState.MQTT_CS_CONNECTED
+        self.paho.on_socket_register_write = lambda *_: None  # sent by loop_write below
+        self.paho.on_socket_unregister_write = lambda *_: None
+        self.seen: list[object] = []
+        self.paho.on_publish = lambda _c, _u, mid, reason, props: self.seen.append(
+            ("puback", mid, type(reason).__mro__[-2].__name__, reason.value, reason.getName(), props.pack())
+        )
+        self.paho.on_message = lambda _c, _u, message: self.seen.append(("message", message.topic, message.payload))
+        self.paho.on_log = lambda _c, _u, level, text: self.seen.append(("log", level, text))
+        self.paho.on_disconnect = lambda _c, _u, _flags, reason, _p: self.seen.append(("disconnect", str(reason)))
+        self.generic_reads = 0
+        generic = self.paho._packet_read
+
+        def counted() -> Any:
+            self.generic_reads += 1
+            return generic()
+
+        self.paho._packet_read = counted
+        if at_once:
+            _read_pubacks_first(self.paho)
+
+    def publish(self, count: int) -> None:
+        for n in range(count):
+            assert self.paho.publish(f"t/{n}", b"x", qos=1).rc == 0
+        self.paho.loop_write()
+        self.broker.recv(65536)
+
+    def feed(self, data: bytes) -> None:
+        """The broker sends ``data``; the client reads as aiomqtt's reader does (again while bytes are buffered)."""
+        self.broker.send(data)
+        while True:
+            self.seen.append(("rc", self.paho.loop_read()))
+            sock = self.paho._sock
+            if sock is None or not sock.pending():
+                break
+        self.seen.append(("state", sorted(self.paho._out_messages), self.paho._inflight_messages))
+
+    def close(self) -> None:
+        self.ours.close()
+        self.broker.close()
+
+
+def _puback(mid: int, rest: bytes = b"") -> bytes:
+    return bytes([0x40, 2 + len(rest)]) + struct.pack("!H", mid) + rest
+
+
+@pytest.mark.parametrize("protocol", [paho.mqtt.client.MQTTv311, paho.mqtt.client.MQTTv5])
+async def test_pubacks_read_at_once_are_what_pahos_own_reading_makes_of_them(protocol: int) -> None:
+    bursts = [
+        _puback(1),  # alone
+        _puback(2) + _puback(99) + _puback(3),  # several, one not paho's (ignored, logged)
+        _publish("t/in", b"m" if protocol == paho.mqtt.client.MQTTv311 else b"\x00m") + _puback(4),  # behind another
+        _puback(5) + _puback(6)[:3],  # a PUBACK cut in two: the first part waits in paho's reading state
+        _puback(6)[3:] + _puback(7),
+    ]
+    if protocol == paho.mqtt.client.MQTTv5:
+        bursts.append(_puback(8, b"\x10") + _puback(9, b"\x00\x00"))  # a reason code, empty properties: paho's way
+    clients = [_PahoOnSocket(protocol, at_once=at_once) for at_once in (False, True)]
+    try:
+        for client in clients:
+            client.publish(9)
+            client.paho._last_bytes_received = 0
+            for burst in bursts:
+                client.feed(burst)
+        theirs, ours = clients
+        assert ours.seen == theirs.seen
+        assert ours.paho._last_bytes_received > 0
+        assert ours.generic_reads < theirs.generic_reads - 4, "the plain PUBACKs were read by paho's own way"
+    finally:
+        for client in clients:
+            client.close()
+
+
+class _ResettingSocket:
+    """A socket whose ``recv`` returns what was sent, then fails once as a connection reset does, then ends."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reads = 0
+
+    def recv(self, size: int) -> bytes:
+        self.reads += 1
+        if self.reads == 1:
+            return self.sock.recv(size)
+        if self.reads == 2:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return b""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+@pytest.mark.parametrize("how", ["closed", "reset"])
+async def test_a_connection_lost_while_reading_at_once_is_told_as_paho_tells_it(how: str) -> None:
+    clients = [_PahoOnSocket(paho.mqtt.client.MQTTv5, at_once=at_once) for at_once in (False, True)]
+    try:
+        for client in clients:
+            client.publish(1)
+            client.broker.send(_puback(1))
+            if how == "reset":
+                client.paho._sock._sock = _ResettingSocket(client.ours)
+            else:
+                client.broker.shutdown(socket.SHUT_WR)
+            while client.paho._sock is not None:
+                client.seen.append(("rc", client.paho.loop_read()))
+        theirs, ours = clients
+        assert ours.seen == theirs.seen
+        assert ours.seen[-2:] == [("disconnect", "Unspecified error"), ("rc", paho.mqtt.client.MQTT_ERR_CONN_LOST)]
+        if how == "reset":
+            assert any("failed to receive on socket" in str(event) for event in ours.seen)
+    finally:
+        for client in clients:
+            client.close()
+
+
+async def test_reading_pubacks_at_once_steps_aside_when_a_private_name_is_missing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = _PahoOnSocket(PAHO_CLIENT.MQTTv5, at_once=False)
+    try:
+        del client.paho._in_messages  # as a later paho might keep its state elsewhere
+        with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.aiomqtt_internals"):
+            _read_pubacks_first(client.paho)
+        assert "loop_read" not in vars(client.paho)  # paho's own method, untouched
+        assert "paho reads them itself" in caplog.text
+    finally:
+        client.close()
+
+
+async def test_a_socket_error_met_while_filling_is_told_by_the_next_recv() -> None:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)  # noqa: FBT003 - socket's API
+    sock = BufferedSocket(ours, asyncio.get_running_loop())
+    assert not sock.fill()  # nothing to read
+    theirs.send(b"ab")
+    assert sock.fill()
+    assert sock.fill()  # still buffered: no read
+    assert sock.recv(5) == b"ab"
+    theirs.close()
+    assert not sock.fill()  # closed: kept for recv
+    assert not sock.fill()
+    assert sock.recv(1) == b""
+    ours.close()
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        sock.fill() or sock.recv(1)
 
 
 class _AckingBroker(_Broker):

@@ -28,14 +28,15 @@ of ``aiomqtt.Client``, and the private names :func:`fewer_system_calls` needs.
 
 * **paho's generic read of a PUBACK** (issue 17). paho reads every packet the same way: its type byte, its
   length, its body, each through ``recv``, a dictionary of reading state reset per packet, the packet decoded into
-  a tuple with a reason code and properties, the time noted twice under a lock; ~45 k instructions for the four
+  a tuple with a reason code and properties, the time noted twice under a lock; ~45 k instructions for the few
   bytes of a PUBACK, and a hot-add reads four. :func:`fewer_system_calls` also gives paho a ``loop_read`` that is
-  paho's own (as many packets as messages in flight, each read by ``_packet_read``) but takes a plain PUBACK
-  (``40 02`` and the message id) found whole in what one ``recv`` returned at once, doing with it what paho's
-  ``_handle_pubackcomp`` does (its log line, ``_do_on_publish`` under ``_out_message_mutex`` if the message is
-  paho's, ``_last_bytes_received``). It uses paho's ``_packet_read``, ``_in_packet``, ``_in_messages``,
-  ``_out_messages``, ``_out_message_mutex``, ``_do_on_publish``, ``_easy_log``, ``_msgtime_mutex``,
-  ``_last_bytes_received``, ``_loop_rc_handle`` and ``time_func``.
+  paho's own (as many packets as messages in flight, each read by ``_packet_read``) but takes a plain PUBACK found
+  whole in what one ``recv`` returned at once (``40 02`` and the message id; with MQTT 5 also ``40 03``, the id
+  and the reason code "no matching subscribers", which the broker gives retained state and events nobody listens
+  to), doing with it what paho's ``_handle_pubackcomp`` does (its log line, ``_do_on_publish`` under
+  ``_out_message_mutex`` if the message is paho's, ``_last_bytes_received``). It uses paho's ``_packet_read``,
+  ``_protocol``, ``_in_packet``, ``_in_messages``, ``_out_messages``, ``_out_message_mutex``, ``_do_on_publish``,
+  ``_easy_log``, ``_msgtime_mutex``, ``_last_bytes_received``, ``_loop_rc_handle`` and ``time_func``.
 
 * **A task and an event per message** (issue 17). ``aiomqtt.Client.publish`` makes, per message, a coroutine, an
   :class:`asyncio.Event`, a pending-call entry and a timeout scope, and a sender keeping several messages in flight
@@ -167,8 +168,11 @@ def fewer_system_calls(client: aiomqtt.Client) -> None:
     _read_pubacks_first(paho)
 
 
+#: The reason codes a plain MQTT 5 PUBACK may carry: success, and no matching subscribers (a retained topic or an
+#: event nobody listens to): both taken by paho as they are.
+_PLAIN_REASONS: Final = frozenset({0x00, 0x10})
 #: What paho's client must have for :func:`_read_pubacks_first`.
-_PUBACK_NAMES: Final = ("loop_read", "_packet_read", "_in_packet", "_in_messages", "_out_messages",
+_PUBACK_NAMES: Final = ("loop_read", "_packet_read", "_protocol", "_in_packet", "_in_messages", "_out_messages",
                         "_out_message_mutex", "_do_on_publish", "_easy_log", "_msgtime_mutex", "_last_bytes_received",
                         "_loop_rc_handle")  # fmt: skip
 
@@ -191,7 +195,7 @@ class _PubackReader:
     :meth:`BufferedSocket.take_puback` finds it whole in what was read.
     """
 
-    __slots__ = ("_clock", "_codes", "_debug", "_packets", "_paho")
+    __slots__ = ("_clock", "_codes", "_debug", "_packets", "_paho", "_reasons")
 
     def __init__(self, paho: Any, packets: Any, client_module: Any) -> None:  # noqa: ANN401 - paho's
         self._paho = paho
@@ -199,6 +203,8 @@ class _PubackReader:
         self._clock = client_module.time_func
         self._codes = client_module.MQTTErrorCode
         self._debug = client_module.MQTT_LOG_DEBUG
+        mqtt5 = paho._protocol == client_module.MQTTv5  # noqa: SLF001 - see the module docstring
+        self._reasons = _PLAIN_REASONS if mqtt5 else frozenset()  # before MQTT 5 a PUBACK has none
 
     def __call__(self, max_packets: int = 1) -> Any:  # noqa: ANN401, ARG002 - paho's code; paho ignores it too
         paho, codes = self._paho, self._codes  # the privates below: see the module docstring
@@ -208,26 +214,27 @@ class _PubackReader:
             sock = paho._sock  # noqa: SLF001
             if sock is None:
                 return codes.MQTT_ERR_NO_CONN
-            mid = None
+            puback = None
             if type(sock) is BufferedSocket and paho._in_packet["command"] == 0:  # noqa: SLF001
                 if not sock.fill() and not sock.failed():
                     return codes.MQTT_ERR_SUCCESS  # nothing to read: what paho's MQTT_ERR_AGAIN ends in, no recv
-                mid = sock.take_puback()
-            rc = self._acknowledged(mid) if mid is not None else paho._packet_read()  # noqa: SLF001
+                puback = sock.take_puback(reasons=self._reasons)
+            rc = self._acknowledged(*puback) if puback is not None else paho._packet_read()  # noqa: SLF001
             if rc > 0:
                 return paho._loop_rc_handle(rc)  # noqa: SLF001
             if rc == codes.MQTT_ERR_AGAIN:
                 return codes.MQTT_ERR_SUCCESS
         return codes.MQTT_ERR_SUCCESS
 
-    def _acknowledged(self, mid: int) -> Any:  # noqa: ANN401 - paho's code
-        """What paho's ``_handle_pubackcomp`` does with a PUBACK of two bytes, and ``_packet_read``'s time noted."""
+    def _acknowledged(self, mid: int, code: int) -> Any:  # noqa: ANN401 - paho's code
+        """What paho's ``_handle_pubackcomp`` does with a plain PUBACK, and ``_packet_read``'s time noted."""
         paho = self._paho
         paho._easy_log(self._debug, "Received %s (Mid: %d)", "PUBACK", mid)  # noqa: SLF001 - see the module docstring
         rc = self._codes.MQTT_ERR_SUCCESS
         with paho._out_message_mutex:  # noqa: SLF001 - see the module docstring
             if mid in paho._out_messages:  # noqa: SLF001 - see the module docstring
-                reason = self._packets.ReasonCode(PacketTypes.PUBACK)
+                make = self._packets.ReasonCode
+                reason = make(PacketTypes.PUBACK) if code < 0 else make(PacketTypes.PUBACK, identifier=code)
                 rc = paho._do_on_publish(mid, reason, self._packets.Properties(PacketTypes.PUBACK))  # noqa: SLF001
         with paho._msgtime_mutex:  # noqa: SLF001 - see the module docstring
             paho._last_bytes_received = self._clock()  # noqa: SLF001 - see the module docstring
@@ -404,12 +411,20 @@ class BufferedSocket:
         """Whether :meth:`fill` met a closed connection or an error, which the next :meth:`recv` tells."""
         return self._failure is not None
 
-    def take_puback(self) -> int | None:
-        """The message id of the plain PUBACK (``40 02``, the id) at the head of the buffer, taken; else ``None``."""
+    def take_puback(self, *, reasons: frozenset[int]) -> tuple[int, int] | None:
+        """The plain PUBACK at the head of the buffer, taken: its message id and reason code (-1: none); else ``None``.
+
+        Plain: ``40 02`` and the id, or (MQTT 5) ``40 03``, the id and one of ``reasons``.
+        """
         data, pos = self._data, self._pos
-        if len(data) - pos >= _PUBACK_SIZE and data[pos] == _PUBACK and data[pos + 1] == _PUBACK_LENGTH:
+        if len(data) - pos < _PUBACK_SIZE or data[pos] != _PUBACK:
+            return None
+        if data[pos + 1] == _PUBACK_LENGTH:
             self._pos = pos + _PUBACK_SIZE
-            return (data[pos + 2] << 8) | data[pos + 3]
+            return (data[pos + 2] << 8) | data[pos + 3], -1
+        if data[pos + 1] == _PUBACK_LENGTH + 1 and len(data) - pos > _PUBACK_SIZE and data[pos + 4] in reasons:
+            self._pos = pos + _PUBACK_SIZE + 1
+            return (data[pos + 2] << 8) | data[pos + 3], data[pos + 4]
         return None
 
     def send(self, data: bytes | bytearray | memoryview) -> int:

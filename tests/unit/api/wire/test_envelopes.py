@@ -10,8 +10,12 @@ import qmpnet
 from qmpnet.api.wire.envelopes import (
     EVENT_NAMES,
     OPS,
+    DesiredError,
+    DesiredStatus,
     ErrorBody,
     EventMessage,
+    GuestInfo,
+    GuestStatus,
     NicAddRequest,
     NicDelRequest,
     NicList,
@@ -23,6 +27,7 @@ from qmpnet.api.wire.envelopes import (
 )
 from qmpnet.client import Client, error_from
 from qmpnet.core.model import Nic, RemoveResult
+from qmpnet.core.placement import PciBus, PciTopology, capacity
 from qmpnet.errors import InvalidRequest, QmpCommandError, QmpnetError
 from qmpnet.settings import MqttSettings
 
@@ -119,6 +124,22 @@ def test_a_nic_list_on_the_wire_is_pydantics_own_encoding_with_each_nic_encoded_
         assert to_wire(message) == message.model_dump_json().encode()
     changed = nics[1].model_copy(update={"link": "up"})
     assert to_wire(NicList(nics=[nics[0], changed])) == NicList(nics=[nics[0], changed]).model_dump_json().encode()
+
+
+def test_a_guest_status_on_the_wire_is_pydantics_own_encoding_with_its_capacity_encoded_once() -> None:
+    pc = PciTopology("pc", (PciBus("pci.0", "root", hotplug=True, used={(0, 0): "host", (2, 0): "n\u00e9"}),))
+    full = PciTopology("q35", (PciBus("pcie.0", "root", hotplug=False), PciBus("rp1", "root_port", hotplug=True)))
+    desired = DesiredStatus(generation=3, converged=False, pending=["n1"],
+                            errors=[DesiredError(id=None, code="invalid_request", message='bad "x"', field="nics.0")])
+    statuses = [
+        GuestStatus(state="connecting", since=1.0),
+        GuestStatus(state="connected", qemu="8.2.2", machine="pc-i440fx-8.2", since=1.7e9, capacity=capacity(pc)),
+        GuestStatus(state="connected", qemu=None, machine="q35", since=2.5, desired=desired, capacity=capacity(full)),
+        GuestInfo(name="vm1", state="connected", since=3.0, capacity=capacity(pc)),  # not a status: its own way
+    ]  # fmt: skip
+    for status in statuses:
+        assert to_wire(status) == status.model_dump_json().encode()
+        assert to_wire(status) == status.model_dump_json().encode()  # the capacity's JSON kept: the same again
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,8 @@ of ``aiomqtt.Client``, and the private names :func:`fewer_system_calls` needs.
   what is there; ``aiomqtt``'s reader reads on while the buffer's ``pending()`` says bytes are left, as it does
   for TLS) and, on the event loop's own thread, writes a burst in the loop's next turn instead, all of its
   packets in one ``send`` (paho sends each packet on its own: the answer, the status, the NIC list and the event
-  of a hot-add were four ``sendto`` calls, each a wake-up of the broker). It uses
+  of a hot-add were four ``sendto`` calls, each a wake-up of the broker); and paho's call to remove the writer
+  after each burst goes to ``aiomqtt`` only when its writer was added. It uses
   ``aiomqtt.Client._client`` (the paho client), ``aiomqtt.Client._socket_options`` (which aiomqtt applies to a
   ``socket.socket`` only, so to the socket before it is wrapped), paho's ``Client._sock`` and that paho's
   ``loop_write`` hands each packet to ``_sock.send`` whole; TLS and websocket
@@ -127,15 +128,14 @@ def fewer_system_calls(client: aiomqtt.Client) -> None:
     """
     paho = _paho_of(client)
     needed = (hasattr(client, "_socket_options"), hasattr(paho, "on_socket_open"),
-              hasattr(paho, "on_socket_register_write"), hasattr(paho, "_sock"))  # fmt: skip
+              hasattr(paho, "on_socket_register_write"), hasattr(paho, "on_socket_unregister_write"),
+              hasattr(paho, "_sock"))  # fmt: skip
     if not all(needed):
         _log.info("aiomqtt %s / paho: not the private names fewer_system_calls knows; using their own I/O paths",
                   getattr(aiomqtt, "__version__", "?"))
         return
     loop = asyncio.get_running_loop()
-    loop_thread = threading.get_ident()
     opened = paho.on_socket_open  # aiomqtt's: adds the socket's reader to the loop
-    register = paho.on_socket_register_write  # aiomqtt's: adds its writer, from any thread
 
     def on_socket_open(paho_client: Any, userdata: object, sock: Any) -> None:  # noqa: ANN401 - paho's callback
         if type(sock) is socket.socket:  # plain TCP; TLS and websockets have their own buffers
@@ -146,26 +146,58 @@ def fewer_system_calls(client: aiomqtt.Client) -> None:
             paho_client._sock = BufferedSocket(sock, loop)  # noqa: SLF001 - see the module docstring
         opened(paho_client, userdata, sock)
 
-    def on_socket_register_write(paho_client: Any, userdata: object, sock: Any) -> None:  # noqa: ANN401 - paho's
-        if threading.get_ident() != loop_thread:
-            register(paho_client, userdata, sock)  # paho's connect runs in a worker thread: aiomqtt's way
-            return
-        loop.call_soon(flush, paho_client, userdata)  # no self-pipe, no epoll_ctl: the loop's next turn writes
+    writes = _Writes(loop, paho.on_socket_register_write, paho.on_socket_unregister_write)
+    paho.on_socket_open = on_socket_open
+    paho.on_socket_register_write = writes.register
+    paho.on_socket_unregister_write = writes.unregister
+    _read_pubacks_first(paho)
 
-    def flush(paho_client: Any, userdata: object) -> None:  # noqa: ANN401 - paho's client
+
+class _Writes:
+    """paho's write callbacks: on the loop's thread, a burst written in the loop's next turn, in one ``send``.
+
+    Args:
+        loop: The event loop (its thread is the one calling this).
+        register: aiomqtt's ``on_socket_register_write``: adds its writer, from any thread.
+        unregister: aiomqtt's ``on_socket_unregister_write``: removes it.
+    """
+
+    __slots__ = ("_loop", "_register", "_theirs", "_thread", "_unregister")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, register: Callable[..., None],
+                 unregister: Callable[..., None]) -> None:  # fmt: skip
+        self._loop = loop
+        self._thread = threading.get_ident()
+        self._register = register
+        self._unregister = unregister
+        self._theirs = False  # whether aiomqtt's writer was added and not yet removed
+
+    def register(self, paho_client: Any, userdata: object, sock: Any) -> None:  # noqa: ANN401 - paho's callback
+        if threading.get_ident() != self._thread:
+            self._theirs = True
+            self._register(paho_client, userdata, sock)  # paho's connect runs in a worker thread: aiomqtt's way
+            return
+        self._loop.call_soon(self._flush, paho_client, userdata)  # no self-pipe, no epoll_ctl: the next turn writes
+
+    def unregister(self, paho_client: Any, userdata: object, sock: Any) -> None:  # noqa: ANN401 - paho's callback
+        # paho calls this after every write that emptied its queue. Only a writer aiomqtt added is aiomqtt's to
+        # remove: removing none cost a selector lookup and a KeyError each time, and a BufferedSocket's own writer
+        # is the socket's business.
+        if self._theirs:
+            self._theirs = False
+            self._unregister(paho_client, userdata, sock)
+
+    def _flush(self, paho_client: Any, userdata: object) -> None:  # noqa: ANN401 - paho's client
         sock = paho_client.socket()
         if isinstance(sock, BufferedSocket):
             with sock.gathered():  # all queued packets in one send (paho sends each packet on its own)
                 paho_client.loop_write()
             return
-        paho_client.loop_write()  # all queued packets; unregisters (nothing to undo) once the queue is empty
+        paho_client.loop_write()  # all queued packets; unregisters once the queue is empty
         sock = paho_client.socket()
         if paho_client.want_write() and sock is not None:
-            register(paho_client, userdata, sock)  # the socket is full: aiomqtt's writer sends the rest
-
-    paho.on_socket_open = on_socket_open
-    paho.on_socket_register_write = on_socket_register_write
-    _read_pubacks_first(paho)
+            self._theirs = True
+            self._register(paho_client, userdata, sock)  # the socket is full: aiomqtt's writer sends the rest
 
 
 #: The reason codes a plain MQTT 5 PUBACK may carry: success, and no matching subscribers (a retained topic or an

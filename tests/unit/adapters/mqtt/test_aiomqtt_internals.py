@@ -178,13 +178,24 @@ async def test_fewer_system_calls_reads_a_burst_at_once_and_writes_without_wakin
                 woken.append(args[0])
                 return threadsafe(*args, **kwargs)
 
+            removals: list[object] = []
+            remove_writer = loop.remove_writer
+
+            def counting_removal(fd: Any) -> bool:
+                removals.append(fd)
+                return remove_writer(fd)
+
             loop.call_soon_threadsafe = counting  # type: ignore[method-assign,assignment]
+            loop.remove_writer = counting_removal  # type: ignore[method-assign]
             try:
                 await client.publish("t/out", b"x", qos=0)
                 await broker.until(b"t/out")
             finally:
                 del loop.call_soon_threadsafe
+                del loop.remove_writer
             assert woken == [], f"a publish on the loop's thread still woke the loop through its self-pipe: {woken}"
+            assert removals == [], "a write on the loop's thread asked aiomqtt to remove a writer it never added"
+            assert not loop.remove_writer(sock.fileno()), "a writer is left on the socket (aiomqtt's, from the connect)"
     finally:
         server.close()
 

@@ -185,8 +185,11 @@ class _Writes:
     def _flush(self, paho_client: Any, userdata: object) -> None:  # noqa: ANN401 - paho's client
         sock = paho_client.socket()
         if isinstance(sock, BufferedSocket):
-            with sock.gathered():  # all queued packets in one send (paho sends each packet on its own)
+            sock.gather()  # all queued packets in one send (paho sends each packet on its own)
+            try:
                 paho_client.loop_write()
+            finally:
+                sock.send_gathered()
             return
         paho_client.loop_write()  # all queued packets; unregisters once the queue is empty
         sock = paho_client.socket()

@@ -132,12 +132,20 @@ class BufferedSocket:
     @contextlib.contextmanager
     def gathered(self) -> Iterator[None]:
         """Take what is sent meanwhile and send it in one call at the end."""
-        self._gathering = True
+        self.gather()
         try:
             yield
         finally:
-            self._gathering = False
-            self._drain()
+            self.send_gathered()
+
+    def gather(self) -> None:
+        """Take what is sent from now on, until :meth:`send_gathered` (:meth:`gathered` without a generator)."""
+        self._gathering = True
+
+    def send_gathered(self) -> None:
+        """Send what was taken since :meth:`gather` in one call; send at once again from now on."""
+        self._gathering = False
+        self._drain()
 
     def waiting(self) -> int:
         """The bytes taken and not yet sent (the socket was full)."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from qmpnet.core.hotadd_plan import AddPlan, PlanContext
 from qmpnet.core.model import Nic, NicSpec, NicState, ObservedBackend, PciAddress
+from qmpnet.core.model_base import replaced
 
 if TYPE_CHECKING:
     from qmpnet.core.placement import PciBus, PciTopology
@@ -125,7 +126,7 @@ class Inventory:
 
     def update(self, nic_id: str, **changes: object) -> Nic:
         """Change fields of a known NIC (``link``, ``state``) and return it."""
-        nic = self.nics[nic_id].model_copy(update=changes)
+        nic = replaced(self.nics[nic_id], changes)
         self.nics[nic_id] = nic
         return nic
 

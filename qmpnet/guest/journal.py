@@ -19,6 +19,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
+from qmpnet.core.model_base import replaced
 from qmpnet.errors import QmpCommandError, QmpnetError
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ class Journal:
         record = self._store.record
         if nic_id not in record.gone:
             return False
-        self.save(record.model_copy(update={"gone": {k: v for k, v in record.gone.items() if k != nic_id}}))
+        self.save(replaced(record, {"gone": {k: v for k, v in record.gone.items() if k != nic_id}}))
         return True
 
 
@@ -138,4 +139,4 @@ def finished(operation: OperationRecord, *, data: object = None, error: QmpnetEr
         outcome: dict[str, object] = {"status": "error", "error": body}
     else:
         outcome = {"status": "ok", "data": data}
-    return operation.model_copy(update={"finished": time.time(), "outcome": outcome})
+    return replaced(operation, {"finished": time.time(), "outcome": outcome})

@@ -13,15 +13,15 @@ Pure: no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from qmpnet.core.hotadd_plan import AddPlan, PlanContext
-from qmpnet.core.model import Nic, NicSpec, NicState, ObservedBackend, PciAddress
-from qmpnet.core.model_base import replaced
+from qmpnet.core.model import Backend, Nic, NicSpec, NicState, ObservedBackend, PciAddress
+from qmpnet.core.model_base import replaced, trusted
+from qmpnet.core.placement import PciBus, PciTopology
 
 if TYPE_CHECKING:
-    from qmpnet.core.placement import PciBus, PciTopology
     from qmpnet.core.ports import Observation
 
 __all__ = ["Inventory", "nics_from"]
@@ -96,16 +96,17 @@ class Inventory:
 
     def added(self, plan: AddPlan, spec: NicSpec) -> Nic:
         """Record a successful hot-add and return the new NIC."""
-        nic = Nic(
-            id=plan.nic_id,
-            model=spec.driver,
-            mac=plan.mac,
-            netdev=plan.netdev_id,
-            backend=backend_of(spec),
-            pci=PciAddress(bus=plan.placement.bus, slot=plan.placement.slot, function=plan.placement.function),
-            link=spec.link,
-            state="active",
-        )
+        placement = plan.placement
+        nic = trusted(Nic, {
+            "id": plan.nic_id,
+            "model": spec.driver,
+            "mac": plan.mac,
+            "netdev": plan.netdev_id,
+            "backend": backend_of(spec),
+            "pci": trusted(PciAddress, {"bus": placement.bus, "slot": placement.slot, "function": placement.function}),
+            "link": spec.link,
+            "state": "active",
+        })
         self.device_ids.add(plan.nic_id)
         if plan.netdev_id is not None:
             self.netdev_ids.add(plan.netdev_id)
@@ -141,14 +142,25 @@ class Inventory:
                 used.pop(place, None)
             else:
                 used[place] = holder
-            buses.append(replace(bus, used=used))
-        self.topology = replace(self.topology, buses=tuple(buses))
+            buses.append(PciBus(bus.name, bus.kind, bus.hotplug, used))
+        self.topology = PciTopology(self.topology.machine, tuple(buses))
 
 
 def backend_of(spec: NicSpec) -> ObservedBackend:
     """Describe ``spec``'s backend the way :class:`ObservedBackend` does (strings, options that were set)."""
-    fields = spec.backend.model_dump(mode="json", exclude_defaults=True, exclude={"type"})
-    return ObservedBackend(type=spec.backend.type, options={k: _text(v) for k, v in fields.items()})
+    backend = spec.backend
+    last = _last_backend[0]
+    if last is not None and last[0] is backend:
+        return last[1]
+    fields = backend.model_dump(mode="json", exclude_defaults=True, exclude={"type"})
+    observed = trusted(ObservedBackend, {"type": backend.type, "options": {k: _text(v) for k, v in fields.items()}})
+    _last_backend[0] = (backend, observed)
+    return observed
+
+
+#: The backend last described, and its description: a hot-add describes its backend twice (the inventory's NIC,
+#: then the NIC it answers), the planned spec's being the asked one's. Held, so its id is not reused meanwhile.
+_last_backend: list[tuple[Backend, ObservedBackend] | None] = [None]
 
 
 def _text(value: object) -> str:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from qmpnet.core.desired_diff import with_added
 from qmpnet.core.hotadd_plan import AddPlan, needs_tap_fds, plan_add
 from qmpnet.core.model import NicSpec, PasstBackend, PciAddress, TapBackend
-from qmpnet.core.model_base import replaced
+from qmpnet.core.model_base import replaced, trusted
 from qmpnet.core.names import format_pci_addr
 from qmpnet.core.records import HostHold, NicRecord, OperationRecord
 from qmpnet.errors import OutcomeUnknown, QmpCommandError, QmpnetError, Unsupported
@@ -59,7 +59,7 @@ class HotAdd:
         """
         # The operation is recorded together with the NIC's `adding` record, in one write before the first QMP
         # command (_run); what fails before that (reading, planning) records the operation with its error.
-        started = OperationRecord(id=operation, op="nic/add", nic=spec.id, started=time.time())
+        started = trusted(OperationRecord, {"id": operation, "op": "nic/add", "nic": spec.id, "started": time.time()})
         try:
             inventory = await self._reader.fresh()
             plan, record = await self._run(spec, inventory, started)
@@ -183,17 +183,19 @@ class HotAdd:
 
 def _adding(spec: NicSpec, plan: AddPlan, operation: str, owner: str, *, vhost: bool) -> NicRecord:
     """The NIC's record before its first QMP command: ``adding``, with what planning chose (and vhost-net's use)."""
-    return NicRecord(
-        id=plan.nic_id,
-        spec=_planned_spec(spec, plan),
-        netdev=plan.netdev_id,
-        state="adding",
-        link=spec.link,
-        host=HostHold(owner=owner if needs_tap_fds(spec) or plan.passt_socket else None,
-                      passt_socket=plan.passt_socket, vhost=vhost and needs_tap_fds(spec)),
-        pci=PciAddress(bus=plan.placement.bus, slot=plan.placement.slot, function=plan.placement.function),
-        operation=operation,
-    )
+    taps = needs_tap_fds(spec)
+    placement = plan.placement
+    return trusted(NicRecord, {
+        "id": plan.nic_id,
+        "spec": _planned_spec(spec, plan),
+        "netdev": plan.netdev_id,
+        "state": "adding",
+        "link": spec.link,
+        "host": trusted(HostHold, {"owner": owner if taps or plan.passt_socket else None,
+                                   "passt_socket": plan.passt_socket, "vhost": vhost and taps}),
+        "pci": trusted(PciAddress, {"bus": placement.bus, "slot": placement.slot, "function": placement.function}),
+        "operation": operation,
+    })
 
 
 def _planned_spec(spec: NicSpec, plan: AddPlan) -> NicSpec:

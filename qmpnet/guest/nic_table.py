@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from qmpnet.core.inventory import backend_of
 from qmpnet.core.model import Nic, NicSpec, ObservedBackend
-from qmpnet.core.model_base import replaced
+from qmpnet.core.model_base import replaced, trusted
 from qmpnet.errors import QmpnetError
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ class NicTable:
         asked = asked_backend(record.spec, record)
         seen = nic.backend.options if nic.backend is not None else {}
         seen = {k: v for k, v in seen.items() if k not in _QEMU_INTERNAL_OPTIONS}
-        backend = ObservedBackend(type=asked.type, options={**seen, **asked.options})
+        backend = trusted(ObservedBackend, {"type": asked.type, "options": {**seen, **asked.options}})
         return replaced(nic, {"backend": backend, "managed": True})
 
     # ------------------------------------------------------------------------------------------- in flight

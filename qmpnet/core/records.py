@@ -188,7 +188,7 @@ class GuestRecord(Frozen):
 
     def with_nic(self, nic: NicRecord) -> GuestRecord:
         """This record with ``nic`` added or replaced."""
-        gone = {k: v for k, v in self.gone.items() if k != nic.id}
+        gone = {k: v for k, v in self.gone.items() if k != nic.id} if nic.id in self.gone else self.gone
         return replaced(self, {"nics": {**self.nics, nic.id: nic}, "gone": gone})
 
     def without_nic(self, nic_id: str, *, gone_at: float | None = None) -> GuestRecord:

@@ -12,7 +12,7 @@ from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any, Final
 
 from qmpnet.core.model_base import json_once
-from qmpnet.core.records import GuestRecord
+from qmpnet.core.records import DesiredSet, GuestRecord
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -29,6 +29,8 @@ _MAPPED: Final = ("nics", "operations")
 _NOT_REST: Final = {*_MAPPED, "desired"}  # a set: what pydantic takes for exclude
 #: The fields pydantic encodes, in the record's order.
 _REST: Final = tuple(name for name in GuestRecord.model_fields if name not in _NOT_REST)
+_NOT_DESIRED_REST: Final = {"nics"}
+_DESIRED_REST: Final = tuple(name for name in DesiredSet.model_fields if name not in _NOT_DESIRED_REST)
 
 
 def encode_record(record: GuestRecord) -> bytes:
@@ -53,21 +55,26 @@ class RecordEncoder:
     nothing older. Not thread-safe: a store encodes on its event loop (the disk work alone goes to a thread).
     """
 
-    __slots__ = ("_pieces", "_rest")
+    __slots__ = ("_pieces", "_rests")
 
     def __init__(self) -> None:
         self._pieces: dict[str, dict[Any, tuple[BaseModel, str]]] = {}
-        self._rest: tuple[list[object], str] | None = None  # the other fields' values, and their JSON object
+        # For the record and its desired set: the values of the fields pydantic encodes, and their JSON object.
+        self._rests: dict[str, tuple[list[object], str]] = {}
 
-    def _rest_of(self, record: GuestRecord) -> str:
-        """The record's other fields as a JSON object: reused while they are the same objects (a NIC's change)."""
-        fields = record.__dict__
-        values = [fields[name] for name in _REST]
-        last = self._rest
+    def _rest_of(self, model: BaseModel, names: tuple[str, ...], exclude: set[str]) -> str:
+        """``model`` without ``exclude``, as a JSON object, reused while its fields ``names`` hold the same objects.
+
+        They do from one change of a NIC to the next: a record's name, boot and instance, a desired set's generation.
+        """
+        fields = model.__dict__
+        values = [fields[name] for name in names]
+        kind = type(model).__name__
+        last = self._rests.get(kind)
         if last is not None and all(a is b for a, b in zip(values, last[0], strict=True)):
             return last[1]
-        text = record.model_dump_json(exclude=_NOT_REST)
-        self._rest = (values, text)
+        text = model.model_dump_json(exclude=exclude)
+        self._rests[kind] = (values, text)
         return text
 
     def encode(self, record: GuestRecord) -> bytes:
@@ -78,8 +85,9 @@ class RecordEncoder:
             fields.append(("desired", "null"))
         else:
             specs = "[" + self._specs(desired.nics) + "]"
-            fields.append(("desired", _with(desired.model_dump_json(exclude={"nics"}), [("nics", specs)])))
-        return _with(self._rest_of(record), fields).encode()
+            rest = self._rest_of(desired, _DESIRED_REST, _NOT_DESIRED_REST)
+            fields.append(("desired", _with(rest, [("nics", specs)])))
+        return _with(self._rest_of(record, _REST, _NOT_REST), fields).encode()
 
     def _mapping(self, name: str, mapping: dict[str, BaseModel]) -> str:
         before = self._pieces.get(name, {})

@@ -33,6 +33,10 @@ def _steps() -> list[GuestRecord]:
     record = record.model_copy(update={"desired": without(record.desired, "v1")})
     records.append(record)
     records.append(record.model_copy(update={"instance": "i-2", "qemu_pid": 42}))
+    assert record.desired is not None
+    applied = record.desired.model_copy(update={"generation": 3, "prune": True, "source": "apply"})
+    records.append(record.model_copy(update={"desired": applied}))
+    records.append(record.model_copy(update={"desired": applied, "gone": {}}))
     records.append(record.model_copy(update={"desired": None}))
     spec = parse_nic_spec({"model": "e1000", "id": "twice"})
     twice = GuestRecord(address="a", name="b").model_copy(update={"desired": with_added(None, spec)})

@@ -76,6 +76,8 @@ class Inventory:
     device_ids: set[str]
     netdev_ids: set[str]
     nics: dict[str, Nic] = field(default_factory=dict)
+    #: The MACs and assigned host functions of ``nics`` (made by the first ``view``, kept by ``added``).
+    _in_use: tuple[set[str], set[str]] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_observation(cls, obs: Observation, links: dict[str, str], pending: set[str]) -> Inventory:
@@ -86,13 +88,12 @@ class Inventory:
 
     def view(self) -> PlanContext:
         """What planning needs (live views of the inventory's sets: plan before the next change)."""
-        macs = {nic.mac for nic in self.nics.values() if nic.mac}
-        hosts = {
-            str(nic.backend.options.get("host"))
-            for nic in self.nics.values()
-            if nic.backend is not None and nic.backend.type == "vfio"
-        }
-        return PlanContext(self.device_ids, self.netdev_ids, macs, self.topology, hosts)
+        in_use = self._in_use
+        if in_use is None:
+            macs = {nic.mac for nic in self.nics.values() if nic.mac}
+            hosts = {host for host in map(_vfio_host, self.nics.values()) if host is not None}
+            in_use = self._in_use = (macs, hosts)
+        return PlanContext(self.device_ids, self.netdev_ids, in_use[0], self.topology, in_use[1])
 
     def added(self, plan: AddPlan, spec: NicSpec) -> Nic:
         """Record a successful hot-add and return the new NIC."""
@@ -110,6 +111,15 @@ class Inventory:
         self.device_ids.add(plan.nic_id)
         if plan.netdev_id is not None:
             self.netdev_ids.add(plan.netdev_id)
+        if plan.nic_id in self.nics:
+            self._in_use = None  # it replaces a NIC: made again from all at the next view
+        elif self._in_use is not None:
+            macs, hosts = self._in_use
+            if nic.mac:
+                macs.add(nic.mac)
+            host = _vfio_host(nic)
+            if host is not None:
+                hosts.add(host)
         self.nics[plan.nic_id] = nic
         self._occupy(plan.placement.bus, (plan.placement.slot, plan.placement.function), plan.nic_id)
         return nic
@@ -118,6 +128,7 @@ class Inventory:
         """Record that NIC ``nic_id`` and its netdev are gone."""
         nic = self.nics.pop(nic_id, None)
         self.device_ids.discard(nic_id)
+        self._in_use = None
         if nic is None:
             return
         if nic.netdev:
@@ -129,6 +140,7 @@ class Inventory:
         """Change fields of a known NIC (``link``, ``state``) and return it."""
         nic = replaced(self.nics[nic_id], changes)
         self.nics[nic_id] = nic
+        self._in_use = None
         return nic
 
     def _occupy(self, bus_name: str, place: tuple[int, int], holder: str | None) -> None:
@@ -144,6 +156,12 @@ class Inventory:
                 used[place] = holder
             buses.append(PciBus(bus.name, bus.kind, bus.hotplug, used))
         self.topology = PciTopology(self.topology.machine, tuple(buses))
+
+
+def _vfio_host(nic: Nic) -> str | None:
+    """The host PCI function assigned as ``nic``, if it is one (what planning checks a vfio NIC against)."""
+    backend = nic.backend
+    return str(backend.options.get("host")) if backend is not None and backend.type == "vfio" else None
 
 
 def backend_of(spec: NicSpec) -> ObservedBackend:

@@ -8,16 +8,18 @@ each sub-record's piece of the document from the write before, so that it is fou
 
 from __future__ import annotations
 
+from itertools import compress
 from json.encoder import encode_basestring_ascii
-from typing import TYPE_CHECKING, Any, Final
+from operator import is_, is_not
+from typing import TYPE_CHECKING, Final
 
 from qmpnet.core.model_base import json_once
 from qmpnet.core.records import DesiredSet, GuestRecord
 
 if TYPE_CHECKING:
-    from pydantic import BaseModel
+    from collections.abc import Sequence
 
-    from qmpnet.core.model import NicSpec
+    from pydantic import BaseModel
 
 __all__ = ["RecordEncoder", "encode_record"]
 
@@ -48,19 +50,59 @@ def encode_record(record: GuestRecord) -> bytes:
 class RecordEncoder:
     """:func:`encode_record` for the successive records of one guest, each built from the one before.
 
-    It keeps, for each NIC, operation and desired spec of the record it encoded last, the object and its piece of
-    the document (``"<key>":<JSON>``): the next record holds nearly all the same objects, and its pieces are then
-    found by key and identity instead of through :func:`json_once`'s look-up by object (~1 us each, and a record of
-    25 NICs has some 75 of them). It holds the last record's sub-records (which the store holds anyway) and
-    nothing older. Not thread-safe: a store encodes on its event loop (the disk work alone goes to a thread).
+    It keeps, for the NICs, the operations and the desired specs of the record it encoded last, their keys, objects
+    and pieces of the document (``"<key>":<JSON>``), in order. The next record holds nearly all the same objects
+    in the same order (a change replaces one entry or adds one at the end), so its pieces are those kept, found by
+    comparing the lists by identity in C, with the few that differ encoded (through :func:`json_once`): a record of
+    25 NICs has some 75 pieces, and a look-up of each (~1 us) was most of a write's CPU. It holds the last record's
+    sub-records (which the store holds anyway) and nothing older. Not thread-safe: a store encodes on its event
+    loop (the disk work alone goes to a thread).
     """
 
-    __slots__ = ("_pieces", "_rests")
+    __slots__ = ("_last", "_rests")
 
     def __init__(self) -> None:
-        self._pieces: dict[str, dict[Any, tuple[BaseModel, str]]] = {}
+        # By field: the last record's keys (None for the desired list), objects and pieces.
+        self._last: dict[str, tuple[list[str] | None, Sequence[BaseModel], list[str]]] = {}
         # For the record and its desired set: the values of the fields pydantic encodes, and their JSON object.
         self._rests: dict[str, tuple[list[object], str]] = {}
+
+    def encode(self, record: GuestRecord) -> bytes:
+        """``record`` as the JSON document of the record file (see :func:`encode_record`)."""
+        fields = []
+        for name in _MAPPED:
+            mapping = getattr(record, name)
+            fields.append((name, "{" + ",".join(self._pieces(name, list(mapping), list(mapping.values()))) + "}"))
+        desired = record.desired
+        if desired is None:
+            fields.append(("desired", "null"))
+        else:
+            specs = "[" + ",".join(self._pieces("desired", None, desired.nics)) + "]"
+            rest = self._rest_of(desired, _DESIRED_REST, _NOT_DESIRED_REST)
+            fields.append(("desired", _with(rest, [("nics", specs)])))
+        return _with(self._rest_of(record, _REST, _NOT_REST), fields).encode()
+
+    def _pieces(self, name: str, keys: list[str] | None, values: Sequence[BaseModel]) -> list[str]:
+        """The pieces of ``values`` (under ``keys``): the last record's kept where it had the same at the same place."""
+        last = self._last.get(name)
+        kept = 0  # how many places, from the first, held the same keys last time
+        if last is not None:
+            last_keys, last_values, last_pieces = last
+            kept = min(len(values), len(last_values))
+            if keys is not None and last_keys is not None and keys[:kept] != last_keys[:kept]:
+                kept = 0  # a NIC removed or the order changed: every piece from json_once again
+        pieces = last_pieces[:kept] if kept else []
+        if kept:
+            for at in compress(range(kept), map(is_not, values[:kept], last_values[:kept])):
+                pieces[at] = self._piece(keys, values, at)
+        pieces.extend(self._piece(keys, values, at) for at in range(kept, len(values)))
+        self._last[name] = (keys, list(values), pieces)  # a copy: the values of this record, whatever becomes of it
+        return pieces
+
+    @staticmethod
+    def _piece(keys: list[str] | None, values: Sequence[BaseModel], at: int) -> str:
+        text = json_once(values[at])
+        return text if keys is None else f"{_string(keys[at])}:{text}"
 
     def _rest_of(self, model: BaseModel, names: tuple[str, ...], exclude: set[str]) -> str:
         """``model`` without ``exclude``, as a JSON object, reused while its fields ``names`` hold the same objects.
@@ -71,48 +113,11 @@ class RecordEncoder:
         values = [fields[name] for name in names]
         kind = type(model).__name__
         last = self._rests.get(kind)
-        if last is not None and all(a is b for a, b in zip(values, last[0], strict=True)):
+        if last is not None and all(map(is_, values, last[0])):
             return last[1]
         text = model.model_dump_json(exclude=exclude)
         self._rests[kind] = (values, text)
         return text
-
-    def encode(self, record: GuestRecord) -> bytes:
-        """``record`` as the JSON document of the record file (see :func:`encode_record`)."""
-        fields = [(name, "{" + self._mapping(name, getattr(record, name)) + "}") for name in _MAPPED]
-        desired = record.desired
-        if desired is None:
-            fields.append(("desired", "null"))
-        else:
-            specs = "[" + self._specs(desired.nics) + "]"
-            rest = self._rest_of(desired, _DESIRED_REST, _NOT_DESIRED_REST)
-            fields.append(("desired", _with(rest, [("nics", specs)])))
-        return _with(self._rest_of(record, _REST, _NOT_REST), fields).encode()
-
-    def _mapping(self, name: str, mapping: dict[str, BaseModel]) -> str:
-        before = self._pieces.get(name, {})
-        after: dict[Any, tuple[BaseModel, str]] = {}
-        for key, value in mapping.items():
-            piece = before.get(key)
-            if piece is None or piece[0] is not value:
-                piece = (value, f"{_string(key)}:{json_once(value)}")
-            after[key] = piece
-        self._pieces[name] = after
-        return ",".join([piece[1] for piece in after.values()])
-
-    def _specs(self, specs: list[NicSpec]) -> str:
-        # By object (a list may hold one twice): the pieces kept hold their objects, so no id is reused meanwhile.
-        before = self._pieces.get("desired", {})
-        after: dict[Any, tuple[BaseModel, str]] = {}
-        texts = []
-        for spec in specs:
-            piece = before.get(id(spec))
-            if piece is None or piece[0] is not spec:
-                piece = (spec, json_once(spec))
-            after[id(spec)] = piece
-            texts.append(piece[1])
-        self._pieces["desired"] = after
-        return ",".join(texts)
 
 
 def _with(document: str, fields: list[tuple[str, str]]) -> str:

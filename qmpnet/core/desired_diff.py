@@ -19,7 +19,8 @@ so the set always says what the guest should have, whichever way it was asked fo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import ValidationError
 
@@ -139,9 +140,14 @@ def _difference(spec: NicSpec, nic: Nic) -> str:
     return ""
 
 
+_ID: Final = attrgetter("id")
+
+
 def with_added(desired: DesiredSet | None, spec: NicSpec) -> DesiredSet:
     """The set after an imperative ``nic add`` (``spec`` as planned: id, MAC and address filled in)."""
     current = desired or DesiredSet()
+    if spec.id not in map(_ID, current.nics):  # the usual case, told in C: the set so far, and the spec after it
+        return replaced(current, {"nics": [*current.nics, spec]})
     return replaced(current, {"nics": [*(s for s in current.nics if s.id != spec.id), spec]})
 
 

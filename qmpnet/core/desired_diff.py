@@ -19,11 +19,13 @@ so the set always says what the guest should have, whichever way it was asked fo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import ValidationError
 
 from qmpnet.core.model import invalid_request_from, parse_nic_spec
+from qmpnet.core.model_base import replaced
 from qmpnet.core.records import DesiredDocument, DesiredSet
 from qmpnet.errors import InvalidRequest
 
@@ -97,7 +99,7 @@ def parse_desired(data: Mapping[str, Any], *, source: Literal["apply", "mqtt"], 
     except ValidationError as err:
         raise invalid_request_from(err, prefix) from err
     desired = DesiredSet(generation=document.generation, prune=document.prune, source=source)
-    return desired.model_copy(update={"nics": specs})
+    return replaced(desired, {"nics": specs})
 
 
 def plan_changes(desired: DesiredSet, nics: Mapping[str, Nic], created: Collection[str]) -> list[Change]:
@@ -138,22 +140,27 @@ def _difference(spec: NicSpec, nic: Nic) -> str:
     return ""
 
 
+_ID: Final = attrgetter("id")
+
+
 def with_added(desired: DesiredSet | None, spec: NicSpec) -> DesiredSet:
     """The set after an imperative ``nic add`` (``spec`` as planned: id, MAC and address filled in)."""
     current = desired or DesiredSet()
-    return current.model_copy(update={"nics": [*(s for s in current.nics if s.id != spec.id), spec]})
+    if spec.id not in map(_ID, current.nics):  # the usual case, told in C: the set so far, and the spec after it
+        return replaced(current, {"nics": [*current.nics, spec]})
+    return replaced(current, {"nics": [*(s for s in current.nics if s.id != spec.id), spec]})
 
 
 def without(desired: DesiredSet | None, nic_id: str) -> DesiredSet | None:
     """The set after an imperative ``nic del``."""
     if desired is None:
         return None
-    return desired.model_copy(update={"nics": [s for s in desired.nics if s.id != nic_id]})
+    return replaced(desired, {"nics": [s for s in desired.nics if s.id != nic_id]})
 
 
 def with_link(desired: DesiredSet | None, nic_id: str, link: LinkState) -> DesiredSet | None:
     """The set after an imperative ``nic link``."""
     if desired is None:
         return None
-    nics = [s.model_copy(update={"link": link}) if s.id == nic_id else s for s in desired.nics]
-    return desired.model_copy(update={"nics": nics})
+    nics = [replaced(s, {"link": link}) if s.id == nic_id else s for s in desired.nics]
+    return replaced(desired, {"nics": nics})

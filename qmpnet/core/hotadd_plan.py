@@ -165,11 +165,15 @@ def netdev_id_for(nic_id: str) -> str:
 
 def _free_id(model: str, guest: PlanContext) -> str:
     stem = {"virtio-net-pci": "virtio", "rtl8139": "rtl", "e1000": "e1000-", "e1000e": "e1000e-"}.get(model, model)
-    taken = set(guest.device_ids) | {i.removesuffix(".net") for i in guest.netdev_ids}
+    # Taken: a device's id, or a netdev's once its ".net" is cut (a candidate ends in a digit, never in ".net").
+    # Asked of the guest's sets as they are: no set of every id made at each plan (a hot-add's planning cost).
+    devices, netdevs = guest.device_ids, guest.netdev_ids
     n = 0
-    while f"{stem}{n}" in taken:
+    while True:
+        candidate = f"{stem}{n}"
+        if candidate not in devices and candidate not in netdevs and f"{candidate}.net" not in netdevs:
+            return candidate
         n += 1
-    return f"{stem}{n}"
 
 
 def needs_tap_fds(spec: NicSpec) -> bool:

@@ -13,14 +13,15 @@ Pure: no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from qmpnet.core.hotadd_plan import AddPlan, PlanContext
-from qmpnet.core.model import Nic, NicSpec, NicState, ObservedBackend, PciAddress
+from qmpnet.core.model import Backend, Nic, NicSpec, NicState, ObservedBackend, PciAddress
+from qmpnet.core.model_base import replaced, trusted
+from qmpnet.core.placement import PciBus, PciTopology
 
 if TYPE_CHECKING:
-    from qmpnet.core.placement import PciBus, PciTopology
     from qmpnet.core.ports import Observation
 
 __all__ = ["Inventory", "nics_from"]
@@ -75,6 +76,8 @@ class Inventory:
     device_ids: set[str]
     netdev_ids: set[str]
     nics: dict[str, Nic] = field(default_factory=dict)
+    #: The MACs and assigned host functions of ``nics`` (made by the first ``view``, kept by ``added``).
+    _in_use: tuple[set[str], set[str]] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_observation(cls, obs: Observation, links: dict[str, str], pending: set[str]) -> Inventory:
@@ -85,29 +88,38 @@ class Inventory:
 
     def view(self) -> PlanContext:
         """What planning needs (live views of the inventory's sets: plan before the next change)."""
-        macs = {nic.mac for nic in self.nics.values() if nic.mac}
-        hosts = {
-            str(nic.backend.options.get("host"))
-            for nic in self.nics.values()
-            if nic.backend is not None and nic.backend.type == "vfio"
-        }
-        return PlanContext(self.device_ids, self.netdev_ids, macs, self.topology, hosts)
+        in_use = self._in_use
+        if in_use is None:
+            macs = {nic.mac for nic in self.nics.values() if nic.mac}
+            hosts = {host for host in map(_vfio_host, self.nics.values()) if host is not None}
+            in_use = self._in_use = (macs, hosts)
+        return PlanContext(self.device_ids, self.netdev_ids, in_use[0], self.topology, in_use[1])
 
     def added(self, plan: AddPlan, spec: NicSpec) -> Nic:
         """Record a successful hot-add and return the new NIC."""
-        nic = Nic(
-            id=plan.nic_id,
-            model=spec.driver,
-            mac=plan.mac,
-            netdev=plan.netdev_id,
-            backend=backend_of(spec),
-            pci=PciAddress(bus=plan.placement.bus, slot=plan.placement.slot, function=plan.placement.function),
-            link=spec.link,
-            state="active",
-        )
+        placement = plan.placement
+        nic = trusted(Nic, {
+            "id": plan.nic_id,
+            "model": spec.driver,
+            "mac": plan.mac,
+            "netdev": plan.netdev_id,
+            "backend": backend_of(spec),
+            "pci": trusted(PciAddress, {"bus": placement.bus, "slot": placement.slot, "function": placement.function}),
+            "link": spec.link,
+            "state": "active",
+        })
         self.device_ids.add(plan.nic_id)
         if plan.netdev_id is not None:
             self.netdev_ids.add(plan.netdev_id)
+        if plan.nic_id in self.nics:
+            self._in_use = None  # it replaces a NIC: made again from all at the next view
+        elif self._in_use is not None:
+            macs, hosts = self._in_use
+            if nic.mac:
+                macs.add(nic.mac)
+            host = _vfio_host(nic)
+            if host is not None:
+                hosts.add(host)
         self.nics[plan.nic_id] = nic
         self._occupy(plan.placement.bus, (plan.placement.slot, plan.placement.function), plan.nic_id)
         return nic
@@ -116,6 +128,7 @@ class Inventory:
         """Record that NIC ``nic_id`` and its netdev are gone."""
         nic = self.nics.pop(nic_id, None)
         self.device_ids.discard(nic_id)
+        self._in_use = None
         if nic is None:
             return
         if nic.netdev:
@@ -125,8 +138,9 @@ class Inventory:
 
     def update(self, nic_id: str, **changes: object) -> Nic:
         """Change fields of a known NIC (``link``, ``state``) and return it."""
-        nic = self.nics[nic_id].model_copy(update=changes)
+        nic = replaced(self.nics[nic_id], changes)
         self.nics[nic_id] = nic
+        self._in_use = None
         return nic
 
     def _occupy(self, bus_name: str, place: tuple[int, int], holder: str | None) -> None:
@@ -140,14 +154,31 @@ class Inventory:
                 used.pop(place, None)
             else:
                 used[place] = holder
-            buses.append(replace(bus, used=used))
-        self.topology = replace(self.topology, buses=tuple(buses))
+            buses.append(PciBus(bus.name, bus.kind, bus.hotplug, used))
+        self.topology = PciTopology(self.topology.machine, tuple(buses))
+
+
+def _vfio_host(nic: Nic) -> str | None:
+    """The host PCI function assigned as ``nic``, if it is one (what planning checks a vfio NIC against)."""
+    backend = nic.backend
+    return str(backend.options.get("host")) if backend is not None and backend.type == "vfio" else None
 
 
 def backend_of(spec: NicSpec) -> ObservedBackend:
     """Describe ``spec``'s backend the way :class:`ObservedBackend` does (strings, options that were set)."""
-    fields = spec.backend.model_dump(mode="json", exclude_defaults=True, exclude={"type"})
-    return ObservedBackend(type=spec.backend.type, options={k: _text(v) for k, v in fields.items()})
+    backend = spec.backend
+    last = _last_backend[0]
+    if last is not None and last[0] is backend:
+        return last[1]
+    fields = backend.model_dump(mode="json", exclude_defaults=True, exclude={"type"})
+    observed = trusted(ObservedBackend, {"type": backend.type, "options": {k: _text(v) for k, v in fields.items()}})
+    _last_backend[0] = (backend, observed)
+    return observed
+
+
+#: The backend last described, and its description: a hot-add describes its backend twice (the inventory's NIC,
+#: then the NIC it answers), the planned spec's being the asked one's. Held, so its id is not reused meanwhile.
+_last_backend: list[tuple[Backend, ObservedBackend] | None] = [None]
 
 
 def _text(value: object) -> str:

@@ -41,6 +41,7 @@ _MAC = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}")
 _PCI_ADDR = re.compile(r"(?:0x)?([0-9A-Fa-f]{1,2})(?:\.([0-7]))?")
 #: The locally administered prefix QEMU and libvirt use for generated MACs.
 QEMU_OUI = (0x52, 0x54, 0x00)
+_OUI_TEXT = ":".join(f"{octet:02x}" for octet in QEMU_OUI)
 
 
 def check_qemu_id(value: str) -> str:
@@ -104,7 +105,7 @@ def generate_mac(taken: Collection[str]) -> str:
     """
     for _ in range(1000):
         tail = secrets.token_bytes(3)
-        mac = ":".join(f"{octet:02x}" for octet in (*QEMU_OUI, *tail))
+        mac = f"{_OUI_TEXT}:{tail.hex(':')}"  # lower-case, as normalize_mac gives
         if mac not in taken and any(tail):
             return mac
     raise ValueError("no free MAC address could be generated")

@@ -451,10 +451,33 @@ def _check_id(nic_id: str) -> None:
 
 
 async def _shielded(work: Awaitable[_T]) -> _T:
-    """Run ``work`` to its end even if the caller is cancelled meanwhile (a change must not stop half-way)."""
-    task = asyncio.ensure_future(work)
+    """Run ``work`` to its end even if the caller is cancelled meanwhile (a change must not stop half-way).
+
+    What ``await asyncio.shield(task)`` does, with the answer handed over by the task itself as ``work`` ends:
+    shield's callbacks took two more turns of the loop to wake the caller. The caller, cancelled, waits for the
+    work to end and then gets its ``CancelledError`` (or the work's error, as with shield); the work, cancelled
+    from elsewhere, cancels the caller's wait.
+    """
+    answer: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+    task = asyncio.ensure_future(_answering(work, answer))
     try:
-        return await asyncio.shield(task)
+        return await answer
     except asyncio.CancelledError:
         await task
         raise
+
+
+async def _answering(work: Awaitable[_T], answer: asyncio.Future[_T]) -> None:
+    """Await ``work`` and hand its outcome to ``answer``; once nobody waits for it there, raise any error here."""
+    try:
+        result = await work
+    except (Exception, asyncio.CancelledError) as err:  # KeyboardInterrupt and SystemExit stop the loop, as before
+        if answer.done():  # the caller was cancelled and awaits this task: the error is its to see
+            raise
+        if isinstance(err, asyncio.CancelledError):
+            answer.cancel()
+        else:
+            answer.set_exception(err)
+        return
+    if not answer.done():
+        answer.set_result(result)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from qmpnet.core.desired_diff import with_added
 from qmpnet.core.hotadd_plan import AddPlan, needs_tap_fds, plan_add
 from qmpnet.core.model import NicSpec, PasstBackend, PciAddress, TapBackend
+from qmpnet.core.model_base import replaced, trusted
 from qmpnet.core.names import format_pci_addr
 from qmpnet.core.records import HostHold, NicRecord, OperationRecord
 from qmpnet.errors import OutcomeUnknown, QmpCommandError, QmpnetError, Unsupported
@@ -58,7 +59,7 @@ class HotAdd:
         """
         # The operation is recorded together with the NIC's `adding` record, in one write before the first QMP
         # command (_run); what fails before that (reading, planning) records the operation with its error.
-        started = OperationRecord(id=operation, op="nic/add", nic=spec.id, started=time.time())
+        started = trusted(OperationRecord, {"id": operation, "op": "nic/add", "nic": spec.id, "started": time.time()})
         try:
             inventory = await self._reader.fresh()
             plan, record = await self._run(spec, inventory, started)
@@ -89,10 +90,10 @@ class HotAdd:
         done = journal.record.with_nic(record)
         nic = self._parts.nics.described(inventory.added(plan, spec))
         if plan.warnings:
-            nic = nic.model_copy(update={"warnings": list(plan.warnings)})
+            nic = replaced(nic, {"warnings": list(plan.warnings)})
         assert record.spec is not None  # noqa: S101 - a NIC qmpnet adds always has its planned spec
         desired = with_added(done.desired, record.spec)
-        journal.save_later(done.model_copy(update={"desired": desired}).with_operation(
+        journal.save_later(replaced(done, {"desired": desired}).with_operation(
             finished(journal.record.operations[operation], data=nic.model_dump(mode="json"))
         ))
         return nic
@@ -119,7 +120,7 @@ class HotAdd:
             self._parts.nics.invalidate()
             await self._roll_back(record, undo, err)
             raise
-        return plan, record.model_copy(update={"state": "active"})
+        return plan, replaced(record, {"state": "active"})
 
     async def _run_steps(
         self, spec: NicSpec, plan: AddPlan, record: NicRecord, undo: UndoStack, link: HostLink
@@ -128,15 +129,15 @@ class HotAdd:
         owner = f"{self._parts.journal.key}/{plan.nic_id}"
         attachment = await prepare_host(self._parts.host, self._parts.monitor, spec, plan, owner, undo, link)
         if attachment.tap is not None or attachment.vfio_host is not None:
-            hold = record.host.model_copy(update={
+            hold = replaced(record.host, {
                 "tap": attachment.tap, "bridge": attachment.bridge, "network": attachment.network,
                 "vfio_host": attachment.vfio_host, "vfio_driver": attachment.vfio_driver,
             })
-            record = record.model_copy(update={"host": hold})
+            record = replaced(record, {"host": hold})
             self._parts.journal.save(self._parts.journal.record.with_nic(record))
         if attachment.passt is not None:  # its socket is recorded already: a recovery finds it without the pid too
             passt = {"passt_pid": attachment.passt.pid, "passt_started": attachment.passt.started}
-            record = record.model_copy(update={"host": record.host.model_copy(update=passt)})
+            record = replaced(record, {"host": replaced(record.host, passt)})
             self._parts.journal.save(self._parts.journal.record.with_nic(record))
         await self._filter_tap(record.spec or spec, attachment, undo)  # the planned spec: it has the MAC
         unplug_timeout = self._parts.settings.qmp.rollback_unplug_timeout
@@ -150,7 +151,7 @@ class HotAdd:
         else:
             # The NIC is still plugged: finish its removal (netdev, host side) when the guest lets go. QEMU
             # accepted the rollback's device_del (unwinding stops only on a missing ack), so it is not asked again.
-            pending = record.model_copy(update={"state": "removal_pending", "pending_since": time.time()})
+            pending = replaced(record, {"state": "removal_pending", "pending_since": time.time()})
             self._parts.journal.save(self._parts.journal.record.with_nic(pending))
             self._parts.nics.waiter(record.id)
             self._unplugs.stuck.poke()
@@ -182,17 +183,19 @@ class HotAdd:
 
 def _adding(spec: NicSpec, plan: AddPlan, operation: str, owner: str, *, vhost: bool) -> NicRecord:
     """The NIC's record before its first QMP command: ``adding``, with what planning chose (and vhost-net's use)."""
-    return NicRecord(
-        id=plan.nic_id,
-        spec=_planned_spec(spec, plan),
-        netdev=plan.netdev_id,
-        state="adding",
-        link=spec.link,
-        host=HostHold(owner=owner if needs_tap_fds(spec) or plan.passt_socket else None,
-                      passt_socket=plan.passt_socket, vhost=vhost and needs_tap_fds(spec)),
-        pci=PciAddress(bus=plan.placement.bus, slot=plan.placement.slot, function=plan.placement.function),
-        operation=operation,
-    )
+    taps = needs_tap_fds(spec)
+    placement = plan.placement
+    return trusted(NicRecord, {
+        "id": plan.nic_id,
+        "spec": _planned_spec(spec, plan),
+        "netdev": plan.netdev_id,
+        "state": "adding",
+        "link": spec.link,
+        "host": trusted(HostHold, {"owner": owner if taps or plan.passt_socket else None,
+                                   "passt_socket": plan.passt_socket, "vhost": vhost and taps}),
+        "pci": trusted(PciAddress, {"bus": placement.bus, "slot": placement.slot, "function": placement.function}),
+        "operation": operation,
+    })
 
 
 def _planned_spec(spec: NicSpec, plan: AddPlan) -> NicSpec:
@@ -204,4 +207,4 @@ def _planned_spec(spec: NicSpec, plan: AddPlan) -> NicSpec:
     }
     if plan.mac is not None:
         chosen["mac"] = plan.mac
-    return spec.model_copy(update=chosen)
+    return replaced(spec, chosen)

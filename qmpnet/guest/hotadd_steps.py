@@ -16,7 +16,7 @@ import functools
 import re
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from qmpnet.core.hotadd_plan import AddPlan, QmpCall, Step, fd_names, needs_tap_fds
 from qmpnet.core.model import BridgeBackend, MacvtapBackend, NatBackend, NicSpec, PasstBackend, TapBackend, VfioBackend
@@ -52,6 +52,11 @@ class HostLink:
     mtu: int | None = None
 
 
+#: What most hot-adds hold and know on the host: nothing (frozen, so one object serves them all).
+_NOTHING: Final = Attachment()
+_NO_LINK: Final = HostLink()
+
+
 async def host_link(host: HostNetwork | None, spec: NicSpec) -> HostLink:
     """The bridge and the tap MTU of ``spec`` (``spec.mtu``, else the bridge's), for planning ``host_mtu``.
 
@@ -63,7 +68,7 @@ async def host_link(host: HostNetwork | None, spec: NicSpec) -> HostLink:
     """
     backend = spec.backend
     if host is None or not needs_tap_fds(spec) or isinstance(backend, MacvtapBackend):  # a macvtap: its parent's
-        return HostLink(mtu=spec.mtu)
+        return HostLink(mtu=spec.mtu) if spec.mtu is not None else _NO_LINK
     bridge = await host.nat_bridge(backend.network) if isinstance(backend, NatBackend) else _bridge(backend)
     bridge_mtu = await host.bridge_mtu(bridge)
     if spec.mtu is not None:
@@ -91,7 +96,7 @@ async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, pa
     """
     backend = spec.backend
     if not isinstance(backend, TapBackend | VfioBackend | PasstBackend) and not needs_tap_fds(spec):
-        return Attachment()
+        return _NOTHING
     if host is None:
         raise Unsupported(f"nic.backend.type: {backend.type} needs host networking, which is not set up here",
                           field="nic.backend.type")
@@ -99,7 +104,7 @@ async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, pa
         await host.check_tap(backend.ifname)
         if spec.mtu is not None:
             undo.push("mtu", await host.set_mtu(backend.ifname, spec.mtu, field="nic.mtu"))
-        return Attachment()
+        return _NOTHING
     if isinstance(backend, PasstBackend):
         return await _start_passt(host, backend, plan, undo)
     if isinstance(backend, VfioBackend):

@@ -15,10 +15,11 @@ leaves the event loop (:meth:`Journal.save_async`).
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from typing import TYPE_CHECKING
 
+from qmpnet.core.model_base import replaced
 from qmpnet.errors import QmpCommandError, QmpnetError
 
 if TYPE_CHECKING:
@@ -118,13 +119,20 @@ class Journal:
         record = self._store.record
         if nic_id not in record.gone:
             return False
-        self.save(record.model_copy(update={"gone": {k: v for k, v in record.gone.items() if k != nic_id}}))
+        self.save(replaced(record, {"gone": {k: v for k, v in record.gone.items() if k != nic_id}}))
         return True
 
 
 def new_operation() -> str:
-    """A fresh operation id, for a call that was not given one."""
-    return f"op-{uuid.uuid4().hex}"
+    """A fresh operation id, for a call that was not given one: ``op-`` and a random UUID (version 4) in hex.
+
+    The UUID's bytes are made here as ``uuid.uuid4`` makes them (16 random bytes, the version and variant bits
+    set), without its ``UUID`` object and the checks of its constructor (~1.5 us of a call's ~2).
+    """
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # the variant of RFC 4122
+    return f"op-{raw.hex()}"
 
 
 def finished(operation: OperationRecord, *, data: object = None, error: QmpnetError | None = None) -> OperationRecord:
@@ -138,4 +146,4 @@ def finished(operation: OperationRecord, *, data: object = None, error: QmpnetEr
         outcome: dict[str, object] = {"status": "error", "error": body}
     else:
         outcome = {"status": "ok", "data": data}
-    return operation.model_copy(update={"finished": time.time(), "outcome": outcome})
+    return replaced(operation, {"finished": time.time(), "outcome": outcome})

@@ -15,13 +15,12 @@ a write may stay on the event loop (:meth:`qmpnet.guest.journal.Journal.save_asy
 from __future__ import annotations
 
 import asyncio
-from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from qmpnet.errors import Busy, Timeout
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import Awaitable, Callable
 
     from qmpnet.settings import LaneSettings
 
@@ -68,6 +67,7 @@ class Lane:
         self._lock = asyncio.Lock()
         self._waiting = 0
         self._passing = 0  # calls of passed() waiting for the lock: with _waiting, every waiter the lock can have
+        self._turns = (_Turn(self._take_unbounded, self._give_back), _Turn(self._take_bounded, self._give_back))
 
     @property
     def waiting(self) -> int:
@@ -78,8 +78,7 @@ class Lane:
         """Whether a call holds the lane."""
         return self._lock.locked()
 
-    @asynccontextmanager
-    async def turn(self, *, bounded: bool = True) -> AsyncIterator[None]:
+    def turn(self, *, bounded: bool = True) -> _Turn:
         """Hold the lane for the body of the ``async with``.
 
         Waits for earlier calls to give the lane back.
@@ -88,14 +87,20 @@ class Lane:
             Busy: ``bounded`` and ``lane.max_waiting`` calls are already waiting.
             Timeout: ``bounded`` and the lane was not free within ``lane.max_wait`` seconds.
         """
-        await self._acquire(bounded=bounded)
+        return self._turns[bounded]
+
+    async def _take_bounded(self) -> None:
+        await self._acquire(bounded=True)
         self._budget.enter()
-        try:
-            yield
-        finally:
-            self._budget.leave()
-            self._lock.release()
-            self._let_go()  # e.g. the journal's write-behind: the outcome follows the answer
+
+    async def _take_unbounded(self) -> None:
+        await self._acquire(bounded=False)
+        self._budget.enter()
+
+    def _give_back(self) -> None:
+        self._budget.leave()
+        self._lock.release()
+        self._let_go()  # e.g. the journal's write-behind: the outcome follows the answer
 
     async def _acquire(self, *, bounded: bool) -> None:
         limits = self._settings
@@ -126,3 +131,24 @@ class Lane:
         finally:
             self._passing -= 1
         self._lock.release()
+
+
+class _Turn:
+    """What :meth:`Lane.turn` gives: the lane taken on entry, given back on exit, however the body ends.
+
+    A class rather than an ``asynccontextmanager``: every call enters one, and a generator-based context costs a
+    generator and its frames per entry. It holds no state of a call, so each lane keeps one per kind and hands it
+    out to every call (several may wait in ``__aenter__`` at once).
+    """
+
+    __slots__ = ("_give_back", "_take")
+
+    def __init__(self, take: Callable[[], Awaitable[None]], give_back: Callable[[], None]) -> None:
+        self._take = take
+        self._give_back = give_back
+
+    def __aenter__(self) -> Awaitable[None]:
+        return self._take()  # the lane's own coroutine, awaited by the ``async with``: no frame of this one
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._give_back()

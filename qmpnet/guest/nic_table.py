@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from qmpnet.core.inventory import backend_of
 from qmpnet.core.model import Nic, NicSpec, ObservedBackend
+from qmpnet.core.model_base import replaced, trusted
 from qmpnet.errors import QmpnetError
 
 if TYPE_CHECKING:
@@ -113,16 +114,16 @@ class NicTable:
         if record is None:
             return nic
         if record.state == "removal_pending" and record.pending_since is not None:
-            nic = nic.model_copy(update={"pending_since": record.pending_since})
+            nic = replaced(nic, {"pending_since": record.pending_since})
         if record.view is not None:
-            return nic.model_copy(update={"backend": record.view, "managed": record.spec is not None})
+            return replaced(nic, {"backend": record.view, "managed": record.spec is not None})
         if record.spec is None:
             return nic
         asked = asked_backend(record.spec, record)
         seen = nic.backend.options if nic.backend is not None else {}
         seen = {k: v for k, v in seen.items() if k not in _QEMU_INTERNAL_OPTIONS}
-        backend = ObservedBackend(type=asked.type, options={**seen, **asked.options})
-        return nic.model_copy(update={"backend": backend, "managed": True})
+        backend = trusted(ObservedBackend, {"type": asked.type, "options": {**seen, **asked.options}})
+        return replaced(nic, {"backend": backend, "managed": True})
 
     # ------------------------------------------------------------------------------------------- in flight
 

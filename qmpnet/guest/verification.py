@@ -15,8 +15,8 @@ it is looked for again after the next full read of the guest (a reconnect), not 
 from __future__ import annotations
 
 import logging
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from contextlib import asynccontextmanager, nullcontext
+from typing import TYPE_CHECKING, Final
 
 from qmpnet.adapters.qga.discovery import find_agent_socket
 from qmpnet.errors import AgentUnavailable, InvalidRequest, NotVerified, QmpCommandError
@@ -24,6 +24,7 @@ from qmpnet.guest.journal import new_operation
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
+    from contextlib import AbstractAsyncContextManager
     from pathlib import Path
 
     from qmpnet.adapters.qga import GuestAgent, Want
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
 __all__ = ["Verifier"]
 
 log = logging.getLogger(__name__)
+
+#: The session of a call that does not verify: no agent, nothing to open or close (most calls; shared by all).
+_NO_AGENT: Final = nullcontext(None)
 
 
 class Verifier:
@@ -68,16 +72,16 @@ class Verifier:
         except QmpCommandError as err:
             log.debug("guest %s: no guest agent socket found (%s)", self._parts.name, err)
 
-    @asynccontextmanager
-    async def session(self, wanted: Verify) -> AsyncIterator[GuestAgent | None]:
+    def session(self, wanted: Verify) -> AbstractAsyncContextManager[GuestAgent | None]:
         """The agent for one verified call (``None`` when ``wanted`` is false), closed when the call ends.
 
         Raises:
             InvalidRequest: No agent socket is known or none answers there (nothing has been changed yet).
         """
-        if not wanted:
-            yield None
-            return
+        return self._session() if wanted else _NO_AGENT
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[GuestAgent]:
         await self.discover()
         agent = await self._open()
         try:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Final, cast
 from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, Message, QMPError
 from qemu.qmp.protocol import Runstate
 
+from qmpnet.adapters.qmp.deadlines import Deadlines
 from qmpnet.adapters.qmp.parse import machine_kind, parse_device_help
 from qmpnet.adapters.qmp.qemu_qmp_internals import FlatClient, FlatListener, peer_socket, take_nowait
 from qmpnet.adapters.qmp.reader import GuestReader
@@ -169,6 +170,7 @@ class QmpMonitor:
         self.name = name
         self._client = FlatClient(name)
         self._command_timeout = command_timeout
+        self._deadlines = Deadlines(command_timeout)
         self._types_reader = GuestReader(self.execute, attempts=read_attempts)
         self._client.register_listener(_Deletions(self._types_reader.forget))
         self._handlers: list[Callable[[QmpEvent], None]] = []
@@ -253,6 +255,7 @@ class QmpMonitor:
 
     async def close(self) -> None:
         """Disconnect and stop the event pump. Safe to call twice."""
+        self._deadlines.stop()
         if self._pump is not None:
             self._pump.cancel()
             with suppress(asyncio.CancelledError):
@@ -272,9 +275,16 @@ class QmpMonitor:
         if self._client.runstate != Runstate.RUNNING:
             raise GuestUnavailable(f"guest {self.name}: QMP monitor is not connected")
         log.debug("guest %s: -> %s %s", self.name, command, arguments)
+        watch = self._deadlines.watch()  # asyncio.timeout's work, on one timer for every command (see .deadlines)
         try:
-            async with asyncio.timeout(self._command_timeout):
+            try:
                 return await self._client.execute(command, arguments)
+            except asyncio.CancelledError as err:
+                if Deadlines.expired(watch):
+                    raise TimeoutError from err
+                raise
+            finally:
+                self._deadlines.forget(watch)
         except ExecuteError as err:
             desc = err.error.error.desc
             raise QmpCommandError(f"{command}: {desc}", qmp_class=err.error_class, command=command) from err

@@ -36,6 +36,7 @@ qmpnet uses a private name of ``qemu.qmp`` (that test checks it too).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import TYPE_CHECKING, Final, cast
 
@@ -63,6 +64,10 @@ PRIVATE_NAMES: Final = {
 
 #: The private names of asyncio's ``StreamReader`` the direct reply path reads (the contract test checks them too).
 STREAM_PRIVATE_NAMES: Final = ("_buffer", "_waiter")
+
+#: How qemu.qmp encodes a message (``Message._serialize``: json.dumps with these separators), made once: json.dumps
+#: builds an encoder for every call that passes separators.
+_ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
 
 #: How every QEMU event begins (a reply never does): such data goes to the reader without being parsed here.
 _EVENT_START: Final = b'{"timestamp"'
@@ -193,7 +198,7 @@ class FlatClient(QMPClient):
             slot = cast("str", self._next_id)
             self._next_id += 1
             body["id"] = slot
-        msg = Message(body, eager=False)
+        msg = Message(_ENCODE(body).encode(), eager=False)  # the bytes qemu.qmp would send (Message._serialize)
         answer = Reply()
         self._pending[slot] = cast("asyncio.Queue[Message | ExecInterruptedError]", answer)
         try:

@@ -44,7 +44,7 @@ import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Final
 
-from qmpnet.adapters.store.encoding import encode_record
+from qmpnet.adapters.store.encoding import RecordEncoder
 from qmpnet.adapters.store.reading import (
     BOOT_ID_FILE,
     Unreadable,
@@ -262,6 +262,7 @@ class FileGuestStore:
         self.discarded: tuple[DiscardedRecord, ...] = tuple(discarded or ())
         self._record = record
         self._durable = record  # the newest record known to be on disk
+        self._encoder = RecordEncoder()  # each record is built from the one before: it reuses that one's pieces
         self._asked = 0  # writes asked for, numbered
         self._done = 0  # the number of the newest write on disk
         self._io = threading.Lock()
@@ -296,7 +297,7 @@ class FileGuestStore:
             StoreUnavailable: The state directory can no longer be written (nothing was changed).
         """
         self._asked += 1
-        self._write(encode_record(record), self._asked, record)
+        self._write(self._encoder.encode(record), self._asked, record)
         self._record = record
 
     async def save_async(self, record: GuestRecord) -> None:
@@ -310,7 +311,7 @@ class FileGuestStore:
                 was changed again meanwhile).
         """
         self._asked += 1
-        data, number = encode_record(record), self._asked
+        data, number = self._encoder.encode(record), self._asked
         self._record = record
         try:
             await asyncio.to_thread(self._write, data, number, record)
@@ -362,7 +363,7 @@ class FileGuestStore:
         self._behind = None
         if self._record is not self._durable:
             try:
-                self._write(encode_record(self._record), self._asked, self._record)
+                self._write(self._encoder.encode(self._record), self._asked, self._record)
             except StoreUnavailable as err:
                 log.warning("%s (the record is kept in memory; the next write carries it)", err)
         if self._durable.desired is self._desired_on_disk:
@@ -433,7 +434,7 @@ class FileGuestStore:
         self._behind = None
         if self._record is not self._durable:
             try:
-                self._write(encode_record(self._record), self._asked, self._record)
+                self._write(self._encoder.encode(self._record), self._asked, self._record)
             except StoreUnavailable as err:
                 log.warning("%s: the last change of guest %s is not recorded", err, self.key)
         self._write_desired_logged()

@@ -74,6 +74,9 @@ def test_imperative_edits_keep_the_set() -> None:
     desired = with_added(None, spec)
     assert desired.nics == [spec]
     assert with_added(desired, spec).nics == [spec]  # the same NIC is not listed twice
+    other, again = NicSpec(id="b"), spec.model_copy(update={"link": "down"})
+    assert with_added(desired, other).nics == [spec, other]  # a new one goes last
+    assert with_added(with_added(desired, other), again).nics == [other, again]  # a re-added one too, once
     linked = with_link(desired, "a", "down")
     assert linked is not None
     assert linked.nics[0].link == "down"

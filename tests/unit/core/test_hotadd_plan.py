@@ -212,6 +212,7 @@ def test_link_up_has_no_set_link_step() -> None:
         ("virtio-net-pci", ("virtio0", "virtio1"), (), "virtio2"),
         ("virtio-net-pci", ("virtio0",), ("virtio1.net",), "virtio2"),
         ("virtio-net-pci", ("virtio1",), (), "virtio0"),
+        ("virtio-net-pci", (), ("virtio0", "virtio1.net.net", "virtio2.net"), "virtio1"),  # a netdev named as a NIC
         ("rtl8139", ("rtl0",), (), "rtl1"),
         ("e1000", (), (), "e1000-0"),
         ("e1000e", ("e1000e-0",), (), "e1000e-1"),

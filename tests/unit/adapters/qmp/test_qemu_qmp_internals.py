@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from fakeqmp import Answer, Event, eventually
-from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp import EventListener, ExecuteError, Message, QMPClient
 from qemu.qmp.protocol import Runstate
 
 from qmpnet.adapters.qmp import qemu_qmp_internals
@@ -101,6 +101,20 @@ def test_the_replies_are_still_taken_from_the_pending_slot() -> None:
     source = inspect.getsource(QMPClient._reply)
     assert "self._pending[msg_id]" in source, "qemu.qmp QMPClient._reply no longer reads self._pending[msg_id]"
     assert ".get()" in source, "qemu.qmp QMPClient._reply no longer awaits get() on the pending slot"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"execute": "qmp_capabilities"},
+        {"execute": "netdev_add", "arguments": {"id": "v0.net", "type": "user", "hostfwd": [{"str": "tcp::22-:22"}]}},
+        {"execute": "device_add", "arguments": {"driver": "virtio-net-pci", "addr": "0x3", "vectors": 10, "mq": True},
+         "id": 7},
+        {"execute": "human-monitor-command", "arguments": {"command-line": 'info "réseau"\n', "none": None}},
+    ],
+)
+def test_the_direct_path_sends_the_bytes_qemu_qmp_would(body: dict[str, object]) -> None:
+    assert qemu_qmp_internals._ENCODE(body).encode() == bytes(Message(body))
 
 
 async def test_a_direct_command_an_error_and_an_event_on_a_small_exchange(fake: FakeQmp) -> None:

@@ -591,6 +591,12 @@ def test_finished_operations_are_pruned_in_flight_ones_kept() -> None:
     record = record.with_operation(OperationRecord(id="new", op="nic/add", started=99, finished=100, outcome={}))
     record = record.with_operation(OperationRecord(id="flight", op="nic/add", started=1))
     assert set(record.pruned(now=101, keep=10).operations) == {"new", "flight"}
+    assert record.pruned(now=12, keep=10) is record  # the oldest finished exactly keep seconds ago: kept
+    assert set(record.pruned(now=12.5, keep=10).operations) == {"new", "flight"}
+    assert record.pruned(now=111, keep=1000) is record
+    assert set(record.pruned(now=111, keep=0).operations) == {"flight"}
+    in_flight = GuestRecord(address="a", name="a").with_operation(OperationRecord(id="f", op="nic/add", started=1))
+    assert in_flight.pruned(now=1e9, keep=0) is in_flight
 
 
 def test_gone_nics_are_bounded_and_forgotten_when_the_id_is_reused() -> None:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 
@@ -109,8 +108,8 @@ _VERIFY_OPTIONS = (("verify", VerifyOpt, False), ("verify_address", VerifyAddres
 Command = typing.TypeVar("Command", bound="Callable[..., None]")
 
 
-@dataclass(frozen=True)
-class Flag:
+# A NamedTuple, not a frozen dataclass, as the CLI's other value types (cli/connect.py).
+class Flag(NamedTuple):
     """One option of a command, as data: its parameter, its type and default, and what ``--help`` shows of it."""
 
     param: str  #: the parameter name: the key of its value in :class:`Given`, and click's name of the option
@@ -156,8 +155,7 @@ def flag_table(table: str, kinds: Mapping[str, tuple[object, object]] | None = N
 Choice = typing.TypeVar("Choice", bound=StrEnum)
 
 
-@dataclass(frozen=True)
-class Given:
+class Given(NamedTuple):
     """The values of a command's :func:`flag_options` as typer parsed them, by parameter name, typed by kind."""
 
     values: Mapping[str, object]

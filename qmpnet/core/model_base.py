@@ -43,6 +43,12 @@ class Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: The configuration of a model that a direct-mode command never validates (the events, the results of the other
+#: calls, the capacity report, the live update): pydantic builds its validator on first use instead of at import,
+#: which a new process (``qmpnet nic add``) would pay for nothing (docs/performance.md). A model nested in one built
+#: at import gains nothing from it.
+BUILT_ON_FIRST_USE = ConfigDict(defer_build=True)
+
 M = TypeVar("M", bound=BaseModel)
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from qmpnet.core.backends import TAP_BASED, Backend, BridgeBackend, NatBackend, UserBackend
-from qmpnet.core.model_base import Frozen, LinkState, Mac, NicModel, QemuId, validate_as
+from qmpnet.core.model_base import BUILT_ON_FIRST_USE, Frozen, LinkState, Mac, NicModel, QemuId, validate_as
 from qmpnet.core.mtu import MTU_DESCRIPTION, MTU_UPDATE_DESCRIPTION, Mtu, check_mtu_backend
 from qmpnet.core.names import parse_pci_addr
 from qmpnet.core.nic_filter import NicFilter, check_filterable
@@ -134,6 +134,8 @@ class NicUpdate(Frozen):
     link so that the guest renews DHCP, and announces the guest (``announce-self``); the port starts in the new
     bridge's default VLAN unless ``vlan`` is given too.
     """
+
+    model_config = BUILT_ON_FIRST_USE
 
     id: QemuId = Field(description="The NIC's id.")
     backend: Annotated[BridgeBackend | NatBackend, Field(discriminator="type")] | None = Field(

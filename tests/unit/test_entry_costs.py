@@ -61,6 +61,25 @@ def test_a_command_loads_no_other_command() -> None:
         assert other not in modules, f"`qmpnet nic add` imports {other}"
 
 
+def test_direct_mode_builds_no_model_it_never_validates() -> None:
+    # A model pydantic builds at import costs a new process ~1 M instructions a field; the ones a direct-mode
+    # command never validates are built on their first use (model_base.BUILT_ON_FIRST_USE).
+    script = (
+        "import json, qmpnet.api.direct, qmpnet.core.model as m\n"
+        "print(json.dumps({n: getattr(m, n).__pydantic_complete__ for n in m.__all__\n"
+        "                  if hasattr(getattr(m, n), '__pydantic_complete__')}))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    built = json.loads(done.stdout)
+    on_first_use = {"GuestView", "RemoveResult", "ModelInfo", "DiscardedRecord", "GuestEvent", "CaptureResult",
+                    "BusCapacity", "ModelCapacity", "Capacity", "NicUpdate"}  # fmt: skip
+    assert {name for name, complete in built.items() if not complete} == on_first_use
+    from qmpnet.core.model import Capacity, RemoveResult  # noqa: PLC0415 - the deferred models are the subject
+
+    assert RemoveResult(id="virtio0", state="removed").state == "removed"
+    assert Capacity.model_validate({"machine": "pc", "models": []}).machine == "pc"
+
+
 def test_direct_mode_and_the_host_object_load_no_netlink() -> None:
     modules = imported_after(
         "import qmpnet, qmpnet.api.direct, qmpnet.serve.compose\n"

@@ -91,6 +91,9 @@ def test_direct_mode_and_the_host_object_load_no_netlink() -> None:
     assert "qmpnet.adapters.hostnet.taps" not in modules
     # The guest agent's client and reply models load only for a call that talks to the agent (issue 17).
     assert "qmpnet.adapters.qga.client" not in modules
+    # Nor the live update's runner and the vfio sysfs code: a hot-add does not use them.
+    assert "qmpnet.guest.update" not in modules
+    assert "qmpnet.adapters.hostnet.vfio" not in modules
 
 
 def test_a_filter_sweep_with_nothing_filtered_loads_no_netlink(tmp_path: Path) -> None:

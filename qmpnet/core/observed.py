@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from qmpnet.core.model_base import BUILT_ON_FIRST_USE, Frozen, LinkState, Mac, NicState
+from qmpnet.core.model_base import BUILT_ON_FIRST_USE, Frozen, LinkState, Mac, NicState, empty_list
 
 
 class PciAddress(Frozen):
@@ -50,7 +50,7 @@ class GuestView(Frozen):
         default=None, description="/sys/class/net/<if>/operstate (up, down, lowerlayerdown, ...); null if unreadable."
     )
     addresses: list[str] = Field(
-        default_factory=list, description="The interface's addresses with prefix length, e.g. 10.0.2.15/24."
+        default_factory=empty_list, description="The interface's addresses with prefix length, e.g. 10.0.2.15/24."
     )
 
     def has_address(self) -> bool:
@@ -86,7 +86,7 @@ class Nic(Frozen):
         "it survives restarts); null otherwise.",
     )
     warnings: list[str] = Field(
-        default_factory=list,
+        default_factory=empty_list,
         description="In the answer of nic/add and nic/update: what the caller must do itself, e.g. set the MTU in "
         "the guest when the device cannot carry it (e1000, e1000e, rtl8139; a live MTU change). Empty elsewhere.",
     )

@@ -40,7 +40,7 @@ from qmpnet.core.model import (  # noqa: TC001 - pydantic needs them at runtime
     Shape,
     Vlan,
 )
-from qmpnet.core.model_base import Frozen
+from qmpnet.core.model_base import Frozen, empty_list
 
 __all__ = [
     "FORMAT_VERSION",
@@ -140,7 +140,7 @@ class DesiredDocument(Frozen):
 
     generation: int = Field(default=0, ge=0, description="Higher replaces the set; lower is ignored; same: no change.")
     nics: list[NicSpec] = Field(
-        default_factory=list, description="The NICs the guest should have; each needs an id; ids and MACs unique."
+        default_factory=empty_list, description="The NICs the guest should have; each needs an id; ids and MACs unique."
     )
     prune: bool = Field(default=False, description="Remove NICs qmpnet created that are not in the set.")
 

@@ -80,6 +80,25 @@ def test_direct_mode_builds_no_model_it_never_validates() -> None:
     assert Capacity.model_validate({"machine": "pc", "models": []}).machine == "pc"
 
 
+def test_the_models_of_a_command_have_no_builtin_list_factory() -> None:
+    # pydantic reads each default factory's signature; list's is parsed with tokenize (~14 M instructions for the
+    # first in a process): the models every command builds use model_base.empty_list instead.
+    import pydantic  # noqa: PLC0415 - as above
+
+    import qmpnet.core.model  # noqa: PLC0415
+    import qmpnet.core.records  # noqa: PLC0415
+    import qmpnet.settings  # noqa: PLC0415, F401 - its models are the subject
+
+    def models(base: type[pydantic.BaseModel]) -> list[type[pydantic.BaseModel]]:
+        return [m for sub in base.__subclasses__() for m in (sub, *models(sub))]
+
+    ours = [m for m in models(pydantic.BaseModel) if m.__module__.startswith(("qmpnet.core.", "qmpnet.settings"))]
+    assert len(ours) > 40
+    for model in ours:
+        for name, info in model.model_fields.items():
+            assert info.default_factory not in (list, tuple), f"{model.__name__}.{name}: default_factory=empty_list"
+
+
 def test_direct_mode_and_the_host_object_load_no_netlink() -> None:
     modules = imported_after(
         "import qmpnet, qmpnet.api.direct, qmpnet.serve.compose\n"

@@ -3,7 +3,8 @@
 user, hubport, stream, dgram, bridge, nat, tap, macvtap, vfio and passt.
 """
 
-from __future__ import annotations
+# Without `from __future__ import annotations`: pydantic would compile each field's annotation from its string,
+# ~70 k instructions a field in every new process (docs/performance.md).
 
 import ipaddress
 import re
@@ -106,7 +107,7 @@ class DgramBackend(Frozen):
     remote: SocketAddress | None = None
 
     @model_validator(mode="after")
-    def _one_side_given(self) -> DgramBackend:
+    def _one_side_given(self) -> "DgramBackend":
         if self.local is None and self.remote is None:
             raise ValueError("give local, remote or both")
         return self

@@ -1,6 +1,7 @@
 """What a guest has and what happens to it: a NIC as it is now, as its guest sees it, events and results."""
 
-from __future__ import annotations
+# Without `from __future__ import annotations`: pydantic would compile each field's annotation from its string,
+# ~70 k instructions a field in every new process (docs/performance.md).
 
 import ipaddress
 from typing import Literal

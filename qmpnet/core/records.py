@@ -26,13 +26,14 @@ The format has a version (:data:`FORMAT_VERSION`). Version 1 (the desired set in
 read and migrated (:func:`migrated`); any other version is not guessed: the store moves such a record aside.
 """
 
-from __future__ import annotations
+# Without `from __future__ import annotations`: pydantic would compile each field's annotation from its string,
+# ~70 k instructions a field in every new process (docs/performance.md).
 
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import Field
 
-from qmpnet.core.model import (  # noqa: TC001 - pydantic needs them at runtime
+from qmpnet.core.model import (
     LinkState,
     NicSpec,
     ObservedBackend,
@@ -177,7 +178,7 @@ class GuestRecord(Frozen):
         default=None, description="Also kept by the store in a file of its own, fsync'd: it outlives a reboot."
     )
 
-    def for_boot(self, boot: str | None) -> GuestRecord:
+    def for_boot(self, boot: str | None) -> "GuestRecord":
         """This record as it stands in boot ``boot``: whole if written in it, else only the desired set.
 
         The rest named QEMU processes, taps and driver bindings that a reboot took away.
@@ -186,12 +187,12 @@ class GuestRecord(Frozen):
             return self
         return GuestRecord(address=self.address, name=self.name, boot=boot, desired=self.desired)
 
-    def with_nic(self, nic: NicRecord) -> GuestRecord:
+    def with_nic(self, nic: NicRecord) -> "GuestRecord":
         """This record with ``nic`` added or replaced."""
         gone = {k: v for k, v in self.gone.items() if k != nic.id}
         return self.model_copy(update={"nics": {**self.nics, nic.id: nic}, "gone": gone})
 
-    def without_nic(self, nic_id: str, *, gone_at: float | None = None) -> GuestRecord:
+    def without_nic(self, nic_id: str, *, gone_at: float | None = None) -> "GuestRecord":
         """This record without NIC ``nic_id``; ``gone_at`` remembers that recovery (not a caller) removed it."""
         update: dict[str, object] = {"nics": {k: v for k, v in self.nics.items() if k != nic_id}}
         if gone_at is not None:
@@ -199,18 +200,18 @@ class GuestRecord(Frozen):
             update["gone"] = {**dict(kept), nic_id: gone_at}
         return self.model_copy(update=update)
 
-    def with_link(self, nic_id: str, link: LinkState) -> GuestRecord:
+    def with_link(self, nic_id: str, link: LinkState) -> "GuestRecord":
         """This record with the link intent of ``nic_id`` (its own record's, or a cold-plugged NIC's)."""
         nic = self.nics.get(nic_id)
         if nic is not None:
             return self.with_nic(nic.model_copy(update={"link": link}))
         return self.model_copy(update={"links": {**self.links, nic_id: link}})
 
-    def with_operation(self, operation: OperationRecord) -> GuestRecord:
+    def with_operation(self, operation: OperationRecord) -> "GuestRecord":
         """This record with ``operation`` added or replaced."""
         return self.model_copy(update={"operations": {**self.operations, operation.id: operation}})
 
-    def pruned(self, now: float, keep: float) -> GuestRecord:
+    def pruned(self, now: float, keep: float) -> "GuestRecord":
         """This record without finished operations older than ``keep`` seconds."""
         operations = {
             key: op for key, op in self.operations.items() if op.finished is None or now - op.finished <= keep

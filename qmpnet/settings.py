@@ -7,11 +7,12 @@ intervals (how often to look again, never how long to wait), and the waits of th
 (:mod:`qmpnet.testguest`) and of ``qmpnet demo``, which runs on it: arguments with defaults sized for a TCG boot.
 """
 
-from __future__ import annotations
+# Without `from __future__ import annotations`: pydantic would compile each field's annotation from its string,
+# ~70 k instructions a field in every new process (docs/performance.md).
 
 import platform
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, NamedTuple, Self
+from typing import Annotated, Any, Final, Literal, NamedTuple, Self
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import (
@@ -23,6 +24,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from qmpnet.core.hostconfig import HostnetSettings
@@ -31,9 +33,6 @@ from qmpnet.core.model_base import Frozen
 from qmpnet.core.names import BUS_NAME_PATTERN, BUS_NAME_RULE, check_bus_name, safe_bus_name
 from qmpnet.core.policy import Policy
 from qmpnet.errors import InvalidRequest
-
-if TYPE_CHECKING:
-    from pydantic.fields import FieldInfo
 
 __all__ = [
     "BUS_NAME_PATTERN",
@@ -292,7 +291,7 @@ class MqttSettings(Frozen):
         """The broker URLs to try, in order: ``brokers``, or ``broker``, or the default."""
         return self.brokers or (self.broker or DEFAULT_BROKER,)
 
-    def at(self, url: str) -> MqttSettings:
+    def at(self, url: str) -> Self:
         """These settings with ``url`` (one of :attr:`urls`) as the only broker: one connection attempt's view."""
         return self.model_copy(update={"broker": url, "brokers": None})
 

@@ -8,9 +8,8 @@ update. A missing or conflicting flag is an ``invalid_request`` naming the flag,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from qmpnet.cli.exits import fail
 from qmpnet.cli.options import LinkArg, flag_table
@@ -160,8 +159,8 @@ def _vlan_flags(vlan: int | None, trunks: str | None) -> dict[str, object] | Non
     return None
 
 
-@dataclass(frozen=True)
-class FilterFlags:
+# A NamedTuple, not a frozen dataclass, as the CLI's other value types (cli/connect.py).
+class FilterFlags(NamedTuple):
     """The anti-spoofing flags of ``nic add`` and ``nic set`` (``--filter``, ``--filter-ipv4`` ...)."""
 
     on: bool = False

@@ -12,14 +12,14 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 
 from qmpnet.cli.connect import GuestCall, Where
+from qmpnet.cli.signatures import defer, ready
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -109,8 +109,8 @@ _VERIFY_OPTIONS = (("verify", VerifyOpt, False), ("verify_address", VerifyAddres
 Command = typing.TypeVar("Command", bound="Callable[..., None]")
 
 
-@dataclass(frozen=True)
-class Flag:
+# A NamedTuple, not a frozen dataclass, as the CLI's other value types (cli/connect.py).
+class Flag(NamedTuple):
     """One option of a command, as data: its parameter, its type and default, and what ``--help`` shows of it."""
 
     param: str  #: the parameter name: the key of its value in :class:`Given`, and click's name of the option
@@ -156,8 +156,7 @@ def flag_table(table: str, kinds: Mapping[str, tuple[object, object]] | None = N
 Choice = typing.TypeVar("Choice", bound=StrEnum)
 
 
-@dataclass(frozen=True)
-class Given:
+class Given(NamedTuple):
     """The values of a command's :func:`flag_options` as typer parsed them, by parameter name, typed by kind."""
 
     values: Mapping[str, object]
@@ -190,6 +189,7 @@ def _with_signature(function: Callable[..., None], params: list[inspect.Paramete
 
 
 def _own_parameters(command: Callable[..., None]) -> list[inspect.Parameter]:
+    ready(command)  # a command decorated twice: the inner decorator's signature first
     hints = typing.get_type_hints(command, include_extras=True)  # typer reads the evaluated annotations
     return [p.replace(annotation=hints[p.name]) for p in inspect.signature(command).parameters.values()]
 
@@ -201,14 +201,15 @@ def flag_options(flags: Sequence[Flag]) -> Callable[[Command], Command]:
     """
 
     def decorate(command: Command) -> Command:
-        params = _own_parameters(command)[:-1] + [flag.parameter() for flag in flags]
-
         @functools.wraps(command)
         def with_flags(*args: Any, **values: Any) -> None:  # noqa: ANN401 - the values typer parsed, of every type
             given = Given({flag.param: values.pop(flag.param) for flag in flags})
             command(*args, **values, flags=given)
 
-        _with_signature(with_flags, params)
+        def build() -> None:
+            _with_signature(with_flags, _own_parameters(command)[:-1] + [flag.parameter() for flag in flags])
+
+        defer(with_flags, build)
         return typing.cast("Command", with_flags)
 
     return decorate
@@ -226,10 +227,6 @@ def guest_options(
     shared = [*_GUEST_OPTIONS, *([_QGA_OPTION] if qga else []), *_VERIFY_OPTIONS[: verify + verify_address]]
 
     def decorate(command: Command) -> Command:
-        own = _own_parameters(command)[1:]
-        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-        params = own + [inspect.Parameter(name, kind, default=d, annotation=a) for name, a, d in shared]
-
         @functools.wraps(command)
         def with_options(**values: Any) -> None:  # noqa: ANN401 - the values typer parsed, of every option's type
             where = Where(
@@ -241,7 +238,12 @@ def guest_options(
                              "address" if address else plain)  # fmt: skip
             command(call, **values)
 
-        _with_signature(with_options, params)
+        def build() -> None:
+            kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+            shared_params = [inspect.Parameter(name, kind, default=d, annotation=a) for name, a, d in shared]
+            _with_signature(with_options, _own_parameters(command)[1:] + shared_params)
+
+        defer(with_options, build)
         return typing.cast("Command", with_options)
 
     return decorate

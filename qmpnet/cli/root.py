@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from qmpnet.cli.exits import invoke, pause_collector
+from qmpnet.cli.signatures import ready
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -85,11 +86,15 @@ def build_app(args: Sequence[str]) -> typer.Typer:
             continue
         target = getattr(importlib.import_module(module), attribute)
         if not isinstance(target, typer.Typer):
+            ready(target)
             app.command(name)(target)
             continue
         known = {info.name for info in target.registered_commands}
         if named is not None and len(words) > 1 and words[1] in known:
             target = _with_one_command(target, words[1])
+        for info in target.registered_commands:
+            if info.callback is not None:
+                ready(info.callback)
         app.add_typer(target, name=name)
     return app
 

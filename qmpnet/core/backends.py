@@ -3,7 +3,8 @@
 user, hubport, stream, dgram, bridge, nat, tap, macvtap, vfio and passt.
 """
 
-from __future__ import annotations
+# Without `from __future__ import annotations`: pydantic would compile each field's annotation from its string,
+# ~70 k instructions a field in every new process (docs/performance.md).
 
 import ipaddress
 import re
@@ -12,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, model_validator
 
 from qmpnet.core.ifnames import check_ifname
-from qmpnet.core.model_base import Frozen
+from qmpnet.core.model_base import Frozen, empty_list
 from qmpnet.errors import InvalidRequest
 
 _PCI_HOST = re.compile(r"(?:([0-9a-f]{4}):)?([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])")
@@ -56,11 +57,11 @@ class UserBackend(Frozen):
     dhcpstart: ipaddress.IPv4Address | None = Field(default=None, description="First address DHCP hands out.")
     dns: ipaddress.IPv4Address | None = Field(default=None, description="DNS server address seen by the guest.")
     hostfwd: list[Annotated[str, AfterValidator(_check_hostfwd)]] = Field(
-        default_factory=list, description="Port forwards, e.g. tcp:127.0.0.1:2222-:22."
+        default_factory=empty_list, description="Port forwards, e.g. tcp:127.0.0.1:2222-:22."
     )
     restrict: bool = Field(default=False, description="Isolate the guest from the host and the outside.")
     guestfwd: list[str] = Field(
-        default_factory=list, description="Guest forwards; 'cmd:' forwards run a host command (policy)."
+        default_factory=empty_list, description="Guest forwards; 'cmd:' forwards run a host command (policy)."
     )
     smb: str | None = Field(default=None, description="Export a host directory over SMB (runs smbd; policy).")
 
@@ -106,7 +107,7 @@ class DgramBackend(Frozen):
     remote: SocketAddress | None = None
 
     @model_validator(mode="after")
-    def _one_side_given(self) -> DgramBackend:
+    def _one_side_given(self) -> "DgramBackend":
         if self.local is None and self.remote is None:
             raise ValueError("give local, remote or both")
         return self
@@ -211,7 +212,9 @@ class PasstBackend(Frozen):
     type: Literal["passt"] = "passt"
     ports: Annotated[
         list[Annotated[str, AfterValidator(_check_passt_port)]], AfterValidator(_distinct_host_ports)
-    ] = Field(default_factory=list, description="Host ports forwarded to the guest: 'tcp|udp:HOSTPORT:GUESTPORT'.")
+    ] = Field(
+        default_factory=empty_list, description="Host ports forwarded to the guest: 'tcp|udp:HOSTPORT:GUESTPORT'."
+    )
     ipv6: bool = Field(default=True, description="Serve IPv6 too (false: IPv4 only).")
 
     def forwards(self) -> list[tuple[str, int, int]]:

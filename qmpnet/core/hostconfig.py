@@ -7,7 +7,8 @@ gateway ``.1``, DHCP ``.100``-``.200``. The defaults that depend on the subnet a
 so a dumped network always shows the addresses actually used.
 """
 
-from __future__ import annotations
+# Without `from __future__ import annotations`: pydantic would compile each field's annotation from its string,
+# ~70 k instructions a field in every new process (docs/performance.md).
 
 import hashlib
 import ipaddress
@@ -116,7 +117,7 @@ class NatNetwork(Frozen):
         return filled
 
     @model_validator(mode="after")
-    def _addresses_fit(self) -> NatNetwork:
+    def _addresses_fit(self) -> "NatNetwork":
         subnet = self.subnet
         if subnet.prefixlen > 30:
             raise ValueError("subnet must be /30 or larger")
@@ -183,7 +184,7 @@ class HostnetSettings(Frozen):
     )
 
     @model_validator(mode="after")
-    def _networks_distinct(self) -> HostnetSettings:
+    def _networks_distinct(self) -> "HostnetSettings":
         for index, net in enumerate(self.networks):
             for other in self.networks[:index]:
                 if net.name == other.name:

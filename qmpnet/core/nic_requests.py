@@ -1,21 +1,20 @@
 """What a caller asks of a NIC: a hot-add (:class:`NicSpec`) and a live change (:class:`NicUpdate`)."""
 
-from __future__ import annotations
+# Without `from __future__ import annotations`: pydantic would compile each field's annotation from its string,
+# ~70 k instructions a field in every new process (docs/performance.md).
 
-from typing import TYPE_CHECKING, Annotated, Any
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from qmpnet.core.backends import TAP_BASED, Backend, BridgeBackend, NatBackend, UserBackend
-from qmpnet.core.model_base import Frozen, LinkState, Mac, NicModel, QemuId, validate_as
+from qmpnet.core.model_base import BUILT_ON_FIRST_USE, Frozen, LinkState, Mac, NicModel, QemuId, validate_as
 from qmpnet.core.mtu import MTU_DESCRIPTION, MTU_UPDATE_DESCRIPTION, Mtu, check_mtu_backend
 from qmpnet.core.names import parse_pci_addr
 from qmpnet.core.nic_filter import NicFilter, check_filterable
-from qmpnet.core.shape_vlan import Shape, Vlan  # noqa: TC001 - pydantic needs them at runtime
+from qmpnet.core.shape_vlan import Shape, Vlan
 from qmpnet.errors import InvalidRequest
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
 
 _MODEL_ALIASES = {"virtio": "virtio-net-pci"}
 
@@ -55,7 +54,7 @@ class NicSpec(Frozen):
         return value
 
     @model_validator(mode="after")
-    def _check_model_options(self) -> NicSpec:
+    def _check_model_options(self) -> "NicSpec":
         if self.filter is not None:
             check_filterable(self.backend, field="nic.filter")
         if self.backend.type == "vfio":
@@ -91,7 +90,7 @@ class NicSpec(Frozen):
                     field=f"nic.{name}",
                 )
 
-    def _check_vfio(self) -> NicSpec:
+    def _check_vfio(self) -> "NicSpec":
         # The assigned function is the NIC: QEMU emulates nothing, so there is no model, MAC, queue or link to set.
         check_mtu_backend(self.mtu, self.backend)
         for name in ("model", "mac", "vectors", "queues", "link"):
@@ -135,6 +134,8 @@ class NicUpdate(Frozen):
     bridge's default VLAN unless ``vlan`` is given too.
     """
 
+    model_config = BUILT_ON_FIRST_USE
+
     id: QemuId = Field(description="The NIC's id.")
     backend: Annotated[BridgeBackend | NatBackend, Field(discriminator="type")] | None = Field(
         default=None, description="Move the NIC: the bridge or NAT network to join."
@@ -146,7 +147,7 @@ class NicUpdate(Frozen):
     filter: NicFilter | None = Field(default=None, description="Anti-spoofing filter; null: none.")
 
     @model_validator(mode="after")
-    def _something_to_change(self) -> NicUpdate:
+    def _something_to_change(self) -> "NicUpdate":
         if not self.model_fields_set - {"id"}:
             raise InvalidRequest("update: nothing to change; give backend, vlan, shape, filter, link or mtu",
                                  field="update")

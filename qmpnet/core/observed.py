@@ -1,13 +1,14 @@
 """What a guest has and what happens to it: a NIC as it is now, as its guest sees it, events and results."""
 
-from __future__ import annotations
+# Without `from __future__ import annotations`: pydantic would compile each field's annotation from its string,
+# ~70 k instructions a field in every new process (docs/performance.md).
 
 import ipaddress
 from typing import Literal
 
 from pydantic import Field
 
-from qmpnet.core.model_base import Frozen, LinkState, Mac, NicState
+from qmpnet.core.model_base import BUILT_ON_FIRST_USE, Frozen, LinkState, Mac, NicState, empty_list
 
 
 class PciAddress(Frozen):
@@ -39,6 +40,8 @@ class RxFilter(Frozen):
 class GuestView(Frozen):
     """A NIC as the guest OS sees it, read through its guest agent (qemu-guest-agent)."""
 
+    model_config = BUILT_ON_FIRST_USE
+
     ifname: str = Field(description="The guest's interface name, e.g. ens4 or enp1s0 (udev's predictable names).")
     mac: Mac = Field(description="The interface's MAC address, as the guest reports it.")
     carrier: bool | None = Field(
@@ -48,7 +51,7 @@ class GuestView(Frozen):
         default=None, description="/sys/class/net/<if>/operstate (up, down, lowerlayerdown, ...); null if unreadable."
     )
     addresses: list[str] = Field(
-        default_factory=list, description="The interface's addresses with prefix length, e.g. 10.0.2.15/24."
+        default_factory=empty_list, description="The interface's addresses with prefix length, e.g. 10.0.2.15/24."
     )
 
     def has_address(self) -> bool:
@@ -84,7 +87,7 @@ class Nic(Frozen):
         "it survives restarts); null otherwise.",
     )
     warnings: list[str] = Field(
-        default_factory=list,
+        default_factory=empty_list,
         description="In the answer of nic/add and nic/update: what the caller must do itself, e.g. set the MTU in "
         "the guest when the device cannot carry it (e1000, e1000e, rtl8139; a live MTU change). Empty elsewhere.",
     )
@@ -93,12 +96,16 @@ class Nic(Frozen):
 class RemoveResult(Frozen):
     """The outcome of a removal: ``removed``, or ``removal_pending`` while the guest has not acked."""
 
+    model_config = BUILT_ON_FIRST_USE
+
     id: str
     state: Literal["removed", "removal_pending"]
 
 
 class ModelInfo(Frozen):
     """A NIC model this QEMU offers (the old ``-net nic,model=?``)."""
+
+    model_config = BUILT_ON_FIRST_USE
 
     name: str
     bus: Literal["pci", "pcie", "other"]
@@ -127,6 +134,8 @@ GuestEventName = Literal[
 class DiscardedRecord(Frozen):
     """A record of the state store that could not be read, moved aside; the guest was rebuilt from QEMU."""
 
+    model_config = BUILT_ON_FIRST_USE
+
     file: str = Field(description="Where the record was.")
     moved_to: str = Field(description="Where it is now (`<name>.corrupt-<timestamp>`): nothing is deleted.")
     reason: str = Field(description="Why it could not be read (not JSON, another format version, invalid).")
@@ -134,6 +143,8 @@ class DiscardedRecord(Frozen):
 
 class GuestEvent(Frozen):
     """Something that happened to a guest's network (published as ``.../event/<name>`` over MQTT)."""
+
+    model_config = BUILT_ON_FIRST_USE
 
     name: GuestEventName
     ts: float
@@ -157,6 +168,8 @@ def check_file_path(value: str) -> str:
 class CaptureResult(Frozen):
     """A NIC's live capture (QEMU ``filter-dump`` into a pcap file) after ``start`` or ``stop``."""
 
+    model_config = BUILT_ON_FIRST_USE
+
     id: str = Field(description="The NIC's id.")
     state: Literal["capturing", "stopped"] = Field(description="Whether QEMU is writing the file now.")
     file: str | None = Field(default=None, description="The pcap file.")
@@ -164,6 +177,8 @@ class CaptureResult(Frozen):
 
 class BusCapacity(Frozen):
     """One bus a model's hot-add may go to, and how many of its places are free."""
+
+    model_config = BUILT_ON_FIRST_USE
 
     bus: str = Field(description="The bus id (``pci.0``, or the id of the root port or bridge providing it).")
     kind: Literal["root", "root_port", "pci_bridge"] = Field(
@@ -175,6 +190,8 @@ class BusCapacity(Frozen):
 
 class ModelCapacity(Frozen):
     """How many more NICs of one model can be hot-plugged now, and where (the places automatic placement uses)."""
+
+    model_config = BUILT_ON_FIRST_USE
 
     model: str = Field(description="The device model, e.g. virtio-net-pci.")
     free: int = Field(ge=0, description="How many more NICs of this model can be hot-plugged now.")
@@ -189,6 +206,8 @@ class ModelCapacity(Frozen):
 
 class Capacity(Frozen):
     """A guest's room for hot-plugged NICs (``slots`` data, and ``capacity`` in the retained guest status)."""
+
+    model_config = BUILT_ON_FIRST_USE
 
     machine: Literal["pc", "q35"] = Field(description="The machine family.")
     models: list[ModelCapacity] = Field(description="Per NIC model qmpnet hot-plugs.")

@@ -8,23 +8,20 @@ refuses these with ``forbidden`` unless the operator's policy allows them, so an
 than the operator meant. The checks are pure and run before any QMP command is sent.
 """
 
-from __future__ import annotations
+# Without `from __future__ import annotations`: pydantic would compile each field's annotation from its string,
+# ~70 k instructions a field in every new process (docs/performance.md).
 
+from collections.abc import Sequence
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from pydantic import Field
+from pydantic.fields import FieldInfo
 
 from qmpnet.core import backends
 from qmpnet.core.model_base import Frozen
+from qmpnet.core.nic_requests import NicSpec, NicUpdate
 from qmpnet.errors import Forbidden
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from pydantic.fields import FieldInfo
-
-    from qmpnet.core.nic_requests import NicSpec, NicUpdate
 
 __all__ = ["Policy", "check_capture_file", "check_spec", "check_update"]
 

@@ -26,7 +26,8 @@ The format has a version (:data:`FORMAT_VERSION`). Version 1 (the desired set in
 read and migrated (:func:`migrated`); any other version is not guessed: the store moves such a record aside.
 """
 
-from __future__ import annotations
+# Without `from __future__ import annotations`: pydantic would compile each field's annotation from its string,
+# ~70 k instructions a field in every new process (docs/performance.md).
 
 from functools import partial
 from operator import attrgetter, is_not
@@ -34,7 +35,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import Field
 
-from qmpnet.core.model import (  # noqa: TC001 - pydantic needs them at runtime
+from qmpnet.core.model import (
     LinkState,
     NicSpec,
     ObservedBackend,
@@ -42,7 +43,7 @@ from qmpnet.core.model import (  # noqa: TC001 - pydantic needs them at runtime
     Shape,
     Vlan,
 )
-from qmpnet.core.model_base import Frozen, replaced
+from qmpnet.core.model_base import Frozen, empty_list, replaced
 
 __all__ = [
     "FORMAT_VERSION",
@@ -142,7 +143,7 @@ class DesiredDocument(Frozen):
 
     generation: int = Field(default=0, ge=0, description="Higher replaces the set; lower is ignored; same: no change.")
     nics: list[NicSpec] = Field(
-        default_factory=list, description="The NICs the guest should have; each needs an id; ids and MACs unique."
+        default_factory=empty_list, description="The NICs the guest should have; each needs an id; ids and MACs unique."
     )
     prune: bool = Field(default=False, description="Remove NICs qmpnet created that are not in the set.")
 
@@ -179,7 +180,7 @@ class GuestRecord(Frozen):
         default=None, description="Also kept by the store in a file of its own, fsync'd: it outlives a reboot."
     )
 
-    def for_boot(self, boot: str | None) -> GuestRecord:
+    def for_boot(self, boot: str | None) -> "GuestRecord":
         """This record as it stands in boot ``boot``: whole if written in it, else only the desired set.
 
         The rest named QEMU processes, taps and driver bindings that a reboot took away.
@@ -188,12 +189,12 @@ class GuestRecord(Frozen):
             return self
         return GuestRecord(address=self.address, name=self.name, boot=boot, desired=self.desired)
 
-    def with_nic(self, nic: NicRecord) -> GuestRecord:
+    def with_nic(self, nic: NicRecord) -> "GuestRecord":
         """This record with ``nic`` added or replaced."""
         gone = {k: v for k, v in self.gone.items() if k != nic.id} if nic.id in self.gone else self.gone
         return replaced(self, {"nics": {**self.nics, nic.id: nic}, "gone": gone})
 
-    def without_nic(self, nic_id: str, *, gone_at: float | None = None) -> GuestRecord:
+    def without_nic(self, nic_id: str, *, gone_at: float | None = None) -> "GuestRecord":
         """This record without NIC ``nic_id``; ``gone_at`` remembers that recovery (not a caller) removed it."""
         update: dict[str, object] = {"nics": {k: v for k, v in self.nics.items() if k != nic_id}}
         if gone_at is not None:
@@ -201,18 +202,18 @@ class GuestRecord(Frozen):
             update["gone"] = {**dict(kept), nic_id: gone_at}
         return replaced(self, update)
 
-    def with_link(self, nic_id: str, link: LinkState) -> GuestRecord:
+    def with_link(self, nic_id: str, link: LinkState) -> "GuestRecord":
         """This record with the link intent of ``nic_id`` (its own record's, or a cold-plugged NIC's)."""
         nic = self.nics.get(nic_id)
         if nic is not None:
             return self.with_nic(replaced(nic, {"link": link}))
         return replaced(self, {"links": {**self.links, nic_id: link}})
 
-    def with_operation(self, operation: OperationRecord) -> GuestRecord:
+    def with_operation(self, operation: OperationRecord) -> "GuestRecord":
         """This record with ``operation`` added or replaced."""
         return replaced(self, {"operations": {**self.operations, operation.id: operation}})
 
-    def pruned(self, now: float, keep: float) -> GuestRecord:
+    def pruned(self, now: float, keep: float) -> "GuestRecord":
         """This record without finished operations older than ``keep`` seconds."""
         # Every write prunes, and nearly always finds nothing to prune: that is told from the oldest finished time,
         # found without a Python loop over the operations (a hot-add writes twice; a guest keeps dozens of them).

@@ -38,8 +38,7 @@ the intent), a removal whose NIC is gone. Anything else stays *interrupted* (``o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 if TYPE_CHECKING:
     from collections.abc import Collection
@@ -51,8 +50,9 @@ __all__ = ["Action", "RecoveryStep", "answered_by_recovery", "plan_recovery"]
 Action = Literal["forget", "activate", "undo_add", "relink", "vanished", "unplug", "finish"]
 
 
-@dataclass(frozen=True)
-class RecoveryStep:
+# A NamedTuple, not a frozen dataclass: a value every process that connects defines, and a NamedTuple is
+# defined in a fifth of the instructions (docs/performance.md).
+class RecoveryStep(NamedTuple):
     """What to do about one recorded NIC.
 
     Attributes:

@@ -1,9 +1,11 @@
 """What qmpnet sets on a NIC's host tap: its shaping (tc) and its VLANs on a VLAN-filtering bridge."""
 
-from __future__ import annotations
+# Without `from __future__ import annotations`: pydantic would compile each field's annotation from its string,
+# ~70 k instructions a field in every new process (docs/performance.md).
 
 import re
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import Callable
+from typing import Annotated
 
 from pydantic import (
     AfterValidator,
@@ -27,9 +29,6 @@ from qmpnet.core.tcunits import (
     parse_size,
     parse_time,
 )
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 
 def _tc_value(parse: Callable[[object], int], what: str, low: int, high: int, show: Callable[[int], str]) -> object:
@@ -103,7 +102,7 @@ class Shape(Frozen):
     loss: TcPercent | None = Field(default=None, description="Share of frames towards the guest dropped, e.g. 1%.")
 
     @model_validator(mode="after")
-    def _consistent(self) -> Shape:
+    def _consistent(self) -> "Shape":
         # ValueError, not InvalidRequest: the edge names the field by where the shape sits (update.shape, nic.shape).
         if all(getattr(self, name) is None for name in type(self).model_fields):
             raise ValueError("give at least one of rate, burst, delay, jitter, loss (or null to remove the shaping)")
@@ -174,7 +173,7 @@ class Vlan(Frozen):
     )
 
     @model_validator(mode="after")
-    def _one_kind(self) -> Vlan:
+    def _one_kind(self) -> "Vlan":
         if (self.access is None) == (self.trunks is None):
             raise ValueError("give either access or trunks")
         return self

@@ -12,8 +12,7 @@ restart neither resets it nor tells twice: :attr:`NicRecord.stuck_reported`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from qmpnet.core.records import GuestRecord, NicRecord
@@ -21,8 +20,9 @@ if TYPE_CHECKING:
 __all__ = ["StuckCheck", "check_stuck", "stuck_advice"]
 
 
-@dataclass(frozen=True)
-class StuckCheck:
+# A NamedTuple, not a frozen dataclass: a value every process that connects defines, and a NamedTuple is
+# defined in a fifth of the instructions (docs/performance.md).
+class StuckCheck(NamedTuple):
     """The pending removals of one guest against the clock.
 
     Attributes:

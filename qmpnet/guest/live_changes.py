@@ -20,13 +20,13 @@ from qmpnet.guest.hotadd_steps import Attachment
 from qmpnet.guest.journal import finished, new_operation
 from qmpnet.guest.nic_table import asked_backend, execute
 from qmpnet.guest.unplugs import foreign_record
-from qmpnet.guest.update import KnownNic, UpdateResult, run_update
 
 if TYPE_CHECKING:
     from qmpnet.core.inventory import Inventory
     from qmpnet.core.model import Nic, NicUpdate
     from qmpnet.core.records import GuestRecord, NicRecord
     from qmpnet.guest.parts import LaneParts
+    from qmpnet.guest.update import KnownNic, UpdateResult
 
 __all__ = ["LiveChanges"]
 
@@ -74,6 +74,8 @@ class LiveChanges:
             QmpCommandError: QEMU refused a step (what was done is undone).
             OutcomeUnknown, GuestUnavailable: A step got no answer.
         """
+        from qmpnet.guest.update import run_update  # noqa: PLC0415 - a hot-add or a new process does not load it
+
         journal = self._parts.journal
         record = journal.nic(nic.id)
         known = _known(nic, record, f"{journal.key}/{nic.id}")
@@ -131,6 +133,8 @@ def _merged(record: GuestRecord, nic: Nic, update: NicUpdate, result: UpdateResu
 
 def _known(nic: Nic, record: NicRecord | None, owner: str) -> KnownNic:
     """What the update runner needs to know of ``nic``: the backend as asked for and the host side, when recorded."""
+    from qmpnet.guest.update import KnownNic  # noqa: PLC0415 - as in LiveChanges.update
+
     if record is None or record.spec is None:
         return KnownNic(nic, owner=owner)
     hold = record.host

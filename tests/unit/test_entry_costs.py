@@ -61,6 +61,49 @@ def test_a_command_loads_no_other_command() -> None:
         assert other not in modules, f"`qmpnet nic add` imports {other}"
 
 
+def test_direct_mode_builds_no_model_it_never_validates() -> None:
+    # A model pydantic builds at import costs a new process ~1 M instructions a field; the ones a direct-mode
+    # command never validates are built on their first use (model_base.BUILT_ON_FIRST_USE).
+    script = (
+        "import json, qmpnet.api.direct, qmpnet.core.model as m\n"
+        "print(json.dumps({n: getattr(m, n).__pydantic_complete__ for n in m.__all__\n"
+        "                  if hasattr(getattr(m, n), '__pydantic_complete__')}))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    built = json.loads(done.stdout)
+    on_first_use = {"GuestView", "RemoveResult", "ModelInfo", "DiscardedRecord", "GuestEvent", "CaptureResult",
+                    "BusCapacity", "ModelCapacity", "Capacity", "NicUpdate"}  # fmt: skip
+    assert {name for name, complete in built.items() if not complete} == on_first_use
+    from qmpnet.core.model import Capacity, RemoveResult  # noqa: PLC0415 - the deferred models are the subject
+
+    assert RemoveResult(id="virtio0", state="removed").state == "removed"
+    assert Capacity.model_validate({"machine": "pc", "models": []}).machine == "pc"
+
+
+def test_the_models_of_a_command_are_cheap_to_build() -> None:
+    # pydantic reads each default factory's signature; list's is parsed with tokenize (~14 M instructions for the
+    # first in a process): the models every command builds use model_base.empty_list instead.
+    import pydantic  # noqa: PLC0415 - as above
+
+    import qmpnet.core.model  # noqa: PLC0415
+    import qmpnet.core.records  # noqa: PLC0415
+    import qmpnet.settings  # noqa: PLC0415, F401 - its models are the subject
+
+    def models(base: type[pydantic.BaseModel]) -> list[type[pydantic.BaseModel]]:
+        return [m for sub in base.__subclasses__() for m in (sub, *models(sub))]
+
+    ours = [m for m in models(pydantic.BaseModel) if m.__module__.startswith(("qmpnet.core.", "qmpnet.settings"))]
+    assert len(ours) > 40
+    for model in ours:
+        for name, info in model.model_fields.items():
+            assert info.default_factory not in (list, tuple), f"{model.__name__}.{name}: default_factory=empty_list"
+        # And their annotations are objects, not strings pydantic would compile (no `from __future__ import
+        # annotations` in the modules of many fields; ~70 k instructions a field).
+        if model.__module__ not in ("qmpnet.core.model_base", "qmpnet.core.nic_filter"):
+            strings = [name for name, hint in vars(model).get("__annotations__", {}).items() if isinstance(hint, str)]
+            assert not strings, f"{model.__module__}.{model.__name__}: string annotations {strings}"
+
+
 def test_direct_mode_and_the_host_object_load_no_netlink() -> None:
     modules = imported_after(
         "import qmpnet, qmpnet.api.direct, qmpnet.serve.compose\n"
@@ -72,6 +115,9 @@ def test_direct_mode_and_the_host_object_load_no_netlink() -> None:
     assert "qmpnet.adapters.hostnet.taps" not in modules
     # The guest agent's client and reply models load only for a call that talks to the agent (issue 17).
     assert "qmpnet.adapters.qga.client" not in modules
+    # Nor the live update's runner and the vfio sysfs code: a hot-add does not use them.
+    assert "qmpnet.guest.update" not in modules
+    assert "qmpnet.adapters.hostnet.vfio" not in modules
 
 
 def test_a_filter_sweep_with_nothing_filtered_loads_no_netlink(tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 from qmpnet.adapters.hostnet import antispoof, nftables
 from qmpnet.adapters.hostnet.processes import start_time
-from qmpnet.adapters.hostnet.vfio import bind_vfio, check_vfio, restore_driver
 from qmpnet.core.hostconfig import HostnetSettings
 from qmpnet.core.ifnames import check_ifname
 from qmpnet.core.ports import HostProcess
@@ -96,6 +95,8 @@ class HostNet:
 
         Returns ``None`` when nothing was changed, ``""`` when the function had no driver before.
         """
+        from qmpnet.adapters.hostnet.vfio import bind_vfio, check_vfio  # noqa: PLC0415 - only for a vfio NIC
+
         device = await asyncio.to_thread(check_vfio, host, rebind=rebind, sysfs=self.settings.sysfs_root)
         if not device.needs_rebind:
             return None
@@ -104,6 +105,8 @@ class HostNet:
 
     async def restore_vfio(self, host: str, driver: str) -> None:
         """Give ``host`` back to ``driver`` (``""``: leave it unbound, without the vfio-pci override)."""
+        from qmpnet.adapters.hostnet.vfio import restore_driver  # noqa: PLC0415 - only for a vfio NIC
+
         await asyncio.to_thread(restore_driver, host, driver or None, sysfs=self.settings.sysfs_root)
 
     async def start_passt(self, socket: str, backend: PasstBackend) -> HostProcess:

@@ -64,6 +64,7 @@ from qmpnet.adapters.mqtt.aiomqtt_internals import (
     FastProperties,
     Publisher,
     dispatching_queue,
+    install_fast_message_info,
     install_fast_properties,
     install_fast_reason_codes,
 )
@@ -242,6 +243,7 @@ class MqttBus:
         self.handler = handler
         install_fast_properties()  # the controller's process: paho decodes each PUBACK's properties into them
         install_fast_reason_codes()  # and builds each PUBACK's reason code without copying its table
+        install_fast_message_info()  # and each message's info without a condition of its own
         link = _Link(self.settings)
         try:
             while True:

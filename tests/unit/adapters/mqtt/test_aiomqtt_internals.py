@@ -17,6 +17,7 @@ import inspect
 import logging
 import socket
 import struct
+import threading
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ import aiomqtt
 import paho.mqtt.client
 import pytest
 from paho.mqtt.client import MQTTMessage
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.exception import MQTTException
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -33,12 +35,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 from qmpnet.adapters import mqtt
 from qmpnet.adapters.mqtt.aiomqtt_internals import (
     BufferedSocket,
+    FastMessageInfo,
     FastProperties,
     FastReasonCode,
     Publisher,
     _read_pubacks_first,
     dispatching_queue,
     fewer_system_calls,
+    install_fast_message_info,
     install_fast_properties,
     install_fast_reason_codes,
     publish_at_once,
@@ -806,4 +810,87 @@ async def test_install_fast_reason_codes_keeps_pahos_class_when_it_is_not_where_
     with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.aiomqtt_internals"):
         assert not install_fast_reason_codes()
     assert PAHO_CLIENT.ReasonCode is Other
+    assert "keeping paho's own class" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ paho's message info
+
+#: paho's class, untyped.
+PAHO_MESSAGE_INFO: Any = paho.mqtt.client.MQTTMessageInfo
+if PAHO_MESSAGE_INFO is FastMessageInfo:  # a controller's bus installed ours in this process already
+    PAHO_MESSAGE_INFO = FastMessageInfo.__mro__[1]
+
+
+def _info(make: Callable[[], Any], *, rc: int | None = None, published: bool = False) -> tuple[Any, ...]:
+    """What a message info made by ``make`` shows (with ``rc`` set, maybe published), or the error it raised."""
+    info = make()
+    if rc is not None:
+        info.rc = rc
+    if published:
+        info._set_as_published()
+    shown: list[Any] = [info.mid, info.rc, str(info), list(info), info[0], info[1]]
+    for ask in (info.is_published, lambda: info.wait_for_publish(0.001), lambda: info[2]):
+        try:
+            shown.append(("ok", ask()))
+        except Exception as err:  # noqa: BLE001 - compared, whatever it is
+            shown.append(("error", type(err).__name__, str(err)))
+    return tuple(shown)
+
+
+@pytest.mark.parametrize("rc", [None, *MQTTErrorCode])
+@pytest.mark.parametrize("published", [False, True])
+def test_fast_message_infos_show_and_refuse_as_pahos_do(rc: int | None, published: bool) -> None:
+    theirs = _info(lambda: PAHO_MESSAGE_INFO(7), rc=rc, published=published)
+    ours = _info(lambda: FastMessageInfo(7), rc=rc, published=published)
+    assert ours == theirs
+    assert PAHO_MESSAGE_INFO.__slots__ == ("_condition", "_iterpos", "_published", "mid", "rc"), (
+        "paho's MQTTMessageInfo keeps other attributes: FastMessageInfo sets those it knew"
+    )
+
+
+@pytest.mark.parametrize("timeout", [None, 30.0])
+def test_a_thread_waiting_for_a_fast_message_info_is_woken_when_it_is_published(timeout: float | None) -> None:
+    infos = [FastMessageInfo(mid) for mid in range(3)]
+    woken: list[int] = []
+    started = threading.Barrier(len(infos) + 1)
+
+    def wait(info: FastMessageInfo) -> None:
+        started.wait()
+        info.wait_for_publish(timeout)
+        woken.append(info.mid)
+
+    threads = [threading.Thread(target=wait, args=(info,)) for info in infos]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    for info in infos:  # whether its waiter counted itself yet or not: it must not miss it
+        info._set_as_published()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(woken) == [0, 1, 2]
+    assert all(info.is_published() for info in infos)
+
+
+def test_install_fast_message_info_makes_paho_make_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    # paho's own class there (a controller's bus may have installed ours in this process already); undone after.
+    monkeypatch.setattr(PAHO_CLIENT, "MQTTMessageInfo", PAHO_MESSAGE_INFO)
+    assert install_fast_message_info()
+    assert PAHO_CLIENT.MQTTMessageInfo is FastMessageInfo
+    assert install_fast_message_info()  # again: nothing changes
+    client: Any = PAHO_CLIENT.Client(PAHO_CLIENT.CallbackAPIVersion.VERSION2, client_id="c")
+    for qos in (0, 1):  # not connected: paho makes the info all the same
+        assert type(client.publish("t", b"x", qos)) is FastMessageInfo, "paho makes message infos by another name"
+    assert type(MQTTMessage(3, b"t").info) is FastMessageInfo, "paho's messages make their info by another name"
+
+
+async def test_install_fast_message_info_keeps_pahos_class_when_it_is_not_where_expected(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Other:
+        pass
+
+    monkeypatch.setattr(PAHO_CLIENT, "MQTTMessageInfo", Other)  # as a later paho might make them elsewhere
+    with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.aiomqtt_internals"):
+        assert not install_fast_message_info()
+    assert PAHO_CLIENT.MQTTMessageInfo is Other
     assert "keeping paho's own class" in caplog.text

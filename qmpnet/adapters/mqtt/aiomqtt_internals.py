@@ -53,6 +53,12 @@ of ``aiomqtt.Client``, and the private names :func:`fewer_system_calls` needs.
   (each makes one), a hot-add reading four. :class:`FastReasonCode` shares the table; :func:`install_fast_reason_codes`
   makes paho build it (the controller's process only: it names ``paho.mqtt._packet.ReasonCode`` and
   ``paho.mqtt.client.ReasonCode``).
+* **paho's generic publish** (issue 17): :class:`Publisher` hands a QoS 1 message going out at once to
+  ``DirectPublish``, which does what paho's ``publish`` and ``_send_publish`` do with it (the message kept in
+  ``_out_messages``, counted in ``_inflight_messages``, paho's log line, the same packet, ``_packet_queue``) without
+  their checks and helpers for any other kind of call: ~41 k instructions per message against ~56 k. It uses
+  ``_sock``, ``_protocol``, ``_out_messages``, ``_out_message_mutex``, ``_inflight_messages``,
+  ``_max_inflight_messages``, ``_max_queued_messages``, ``_mid_generate``, ``_easy_log`` and ``_packet_queue``.
 * **paho's message infos** each make a :class:`threading.Condition` (a lock, a queue of waiters, five bound
   methods), taken again to mark the message published and to say whether it is: ~19 k instructions per message,
   and a hot-add makes five (its request and four messages out). :class:`FastMessageInfo` shares one condition and
@@ -83,22 +89,23 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 from paho.mqtt.reasoncodes import ReasonCode
 
-from qmpnet.adapters.mqtt.buffered_socket import BufferedSocket
+from qmpnet.adapters.mqtt.buffered_socket import BufferedSocket, LoopWrites
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = [
     "BufferedSocket",
+    "DirectPublish",
     "FastMessageInfo",
     "FastProperties",
     "FastReasonCode",
-    "Publisher",
     "dispatching_queue",
     "fewer_system_calls",
     "install_fast_message_info",
     "install_fast_properties",
     "install_fast_reason_codes",
+    "paho_of",
     "publish_at_once",
 ]
 
@@ -106,7 +113,7 @@ _log = logging.getLogger(__name__)
 
 
 
-def _paho_of(client: aiomqtt.Client) -> Any:  # noqa: ANN401 - paho's client is untyped
+def paho_of(client: aiomqtt.Client) -> Any:  # noqa: ANN401 - paho's client is untyped
     """The paho client inside ``client`` (``aiomqtt.Client._client``), or ``None`` where a later aiomqtt keeps none."""
     return getattr(client, "_client", None)  # the one room for aiomqtt's privates
 
@@ -130,7 +137,7 @@ def fewer_system_calls(client: aiomqtt.Client) -> None:
 
     Call it on the event loop's thread, right after making the client (before it connects).
     """
-    paho = _paho_of(client)
+    paho = paho_of(client)
     needed = (hasattr(client, "_socket_options"), hasattr(paho, "on_socket_open"),
               hasattr(paho, "on_socket_register_write"), hasattr(paho, "on_socket_unregister_write"),
               hasattr(paho, "_sock"))  # fmt: skip
@@ -150,61 +157,11 @@ def fewer_system_calls(client: aiomqtt.Client) -> None:
             paho_client._sock = BufferedSocket(sock, loop)  # noqa: SLF001 - see the module docstring
         opened(paho_client, userdata, sock)
 
-    writes = _Writes(loop, paho.on_socket_register_write, paho.on_socket_unregister_write)
+    writes = LoopWrites(loop, paho.on_socket_register_write, paho.on_socket_unregister_write)
     paho.on_socket_open = on_socket_open
     paho.on_socket_register_write = writes.register
     paho.on_socket_unregister_write = writes.unregister
     _read_pubacks_first(paho)
-
-
-class _Writes:
-    """paho's write callbacks: on the loop's thread, a burst written in the loop's next turn, in one ``send``.
-
-    Args:
-        loop: The event loop (its thread is the one calling this).
-        register: aiomqtt's ``on_socket_register_write``: adds its writer, from any thread.
-        unregister: aiomqtt's ``on_socket_unregister_write``: removes it.
-    """
-
-    __slots__ = ("_loop", "_register", "_theirs", "_thread", "_unregister")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, register: Callable[..., None],
-                 unregister: Callable[..., None]) -> None:  # fmt: skip
-        self._loop = loop
-        self._thread = threading.get_ident()
-        self._register = register
-        self._unregister = unregister
-        self._theirs = False  # whether aiomqtt's writer was added and not yet removed
-
-    def register(self, paho_client: Any, userdata: object, sock: Any) -> None:  # noqa: ANN401 - paho's callback
-        if threading.get_ident() != self._thread:
-            self._theirs = True
-            self._register(paho_client, userdata, sock)  # paho's connect runs in a worker thread: aiomqtt's way
-            return
-        self._loop.call_soon(self._flush, paho_client, userdata)  # no self-pipe, no epoll_ctl: the next turn writes
-
-    def unregister(self, paho_client: Any, userdata: object, sock: Any) -> None:  # noqa: ANN401 - paho's callback
-        # paho calls this after every write that emptied its queue. Only a writer aiomqtt added is aiomqtt's to
-        # remove: removing none cost a selector lookup and a KeyError each time, and a BufferedSocket's own writer
-        # is the socket's business.
-        if self._theirs:
-            self._theirs = False
-            self._unregister(paho_client, userdata, sock)
-
-    def _flush(self, paho_client: Any, userdata: object) -> None:  # noqa: ANN401 - paho's client
-        sock = paho_client.socket()
-        if isinstance(sock, BufferedSocket):
-            sock.gather()  # all queued packets in one send (paho sends each packet on its own)
-            try:
-                paho_client.loop_write()
-            finally:
-                sock.send_gathered()
-            return
-        paho_client.loop_write()  # all queued packets; unregisters once the queue is empty
-        sock = paho_client.socket()
-        if paho_client.want_write() and sock is not None:
-            self._theirs = True
-            self._register(paho_client, userdata, sock)  # the socket is full: aiomqtt's writer sends the rest
 
 
 #: The reason codes a plain MQTT 5 PUBACK may carry: success, and no matching subscribers (a retained topic or an
@@ -280,77 +237,131 @@ class _PubackReader:
         return rc
 
 
-class Publisher:
-    """Publishes through ``client``'s paho client itself; paho's ``on_publish`` callback reports each acknowledgement.
+#: What paho's client and its module must have for :class:`DirectPublish`.
+_DIRECT_NAMES: Final = ("_sock", "_protocol", "_out_messages", "_out_message_mutex", "_inflight_messages",
+                        "_max_inflight_messages", "_max_queued_messages", "_mid_generate", "_easy_log",
+                        "_packet_queue")  # fmt: skip
+_DIRECT_MODULE_NAMES: Final = ("MQTTMessage", "MQTTv5", "MQTTv311", "PUBLISH", "MQTT_LOG_DEBUG", "time_func",
+                               "mqtt_ms_wait_for_puback", "mqtt_ms_publish", "MQTTErrorCode")  # fmt: skip
+#: What paho logs as a new message's ``dup`` flag.
+_NOT_DUP: Final = False
+#: Larger payloads take paho's own path (which refuses a packet past MQTT's limit of 268,435,455 bytes).
+_DIRECT_MAX_PAYLOAD: Final = 1 << 20
 
-    ``aiomqtt.Client.publish`` makes, per message, a coroutine to await, an :class:`asyncio.Event`, a pending-call
-    entry (and counts all of them), and a timeout scope; a sender keeping several messages in flight needs a task
-    per message on top. Here a message is one call of paho's ``publish``, and its PUBACK (for QoS 0: its write) one
-    call of ``acknowledged(seq)`` from paho's callback, on the event loop's thread, with no task woken. What paho's
-    callback reports for a message not published here (``aiomqtt``'s own publishes) goes on to ``aiomqtt``'s.
 
-    Uses ``aiomqtt.Client._client`` (the paho client); paho's ``publish`` and ``on_publish`` are its public API.
+class DirectPublish:
+    """paho's ``publish`` of a QoS 1 message going out at once, line for line, without its generic detours.
 
-    Args:
-        paho: The paho client of a connected ``aiomqtt.Client`` (:meth:`of` finds it).
-        acknowledged: Called with a message's ``seq`` once the broker has it.
-        limit: At most this many messages await their acknowledgement (:meth:`room` waits).
+    paho's ``publish`` checks and converts what any caller may pass (a ``str`` or number payload, any QoS), then
+    ``_send_publish`` checks it again and packs it through three helpers: ~55 k instructions per message, and a
+    hot-add publishes four. Here the common case (QoS 1, a ``bytes`` payload, a topic without wildcards, a connected
+    socket, room in flight and in the queue) is what paho does with it, in the same order and with the same state:
+    the message kept in ``_out_messages`` (sent again after a reconnect), counted in flight, paho's log line, the
+    packet's bytes, and paho's ``_packet_queue``. Anything else returns ``None``: paho's ``publish`` takes it.
+    tests/unit/adapters/mqtt/test_aiomqtt_internals.py compares the two, bytes and state.
     """
 
-    __slots__ = ("_acknowledged", "_limit", "_mids", "_paho", "_room")
+    __slots__ = ("_clock", "_codes", "_debug", "_message", "_paho", "_publish", "_unsent", "_v5", "_waiting")
 
-    def __init__(self, paho: Any, acknowledged: Callable[[int], None], limit: int) -> None:  # noqa: ANN401 - paho's
+    def __init__(self, paho: Any, module: Any) -> None:  # noqa: ANN401 - paho's
         self._paho = paho
-        self._acknowledged = acknowledged
-        self._limit = max(limit, 1)
-        self._mids: dict[int, int] = {}  # paho's message id -> the caller's seq, while the broker has not acked
-        self._room = asyncio.Event()
-        self._room.set()
-        theirs = paho.on_publish  # aiomqtt's: completes its own publish calls
-
-        def on_publish(paho_client: Any, userdata: object, mid: int, *rest: Any) -> None:  # noqa: ANN401 - paho's
-            seq = self._mids.pop(mid, None)
-            if seq is None:
-                theirs(paho_client, userdata, mid, *rest)
-                return
-            self._room.set()
-            self._acknowledged(seq)
-
-        paho.on_publish = on_publish
+        self._message = module.MQTTMessage
+        self._v5 = paho._protocol == module.MQTTv5  # noqa: SLF001 - see the module docstring
+        self._publish = module.PUBLISH
+        self._debug = module.MQTT_LOG_DEBUG
+        self._clock = module.time_func
+        self._waiting = module.mqtt_ms_wait_for_puback
+        self._unsent = module.mqtt_ms_publish
+        self._codes = module.MQTTErrorCode
 
     @classmethod
-    def of(cls, client: aiomqtt.Client, acknowledged: Callable[[int], None], limit: int) -> Publisher | None:
-        """A publisher for ``client``; ``None`` (use ``client.publish``) when its paho client is not where expected."""
-        paho = _paho_of(client)
-        if not (hasattr(paho, "publish") and hasattr(paho, "on_publish")):
-            _log.info("aiomqtt %s: no paho client at _client; publishing through aiomqtt.Client.publish",
-                      getattr(aiomqtt, "__version__", "?"))  # fmt: skip
+    def of(cls, paho: Any) -> DirectPublish | None:  # noqa: ANN401 - paho's
+        """The direct path for ``paho``; ``None`` where paho no longer has what it needs."""
+        module = importlib.import_module("paho.mqtt.client")
+        if not all(hasattr(paho, name) for name in _DIRECT_NAMES) or not all(
+            hasattr(module, name) for name in _DIRECT_MODULE_NAMES
+        ):
+            _log.info("paho: not the private names publishing directly needs; paho's publish sends every message")
             return None
-        return cls(paho, acknowledged, limit)
+        if paho._protocol not in (module.MQTTv5, module.MQTTv311):  # noqa: SLF001 - see the module docstring
+            return None
+        return cls(paho, module)
 
-    @property
-    def inflight(self) -> int:
-        """Messages published here whose acknowledgement has not come yet."""
-        return len(self._mids)
+    def __call__(self, topic: str, payload: bytes, *, retain: bool, properties: Properties | None) -> Any:  # noqa: ANN401
+        """What paho's ``publish(topic, payload, 1, retain, properties)`` does; ``None`` when paho's own must do it."""
+        paho = self._paho  # the privates below: see the module docstring
+        topic_bytes = topic.encode()
+        queued = paho._max_queued_messages  # noqa: SLF001
+        inflight = paho._max_inflight_messages  # noqa: SLF001
+        if (
+            type(payload) is not bytes
+            or not topic_bytes
+            or "+" in topic  # in the str: ``bytes in bytes`` first tries the byte as an int, raising and
+            or "#" in topic  # clearing a TypeError (~1.8 k instructions each)
+            or len(topic_bytes) > 65535
+            or len(payload) > _DIRECT_MAX_PAYLOAD
+            or paho._sock is None  # noqa: SLF001
+            or (queued > 0 and len(paho._out_messages) >= queued)  # noqa: SLF001
+            or (inflight > 0 and paho._inflight_messages >= inflight)  # noqa: SLF001
+        ):
+            return None  # paho's publish says what is wrong, refuses it or queues it
+        mid = paho._mid_generate()  # noqa: SLF001
+        message = self._message(mid, topic_bytes)
+        message.timestamp = self._clock()
+        message.payload = payload
+        message.qos = 1
+        message.retain = retain
+        message.dup = False
+        message.properties = properties
+        info = message.info
+        with paho._out_message_mutex:  # noqa: SLF001
+            if mid in paho._out_messages:  # noqa: SLF001 - as paho's publish refuses it
+                info.rc = self._codes.MQTT_ERR_QUEUE_SIZE
+                return info
+            paho._out_messages[mid] = message  # noqa: SLF001
+            paho._inflight_messages += 1  # noqa: SLF001
+            message.state = self._waiting
+            if paho._sock is None:  # noqa: SLF001 - lost meanwhile: kept, sent after the reconnect, as paho does
+                paho._inflight_messages -= 1  # noqa: SLF001
+                message.state = self._unsent
+                info.rc = self._codes.MQTT_ERR_NO_CONN
+                return info
+            info.rc = paho._packet_queue(self._publish, self._packet(mid, topic_bytes, payload, retain, properties),  # noqa: SLF001
+                                         mid, 1, info)  # fmt: skip
+            return info
 
-    async def room(self) -> None:
-        """Wait until fewer than ``limit`` messages await their acknowledgement."""
-        while len(self._mids) >= self._limit:
-            self._room.clear()
-            await self._room.wait()
-
-    def publish(  # noqa: PLR0913 - an MQTT publish's parts, keyword-only but the message's own
-        self, seq: int, topic: str, payload: bytes, *, qos: int, retain: bool, properties: Properties | None
-    ) -> bool:
-        """Hand message ``seq`` to paho; ``False`` if paho refused it (no connection): it was not sent."""
-        info = self._paho.publish(topic, payload, qos, retain, properties)
-        if info.rc != 0:  # MQTT_ERR_SUCCESS
-            return False
-        if info.is_published():  # QoS 0, written at once (paho's own write path): the callback came already
-            self._acknowledged(seq)
+    def _packet(self, mid: int, topic: bytes, payload: bytes, retain: bool, properties: Properties | None) -> bytearray:
+        """The PUBLISH packet paho's ``_send_publish`` makes (QoS 1, not a duplicate), after its log line."""
+        size = len(payload)
+        log = self._paho._easy_log  # noqa: SLF001 - see the module docstring
+        if self._v5:
+            if size:
+                log(self._debug, "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s', properties=%s, ... (%d bytes)",
+                    _NOT_DUP, 1, retain, mid, topic, properties, size)  # fmt: skip
+            else:
+                log(self._debug, "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s', properties=%s (NULL payload)",
+                    _NOT_DUP, 1, retain, mid, topic, properties)  # fmt: skip
+            packed = b"\x00" if properties is None else properties.pack()  # type: ignore[no-untyped-call]
         else:
-            self._mids[info.mid] = seq
-        return True
+            if size:
+                log(self._debug, "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s', ... (%d bytes)", _NOT_DUP, 1, retain, mid,
+                    topic, size)  # fmt: skip
+            else:
+                log(self._debug, "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s' (NULL payload)", _NOT_DUP, 1, retain, mid,
+                    topic)
+            packed = b""
+        remaining = 4 + len(topic) + size + len(packed)
+        packet = bytearray((0x32 | retain,))
+        while remaining > 0x7F:
+            packet.append(remaining & 0x7F | 0x80)
+            remaining >>= 7
+        packet.append(remaining)
+        packet += len(topic).to_bytes(2, "big")
+        packet += topic
+        packet += mid.to_bytes(2, "big")
+        packet += packed
+        packet += payload
+        return packet
 
 
 def publish_at_once(
@@ -363,7 +374,7 @@ def publish_at_once(
     connection), nothing was sent; ``None``: the paho client is not where expected (publish with
     ``client.publish``).
     """
-    paho = _paho_of(client)
+    paho = paho_of(client)
     if not hasattr(paho, "publish"):
         return None
     return bool(paho.publish(topic, payload, qos, retain=False, properties=properties).rc == 0)  # MQTT_ERR_SUCCESS

@@ -6,14 +6,15 @@ Plain socket work, no library's private names: ``aiomqtt_internals`` puts it und
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     import asyncio
     import socket
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
-__all__ = ["READ_SIZE", "BufferedSocket"]
+__all__ = ["READ_SIZE", "BufferedSocket", "LoopWrites"]
 
 #: How much one ``recv`` of the broker's socket takes at most (what is there, up to this).
 READ_SIZE: Final = 65536
@@ -185,3 +186,58 @@ class BufferedSocket:
 
     def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the socket's own attributes
         return getattr(self._sock, name)
+
+
+class LoopWrites:
+    """paho's write callbacks: on the loop's thread, a burst written in the loop's next turn, in one ``send``.
+
+    paho's public client API only (``socket()``, ``loop_write()``, ``want_write()``); ``fewer_system_calls`` sets
+    these as its ``on_socket_register_write`` and ``on_socket_unregister_write``.
+
+    Args:
+        loop: The event loop (its thread is the one calling this).
+        register: aiomqtt's ``on_socket_register_write``: adds its writer, from any thread.
+        unregister: aiomqtt's ``on_socket_unregister_write``: removes it.
+    """
+
+    __slots__ = ("_loop", "_register", "_theirs", "_thread", "_unregister")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, register: Callable[..., None],
+                 unregister: Callable[..., None]) -> None:  # fmt: skip
+        self._loop = loop
+        self._thread = threading.get_ident()
+        self._register = register
+        self._unregister = unregister
+        self._theirs = False  # whether aiomqtt's writer was added and not yet removed
+
+    def register(self, paho_client: Any, userdata: object, sock: Any) -> None:  # noqa: ANN401 - paho's callback
+        """Packets of paho to write: on the loop's thread, write them all in the loop's next turn."""
+        if threading.get_ident() != self._thread:
+            self._theirs = True
+            self._register(paho_client, userdata, sock)  # paho's connect runs in a worker thread: aiomqtt's way
+            return
+        self._loop.call_soon(self._flush, paho_client, userdata)  # no self-pipe, no epoll_ctl: the next turn writes
+
+    def unregister(self, paho_client: Any, userdata: object, sock: Any) -> None:  # noqa: ANN401 - paho's callback
+        """All of paho's packets written: remove aiomqtt's writer, if it was added."""
+        # paho calls this after every write that emptied its queue. Only a writer aiomqtt added is aiomqtt's to
+        # remove: removing none cost a selector lookup and a KeyError each time, and a BufferedSocket's own writer
+        # is the socket's business.
+        if self._theirs:
+            self._theirs = False
+            self._unregister(paho_client, userdata, sock)
+
+    def _flush(self, paho_client: Any, userdata: object) -> None:  # noqa: ANN401 - paho's client
+        sock = paho_client.socket()
+        if isinstance(sock, BufferedSocket):
+            sock.gather()  # all queued packets in one send (paho sends each packet on its own)
+            try:
+                paho_client.loop_write()
+            finally:
+                sock.send_gathered()
+            return
+        paho_client.loop_write()  # all queued packets; unregisters once the queue is empty
+        sock = paho_client.socket()
+        if paho_client.want_write() and sock is not None:
+            self._theirs = True
+            self._register(paho_client, userdata, sock)  # the socket is full: aiomqtt's writer sends the rest

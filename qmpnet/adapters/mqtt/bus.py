@@ -62,7 +62,6 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from qmpnet.adapters.mqtt.aiomqtt_internals import (
     FastProperties,
-    Publisher,
     dispatching_queue,
     install_fast_message_info,
     install_fast_properties,
@@ -70,6 +69,7 @@ from qmpnet.adapters.mqtt.aiomqtt_internals import (
 )
 from qmpnet.adapters.mqtt.broker import diagnose_timeout, explain, make_client, resolve_protocol
 from qmpnet.adapters.mqtt.outbox import Outbox, Outgoing
+from qmpnet.adapters.mqtt.publisher import Publisher
 from qmpnet.api.wire.envelopes import ControllerOffline, error_response, to_wire, transaction_of
 from qmpnet.api.wire.topics import RequestTopic, Topics
 from qmpnet.core.backoff import backoff

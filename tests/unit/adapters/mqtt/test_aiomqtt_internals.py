@@ -35,10 +35,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 from qmpnet.adapters import mqtt
 from qmpnet.adapters.mqtt.aiomqtt_internals import (
     BufferedSocket,
+    DirectPublish,
     FastMessageInfo,
     FastProperties,
     FastReasonCode,
-    Publisher,
     _read_pubacks_first,
     dispatching_queue,
     fewer_system_calls,
@@ -47,6 +47,7 @@ from qmpnet.adapters.mqtt.aiomqtt_internals import (
     install_fast_reason_codes,
     publish_at_once,
 )
+from qmpnet.adapters.mqtt.publisher import Publisher
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -611,7 +612,7 @@ async def test_a_publish_paho_refuses_is_not_sent_nor_acknowledged() -> None:
 async def test_without_a_paho_client_there_is_no_publisher(caplog: pytest.LogCaptureFixture) -> None:
     client = aiomqtt.Client("127.0.0.1", 1883)
     del client._client  # as a later aiomqtt might keep its paho client elsewhere
-    with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.aiomqtt_internals"):
+    with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.publisher"):
         assert Publisher.of(client, print, limit=1) is None
     assert "publishing through aiomqtt.Client.publish" in caplog.text
 
@@ -894,3 +895,86 @@ async def test_install_fast_message_info_keeps_pahos_class_when_it_is_not_where_
         assert not install_fast_message_info()
     assert PAHO_CLIENT.MQTTMessageInfo is Other
     assert "keeping paho's own class" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ publishing directly
+
+
+class _NoSocket:
+    def close(self) -> None:
+        pass
+
+
+def _connected_paho(protocol: int) -> Any:
+    """A paho client as a connected session leaves it, writing to nothing (its writes wait in ``_out_packet``)."""
+    client: Any = PAHO_CLIENT.Client(PAHO_CLIENT.CallbackAPIVersion.VERSION2, client_id="c", protocol=protocol)
+    client.enable_logger(logging.getLogger("qmpnet.tests.paho"))
+    client._sock = _NoSocket()
+    client._state = PAHO_CLIENT._ConnectionState.MQTT_CS_CONNECTED
+    client.on_socket_register_write = lambda *_: None  # as aiomqtt's callback: the loop writes later
+    return client
+
+
+def _published(client: Any, info: Any) -> tuple[Any, ...]:
+    """All a publish left in paho's state: the info, the message kept, the packet queued."""
+    messages = [(m.mid, m.topic, m.payload, m.qos, m.retain, m.dup, m.state, m.properties, type(m.info))
+                for m in client._out_messages.values()]  # fmt: skip
+    packets = [{**p, "info": (type(p["info"]), p["info"].mid, p["info"].rc)} for p in client._out_packet]
+    return (info.mid, info.rc, info.is_published(), messages, packets, client._inflight_messages, client._last_mid)
+
+
+@pytest.mark.parametrize("protocol", [paho.mqtt.client.MQTTv311, paho.mqtt.client.MQTTv5])
+def test_publishing_directly_leaves_what_pahos_publish_leaves(
+    protocol: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    correlation = FastProperties(PacketTypes.PUBLISH)
+    correlation.CorrelationData = b"abc"
+    cases: list[tuple[str, bytes, bool, Any]] = [
+        ("qmpnet/v1/c/guest/g1/nics", b'{"nics":[]}', True, None),
+        ("qmpnet/v1/c/guest/g1/status", b"", True, None),
+        ("r/\u00e9t\u00e9", b"x" * 200, False, correlation),  # a two-byte length, a topic of UTF-8
+        ("r", b"y" * 20000, False, None),  # a three-byte length
+    ]
+    theirs, ours = _connected_paho(protocol), _connected_paho(protocol)
+    direct = DirectPublish.of(ours)
+    assert direct is not None, "paho no longer has what publishing directly needs"
+    for topic, payload, retain, properties in cases:
+        props = properties if protocol == paho.mqtt.client.MQTTv5 else None
+        with caplog.at_level(logging.DEBUG, logger="qmpnet.tests.paho"):
+            caplog.clear()
+            expected = _published(theirs, theirs.publish(topic, payload, 1, retain, props))
+            their_log = [(r.getMessage(), r.args) for r in caplog.records]
+            caplog.clear()
+            got = _published(ours, direct(topic, payload, retain=retain, properties=props))
+            our_log = [(r.getMessage(), r.args) for r in caplog.records]
+        assert got == expected, f"{topic}: paho {expected}, ours {got}"
+        assert our_log == their_log
+    for client in (theirs, ours):  # what the PUBACK does with them, alike
+        client._out_message_mutex.acquire()
+        try:
+            client._do_on_publish(1, ReasonCode(PacketTypes.PUBACK), FastProperties(PacketTypes.PUBACK))
+        finally:
+            client._out_message_mutex.release()
+    assert _published(ours, ours._out_messages[2].info) == _published(theirs, theirs._out_messages[2].info)
+
+
+def test_publishing_directly_leaves_to_paho_what_it_does_not_take() -> None:
+    client = _connected_paho(paho.mqtt.client.MQTTv5)
+    direct = DirectPublish.of(client)
+    assert direct is not None
+    assert direct("a/+/b", b"x", retain=False, properties=None) is None  # paho refuses wildcards itself
+    assert direct("a/#", b"x", retain=False, properties=None) is None
+    assert direct("", b"x", retain=False, properties=None) is None
+    assert direct("t", bytearray(b"x"), retain=False, properties=None) is None  # type: ignore[arg-type]
+    assert direct("t", b"x" * (1 << 21), retain=False, properties=None) is None
+    client._max_inflight_messages = 1
+    assert direct("t", b"x", retain=False, properties=None) is not None
+    assert direct("t", b"x", retain=False, properties=None) is None  # in flight: full; paho's publish queues it
+    client._sock = None
+    client._max_inflight_messages = 0
+    assert direct("t", b"x", retain=False, properties=None) is None  # not connected: paho's publish says so
+    assert client._last_mid == 1, "a message left to paho took a message id"
+    lacking = _connected_paho(paho.mqtt.client.MQTTv5)
+    del lacking._out_messages  # as a later paho might keep its messages elsewhere
+    assert DirectPublish.of(lacking) is None
+    lacking._out_messages = {}

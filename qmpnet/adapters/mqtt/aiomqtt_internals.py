@@ -59,6 +59,10 @@ of ``aiomqtt.Client``, and the private names :func:`fewer_system_calls` needs.
   their checks and helpers for any other kind of call: ~41 k instructions per message against ~56 k. It uses
   ``_sock``, ``_protocol``, ``_out_messages``, ``_out_message_mutex``, ``_inflight_messages``,
   ``_max_inflight_messages``, ``_max_queued_messages``, ``_mid_generate``, ``_easy_log`` and ``_packet_queue``.
+* **paho's log lines**: paho's ``_easy_log`` reads its ``on_log`` property and hands every line to
+  ``Logger.log``, which drops it (DEBUG is off): four calls deep, ten lines per hot-add. :func:`quieter_logging`
+  (the controller's client) gives it a ``_easy_log`` that calls paho's only when ``_on_log`` is set or ``_logger``
+  is enabled for the line's level (paho's ``LOGGING_LEVEL``).
 * **paho's message infos** each make a :class:`threading.Condition` (a lock, a queue of waiters, five bound
   methods), taken again to mark the message published and to say whether it is: ~19 k instructions per message,
   and a hot-add makes five (its request and four messages out). :class:`FastMessageInfo` shares one condition and
@@ -107,6 +111,7 @@ __all__ = [
     "install_fast_reason_codes",
     "paho_of",
     "publish_at_once",
+    "quieter_logging",
 ]
 
 _log = logging.getLogger(__name__)
@@ -162,6 +167,26 @@ def fewer_system_calls(client: aiomqtt.Client) -> None:
     paho.on_socket_register_write = writes.register
     paho.on_socket_unregister_write = writes.unregister
     _read_pubacks_first(paho)
+
+
+def quieter_logging(client: aiomqtt.Client) -> bool:
+    """Make ``client``'s paho skip a log line nobody takes at once; whether it could (else paho's own stays)."""
+    paho = paho_of(client)
+    module = importlib.import_module("paho.mqtt.client")
+    levels = getattr(module, "LOGGING_LEVEL", None)
+    if not (all(hasattr(paho, name) for name in ("_easy_log", "_on_log", "_logger")) and isinstance(levels, dict)):
+        _log.info("paho: not the private names quieter logging needs; paho logs every line itself")
+        return False
+    theirs = paho._easy_log  # noqa: SLF001 - see the module docstring
+
+    def easy_log(level: int, fmt: str, *args: Any) -> None:  # noqa: ANN401 - paho's arguments
+        logger = paho._logger  # noqa: SLF001 - see the module docstring
+        if paho._on_log is None and (logger is None or not logger.isEnabledFor(levels[level])):  # noqa: SLF001
+            return  # what paho would do: no callback, and Logger.log drops a level it is not enabled for
+        theirs(level, fmt, *args)
+
+    paho._easy_log = easy_log  # noqa: SLF001 - see the module docstring
+    return True
 
 
 #: The reason codes a plain MQTT 5 PUBACK may carry: success, and no matching subscribers (a retained topic or an
@@ -243,8 +268,13 @@ _DIRECT_NAMES: Final = ("_sock", "_protocol", "_out_messages", "_out_message_mut
                         "_packet_queue")  # fmt: skip
 _DIRECT_MODULE_NAMES: Final = ("MQTTMessage", "MQTTv5", "MQTTv311", "PUBLISH", "MQTT_LOG_DEBUG", "time_func",
                                "mqtt_ms_wait_for_puback", "mqtt_ms_publish", "MQTTErrorCode")  # fmt: skip
-#: What paho logs as a new message's ``dup`` flag.
-_NOT_DUP: Final = False
+#: paho's log line of a PUBLISH sent, by (MQTT 5, a payload).
+_SENDING: Final = {
+    (True, True): "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s', properties=%s, ... (%d bytes)",
+    (True, False): "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s', properties=%s (NULL payload)",
+    (False, True): "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s', ... (%d bytes)",
+    (False, False): "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s' (NULL payload)",
+}
 #: Larger payloads take paho's own path (which refuses a packet past MQTT's limit of 268,435,455 bytes).
 _DIRECT_MAX_PAYLOAD: Final = 1 << 20
 
@@ -333,23 +363,9 @@ class DirectPublish:
     def _packet(self, mid: int, topic: bytes, payload: bytes, retain: bool, properties: Properties | None) -> bytearray:
         """The PUBLISH packet paho's ``_send_publish`` makes (QoS 1, not a duplicate), after its log line."""
         size = len(payload)
-        log = self._paho._easy_log  # noqa: SLF001 - see the module docstring
-        if self._v5:
-            if size:
-                log(self._debug, "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s', properties=%s, ... (%d bytes)",
-                    _NOT_DUP, 1, retain, mid, topic, properties, size)  # fmt: skip
-            else:
-                log(self._debug, "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s', properties=%s (NULL payload)",
-                    _NOT_DUP, 1, retain, mid, topic, properties)  # fmt: skip
-            packed = b"\x00" if properties is None else properties.pack()  # type: ignore[no-untyped-call]
-        else:
-            if size:
-                log(self._debug, "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s', ... (%d bytes)", _NOT_DUP, 1, retain, mid,
-                    topic, size)  # fmt: skip
-            else:
-                log(self._debug, "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s' (NULL payload)", _NOT_DUP, 1, retain, mid,
-                    topic)
-            packed = b""
+        shown = (False, 1, retain, mid, topic, *((properties,) if self._v5 else ()), *((size,) if size else ()))
+        self._paho._easy_log(self._debug, _SENDING[self._v5, bool(size)], *shown)  # noqa: SLF001 - see the docstring
+        packed = (b"\x00" if properties is None else properties.pack()) if self._v5 else b""  # type: ignore[no-untyped-call]
         remaining = 4 + len(topic) + size + len(packed)
         packet = bytearray((0x32 | retain,))
         while remaining > 0x7F:

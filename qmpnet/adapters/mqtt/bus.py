@@ -66,6 +66,7 @@ from qmpnet.adapters.mqtt.aiomqtt_internals import (
     install_fast_message_info,
     install_fast_properties,
     install_fast_reason_codes,
+    quieter_logging,
 )
 from qmpnet.adapters.mqtt.broker import diagnose_timeout, explain, make_client, resolve_protocol
 from qmpnet.adapters.mqtt.outbox import Outbox, Outgoing
@@ -273,6 +274,7 @@ class MqttBus:
             max_inflight=self.settings.max_inflight,
             queue_type=dispatching_queue(inbox.put),
         )
+        quieter_logging(client)  # paho's DEBUG lines skipped at once while nobody takes them
         try:
             await client.__aenter__()
         except aiomqtt.MqttError as err:

@@ -46,6 +46,7 @@ from qmpnet.adapters.mqtt.aiomqtt_internals import (
     install_fast_properties,
     install_fast_reason_codes,
     publish_at_once,
+    quieter_logging,
 )
 from qmpnet.adapters.mqtt.publisher import Publisher
 
@@ -978,3 +979,45 @@ def test_publishing_directly_leaves_to_paho_what_it_does_not_take() -> None:
     del lacking._out_messages  # as a later paho might keep its messages elsewhere
     assert DirectPublish.of(lacking) is None
     lacking._out_messages = {}
+
+
+# ------------------------------------------------------------------------------------------ paho's log lines
+
+
+def _logged(client: Any, caplog: pytest.LogCaptureFixture, level: int) -> tuple[list[Any], list[Any]]:
+    """What paho's client logs of a line at each of its levels, with the logger at ``level``: records, callbacks."""
+    taken: list[Any] = []
+    if client.on_log is not None:
+        client.on_log = lambda _client, _userdata, at, buf: taken.append((at, buf))
+    caplog.clear()
+    with caplog.at_level(level, logger="qmpnet.tests.paho"):
+        for paho_level in PAHO_CLIENT.LOGGING_LEVEL:
+            client._easy_log(paho_level, "Sending %s (Mid: %d)", "PUBACK", 7)
+    return [(r.levelno, r.msg, r.args, r.getMessage()) for r in caplog.records], taken
+
+
+@pytest.mark.parametrize("callback", [False, True])
+@pytest.mark.parametrize("logger", [False, True])
+@pytest.mark.parametrize("level", [logging.DEBUG, logging.INFO, logging.ERROR])
+async def test_quieter_logging_logs_what_paho_logs(
+    callback: bool, logger: bool, level: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    clients = [aiomqtt.Client("127.0.0.1", 1883, logger=logging.getLogger("qmpnet.tests.paho")) for _ in range(2)]
+    theirs, ours = (client._client for client in clients)
+    assert quieter_logging(clients[1])
+    for client in (theirs, ours):
+        if callback:
+            client.on_log = print  # replaced by _logged
+        if not logger:
+            client.disable_logger()
+    assert _logged(ours, caplog, level) == _logged(theirs, caplog, level)
+    if logger and level == logging.DEBUG:
+        assert caplog.records, "paho no longer logs through the logger it is given"
+
+
+async def test_quieter_logging_steps_aside_when_a_private_name_is_missing(caplog: pytest.LogCaptureFixture) -> None:
+    client = aiomqtt.Client("127.0.0.1", 1883)
+    del client._client._on_log  # as a later paho might keep its callback elsewhere
+    with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.aiomqtt_internals"):
+        assert not quieter_logging(client)
+    assert "paho logs every line itself" in caplog.text

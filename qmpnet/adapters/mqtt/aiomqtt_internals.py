@@ -37,7 +37,8 @@ of ``aiomqtt.Client``, and the private names :func:`fewer_system_calls` needs.
   to), doing with it what paho's ``_handle_pubackcomp`` does (its log line, ``_do_on_publish`` under
   ``_out_message_mutex`` if the message is paho's, ``_last_bytes_received``). It uses paho's ``_packet_read``,
   ``_protocol``, ``_in_packet``, ``_in_messages``, ``_out_messages``, ``_out_message_mutex``, ``_do_on_publish``,
-  ``_easy_log``, ``_msgtime_mutex``, ``_last_bytes_received``, ``_loop_rc_handle`` and ``time_func``.
+  ``_easy_log``, ``_msgtime_mutex``, ``_last_bytes_received``, ``_loop_rc_handle`` and ``time_func``
+  (``buffered_socket.read_pubacks_first``: the socket's module shares this room).
 
 * **A task and an event per message** (issue 17). ``aiomqtt.Client.publish`` makes, per message, a coroutine, an
   :class:`asyncio.Event`, a pending-call entry and a timeout scope, and a sender keeping several messages in flight
@@ -48,7 +49,9 @@ of ``aiomqtt.Client``, and the private names :func:`fewer_system_calls` needs.
   its names: ~10 µs per PUBACK read and 20-40 µs per set of properties packed or unpacked. :class:`FastProperties`
   shares paho's own tables and finds a name in a dictionary; :func:`install_fast_properties` makes paho decode
   into it (the controller's process only: it names ``paho.mqtt._packet.Properties`` and
-  ``paho.mqtt.client.Properties``).
+  ``paho.mqtt.client.Properties``). Its ``readProperty`` reads a string without paho's loop over its characters
+  (``ord`` and three comparisons each: ~45 k instructions for a request's response topic) and binary data without
+  paho's six list lookups; ``clear`` of an object holding none returns at once.
 * **paho's MQTT 5 reason codes** copy paho's table of 45 reason codes into every object: ~3 µs per PUBACK read
   (each makes one), a hot-add reading four. :class:`FastReasonCode` shares the table; :func:`install_fast_reason_codes`
   makes paho build it (the controller's process only: it names ``paho.mqtt._packet.ReasonCode`` and
@@ -80,6 +83,7 @@ connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import socket
@@ -90,10 +94,10 @@ import aiomqtt
 from paho.mqtt.client import MQTTMessageInfo
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties, VariableByteIntegers
+from paho.mqtt.properties import Properties, VariableByteIntegers, readBytes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from qmpnet.adapters.mqtt.buffered_socket import BufferedSocket, LoopWrites
+from qmpnet.adapters.mqtt.buffered_socket import BufferedSocket, LoopWrites, read_pubacks_first
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -166,7 +170,7 @@ def fewer_system_calls(client: aiomqtt.Client) -> None:
     paho.on_socket_open = on_socket_open
     paho.on_socket_register_write = writes.register
     paho.on_socket_unregister_write = writes.unregister
-    _read_pubacks_first(paho)
+    read_pubacks_first(paho)
 
 
 def quieter_logging(client: aiomqtt.Client) -> bool:
@@ -187,79 +191,6 @@ def quieter_logging(client: aiomqtt.Client) -> bool:
 
     paho._easy_log = easy_log  # noqa: SLF001 - see the module docstring
     return True
-
-
-#: The reason codes a plain MQTT 5 PUBACK may carry: success, and no matching subscribers (a retained topic or an
-#: event nobody listens to): both taken by paho as they are.
-_PLAIN_REASONS: Final = frozenset({0x00, 0x10})
-#: What paho's client must have for :func:`_read_pubacks_first`.
-_PUBACK_NAMES: Final = ("loop_read", "_packet_read", "_protocol", "_in_packet", "_in_messages", "_out_messages",
-                        "_out_message_mutex", "_do_on_publish", "_easy_log", "_msgtime_mutex", "_last_bytes_received",
-                        "_loop_rc_handle")  # fmt: skip
-
-
-def _read_pubacks_first(paho: Any) -> None:  # noqa: ANN401 - paho's client
-    """Make ``paho.loop_read`` take each plain PUBACK at once (see the module docstring); else leave paho as it is."""
-    packets = importlib.import_module("paho.mqtt._packet")
-    client_module = importlib.import_module("paho.mqtt.client")
-    known = (hasattr(client_module, name) for name in ("time_func", "MQTTErrorCode", "MQTT_LOG_DEBUG"))
-    if not all(hasattr(paho, name) for name in _PUBACK_NAMES) or not all(known):
-        _log.info("paho: not the private names reading PUBACKs at once needs; paho reads them itself")
-        return
-    paho.loop_read = _PubackReader(paho, packets, client_module)
-
-
-class _PubackReader:
-    """A paho client's ``loop_read``: paho's own, line for line, but for the plain PUBACKs.
-
-    At most as many packets as messages in flight, each read by paho's ``_packet_read``, unless
-    :meth:`BufferedSocket.take_puback` finds it whole in what was read.
-    """
-
-    __slots__ = ("_clock", "_codes", "_debug", "_packets", "_paho", "_reasons")
-
-    def __init__(self, paho: Any, packets: Any, client_module: Any) -> None:  # noqa: ANN401 - paho's
-        self._paho = paho
-        self._packets = packets  # where paho finds the classes of a PUBACK's parts (ours, once installed)
-        self._clock = client_module.time_func
-        self._codes = client_module.MQTTErrorCode
-        self._debug = client_module.MQTT_LOG_DEBUG
-        mqtt5 = paho._protocol == client_module.MQTTv5  # noqa: SLF001 - see the module docstring
-        self._reasons = _PLAIN_REASONS if mqtt5 else frozenset()  # before MQTT 5 a PUBACK has none
-
-    def __call__(self, max_packets: int = 1) -> Any:  # noqa: ANN401, ARG002 - paho's code; paho ignores it too
-        paho, codes = self._paho, self._codes  # the privates below: see the module docstring
-        if paho._sock is None:  # noqa: SLF001
-            return codes.MQTT_ERR_NO_CONN
-        for _ in range(max(len(paho._out_messages) + len(paho._in_messages), 1)):  # noqa: SLF001
-            sock = paho._sock  # noqa: SLF001
-            if sock is None:
-                return codes.MQTT_ERR_NO_CONN
-            puback = None
-            if type(sock) is BufferedSocket and paho._in_packet["command"] == 0:  # noqa: SLF001
-                if not sock.fill() and not sock.failed():
-                    return codes.MQTT_ERR_SUCCESS  # nothing to read: what paho's MQTT_ERR_AGAIN ends in, no recv
-                puback = sock.take_puback(reasons=self._reasons)
-            rc = self._acknowledged(*puback) if puback is not None else paho._packet_read()  # noqa: SLF001
-            if rc > 0:
-                return paho._loop_rc_handle(rc)  # noqa: SLF001
-            if rc == codes.MQTT_ERR_AGAIN:
-                return codes.MQTT_ERR_SUCCESS
-        return codes.MQTT_ERR_SUCCESS
-
-    def _acknowledged(self, mid: int, code: int) -> Any:  # noqa: ANN401 - paho's code
-        """What paho's ``_handle_pubackcomp`` does with a plain PUBACK, and ``_packet_read``'s time noted."""
-        paho = self._paho
-        paho._easy_log(self._debug, "Received %s (Mid: %d)", "PUBACK", mid)  # noqa: SLF001 - see the module docstring
-        rc = self._codes.MQTT_ERR_SUCCESS
-        with paho._out_message_mutex:  # noqa: SLF001 - see the module docstring
-            if mid in paho._out_messages:  # noqa: SLF001 - see the module docstring
-                make = self._packets.ReasonCode
-                reason = make(PacketTypes.PUBACK) if code < 0 else make(PacketTypes.PUBACK, identifier=code)
-                rc = paho._do_on_publish(mid, reason, self._packets.Properties(PacketTypes.PUBACK))  # noqa: SLF001
-        with paho._msgtime_mutex:  # noqa: SLF001 - see the module docstring
-            paho._last_bytes_received = self._clock()  # noqa: SLF001 - see the module docstring
-        return rc
 
 
 #: What paho's client and its module must have for :class:`DirectPublish`.
@@ -414,6 +345,11 @@ _CHECKED: Final = _MULTIPLE | {
 }  # fmt: skip
 
 
+_UTF8: Final = _TYPES.index("UTF-8 Encoded String")
+_BINARY: Final = _TYPES.index("Binary Data")
+_OWN: Final = len(("packetType", "types", "names", "properties"))  # what a FastProperties holds of its own
+
+
 class FastProperties(Properties):
     """paho's MQTT 5 ``Properties`` without its per-object and per-call table work; the same objects otherwise.
 
@@ -449,6 +385,19 @@ class FastProperties(Properties):
             return
         object.__setattr__(self, compressed, value)
 
+    def readProperty(self, buffer: bytes, type: int, propslen: int) -> tuple[Any, int]:  # noqa: A002, N802 - paho's
+        """A property's value and length, as paho reads them; a string without paho's loop over its characters."""
+        if type == _BINARY:
+            return readBytes(buffer, propslen)  # type: ignore[no-untyped-call,no-any-return] # without the lookups
+        if type == _UTF8 and propslen >= 2 and len(buffer) >= 2:
+            length = int.from_bytes(buffer[:2], "big")
+            with contextlib.suppress(UnicodeDecodeError):  # paho's own read raises it again
+                text = buffer[2 : 2 + length].decode()
+                # A strict decode never yields surrogates; NUL and U+FEFF are paho's to refuse.
+                if length <= propslen - 2 and "\x00" not in text and "\ufeff" not in text:
+                    return text, length + 2
+        return super().readProperty(buffer, type, propslen)  # type: ignore[no-untyped-call,no-any-return]
+
     def _present(self) -> list[tuple[int, str]]:
         present = self.__dict__
         return [(ident, name) for name, ident in _IDENT.items() if name in present]
@@ -465,6 +414,8 @@ class FastProperties(Properties):
 
     def clear(self) -> None:
         """Remove every property."""
+        if len(self.__dict__) == _OWN:  # none set (paho's unpack clears a new object first)
+            return
         for _, name in self._present():
             object.__delattr__(self, name)
 

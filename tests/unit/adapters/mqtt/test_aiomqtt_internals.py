@@ -39,7 +39,6 @@ from qmpnet.adapters.mqtt.aiomqtt_internals import (
     FastMessageInfo,
     FastProperties,
     FastReasonCode,
-    _read_pubacks_first,
     dispatching_queue,
     fewer_system_calls,
     install_fast_message_info,
@@ -48,6 +47,7 @@ from qmpnet.adapters.mqtt.aiomqtt_internals import (
     publish_at_once,
     quieter_logging,
 )
+from qmpnet.adapters.mqtt.buffered_socket import read_pubacks_first
 from qmpnet.adapters.mqtt.publisher import Publisher
 
 if TYPE_CHECKING:
@@ -95,8 +95,8 @@ def test_no_module_of_the_adapter_reaches_into_aiomqtt_or_paho() -> None:
     privates = _private_names(aiomqtt.Client, aiomqtt.Message, paho.mqtt.client.Client, MQTTMessage)
     found: dict[str, list[str]] = {}
     for path in sorted(PACKAGE.glob("*.py")):
-        if path.name == "aiomqtt_internals.py":
-            continue  # the one room for them
+        if path.name in ("aiomqtt_internals.py", "buffered_socket.py"):
+            continue  # the one room for them (its socket's module reads a PUBACK as paho does)
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             # self._x is the module's own attribute (no class of the adapter subclasses the libraries' classes).
@@ -351,7 +351,7 @@ class _PahoOnSocket:
 
         self.paho._packet_read = counted
         if at_once:
-            _read_pubacks_first(self.paho)
+            read_pubacks_first(self.paho)
 
     def publish(self, count: int) -> None:
         for n in range(count):
@@ -460,8 +460,8 @@ async def test_reading_pubacks_at_once_steps_aside_when_a_private_name_is_missin
     client = _PahoOnSocket(PAHO_CLIENT.MQTTv5, at_once=False)
     try:
         del client.paho._in_messages  # as a later paho might keep its state elsewhere
-        with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.aiomqtt_internals"):
-            _read_pubacks_first(client.paho)
+        with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.buffered_socket"):
+            read_pubacks_first(client.paho)
         assert "loop_read" not in vars(client.paho)  # paho's own method, untouched
         assert "paho reads them itself" in caplog.text
     finally:
@@ -717,6 +717,34 @@ def test_fast_properties_unpack_as_paho_does() -> None:
     for cls in (PAHO_PROPERTIES, FastProperties):
         with pytest.raises(MQTTException):  # both refuse it
             cls(PacketTypes.PUBLISH).unpack(doubled)
+
+
+def _read(properties: Any, buffer: bytes | bytearray, kind: int, propslen: int) -> tuple[str, Any]:
+    try:
+        return "ok", properties.readProperty(buffer, kind, propslen)
+    except Exception as err:  # noqa: BLE001 - compared, whatever it is
+        return "error", (type(err).__name__, str(err))
+
+
+@pytest.mark.parametrize("kind", ["UTF-8 Encoded String", "Binary Data", "UTF-8 String Pair"])
+def test_fast_properties_read_strings_and_data_as_paho_does(kind: str) -> None:
+    texts = ["", "qmpnet/v1/c1/client/x/response", "\u00e9t\u00e9 \u2028 \U0001f600", "a\x00b", "\ufeffa", "a\ufeff",
+             "\x00\ufeff", "\x7f\x01"]  # fmt: skip
+    raw = [text.encode() for text in texts]
+    raw += [b"\xff\xfe", b"\xed\xa0\x80", b"a\xc3", b"\xef\xbb\xbf"]  # invalid UTF-8, an encoded surrogate, a BOM
+    framed = [len(data).to_bytes(2, "big") + data for data in raw]
+    framed += [frame + frame for frame in framed[:3]]  # a pair's two strings, and bytes after the value
+    framed += [b"", b"\x00", b"\x00\x05ab", b"\xff\xffab"]  # too short for its length or for the length itself
+    ident = PAHO_PROPERTIES(PacketTypes.PUBLISH).types.index(kind)
+    theirs, ours = PAHO_PROPERTIES(PacketTypes.PUBLISH), FastProperties(PacketTypes.PUBLISH)
+    checked = 0
+    for buffer in framed:
+        for propslen in sorted({0, 1, 2, 3, len(buffer) - 1, len(buffer), len(buffer) + 5}):
+            for data in (buffer, bytearray(buffer)):
+                their_read, our_read = _read(theirs, data, ident, propslen), _read(ours, data, ident, propslen)
+                assert our_read == their_read, f"{buffer!r} in {propslen}: paho {their_read}, ours {our_read}"
+                checked += 1
+    assert checked > 150
 
 
 def test_install_fast_properties_makes_paho_decode_into_them(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -337,6 +337,7 @@ _TABLE: Final[dict[int, tuple[int, list[int]]]] = _PROTOTYPE.properties
 _IDENT: Final[dict[str, int]] = {name.replace(" ", ""): ident for name, ident in _NAMES.items()}
 _SPACED: Final[dict[int, str]] = {ident: name for name, ident in _NAMES.items()}
 #: Properties that may be given more than once (a list of values).
+_COMPRESSED: Final[dict[int, str]] = {ident: name for name, ident in _IDENT.items()}
 _MULTIPLE: Final = frozenset(name for name in _IDENT if _PROTOTYPE.allowsMultiple(name))
 #: Names whose values paho checks (a range, or a list it appends to): set through paho's own ``__setattr__``.
 _CHECKED: Final = _MULTIPLE | {
@@ -397,6 +398,22 @@ class FastProperties(Properties):
                 if length <= propslen - 2 and "\x00" not in text and "\ufeff" not in text:
                     return text, length + 2
         return super().readProperty(buffer, type, propslen)  # type: ignore[no-untyped-call,no-any-return]
+
+    def unpack(self, buffer: bytes) -> tuple[FastProperties, int]:
+        """Read the properties of ``buffer`` as paho's ``unpack`` does; their length with its own."""
+        size = buffer[0] if buffer else 0x80
+        if size >= 0x80 or len(self.__dict__) != _OWN:  # a length of several bytes, or not a new object: paho reads
+            return super().unpack(buffer)  # type: ignore[no-untyped-call,no-any-return]
+        rest, left = buffer[1:], size
+        while left > 0:
+            ident = rest[0] if rest else 0x80
+            name = _COMPRESSED.get(ident)
+            if name is None or (name not in _MULTIPLE and name in self.__dict__):  # unknown, or given twice
+                return super().unpack(buffer)  # type: ignore[no-untyped-call,no-any-return] # paho's error
+            value, length = self.readProperty(rest[1:], _TABLE[ident][0], left - 1)
+            rest, left = rest[1 + length :], left - 1 - length
+            setattr(self, _SPACED[ident], value)
+        return self, size + 1
 
     def _present(self) -> list[tuple[int, str]]:
         present = self.__dict__

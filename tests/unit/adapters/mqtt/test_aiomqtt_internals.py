@@ -719,6 +719,42 @@ def test_fast_properties_unpack_as_paho_does() -> None:
             cls(PacketTypes.PUBLISH).unpack(doubled)
 
 
+def _unpacked_properties(make: Callable[[], Any], buffer: bytes) -> tuple[str, Any]:
+    """What unpacking ``buffer`` into a new object gives: the properties as paho shows them, or the error raised."""
+    try:
+        properties, length = make().unpack(buffer)
+        return "ok", (properties.pack(), str(properties), properties.json(), length)
+    except Exception as err:  # noqa: BLE001 - compared, whatever it is
+        return "error", (type(err).__name__, str(err))
+
+
+def test_fast_properties_unpack_every_kind_of_buffer_as_paho_does() -> None:
+    def packed(**values: Any) -> bytes:
+        source = PAHO_PROPERTIES(PacketTypes.PUBLISH)
+        for name, value in values.items():
+            for one in value if name == "UserProperty" else [value]:
+                setattr(source, name, one)
+        return bytes(source.pack())
+
+    request = packed(ResponseTopic="qmpnet/v1/c1/client/3f2a9c1d/response", CorrelationData=b"0123456789abcdef")
+    buffers = [
+        b"", b"\x00", request, request[:-1], request[:5], request + b"tail",
+        packed(UserProperty=[("a", "1"), ("b", "2")], PayloadFormatIndicator=1, MessageExpiryInterval=30),
+        packed(ResponseTopic="t" * 200),  # a length of two bytes
+        packed(SubscriptionIdentifier=200, ContentType="x"),  # an identifier value of two bytes
+        b"\x02\x08\x00", b"\x03\x7f\x00\x00", b"\x03\x80\x01\x00",  # truncated, unknown, a two-byte identifier
+    ]  # fmt: skip
+    once = packed(ResponseTopic="t")
+    buffers.append(bytes([once[0] * 2]) + once[1:] * 2)  # a property that may not repeat, twice
+    for buffer in buffers:
+        theirs = _unpacked_properties(lambda: PAHO_PROPERTIES(PacketTypes.PUBLISH), buffer)
+        ours = _unpacked_properties(lambda: FastProperties(PacketTypes.PUBLISH), buffer)
+        assert ours == theirs, f"{buffer!r}: paho {theirs}, ours {ours}"
+    used: Any = FastProperties(PacketTypes.PUBLISH)
+    used.ResponseTopic = "old"
+    assert used.unpack(request)[0].json() == PAHO_PROPERTIES(PacketTypes.PUBLISH).unpack(request)[0].json()
+
+
 def _read(properties: Any, buffer: bytes | bytearray, kind: int, propslen: int) -> tuple[str, Any]:
     try:
         return "ok", properties.readProperty(buffer, kind, propslen)

@@ -37,7 +37,8 @@ of ``aiomqtt.Client``, and the private names :func:`fewer_system_calls` needs.
   to), doing with it what paho's ``_handle_pubackcomp`` does (its log line, ``_do_on_publish`` under
   ``_out_message_mutex`` if the message is paho's, ``_last_bytes_received``). It uses paho's ``_packet_read``,
   ``_protocol``, ``_in_packet``, ``_in_messages``, ``_out_messages``, ``_out_message_mutex``, ``_do_on_publish``,
-  ``_easy_log``, ``_msgtime_mutex``, ``_last_bytes_received``, ``_loop_rc_handle`` and ``time_func``.
+  ``_easy_log``, ``_msgtime_mutex``, ``_last_bytes_received``, ``_loop_rc_handle`` and ``time_func``
+  (``buffered_socket.read_pubacks_first``: the socket's module shares this room).
 
 * **A task and an event per message** (issue 17). ``aiomqtt.Client.publish`` makes, per message, a coroutine, an
   :class:`asyncio.Event`, a pending-call entry and a timeout scope, and a sender keeping several messages in flight
@@ -48,11 +49,28 @@ of ``aiomqtt.Client``, and the private names :func:`fewer_system_calls` needs.
   its names: ~10 µs per PUBACK read and 20-40 µs per set of properties packed or unpacked. :class:`FastProperties`
   shares paho's own tables and finds a name in a dictionary; :func:`install_fast_properties` makes paho decode
   into it (the controller's process only: it names ``paho.mqtt._packet.Properties`` and
-  ``paho.mqtt.client.Properties``).
+  ``paho.mqtt.client.Properties``). Its ``readProperty`` reads a string without paho's loop over its characters
+  (``ord`` and three comparisons each: ~45 k instructions for a request's response topic) and binary data without
+  paho's six list lookups; ``clear`` of an object holding none returns at once.
 * **paho's MQTT 5 reason codes** copy paho's table of 45 reason codes into every object: ~3 µs per PUBACK read
   (each makes one), a hot-add reading four. :class:`FastReasonCode` shares the table; :func:`install_fast_reason_codes`
   makes paho build it (the controller's process only: it names ``paho.mqtt._packet.ReasonCode`` and
   ``paho.mqtt.client.ReasonCode``).
+* **paho's generic publish** (issue 17): :class:`Publisher` hands a QoS 1 message going out at once to
+  ``DirectPublish``, which does what paho's ``publish`` and ``_send_publish`` do with it (the message kept in
+  ``_out_messages``, counted in ``_inflight_messages``, paho's log line, the same packet, ``_packet_queue``) without
+  their checks and helpers for any other kind of call: ~41 k instructions per message against ~56 k. It uses
+  ``_sock``, ``_protocol``, ``_out_messages``, ``_out_message_mutex``, ``_inflight_messages``,
+  ``_max_inflight_messages``, ``_max_queued_messages``, ``_mid_generate``, ``_easy_log`` and ``_packet_queue``.
+* **paho's log lines**: paho's ``_easy_log`` reads its ``on_log`` property and hands every line to
+  ``Logger.log``, which drops it (DEBUG is off): four calls deep, ten lines per hot-add. :func:`quieter_logging`
+  (the controller's client) gives it a ``_easy_log`` that calls paho's only when ``_on_log`` is set or ``_logger``
+  is enabled for the line's level (paho's ``LOGGING_LEVEL``).
+* **paho's message infos** each make a :class:`threading.Condition` (a lock, a queue of waiters, five bound
+  methods), taken again to mark the message published and to say whether it is: ~19 k instructions per message,
+  and a hot-add makes five (its request and four messages out). :class:`FastMessageInfo` shares one condition and
+  takes it only while a thread waits; :func:`install_fast_message_info` makes paho make it (the controller's process
+  only: it names ``paho.mqtt.client.MQTTMessageInfo`` and sets its ``_condition``, ``_published`` and ``_iterpos``).
 
 tests/unit/adapters/mqtt/test_aiomqtt_internals.py is the contract: it fails, naming what changed, when a new version
 of ``aiomqtt`` or ``paho`` no longer works this way; and it checks that no other module of the MQTT adapter uses a
@@ -65,6 +83,7 @@ connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import socket
@@ -72,32 +91,38 @@ import threading
 from typing import TYPE_CHECKING, Any, Final
 
 import aiomqtt
+from paho.mqtt.client import MQTTMessageInfo
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties, VariableByteIntegers
+from paho.mqtt.properties import Properties, VariableByteIntegers, readBytes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from qmpnet.adapters.mqtt.buffered_socket import BufferedSocket
+from qmpnet.adapters.mqtt.buffered_socket import BufferedSocket, LoopWrites, read_pubacks_first
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = [
     "BufferedSocket",
+    "DirectPublish",
+    "FastMessageInfo",
     "FastProperties",
     "FastReasonCode",
-    "Publisher",
     "dispatching_queue",
     "fewer_system_calls",
+    "install_fast_message_info",
     "install_fast_properties",
     "install_fast_reason_codes",
+    "paho_of",
     "publish_at_once",
+    "quieter_logging",
 ]
 
 _log = logging.getLogger(__name__)
 
 
 
-def _paho_of(client: aiomqtt.Client) -> Any:  # noqa: ANN401 - paho's client is untyped
+def paho_of(client: aiomqtt.Client) -> Any:  # noqa: ANN401 - paho's client is untyped
     """The paho client inside ``client`` (``aiomqtt.Client._client``), or ``None`` where a later aiomqtt keeps none."""
     return getattr(client, "_client", None)  # the one room for aiomqtt's privates
 
@@ -121,7 +146,7 @@ def fewer_system_calls(client: aiomqtt.Client) -> None:
 
     Call it on the event loop's thread, right after making the client (before it connects).
     """
-    paho = _paho_of(client)
+    paho = paho_of(client)
     needed = (hasattr(client, "_socket_options"), hasattr(paho, "on_socket_open"),
               hasattr(paho, "on_socket_register_write"), hasattr(paho, "on_socket_unregister_write"),
               hasattr(paho, "_sock"))  # fmt: skip
@@ -141,207 +166,149 @@ def fewer_system_calls(client: aiomqtt.Client) -> None:
             paho_client._sock = BufferedSocket(sock, loop)  # noqa: SLF001 - see the module docstring
         opened(paho_client, userdata, sock)
 
-    writes = _Writes(loop, paho.on_socket_register_write, paho.on_socket_unregister_write)
+    writes = LoopWrites(loop, paho.on_socket_register_write, paho.on_socket_unregister_write)
     paho.on_socket_open = on_socket_open
     paho.on_socket_register_write = writes.register
     paho.on_socket_unregister_write = writes.unregister
-    _read_pubacks_first(paho)
+    read_pubacks_first(paho)
 
 
-class _Writes:
-    """paho's write callbacks: on the loop's thread, a burst written in the loop's next turn, in one ``send``.
+def quieter_logging(client: aiomqtt.Client) -> bool:
+    """Make ``client``'s paho skip a log line nobody takes at once; whether it could (else paho's own stays)."""
+    paho = paho_of(client)
+    module = importlib.import_module("paho.mqtt.client")
+    levels = getattr(module, "LOGGING_LEVEL", None)
+    if not (all(hasattr(paho, name) for name in ("_easy_log", "_on_log", "_logger")) and isinstance(levels, dict)):
+        _log.info("paho: not the private names quieter logging needs; paho logs every line itself")
+        return False
+    theirs = paho._easy_log  # noqa: SLF001 - see the module docstring
 
-    Args:
-        loop: The event loop (its thread is the one calling this).
-        register: aiomqtt's ``on_socket_register_write``: adds its writer, from any thread.
-        unregister: aiomqtt's ``on_socket_unregister_write``: removes it.
+    def easy_log(level: int, fmt: str, *args: Any) -> None:  # noqa: ANN401 - paho's arguments
+        logger = paho._logger  # noqa: SLF001 - see the module docstring
+        if paho._on_log is None and (logger is None or not logger.isEnabledFor(levels[level])):  # noqa: SLF001
+            return  # what paho would do: no callback, and Logger.log drops a level it is not enabled for
+        theirs(level, fmt, *args)
+
+    paho._easy_log = easy_log  # noqa: SLF001 - see the module docstring
+    return True
+
+
+#: What paho's client and its module must have for :class:`DirectPublish`.
+_DIRECT_NAMES: Final = ("_sock", "_protocol", "_out_messages", "_out_message_mutex", "_inflight_messages",
+                        "_max_inflight_messages", "_max_queued_messages", "_mid_generate", "_easy_log",
+                        "_packet_queue")  # fmt: skip
+_DIRECT_MODULE_NAMES: Final = ("MQTTMessage", "MQTTv5", "MQTTv311", "PUBLISH", "MQTT_LOG_DEBUG", "time_func",
+                               "mqtt_ms_wait_for_puback", "mqtt_ms_publish", "MQTTErrorCode")  # fmt: skip
+#: paho's log line of a PUBLISH sent, by (MQTT 5, a payload).
+_SENDING: Final = {
+    (True, True): "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s', properties=%s, ... (%d bytes)",
+    (True, False): "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s', properties=%s (NULL payload)",
+    (False, True): "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s', ... (%d bytes)",
+    (False, False): "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s' (NULL payload)",
+}
+#: Larger payloads take paho's own path (which refuses a packet past MQTT's limit of 268,435,455 bytes).
+_DIRECT_MAX_PAYLOAD: Final = 1 << 20
+
+
+class DirectPublish:
+    """paho's ``publish`` of a QoS 1 message going out at once, line for line, without its generic detours.
+
+    paho's ``publish`` checks and converts what any caller may pass (a ``str`` or number payload, any QoS), then
+    ``_send_publish`` checks it again and packs it through three helpers: ~55 k instructions per message, and a
+    hot-add publishes four. Here the common case (QoS 1, a ``bytes`` payload, a topic without wildcards, a connected
+    socket, room in flight and in the queue) is what paho does with it, in the same order and with the same state:
+    the message kept in ``_out_messages`` (sent again after a reconnect), counted in flight, paho's log line, the
+    packet's bytes, and paho's ``_packet_queue``. Anything else returns ``None``: paho's ``publish`` takes it.
+    tests/unit/adapters/mqtt/test_aiomqtt_internals.py compares the two, bytes and state.
     """
 
-    __slots__ = ("_loop", "_register", "_theirs", "_thread", "_unregister")
+    __slots__ = ("_clock", "_codes", "_debug", "_message", "_paho", "_publish", "_unsent", "_v5", "_waiting")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, register: Callable[..., None],
-                 unregister: Callable[..., None]) -> None:  # fmt: skip
-        self._loop = loop
-        self._thread = threading.get_ident()
-        self._register = register
-        self._unregister = unregister
-        self._theirs = False  # whether aiomqtt's writer was added and not yet removed
-
-    def register(self, paho_client: Any, userdata: object, sock: Any) -> None:  # noqa: ANN401 - paho's callback
-        if threading.get_ident() != self._thread:
-            self._theirs = True
-            self._register(paho_client, userdata, sock)  # paho's connect runs in a worker thread: aiomqtt's way
-            return
-        self._loop.call_soon(self._flush, paho_client, userdata)  # no self-pipe, no epoll_ctl: the next turn writes
-
-    def unregister(self, paho_client: Any, userdata: object, sock: Any) -> None:  # noqa: ANN401 - paho's callback
-        # paho calls this after every write that emptied its queue. Only a writer aiomqtt added is aiomqtt's to
-        # remove: removing none cost a selector lookup and a KeyError each time, and a BufferedSocket's own writer
-        # is the socket's business.
-        if self._theirs:
-            self._theirs = False
-            self._unregister(paho_client, userdata, sock)
-
-    def _flush(self, paho_client: Any, userdata: object) -> None:  # noqa: ANN401 - paho's client
-        sock = paho_client.socket()
-        if isinstance(sock, BufferedSocket):
-            sock.gather()  # all queued packets in one send (paho sends each packet on its own)
-            try:
-                paho_client.loop_write()
-            finally:
-                sock.send_gathered()
-            return
-        paho_client.loop_write()  # all queued packets; unregisters once the queue is empty
-        sock = paho_client.socket()
-        if paho_client.want_write() and sock is not None:
-            self._theirs = True
-            self._register(paho_client, userdata, sock)  # the socket is full: aiomqtt's writer sends the rest
-
-
-#: The reason codes a plain MQTT 5 PUBACK may carry: success, and no matching subscribers (a retained topic or an
-#: event nobody listens to): both taken by paho as they are.
-_PLAIN_REASONS: Final = frozenset({0x00, 0x10})
-#: What paho's client must have for :func:`_read_pubacks_first`.
-_PUBACK_NAMES: Final = ("loop_read", "_packet_read", "_protocol", "_in_packet", "_in_messages", "_out_messages",
-                        "_out_message_mutex", "_do_on_publish", "_easy_log", "_msgtime_mutex", "_last_bytes_received",
-                        "_loop_rc_handle")  # fmt: skip
-
-
-def _read_pubacks_first(paho: Any) -> None:  # noqa: ANN401 - paho's client
-    """Make ``paho.loop_read`` take each plain PUBACK at once (see the module docstring); else leave paho as it is."""
-    packets = importlib.import_module("paho.mqtt._packet")
-    client_module = importlib.import_module("paho.mqtt.client")
-    known = (hasattr(client_module, name) for name in ("time_func", "MQTTErrorCode", "MQTT_LOG_DEBUG"))
-    if not all(hasattr(paho, name) for name in _PUBACK_NAMES) or not all(known):
-        _log.info("paho: not the private names reading PUBACKs at once needs; paho reads them itself")
-        return
-    paho.loop_read = _PubackReader(paho, packets, client_module)
-
-
-class _PubackReader:
-    """A paho client's ``loop_read``: paho's own, line for line, but for the plain PUBACKs.
-
-    At most as many packets as messages in flight, each read by paho's ``_packet_read``, unless
-    :meth:`BufferedSocket.take_puback` finds it whole in what was read.
-    """
-
-    __slots__ = ("_clock", "_codes", "_debug", "_packets", "_paho", "_reasons")
-
-    def __init__(self, paho: Any, packets: Any, client_module: Any) -> None:  # noqa: ANN401 - paho's
+    def __init__(self, paho: Any, module: Any) -> None:  # noqa: ANN401 - paho's
         self._paho = paho
-        self._packets = packets  # where paho finds the classes of a PUBACK's parts (ours, once installed)
-        self._clock = client_module.time_func
-        self._codes = client_module.MQTTErrorCode
-        self._debug = client_module.MQTT_LOG_DEBUG
-        mqtt5 = paho._protocol == client_module.MQTTv5  # noqa: SLF001 - see the module docstring
-        self._reasons = _PLAIN_REASONS if mqtt5 else frozenset()  # before MQTT 5 a PUBACK has none
-
-    def __call__(self, max_packets: int = 1) -> Any:  # noqa: ANN401, ARG002 - paho's code; paho ignores it too
-        paho, codes = self._paho, self._codes  # the privates below: see the module docstring
-        if paho._sock is None:  # noqa: SLF001
-            return codes.MQTT_ERR_NO_CONN
-        for _ in range(max(len(paho._out_messages) + len(paho._in_messages), 1)):  # noqa: SLF001
-            sock = paho._sock  # noqa: SLF001
-            if sock is None:
-                return codes.MQTT_ERR_NO_CONN
-            puback = None
-            if type(sock) is BufferedSocket and paho._in_packet["command"] == 0:  # noqa: SLF001
-                if not sock.fill() and not sock.failed():
-                    return codes.MQTT_ERR_SUCCESS  # nothing to read: what paho's MQTT_ERR_AGAIN ends in, no recv
-                puback = sock.take_puback(reasons=self._reasons)
-            rc = self._acknowledged(*puback) if puback is not None else paho._packet_read()  # noqa: SLF001
-            if rc > 0:
-                return paho._loop_rc_handle(rc)  # noqa: SLF001
-            if rc == codes.MQTT_ERR_AGAIN:
-                return codes.MQTT_ERR_SUCCESS
-        return codes.MQTT_ERR_SUCCESS
-
-    def _acknowledged(self, mid: int, code: int) -> Any:  # noqa: ANN401 - paho's code
-        """What paho's ``_handle_pubackcomp`` does with a plain PUBACK, and ``_packet_read``'s time noted."""
-        paho = self._paho
-        paho._easy_log(self._debug, "Received %s (Mid: %d)", "PUBACK", mid)  # noqa: SLF001 - see the module docstring
-        rc = self._codes.MQTT_ERR_SUCCESS
-        with paho._out_message_mutex:  # noqa: SLF001 - see the module docstring
-            if mid in paho._out_messages:  # noqa: SLF001 - see the module docstring
-                make = self._packets.ReasonCode
-                reason = make(PacketTypes.PUBACK) if code < 0 else make(PacketTypes.PUBACK, identifier=code)
-                rc = paho._do_on_publish(mid, reason, self._packets.Properties(PacketTypes.PUBACK))  # noqa: SLF001
-        with paho._msgtime_mutex:  # noqa: SLF001 - see the module docstring
-            paho._last_bytes_received = self._clock()  # noqa: SLF001 - see the module docstring
-        return rc
-
-
-class Publisher:
-    """Publishes through ``client``'s paho client itself; paho's ``on_publish`` callback reports each acknowledgement.
-
-    ``aiomqtt.Client.publish`` makes, per message, a coroutine to await, an :class:`asyncio.Event`, a pending-call
-    entry (and counts all of them), and a timeout scope; a sender keeping several messages in flight needs a task
-    per message on top. Here a message is one call of paho's ``publish``, and its PUBACK (for QoS 0: its write) one
-    call of ``acknowledged(seq)`` from paho's callback, on the event loop's thread, with no task woken. What paho's
-    callback reports for a message not published here (``aiomqtt``'s own publishes) goes on to ``aiomqtt``'s.
-
-    Uses ``aiomqtt.Client._client`` (the paho client); paho's ``publish`` and ``on_publish`` are its public API.
-
-    Args:
-        paho: The paho client of a connected ``aiomqtt.Client`` (:meth:`of` finds it).
-        acknowledged: Called with a message's ``seq`` once the broker has it.
-        limit: At most this many messages await their acknowledgement (:meth:`room` waits).
-    """
-
-    __slots__ = ("_acknowledged", "_limit", "_mids", "_paho", "_room")
-
-    def __init__(self, paho: Any, acknowledged: Callable[[int], None], limit: int) -> None:  # noqa: ANN401 - paho's
-        self._paho = paho
-        self._acknowledged = acknowledged
-        self._limit = max(limit, 1)
-        self._mids: dict[int, int] = {}  # paho's message id -> the caller's seq, while the broker has not acked
-        self._room = asyncio.Event()
-        self._room.set()
-        theirs = paho.on_publish  # aiomqtt's: completes its own publish calls
-
-        def on_publish(paho_client: Any, userdata: object, mid: int, *rest: Any) -> None:  # noqa: ANN401 - paho's
-            seq = self._mids.pop(mid, None)
-            if seq is None:
-                theirs(paho_client, userdata, mid, *rest)
-                return
-            self._room.set()
-            self._acknowledged(seq)
-
-        paho.on_publish = on_publish
+        self._message = module.MQTTMessage
+        self._v5 = paho._protocol == module.MQTTv5  # noqa: SLF001 - see the module docstring
+        self._publish = module.PUBLISH
+        self._debug = module.MQTT_LOG_DEBUG
+        self._clock = module.time_func
+        self._waiting = module.mqtt_ms_wait_for_puback
+        self._unsent = module.mqtt_ms_publish
+        self._codes = module.MQTTErrorCode
 
     @classmethod
-    def of(cls, client: aiomqtt.Client, acknowledged: Callable[[int], None], limit: int) -> Publisher | None:
-        """A publisher for ``client``; ``None`` (use ``client.publish``) when its paho client is not where expected."""
-        paho = _paho_of(client)
-        if not (hasattr(paho, "publish") and hasattr(paho, "on_publish")):
-            _log.info("aiomqtt %s: no paho client at _client; publishing through aiomqtt.Client.publish",
-                      getattr(aiomqtt, "__version__", "?"))  # fmt: skip
+    def of(cls, paho: Any) -> DirectPublish | None:  # noqa: ANN401 - paho's
+        """The direct path for ``paho``; ``None`` where paho no longer has what it needs."""
+        module = importlib.import_module("paho.mqtt.client")
+        if not all(hasattr(paho, name) for name in _DIRECT_NAMES) or not all(
+            hasattr(module, name) for name in _DIRECT_MODULE_NAMES
+        ):
+            _log.info("paho: not the private names publishing directly needs; paho's publish sends every message")
             return None
-        return cls(paho, acknowledged, limit)
+        if paho._protocol not in (module.MQTTv5, module.MQTTv311):  # noqa: SLF001 - see the module docstring
+            return None
+        return cls(paho, module)
 
-    @property
-    def inflight(self) -> int:
-        """Messages published here whose acknowledgement has not come yet."""
-        return len(self._mids)
+    def __call__(self, topic: str, payload: bytes, *, retain: bool, properties: Properties | None) -> Any:  # noqa: ANN401
+        """What paho's ``publish(topic, payload, 1, retain, properties)`` does; ``None`` when paho's own must do it."""
+        paho = self._paho  # the privates below: see the module docstring
+        topic_bytes = topic.encode()
+        queued = paho._max_queued_messages  # noqa: SLF001
+        inflight = paho._max_inflight_messages  # noqa: SLF001
+        if (
+            type(payload) is not bytes
+            or not topic_bytes
+            or "+" in topic  # in the str: ``bytes in bytes`` first tries the byte as an int, raising and
+            or "#" in topic  # clearing a TypeError (~1.8 k instructions each)
+            or len(topic_bytes) > 65535
+            or len(payload) > _DIRECT_MAX_PAYLOAD
+            or paho._sock is None  # noqa: SLF001
+            or (queued > 0 and len(paho._out_messages) >= queued)  # noqa: SLF001
+            or (inflight > 0 and paho._inflight_messages >= inflight)  # noqa: SLF001
+        ):
+            return None  # paho's publish says what is wrong, refuses it or queues it
+        mid = paho._mid_generate()  # noqa: SLF001
+        message = self._message(mid, topic_bytes)
+        message.timestamp = self._clock()
+        message.payload = payload
+        message.qos = 1
+        message.retain = retain
+        message.dup = False
+        message.properties = properties
+        info = message.info
+        with paho._out_message_mutex:  # noqa: SLF001
+            if mid in paho._out_messages:  # noqa: SLF001 - as paho's publish refuses it
+                info.rc = self._codes.MQTT_ERR_QUEUE_SIZE
+                return info
+            paho._out_messages[mid] = message  # noqa: SLF001
+            paho._inflight_messages += 1  # noqa: SLF001
+            message.state = self._waiting
+            if paho._sock is None:  # noqa: SLF001 - lost meanwhile: kept, sent after the reconnect, as paho does
+                paho._inflight_messages -= 1  # noqa: SLF001
+                message.state = self._unsent
+                info.rc = self._codes.MQTT_ERR_NO_CONN
+                return info
+            info.rc = paho._packet_queue(self._publish, self._packet(mid, topic_bytes, payload, retain, properties),  # noqa: SLF001
+                                         mid, 1, info)  # fmt: skip
+            return info
 
-    async def room(self) -> None:
-        """Wait until fewer than ``limit`` messages await their acknowledgement."""
-        while len(self._mids) >= self._limit:
-            self._room.clear()
-            await self._room.wait()
-
-    def publish(  # noqa: PLR0913 - an MQTT publish's parts, keyword-only but the message's own
-        self, seq: int, topic: str, payload: bytes, *, qos: int, retain: bool, properties: Properties | None
-    ) -> bool:
-        """Hand message ``seq`` to paho; ``False`` if paho refused it (no connection): it was not sent."""
-        info = self._paho.publish(topic, payload, qos, retain, properties)
-        if info.rc != 0:  # MQTT_ERR_SUCCESS
-            return False
-        if info.is_published():  # QoS 0, written at once (paho's own write path): the callback came already
-            self._acknowledged(seq)
-        else:
-            self._mids[info.mid] = seq
-        return True
+    def _packet(self, mid: int, topic: bytes, payload: bytes, retain: bool, properties: Properties | None) -> bytearray:
+        """The PUBLISH packet paho's ``_send_publish`` makes (QoS 1, not a duplicate), after its log line."""
+        size = len(payload)
+        shown = (False, 1, retain, mid, topic, *((properties,) if self._v5 else ()), *((size,) if size else ()))
+        self._paho._easy_log(self._debug, _SENDING[self._v5, bool(size)], *shown)  # noqa: SLF001 - see the docstring
+        packed = (b"\x00" if properties is None else properties.pack()) if self._v5 else b""  # type: ignore[no-untyped-call]
+        remaining = 4 + len(topic) + size + len(packed)
+        packet = bytearray((0x32 | retain,))
+        while remaining > 0x7F:
+            packet.append(remaining & 0x7F | 0x80)
+            remaining >>= 7
+        packet.append(remaining)
+        packet += len(topic).to_bytes(2, "big")
+        packet += topic
+        packet += mid.to_bytes(2, "big")
+        packet += packed
+        packet += payload
+        return packet
 
 
 def publish_at_once(
@@ -354,7 +321,7 @@ def publish_at_once(
     connection), nothing was sent; ``None``: the paho client is not where expected (publish with
     ``client.publish``).
     """
-    paho = _paho_of(client)
+    paho = paho_of(client)
     if not hasattr(paho, "publish"):
         return None
     return bool(paho.publish(topic, payload, qos, retain=False, properties=properties).rc == 0)  # MQTT_ERR_SUCCESS
@@ -370,12 +337,18 @@ _TABLE: Final[dict[int, tuple[int, list[int]]]] = _PROTOTYPE.properties
 _IDENT: Final[dict[str, int]] = {name.replace(" ", ""): ident for name, ident in _NAMES.items()}
 _SPACED: Final[dict[int, str]] = {ident: name for name, ident in _NAMES.items()}
 #: Properties that may be given more than once (a list of values).
+_COMPRESSED: Final[dict[int, str]] = {ident: name for name, ident in _IDENT.items()}
 _MULTIPLE: Final = frozenset(name for name in _IDENT if _PROTOTYPE.allowsMultiple(name))
 #: Names whose values paho checks (a range, or a list it appends to): set through paho's own ``__setattr__``.
 _CHECKED: Final = _MULTIPLE | {
     "ReceiveMaximum", "TopicAlias", "TopicAliasMaximum", "MaximumPacketSize", "SubscriptionIdentifier",
     "RequestResponseInformation", "RequestProblemInformation", "PayloadFormatIndicator",
 }  # fmt: skip
+
+
+_UTF8: Final = _TYPES.index("UTF-8 Encoded String")
+_BINARY: Final = _TYPES.index("Binary Data")
+_OWN: Final = len(("packetType", "types", "names", "properties"))  # what a FastProperties holds of its own
 
 
 class FastProperties(Properties):
@@ -413,6 +386,35 @@ class FastProperties(Properties):
             return
         object.__setattr__(self, compressed, value)
 
+    def readProperty(self, buffer: bytes, type: int, propslen: int) -> tuple[Any, int]:  # noqa: A002, N802 - paho's
+        """A property's value and length, as paho reads them; a string without paho's loop over its characters."""
+        if type == _BINARY:
+            return readBytes(buffer, propslen)  # type: ignore[no-untyped-call,no-any-return] # without the lookups
+        if type == _UTF8 and propslen >= 2 and len(buffer) >= 2:
+            length = int.from_bytes(buffer[:2], "big")
+            with contextlib.suppress(UnicodeDecodeError):  # paho's own read raises it again
+                text = buffer[2 : 2 + length].decode()
+                # A strict decode never yields surrogates; NUL and U+FEFF are paho's to refuse.
+                if length <= propslen - 2 and "\x00" not in text and "\ufeff" not in text:
+                    return text, length + 2
+        return super().readProperty(buffer, type, propslen)  # type: ignore[no-untyped-call,no-any-return]
+
+    def unpack(self, buffer: bytes) -> tuple[FastProperties, int]:
+        """Read the properties of ``buffer`` as paho's ``unpack`` does; their length with its own."""
+        size = buffer[0] if buffer else 0x80
+        if size >= 0x80 or len(self.__dict__) != _OWN:  # a length of several bytes, or not a new object: paho reads
+            return super().unpack(buffer)  # type: ignore[no-untyped-call,no-any-return]
+        rest, left = buffer[1:], size
+        while left > 0:
+            ident = rest[0] if rest else 0x80
+            name = _COMPRESSED.get(ident)
+            if name is None or (name not in _MULTIPLE and name in self.__dict__):  # unknown, or given twice
+                return super().unpack(buffer)  # type: ignore[no-untyped-call,no-any-return] # paho's error
+            value, length = self.readProperty(rest[1:], _TABLE[ident][0], left - 1)
+            rest, left = rest[1 + length :], left - 1 - length
+            setattr(self, _SPACED[ident], value)
+        return self, size + 1
+
     def _present(self) -> list[tuple[int, str]]:
         present = self.__dict__
         return [(ident, name) for name, ident in _IDENT.items() if name in present]
@@ -429,6 +431,8 @@ class FastProperties(Properties):
 
     def clear(self) -> None:
         """Remove every property."""
+        if len(self.__dict__) == _OWN:  # none set (paho's unpack clears a new object first)
+            return
         for _, name in self._present():
             object.__delattr__(self, name)
 
@@ -494,4 +498,69 @@ def install_fast_reason_codes() -> bool:
         return False
     for module in modules:
         module.ReasonCode = FastReasonCode  # type: ignore[attr-defined]
+    return True
+
+
+# ------------------------------------------------------------------------------------------ paho's message info
+
+#: The one condition every :class:`FastMessageInfo` waits on, and how many threads wait on it.
+_PUBLISHED: Final = threading.Condition()
+_SUCCESS: Final = MQTTErrorCode.MQTT_ERR_SUCCESS
+_waiting = 0
+
+
+class FastMessageInfo(MQTTMessageInfo):
+    """paho's ``MQTTMessageInfo`` without a :class:`threading.Condition` of its own; the same objects otherwise.
+
+    paho makes one per message, incoming and outgoing (five per hot-add over MQTT), each with a condition of its
+    own (a lock and a queue of waiters) that it takes to mark the message published and to say whether it is, for a
+    ``wait_for_publish`` from another thread that the controller never makes. Here every object shares one condition;
+    a published message says so with a plain assignment, taking the condition only while some thread waits in
+    ``wait_for_publish`` (counted before it looks at the flag, so no wake-up is missed), and ``is_published`` reads
+    the flag as it is. tests/unit/adapters/mqtt/test_aiomqtt_internals.py compares the two.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, mid: int) -> None:
+        self.mid = mid
+        self._published = False
+        self._condition = _PUBLISHED
+        self.rc = _SUCCESS
+        self._iterpos = 0
+
+    def _set_as_published(self) -> None:
+        self._published = True
+        if _waiting:
+            with _PUBLISHED:
+                _PUBLISHED.notify_all()
+
+    def wait_for_publish(self, timeout: float | None = None) -> None:
+        """paho's: block until the message is published, or until ``timeout`` seconds have passed."""
+        global _waiting  # noqa: PLW0603 - the waiters of the shared condition
+        with _PUBLISHED:
+            _waiting += 1
+        try:
+            super().wait_for_publish(timeout)
+        finally:
+            with _PUBLISHED:
+                _waiting -= 1
+
+    def is_published(self) -> bool:
+        """paho's: whether the message has been published (errors for a message paho did not queue)."""
+        if self.rc != _SUCCESS:
+            return super().is_published()  # paho's errors
+        return self._published
+
+
+def install_fast_message_info() -> bool:
+    """Make paho make :class:`FastMessageInfo` s (for the whole process: the controller's).
+
+    Returns whether it could (``False``: paho no longer makes them where this knows; its own class stays).
+    """
+    module = importlib.import_module("paho.mqtt.client")
+    if getattr(module, "MQTTMessageInfo", None) not in (MQTTMessageInfo, FastMessageInfo):
+        _log.info("paho: message infos are not made where install_fast_message_info knows; keeping paho's own class")
+        return False
+    module.MQTTMessageInfo = FastMessageInfo  # type: ignore[attr-defined]
     return True

@@ -1,19 +1,28 @@
 """A broker connection's socket with a read buffer and gathered writes (see ``aiomqtt_internals.fewer_system_calls``).
 
-Plain socket work, no library's private names: ``aiomqtt_internals`` puts it under paho's client.
+Plain socket work, and paho's ``loop_write`` callbacks, put under paho's client by ``aiomqtt_internals``; and paho's
+read of a PUBACK found whole in the buffer (:func:`read_pubacks_first`), the one part that uses paho's private names
+(listed in ``aiomqtt_internals``' docstring, which this module's room shares).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import logging
+import threading
 from typing import TYPE_CHECKING, Any, Final
+
+from paho.mqtt.packettypes import PacketTypes
 
 if TYPE_CHECKING:
     import asyncio
     import socket
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
-__all__ = ["READ_SIZE", "BufferedSocket"]
+__all__ = ["READ_SIZE", "BufferedSocket", "LoopWrites", "read_pubacks_first"]
+
+_log = logging.getLogger(__name__)
 
 #: How much one ``recv`` of the broker's socket takes at most (what is there, up to this).
 READ_SIZE: Final = 65536
@@ -185,3 +194,131 @@ class BufferedSocket:
 
     def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the socket's own attributes
         return getattr(self._sock, name)
+
+
+class LoopWrites:
+    """paho's write callbacks: on the loop's thread, a burst written in the loop's next turn, in one ``send``.
+
+    paho's public client API only (``socket()``, ``loop_write()``, ``want_write()``); ``fewer_system_calls`` sets
+    these as its ``on_socket_register_write`` and ``on_socket_unregister_write``.
+
+    Args:
+        loop: The event loop (its thread is the one calling this).
+        register: aiomqtt's ``on_socket_register_write``: adds its writer, from any thread.
+        unregister: aiomqtt's ``on_socket_unregister_write``: removes it.
+    """
+
+    __slots__ = ("_loop", "_register", "_theirs", "_thread", "_unregister")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, register: Callable[..., None],
+                 unregister: Callable[..., None]) -> None:  # fmt: skip
+        self._loop = loop
+        self._thread = threading.get_ident()
+        self._register = register
+        self._unregister = unregister
+        self._theirs = False  # whether aiomqtt's writer was added and not yet removed
+
+    def register(self, paho_client: Any, userdata: object, sock: Any) -> None:  # noqa: ANN401 - paho's callback
+        """Packets of paho to write: on the loop's thread, write them all in the loop's next turn."""
+        if threading.get_ident() != self._thread:
+            self._theirs = True
+            self._register(paho_client, userdata, sock)  # paho's connect runs in a worker thread: aiomqtt's way
+            return
+        self._loop.call_soon(self._flush, paho_client, userdata)  # no self-pipe, no epoll_ctl: the next turn writes
+
+    def unregister(self, paho_client: Any, userdata: object, sock: Any) -> None:  # noqa: ANN401 - paho's callback
+        """All of paho's packets written: remove aiomqtt's writer, if it was added."""
+        # paho calls this after every write that emptied its queue. Only a writer aiomqtt added is aiomqtt's to
+        # remove: removing none cost a selector lookup and a KeyError each time, and a BufferedSocket's own writer
+        # is the socket's business.
+        if self._theirs:
+            self._theirs = False
+            self._unregister(paho_client, userdata, sock)
+
+    def _flush(self, paho_client: Any, userdata: object) -> None:  # noqa: ANN401 - paho's client
+        sock = paho_client.socket()
+        if isinstance(sock, BufferedSocket):
+            sock.gather()  # all queued packets in one send (paho sends each packet on its own)
+            try:
+                paho_client.loop_write()
+            finally:
+                sock.send_gathered()
+            return
+        paho_client.loop_write()  # all queued packets; unregisters once the queue is empty
+        sock = paho_client.socket()
+        if paho_client.want_write() and sock is not None:
+            self._theirs = True
+            self._register(paho_client, userdata, sock)  # the socket is full: aiomqtt's writer sends the rest
+
+
+#: The reason codes a plain MQTT 5 PUBACK may carry: success, and no matching subscribers (a retained topic or an
+#: event nobody listens to): both taken by paho as they are.
+_PLAIN_REASONS: Final = frozenset({0x00, 0x10})
+#: What paho's client must have for :func:`read_pubacks_first`.
+_PUBACK_NAMES: Final = ("loop_read", "_packet_read", "_protocol", "_in_packet", "_in_messages", "_out_messages",
+                        "_out_message_mutex", "_do_on_publish", "_easy_log", "_msgtime_mutex", "_last_bytes_received",
+                        "_loop_rc_handle")  # fmt: skip
+
+
+def read_pubacks_first(paho: Any) -> None:  # noqa: ANN401 - paho's client
+    """Make ``paho.loop_read`` take each plain PUBACK at once (see aiomqtt_internals); else leave paho as it is."""
+    packets = importlib.import_module("paho.mqtt._packet")
+    client_module = importlib.import_module("paho.mqtt.client")
+    known = (hasattr(client_module, name) for name in ("time_func", "MQTTErrorCode", "MQTT_LOG_DEBUG"))
+    if not all(hasattr(paho, name) for name in _PUBACK_NAMES) or not all(known):
+        _log.info("paho: not the private names reading PUBACKs at once needs; paho reads them itself")
+        return
+    paho.loop_read = _PubackReader(paho, packets, client_module)
+
+
+class _PubackReader:
+    """A paho client's ``loop_read``: paho's own, line for line, but for the plain PUBACKs.
+
+    At most as many packets as messages in flight, each read by paho's ``_packet_read``, unless
+    :meth:`BufferedSocket.take_puback` finds it whole in what was read.
+    """
+
+    __slots__ = ("_clock", "_codes", "_debug", "_packets", "_paho", "_reasons")
+
+    def __init__(self, paho: Any, packets: Any, client_module: Any) -> None:  # noqa: ANN401 - paho's
+        self._paho = paho
+        self._packets = packets  # where paho finds the classes of a PUBACK's parts (ours, once installed)
+        self._clock = client_module.time_func
+        self._codes = client_module.MQTTErrorCode
+        self._debug = client_module.MQTT_LOG_DEBUG
+        mqtt5 = paho._protocol == client_module.MQTTv5  # noqa: SLF001 - see aiomqtt_internals
+        self._reasons = _PLAIN_REASONS if mqtt5 else frozenset()  # before MQTT 5 a PUBACK has none
+
+    def __call__(self, max_packets: int = 1) -> Any:  # noqa: ANN401, ARG002 - paho's code; paho ignores it too
+        paho, codes = self._paho, self._codes  # the privates below: see aiomqtt_internals
+        if paho._sock is None:  # noqa: SLF001
+            return codes.MQTT_ERR_NO_CONN
+        for _ in range(max(len(paho._out_messages) + len(paho._in_messages), 1)):  # noqa: SLF001
+            sock = paho._sock  # noqa: SLF001
+            if sock is None:
+                return codes.MQTT_ERR_NO_CONN
+            puback = None
+            if type(sock) is BufferedSocket and paho._in_packet["command"] == 0:  # noqa: SLF001
+                if not sock.fill() and not sock.failed():
+                    return codes.MQTT_ERR_SUCCESS  # nothing to read: what paho's MQTT_ERR_AGAIN ends in, no recv
+                puback = sock.take_puback(reasons=self._reasons)
+            rc = self._acknowledged(*puback) if puback is not None else paho._packet_read()  # noqa: SLF001
+            if rc > 0:
+                return paho._loop_rc_handle(rc)  # noqa: SLF001
+            if rc == codes.MQTT_ERR_AGAIN:
+                return codes.MQTT_ERR_SUCCESS
+        return codes.MQTT_ERR_SUCCESS
+
+    def _acknowledged(self, mid: int, code: int) -> Any:  # noqa: ANN401 - paho's code
+        """What paho's ``_handle_pubackcomp`` does with a plain PUBACK, and ``_packet_read``'s time noted."""
+        paho = self._paho
+        paho._easy_log(self._debug, "Received %s (Mid: %d)", "PUBACK", mid)  # noqa: SLF001 - see aiomqtt_internals
+        rc = self._codes.MQTT_ERR_SUCCESS
+        with paho._out_message_mutex:  # noqa: SLF001 - see aiomqtt_internals
+            if mid in paho._out_messages:  # noqa: SLF001 - see aiomqtt_internals
+                make = self._packets.ReasonCode
+                reason = make(PacketTypes.PUBACK) if code < 0 else make(PacketTypes.PUBACK, identifier=code)
+                rc = paho._do_on_publish(mid, reason, self._packets.Properties(PacketTypes.PUBACK))  # noqa: SLF001
+        with paho._msgtime_mutex:  # noqa: SLF001 - see aiomqtt_internals
+            paho._last_bytes_received = self._clock()  # noqa: SLF001 - see aiomqtt_internals
+        return rc

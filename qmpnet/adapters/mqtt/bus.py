@@ -62,13 +62,15 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from qmpnet.adapters.mqtt.aiomqtt_internals import (
     FastProperties,
-    Publisher,
     dispatching_queue,
+    install_fast_message_info,
     install_fast_properties,
     install_fast_reason_codes,
+    quieter_logging,
 )
 from qmpnet.adapters.mqtt.broker import diagnose_timeout, explain, make_client, resolve_protocol
 from qmpnet.adapters.mqtt.outbox import Outbox, Outgoing
+from qmpnet.adapters.mqtt.publisher import Publisher
 from qmpnet.api.wire.envelopes import ControllerOffline, error_response, to_wire, transaction_of
 from qmpnet.api.wire.topics import RequestTopic, Topics
 from qmpnet.core.backoff import backoff
@@ -242,6 +244,7 @@ class MqttBus:
         self.handler = handler
         install_fast_properties()  # the controller's process: paho decodes each PUBACK's properties into them
         install_fast_reason_codes()  # and builds each PUBACK's reason code without copying its table
+        install_fast_message_info()  # and each message's info without a condition of its own
         link = _Link(self.settings)
         try:
             while True:
@@ -271,6 +274,7 @@ class MqttBus:
             max_inflight=self.settings.max_inflight,
             queue_type=dispatching_queue(inbox.put),
         )
+        quieter_logging(client)  # paho's DEBUG lines skipped at once while nobody takes them
         try:
             await client.__aenter__()
         except aiomqtt.MqttError as err:

@@ -17,6 +17,7 @@ import inspect
 import logging
 import socket
 import struct
+import threading
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ import aiomqtt
 import paho.mqtt.client
 import pytest
 from paho.mqtt.client import MQTTMessage
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.exception import MQTTException
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -33,16 +35,20 @@ from paho.mqtt.reasoncodes import ReasonCode
 from qmpnet.adapters import mqtt
 from qmpnet.adapters.mqtt.aiomqtt_internals import (
     BufferedSocket,
+    DirectPublish,
+    FastMessageInfo,
     FastProperties,
     FastReasonCode,
-    Publisher,
-    _read_pubacks_first,
     dispatching_queue,
     fewer_system_calls,
+    install_fast_message_info,
     install_fast_properties,
     install_fast_reason_codes,
     publish_at_once,
+    quieter_logging,
 )
+from qmpnet.adapters.mqtt.buffered_socket import read_pubacks_first
+from qmpnet.adapters.mqtt.publisher import Publisher
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -89,8 +95,8 @@ def test_no_module_of_the_adapter_reaches_into_aiomqtt_or_paho() -> None:
     privates = _private_names(aiomqtt.Client, aiomqtt.Message, paho.mqtt.client.Client, MQTTMessage)
     found: dict[str, list[str]] = {}
     for path in sorted(PACKAGE.glob("*.py")):
-        if path.name == "aiomqtt_internals.py":
-            continue  # the one room for them
+        if path.name in ("aiomqtt_internals.py", "buffered_socket.py"):
+            continue  # the one room for them (its socket's module reads a PUBACK as paho does)
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             # self._x is the module's own attribute (no class of the adapter subclasses the libraries' classes).
@@ -345,7 +351,7 @@ class _PahoOnSocket:
 
         self.paho._packet_read = counted
         if at_once:
-            _read_pubacks_first(self.paho)
+            read_pubacks_first(self.paho)
 
     def publish(self, count: int) -> None:
         for n in range(count):
@@ -454,8 +460,8 @@ async def test_reading_pubacks_at_once_steps_aside_when_a_private_name_is_missin
     client = _PahoOnSocket(PAHO_CLIENT.MQTTv5, at_once=False)
     try:
         del client.paho._in_messages  # as a later paho might keep its state elsewhere
-        with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.aiomqtt_internals"):
-            _read_pubacks_first(client.paho)
+        with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.buffered_socket"):
+            read_pubacks_first(client.paho)
         assert "loop_read" not in vars(client.paho)  # paho's own method, untouched
         assert "paho reads them itself" in caplog.text
     finally:
@@ -607,7 +613,7 @@ async def test_a_publish_paho_refuses_is_not_sent_nor_acknowledged() -> None:
 async def test_without_a_paho_client_there_is_no_publisher(caplog: pytest.LogCaptureFixture) -> None:
     client = aiomqtt.Client("127.0.0.1", 1883)
     del client._client  # as a later aiomqtt might keep its paho client elsewhere
-    with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.aiomqtt_internals"):
+    with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.publisher"):
         assert Publisher.of(client, print, limit=1) is None
     assert "publishing through aiomqtt.Client.publish" in caplog.text
 
@@ -713,6 +719,70 @@ def test_fast_properties_unpack_as_paho_does() -> None:
             cls(PacketTypes.PUBLISH).unpack(doubled)
 
 
+def _unpacked_properties(make: Callable[[], Any], buffer: bytes) -> tuple[str, Any]:
+    """What unpacking ``buffer`` into a new object gives: the properties as paho shows them, or the error raised."""
+    try:
+        properties, length = make().unpack(buffer)
+        return "ok", (properties.pack(), str(properties), properties.json(), length)
+    except Exception as err:  # noqa: BLE001 - compared, whatever it is
+        return "error", (type(err).__name__, str(err))
+
+
+def test_fast_properties_unpack_every_kind_of_buffer_as_paho_does() -> None:
+    def packed(**values: Any) -> bytes:
+        source = PAHO_PROPERTIES(PacketTypes.PUBLISH)
+        for name, value in values.items():
+            for one in value if name == "UserProperty" else [value]:
+                setattr(source, name, one)
+        return bytes(source.pack())
+
+    request = packed(ResponseTopic="qmpnet/v1/c1/client/3f2a9c1d/response", CorrelationData=b"0123456789abcdef")
+    buffers = [
+        b"", b"\x00", request, request[:-1], request[:5], request + b"tail",
+        packed(UserProperty=[("a", "1"), ("b", "2")], PayloadFormatIndicator=1, MessageExpiryInterval=30),
+        packed(ResponseTopic="t" * 200),  # a length of two bytes
+        packed(SubscriptionIdentifier=200, ContentType="x"),  # an identifier value of two bytes
+        b"\x02\x08\x00", b"\x03\x7f\x00\x00", b"\x03\x80\x01\x00",  # truncated, unknown, a two-byte identifier
+    ]  # fmt: skip
+    once = packed(ResponseTopic="t")
+    buffers.append(bytes([once[0] * 2]) + once[1:] * 2)  # a property that may not repeat, twice
+    for buffer in buffers:
+        theirs = _unpacked_properties(lambda: PAHO_PROPERTIES(PacketTypes.PUBLISH), buffer)
+        ours = _unpacked_properties(lambda: FastProperties(PacketTypes.PUBLISH), buffer)
+        assert ours == theirs, f"{buffer!r}: paho {theirs}, ours {ours}"
+    used: Any = FastProperties(PacketTypes.PUBLISH)
+    used.ResponseTopic = "old"
+    assert used.unpack(request)[0].json() == PAHO_PROPERTIES(PacketTypes.PUBLISH).unpack(request)[0].json()
+
+
+def _read(properties: Any, buffer: bytes | bytearray, kind: int, propslen: int) -> tuple[str, Any]:
+    try:
+        return "ok", properties.readProperty(buffer, kind, propslen)
+    except Exception as err:  # noqa: BLE001 - compared, whatever it is
+        return "error", (type(err).__name__, str(err))
+
+
+@pytest.mark.parametrize("kind", ["UTF-8 Encoded String", "Binary Data", "UTF-8 String Pair"])
+def test_fast_properties_read_strings_and_data_as_paho_does(kind: str) -> None:
+    texts = ["", "qmpnet/v1/c1/client/x/response", "\u00e9t\u00e9 \u2028 \U0001f600", "a\x00b", "\ufeffa", "a\ufeff",
+             "\x00\ufeff", "\x7f\x01"]  # fmt: skip
+    raw = [text.encode() for text in texts]
+    raw += [b"\xff\xfe", b"\xed\xa0\x80", b"a\xc3", b"\xef\xbb\xbf"]  # invalid UTF-8, an encoded surrogate, a BOM
+    framed = [len(data).to_bytes(2, "big") + data for data in raw]
+    framed += [frame + frame for frame in framed[:3]]  # a pair's two strings, and bytes after the value
+    framed += [b"", b"\x00", b"\x00\x05ab", b"\xff\xffab"]  # too short for its length or for the length itself
+    ident = PAHO_PROPERTIES(PacketTypes.PUBLISH).types.index(kind)
+    theirs, ours = PAHO_PROPERTIES(PacketTypes.PUBLISH), FastProperties(PacketTypes.PUBLISH)
+    checked = 0
+    for buffer in framed:
+        for propslen in sorted({0, 1, 2, 3, len(buffer) - 1, len(buffer), len(buffer) + 5}):
+            for data in (buffer, bytearray(buffer)):
+                their_read, our_read = _read(theirs, data, ident, propslen), _read(ours, data, ident, propslen)
+                assert our_read == their_read, f"{buffer!r} in {propslen}: paho {their_read}, ours {our_read}"
+                checked += 1
+    assert checked > 150
+
+
 def test_install_fast_properties_makes_paho_decode_into_them(monkeypatch: pytest.MonkeyPatch) -> None:
     packet_module = importlib.import_module("paho.mqtt._packet")
     # paho's own class there (a controller's bus may have installed ours in this process already); undone after.
@@ -807,3 +877,211 @@ async def test_install_fast_reason_codes_keeps_pahos_class_when_it_is_not_where_
         assert not install_fast_reason_codes()
     assert PAHO_CLIENT.ReasonCode is Other
     assert "keeping paho's own class" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ paho's message info
+
+#: paho's class, untyped.
+PAHO_MESSAGE_INFO: Any = paho.mqtt.client.MQTTMessageInfo
+if PAHO_MESSAGE_INFO is FastMessageInfo:  # a controller's bus installed ours in this process already
+    PAHO_MESSAGE_INFO = FastMessageInfo.__mro__[1]
+
+
+def _info(make: Callable[[], Any], *, rc: int | None = None, published: bool = False) -> tuple[Any, ...]:
+    """What a message info made by ``make`` shows (with ``rc`` set, maybe published), or the error it raised."""
+    info = make()
+    if rc is not None:
+        info.rc = rc
+    if published:
+        info._set_as_published()
+    shown: list[Any] = [info.mid, info.rc, str(info), list(info), info[0], info[1]]
+    for ask in (info.is_published, lambda: info.wait_for_publish(0.001), lambda: info[2]):
+        try:
+            shown.append(("ok", ask()))
+        except Exception as err:  # noqa: BLE001 - compared, whatever it is
+            shown.append(("error", type(err).__name__, str(err)))
+    return tuple(shown)
+
+
+@pytest.mark.parametrize("rc", [None, *MQTTErrorCode])
+@pytest.mark.parametrize("published", [False, True])
+def test_fast_message_infos_show_and_refuse_as_pahos_do(rc: int | None, published: bool) -> None:
+    theirs = _info(lambda: PAHO_MESSAGE_INFO(7), rc=rc, published=published)
+    ours = _info(lambda: FastMessageInfo(7), rc=rc, published=published)
+    assert ours == theirs
+    assert PAHO_MESSAGE_INFO.__slots__ == ("_condition", "_iterpos", "_published", "mid", "rc"), (
+        "paho's MQTTMessageInfo keeps other attributes: FastMessageInfo sets those it knew"
+    )
+
+
+@pytest.mark.parametrize("timeout", [None, 30.0])
+def test_a_thread_waiting_for_a_fast_message_info_is_woken_when_it_is_published(timeout: float | None) -> None:
+    infos = [FastMessageInfo(mid) for mid in range(3)]
+    woken: list[int] = []
+    started = threading.Barrier(len(infos) + 1)
+
+    def wait(info: FastMessageInfo) -> None:
+        started.wait()
+        info.wait_for_publish(timeout)
+        woken.append(info.mid)
+
+    threads = [threading.Thread(target=wait, args=(info,)) for info in infos]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    for info in infos:  # whether its waiter counted itself yet or not: it must not miss it
+        info._set_as_published()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(woken) == [0, 1, 2]
+    assert all(info.is_published() for info in infos)
+
+
+def test_install_fast_message_info_makes_paho_make_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    # paho's own class there (a controller's bus may have installed ours in this process already); undone after.
+    monkeypatch.setattr(PAHO_CLIENT, "MQTTMessageInfo", PAHO_MESSAGE_INFO)
+    assert install_fast_message_info()
+    assert PAHO_CLIENT.MQTTMessageInfo is FastMessageInfo
+    assert install_fast_message_info()  # again: nothing changes
+    client: Any = PAHO_CLIENT.Client(PAHO_CLIENT.CallbackAPIVersion.VERSION2, client_id="c")
+    for qos in (0, 1):  # not connected: paho makes the info all the same
+        assert type(client.publish("t", b"x", qos)) is FastMessageInfo, "paho makes message infos by another name"
+    assert type(MQTTMessage(3, b"t").info) is FastMessageInfo, "paho's messages make their info by another name"
+
+
+async def test_install_fast_message_info_keeps_pahos_class_when_it_is_not_where_expected(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Other:
+        pass
+
+    monkeypatch.setattr(PAHO_CLIENT, "MQTTMessageInfo", Other)  # as a later paho might make them elsewhere
+    with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.aiomqtt_internals"):
+        assert not install_fast_message_info()
+    assert PAHO_CLIENT.MQTTMessageInfo is Other
+    assert "keeping paho's own class" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ publishing directly
+
+
+class _NoSocket:
+    def close(self) -> None:
+        pass
+
+
+def _connected_paho(protocol: int) -> Any:
+    """A paho client as a connected session leaves it, writing to nothing (its writes wait in ``_out_packet``)."""
+    client: Any = PAHO_CLIENT.Client(PAHO_CLIENT.CallbackAPIVersion.VERSION2, client_id="c", protocol=protocol)
+    client.enable_logger(logging.getLogger("qmpnet.tests.paho"))
+    client._sock = _NoSocket()
+    client._state = PAHO_CLIENT._ConnectionState.MQTT_CS_CONNECTED
+    client.on_socket_register_write = lambda *_: None  # as aiomqtt's callback: the loop writes later
+    return client
+
+
+def _published(client: Any, info: Any) -> tuple[Any, ...]:
+    """All a publish left in paho's state: the info, the message kept, the packet queued."""
+    messages = [(m.mid, m.topic, m.payload, m.qos, m.retain, m.dup, m.state, m.properties, type(m.info))
+                for m in client._out_messages.values()]  # fmt: skip
+    packets = [{**p, "info": (type(p["info"]), p["info"].mid, p["info"].rc)} for p in client._out_packet]
+    return (info.mid, info.rc, info.is_published(), messages, packets, client._inflight_messages, client._last_mid)
+
+
+@pytest.mark.parametrize("protocol", [paho.mqtt.client.MQTTv311, paho.mqtt.client.MQTTv5])
+def test_publishing_directly_leaves_what_pahos_publish_leaves(
+    protocol: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    correlation = FastProperties(PacketTypes.PUBLISH)
+    correlation.CorrelationData = b"abc"
+    cases: list[tuple[str, bytes, bool, Any]] = [
+        ("qmpnet/v1/c/guest/g1/nics", b'{"nics":[]}', True, None),
+        ("qmpnet/v1/c/guest/g1/status", b"", True, None),
+        ("r/\u00e9t\u00e9", b"x" * 200, False, correlation),  # a two-byte length, a topic of UTF-8
+        ("r", b"y" * 20000, False, None),  # a three-byte length
+    ]
+    theirs, ours = _connected_paho(protocol), _connected_paho(protocol)
+    direct = DirectPublish.of(ours)
+    assert direct is not None, "paho no longer has what publishing directly needs"
+    for topic, payload, retain, properties in cases:
+        props = properties if protocol == paho.mqtt.client.MQTTv5 else None
+        with caplog.at_level(logging.DEBUG, logger="qmpnet.tests.paho"):
+            caplog.clear()
+            expected = _published(theirs, theirs.publish(topic, payload, 1, retain, props))
+            their_log = [(r.getMessage(), r.args) for r in caplog.records]
+            caplog.clear()
+            got = _published(ours, direct(topic, payload, retain=retain, properties=props))
+            our_log = [(r.getMessage(), r.args) for r in caplog.records]
+        assert got == expected, f"{topic}: paho {expected}, ours {got}"
+        assert our_log == their_log
+    for client in (theirs, ours):  # what the PUBACK does with them, alike
+        client._out_message_mutex.acquire()
+        try:
+            client._do_on_publish(1, ReasonCode(PacketTypes.PUBACK), FastProperties(PacketTypes.PUBACK))
+        finally:
+            client._out_message_mutex.release()
+    assert _published(ours, ours._out_messages[2].info) == _published(theirs, theirs._out_messages[2].info)
+
+
+def test_publishing_directly_leaves_to_paho_what_it_does_not_take() -> None:
+    client = _connected_paho(paho.mqtt.client.MQTTv5)
+    direct = DirectPublish.of(client)
+    assert direct is not None
+    assert direct("a/+/b", b"x", retain=False, properties=None) is None  # paho refuses wildcards itself
+    assert direct("a/#", b"x", retain=False, properties=None) is None
+    assert direct("", b"x", retain=False, properties=None) is None
+    assert direct("t", bytearray(b"x"), retain=False, properties=None) is None  # type: ignore[arg-type]
+    assert direct("t", b"x" * (1 << 21), retain=False, properties=None) is None
+    client._max_inflight_messages = 1
+    assert direct("t", b"x", retain=False, properties=None) is not None
+    assert direct("t", b"x", retain=False, properties=None) is None  # in flight: full; paho's publish queues it
+    client._sock = None
+    client._max_inflight_messages = 0
+    assert direct("t", b"x", retain=False, properties=None) is None  # not connected: paho's publish says so
+    assert client._last_mid == 1, "a message left to paho took a message id"
+    lacking = _connected_paho(paho.mqtt.client.MQTTv5)
+    del lacking._out_messages  # as a later paho might keep its messages elsewhere
+    assert DirectPublish.of(lacking) is None
+    lacking._out_messages = {}
+
+
+# ------------------------------------------------------------------------------------------ paho's log lines
+
+
+def _logged(client: Any, caplog: pytest.LogCaptureFixture, level: int) -> tuple[list[Any], list[Any]]:
+    """What paho's client logs of a line at each of its levels, with the logger at ``level``: records, callbacks."""
+    taken: list[Any] = []
+    if client.on_log is not None:
+        client.on_log = lambda _client, _userdata, at, buf: taken.append((at, buf))
+    caplog.clear()
+    with caplog.at_level(level, logger="qmpnet.tests.paho"):
+        for paho_level in PAHO_CLIENT.LOGGING_LEVEL:
+            client._easy_log(paho_level, "Sending %s (Mid: %d)", "PUBACK", 7)
+    return [(r.levelno, r.msg, r.args, r.getMessage()) for r in caplog.records], taken
+
+
+@pytest.mark.parametrize("callback", [False, True])
+@pytest.mark.parametrize("logger", [False, True])
+@pytest.mark.parametrize("level", [logging.DEBUG, logging.INFO, logging.ERROR])
+async def test_quieter_logging_logs_what_paho_logs(
+    callback: bool, logger: bool, level: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    clients = [aiomqtt.Client("127.0.0.1", 1883, logger=logging.getLogger("qmpnet.tests.paho")) for _ in range(2)]
+    theirs, ours = (client._client for client in clients)
+    assert quieter_logging(clients[1])
+    for client in (theirs, ours):
+        if callback:
+            client.on_log = print  # replaced by _logged
+        if not logger:
+            client.disable_logger()
+    assert _logged(ours, caplog, level) == _logged(theirs, caplog, level)
+    if logger and level == logging.DEBUG:
+        assert caplog.records, "paho no longer logs through the logger it is given"
+
+
+async def test_quieter_logging_steps_aside_when_a_private_name_is_missing(caplog: pytest.LogCaptureFixture) -> None:
+    client = aiomqtt.Client("127.0.0.1", 1883)
+    del client._client._on_log  # as a later paho might keep its callback elsewhere
+    with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.aiomqtt_internals"):
+        assert not quieter_logging(client)
+    assert "paho logs every line itself" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from qmpnet.api.wire.envelopes import (
     NicAddRequest,
     NicDelRequest,
     NicList,
+    OkResponse,
     error_response,
     ok_response,
     parse_request,
@@ -124,6 +126,19 @@ def test_a_nic_list_on_the_wire_is_pydantics_own_encoding_with_each_nic_encoded_
         assert to_wire(message) == message.model_dump_json().encode()
     changed = nics[1].model_copy(update={"link": "up"})
     assert to_wire(NicList(nics=[nics[0], changed])) == NicList(nics=[nics[0], changed]).model_dump_json().encode()
+
+
+def test_an_answer_on_the_wire_is_pydantics_own_encoding_with_its_data_encoded_once() -> None:
+    nic = Nic.model_validate({"id": "n\u00e9", "model": "e1000", "mac": None, "netdev": None, "backend": None,
+                              "pci": None, "link": "down", "state": "active", "warnings": ['"q"\n\u2028']})  # fmt: skip
+    pc = PciTopology("pc", (PciBus("pci.0", "root", hotplug=True, used={(0, 0): "host"}),))
+    for transaction in (None, "t-1", 'q"\u00e9\\\u2028\x01'):
+        for data in (nic, NicList(nics=[nic]), RemoveResult(id="n1", state="removed"), capacity(pc)):
+            answer = ok_response(transaction, data)
+            assert to_wire(answer) == answer.model_dump_json().encode()
+            assert to_wire(answer) == answer.model_dump_json().encode()  # the data's JSON kept: the same again
+    recorded = OkResponse[Any](transaction="t", status="ok", data={"id": "n1", "x": [1, None]})  # not a model
+    assert to_wire(recorded) == recorded.model_dump_json().encode()
 
 
 def test_a_guest_status_on_the_wire_is_pydantics_own_encoding_with_its_capacity_encoded_once() -> None:

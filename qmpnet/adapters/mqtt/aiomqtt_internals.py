@@ -27,20 +27,29 @@ of ``aiomqtt.Client``, and the private names :func:`fewer_system_calls` needs.
   ``loop_write`` hands each packet to ``_sock.send`` whole; TLS and websocket
   connections keep paho's own socket.
 
-* **paho's generic read of a PUBACK** (issue 17). paho reads every packet the same way: its type byte, its
-  length, its body, each through ``recv``, a dictionary of reading state reset per packet, the packet decoded into
-  a tuple with a reason code and properties, the time noted twice under a lock; ~45 k instructions for the few
-  bytes of a PUBACK, and a hot-add reads four. :func:`fewer_system_calls` also gives paho a ``loop_read`` that is
-  paho's own (as many packets as messages in flight, each read by ``_packet_read``) but takes a plain PUBACK found
-  whole in what one ``recv`` returned at once (``40 02`` and the message id; with MQTT 5 also ``40 03``, the id
-  and the reason code "no matching subscribers", which the broker gives retained state and events nobody listens
-  to), doing with it what paho's ``_handle_pubackcomp`` does (its log line, ``_do_on_publish`` under
-  ``_out_message_mutex`` if the message is paho's, ``_last_bytes_received``), its reason code and properties a
-  :class:`FastReasonCode` and a :class:`FastProperties` in any process (the client's too: ~0.09 M instructions per
-  MQTT hot-add of the client's 1.11 M; only the callback completing a publish gets them, and looks at neither).
-  It uses paho's ``_packet_read``, ``_protocol``, ``_in_packet``, ``_in_messages``, ``_out_messages``,
-  ``_out_message_mutex``, ``_do_on_publish``, ``_easy_log``, ``_msgtime_mutex``, ``_last_bytes_received``,
-  ``_loop_rc_handle`` and ``time_func``.
+* **paho's generic read of a PUBACK or a PUBLISH** (issue 17). paho reads every packet the same way: its type
+  byte, its length, its body, each through ``recv``, a dictionary of reading state reset per packet, the packet
+  decoded into a tuple with a reason code and properties, the time noted twice under a lock; ~45 k instructions for
+  the few bytes of a PUBACK, and a hot-add reads four. :func:`fewer_system_calls` also gives paho a ``loop_read``
+  that is paho's own (as many packets as messages in flight, each read by ``_packet_read``) but takes two kinds of
+  packets found whole in what one ``recv`` returned at once:
+
+  - a plain PUBACK (``40 02`` and the message id; with MQTT 5 also ``40 03``, the id and the reason code "no
+    matching subscribers", which the broker gives retained state and events nobody listens to), doing with it what
+    paho's ``_handle_pubackcomp`` does (its log line, ``_do_on_publish`` under ``_out_message_mutex`` if the
+    message is paho's, ``_last_bytes_received``);
+  - a PUBLISH of QoS 0 or 1 (the controller's requests, the client's answers), decoded as paho's ``decode_publish``
+    does and then handled as paho's ``_handle_publish`` does (the ``MQTTMessage``, its log line, its timestamp,
+    ``_handle_on_message``, ``_send_puback`` unless ``_manual_ack``, ``_last_bytes_received``). One that paho would
+    find malformed, and QoS 2, are left to paho's own reading, which tells its error its way.
+
+  The reason code and the properties made are a :class:`FastReasonCode` and :class:`FastProperties` in any process
+  (the client's paho keeps its own classes: ~40 k instructions each made): a PUBACK's reach only the callback
+  completing a publish, which looks at neither; a message's reach the inbox, which reads its topic and payload.
+  The client's instructions per MQTT hot-add went from 1.11 M to 0.77 M. It uses paho's ``_packet_read``,
+  ``_protocol``, ``_in_packet``, ``_in_messages``, ``_out_messages``, ``_out_message_mutex``, ``_do_on_publish``,
+  ``_easy_log``, ``_msgtime_mutex``, ``_last_bytes_received``, ``_loop_rc_handle``, ``_handle_on_message``,
+  ``_manual_ack``, ``_send_puback``, ``time_func``, ``MQTTMessage`` and ``paho.mqtt._packet.DECODE_ERRORS``.
 
 * **A task and an event per message** (issue 17). ``aiomqtt.Client.publish`` makes, per message, a coroutine, an
   :class:`asyncio.Event`, a pending-call entry and a timeout scope, and a sender keeping several messages in flight
@@ -148,7 +157,7 @@ def fewer_system_calls(client: aiomqtt.Client) -> None:
     paho.on_socket_open = on_socket_open
     paho.on_socket_register_write = writes.register
     paho.on_socket_unregister_write = writes.unregister
-    _read_pubacks_first(paho)
+    _read_at_once(paho)
 
 
 class _Writes:
@@ -204,38 +213,44 @@ class _Writes:
 #: The reason codes a plain MQTT 5 PUBACK may carry: success, and no matching subscribers (a retained topic or an
 #: event nobody listens to): both taken by paho as they are.
 _PLAIN_REASONS: Final = frozenset({0x00, 0x10})
-#: What paho's client must have for :func:`_read_pubacks_first`.
-_PUBACK_NAMES: Final = ("loop_read", "_packet_read", "_protocol", "_in_packet", "_in_messages", "_out_messages",
-                        "_out_message_mutex", "_do_on_publish", "_easy_log", "_msgtime_mutex", "_last_bytes_received",
-                        "_loop_rc_handle")  # fmt: skip
+#: What paho's client must have for :func:`_read_at_once`.
+_READ_NAMES: Final = ("loop_read", "_packet_read", "_protocol", "_in_packet", "_in_messages", "_out_messages",
+                      "_out_message_mutex", "_do_on_publish", "_easy_log", "_msgtime_mutex", "_last_bytes_received",
+                      "_loop_rc_handle", "_handle_on_message", "_manual_ack", "_send_puback")  # fmt: skip
 
 
-def _read_pubacks_first(paho: Any) -> None:  # noqa: ANN401 - paho's client
-    """Make ``paho.loop_read`` take each plain PUBACK at once (see the module docstring); else leave paho as it is."""
+def _read_at_once(paho: Any) -> None:  # noqa: ANN401 - paho's client
+    """Make ``paho.loop_read`` take plain PUBACKs and whole PUBLISHes at once (see the module docstring).
+
+    Else leave paho as it is.
+    """
     client_module = importlib.import_module("paho.mqtt.client")
-    known = (hasattr(client_module, name) for name in ("time_func", "MQTTErrorCode", "MQTT_LOG_DEBUG"))
-    if not all(hasattr(paho, name) for name in _PUBACK_NAMES) or not all(known):
-        _log.info("paho: not the private names reading PUBACKs at once needs; paho reads them itself")
+    packets = importlib.import_module("paho.mqtt._packet")
+    known = (hasattr(client_module, name) for name in ("time_func", "MQTTErrorCode", "MQTT_LOG_DEBUG", "MQTTMessage"))
+    if not all(hasattr(paho, name) for name in _READ_NAMES) or not all(known) or not hasattr(packets, "DECODE_ERRORS"):
+        _log.info("paho: not the private names reading packets at once needs; paho reads them itself")
         return
-    paho.loop_read = _PubackReader(paho, client_module)
+    paho.loop_read = _AtOnceReader(paho, client_module, packets.DECODE_ERRORS)
 
 
-class _PubackReader:
-    """A paho client's ``loop_read``: paho's own, line for line, but for the plain PUBACKs.
+class _AtOnceReader:
+    """A paho client's ``loop_read``: paho's own, line for line, but for plain PUBACKs and whole PUBLISHes.
 
     At most as many packets as messages in flight, each read by paho's ``_packet_read``, unless
-    :meth:`BufferedSocket.take_puback` finds it whole in what was read.
+    :meth:`BufferedSocket.take_puback` or :meth:`BufferedSocket.whole_publish` finds it whole in what was read.
     """
 
-    __slots__ = ("_clock", "_codes", "_debug", "_paho", "_reasons")
+    __slots__ = ("_clock", "_codes", "_debug", "_errors", "_message", "_mqtt5", "_paho", "_reasons")
 
-    def __init__(self, paho: Any, client_module: Any) -> None:  # noqa: ANN401 - paho's
+    def __init__(self, paho: Any, client_module: Any, errors: tuple[type[Exception], ...]) -> None:  # noqa: ANN401
         self._paho = paho
         self._clock = client_module.time_func
         self._codes = client_module.MQTTErrorCode
         self._debug = client_module.MQTT_LOG_DEBUG
-        mqtt5 = paho._protocol == client_module.MQTTv5  # noqa: SLF001 - see the module docstring
-        self._reasons = _PLAIN_REASONS if mqtt5 else frozenset()  # before MQTT 5 a PUBACK has none
+        self._message = client_module.MQTTMessage
+        self._errors = errors  # what paho's decoding turns into MalformedPacket
+        self._mqtt5 = paho._protocol == client_module.MQTTv5  # noqa: SLF001 - see the module docstring
+        self._reasons = _PLAIN_REASONS if self._mqtt5 else frozenset()  # before MQTT 5 a PUBACK has none
 
     def __call__(self, max_packets: int = 1) -> Any:  # noqa: ANN401, ARG002 - paho's code; paho ignores it too
         paho, codes = self._paho, self._codes  # the privates below: see the module docstring
@@ -245,17 +260,26 @@ class _PubackReader:
             sock = paho._sock  # noqa: SLF001
             if sock is None:
                 return codes.MQTT_ERR_NO_CONN
-            puback = None
+            rc = None
             if type(sock) is BufferedSocket and paho._in_packet["command"] == 0:  # noqa: SLF001
                 if not sock.fill() and not sock.failed():
                     return codes.MQTT_ERR_SUCCESS  # nothing to read: what paho's MQTT_ERR_AGAIN ends in, no recv
-                puback = sock.take_puback(reasons=self._reasons)
-            rc = self._acknowledged(*puback) if puback is not None else paho._packet_read()  # noqa: SLF001
+                rc = self._taken(sock)
+            if rc is None:
+                rc = paho._packet_read()  # noqa: SLF001
             if rc > 0:
                 return paho._loop_rc_handle(rc)  # noqa: SLF001
             if rc == codes.MQTT_ERR_AGAIN:
                 return codes.MQTT_ERR_SUCCESS
         return codes.MQTT_ERR_SUCCESS
+
+    def _taken(self, sock: BufferedSocket) -> Any:  # noqa: ANN401 - paho's code
+        """What paho makes of the packet at the head of ``sock``'s buffer, taken; ``None``: paho is to read it."""
+        puback = sock.take_puback(reasons=self._reasons)
+        if puback is not None:
+            return self._acknowledged(*puback)
+        publish = sock.whole_publish()
+        return self._received(sock, *publish) if publish is not None else None
 
     def _acknowledged(self, mid: int, code: int) -> Any:  # noqa: ANN401 - paho's code
         """What paho's ``_handle_pubackcomp`` does with a plain PUBACK, and ``_packet_read``'s time noted."""
@@ -270,6 +294,70 @@ class _PubackReader:
         with paho._msgtime_mutex:  # noqa: SLF001 - see the module docstring
             paho._last_bytes_received = self._clock()  # noqa: SLF001 - see the module docstring
         return rc
+
+    def _received(self, sock: BufferedSocket, first: int, body: bytes, end: int) -> Any:  # noqa: ANN401 - paho's
+        """What paho's ``_handle_publish`` does with a PUBLISH of QoS 0 or 1, and ``_packet_read``'s time noted.
+
+        ``None``, nothing taken, for a QoS 2 or a malformed one: paho reads it again, its own way, errors and all.
+        """
+        qos = (first & 0x06) >> 1
+        decoded = self._decoded(body, qos) if qos < 2 else None  # QoS 2: paho's exchange
+        if decoded is None:
+            return None
+        sock.take_to(end)
+        topic, mid, properties, payload = decoded
+        paho, debug = self._paho, self._debug
+        message = self._message(mid=mid, topic=topic)
+        message.dup = (first & 0x08) != 0
+        message.qos = qos
+        message.retain = (first & 0x01) != 0
+        message.properties = properties
+        message.payload = payload
+        try:
+            print_topic = topic.decode("utf-8")
+        except UnicodeDecodeError:
+            print_topic = f"TOPIC WITH INVALID UTF-8: {topic!r}"
+        flags = (message.dup, qos, message.retain, mid, print_topic)
+        if self._mqtt5:  # paho's log lines, to the letter
+            paho._easy_log(debug, "Received PUBLISH (d%d, q%d, r%d, m%d), '%s', properties=%s, ...  (%d bytes)",  # noqa: SLF001
+                           *flags, properties, len(payload))  # fmt: skip
+        else:
+            paho._easy_log(debug, "Received PUBLISH (d%d, q%d, r%d, m%d), '%s', ...  (%d bytes)",  # noqa: SLF001
+                           *flags, len(payload))  # fmt: skip
+        message.timestamp = self._clock()
+        paho._handle_on_message(message)  # noqa: SLF001 - see the module docstring
+        rc = self._codes.MQTT_ERR_SUCCESS
+        if qos == 1 and not paho._manual_ack:  # noqa: SLF001 - see the module docstring
+            rc = paho._send_puback(mid)  # noqa: SLF001 - see the module docstring
+        with paho._msgtime_mutex:  # noqa: SLF001 - see the module docstring
+            paho._last_bytes_received = self._clock()  # noqa: SLF001 - see the module docstring
+        return rc
+
+    def _decoded(self, body: bytes, qos: int) -> tuple[bytes, int, FastProperties | None, bytes] | None:
+        """What paho's ``decode_publish`` makes of a PUBLISH's body: topic, id, properties, payload.
+
+        ``None`` if paho would find it malformed. The properties are a :class:`FastProperties` (see the module
+        docstring).
+        """
+        size = len(body)
+        at = 2 + ((body[0] << 8) | body[1]) if size >= 2 else size + 1  # its topic's length
+        if at > size or (at == 2 and not self._mqtt5):  # an empty topic is malformed before MQTT 5
+            return None
+        topic, mid = body[2:at], 0
+        if qos:
+            if at + 2 > size:
+                return None
+            mid = (body[at] << 8) | body[at + 1]
+            at += 2
+        properties = None
+        if self._mqtt5:
+            properties = FastProperties(PacketTypes.PUBLISH)
+            try:
+                _, used = properties.unpack(body[at:])  # type: ignore[no-untyped-call]
+            except self._errors:
+                return None
+            at += used
+        return topic, mid, properties, body[at:]
 
 
 class Publisher:

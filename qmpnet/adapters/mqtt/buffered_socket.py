@@ -21,6 +21,11 @@ READ_SIZE: Final = 65536
 _PUBACK: Final = 0x40
 _PUBACK_LENGTH: Final = 2
 _PUBACK_SIZE: Final = 4
+#: A PUBLISH: the type in its first byte's high nibble, its least size (the first byte, a length, a topic's length),
+#: and the most bytes its remaining length may take.
+_PUBLISH_TYPE: Final = 0x3
+_PUBLISH_MIN: Final = 4
+_LENGTH_BYTES: Final = 4
 
 
 class BufferedSocket:
@@ -119,6 +124,30 @@ class BufferedSocket:
             self._pos = pos + _PUBACK_SIZE + 1
             return (data[pos + 2] << 8) | data[pos + 3], data[pos + 4]
         return None
+
+    def whole_publish(self) -> tuple[int, bytes, int] | None:
+        """The PUBLISH at the head of the buffer if it is there whole: its first byte, its body and where it ends.
+
+        Nothing is taken: :meth:`take_to` takes it once it has been read.
+        """
+        data, pos = self._data, self._pos
+        size = len(data)
+        if size - pos < _PUBLISH_MIN or data[pos] >> 4 != _PUBLISH_TYPE:
+            return None
+        length, shift, at = 0, 0, pos + 1
+        while at < size and at - pos <= _LENGTH_BYTES:
+            byte = data[at]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            at += 1
+            if not byte & 0x80:
+                end = at + length
+                return (data[pos], data[at:end], end) if end <= size else None
+        return None  # cut in its length, or a length longer than MQTT allows (paho's error)
+
+    def take_to(self, end: int) -> None:
+        """Take the buffered bytes up to ``end`` (the end of a packet :meth:`whole_publish` found)."""
+        self._pos = end
 
     def send(self, data: bytes | bytearray | memoryview) -> int:
         """Send ``data``, or take it for the burst being gathered (or behind bytes still waiting); its length."""

@@ -85,7 +85,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties, VariableByteIntegers
+from paho.mqtt.properties import Properties, VariableByteIntegers, writeBytes, writeInt16, writeInt32, writeUTF
 from paho.mqtt.reasoncodes import ReasonCode
 
 from qmpnet.adapters.mqtt.buffered_socket import BufferedSocket
@@ -458,6 +458,24 @@ _NAMES: Final[dict[str, int]] = _PROTOTYPE.names
 _TABLE: Final[dict[int, tuple[int, list[int]]]] = _PROTOTYPE.properties
 _IDENT: Final[dict[str, int]] = {name.replace(" ", ""): ident for name, ident in _NAMES.items()}
 _SPACED: Final[dict[int, str]] = {ident: name for name, ident in _NAMES.items()}
+#: Each name's place in paho's order of the properties, the order in which they are packed.
+_RANK: Final[dict[str, int]] = {name: place for place, name in enumerate(_IDENT)}
+#: How paho's ``writeProperty`` writes a value of each type (by its index in paho's list of types), with paho's own
+#: helpers, so that a value of the wrong kind fails as it does there; without its seven ``types.index`` per value.
+_WRITERS: Final[dict[int, Callable[[Any], bytes]]] = {
+    _TYPES.index("Byte"): lambda value: bytes([value]),
+    _TYPES.index("Two Byte Integer"): writeInt16,
+    _TYPES.index("Four Byte Integer"): writeInt32,
+    _TYPES.index("Variable Byte Integer"): VariableByteIntegers.encode,
+    _TYPES.index("Binary Data"): writeBytes,
+    _TYPES.index("UTF-8 Encoded String"): writeUTF,
+    _TYPES.index("UTF-8 String Pair"): lambda pair: writeUTF(pair[0]) + writeUTF(pair[1]),  # type: ignore[no-untyped-call]
+}
+#: Per property identifier: its identifier as written (a variable byte integer) and the writer of its type.
+_WRITE: Final[dict[int, tuple[bytes, Callable[[Any], bytes] | None]]] = {
+    ident: (bytes(VariableByteIntegers.encode(ident)), _WRITERS.get(kind))  # type: ignore[no-untyped-call]
+    for ident, (kind, _) in _TABLE.items()
+}
 #: Properties that may be given more than once (a list of values).
 _MULTIPLE: Final = frozenset(name for name in _IDENT if _PROTOTYPE.allowsMultiple(name))
 #: Names whose values paho checks (a range, or a list it appends to): set through paho's own ``__setattr__``.
@@ -474,10 +492,11 @@ class FastProperties(Properties):
     property by looping over the names with their spaces removed, again at each attribute set, ``pack`` and
     ``unpack``: about 10 µs per object and 20-40 µs per set of three properties packed or unpacked, a hot-add over
     MQTT 5 making seven such objects. Here the tables are paho's own, built once and shared (paho never changes
-    them), and a name is one dictionary lookup. What paho checks of a value (the ranges, the lists of a repeatable
-    property), an unknown name and a property of another packet type go through paho's own ``__setattr__``, so
-    errors are paho's. tests/unit/adapters/mqtt/test_aiomqtt_internals.py compares the two for every property and
-    packet type.
+    them), a name is one dictionary lookup, and ``pack`` looks at the properties set (not all 27) and writes each
+    with paho's helper for its type (not after seven ``types.index`` per value). What paho checks of a value (the
+    ranges, the lists of a repeatable property), an unknown name and a property of another packet type go through
+    paho's own ``__setattr__``, so errors are paho's. tests/unit/adapters/mqtt/test_aiomqtt_internals.py compares
+    the two for every property and packet type.
     """
 
     def __init__(self, packetType: int) -> None:  # noqa: N803 - paho's name
@@ -503,17 +522,20 @@ class FastProperties(Properties):
         object.__setattr__(self, compressed, value)
 
     def _present(self) -> list[tuple[int, str]]:
-        present = self.__dict__
-        return [(ident, name) for name, ident in _IDENT.items() if name in present]
+        """The properties set, in paho's order: a few names of the object's, not the 27 of the table."""
+        names = [name for name in self.__dict__ if name in _RANK]
+        if len(names) > 1:
+            names.sort(key=_RANK.__getitem__)
+        return [(_IDENT[name], name) for name in names]
 
     def pack(self) -> bytes:
-        """The properties as on the wire: their length, then each (as paho packs them)."""
+        """The properties as on the wire: their length, then each (as paho's ``writeProperty`` writes them)."""
         buffer = b""
         for ident, name in self._present():
-            kind = _TABLE[ident][0]
-            values = getattr(self, name) if name in _MULTIPLE else [getattr(self, name)]
+            head, write = _WRITE[ident]
+            values = getattr(self, name) if name in _MULTIPLE else (getattr(self, name),)
             for value in values:
-                buffer += self.writeProperty(ident, kind, value)  # type: ignore[no-untyped-call]
+                buffer += head + write(value) if write is not None else head
         return bytes(VariableByteIntegers.encode(len(buffer))) + buffer  # type: ignore[no-untyped-call]
 
     def clear(self) -> None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
+import pytest
 from fakefleet import settings
 
 from qmpnet.adapters.mqtt.requester import Requester, _Pending
+from qmpnet.errors import InvalidRequest
 
 
 class _AiomqttOnly:
@@ -30,3 +34,49 @@ async def test_without_a_paho_client_a_request_is_published_through_aiomqtt() ->
     assert pending.sent
     await asyncio.gather(*requester._publishes)
     assert client.sent == [("qmpnet/t1/guest/vm1/request/nic/list", b'{"transaction": "x"}', 1)]
+
+
+class _Subscribing:
+    """A connected client with ``subscribe`` and ``aiomqtt.Client.publish`` only; what it is asked is recorded."""
+
+    def __init__(self) -> None:
+        self.subscribed: list[list[str]] = []
+        self.sent: list[tuple[str, bytes, str]] = []
+        self.published = asyncio.Event()
+
+    async def subscribe(self, filters: list[tuple[str, int]]) -> list[int]:
+        self.subscribed.append([topic_filter for topic_filter, _ in filters])
+        return [1] * len(filters)
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int, properties: Any, timeout: float) -> None:
+        self.sent.append((topic, payload, properties.ResponseTopic))
+        self.published.set()
+
+
+async def test_each_request_to_a_guest_goes_to_its_topics_which_are_subscribed_once() -> None:
+    requester = Requester(settings().mqtt, client_id="c1")
+    requester.protocol = "5"
+    client = _Subscribing()
+    requester._client = client  # type: ignore[assignment]
+    router = asyncio.create_task(requester._keep_routing(client))  # type: ignore[arg-type]
+    try:
+        for round_ in range(3):
+            for name in ("bad name", "vm/1"):  # refused each time, before anything is sent
+                with pytest.raises(InvalidRequest, match="guest: "):
+                    await requester.request("t1", name, "nic/list", {}, timeout=5)
+            with pytest.raises(InvalidRequest, match="controller: "):
+                await requester.request("t 1", "vm1", "nic/list", {}, timeout=5)
+            payload = {"transaction": f"x{round_}"}
+            asked = asyncio.create_task(requester.request("t1", "vm1", "nic/list", payload, timeout=5))
+            await client.published.wait()
+            client.published.clear()
+            answer = {"transaction": f"x{round_}", "status": "ok", "data": {}}
+            requester._read_answer("t1", "qmpnet/t1/client/c1/response", json.dumps(answer).encode())
+            assert (await asked)["transaction"] == f"x{round_}"
+        response = "qmpnet/t1/client/c1/response"
+        assert client.subscribed == [["qmpnet/t1/status"], ["qmpnet/t1/guest/vm1/response/#", response]]
+        request = "qmpnet/t1/guest/vm1/request/nic/list"
+        assert client.sent == [(request, json.dumps({"transaction": f"x{n}"}).encode(), response) for n in range(3)]
+    finally:
+        router.cancel()
+        await asyncio.gather(router, *requester._publishes, return_exceptions=True)

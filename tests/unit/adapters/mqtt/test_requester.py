@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import pytest
 from fakefleet import settings
+from pydantic import ValidationError
 
-from qmpnet.adapters.mqtt.requester import Requester, _Pending
-from qmpnet.errors import InvalidRequest
+from qmpnet.adapters.mqtt.requester import _ANSWER, Requester, _Pending
+from qmpnet.errors import InvalidRequest, OutcomeUnknown
 
 
 class _AiomqttOnly:
@@ -80,3 +82,39 @@ async def test_each_request_to_a_guest_goes_to_its_topics_which_are_subscribed_o
     finally:
         router.cancel()
         await asyncio.gather(router, *requester._publishes, return_exceptions=True)
+
+
+_ANSWERS = [
+    {"transaction": "x", "status": "ok", "data": {"id": "net0"}},
+    {"transaction": "x", "status": "ok", "data": None},
+    {"transaction": "x", "status": "ok", "data": [1, "two", {"three": 3.0}]},
+    {"transaction": "x", "status": "ok", "data": {}, "extra": 1},
+    {"transaction": "x", "status": "ok"},
+    {"transaction": "x", "status": "OK", "data": {}},
+    {"transaction": "x", "status": ["ok"], "data": {}},
+    {"transaction": "x", "data": {}, "status": "ok"},
+    {"transaction": "x", "status": "error", "data": {}},
+    {"transaction": "x", "status": "error", "error": {"code": "invalid_request", "message": "no"}},
+    {"transaction": "x", "status": "error", "error": {"code": "no_such_code", "message": "no"}},
+]
+
+
+@pytest.mark.parametrize("answer", _ANSWERS)
+async def test_an_answer_taken_as_it_is_is_one_the_models_accept_and_others_fail_as_they_did(
+    answer: dict[str, Any],
+) -> None:
+    try:
+        _ANSWER.validate_python(answer)
+        problem = None
+    except ValidationError as err:
+        problem = err.errors(include_url=False)[0]["msg"]
+    requester = Requester(settings().mqtt, client_id="c1")
+    loop = asyncio.get_running_loop()
+    pending = _Pending("t1", "qmpnet/t1/request/guests", b"{}", "x", loop.time() + 5, loop.create_future())
+    requester._unanswered[("t1", "x")] = pending
+    requester._read_answer("t1", "qmpnet/t1/response/guests", json.dumps(answer).encode())
+    if problem is None:
+        assert pending.future.result() == answer
+    else:
+        with pytest.raises(OutcomeUnknown, match=re.escape(f"a malformed message ({problem})")):
+            pending.future.result()

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from fakefleet import settings
 from pydantic import ValidationError
 
-from qmpnet.adapters.mqtt.requester import _ANSWER, Requester, _Pending
+from qmpnet.adapters.mqtt.requester import _ANSWER, Requester, _loads, _Pending
 from qmpnet.errors import InvalidRequest, OutcomeUnknown
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 class _AiomqttOnly:
@@ -118,3 +122,34 @@ async def test_an_answer_taken_as_it_is_is_one_the_models_accept_and_others_fail
     else:
         with pytest.raises(OutcomeUnknown, match=re.escape(f"a malformed message ({problem})")):
             pending.future.result()
+
+
+_PAYLOADS = [
+    b'{"transaction": "x", "status": "ok", "data": {"id": "net0", "pci": {"slot": 3}, "warnings": []}}',
+    b'{"a":"\\ud83d\\ude00 caf\xc3\xa9 \\u00e9"}', b'{"a":"\\ud800"}', b'"\xed\xa0\x80"', b'\xef\xbb\xbf{"a":1}',
+    '{"a": 1}'.encode("utf-16"), b"[" * 300 + b"]" * 300, b'{"a":1,"a":2,"b":3}', b' {"a":1}\n',
+    b'{"a":1e400,"b":-1e400,"c":NaN,"d":Infinity,"e":-Infinity,"f":-0,"g":-0.0,"h":5e-324}',
+    b'{"a":123456789012345678901234567890,"b":9007199254740993,"c":0.30000000000000004,"d":1.7976931348623157e308}',
+    b'{"a":"x\x01y"}', b'{"a":01}', b'{"a":1.}', b'{"a":.5}', b"[1,]", b'{"a":"\\x"}', b'{"a":"\xff"}',
+    b'{"a":1}{"b":2}', b"", b"null", b"nul",
+]
+
+
+@pytest.mark.parametrize("payload", _PAYLOADS)
+def test_an_answer_is_decoded_as_json_loads_decodes_it(payload: bytes) -> None:
+    def outcome(loads: Callable[[bytes], Any]) -> tuple[str, str]:
+        try:
+            return "ok", repr(loads(payload))
+        except ValueError as err:
+            return "error", str(err)
+
+    assert outcome(_loads) == outcome(json.loads)
+
+
+def test_numbers_are_decoded_as_json_loads_decodes_them() -> None:
+    numbers = random.Random(17)  # noqa: S311 - numbers to parse, not secrets
+    for _ in range(5000):
+        value = numbers.choice([numbers.random() * 10 ** numbers.randint(-300, 300), numbers.uniform(-1e6, 1e6)])
+        for text in (json.dumps(value), f"{value:.17g}", f"{value:.6e}", str(numbers.randint(-(2**70), 2**70))):
+            payload = f'{{"n": {text}}}'.encode()
+            assert repr(_loads(payload)) == repr(json.loads(payload)), payload

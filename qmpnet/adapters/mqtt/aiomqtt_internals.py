@@ -220,10 +220,7 @@ _READ_NAMES: Final = ("loop_read", "_packet_read", "_protocol", "_in_packet", "_
 
 
 def _read_at_once(paho: Any) -> None:  # noqa: ANN401 - paho's client
-    """Make ``paho.loop_read`` take plain PUBACKs and whole PUBLISHes at once (see the module docstring).
-
-    Else leave paho as it is.
-    """
+    """Make ``paho.loop_read`` take plain PUBACKs and whole PUBLISHes at once (see the module docstring), or not."""
     client_module = importlib.import_module("paho.mqtt.client")
     packets = importlib.import_module("paho.mqtt._packet")
     known = (hasattr(client_module, name) for name in ("time_func", "MQTTErrorCode", "MQTT_LOG_DEBUG", "MQTTMessage"))
@@ -240,7 +237,7 @@ class _AtOnceReader:
     :meth:`BufferedSocket.take_puback` or :meth:`BufferedSocket.whole_publish` finds it whole in what was read.
     """
 
-    __slots__ = ("_clock", "_codes", "_debug", "_errors", "_message", "_mqtt5", "_paho", "_reasons")
+    __slots__ = ("_clock", "_codes", "_debug", "_errors", "_message", "_mqtt5", "_paho", "_reasons", "_shown")
 
     def __init__(self, paho: Any, client_module: Any, errors: tuple[type[Exception], ...]) -> None:  # noqa: ANN401
         self._paho = paho
@@ -251,6 +248,8 @@ class _AtOnceReader:
         self._errors = errors  # what paho's decoding turns into MalformedPacket
         self._mqtt5 = paho._protocol == client_module.MQTTv5  # noqa: SLF001 - see the module docstring
         self._reasons = _PLAIN_REASONS if self._mqtt5 else frozenset()  # before MQTT 5 a PUBACK has none
+        shown = "properties=%s, " if self._mqtt5 else ""  # paho's log line of a PUBLISH read, to the letter
+        self._shown = f"Received PUBLISH (d%d, q%d, r%d, m%d), '%s', {shown}...  (%d bytes)"
 
     def __call__(self, max_packets: int = 1) -> Any:  # noqa: ANN401, ARG002 - paho's code; paho ignores it too
         paho, codes = self._paho, self._codes  # the privates below: see the module docstring
@@ -317,13 +316,8 @@ class _AtOnceReader:
             print_topic = topic.decode("utf-8")
         except UnicodeDecodeError:
             print_topic = f"TOPIC WITH INVALID UTF-8: {topic!r}"
-        flags = (message.dup, qos, message.retain, mid, print_topic)
-        if self._mqtt5:  # paho's log lines, to the letter
-            paho._easy_log(debug, "Received PUBLISH (d%d, q%d, r%d, m%d), '%s', properties=%s, ...  (%d bytes)",  # noqa: SLF001
-                           *flags, properties, len(payload))  # fmt: skip
-        else:
-            paho._easy_log(debug, "Received PUBLISH (d%d, q%d, r%d, m%d), '%s', ...  (%d bytes)",  # noqa: SLF001
-                           *flags, len(payload))  # fmt: skip
+        shown = (print_topic, properties) if self._mqtt5 else (print_topic,)
+        paho._easy_log(debug, self._shown, message.dup, qos, message.retain, mid, *shown, len(payload))  # noqa: SLF001
         message.timestamp = self._clock()
         paho._handle_on_message(message)  # noqa: SLF001 - see the module docstring
         rc = self._codes.MQTT_ERR_SUCCESS
@@ -334,11 +328,7 @@ class _AtOnceReader:
         return rc
 
     def _decoded(self, body: bytes, qos: int) -> tuple[bytes, int, FastProperties | None, bytes] | None:
-        """What paho's ``decode_publish`` makes of a PUBLISH's body: topic, id, properties, payload.
-
-        ``None`` if paho would find it malformed. The properties are a :class:`FastProperties` (see the module
-        docstring).
-        """
+        """What paho's ``decode_publish`` makes of a PUBLISH's body (topic, id, properties, payload), or ``None``."""
         size = len(body)
         at = 2 + ((body[0] << 8) | body[1]) if size >= 2 else size + 1  # its topic's length
         if at > size or (at == 2 and not self._mqtt5):  # an empty topic is malformed before MQTT 5

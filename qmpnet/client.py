@@ -21,7 +21,7 @@ there are several (see :mod:`qmpnet.adapters.mqtt.requester`).
 from __future__ import annotations
 
 import json
-import uuid
+import os
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, cast
 
 from qmpnet.adapters.mqtt.requester import Requester
@@ -49,6 +49,17 @@ _SPECS_KEPT: Final = 256
 #: The types of a plain spec's scalars, by value in its frozen form, and how deep its lists and dictionaries go.
 _SCALARS: Final = frozenset({str, int, bool, type(None)})
 _DEPTH: Final = 6
+
+
+def _new_transaction() -> str:
+    """``uuid.uuid4().hex``: 16 random bytes with a UUID's version 4 and RFC 4122 variant, in hex.
+
+    The same bits as ``uuid4`` sets, without its ``UUID`` object: ~5 k instructions, not ~16 k.
+    """
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # variant: RFC 4122
+    return raw.hex()
 
 
 def _frozen(value: object, depth: int = 0) -> Hashable | None:
@@ -141,7 +152,7 @@ class Client:
             OutcomeUnknown: No answer in time.
             GuestUnavailable: The controller is offline, or the broker could not be reached; nothing was sent.
         """
-        payload = {"transaction": transaction or uuid.uuid4().hex, **(arguments or {})}
+        payload = {"transaction": transaction or _new_transaction(), **(arguments or {})}
         answer = await self._requester.request(controller, guest, op, payload, timeout=timeout or self.timeout)
         return data_of(answer)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 
@@ -25,7 +26,7 @@ from qmpnet.api.wire.envelopes import (
     to_wire,
     transaction_of,
 )
-from qmpnet.client import Client, error_from
+from qmpnet.client import Client, _new_transaction, error_from
 from qmpnet.core.model import Nic, RemoveResult
 from qmpnet.core.nic_requests import parse_nic_spec
 from qmpnet.core.placement import PciBus, PciTopology, capacity
@@ -248,3 +249,16 @@ async def test_a_spec_sent_again_is_sent_as_it_was_checked_and_dumped_the_first_
         assert got == expected, value
         spec["model"] = "e1000"  # the caller's dictionary changed: sent as it is now
     assert len(client._specs) == 11  # the distinct plain values checked without an error, the changed one too
+
+
+def test_a_transaction_is_a_random_uuid4_in_hex() -> None:
+    seen = {_new_transaction() for _ in range(2000)}
+    assert len(seen) == 2000
+    for transaction in seen:
+        as_uuid = uuid.UUID(hex=transaction)
+        assert as_uuid.hex == transaction
+        assert (as_uuid.version, as_uuid.variant) == (4, uuid.RFC_4122)
+    for place in range(32):  # every other hex digit takes every value
+        digits = {transaction[place] for transaction in seen}
+        expected = {"4"} if place == 12 else set("89ab") if place == 16 else set("0123456789abcdef")
+        assert digits == expected, place

@@ -27,18 +27,28 @@ of ``aiomqtt.Client``, and the private names :func:`fewer_system_calls` needs.
   ``loop_write`` hands each packet to ``_sock.send`` whole; TLS and websocket
   connections keep paho's own socket.
 
-* **paho's generic read of a PUBACK** (issue 17). paho reads every packet the same way: its type byte, its
-  length, its body, each through ``recv``, a dictionary of reading state reset per packet, the packet decoded into
-  a tuple with a reason code and properties, the time noted twice under a lock; ~45 k instructions for the few
-  bytes of a PUBACK, and a hot-add reads four. :func:`fewer_system_calls` also gives paho a ``loop_read`` that is
-  paho's own (as many packets as messages in flight, each read by ``_packet_read``) but takes a plain PUBACK found
-  whole in what one ``recv`` returned at once (``40 02`` and the message id; with MQTT 5 also ``40 03``, the id
-  and the reason code "no matching subscribers", which the broker gives retained state and events nobody listens
-  to), doing with it what paho's ``_handle_pubackcomp`` does (its log line, ``_do_on_publish`` under
-  ``_out_message_mutex`` if the message is paho's, ``_last_bytes_received``). It uses paho's ``_packet_read``,
-  ``_protocol``, ``_in_packet``, ``_in_messages``, ``_out_messages``, ``_out_message_mutex``, ``_do_on_publish``,
-  ``_easy_log``, ``_msgtime_mutex``, ``_last_bytes_received``, ``_loop_rc_handle`` and ``time_func``
-  (``buffered_socket.read_pubacks_first``: the socket's module shares this room).
+* **paho's generic read of a PUBACK or a PUBLISH** (issue 17). paho reads every packet the same way: its type
+  byte, its length, its body, each through ``recv``, a dictionary of reading state reset per packet, the packet
+  decoded into a tuple with a reason code and properties, the time noted twice under a lock; ~45 k instructions
+  for the few bytes of a PUBACK, and a hot-add reads four. :func:`fewer_system_calls` also gives paho a
+  ``loop_read`` that is paho's own (as many packets as messages in flight, each read by ``_packet_read``) but takes
+  two kinds of packets found whole in what one ``recv`` returned at once:
+
+  - a plain PUBACK (``40 02`` and the message id; with MQTT 5 also ``40 03``, the id and the reason code "no
+    matching subscribers", which the broker gives retained state and events nobody listens to), doing with it what
+    paho's ``_handle_pubackcomp`` does (its log line, ``_do_on_publish`` under ``_out_message_mutex`` if the
+    message is paho's, ``_last_bytes_received``);
+  - a PUBLISH of QoS 0 or 1 (the controller's requests, the client's answers), decoded as paho's ``decode_publish``
+    does and then handled as paho's ``_handle_publish`` does (the ``MQTTMessage``, its log line, its timestamp,
+    ``_handle_on_message``, ``_send_puback`` unless ``_manual_ack``, ``_last_bytes_received``). One that paho would
+    find malformed, and QoS 2, are left to paho's own reading, which tells its error its way.
+
+  The reason code and the properties made are a :class:`FastReasonCode` and :class:`FastProperties` in any process
+  (the client's too). It uses paho's ``_packet_read``, ``_protocol``, ``_in_packet``, ``_in_messages``,
+  ``_out_messages``, ``_out_message_mutex``, ``_do_on_publish``, ``_easy_log``, ``_msgtime_mutex``,
+  ``_last_bytes_received``, ``_loop_rc_handle``, ``_handle_on_message``, ``_manual_ack``, ``_send_puback``,
+  ``time_func``, ``MQTTMessage`` and ``paho.mqtt._packet.DECODE_ERRORS`` (``buffered_socket.read_at_once``: the
+  socket's module shares this room).
 
 * **A task and an event per message** (issue 17). ``aiomqtt.Client.publish`` makes, per message, a coroutine, an
   :class:`asyncio.Event`, a pending-call entry and a timeout scope, and a sender keeping several messages in flight
@@ -91,13 +101,14 @@ import threading
 from typing import TYPE_CHECKING, Any, Final
 
 import aiomqtt
+from paho.mqtt import properties as wire
 from paho.mqtt.client import MQTTMessageInfo
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers, readBytes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from qmpnet.adapters.mqtt.buffered_socket import BufferedSocket, LoopWrites, read_pubacks_first
+from qmpnet.adapters.mqtt.buffered_socket import BufferedSocket, LoopWrites, read_at_once
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -170,7 +181,7 @@ def fewer_system_calls(client: aiomqtt.Client) -> None:
     paho.on_socket_open = on_socket_open
     paho.on_socket_register_write = writes.register
     paho.on_socket_unregister_write = writes.unregister
-    read_pubacks_first(paho)
+    read_at_once(paho, FastReasonCode, FastProperties)
 
 
 def quieter_logging(client: aiomqtt.Client) -> bool:
@@ -336,6 +347,24 @@ _NAMES: Final[dict[str, int]] = _PROTOTYPE.names
 _TABLE: Final[dict[int, tuple[int, list[int]]]] = _PROTOTYPE.properties
 _IDENT: Final[dict[str, int]] = {name.replace(" ", ""): ident for name, ident in _NAMES.items()}
 _SPACED: Final[dict[int, str]] = {ident: name for name, ident in _NAMES.items()}
+#: Each name's place in paho's order of the properties, the order in which they are packed.
+_RANK: Final[dict[str, int]] = {name: place for place, name in enumerate(_IDENT)}
+#: How paho's ``writeProperty`` writes a value of each type (by its index in paho's list of types), with paho's own
+#: helpers, so that a value of the wrong kind fails as it does there; without its seven ``types.index`` per value.
+_WRITERS: Final[dict[int, Callable[[Any], bytes]]] = {
+    _TYPES.index("Byte"): lambda value: bytes([value]),
+    _TYPES.index("Two Byte Integer"): wire.writeInt16,
+    _TYPES.index("Four Byte Integer"): wire.writeInt32,
+    _TYPES.index("Variable Byte Integer"): VariableByteIntegers.encode,
+    _TYPES.index("Binary Data"): wire.writeBytes,
+    _TYPES.index("UTF-8 Encoded String"): wire.writeUTF,
+    _TYPES.index("UTF-8 String Pair"): lambda pair: wire.writeUTF(pair[0]) + wire.writeUTF(pair[1]),  # type: ignore[no-untyped-call]
+}
+#: Per property identifier: its identifier as written (a variable byte integer) and the writer of its type.
+_WRITE: Final[dict[int, tuple[bytes, Callable[[Any], bytes] | None]]] = {
+    ident: (bytes(VariableByteIntegers.encode(ident)), _WRITERS.get(kind))  # type: ignore[no-untyped-call]
+    for ident, (kind, _) in _TABLE.items()
+}
 #: Properties that may be given more than once (a list of values).
 _COMPRESSED: Final[dict[int, str]] = {ident: name for name, ident in _IDENT.items()}
 _MULTIPLE: Final = frozenset(name for name in _IDENT if _PROTOTYPE.allowsMultiple(name))
@@ -358,10 +387,11 @@ class FastProperties(Properties):
     property by looping over the names with their spaces removed, again at each attribute set, ``pack`` and
     ``unpack``: about 10 µs per object and 20-40 µs per set of three properties packed or unpacked, a hot-add over
     MQTT 5 making seven such objects. Here the tables are paho's own, built once and shared (paho never changes
-    them), and a name is one dictionary lookup. What paho checks of a value (the ranges, the lists of a repeatable
-    property), an unknown name and a property of another packet type go through paho's own ``__setattr__``, so
-    errors are paho's. tests/unit/adapters/mqtt/test_aiomqtt_internals.py compares the two for every property and
-    packet type.
+    them), a name is one dictionary lookup, and ``pack`` looks at the properties set (not all 27) and writes each
+    with paho's helper for its type (not after seven ``types.index`` per value). What paho checks of a value (the
+    ranges, the lists of a repeatable property), an unknown name and a property of another packet type go through
+    paho's own ``__setattr__``, so errors are paho's. tests/unit/adapters/mqtt/test_aiomqtt_internals.py compares
+    the two for every property and packet type.
     """
 
     def __init__(self, packetType: int) -> None:  # noqa: N803 - paho's name
@@ -416,17 +446,20 @@ class FastProperties(Properties):
         return self, size + 1
 
     def _present(self) -> list[tuple[int, str]]:
-        present = self.__dict__
-        return [(ident, name) for name, ident in _IDENT.items() if name in present]
+        """The properties set, in paho's order: a few names of the object's, not the 27 of the table."""
+        names = [name for name in self.__dict__ if name in _RANK]
+        if len(names) > 1:
+            names.sort(key=_RANK.__getitem__)
+        return [(_IDENT[name], name) for name in names]
 
     def pack(self) -> bytes:
-        """The properties as on the wire: their length, then each (as paho packs them)."""
+        """The properties as on the wire: their length, then each (as paho's ``writeProperty`` writes them)."""
         buffer = b""
         for ident, name in self._present():
-            kind = _TABLE[ident][0]
-            values = getattr(self, name) if name in _MULTIPLE else [getattr(self, name)]
+            head, write = _WRITE[ident]
+            values = getattr(self, name) if name in _MULTIPLE else (getattr(self, name),)
             for value in values:
-                buffer += self.writeProperty(ident, kind, value)  # type: ignore[no-untyped-call]
+                buffer += head + write(value) if write is not None else head
         return bytes(VariableByteIntegers.encode(len(buffer))) + buffer  # type: ignore[no-untyped-call]
 
     def clear(self) -> None:

@@ -1,8 +1,8 @@
 """A broker connection's socket with a read buffer and gathered writes (see ``aiomqtt_internals.fewer_system_calls``).
 
-Plain socket work, and paho's ``loop_write`` callbacks, put under paho's client by ``aiomqtt_internals``; and paho's
-read of a PUBACK found whole in the buffer (:func:`read_pubacks_first`), the one part that uses paho's private names
-(listed in ``aiomqtt_internals``' docstring, which this module's room shares).
+Plain socket work, and paho's ``loop_write`` callbacks, put under paho's client by ``aiomqtt_internals``; and
+paho's read of a PUBACK or a PUBLISH found whole in the buffer (:func:`read_at_once`), the one part that uses paho's
+private names (listed in ``aiomqtt_internals``' docstring, which this module's room shares).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import socket
     from collections.abc import Callable, Iterator
 
-__all__ = ["READ_SIZE", "BufferedSocket", "LoopWrites", "read_pubacks_first"]
+__all__ = ["READ_SIZE", "BufferedSocket", "LoopWrites", "read_at_once"]
 
 _log = logging.getLogger(__name__)
 
@@ -30,6 +30,11 @@ READ_SIZE: Final = 65536
 _PUBACK: Final = 0x40
 _PUBACK_LENGTH: Final = 2
 _PUBACK_SIZE: Final = 4
+#: A PUBLISH: the type in its first byte's high nibble, its least size (the first byte, a length, a topic's length),
+#: and the most bytes its remaining length may take.
+_PUBLISH_TYPE: Final = 0x3
+_PUBLISH_MIN: Final = 4
+_LENGTH_BYTES: Final = 4
 
 
 class BufferedSocket:
@@ -128,6 +133,30 @@ class BufferedSocket:
             self._pos = pos + _PUBACK_SIZE + 1
             return (data[pos + 2] << 8) | data[pos + 3], data[pos + 4]
         return None
+
+    def whole_publish(self) -> tuple[int, bytes, int] | None:
+        """The PUBLISH at the head of the buffer if it is there whole: its first byte, its body and where it ends.
+
+        Nothing is taken: :meth:`take_to` takes it once it has been read.
+        """
+        data, pos = self._data, self._pos
+        size = len(data)
+        if size - pos < _PUBLISH_MIN or data[pos] >> 4 != _PUBLISH_TYPE:
+            return None
+        length, shift, at = 0, 0, pos + 1
+        while at < size and at - pos <= _LENGTH_BYTES:
+            byte = data[at]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            at += 1
+            if not byte & 0x80:
+                end = at + length
+                return (data[pos], data[at:end], end) if end <= size else None
+        return None  # cut in its length, or a length longer than MQTT allows (paho's error)
+
+    def take_to(self, end: int) -> None:
+        """Take the buffered bytes up to ``end`` (the end of a packet :meth:`whole_publish` found)."""
+        self._pos = end
 
     def send(self, data: bytes | bytearray | memoryview) -> int:
         """Send ``data``, or take it for the burst being gathered (or behind bytes still waiting); its length."""
@@ -254,40 +283,54 @@ class LoopWrites:
 #: The reason codes a plain MQTT 5 PUBACK may carry: success, and no matching subscribers (a retained topic or an
 #: event nobody listens to): both taken by paho as they are.
 _PLAIN_REASONS: Final = frozenset({0x00, 0x10})
-#: What paho's client must have for :func:`read_pubacks_first`.
-_PUBACK_NAMES: Final = ("loop_read", "_packet_read", "_protocol", "_in_packet", "_in_messages", "_out_messages",
-                        "_out_message_mutex", "_do_on_publish", "_easy_log", "_msgtime_mutex", "_last_bytes_received",
-                        "_loop_rc_handle")  # fmt: skip
+#: What paho's client must have for :func:`read_at_once`.
+_READ_NAMES: Final = ("loop_read", "_packet_read", "_protocol", "_in_packet", "_in_messages", "_out_messages",
+                      "_out_message_mutex", "_do_on_publish", "_easy_log", "_msgtime_mutex", "_last_bytes_received",
+                      "_loop_rc_handle", "_handle_on_message", "_manual_ack", "_send_puback")  # fmt: skip
 
 
-def read_pubacks_first(paho: Any) -> None:  # noqa: ANN401 - paho's client
-    """Make ``paho.loop_read`` take each plain PUBACK at once (see aiomqtt_internals); else leave paho as it is."""
-    packets = importlib.import_module("paho.mqtt._packet")
+def read_at_once(paho: Any, reason_code: type[Any], properties: type[Any]) -> None:  # noqa: ANN401 - paho's client
+    """Make ``paho.loop_read`` take plain PUBACKs and whole PUBLISHes at once (see aiomqtt_internals), or not.
+
+    What it reads is made of ``reason_code`` and ``properties``: paho's classes, or ``aiomqtt_internals``' faster
+    ones (``FastReasonCode``, ``FastProperties``), which that module passes in (it imports this one).
+    """
     client_module = importlib.import_module("paho.mqtt.client")
-    known = (hasattr(client_module, name) for name in ("time_func", "MQTTErrorCode", "MQTT_LOG_DEBUG"))
-    if not all(hasattr(paho, name) for name in _PUBACK_NAMES) or not all(known):
-        _log.info("paho: not the private names reading PUBACKs at once needs; paho reads them itself")
+    packets = importlib.import_module("paho.mqtt._packet")
+    known = (hasattr(client_module, name) for name in ("time_func", "MQTTErrorCode", "MQTT_LOG_DEBUG", "MQTTMessage"))
+    if not all(hasattr(paho, name) for name in _READ_NAMES) or not all(known) or not hasattr(packets, "DECODE_ERRORS"):
+        _log.info("paho: not the private names reading packets at once needs; paho reads them itself")
         return
-    paho.loop_read = _PubackReader(paho, packets, client_module)
+    paho.loop_read = _AtOnceReader(paho, client_module, packets.DECODE_ERRORS, (reason_code, properties))
 
 
-class _PubackReader:
-    """A paho client's ``loop_read``: paho's own, line for line, but for the plain PUBACKs.
+class _AtOnceReader:
+    """A paho client's ``loop_read``: paho's own, line for line, but for plain PUBACKs and whole PUBLISHes.
 
     At most as many packets as messages in flight, each read by paho's ``_packet_read``, unless
-    :meth:`BufferedSocket.take_puback` finds it whole in what was read.
+    :meth:`BufferedSocket.take_puback` or :meth:`BufferedSocket.whole_publish` finds it whole in what was read.
     """
 
-    __slots__ = ("_clock", "_codes", "_debug", "_packets", "_paho", "_reasons")
+    __slots__ = ("_clock", "_codes", "_debug", "_errors", "_made", "_message", "_mqtt5", "_paho", "_reasons", "_shown")
 
-    def __init__(self, paho: Any, packets: Any, client_module: Any) -> None:  # noqa: ANN401 - paho's
+    def __init__(
+        self,
+        paho: Any,  # noqa: ANN401 - paho's client
+        client_module: Any,  # noqa: ANN401 - paho's module
+        errors: tuple[type[Exception], ...],
+        made: tuple[type[Any], type[Any]],
+    ) -> None:
         self._paho = paho
-        self._packets = packets  # where paho finds the classes of a PUBACK's parts (ours, once installed)
+        self._made = made  # the classes of a reason code and of properties
         self._clock = client_module.time_func
         self._codes = client_module.MQTTErrorCode
         self._debug = client_module.MQTT_LOG_DEBUG
-        mqtt5 = paho._protocol == client_module.MQTTv5  # noqa: SLF001 - see aiomqtt_internals
-        self._reasons = _PLAIN_REASONS if mqtt5 else frozenset()  # before MQTT 5 a PUBACK has none
+        self._message = client_module.MQTTMessage
+        self._errors = errors  # what paho's decoding turns into MalformedPacket
+        self._mqtt5 = paho._protocol == client_module.MQTTv5  # noqa: SLF001 - see aiomqtt_internals
+        self._reasons = _PLAIN_REASONS if self._mqtt5 else frozenset()  # before MQTT 5 a PUBACK has none
+        shown = "properties=%s, " if self._mqtt5 else ""  # paho's log line of a PUBLISH read, to the letter
+        self._shown = f"Received PUBLISH (d%d, q%d, r%d, m%d), '%s', {shown}...  (%d bytes)"
 
     def __call__(self, max_packets: int = 1) -> Any:  # noqa: ANN401, ARG002 - paho's code; paho ignores it too
         paho, codes = self._paho, self._codes  # the privates below: see aiomqtt_internals
@@ -297,17 +340,26 @@ class _PubackReader:
             sock = paho._sock  # noqa: SLF001
             if sock is None:
                 return codes.MQTT_ERR_NO_CONN
-            puback = None
+            rc = None
             if type(sock) is BufferedSocket and paho._in_packet["command"] == 0:  # noqa: SLF001
                 if not sock.fill() and not sock.failed():
                     return codes.MQTT_ERR_SUCCESS  # nothing to read: what paho's MQTT_ERR_AGAIN ends in, no recv
-                puback = sock.take_puback(reasons=self._reasons)
-            rc = self._acknowledged(*puback) if puback is not None else paho._packet_read()  # noqa: SLF001
+                rc = self._taken(sock)
+            if rc is None:
+                rc = paho._packet_read()  # noqa: SLF001
             if rc > 0:
                 return paho._loop_rc_handle(rc)  # noqa: SLF001
             if rc == codes.MQTT_ERR_AGAIN:
                 return codes.MQTT_ERR_SUCCESS
         return codes.MQTT_ERR_SUCCESS
+
+    def _taken(self, sock: BufferedSocket) -> Any:  # noqa: ANN401 - paho's code
+        """What paho makes of the packet at the head of ``sock``'s buffer, taken; ``None``: paho is to read it."""
+        puback = sock.take_puback(reasons=self._reasons)
+        if puback is not None:
+            return self._acknowledged(*puback)
+        publish = sock.whole_publish()
+        return self._received(sock, *publish) if publish is not None else None
 
     def _acknowledged(self, mid: int, code: int) -> Any:  # noqa: ANN401 - paho's code
         """What paho's ``_handle_pubackcomp`` does with a plain PUBACK, and ``_packet_read``'s time noted."""
@@ -316,9 +368,65 @@ class _PubackReader:
         rc = self._codes.MQTT_ERR_SUCCESS
         with paho._out_message_mutex:  # noqa: SLF001 - see aiomqtt_internals
             if mid in paho._out_messages:  # noqa: SLF001 - see aiomqtt_internals
-                make = self._packets.ReasonCode
-                reason = make(PacketTypes.PUBACK) if code < 0 else make(PacketTypes.PUBACK, identifier=code)
-                rc = paho._do_on_publish(mid, reason, self._packets.Properties(PacketTypes.PUBACK))  # noqa: SLF001
+                # paho's classes but for their tables built once, in any process (see aiomqtt_internals).
+                reason_code, properties = self._made
+                reason = reason_code(PacketTypes.PUBACK, identifier=code)
+                rc = paho._do_on_publish(mid, reason, properties(PacketTypes.PUBACK))  # noqa: SLF001
         with paho._msgtime_mutex:  # noqa: SLF001 - see aiomqtt_internals
             paho._last_bytes_received = self._clock()  # noqa: SLF001 - see aiomqtt_internals
         return rc
+
+    def _received(self, sock: BufferedSocket, first: int, body: bytes, end: int) -> Any:  # noqa: ANN401 - paho's
+        """What paho's ``_handle_publish`` does with a PUBLISH of QoS 0 or 1, and ``_packet_read``'s time noted.
+
+        ``None``, nothing taken, for a QoS 2 or a malformed one: paho reads it again, its own way, errors and all.
+        """
+        qos = (first & 0x06) >> 1
+        decoded = self._decoded(body, qos) if qos < 2 else None  # QoS 2: paho's exchange
+        if decoded is None:
+            return None
+        sock.take_to(end)
+        topic, mid, properties, payload = decoded
+        paho, debug = self._paho, self._debug
+        message = self._message(mid=mid, topic=topic)
+        message.dup = (first & 0x08) != 0
+        message.qos = qos
+        message.retain = (first & 0x01) != 0
+        message.properties = properties
+        message.payload = payload
+        try:
+            print_topic = topic.decode("utf-8")
+        except UnicodeDecodeError:
+            print_topic = f"TOPIC WITH INVALID UTF-8: {topic!r}"
+        shown = (print_topic, properties) if self._mqtt5 else (print_topic,)
+        paho._easy_log(debug, self._shown, message.dup, qos, message.retain, mid, *shown, len(payload))  # noqa: SLF001
+        message.timestamp = self._clock()
+        paho._handle_on_message(message)  # noqa: SLF001 - see aiomqtt_internals
+        rc = self._codes.MQTT_ERR_SUCCESS
+        if qos == 1 and not paho._manual_ack:  # noqa: SLF001 - see aiomqtt_internals
+            rc = paho._send_puback(mid)  # noqa: SLF001 - see aiomqtt_internals
+        with paho._msgtime_mutex:  # noqa: SLF001 - see aiomqtt_internals
+            paho._last_bytes_received = self._clock()  # noqa: SLF001 - see aiomqtt_internals
+        return rc
+
+    def _decoded(self, body: bytes, qos: int) -> tuple[bytes, int, Any, bytes] | None:
+        """What paho's ``decode_publish`` makes of a PUBLISH's body (topic, id, properties, payload), or ``None``."""
+        size = len(body)
+        at = 2 + ((body[0] << 8) | body[1]) if size >= 2 else size + 1  # its topic's length
+        if at > size or (at == 2 and not self._mqtt5):  # an empty topic is malformed before MQTT 5
+            return None
+        topic, mid = body[2:at], 0
+        if qos:
+            if at + 2 > size:
+                return None
+            mid = (body[at] << 8) | body[at + 1]
+            at += 2
+        properties = None
+        if self._mqtt5:
+            properties = self._made[1](PacketTypes.PUBLISH)
+            try:
+                _, used = properties.unpack(body[at:])
+            except self._errors:
+                return None
+            at += used
+        return topic, mid, properties, body[at:]

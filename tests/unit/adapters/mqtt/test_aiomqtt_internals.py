@@ -47,7 +47,7 @@ from qmpnet.adapters.mqtt.aiomqtt_internals import (
     publish_at_once,
     quieter_logging,
 )
-from qmpnet.adapters.mqtt.buffered_socket import read_pubacks_first
+from qmpnet.adapters.mqtt.buffered_socket import read_at_once
 from qmpnet.adapters.mqtt.publisher import Publisher
 
 if TYPE_CHECKING:
@@ -351,7 +351,7 @@ class _PahoOnSocket:
 
         self.paho._packet_read = counted
         if at_once:
-            read_pubacks_first(self.paho)
+            read_at_once(self.paho, FastReasonCode, FastProperties)
 
     def publish(self, count: int) -> None:
         for n in range(count):
@@ -412,6 +412,112 @@ async def test_pubacks_read_at_once_are_what_pahos_own_reading_makes_of_them(pro
             client.close()
 
 
+def _publish_v(first: int, topic: bytes, rest: bytes) -> bytes:
+    """A PUBLISH: its first byte (type, flags), its remaining length, its topic, then ``rest`` (id, properties, ...)."""
+    body = struct.pack("!H", len(topic)) + topic + rest
+    length, encoded = len(body), bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        encoded.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes([first, *encoded]) + body
+
+
+def _recorded(client: _PahoOnSocket) -> None:
+    """Make ``client`` record each message whole, and what paho queues to send back, after each burst."""
+
+    def on_message(_c: object, _u: object, message: Any) -> None:
+        try:
+            topic: object = message.topic
+        except UnicodeDecodeError as err:
+            topic = repr(err)
+        props = message.properties
+        client.seen.append((
+            "message", topic, message.payload, type(message.payload).__name__, message.mid, message.qos, message.dup,
+            message.retain, None if props is None else (type(props).__mro__[-2].__name__, props.pack(), str(props)),
+            message.timestamp > 0,
+        ))  # fmt: skip
+
+    client.paho.on_message = on_message
+
+
+def _out_packets(client: _PahoOnSocket) -> list[tuple[int, int, bytes]]:
+    """What paho queued to send (PUBACKs), taken."""
+    queued = [(p["command"], p["mid"], bytes(p["packet"])) for p in client.paho._out_packet]
+    client.paho._out_packet.clear()
+    return queued
+
+
+@pytest.mark.parametrize("protocol", [paho.mqtt.client.MQTTv311, paho.mqtt.client.MQTTv5])
+@pytest.mark.parametrize("manual_ack", [False, True])
+async def test_publishes_read_at_once_are_what_pahos_own_reading_makes_of_them(protocol: int, manual_ack: bool) -> None:
+    v5 = protocol == paho.mqtt.client.MQTTv5
+    none = b"\x00" if v5 else b""  # no properties
+    rich = (  # correlation data, a response topic and a user property given twice
+        b"\x09\x00\x03abc" + b"\x08\x00\x05r/x/y" + b"\x26\x00\x01k\x00\x01v" + b"\x26\x00\x01k\x00\x01w"
+    )
+    rich = bytes([len(rich)]) + rich if v5 else b""
+    big = _publish_v(0x32, b"t/big", b"\x00\x05" + none + b"b" * 300)  # a remaining length of two bytes
+    bursts = [
+        _publish_v(0x30, b"t/0", none + b"zero"),  # QoS 0
+        _publish_v(0x3B, b"t/1", b"\x00\x07" + none + b"one"),  # QoS 1, dup, retained
+        _publish_v(0x32, b"t/a", b"\x00\x08" + rich + b'{"x": 1}') + _puback(1) + _publish_v(0x30, b"t/b", none),
+        big[:2] + b"",  # cut inside its remaining length: paho's reading state takes it
+        big[2:] + _publish_v(0x32, b"t/c", b"\x00\x0a" + none + b"c")[:6],  # cut inside its body
+        _publish_v(0x32, b"t/c", b"\x00\x0a" + none + b"c")[6:] + _publish_v(0x34, b"t/2", b"\x00\x0b" + none),
+        _publish_v(0x32, b"t/\xff", b"\x00\x0c" + none + b"bad utf-8"),  # its topic: paho's way of telling
+    ]
+    if v5:
+        bursts.append(_publish_v(0x32, b"", b"\x00\x0d\x03\x23\x00\x01" + b"alias"))  # empty topic, an alias
+    clients = [_PahoOnSocket(protocol, at_once=at_once) for at_once in (False, True)]
+    try:
+        for client in clients:
+            _recorded(client)
+            client.paho.manual_ack_set(manual_ack)
+            client.paho._last_bytes_received = 0
+            for burst in bursts:
+                client.feed(burst)
+                client.seen.append(("sent", _out_packets(client)))
+        theirs, ours = clients
+        assert ours.seen == theirs.seen
+        assert ours.paho._last_bytes_received > 0
+        messages = [event for event in ours.seen if isinstance(event, tuple) and event[0] == "message"]
+        assert len(messages) == len(bursts)  # t/2 (QoS 2) waits for its PUBREL
+        whole = 6 if v5 else 5  # the PUBLISHes of QoS 0 and 1 found whole (not the cut ones, not QoS 2)
+        assert ours.generic_reads <= theirs.generic_reads - whole, "whole PUBLISHes were read by paho's own way"
+    finally:
+        for client in clients:
+            client.close()
+
+
+@pytest.mark.parametrize("protocol", [paho.mqtt.client.MQTTv311, paho.mqtt.client.MQTTv5])
+@pytest.mark.parametrize(
+    "packet",
+    [
+        bytes([0x30, 1, 0]),  # shorter than a topic's length
+        bytes([0x30, 3, 0, 9, ord("t")]),  # a topic longer than the packet
+        _publish_v(0x32, b"t", b"\x00"),  # QoS 1 without a whole packet id
+        _publish_v(0x32, b"t", b"\x00\x01"),  # no properties (malformed with MQTT 5 only)
+        _publish_v(0x32, b"t", b"\x00\x01\x05\x09\x00\x09ab"),  # properties cut short
+        _publish_v(0x32, b"t", b"\x00\x01\x02\x7f\x00"),  # an unknown property
+        _publish_v(0x30, b"", b"\x00x"),  # an empty topic (malformed before MQTT 5)
+        bytes([0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]),  # a remaining length of five bytes
+    ],
+)
+async def test_a_malformed_publish_is_left_to_paho_and_told_its_way(protocol: int, packet: bytes) -> None:
+    clients = [_PahoOnSocket(protocol, at_once=at_once) for at_once in (False, True)]
+    try:
+        for client in clients:
+            _recorded(client)
+            client.feed(packet + _publish_v(0x30, b"t/next", b"\x00" if protocol == paho.mqtt.client.MQTTv5 else b""))
+            client.seen.append(("sent", _out_packets(client)))
+        theirs, ours = clients
+        assert ours.seen == theirs.seen
+    finally:
+        for client in clients:
+            client.close()
+
+
 class _ResettingSocket:
     """A socket whose ``recv`` returns what was sent, then fails once as a connection reset does, then ends."""
 
@@ -461,7 +567,7 @@ async def test_reading_pubacks_at_once_steps_aside_when_a_private_name_is_missin
     try:
         del client.paho._in_messages  # as a later paho might keep its state elsewhere
         with caplog.at_level(logging.INFO, logger="qmpnet.adapters.mqtt.buffered_socket"):
-            read_pubacks_first(client.paho)
+            read_at_once(client.paho, FastReasonCode, FastProperties)
         assert "loop_read" not in vars(client.paho)  # paho's own method, untouched
         assert "paho reads them itself" in caplog.text
     finally:
@@ -687,6 +793,13 @@ def test_fast_properties_pack_and_refuse_every_property_as_paho_does() -> None:
                     assert ours == theirs, f"{settings}, packet type {packet_type}: paho {theirs}, ours {ours}"
                     checked += 1
     assert checked > 1000
+    kinds = {name: paho_properties.types[paho_properties.properties[paho_properties.names[name]][0]] for name in names}
+    reverse = [(name.replace(" ", ""), _SAMPLES[kind]) for name, kind in reversed(kinds.items())]
+    for packet_type in _PACKET_TYPES:  # all of a packet's properties at once, set in reverse: packed in paho's order
+        valid = [case for case in reverse if _outcome(_with(PAHO_PROPERTIES, packet_type, case))[0] == "ok"]
+        theirs = _outcome(_with(PAHO_PROPERTIES, packet_type, *valid))
+        assert _outcome(_with(FastProperties, packet_type, *valid)) == theirs, f"packet type {packet_type}: {valid}"
+        assert packet_type != PacketTypes.PUBLISH or len(valid) >= 5  # PUBLISH has 7 or more
     for cls in (PAHO_PROPERTIES, FastProperties):
         assert _outcome(_with(cls, PacketTypes.PUBLISH, ("NoSuchProperty", 1)))[0] == "error"
     assert _outcome(_with(FastProperties, PacketTypes.PUBLISH, ("NoSuchProperty", 1))) == _outcome(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -27,8 +28,9 @@ from qmpnet.api.wire.envelopes import (
     to_wire,
     transaction_of,
 )
-from qmpnet.client import Client, error_from
+from qmpnet.client import Client, _new_transaction, error_from
 from qmpnet.core.model import Nic, RemoveResult
+from qmpnet.core.nic_requests import parse_nic_spec
 from qmpnet.core.placement import PciBus, PciTopology, capacity
 from qmpnet.errors import InvalidRequest, QmpCommandError, QmpnetError
 from qmpnet.settings import MqttSettings
@@ -213,3 +215,65 @@ def test_the_client_takes_one_broker_or_several() -> None:
     both = Client(["mqtt://a:1", "mqtt://b:2"], settings=MqttSettings(broker="mqtt://c:3", topic_root="t"))
     assert both.settings.urls == ("mqtt://a:1", "mqtt://b:2")
     assert both.settings.topic_root == "t"
+
+
+_SPECS: list[object] = [
+    {"model": "virtio-net-pci"},
+    {"model": "virtio-net-pci"},  # again: the same JSON
+    {"model": "virtio"},  # an alias: another value, the same JSON
+    {"model": "e1000", "backend": {"type": "user", "hostfwd": ["tcp::2222-:22"]}, "link": "down"},
+    {"model": "e1000", "backend": {"type": "user", "hostfwd": ["tcp::2222-:22"]}, "link": "down"},
+    {"model": "e1000", "backend": {"type": "user", "hostfwd": ["tcp::2223-:22"]}, "link": "down"},
+    {"model": "virtio-net-pci", "queues": 2},  # refused (not a tap backend), each time
+    {"model": "virtio-net-pci", "queues": 2},
+    {"model": "virtio-net-pci", "vectors": 3},
+    {"model": "virtio-net-pci", "vectors": True},  # True is not 3, nor 1
+    {"model": "virtio-net-pci", "vectors": 1},
+    {"model": "virtio-net-pci", "vectors": "3"},
+    {"model": "virtio-net-pci", "vectors": 3.0},  # a float: never kept
+    {"model": "virtio-net-pci", "nope": 1},
+    {"model": "virtio-net-pci", "backend": {"type": "user", "hostfwd": [{"deep": [[[[[[["x"]]]]]]]}]}},
+    {"backend": {"type": "user"}, "model": "rtl8139"},
+    {"model": "rtl8139", "backend": {"type": "user"}},  # another order: another key, the same JSON
+]
+
+
+async def test_a_spec_sent_again_is_sent_as_it_was_checked_and_dumped_the_first_time() -> None:
+    sent: list[object] = []
+    answer = {"id": "net0", "model": "virtio-net-pci", "mac": "52:54:00:dc:b9:5f", "netdev": "net0.net",
+              "backend": {"type": "user"}, "pci": {"bus": "pci.0", "slot": 3, "function": 0}, "link": "up",
+              "state": "active"}  # fmt: skip
+
+    async def request(_c: str, _g: str, _op: str, payload: dict[str, object], *, timeout: float) -> dict[str, object]:
+        sent.append(json.dumps(payload["nic"]))
+        return {"transaction": payload["transaction"], "status": "ok", "data": answer}
+
+    client = Client("mqtt://127.0.0.1:1")  # never connected: the requester is this test's
+    client._requester.request = request  # type: ignore[method-assign, assignment]
+    spec = {"model": "virtio-net-pci"}
+    for value in [*_SPECS, spec, spec]:
+        try:
+            expected: object = json.dumps(parse_nic_spec(value).model_dump(mode="json", exclude_none=True))  # type: ignore[arg-type]
+        except InvalidRequest as err:
+            expected = (err.field, err.message)
+        try:
+            await client.add_nic("h1", "vm1", value)  # type: ignore[arg-type]
+            got: object = sent[-1]
+        except InvalidRequest as err:
+            got = (err.field, err.message)
+        assert got == expected, value
+        spec["model"] = "e1000"  # the caller's dictionary changed: sent as it is now
+    assert len(client._specs) == 11  # the distinct plain values checked without an error, the changed one too
+
+
+def test_a_transaction_is_a_random_uuid4_in_hex() -> None:
+    seen = {_new_transaction() for _ in range(2000)}
+    assert len(seen) == 2000
+    for transaction in seen:
+        as_uuid = uuid.UUID(hex=transaction)
+        assert as_uuid.hex == transaction
+        assert (as_uuid.version, as_uuid.variant) == (4, uuid.RFC_4122)
+    for place in range(32):  # every other hex digit takes every value
+        digits = {transaction[place] for transaction in seen}
+        expected = {"4"} if place == 12 else set("89ab") if place == 16 else set("0123456789abcdef")
+        assert digits == expected, place

@@ -24,7 +24,7 @@ from fakesysfs import FakeKernel, FakeTree
 
 import qmpnet
 from qmpnet.adapters.hostnet import HostnetSettings
-from qmpnet.adapters.hostnet import host as host_module
+from qmpnet.adapters.hostnet import vfio as vfio_module
 from qmpnet.errors import Forbidden, InvalidRequest, NotFound, QmpCommandError, Unsupported
 from qmpnet.settings import Settings
 from qmpnet.testguest import TestMachine
@@ -76,16 +76,19 @@ def settings_for(tree: FakeTree, policy: qmpnet.Policy | None = None) -> Setting
 
 @pytest.fixture
 def kernel(tree: FakeTree, monkeypatch: pytest.MonkeyPatch) -> FakeKernel:
-    """Let the fake kernel answer the VFIO functions' sysfs writes wherever qmpnet's host side uses the fake tree."""
+    """Let the fake kernel answer the VFIO functions' sysfs writes wherever qmpnet's host side uses the fake tree.
+
+    The host side imports them from their module when a vfio NIC needs them, so they are replaced there.
+    """
     fake = FakeKernel(tree)
     for name in ("check_vfio", "bind_vfio", "restore_driver"):
-        real = cast("Callable[..., Any]", getattr(host_module, name))
+        real = cast("Callable[..., Any]", getattr(vfio_module, name))
 
         def with_kernel(*args: Any, sysfs: Path, _real: Callable[..., Any] = real, **kwargs: Any) -> Any:
             assert sysfs == tree.root, "qmpnet did not use the configured sysfs_root"
             return _real(*args, sysfs=fake, **kwargs)
 
-        monkeypatch.setattr(host_module, name, with_kernel)
+        monkeypatch.setattr(vfio_module, name, with_kernel)
     return fake
 
 

@@ -479,17 +479,7 @@ def install_fast_properties() -> bool:
 
     Returns whether it could (``False``: paho no longer builds them where this knows; its own class stays).
     """
-    try:
-        modules = [importlib.import_module(name) for name in ("paho.mqtt._packet", "paho.mqtt.client")]
-    except ImportError:
-        modules = []
-    known = (Properties, FastProperties)
-    if not modules or not all(getattr(module, "Properties", None) in known for module in modules):
-        _log.info("paho: properties are not built where install_fast_properties knows; keeping paho's own class")
-        return False
-    for module in modules:
-        module.Properties = FastProperties  # type: ignore[attr-defined]
-    return True
+    return _install("Properties", Properties, FastProperties, "properties are not built where install_fast_properties")
 
 
 # ------------------------------------------------------------------------------------------ MQTT 5 reason codes
@@ -521,16 +511,21 @@ def install_fast_reason_codes() -> bool:
 
     Returns whether it could (``False``: paho no longer builds them where this knows; its own class stays).
     """
+    return _install("ReasonCode", ReasonCode, FastReasonCode,
+                    "reason codes are not built where install_fast_reason_codes")  # fmt: skip
+
+
+def _install(name: str, theirs: type, ours: type, where: str) -> bool:
+    """Make paho's packet and client modules use ``ours`` for their class ``name`` if both use ``theirs``."""
     try:
-        modules = [importlib.import_module(name) for name in ("paho.mqtt._packet", "paho.mqtt.client")]
+        modules = [importlib.import_module(module) for module in ("paho.mqtt._packet", "paho.mqtt.client")]
     except ImportError:
         modules = []
-    known = (ReasonCode, FastReasonCode)
-    if not modules or not all(getattr(module, "ReasonCode", None) in known for module in modules):
-        _log.info("paho: reason codes are not built where install_fast_reason_codes knows; keeping paho's own class")
+    if not modules or not all(getattr(module, name, None) in (theirs, ours) for module in modules):
+        _log.info("paho: %s knows; keeping paho's own class", where)
         return False
     for module in modules:
-        module.ReasonCode = FastReasonCode  # type: ignore[attr-defined]
+        setattr(module, name, ours)
     return True
 
 

@@ -266,6 +266,11 @@ class MqttSettings(Frozen):
     outbox_limit: int = Field(
         default=10_000, ge=10, description="Answers and events kept while the broker is away; the oldest go first."
     )
+    state_interval: SecondsOrZero = Field(
+        default=0.1,
+        description="Least seconds between two publishes of one retained topic (a guest's status, its NIC list): "
+        "a change within them goes out at their end, as the latest state only. 0: every change at once.",
+    )
     shutdown_timeout: Seconds = Field(
         default=2.0, description="Seconds a stopping controller waits for its last messages to be acknowledged."
     )

@@ -213,7 +213,7 @@ class MqttBus:
         self.settings = settings
         self.topics = Topics(settings.topic_root, settings.controller_id)
         self.connected = asyncio.Event()
-        self.outbox = Outbox(settings.outbox_limit)
+        self.outbox = Outbox(settings.outbox_limit, settings.state_interval)
         #: The MQTT version spoken, once known (``mqtt.protocol``, or what ``auto`` found).
         self.protocol: Version | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -392,6 +392,7 @@ class MqttBus:
     async def _say_offline(self, client: aiomqtt.Client) -> None:
         """Send what is waiting, then ``offline``; within ``shutdown_timeout`` each."""
         self.outbox.put(Outgoing(self.topics.status, _OFFLINE, "state"))
+        self.outbox.flush_state()  # the state held back for its interval, and offline, go now
         try:
             async with asyncio.timeout(self.settings.shutdown_timeout):
                 await self.outbox.settled()

@@ -9,6 +9,12 @@ Design decisions:
   while the broker is away a change replaces the previous one, and every session starts by publishing all of them
   (a restarted broker that lost its retained store is brought up to date). A deletion (empty payload) stays until
   the broker has acknowledged it.
+- **A burst of changes is published once.** A topic's change goes out at once if the topic was last queued at
+  least ``state_interval`` ago; otherwise it goes out when that interval ends, as the latest state then (the changes
+  of a burst of hot-adds, ten in 50 ms, publish the NIC list twice, not ten times; a model is serialised only when
+  sent, so the skipped ones cost nothing to encode). Answers and events are never held back: they say what
+  happened; retained state is a view, at most ``state_interval`` behind during a burst. A deletion is not held
+  back either (it also drops a publish that was due).
 - **Order.** Within a session messages go out in the order they were put here, which the bus arranges so that a
   request's answer comes before the state and events it caused. At a session start the backlog keeps that rule:
   answers first, then every retained topic, then the events, each group in its original order.
@@ -74,10 +80,14 @@ class Outbox:
 
     Args:
         limit: How many answers and events may wait (retained topics are not counted: one each).
+        state_interval: Least seconds between two publishes of one retained topic (0: every change at once).
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, state_interval: float = 0.0) -> None:
         self._limit = limit
+        self._interval = state_interval
+        self._state_queued: dict[str, float] = {}  # retained topic -> when (loop time) it was last queued
+        self._state_due: dict[str, asyncio.TimerHandle] = {}  # retained topic -> its publish at the interval's end
         self._todo: deque[Outgoing] = deque()
         self._inflight: dict[int, Outgoing] = {}  # sent, awaiting the PUBACK, by sequence number
         self._retained: dict[str, Outgoing] = {}  # the latest of each retained topic
@@ -96,12 +106,56 @@ class Outbox:
             self._retained[item.topic] = item
             if not self._online:
                 return  # sent with every other retained topic when the next session starts
+            if self._interval and self._held_back(item):
+                return
         elif item.kind == "clear" and not self._online:
             return
         self._todo.append(item)
         self._trim()
         self._ready.set()
         self._settled.clear()
+
+    def _held_back(self, item: Outgoing) -> bool:
+        """Whether retained ``item`` waits for the end of its topic's interval (and is sent as the latest then)."""
+        topic = item.topic
+        due = self._state_due.get(topic)
+        if item.message == b"":  # a deletion: never held back, and nothing older is due after it
+            if due is not None:
+                due.cancel()
+                del self._state_due[topic]
+            return False
+        if due is not None:
+            return True  # the publish due takes the latest state, this one
+        loop = asyncio.get_running_loop()
+        now, last = loop.time(), self._state_queued.get(topic)
+        if last is None or now - last >= self._interval:
+            self._state_queued[topic] = now
+            return False
+        self._state_due[topic] = loop.call_at(last + self._interval, self._publish_due, topic)
+        self._settled.clear()
+        return True
+
+    def _publish_due(self, topic: str) -> None:
+        """The end of ``topic``'s interval: queue its latest state."""
+        del self._state_due[topic]
+        item = self._retained.get(topic)
+        if item is not None and self._online:  # else acknowledged as deleted, or the next session sends it
+            self._state_queued[topic] = asyncio.get_running_loop().time()
+            self._todo.append(item)
+        self._wake()
+
+    def flush_state(self) -> None:
+        """Queue every retained topic held back now (a stopping controller's last state goes before ``offline``)."""
+        for topic, due in list(self._state_due.items()):
+            due.cancel()
+            self._publish_due(topic)
+
+    def _forget_intervals(self) -> None:
+        """A session starts or ends: every retained topic is sent with the next session's start anyway."""
+        for due in self._state_due.values():
+            due.cancel()
+        self._state_due.clear()
+        self._state_queued.clear()
 
     def retained(self, topic: str) -> bytes | None:
         """The latest payload kept for retained ``topic`` (``b""``: a deletion not yet acknowledged)."""
@@ -126,6 +180,7 @@ class Outbox:
         """A broker session began: everything not acknowledged is sent again, answers first, then state, then events."""
         backlog = [*self._inflight.values(), *self._todo]
         self._inflight.clear()
+        self._forget_intervals()
         answers = [m for m in backlog if m.kind == "answer"]
         events = [m for m in backlog if m.kind == "event"]
         self._todo = deque([*answers, *self._retained.values(), *events])
@@ -138,6 +193,7 @@ class Outbox:
     def session_ended(self) -> None:
         """The broker session ended: hold everything until the next one."""
         self._online = False
+        self._forget_intervals()
 
     async def next(self) -> tuple[int, Outgoing]:
         """The next message to send and its sequence number for :meth:`acknowledged`; waits while there is none."""
@@ -159,7 +215,7 @@ class Outbox:
     def _wake(self) -> None:
         if self._todo:
             self._ready.set()
-        if not self._todo and not self._inflight:
+        if not self._todo and not self._inflight and not self._state_due:
             self._settled.set()
         else:
             self._settled.clear()

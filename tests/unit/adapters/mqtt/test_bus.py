@@ -24,10 +24,15 @@ if TYPE_CHECKING:
 BASE = "qmpnet/t1/guest/vm1"
 
 
-async def published(bus: MqttBus, topic: str, text: str, timeout: float = 2.0) -> None:
-    """Take what the bus sends until a message on ``topic`` containing ``text`` (the guest connected, ...)."""
+async def published(bus: MqttBus, topic: str, text: str, timeout: float = 2.0, *, flush: bool = False) -> None:
+    """Take what the bus sends until a message on ``topic`` containing ``text`` (the guest connected, ...).
+
+    ``flush``: the retained state held back for its interval goes out at once.
+    """
     async with asyncio.timeout(timeout):
         while True:
+            if flush:
+                bus.outbox.flush_state()
             seq, item = await bus.outbox.next()
             bus.outbox.acknowledged(seq)
             if item.topic == topic and text in item.payload().decode():
@@ -52,12 +57,13 @@ def request(op: str, body: dict[str, object]) -> IncomingRequest:
 
 
 @contextlib.asynccontextmanager
-async def serving(fleet: Fleet) -> AsyncIterator[MqttBus]:
-    bus = MqttBus(settings().mqtt)
+async def serving(fleet: Fleet, state_interval: float = 0) -> AsyncIterator[MqttBus]:
+    """A controller serving guest vm1 through a bus; by default every change of retained state is sent at once."""
+    bus = MqttBus(settings().mqtt.model_copy(update={"state_interval": state_interval}))
     bus.outbox.session_started()
     async with running(Controller(settings(), bus, fleet.connect, version="0")) as controller:
         bus.handler = controller
-        await published(bus, f"{BASE}/status", '"connected"')
+        await published(bus, f"{BASE}/status", '"connected"', flush=True)
         yield bus
 
 
@@ -99,6 +105,52 @@ async def test_state_from_outside_a_request_goes_out_at_once(fleet: Fleet) -> No
         await taken(bus)
         fleet.current("vm1").emit("DEVICE_DELETED", {"device": "n3", "path": "/machine/peripheral/n3"})
         await published(bus, f"{BASE}/event/nic_removed", '"n3"')
+
+
+async def test_a_burst_of_changes_publishes_the_latest_state_once(fleet: Fleet) -> None:
+    async with serving(fleet, state_interval=3600) as bus:  # the connect's state was just sent: the rest waits
+        before = _free(bus.outbox.retained(f"{BASE}/status"))
+        for n in (1, 2, 3):
+            await bus.answer(request("nic/add", {"nic": {"id": f"n{n}"}}))
+        held = await taken(bus)
+        assert [topic for topic, _ in held] == [
+            topic for n in (1, 2, 3) for topic in (f"{BASE}/response/nic/add", f"{BASE}/event/nic_added")
+        ]  # answers and events are never held back
+        bus.outbox.flush_state()
+        sent = await taken(bus)
+    assert [topic for topic, _ in sent] == [f"{BASE}/status", f"{BASE}/nics"]
+    nics = json.loads(sent[1][1])["nics"]
+    assert [nic["id"] for nic in nics][-3:] == ["n1", "n2", "n3"]  # the latest list, once
+    assert _free(sent[0][1]) == before - 3  # the capacity after the last add
+
+
+def _free(status: bytes | None) -> int:
+    """The places for a virtio NIC a guest's retained status counts."""
+    assert status is not None
+    models = json.loads(status)["capacity"]["models"]
+    return next(int(model["free"]) for model in models if model["model"] == "virtio-net-pci")
+
+
+async def test_state_held_back_goes_out_when_its_interval_ends(fleet: Fleet) -> None:
+    async with serving(fleet, state_interval=0.05) as bus:
+        await taken(bus)
+        await bus.answer(request("nic/add", {"nic": {"id": "n1"}}))
+        await bus.answer(request("nic/add", {"nic": {"id": "n2"}}))
+        await published(bus, f"{BASE}/nics", '"n2"')  # without a flush, within the deadline
+
+
+async def test_a_deletion_is_never_held_back_and_drops_the_state_due() -> None:
+    bus = MqttBus(settings().mqtt.model_copy(update={"state_interval": 3600}))
+    bus.outbox.session_started()
+    bus.guest_nics("vm1", NicList(nics=[]))
+    bus.guest_nics("vm1", NicList(nics=[]))  # within the interval: held back
+    assert [topic for topic, _ in await taken(bus)] == [f"{BASE}/nics"]
+    bus.guest_gone("vm1")  # deletes both retained topics at once
+    sent = await taken(bus)
+    assert sent == [(f"{BASE}/status", b""), (f"{BASE}/nics", b"")]
+    bus.outbox.flush_state()
+    assert await taken(bus) == []  # the held-back list is not sent after its deletion
+    await asyncio.wait_for(bus.outbox.settled(), 1)
 
 
 class _AiomqttOnly:

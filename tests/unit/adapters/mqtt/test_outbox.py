@@ -117,3 +117,36 @@ async def test_a_full_outbox_drops_the_oldest_events_first(caplog: pytest.LogCap
     assert await drain(outbox) == [*(f"r/{n}" for n in range(5)), *(f"e/{n}" for n in range(3, 8))]
     assert "dropping the oldest" in caplog.text
     assert "3 answers or events were dropped" in caplog.text
+
+
+async def test_a_change_within_the_interval_waits_for_its_end_as_the_latest_state() -> None:
+    outbox = Outbox(limit=100, state_interval=0.05)
+    outbox.session_started()
+    outbox.put(state("s/nics", b"1"))
+    outbox.put(event(1))
+    outbox.put(state("s/nics", b"2"))  # within 0.05 s of the first: held back
+    outbox.put(state("s/nics", b"3"))
+    assert await drain(outbox) == ["s/nics", "e/1"]
+    settled = asyncio.ensure_future(outbox.settled())
+    await asyncio.sleep(0)
+    assert not settled.done()  # the held-back state is still to be sent
+    async with asyncio.timeout(2):
+        seq, item = await outbox.next()
+    assert (item.topic, item.payload()) == ("s/nics", b"3")
+    outbox.acknowledged(seq)
+    await asyncio.wait_for(settled, 1)
+
+
+async def test_a_new_session_sends_the_held_back_state_at_once() -> None:
+    outbox = Outbox(limit=100, state_interval=3600)
+    outbox.session_started()
+    outbox.put(state("s/nics", b"1"))
+    outbox.put(state("s/nics", b"2"))
+    assert await drain(outbox, ack=False) == ["s/nics"]
+    outbox.session_ended()
+    outbox.session_started()
+    assert await drain(outbox) == ["s/nics"]
+    assert outbox.retained("s/nics") == b"2"
+    outbox.put(state("s/nics", b"3"))  # the session's first change of the topic: at once
+    assert await drain(outbox) == ["s/nics"]
+    await asyncio.wait_for(outbox.settled(), 1)

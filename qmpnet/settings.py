@@ -267,9 +267,10 @@ class MqttSettings(Frozen):
         default=10_000, ge=10, description="Answers and events kept while the broker is away; the oldest go first."
     )
     state_interval: SecondsOrZero = Field(
-        default=0.1,
+        default=0.0,
         description="Least seconds between two publishes of one retained topic (a guest's status, its NIC list): "
-        "a change within them goes out at their end, as the latest state only. 0: every change at once.",
+        "a change within them goes out at their end, as the latest state only, after the events it caused. "
+        "0: every change at once, before its events.",
     )
     shutdown_timeout: Seconds = Field(
         default=2.0, description="Seconds a stopping controller waits for its last messages to be acknowledged."

@@ -9,12 +9,11 @@ Design decisions:
   while the broker is away a change replaces the previous one, and every session starts by publishing all of them
   (a restarted broker that lost its retained store is brought up to date). A deletion (empty payload) stays until
   the broker has acknowledged it.
-- **A burst of changes is published once.** A topic's change goes out at once if the topic was last queued at
-  least ``state_interval`` ago; otherwise it goes out when that interval ends, as the latest state then (the changes
-  of a burst of hot-adds, ten in 50 ms, publish the NIC list twice, not ten times; a model is serialised only when
-  sent, so the skipped ones cost nothing to encode). Answers and events are never held back: they say what
-  happened; retained state is a view, at most ``state_interval`` behind during a burst. A deletion is not held
-  back either (it also drops a publish that was due).
+- **A burst of changes can be published once** (``state_interval``, ``mqtt.state_interval``; 0, the default, sends
+  every change). With it, a topic's change goes out at once if the topic was last queued at least ``state_interval``
+  ago; otherwise when that interval ends, as the latest state then (a model is serialised only when sent, so the
+  skipped ones cost nothing to encode). Answers and events are never held back, so a held-back state comes after
+  the events of its changes; a deletion is not held back either (it also drops a publish that was due).
 - **Order.** Within a session messages go out in the order they were put here, which the bus arranges so that a
   request's answer comes before the state and events it caused. At a session start the backlog keeps that rule:
   answers first, then every retained topic, then the events, each group in its original order.

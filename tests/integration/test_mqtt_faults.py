@@ -436,3 +436,30 @@ async def test_guest_directory_sockets_come_and_go(
         skipped = [line for line in serve.log.read_text().splitlines() if "vm.lab.qmp" in line]
         assert len(skipped) == 1, skipped  # many scans later, still one line
         assert "not a valid guest name" in skipped[0]
+
+
+async def test_a_state_interval_publishes_a_burst_of_hot_adds_as_its_latest_nic_list(
+    work: Path, cleanup: list[Process], vm: Qemu, start_serve: StartServe
+) -> None:
+    """``mqtt.state_interval``: each add's answer and event at once, the NIC list once more at the interval's end."""
+    own = Mosquitto(work)
+    cleanup.append(own.start())
+    mode = MOSQUITTO_5
+    env = {"QMPNET_MQTT__STATE_INTERVAL": "3"}  # longer than the burst on a slow machine
+    serve = await start_serve(mode, own.url, "si", {"vm": vm.qmp}, env=env)
+    nics, added = f"{serve.base}/guest/vm/nics", f"{serve.base}/guest/vm/event/nic_added"
+    async with Probe(own.url, protocol=mode.probe) as probe:
+        await probe.subscribe(nics, added)
+        await probe.one(nics)  # the retained list of the connect
+        since = probe.mark()
+        for n in range(5):
+            ok(await probe.call(f"{serve.base}/guest/vm/request/nic/add", {"nic": {"id": f"b{n}"}}))
+        await probe.wait(added, since=since, count=5)
+        last = await probe.one(nics, lambda m: "b4" in {nic["id"] for nic in m.json["nics"]}, since=since,
+                               timeout=15)  # fmt: skip
+    lists = [m for m in probe.messages[since:] if m.matches(nics)]
+    assert [nic["id"] for nic in last.json["nics"]] == [f"b{n}" for n in range(5)]
+    # The first add's list went out at once unless the connect's was published under 3 s before; the rest waited.
+    assert 1 <= len(lists) <= 2, [[nic["id"] for nic in m.json["nics"]] for m in lists]
+    last_event = max(n for n, m in enumerate(probe.messages) if m.matches(added))
+    assert probe.messages.index(lists[-1]) > last_event  # after every event: what the interval trades for fewer

@@ -4,6 +4,10 @@ Kept apart from :mod:`.files` (which decides *when* and *how* a record reaches t
 write. The JSON of each sub-record is encoded once per (frozen) object by :func:`qmpnet.core.model_base.json_once`,
 which the retained NIC lists of the MQTT API share; a guest's store keeps a :class:`RecordEncoder`, which also keeps
 each sub-record's piece of the document from the write before, so that it is found without a look-up per object.
+
+The pieces are kept as UTF-8 bytes, each with the comma that separates it from the one before, so that the document
+is one ``b"".join`` of them and a few constant parts, its only copy: a record of 25 NICs is some 40 KB, and each
+copy of the whole document (the pieces of a field joined, then the fields, then the str encoded) was paid per write.
 """
 
 from __future__ import annotations
@@ -51,38 +55,46 @@ class RecordEncoder:
     """:func:`encode_record` for the successive records of one guest, each built from the one before.
 
     It keeps, for the NICs, the operations and the desired specs of the record it encoded last, their keys, objects
-    and pieces of the document (``"<key>":<JSON>``), in order. The next record holds nearly all the same objects
-    in the same order (a change replaces one entry or adds one at the end), so its pieces are those kept, found by
-    comparing the lists by identity in C, with the few that differ encoded (through :func:`json_once`): a record of
-    25 NICs has some 75 pieces, and a look-up of each (~1 us) was most of a write's CPU. It holds the last record's
-    sub-records (which the store holds anyway) and nothing older. Not thread-safe: a store encodes on its event
-    loop (the disk work alone goes to a thread).
+    and pieces of the document (``"<key>":<JSON>`` as UTF-8, after a comma but the first), in order. The
+    next record holds nearly all the same objects in the same order (a change replaces one entry or adds one at the
+    end), so its pieces are those kept, found by comparing the lists by identity in C, with the few that differ
+    encoded (through :func:`json_once`): a record of 25 NICs has some 75 pieces, and a look-up of each (~1 us) was
+    most of a write's CPU. A piece is only ever reused at its own place, which is what lets it carry its comma. It
+    holds the last record's sub-records (which the store holds anyway) and nothing older. Not thread-safe: a store
+    encodes on its event loop (the disk work alone goes to a thread).
     """
 
     __slots__ = ("_last", "_rests")
 
     def __init__(self) -> None:
         # By field: the last record's keys (None for the desired list), objects and pieces.
-        self._last: dict[str, tuple[list[str] | None, Sequence[BaseModel], list[str]]] = {}
-        # For the record and its desired set: the values of the fields pydantic encodes, and their JSON object.
-        self._rests: dict[str, tuple[list[object], str]] = {}
+        self._last: dict[str, tuple[list[str] | None, Sequence[BaseModel], list[bytes]]] = {}
+        # For the record and its desired set: the values of the fields pydantic encodes, and their JSON object left
+        # open for the fields that follow (see _opened).
+        self._rests: dict[str, tuple[list[object], bytes]] = {}
 
     def encode(self, record: GuestRecord) -> bytes:
         """``record`` as the JSON document of the record file (see :func:`encode_record`)."""
-        fields = []
+        # The parts of the document in order, joined once: the only copy of the whole document.
+        parts = [self._rest_of(record, _REST, _NOT_REST)]
         for name in _MAPPED:
             mapping = getattr(record, name)
-            fields.append((name, "{" + ",".join(self._pieces(name, list(mapping), list(mapping.values()))) + "}"))
+            parts.append(_OPEN[name])
+            parts += self._pieces(name, list(mapping), list(mapping.values()))
+            parts.append(b"}")
         desired = record.desired
         if desired is None:
-            fields.append(("desired", "null"))
+            parts.append(_NO_DESIRED)
         else:
-            specs = "[" + ",".join(self._pieces("desired", None, desired.nics)) + "]"
-            rest = self._rest_of(desired, _DESIRED_REST, _NOT_DESIRED_REST)
-            fields.append(("desired", _with(rest, [("nics", specs)])))
-        return _with(self._rest_of(record, _REST, _NOT_REST), fields).encode()
+            parts.append(_DESIRED)
+            parts.append(self._rest_of(desired, _DESIRED_REST, _NOT_DESIRED_REST))
+            parts.append(_SPECS)
+            parts += self._pieces("desired", None, desired.nics)
+            parts.append(b"]}")
+        parts.append(b"}")
+        return b"".join(parts)
 
-    def _pieces(self, name: str, keys: list[str] | None, values: Sequence[BaseModel]) -> list[str]:
+    def _pieces(self, name: str, keys: list[str] | None, values: Sequence[BaseModel]) -> list[bytes]:
         """The pieces of ``values`` (under ``keys``): the last record's kept where it had the same at the same place."""
         last = self._last.get(name)
         kept = 0  # how many places, from the first, held the same keys last time
@@ -100,14 +112,18 @@ class RecordEncoder:
         return pieces
 
     @staticmethod
-    def _piece(keys: list[str] | None, values: Sequence[BaseModel], at: int) -> str:
+    def _piece(keys: list[str] | None, values: Sequence[BaseModel], at: int) -> bytes:
+        """The piece at place ``at``, with the comma before it unless it is the first (it stays at its place)."""
         text = json_once(values[at])
-        return text if keys is None else f"{_string(keys[at])}:{text}"
+        if keys is not None:
+            text = f"{_string(keys[at])}:{text}"
+        return f",{text}".encode() if at else text.encode()
 
-    def _rest_of(self, model: BaseModel, names: tuple[str, ...], exclude: set[str]) -> str:
-        """``model`` without ``exclude``, as a JSON object, reused while its fields ``names`` hold the same objects.
+    def _rest_of(self, model: BaseModel, names: tuple[str, ...], exclude: set[str]) -> bytes:
+        """``model`` without ``exclude``, as a JSON object left open for more fields (:func:`_opened`).
 
-        They do from one change of a NIC to the next: a record's name, boot and instance, a desired set's generation.
+        Reused while its fields ``names`` hold the same objects. They do from one change of a NIC to the next: a
+        record's name, boot and instance, a desired set's generation.
         """
         fields = model.__dict__
         values = [fields[name] for name in names]
@@ -115,12 +131,23 @@ class RecordEncoder:
         last = self._rests.get(kind)
         if last is not None and all(map(is_, values, last[0])):
             return last[1]
-        text = model.model_dump_json(exclude=exclude)
-        self._rests[kind] = (values, text)
-        return text
+        opened = _opened(model.model_dump_json(exclude=exclude))
+        self._rests[kind] = (values, opened)
+        return opened
 
 
-def _with(document: str, fields: list[tuple[str, str]]) -> str:
-    """The JSON object ``document`` with ``fields`` (name, encoded value) added at its end."""
-    added = ",".join(f"{_string(name)}:{value}" for name, value in fields)
-    return f"{document[:-1]}{',' if document != '{}' else ''}{added}}}"
+def _opened(document: str) -> bytes:
+    """The JSON object ``document`` without its closing brace, ready for more fields (a comma after any it has)."""
+    return f"{document[:-1]}{',' if document != '{}' else ''}".encode()
+
+
+def _field(name: str, opening: str) -> bytes:
+    """The start of the field ``name`` of a JSON object: its name, the colon and ``opening``."""
+    return f"{_string(name)}:{opening}".encode()
+
+
+# The constant parts of the document, between the pieces (each field's but the first after a comma).
+_OPEN: Final = {name: (b"," if at else b"") + _field(name, "{") for at, name in enumerate(_MAPPED)}
+_DESIRED: Final = b"," + _field("desired", "")
+_NO_DESIRED: Final = _DESIRED + b"null"
+_SPECS: Final = _field("nics", "[")

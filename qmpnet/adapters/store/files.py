@@ -58,7 +58,7 @@ from qmpnet.adapters.store.reading import (
     read_record_files,
     slot_paths,
 )
-from qmpnet.adapters.store.slots import SLOT_SUFFIXES, frame
+from qmpnet.adapters.store.slots import SLOT_SUFFIXES, frame_header
 from qmpnet.core.records import DesiredSet, GuestRecord
 from qmpnet.errors import Busy, StoreUnavailable
 
@@ -406,14 +406,15 @@ class FileGuestStore:
                 return  # a later record (built on this one) is on disk already
             slot = 0 if self._slot is None else 1 - self._slot  # never the slot holding the newest record
             path, seq = self._slot_paths[slot], self._seq + 1
-            framed = frame(seq, data)
+            framed = (frame_header(seq, data), data)  # the frame in its two parts: the record is not copied
+            length = len(framed[0]) + len(data)
             try:
-                _check_room(self._dir_path, len(framed), root=self._root)
+                _check_room(self._dir_path, length, root=self._root)
                 _write_slot(path, framed, self._sizes[slot])
             except OSError as err:
                 self._sizes[slot] = None  # cut short somewhere: the next write of this slot truncates it
                 raise _unavailable(path, err) from err
-            self._sizes[slot] = len(framed)
+            self._sizes[slot] = length
             self._slot, self._seq = slot, seq
             self._done, self._durable = number, record
 
@@ -461,20 +462,41 @@ def _check_room(directory: str, size: int, *, root: bool) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def _write_slot(path: str, data: bytes, size: int | None) -> None:
+def _write_slot(path: str, data: bytes | Sequence[bytes], size: int | None) -> None:
     """``data`` over the slot file at ``path`` (created if missing) from offset 0, cut to its length if it was longer.
 
-    No rename, no fsync (see the module docstring); ``size`` is the file's size now (``None``: not known).
+    ``data`` is the frame, whole or in parts (the header, the record), written one after the other without joining
+    them. No rename, no fsync (see the module docstring); ``size`` is the file's size now (``None``: not known).
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        view, offset = memoryview(data), 0
-        while offset < len(data):
-            offset += os.pwrite(fd, view[offset:], offset)
-        if size is None or size > len(data):
-            os.ftruncate(fd, len(data))
+        length = _pwrite_all(fd, (data,) if isinstance(data, bytes) else data)
+        if size is None or size > length:
+            os.ftruncate(fd, length)
     finally:
         os.close(fd)
+
+
+def _pwrite_all(fd: int, parts: Sequence[bytes]) -> int:
+    """Write ``parts`` one after the other at offset 0 of ``fd`` (one ``pwritev``: they are not joined first).
+
+    Returns their length. A write may be short (a signal, a full disk on the way): what is left is written next.
+    """
+    length = sum(map(len, parts))
+    offset = os.pwritev(fd, parts, 0)
+    while offset < length:
+        offset += os.pwritev(fd, _after(parts, offset), offset)
+    return length
+
+
+def _after(parts: Sequence[bytes], offset: int) -> list[memoryview]:
+    """What follows the first ``offset`` bytes of ``parts`` (taken one after the other), as views: no copy."""
+    rest = []
+    for part in parts:
+        if offset < len(part):
+            rest.append(memoryview(part)[offset:])
+        offset = max(offset - len(part), 0)
+    return rest
 
 
 def _write_file(tmp: str, path: str, data: bytes, *, sync: bool) -> None:

@@ -14,21 +14,22 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import pytest
 from waiting import eventually
 
 from qmpnet.adapters.store import StateDir, files, guest_key
+from qmpnet.adapters.store.encoding import encode_record
 from qmpnet.adapters.store.reading import newest_json, read_record_files, slot_paths
-from qmpnet.adapters.store.slots import frame
+from qmpnet.adapters.store.slots import frame, frame_header
 from qmpnet.core.model import NicSpec
 from qmpnet.core.records import FORMAT_VERSION, GONE_KEPT, DesiredSet, GuestRecord, NicRecord, OperationRecord
 from qmpnet.errors import Busy, StoreUnavailable
 from qmpnet.settings import Settings
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
 
 def boot_file(tmp_path: Path, boot: str) -> Path:
@@ -518,9 +519,9 @@ async def test_a_full_disk_is_store_unavailable_and_changes_nothing(
     before, newest = store.record, newest_json(state.guests, store.key)
     write_slot = files._write_slot
 
-    def full(path: str, data: bytes, size: int | None) -> None:
+    def full(path: str, data: Sequence[bytes], size: int | None) -> None:
         if written:
-            write_slot(path, data[:written], size)  # what a write that fails halfway leaves
+            write_slot(path, b"".join(data)[:written], size)  # what a write that fails halfway leaves
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     try:
@@ -583,6 +584,38 @@ async def test_a_write_replaces_the_record_whole(tmp_path: Path) -> None:
             assert path.read_bytes().endswith(b"}")
     finally:
         store.close()
+
+
+_PWRITEV: Final = os.pwritev  # the real one, for the short writers below
+
+
+def _first_part(fd: int, buffers: Sequence[bytes], offset: int) -> int:
+    return _PWRITEV(fd, buffers[:1], offset)  # each short write stops where a part ends
+
+
+def _a_few_bytes(fd: int, buffers: Sequence[bytes], offset: int) -> int:
+    return _PWRITEV(fd, [b"".join(buffers)[:7]], offset)  # each stops anywhere, in the header or the record
+
+
+@pytest.mark.parametrize("short", [_first_part, _a_few_bytes])
+async def test_a_short_write_goes_on_where_it_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, short: Callable[[int, Sequence[bytes], int], int]
+) -> None:
+    # The header and the record go to the slot with one pwritev, which may write only a part of them.
+    state = StateDir(tmp_path)
+    store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
+    try:
+        monkeypatch.setattr(os, "pwritev", short)
+        for i in range(3):
+            store.save(store.record.with_nic(nic(f"n{i}")))
+    finally:
+        monkeypatch.undo()
+        store.close()
+    found = read_record_files(state.guests, store.key, lambda raw, _path: raw, None)
+    assert found.slot is not None
+    body = encode_record(store.record)
+    assert store.slots[found.slot].read_bytes() == frame(found.seq, body)  # exactly the frame, nothing after it
+    assert frame(found.seq, body) == frame_header(found.seq, body) + body
 
 
 def test_finished_operations_are_pruned_in_flight_ones_kept() -> None:

@@ -476,14 +476,6 @@ class GuestStore(Protocol):
         """
         ...
 
-    async def save_async(self, record: GuestRecord) -> None:
-        """As :meth:`save`, without blocking the event loop while the disk is written (``record`` is current at once).
-
-        Raises:
-            StoreUnavailable: The state directory cannot be written.
-        """
-        ...
-
     def save_later(self, record: GuestRecord) -> None:
         """Make ``record`` current now, to be written by :meth:`flush_soon` (an outcome after its answer)."""
         ...

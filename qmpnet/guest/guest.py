@@ -50,7 +50,7 @@ from qmpnet.guest.capture import check_capture, run_capture
 from qmpnet.guest.events import GuestEvents
 from qmpnet.guest.hotadd import HotAdd
 from qmpnet.guest.journal import Journal, new_operation
-from qmpnet.guest.lane import Lane, LaneBudget
+from qmpnet.guest.lane import Lane
 from qmpnet.guest.late_events import LateEvents
 from qmpnet.guest.live_changes import LiveChanges
 from qmpnet.guest.nic_table import NicTable
@@ -91,8 +91,6 @@ class Guest:
         qga: The guest agent's socket; when absent it is looked for on entry (``query-chardev`` and the
             virtserialport named ``org.qemu.guest_agent.0``). It gives ``list_nics`` the guest's own view and
             makes ``verify`` possible.
-        lanes: The lanes this guest's lane is counted with (``qmpnet serve`` shares one among its guests; default:
-            its own). While others are at work, the disk work of a hot path's record writes leaves the event loop.
     """
 
     def __init__(  # noqa: PLR0913 - the lane's collaborators, keyword-only
@@ -104,15 +102,13 @@ class Guest:
         host: HostNetwork | None = None,
         store: GuestStore | None = None,
         qga: str | PathLike[str] | None = None,
-        lanes: LaneBudget | None = None,
     ) -> None:
         self.name = name
         self._monitor = monitor
         self._settings = settings = settings or Settings()
-        budget = lanes if lanes is not None else LaneBudget()
         store = store or MemoryGuestStore(GuestRecord(address=name, name=name), key=name)
-        self._journal = journal = Journal(store, keep=settings.lane.operation_window, budget=budget)
-        self._lane = Lane(name, settings.lane, budget, let_go=journal.flush_soon)
+        self._journal = journal = Journal(store, keep=settings.lane.operation_window)
+        self._lane = Lane(name, settings.lane, let_go=journal.flush_soon)
         self._nics = nics = NicTable(journal)
         self._events = events = GuestEvents(name)
         parts = LaneParts(name=name, monitor=monitor, host=host, journal=journal, nics=nics, events=events,

@@ -107,7 +107,7 @@ class HotAdd:
         plan = plan_add(spec, inventory.view(), vhost=vhost, passt_dir=passt_dir, mtu=link.mtu)
         record = _adding(spec, plan, started.id, f"{self._parts.journal.key}/{plan.nic_id}", vhost=vhost)
         recorded = self._parts.journal.operation(started.id) or started  # the first plan's, if planned again
-        await self._parts.journal.save_async(self._parts.journal.record.with_operation(recorded).with_nic(record))
+        self._parts.journal.save(self._parts.journal.record.with_operation(recorded).with_nic(record))
         undo = UndoStack()
         try:
             record = await self._run_steps(spec, plan, record, undo, link)

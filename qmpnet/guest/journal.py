@@ -8,9 +8,11 @@ resolves (:mod:`qmpnet.core.recovery_plan`). Keeping every read and write of the
 means that how a record is written (pruned, stamped, where the disk work happens) is decided once.
 
 Finished operations stay in the record for ``lane.operation_window`` seconds (a repeated transaction is answered
-from them, also after a restart) and are pruned on the next write after that. A write is synchronous unless other
-lanes sharing the :class:`~qmpnet.guest.lane.LaneBudget` are at work: then the disk work of a hot path's writes
-leaves the event loop (:meth:`Journal.save_async`).
+from them, also after a restart) and are pruned on the next write after that. A write is synchronous, on the event
+loop: a record is written to the page cache without fsync (:mod:`qmpnet.adapters.store.slots`), which takes less CPU
+than handing it to a worker thread and back (at 20 guests hot-plugging at once, ~10% of the controller's CPU per
+hot-add; docs/performance.md); only the desired set's fsync'd copy is written in a thread of its own, behind the
+answer.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from qmpnet.errors import QmpCommandError, QmpnetError
 if TYPE_CHECKING:
     from qmpnet.core.ports import GuestStore
     from qmpnet.core.records import GuestRecord, NicRecord, OperationRecord
-    from qmpnet.guest.lane import LaneBudget
 
 __all__ = ["Journal", "finished", "new_operation"]
 
@@ -36,13 +37,11 @@ class Journal:
     Args:
         store: The record in the state store.
         keep: Seconds a finished operation is kept (``lane.operation_window``).
-        budget: The lanes at work in the process (decides where a hot path's write happens).
     """
 
-    def __init__(self, store: GuestStore, *, keep: float, budget: LaneBudget) -> None:
+    def __init__(self, store: GuestStore, *, keep: float) -> None:
         self._store = store
         self._keep = keep
-        self._budget = budget
 
     @property
     def key(self) -> str:
@@ -74,20 +73,6 @@ class Journal:
             StoreUnavailable: The state directory cannot be written (nothing was changed).
         """
         self._store.save(record.pruned(time.time(), self._keep))
-
-    async def save_async(self, record: GuestRecord) -> None:
-        """As :meth:`save`, the disk work off the event loop while other lanes are at work (a hot path's writes).
-
-        With this lane the only one at work, the loop has nobody else to serve while the disk flushes, and writing
-        here saves the hop to a worker thread and back.
-
-        Raises:
-            StoreUnavailable: The state directory cannot be written (nothing was changed).
-        """
-        if self._budget.held <= 1:
-            self._store.save(record.pruned(time.time(), self._keep))
-        else:
-            await self._store.save_async(record.pruned(time.time(), self._keep))
 
     def save_later(self, record: GuestRecord) -> None:
         """Make ``record`` (pruned) the current one; it is written behind the answer (:meth:`flush_soon`).

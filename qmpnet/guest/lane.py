@@ -5,11 +5,6 @@ on one guest never interleave, while different guests (different lanes) run in p
 most ``lane.max_waiting`` calls may wait, each at most ``lane.max_wait`` seconds; past either limit a call gets
 ``busy`` or ``timeout`` and nothing was sent. Internal work (recovery, settling a late unplug) is not bounded: it
 must always get its turn.
-
-How many lanes of the process are at work right now is a :class:`LaneBudget`, an object the composition root makes
-and hands to each of its guests (``qmpnet serve`` one for its fleet, ``qmpnet.connect`` one per guest), never a
-module-level global: two controllers in one process, or a test, count their own lanes. The journal asks it whether
-a write may stay on the event loop (:meth:`qmpnet.guest.journal.Journal.save_async`).
 """
 
 from __future__ import annotations
@@ -24,27 +19,7 @@ if TYPE_CHECKING:
 
     from qmpnet.settings import LaneSettings
 
-__all__ = ["Lane", "LaneBudget"]
-
-
-class LaneBudget:
-    """How many lanes (of the guests that share this object) are held right now."""
-
-    def __init__(self) -> None:
-        self._held = 0
-
-    @property
-    def held(self) -> int:
-        """The lanes held at this moment."""
-        return self._held
-
-    def enter(self) -> None:
-        """A lane was taken."""
-        self._held += 1
-
-    def leave(self) -> None:
-        """A lane was given back."""
-        self._held -= 1
+__all__ = ["Lane"]
 
 
 class Lane:
@@ -53,16 +28,14 @@ class Lane:
     Args:
         name: The guest's name, for the errors.
         settings: The admission limits.
-        budget: The lanes this one is counted with.
         let_go: Called each time a call gives the lane back (the journal's write-behind).
     """
 
     def __init__(
-        self, name: str, settings: LaneSettings, budget: LaneBudget, *, let_go: Callable[[], None] = lambda: None
+        self, name: str, settings: LaneSettings, *, let_go: Callable[[], None] = lambda: None
     ) -> None:
         self._name = name
         self._settings = settings
-        self._budget = budget
         self._let_go = let_go
         self._lock = asyncio.Lock()
         self._waiting = 0
@@ -91,14 +64,11 @@ class Lane:
 
     async def _take_bounded(self) -> None:
         await self._acquire(bounded=True)
-        self._budget.enter()
 
     async def _take_unbounded(self) -> None:
         await self._acquire(bounded=False)
-        self._budget.enter()
 
     def _give_back(self) -> None:
-        self._budget.leave()
         self._lock.release()
         self._let_go()  # e.g. the journal's write-behind: the outcome follows the answer
 

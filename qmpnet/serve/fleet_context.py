@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias
 from qmpnet.api.wire.envelopes import EventMessage
 from qmpnet.core.backoff import backoff
 from qmpnet.core.ports import Connection
-from qmpnet.guest.lane import LaneBudget
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -85,8 +84,6 @@ class FleetContext:
         open_store: Locks and loads a guest's record.
         observer: Metrics hooks.
         host: The host side shared by every guest's lane (``None``: backends that need nothing on the host).
-        lanes: The lanes of this controller's guests at work (a guest's hot path writes off the loop while others
-            work).
         first_reads: Turns for reading a guest the first time (``controller.first_reads``), see the supervisor.
     """
 
@@ -96,7 +93,6 @@ class FleetContext:
     open_store: StoreOpener
     observer: Observer
     host: HostNetwork | None
-    lanes: LaneBudget = field(init=False, default_factory=LaneBudget)
     first_reads: asyncio.Semaphore = field(init=False)
     _states: dict[str, int] = field(init=False, default_factory=lambda: dict.fromkeys(_STATES, 0))
 

@@ -212,7 +212,7 @@ class Supervisor:
     async def _serve(self, connection: Connection, store: GuestStore) -> None:
         fleet = self.fleet
         guest = Guest(connection, name=self.name, settings=fleet.settings, host=fleet.host, store=store,
-                      qga=self.agent, lanes=fleet.lanes)
+                      qga=self.agent)
         guest.subscribe(self._on_event)
         connection.on_event(self._on_qmp_event)
         # The first read of a guest (recovery, the NIC list) takes one of a few turns: a fleet that connects at once

@@ -266,24 +266,3 @@ def test_a_record_file_is_the_document_pydantic_writes() -> None:
         assert GuestRecord.model_validate_json(written) == record
 
 
-async def test_a_write_off_the_event_loop_never_loses_a_later_one(tmp_path: Path) -> None:
-    from qmpnet.adapters.store import StateDir  # noqa: PLC0415 - as above
-    from qmpnet.adapters.store.reading import newest_json  # noqa: PLC0415 - as above
-    from qmpnet.core.records import GuestRecord, NicRecord  # noqa: PLC0415 - as above
-
-    def nic(nic_id: str) -> NicRecord:
-        return NicRecord(id=nic_id, spec=None, netdev=None, state="active", link="up")
-
-    store = await StateDir(tmp_path).open_guest("/run/vm1.qmp", "vm1", wait=1)
-    try:
-        first = store.record.with_nic(nic("a"))
-        writing = asyncio.create_task(store.save_async(first))
-        await asyncio.sleep(0)  # whichever write runs first, the file ends with both
-        assert store.record is first  # current at once: what is built next contains it
-        store.save(store.record.with_nic(nic("b")))  # e.g. a desired document, outside the lane
-        await writing
-        on_disk = GuestRecord.model_validate_json(newest_json(store.slots[0].parent, store.key) or b"")
-        assert set(on_disk.nics) == {"a", "b"}
-        assert set(store.record.nics) == {"a", "b"}
-    finally:
-        store.close()

@@ -120,8 +120,7 @@ class StateDir:
         self.guests = root / "guests"
         self.boot = read_boot_id(boot_id_file)
         # The desired sets' fsync'd writes of all its guests, one at a time in a thread of their own (started at
-        # the first): in the default executor, a fleet's fsyncs held the threads the hot path's intent writes wait
-        # for (GuestStore.save_async), and they are off every answer's path anyway.
+        # the first): off every answer's path, and never holding the default executor's threads.
         self._durable_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmpnet-desired")
 
     @property
@@ -235,11 +234,12 @@ class FileGuestStore:
     """One guest's record, locked for this process until :meth:`close`.
 
     The record alternates between two slot files (:mod:`.slots`): each write goes to the slot that does not hold the
-    newest record on disk, numbered one past it. Writes are serialised (a thread lock: :meth:`save_async` writes in
-    a worker thread) and numbered in the order they were asked for; a write that finds a later one already on disk
-    has nothing left to do, since every record is built from the current one and so contains what the earlier ones
-    did. The desired set of the newest record on disk is written durably to its own file by :meth:`flush_soon`
-    whenever it is not the object last written.
+    newest record on disk, numbered one past it. A write is a page-cache write made on the caller's thread (the
+    event loop's: cheaper than a hop to a worker thread and back); writes are serialised by a lock all the same (a
+    tool may close the store from another thread) and numbered in the order they were asked for; a write that finds
+    a later one already on disk has nothing left to do, since every record is built from the current one and so
+    contains what the earlier ones did. The desired set of the newest record on disk is written durably to its own
+    file by :meth:`flush_soon` whenever it is not the object last written.
     """
 
     def __init__(  # noqa: PLR0913 - the files and what was found in them, keyword-only but the first four
@@ -284,7 +284,7 @@ class FileGuestStore:
 
     @property
     def record(self) -> GuestRecord:
-        """The record as last saved (or loaded); during :meth:`save_async`, the one being written."""
+        """The record as last saved (or loaded)."""
         return self._record
 
     def save(self, record: GuestRecord) -> None:
@@ -299,26 +299,6 @@ class FileGuestStore:
         self._asked += 1
         self._write(self._encoder.encode(record), self._asked, record)
         self._record = record
-
-    async def save_async(self, record: GuestRecord) -> None:
-        """As :meth:`save`, with the disk work in a worker thread: the event loop serves other guests meanwhile.
-
-        ``record`` is the current record at once (what is built on it next contains it); it is on disk when this
-        returns.
-
-        Raises:
-            StoreUnavailable: The state directory can no longer be written (the record is what it was, unless it
-                was changed again meanwhile).
-        """
-        self._asked += 1
-        data, number = self._encoder.encode(record), self._asked
-        self._record = record
-        try:
-            await asyncio.to_thread(self._write, data, number, record)
-        except StoreUnavailable:
-            if self._record is record:
-                self._record = self._durable
-            raise
 
     def save_later(self, record: GuestRecord) -> None:
         """Make ``record`` the current one now; it is written by the next write, or by :meth:`flush_soon`'s.
@@ -540,10 +520,6 @@ class MemoryGuestStore:
         """Keep ``record``."""
         self._record = record
         self.saves += 1
-
-    async def save_async(self, record: GuestRecord) -> None:
-        """Keep ``record`` (as :meth:`save`)."""
-        self.save(record)
 
     def save_later(self, record: GuestRecord) -> None:
         """Keep ``record`` (as :meth:`save`)."""

@@ -11,7 +11,7 @@ from fakeqmp import Command, FakeQmp
 
 import qmpnet
 from qmpnet.errors import Timeout
-from qmpnet.guest.lane import Lane, LaneBudget
+from qmpnet.guest.lane import Lane
 from qmpnet.settings import LaneSettings, QmpSettings, Settings
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ async def test_a_stuck_guest_does_not_delay_another(sockdir: Path, fast: Setting
 
 
 async def test_a_lane_taken_at_once_or_waited_for_keeps_its_order_and_bound() -> None:
-    lane = Lane("vm1", LaneSettings(max_wait=0.05), LaneBudget())
+    lane = Lane("vm1", LaneSettings(max_wait=0.05))
     async with lane.turn():  # free: taken at once
         with pytest.raises(Timeout):  # held: another call waits at most max_wait
             async with lane.turn():

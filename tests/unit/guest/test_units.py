@@ -1,4 +1,4 @@
-"""What the guest lane's units add to the facade: the NIC snapshot, lanes counted per budget, the record's window."""
+"""What the guest lane's units add to the facade: the NIC snapshot, the record's window."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from fakemonitor import RecordingMonitor
 from fakeqmp import eventually
 
 from qmpnet.guest.guest import Guest
-from qmpnet.guest.lane import LaneBudget
 from qmpnet.settings import LaneSettings, Settings
 
 
@@ -33,24 +32,6 @@ async def test_the_nic_snapshot_follows_the_lane_without_reading_the_guest() -> 
         assert _states(guest)["e1"] == ("removal_pending", "up")
         monitor.emit("DEVICE_DELETED", {"device": "e1", "path": "/machine/peripheral/e1"})
         await eventually(lambda: "e1" not in _states(guest))
-
-
-async def test_lanes_are_counted_by_the_budget_they_share() -> None:
-    shared, own = LaneBudget(), LaneBudget()
-    monitors = [RecordingMonitor() for _ in range(3)]
-    gates = [monitor.gates.setdefault("netdev_add", asyncio.Event()) for monitor in monitors]
-    first = Guest(monitors[0], name="vm1", lanes=shared)
-    second = Guest(monitors[1], name="vm2", lanes=shared)
-    third = Guest(monitors[2], name="vm3", lanes=own)
-    async with asyncio.timeout(5), first, second, third:
-        assert shared.held == own.held == 0
-        adds = [asyncio.create_task(guest.add_nic({"id": "a"})) for guest in (first, second, third)]
-        await eventually(lambda: all(monitor.commands[-1:] == ["netdev_add"] for monitor in monitors))
-        assert (shared.held, own.held) == (2, 1)
-        for gate in gates:
-            gate.set()
-        await asyncio.gather(*adds)
-        assert shared.held == own.held == 0
 
 
 async def test_the_record_keeps_finished_operations_for_the_operation_window() -> None:

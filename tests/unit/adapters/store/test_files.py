@@ -527,7 +527,7 @@ async def test_a_full_disk_is_store_unavailable_and_changes_nothing(
     try:
         monkeypatch.setattr(files, "_write_slot", full)
         with pytest.raises(StoreUnavailable, match="No space left on device") as info:
-            await store.save_async(before.with_nic(nic("b")))
+            store.save(before.with_nic(nic("b")))
         assert info.value.code == "store_unavailable"
         assert info.value.field == "state_dir"
         with pytest.raises(StoreUnavailable):
@@ -652,7 +652,7 @@ def test_the_test_session_has_a_state_dir_of_its_own(state_dir: Path) -> None:
 async def test_the_desired_sets_durable_writes_have_a_thread_of_their_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Not the loop's default executor, whose threads the hot path's intent writes (save_async) wait for.
+    # Not the loop's default executor, which the rest of the process shares.
     threads: list[str] = []
     write_file = files._write_file
 

@@ -61,7 +61,7 @@ class RecordEncoder:
     encoded (through :func:`json_once`): a record of 25 NICs has some 75 pieces, and a look-up of each (~1 us) was
     most of a write's CPU. A piece is only ever reused at its own place, which is what lets it carry its comma. It
     holds the last record's sub-records (which the store holds anyway) and nothing older. Not thread-safe: a store
-    encodes on its event loop (the disk work alone goes to a thread).
+    encodes (and writes) on its event loop.
     """
 
     __slots__ = ("_last", "_rests")

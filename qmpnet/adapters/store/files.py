@@ -419,7 +419,7 @@ class FileGuestStore:
             except StoreUnavailable as err:
                 log.warning("%s: the last change of guest %s is not recorded", err, self.key)
         self._write_desired_logged()
-        with self._io:  # a write in a worker thread finishes first
+        with self._io:  # a write under way (a tool's, from another thread) finishes first
             if self._dir_fd is not None:
                 os.close(self._dir_fd)
                 self._dir_fd = None

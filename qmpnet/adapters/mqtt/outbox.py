@@ -118,7 +118,7 @@ class Outbox:
         """Whether retained ``item`` waits for the end of its topic's interval (and is sent as the latest then)."""
         topic = item.topic
         due = self._state_due.get(topic)
-        if item.message == b"":  # a deletion: never held back, and nothing older is due after it
+        if isinstance(item.message, bytes) and not item.message:  # a deletion: never held back, nor what was due
             if due is not None:
                 due.cancel()
                 del self._state_due[topic]

@@ -391,8 +391,8 @@ class MqttBus:
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
         """Send what is waiting, then ``offline``; within ``shutdown_timeout`` each."""
+        self.outbox.flush_state(hold_no_more=True)  # what was held back for its interval goes before offline
         self.outbox.put(Outgoing(self.topics.status, _OFFLINE, "state"))
-        self.outbox.flush_state()  # the state held back for its interval, and offline, go now
         try:
             async with asyncio.timeout(self.settings.shutdown_timeout):
                 await self.outbox.settled()

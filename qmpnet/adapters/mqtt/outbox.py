@@ -143,8 +143,10 @@ class Outbox:
             self._todo.append(item)
         self._wake()
 
-    def flush_state(self) -> None:
-        """Queue every retained topic held back now (a stopping controller's last state goes before ``offline``)."""
+    def flush_state(self, *, hold_no_more: bool = False) -> None:
+        """Queue every retained topic held back now; ``hold_no_more``: and no later change (a stopping controller)."""
+        if hold_no_more:
+            self._interval = 0.0
         for topic, due in list(self._state_due.items()):
             due.cancel()
             self._publish_due(topic)

@@ -150,3 +150,17 @@ async def test_a_new_session_sends_the_held_back_state_at_once() -> None:
     outbox.put(state("s/nics", b"3"))  # the session's first change of the topic: at once
     assert await drain(outbox) == ["s/nics"]
     await asyncio.wait_for(outbox.settled(), 1)
+
+
+async def test_a_stopping_controller_sends_what_was_held_back_and_holds_nothing_more() -> None:
+    outbox = Outbox(limit=100, state_interval=3600)
+    outbox.session_started()
+    outbox.put(state("s/status", b"online"))
+    outbox.put(state("s/nics", b"1"))
+    outbox.put(state("s/nics", b"2"))
+    assert await drain(outbox) == ["s/status", "s/nics"]
+    outbox.flush_state(hold_no_more=True)
+    outbox.put(state("s/status", b"offline"))  # within the interval, yet at once: nothing is held any more
+    assert await drain(outbox) == ["s/nics", "s/status"]  # the held-back list first, then offline
+    assert (outbox.retained("s/nics"), outbox.retained("s/status")) == (b"2", b"offline")
+    await asyncio.wait_for(outbox.settled(), 1)

@@ -326,8 +326,15 @@ class HostNetwork(Protocol):
         """Whether vhost-net can be used."""
         ...
 
-    async def prepare_vfio(self, host: str, *, rebind: bool) -> str | None:
+    async def prepare_vfio(
+        self, host: str, *, rebind: bool, taking: Callable[[str], None] | None = None
+    ) -> str | None:
         """Check ``host`` can be assigned; with ``rebind`` bind it to vfio-pci and return its original driver.
+
+        ``taking`` is called with the original driver (``""``: none) just before the rebind, on the caller's
+        thread: the caller records it there, so a process killed during or right after the rebind leaves a record
+        that gives the function back (:func:`qmpnet.guest.host_release.release_host_side`; giving back a function
+        that was never taken changes nothing).
 
         Raises:
             NotFound, InvalidRequest, Unsupported: The device, its class or its IOMMU group do not allow it.

@@ -127,13 +127,22 @@ class HotAdd:
     ) -> NicRecord:
         """Prepare the host (recording what it holds), run the QMP steps, tune the tap; returns the record."""
         owner = f"{self._parts.journal.key}/{plan.nic_id}"
-        attachment = await prepare_host(self._parts.host, self._parts.monitor, spec, plan, owner, undo, link)
-        if attachment.tap is not None or attachment.vfio_host is not None:
-            hold = replaced(record.host, {
+
+        def held(attachment: Attachment) -> NicRecord:
+            return replaced(record, {"host": replaced(record.host, {
                 "tap": attachment.tap, "bridge": attachment.bridge, "network": attachment.network,
                 "vfio_host": attachment.vfio_host, "vfio_driver": attachment.vfio_driver,
-            })
-            record = replaced(record, {"host": hold})
+            })})  # fmt: skip
+
+        def taking(attachment: Attachment) -> None:  # a PCI function's driver, before its rebind
+            self._parts.journal.save(self._parts.journal.record.with_nic(held(attachment)))
+
+        # What the host side holds is written before the first QMP command; a PCI function's original driver even
+        # before its rebind, so that a process killed right after the rebind leaves a record that gives it back.
+        attachment = await prepare_host(self._parts.host, self._parts.monitor, spec, plan, owner, undo, link,
+                                        taking=taking)  # fmt: skip
+        if attachment.tap is not None or attachment.vfio_host is not None:
+            record = held(attachment)
             self._parts.journal.save(self._parts.journal.record.with_nic(record))
         if attachment.passt is not None:  # its socket is recorded already: a recovery finds it without the pid too
             passt = {"passt_pid": attachment.passt.pid, "passt_started": attachment.passt.started}

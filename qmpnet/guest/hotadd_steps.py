@@ -24,6 +24,8 @@ from qmpnet.core.mtu import check_within
 from qmpnet.errors import QmpCommandError, RemovalPending, Unsupported
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from qmpnet.core.ports import HostNetwork, HostProcess, Monitor
     from qmpnet.guest.undo import UndoStack
 
@@ -84,10 +86,13 @@ async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, pa
     owner: str,
     undo: UndoStack,
     link: HostLink | None = None,
+    taking: Callable[[Attachment], None] = lambda _: None,
 ) -> Attachment:
     """Do the host-side work ``spec``'s backend needs before its QMP steps; push the undo of each action.
 
-    ``link`` is what :func:`host_link` found (the NAT network's bridge is looked up again without it).
+    ``link`` is what :func:`host_link` found (the NAT network's bridge is looked up again without it). ``taking``
+    is told what a PCI function's rebind will take before it happens (to record it: see
+    :meth:`qmpnet.core.ports.HostNetwork.prepare_vfio`).
 
     Raises:
         Unsupported: The backend needs host networking and this guest has none configured.
@@ -108,10 +113,7 @@ async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, pa
     if isinstance(backend, PasstBackend):
         return await _start_passt(host, backend, plan, undo)
     if isinstance(backend, VfioBackend):
-        driver = await host.prepare_vfio(backend.host, rebind=backend.rebind)
-        if driver is not None:
-            undo.push("vfio-pci rebind", lambda: host.restore_vfio(backend.host, driver))
-        return Attachment(vfio_host=backend.host, vfio_driver=driver)
+        return await _take_function(host, backend, undo, taking)
     bridge: str | None = None
     if isinstance(backend, MacvtapBackend):
         assert plan.mac is not None  # noqa: S101 - every plan but vfio's has a MAC
@@ -133,6 +135,21 @@ async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, pa
     network = backend.network if isinstance(backend, NatBackend) else None
     return Attachment(tap=tap.name, bridge=bridge, network=network)
 
+
+
+async def _take_function(
+    host: HostNetwork, backend: VfioBackend, undo: UndoStack, taking: Callable[[Attachment], None]
+) -> Attachment:
+    """Check the PCI function, rebind it if asked (telling ``taking`` first); push the rebind's undo."""
+    function = backend.host
+
+    def took(original: str) -> None:
+        taking(Attachment(vfio_host=function, vfio_driver=original))
+
+    driver = await host.prepare_vfio(function, rebind=backend.rebind, taking=took)
+    if driver is not None:
+        undo.push("vfio-pci rebind", lambda: host.restore_vfio(function, driver))
+    return Attachment(vfio_host=function, vfio_driver=driver)
 
 async def _start_passt(host: HostNetwork, backend: PasstBackend, plan: AddPlan, undo: UndoStack) -> Attachment:
     """Start the NIC's passt before ``netdev_add`` connects QEMU to it; its undo ends it (a rollback)."""

@@ -89,7 +89,9 @@ class PortsHost:
     def vhost(self) -> bool:
         return False
 
-    async def prepare_vfio(self, host: str, *, rebind: bool) -> str | None:
+    async def prepare_vfio(
+        self, host: str, *, rebind: bool, taking: Callable[[str], None] | None = None
+    ) -> str | None:
         raise NotImplementedError
 
     async def restore_vfio(self, host: str, driver: str) -> None:

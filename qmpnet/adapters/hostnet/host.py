@@ -90,16 +90,21 @@ class HostNet:
         from qmpnet.adapters.hostnet.taps import vhost_usable  # noqa: PLC0415 - netlink only when used (see the imports)
         return vhost_usable()
 
-    async def prepare_vfio(self, host: str, *, rebind: bool) -> str | None:
+    async def prepare_vfio(
+        self, host: str, *, rebind: bool, taking: Callable[[str], None] | None = None
+    ) -> str | None:
         """Check ``host`` for assignment; with ``rebind`` bind it to vfio-pci and return the original driver.
 
-        Returns ``None`` when nothing was changed, ``""`` when the function had no driver before.
+        Returns ``None`` when nothing was changed, ``""`` when the function had no driver before. ``taking`` is told
+        the original driver before the rebind (see :meth:`qmpnet.core.ports.HostNetwork.prepare_vfio`).
         """
         from qmpnet.adapters.hostnet.vfio import bind_vfio, check_vfio  # noqa: PLC0415 - only for a vfio NIC
 
         device = await asyncio.to_thread(check_vfio, host, rebind=rebind, sysfs=self.settings.sysfs_root)
         if not device.needs_rebind:
             return None
+        if taking is not None:
+            taking(device.driver or "")
         original = await asyncio.to_thread(bind_vfio, host, sysfs=self.settings.sysfs_root)
         return original or ""  # "" = it had no driver: still undo the rebind (driver_override) afterwards
 

@@ -33,6 +33,7 @@ from qmpnet.errors import (
 )
 from qmpnet.guest.apply_desired import apply_desired
 from qmpnet.guest.guest import Guest
+from qmpnet.guest.host_release import release_host_side
 from qmpnet.settings import QmpSettings, Settings
 
 if TYPE_CHECKING:
@@ -76,12 +77,17 @@ class FakeTap:
         self.closed = True
 
 
+class Killed(Exception):
+    """The process dying at this point (nothing after it runs in the lane)."""
+
+
 @dataclass
 class FakeHost:
     """A :class:`qmpnet.core.ports.HostNetwork` that records every call and fails the ones listed in ``errors``."""
 
     use_vhost: bool = False
     original_driver: str | None = "e1000e"
+    die_at_rebind: bool = False  # raise Killed with the function rebound, as a SIGKILL right after it
     errors: dict[str, QmpnetError] = field(default_factory=dict)
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     taps: list[FakeTap] = field(default_factory=list)
@@ -132,9 +138,17 @@ class FakeHost:
     def vhost(self) -> bool:
         return self.use_vhost
 
-    async def prepare_vfio(self, host: str, *, rebind: bool) -> str | None:
+    async def prepare_vfio(
+        self, host: str, *, rebind: bool, taking: Callable[[str], None] | None = None
+    ) -> str | None:
         self._call("prepare_vfio", host, rebind)
-        return self.original_driver if rebind else None
+        if not rebind:
+            return None
+        if taking is not None:
+            taking(self.original_driver or "")
+        if self.die_at_rebind:
+            raise Killed  # the process dies with the function rebound: what it wrote is all a restart has
+        return self.original_driver
 
     async def restore_vfio(self, host: str, driver: str) -> None:
         self._call("restore_vfio", host, driver)
@@ -663,6 +677,18 @@ async def test_vfio_rebind_is_undone_when_device_add_fails() -> None:
         await guest.add_nic({"backend": {"type": "vfio", "host": "0000:03:00.0", "rebind": True}})
     assert monitor.commands == ["device_add"]
     assert host.calls == [("prepare_vfio", "0000:03:00.0", True), ("restore_vfio", "0000:03:00.0", "e1000e")]
+
+
+async def test_a_process_killed_right_after_the_rebind_leaves_a_record_that_gives_the_function_back() -> None:
+    host = FakeHost(original_driver="ixgbe", die_at_rebind=True)
+    store = MemoryGuestStore(GuestRecord(address="vm1", name="vm1"), key="vm1")
+    guest = Guest(RecordingMonitor(), name="vm1", settings=Settings(), host=host, store=store)
+    with pytest.raises(Killed):
+        await guest.add_nic({"id": "h0", "backend": {"type": "vfio", "host": "0000:03:00.0", "rebind": True}})
+    left = store.record.nics["h0"]  # what the next process reads
+    assert (left.state, left.host.vfio_host, left.host.vfio_driver) == ("adding", "0000:03:00.0", "ixgbe")
+    await release_host_side(host, left, "vm1")  # what recovery does with a NIC QEMU never got
+    assert host.calls[-1] == ("restore_vfio", "0000:03:00.0", "ixgbe")
 
 
 async def test_vfio_rebind_is_given_back_after_removal() -> None:

@@ -136,7 +136,6 @@ async def prepare_host(  # noqa: PLR0913, PLR0917 - the lane's collaborators, pa
     return Attachment(tap=tap.name, bridge=bridge, network=network)
 
 
-
 async def _take_function(
     host: HostNetwork, backend: VfioBackend, undo: UndoStack, taking: Callable[[Attachment], None]
 ) -> Attachment:
@@ -150,6 +149,7 @@ async def _take_function(
     if driver is not None:
         undo.push("vfio-pci rebind", lambda: host.restore_vfio(function, driver))
     return Attachment(vfio_host=function, vfio_driver=driver)
+
 
 async def _start_passt(host: HostNetwork, backend: PasstBackend, plan: AddPlan, undo: UndoStack) -> Attachment:
     """Start the NIC's passt before ``netdev_add`` connects QEMU to it; its undo ends it (a rollback)."""

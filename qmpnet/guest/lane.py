@@ -10,6 +10,7 @@ must always get its turn.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import TYPE_CHECKING
 
 from qmpnet.errors import Busy, Timeout
@@ -40,7 +41,8 @@ class Lane:
         self._lock = asyncio.Lock()
         self._waiting = 0
         self._passing = 0  # calls of passed() waiting for the lock: with _waiting, every waiter the lock can have
-        self._turns = (_Turn(self._take_unbounded, self._give_back), _Turn(self._take_bounded, self._give_back))
+        unbounded, bounded = (functools.partial(self._acquire, bounded=flag) for flag in (False, True))
+        self._turns = (_Turn(unbounded, self._give_back), _Turn(bounded, self._give_back))
 
     @property
     def waiting(self) -> int:
@@ -61,12 +63,6 @@ class Lane:
             Timeout: ``bounded`` and the lane was not free within ``lane.max_wait`` seconds.
         """
         return self._turns[bounded]
-
-    async def _take_bounded(self) -> None:
-        await self._acquire(bounded=True)
-
-    async def _take_unbounded(self) -> None:
-        await self._acquire(bounded=False)
 
     def _give_back(self) -> None:
         self._lock.release()

@@ -442,15 +442,15 @@ def _check_room(directory: str, size: int, *, root: bool) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def _write_slot(path: str, data: bytes | Sequence[bytes], size: int | None) -> None:
+def _write_slot(path: str, data: Sequence[bytes], size: int | None) -> None:
     """``data`` over the slot file at ``path`` (created if missing) from offset 0, cut to its length if it was longer.
 
-    ``data`` is the frame, whole or in parts (the header, the record), written one after the other without joining
-    them. No rename, no fsync (see the module docstring); ``size`` is the file's size now (``None``: not known).
+    ``data`` is the frame in parts (the header, the record), written one after the other without joining them. No
+    rename, no fsync (see the module docstring); ``size`` is the file's size now (``None``: not known).
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        length = _pwrite_all(fd, (data,) if isinstance(data, bytes) else data)
+        length = _pwrite_all(fd, data)
         if size is None or size > length:
             os.ftruncate(fd, length)
     finally:

@@ -22,6 +22,8 @@ from qmpnet.core.model import GuestEvent, NicSpec
 from qmpnet.core.records import GuestRecord, HostHold, NicRecord, OperationRecord
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from qmpnet.settings import Settings
 
 
@@ -197,7 +199,7 @@ async def test_a_hot_add_writes_once_before_its_answer_and_never_syncs_the_recor
         writes.append((Path(path).name, sync))
         write_file(tmp, path, data, sync=sync)
 
-    def counted_slot(path: str, data: bytes, size: int | None) -> None:
+    def counted_slot(path: str, data: Sequence[bytes], size: int | None) -> None:
         writes.append((Path(path).name, False))  # a slot of the record: never synced
         write_slot(path, data, size)
 

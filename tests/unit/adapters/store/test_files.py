@@ -521,7 +521,7 @@ async def test_a_full_disk_is_store_unavailable_and_changes_nothing(
 
     def full(path: str, data: Sequence[bytes], size: int | None) -> None:
         if written:
-            write_slot(path, b"".join(data)[:written], size)  # what a write that fails halfway leaves
+            write_slot(path, (b"".join(data)[:written],), size)  # what a write that fails halfway leaves
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     try:

@@ -28,7 +28,7 @@ from mqtt_fixtures import Mosquitto, Probe, Serve, wait_online
 from test_recovery import no_os_guest, peripheral_nics
 
 from qmpnet.adapters.store import guest_key
-from qmpnet.adapters.store.reading import newest_json, read_record_files, slot_paths
+from qmpnet.adapters.store.reading import newest_desired, newest_json, read_record_files, slot_paths
 from qmpnet.adapters.store.slots import frame
 from qmpnet.core.records import FORMAT_VERSION
 from qmpnet.testguest import TestMachine
@@ -51,8 +51,10 @@ async def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60
     return process.returncode, out.decode(), err.decode()
 
 
-def desired_path(state: Path, qmp: Path | str) -> Path:
-    return state / "guests" / f"{guest_key(str(qmp))}.desired.json"
+def durable_ids(state: Path, qmp: Path | str) -> list[str | None] | None:
+    """The NIC ids of the guest's durable desired set as the next process reads it (``None``: no set)."""
+    desired = newest_desired(state / "guests", guest_key(str(qmp)))
+    return None if desired is None else [spec.id for spec in desired.nics]
 
 
 def recorded(state: Path, qmp: Path | str) -> dict[str, Any]:
@@ -212,8 +214,7 @@ async def test_a_record_of_a_dead_qemu_is_dropped_and_its_desired_set_kept(tmp_p
         assert set(old["nics"]) == {"g1"}
         vm.kill()
         await vm.wait_exit(30)
-    desired = desired_path(state, qmp)
-    assert [n["id"] for n in json.loads(desired.read_text())["nics"]] == ["g1"]
+    assert durable_ids(state, qmp) == ["g1"]
     async with TestMachine(None, boot=False, workdir=workdir, name="dead", extra_args=aux_args(workdir)) as vm:
         assert vm.qmp_path == qmp
         rc, out, err = await cli("nic", "list", "--qmp", str(qmp), "--json", *flags)
@@ -224,7 +225,7 @@ async def test_a_record_of_a_dead_qemu_is_dropped_and_its_desired_set_kept(tmp_p
         assert now["nics"] == {}
         assert now["instance"] != old["instance"]
         # The desired set is durable and intact: `apply` of it brings the NIC back.
-        assert [n["id"] for n in json.loads(desired.read_text())["nics"]] == ["g1"]
+        assert durable_ids(state, qmp) == ["g1"]
 
 
 async def test_a_record_of_an_earlier_boot_is_dropped_through_the_cli(tmp_path: Path) -> None:
@@ -245,8 +246,7 @@ async def test_a_record_of_an_earlier_boot_is_dropped_through_the_cli(tmp_path: 
         after = recorded(state, qmp)
         assert (after["boot"], after["nics"], after["operations"]) == ("boot-b", {}, {})
         assert listed(out)["b1"]["managed"] is False  # read from QEMU; the void record no longer claims it
-        desired = json.loads(desired_path(state, qmp).read_text())
-        assert [n["id"] for n in desired["nics"]] == ["b1"]  # kept: it must outlive a reboot
+        assert durable_ids(state, qmp) == ["b1"]  # kept: it must outlive a reboot
 
 
 async def test_serve_after_a_reboot_adds_the_desired_set_back_from_the_durable_file(tmp_path: Path) -> None:
@@ -270,9 +270,8 @@ async def test_serve_after_a_reboot_adds_the_desired_set_back_from_the_durable_f
                     answer = await probe.call("qmpnet/rb/guest/vm/request/nic/add",
                                               {"nic": {"id": "r1", "mac": "52:54:00:0b:00:01"}, "transaction": "t-r1"})
                     assert answer["status"] == "ok", answer
-                # The set is fsync'd right after the answer (docs/architecture.md); the crash comes after that.
-                desired = desired_path(state, vm.qmp_path)
-                await until(lambda: desired.exists() and "r1" in desired.read_text(), 10)
+                # The set is synced right after the answer (docs/architecture.md); the crash comes after that.
+                await until(lambda: durable_ids(state, vm.qmp_path) == ["r1"], 10)
             finally:
                 serve.kill()  # the host goes down: no clean stop
             vm.kill()

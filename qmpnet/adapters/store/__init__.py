@@ -2,7 +2,9 @@
 
     <state_dir>/guests/<key>.record-a       the guest's record, in two slot files written in turn, in place, framed
     <state_dir>/guests/<key>.record-b       with a write number and a checksum (the newest complete one; no fsync)
-    <state_dir>/guests/<key>.desired.json   its desired set (temp file, fsync, rename, fsync dir: outlives a reboot)
+    <state_dir>/guests/<key>.desired-a      its desired set, in two slots the same way, each write followed by
+    <state_dir>/guests/<key>.desired-b      fdatasync (it outlives a reboot)
+    <state_dir>/guests/<key>.desired.json   the desired set as an earlier qmpnet wrote it (read, moved into the slots)
     <state_dir>/guests/<name>.corrupt-<ts>  a file that could not be read, moved aside (never deleted)
     <state_dir>/guests/<key>.json           the record as an earlier qmpnet wrote it (read, moved into the slots)
     <state_dir>/guests/<key>.lock           flock'd by the one qmpnet process that works on the guest

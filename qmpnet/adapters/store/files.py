@@ -12,13 +12,15 @@ Two kinds of file per guest, durable against two different failures (see :mod:`q
   ``<key>.json`` per guest, written by an earlier qmpnet, is read and moved into the slots. A host crash takes the
   QEMU processes, taps and bindings the record names with it; the record of an earlier boot is void
   (:meth:`GuestRecord.for_boot`).
-* ``<key>.desired.json``, the desired set, must outlive a reboot: it is written the same way *and* fsync'd (the file,
-  then the directory), in a worker thread once the call that changed it has been answered
+* ``<key>.desired-a`` and ``<key>.desired-b``, the desired set, must outlive a reboot: it alternates between its
+  two slots the same way, *and* each write is followed by ``fdatasync`` (no rename, so no fsync of the directory
+  but once, when a slot file is made), in a worker thread once the call that changed it has been answered
   (:meth:`FileGuestStore.flush_soon`), so an answer never waits for the disk; :meth:`FileGuestStore.close` waits for
   it. The sync follows the first change by ``WRITE_BEHIND_DELAY`` and writes the set as it is then: the changes of a
-  burst (hot-adds one after another) share one fsync instead of paying one each. The record carries the set too,
+  burst (hot-adds one after another) share one sync instead of paying one each. The record carries the set too,
   written with each change's intent: after a kill (same boot) the record's set is the newer and wins; after a reboot,
-  or when the record is unreadable, the durable file's does.
+  or when the record is unreadable, the durable slots' does. A ``<key>.desired.json`` written by an earlier qmpnet
+  is read and moved into the slots.
 
 A record that cannot be read (not JSON, another format version, invalid, or no complete slot) never locks a guest
 out: its files are moved aside as ``<name>.corrupt-<timestamp>`` (nothing is deleted), logged once and reported
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import errno
 import fcntl
 import hashlib
@@ -48,17 +51,18 @@ from qmpnet.adapters.store.encoding import RecordEncoder
 from qmpnet.adapters.store.reading import (
     BOOT_ID_FILE,
     Unreadable,
+    desired_paths,
+    legacy_desired_path,
     legacy_path,
     load_any,
-    load_desired,
     load_record,
     mtime_of,
     read_boot_id,
-    read_or_discard,
+    read_desired_files,
     read_record_files,
     slot_paths,
 )
-from qmpnet.adapters.store.slots import SLOT_SUFFIXES, frame_header
+from qmpnet.adapters.store.slots import DESIRED_SUFFIXES, NO_DESIRED_SET, SLOT_SUFFIXES, frame_header
 from qmpnet.core.records import DesiredSet, GuestRecord
 from qmpnet.errors import Busy, StoreUnavailable
 
@@ -84,12 +88,21 @@ _KEY_CHARS: Final = re.compile(r"[^A-Za-z0-9_.-]+")
 #: How often a waiter retries a held lock; the wait as a whole is bounded by the caller's timeout.
 _LOCK_POLL: Final = 0.02
 #: Seconds from an answered call to the write of what it left pending: its outcome's record (a page-cache write) and
-#: the desired set's fsync'd write. A call that follows within this time writes its intent first, and that write
+#: the desired set's synced write. A call that follows within this time writes its intent first, and that write
 #: carries the outcome before it: a burst of hot-adds costs one record write each (the intent) instead of two, and
-#: one fsync of the desired file and one of the directory in all (issue 17: the controller's CPU per hot-add; each
-#: record write is a rename, which ext4 makes start the data's writeback). A controller kill in this window leaves
-#: the record of the step before, which recovery settles from QEMU; a host crash in it loses the desired change.
+#: one sync of the desired set in all (issue 17: the controller's CPU per hot-add). A controller kill in this window
+#: leaves the record of the step before, which recovery settles from QEMU; a host crash in it loses the desired
+#: change.
 WRITE_BEHIND_DELAY: Final = 0.1
+
+
+class _Unwritten(enum.Enum):
+    """What the desired slots hold when the set was read from a legacy ``<key>.desired.json``: not yet that set."""
+
+    LEGACY = enum.auto()
+
+
+_IN_LEGACY_FILE: Final = _Unwritten.LEGACY
 
 
 def guest_key(address: str) -> str:
@@ -119,7 +132,7 @@ class StateDir:
         self.root = root
         self.guests = root / "guests"
         self.boot = read_boot_id(boot_id_file)
-        # The desired sets' fsync'd writes of all its guests, one at a time in a thread of their own (started at
+        # The desired sets' synced writes of all its guests, one at a time in a thread of their own (started at
         # the first): off every answer's path, and never holding the default executor's threads.
         self._durable_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmpnet-desired")
 
@@ -166,9 +179,9 @@ class StateDir:
             lambda pid, waited: f"guest {address}: another qmpnet process (pid {pid}) holds it; waited {waited:g} s",
         )
         try:
-            desired_path = self.guests / f"{key}.desired.json"
             discarded: list[DiscardedRecord] = []
-            desired = read_or_discard(desired_path, load_desired, discarded)
+            durable = read_desired_files(self.guests, key, discarded)
+            desired = durable.loaded
             files = read_record_files(
                 self.guests, key, lambda raw, path: load_any(raw, boot=self.boot, mtime=mtime_of(path)), discarded
             )
@@ -188,14 +201,18 @@ class StateDir:
             # else the record of this boot is the newer: a killed process wrote it, not yet its durable copy.
             record = record.for_boot(self.boot).model_copy(update={"name": name})
             store = FileGuestStore(
-                slot_paths(self.guests, key), record, lock, key, desired_path=desired_path, discarded=discarded,
-                desired_on_disk=desired, durable_writer=self._durable_writer, slot=files.slot, seq=files.seq,
-                sizes=files.sizes,
+                slot_paths(self.guests, key), record, lock, key, desired_paths=desired_paths(self.guests, key),
+                discarded=discarded, desired_on_disk=_IN_LEGACY_FILE if durable.legacy else desired,
+                durable_writer=self._durable_writer, slot=files.slot, seq=files.seq, sizes=files.sizes,
+                desired_slot=durable.slot, desired_seq=durable.seq, desired_sizes=durable.sizes,
             )
-            if migrated_from_v1 or void or discarded or files.legacy or record.desired is not desired:
+            legacy = files.legacy or durable.legacy
+            if migrated_from_v1 or void or discarded or legacy or record.desired is not desired:
                 store.rewrite()  # the current format and boot, and the set made durable, in place of what was read
             if files.legacy:
                 legacy_path(self.guests, key).unlink()  # its record is in a slot now
+            if durable.legacy:
+                legacy_desired_path(self.guests, key).unlink()  # its set is in a slot now, synced
         except BaseException:
             os.close(lock)
             raise
@@ -249,13 +266,16 @@ class FileGuestStore:
         lock_fd: int,
         key: str,
         *,
-        desired_path: Path | None = None,
+        desired_paths: Sequence[Path] = (),
         discarded: list[DiscardedRecord] | None = None,
-        desired_on_disk: DesiredSet | None = None,
+        desired_on_disk: DesiredSet | _Unwritten | None = None,
         durable_writer: Executor | None = None,
         slot: int | None = None,
         seq: int = 0,
         sizes: Sequence[int | None] = (),
+        desired_slot: int | None = None,
+        desired_seq: int = 0,
+        desired_sizes: Sequence[int | None] = (),
     ) -> None:
         self.slots = tuple(slots)
         self.key = key
@@ -275,12 +295,16 @@ class FileGuestStore:
         self._root = os.geteuid() == 0  # may use the blocks a file system reserves for root (_check_room)
         directory = self.slots[0].parent
         self._dir_path = str(directory)  # statvfs by path: no descriptor held per guest for it (_check_room)
-        self._desired_path = str(desired_path or directory / f"{key}.desired.json")
-        self._desired_tmp = str(directory / f".{key}.desired.tmp")
+        self._desired_paths = tuple(str(path) for path in desired_paths) or tuple(
+            str(directory / f"{key}{suffix}") for suffix in DESIRED_SUFFIXES
+        )
         self._desired_io = threading.Lock()
-        self._desired_on_disk = desired_on_disk  # the set the desired file holds (None: no file)
+        self._desired_on_disk = desired_on_disk  # the set the newest desired slot holds (None: none, or no slot)
+        self._desired_slot = desired_slot  # that slot (None: none yet)
+        self._desired_seq = desired_seq  # its write number
+        self._desired_sizes: list[int | None] = list(desired_sizes) or [None] * len(self._desired_paths)
         self._behind: asyncio.TimerHandle | None = None  # the write-behind, due WRITE_BEHIND_DELAY after a call
-        self._durable_writer = durable_writer  # where the desired set's fsync'd write runs (None: the loop's default)
+        self._durable_writer = durable_writer  # where the desired set's synced write runs (None: the loop's default)
 
     @property
     def record(self) -> GuestRecord:
@@ -362,22 +386,28 @@ class FileGuestStore:
             log.warning("%s (the desired set is kept in memory; the next change or close writes it)", err)
 
     def _write_desired(self) -> None:
-        """Make the desired file hold the current set (no file for none): temp file, fsync, rename, fsync dir."""
+        """Make the newest desired slot hold the current set: the older slot overwritten, then ``fdatasync``."""
         with self._desired_io:
             # The set of the newest record on disk: the durable copy never gets ahead of the record, whose set
             # the next process takes after a kill (see StateDir.open_guest).
             desired = self._durable.desired
             if desired is self._desired_on_disk or self._lock_fd is None:
                 return  # written already, or closed (close wrote it)
+            if desired is None and self._desired_slot is None and self._desired_on_disk is None:
+                return  # no set, and no slot that holds one
+            body = NO_DESIRED_SET if desired is None else desired.model_dump_json().encode()
+            slot = 0 if self._desired_slot is None else 1 - self._desired_slot
+            path, seq = self._desired_paths[slot], self._desired_seq + 1
+            header = frame_header(seq, body)
             try:
-                if desired is None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self._desired_path)  # noqa: PTH108 - str paths, as the record's
-                else:
-                    _write_file(self._desired_tmp, self._desired_path, desired.model_dump_json().encode(), sync=True)
-                os.fsync(self._directory())
+                _write_slot(path, (header, body), self._desired_sizes[slot], sync=True)
+                if not self._desired_sizes[slot]:
+                    os.fsync(self._directory())  # a new slot file (or one of unknown size): its name, synced once
             except OSError as err:
-                raise _unavailable(self._desired_path, err) from err
+                self._desired_sizes[slot] = None
+                raise _unavailable(path, err) from err
+            self._desired_sizes[slot] = len(header) + len(body)
+            self._desired_slot, self._desired_seq = slot, seq
             self._desired_on_disk = desired
 
     def _write(self, data: bytes, number: int, record: GuestRecord) -> None:
@@ -442,17 +472,20 @@ def _check_room(directory: str, size: int, *, root: bool) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def _write_slot(path: str, data: Sequence[bytes], size: int | None) -> None:
+def _write_slot(path: str, data: Sequence[bytes], size: int | None, *, sync: bool = False) -> None:
     """``data`` over the slot file at ``path`` (created if missing) from offset 0, cut to its length if it was longer.
 
-    ``data`` is the frame in parts (the header, the record), written one after the other without joining them. No
-    rename, no fsync (see the module docstring); ``size`` is the file's size now (``None``: not known).
+    ``data`` is the frame in parts (the header, the body), written one after the other without joining them. No
+    rename; ``fdatasync`` with ``sync`` (a desired set), none without (a record; see the module docstring). ``size``
+    is the file's size now (``None``: not known).
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         length = _pwrite_all(fd, data)
         if size is None or size > length:
             os.ftruncate(fd, length)
+        if sync:
+            os.fdatasync(fd)
     finally:
         os.close(fd)
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from pydantic import ValidationError
 
-from qmpnet.adapters.store.slots import SLOT_SUFFIXES, Torn, unframe
+from qmpnet.adapters.store.slots import DESIRED_SUFFIXES, NO_DESIRED_SET, SLOT_SUFFIXES, Torn, unframe
 from qmpnet.core.model import DiscardedRecord
 from qmpnet.core.records import FORMAT_VERSION, MIGRATED_VERSIONS, DesiredSet, GuestRecord, migrated
 from qmpnet.errors import StoreUnavailable
@@ -33,14 +33,18 @@ __all__ = [
     "RecordFiles",
     "Unreadable",
     "boot_time",
+    "desired_paths",
     "json_object",
+    "legacy_desired_path",
     "legacy_path",
     "load_any",
     "load_desired",
     "load_record",
     "mtime_of",
+    "newest_desired",
     "newest_json",
     "read_boot_id",
+    "read_desired_files",
     "read_or_discard",
     "read_record_files",
     "slot_paths",
@@ -87,6 +91,16 @@ def legacy_path(guests: Path, key: str) -> Path:
     return guests / f"{key}.json"
 
 
+def desired_paths(guests: Path, key: str) -> tuple[Path, ...]:
+    """The slot files of the desired set of the guest ``key`` (:mod:`.slots`)."""
+    return tuple(guests / f"{key}{suffix}" for suffix in DESIRED_SUFFIXES)
+
+
+def legacy_desired_path(guests: Path, key: str) -> Path:
+    """The desired set's single file of a store written before its slots (read, migrated, then removed)."""
+    return guests / f"{key}.desired.json"
+
+
 def _read(path: Path) -> bytes | None:
     try:
         return path.read_bytes()
@@ -112,9 +126,9 @@ def read_or_discard(
 
 @dataclass(frozen=True)
 class RecordFiles(Generic[_T]):
-    """What a record's files hold (:func:`read_record_files`), and what its next write needs to know of them."""
+    """What a record's or a desired set's slot files hold, and what the next write needs to know of them."""
 
-    loaded: _T | None  # the record (None: none, or moved aside)
+    loaded: _T | None  # the record or the set (None: none, or moved aside)
     slot: int | None  # the slot it was read from (None: none, or the legacy file): the next write takes the other
     seq: int  # its write number (0: none)
     sizes: tuple[int | None, ...]  # each slot file's size (0: no file; None: moved aside, unknown)
@@ -136,12 +150,40 @@ def read_record_files(
         StoreUnavailable: A file cannot be read, or an unreadable one cannot be moved aside.
         Unreadable: With ``discarded`` None, the record cannot be used.
     """
-    paths = slot_paths(guests, key)
+    return _read_slots(slot_paths(guests, key), legacy_path(guests, key), load, discarded, "record")
+
+
+def read_desired_files(guests: Path, key: str, discarded: list[DiscardedRecord] | None) -> RecordFiles[DesiredSet]:
+    """The desired set of the guest ``key`` (``loaded`` None: none), as :func:`read_record_files` reads a record.
+
+    Its legacy file is ``<key>.desired.json``, which an earlier qmpnet renamed into place at each write.
+
+    Raises:
+        StoreUnavailable: A file cannot be read, or an unreadable one cannot be moved aside.
+        Unreadable: With ``discarded`` None, the set cannot be used.
+    """
+    legacy = legacy_desired_path(guests, key)
+    return _read_slots(
+        desired_paths(guests, key),
+        legacy,
+        lambda raw, path: None if path != legacy and raw == NO_DESIRED_SET else load_desired(raw),
+        discarded,
+        "desired set",
+    )
+
+
+def _read_slots(
+    paths: Sequence[Path],
+    legacy: Path,
+    load: Callable[[bytes, Path], _T | None],
+    discarded: list[DiscardedRecord] | None,
+    what: str,
+) -> RecordFiles[_T]:
+    """What :func:`read_record_files` says, for the slot files ``paths`` and the single file ``legacy``."""
     raws = [_read(path) for path in paths]
     sizes = tuple(0 if raw is None else len(raw) for raw in raws)
     complete, torn = _unframed(raws)
     existing = [path for path, raw in zip(paths, raws, strict=True) if raw is not None]
-    legacy = legacy_path(guests, key)
     if complete:
         seq, slot, body = max(complete)
         try:
@@ -152,8 +194,8 @@ def read_record_files(
             _discard(paths[slot], existing, str(err), discarded)
             return RecordFiles(None, None, 0, (None,) * len(paths), legacy=False)
         for other, why in torn:
-            log.info("state_dir: %s is torn (%s): a write cut short; the record is the one before it, in %s",
-                     paths[other], why, paths[slot].name)
+            log.info("state_dir: %s is torn (%s): a write cut short; the %s is the one before it, in %s",
+                     paths[other], why, what, paths[slot].name)  # fmt: skip
         if discarded is not None:  # the lock's holder (a reader for tools changes nothing)
             legacy.unlink(missing_ok=True)  # a migration killed before it removed the file: the slots are newer
         return RecordFiles(loaded, slot, seq, sizes, legacy=False)
@@ -166,7 +208,7 @@ def read_record_files(
         return RecordFiles(old, None, 0, sizes, legacy=True)
     if torn and not legacy.exists():
         # Only torn slots: no kill does that to both (one slot is written at a time); a single slot torn is the
-        # first write of a guest, cut short (nothing was done yet). Either way there is no record to read.
+        # first write of a guest, cut short (nothing was done yet). Either way there is nothing to read.
         reasons = "; ".join(f"{paths[slot].name}: {why}" for slot, why in torn)
         if discarded is None:
             raise Unreadable(f"no complete copy ({reasons})")
@@ -194,6 +236,15 @@ def _unframed(raws: Sequence[bytes | None]) -> tuple[list[tuple[int, int, bytes]
 def newest_json(guests: Path, key: str) -> bytes | None:
     """The JSON of the guest ``key``'s record as the next reader takes it (``None``: none), for tools and tests."""
     return read_record_files(guests, key, lambda body, _path: body, None).loaded
+
+
+def newest_desired(guests: Path, key: str) -> DesiredSet | None:
+    """The guest ``key``'s durable desired set as the next reader takes it (``None``: none), for tools and tests.
+
+    Raises:
+        Unreadable: It cannot be read or parsed.
+    """
+    return read_desired_files(guests, key, None).loaded
 
 
 def _discard(path: Path, files: Sequence[Path], reason: str, discarded: list[DiscardedRecord]) -> None:
@@ -275,7 +326,7 @@ def load_record(guests: Path, key: str, *, boot: str | None) -> GuestRecord | No
 
 
 def load_desired(raw: bytes) -> DesiredSet:
-    """A desired-set file's set.
+    """A desired set's JSON (a slot's body, or the legacy file), parsed.
 
     Raises:
         Unreadable: It cannot be parsed.

@@ -193,17 +193,12 @@ async def test_a_hot_add_writes_once_before_its_answer_and_never_syncs_the_recor
     fake: FakeQmp, fast: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes: list[tuple[str, bool]] = []
-    write_file, write_slot = files._write_file, files._write_slot
+    write_slot = files._write_slot
 
-    def counted(tmp: str, path: str, data: bytes, *, sync: bool) -> None:
+    def counted_slot(path: str, data: Sequence[bytes], size: int | None, *, sync: bool = False) -> None:
         writes.append((Path(path).name, sync))
-        write_file(tmp, path, data, sync=sync)
+        write_slot(path, data, size, sync=sync)
 
-    def counted_slot(path: str, data: Sequence[bytes], size: int | None) -> None:
-        writes.append((Path(path).name, False))  # a slot of the record: never synced
-        write_slot(path, data, size)
-
-    monkeypatch.setattr(files, "_write_file", counted)
     monkeypatch.setattr(files, "_write_slot", counted_slot)
     async with qmpnet.connect(str(fake.path), settings=fast) as guest:
         writes.clear()
@@ -219,7 +214,7 @@ async def test_a_hot_add_writes_once_before_its_answer_and_never_syncs_the_recor
         # After the answer: the outcome (the record, not synced), the desired set (synced) in a worker thread.
         await eventually(lambda: len(writes) == 3)
         assert sorted(writes) == sorted([(f"{key}.record-a", False), (f"{key}.record-b", False),
-                                         (f"{key}.desired.json", True)])
+                                         (f"{key}.desired-a", True)])
         assert guest.operation("t-h1") is not None
         assert guest.record.nics["h1"].state == "active"
         assert added.id == "h1"

@@ -21,7 +21,7 @@ from waiting import eventually
 
 from qmpnet.adapters.store import StateDir, files, guest_key
 from qmpnet.adapters.store.encoding import encode_record
-from qmpnet.adapters.store.reading import newest_json, read_record_files, slot_paths
+from qmpnet.adapters.store.reading import desired_paths, newest_desired, newest_json, read_record_files, slot_paths
 from qmpnet.adapters.store.slots import frame, frame_header
 from qmpnet.core.model import NicSpec
 from qmpnet.core.records import FORMAT_VERSION, GONE_KEPT, DesiredSet, GuestRecord, NicRecord, OperationRecord
@@ -348,19 +348,91 @@ async def test_each_write_leaves_the_newest_record_on_disk_untouched(tmp_path: P
         store.close()
 
 
-async def test_a_truncated_desired_file_is_moved_aside_too(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["slot", "legacy"])
+async def test_a_truncated_desired_set_is_moved_aside_too(tmp_path: Path, where: str) -> None:
     state = StateDir(tmp_path, boot_id_file=boot_file(tmp_path, "boot-a"))
     store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
     store.save(store.record.with_nic(nic("a")))
     store.close()
-    (state.guests / f"{store.key}.desired.json").write_text('{"generation": 1, "ni')
+    truncated = b'{"generation": 1, "ni'
+    if where == "slot":  # framed whole (its checksum checks out): what it holds is the problem
+        path = desired_paths(state.guests, store.key)[0]
+        path.write_bytes(frame(1, truncated))
+    else:  # the single file of an earlier qmpnet
+        path = state.guests / f"{store.key}.desired.json"
+        path.write_bytes(truncated)
     again = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
     try:
         assert "a" in again.record.nics
         assert again.record.desired is None
-        assert [d.file for d in again.discarded] == [str(state.guests / f"{store.key}.desired.json")]
+        assert [d.file for d in again.discarded] == [str(path)]
+        assert not path.exists()
+        assert [p.name.partition(".corrupt-")[0] for p in state.guests.glob("*.corrupt-*")] == [path.name]
     finally:
         again.close()
+
+
+async def test_a_desired_set_of_an_earlier_qmpnet_is_moved_into_its_slots_synced(tmp_path: Path) -> None:
+    state = StateDir(tmp_path, boot_id_file=boot_file(tmp_path, "boot-a"))
+    state.check()
+    key = guest_key("/run/vm1.qmp")
+    desired = DesiredSet(generation=2, nics=[NicSpec(id="d1")], source="apply")
+    legacy = state.guests / f"{key}.desired.json"
+    legacy.write_text(desired.model_dump_json())  # temp file and rename, as an earlier qmpnet wrote it
+    store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
+    try:
+        assert store.record.desired == desired
+        assert store.discarded == ()
+        assert not legacy.exists()
+        assert newest_desired(state.guests, key) == desired
+        assert [path.exists() for path in desired_paths(state.guests, key)] == [True, False]
+    finally:
+        store.close()
+    # A migration killed after its slot was written, before the file went: the slot is the newer, the file goes.
+    newer = DesiredSet(generation=3, nics=[], source="apply")
+    store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
+    store.save(store.record.model_copy(update={"desired": newer}))
+    store.close()
+    legacy.write_text(desired.model_dump_json())
+    again = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
+    try:
+        assert again.record.desired == newer
+        assert not legacy.exists()
+    finally:
+        again.close()
+
+
+async def test_the_desired_set_alternates_slots_and_a_torn_one_is_the_write_that_did_not_happen(
+    tmp_path: Path,
+) -> None:
+    state = StateDir(tmp_path, boot_id_file=boot_file(tmp_path, "boot-a"))
+    store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
+    sets = [DesiredSet(generation=n, nics=[NicSpec(id=f"d{i}") for i in range(n)]) for n in range(1, 4)]
+    slots = desired_paths(state.guests, store.key)
+    try:
+        for n, each in enumerate(sets):
+            store.save(store.record.model_copy(update={"desired": each}))
+            older = slots[n % 2 - 1].read_bytes() if n else None
+            store.rewrite()  # the set synced now
+            assert newest_desired(state.guests, store.key) == each
+            if older is not None:
+                assert slots[n % 2 - 1].read_bytes() == older, "a write touched the slot of the newest set"
+        store.save(store.record.model_copy(update={"desired": None}))
+        store.rewrite()
+        assert newest_desired(state.guests, store.key) is None  # "no set", written over the older slot
+        assert slots[1].read_bytes().endswith(b"\nnull")
+    finally:
+        store.close()
+    # A power cut in the middle of the last write: that slot is torn, the other holds the set synced before it.
+    slots[1].write_bytes(slots[1].read_bytes()[:20])
+    cut = await StateDir(tmp_path, boot_id_file=boot_file(tmp_path, "boot-b")).open_guest(
+        "/run/vm1.qmp", "vm1", wait=1
+    )
+    try:
+        assert cut.record.desired == sets[2]
+        assert cut.discarded == ()
+    finally:
+        cut.close()
 
 
 async def test_a_record_of_an_earlier_boot_keeps_only_its_desired_set(tmp_path: Path) -> None:
@@ -406,7 +478,7 @@ async def test_a_version_1_record_is_migrated_with_its_desired_set_made_durable(
     written = on_disk(state, store.key)
     assert (written["version"], written["boot"]) == (FORMAT_VERSION, "boot-a")
     assert not path.exists()  # moved into a slot
-    assert DesiredSet.model_validate_json(path.with_name(f"{store.key}.desired.json").read_text()) == desired
+    assert newest_desired(state.guests, store.key) == desired
     # One written before this boot began is of an earlier one: only its set is kept.
     for slot in slot_paths(state.guests, store.key):
         slot.unlink(missing_ok=True)  # only the version 1 file, as an earlier qmpnet left it
@@ -427,13 +499,12 @@ async def test_after_a_kill_the_records_set_wins_after_a_reboot_the_durable_one(
     store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
     store.save(store.record.model_copy(update={"desired": older}))
     store.close()  # the durable copy holds `older`
-    desired_file = state.guests / f"{store.key}.desired.json"
     record = on_disk(state, store.key)
     write_next(state, store.key, json.dumps({**record, "desired": json.loads(newer.model_dump_json())}).encode())
     killed = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
     try:
         assert killed.record.desired == newer  # same boot: the record is the newer
-        assert DesiredSet.model_validate_json(desired_file.read_text()) == newer  # and made durable at once
+        assert newest_desired(state.guests, store.key) == newer  # and made durable at once
     finally:
         killed.close()
     # After a reboot the record (never fsync'd) may be anything: the durable copy is the one.
@@ -451,17 +522,17 @@ async def test_a_burst_of_desired_changes_shares_one_durable_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     synced: list[str] = []
-    write_file = files._write_file  # counts the fsync'd writes
+    write_slot = files._write_slot  # counts the synced writes
 
-    def counting(tmp: str, path: str, data: bytes, *, sync: bool) -> None:
+    def counting(path: str, data: Sequence[bytes], size: int | None, *, sync: bool = False) -> None:
         if sync:
             synced.append(path)
-        write_file(tmp, path, data, sync=sync)
+        write_slot(path, data, size, sync=sync)
 
-    monkeypatch.setattr(files, "_write_file", counting)
+    monkeypatch.setattr(files, "_write_slot", counting)
     state = StateDir(tmp_path)
     store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
-    desired_file = state.guests / f"{store.key}.desired.json"
+    desired_file = desired_paths(state.guests, store.key)[0]
     last = DesiredSet()
     try:
         for n in range(5):  # hot-adds one after another: each answered, each changing the set
@@ -472,17 +543,17 @@ async def test_a_burst_of_desired_changes_shares_one_durable_write(
         for _ in range(200):
             if desired_file.exists():
                 break
-            await asyncio.sleep(0.01)  # polls the worker thread's fsync'd write, bounded
-        assert DesiredSet.model_validate_json(desired_file.read_text()) == last
+            await asyncio.sleep(0.01)  # polls the worker thread's synced write, bounded
+        assert newest_desired(state.guests, store.key) == last
     finally:
         store.close()
-    assert synced == [str(desired_file)], "each change of the burst paid its own fsync'd write"
+    assert synced == [str(desired_file)], "each change of the burst paid its own synced write"
 
 
 async def test_records_are_not_synced_the_desired_set_is_and_follows_the_answer(tmp_path: Path) -> None:
     state = StateDir(tmp_path)
     store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
-    desired_file = state.guests / f"{store.key}.desired.json"
+    desired_file = desired_paths(state.guests, store.key)[0]
     first_slot = store.slots[0]
     try:
         desired = DesiredSet(nics=[NicSpec(id="d1")])
@@ -501,12 +572,12 @@ async def test_records_are_not_synced_the_desired_set_is_and_follows_the_answer(
         for _ in range(200):
             if desired_file.exists():
                 break
-            await asyncio.sleep(0.01)  # polls the worker thread's fsync'd write, bounded
-        assert DesiredSet.model_validate_json(desired_file.read_text()) == desired
+            await asyncio.sleep(0.01)  # polls the worker thread's synced write, bounded
+        assert newest_desired(state.guests, store.key) == desired
         store.save(store.record.model_copy(update={"desired": None}))
     finally:
         store.close()  # waits for what is pending
-    assert not desired_file.exists()
+    assert newest_desired(state.guests, store.key) is None
 
 
 @pytest.mark.parametrize("written", [0, 100])  # bytes of the slot written before the disk was full
@@ -519,7 +590,7 @@ async def test_a_full_disk_is_store_unavailable_and_changes_nothing(
     before, newest = store.record, newest_json(state.guests, store.key)
     write_slot = files._write_slot
 
-    def full(path: str, data: Sequence[bytes], size: int | None) -> None:
+    def full(path: str, data: Sequence[bytes], size: int | None, *, sync: bool = False) -> None:
         if written:
             write_slot(path, (b"".join(data)[:written],), size)  # what a write that fails halfway leaves
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -654,14 +725,14 @@ async def test_the_desired_sets_durable_writes_have_a_thread_of_their_own(
 ) -> None:
     # Not the loop's default executor, which the rest of the process shares.
     threads: list[str] = []
-    write_file = files._write_file
+    write_slot = files._write_slot
 
-    def noting(tmp: str, path: str, data: bytes, *, sync: bool) -> None:
+    def noting(path: str, data: Sequence[bytes], size: int | None, *, sync: bool = False) -> None:
         if sync:
             threads.append(threading.current_thread().name)
-        write_file(tmp, path, data, sync=sync)
+        write_slot(path, data, size, sync=sync)
 
-    monkeypatch.setattr(files, "_write_file", noting)
+    monkeypatch.setattr(files, "_write_slot", noting)
     state = StateDir(tmp_path)
     stores = [await state.open_guest(f"/run/vm{n}.qmp", f"vm{n}", wait=1) for n in range(2)]
     try:

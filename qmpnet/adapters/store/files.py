@@ -462,9 +462,8 @@ def _check_room(directory: str, size: int, *, root: bool) -> None:
 
     A slot is overwritten in place, so on a full disk a write that fits in the blocks the slot already has would
     succeed. The store refuses it all the same, as it refused every write when each went to a new file: a full disk
-    is ``store_unavailable`` every time, before the first QMP command, and a change is not taken while the desired
-    set's durable copy (a new file) could not follow it. ``root`` may use the blocks reserved for root, as its writes
-    can.
+    is ``store_unavailable`` every time, before the first QMP command, never a change taken on some writes and
+    refused on others. ``root`` may use the blocks reserved for root, as its writes can.
     """
     stat = os.statvfs(directory)
     free = stat.f_bfree if root else stat.f_bavail

@@ -372,12 +372,24 @@ class FileGuestStore:
                 log.warning("%s (the record is kept in memory; the next write carries it)", err)
         if self._durable.desired is self._desired_on_disk:
             return
+        if self._durable_writer is not None:
+            # Handed to the thread as is: nothing awaits the write (close() waits on its lock), so no asyncio future
+            # and no wake-up of the loop when it is done (each cost a loop turn and a send on its self-pipe).
+            self._durable_writer.submit(self._write_desired_in_thread)
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self._write_desired_logged()
             return
-        loop.run_in_executor(self._durable_writer, self._write_desired_logged)
+        loop.run_in_executor(None, self._write_desired_logged)
+
+    def _write_desired_in_thread(self) -> None:
+        try:
+            self._write_desired_logged()
+        except Exception:  # nobody awaits the thread's write: what it did not expect is logged here, not lost
+            log.exception("guest %s: the desired set's durable write failed; the next change or close writes it",
+                          self.key)
 
     def _write_desired_logged(self) -> None:
         try:

@@ -745,3 +745,31 @@ async def test_the_desired_sets_durable_writes_have_a_thread_of_their_own(
             store.close()
     assert len(set(threads)) == 1, f"the durable writes ran on {threads}"
     assert threads[0].startswith("qmpnet-desired"), threads
+
+
+async def test_a_failure_the_durable_write_did_not_expect_is_logged_and_the_set_written_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing awaits the thread's write: an error it did not expect must not vanish with it.
+    write_slot = files._write_slot
+    failing = [True]
+
+    def broken(path: str, data: Sequence[bytes], size: int | None, *, sync: bool = False) -> None:
+        if sync and failing[0]:
+            raise RuntimeError("a bug in the durable write")
+        write_slot(path, data, size, sync=sync)
+
+    monkeypatch.setattr(files, "_write_slot", broken)
+    state = StateDir(tmp_path)
+    store = await state.open_guest("/run/vm1.qmp", "vm1", wait=1)
+    desired = DesiredSet(nics=[NicSpec(id="d1")])
+    try:
+        store.save_later(store.record.model_copy(update={"desired": desired}))
+        store.flush_soon()
+        await eventually(lambda: "durable write failed" in caplog.text, what="the thread's failure logged")
+        assert "a bug in the durable write" in caplog.text  # with its traceback
+        assert newest_desired(state.guests, store.key) is None
+        failing[0] = False
+    finally:
+        store.close()  # writes what is still pending
+    assert newest_desired(state.guests, store.key) == desired

@@ -405,8 +405,6 @@ class FileGuestStore:
             desired = self._durable.desired
             if desired is self._desired_on_disk or self._lock_fd is None:
                 return  # written already, or closed (close wrote it)
-            if desired is None and self._desired_slot is None and self._desired_on_disk is None:
-                return  # no set, and no slot that holds one
             body = NO_DESIRED_SET if desired is None else desired.model_dump_json().encode()
             slot = 0 if self._desired_slot is None else 1 - self._desired_slot
             path, seq = self._desired_paths[slot], self._desired_seq + 1

@@ -33,7 +33,6 @@ one, and it conflicts between any two open files, so two ``Guest`` objects in on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import errno
 import fcntl
@@ -519,25 +518,6 @@ def _after(parts: Sequence[bytes], offset: int) -> list[memoryview]:
             rest.append(memoryview(part)[offset:])
         offset = max(offset - len(part), 0)
     return rest
-
-
-def _write_file(tmp: str, path: str, data: bytes, *, sync: bool) -> None:
-    """``data`` whole in ``path``: written to ``tmp`` (fsync'd with ``sync``), renamed over ``path``."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)  # noqa: PTH105 - the str paths of the hot path, no Path objects
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)  # noqa: PTH108 - as above
-        raise
 
 
 def _unavailable(path: str, err: OSError) -> StoreUnavailable:

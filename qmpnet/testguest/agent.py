@@ -43,6 +43,8 @@ REPLY_MARGIN = 10.0
 #: Every deadline of the harness is multiplied by ``$QMPNET_TESTGUEST_TIMEOUT_SCALE`` (default 1). The lab host sets
 #: it: a guest booted inside it runs under nested TCG, an order of magnitude slower than here.
 TIMEOUT_SCALE = float(os.environ.get("QMPNET_TESTGUEST_TIMEOUT_SCALE") or 1.0)
+#: The size of the pieces a trickled request is sent in (:meth:`Agent.run`'s ``trickle``).
+TRICKLE_PIECE = 64
 #: Longest line accepted from the guest (a result carries a command's whole output).
 LINE_LIMIT = 16 * 1024 * 1024
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
@@ -235,18 +237,20 @@ class Agent:
 
         return await self._wait(check, timeout, "interfaces report satisfying the predicate")
 
-    async def run(self, cmd: str, timeout: float = 30) -> RunResult:
+    async def run(self, cmd: str, timeout: float = 30, *, trickle: float = 0) -> RunResult:
         """Run a shell command in the guest; its stdout and stderr come back combined.
 
         The guest kills the command with SIGKILL after `timeout` seconds (rc 137 then). Requests are served one
-        at a time in order, so a request waits for the ones before it.
+        at a time in order, so a request waits for the ones before it. `trickle` (seconds) sends the request line
+        in pieces of :data:`TRICKLE_PIECE` bytes that far apart, as a slow serial line delivers it (the agent's own
+        tests: the guest must read a line that arrives in pieces).
 
         Raises:
             AgentTimeoutError: No result came within `timeout` plus a margin.
             AgentError: The connection closed first.
         """
         timeout *= TIMEOUT_SCALE
-        return await self._request(lambda req: encode_run(req, cmd, timeout), timeout, f"run {cmd!r}")
+        return await self._request(lambda req: encode_run(req, cmd, timeout), timeout, f"run {cmd!r}", trickle)
 
     async def dhcp(self, ifname: str, timeout: float = 20) -> RunResult:
         """Run udhcpc once on `ifname`; on success the address shows in the next interfaces report.
@@ -278,15 +282,22 @@ class Agent:
         except TimeoutError as err:
             raise AgentTimeoutError(f"{self._name}: no {what} within {timeout} s; {self.describe()}") from err
 
-    async def _request(self, encode: Callable[[int], bytes], timeout: float, what: str) -> RunResult:
+    async def _request(
+        self, encode: Callable[[int], bytes], timeout: float, what: str, trickle: float = 0
+    ) -> RunResult:
         if self._closed is not None:
             raise AgentError(f"{self._name}: cannot {what}: {self._closed}")
         req = next(self._next_req)
         future: asyncio.Future[RunResult] = asyncio.get_running_loop().create_future()
         self._awaiting[req] = future
         try:
-            self._out.write(encode(req))
-            await self._out.drain()
+            line = encode(req)
+            pieces = [line[at : at + TRICKLE_PIECE] for at in range(0, len(line), TRICKLE_PIECE)] if trickle else [line]
+            for n, piece in enumerate(pieces):
+                if n:
+                    await asyncio.sleep(trickle)  # pacing what is sent, not waiting for anything
+                self._out.write(piece)
+                await self._out.drain()
             async with asyncio.timeout(timeout + REPLY_MARGIN):
                 return await future
         except TimeoutError as err:

@@ -246,9 +246,22 @@ handle_request() {
     esac
 }
 
+# Reads the next request line from the agent port into $line, one character at a time. busybox's `read` of a
+# whole line starts over when a signal interrupts it, dropping what it had read of the line: this shell is PID 1, so
+# every orphan that ends (a test's background command) sends it a SIGCHLD, and a line arrives slowly over the
+# serial port. A `read` of one character loses nothing: it is interrupted only while it waits for one.
+read_request() {
+    line=
+    while IFS= read -r -n 1 char <&3; do
+        [ -n "$char" ] || return 0  # the newline
+        line=$line$char
+    done
+    return 1
+}
+
 request_loop() {
     while :; do
-        if read -r line <&3; then
+        if read_request; then
             handle_request "$line"
             # Tell the reporter: the request may have changed addresses or links.
             echo >&4

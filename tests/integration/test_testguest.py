@@ -175,6 +175,20 @@ async def test_run_kills_a_command_at_its_timeout_and_keeps_serving(pc_guest: Te
 
 
 @module_loop
+async def test_requests_arrive_whole_while_orphans_end_around_the_agent(pc_guest: TestMachine) -> None:
+    # The agent's shell is PID 1: each orphan that ends sends it a SIGCHLD. busybox's `read` of a line dropped what
+    # it had read when one came in mid-line (the line then lost its start, and its request never ran).
+    started = await pc_guest.agent.run(
+        "(i=0; while [ $i -lt 400 ]; do (sleep 0.01 &); sleep 0.01; i=$((i + 1)); done) >/dev/null 2>&1 &"
+    )
+    assert started.check().rc == 0
+    for n in range(5):
+        text = f"{n}-" + "x" * 600  # ~900 bytes of request line, in 15 pieces 20 ms apart: the reader waits mid-line
+        result = await pc_guest.agent.run(f"echo {text}", timeout=10, trickle=0.02)
+        assert result.check().output == f"{text}\n"
+
+
+@module_loop
 async def test_dhcp_configures_the_slirp_address(pc_guest: TestMachine) -> None:
     interface = await pc_guest.agent.wait_for(lambda i: find_mac(i, VIRTIO_MAC), timeout=REPORT_TIMEOUT)
     result = await pc_guest.agent.dhcp(interface.name)

@@ -101,9 +101,6 @@ class _Unwritten(enum.Enum):
     LEGACY = enum.auto()
 
 
-_IN_LEGACY_FILE: Final = _Unwritten.LEGACY
-
-
 def guest_key(address: str) -> str:
     """The file name stem of the guest at QMP ``address``: readable, and unique by a hash of the address."""
     canonical = canonical_address(address)
@@ -201,7 +198,7 @@ class StateDir:
             record = record.for_boot(self.boot).model_copy(update={"name": name})
             store = FileGuestStore(
                 slot_paths(self.guests, key), record, lock, key, desired_paths=desired_paths(self.guests, key),
-                discarded=discarded, desired_on_disk=_IN_LEGACY_FILE if durable.legacy else desired,
+                discarded=discarded, desired_on_disk=_Unwritten.LEGACY if durable.legacy else desired,
                 durable_writer=self._durable_writer, slot=files.slot, seq=files.seq, sizes=files.sizes,
                 desired_slot=durable.slot, desired_seq=durable.seq, desired_sizes=durable.sizes,
             )

@@ -134,7 +134,10 @@ class HotAdd:
                 "vfio_host": attachment.vfio_host, "vfio_driver": attachment.vfio_driver,
             })})  # fmt: skip
 
+        taken: list[Attachment] = []  # what taking() wrote already
+
         def taking(attachment: Attachment) -> None:  # a PCI function's driver, before its rebind
+            taken.append(attachment)
             self._parts.journal.save(self._parts.journal.record.with_nic(held(attachment)))
 
         # What the host side holds is written before the first QMP command; a PCI function's original driver even
@@ -143,7 +146,8 @@ class HotAdd:
                                         taking=taking)  # fmt: skip
         if attachment.tap is not None or attachment.vfio_host is not None:
             record = held(attachment)
-            self._parts.journal.save(self._parts.journal.record.with_nic(record))
+            if taken != [attachment]:  # not written by taking() as it is
+                self._parts.journal.save(self._parts.journal.record.with_nic(record))
         if attachment.passt is not None:  # its socket is recorded already: a recovery finds it without the pid too
             passt = {"passt_pid": attachment.passt.pid, "passt_started": attachment.passt.started}
             record = replaced(record, {"host": replaced(record.host, passt)})

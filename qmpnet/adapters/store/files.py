@@ -44,7 +44,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from qmpnet.adapters.store.encoding import RecordEncoder
 from qmpnet.adapters.store.reading import (
@@ -61,7 +61,7 @@ from qmpnet.adapters.store.reading import (
     read_record_files,
     slot_paths,
 )
-from qmpnet.adapters.store.slots import DESIRED_SUFFIXES, NO_DESIRED_SET, SLOT_SUFFIXES, frame_header
+from qmpnet.adapters.store.slots import NO_DESIRED_SET, SLOT_SUFFIXES, frame_header
 from qmpnet.core.records import DesiredSet, GuestRecord
 from qmpnet.errors import Busy, StoreUnavailable
 
@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from pathlib import Path
 
+    from qmpnet.adapters.store.reading import RecordFiles
     from qmpnet.core.model import DiscardedRecord
 
 __all__ = [
@@ -197,10 +198,9 @@ class StateDir:
             # else the record of this boot is the newer: a killed process wrote it, not yet its durable copy.
             record = record.for_boot(self.boot).model_copy(update={"name": name})
             store = FileGuestStore(
-                slot_paths(self.guests, key), record, lock, key, desired_paths=desired_paths(self.guests, key),
-                discarded=discarded, desired_on_disk=_Unwritten.LEGACY if durable.legacy else desired,
-                durable_writer=self._durable_writer, slot=files.slot, seq=files.seq, sizes=files.sizes,
-                desired_slot=durable.slot, desired_seq=durable.seq, desired_sizes=durable.sizes,
+                _SlotPair(slot_paths(self.guests, key), files), record, lock, key,
+                desired=_SlotPair(desired_paths(self.guests, key), durable), discarded=discarded,
+                desired_on_disk=_Unwritten.LEGACY if durable.legacy else desired, durable_writer=self._durable_writer,
             )
             legacy = files.legacy or durable.legacy
             if migrated_from_v1 or void or discarded or legacy or record.desired is not desired:
@@ -257,23 +257,17 @@ class FileGuestStore:
 
     def __init__(  # noqa: PLR0913 - the files and what was found in them, keyword-only but the first four
         self,
-        slots: Sequence[Path],
+        slots: _SlotPair,
         record: GuestRecord,
         lock_fd: int,
         key: str,
         *,
-        desired_paths: Sequence[Path] = (),
+        desired: _SlotPair,
         discarded: list[DiscardedRecord] | None = None,
         desired_on_disk: DesiredSet | _Unwritten | None = None,
         durable_writer: Executor | None = None,
-        slot: int | None = None,
-        seq: int = 0,
-        sizes: Sequence[int | None] = (),
-        desired_slot: int | None = None,
-        desired_seq: int = 0,
-        desired_sizes: Sequence[int | None] = (),
     ) -> None:
-        self.slots = tuple(slots)
+        self.slots = slots.files
         self.key = key
         self.discarded: tuple[DiscardedRecord, ...] = tuple(discarded or ())
         self._record = record
@@ -283,22 +277,13 @@ class FileGuestStore:
         self._done = 0  # the number of the newest write on disk
         self._io = threading.Lock()
         self._lock_fd: int | None = lock_fd
-        self._slot_paths = tuple(str(path) for path in self.slots)
-        self._slot = slot  # the slot holding the newest record on disk (None: none yet)
-        self._seq = seq  # its write number
-        self._sizes: list[int | None] = list(sizes) or [None] * len(self.slots)  # None: unknown
+        self._slots = slots  # the record's
         self._dir_fd: int | None = None
-        self._root = os.geteuid() == 0  # may use the blocks a file system reserves for root (_check_room)
-        directory = self.slots[0].parent
-        self._dir_path = str(directory)  # statvfs by path: no descriptor held per guest for it (_check_room)
-        self._desired_paths = tuple(str(path) for path in desired_paths) or tuple(
-            str(directory / f"{key}{suffix}") for suffix in DESIRED_SUFFIXES
-        )
+        # statvfs by path (no descriptor held per guest for it); root may use the blocks a file system reserves for it
+        self._room = (str(self.slots[0].parent), os.geteuid() == 0)
+        self._desired = desired
         self._desired_io = threading.Lock()
         self._desired_on_disk = desired_on_disk  # the set the newest desired slot holds (None: none, or no slot)
-        self._desired_slot = desired_slot  # that slot (None: none yet)
-        self._desired_seq = desired_seq  # its write number
-        self._desired_sizes: list[int | None] = list(desired_sizes) or [None] * len(self._desired_paths)
         self._behind: asyncio.TimerHandle | None = None  # the write-behind, due WRITE_BEHIND_DELAY after a call
         self._durable_writer = durable_writer  # where the desired set's synced write runs (None: the loop's default)
 
@@ -402,36 +387,14 @@ class FileGuestStore:
             if desired is self._desired_on_disk or self._lock_fd is None:
                 return  # written already, or closed (close wrote it)
             body = NO_DESIRED_SET if desired is None else desired.model_dump_json().encode()
-            slot = 0 if self._desired_slot is None else 1 - self._desired_slot
-            path, seq = self._desired_paths[slot], self._desired_seq + 1
-            header = frame_header(seq, body)
-            try:
-                _write_slot(path, (header, body), self._desired_sizes[slot], sync=True)
-                if not self._desired_sizes[slot]:
-                    os.fsync(self._directory())  # a new slot file (or one of unknown size): its name, synced once
-            except OSError as err:
-                self._desired_sizes[slot] = None
-                raise _unavailable(path, err) from err
-            self._desired_sizes[slot] = len(header) + len(body)
-            self._desired_slot, self._desired_seq = slot, seq
+            self._desired.write(body, directory=self._directory)
             self._desired_on_disk = desired
 
     def _write(self, data: bytes, number: int, record: GuestRecord) -> None:
         with self._io:
             if number <= self._done:
                 return  # a later record (built on this one) is on disk already
-            slot = 0 if self._slot is None else 1 - self._slot  # never the slot holding the newest record
-            path, seq = self._slot_paths[slot], self._seq + 1
-            framed = (frame_header(seq, data), data)  # the frame in its two parts: the record is not copied
-            length = len(framed[0]) + len(data)
-            try:
-                _check_room(self._dir_path, length, root=self._root)
-                _write_slot(path, framed, self._sizes[slot])
-            except OSError as err:
-                self._sizes[slot] = None  # cut short somewhere: the next write of this slot truncates it
-                raise _unavailable(path, err) from err
-            self._sizes[slot] = length
-            self._slot, self._seq = slot, seq
+            self._slots.write(data, room=self._room)
             self._done, self._durable = number, record
 
     def _directory(self) -> int:
@@ -461,6 +424,47 @@ class FileGuestStore:
                 self._dir_fd = None
         os.close(self._lock_fd)
         self._lock_fd = None
+
+
+class _SlotPair:
+    """Two slot files written in turn (:mod:`.slots`): which holds the newest frame, its write number, their sizes."""
+
+    __slots__ = ("files", "paths", "seq", "sizes", "slot")
+
+    def __init__(self, files: Sequence[Path], found: RecordFiles[Any]) -> None:
+        self.files = tuple(files)
+        self.paths = tuple(str(path) for path in files)  # str paths on the hot path, no Path objects
+        self.slot = found.slot  # the slot holding the newest frame on disk (None: none yet)
+        self.seq = found.seq  # its write number
+        self.sizes: list[int | None] = list(found.sizes)  # each file's size (None: unknown)
+
+    def write(
+        self, body: bytes, *, room: tuple[str, bool] | None = None, directory: Callable[[], int] | None = None
+    ) -> None:
+        """Frame ``body`` over the slot that does not hold the newest frame, numbered one past it.
+
+        ``room`` (a directory, whether root writes): first refuse unless a new file of the frame's size fits
+        (:func:`_check_room`). ``directory`` (its descriptor): a durable write, the slot ``fdatasync``'d and the
+        directory fsync'd when the slot file is new.
+
+        Raises:
+            StoreUnavailable: The write failed (nothing on disk says it happened).
+        """
+        slot = 0 if self.slot is None else 1 - self.slot  # never the slot holding the newest frame
+        path, seq = self.paths[slot], self.seq + 1
+        framed = (frame_header(seq, body), body)  # the frame in its two parts: the body is not copied
+        length = len(framed[0]) + len(body)
+        try:
+            if room is not None:
+                _check_room(room[0], length, root=room[1])
+            _write_slot(path, framed, self.sizes[slot], sync=directory is not None)
+            if directory is not None and not self.sizes[slot]:
+                os.fsync(directory())  # a new slot file (or one of unknown size): its name, synced once
+        except OSError as err:
+            self.sizes[slot] = None  # cut short somewhere: the next write of this slot truncates it
+            raise _unavailable(path, err) from err
+        self.sizes[slot] = length
+        self.slot, self.seq = slot, seq
 
 
 def _check_room(directory: str, size: int, *, root: bool) -> None:

@@ -177,7 +177,11 @@ class ServePath:
         self.guests, self.procs = lab.qemus((adds + SLOTS_PER_GUEST - 2) // (SLOTS_PER_GUEST - 1))
         self.name = "bench1m" if tmpfs else "bench1"
         self.state = Path(tempfile.mkdtemp(prefix="qmpnet-bench-", dir="/dev/shm")) if tmpfs else None
-        self.serve = lab.serve(broker, self.name, self.guests, state_dir=self.state)
+        try:
+            self.serve = lab.serve(broker, self.name, self.guests, state_dir=self.state)
+        except BaseException:
+            self.close()
+            raise
         self.used = SLOTS_PER_GUEST - 1
         self.guest = -1
         self.cpu_start = 0.0
@@ -211,7 +215,8 @@ class ServePath:
         return (cpu_seconds(self.serve.pid) - before) / adds
 
     def close(self) -> None:
-        self.lab.retire([self.serve, *self.procs])
+        serve = getattr(self, "serve", None)  # None when it did not start
+        self.lab.retire([*([serve] if serve is not None else []), *self.procs])
         if self.state is not None:
             shutil.rmtree(self.state, ignore_errors=True)
 
@@ -245,10 +250,13 @@ async def phase_latency(lab: Lab, broker: str, samples: int, cpu_adds: int, prof
     host, port = broker.removeprefix("mqtt://").rsplit(":", 1)
     version = aiomqtt.ProtocolVersion.V5
     raw = RawPath(lab)
-    disk = ServePath(lab, broker, samples + cpu_adds, tmpfs=False)
-    tmpfs = ServePath(lab, broker, samples + cpu_adds, tmpfs=True)
+    servers: list[ServePath] = []
     spy: subprocess.Popen[bytes] | None = None
     try:
+        disk = ServePath(lab, broker, samples + cpu_adds, tmpfs=False)
+        servers.append(disk)
+        tmpfs = ServePath(lab, broker, samples + cpu_adds, tmpfs=True)
+        servers.append(tmpfs)
         async with (
             aiomqtt.Client(host, int(port), protocol=version, socket_options=(NODELAY,)) as echo,
             aiomqtt.Client(host, int(port), protocol=version, socket_options=(NODELAY,)) as asker,
@@ -273,8 +281,8 @@ async def phase_latency(lab: Lab, broker: str, samples: int, cpu_adds: int, prof
                 await floor.close()
     finally:
         await raw.close()
-        disk.close()
-        tmpfs.close()
+        for server in servers:
+            server.close()
     if spy is not None:
         await asyncio.to_thread(spy.wait)  # py-spy ends with the process it samples
     return Latencies(times[0], times[1], times[2], times[3], cpu_turns=cpu_turns, cpu_tmpfs_turns=cpu_tmpfs_turns,

@@ -17,8 +17,8 @@ the pairs' ratios. The controllers' CPU time (user + system, all threads, each t
 ``/proc/PID/task/TID/schedstat``) is read over ``--cpu-adds`` more hot-adds of phase 3, back to back (the CPU per
 hot-add one at a time, as earlier sessions measured it; what the controller does after them, the write-behind and
 the desired set's write, belongs to them), over phase 3's turns (printed too: a controller that waited while the
-other paths ran finds its caches cold, and the same instructions take up to twice the CPU time), and over each run
-of phase 4. Phase 4 also reads the CPU of every party (QEMU, the controller, the broker, this
+other paths ran finds its caches cold, and the same instructions take about half as much CPU time again), and
+over each run of phase 4. Phase 4 also reads the CPU of every party (QEMU, the controller, the broker, this
 process) and prints it per hot-add over all rounds: with both cores busy the wall time is about the CPU time over
 the cores, so the 0.7x target allows the run through qmpnet 1/0.7 of the direct run's CPU, QEMU's own included.
 Fleet figures (RSS, connect time, 1,000 guests) are ``scale.py``'s.
@@ -167,40 +167,40 @@ class FloorPath:
 class ServePath:
     """Phase 3's path: hot-adds through ``qmpnet serve`` (its store on disk, or on tmpfs), one at a time.
 
-    Its guests are started up front (for ``adds`` hot-adds), ``SLOTS_PER_GUEST - 1`` hot-adds each after an untimed
-    first one (which reads the guest). ``cpu`` is the controller's CPU since ``start`` (what it does between the
-    samples, its write-behinds and the desired set's writes, belongs to them; idle, it uses none).
+    Its guests are started up front, for ``adds`` hot-adds: ``SLOTS_PER_GUEST - 1`` each after a first one, made
+    by :meth:`start` before any CPU is read (a guest's first hot-add reads the guest: tens of times the work of the
+    others). ``cpu`` is the controller's CPU since ``start`` (what it does between the samples, its write-behinds
+    and the desired set's writes, belongs to them; idle, it uses none).
     """
 
     def __init__(self, lab: Lab, broker: str, adds: int, *, tmpfs: bool) -> None:
-        self.lab, self.broker, self.tmpfs = lab, broker, tmpfs
+        self.lab, self.broker = lab, broker
         self.guests, self.procs = lab.qemus((adds + SLOTS_PER_GUEST - 2) // (SLOTS_PER_GUEST - 1))
         self.name = "bench1m" if tmpfs else "bench1"
         self.state = Path(tempfile.mkdtemp(prefix="qmpnet-bench-", dir="/dev/shm")) if tmpfs else None
         try:
             self.serve = lab.serve(broker, self.name, self.guests, state_dir=self.state)
         except BaseException:
-            self.close()
+            self._release([])
             raise
-        self.used = SLOTS_PER_GUEST - 1
-        self.guest = -1
+        self.added = 0
         self.cpu_start = 0.0
         self.client: Client | None = None
 
     async def start(self, client: Client) -> None:
+        """Wait for the controller to serve every guest, make each guest's first hot-add, then start the CPU count."""
         self.client = client
         await wait_connected(self.broker, self.name, len(self.guests))
+        for path in self.guests:
+            await client.add_nic(self.name, path.stem, {"model": "virtio-net-pci"})
         self.cpu_start = cpu_seconds(self.serve.pid)
 
     async def sample(self) -> float:
         assert self.client is not None
-        if self.used == SLOTS_PER_GUEST - 1:
-            self.guest += 1
-            self.used = 0
-            await self.client.add_nic(self.name, self.guests[self.guest].stem, {"model": "virtio-net-pci"})  # warm
-        self.used += 1
+        guest = self.guests[self.added // (SLOTS_PER_GUEST - 1)].stem
+        self.added += 1
         start = time.perf_counter()
-        await self.client.add_nic(self.name, self.guests[self.guest].stem, {"model": "virtio-net-pci"})
+        await self.client.add_nic(self.name, guest, {"model": "virtio-net-pci"})
         return time.perf_counter() - start
 
     def cpu(self) -> float:
@@ -215,8 +215,10 @@ class ServePath:
         return (cpu_seconds(self.serve.pid) - before) / adds
 
     def close(self) -> None:
-        serve = getattr(self, "serve", None)  # None when it did not start
-        self.lab.retire([*([serve] if serve is not None else []), *self.procs])
+        self._release([self.serve])
+
+    def _release(self, serve: list[subprocess.Popen[bytes]]) -> None:
+        self.lab.retire([*serve, *self.procs])
         if self.state is not None:
             shutil.rmtree(self.state, ignore_errors=True)
 
@@ -244,7 +246,7 @@ async def phase_latency(lab: Lab, broker: str, samples: int, cpu_adds: int, prof
     Taking turns, every path sees the same spells; rotating the order, none always comes right after another.
     Then each controller's CPU per hot-add is read over ``cpu_adds`` more, back to back, as every earlier session
     measured it: taking turns, a controller finds its caches cold at each sample (the other paths ran meanwhile),
-    and the same instructions take up to twice the CPU time (both figures are printed).
+    and the same instructions take about half as much CPU time again (both figures are printed).
     ``profile``: py-spy samples the disk controller over the phase (raw collapsed stacks).
     """
     host, port = broker.removeprefix("mqtt://").rsplit(":", 1)

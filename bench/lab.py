@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiomqtt
 
+from qmpnet.adapters.store.files import WRITE_BEHIND_DELAY
 from qmpnet.testguest.services import accepts, free_port
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 SLOTS_PER_GUEST = 25  # a -S pc guest with -nodefaults has ~30 free slots; stay below
+#: How long after a controller's last hot-add its write-behind (and the desired set's write) is surely done.
+WRITE_BEHIND_WAIT = 3 * WRITE_BEHIND_DELAY
 WATCHDOG_GRACE = 20.0  # seconds past a phase deadline before the watchdog thread gives up on the event loop
 T = TypeVar("T")
 

@@ -60,6 +60,7 @@ from baseline import RawQmp, summary
 from lab import (
     NODELAY,
     SLOTS_PER_GUEST,
+    WRITE_BEHIND_WAIT,
     Lab,
     cpu_seconds,
     failed,
@@ -78,8 +79,6 @@ if TYPE_CHECKING:
 
 
 # ------------------------------------------------------------------------------------------------------ phases
-
-WRITE_BEHIND_WAIT = 0.3  # seconds: past the controller's write-behind delay (0.1 s), as serve_counts.py waits
 
 
 class Sampled(Protocol):

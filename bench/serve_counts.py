@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from lab import SLOTS_PER_GUEST, cpu_seconds, lab_session, wait_connected
+from lab import SLOTS_PER_GUEST, WRITE_BEHIND_WAIT, cpu_seconds, lab_session, wait_connected
 
 from qmpnet.client import Client
 
@@ -128,7 +128,7 @@ async def main() -> int:
             else:
                 for guest in guests:
                     await adds_to(guest)
-            await asyncio.sleep(0.3)  # the last add's write-behind (WRITE_BEHIND_DELAY) belongs to it too
+            await asyncio.sleep(WRITE_BEHIND_WAIT)  # the last add's write-behind belongs to it too
             cpu = cpu_seconds(serve.pid) - before
             await asyncio.to_thread(stop_counting, args.tool, serve.pid, tracer)
         lab.retire([serve])

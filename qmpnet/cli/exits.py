@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
+from qmpnet.cli.output import one_line
 from qmpnet.errors import QmpnetError
 
 if TYPE_CHECKING:
@@ -67,11 +68,6 @@ def invoke(app: typer.Typer, args: Sequence[str]) -> int:
     finally:
         started()
     return status if isinstance(status, int) else 0
-
-
-def one_line(text: str) -> str:
-    """``text`` with its line breaks turned into spaces, for the one stderr line of an error."""
-    return " ".join(text.split())
 
 
 def fail(err: QmpnetError) -> typer.Exit:

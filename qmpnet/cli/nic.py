@@ -6,22 +6,20 @@ import asyncio
 import contextlib
 import signal
 import sys
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from qmpnet.cli.connect import GuestCall, check_request
 from qmpnet.cli.exits import checked, fail
+from qmpnet.cli.flags import Given, LinkArg
 from qmpnet.cli.nic_flags import ADD_FLAGS, SET_FLAGS, build_spec, build_update
-from qmpnet.cli.options import Given, LinkArg, flag_options, guest_options
-from qmpnet.cli.output import format_rows
+from qmpnet.cli.options import flag_options, guest_options
+from qmpnet.cli.tables import backend_line, nic_table, warning_lines
 from qmpnet.errors import InvalidRequest
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from qmpnet.core.model import CaptureResult, Nic
     from qmpnet.core.ports import GuestOps
 
@@ -29,37 +27,13 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="Hot-add, remove, link and list a guest's NICs.", no_args_is_help=True, rich_markup_mode=None)
 
+
+def _json(nic: Nic) -> dict[str, Any]:
+    """The NIC as the MQTT API's JSON object, which the tables read (as the quick path's answers)."""
+    return nic.model_dump(mode="json")
+
+
 NicIdArg = Annotated[str, typer.Argument(metavar="ID", help="The NIC's id.")]
-
-
-def nic_table(nics: Sequence[Nic]) -> str:
-    """Format NICs as a table."""
-    rows = [("ID", "MODEL", "MAC", "NETDEV", "BACKEND", "PCI", "LINK", "STATE")]
-    for nic in nics:
-        pci = f"{nic.pci.bus}:{nic.pci.slot:02x}.{nic.pci.function}" if nic.pci else "-"
-        backend = nic.backend.type if nic.backend else "-"
-        rows.append((nic.id, nic.model, nic.mac or "-", nic.netdev or "-", backend, pci, nic.link, _state(nic)))
-    return format_rows(rows)
-
-
-def _state(nic: Nic) -> str:
-    """The NIC's state; a pending removal with since when (UTC), e.g. ``removal_pending since 05:41:07Z``."""
-    if nic.pending_since is None:
-        return nic.state
-    since = time.gmtime(nic.pending_since)
-    day = "" if since[:3] == time.gmtime()[:3] else time.strftime("%Y-%m-%d ", since)
-    return f"{nic.state} since {day}{time.strftime('%H:%M:%SZ', since)}"
-def warning_lines(nic: Nic) -> str:
-    """``warning: ...`` lines under a NIC's table row, one per warning of the answer."""
-    return "".join(f"\nwarning: {warning}" for warning in nic.warnings)
-
-
-def backend_line(nic: Nic) -> str:
-    """``backend: bridge bridge=br1 tap=vnet0 rate=5mbit``, under a NIC's table row."""
-    if nic.backend is None:
-        return ""
-    options = " ".join(f"{key}={value}" for key, value in nic.backend.options.items())
-    return f"\nbackend: {nic.backend.type} {options}".rstrip()
 
 
 @app.command("add")
@@ -67,7 +41,7 @@ def backend_line(nic: Nic) -> str:
 @flag_options(ADD_FLAGS)
 def nic_add(call: GuestCall, flags: Given) -> None:
     """Hot-add a NIC (atomic: on failure the guest is left as it was)."""
-    given = build_spec(flags)
+    given = checked(lambda: build_spec(flags))
     from qmpnet.core.model import parse_nic_spec  # noqa: PLC0415 - see the module's imports
     from qmpnet.core.policy import check_spec  # noqa: PLC0415
 
@@ -76,7 +50,7 @@ def nic_add(call: GuestCall, flags: Given) -> None:
         lambda guest: guest.add_nic(nic_spec, verify=call.verify),
         policy_check=lambda settings: check_spec(nic_spec, settings.policy),
     )
-    call.emit(nic, lambda: nic_table([nic]) + warning_lines(nic))
+    call.emit(nic, lambda: nic_table([_json(nic)]) + warning_lines(_json(nic)))
 
 
 @app.command("del")
@@ -108,7 +82,7 @@ def nic_link(
     """Set a NIC's link up or down."""
     checked(lambda: check_request("nic/link", {"id": nic_id, "up": state is LinkArg.up}))
     nic = call.run(lambda guest: guest.set_link(nic_id, state is LinkArg.up, verify=call.verify))
-    call.emit(nic, lambda: nic_table([nic]))
+    call.emit(nic, lambda: nic_table([_json(nic)]))
 
 
 @app.command("list")
@@ -116,7 +90,8 @@ def nic_link(
 def nic_list(call: GuestCall) -> None:
     """List the guest's NICs, cold-plugged ones included."""
     nics = call.run(lambda guest: guest.list_nics())
-    call.emit({"nics": [n.model_dump(mode="json") for n in nics]}, lambda: nic_table(nics))
+    listed = {"nics": [n.model_dump(mode="json") for n in nics]}
+    call.emit(listed, lambda: nic_table(listed["nics"]))
 
 
 @app.command("set")
@@ -127,12 +102,12 @@ def nic_set(call: GuestCall, nic_id: NicIdArg, flags: Given) -> None:
 
     Any --filter flag replaces the NIC's whole filter, as the flags give it.
     """
-    update = build_update(nic_id, flags)
+    update = checked(lambda: build_update(nic_id, flags))
     from qmpnet.core.model import parse_nic_update  # noqa: PLC0415 - see the module's imports
 
     checked(lambda: parse_nic_update(update))  # bad values are refused before connecting, naming the field
     nic = call.run(lambda ops: ops.update_nic(update))
-    call.emit(nic, lambda: nic_table([nic]) + backend_line(nic) + warning_lines(nic))
+    call.emit(nic, lambda: nic_table([_json(nic)]) + backend_line(_json(nic)) + warning_lines(_json(nic)))
 
 
 async def wait_for_stop(duration: float | None) -> None:

@@ -2,8 +2,9 @@
 
 :data:`ADD_FLAGS` and :data:`SET_FLAGS` declare the commands' options in the order ``--help`` lists them (the
 anti-spoofing ones, :data:`FILTER_FLAGS`, are the same on both); the commands receive their values as one
-:class:`~qmpnet.cli.options.Given`, from which :func:`build_spec` and :func:`build_update` make a NIC spec or an
-update. A missing or conflicting flag is an ``invalid_request`` naming the flag, before anything is connected to.
+:class:`~qmpnet.cli.flags.Given`, from which :func:`build_spec` and :func:`build_update` make a NIC spec or an
+update. A missing or conflicting flag raises ``invalid_request`` naming the flag, before anything is connected to.
+Neither typer nor pydantic is imported here: the quick path (:mod:`.quick`) builds its spec with these too.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import TYPE_CHECKING, NamedTuple
 
-from qmpnet.cli.exits import fail
-from qmpnet.cli.options import LinkArg, flag_table
+from qmpnet.cli.flags import LinkArg, flag_table
 from qmpnet.errors import InvalidRequest
 
 if TYPE_CHECKING:
-    from qmpnet.cli.options import Given
+    from qmpnet.cli.flags import Given
 
 
 class BackendType(StrEnum):
@@ -49,7 +49,7 @@ def host_options(flags: Given, backend: BackendType) -> dict[str, object]:
     flag, param = _REQUIRED[backend]
     value = flags.text(param)
     if value is None:
-        raise fail(InvalidRequest(f"{flag}: --backend {backend.value} needs {flag}", field=flag))
+        raise InvalidRequest(f"{flag}: --backend {backend.value} needs {flag}", field=flag)
     if backend is BackendType.bridge:
         return {"bridge": value, "helper": flags.switch("helper")}
     if backend is BackendType.tap:
@@ -67,7 +67,7 @@ def socket_address(value: str, flag: str) -> dict[str, object]:
         return {"type": "unix", "path": value}
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit():
-        raise fail(InvalidRequest(f"{flag}: {value!r} is neither /unix/path nor host:port", field=flag))
+        raise InvalidRequest(f"{flag}: {value!r} is neither /unix/path nor host:port", field=flag)
     return {"type": "inet", "host": host, "port": int(port)}
 
 
@@ -88,12 +88,12 @@ def build_backend(flags: Given) -> dict[str, object]:
     if backend is BackendType.stream:
         listen, connect_to = flags.text("listen"), flags.text("connect_to")
         if (listen is None) == (connect_to is None):
-            raise fail(InvalidRequest("--listen or --connect: give exactly one for a stream backend", field="--listen"))
+            raise InvalidRequest("--listen or --connect: give exactly one for a stream backend", field="--listen")
         spec["server"] = listen is not None
         return spec | {"addr": socket_address(listen or connect_to or "", "--listen" if listen else "--connect")}
     local, remote = flags.text("local"), flags.text("remote")
     if local is None and remote is None:
-        raise fail(InvalidRequest("--local/--remote: a dgram backend needs at least one", field="--local"))
+        raise InvalidRequest("--local/--remote: a dgram backend needs at least one", field="--local")
     if local is not None:
         spec["local"] = socket_address(local, "--local")
     if remote is not None:
@@ -135,7 +135,7 @@ def build_update(nic_id: str, flags: Given) -> dict[str, object]:
                  ("--no-shape", no_shape or None, f"--{next(iter(shape), '')}", shape or None))  # fmt: skip
     for one, first, other, second in exclusive:
         if first is not None and second is not None:
-            raise fail(InvalidRequest(f"{one}/{other}: give one of them", field=one))
+            raise InvalidRequest(f"{one}/{other}: give one of them", field=one)
     update: dict[str, object] = {"id": nic_id}
     if bridge is not None or network is not None:
         update["backend"] = {"type": "bridge", "bridge": bridge} if bridge else {"type": "nat", "network": network}
@@ -186,7 +186,7 @@ class FilterFlags(NamedTuple):
         """The ``filter`` object (``None``: ``--no-filter``); ``none`` as an address gives an empty list."""
         if self.off:
             if self.given:
-                raise fail(InvalidRequest("--no-filter: give it alone, without --filter flags", field="--no-filter"))
+                raise InvalidRequest("--no-filter: give it alone, without --filter flags", field="--no-filter")
             return None
         spec: dict[str, object] = {"mac": not self.no_mac, "dhcp_server": self.dhcp_server}
         for family, values in (("ipv4", self.ipv4), ("ipv6", self.ipv6)):

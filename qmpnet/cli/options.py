@@ -14,15 +14,18 @@ import inspect
 import typing
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from qmpnet.cli.connect import GuestCall, Where
+from qmpnet.cli.flags import Given
 from qmpnet.cli.signatures import defer, ready
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Sequence
+
+    from qmpnet.cli.flags import Flag
 
 
 class ProtocolArg(StrEnum):
@@ -31,13 +34,6 @@ class ProtocolArg(StrEnum):
     auto = "auto"
     v5 = "5"
     v311 = "3.1.1"
-
-
-class LinkArg(StrEnum):
-    """Link states."""
-
-    up = "up"
-    down = "down"
 
 
 def broker_option(help_text: str) -> Any:  # noqa: ANN401 - typer's OptionInfo, typed as Any by typer itself
@@ -109,77 +105,14 @@ _VERIFY_OPTIONS = (("verify", VerifyOpt, False), ("verify_address", VerifyAddres
 Command = typing.TypeVar("Command", bound="Callable[..., None]")
 
 
-# A NamedTuple, not a frozen dataclass, as the CLI's other value types (cli/connect.py).
-class Flag(NamedTuple):
-    """One option of a command, as data: its parameter, its type and default, and what ``--help`` shows of it."""
-
-    param: str  #: the parameter name: the key of its value in :class:`Given`, and click's name of the option
-    kind: object  #: the type typer parses the value into
-    default: object
-    decl: str  #: the option, e.g. ``--hub``
-    metavar: str | None
-    help: str
-
-    def parameter(self) -> inspect.Parameter:
-        """The parameter typer reads this flag from: ``param: Annotated[kind, typer.Option(...)] = default``."""
-        option = typer.Option(self.decl, metavar=self.metavar, help=self.help)
-        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-        return inspect.Parameter(self.param, kind, default=self.default, annotation=_ANNOTATED[self.kind, option])
+def flag_parameter(flag: Flag) -> inspect.Parameter:
+    """The parameter typer reads ``flag`` from: ``param: Annotated[kind, typer.Option(...)] = default``."""
+    option = typer.Option(flag.decl, metavar=flag.metavar, help=flag.help)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return inspect.Parameter(flag.param, kind, default=flag.default, annotation=_ANNOTATED[flag.kind, option])
 
 
 _ANNOTATED: Any = Annotated  # subscripted with a flag's type and option at run time
-
-#: The kinds of value a flag table names: the type typer parses it into, and the value when the flag is not given.
-KINDS: dict[str, tuple[object, object]] = {
-    "text": (str | None, None),
-    "int": (int | None, None),
-    "texts": (list[str] | None, None),  # a repeatable flag
-    "switch": (bool, False),  # a flag without a value
-    "link": (LinkArg | None, None),
-}
-
-
-def flag_table(table: str, kinds: Mapping[str, tuple[object, object]] | None = None) -> tuple[Flag, ...]:
-    """The flags of ``table``, one a line: ``param kind --option METAVAR help`` (``-``: no metavar).
-
-    ``kind`` is one of :data:`KINDS` or of ``kinds``. The table is the order ``--help`` lists the flags in.
-    """
-    known = {**KINDS, **(kinds or {})}
-    flags = []
-    for line in table.strip().splitlines():
-        param, kind, decl, metavar, text = line.split(maxsplit=4)
-        annotation, default = known[kind]
-        flags.append(Flag(param, annotation, default, decl, None if metavar == "-" else metavar, text))
-    return tuple(flags)
-
-
-Choice = typing.TypeVar("Choice", bound=StrEnum)
-
-
-class Given(NamedTuple):
-    """The values of a command's :func:`flag_options` as typer parsed them, by parameter name, typed by kind."""
-
-    values: Mapping[str, object]
-
-    def text(self, name: str) -> str | None:
-        """A ``text`` flag's value (``None``: not given)."""
-        return typing.cast("str | None", self.values[name])
-
-    def number(self, name: str) -> int | None:
-        """An ``int`` flag's value (``None``: not given)."""
-        return typing.cast("int | None", self.values[name])
-
-    def texts(self, name: str) -> list[str]:
-        """A repeatable flag's values, in order (none given: empty)."""
-        return list(typing.cast("list[str] | None", self.values[name]) or ())
-
-    def switch(self, name: str) -> bool:
-        """Whether a flag without a value was given."""
-        return bool(self.values[name])
-
-    def choice(self, name: str, kind: type[Choice]) -> Choice | None:  # noqa: ARG002 - the type is for the caller
-        """A flag's value of the enum ``kind`` (``None``: not given)."""
-        return typing.cast("Choice | None", self.values[name])
 
 
 def _with_signature(function: Callable[..., None], params: list[inspect.Parameter]) -> None:
@@ -207,7 +140,7 @@ def flag_options(flags: Sequence[Flag]) -> Callable[[Command], Command]:
             command(*args, **values, flags=given)
 
         def build() -> None:
-            _with_signature(with_flags, _own_parameters(command)[:-1] + [flag.parameter() for flag in flags])
+            _with_signature(with_flags, _own_parameters(command)[:-1] + [flag_parameter(flag) for flag in flags])
 
         defer(with_flags, build)
         return typing.cast("Command", with_flags)

@@ -24,3 +24,8 @@ def format_rows(rows: Sequence[Sequence[str]]) -> str:
     """Left-aligned columns separated by two spaces."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks turned into spaces, for the one stderr line of an error."""
+    return " ".join(text.split())

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import typer
 
+from qmpnet.cli.flags import Flag, Given, LinkArg, flag_table
 from qmpnet.cli.nic_flags import ADD_FLAGS, SET_FLAGS, BackendType, build_spec, build_update
-from qmpnet.cli.options import Flag, Given, LinkArg, flag_table
+from qmpnet.errors import InvalidRequest
 
 
 def given(flags: tuple[Flag, ...], **values: object) -> Given:
@@ -60,9 +60,7 @@ def test_nic_set_flags_make_an_update() -> None:
      ({"no_shape": True, "delay": "1ms"}, "--no-shape/--delay"),
      ({"no_filter": True, "filter_on": True}, "--no-filter")],
 )  # fmt: skip
-def test_conflicting_set_flags_are_refused(
-    values: dict[str, object], flags: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    with pytest.raises(typer.Exit):
+def test_conflicting_set_flags_are_refused(values: dict[str, object], flags: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
         build_update("n1", given(SET_FLAGS, **values))
-    assert capsys.readouterr().err.startswith(f"error: invalid_request: {flags}")
+    assert refused.value.message.startswith(flags)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import calendar
 import time
 
-from qmpnet.cli.nic import nic_table
+from qmpnet.cli.tables import nic_table
 from qmpnet.core.model import Nic
 
 
-def nic(nic_id: str, **more: object) -> Nic:
-    return Nic.model_validate({"id": nic_id, "model": "e1000", "mac": None, "netdev": None, "backend": None,
-                               "pci": None, "link": "up", "state": "active", **more})  # fmt: skip
+def nic(nic_id: str, **more: object) -> dict[str, object]:
+    fields = {"id": nic_id, "model": "e1000", "mac": None, "netdev": None, "backend": None, "pci": None, "link": "up",
+              "state": "active", **more}  # fmt: skip
+    return Nic.model_validate(fields).model_dump(mode="json")
 
 
 def test_a_pending_removal_shows_since_when_in_utc() -> None:

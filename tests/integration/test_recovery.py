@@ -240,13 +240,29 @@ async def test_the_cli_reaches_a_guest_that_serve_holds(tmp_path: Path) -> None:
             try:
                 await wait_online(serve, broker.url, guests_connected=["vm"])
                 qmp = str(vm.qmp_path)
-                # The monitor is the controller's; the CLI asks the controller through its control socket.
-                rc, out, err = await cli("nic", "add", "--qmp", qmp, "--id", "via", "--json", "--state-dir", str(state))
+                where = ("--qmp", qmp, "--state-dir", str(state))
+                # The monitor is the controller's; the CLI asks the controller through its control socket: the
+                # quick path (no typer, no pydantic), and the full command line when a settings file is given.
+                rc, out, err = await cli("nic", "add", *where, "--id", "via", "--json")
                 assert (rc, err) == (0, ""), err
-                assert json.loads(out)["id"] == "via"
-                rc, out, _ = await cli("nic", "list", "--qmp", qmp, "--json", "--state-dir", str(state))
-                assert "via" in {n["id"] for n in json.loads(out)["nics"]}
-                assert await peripheral_nics(vm.workdir) == {"via"}
+                quick = json.loads(out)
+                config = tmp_path / "empty.toml"
+                config.write_text("")
+                rc, out, err = await cli("nic", "add", *where, "--id", "full", "--json", "--config", str(config))
+                assert (rc, err) == (0, ""), err
+                full = json.loads(out)
+                assert (quick["id"], full["id"]) == ("via", "full")
+                assert list(quick) == list(full)  # the same object, field for field
+                assert {k: v for k, v in quick.items() if k not in ("id", "mac", "netdev", "pci")} == {
+                    k: v for k, v in full.items() if k not in ("id", "mac", "netdev", "pci")}  # fmt: skip
+                listed = await cli("nic", "list", *where)
+                assert listed == await cli("nic", "list", *where, "--config", str(config))
+                assert listed[0] == 0 and {line.split()[0] for line in listed[1].splitlines()[1:]} == {"via", "full"}
+                # An error is the controller's, in the same line either way; nothing more was added.
+                again = await cli("nic", "add", *where, "--id", "via")
+                assert again == await cli("nic", "add", *where, "--id", "via", "--config", str(config))
+                assert again[0] == 1 and again[2].startswith("error: conflict: "), again
+                assert await peripheral_nics(vm.workdir) == {"via", "full"}
                 # A second controller on the same state directory is refused in one line.
                 second = Serve(broker_dir, broker.url, "again", {}, args=["--state-dir", str(state)]).start()
                 assert second.wait(20) == 2

@@ -257,11 +257,13 @@ async def test_the_cli_reaches_a_guest_that_serve_holds(tmp_path: Path) -> None:
                     k: v for k, v in full.items() if k not in ("id", "mac", "netdev", "pci")}  # fmt: skip
                 listed = await cli("nic", "list", *where)
                 assert listed == await cli("nic", "list", *where, "--config", str(config))
-                assert listed[0] == 0 and {line.split()[0] for line in listed[1].splitlines()[1:]} == {"via", "full"}
+                assert listed[0] == 0
+                assert {line.split()[0] for line in listed[1].splitlines()[1:]} == {"via", "full"}
                 # An error is the controller's, in the same line either way; nothing more was added.
                 again = await cli("nic", "add", *where, "--id", "via")
                 assert again == await cli("nic", "add", *where, "--id", "via", "--config", str(config))
-                assert again[0] == 1 and again[2].startswith("error: conflict: "), again
+                assert again[0] == 1
+                assert again[2].startswith("error: conflict: "), again
                 assert await peripheral_nics(vm.workdir) == {"via", "full"}
                 # A second controller on the same state directory is refused in one line.
                 second = Serve(broker_dir, broker.url, "again", {}, args=["--state-dir", str(state)]).start()

@@ -15,6 +15,7 @@ command-line advice when nothing is free (:func:`advice`). No I/O.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -22,7 +23,7 @@ from qmpnet.core.observed import BusCapacity, Capacity, ModelCapacity
 from qmpnet.errors import Conflict, InvalidRequest, NoFreeSlot, NotFound, Unsupported
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
 __all__ = [
     "CAPACITY_MODELS",
@@ -45,6 +46,7 @@ CAPACITY_MODELS = ("virtio-net-pci", "e1000e", "e1000", "rtl8139")
 
 # Bridge slot 0 is reserved for the SHPC controller; libvirt leaves it alone too.
 _BRIDGE_SLOTS = range(1, 32)
+_SLOT = operator.itemgetter(0)  # of a (slot, function) key
 _ROOT_SLOTS = range(1, 32)
 
 
@@ -66,7 +68,7 @@ class PciBus:
 
     def __post_init__(self) -> None:
         # Placement asks "is slot N free?" up to 32 times per bus; answer from a set, not a scan of ``used``.
-        object.__setattr__(self, "_used_slots", frozenset(slot for slot, _ in self.used))
+        object.__setattr__(self, "_used_slots", frozenset(map(_SLOT, self.used)))
 
     def slot_free(self, slot: int) -> bool:
         """Whether no function of ``slot`` is in use."""
@@ -84,6 +86,14 @@ class PciBus:
         """The candidate slots no function of which is in use, lowest first."""
         used = self._used_slots  # type: ignore[attr-defined]
         return [slot for slot in self.candidate_slots() if slot not in used]
+
+    def first_free(self) -> int | None:
+        """The lowest candidate slot no function of which is in use (``free_slots()[0]``, without the list)."""
+        used = self._used_slots  # type: ignore[attr-defined]
+        for slot in self.candidate_slots():
+            if slot not in used:
+                return slot
+        return None
 
     def free_count(self) -> int:
         """How many candidate slots are free (``len(free_slots())``, without the list)."""
@@ -137,7 +147,7 @@ def place(
     """
     if bus is not None or addr is not None:
         return _place_explicit(topology, bus, addr)
-    return _first_free(model, _automatic_buses(model, topology), advice(model, topology))
+    return _first_free(model, _automatic_buses(model, topology), lambda: advice(model, topology))
 
 
 #: Capacities counted before, by all they depend on (:func:`_capacity_key`); at most :data:`_COUNTED_LIMIT`.
@@ -252,7 +262,7 @@ def _place_explicit(topology: PciTopology, bus_name: str | None, addr: tuple[int
             field=field,
         )
     if addr is None:
-        return _first_free("device", [bus], f"no free slot on bus {bus.name!r}")
+        return _first_free("device", [bus], lambda: f"no free slot on bus {bus.name!r}")
     slot, function = addr
     if slot not in bus.candidate_slots():
         raise InvalidRequest(f"nic.addr: slot {slot:#x} cannot be used on bus {bus.name!r}", field="nic.addr")
@@ -264,9 +274,10 @@ def _place_explicit(topology: PciTopology, bus_name: str | None, addr: tuple[int
     return Placement(bus.name, slot, function)
 
 
-def _first_free(model: str, buses: list[PciBus], hint: str) -> Placement:
+def _first_free(model: str, buses: list[PciBus], hint: Callable[[], str]) -> Placement:
+    """The first free slot of ``buses``; ``hint`` (worded only when none is) says what to do otherwise."""
     for bus in buses:
-        free = bus.free_slots()
-        if free:
-            return Placement(bus.name, free[0], 0)
-    raise NoFreeSlot(f"no free PCI place for {model}: {hint}")
+        slot = bus.first_free()
+        if slot is not None:
+            return Placement(bus.name, slot, 0)
+    raise NoFreeSlot(f"no free PCI place for {model}: {hint()}")

@@ -260,11 +260,12 @@ def test_capacity_counts_every_model_by_default_each_alone() -> None:
 
 
 @pytest.mark.parametrize(("topology", "model", "expected"), CAPACITY)
-def test_free_count_is_the_number_of_free_slots(
+def test_free_count_and_first_free_are_of_the_free_slots(
     topology: PciTopology, model: str, expected: tuple[int, int, int, int]
 ) -> None:
     for bus in topology.buses:
         assert bus.free_count() == len(bus.free_slots())
+        assert bus.first_free() == (bus.free_slots() or [None])[0]
 
 
 def test_a_count_made_before_is_given_again_and_equals_a_fresh_one(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -265,7 +265,8 @@ def test_free_count_and_first_free_are_of_the_free_slots(
 ) -> None:
     for bus in topology.buses:
         assert bus.free_count() == len(bus.free_slots())
-        assert bus.first_free() == (bus.free_slots() or [None])[0]
+        free = bus.free_slots()
+        assert bus.first_free() == (free[0] if free else None)
 
 
 def test_a_count_made_before_is_given_again_and_equals_a_fresh_one(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,9 +14,11 @@ Only those are counted:
   ``pip install py-spy``);
 * ``--tool cprofile``: the controller runs under ``python -m cProfile -o OUT`` (``--out``), the whole run; divide
   a function's call count by the hot-adds to see what each does (the start is a few hundred calls of most);
+* ``--tool opcodes``: the controller runs under ``bench/opcounts.py`` (SIGUSR1 and SIGUSR2 bracket the counted
+  hot-adds): the bytecodes each Python function ran per hot-add, by module and by function (``--out``: the counts);
 * ``--tool none``: the controller's CPU time per hot-add (``/proc/PID/stat``; load-dependent, for comparison).
 
-Run: ``python bench/serve_counts.py [--tool callgrind|strace|py-spy|cprofile|none] [--guests 1] [--adds 20]
+Run: ``python bench/serve_counts.py [--tool callgrind|strace|py-spy|cprofile|opcodes|none] [--guests 1] [--adds 20]
 [--at-once] [--out FILE] [--state-dir DIR]``.
 """
 
@@ -34,6 +36,7 @@ import time
 from pathlib import Path
 
 from lab import SLOTS_PER_GUEST, WRITE_BEHIND_WAIT, cpu_seconds, lab_session, wait_connected
+from opcounts import report as opcodes_report
 
 from qmpnet.client import Client
 
@@ -60,6 +63,9 @@ def start_counting(tool: str, pid: int, out: Path) -> subprocess.Popen[bytes] | 
     """Start counting what process ``pid`` does (callgrind: instrumentation on; strace: attached); the tracer."""
     if tool == "callgrind":
         subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
+    elif tool == "opcodes":
+        out.unlink(missing_ok=True)
+        os.kill(pid, signal.SIGUSR1)
     elif tool == "py-spy":
         exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         argv = [exe, "record", "--pid", str(pid), "--rate", "200", "--nonblocking", "--format", "raw", "--output",
@@ -74,9 +80,16 @@ def start_counting(tool: str, pid: int, out: Path) -> subprocess.Popen[bytes] | 
     return None
 
 
-def stop_counting(tool: str, pid: int, tracer: subprocess.Popen[bytes] | None) -> None:
+def stop_counting(tool: str, pid: int, tracer: subprocess.Popen[bytes] | None, out: Path) -> None:
     if tool == "callgrind":
         subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True)
+    elif tool == "opcodes":
+        os.kill(pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 60
+        while not out.exists():  # written by the controller's signal handler
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the controller wrote no counts to {out}")
+            time.sleep(0.05)
     elif tracer is not None:
         tracer.send_signal(signal.SIGINT)
         tracer.wait()
@@ -84,12 +97,14 @@ def stop_counting(tool: str, pid: int, tracer: subprocess.Popen[bytes] | None) -
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--tool", choices=["callgrind", "strace", "py-spy", "cprofile", "none"], default="callgrind")
+    tools = ["callgrind", "strace", "py-spy", "cprofile", "opcodes", "none"]
+    parser.add_argument("--tool", choices=tools, default="callgrind")
     parser.add_argument("--guests", type=int, default=1)
     parser.add_argument("--adds", type=int, default=20,
                         help=f"counted hot-adds per guest (at most {SLOTS_PER_GUEST - 1})")  # fmt: skip
     parser.add_argument("--at-once", action="store_true", help="the guests' hot-adds at once (each guest's in turn)")
-    parser.add_argument("--out", type=Path, default=Path("serve-profile.txt"), help="py-spy's or cProfile's output")
+    parser.add_argument("--out", type=Path, default=Path("serve-profile.txt"),
+                        help="the tool's output (py-spy, cprofile, opcodes)")  # fmt: skip
     parser.add_argument("--state-dir", type=Path, default=None, help="the controller's state directory")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # parse the arguments only
     args = parser.parse_args()
@@ -109,13 +124,15 @@ async def main() -> int:
                     f"--log-file={valgrind_log}", *argv]  # fmt: skip
         elif args.tool == "cprofile":
             argv = [argv[0], "-m", "cProfile", "-o", str(args.out.resolve()), *argv[1:]]
+        elif args.tool == "opcodes":
+            argv = [argv[0], str(Path(__file__).with_name("opcounts.py")), str(args.out.resolve()), *argv[1:]]
         env = {**os.environ, "QMPNET_LOG__LEVEL": "WARNING"}
         serve = lab.spawn(argv, env=env, log=lab.workdir / "serve.log")
         await wait_connected(broker, "counts", len(guests), timeout=600)
         async with Client(broker, timeout=600) as client:
             for guest in guests:
                 await client.add_nic("counts", guest.stem, {"model": "virtio-net-pci"})  # the first reads the guest
-            out = args.out.resolve() if args.tool == "py-spy" else lab.workdir / "strace.txt"
+            out = args.out.resolve() if args.tool in ("py-spy", "opcodes") else lab.workdir / "strace.txt"
             tracer = await asyncio.to_thread(start_counting, args.tool, serve.pid, out)
             before = cpu_seconds(serve.pid)
 
@@ -130,12 +147,12 @@ async def main() -> int:
                     await adds_to(guest)
             await asyncio.sleep(WRITE_BEHIND_WAIT)  # the last add's write-behind belongs to it too
             cpu = cpu_seconds(serve.pid) - before
-            await asyncio.to_thread(stop_counting, args.tool, serve.pid, tracer)
+            await asyncio.to_thread(stop_counting, args.tool, serve.pid, tracer, out)
         lab.retire([serve])
-        return report(args.tool, adds, cpu, lab.workdir)
+        return report(args.tool, adds, cpu, lab.workdir, out)
 
 
-def report(tool: str, adds: int, cpu: float, workdir: Path) -> int:
+def report(tool: str, adds: int, cpu: float, workdir: Path, out: Path) -> int:
     """Print what was counted, per hot-add; the exit status."""
     if tool == "callgrind":
         log = workdir / "valgrind.log"
@@ -144,6 +161,9 @@ def report(tool: str, adds: int, cpu: float, workdir: Path) -> int:
             print(f"no instruction count in {log}", file=sys.stderr)
             return 1
         print(f"{adds} hot-adds over MQTT: {int(found[1]) / adds / 1e6:.3f} M instructions each in qmpnet serve")
+    elif tool == "opcodes":
+        print(f"{adds} hot-adds over MQTT, in qmpnet serve's Python (a unit: one hot-add):")
+        opcodes_report(out, adds)
     elif tool == "strace":
         counts = strace_counts(workdir / "strace.txt")
         print(f"{adds} hot-adds over MQTT: {sum(counts.values()) / adds:.1f} system calls each in qmpnet serve")

@@ -1,4 +1,4 @@
-"""The quick path: ``qmpnet nic add|del|link|list --qmp SOCKET`` answered by the controller on this host.
+"""The quick path: ``qmpnet nic add|del|link|set|list --qmp SOCKET`` answered by the controller on this host.
 
 When ``qmpnet serve`` holds a guest's monitor, a ``nic`` command with ``--qmp`` is the controller's to answer
 (:mod:`qmpnet.serve.control_socket`), which validates, plans and checks its policy itself. So the command need not
@@ -10,7 +10,7 @@ its answer as the full command line would: the same JSON, the same table, the sa
 It answers only what it can answer exactly as the full command line would, and gives everything else back
 (``None``) before anything is sent that could change the guest:
 
-* anything but ``nic add|del|link|list`` with ``--qmp``, a ``--help``, ``--config``, ``--verbose``, broker-mode
+* anything but ``nic add|del|link|set|list`` with ``--qmp``, a ``--help``, ``--config``, ``--verbose``, broker-mode
   options or ``--qga``; an option, value or argument it does not know (the full command line's parser words the
   usage error);
 * a ``QMPNET_...`` variable that sets one of the settings but the state directory (the full command line validates
@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from qmpnet.cli.flags import Flag, Given, LinkArg, flag_table
-from qmpnet.cli.nic_flags import ADD_FLAGS, BackendType, build_spec
+from qmpnet.cli.nic_flags import ADD_FLAGS, SET_FLAGS, BackendType, build_spec, build_update
 from qmpnet.cli.output import one_line
-from qmpnet.cli.tables import nic_table, warning_lines
+from qmpnet.cli.tables import backend_line, nic_table, warning_lines
 from qmpnet.errors import ErrorCode, InvalidRequest
 
 if TYPE_CHECKING:
@@ -196,6 +196,14 @@ def _link(parsed: Parsed, verify: object) -> Command | None:
     return Command("nic/link", payload, 0.0, lambda nic: nic_table([nic]))
 
 
+def _set(parsed: Parsed, verify: object) -> Command | None:  # noqa: ARG001 - nic set takes no --verify
+    if len(parsed.words) != 1:
+        return None
+    update = build_update(parsed.words[0], Given(parsed.values))
+    return Command("nic/update", {"update": update}, 0.0,
+                   lambda nic: nic_table([nic]) + backend_line(nic) + warning_lines(nic))  # fmt: skip
+
+
 def _list(parsed: Parsed, verify: object) -> Command | None:  # noqa: ARG001 - nic list takes no --verify
     if parsed.words:
         return None
@@ -208,6 +216,7 @@ _COMMANDS: Final[dict[str, tuple[tuple[Flag, ...], Callable[[Parsed, object], Co
     "add": ((*ADD_FLAGS, *_SHARED, *_VERIFY, *_VERIFY_ADDRESS), _add),
     "del": ((*_TIMEOUT, *_SHARED, *_VERIFY), _del),
     "link": ((*_SHARED, *_VERIFY), _link),
+    "set": ((*SET_FLAGS, *_SHARED), _set),
     "list": (_SHARED, _list),
 }
 

@@ -255,6 +255,9 @@ async def test_the_cli_reaches_a_guest_that_serve_holds(tmp_path: Path) -> None:
                 assert list(quick) == list(full)  # the same object, field for field
                 assert {k: v for k, v in quick.items() if k not in ("id", "mac", "netdev", "pci")} == {
                     k: v for k, v in full.items() if k not in ("id", "mac", "netdev", "pci")}  # fmt: skip
+                rc, out, err = await cli("nic", "set", "via", *where, "--link", "down", "--json")
+                assert (rc, err) == (0, ""), err
+                assert json.loads(out)["link"] == "down"
                 listed = await cli("nic", "list", *where)
                 assert listed == await cli("nic", "list", *where, "--config", str(config))
                 assert listed[0] == 0

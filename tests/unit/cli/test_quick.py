@@ -21,7 +21,7 @@ import pytest
 
 from qmpnet.api.wire.envelopes import NicList, Response, error_response, ok_response
 from qmpnet.cli import main, quick
-from qmpnet.core.model import Nic, RemoveResult, parse_nic_spec
+from qmpnet.core.model import Nic, RemoveResult, parse_nic_spec, parse_nic_update
 from qmpnet.errors import Conflict, InvalidRequest, QmpnetError
 from qmpnet.serve.control_socket import serve_control
 from qmpnet.settings import Settings
@@ -106,6 +106,8 @@ def full(sockdir: Path) -> list[str]:
         ["nic", "link", "n1", "down", "--verify"],
         ["nic", "del", "n1", "--timeout", "2.5", "--json"],
         ["nic", "del", "--verify", "n1"],
+        ["nic", "set", "n1", "--rate", "10mbit", "--trunks", "10,20", "--filter-ipv4", "10.0.0.2", "--mtu", "1400"],
+        ["nic", "set", "n1", "--no-shape", "--no-filter", "--json"],
     ],
 )
 def test_the_quick_path_asks_and_prints_as_the_full_command_line(
@@ -120,6 +122,8 @@ def test_the_quick_path_asks_and_prints_as_the_full_command_line(
     assert op == full_op
     if op == "nic/add":  # the full command line sends the spec as it checked it; the controller checks either
         assert parse_nic_spec(asked.pop("nic")) == parse_nic_spec(full_asked.pop("nic"))
+    if op == "nic/update":  # likewise the update (only what it sets)
+        assert parse_nic_update(asked.pop("update")) == parse_nic_update(full_asked.pop("update"))
     assert asked == full_asked
 
 
@@ -163,7 +167,9 @@ def test_invalid_input_is_left_to_the_full_command_line(
         ["nic", "del", "n1", "--qmp", SERVED, "--verify-address"],
         ["nic", "del", "n1", "--qmp", SERVED, "--timeout", "nan"],
         ["nic", "link", "n1", "sideways", "--qmp", SERVED],
-        ["nic", "set", "n1", "--qmp", SERVED, "--mtu", "1400"],
+        ["nic", "set", "n1", "--qmp", SERVED, "--verify"],  # nic set has no --verify
+        ["nic", "set", "n1", "--qmp", SERVED, "--vlan", "5", "--no-vlan"],  # conflicting: typer's side words it
+        ["nic", "capture", "n1", "--qmp", SERVED, "--file", "n1.pcap"],
         ["nic", "list", "--qmp", "/run/other.qmp"],  # a guest this controller does not serve: direct mode
         ["models", "--qmp", SERVED],
     ],

@@ -29,11 +29,12 @@ import re
 import socket
 import sys
 import typing
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeGuard
 
 from qmpnet.cli.flags import Flag, Given, LinkArg, flag_table
-from qmpnet.cli.nic_flags import ADD_FLAGS, SET_FLAGS, BackendType, build_spec, build_update
+from qmpnet.cli.nic_flags import ADD_FLAGS, SET_FLAGS, build_spec, build_update
 from qmpnet.cli.output import one_line
 from qmpnet.cli.tables import backend_line, nic_table, warning_lines
 from qmpnet.errors import ErrorCode, InvalidRequest
@@ -144,13 +145,16 @@ def _typed(flag: Flag, text: str) -> object:
     """``text`` as the value of ``flag`` (``None``: typer may refuse it, and is to word the refusal)."""
     if flag.kind == int | None:
         return int(text) if _INTEGER.fullmatch(text) else None
-    if flag.param == "timeout":
+    if flag.kind == float | None:
         return float(text) if _DECIMAL.fullmatch(text) else None
-    if flag.kind == LinkArg | None:
-        return LinkArg(text) if text in LinkArg.__members__ else None
-    if flag.param == "backend":
-        return BackendType(text) if text in BackendType.__members__ else None
+    choices = next((kind for kind in (flag.kind, *typing.get_args(flag.kind)) if _is_enum(kind)), None)
+    if choices is not None:
+        return choices._value2member_map_.get(text)  # a value typer's choice would take, or None
     return text
+
+
+def _is_enum(kind: object) -> TypeGuard[type[StrEnum]]:
+    return isinstance(kind, type) and issubclass(kind, StrEnum)
 
 
 def _settings_from_environment() -> bool:
@@ -210,7 +214,7 @@ def _list(parsed: Parsed, verify: object) -> Command | None:  # noqa: ARG001 - n
     return Command("nic/list", {}, 0.0, lambda listed: nic_table(listed["nics"]))
 
 
-_TIMEOUT: Final = flag_table("timeout  text  --timeout  SECONDS  -")
+_TIMEOUT: Final = flag_table("timeout  seconds  --timeout  SECONDS  -", {"seconds": (float | None, None)})
 #: The commands, with the options each takes (as the full command line's: nic.py) and how it is asked.
 _COMMANDS: Final[dict[str, tuple[tuple[Flag, ...], Callable[[Parsed, object], Command | None]]]] = {
     "add": ((*ADD_FLAGS, *_SHARED, *_VERIFY, *_VERIFY_ADDRESS), _add),

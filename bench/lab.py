@@ -28,7 +28,7 @@ from qmpnet.adapters.store.files import WRITE_BEHIND_DELAY
 from qmpnet.testguest.services import accepts, free_port
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Coroutine
+    from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 
 QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -380,6 +380,14 @@ def cpu_seconds(pid: int) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total / 1e9
+
+
+def pin(pids: Iterable[int], cpus: set[int]) -> None:
+    """Bind every thread of each process ``pids`` names to ``cpus`` (a thread made later inherits its maker's set)."""
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError):  # a thread that ended meanwhile
+                os.sched_setaffinity(int(task.name), cpus)
 
 
 def raise_nofile() -> None:

@@ -21,11 +21,17 @@ other paths ran finds its caches cold, and the same instructions take about half
 over each run of phase 4. Phase 4 also reads the CPU of every party (QEMU, the controller, the broker, this
 process) and prints it per hot-add over all rounds: with both cores busy the wall time is about the CPU time over
 the cores, so the 0.7x target allows the run through qmpnet 1/0.7 of the direct run's CPU, QEMU's own included.
+Then ``--split-rounds`` more pairs (default 2; informational) with every QEMU on CPU 0 and the controller, the
+broker and this process on CPU 1, direct and through qmpnet alike: a host where the controller does not take its
+CPU from QEMU's. On the two shared cores every millisecond any party spends is one QEMU cannot; split, the ratio
+says how busy qmpnet keeps QEMU against a raw client, its turn-around apart from its CPU.
 Fleet figures (RSS, connect time, 1,000 guests) are ``scale.py``'s.
 
-Run: ``python bench/mqtt_hotplug.py [--samples 100] [--guests 20] [--adds 10] [--rounds 3] [--cpu-adds 48]``.
+Run: ``python bench/mqtt_hotplug.py [--samples 100] [--guests 20] [--adds 10] [--rounds 3] [--split-rounds 2]
+[--cpu-adds 48]``.
 Prints medians, p99 and ratios, and whether each target of issues 11 and 17 is met: MQTT hot-add median <= raw +
-floor + 1.5 ms; concurrent throughput >= 0.7x direct QMP; controller CPU per hot-add <= 1 ms. Not a test: nothing
+floor + 1.5 ms; concurrent throughput >= 0.7x direct QMP; controller CPU per hot-add <= 1 ms (and, informational,
+that 1 ms scaled to the run's machine: 0.5x raw QMP's hot-add, as when issue 17 set it). Not a test: nothing
 fails, it reports. ``--py-spy OUT`` samples the disk controller during phase 3 with py-spy (``pip install
 py-spy``) into OUT, as collapsed stacks (one ``frames count`` line each).
 
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import resource
@@ -65,6 +72,7 @@ from lab import (
     cpu_seconds,
     failed,
     lab_session,
+    pin,
     run_phase,
     stop_task,
     wait_connected,
@@ -75,7 +83,7 @@ from paho.mqtt.properties import Properties
 from qmpnet.client import Client
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterator
 
 
 # ------------------------------------------------------------------------------------------------------ phases
@@ -329,9 +337,18 @@ async def timed_cpu(jobs: list[Callable[[], Awaitable[None]]], parties: dict[str
     return Run(seconds, {name: after[name] - before[name] for name in after})
 
 
-async def run_direct(lab: Lab, guests: int, adds: int) -> Run:
-    """``guests`` fresh QEMUs, ``adds`` hot-adds each over raw QMP, all guests at once."""
+#: The controller CPU target (1 ms) over raw QMP's hot-add median (2.00 ms) in the run that set it (issue 17).
+CPU_PER_RAW = 0.5
+
+#: Phase 4's split rounds: QEMU on CPU 0, every other party (the controller, the broker, this process) on CPU 1.
+QEMU_CPUS, REST_CPUS = {0}, {1}
+
+
+async def run_direct(lab: Lab, guests: int, adds: int, *, split: bool = False) -> Run:
+    """``guests`` fresh QEMUs, ``adds`` hot-adds each over raw QMP, all guests at once (``split``: QEMU on CPU 0)."""
     paths, procs = lab.qemus(guests)
+    if split:
+        pin([proc.pid for proc in procs], QEMU_CPUS)
     raws = [await RawQmp.open(str(path)) for path in paths]
     for raw in raws:
         await raw.call("netdev_add", {"type": "user", "id": "warm.net"})
@@ -350,10 +367,18 @@ async def run_direct(lab: Lab, guests: int, adds: int) -> Run:
     return run
 
 
-async def run_through(lab: Lab, broker: str, guests: int, adds: int, name: str) -> Run:
-    """``guests`` fresh QEMUs served by a new ``qmpnet serve``, ``adds`` hot-adds each over MQTT, all at once."""
+async def run_through(  # noqa: PLR0913 - a run's size and place, keyword-only the placement
+    lab: Lab, broker: str, guests: int, adds: int, name: str, *, split: bool = False
+) -> Run:
+    """``guests`` fresh QEMUs served by a new ``qmpnet serve``, ``adds`` hot-adds each over MQTT, all at once.
+
+    ``split``: QEMU on CPU 0, the controller on CPU 1 (the broker and this process are the caller's to place).
+    """
     paths, procs = lab.qemus(guests)
     serve = lab.serve(broker, name, paths)
+    if split:
+        pin([proc.pid for proc in procs], QEMU_CPUS)
+        pin([serve.pid], REST_CPUS)
     await wait_connected(broker, name, guests)
     assert lab.broker_proc is not None
     parties = {"qemu": [proc.pid for proc in procs], "controller": [serve.pid], "broker": [lab.broker_proc.pid]}
@@ -384,34 +409,66 @@ class Throughput:
         return [d.seconds / m.seconds for d, m in zip(self.direct, self.mqtt, strict=True)]
 
 
-async def phase_throughput(lab: Lab, broker: str, guests: int, adds: int, rounds: int) -> Throughput:
+async def phase_throughput(  # noqa: PLR0913 - a phase's size and place, keyword-only the placement
+    lab: Lab, broker: str, guests: int, adds: int, rounds: int, *, split: bool = False
+) -> Throughput:
     """``rounds`` pairs of runs, direct and through qmpnet, which goes first alternating (fresh guests each run).
 
     A pair's ratio compares runs seconds apart; the median of the pairs' ratios is the verdict. One pair alone
     moved from 0.41x to 0.62x between runs minutes apart on this machine, the direct run's own time by 2x.
+    ``split``: QEMU on CPU 0 and everything else on CPU 1, in both runs of each pair (see :func:`split_cpus`).
     """
     result = Throughput([], [])
     for n in range(rounds):
         if n % 2 == 0:
-            result.direct.append(await run_direct(lab, guests, adds))
-        result.mqtt.append(await run_through(lab, broker, guests, adds, f"bench2r{n}"))
+            result.direct.append(await run_direct(lab, guests, adds, split=split))
+        name = f"bench2{'s' if split else 'r'}{n}"
+        result.mqtt.append(await run_through(lab, broker, guests, adds, name, split=split))
         if n % 2 == 1:
-            result.direct.append(await run_direct(lab, guests, adds))
+            result.direct.append(await run_direct(lab, guests, adds, split=split))
     return result
 
 
-def report_throughput(runs: Throughput, guests: int, adds: int) -> None:
-    """Phase 4's rounds, the CPU each party used per hot-add over all of them, and the 0.7x target against it."""
+@contextlib.contextmanager
+def split_cpus(lab: Lab) -> Iterator[None]:
+    """The broker and this process on CPU 1 (QEMU goes to CPU 0) while inside; back on every CPU they had after.
+
+    Phase 4 as a host where the controller has a core of its own would run it: on the two shared cores every
+    CPU millisecond the controller, the broker and the client spend is one QEMU cannot, so the ratio measures the
+    parties' CPU as much as qmpnet's turn-around. Split, the direct client and qmpnet each drive QEMUs that have
+    one core to themselves, and the ratio says how well each keeps them busy.
+    """
+    assert lab.broker_proc is not None
+    mine, broker = os.sched_getaffinity(0), os.sched_getaffinity(lab.broker_proc.pid)
+    pin([os.getpid(), lab.broker_proc.pid], REST_CPUS)
+    try:
+        yield
+    finally:
+        pin([os.getpid()], mine)
+        with contextlib.suppress(ProcessLookupError):
+            pin([lab.broker_proc.pid], broker)
+
+
+def report_throughput(runs: Throughput, guests: int, adds: int, *, split: bool = False) -> None:
+    """Phase 4's rounds, the CPU each party used per hot-add over all of them, and the 0.7x target against it.
+
+    ``split``: the split rounds, informational (the target is judged on the shared cores).
+    """
     total = guests * adds
     ratios = runs.ratios()
     ratio = statistics.median(ratios)
     cores = os.cpu_count() or 1
+    where = ", QEMU on CPU 0 and the rest on CPU 1" if split else ""
     for n, (direct, mqtt) in enumerate(zip(runs.direct, runs.mqtt, strict=True)):
-        print(f"{guests} guests x {adds} hot-adds at once, round {n + 1}: direct QMP {direct.seconds:.2f} s "
+        print(f"{guests} guests x {adds} hot-adds at once{where}, round {n + 1}: direct QMP {direct.seconds:.2f} s "
               f"({total / direct.seconds:.0f}/s), qmpnet over MQTT {mqtt.seconds:.2f} s "
               f"({total / mqtt.seconds:.0f}/s): {ratios[n]:.2f}x")  # fmt: skip
-    print(f"target throughput >= 0.7x direct: {'met' if ratio >= 0.7 else 'NOT met'} "
-          f"({ratio:.2f}x, the median of {len(ratios)} rounds)")  # fmt: skip
+    if split:
+        print(f"informational, QEMU with a core of its own: qmpnet keeps it {ratio:.2f}x as busy as a raw client "
+              f"(the median of {len(ratios)} rounds)")  # fmt: skip
+    else:
+        print(f"target throughput >= 0.7x direct: {'met' if ratio >= 0.7 else 'NOT met'} "
+              f"({ratio:.2f}x, the median of {len(ratios)} rounds)")  # fmt: skip
     parties = ("qemu", "controller", "broker", "bench")
     print(f"  CPU ms per hot-add {''.join(f'{name:>12}' for name in parties)}{'all':>8}{'all / wall':>12}")
     for label, series in (("direct QMP", runs.direct), ("qmpnet over MQTT", runs.mqtt)):
@@ -421,11 +478,12 @@ def report_throughput(runs: Throughput, guests: int, adds: int) -> None:
         cells = "".join(f"{cpu[name] * 1000 / count:>12.2f}" if name in cpu else f"{'-':>12}" for name in parties)
         used = sum(cpu.values())
         print(f"  {label:<18}{cells}{used * 1000 / count:>8.2f}{used / seconds:>12.2f}")
-    # With the cores busy, wall time is CPU time over the cores: 0.7x leaves qmpnet's run direct's CPU / 0.7.
-    budget = sum(sum(run.cpu.values()) for run in runs.direct) / 0.7 / len(runs.direct)
-    qemu = sum(run.cpu["qemu"] for run in runs.mqtt) / len(runs.mqtt)
-    print(f"  0.7x on {cores} busy cores allows the qmpnet run {budget * 1000 / total:.2f} ms of CPU per hot-add, "
-          f"QEMU's {qemu * 1000 / total:.2f} ms included")  # fmt: skip
+    if not split:
+        # With the cores busy, wall time is CPU time over the cores: 0.7x leaves qmpnet's run direct's CPU / 0.7.
+        budget = sum(sum(run.cpu.values()) for run in runs.direct) / 0.7 / len(runs.direct)
+        qemu = sum(run.cpu["qemu"] for run in runs.mqtt) / len(runs.mqtt)
+        print(f"  0.7x on {cores} busy cores allows the qmpnet run {budget * 1000 / total:.2f} ms of CPU per hot-add, "
+              f"QEMU's {qemu * 1000 / total:.2f} ms included")  # fmt: skip
 
 
 def report(rows: list[tuple[str, list[float]]], base: float) -> None:
@@ -441,6 +499,8 @@ async def main() -> int:
     parser.add_argument("--guests", type=int, default=20)
     parser.add_argument("--adds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="phase 4's pairs of runs (default 3)")
+    parser.add_argument("--split-rounds", type=int, default=2,
+                        help="phase 4's pairs with QEMU on CPU 0 and the rest on CPU 1, informational (default 2)")
     parser.add_argument("--cpu-adds", type=int, default=48,
                         help="hot-adds back to back per controller of phase 3 for its CPU (default 48)")  # fmt: skip
     parser.add_argument("--py-spy", type=Path, default=None, metavar="OUT",
@@ -467,6 +527,14 @@ async def main() -> int:
                 lab, watchdog, what, deadline(120, 1.0, args.rounds * args.guests * args.adds),
                 phase_throughput(lab, broker, args.guests, args.adds, args.rounds),
             )  # fmt: skip
+            split = None
+            if args.split_rounds > 0 and os.sched_getaffinity(0) >= QEMU_CPUS | REST_CPUS:
+                what = f"{args.split_rounds} rounds of phase 4 with QEMU on CPU 0 and the rest on CPU 1"
+                with split_cpus(lab):
+                    split = await run_phase(
+                        lab, watchdog, what, deadline(120, 1.0, args.split_rounds * args.guests * args.adds),
+                        phase_throughput(lab, broker, args.guests, args.adds, args.split_rounds, split=True),
+                    )  # fmt: skip
         except (Exception, asyncio.CancelledError) as err:  # noqa: BLE001 - reported, then the exit status says it
             return failed(err)
     raw_median, floor_median, mqtt_median = summary(lat.raw)[0], summary(lat.floor)[0], summary(lat.mqtt)[0]
@@ -479,6 +547,8 @@ async def main() -> int:
     print(f"target MQTT hot-add median <= raw + floor + 1.5 ms = {budget:.2f} ms: {verdict} ({mqtt_median:.2f} ms, "
           f"qmpnet's own {own:.2f} ms)")  # fmt: skip
     report_throughput(runs, args.guests, args.adds)
+    if split is not None:
+        report_throughput(split, args.guests, args.adds, split=True)
     cpu_one, cpu_mem = lat.cpu_one, lat.cpu_tmpfs
     cpu_many = sum(run.cpu["controller"] for run in runs.mqtt) / (args.guests * args.adds * len(runs.mqtt))
     print(f"controller CPU per hot-add: {cpu_one * 1000:.2f} ms one at a time, back to back ({cpu_mem * 1000:.2f} ms "
@@ -487,6 +557,10 @@ async def main() -> int:
           f"({lat.cpu_tmpfs_turns * 1000:.2f} ms)")  # fmt: skip
     worst = max(cpu_one, cpu_many) * 1000
     print(f"target controller CPU per hot-add <= 1 ms: {'met' if worst <= 1 else 'NOT met'} ({worst:.2f} ms)")
+    # Issue 17 set 1 ms in a run where raw QMP took 2.00 ms; the machine's speed moves both by 2-3x between days.
+    scaled = raw_median * CPU_PER_RAW
+    print(f"informational, the same target scaled to this run's raw QMP hot-add ({CPU_PER_RAW}x {raw_median:.2f} ms "
+          f"= {scaled:.2f} ms): {'met' if worst <= scaled else 'NOT met'} ({worst:.2f} ms)")  # fmt: skip
     return 0
 
 

@@ -7,9 +7,10 @@ Part of qmpnet's pytest plugin (``qmpnet.testguest.plugin`` imports the hooks an
     running already, stopped at the end of the run if this run booted it. ``run(argv)`` and ``shell(script)``
     return a :class:`~qmpnet.testguest.lab.LabResult`.
 ``@pytest.mark.qmpnet_lab``
-    The test needs the lab's kernel. Outside the lab it is replaced by a stand-in with the same node id: the first
-    stand-in to run starts ONE pytest inside the lab for all of them (so module and session fixtures, booted
-    guests above all, are shared as usual), and each stand-in then reports its own test's outcome, with the
+    The test needs the lab's kernel. Outside the lab it is replaced by a stand-in with the same node id, and the
+    stand-ins are moved to the end of the run. As soon as collection is done, ONE pytest starts inside the lab for
+    all of them (so module and session fixtures, booted guests above all, are shared as usual), in a thread, while
+    the other tests run here; each stand-in then waits for it and reports its own test's outcome, with the
     failure's text and captured output from inside. Inside the lab (``QMPNET_LAB`` is set) it runs as it is.
 
 A lab test that fails is run again in a new inner pytest, up to twice (guests under nested KVM on the lab's emulated
@@ -27,6 +28,7 @@ import json
 import os
 import secrets
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from .lab import Lab, LabError, LabResult
 __all__ = [
     "LAB_MARKER",
     "LabItem",
+    "lab_collection_finish",
     "lab_collection_modifyitems",
     "lab_configure",
     "lab_runtest_logreport",
@@ -71,7 +74,12 @@ def inside_lab() -> bool:
 
 
 class LabSession:
-    """The run's lab (booted on first use) and the one inner pytest run of its ``qmpnet_lab`` tests."""
+    """The run's lab (booted on first use) and the one inner pytest run of its ``qmpnet_lab`` tests.
+
+    The inner run goes on in a thread of its own (:meth:`start`) while the rest of the run goes on: the lab's
+    tests wait on guests booted under nested virtualisation most of their time, and the run's other tests need not
+    wait for them. Its results are read only once the thread has ended (:meth:`result` waits for it).
+    """
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
@@ -82,9 +90,27 @@ class LabSession:
         self.timings: list[str] = []
         self.kept: list[Path] = []
         self._last_console: list[str] = []
+        self._booting = threading.Lock()  # one boot, whichever thread asks first (the inner run's, a fixture)
+        self._runner: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the inner run of :attr:`nodeids` in a thread, unless it runs or ran already."""
+        if self.nodeids and self._runner is None and self.results is None:
+            self._runner = threading.Thread(target=self._run_suite_reported, name="qmpnet-lab-suite", daemon=True)
+            self._runner.start()
+
+    def _run_suite_reported(self) -> None:
+        try:
+            self._run_suite()
+        except Exception as err:  # noqa: BLE001 - a thread's error would be lost: every stand-in reports it instead
+            self.suite_error = f"the lab suite's thread failed: {type(err).__name__}: {err}"
 
     def ensure(self) -> Lab:
         """The lab, booted (or found) on first use."""
+        with self._booting:
+            return self._ensure()
+
+    def _ensure(self) -> Lab:
         if self.lab is None:
             started = time.monotonic()
             self.lab = Lab.ensure(shares=[self.config.rootpath])
@@ -95,8 +121,10 @@ class LabSession:
         return self.lab
 
     def result(self, nodeid: str) -> list[dict[str, Any]]:
-        """The reports of ``nodeid`` from the inner run (which runs on first call)."""
-        if self.results is None:
+        """The reports of ``nodeid`` from the inner run (waited for; run now if it was not started)."""
+        if self._runner is not None:
+            self._runner.join()
+        elif self.results is None:
             self._run_suite()
         if self.suite_error is not None:
             pytest.fail(self.suite_error, pytrace=False)
@@ -233,9 +261,11 @@ class LabSession:
         return True
 
     def close(self) -> None:
-        """Stop the lab if this run booted it."""
+        """Stop the lab if this run booted it (which also ends an inner run still going, as after Ctrl-C)."""
         if self.lab is not None and self.lab.booted_here:
             self.lab.stop()
+        if self._runner is not None:
+            self._runner.join(timeout=PROBE_SECONDS)
 
 
 def _failed(reports: list[dict[str, Any]]) -> bool:
@@ -285,9 +315,9 @@ def lab_configure(config: pytest.Config) -> None:
 
 def lab_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Outside the lab, replace each ``qmpnet_lab`` test by a :class:`LabItem` with the same node id."""
+    del config
     if inside_lab():
         return
-    session = config.stash[_SESSION]
     for index, item in enumerate(items):
         if item.get_closest_marker(LAB_MARKER) is None or isinstance(item, LabItem):
             continue
@@ -295,7 +325,24 @@ def lab_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) 
         stand_in.own_markers = list(item.own_markers)
         stand_in.keywords.update(item.keywords)
         items[index] = stand_in
-        session.nodeids.append(item.nodeid)
+
+
+def lab_collection_finish(session: pytest.Session) -> None:
+    """Move the stand-ins left after deselection to the end of the run, and start their inner run now.
+
+    The inner run needs nothing from this run's other tests; they run here meanwhile, and the stand-ins, last,
+    wait for its end. Not for ``--collect-only``, which runs nothing.
+    """
+    if inside_lab():
+        return
+    stand_ins: list[pytest.Item] = [item for item in session.items if isinstance(item, LabItem)]
+    if not stand_ins:
+        return
+    session.items[:] = [item for item in session.items if not isinstance(item, LabItem)] + stand_ins
+    lab = session.config.stash[_SESSION]
+    lab.nodeids = [item.nodeid for item in stand_ins]
+    if not session.config.option.collectonly:
+        lab.start()
 
 
 def lab_runtest_logreport(report: pytest.TestReport) -> None:

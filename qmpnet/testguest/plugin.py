@@ -47,6 +47,7 @@ from qmpnet.settings import QgaSettings
 from qmpnet.testguest import AgentTimeoutError, TestMachine, ensure_image
 from qmpnet.testguest.debian import DebianImage, ensure_debian_image
 from qmpnet.testguest.labplugin import (
+    lab_collection_finish,
     lab_collection_modifyitems,
     lab_configure,
     lab_runtest_logreport,
@@ -261,6 +262,12 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Outside the lab, tests marked ``qmpnet_lab`` are replaced by stand-ins that run them in the lab."""
     lab_collection_modifyitems(config, items)
+
+
+@pytest.hookimpl(tryfirst=True)  # before the terminal lists the tests (--collect-only): in the order they will run
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Outside the lab, the stand-ins go last and their inner run starts now, beside the other tests."""
+    lab_collection_finish(session)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

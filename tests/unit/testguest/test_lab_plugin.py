@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -194,3 +197,81 @@ def test_only_the_failed_tests_are_run_again(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(lab, "run", first_passes_one)
     assert [r["outcome"] for nodeid in nodeids for r in session.result(nodeid)] == ["passed", "passed"]
     assert lab.runs == [nodeids, nodeids[1:]]
+
+
+# ------------------------------------------------------------------------------- the inner run beside the others
+
+
+def test_the_inner_run_goes_on_in_a_thread_and_a_stand_in_waits_for_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab = _FakeLab(tmp_path, dies=False, up_after_drop=True)
+    session = _session(tmp_path, monkeypatch, [lab])
+    entered, release = threading.Event(), threading.Event()
+    original = lab.run
+
+    def held(argv: Sequence[str], **kwargs: Any) -> LabResult:
+        entered.set()
+        assert release.wait(30), "never released"
+        return original(argv, **kwargs)
+
+    monkeypatch.setattr(lab, "run", held)
+    session.start()
+    assert entered.wait(30), "the inner run did not start"
+    assert threading.current_thread() is threading.main_thread()  # start() came back while the run is held
+    assert session.results == {}  # begun, not ended
+    session.start()  # a second start is no second run
+    release.set()
+    [report] = session.result(NODE)
+    assert report["outcome"] == "passed"
+    assert lab.runs == [[NODE]]
+
+
+def test_an_unexpected_error_in_the_inner_runs_thread_fails_every_stand_in_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab = _FakeLab(tmp_path, dies=False, up_after_drop=True)
+    session = _session(tmp_path, monkeypatch, [lab])
+
+    def broken(argv: Sequence[str], **kwargs: Any) -> LabResult:
+        raise RuntimeError("the results file vanished")
+
+    monkeypatch.setattr(lab, "run", broken)
+    session.start()
+    for _ in range(2):
+        with pytest.raises(pytest.fail.Exception, match="thread failed: RuntimeError: the results file vanished"):
+            session.result(NODE)
+
+
+def test_a_session_with_no_lab_test_starts_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    session = _session(tmp_path, monkeypatch, [])  # ensure() would find the queue empty
+    session.nodeids.clear()
+    session.start()
+    assert session.results is None
+    session.close()
+
+
+def _collect(tmp_path: Path, *args: str) -> list[str]:
+    """The node ids a pytest run of a small module would run, in order (``--collect-only``: nothing runs)."""
+    (tmp_path / "test_mixed.py").write_text(
+        "import pytest\n\n"
+        "@pytest.mark.qmpnet_lab\ndef test_in_lab_a(): pass\n\n"
+        "def test_here_b(): pass\n\n"
+        "@pytest.mark.qmpnet_lab\ndef test_in_lab_c(): pass\n\n"
+        "def test_here_d(): pass\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "QMPNET_LAB"}
+    env["QMPNET_LAB_DIR"] = str(tmp_path / "labdir")  # a lab booted or looked for would leave its state here
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q", "--rootdir", str(tmp_path),
+         *args, str(tmp_path / "test_mixed.py")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return [line.split("::")[1] for line in done.stdout.splitlines() if "::" in line]
+
+
+def test_stand_ins_run_after_the_other_tests_and_collecting_boots_no_lab(tmp_path: Path) -> None:
+    assert _collect(tmp_path) == ["test_here_b", "test_here_d", "test_in_lab_a", "test_in_lab_c"]
+    assert _collect(tmp_path, "-k", "not test_in_lab_a") == ["test_here_b", "test_here_d", "test_in_lab_c"]
+    assert not (tmp_path / "labdir").exists()

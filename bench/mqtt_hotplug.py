@@ -21,13 +21,13 @@ other paths ran finds its caches cold, and the same instructions take about half
 over each run of phase 4. Phase 4 also reads the CPU of every party (QEMU, the controller, the broker, this
 process) and prints it per hot-add over all rounds: with both cores busy the wall time is about the CPU time over
 the cores, so the 0.7x target allows the run through qmpnet 1/0.7 of the direct run's CPU, QEMU's own included.
-Then ``--split-rounds`` more pairs (default 2; informational) with every QEMU on CPU 0 and the controller, the
+Then ``--split-rounds`` more pairs (default 3; informational) with every QEMU on CPU 0 and the controller, the
 broker and this process on CPU 1, direct and through qmpnet alike: a host where the controller does not take its
 CPU from QEMU's. On the two shared cores every millisecond any party spends is one QEMU cannot; split, the ratio
 says how busy qmpnet keeps QEMU against a raw client, its turn-around apart from its CPU.
 Fleet figures (RSS, connect time, 1,000 guests) are ``scale.py``'s.
 
-Run: ``python bench/mqtt_hotplug.py [--samples 100] [--guests 20] [--adds 10] [--rounds 3] [--split-rounds 2]
+Run: ``python bench/mqtt_hotplug.py [--samples 100] [--guests 20] [--adds 10] [--rounds 3] [--split-rounds 3]
 [--cpu-adds 48]``.
 Prints medians, p99 and ratios, and whether each target of issues 11 and 17 is met: MQTT hot-add median <= raw +
 floor + 1.5 ms; concurrent throughput >= 0.7x direct QMP; controller CPU per hot-add <= 1 ms (and, informational,
@@ -499,8 +499,8 @@ async def main() -> int:
     parser.add_argument("--guests", type=int, default=20)
     parser.add_argument("--adds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="phase 4's pairs of runs (default 3)")
-    parser.add_argument("--split-rounds", type=int, default=2,
-                        help="phase 4's pairs with QEMU on CPU 0 and the rest on CPU 1, informational (default 2)")
+    parser.add_argument("--split-rounds", type=int, default=3,
+                        help="phase 4's pairs with QEMU on CPU 0 and the rest on CPU 1, informational (default 3)")
     parser.add_argument("--cpu-adds", type=int, default=48,
                         help="hot-adds back to back per controller of phase 3 for its CPU (default 48)")  # fmt: skip
     parser.add_argument("--py-spy", type=Path, default=None, metavar="OUT",

@@ -92,6 +92,7 @@ class LabSession:
         self._last_console: list[str] = []
         self._booting = threading.Lock()  # one boot, whichever thread asks first (the inner run's, a fixture)
         self._runner: threading.Thread | None = None
+        self._closing = False  # the run is ending: no lab is booted any more
 
     def start(self) -> None:
         """Start the inner run of :attr:`nodeids` in a thread, unless it runs or ran already."""
@@ -111,6 +112,8 @@ class LabSession:
             return self._ensure()
 
     def _ensure(self) -> Lab:
+        if self._closing:
+            raise LabError("the test run is ending: no lab is booted for it any more")
         if self.lab is None:
             started = time.monotonic()
             self.lab = Lab.ensure(shares=[self.config.rootpath])
@@ -188,6 +191,9 @@ class LabSession:
         try:
             done, results, log = self._attempt(argv, base)
         except LabError as err:
+            if self._closing:  # close() stopped the lab under it: the run is ending (Ctrl-C, -x)
+                self.suite_error = f"the test run ended before the lab's tests did ({err})"
+                return None
             if not self._lab_died(base):
                 self.suite_error = f"the tests could not run in the lab: {err}"
                 return None
@@ -261,9 +267,15 @@ class LabSession:
         return True
 
     def close(self) -> None:
-        """Stop the lab if this run booted it (which also ends an inner run still going, as after Ctrl-C)."""
-        if self.lab is not None and self.lab.booted_here:
-            self.lab.stop()
+        """Stop the lab if this run booted it; an inner run still going (after Ctrl-C, ``-x``) ends with it.
+
+        A boot under way is waited for (then stopped), and none starts after this.
+        """
+        with self._booting:
+            self._closing = True
+            lab = self.lab
+        if lab is not None and lab.booted_here:
+            lab.stop()
         if self._runner is not None:
             self._runner.join(timeout=PROBE_SECONDS)
 

@@ -275,3 +275,26 @@ def test_stand_ins_run_after_the_other_tests_and_collecting_boots_no_lab(tmp_pat
     assert _collect(tmp_path) == ["test_here_b", "test_here_d", "test_in_lab_a", "test_in_lab_c"]
     assert _collect(tmp_path, "-k", "not test_in_lab_a") == ["test_here_b", "test_here_d", "test_in_lab_c"]
     assert not (tmp_path / "labdir").exists()
+
+
+def test_closing_the_run_stops_the_lab_under_the_inner_run_and_boots_no_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab = _FakeLab(tmp_path, dies=False, up_after_drop=False)
+    session = _session(tmp_path, monkeypatch, [lab])  # a second ensure() would find the queue empty
+    entered, stopped = threading.Event(), threading.Event()
+
+    def until_stopped(argv: Sequence[str], **kwargs: Any) -> LabResult:
+        entered.set()
+        assert stopped.wait(30), "never stopped"
+        raise LabError("the lab's agent closed the connection without an answer")
+
+    monkeypatch.setattr(lab, "run", until_stopped)
+    monkeypatch.setattr(lab, "stop", stopped.set)
+    session.start()
+    assert entered.wait(30), "the inner run did not start"
+    session.close()  # as pytest_unconfigure after Ctrl-C
+    assert stopped.is_set()
+    with pytest.raises(pytest.fail.Exception, match="the test run ended before the lab's tests did"):
+        session.result(NODE)
+    assert not any("died" in line for line in session.timings)

@@ -106,8 +106,10 @@ class LabSession:
         except Exception as err:  # noqa: BLE001 - a thread's error would be lost: every stand-in reports it instead
             self.suite_error = f"the lab suite's thread failed: {type(err).__name__}: {err}"
 
-    def ensure(self) -> Lab:
-        """The lab, booted (or found) on first use."""
+    def ensure(self, *, after_inner_run: bool = False) -> Lab:
+        """The lab, booted (or found) on first use; ``after_inner_run``: once the inner run has ended."""
+        if after_inner_run and self._runner is not None:
+            self._runner.join()
         with self._booting:
             return self._ensure()
 
@@ -342,19 +344,27 @@ def lab_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) 
 def lab_collection_finish(session: pytest.Session) -> None:
     """Move the stand-ins left after deselection to the end of the run, and start their inner run now.
 
-    The inner run needs nothing from this run's other tests; they run here meanwhile, and the stand-ins, last,
-    wait for its end. Not for ``--collect-only``, which runs nothing.
+    The inner run needs nothing from this run's other tests; they run here meanwhile, and the stand-ins wait for its
+    end. The tests that use the lab themselves (the ``qmpnet_lab`` fixture) come after the stand-ins, on a lab the
+    inner run is done with: a command of theirs beside it (``modprobe``, a netem qdisc, a bridge in the lab's root
+    namespace) once left both of the lab's CPUs in a soft lockup. Not for ``--collect-only``, which runs nothing.
     """
     if inside_lab():
         return
     stand_ins: list[pytest.Item] = [item for item in session.items if isinstance(item, LabItem)]
     if not stand_ins:
         return
-    session.items[:] = [item for item in session.items if not isinstance(item, LabItem)] + stand_ins
+    users = [item for item in session.items if _uses_lab(item) and not isinstance(item, LabItem)]
+    others = [item for item in session.items if not isinstance(item, LabItem) and not _uses_lab(item)]
+    session.items[:] = others + stand_ins + users
     lab = session.config.stash[_SESSION]
     lab.nodeids = [item.nodeid for item in stand_ins]
     if not session.config.option.collectonly:
         lab.start()
+
+
+def _uses_lab(item: pytest.Item) -> bool:
+    return "qmpnet_lab" in getattr(item, "fixturenames", ())
 
 
 def lab_runtest_logreport(report: pytest.TestReport) -> None:
@@ -397,8 +407,11 @@ def lab_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def qmpnet_lab(pytestconfig: pytest.Config) -> Lab:
-    """The lab host, shared by the whole run and stopped after it if the run booted it (see the module)."""
+    """The lab host, shared by the whole run and stopped after it if the run booted it (see the module).
+
+    Handed out once the inner run of the lab's tests has ended (its tests come first; see ``lab_collection_finish``).
+    """
     try:
-        return pytestconfig.stash[_SESSION].ensure()
+        return pytestconfig.stash[_SESSION].ensure(after_inner_run=True)
     except LabError as err:
         pytest.fail(str(err), pytrace=False)

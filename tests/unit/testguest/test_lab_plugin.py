@@ -243,6 +243,33 @@ def test_an_unexpected_error_in_the_inner_runs_thread_fails_every_stand_in_with_
             session.result(NODE)
 
 
+def test_the_lab_fixture_is_handed_out_once_the_inner_run_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab = _FakeLab(tmp_path, dies=False, up_after_drop=True)
+    session = _session(tmp_path, monkeypatch, [lab])
+    release = threading.Event()
+    original = lab.run
+
+    def held(argv: Sequence[str], **kwargs: Any) -> LabResult:
+        assert release.wait(30), "never released"
+        return original(argv, **kwargs)
+
+    monkeypatch.setattr(lab, "run", held)
+    session.start()
+    handed: list[object] = []
+    asker = threading.Thread(target=lambda: handed.append(session.ensure(after_inner_run=True)))
+    asker.start()
+    asker.join(0.5)  # a bounded look: it must still be waiting while the inner run is held
+    assert asker.is_alive()
+    assert handed == []
+    release.set()
+    asker.join(30)
+    assert handed == [lab]
+    assert session.results is not None
+    assert lab.runs == [[NODE]]
+
+
 def test_a_session_with_no_lab_test_starts_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     session = _session(tmp_path, monkeypatch, [])  # ensure() would find the queue empty
     session.nodeids.clear()
@@ -255,6 +282,7 @@ def _collect(tmp_path: Path, *args: str) -> list[str]:
     """The node ids a pytest run of a small module would run, in order (``--collect-only``: nothing runs)."""
     (tmp_path / "test_mixed.py").write_text(
         "import pytest\n\n"
+        "def test_uses_lab_e(qmpnet_lab): pass\n\n"
         "@pytest.mark.qmpnet_lab\ndef test_in_lab_a(): pass\n\n"
         "def test_here_b(): pass\n\n"
         "@pytest.mark.qmpnet_lab\ndef test_in_lab_c(): pass\n\n"
@@ -271,9 +299,12 @@ def _collect(tmp_path: Path, *args: str) -> list[str]:
     return [line.split("::")[1] for line in done.stdout.splitlines() if "::" in line]
 
 
-def test_stand_ins_run_after_the_other_tests_and_collecting_boots_no_lab(tmp_path: Path) -> None:
-    assert _collect(tmp_path) == ["test_here_b", "test_here_d", "test_in_lab_a", "test_in_lab_c"]
-    assert _collect(tmp_path, "-k", "not test_in_lab_a") == ["test_here_b", "test_here_d", "test_in_lab_c"]
+def test_stand_ins_run_after_the_other_tests_then_the_tests_that_use_the_lab_and_collecting_boots_no_lab(
+    tmp_path: Path,
+) -> None:
+    everything = ["test_here_b", "test_here_d", "test_in_lab_a", "test_in_lab_c", "test_uses_lab_e"]
+    assert _collect(tmp_path) == everything
+    assert _collect(tmp_path, "-k", "not test_in_lab_a") == [name for name in everything if name != "test_in_lab_a"]
     assert not (tmp_path / "labdir").exists()
 
 

@@ -327,9 +327,8 @@ def lab_configure(config: pytest.Config) -> None:
     config.stash[_SESSION] = LabSession(config)
 
 
-def lab_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def lab_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Outside the lab, replace each ``qmpnet_lab`` test by a :class:`LabItem` with the same node id."""
-    del config
     if inside_lab():
         return
     for index, item in enumerate(items):
@@ -354,17 +353,16 @@ def lab_collection_finish(session: pytest.Session) -> None:
     stand_ins: list[pytest.Item] = [item for item in session.items if isinstance(item, LabItem)]
     if not stand_ins:
         return
-    users = [item for item in session.items if _uses_lab(item) and not isinstance(item, LabItem)]
-    others = [item for item in session.items if not isinstance(item, LabItem) and not _uses_lab(item)]
+    others: list[pytest.Item] = []
+    users: list[pytest.Item] = []
+    for item in session.items:
+        if not isinstance(item, LabItem):
+            (users if "qmpnet_lab" in getattr(item, "fixturenames", ()) else others).append(item)
     session.items[:] = others + stand_ins + users
     lab = session.config.stash[_SESSION]
     lab.nodeids = [item.nodeid for item in stand_ins]
     if not session.config.option.collectonly:
         lab.start()
-
-
-def _uses_lab(item: pytest.Item) -> bool:
-    return "qmpnet_lab" in getattr(item, "fixturenames", ())
 
 
 def lab_runtest_logreport(report: pytest.TestReport) -> None:

@@ -259,9 +259,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Outside the lab, tests marked ``qmpnet_lab`` are replaced by stand-ins that run them in the lab."""
-    lab_collection_modifyitems(config, items)
+    lab_collection_modifyitems(items)
 
 
 @pytest.hookimpl(tryfirst=True)  # before the terminal lists the tests (--collect-only): in the order they will run
